@@ -1,0 +1,96 @@
+"""Backend selection: the one place that decides which implementation of an op runs.
+
+Three backends exist:
+
+* ``"triton"``    — Triton kernels, for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``,
+  which is how CI runs every Triton kernel without a GPU);
+* ``"metal"``     — Metal shaders, for MPS tensors;
+* ``"reference"`` — plain PyTorch, for every device.
+
+The automatic choice follows the tensor's device and falls back to the reference quietly when the
+device's backend is unavailable or has no kernel for an op or input. An *explicit* request — the
+``METALCORE_BACKEND`` environment variable or :func:`use_backend` — must be honoured or it raises
+:class:`BackendUnavailableError`: a user who forces a backend wants to know when they don't get it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("reference", "triton", "metal")
+_ENV_VAR = "METALCORE_BACKEND"
+
+_local = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on this input."""
+
+
+def _validate_name(name: str) -> str:
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(
+            f"metalcore backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}"
+        )
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for explicitly (context manager first, then environment), or ``'auto'``."""
+    forced = getattr(_local, "forced", None)
+    if forced is not None:
+        return forced
+    return _validate_name(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every metalcore op inside the block onto one backend (``'auto'`` restores the default).
+
+    >>> with metalcore.use_backend("reference"):
+    ...     L = metalcore.cholesky(A)
+    """
+    previous = getattr(_local, "forced", None)
+    _local.forced = _validate_name(name)
+    try:
+        yield
+    finally:
+        _local.forced = previous
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can execute on tensors living on ``device``."""
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        if not triton_importable():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+    if backend == "metal":
+        return device.type == "mps" and hasattr(torch.mps, "compile_shader")
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def automatic_backend(device: torch.device) -> str:
+    """The backend the device would use with nothing forced."""
+    if device.type == "cuda" and triton_importable():
+        return "triton"
+    if device.type == "mps" and hasattr(torch.mps, "compile_shader"):
+        return "metal"
+    return "reference"

@@ -1,0 +1,170 @@
+"""The op contract: every kernel-backed op is one ``torch.library`` custom op with three backends.
+
+An op is declared once, by decorating its reference implementation (plain PyTorch, type-annotated
+so that ``torch.library`` can infer the schema)::
+
+    @metalcore_op("rms_norm_fwd")
+    def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+        ...  # the reference
+
+    rms_norm_fwd.register_fake(...)          # shapes for torch.compile / meta tensors
+    rms_norm_fwd.register_autograd(...)      # where the op is differentiable
+
+and a backend plugs its kernel in from its own module::
+
+    @rms_norm_fwd.implement("triton", supports=lambda x, weight, eps: x.shape[-1] <= 65536)
+    def _rms_norm_fwd_triton(x, weight, eps): ...
+
+The body of the custom op is the dispatcher below, so ``torch.compile`` sees one opaque op whatever
+backend runs, and the choice of backend is made in exactly one place (:mod:`metalcore._backend`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from metalcore._backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    automatic_backend,
+    backend_runs_on,
+    requested_backend,
+    triton_importable,
+)
+
+_REGISTRY: dict[str, MetalcoreOp] = {}
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    fn: Callable[..., Any]
+    # Predicate on the op's arguments: False sends this input to the reference (e.g. a matrix too
+    # large for a one-program-per-matrix kernel). None means the kernel takes every input.
+    supports: Callable[..., bool] | None
+
+
+def _first_device(args: Iterable[Any]) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device
+    return torch.device("cpu")
+
+
+class MetalcoreOp:
+    """A registered op: callable like the function it wraps; holds the per-backend kernels."""
+
+    def __init__(self, name: str, reference: Callable[..., Any], mutates_args: tuple[str, ...],
+                 check: Callable[..., None] | None):
+        self.name = name
+        self.reference = reference
+        self.kernels: dict[str, _Kernel] = {}
+
+        @functools.wraps(reference)
+        def body(*args: Any, **kwargs: Any) -> Any:
+            result = self._select(args, kwargs)(*args, **kwargs)
+            if check is not None:
+                check(result, *args, **kwargs)
+            return result
+
+        self.custom_op = torch.library.custom_op(f"metalcore::{name}", mutates_args=mutates_args)(body)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.custom_op(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<metalcore op {self.name}: {', '.join(['reference', *self.kernels])}>"
+
+    @property
+    def opoverload(self) -> torch._ops.OpOverload:
+        """The ``torch.ops.metalcore.<name>.default`` overload (for ``opcheck`` and graph inspection)."""
+        return getattr(torch.ops.metalcore, self.name).default
+
+    def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self.custom_op.register_fake(fn)
+        return fn
+
+    def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any]) -> None:
+        self.custom_op.register_autograd(backward, setup_context=setup_context)
+
+    def implement(
+        self, backend: str, *, supports: Callable[..., bool] | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator that plugs a backend's kernel into this op."""
+        if backend not in BACKENDS or backend == "reference":
+            raise ValueError(f"backend must be 'triton' or 'metal'; got {backend!r}")
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.kernels[backend] = _Kernel(fn, supports)
+            return fn
+
+        return register
+
+    def backend_for(self, *args: Any, **kwargs: Any) -> str:
+        """Name of the backend that would serve this call (raises like the call itself would)."""
+        kernel = self._select(args, kwargs)
+        for name, k in self.kernels.items():
+            if k.fn is kernel:
+                return name
+        return "reference"
+
+    def _select(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
+        device = _first_device((*args, *kwargs.values()))
+        requested = requested_backend()
+        if requested == "reference":
+            return self.reference
+        backend = automatic_backend(device) if requested == "auto" else requested
+        kernel = self.kernels.get(backend)
+        if kernel is not None and backend_runs_on(backend, device):
+            if kernel.supports is None or kernel.supports(*args, **kwargs):
+                return kernel.fn
+            return self.reference
+        if requested == "auto":
+            return self.reference
+        if kernel is None:
+            raise BackendUnavailableError(
+                f"metalcore.{self.name} has no {backend} kernel (requested through "
+                f"METALCORE_BACKEND or metalcore.use_backend); it has: reference"
+                + "".join(f", {k}" for k in self.kernels)
+            )
+        hint = ""
+        if backend == "triton" and not triton_importable():
+            hint = " (triton is not installed)"
+        elif backend == "triton" and device.type == "cpu":
+            hint = " (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+        raise BackendUnavailableError(
+            f"metalcore.{self.name}: the {backend} backend cannot run on {device.type} tensors{hint}"
+        )
+
+
+def metalcore_op(
+    name: str, *, mutates_args: tuple[str, ...] = (), check: Callable[..., None] | None = None
+) -> Callable[[Callable[..., Any]], MetalcoreOp]:
+    """Declare a metalcore op from its (annotated) reference implementation.
+
+    ``check(result, *args)`` runs after whichever backend served the call, inside the op, so that
+    errors that depend on the result (``LinAlgError`` from ``info``) are raised identically by every
+    backend and also under ``torch.compile``, where the op is opaque.
+    """
+
+    def declare(reference: Callable[..., Any]) -> MetalcoreOp:
+        if name in _REGISTRY:
+            raise RuntimeError(f"metalcore op {name!r} is declared twice")
+        op = MetalcoreOp(name, reference, mutates_args, check)
+        _REGISTRY[name] = op
+        return op
+
+    return declare
+
+
+def registered_ops() -> dict[str, MetalcoreOp]:
+    """Every declared op by name (tests iterate this to prove each one passes ``opcheck``)."""
+    return dict(_REGISTRY)

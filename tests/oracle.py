@@ -1,0 +1,54 @@
+"""Checks against the float64 oracle: elementwise closeness, the 2×-torch rule, LAPACK ratios."""
+
+import torch
+
+from tolerances import ABS_FLOOR, LAPACK_RATIO_MAX, TOL, TORCH_ERROR_FACTOR
+
+
+def eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """``actual`` (computed in ``dtype``) matches the float64 oracle within ``TOL[dtype]``."""
+    dtype = dtype or actual.dtype
+    torch.testing.assert_close(actual.double(), expected64.double(), **TOL[dtype])
+
+
+def assert_within_torch_error(actual: torch.Tensor, torch_same_dtype: torch.Tensor,
+                              expected64: torch.Tensor) -> None:
+    """Our error against the oracle is at most TORCH_ERROR_FACTOR × torch's own error in that dtype."""
+    ours = (actual.double() - expected64).abs().max().item() if actual.numel() else 0.0
+    theirs = (torch_same_dtype.double() - expected64).abs().max().item() if actual.numel() else 0.0
+    bound = TORCH_ERROR_FACTOR * theirs + ABS_FLOOR[actual.dtype] * max(1.0, expected64.abs().max().item()
+                                                                         if expected64.numel() else 1.0)
+    assert ours <= bound, f"error {ours:.3e} exceeds {TORCH_ERROR_FACTOR}x torch's {theirs:.3e} (bound {bound:.3e})"
+
+
+def _fro(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_norm(x.double(), ord="fro")
+
+
+def residual_ratio(A: torch.Tensor, reconstruction: torch.Tensor, dtype: torch.dtype) -> float:
+    """LAPACK's ‖A − recon‖_F / (‖A‖_F · max(m, n) · ε), worst over the batch."""
+    if A.numel() == 0:
+        return 0.0
+    n = max(A.shape[-1], A.shape[-2])
+    num = _fro(A.double() - reconstruction.double())
+    den = _fro(A).clamp_min(torch.finfo(torch.float64).tiny) * n * eps(dtype)
+    return (num / den).max().item()
+
+
+def orthogonality_ratio(Q: torch.Tensor, dtype: torch.dtype, *, rows: bool = False) -> float:
+    """LAPACK's ‖QᴴQ − I‖_F / (k · ε) for the k columns of Q (rows of Q when ``rows``)."""
+    if Q.numel() == 0:
+        return 0.0
+    Q = Q.double()
+    G = Q @ Q.mH if rows else Q.mH @ Q
+    k = G.shape[-1]
+    eye = torch.eye(k, dtype=torch.float64, device=Q.device)
+    return (_fro(G - eye) / (max(k, 1) * eps(dtype))).max().item()
+
+
+def assert_lapack_ratio(ratio: float, what: str) -> None:
+    assert ratio <= LAPACK_RATIO_MAX, f"{what}: LAPACK ratio {ratio:.2f} > {LAPACK_RATIO_MAX}"
