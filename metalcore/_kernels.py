@@ -1,0 +1,20 @@
+"""Where backend kernels are loaded: the one list of modules that plug kernels into the ops.
+
+An op's reference and contract live in ``<op>.py``; its kernels sit beside it in
+``<op>_triton.py`` and ``<op>_metal.py`` and register themselves with ``op.implement(...)`` on
+import. Triton modules are imported only when triton is installed, so a CPU-only install never
+needs it; Metal modules compile their shaders lazily and import anywhere.
+"""
+
+import importlib
+
+from metalcore._backend import triton_importable
+
+TRITON_MODULES: tuple[str, ...] = ()
+METAL_MODULES: tuple[str, ...] = ()
+
+
+def load_kernels() -> None:
+    modules = METAL_MODULES + (TRITON_MODULES if triton_importable() else ())
+    for name in modules:
+        importlib.import_module(name)
