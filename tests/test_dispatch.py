@@ -1,0 +1,90 @@
+"""The dispatcher: automatic choice falls back quietly, explicit choice is honoured or raises."""
+
+import pytest
+import torch
+
+import metalcore
+from metalcore._backend import BackendUnavailableError
+from metalcore._op import _Kernel
+from metalcore.nn.rms_norm import rms_norm_fwd
+
+
+@pytest.fixture
+def fake_triton_kernel(monkeypatch):
+    """Plug a recording 'triton' kernel into rms_norm_fwd for the duration of one test."""
+    calls = []
+
+    def kernel(x, weight, eps, offset):
+        calls.append(x.shape)
+        return rms_norm_fwd.reference(x, weight, eps, offset)
+
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel, lambda x, w, e, o: x.shape[-1] <= 8))
+    monkeypatch.setattr("metalcore._backend.triton_importable", lambda: True)
+    monkeypatch.delenv("METALCORE_BACKEND", raising=False)
+    return calls
+
+
+def test_cpu_tensors_use_the_reference_automatically(fake_triton_kernel, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(3, 8)
+    assert rms_norm_fwd.backend_for(x, None, 1e-6, 0.0) == "reference"
+    metalcore.rms_norm(x, 8)
+    assert fake_triton_kernel == []
+
+
+def test_explicit_backend_is_honoured_when_it_can_run(fake_triton_kernel, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with metalcore.use_backend("triton"):
+        y = metalcore.rms_norm(torch.randn(3, 8), 8)
+    assert fake_triton_kernel == [(3, 8)]
+    assert y.shape == (3, 8)
+
+
+def test_explicit_backend_that_cannot_run_raises(fake_triton_kernel, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with metalcore.use_backend("triton"), pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        metalcore.rms_norm(torch.randn(3, 8), 8)
+    monkeypatch.setenv("METALCORE_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match="cannot run on cpu"):
+        metalcore.rms_norm(torch.randn(3, 8), 8)
+
+
+def test_explicit_backend_without_a_kernel_raises(monkeypatch):
+    monkeypatch.setattr("metalcore._backend.triton_importable", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with metalcore.use_backend("metal"), pytest.raises(BackendUnavailableError, match="no metal kernel"):
+        metalcore.rms_norm(torch.randn(3, 8), 8)
+
+
+def test_inputs_outside_a_kernels_domain_use_the_reference(fake_triton_kernel, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with metalcore.use_backend("triton"):
+        assert rms_norm_fwd.backend_for(torch.randn(2, 9), None, 1e-6, 0.0) == "reference"
+        metalcore.rms_norm(torch.randn(2, 9), 9)
+    assert fake_triton_kernel == []
+
+
+def test_environment_override_forces_the_reference(fake_triton_kernel, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("METALCORE_BACKEND", "reference")
+    assert rms_norm_fwd.backend_for(torch.randn(2, 4), None, 1e-6, 0.0) == "reference"
+
+
+def test_context_manager_takes_precedence_and_restores(monkeypatch):
+    monkeypatch.setenv("METALCORE_BACKEND", "reference")
+    with metalcore.use_backend("auto"):
+        assert metalcore._backend.requested_backend() == "auto"
+    assert metalcore._backend.requested_backend() == "reference"
+
+
+@pytest.mark.parametrize("name", ["cuda", "Triton ", "mlx", ""])
+def test_unknown_backend_names_are_rejected(name, monkeypatch):
+    with pytest.raises(ValueError, match="metalcore backend must be one of"):
+        with metalcore.use_backend(name):
+            pass
+
+
+def test_unknown_environment_value_is_rejected(monkeypatch):
+    monkeypatch.setenv("METALCORE_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="got 'cublas'"):
+        metalcore.rms_norm(torch.randn(2, 4), 4)
