@@ -1,0 +1,174 @@
+"""Every public function, fed bad inputs, raises the documented error with a message that names the
+argument — or, where that is the contract, propagates NaN (DESIGN.md §4).
+
+The table below describes each function once: how to build good arguments, which of them are
+matrices/tensors, and which structural rules apply. The cases are generated from it:
+
+* ``rank``      — a tensor argument with too few dimensions        → ValueError naming it
+* ``dtype``     — integer, bool and complex tensors                  → TypeError naming it
+* ``square``    — a non-square matrix where a square one is needed  → ValueError naming it
+* ``device``    — one tensor on another device (``meta``)            → RuntimeError naming both
+* ``batch``     — batch dimensions that cannot broadcast             → ValueError naming both
+* ``empty``     — a zero-size batch                                  → works, returns empty results
+* ``nonfinite`` — NaN/Inf in the input                               → NaN out or LinAlgError
+* ``extra``     — function-specific cases (bad option values, non-PD, singular, ...)
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import metalcore
+
+
+def spd(*shape):
+    """A symmetric positive-definite (*batch, n, n) stack from shape (*batch, n)."""
+    X = torch.randn(*shape, shape[-1], dtype=torch.float64)
+    return X @ X.mT + shape[-1] * torch.eye(shape[-1], dtype=torch.float64)
+
+
+@dataclass
+class Spec:
+    fn: Callable
+    make: Callable[[tuple], dict]          # batch shape -> good keyword arguments
+    tensors: tuple[str, ...]               # tensor arguments, in signature order
+    min_dim: dict[str, int] = field(default_factory=dict)   # default 2 (matrices)
+    square: tuple[str, ...] = ()
+    batched: tuple[str, ...] = ()          # arguments whose batch dims must broadcast together
+    dtypes_ok: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+    nonfinite: str = "nan-or-linalgerror"  # or "nan" (must propagate) or "skip" (documented below)
+    extra: tuple[tuple[str, Callable[[], dict], type, str], ...] = ()
+
+
+def _call(spec: Spec, kwargs: dict):
+    return spec.fn(**kwargs)
+
+
+SPECS: dict[str, Spec] = {
+    "linalg.cholesky": Spec(
+        metalcore.linalg.cholesky, lambda b: {"A": spd(*b, 4)}, ("A",), square=("A",),
+        extra=(("not-positive-definite", lambda: {"A": -spd(3, 4)}, torch.linalg.LinAlgError, "batch element 0"),
+               ("upper-not-bool", lambda: {"A": spd(4), "upper": "yes"}, ValueError, "upper"))),
+    "linalg.cholesky_ex": Spec(
+        metalcore.linalg.cholesky_ex, lambda b: {"A": spd(*b, 4)}, ("A",), square=("A",), nonfinite="skip",
+        extra=(("check-errors", lambda: {"A": -spd(2, 4), "check_errors": True}, torch.linalg.LinAlgError,
+                "batch element 0"),)),
+    "cholesky": Spec(metalcore.cholesky, lambda b: {"A": spd(*b, 4)}, ("A",), square=("A",)),
+    "linalg.solve_triangular": Spec(
+        lambda A, B, **kw: metalcore.linalg.solve_triangular(A, B, upper=False, **kw),
+        lambda b: {"A": spd(*b, 4).tril(), "B": torch.randn(*b, 4, 2, dtype=torch.float64)},
+        ("A", "B"), square=("A",), batched=("A", "B"), nonfinite="nan",
+        extra=(("rows-mismatch", lambda: {"A": spd(4).tril(), "B": torch.randn(5, 2, dtype=torch.float64)},
+                ValueError, "B must have 4 rows"),
+               ("dtype-mismatch", lambda: {"A": spd(4).tril(), "B": torch.randn(4, 2)}, TypeError, "same dtype"))),
+    "trsm": Spec(
+        metalcore.trsm, lambda b: {"A": spd(*b, 4).tril(), "B": torch.randn(*b, 4, 2, dtype=torch.float64)},
+        ("A", "B"), square=("A",), batched=("A", "B"), nonfinite="nan"),
+    "rms_norm": Spec(
+        lambda input, **kw: metalcore.rms_norm(input, (8,), **kw),
+        lambda b: {"input": torch.randn(*b, 8), "weight": torch.randn(8)}, ("input", "weight"),
+        min_dim={"input": 1, "weight": 1}, dtypes_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        nonfinite="nan",
+        extra=(("shape-mismatch", lambda: {"input": torch.randn(3, 7)}, ValueError, "normalized_shape"),
+               ("weight-shape", lambda: {"input": torch.randn(3, 8), "weight": torch.randn(7)}, ValueError,
+                "weight must have shape"))),
+    "fused_add_rms_norm": Spec(
+        metalcore.fused_add_rms_norm,
+        lambda b: {"input": torch.randn(*b, 8), "residual": torch.randn(*b, 8), "weight": torch.randn(8)},
+        ("input", "residual", "weight"), min_dim={"input": 1, "residual": 1, "weight": 1},
+        dtypes_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64), nonfinite="nan",
+        extra=(("residual-shape", lambda: {"input": torch.randn(3, 8), "residual": torch.randn(2, 8),
+                                           "weight": torch.randn(8)}, ValueError, "residual must have"),)),
+    "MetalRMSNorm": Spec(
+        lambda input: metalcore.MetalRMSNorm(8)(input), lambda b: {"input": torch.randn(*b, 8)}, ("input",),
+        min_dim={"input": 1}, dtypes_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        nonfinite="nan"),
+}
+
+
+def _cases():
+    for name, spec in SPECS.items():
+        for arg in spec.tensors:
+            yield name, "rank", arg
+            yield name, "dtype", arg
+        for arg in spec.square:
+            yield name, "square", arg
+        if len(spec.tensors) > 1:
+            yield name, "device", spec.tensors[-1]
+        if len(spec.batched) > 1:
+            yield name, "batch", spec.batched[-1]
+        yield name, "empty", None
+        if spec.nonfinite != "skip":
+            yield name, "nonfinite", None
+        for label, *_ in spec.extra:
+            yield name, "extra", label
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("name,kind,arg", CASES, ids=[f"{n}-{k}-{a}" for n, k, a in CASES])
+def test_bad_input(name, kind, arg):
+    spec = SPECS[name]
+    kwargs = spec.make((2,))
+    if kind == "rank":
+        lo = spec.min_dim.get(arg, 2)
+        kwargs[arg] = kwargs[arg].reshape(-1)[:1].reshape(()) if lo == 1 else kwargs[arg].reshape(-1)
+        with pytest.raises(ValueError, match=rf"{arg}\b"):
+            _call(spec, kwargs)
+    elif kind == "dtype":
+        for bad in (torch.int32, torch.int64, torch.bool, torch.complex64):
+            bad_kwargs = dict(kwargs)
+            bad_kwargs[arg] = kwargs[arg].to(bad) if not bad.is_complex else kwargs[arg].to(torch.float32).to(bad)
+            with pytest.raises(TypeError, match=rf"{arg}\b.*dtype"):
+                _call(spec, bad_kwargs)
+    elif kind == "square":
+        kwargs[arg] = torch.cat([kwargs[arg], kwargs[arg][..., :1, :]], dim=-2)
+        with pytest.raises(ValueError, match=rf"{arg} must be a square"):
+            _call(spec, kwargs)
+    elif kind == "device":
+        kwargs[arg] = kwargs[arg].to("meta")
+        with pytest.raises(RuntimeError, match=rf"same device.*{arg} on meta"):
+            _call(spec, kwargs)
+    elif kind == "batch":
+        kwargs[arg] = torch.cat([kwargs[arg]] * 3, dim=0)
+        with pytest.raises(ValueError, match=rf"batch dimensions.*{arg}"):
+            _call(spec, kwargs)
+    elif kind == "empty":
+        out = _call(spec, spec.make((0,)))
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(o.numel() == 0 for o in outs if isinstance(o, torch.Tensor) and o.dim() > 0)
+    elif kind == "nonfinite":
+        first = spec.tensors[0]
+        kwargs[first] = kwargs[first].clone()
+        kwargs[first].view(-1)[0] = float("nan")
+        try:
+            out = _call(spec, kwargs)
+        except torch.linalg.LinAlgError:
+            assert spec.nonfinite == "nan-or-linalgerror", f"{name} must propagate NaN, not raise"
+            return
+        outs = out if isinstance(out, tuple) else (out,)
+        assert any(o.isnan().any() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()), \
+            f"{name} returned finite values for a NaN input"
+    else:
+        label, make, error, message = next(e for e in spec.extra if e[0] == arg)
+        with pytest.raises(error, match=message):
+            _call(spec, make())
+
+
+def test_every_public_function_is_covered():
+    """Adding a public function to metalcore without a row in SPECS fails here."""
+    public = {f"linalg.{n}" for n in metalcore.linalg.__all__}
+    public |= {n for n in metalcore.__all__ if callable(getattr(metalcore, n))
+               and not isinstance(getattr(metalcore, n), type(metalcore)) and n not in NOT_TENSOR_FUNCTIONS}
+    public |= {n for n in getattr(metalcore, "nn").__all__ if n not in SPECS and f"nn.{n}" not in SPECS
+               and n not in metalcore.__all__}
+    missing = sorted(n for n in public if n not in SPECS)
+    assert not missing, f"no bad-input specs for: {missing}"
+
+
+# Public callables that take no tensors (backend selection, optimizer classes are covered by their
+# own validation tests in tests/optim).
+NOT_TENSOR_FUNCTIONS = {"use_backend", "BackendUnavailableError", "MetalAdamW"}
