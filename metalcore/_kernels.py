@@ -10,7 +10,7 @@ import importlib
 
 from metalcore._backend import triton_importable
 
-TRITON_MODULES: tuple[str, ...] = ()
+TRITON_MODULES: tuple[str, ...] = ("metalcore.nn.rms_norm_triton",)
 METAL_MODULES: tuple[str, ...] = ()
 
 

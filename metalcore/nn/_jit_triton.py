@@ -1,0 +1,127 @@
+"""Launch helpers shared by metalcore's Triton kernel modules.
+
+``triton.jit`` decides at *decoration* time whether a kernel is compiled or interpreted (it reads
+``TRITON_INTERPRET`` when the module is imported), while metalcore's dispatcher decides at *call*
+time (:func:`metalcore._backend.triton_interpreting`). Kernel modules are imported with
+``import metalcore``, so a process that sets ``TRITON_INTERPRET=1`` afterwards (a test fixture, a
+notebook) would route CPU tensors to a kernel compiled for CUDA. :func:`jit` closes that gap: the
+kernel is wrapped once, and each launch picks the interpreted or compiled twin by the variable's
+value at that moment. Kernels must not call other ``@jit`` functions (write helpers inline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import triton.runtime.interpreter as _interpreter
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from metalcore._backend import triton_interpreting
+
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """Triton <= 3.6's interpreter turns a scalar into an int with ``int(array_of_shape_1)``, which
+    numpy 2.4 rejects ("only 0-dimensional arrays can be converted"), so any loop with a run-time
+    bound fails (triton-lang/triton#9171, fixed upstream by squeezing). Apply the same fix."""
+    original = _interpreter._patch_lang_tensor
+    if getattr(original, "_metalcore_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._metalcore_fixed = True
+    _interpreter._patch_lang_tensor = patched
+
+
+_INTERPRETED_HELPERS: dict[Callable[..., Any], InterpretedFunction] = {}
+
+
+def _call_interpreted(self: JITFunction, *args: Any, **kwargs: Any) -> Any:
+    twin = _INTERPRETED_HELPERS.get(self.fn)
+    if twin is None:
+        twin = _INTERPRETED_HELPERS[self.fn] = InterpretedFunction(self.fn)
+    return twin(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _jit_helpers_interpretable() -> Iterator[None]:
+    """triton.language's own helpers (``tl.sum``, ``tl.cdiv``, ``tl.sigmoid``, ...) are
+    ``@triton.jit`` functions too, fixed as compiled or interpreted when triton is imported. If
+    triton was imported before ``TRITON_INTERPRET=1`` was set, calling one from an interpreted kernel
+    raises "Cannot call @triton.jit'd outside of the scope of a kernel"; for the duration of an
+    interpreted launch, such calls run their interpreted twin instead (what triton itself does when
+    the variable is set before import). Compilation never calls ``JITFunction.__call__``."""
+    original = JITFunction.__call__
+    if original is _call_interpreted:
+        yield
+        return
+    JITFunction.__call__ = _call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+class LazyKernel:
+    """A Triton kernel that chooses compile-or-interpret at launch: ``kernel[grid](*args, ...)``."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self.interpreted: InterpretedFunction | None = None
+        self.compiled: JITFunction | None = None
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        if triton_interpreting():
+            if self.interpreted is None:
+                _patch_interpreter_for_numpy_2_4()
+                self.interpreted = InterpretedFunction(self.fn)
+            launch = self.interpreted[grid]
+
+            def run(*args: Any, **kwargs: Any) -> Any:
+                with _jit_helpers_interpretable():
+                    return launch(*args, **kwargs)
+
+            return run
+        if self.compiled is None:
+            self.compiled = JITFunction(self.fn)
+        return self.compiled[grid]
+
+    def __repr__(self) -> str:
+        return f"<metalcore triton kernel {self.fn.__name__}>"
+
+
+def jit(fn: Callable[..., Any]) -> LazyKernel:
+    return LazyKernel(fn)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def program_slots(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (CUDA), or a small stand-in for the CPU interpreter,
+    where every program runs one after another and fewer, fuller programs run faster."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def warps_for(elements: int) -> int:
+    """Warps per program for a block of ``elements``: about 16 elements per thread, so that each
+    thread issues two or more 16-byte loads for 16-bit data (Liger's rule, same thresholds)."""
+    if elements >= 32768:
+        return 32
+    if elements >= 8192:
+        return 16
+    if elements >= 2048:
+        return 8
+    return 4
