@@ -1,0 +1,229 @@
+"""Scaled dot-product attention, flash-attention style: the forward keeps the row log-sum-exp, the
+backward recomputes the probabilities from it instead of storing the ``L × S`` matrix.
+
+* ``metalcore::sdpa_fwd(q, k, v, attn_mask, is_causal, scale) -> (out, lse)``
+* ``metalcore::sdpa_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale) -> (dq, dk, dv)``
+
+Op layout: ``q`` ``(B, H, L, E)``; ``k`` ``(B, Hkv, S, E)``; ``v`` ``(B, Hkv, S, Ev)``, any strides,
+one dtype (fp32/bf16/fp16/fp64). ``Hkv`` divides ``H``: query head ``h`` reads key/value head
+``h // (H / Hkv)`` (grouped-query attention, ``repeat_interleave`` order, as torch's ``enable_gqa``);
+the reference expands, a kernel indexes. ``attn_mask`` is ``None`` or 4-D with each dimension 1 or
+the full ``(B, H, L, S)`` (broadcast by the kernel), either bool (True = attend) or float (added
+to the scores; float32 or the inputs' dtype). ``is_causal`` keeps key ``j`` for query ``i`` iff
+``j ≤ i`` (top-left aligned when ``L ≠ S``, as torch). ``out`` ``(B, H, L, Ev)`` has ``q``'s dtype;
+``lse`` ``(B, H, L)`` is float32 (float64 for float64 input) and ``−inf`` on rows with nothing to
+attend, whose output and gradients are 0 (torch's behaviour since its "safe softmax").
+
+With ``Z = scale·q kᵀ + mask`` and ``P = exp(Z − lse)``, the backward is
+``dV = Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``, ``dQ = scale·dS K``, ``dK = scale·dSᵀ Q``,
+with ``dK``/``dV`` summed over each group of query heads that share a key/value head.
+
+Two cases leave the ops for a composite of plain differentiable torch ops (computed in the same
+float32/float64 arithmetic; see :func:`metal_scaled_dot_product_attention`): ``dropout_p > 0``
+(kernels never do dropout) and a float ``attn_mask`` that requires a gradient.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from metalcore._op import metalcore_op
+from metalcore._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from metalcore.nn.rms_norm import _acc
+
+_FN = "metalcore.metal_scaled_dot_product_attention"
+
+
+def _expand_heads(x: Tensor, heads: int) -> Tensor:
+    """Key/value heads repeated so that query head ``h`` meets head ``h // (heads / Hkv)``."""
+    return x if x.shape[-3] == heads else x.repeat_interleave(heads // x.shape[-3], dim=-3)
+
+
+def _scores(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool, scale: float,
+            acc: torch.dtype) -> Tensor:
+    """``Z = scale·q kᵀ + mask`` in ``acc``, ``−inf`` where a key is not attended."""
+    z = torch.matmul(q.to(acc), k.to(acc).mT) * scale
+    if attn_mask is not None:
+        z = z.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else z + attn_mask.to(acc)
+    if is_causal:
+        L, S = z.shape[-2:]
+        z = z.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=z.device).tril(), -math.inf)
+    return z
+
+
+def _probs(z: Tensor, lse: Tensor) -> Tensor:
+    """``P = exp(Z − lse)``; a row with nothing to attend (``lse = −inf``) gets ``P = 0``, not NaN."""
+    return torch.exp(z - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+
+
+@metalcore_op("sdpa_fwd")
+def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+             scale: float) -> tuple[Tensor, Tensor]:
+    """Reference forward in float32 (float64 for float64 input); materialises the ``L × S`` scores."""
+    acc, heads = _acc(q), q.shape[1]
+    z = _scores(q, _expand_heads(k, heads), attn_mask, is_causal, scale, acc)
+    lse = torch.logsumexp(z, dim=-1)
+    out = _probs(z, lse) @ _expand_heads(v, heads).to(acc)
+    return out.to(q.dtype), lse
+
+
+@sdpa_fwd.register_fake
+def _(q, k, v, attn_mask, is_causal, scale):
+    B, H, L, _ = q.shape
+    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=_acc(q))
+
+
+@metalcore_op("sdpa_bwd")
+def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             attn_mask: Optional[Tensor], is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference backward: recomputes ``P`` from ``lse``, then the formulas in the module docstring."""
+    acc, (B, heads, L, E), (_, kv_heads, S, Ev) = _acc(q), q.shape, v.shape
+    qf, do = q.to(acc), dout.to(acc)
+    kf, vf = _expand_heads(k, heads).to(acc), _expand_heads(v, heads).to(acc)
+    p = _probs(_scores(qf, kf, attn_mask, is_causal, scale, acc), lse)
+    dv = p.mT @ do
+    # rowsum(dO ∘ O) equals rowsum(P ∘ dP) and costs Ev per row instead of S.
+    ds = p * (do @ vf.mT - (do * out.to(acc)).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = (ds.mT @ qf) * scale
+    group = heads // kv_heads
+    dk = dk.view(B, kv_heads, group, S, E).sum(2)
+    dv = dv.view(B, kv_heads, group, S, Ev).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@sdpa_bwd.register_fake
+def _(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError("metalcore::sdpa_fwd does not differentiate attn_mask; "
+                           "metalcore.metal_scaled_dot_product_attention does (through its composite path)")
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    dq, dk, dv = sdpa_bwd(dout.contiguous(), q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+sdpa_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _sdpa_composite(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                    is_causal: bool, scale: float) -> Tensor:
+    """The ops' math from differentiable torch ops, plus dropout on ``P`` (torch's math backend order:
+    safe softmax, then ``torch.dropout``, then ``P V``). Materialises ``P`` for autograd."""
+    acc, heads = _acc(q), q.shape[1]
+    z = _scores(q, _expand_heads(k, heads), attn_mask, is_causal, scale, acc)
+    # Fully masked rows: softmax over zeros, then zeroed, so that neither P nor its gradient is NaN.
+    dead = torch.isneginf(z).all(-1, keepdim=True)
+    p = torch.softmax(z.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    if dropout_p > 0.0:
+        p = torch.dropout(p, dropout_p, True)
+    return (p @ _expand_heads(v, heads).to(acc)).to(q.dtype)
+
+
+def _to_ops_layout(x: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
+    """``(*b, h, n, d)`` broadcast to ``(*batch, heads, n, d)`` and viewed as ``(B, heads, n, d)``;
+    copies only where a batch dimension is actually broadcast."""
+    return x.expand(*batch, heads, *x.shape[-2:]).reshape(math.prod(batch), heads, *x.shape[-2:])
+
+
+def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                       dropout_p: float = 0.0, is_causal: bool = False,
+                                       scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
+    """Same signature and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``query`` ``(*, Hq, L, E)``, ``key`` ``(*, H, S, E)``, ``value`` ``(*, H, S, Ev)`` → ``(*, Hq, L, Ev)``;
+    at least 2-D, one dtype (fp32/bf16/fp16/fp64), leading dimensions broadcast. Heads (dim −3)
+    broadcast like batch dimensions; with ``enable_gqa=True`` the key/value head counts may instead
+    divide ``Hq`` (grouped-query attention). ``attn_mask`` broadcasts to ``(*, Hq, L, S)``: bool
+    (True = attend) or float (added to the scores; float32 or the inputs' dtype). ``is_causal``
+    applies a top-left-aligned lower-triangular mask and cannot be combined with ``attn_mask``.
+    ``scale`` defaults to ``1/sqrt(E)``. Rows that attend to nothing give 0, as in torch.
+
+    Two documented composite paths (plain differentiable torch ops with the same float32/float64
+    arithmetic) replace the fused ops:
+
+    * ``dropout_p > 0``: dropout is applied to the probabilities whenever ``dropout_p > 0`` — like
+      torch's function, which has no ``training`` flag (modules pass ``dropout_p`` only in
+      training). The random draws follow torch's math backend (one ``torch.dropout`` on ``P``).
+    * a float ``attn_mask`` that requires a gradient (learned biases, ALiBi slopes): it gets
+      ``dZ`` summed over its broadcast dimensions.
+
+    >>> out = metalcore.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    """
+    q = check_tensor(_FN, "query", query, dtypes=FLOAT_DTYPES, min_dim=2)
+    k = check_tensor(_FN, "key", key, dtypes=FLOAT_DTYPES, min_dim=2)
+    v = check_tensor(_FN, "value", value, dtypes=FLOAT_DTYPES, min_dim=2)
+    check_same_device(_FN, query=q, key=k, value=v, attn_mask=attn_mask)
+    check_same_dtype(_FN, query=q, key=k, value=v)
+    (L, E), S, Ev = q.shape[-2:], k.shape[-2], v.shape[-1]
+    if k.shape[-1] != E:
+        raise ValueError(f"{_FN}: key's last dimension must equal query's (E={E}); got key {tuple(k.shape)}")
+    if v.shape[-2] != S:
+        raise ValueError(f"{_FN}: value must have key's sequence length S={S} (dim -2); got value {tuple(v.shape)}")
+    if E == 0:
+        raise ValueError(f"{_FN}: query's last dimension (E) must be positive; got query {tuple(q.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{_FN}: dropout_p must be in [0, 1]; got {dropout_p!r}")
+    if attn_mask is not None and is_causal:
+        raise ValueError(f"{_FN}: attn_mask must be None when is_causal=True (as in torch); pass one or the other")
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+
+    # Heads live in dim -3 (a 2-D input has one); everything before it is batch.
+    qh, kh, vh = (x if x.dim() >= 3 else x.unsqueeze(0) for x in (q, k, v))
+    try:
+        batch = tuple(torch.broadcast_shapes(qh.shape[:-3], kh.shape[:-3], vh.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(f"{_FN}: the batch dimensions of query {tuple(q.shape)}, key {tuple(k.shape)} and "
+                         f"value {tuple(v.shape)} cannot be broadcast together") from None
+    hq, hk, hv = qh.shape[-3], kh.shape[-3], vh.shape[-3]
+    if enable_gqa:
+        if hq % hk or hq % hv:
+            raise ValueError(f"{_FN}: with enable_gqa=True the number of heads in key ({hk}) and value ({hv}) "
+                             f"must divide the number of heads in query ({hq})")
+        heads = hq
+    else:
+        if any(h not in (1, max(hq, hk, hv)) for h in (hq, hk, hv)):
+            raise ValueError(f"{_FN}: query, key and value have {hq}, {hk} and {hv} heads (dim -3), which do not "
+                             "broadcast; pass enable_gqa=True for grouped-query attention")
+        heads = max(hq, hk, hv)
+    if hk != hv:  # rare: key and value grouped differently; the ops take one key/value head count
+        kh, vh = _expand_heads(kh, heads), _expand_heads(vh, heads)
+    q4 = _to_ops_layout(qh, batch, heads)
+    k4 = _to_ops_layout(kh, batch, kh.shape[-3])
+    v4 = _to_ops_layout(vh, batch, vh.shape[-3])
+
+    mask4 = None
+    if attn_mask is not None:
+        check_tensor(_FN, "attn_mask", attn_mask, dtypes=(torch.bool, torch.float32, q.dtype))
+        full = (*batch, heads, L, S)
+        m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
+        if m.dim() != len(full) or any(a not in (1, b) for a, b in zip(m.shape, full)):
+            raise ValueError(f"{_FN}: attn_mask of shape {tuple(attn_mask.shape)} must broadcast to the "
+                             f"attention weights' shape {full}")
+        if all(d == 1 for d in m.shape[:-3]):
+            mask4 = m.reshape(1, *m.shape[-3:])
+        else:
+            mask4 = m.expand(*batch, *m.shape[-3:]).reshape(math.prod(batch), *m.shape[-3:])
+
+    mask_needs_grad = mask4 is not None and mask4.requires_grad and torch.is_grad_enabled()
+    if dropout_p > 0.0 or mask_needs_grad:
+        out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, scale)
+    else:
+        out4, _ = sdpa_fwd(q4, k4, v4, mask4, is_causal, scale)
+    out = out4.view(*batch, heads, L, Ev)
+    return out.view(L, Ev) if max(q.dim(), k.dim(), v.dim()) == 2 else out
