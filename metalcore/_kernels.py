@@ -10,7 +10,11 @@ import importlib
 
 from metalcore._backend import triton_importable
 
-TRITON_MODULES: tuple[str, ...] = ("metalcore.nn.rms_norm_triton",)
+TRITON_MODULES: tuple[str, ...] = (
+    "metalcore.nn.rms_norm_triton",
+    "metalcore.nn.activations_triton",
+    "metalcore.nn.swiglu_triton",
+)
 METAL_MODULES: tuple[str, ...] = ()
 
 
