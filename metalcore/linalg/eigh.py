@@ -1,0 +1,108 @@
+"""Eigendecomposition of symmetric matrices ``A = Q diag(L) Qᴴ``, eigenvalues ascending.
+
+One registered op, ``metalcore::eigh(A, UPLO, compute_v)``, serves ``linalg.eigh``,
+``linalg.eigvalsh`` and the top-level ``eigh``. Only the ``UPLO`` triangle of ``A`` is read
+(``'L'``: lower, ``'U'``: upper), as in LAPACK; the other one may hold anything.
+"""
+
+import torch
+from torch import Tensor
+
+from metalcore._op import metalcore_op
+from metalcore._validation import check_choice, check_matrix
+from metalcore.linalg._common import write_out
+
+
+@metalcore_op("eigh")
+def eigh_op(A: Tensor, UPLO: str, compute_v: bool) -> tuple[Tensor, Tensor]:
+    """Reference: LAPACK ``syevd`` (cuSOLVER on CUDA) through ``torch.linalg.eigh``.
+
+    Without ``compute_v``, the eigenvectors are an empty tensor of shape ``(0,)``, as in torch.
+    """
+    if not compute_v:
+        return torch.linalg.eigvalsh(A, UPLO=UPLO).contiguous(), A.new_empty(0)
+    L, Q = torch.linalg.eigh(A, UPLO=UPLO)
+    return L.contiguous(), Q.contiguous()
+
+
+@eigh_op.register_fake
+def _(A, UPLO, compute_v):
+    L = A.new_empty(A.shape[:-1])
+    return L, (A.new_empty(A.shape) if compute_v else A.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    ctx.compute_v = inputs[2]
+    # Unused outputs reach the backward as None: with only gL the gradient Q diag(gL) Qᴴ is finite for
+    # repeated eigenvalues, where the 1/E term would give 0/0.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*output)
+
+
+def eigh_backward(gL: Tensor | None, gQ: Tensor | None, L: Tensor, Q: Tensor) -> Tensor:
+    """The adjoint of the symmetric eigendecomposition, torch's convention (``linalg_eig_backward``).
+
+    ``gA = Q (diag(gL) + skew(Qᴴ gQ) / E) Qᴴ`` with ``E_ij = L_j − L_i`` off the diagonal and
+    ``skew(X) = ½(X − Xᴴ)``, the projection onto the tangent space of the orthogonal group (it
+    removes the part of ``gQ`` that no perturbation of ``A`` can produce). The result is symmetric —
+    the gradient with respect to a symmetric ``A`` — not restricted to the triangle that was read.
+    Finite only for distinct eigenvalues when ``gQ`` is given.
+    """
+    if gQ is None:
+        if gL is None:
+            return torch.zeros_like(Q)
+        return (Q * gL.unsqueeze(-2)) @ Q.mH
+    n = L.shape[-1]
+    QhgQ = Q.mH @ gQ
+    QhgQ = 0.5 * (QhgQ - QhgQ.mH)
+    # L_j − L_i vanishes on the diagonal; adding I sets it to 1 there, where QhgQ is zero.
+    E = L.unsqueeze(-2) - L.unsqueeze(-1) + torch.eye(n, dtype=L.dtype, device=L.device)
+    inner = QhgQ / E
+    if gL is not None:
+        inner = inner + torch.diag_embed(gL)
+    return Q @ (inner @ Q.mH)
+
+
+def _backward(ctx, gL, gQ):
+    if not ctx.compute_v:
+        raise RuntimeError("metalcore eigh: cannot differentiate an eigendecomposition computed with "
+                           "compute_v=False (the eigenvectors are needed); use metalcore.linalg.eigvalsh, "
+                           "which computes them when its input requires grad")
+    L, Q = ctx.saved_tensors
+    return eigh_backward(gL, gQ, L, Q), None, None
+
+
+eigh_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _uplo(fn: str, UPLO) -> str:
+    # torch accepts either case.
+    check_choice(fn, "UPLO", UPLO.upper() if isinstance(UPLO, str) else UPLO, ("L", "U"))
+    return UPLO.upper()
+
+
+def eigh(A: Tensor, UPLO: str = "L", *, out=None):
+    """Twin of ``torch.linalg.eigh``: ``(eigenvalues, eigenvectors)`` with ``A = Q diag(L) Qᴴ``.
+
+    ``A``: ``(*, n, n)`` float32/float64, symmetric (only the ``UPLO`` triangle is read).
+    ``eigenvalues``: ``(*, n)`` ascending; ``eigenvectors``: ``(*, n, n)``, orthonormal columns.
+
+    >>> X = torch.randn(64, 32, 32); L, Q = metalcore.linalg.eigh(X @ X.mT)
+    """
+    fn = "metalcore.linalg.eigh"
+    A = check_matrix(fn, "A", A, square=True)
+    L, Q = eigh_op(A, _uplo(fn, UPLO), True)
+    return write_out(fn, torch.return_types.linalg_eigh((L, Q)), out)
+
+
+def eigvalsh(A: Tensor, UPLO: str = "L", *, out=None) -> Tensor:
+    """Twin of ``torch.linalg.eigvalsh``: the eigenvalues ``(*, n)`` of symmetric ``A``, ascending.
+
+    Differentiable like torch's: when ``A`` requires grad the eigenvectors are computed too, so that
+    the backward ``Q diag(gL) Qᴴ`` can run.
+    """
+    fn = "metalcore.linalg.eigvalsh"
+    A = check_matrix(fn, "A", A, square=True)
+    compute_v = torch.is_grad_enabled() and A.requires_grad
+    L, _ = eigh_op(A, _uplo(fn, UPLO), compute_v)
+    return write_out(fn, L, out)
