@@ -14,6 +14,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.nn.rms_norm_triton",
     "metalcore.nn.activations_triton",
     "metalcore.nn.swiglu_triton",
+    "metalcore.optim.adamw_triton",
 )
 METAL_MODULES: tuple[str, ...] = ()
 
