@@ -1,0 +1,5 @@
+import sys
+
+from metalcore.bench.harness import main
+
+sys.exit(main())
