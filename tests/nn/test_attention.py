@@ -1,0 +1,253 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from metalcore.nn import metal_scaled_dot_product_attention as sdpa
+from metalcore.nn.attention import sdpa_fwd
+from oracle import assert_close, assert_within_torch_error
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SIZES = ((1, 1), (31, 31), (33, 65), (65, 33), (3, 4097))  # (L, S): odd, L != S both ways, a long row
+MASKS = ("none", "causal", "bool", "float")
+
+
+def leaf(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype).requires_grad_()
+
+
+def make_mask(kind, B, L, S, dtype):
+    """Keyword arguments for one mask kind; masks broadcast over heads (bool) or batch and heads (float)."""
+    if kind == "causal":
+        return dict(is_causal=True)
+    if kind == "bool":
+        return dict(attn_mask=torch.rand(B, 1, L, S) > 0.25)
+    if kind == "float":
+        bias = 2 * torch.randn(L, S)
+        return dict(attn_mask=bias.masked_fill(torch.rand(L, S) < 0.1, float("-inf")).to(dtype))
+    return {}
+
+
+def run(fn, q, k, v, dout, **kwargs):
+    """Output and (dq, dk, dv) of ``fn`` on leaves ``q, k, v``."""
+    out = fn(q, k, v, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def as64(kwargs):
+    mask = kwargs.get("attn_mask")
+    if mask is not None and mask.is_floating_point():
+        return {**kwargs, "attn_mask": mask.double()}
+    return kwargs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+@pytest.mark.parametrize("L,S", SIZES, ids=[f"L{L}-S{S}" for L, S in SIZES])
+def test_sdpa_output_and_gradients(L, S, gqa, mask, dtype):
+    B, Hq, Hkv, E, Ev = 2, 4, 2 if gqa else 4, 16, 8
+    q, k, v = leaf(B, Hq, L, E, dtype=dtype), leaf(B, Hkv, S, E, dtype=dtype), leaf(B, Hkv, S, Ev, dtype=dtype)
+    kwargs = dict(make_mask(mask, B, L, S, dtype), enable_gqa=gqa)
+    dout = torch.randn(B, Hq, L, Ev, dtype=dtype)
+    ours = run(sdpa, q, k, v, dout, **kwargs)
+    assert ours[0].dtype == dtype and ours[0].shape == (B, Hq, L, Ev)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = run(F.scaled_dot_product_attention, q64, k64, v64, dout.double(), **as64(kwargs))
+    names = ("out", "dq", "dk", "dv")
+    if dtype == torch.float64:
+        for name, a, e in zip(names, ours, expected):
+            assert_close(a, e)
+        return
+    # A reduction: our error against float64 may be at most 2x torch's own in this dtype.
+    theirs = run(F.scaled_dot_product_attention, q, k, v, dout, **kwargs)
+    for name, a, t, e in zip(names, ours, theirs, expected):
+        assert a.dtype == dtype, name
+        assert_within_torch_error(a, t, e)
+
+
+MASK_SHAPES = ((33,), (9, 33), (3, 9, 33), (2, 1, 9, 33), (2, 3, 1, 33), (1, 1, 9, 1))
+
+
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "mask" + "x".join(map(str, s)))
+def test_broadcast_masks_and_mask_gradient(shape):
+    q, k, v = leaf(2, 3, 9, 8), leaf(2, 3, 33, 8), leaf(2, 3, 33, 8)
+    # torch's CPU kernel indexes a 1-D mask's dim -2; broadcasting rules allow it, so we do.
+    as_torch = (lambda m: m[None]) if len(shape) == 1 else (lambda m: m)
+    bool_mask = torch.rand(shape) > 0.3
+    torch.testing.assert_close(sdpa(q, k, v, attn_mask=bool_mask),
+                               F.scaled_dot_product_attention(q, k, v, as_torch(bool_mask)))
+    # A float mask that requires grad gets dZ summed over its broadcast dimensions.
+    bias = leaf(*shape)
+    dout = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    ours = torch.autograd.grad(sdpa(q, k, v, attn_mask=bias), (q, k, v, bias), dout)
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, as_torch(bias)), (q, k, v, bias), dout)
+    for a, e in zip(ours, theirs):
+        assert_close(a, e)
+
+
+def test_mask_gradient_float32_against_float64():
+    q, k, v = (leaf(1, 2, 31, 16, dtype=torch.float32) for _ in range(3))
+    bias = leaf(2, 31, 31, dtype=torch.float32)
+    dout = torch.randn(1, 2, 31, 16)
+    grads = torch.autograd.grad(sdpa(q, k, v, attn_mask=bias), (q, k, v, bias), dout)
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    out64 = F.scaled_dot_product_attention(*leaves64[:3], attn_mask=leaves64[3])
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, bias), (q, k, v, bias), dout)
+    for a, t, e in zip(grads, theirs, torch.autograd.grad(out64, leaves64, dout.double())):
+        assert_within_torch_error(a, t, e)
+
+
+def test_float32_mask_with_bfloat16_inputs():
+    q, k, v = (torch.randn(2, 2, 17, 8, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(17, 17)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), bias.double())
+    assert_within_torch_error(sdpa(q, k, v, attn_mask=bias), F.scaled_dot_product_attention(q, k, v, bias), expected)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "S0"])
+def test_fully_masked_rows_match_torch(kind):
+    S = 0 if kind == "S0" else 6
+    q, k, v = leaf(2, 2, 5, 8), leaf(2, 2, S, 8), leaf(2, 2, S, 8)
+    mask = None
+    if kind == "bool":
+        mask = torch.rand(5, S) > 0.3
+        mask[1] = False
+    elif kind == "float":
+        mask = torch.randn(5, S, dtype=torch.float64)
+        mask[1] = float("-inf")
+    dout = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    ours = run(sdpa, q, k, v, dout, attn_mask=mask)
+    theirs = run(F.scaled_dot_product_attention, q, k, v, dout, attn_mask=mask)
+    for a, e in zip(ours, theirs):
+        assert torch.isfinite(a).all()
+        assert_close(a, e)
+    if kind != "S0":
+        assert (ours[0][:, :, 1] == 0).all() and (ours[1][:, :, 1] == 0).all()
+
+
+# (query shape, key shape, value shape, enable_gqa): leading dims, batch and head broadcasting.
+LAYOUTS = [
+    ((9, 8), (7, 8), (7, 5), False),
+    ((3, 9, 8), (3, 7, 8), (3, 7, 5), False),
+    ((2, 3, 4, 9, 8), (2, 3, 4, 7, 8), (2, 3, 4, 7, 5), False),
+    ((2, 3, 4, 9, 8), (2, 3, 2, 7, 8), (2, 3, 2, 7, 5), True),
+    ((2, 4, 9, 8), (1, 4, 7, 8), (2, 4, 7, 5), False),
+    ((2, 4, 9, 8), (2, 1, 7, 8), (2, 1, 7, 5), False),
+    ((2, 1, 9, 8), (2, 4, 7, 8), (2, 4, 7, 5), False),
+    ((4, 9, 8), (2, 4, 7, 8), (2, 4, 7, 5), False),
+    ((2, 6, 9, 8), (2, 3, 7, 8), (2, 2, 7, 5), True),
+]
+
+
+@pytest.mark.parametrize("qs,ks,vs,gqa", LAYOUTS, ids=[f"q{len(c[0])}d-k{c[1][:-2]}-v{c[2][:-2]}-gqa{int(c[3])}"
+                                                       for c in LAYOUTS])
+def test_leading_dims_and_broadcasting(qs, ks, vs, gqa):
+    q, k, v = leaf(*qs), leaf(*ks), leaf(*vs)
+    expected_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    dout = torch.randn_like(expected_out)
+    ours = run(sdpa, q, k, v, dout, is_causal=True, enable_gqa=gqa)
+    theirs = run(F.scaled_dot_product_attention, q, k, v, dout, is_causal=True, enable_gqa=gqa)
+    assert ours[0].shape == expected_out.shape
+    for a, e in zip(ours, theirs):
+        assert_close(a, e)
+
+
+def test_noncontiguous_seq_first_views_and_scale():
+    """(B, S, H, D) projections viewed as (B, H, S, D), as Hugging Face's attention passes them."""
+    q = torch.randn(2, 33, 4, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 31, 2, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 31, 2, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    dout = torch.randn(2, 4, 33, 16, dtype=torch.float64)
+    kwargs = dict(is_causal=True, enable_gqa=True, scale=0.3)
+    for a, e in zip(run(sdpa, q, k, v, dout, **kwargs), run(F.scaled_dot_product_attention, q, k, v, dout, **kwargs)):
+        assert_close(a, e)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 8), (2, 4, 0, 8)], ids=["batch0", "L0"])
+def test_empty(shape):
+    q, k, v = leaf(*shape), leaf(shape[0], 2, 6, 8), leaf(shape[0], 2, 6, 8)
+    out = sdpa(q, k, v, enable_gqa=True)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and (k.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_dropout_follows_torch_math_backend(dtype):
+    """The composite dropout path draws the same mask as torch's math backend from the same seed."""
+    q, k, v = leaf(2, 4, 9, 8, dtype=dtype), leaf(2, 2, 11, 8, dtype=dtype), leaf(2, 2, 11, 8, dtype=dtype)
+    mask = torch.rand(9, 11) > 0.2
+    dout = torch.randn(2, 4, 9, 8, dtype=dtype)
+    torch.manual_seed(7)
+    ours = run(sdpa, q, k, v, dout, attn_mask=mask, dropout_p=0.3, enable_gqa=True)
+    torch.manual_seed(7)
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = run(F.scaled_dot_product_attention, q, k, v, dout, attn_mask=mask, dropout_p=0.3, enable_gqa=True)
+    for a, e in zip(ours, theirs):
+        assert_close(a, e)
+    torch.testing.assert_close(sdpa(q, k, v, dropout_p=1.0, enable_gqa=True), torch.zeros(2, 4, 9, 8, dtype=dtype))
+
+
+def test_gradcheck():
+    q, k, v = leaf(1, 2, 3, 4), leaf(1, 1, 5, 4), leaf(1, 1, 5, 3)
+    torch.autograd.gradcheck(lambda q, k, v: sdpa(q, k, v, is_causal=True, enable_gqa=True), (q, k, v))
+    bias = leaf(3, 5)
+    torch.autograd.gradcheck(lambda q, k, v, b: sdpa(q, k, v, attn_mask=b, enable_gqa=True), (q, k, v, bias))
+
+
+def test_op_keeps_lse_out_of_autograd_and_refuses_to_drop_mask_grad():
+    q, k, v = leaf(1, 2, 3, 4), leaf(1, 2, 5, 4), leaf(1, 2, 5, 4)
+    out, lse = sdpa_fwd(q, k, v, None, False, 0.5)
+    assert out.requires_grad and not lse.requires_grad and lse.dtype == torch.float64
+    torch.testing.assert_close(lse, torch.logsumexp(0.5 * q @ k.mT, -1))
+    out, _ = sdpa_fwd(q, k, v, leaf(1, 1, 3, 5), False, 0.5)
+    with pytest.raises(RuntimeError, match="does not differentiate attn_mask"):
+        out.sum().backward()
+
+
+def _qkv(**shapes):
+    s = dict(q=(2, 4, 5, 8), k=(2, 4, 6, 8), v=(2, 4, 6, 8)) | shapes
+    return torch.randn(s["q"]), torch.randn(s["k"]), torch.randn(s["v"])
+
+
+BAD = [
+    ("mask-and-causal", lambda: sdpa(*_qkv(), attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True),
+     ValueError, "attn_mask must be None when is_causal=True"),
+    ("gqa-not-dividing", lambda: sdpa(*_qkv(k=(2, 3, 6, 8), v=(2, 3, 6, 8)), enable_gqa=True),
+     ValueError, r"with enable_gqa=True the number of heads in key \(3\)"),
+    ("heads-without-gqa", lambda: sdpa(*_qkv(k=(2, 2, 6, 8), v=(2, 2, 6, 8))),
+     ValueError, "pass enable_gqa=True"),
+    ("mask-int", lambda: sdpa(*_qkv(), attn_mask=torch.ones(5, 6, dtype=torch.int64)),
+     TypeError, "attn_mask must have dtype bool, float32, float32"),
+    ("mask-shape", lambda: sdpa(*_qkv(), attn_mask=torch.ones(3, 5, 6)),
+     ValueError, r"attn_mask of shape \(3, 5, 6\) must broadcast to the attention weights' shape \(2, 4, 5, 6\)"),
+    ("mask-enlarges-batch", lambda: sdpa(*_qkv(), attn_mask=torch.ones(3, 2, 4, 5, 6)),
+     ValueError, "attn_mask of shape"),
+    ("dropout", lambda: sdpa(*_qkv(), dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]; got 1.5"),
+    ("key-E", lambda: sdpa(*_qkv(k=(2, 4, 6, 7))), ValueError, "key's last dimension must equal query's"),
+    ("value-S", lambda: sdpa(*_qkv(v=(2, 4, 7, 8))), ValueError, "value must have key's sequence length S=6"),
+    ("batch", lambda: sdpa(*_qkv(k=(3, 4, 6, 8), v=(3, 4, 6, 8))), ValueError, "cannot be broadcast together"),
+    ("dtype", lambda: sdpa(torch.randn(2, 5, 8), torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(2, 6, 8)),
+     TypeError, "expected all tensors to have the same dtype; got query is float32, key is float64"),
+    ("rank", lambda: sdpa(torch.randn(8), torch.randn(6, 8), torch.randn(6, 8)),
+     ValueError, "query must have at least 2 dimensions"),
+    ("integer", lambda: sdpa(*(torch.ones(2, 3, dtype=torch.int64),) * 3), TypeError, "query must have dtype"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=r"metalcore\.metal_scaled_dot_product_attention: .*" + match):
+        call()
+
+
+def test_sdpa_compiles_fullgraph():
+    q, k, v = (leaf(2, 4, 9, 8, dtype=torch.float32), leaf(2, 2, 9, 8, dtype=torch.float32),
+               leaf(2, 2, 9, 8, dtype=torch.float32))
+    compiled = torch.compile(sdpa, fullgraph=True)
+    out = compiled(q, k, v, is_causal=True, enable_gqa=True)
+    expected = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
+                               torch.autograd.grad(expected.sum(), (q, k, v)))
