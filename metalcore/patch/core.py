@@ -1,0 +1,502 @@
+"""``patch_model`` / ``unpatch_model``: swap metalcore's kernels into a Hugging Face model, per instance.
+
+Nothing global changes: ``transformers``' classes and modeling modules are left as they are, so an
+unpatched model in the same process behaves exactly as before. Each swap is one of
+
+* **a forward bound on the instance** (``module.forward = MethodType(f, module)``): RMSNorm modules
+  (:func:`metalcore.nn.rms_norm`, Gemma's ``(1 + w)`` as ``offset=1``), SiLU-gated MLPs (the fused
+  :func:`metalcore.nn.swiglu`), and attention layers for RoPE (below). Parameters, buffers, module
+  types, ``state_dict`` keys and hooks are untouched, so optimizers, PEFT/LoRA wrappers and
+  checkpoints see the same model;
+* **a child module replaced on its parent**: stand-alone activations (``GELUTanh`` → ``MetalGELU``);
+* **the model's attention implementation** set to the registered ``"metalcore"`` function
+  (:mod:`metalcore.patch.attention`) with ``model.set_attn_implementation``.
+
+RoPE. Attention layers call the *module-level* ``apply_rotary_pos_emb`` of their modeling file, so
+the function cannot be swapped per instance by assignment. Instead the layer's class ``forward`` is
+cloned — same code object, same closures and decorators (``deprecate_kwarg``) — with a copy of its
+globals in which only ``apply_rotary_pos_emb`` is metalcore's, and the clone is bound on the
+instance. The modeling module's namespace is untouched; ``torch.compile`` traces the clone like any
+function. Every family's ``apply_rotary_pos_emb`` is first run against metalcore's on a small probe
+(full-width and partial-rotary ``cos``), so an interleaved RoPE (Cohere) or a changed formula is
+reported and skipped, never swapped.
+
+Undo restores every instance attribute and the attention implementation, so outputs afterwards are
+bit-identical to the unpatched model. Patching an already patched model with the same options
+returns the existing report (no double wrapping); with other options it undoes and patches again.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from metalcore.nn.activations import MetalGELU, MetalSiLU
+from metalcore.nn.rms_norm import rms_norm
+from metalcore.nn.rope import apply_rotary_pos_emb as _metal_rope
+from metalcore.nn.swiglu import swiglu
+from metalcore.patch.families import FAMILIES, Family, _softcap_blocker
+
+_REPORT_ATTR = "_metalcore_patch_report"
+_SPEC_ATTR = "_metalcore_spec"
+
+
+# --------------------------------------------------------------------------------------------- report
+
+@dataclass
+class PatchReport:
+    """What :func:`patch_model` did to one model; :meth:`undo` reverts all of it.
+
+    ``swapped``: module path → the swaps applied there (``"rms_norm"``, ``"rms_norm(offset=1)"``,
+    ``"swiglu_mlp"``, ``"gelu(tanh)"``, ``"rope"``, ``"rope(partial)"``, ...); the path ``""`` is the
+    model itself (``"attention: sdpa -> metalcore"``). ``skipped``: module path or feature → why.
+    """
+
+    model_type: Optional[str]
+    options: dict[str, bool]
+    swapped: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    attn_implementation: Optional[tuple[Optional[str], str]] = None  # (before, after) when switched
+    active: bool = True
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _owner: Any = field(default=None, repr=False)
+
+    def counts(self) -> Counter:
+        """How many swaps of each kind, e.g. ``Counter({'rms_norm': 9, 'rope': 4, ...})``."""
+        return Counter(what.split("(")[0].split(":")[0] for whats in self.swapped.values() for what in whats)
+
+    def undo(self) -> None:
+        """Restore the model exactly as it was before :func:`patch_model` (idempotent)."""
+        while self._undo:
+            self._undo.pop()()
+        if self._owner is not None and self._owner.__dict__.get(_REPORT_ATTR) is self:
+            del self._owner.__dict__[_REPORT_ATTR]
+        self.active = False
+
+    def _add(self, path: str, what: str) -> None:
+        self.swapped.setdefault(path, []).append(what)
+
+    def __str__(self) -> str:
+        state = "active" if self.active else "undone"
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts().items())) or "nothing"
+        lines = [f"metalcore patch of {self.model_type or 'an unknown model type'} ({state}): {counts}"]
+        if self.attn_implementation:
+            lines.append(f"  attention implementation: {self.attn_implementation[0]} -> {self.attn_implementation[1]}")
+        reasons = Counter(self.skipped.values())
+        for reason, n in reasons.most_common():
+            where = [p for p, r in self.skipped.items() if r == reason]
+            lines.append(f"  skipped {n}x ({where[0]}{', ...' if n > 1 else ''}): {reason}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- swapped forwards
+
+@dataclass(frozen=True)
+class _NormSpec:
+    eps_attr: str
+    offset: float
+    promotes: bool
+
+
+def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    spec: _NormSpec = self._metalcore_spec
+    y = rms_norm(hidden_states, self.weight.shape, self.weight, getattr(self, spec.eps_attr), offset=spec.offset)
+    if spec.promotes and self.weight.dtype != hidden_states.dtype:
+        # Llama-style norms return ``w * x̂.to(x.dtype)``: fp32 weights on bf16 activations give fp32.
+        y = y.to(torch.promote_types(self.weight.dtype, hidden_states.dtype))
+    return y
+
+
+def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(swiglu(gate, up))
+
+
+def _rope_full(q, k, cos, sin, unsqueeze_dim=1):
+    return _metal_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
+def _rope_partial(q, k, cos, sin, unsqueeze_dim=1):
+    """Phi-3/GLM: only the first ``cos.shape[-1]`` dimensions of each head rotate."""
+    d = cos.shape[-1]
+    if d == q.shape[-1]:
+        return _metal_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    q_rot, k_rot = _metal_rope(q[..., :d], k[..., :d], cos, sin, unsqueeze_dim=unsqueeze_dim)
+    return torch.cat([q_rot, q[..., d:]], dim=-1), torch.cat([k_rot, k[..., d:]], dim=-1)
+
+
+_ROPE_ADAPTERS = {"full": _rope_full, "partial": _rope_partial}
+
+
+# ------------------------------------------------------------------------------------ recognisers
+
+def _silu_like(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _metal_activation(act: Any) -> Optional[nn.Module]:
+    """metalcore's twin of a transformers/torch activation module, or None."""
+    name = type(act).__name__
+    if _silu_like(act):
+        return MetalSiLU()
+    if isinstance(act, nn.GELU):
+        return MetalGELU(act.approximate)
+    if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"):
+        return MetalGELU("tanh")
+    if name == "GELUActivation":
+        return MetalGELU("none")
+    return None
+
+
+def _eps_attr(module: nn.Module) -> Optional[str]:
+    for attr in ("variance_epsilon", "eps"):
+        value = getattr(module, attr, "missing")
+        if value is None or isinstance(value, float):
+            return attr
+    return None
+
+
+def _rms_like(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return (isinstance(w, nn.Parameter) and w.dim() == 1 and getattr(module, "bias", None) is None
+            and _eps_attr(module) is not None and not list(module.children()))
+
+
+@functools.cache
+def _rope_variant(fn: Callable) -> Optional[str]:
+    """Which metalcore RoPE adapter reproduces ``fn`` (HF's ``apply_rotary_pos_emb``) on a probe."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)
+    freqs = torch.randn(1, 5, 4, generator=g)
+    for variant, half in (("partial", 2), ("full", 4)):
+        emb = torch.cat([freqs[..., :half]] * 2, dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        try:
+            ref = fn(q, k, cos, sin)
+        except RuntimeError:
+            continue
+        got = _ROPE_ADAPTERS[variant](q, k, cos, sin)
+        if all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ref, got)):
+            return variant
+    return None
+
+
+def _with_global(fn: Callable, name: str, value: Any) -> Callable:
+    """A clone of ``fn`` in which the global ``name`` is ``value``; decorators (``__wrapped__`` chains
+    whose closures hold the inner function) are cloned around the new inner function."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        if name not in fn.__code__.co_names:
+            raise LookupError(f"{fn.__qualname__} does not call {name}")
+        namespace = dict(fn.__globals__)
+        namespace[name] = value
+        clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        new_inner = _with_global(inner, name, value)
+        cells = fn.__closure__ or ()
+        held = [i for i, c in enumerate(cells) if _cell(c) is inner]
+        if not held:
+            raise LookupError(f"cannot see through the decorator of {fn.__qualname__}")
+        closure = tuple(types.CellType(new_inner) if i in held else c for i, c in enumerate(cells))
+        clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+        clone.__wrapped__ = new_inner
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    clone.__qualname__, clone.__doc__, clone.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    clone.__dict__.update({k: v for k, v in fn.__dict__.items() if k != "__wrapped__"})
+    return clone
+
+
+def _cell(c: types.CellType) -> Any:
+    try:
+        return c.cell_contents
+    except ValueError:
+        return None
+
+
+def _rope_function(cls: type) -> Optional[Callable]:
+    """The module-level ``apply_rotary_pos_emb`` that ``cls.forward`` calls, if any."""
+    fn = inspect.unwrap(cls.forward)
+    if "apply_rotary_pos_emb" not in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        return None
+    return fn.__globals__.get("apply_rotary_pos_emb")
+
+
+def _probe(module: nn.Module, candidate: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+           rtol: float, atol: float) -> bool:
+    """Does ``candidate`` reproduce the module's current forward on ``x`` (eval mode, no grad)?"""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            ref, got = module(x), candidate(x)
+        return ref.shape == got.shape and torch.allclose(ref.float(), got.float(), rtol=rtol, atol=atol)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+# ----------------------------------------------------------------------------------------- patching
+
+class _Patcher:
+    def __init__(self, root: nn.Module, report: PatchReport):
+        self.root, self.report = root, report
+
+    def bind_forward(self, path: str, module: nn.Module, fn: Callable, spec: Any, what: str) -> None:
+        """Bind ``fn`` as ``module``'s forward (under an accelerate hook: as its ``_old_forward``)."""
+        if _SPEC_ATTR in module.__dict__:
+            self.report.skipped[path] = f"already patched ({module.__dict__[_SPEC_ATTR]!r})"
+            return
+        slot = "forward"
+        if "forward" in module.__dict__:
+            if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+                slot = "_old_forward"  # accelerate's hooked forward calls module._old_forward
+            else:
+                self.report.skipped[path] = "the instance already has its own forward (another patch or hook)"
+                return
+        previous = module.__dict__.get(slot)
+        module.__dict__[slot] = types.MethodType(fn, module)
+        module.__dict__[_SPEC_ATTR] = spec
+
+        def undo() -> None:
+            if previous is None:
+                module.__dict__.pop(slot, None)
+            else:
+                module.__dict__[slot] = previous
+            module.__dict__.pop(_SPEC_ATTR, None)
+
+        self.report._undo.append(undo)
+        self.report._add(path, what)
+
+    def replace_child(self, path: str, parent: nn.Module, name: str, new: nn.Module, what: str) -> None:
+        old = parent._modules[name]
+        parent._modules[name] = new
+
+        def undo() -> None:
+            parent._modules[name] = old
+
+        self.report._undo.append(undo)
+        self.report._add(path, what)
+
+    # ---- one function per kind of swap
+
+    def rms_norm(self, path: str, module: nn.Module, family: Optional[Family]) -> None:
+        eps_attr = _eps_attr(module)
+        if eps_attr is None or getattr(module, "weight", None) is None:
+            self.report.skipped[path] = "RMSNorm without a weight or eps/variance_epsilon attribute"
+            return
+        if family is not None:
+            spec = _NormSpec(eps_attr, family.norm_offset, family.norm_promotes)
+        else:
+            spec = self._probe_norm(path, module, eps_attr)
+            if spec is None:
+                return
+        what = "rms_norm" + (f"(offset={spec.offset:g})" if spec.offset else "")
+        self.bind_forward(path, module, _rms_norm_forward, spec, what)
+
+    def _probe_norm(self, path: str, module: nn.Module, eps_attr: str) -> Optional[_NormSpec]:
+        if module.weight.device.type == "meta":
+            self.report.skipped[path] = "RMSNorm-like module on the meta device (cannot verify its formula)"
+            return None
+        x = torch.randn(4, module.weight.shape[0], device=module.weight.device) * 3 + 1
+        for offset in (0.0, 1.0):
+            spec = _NormSpec(eps_attr, offset, True)
+            probe = types.SimpleNamespace(weight=module.weight, _metalcore_spec=spec,
+                                          **{eps_attr: getattr(module, eps_attr)})
+            if _probe(module, lambda t: _rms_norm_forward(probe, t), x, rtol=1e-4, atol=1e-5):
+                return spec
+        self.report.skipped[path] = (f"{type(module).__name__} looks like an RMSNorm (weight + {eps_attr}) but "
+                                     "does not compute x/rms(x)·w nor x/rms(x)·(1+w)")
+        return None
+
+    def gated_mlp(self, path: str, module: nn.Module, fused: bool, verify: bool) -> bool:
+        """SiLU-gated MLP → fused SwiGLU forward. False (nothing done) when the activation is not SiLU."""
+        act = getattr(module, "activation_fn" if fused else "act_fn", None)
+        if not _silu_like(act):
+            return False
+        fn = _fused_swiglu_mlp_forward if fused else _swiglu_mlp_forward
+        if verify:
+            weight = next(module.parameters(), None)
+            ok = weight is not None and weight.device.type != "meta" and _probe(
+                module, lambda t: fn(module, t),
+                torch.randn(3, module.down_proj.out_features, device=weight.device, dtype=weight.dtype),
+                rtol=2e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-4, atol=1e-4)
+            if not ok:
+                self.report.skipped[path] = (f"{type(module).__name__} has gate/up/down projections and SiLU but "
+                                             "does not compute down(silu(gate(x))·up(x))")
+                return True
+        self.bind_forward(path, module, fn, "swiglu_mlp", "fused_swiglu_mlp" if fused else "swiglu_mlp")
+        return True
+
+    def rope(self, path: str, module: nn.Module, expected: Optional[str]) -> None:
+        cls = type(module)
+        fn = _rope_function(cls)
+        if fn is None:
+            if expected is not None:
+                self.report.skipped[path] = f"{cls.__name__}.forward does not call apply_rotary_pos_emb"
+            return
+        variant = _rope_variant(fn)
+        if variant is None or (expected is not None and variant != expected):
+            self.report.skipped[path] = (f"{fn.__module__}.apply_rotary_pos_emb is not the rotate_half RoPE "
+                                         f"metalcore implements (probe: {variant or 'no match'})")
+            return
+        try:
+            forward = _with_global(cls.forward, "apply_rotary_pos_emb", _ROPE_ADAPTERS[variant])
+        except LookupError as e:
+            self.report.skipped[path] = f"RoPE: {e}"
+            return
+        self.bind_forward(path, module, forward, f"rope:{variant}",
+                          "rope" if variant == "full" else "rope(partial)")
+
+    def activation(self, path: str, parent: nn.Module, name: str, act: nn.Module) -> None:
+        new = _metal_activation(act)
+        if new is None:
+            return
+        label = "silu" if isinstance(new, MetalSiLU) else f"gelu({new.approximate})"
+        self.replace_child(f"{path}.{name}" if path else name, parent, name, new, label)
+
+
+def _families_of(model: nn.Module) -> list[Family]:
+    """The table entries of the model's config and its sub-configs (Gemma-3's text_config, ...)."""
+    config = getattr(model, "config", None)
+    found, stack, seen = [], [config], set()
+    while stack:
+        cfg = stack.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        fam = FAMILIES.get(getattr(cfg, "model_type", None))
+        if fam is not None:
+            found.append(fam)
+        stack.extend(getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {}) or {})
+    return found
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT wrapper or a ``torch.compile`` wrapper."""
+    model = getattr(model, "_orig_mod", model)
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = True, rope: bool = True,
+                attention: bool = True, structural: bool = True) -> PatchReport:
+    """Swap metalcore's kernels into ``model`` (a ``transformers`` model, a PEFT-wrapped one, or any
+    ``nn.Module``), in place and per instance; returns a :class:`PatchReport`.
+
+    * ``rms_norm``: RMSNorm modules → :func:`metalcore.nn.rms_norm` (fp32 statistics, as HF);
+    * ``activations``: SiLU-gated MLPs → fused :func:`metalcore.nn.swiglu`; other GELU/SiLU
+      activation modules → ``MetalGELU``/``MetalSiLU``;
+    * ``rope``: attention layers → :func:`metalcore.nn.apply_rotary_pos_emb` (see module docstring);
+    * ``attention``: ``model.set_attn_implementation("metalcore")`` (masks, GQA, sliding windows);
+    * ``structural``: for modules that no table entry names (unknown model types), recognise
+      RMSNorm-like modules, gate/up/down SiLU MLPs and RoPE attention by structure, and swap each only
+      after a probe shows metalcore computes the same thing; everything declined is in ``skipped``.
+
+    Call it before ``torch.compile`` and before building the optimizer is not required (parameters
+    are never replaced). ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts it.
+
+    >>> report = metalcore.patch_model(model)
+    >>> print(report)          # metalcore patch of llama (active): attention: 1, rms_norm: 9, rope: 4, ...
+    """
+    options = dict(rms_norm=rms_norm, activations=activations, rope=rope, attention=attention, structural=structural)
+    base = _base_model(model)
+    existing = base.__dict__.get(_REPORT_ATTR)
+    if existing is not None:
+        if existing.options == options:
+            return existing
+        existing.undo()
+
+    families = _families_of(base)
+    config = getattr(base, "config", None)
+    report = PatchReport(model_type=getattr(config, "model_type", None), options=options, _owner=base)
+    if config is not None and not families:
+        report.skipped["model_type"] = (f"{report.model_type!r} is not in metalcore's table "
+                                        "(metalcore.patch.FAMILIES): patched by structure only")
+    norms = {c: f for f in families for c in f.norm_classes}
+    mlps = {c: f for f in families for c in f.mlp_classes}
+    attns = {c: f for f in families for c in f.attention_classes}
+    patcher = _Patcher(base, report)
+    try:
+        for path, module in list(base.named_modules()):
+            name = type(module).__name__
+            if rms_norm and name in norms:
+                patcher.rms_norm(path, module, norms[name])
+            elif rms_norm and structural and "norm" in name.lower() and _rms_like(module):
+                patcher.rms_norm(path, module, None)
+            swiglu_done = False
+            if activations and name in mlps:
+                swiglu_done = patcher.gated_mlp(path, module, mlps[name].mlp == "fused_gated", verify=False)
+            elif activations and structural and all(
+                    isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")):
+                swiglu_done = patcher.gated_mlp(path, module, fused=False, verify=True)
+            if activations and not swiglu_done:
+                for child_name, child in list(module.named_children()):
+                    patcher.activation(path, module, child_name, child)
+            if rope and name in attns:
+                patcher.rope(path, module, attns[name].rope)
+            elif rope and structural and "attention" in name.lower():
+                patcher.rope(path, module, None)
+        if attention:
+            _switch_attention(base, families, report)
+    except BaseException:
+        report.undo()
+        raise
+    base.__dict__[_REPORT_ATTR] = report
+    return report
+
+
+def _switch_attention(base: nn.Module, families: list[Family], report: PatchReport) -> None:
+    from transformers import PreTrainedModel
+
+    from metalcore.patch import attention as metal_attention
+
+    if not isinstance(base, PreTrainedModel):
+        report.skipped["attention"] = "not a transformers PreTrainedModel (no AttentionInterface to plug into)"
+        return
+    blockers = [b for f in families if f.attention_blocker for b in [f.attention_blocker(base.config)] if b]
+    blockers += [b for b in [_softcap_blocker(base.config)] if b and not families]
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in base.modules()):
+        blockers.append("attention sinks (s_aux) are not implemented by metalcore's SDPA")
+    if blockers:
+        report.skipped["attention"] = f"{blockers[0]}; kept {base.config._attn_implementation!r}"
+        return
+    before = base.config._attn_implementation
+    metal_attention.register()
+    try:
+        base.set_attn_implementation(metal_attention.NAME)
+    except (ValueError, KeyError, ImportError) as e:
+        report.skipped["attention"] = f"transformers refused the metalcore implementation: {e}"
+        return
+    if base.config._attn_implementation != metal_attention.NAME:
+        report.skipped["attention"] = (f"{type(base).__name__} does not support setting its attention implementation "
+                                       f"(kept {before!r})")
+        return
+    report.attn_implementation = (before, metal_attention.NAME)
+    report._add("", f"attention: {before} -> {metal_attention.NAME}")
+    report._undo.append(lambda: base.set_attn_implementation(before))
+
+
+def unpatch_model(model: nn.Module) -> Optional[PatchReport]:
+    """Revert :func:`patch_model` on ``model``; returns the undone report (None if it was not patched)."""
+    report = _base_model(model).__dict__.get(_REPORT_ATTR)
+    if report is not None:
+        report.undo()
+    return report
+
+
+def patch_report(model: nn.Module) -> Optional[PatchReport]:
+    """The active report of a patched model, or None."""
+    return _base_model(model).__dict__.get(_REPORT_ATTR)
