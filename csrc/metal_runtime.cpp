@@ -1,0 +1,516 @@
+// The executor runtime: runs a compiled kernel over a grid of threadgroups on the CPU.
+//
+// Each threadgroup runs on one OS thread; each of its threads is a fiber (its own stack, switched
+// by a few instructions of assembly), so that all threads of a group are live at once and a barrier
+// or a SIMD-group function can park a thread until its peers arrive. Threadgroups are spread over a
+// small pool of OS threads. Scheduling per threadgroup:
+//
+//   1. run every runnable fiber until it blocks (barrier, SIMD-group function) or finishes;
+//   2. if some SIMD-group lanes wait in a SIMD-group function, resolve those rendezvous: the lanes of
+//      one SIMD-group waiting at the same call site exchange values; finished lanes, lanes of a
+//      partial SIMD-group that do not exist, and lanes elsewhere are inactive;
+//   3. otherwise every unfinished thread waits at a threadgroup barrier: release them (all must
+//      wait at the same barrier: one in divergent control flow is reported, not executed).
+//
+// Errors (out-of-bounds access, threadgroup-memory limit, divergent barrier) stop the launch; the
+// failing fiber's stack is abandoned, and the message is returned to Python.
+#include "metal_rt_abi.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__ELF__)
+#define MTL_RT_ASM_SWITCH 1
+asm(R"(
+  .pushsection .text
+  .globl mtl_rt_switch
+  .hidden mtl_rt_switch
+  .type mtl_rt_switch,@function
+mtl_rt_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mtl_rt_switch, .-mtl_rt_switch
+  .popsection
+)");
+#elif defined(__aarch64__) && defined(__ELF__)
+#define MTL_RT_ASM_SWITCH 1
+asm(R"(
+  .pushsection .text
+  .globl mtl_rt_switch
+  .hidden mtl_rt_switch
+  .type mtl_rt_switch,%function
+mtl_rt_switch:
+  sub sp, sp, #176
+  stp x19, x20, [sp, #0]
+  stp x21, x22, [sp, #16]
+  stp x23, x24, [sp, #32]
+  stp x25, x26, [sp, #48]
+  stp x27, x28, [sp, #64]
+  stp x29, x30, [sp, #80]
+  stp d8, d9, [sp, #96]
+  stp d10, d11, [sp, #112]
+  stp d12, d13, [sp, #128]
+  stp d14, d15, [sp, #144]
+  mov x2, sp
+  str x2, [x0]
+  mov sp, x1
+  ldp x19, x20, [sp, #0]
+  ldp x21, x22, [sp, #16]
+  ldp x23, x24, [sp, #32]
+  ldp x25, x26, [sp, #48]
+  ldp x27, x28, [sp, #64]
+  ldp x29, x30, [sp, #80]
+  ldp d8, d9, [sp, #96]
+  ldp d10, d11, [sp, #112]
+  ldp d12, d13, [sp, #128]
+  ldp d14, d15, [sp, #144]
+  add sp, sp, #176
+  ret
+  .size mtl_rt_switch, .-mtl_rt_switch
+  .popsection
+)");
+#else
+#include <ucontext.h>
+#endif
+
+#ifdef MTL_RT_ASM_SWITCH
+extern "C" void mtl_rt_switch(void** save_sp, void* to_sp);
+#endif
+
+using namespace mtl_rt;
+
+namespace {
+
+enum State : uint8_t { kRunnable, kAtBarrier, kAtSimd, kDone, kFailed };
+
+struct Fiber {
+#ifdef MTL_RT_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t ctx;
+#endif
+  char* stack_lo = nullptr;
+  State state = kDone;
+  uint32_t line = 0, col = 0, size = 0;
+  alignas(16) unsigned char slot[kSlotBytes];
+  Collect res;
+  ThreadIds ids;
+};
+
+struct Launch {
+  EntryFn entry;
+  const LaunchArgs* args;
+  uint32_t threads[3], group[3], ngroups[3];
+  uint64_t total_groups;
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  std::string error;
+
+  void set_error(const std::string& msg) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (error.empty()) error = msg;
+    failed = true;
+  }
+};
+
+size_t page_size() {
+  static size_t p = size_t(sysconf(_SC_PAGESIZE));
+  return p;
+}
+
+size_t stack_bytes() {
+  // 64 KiB per thread: shader locals are small; a guard page below each stack turns an overflow
+  // into a crash rather than silent corruption. METALCORE_EXECUTOR_STACK_KB overrides.
+  static size_t s = [] {
+    const char* env = getenv("METALCORE_EXECUTOR_STACK_KB");
+    size_t kb = env ? size_t(atol(env)) : 64;
+    size_t bytes = std::max<size_t>(kb, 16) * 1024;
+    return (bytes + page_size() - 1) / page_size() * page_size();
+  }();
+  return s;
+}
+
+struct Worker {
+  std::vector<Fiber> fibers;
+  char* stacks = nullptr;
+  size_t nstacks = 0, mapped = 0;
+#ifdef MTL_RT_ASM_SWITCH
+  void* sched_sp = nullptr;
+#else
+  ucontext_t sched_ctx;
+#endif
+  Fiber* current = nullptr;
+  Launch* launch = nullptr;
+  std::vector<unsigned char> snap;  // per SIMD-group: kSimdWidth slots
+  alignas(64) unsigned char arena[kThreadgroupMemoryLimit];
+  uint64_t arena_used = 0, arena_high = kThreadgroupMemoryLimit;
+  std::vector<std::pair<const void*, uint64_t>> tg_keys;
+
+  explicit Worker(size_t n) : fibers(n), nstacks(n) {
+    const size_t slot = stack_bytes() + page_size();
+    mapped = slot * n;
+    void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      fprintf(stderr, "metalcore executor: cannot map %zu bytes of fiber stacks\n", mapped);
+      abort();
+    }
+    stacks = static_cast<char*>(p);
+    for (size_t i = 0; i < n; ++i) {
+      char* lo = stacks + i * slot;
+      mprotect(lo, page_size(), PROT_NONE);  // guard page
+      fibers[i].stack_lo = lo + page_size();
+    }
+  }
+  ~Worker() { munmap(stacks, mapped); }
+};
+
+std::mutex g_pool_mu;
+std::vector<Worker*> g_pool;
+thread_local Worker* tl_worker = nullptr;
+
+Worker* acquire_worker(size_t nthreads) {
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mu);
+    for (size_t i = 0; i < g_pool.size(); ++i) {
+      if (g_pool[i]->nstacks >= nthreads) {
+        Worker* w = g_pool[i];
+        g_pool.erase(g_pool.begin() + long(i));
+        return w;
+      }
+    }
+  }
+  // Round up so that a later, larger launch can reuse this worker.
+  size_t n = 32;
+  while (n < nthreads) n *= 2;
+  return new Worker(n);
+}
+
+void release_worker(Worker* w) {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  g_pool.push_back(w);
+}
+
+[[noreturn]] void fiber_main();
+
+#ifndef MTL_RT_ASM_SWITCH
+void fiber_main_ucontext() { fiber_main(); }
+#endif
+
+void fiber_init(Worker& w, Fiber& f) {
+  char* top = f.stack_lo + stack_bytes();
+#ifdef MTL_RT_ASM_SWITCH
+#if defined(__x86_64__)
+  void** s = reinterpret_cast<void**>(top);
+  *--s = nullptr;                                     // fake return address of fiber_main
+  *--s = reinterpret_cast<void*>(&fiber_main);        // popped by `ret`
+  for (int i = 0; i < 6; ++i) *--s = nullptr;         // rbp rbx r12-r15
+  f.sp = s;
+#else
+  void** s = reinterpret_cast<void**>(top - 176);
+  memset(s, 0, 176);
+  s[11] = reinterpret_cast<void*>(&fiber_main);       // x30 (lr) at offset 88
+  f.sp = s;
+#endif
+  (void)w;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack_lo;
+  f.ctx.uc_stack.ss_size = stack_bytes();
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_main_ucontext, 0);
+  (void)w;
+#endif
+}
+
+inline void switch_to_fiber(Worker& w, Fiber& f) {
+  w.current = &f;
+#ifdef MTL_RT_ASM_SWITCH
+  mtl_rt_switch(&w.sched_sp, f.sp);
+#else
+  swapcontext(&w.sched_ctx, &f.ctx);
+#endif
+}
+
+inline void switch_to_scheduler(Worker& w, Fiber& f) {
+#ifdef MTL_RT_ASM_SWITCH
+  mtl_rt_switch(&f.sp, w.sched_sp);
+#else
+  swapcontext(&f.ctx, &w.sched_ctx);
+#endif
+}
+
+[[noreturn]] void fiber_main() {
+  Worker* w = tl_worker;
+  Fiber* f = w->current;
+  w->launch->entry(&f->ids, w->launch->args);
+  f->state = kDone;
+  switch_to_scheduler(*w, *f);
+  __builtin_unreachable();
+}
+
+std::string format(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+std::string where(const Fiber& f) {
+  return format("thread_position_in_grid=(%u, %u, %u), threadgroup_position_in_grid=(%u, %u, %u)",
+                f.ids.grid[0], f.ids.grid[1], f.ids.grid[2], f.ids.tgpos[0], f.ids.tgpos[1], f.ids.tgpos[2]);
+}
+
+// Returns false when the launch failed.
+bool run_group(Worker& w, Launch& L, uint64_t g) {
+  uint32_t gpos[3], dims[3];
+  gpos[0] = uint32_t(g % L.ngroups[0]);
+  gpos[1] = uint32_t((g / L.ngroups[0]) % L.ngroups[1]);
+  gpos[2] = uint32_t(g / (uint64_t(L.ngroups[0]) * L.ngroups[1]));
+  for (int d = 0; d < 3; ++d) dims[d] = std::min(L.group[d], L.threads[d] - gpos[d] * L.group[d]);
+  const uint32_t n = dims[0] * dims[1] * dims[2];
+  const uint32_t nsimd = (n + kSimdWidth - 1) / kSimdWidth;
+  w.snap.resize(size_t(nsimd) * kSimdWidth * kSlotBytes);
+  // Threadgroup memory starts poisoned (0xFF bytes: NaN floats, -1 integers) in every group, so a
+  // kernel that reads threadgroup memory it never wrote sees garbage here too, as on a GPU.
+  memset(w.arena, 0xFF, size_t(w.arena_high));
+  w.arena_used = 0;
+  w.arena_high = 0;
+  w.tg_keys.clear();
+
+  for (uint32_t i = 0; i < n; ++i) {
+    Fiber& f = w.fibers[i];
+    ThreadIds& t = f.ids;
+    const uint32_t tx = i % dims[0], ty = (i / dims[0]) % dims[1], tz = i / (dims[0] * dims[1]);
+    const uint32_t tpos[3] = {tx, ty, tz};
+    for (int d = 0; d < 3; ++d) {
+      t.tg[d] = tpos[d];
+      t.tgpos[d] = gpos[d];
+      t.grid[d] = gpos[d] * L.group[d] + tpos[d];
+      t.tptg[d] = dims[d];
+      t.tpgrid[d] = L.threads[d];
+      t.tgpergrid[d] = L.ngroups[d];
+      t.dtptg[d] = L.group[d];
+    }
+    t.index_in_tg = i;
+    t.lane = i % kSimdWidth;
+    t.simd_id = i / kSimdWidth;
+    t.simds_per_tg = nsimd;
+    f.state = kRunnable;
+    fiber_init(w, f);
+  }
+
+  for (;;) {
+    for (uint32_t i = 0; i < n; ++i) {
+      if (w.fibers[i].state != kRunnable) continue;
+      switch_to_fiber(w, w.fibers[i]);
+      if (w.fibers[i].state == kFailed) return false;
+    }
+    if (L.failed) return false;
+
+    bool any_simd = false;
+    for (uint32_t s = 0; s < nsimd; ++s) {
+      const uint32_t lo = s * kSimdWidth, hi = std::min(n, lo + kSimdWidth);
+      unsigned char* snap = w.snap.data() + size_t(s) * kSimdWidth * kSlotBytes;
+      uint64_t pending = 0;
+      for (uint32_t i = lo; i < hi; ++i)
+        if (w.fibers[i].state == kAtSimd) pending |= uint64_t(1) << (i - lo);
+      while (pending) {
+        const uint32_t first = lo + uint32_t(__builtin_ctzll(pending));
+        const Fiber& leader = w.fibers[first];
+        uint64_t mask = 0;
+        for (uint32_t i = lo; i < hi; ++i) {
+          const Fiber& f = w.fibers[i];
+          if (f.state == kAtSimd && f.line == leader.line && f.col == leader.col) {
+            if (f.size != leader.size) {
+              L.set_error(format("[error] kernel '%s': SIMD-group lanes called the SIMD-group function at line "
+                                 "%u with values of different sizes (%u and %u bytes); %s",
+                                 L.args->kernel, f.line, f.size, leader.size, where(f).c_str()));
+              return false;
+            }
+            mask |= uint64_t(1) << (i - lo);
+          }
+        }
+        for (uint32_t i = lo; i < hi; ++i) {
+          if (!(mask >> (i - lo) & 1)) continue;
+          Fiber& f = w.fibers[i];
+          memcpy(snap + size_t(i - lo) * kSlotBytes, f.slot, f.size);
+          f.res.snap = snap;
+          f.res.mask = mask;
+          f.res.lane = i - lo;
+          f.state = kRunnable;
+        }
+        pending &= ~mask;
+        any_simd = true;
+      }
+    }
+    if (any_simd) continue;
+
+    const Fiber* first = nullptr;
+    for (uint32_t i = 0; i < n; ++i) {
+      Fiber& f = w.fibers[i];
+      if (f.state != kAtBarrier) continue;
+      if (first == nullptr) {
+        first = &f;
+      } else if (f.line != first->line || f.col != first->col) {
+        L.set_error(format("[error] kernel '%s': threads of one threadgroup wait at different "
+                           "threadgroup_barrier calls (line %u col %u and line %u col %u): a barrier in "
+                           "divergent control flow; %s",
+                           L.args->kernel, first->line, first->col, f.line, f.col, where(f).c_str()));
+        return false;
+      }
+      f.state = kRunnable;
+    }
+    if (first == nullptr) return true;  // every thread finished
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+const Collect* mtl_rt_collect(const void* data, uint32_t size, uint32_t line, uint32_t col) {
+  Worker* w = tl_worker;
+  Fiber* f = w->current;
+  if (size > kSlotBytes) mtl_rt_fail("[error]", "SIMD-group function on a value larger than 16 bytes");
+  memcpy(f->slot, data, size);
+  f->size = size;
+  f->line = line;
+  f->col = col;
+  f->state = kAtSimd;
+  switch_to_scheduler(*w, *f);
+  return &f->res;
+}
+
+void mtl_rt_barrier(uint32_t line, uint32_t col) {
+  Worker* w = tl_worker;
+  Fiber* f = w->current;
+  f->line = line;
+  f->col = col;
+  f->state = kAtBarrier;
+  switch_to_scheduler(*w, *f);
+}
+
+void* mtl_rt_tg_alloc(const void* key, uint64_t size, uint64_t align) {
+  Worker* w = tl_worker;
+  for (auto& kv : w->tg_keys)
+    if (kv.first == key) return w->arena + kv.second;
+  align = std::max<uint64_t>(align, 16);
+  const uint64_t offset = (w->arena_used + align - 1) / align * align;
+  if (offset + size > kThreadgroupMemoryLimit) {
+    std::string msg = format("kernel '%s' uses more than the 32 KiB (%llu bytes) of threadgroup memory Apple "
+                             "GPUs allow: its threadgroup declarations need at least %llu bytes",
+                             w->launch->args->kernel, (unsigned long long)kThreadgroupMemoryLimit,
+                             (unsigned long long)(offset + size));
+    mtl_rt_fail("[limit]", msg.c_str());
+  }
+  w->tg_keys.emplace_back(key, offset);
+  w->arena_used = offset + size;
+  w->arena_high = std::max(w->arena_high, w->arena_used);
+  return w->arena + offset;
+}
+
+void mtl_rt_fail(const char* category, const char* msg) {
+  Worker* w = tl_worker;
+  if (w == nullptr || w->current == nullptr) {
+    fprintf(stderr, "metalcore executor: %s %s (outside a kernel thread)\n", category, msg);
+    abort();
+  }
+  Fiber* f = w->current;
+  w->launch->set_error(std::string(category) + " " + msg + "; " + where(*f));
+  f->state = kFailed;
+  switch_to_scheduler(*w, *f);
+  __builtin_unreachable();
+}
+
+void mtl_rt_oob(const Region* r, const void* addr, uint64_t access_size) {
+  Worker* w = tl_worker;
+  const long long offset = static_cast<const char*>(addr) - r->base;
+  std::string elem = r->element >= 0 ? format(" (tensor %d of the list)", r->element) : std::string();
+  std::string msg = format("out-of-bounds device access in kernel '%s': buffer %d ('%s')%s, byte offset %lld, "
+                           "access of %llu bytes, buffer size %llu bytes",
+                           w->launch->args->kernel, r->buffer, r->name, elem.c_str(), offset,
+                           (unsigned long long)access_size, (unsigned long long)r->size);
+  mtl_rt_fail("[oob]", msg.c_str());
+}
+
+const Region* mtl_rt_region_of(const void* addr) {
+  const LaunchArgs* a = tl_worker->launch->args;
+  const char* p = static_cast<const char*>(addr);
+  for (uint32_t i = 0; i < a->nregions; ++i) {
+    const Region& r = a->regions[i];
+    if (p >= r.base && p < r.base + r.size) return &r;
+  }
+  return nullptr;
+}
+
+int mtl_launch(EntryFn entry, const LaunchArgs* args, const uint32_t* threads, const uint32_t* group,
+               uint32_t nworkers, char* err, uint64_t errlen) {
+  Launch L;
+  L.entry = entry;
+  L.args = args;
+  L.total_groups = 1;
+  uint64_t group_threads = 1;
+  for (int d = 0; d < 3; ++d) {
+    L.threads[d] = threads[d];
+    L.group[d] = group[d];
+    L.ngroups[d] = group[d] ? (threads[d] + group[d] - 1) / group[d] : 0;
+    L.total_groups *= L.ngroups[d];
+    group_threads *= group[d];
+  }
+  if (L.total_groups == 0) return 0;
+  const uint64_t nw = std::max<uint64_t>(1, std::min<uint64_t>(nworkers, L.total_groups));
+
+  auto work = [&L, group_threads] {
+    Worker* w = acquire_worker(group_threads);
+    Worker* saved = tl_worker;
+    tl_worker = w;
+    w->launch = &L;
+    while (!L.failed) {
+      const uint64_t g = L.next.fetch_add(1);
+      if (g >= L.total_groups) break;
+      if (!run_group(*w, L, g)) break;
+    }
+    w->launch = nullptr;
+    w->current = nullptr;
+    tl_worker = saved;
+    release_worker(w);
+  };
+  std::vector<std::thread> pool;
+  for (uint64_t i = 1; i < nw; ++i) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (L.failed) {
+    snprintf(err, size_t(errlen), "%s", L.error.c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // extern "C"
