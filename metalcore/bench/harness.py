@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,6 +500,8 @@ def run_metadata(device: torch.device, info: dict[str, Any]) -> dict[str, Any]:
     root = Path(metalcore.__file__).resolve().parent.parent
     commit = _run_text("git", "rev-parse", "HEAD", cwd=root)
     dirty = _run_text("git", "status", "--porcelain", "--untracked-files=no", cwd=root)
+    if commit is None:  # a copy of the tree without .git (a CI artifact, a remote GPU machine)
+        commit, dirty = os.environ.get("METALCORE_BENCH_COMMIT"), None
     return {
         "schema": 1,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -548,6 +551,10 @@ def run(device: str | torch.device = "auto", ops: Sequence[str] | None = None, *
     small = quick or device.type == "cpu"
     compile = device.type == "cuda" if compile is None else compile
     runner = Runner(device, small=small, quick=quick, compile=compile, log=log)
+    # torch warns once per process that MAGMA is deprecated and the preference experimental; the
+    # "torch magma" peer exists to find out whether it is still the faster library here.
+    warnings.filterwarnings("ignore", message=".*MAGMA.*deprecated")
+    warnings.filterwarnings("ignore", message=".*preferred_linalg_library is an experimental")
     info = device_info(device)
     meta = run_metadata(device, info)
     t0 = time.perf_counter()

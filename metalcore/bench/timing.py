@@ -55,6 +55,9 @@ class Timing:
     q3_s: float
     min_s: float  # the least disturbed call, for readers of noisy CPU runs
     reps: int
+    # GPUs: median time the host spends issuing one call (no synchronisation). When it nears
+    # median_s the call is launch-bound: the GPU waits for Python, not for memory or arithmetic.
+    host_s: float | None = None
 
     @property
     def iqr_s(self) -> float:
@@ -64,11 +67,12 @@ class Timing:
         return {**asdict(self), "iqr_s": self.iqr_s}
 
 
-def summarize(times: list[float]) -> Timing:
+def summarize(times: list[float], host: list[float] | None = None) -> Timing:
+    host_s = statistics.median(host) if host else None
     if len(times) == 1:
-        return Timing(times[0], times[0], times[0], times[0], 1)
+        return Timing(times[0], times[0], times[0], times[0], 1, host_s)
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Timing(median, q1, q3, min(times), len(times))
+    return Timing(median, q1, q3, min(times), len(times), host_s)
 
 
 class Timer:
@@ -91,28 +95,32 @@ class Timer:
         if self._flush_buffer is not None:
             self._flush_buffer.zero_()
 
-    def _start(self, fn: Callable[[], Any]) -> Callable[[], float]:
-        """Flush, call ``fn`` once and return a function that reads its time in seconds (CUDA
-        reads events after a later synchronisation, so a round of calls is queued back to back)."""
+    def _start(self, fn: Callable[[], Any]) -> tuple[Callable[[], float], float]:
+        """Flush, call ``fn`` once; return a function that reads its time in seconds (CUDA reads
+        events after a later synchronisation, so a round of calls is queued back to back) and the
+        host time of the call (the whole time, on the CPU)."""
         self._flush()
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host = time.perf_counter() - t0
             end.record()
-            return lambda: start.elapsed_time(end) / 1e3
+            return (lambda: start.elapsed_time(end) / 1e3), host
         self.synchronize()
         t0 = time.perf_counter()
         fn()
+        host = time.perf_counter() - t0
         self.synchronize()
         elapsed = time.perf_counter() - t0
-        return lambda: elapsed
+        return (lambda: elapsed), host
 
-    def _round(self, fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
-        """One call of each of ``fns`` in turn; their times in seconds."""
+    def _round(self, fns: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, float]]:
+        """One call of each of ``fns`` in turn; their (device, host) times in seconds."""
         pending = {name: self._start(fn) for name, fn in fns.items()}
         self.synchronize()
-        return {name: read() for name, read in pending.items()}
+        return {name: (read(), host) for name, (read, host) in pending.items()}
 
     def time_all(self, fns: dict[str, Callable[[], Any]], *, called: bool = False) -> dict[str, Timing]:
         """Time each of ``fns`` (metalcore and its peers) for about the budget's ``measure_s``.
@@ -127,23 +135,30 @@ class Timer:
                 fn()  # the first call compiles, allocates and builds; it is never timed
         self.synchronize()
         times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(3):
-            for name, t in self._round(fns).items():
+        host: dict[str, list[float]] = {name: [] for name in fns}
+
+        def record(results: dict[str, tuple[float, float]]) -> None:
+            for name, (t, h) in results.items():
                 times[name].append(t)
+                host[name].append(h)
+
+        for _ in range(3):
+            record(self._round(fns))
         estimate = {name: max(statistics.median(t), 1e-9) for name, t in times.items()}
         b = self.budget
         if b.warmup_s:  # GPUs: let clocks and caches settle, then start the sample afresh
             for _ in range(min(int(b.warmup_s / sum(estimate.values())), 100)):
                 self._round(fns)
             times = {name: [] for name in fns}
+            host = {name: [] for name in fns}
         reps = {name: max(b.min_reps, min(b.max_reps, int(b.measure_s / e))) for name, e in estimate.items()}
         while True:
             due = {name: fn for name, fn in fns.items() if len(times[name]) < reps[name]}
             if not due:
                 break
-            for name, t in self._round(due).items():
-                times[name].append(t)
-        return {name: summarize(t) for name, t in times.items()}
+            record(self._round(due))
+        on_gpu = self.device.type != "cpu"
+        return {name: summarize(t, host[name] if on_gpu else None) for name, t in times.items()}
 
     def time(self, fn: Callable[[], Any]) -> Timing:
         """Time one callable (see :meth:`time_all`)."""
