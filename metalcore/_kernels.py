@@ -15,6 +15,8 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.nn.activations_triton",
     "metalcore.nn.swiglu_triton",
     "metalcore.optim.adamw_triton",
+    "metalcore.linalg.cholesky_triton",
+    "metalcore.linalg.triangular_triton",
 )
 METAL_MODULES: tuple[str, ...] = ()
 
