@@ -1,0 +1,254 @@
+import copy
+
+import pytest
+import torch
+
+from cases import noncontiguous
+from metalcore.optim import MetalAdamW, adamw
+from oracle import assert_close
+
+STEPS = 50
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def make_params(dtype):
+    """Odd sizes, a single element, an empty tensor and a transposed (non-contiguous) leaf."""
+    shapes = [(33, 31), (1,), (4097,), (0, 3)]
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    params.append(noncontiguous(torch.randn(5, 7, dtype=dtype)).requires_grad_())
+    return params
+
+
+def clone(params, dtype=None):
+    return [p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in params]
+
+
+def gradient_stream(params, steps=STEPS):
+    """Synthetic gradients, the same for both optimizers; scale 1e-3..1e1 exercises eps and the moments."""
+    return [[torch.randn_like(p, dtype=torch.float32) * 10.0 ** torch.randint(-3, 2, ()).item() for p in params]
+            for _ in range(steps)]
+
+
+def step_with(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.to(p.dtype)
+    opt.step()
+
+
+def assert_same_trajectory(ours, ours_params, theirs, theirs_params, dtype, state_dtype=None):
+    for p, q in zip(ours_params, theirs_params):
+        assert_close(p.detach(), q.detach().double(), dtype)
+        s, t = ours.state[p], theirs.state[q]
+        assert set(s) == set(t), (set(s), set(t))
+        for key in s:
+            assert s[key].shape == t[key].shape, key
+            if key == "step":
+                assert s[key].dtype == torch.float32 and s[key].device.type == "cpu"
+                assert s[key].item() == t[key].item()
+            else:
+                assert s[key].dtype == (state_dtype or p.dtype), key
+                assert_close(s[key], t[key].double(), state_dtype or dtype)
+
+
+CONFIGS = {
+    "default": dict(),
+    "amsgrad": dict(amsgrad=True),
+    "maximize": dict(maximize=True),
+    "no-weight-decay": dict(weight_decay=0.0),
+    "custom": dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_matches_torch_adamw(config, dtype):
+    params = make_params(dtype)
+    reference = clone(params)
+    ours, theirs = MetalAdamW(params, **config), torch.optim.AdamW(reference, foreach=False, **config)
+    for grads in gradient_stream(params):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert_same_trajectory(ours, params, theirs, reference, dtype)
+    assert params[-1].stride() == ours.state[params[-1]]["exp_avg"].stride()  # state keeps the layout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_low_precision_params_update_in_float32(dtype, amsgrad):
+    """bf16/fp16 parameters: float32 moments, update in float32, one rounding per step. The reference
+    is torch's AdamW on a float32 copy whose parameters are rounded to ``dtype`` after every step."""
+    params = make_params(dtype)
+    reference = clone(params, torch.float32)
+    ours = MetalAdamW(params, lr=1e-2, amsgrad=amsgrad)
+    theirs = torch.optim.AdamW(reference, lr=1e-2, amsgrad=amsgrad, foreach=False)
+    for grads in gradient_stream(params):
+        grads = [g.to(dtype) for g in grads]
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+        with torch.no_grad():
+            for r in reference:
+                r.copy_(r.to(dtype))
+    assert_same_trajectory(ours, params, theirs, reference, dtype, state_dtype=torch.float32)
+
+
+def test_param_groups_and_lr_scheduler():
+    """Per-group hyperparameters, and OneCycleLR, which rewrites lr and betas[0] in every group each step."""
+    params = make_params(torch.float32)
+    reference = clone(params)
+
+    def groups(ps):
+        return [dict(params=ps[:2], lr=1e-2), dict(params=ps[2:4], lr=3e-3, amsgrad=True, weight_decay=0.0),
+                dict(params=ps[4:])]
+
+    ours, theirs = MetalAdamW(groups(params), lr=1e-3), torch.optim.AdamW(groups(reference), lr=1e-3, foreach=False)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[3e-2, 1e-2, 5e-3], total_steps=STEPS)
+                  for opt in (ours, theirs)]
+    for grads in gradient_stream(params):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+        for scheduler in schedulers:
+            scheduler.step()
+    assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+    assert ours.param_groups[1]["betas"] == theirs.param_groups[1]["betas"]
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+def test_closure_zero_grad_and_params_without_grad():
+    torch.manual_seed(0)
+    model, reference = torch.nn.Linear(31, 33), torch.nn.Linear(31, 33)
+    reference.load_state_dict(model.state_dict())
+    frozen = torch.nn.Parameter(torch.randn(3))  # never gets a gradient: skipped, no state
+    ours = MetalAdamW([*model.parameters(), frozen], lr=1e-2)
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    x, y = torch.randn(16, 31), torch.randn(16, 33)
+
+    def closure_for(net, opt):
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(20):
+        loss = ours.step(closure_for(model, ours))
+        expected = theirs.step(closure_for(reference, theirs))
+        torch.testing.assert_close(loss, expected)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+    assert frozen not in ours.state
+    ours.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    ours.step()  # nothing has a gradient: a no-op
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
+def test_state_dict_round_trip_with_torch(amsgrad):
+    params = make_params(torch.float32)
+    stream = gradient_stream(params, 30)
+    ours = MetalAdamW(params, lr=1e-2, amsgrad=amsgrad)
+    for grads in stream[:10]:
+        step_with(ours, params, grads)
+    assert ours.state_dict()["param_groups"][0].keys() == torch.optim.AdamW(clone(params)).state_dict()[
+        "param_groups"][0].keys()
+
+    # ours -> torch: both continue and agree. (torch's loader keeps the given tensors where dtype and
+    # device already match, so the state dict is deep-copied, as between two torch optimizers.)
+    torch_params = clone(params)
+    theirs = torch.optim.AdamW(torch_params, foreach=False)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    assert theirs.param_groups[0]["lr"] == 1e-2 and theirs.param_groups[0]["amsgrad"] is amsgrad
+    for grads in stream[10:20]:
+        step_with(ours, params, grads)
+        step_with(theirs, torch_params, grads)
+    assert_same_trajectory(ours, params, theirs, torch_params, torch.float32)
+
+    # torch (foreach=False recorded in its groups) -> ours: loads, resets the implementation switch.
+    back_params = clone(torch_params)
+    back = MetalAdamW(back_params)
+    back.load_state_dict(theirs.state_dict())
+    assert back.param_groups[0]["foreach"] is None and back.param_groups[0]["decoupled_weight_decay"] is True
+    for grads in stream[20:]:
+        step_with(back, back_params, grads)
+        step_with(theirs, torch_params, grads)
+    assert_same_trajectory(back, back_params, theirs, torch_params, torch.float32)
+
+
+def test_state_dict_keeps_float32_moments_for_bfloat16_params():
+    params = make_params(torch.bfloat16)
+    ours = MetalAdamW(params, amsgrad=True)
+    for grads in gradient_stream(params, 3):
+        step_with(ours, params, grads)
+    loaded_params = clone(params)
+    loaded = MetalAdamW(loaded_params, amsgrad=True)
+    loaded.load_state_dict(ours.state_dict())  # torch's loader alone would cast the moments to bf16
+    for p, q in zip(params, loaded_params):
+        for key in STATE_KEYS:
+            assert loaded.state[q][key].dtype == torch.float32
+            assert torch.equal(loaded.state[q][key], ours.state[p][key])
+            if p.numel():  # copies: the two optimizers never share state
+                assert loaded.state[q][key].data_ptr() != ours.state[p][key].data_ptr()
+    # Into torch.optim.AdamW: torch casts to the parameters' dtype, as for any of its own state dicts.
+    theirs = torch.optim.AdamW(clone(params))
+    theirs.load_state_dict(ours.state_dict())
+    assert theirs.state[theirs.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.bfloat16
+
+
+BAD_ARGS = [
+    ("lr", dict(lr=-1e-3), "Invalid learning rate: -0.001"),
+    ("eps", dict(eps=-1.0), "Invalid epsilon value: -1.0"),
+    ("beta1", dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    ("beta2", dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    ("betas-arity", dict(betas=(0.9,)), r"betas must be a pair"),
+    ("weight-decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    ("tensor-lr", dict(lr=torch.tensor(1e-3)), "lr must be a float, not a Tensor"),
+    ("foreach-true", dict(foreach=True), "foreach=True is not supported"),
+    ("foreach-false", dict(foreach=False), "foreach=False is not supported"),
+    ("fused", dict(fused=True), "fused=True is not supported"),
+    ("capturable", dict(capturable=True), "capturable=True is not supported"),
+    ("differentiable", dict(differentiable=True), "differentiable=True is not supported"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", [b[1:] for b in BAD_ARGS], ids=[b[0] for b in BAD_ARGS])
+def test_hyperparameter_validation(kwargs, match):
+    with pytest.raises(ValueError, match="MetalAdamW: " + match):
+        MetalAdamW([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+def test_group_validation_and_unsupported_inputs():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="MetalAdamW: Invalid learning rate: -1"):
+        MetalAdamW([dict(params=[p], lr=-1)])
+    with pytest.raises(ValueError, match="MetalAdamW: fused=True is not supported"):
+        MetalAdamW([dict(params=[p], fused=True)])
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    opt = MetalAdamW(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="MetalAdamW does not support sparse gradients"):
+        opt.step()
+    z = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    z.grad = torch.ones_like(z)
+    with pytest.raises(TypeError, match="MetalAdamW: parameters must be real floating point"):
+        MetalAdamW([z]).step()
+    with pytest.raises(ValueError, match="metalcore.optim.adamw: exp_avgs must have one entry per parameter"):
+        adamw([p], [p], [], [p], [], [torch.tensor(0.0)], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.0, amsgrad=False, maximize=False)
+
+
+def test_step_compiles_fullgraph():
+    params = make_params(torch.float32)
+    reference = clone(params)
+    ours, eager = MetalAdamW(params, lr=1e-2, amsgrad=True), MetalAdamW(reference, lr=1e-2, amsgrad=True)
+    compiled_step = torch.compile(ours.step, fullgraph=True)
+    for grads in gradient_stream(params, 3):
+        for p, g in zip(params, grads):
+            p.grad = g
+        compiled_step()
+        step_with(eager, reference, grads)
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p, q)
+        for key in STATE_KEYS:
+            torch.testing.assert_close(ours.state[p][key], eager.state[q][key])
