@@ -6,7 +6,7 @@ time (:func:`metalcore._backend.triton_interpreting`). Kernel modules are import
 ``import metalcore``, so a process that sets ``TRITON_INTERPRET=1`` afterwards (a test fixture, a
 notebook) would route CPU tensors to a kernel compiled for CUDA. :func:`jit` closes that gap: the
 kernel is wrapped once, and each launch picks the interpreted or compiled twin by the variable's
-value at that moment. Kernels must not call other ``@jit`` functions (write helpers inline).
+value at that moment. A device function that kernels call is declared with :func:`helper`.
 """
 
 from __future__ import annotations
@@ -100,6 +100,13 @@ class LazyKernel:
 
 def jit(fn: Callable[..., Any]) -> LazyKernel:
     return LazyKernel(fn)
+
+
+def helper(fn: Callable[..., Any]) -> JITFunction:
+    """A device function called from :func:`jit` kernels. Always a ``JITFunction`` (what the
+    compiler expects), whatever ``TRITON_INTERPRET`` was at import; interpreted launches run it
+    through its interpreted twin (:func:`_jit_helpers_interpretable`)."""
+    return JITFunction(fn)
 
 
 @functools.cache

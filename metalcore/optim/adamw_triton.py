@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import jit, program_slots
+from metalcore.nn._jit_triton import helper, jit, program_slots
 from metalcore.optim.adamw import adamw_step_
 
 # Elements per block: 1024 at 4 warps is 8 fp32 values (two 16-byte loads) per thread per stream,
@@ -45,6 +45,32 @@ _P, _G, _M, _V, _VMAX, _NUMEL, _BASE = range(7)
 _COLS = 7
 
 
+@helper
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size, bias_correction2_sqrt, decay,
+                 one_minus_beta1, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+                 MAXIMIZE: tl.constexpr):
+    """One block of one tensor; ``mask`` is None for full blocks (unmasked 16-byte accesses)."""
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask)
+    v = tl.load(v_ptr + offs, mask=mask)
+    if MAXIMIZE:
+        g = -g
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights below 1/2
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    if AMSGRAD:
+        v_hat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
+        tl.store(vmax_ptr + offs, v_hat, mask=mask)
+    else:
+        v_hat = v
+    denom = tl.div_rn(tl.sqrt_rn(v_hat), bias_correction2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
 @jit
 def _adamw_step_kernel(TABLE, SCALARS, n_tensors, n_programs, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
                        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -53,39 +79,28 @@ def _adamw_step_kernel(TABLE, SCALARS, n_tensors, n_programs, decay, one_minus_b
     lanes = tl.arange(0, BLOCK)
     for t in range(0, n_tensors):
         row = TABLE + t * 7
-        p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        # Every address is 16-byte aligned (checked by the launcher): vector loads and stores.
+        p_ptr = tl.multiple_of(tl.load(row + 0).to(tl.pointer_type(P_DTYPE)), 16)
+        g_ptr = tl.multiple_of(tl.load(row + 1).to(tl.pointer_type(G_DTYPE)), 16)
+        m_ptr = tl.multiple_of(tl.load(row + 2).to(tl.pointer_type(tl.float32)), 16)
+        v_ptr = tl.multiple_of(tl.load(row + 3).to(tl.pointer_type(tl.float32)), 16)
+        vmax_ptr = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(tl.float32)), 16)
         numel = tl.load(row + 5)
         base = tl.load(row + 6)
         step_size = tl.load(SCALARS + 2 * t)
         bias_correction2_sqrt = tl.load(SCALARS + 2 * t + 1)
         # First block of this tensor that belongs to this program: (base + b) mod P == pid.
         first = (pid - base % n_programs + n_programs) % n_programs
-        for b in range(first, tl.cdiv(numel, BLOCK), n_programs):
-            offs = b * BLOCK + lanes
-            mask = offs < numel
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-            if MAXIMIZE:
-                g = -g
-            p = p * decay
-            m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights below ½
-            v = v * beta2 + one_minus_beta2 * (g * g)
-            if AMSGRAD:
-                vmax_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-                v_hat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
-                tl.store(vmax_ptr + offs, v_hat, mask=mask)
-            else:
-                v_hat = v
-            denom = tl.div_rn(tl.sqrt_rn(v_hat), bias_correction2_sqrt) + eps
-            p = p - step_size * tl.div_rn(m, denom)
-            tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
-            tl.store(m_ptr + offs, m, mask=mask)
-            tl.store(v_ptr + offs, v, mask=mask)
+        full_blocks = numel // BLOCK
+        for b in range(first, full_blocks, n_programs):
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, b * BLOCK + lanes, None, step_size,
+                         bias_correction2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                         P_DTYPE, AMSGRAD, MAXIMIZE)
+        if full_blocks * BLOCK < numel and (base + full_blocks) % n_programs == pid:
+            offs = full_blocks * BLOCK + lanes
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, step_size,
+                         bias_correction2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
+                         P_DTYPE, AMSGRAD, MAXIMIZE)
 
 
 def adamw_step_launch(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -97,7 +112,7 @@ def adamw_step_launch(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
     device = params[0].device
     rows, scalars, blocks = [], [], 0
     for i, p in enumerate(params):
-        vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0
+        vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0  # never dereferenced without amsgrad
         rows.append((p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                      vmax, p.numel(), blocks))
         blocks += triton.cdiv(p.numel(), BLOCK)
@@ -124,7 +139,8 @@ def _supported(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     return (all(p.dtype in _PARAM_DTYPES for p in params)
             and all(g.dtype in _PARAM_DTYPES for g in grads)
             and all(s.dtype == torch.float32 for s in state)
-            and all(t.device == device and t.is_contiguous() for t in (*params, *grads, *state))
+            and all(t.device == device and t.is_contiguous() and t.data_ptr() % 16 == 0
+                    for t in (*params, *grads, *state))
             and all(s.device.type == "cpu" for s in state_steps))
 
 

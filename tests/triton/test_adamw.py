@@ -120,3 +120,12 @@ def test_opcheck_on_the_triton_backend(device):
     args = (group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], group["max_exp_avg_sqs"],
             group["state_steps"], 1e-2, 0.9, 0.99, 1e-8, 0.1, True, False)
     torch.library.opcheck(registered_ops()["adamw_step_"].custom_op, args)
+
+
+def test_misaligned_tensors_use_the_reference(device):
+    """The kernel issues 16-byte accesses; a view that starts mid-vector goes to the reference."""
+    group = make_group(torch.float32, device, False, sizes=((9,),))
+    group["params"] = [torch.randn(10, device=device)[1:]]
+    args = (group["params"], [torch.randn(9, device=device)], group["exp_avgs"], group["exp_avg_sqs"], [],
+            group["state_steps"], 1e-2, 0.9, 0.99, 1e-8, 0.1, False, False)
+    assert adamw_step_.backend_for(*args) == "reference"

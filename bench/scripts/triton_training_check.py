@@ -1,0 +1,351 @@
+"""Time metalcore's Triton training kernels against same-run peers on one CUDA GPU.
+
+    python bench/scripts/triton_training_check.py --out results.json [--sweep]
+
+For each case: the fewest bytes the op must move (each input read once, each output written
+once), the median GPU time, achieved GB/s, the fraction of the measured device-to-device copy
+bandwidth, and the ratio of each peer's time to metalcore's (above 1: metalcore is faster).
+
+Timing: CUDA events around one call, L2 flushed (256 MB written) before each call, and a
+``torch.cuda._sleep`` queued ahead of the start event so that the host's launch overhead is
+hidden: the numbers are GPU time. Host overhead is reported separately as the wall time of
+back-to-back eager calls ("wall us/call"). ``--sweep`` also times a few launch configurations of
+each kernel (module constants) and reports them, without changing the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import metalcore  # noqa: E402
+from metalcore.nn import activations_triton as ACT  # noqa: E402
+from metalcore.nn import rms_norm_triton as RMS  # noqa: E402
+from metalcore.nn import swiglu_triton as SWI  # noqa: E402
+from metalcore.nn.activations import metal_gelu, metal_silu  # noqa: E402
+from metalcore.nn.swiglu import swiglu  # noqa: E402
+from metalcore.optim import adamw_triton as ADAM  # noqa: E402
+from metalcore.optim.adamw import MetalAdamW  # noqa: E402
+
+EPS = 1e-6
+_flush = None
+
+
+def gpu_ms(fn, reps: int = 40, warmup: int = 5) -> float:
+    """Median GPU milliseconds of ``fn()`` with a cold L2 and launch overhead hidden."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        _flush.zero_()
+        torch.cuda._sleep(1_000_000)  # ~0.5 ms: the host enqueues fn() while the GPU waits here
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def wall_us(fn, calls: int = 200) -> float:
+    """Host-inclusive microseconds per eager call, back to back (dispatch overhead shows here)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def liger(module: str, name: str):
+    try:
+        mod = __import__(f"liger_kernel.ops.{module}", fromlist=[name])
+        return getattr(mod, name)
+    except Exception as e:  # noqa: BLE001  (an absent or broken peer is reported, not fatal)
+        print(f"liger {module}.{name} unavailable: {e!r}")
+        return None
+
+
+def fwd_bwd(f, inputs, dy):
+    """A call that runs forward and backward, returning gradients without accumulating them."""
+    return lambda: torch.autograd.grad(f(), inputs, dy)
+
+
+class Report:
+    def __init__(self, copy_gbs: float, device: str):
+        self.copy_gbs = copy_gbs
+        self.device = device
+        self.rows = []
+
+    def case(self, name: str, nbytes: int, fns: dict, wall: dict | None = None, note: str = "") -> dict:
+        """Time ``fns`` (metalcore first) and record the row."""
+        times = {}
+        for label, fn in fns.items():
+            try:
+                times[label] = gpu_ms(fn)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} / {label} failed: {e!r}")
+                traceback.print_exc()
+        ours = times.get("metalcore")
+        row = dict(case=name, bytes=nbytes, floor_us=nbytes / (self.copy_gbs * 1e9) * 1e6,
+                   times_us={k: v * 1e3 for k, v in times.items()}, note=note)
+        if ours:
+            row["gbs"] = nbytes / (ours * 1e-3) / 1e9
+            row["fraction_of_copy"] = row["gbs"] / self.copy_gbs
+            row["peer_over_metalcore"] = {k: v / ours for k, v in times.items() if k != "metalcore"}
+        if wall:
+            row["wall_us_per_call"] = {k: wall_us(v) for k, v in wall.items()}
+        self.rows.append(row)
+        peers = " ".join(f"{k}={v:.2f}x" for k, v in row.get("peer_over_metalcore", {}).items())
+        print(f"{name:34s} {row['times_us'].get('metalcore', float('nan')):9.1f} us "
+              f"{row.get('gbs', 0):7.0f} GB/s {row.get('fraction_of_copy', 0):5.1%} of copy | {peers}", flush=True)
+        return row
+
+
+def copy_bandwidth() -> float:
+    src = torch.randn(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = gpu_ms(lambda: dst.copy_(src), reps=20)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def hf_rms_norm(x, w):
+    """transformers' LlamaRMSNorm.forward: fp32 statistics, weight applied in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    return w * xf.to(x.dtype)
+
+
+def bench_rms_norm(rep: Report, compile_peers: bool):
+    rows, n = 4096, 4096
+    dt = torch.bfloat16
+    x = torch.randn(rows, n, device="cuda", dtype=dt, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(n, device="cuda")).to(dt).requires_grad_()
+    dy = torch.randn_like(x)
+    N = x.numel() * 2
+    fwd_bytes = 2 * N + n * 2 + rows * 4
+    bwd_bytes = 3 * N + 2 * n * 2 + rows * 4
+    compiled = torch.compile(hf_rms_norm) if compile_peers else None
+    LigerRMS = liger("rms_norm", "LigerRMSNormFunction")
+
+    fwd = {
+        "metalcore": lambda: metalcore.rms_norm(x, (n,), w, EPS),
+        "kernel": lambda: RMS.rms_norm_fwd_launch(x.detach(), w.detach(), EPS, 0.0),
+        "F.rms_norm": lambda: F.rms_norm(x, (n,), w, EPS),
+        "hf module": lambda: hf_rms_norm(x, w),
+    }
+    if compiled:
+        fwd["torch.compile"] = lambda: compiled(x, w)
+    if LigerRMS:
+        fwd["liger"] = lambda: LigerRMS.apply(x, w, EPS, 0.0, "llama", False)
+    with torch.no_grad():
+        nograd = {k: v for k, v in fwd.items()}
+        rep.case("rms_norm fwd bf16 4096x4096", fwd_bytes, nograd,
+                 wall={"metalcore": fwd["metalcore"], "F.rms_norm": fwd["F.rms_norm"]})
+    both = {
+        "metalcore": fwd_bwd(lambda: metalcore.rms_norm(x, (n,), w, EPS), (x, w), dy),
+        "F.rms_norm": fwd_bwd(lambda: F.rms_norm(x, (n,), w, EPS), (x, w), dy),
+        "hf module": fwd_bwd(lambda: hf_rms_norm(x, w), (x, w), dy),
+    }
+    if compiled:
+        both["torch.compile"] = fwd_bwd(lambda: compiled(x, w), (x, w), dy)
+    if LigerRMS:
+        # in_place=True is Liger's default (LigerRMSNorm): dX overwrites dY, so give it a fresh dY.
+        both["liger"] = lambda: torch.autograd.grad(LigerRMS.apply(x, w, EPS, 0.0, "llama", True), (x, w), dy.clone())
+    rep.case("rms_norm fwd+bwd bf16 4096x4096", fwd_bytes + bwd_bytes, both,
+             wall={"metalcore": both["metalcore"], "F.rms_norm": both["F.rms_norm"]})
+    _, rstd = RMS.rms_norm_fwd_launch(x.detach(), w.detach(), EPS, 0.0)[::2]
+    rep.case("rms_norm bwd kernel bf16 4096x4096", bwd_bytes,
+             {"metalcore": lambda: RMS.rms_norm_bwd_launch(dy, x.detach(), w.detach(), rstd, 0.0)})
+
+    # fp32 weight with bf16 activations (mixed precision), and the fused residual add.
+    w32 = w.detach().float().requires_grad_()
+    rep.case("rms_norm fwd bf16 x, fp32 w", fwd_bytes + n * 2, {
+        "metalcore": lambda: RMS.rms_norm_fwd_launch(x.detach(), w32.detach(), EPS, 0.0)})
+    r = torch.randn_like(x)
+    LigerAdd = liger("fused_add_rms_norm", "LigerFusedAddRMSNormFunction")
+    add = {
+        "metalcore": lambda: metalcore.fused_add_rms_norm(x.detach(), r, w.detach(), EPS),
+        "eager add + F.rms_norm": lambda: F.rms_norm(x.detach() + r, (n,), w.detach(), EPS),
+    }
+    if LigerAdd:
+        add["liger"] = lambda: LigerAdd.apply(x.detach(), r, w.detach(), EPS, 0.0, "llama", False)
+    rep.case("fused_add_rms_norm fwd bf16 4096x4096", 4 * N + n * 2 + rows * 4, add)
+
+    # Long rows: the looped path.
+    xl = torch.randn(512, 65536, device="cuda", dtype=dt)
+    wl = torch.randn(65536, device="cuda", dtype=dt)
+    dyl = torch.randn_like(xl)
+    NL = xl.numel() * 2
+    rep.case("rms_norm fwd bf16 512x65536 (looped)", 2 * NL, {
+        "metalcore": lambda: RMS.rms_norm_fwd_launch(xl, wl, EPS, 0.0),
+        "F.rms_norm": lambda: F.rms_norm(xl, (65536,), wl, EPS)})
+    rstdl = RMS.rms_norm_fwd_launch(xl, wl, EPS, 0.0)[2]
+    rep.case("rms_norm bwd bf16 512x65536 (looped)", 3 * NL, {
+        "metalcore": lambda: RMS.rms_norm_bwd_launch(dyl, xl, wl, rstdl, 0.0)})
+
+
+def bench_elementwise(rep: Report, compile_peers: bool):
+    shape = (4096, 11008)
+    dt = torch.bfloat16
+    x = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
+    dy = torch.randn_like(x)
+    N = x.numel() * 2
+    cases = {
+        "gelu": (lambda: metal_gelu(x), lambda: F.gelu(x)),
+        "gelu_tanh": (lambda: metal_gelu(x, approximate="tanh"), lambda: F.gelu(x, approximate="tanh")),
+        "silu": (lambda: metal_silu(x), lambda: F.silu(x)),
+    }
+    formulas = {"gelu": lambda t: F.gelu(t), "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                "silu": lambda t: F.silu(t)}
+    for name, (ours, eager) in cases.items():
+        fns = {"metalcore": ours, "torch": eager}
+        if compile_peers:
+            c = torch.compile(formulas[name])
+            fns["torch.compile"] = lambda _c=c: _c(x)
+        with torch.no_grad():
+            rep.case(f"{name} fwd bf16 4096x11008", 2 * N, fns)
+        rep.case(f"{name} fwd+bwd bf16 4096x11008", 5 * N, {k: fwd_bwd(f, (x,), dy) for k, f in fns.items()})
+
+    g = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
+    u = torch.randn(shape, device="cuda", dtype=dt, requires_grad=True)
+    LigerSwi = liger("swiglu", "LigerSiLUMulFunction")
+    fns = {"metalcore": lambda: swiglu(g, u), "torch": lambda: F.silu(g) * u}
+    if compile_peers:
+        c = torch.compile(lambda a, b: F.silu(a) * b)
+        fns["torch.compile"] = lambda: c(g, u)
+    if LigerSwi:
+        fns["liger"] = lambda: LigerSwi.apply(g, u)
+    with torch.no_grad():
+        rep.case("swiglu fwd bf16 4096x11008", 3 * N, fns)
+    rep.case("swiglu fwd+bwd bf16 4096x11008", 8 * N, {k: fwd_bwd(f, (g, u), dy) for k, f in fns.items()})
+
+
+def bench_adamw(rep: Report):
+    def params(dtype):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(512, 512, device="cuda", dtype=dtype)) for _ in range(64)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    n = 64 * 512 * 512
+    for dtype, per in ((torch.float32, 28), (torch.bfloat16, 2 + 2 + 2 + 8 + 8)):
+        ours = MetalAdamW(params(dtype), lr=1e-3, weight_decay=0.1)
+        fns = {"metalcore": ours.step}
+        if dtype == torch.float32:
+            fused = torch.optim.AdamW(params(dtype), lr=1e-3, weight_decay=0.1, fused=True)
+            foreach = torch.optim.AdamW(params(dtype), lr=1e-3, weight_decay=0.1, foreach=True)
+            fns.update({"torch fused": fused.step, "torch foreach": foreach.step})
+        rep.case(f"adamw step {str(dtype)[6:]} 16.8M params/64 tensors", n * per, fns,
+                 wall={"metalcore": ours.step, **({"torch fused": fns["torch fused"]} if "torch fused" in fns else {})})
+
+
+def sweep(rep: Report):
+    """A few launch configurations per kernel (kernel-level times, defaults unchanged)."""
+    out = {}
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    rstd = RMS.rms_norm_fwd_launch(x, w, EPS, 0.0)[2]
+    N = x.numel() * 2
+    orig_warps = RMS.warps_for
+    for warps in (4, 8, 16):
+        RMS.warps_for = lambda e, _w=warps: _w
+        out[f"rms fwd warps={warps}"] = (2 * N, gpu_ms(lambda: RMS.rms_norm_fwd_launch(x, w, EPS, 0.0)))
+        for per_sm in (1, 2, 4, 8):
+            RMS.BWD_PROGRAMS_PER_SM = per_sm
+            out[f"rms bwd warps={warps} programs/SM={per_sm}"] = (
+                3 * N, gpu_ms(lambda: RMS.rms_norm_bwd_launch(dy, x, w, rstd, 0.0)))
+    RMS.warps_for, RMS.BWD_PROGRAMS_PER_SM = orig_warps, 2
+
+    a = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16)
+    b, d = torch.randn_like(a), torch.randn_like(a)
+    Ne = a.numel() * 2
+    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16)):
+        for mod in (ACT, SWI):
+            mod.BLOCK, mod.NUM_WARPS = block, warps
+        out[f"silu fwd BLOCK={block} warps={warps}"] = (2 * Ne, gpu_ms(lambda: ACT.activation_fwd_launch(a, ACT.SILU)))
+        out[f"gelu fwd BLOCK={block} warps={warps}"] = (2 * Ne, gpu_ms(lambda: ACT.activation_fwd_launch(a, ACT.GELU_EXACT)))
+        out[f"gelu bwd BLOCK={block} warps={warps}"] = (3 * Ne, gpu_ms(lambda: ACT.activation_bwd_launch(d, a, ACT.GELU_EXACT)))
+        out[f"swiglu fwd BLOCK={block} warps={warps}"] = (3 * Ne, gpu_ms(lambda: SWI.swiglu_fwd_launch(a, b)))
+        out[f"swiglu bwd BLOCK={block} warps={warps}"] = (5 * Ne, gpu_ms(lambda: SWI.swiglu_bwd_launch(d, a, b)))
+    for mod in (ACT, SWI):
+        mod.BLOCK, mod.NUM_WARPS = 4096, 8
+
+    ps = [torch.randn(512, 512, device="cuda") for _ in range(64)]
+    gs = [torch.randn_like(p) for p in ps]
+    ms_ = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    steps = [1.0] * 64
+    for block, warps in ((512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8)):
+        for per_sm in (2, 4, 8, 16):
+            ADAM.BLOCK, ADAM.PROGRAMS_PER_SM = block, per_sm
+            fn = lambda _w=warps: ADAM.adamw_step_launch(ps, gs, ms_, vs, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                                                         eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
+            ADAM.NUM_WARPS = warps
+            out[f"adamw BLOCK={block} warps={warps} programs/SM={per_sm}"] = (64 * 512 * 512 * 28, gpu_ms(fn))
+    ADAM.BLOCK, ADAM.PROGRAMS_PER_SM, ADAM.NUM_WARPS = 1024, 8, 4
+
+    result = {}
+    for k, (nbytes, ms) in out.items():
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        result[k] = dict(us=ms * 1e3, gbs=gbs, fraction_of_copy=gbs / rep.copy_gbs)
+        print(f"sweep {k:45s} {ms * 1e3:8.1f} us {gbs:7.0f} GB/s {gbs / rep.copy_gbs:5.1%}")
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="triton-training.json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    info = dict(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
+                torch=torch.__version__, triton=__import__("triton").__version__)
+    try:
+        info["liger"] = __import__("liger_kernel").__version__ if hasattr(__import__("liger_kernel"), "__version__") else "present"
+    except Exception:  # noqa: BLE001
+        info["liger"] = None
+    copy = copy_bandwidth()
+    info["copy_gbs"] = copy
+    print(json.dumps(info))
+    rep = Report(copy, info["device"])
+    results = dict(info=info)
+    for name, fn in (("rms_norm", lambda: bench_rms_norm(rep, not args.no_compile)),
+                     ("elementwise", lambda: bench_elementwise(rep, not args.no_compile)),
+                     ("adamw", lambda: bench_adamw(rep))):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            print(f"{name} failed:")
+            traceback.print_exc()
+    results["cases"] = rep.rows
+    if args.sweep:
+        try:
+            results["sweep"] = sweep(rep)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
