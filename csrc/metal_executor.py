@@ -230,7 +230,7 @@ _KERNEL_RE = re.compile(
     r"(\[\[\s*max_total_threads_per_threadgroup\s*\(\s*(\d+)\s*\)\s*\]\]\s*)?\bkernel\s+void\s+([A-Za-z_]\w*)\s*\(")
 _PTR2_RE = re.compile(
     rf"(\bconst\s+)?\b(device|constant)\s+(const\s+)?({_TYPE})\b\s*(const\s*)?\*\s*(const\s+)?"
-    rf"\b(device|constant)\s+(const\s*)?\*")
+    rf"\b(device|constant)\s*(const\s*)?\*")
 _PTR_RE = re.compile(rf"(\bconst\s+)?\b(device|constant)\s+(const\s+)?({_TYPE})\b\s*(const\s*)?\*")
 _REINTERPRET_RE = re.compile(r"reinterpret_cast\s*<\s*mtl::dptr<([^<>]*(?:<[^<>]*>[^<>]*)*)>\s*>\s*\(")
 _TG_DECL_RE = re.compile(
@@ -438,6 +438,8 @@ def _translate(pre: str) -> tuple[str, list[KernelInfo]]:
     for k in kernels:
         args = []
         for p in k.params:
+            if p.builtin is None:
+                p.type = _rewrite_pointers(re.sub(r"\bconst\s+constant\b|\bconstant\s+const\b", "constant", p.type))
             args.append(p.builtin if p.builtin else f"mtl::arg<{p.type}>(args, {p.buffer})")
         wrappers.append(
             f'extern "C" __attribute__((visibility("default"))) void __mtl_entry_{k.name}('
@@ -451,7 +453,7 @@ def _preprocess(source: str, cxx: str, workdir: Path) -> str:
     src.write_text(source)
     proc = subprocess.run(
         [cxx, "-E", "-x", "c++", "-std=c++17", "-nostdinc", "-nostdinc++", "-isystem", str(_stub_include_dir()),
-         "-D__METAL_VERSION__=310", "-D__METALCORE_EXECUTOR__=1", "-D__HAVE_BFLOAT__=1", str(src)],
+         "-D__METAL_VERSION__=310", "-D__METALCORE_EXECUTOR__=1", "-D__HAVE_BFLOAT__=1", src.name],
         capture_output=True, text=True, cwd=workdir)
     if proc.returncode != 0:
         raise MetalCompileError(f"preprocessing the shader failed:\n{_trim(proc.stderr)}")

@@ -395,6 +395,24 @@ bool run_group(Worker& w, Launch& L, uint64_t g) {
 
 extern "C" {
 
+// float -> bfloat conversion, round to nearest even (NaN stays NaN). Clang emits calls to this
+// compiler-rt builtin; libgcc before GCC 13 does not have it.
+__attribute__((weak, visibility("hidden"))) __bf16 __truncsfbf2(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  uint16_t r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r = uint16_t((u >> 16) | 0x40u);
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r = uint16_t(u >> 16);
+  }
+  __bf16 out;
+  memcpy(&out, &r, sizeof out);
+  return out;
+}
+__attribute__((weak, visibility("hidden"))) __bf16 __truncdfbf2(double d) { return __truncsfbf2(float(d)); }
+
 const Collect* mtl_rt_collect(const void* data, uint32_t size, uint32_t line, uint32_t col) {
   Worker* w = tl_worker;
   Fiber* f = w->current;

@@ -624,8 +624,8 @@ using atomic_value_t = std::remove_pointer_t<decltype(atomic_addr(std::declval<P
 
 template <class T, class F>
 inline T atomic_update(T* p, F f) {
-  T old = __atomic_load_n(p, __ATOMIC_RELAXED);
-  T desired;
+  T old, desired;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);
   do {
     desired = f(old);
   } while (!__atomic_compare_exchange(p, &old, &desired, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));

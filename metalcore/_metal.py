@@ -1,0 +1,145 @@
+"""The Metal backend's host path: compile ``shaders/*.metal`` once per process and launch kernels.
+
+On a Mac, a shader file compiles with ``torch.mps.compile_shader`` and its kernels run on MPS
+tensors. On CPU tensors (CI, no Apple hardware) the same source compiles with the shader executor
+in ``csrc/`` — a test vehicle that runs every shader on the CPU, reachable only by asking for the
+metal backend explicitly (``METALCORE_BACKEND=metal`` or ``metalcore.use_backend('metal')``).
+
+Kernels are named ``<op>_<dtype>`` (``rms_norm_fwd_half``); :func:`launch` records every name it
+launches, so that the tests can prove that each kernel of ``shaders/`` ran.
+
+>>> lib = library("rms_norm", x.device)
+>>> launch(lib, "rms_norm_fwd_" + dtype_suffix(x.dtype), x, w, y, ..., threads=rows * tg, group_size=tg)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+_SUFFIX = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
+KERNEL_DTYPES = tuple(_SUFFIX)
+
+_lock = threading.Lock()
+_libraries: dict[tuple[str, str], Any] = {}
+launched: set[str] = set()
+
+
+def shader_dir() -> Path:
+    """``shaders/``: the package data of an installed wheel (metalcore/shaders), else the checkout's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "shaders", here.parent / "shaders"):
+        if any(candidate.glob("*.metal")):
+            return candidate
+    raise FileNotFoundError(f"metalcore's Metal shaders are missing (looked in {here / 'shaders'} and "
+                            f"{here.parent / 'shaders'})")
+
+
+def shader_source(name: str) -> str:
+    """``shaders/<name>.metal`` with its ``#include "x.h"`` lines inlined.
+
+    ``torch.mps.compile_shader`` takes one string with no directory to resolve includes against, so
+    the shared header is pasted in here (each header once).
+    """
+    root = shader_dir()
+    seen: set[str] = set()
+
+    def expand(path: Path) -> str:
+        out = []
+        for line in path.read_text().splitlines():
+            m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
+            if m:
+                if m.group(1) not in seen:
+                    seen.add(m.group(1))
+                    out.append(expand(root / m.group(1)))
+                continue
+            out.append(line)
+        return "\n".join(out)
+
+    return expand(root / f"{name}.metal") + "\n"
+
+
+def shader_names() -> list[str]:
+    return sorted(p.stem for p in shader_dir().glob("*.metal"))
+
+
+@functools.cache
+def constants() -> dict[str, int]:
+    """The ``#define NAME <int>`` constants of shaders/common.h, shared by shaders and host code."""
+    text = (shader_dir() / "common.h").read_text()
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^#define\s+(\w+)\s+(\d+)\s*$", text, re.M)}
+
+
+@functools.cache
+def executor() -> ModuleType | None:
+    """The CPU shader executor (``csrc/metal_executor.py`` of a checkout), or None where it cannot run.
+
+    ``METALCORE_EXECUTOR_DIR`` points at another csrc/ directory.
+    """
+    root = Path(os.environ.get("METALCORE_EXECUTOR_DIR") or Path(__file__).resolve().parent.parent / "csrc")
+    path = root / "metal_executor.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("metalcore_metal_executor", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before running it: dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module if module.available() else None
+
+
+def executor_available() -> bool:
+    return executor() is not None
+
+
+def library(name: str, device: torch.device) -> Any:
+    """The compiled ``shaders/<name>.metal`` for ``device`` (MPS: Apple's compiler; CPU: the executor)."""
+    key = (name, device.type)
+    lib = _libraries.get(key)
+    if lib is None:
+        with _lock:
+            lib = _libraries.get(key)
+            if lib is None:
+                source = shader_source(name)
+                if device.type == "mps":
+                    lib = torch.mps.compile_shader(source)
+                else:
+                    ex = executor()
+                    if ex is None:
+                        raise RuntimeError("the Metal shader executor is unavailable (it needs clang++ >= 17 "
+                                           "and a checkout with csrc/)")
+                    lib = ex.compile_shader(source)
+                _libraries[key] = lib
+    return lib
+
+
+def has_kernel(lib: Any, kernel: str) -> bool:
+    return kernel in dir(lib)
+
+
+def dtype_suffix(dtype: torch.dtype) -> str:
+    return _SUFFIX[dtype]
+
+
+def launch(lib: Any, kernel: str, *args: Any, threads: Any, group_size: Any) -> None:
+    launched.add(kernel)
+    getattr(lib, kernel)(*args, threads=threads, group_size=group_size)
+
+
+def threads_for_row(n: int) -> int:
+    """Threads of a one-row-per-threadgroup kernel: a power of two from one SIMD-group up to the
+    1024-thread limit, about ``ELEMS_PER_THREAD`` elements each."""
+    c = constants()
+    want = -(-n // c["METALCORE_ELEMS_PER_THREAD"])
+    tg = c["METALCORE_SIMD_WIDTH"]
+    while tg < want and tg < c["METALCORE_MAX_THREADS"]:
+        tg *= 2
+    return tg

@@ -1,0 +1,47 @@
+"""Metal shaders on the CPU: every test here needs the shader executor (csrc/), which needs clang.
+
+Without it the tests skip locally and fail in CI (REQUIRE_BACKENDS, tests/conftest.py). The
+test that every shader kernel was launched runs last, after the shader tests have recorded their
+launches (metalcore._metal records every kernel it launches).
+"""
+
+import pytest
+
+import metalcore
+from metalcore import _metal
+
+# tests/conftest.py puts tests/ on sys.path; its REQUIRE_BACKENDS is the suite's one rule.
+from conftest import REQUIRE_BACKENDS
+
+EXECUTOR_MISSING = ("the Metal shader executor cannot be built here: it needs clang++ >= 17 "
+                    "(apt-get install -y clang-19) and a checkout with csrc/")
+
+
+def require_executor():
+    """The executor module, or skip (locally) / fail (CI)."""
+    ex = _metal.executor()
+    if ex is None:
+        if REQUIRE_BACKENDS:
+            pytest.fail(EXECUTOR_MISSING)
+        pytest.skip(EXECUTOR_MISSING)
+    return ex
+
+
+@pytest.fixture(scope="session")
+def executor():
+    return require_executor()
+
+
+@pytest.fixture
+def metal_backend(executor):
+    """Run metalcore ops on the metal backend (shaders on the CPU executor) inside the test."""
+    with metalcore.use_backend("metal"):
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    last = [it for it in items if it.nodeid.split("::")[0].endswith("test_every_kernel_exercised.py")]
+    for it in last:
+        items.remove(it)
+        items.append(it)
+    config._metalcore_shader_tests = sum(1 for it in items if "/metal/test_shaders_" in it.nodeid)
