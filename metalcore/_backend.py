@@ -83,7 +83,15 @@ def backend_runs_on(backend: str, device: torch.device) -> bool:
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
     if backend == "metal":
-        return device.type == "mps" and hasattr(torch.mps, "compile_shader")
+        if device.type == "mps":
+            return hasattr(torch.mps, "compile_shader")
+        # CPU tensors run the shaders on the CPU executor (csrc/), a test vehicle: only when the metal
+        # backend is requested explicitly and the executor can be built (clang); never automatically.
+        if device.type == "cpu" and requested_backend() == "metal":
+            from metalcore._metal import executor_available
+
+            return executor_available()
+        return False
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -18,7 +18,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.cholesky_triton",
     "metalcore.linalg.triangular_triton",
 )
-METAL_MODULES: tuple[str, ...] = ()
+METAL_MODULES: tuple[str, ...] = ("metalcore.nn.rms_norm_metal",)
 
 
 def load_kernels() -> None:

@@ -32,6 +32,9 @@ KERNEL_DTYPES = tuple(_SUFFIX)
 _lock = threading.Lock()
 _libraries: dict[tuple[str, str], Any] = {}
 launched: set[str] = set()
+# Tests set this so that outputs start as NaN (or -1 for integers): an element a kernel forgets to
+# write shows up instead of passing by luck.
+poison_outputs = False
 
 
 def shader_dir() -> Path:
@@ -123,6 +126,14 @@ def library(name: str, device: torch.device) -> Any:
 
 def has_kernel(lib: Any, kernel: str) -> bool:
     return kernel in dir(lib)
+
+
+def empty(shape: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output buffer for a kernel (poisoned when :data:`poison_outputs`)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if poison_outputs:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
 
 
 def dtype_suffix(dtype: torch.dtype) -> str:

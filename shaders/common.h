@@ -1,0 +1,29 @@
+// Shared by every shader and by the host code: metalcore/_metal.py reads the integer #defines
+// below (one `#define NAME <int>` per line), so block sizes and thresholds live in one place.
+#include <metal_stdlib>
+using namespace metal;
+
+#define METALCORE_SIMD_WIDTH 32
+#define METALCORE_MAX_THREADS 1024
+#define METALCORE_MAX_SIMDGROUPS 32
+// Row kernels (one threadgroup per row) use a power of two of threads, from one SIMD-group up to
+// METALCORE_MAX_THREADS, about this many elements each.
+#define METALCORE_ELEMS_PER_THREAD 4
+// RMSNorm's weight gradient: each thread sums this many rows of one column; the host adds the chunks.
+#define METALCORE_RMS_DW_ROWS_PER_THREAD 64
+// Elementwise kernels: threads per threadgroup.
+#define METALCORE_ELEMENTWISE_GROUP 256
+
+// Sum of v over the threadgroup, returned to every thread. `scratch` holds one float per
+// SIMD-group; nsg = simdgroups_per_threadgroup. Two barriers: partials visible, then scratch free.
+inline float threadgroup_sum(float v, threadgroup float* scratch, uint lane, uint sg, uint nsg) {
+    v = simd_sum(v);
+    if (lane == 0) {
+        scratch[sg] = v;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float total = lane < nsg ? scratch[lane] : 0.0f;
+    total = simd_sum(total);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    return total;
+}
