@@ -17,6 +17,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.optim.adamw_triton",
     "metalcore.linalg.cholesky_triton",
     "metalcore.linalg.triangular_triton",
+    "metalcore.linalg.qr_triton",
 )
 METAL_MODULES: tuple[str, ...] = ("metalcore.nn.rms_norm_metal",)
 

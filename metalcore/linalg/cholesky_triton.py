@@ -75,7 +75,7 @@ def cholesky_launch(A: Tensor, upper: bool) -> tuple[Tensor, Tensor]:
     if nb == 0 or n == 0:
         return L, info
     BN = block(n)
-    G = group(nb, BN * BN)
+    G = group(nb, BN * BN, A.device)
     _cholesky_kernel[(triton.cdiv(nb, G),)](
         A3, L, info, nb, n, A3.stride(0), A3.stride(1), A3.stride(2),
         G=G, BN=BN, UPPER=upper, num_warps=warps(G * BN * BN))

@@ -83,7 +83,7 @@ def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitr
     k = B.shape[-1] if left else B.shape[-2]
     BN = block(n)
     BK = min(block(k), MAX_BK)
-    G = group(nb, BN * max(BN, BK))
+    G = group(nb, BN * max(BN, BK), A.device)
     grid = (triton.cdiv(nb, G), triton.cdiv(k, BK))
     _trsm_kernel[grid](A3, B3, X3, nb, n, k, *sa, *sb, *sx,
                        G=G, BN=BN, BK=BK, LOWER=lower, UNIT=unitriangular,

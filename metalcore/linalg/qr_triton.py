@@ -1,0 +1,156 @@
+"""Householder QR in Triton: one program per matrix (or per group of tiny ones), in registers.
+
+Layers: ``_householder_kernel`` → :func:`householder_launch` → the ``triton`` implementations of
+``metalcore::qr``, ``metalcore::geqr2`` and ``metalcore::householder_product``.
+
+One kernel, two phases selected at compile time:
+
+* **factor** (LAPACK ``geqr2``): for each column ``j < k = min(m, n)`` the reflector of ``dlarfg``
+  (``β = −sign(α)‖x‖``, ``τ = (β − α)/β``, ``v = x/(α − β)``) and its application
+  ``A ← A − τ v (vᵀ A)`` to the trailing columns. Norms are computed as ``s·‖x/s‖`` with
+  ``s = max|x|``, so a 1e25- or 1e-25-scaled fp32 matrix neither overflows nor underflows its
+  squares (LAPACK's ``dnrm2`` does the same). A zero column gives ``τ = 0`` (``H = I``), as in
+  LAPACK, so rank-deficient inputs still give an orthonormal ``Q``.
+* **accumulate** (LAPACK ``org2r``): ``Q = H₁ ⋯ H_k I[:, :nq]`` applied backwards, ``H_k`` first,
+  from the reflectors still in registers (``qr``) or loaded (``householder_product``).
+
+``qr`` runs both phases in one launch: ``A`` read once, ``R`` and ``Q`` written once. Work per
+matrix: ``k`` steps over the ``[BM, BN]`` tile plus ``k`` over the ``[BM, BQ]`` tile,
+``~4 m n k + 4 m nq k`` flops (the algorithm's ``4mnk − ...``, padded to powers of two); bytes
+``4(mn + m nq + kn)`` in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from metalcore.linalg._small_triton import MAX_N, batched, block, fits, group, warps
+from metalcore.linalg.householder import geqr2_op, householder_product_op
+from metalcore.linalg.qr import qr_op
+from metalcore.nn._jit_triton import jit
+
+
+@jit
+def _householder_kernel(A, TAU_IN, QR, TAU, R, Q, batch, m, n, k, nq, kr,
+                        s_ab, s_ar, s_ac, s_tb, s_tk,
+                        G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BQ: tl.constexpr,
+                        FACTOR: tl.constexpr, STORE_QR: tl.constexpr, STORE_R: tl.constexpr,
+                        WANT_Q: tl.constexpr):
+    g = tl.program_id(0) * G + tl.arange(0, G)
+    r = tl.arange(0, BM)
+    c = tl.arange(0, BN)
+    g2 = g[:, None].to(tl.int64)
+    g3 = g[:, None, None].to(tl.int64)
+    r2 = r[None, :]
+    r3 = r[None, :, None]
+    c3 = c[None, None, :]
+    live = g3 < batch
+    inside = live & (r3 < m) & (c3 < n)
+    a = tl.load(A + g3 * s_ab + r3 * s_ar + c3 * s_ac, mask=inside, other=0.0)
+    if FACTOR:
+        taus = tl.zeros([G, BN], dtype=a.dtype)
+        for j in range(k):
+            x = tl.sum(tl.where(c3 == j, a, 0.0), axis=2)                 # [G, BM]: A[:, j]
+            alpha = tl.sum(tl.where(r2 == j, x, 0.0), axis=1)             # [G]
+            below = tl.where(r2 > j, x, 0.0)
+            s = tl.max(tl.abs(below), axis=1)
+            s1 = tl.where(s > 0.0, s, 1.0)
+            xnorm = s * tl.sqrt(tl.sum((below / s1[:, None]) * (below / s1[:, None]), axis=1))
+            # dlapy2(α, ‖x‖) without squaring the larger one.
+            big = tl.maximum(tl.abs(alpha), xnorm)
+            small = tl.minimum(tl.abs(alpha), xnorm)
+            ratio = small / tl.where(big > 0.0, big, 1.0)
+            norm = big * tl.sqrt(1.0 + ratio * ratio)
+            reflect = xnorm > 0.0   # NaN in x: False, and the NaN flows on through α/R
+            beta = tl.where(alpha >= 0.0, -norm, norm)
+            beta = tl.where(reflect, beta, alpha)
+            tau = tl.where(reflect, (beta - alpha) / tl.where(reflect, beta, 1.0), 0.0)
+            denom = tl.where(reflect, alpha - beta, 1.0)
+            v = tl.where(r2 == j, 1.0, below / denom[:, None])              # [G, BM], v_j = 1
+            w = tl.sum(v[:, :, None] * a, axis=1)                           # [G, BN]: vᵀ A
+            a = tl.where(c3 > j, a - (tau[:, None] * v)[:, :, None] * w[:, None, :], a)
+            a = tl.where((c3 == j) & (r3 >= j), tl.where(r3 == j, beta[:, None, None], v[:, :, None]), a)
+            taus = tl.where(c[None, :] == j, tau[:, None], taus)
+        if STORE_QR:
+            tl.store(QR + g3 * m * n + r3 * n + c3, a, mask=inside)
+            tl.store(TAU + g2 * k + c[None, :], taus, mask=(g2 < batch) & (c[None, :] < k))
+        if STORE_R:
+            tl.store(R + g3 * kr * n + r3 * n + c3, tl.where(r3 <= c3, a, 0.0),
+                     mask=live & (r3 < kr) & (c3 < n))
+    else:
+        taus = tl.load(TAU_IN + g2 * s_tb + c[None, :] * s_tk, mask=(g2 < batch) & (c[None, :] < k), other=0.0)
+    if WANT_Q:
+        cq3 = tl.arange(0, BQ)[None, None, :]
+        q = tl.where((r3 == cq3) & live, 1.0, 0.0).to(a.dtype)            # I[:, :nq]
+        for t in range(k):
+            j = k - 1 - t
+            vcol = tl.sum(tl.where(c3 == j, a, 0.0), axis=2)                # [G, BM]
+            v = tl.where(r2 == j, 1.0, tl.where(r2 > j, vcol, 0.0))
+            tau = tl.sum(tl.where(c[None, :] == j, taus, 0.0), axis=1)      # [G]
+            w = tl.sum(v[:, :, None] * q, axis=1)                           # [G, BQ]: vᵀ Q
+            q = q - (tau[:, None] * v)[:, :, None] * w[:, None, :]
+        tl.store(Q + g3 * m * nq + r3 * nq + cq3, q, mask=live & (r3 < m) & (cq3 < nq))
+
+
+def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool = False, kr: int = 0,
+                       nq: int = 0) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Run the kernel on ``A`` ``(*, m, n)``; returns ``(QR, tau, R, Q)``, each None unless asked.
+
+    With ``tau`` given, ``A`` holds reflectors (``householder_product``) and only ``Q`` is formed.
+    ``kr`` > 0 asks for ``R`` with ``kr`` rows; ``nq`` > 0 for ``Q`` with ``nq`` columns.
+    """
+    *batch_shape, m, n = A.shape
+    k = min(m, n) if tau is None else tau.shape[-1]
+    dev, dt = A.device, A.dtype
+    QR = torch.empty(A.shape, dtype=dt, device=dev) if store_qr else None
+    TAU = torch.empty(*batch_shape, k, dtype=dt, device=dev) if store_qr else None
+    R = torch.empty(*batch_shape, kr, n, dtype=dt, device=dev) if kr else None
+    Q = torch.empty(*batch_shape, m, nq, dtype=dt, device=dev) if nq else None
+    A3 = batched(A)
+    nb = A3.shape[0]
+    if nb == 0 or A.numel() == 0:
+        if Q is not None:
+            Q.copy_(torch.eye(m, nq, dtype=dt, device=dev))
+        if R is not None:
+            R.zero_()
+        return QR, TAU, R, Q
+    tau2 = tau.reshape(-1, k) if tau is not None else A3
+    BM, BN = block(m), block(n)
+    BQ = block(nq) if nq else 2
+    G = group(nb, BM * max(BN, BQ), A.device)
+    dummy = A3
+    _householder_kernel[(triton.cdiv(nb, G),)](
+        A3, tau2, QR if QR is not None else dummy, TAU if TAU is not None else dummy,
+        R if R is not None else dummy, Q if Q is not None else dummy,
+        nb, m, n, k, nq, kr, A3.stride(0), A3.stride(1), A3.stride(2),
+        tau2.stride(0) if tau is not None else 0, tau2.stride(1) if tau is not None else 0,
+        G=G, BM=BM, BN=BN, BQ=BQ, FACTOR=tau is None, STORE_QR=store_qr, STORE_R=kr > 0, WANT_Q=nq > 0,
+        num_warps=warps(G * BM * max(BN, BQ)))
+    return QR, TAU, R, Q
+
+
+@qr_op.implement("triton", supports=lambda A, mode: fits(A))
+def _qr_triton(A, mode):
+    m, n = A.shape[-2:]
+    k = min(m, n)
+    if mode == "r":
+        _, _, R, _ = householder_launch(A, kr=k)
+        return A.new_empty(0), R
+    complete = mode == "complete"
+    _, _, R, Q = householder_launch(A, kr=m if complete else k, nq=m if complete else k)
+    return Q, R
+
+
+@geqr2_op.implement("triton", supports=lambda A: fits(A))
+def _geqr2_triton(A):
+    QR, tau, _, _ = householder_launch(A, store_qr=True)
+    return QR, tau
+
+
+@householder_product_op.implement("triton", supports=lambda A, tau: fits(A) and tau.dtype == A.dtype)
+def _householder_product_triton(A, tau):
+    _, _, _, Q = householder_launch(A, tau=tau.expand(*A.shape[:-2], tau.shape[-1]), nq=A.shape[-1])
+    return Q
