@@ -27,3 +27,9 @@ inline float threadgroup_sum(float v, threadgroup float* scratch, uint lane, uin
     threadgroup_barrier(mem_flags::mem_threadgroup);
     return total;
 }
+
+// AdamW: elements per threadgroup (METALCORE_ADAMW_THREADS threads, 4 elements each), and tensors
+// per dispatch (tensor lists travel as setBytes data, which Metal limits to 4 KiB: 256 pointers = 2 KiB).
+#define METALCORE_ADAMW_THREADS 256
+#define METALCORE_ADAMW_BLOCK 1024
+#define METALCORE_ADAMW_MAX_TENSORS 256
