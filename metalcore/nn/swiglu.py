@@ -102,6 +102,7 @@ class MetalSwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_tensor("metalcore.nn.MetalSwiGLUMLP", "input", x, dtypes=FLOAT_DTYPES, min_dim=1)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def extra_repr(self) -> str:

@@ -163,7 +163,8 @@ class MetalAdamW(Optimizer):
       ``torch.optim.AdamW`` itself does.
 
     The learning rate and other hyperparameters are read from each group at every step, so LR
-    schedulers work; sparse gradients and complex parameters raise.
+    schedulers work. Tensor ``lr``/``betas`` (which torch accepts for its capturable and fused
+    paths), sparse gradients and complex parameters raise.
 
     >>> opt = MetalAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     >>> loss.backward(); opt.step(); opt.zero_grad()
