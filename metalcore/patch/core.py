@@ -123,20 +123,22 @@ def _fused_swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(gate, up))
 
 
-def _rope_full(q, k, cos, sin, unsqueeze_dim=1):
-    return _metal_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+def _rope(q, k, cos, sin, unsqueeze_dim=1, *, partial: bool = False, cast: bool = False):
+    """HF's ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` on metalcore's fused RoPE.
 
-
-def _rope_partial(q, k, cos, sin, unsqueeze_dim=1):
-    """Phi-3/GLM: only the first ``cos.shape[-1]`` dimensions of each head rotate."""
+    ``partial`` (Phi-3): only the first ``cos.shape[-1]`` dimensions of each head rotate. ``cast``
+    (OLMo-2/3, whose rotary embedding hands out fp32 ``cos``/``sin``): the results are cast back to
+    ``q``'s and ``k``'s dtypes instead of being promoted.
+    """
     d = cos.shape[-1]
-    if d == q.shape[-1]:
-        return _metal_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-    q_rot, k_rot = _metal_rope(q[..., :d], k[..., :d], cos, sin, unsqueeze_dim=unsqueeze_dim)
-    return torch.cat([q_rot, q[..., d:]], dim=-1), torch.cat([k_rot, k[..., d:]], dim=-1)
-
-
-_ROPE_ADAPTERS = {"full": _rope_full, "partial": _rope_partial}
+    if partial and d != q.shape[-1]:
+        q_rot, k_rot = _metal_rope(q[..., :d], k[..., :d], cos, sin, unsqueeze_dim=unsqueeze_dim)
+        q_out, k_out = torch.cat([q_rot, q[..., d:]], dim=-1), torch.cat([k_rot, k[..., d:]], dim=-1)
+    else:
+        q_out, k_out = _metal_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    if cast:
+        q_out, k_out = q_out.to(q.dtype), k_out.to(k.dtype)
+    return q_out, k_out
 
 
 # ------------------------------------------------------------------------------------ recognisers
@@ -174,8 +176,9 @@ def _rms_like(module: nn.Module) -> bool:
 
 
 @functools.cache
-def _rope_variant(fn: Callable) -> Optional[str]:
-    """Which metalcore RoPE adapter reproduces ``fn`` (HF's ``apply_rotary_pos_emb``) on a probe."""
+def _rope_variant(fn: Callable) -> Optional[tuple[str, bool]]:
+    """``(variant, cast)`` such that ``_rope(partial=variant == "partial", cast=cast)`` reproduces ``fn``
+    (a family's ``apply_rotary_pos_emb``) on a probe, or None (interleaved pairs, another formula)."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 5, 8, generator=g), torch.randn(1, 1, 5, 8, generator=g)
     freqs = torch.randn(1, 5, 4, generator=g)
@@ -184,11 +187,12 @@ def _rope_variant(fn: Callable) -> Optional[str]:
         cos, sin = emb.cos(), emb.sin()
         try:
             ref = fn(q, k, cos, sin)
+            cast = fn(q.bfloat16(), k.bfloat16(), cos, sin)[0].dtype == torch.bfloat16
         except RuntimeError:
             continue
-        got = _ROPE_ADAPTERS[variant](q, k, cos, sin)
+        got = _rope(q, k, cos, sin, partial=variant == "partial")
         if all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ref, got)):
-            return variant
+            return variant, cast
     return None
 
 
@@ -347,13 +351,15 @@ class _Patcher:
             if expected is not None:
                 self.report.skipped[path] = f"{cls.__name__}.forward does not call apply_rotary_pos_emb"
             return
-        variant = _rope_variant(fn)
-        if variant is None or (expected is not None and variant != expected):
+        found = _rope_variant(fn)
+        if found is None or (expected is not None and found[0] != expected):
             self.report.skipped[path] = (f"{fn.__module__}.apply_rotary_pos_emb is not the rotate_half RoPE "
-                                         f"metalcore implements (probe: {variant or 'no match'})")
+                                         f"metalcore implements (probe: {found[0] if found else 'no match'})")
             return
+        variant, cast = found
+        adapter = functools.partial(_rope, partial=variant == "partial", cast=cast)
         try:
-            forward = _with_global(cls.forward, "apply_rotary_pos_emb", _ROPE_ADAPTERS[variant])
+            forward = _with_global(cls.forward, "apply_rotary_pos_emb", adapter)
         except LookupError as e:
             self.report.skipped[path] = f"RoPE: {e}"
             return
@@ -446,7 +452,10 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
                 for child_name, child in list(module.named_children()):
                     patcher.activation(path, module, child_name, child)
             if rope and name in attns:
-                patcher.rope(path, module, attns[name].rope)
+                if attns[name].rope is None:
+                    report.skipped[path] = f"RoPE: {attns[name].rope_skip}"
+                else:
+                    patcher.rope(path, module, attns[name].rope)
             elif rope and structural and "attention" in name.lower():
                 patcher.rope(path, module, None)
         if attention:

@@ -9,8 +9,9 @@ A :class:`Family` names the classes of one ``transformers`` architecture whose i
   norms cast back to the input's dtype;
 * ``mlp``: ``"gated"`` (``gate_proj``/``up_proj``/``down_proj`` + ``act_fn``) or ``"fused_gated"``
   (Phi-3's ``gate_up_proj`` split in two halves + ``activation_fn``);
-* ``rope``: ``"full"`` (Hugging Face's ``rotate_half`` RoPE over the whole head) or ``"partial"``
-  (only the first ``cos.shape[-1]`` dimensions rotate: Phi-3, GLM);
+* ``rope``: ``"full"`` (Hugging Face's ``rotate_half`` RoPE over the whole head), ``"partial"``
+  (only the first ``cos.shape[-1]`` dimensions rotate: Phi-3) or ``None`` with the reason in
+  ``rope_skip`` (GLM and Helium rotate interleaved pairs, which metalcore's RoPE does not implement);
 * ``attention_blocker``: a function of the config returning why metalcore's attention cannot serve
   the model (``None`` when it can), e.g. Gemma-2's logit soft-capping, which neither metalcore's
   SDPA nor torch's implements.
@@ -32,6 +33,9 @@ def _softcap_blocker(config: Any) -> Optional[str]:
     return None
 
 
+_INTERLEAVED = "this family's RoPE rotates interleaved pairs (x[0::2], x[1::2]); metalcore's rotates halves"
+
+
 @dataclass(frozen=True)
 class Family:
     """What to swap in one architecture; class names are ``f"{prefix}RMSNorm"`` etc. unless given."""
@@ -41,6 +45,7 @@ class Family:
     norm_promotes: bool = True
     mlp: Literal["gated", "fused_gated"] = "gated"
     rope: Optional[Literal["full", "partial"]] = "full"
+    rope_skip: Optional[str] = None
     attention_blocker: Optional[Callable[[Any], Optional[str]]] = None
 
     @property
@@ -68,10 +73,10 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family("Gemma2", norm_offset=1.0, norm_promotes=False, attention_blocker=_softcap_blocker),
     "gemma3_text": Family("Gemma3", norm_offset=1.0, norm_promotes=False, attention_blocker=_softcap_blocker),
     "phi3": Family("Phi3", mlp="fused_gated", rope="partial"),
-    "glm": Family("Glm", mlp="fused_gated", rope="partial"),
+    "glm": Family("Glm", mlp="fused_gated", rope=None, rope_skip=_INTERLEAVED),
     "olmo2": Family("Olmo2", norm_promotes=False),
     "olmo3": Family("Olmo3", norm_promotes=False),
     "granite": Family("Granite"),
-    "helium": Family("Helium", norm_promotes=False),
+    "helium": Family("Helium", norm_promotes=False, rope=None, rope_skip=_INTERLEAVED),
     "smollm3": Family("SmolLM3"),
 }
