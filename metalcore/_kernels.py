@@ -19,7 +19,12 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.triangular_triton",
     "metalcore.linalg.qr_triton",
 )
-METAL_MODULES: tuple[str, ...] = ("metalcore.nn.rms_norm_metal", "metalcore.optim.adamw_metal")
+METAL_MODULES: tuple[str, ...] = (
+    "metalcore.nn.rms_norm_metal",
+    "metalcore.nn.activations_metal",
+    "metalcore.nn.swiglu_metal",
+    "metalcore.optim.adamw_metal",
+)
 
 
 def load_kernels() -> None:
