@@ -18,6 +18,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.cholesky_triton",
     "metalcore.linalg.triangular_triton",
     "metalcore.linalg.qr_triton",
+    "metalcore.linalg.solve_triton",
 )
 METAL_MODULES: tuple[str, ...] = (
     "metalcore.nn.rms_norm_metal",

@@ -1,0 +1,122 @@
+"""General solve by LU with partial pivoting in Triton: one program per matrix and block of
+right-hand sides, in registers.
+
+Layers: ``_lu_solve_kernel`` → :func:`solve_launch` → the ``triton`` implementation of
+``metalcore::solve_ex`` (declared in :mod:`metalcore.linalg.solve`).
+
+The kernel factors ``A = P L U`` exactly as LAPACK ``getf2`` does — pivot = the first row of
+largest ``|a|`` in the column, rows swapped, multipliers ``l = a/pivot``, rank-1 update — while
+applying the same row operations to ``B``, then back-substitutes with ``U``. ``info = j + 1``
+for the first exactly-zero pivot (LAPACK's definition); the factorization goes on past it, as
+LAPACK's does, and ``X`` then holds inf/NaN for that matrix only. ``X A = B`` is solved as
+``Aᵀ Xᵀ = Bᵀ`` through transposed strides (no copies).
+
+Grid: ``(batch / G, k / BK)``. Programs that share ``A`` but not its right-hand-side block each
+factor it again: for ``k ≤ 64`` (one block) nothing is repeated. Work per program:
+``~2 n³/3 + 2 n² BK`` flops padded to the tile plus ``~10 n`` dependent reductions (pivot search,
+two row reads for ``A`` and two for ``B`` per step); bytes ``4 (n² + 2 n k)`` in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from metalcore.linalg._small_triton import MAX_N, block, fits, group, warps
+from metalcore.linalg.solve import solve_ex_op
+from metalcore.nn._jit_triton import jit
+
+# Right-hand-side columns per program (a [128, 64] block is 8192 elements, as in trsm).
+MAX_BK = 64
+
+
+@jit
+def _lu_solve_kernel(A, B, X, INFO, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s_bc, s_xb, s_xr, s_xc,
+                     G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    g = tl.program_id(0) * G + tl.arange(0, G)
+    r = tl.arange(0, BN)
+    q = tl.program_id(1) * BK + tl.arange(0, BK)
+    g3 = g[:, None, None].to(tl.int64)
+    r2 = r[None, :]
+    r3 = r[None, :, None]
+    c3 = r[None, None, :]
+    q3 = q[None, None, :]
+    live = g3 < batch
+    a = tl.load(A + g3 * s_ab + r3 * s_ar + c3 * s_ac, mask=live & (r3 < n) & (c3 < n), other=0.0)
+    in_b = live & (r3 < n) & (q3 < k)
+    b = tl.load(B + g3 * s_bb + r3 * s_br + q3 * s_bc, mask=in_b, other=0.0)
+
+    info = tl.zeros([G], dtype=tl.int32)
+    for j in range(n):
+        col = tl.sum(tl.where(c3 == j, a, 0.0), axis=2)                          # [G, BN]: A[:, j]
+        p = tl.argmax(tl.where((r2 >= j) & (r2 < n), tl.abs(col), -1.0), axis=1)  # first largest
+        p2 = p[:, None]
+        p3 = p[:, None, None]
+        a_j = tl.sum(tl.where(r3 == j, a, 0.0), axis=1)                          # [G, BN]: rows j, p
+        a_p = tl.sum(tl.where(r3 == p3, a, 0.0), axis=1)
+        b_j = tl.sum(tl.where(r3 == j, b, 0.0), axis=1)                          # [G, BK]
+        b_p = tl.sum(tl.where(r3 == p3, b, 0.0), axis=1)
+        pivot = tl.sum(tl.where(r2 == p2, col, 0.0), axis=1)                     # [G]
+        info = tl.where((info == 0) & (pivot == 0.0), j + 1, info)
+        col_j = tl.sum(tl.where(r2 == j, col, 0.0), axis=1)
+        col = tl.where(r2 == p2, col_j[:, None], col)                            # the swap, on A[:, j]
+        # A zero pivot means a zero column below it: LAPACK skips the scaling, so do we (l = 0).
+        l = tl.where(r2 > j, col / tl.where(pivot == 0.0, 1.0, pivot)[:, None], 0.0)
+        a = tl.where(r3 == j, a_p[:, None, :], tl.where(r3 == p3, a_j[:, None, :], a))
+        b = tl.where(r3 == j, b_p[:, None, :], tl.where(r3 == p3, b_j[:, None, :], b))
+        a = tl.where((r3 > j) & (c3 > j), a - l[:, :, None] * a_p[:, None, :], a)
+        b = tl.where(r3 > j, b - l[:, :, None] * b_p[:, None, :], b)
+
+    for t in range(n):
+        j = n - 1 - t
+        col = tl.sum(tl.where(c3 == j, a, 0.0), axis=2)                          # U[:, j]
+        d = tl.sum(tl.where(r2 == j, col, 0.0), axis=1)
+        x = tl.sum(tl.where(r3 == j, b, 0.0), axis=1) / tl.where(g < batch, d, 1.0)[:, None]
+        b = tl.where(r3 == j, x[:, None, :], tl.where(r3 < j, b - col[:, :, None] * x[:, None, :], b))
+
+    tl.store(X + g3 * s_xb + r3 * s_xr + q3 * s_xc, b, mask=in_b)
+    tl.store(INFO + g, info, mask=(g < batch) & (tl.program_id(1) == 0))
+
+
+def solve_launch(A: Tensor, B: Tensor, left: bool) -> tuple[Tensor, Tensor]:
+    """``(X, info)`` with ``A X = B`` (``X A = B`` when not ``left``); ``A`` ``(*a, n, n)``, ``B``
+    ``(*b, n, k)`` (``(*b, k, n)``) with broadcastable batch shapes; ``info`` has shape ``*a``."""
+    n = A.shape[-1]
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    X = torch.empty(*batch, *B.shape[-2:], dtype=B.dtype, device=B.device)
+    A3 = A.expand(*batch, n, n).reshape(-1, n, n)
+    B3 = B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
+    X3 = X.view(-1, *B.shape[-2:])
+    info_full = torch.zeros(batch, dtype=torch.int32, device=A.device)
+    nb = A3.shape[0]
+    k = B.shape[-1] if left else B.shape[-2]
+    if nb and n and k:
+        sa, sb, sx = list(A3.stride()), list(B3.stride()), list(X3.stride())
+        if not left:
+            for s in (sa, sb, sx):   # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ
+                s[1], s[2] = s[2], s[1]
+        BN = block(n)
+        BK = min(block(k), MAX_BK)
+        G = group(nb, BN * max(BN, BK), A.device)
+        _lu_solve_kernel[(triton.cdiv(nb, G), triton.cdiv(k, BK))](
+            A3, B3, X3, info_full, nb, n, k, *sa, *sb, *sx, G=G, BN=BN, BK=BK,
+            num_warps=warps(G * BN * max(BN, BK)))
+    elif nb and n:
+        # No right-hand sides: info still reports singular matrices (as torch does); one column of
+        # zeros is enough to run the factorization.
+        _, info_full = solve_launch(A.expand(*batch, n, n), A.new_zeros(*batch, n, 1), True)
+    # info belongs to A's batch shape: every broadcast copy of a matrix has the same info.
+    lead = len(batch) - (A.dim() - 2)
+    dims = [i for i in range(len(batch)) if i < lead or A.shape[i - lead] == 1 and batch[i] != 1]
+    if info_full.numel() == 0:
+        return X, torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
+    info = info_full.amax(dim=dims) if dims else info_full
+    return X, info.reshape(A.shape[:-2])
+
+
+@solve_ex_op.implement("triton", supports=lambda A, B, left, check_errors:
+                       fits(A) and B.dtype == A.dtype and B.dim() >= 2)
+def _solve_ex_triton(A, B, left, check_errors):
+    return solve_launch(A, B, left)

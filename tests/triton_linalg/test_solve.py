@@ -1,0 +1,116 @@
+"""LU solve kernel (metalcore/linalg/solve_triton.py) against LAPACK's solve ratio and torch:
+every size and batch shape, left and right, many right-hand sides, broadcasting, info for
+singular matrices per batch element, NaN isolation, gradients through the kernels."""
+
+import importlib
+
+import pytest
+import torch
+
+import metalcore
+from linalg_matrices import BATCHES, DTYPES, SIZES, case_id, general, scale_of, solve_ratio
+from metalcore.linalg.solve import solve_ex_op
+from oracle import assert_lapack_ratio
+
+
+def solve_module():
+    return importlib.import_module("metalcore.linalg.solve_triton")
+
+
+def check_solve(A, B, left, what, scale=1.0):
+    X, info = metalcore.linalg.solve_ex(A, B, left=left)
+    assert not info.any() and info.shape == A.shape[:-2] and info.dtype == torch.int32
+    assert X.dtype == A.dtype and X.is_contiguous()
+    A, B = A / scale, B / scale   # keep the oracle's squares of 1e200-scaled entries finite
+    ratio = solve_ratio(A, X, B, A.dtype) if left else solve_ratio(A.mT, X.mT, B.mT, A.dtype)
+    assert_lapack_ratio(ratio, what)
+
+
+SOLVE_CASES = [(BATCHES[(i + j) % 4], n, (1, 4, 70 if (i + j) % 4 != 3 else 2)[(i + 2 * j) % 3], j == 1) for i, n in enumerate(SIZES)
+               for j in range(2)]
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,n,k,left", SOLVE_CASES,
+                         ids=[f"{case_id(b, n, k)}-{'left' if l else 'right'}" for b, n, k, l in SOLVE_CASES])
+def test_solve_lapack_ratio(batch, n, k, left, dtype, device):
+    A = general("random", batch, n, n, dtype).to(device)
+    B = torch.randn(*batch, *((n, k) if left else (k, n)), dtype=dtype, device=device)
+    assert solve_ex_op.backend_for(A, B, left, False) == "triton"
+    check_solve(A, B, left, f"solve {case_id(batch, n, k)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["ill", "cluster", "graded", "tiny", "huge"])
+def test_solve_hard_matrices(kind, dtype, device):
+    A = general(kind, (3,), 16, 16, dtype).to(device)
+    B = torch.randn(3, 16, 2, dtype=dtype, device=device) * scale_of(kind, dtype)
+    check_solve(A, B, True, f"solve {kind}", scale_of(kind, dtype))
+
+
+def test_solve_broadcasts_and_vectors(device):
+    A = torch.randn(3, 1, 6, 6, dtype=torch.float64, device=device)
+    B = torch.randn(4, 6, 2, dtype=torch.float64, device=device)
+    X, info = metalcore.linalg.solve_ex(A, B)
+    assert X.shape == (3, 4, 6, 2) and info.shape == (3, 1)
+    torch.testing.assert_close(X, torch.linalg.solve(A, B))
+    b = torch.randn(3, 1, 6, dtype=torch.float64, device=device)
+    torch.testing.assert_close(metalcore.linalg.solve(A, b), torch.linalg.solve(A, b))
+
+
+def test_solve_singular_info_and_nan_stay_in_their_batch_element(device):
+    A = torch.randn(5, 7, 7, device=device)
+    A[1] = 0.0                   # U[0, 0] = 0
+    A[2, :, 4] = 0.0             # a zero column: U[4, 4] = 0 exactly
+    A[3, 2, 5] = float("nan")
+    B = torch.randn(5, 7, 3, device=device)
+    X, info = metalcore.linalg.solve_ex(A, B)
+    assert info.tolist() == [0, 1, 5, 0, 0]
+    assert torch.equal(info.cpu(), torch.linalg.solve_ex(A.cpu(), B.cpu()).info)
+    assert X[3].isnan().any()
+    good = [0, 4]
+    torch.testing.assert_close(X[good], torch.linalg.solve(A[good], B[good]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\).*singular"):
+        metalcore.linalg.solve(A, B)
+
+
+def test_solve_pivots_like_lapack(device):
+    """A zero leading entry needs the row swap; the pivoted result matches LAPACK's bit for bit
+    in the ordering of operations up to rounding."""
+    A = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 1.0]], dtype=torch.float64, device=device)
+    B = torch.eye(3, dtype=torch.float64, device=device)
+    torch.testing.assert_close(metalcore.linalg.solve(A, B), torch.linalg.inv(A))
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_solve_gradients_run_the_kernel(left, device, launches):
+    A = torch.randn(2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    B = torch.randn(2, *((5, 3) if left else (3, 5)), dtype=torch.float64, device=device, requires_grad=True)
+    calls = launches(solve_module(), "solve_launch")
+    X = metalcore.linalg.solve(A, B, left=left)
+    g = torch.randn_like(X)
+    ours = torch.autograd.grad(X, (A, B), g)
+    theirs = torch.autograd.grad(torch.linalg.solve(A, B, left=left), (A, B), g)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t)
+    assert len(calls) == 2
+
+
+def test_solve_really_runs_the_interpreted_kernel():
+    k = solve_module()._lu_solve_kernel
+    k.interpreted = None
+    metalcore.linalg.solve(torch.randn(3, 3) + 3 * torch.eye(3), torch.randn(3, 1))
+    assert k.interpreted is not None and k.compiled is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,n,k", [((1000,), 32, 1), ((1000,), 32, 32), ((64,), 128, 200), ((10000,), 3, 1),
+                                       ((100,), 64, 64), ((4096,), 8, 8)], ids=str)
+def test_gpu_solve_full_size(batch, n, k, dtype, device):
+    for kind in ("random", "ill", "graded", "tiny", "huge"):
+        A = general(kind, batch, n, n, dtype).to(device)
+        B = torch.randn(*batch, n, k, dtype=dtype, device=device) * scale_of(kind, dtype)
+        check_solve(A, B, True, f"solve {kind}", scale_of(kind, dtype))
+    check_solve(A, B.mT.contiguous(), False, "solve right")
