@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # tolerances.py, oracle.py, case
 # skip: CI=true, or METALCORE_REQUIRE_BACKENDS=1 anywhere.
 REQUIRE_BACKENDS = os.environ.get("CI") == "true" or os.environ.get("METALCORE_REQUIRE_BACKENDS") == "1"
 
+# Under pytest-xdist every core already runs a worker; torch's own intra-op threads on top of that
+# oversubscribe the machine (small-op tests ran 10-20x slower on 2 cores with 2 threads per worker).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed(request):
