@@ -16,8 +16,9 @@ RoPE. Attention layers call the *module-level* ``apply_rotary_pos_emb`` of their
 the function cannot be swapped per instance by assignment. Instead the layer's class ``forward`` is
 cloned — same code object, same closures and decorators (``deprecate_kwarg``) — with a copy of its
 globals in which only ``apply_rotary_pos_emb`` is metalcore's, and the clone is bound on the
-instance. The modeling module's namespace is untouched; ``torch.compile`` traces the clone like any
-function. Every family's ``apply_rotary_pos_emb`` is first run against metalcore's on a small probe
+instance. The modeling module's namespace is untouched; the copy has no ``__name__``, which makes
+``torch.compile`` resolve the clone's globals from the copy itself rather than by re-importing the
+modeling module (where it would find the original function). Every family's ``apply_rotary_pos_emb`` is first run against metalcore's on a small probe
 (full-width and partial-rotary ``cos``), so an interleaved RoPE (Cohere) or a changed formula is
 reported and skipped, never swapped.
 
@@ -205,6 +206,9 @@ def _with_global(fn: Callable, name: str, value: Any) -> Callable:
             raise LookupError(f"{fn.__qualname__} does not call {name}")
         namespace = dict(fn.__globals__)
         namespace[name] = value
+        # Without ``__name__``, torch.compile reads globals from this very dict (it otherwise re-imports
+        # the module by name and would see the original ``name``: measured, dynamo then traced HF's RoPE).
+        del namespace["__name__"]
         clone = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
     else:
         new_inner = _with_global(inner, name, value)
