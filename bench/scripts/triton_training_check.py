@@ -6,11 +6,13 @@ For each case: the fewest bytes the op must move (each input read once, each out
 once), the median GPU time, achieved GB/s, the fraction of the measured device-to-device copy
 bandwidth, and the ratio of each peer's time to metalcore's (above 1: metalcore is faster).
 
-Timing: CUDA events around one call, L2 flushed (256 MB written) before each call, and a
-``torch.cuda._sleep`` queued ahead of the start event so that the host's launch overhead is
-hidden: the numbers are GPU time. Host overhead is reported separately as the wall time of
-back-to-back eager calls ("wall us/call"). ``--sweep`` also times a few launch configurations of
-each kernel (module constants) and reports them, without changing the defaults.
+Timing, L2 evicted before every timed call by reading 256 MB:
+* GPU time (``times_us``, the ratios): the call captured in a CUDA graph and replayed between
+  CUDA events, so host overhead is excluded for every contender alike;
+* eager time (``eager_us``): the plain call between events, after a ~0.5 ms ``torch.cuda._sleep``
+  that hides up to that much host time; a call whose host overhead is larger shows it here;
+* wall time (``wall_us_per_call``): back-to-back eager calls, host included.
+``--sweep`` also times a few launch configurations (module constants), defaults restored.
 """
 
 from __future__ import annotations
@@ -42,23 +44,61 @@ EPS = 1e-6
 _flush = None
 
 
-def gpu_ms(fn, reps: int = 40, warmup: int = 5) -> float:
-    """Median GPU milliseconds of ``fn()`` with a cold L2 and launch overhead hidden."""
+def _cold_l2():
+    """Evict L2 by reading 256 MB (a read leaves clean lines: no write-backs land in the timed
+    region, as they would after writing a flush buffer)."""
     global _flush
     if _flush is None:
-        _flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+        _flush = torch.ones(64 * 2**20, dtype=torch.float32, device="cuda")
+    _flush.sum()
+
+
+def _time(launch, reps: int, sleep_cycles: int) -> float:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
-        _flush.zero_()
-        torch.cuda._sleep(1_000_000)  # ~0.5 ms: the host enqueues fn() while the GPU waits here
+        _cold_l2()
+        torch.cuda._sleep(sleep_cycles)  # the host enqueues launch() while the GPU waits here
         start.record()
-        fn()
+        launch()
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def eager_ms(fn, reps: int = 30, warmup: int = 5, sleep_cycles: int = 1_000_000) -> float:
+    """Median milliseconds between events around an eager call, cold L2, after a ~0.5 ms sleep
+    that hides up to that much host time: a call whose host overhead is larger shows it here."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    return _time(fn, reps, sleep_cycles)
+
+
+def graph_ms(fn, reps: int = 30) -> float:
+    """Median GPU milliseconds of ``fn`` captured in a CUDA graph (no host overhead at all)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return _time(graph.replay, reps, 200_000)
+
+
+def gpu_ms(fn, reps: int = 30) -> float:
+    """GPU time: from a CUDA graph when ``fn`` can be captured, else the eager measurement."""
+    try:
+        return graph_ms(fn, reps)
+    except Exception as e:  # noqa: BLE001
+        print(f"    (graph capture failed, eager timing: {str(e)[:120]})")
+        torch.cuda.synchronize()
+        return eager_ms(fn, reps)
 
 
 def wall_us(fn, calls: int = 200) -> float:
@@ -93,36 +133,46 @@ class Report:
         self.device = device
         self.rows = []
 
-    def case(self, name: str, nbytes: int, fns: dict, wall: dict | None = None, note: str = "") -> dict:
+    def case(self, name: str, nbytes: int, fns: dict, wall: dict | None = None, note: str = "",
+             long_sleep: bool = False) -> dict:
         """Time ``fns`` (metalcore first) and record the row."""
-        times = {}
+        times, eager = {}, {}
         for label, fn in fns.items():
             try:
-                times[label] = gpu_ms(fn)
+                eager[label] = eager_ms(fn) * 1e3
+                # long_sleep: calls whose host side is too long or not capturable (the AdamW step
+                # copies its pointer table from pinned host memory): eager timing behind a ~3 ms
+                # sleep, which hides the host time, instead of a graph.
+                times[label] = eager_ms(fn, sleep_cycles=6_000_000) if long_sleep else gpu_ms(fn)
             except Exception as e:  # noqa: BLE001
                 print(f"  {name} / {label} failed: {e!r}")
                 traceback.print_exc()
         ours = times.get("metalcore")
         row = dict(case=name, bytes=nbytes, floor_us=nbytes / (self.copy_gbs * 1e9) * 1e6,
-                   times_us={k: v * 1e3 for k, v in times.items()}, note=note)
+                   times_us={k: v * 1e3 for k, v in times.items()}, eager_us=eager, note=note)
         if ours:
             row["gbs"] = nbytes / (ours * 1e-3) / 1e9
             row["fraction_of_copy"] = row["gbs"] / self.copy_gbs
             row["peer_over_metalcore"] = {k: v / ours for k, v in times.items() if k != "metalcore"}
+            if eager.get("metalcore"):
+                row["eager_peer_over_metalcore"] = {k: v / eager["metalcore"] for k, v in eager.items() if k != "metalcore"}
         if wall:
             row["wall_us_per_call"] = {k: wall_us(v) for k, v in wall.items()}
         self.rows.append(row)
         peers = " ".join(f"{k}={v:.2f}x" for k, v in row.get("peer_over_metalcore", {}).items())
+        epeers = " ".join(f"{k}={v:.2f}x" for k, v in row.get("eager_peer_over_metalcore", {}).items())
         print(f"{name:34s} {row['times_us'].get('metalcore', float('nan')):9.1f} us "
-              f"{row.get('gbs', 0):7.0f} GB/s {row.get('fraction_of_copy', 0):5.1%} of copy | {peers}", flush=True)
+              f"{row.get('gbs', 0):7.0f} GB/s {row.get('fraction_of_copy', 0):5.1%} of copy | {peers}"
+              f" || eager {eager.get('metalcore', float('nan')):.1f} us: {epeers}", flush=True)
         return row
 
 
-def copy_bandwidth() -> float:
-    src = torch.randn(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+def copy_bandwidth(nbytes: int = 2**30) -> float:
+    """Device-to-device copy GB/s (bytes read + written) of an ``nbytes`` buffer."""
+    src = torch.randn(nbytes // 4, device="cuda", dtype=torch.float32)
     dst = torch.empty_like(src)
     ms = gpu_ms(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def hf_rms_norm(x, w):
@@ -250,58 +300,43 @@ def bench_adamw(rep: Report):
         ours = MetalAdamW(params(dtype), lr=1e-3, weight_decay=0.1)
         fns = {"metalcore": ours.step}
         if dtype == torch.float32:
-            fused = torch.optim.AdamW(params(dtype), lr=1e-3, weight_decay=0.1, fused=True)
+            # capturable=True keeps torch's step counters on the GPU, so its fused step can be
+            # captured in a CUDA graph like ours; it is the same fused kernel.
+            fused = torch.optim.AdamW(params(dtype), lr=1e-3, weight_decay=0.1, fused=True, capturable=True)
             foreach = torch.optim.AdamW(params(dtype), lr=1e-3, weight_decay=0.1, foreach=True)
             fns.update({"torch fused": fused.step, "torch foreach": foreach.step})
-        rep.case(f"adamw step {str(dtype)[6:]} 16.8M params/64 tensors", n * per, fns,
+        rep.case(f"adamw step {str(dtype)[6:]} 16.8M params/64 tensors", n * per, fns, long_sleep=True,
                  wall={"metalcore": ours.step, **({"torch fused": fns["torch fused"]} if "torch fused" in fns else {})})
 
 
 def sweep(rep: Report):
-    """A few launch configurations per kernel (kernel-level times, defaults unchanged)."""
+    """A few launch configurations per kernel (kernel-level GPU times, defaults restored)."""
     out = {}
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     rstd = RMS.rms_norm_fwd_launch(x, w, EPS, 0.0)[2]
     N = x.numel() * 2
-    orig_warps = RMS.warps_for
-    for warps in (4, 8, 16):
-        RMS.warps_for = lambda e, _w=warps: _w
-        out[f"rms fwd warps={warps}"] = (2 * N, gpu_ms(lambda: RMS.rms_norm_fwd_launch(x, w, EPS, 0.0)))
-        for per_sm in (1, 2, 4, 8):
-            RMS.BWD_PROGRAMS_PER_SM = per_sm
-            out[f"rms bwd warps={warps} programs/SM={per_sm}"] = (
+    for tile in (4096, 8192, 16384):
+        RMS.TILE_ELEMENTS = tile
+        out[f"rms fwd tile={tile}"] = (2 * N, gpu_ms(lambda: RMS.rms_norm_fwd_launch(x, w, EPS, 0.0)))
+        for per_sm in (2, 4):
+            RMS.BWD_TILE_ELEMENTS, RMS.BWD_PROGRAMS_PER_SM = tile, per_sm
+            out[f"rms bwd tile={tile} programs/SM={per_sm}"] = (
                 3 * N, gpu_ms(lambda: RMS.rms_norm_bwd_launch(dy, x, w, rstd, 0.0)))
-    RMS.warps_for, RMS.BWD_PROGRAMS_PER_SM = orig_warps, 2
-
-    a = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16)
-    b, d = torch.randn_like(a), torch.randn_like(a)
-    Ne = a.numel() * 2
-    for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (8192, 8), (8192, 16)):
-        for mod in (ACT, SWI):
-            mod.BLOCK, mod.NUM_WARPS = block, warps
-        out[f"silu fwd BLOCK={block} warps={warps}"] = (2 * Ne, gpu_ms(lambda: ACT.activation_fwd_launch(a, ACT.SILU)))
-        out[f"gelu fwd BLOCK={block} warps={warps}"] = (2 * Ne, gpu_ms(lambda: ACT.activation_fwd_launch(a, ACT.GELU_EXACT)))
-        out[f"gelu bwd BLOCK={block} warps={warps}"] = (3 * Ne, gpu_ms(lambda: ACT.activation_bwd_launch(d, a, ACT.GELU_EXACT)))
-        out[f"swiglu fwd BLOCK={block} warps={warps}"] = (3 * Ne, gpu_ms(lambda: SWI.swiglu_fwd_launch(a, b)))
-        out[f"swiglu bwd BLOCK={block} warps={warps}"] = (5 * Ne, gpu_ms(lambda: SWI.swiglu_bwd_launch(d, a, b)))
-    for mod in (ACT, SWI):
-        mod.BLOCK, mod.NUM_WARPS = 4096, 8
+    RMS.TILE_ELEMENTS, RMS.BWD_TILE_ELEMENTS, RMS.BWD_PROGRAMS_PER_SM = 4096, 4096, 2
 
     ps = [torch.randn(512, 512, device="cuda") for _ in range(64)]
     gs = [torch.randn_like(p) for p in ps]
     ms_ = [torch.zeros_like(p) for p in ps]
     vs = [torch.zeros_like(p) for p in ps]
     steps = [1.0] * 64
-    for block, warps in ((512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8)):
-        for per_sm in (2, 4, 8, 16):
-            ADAM.BLOCK, ADAM.PROGRAMS_PER_SM = block, per_sm
-            fn = lambda _w=warps: ADAM.adamw_step_launch(ps, gs, ms_, vs, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
-                                                         eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
-            ADAM.NUM_WARPS = warps
-            out[f"adamw BLOCK={block} warps={warps} programs/SM={per_sm}"] = (64 * 512 * 512 * 28, gpu_ms(fn))
-    ADAM.BLOCK, ADAM.PROGRAMS_PER_SM, ADAM.NUM_WARPS = 1024, 8, 4
+    for block, warps, per_sm in ((512, 4, 4), (512, 4, 8), (1024, 8, 4), (2048, 8, 2)):
+        ADAM.BLOCK, ADAM.NUM_WARPS, ADAM.PROGRAMS_PER_SM = block, warps, per_sm
+        fn = lambda: ADAM.adamw_step_launch(ps, gs, ms_, vs, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                                            eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
+        out[f"adamw BLOCK={block} warps={warps} programs/SM={per_sm}"] = (64 * 512 * 512 * 28, eager_ms(fn))
+    ADAM.BLOCK, ADAM.NUM_WARPS, ADAM.PROGRAMS_PER_SM = 512, 4, 8
 
     result = {}
     for k, (nbytes, ms) in out.items():
@@ -327,6 +362,9 @@ def main():
         info["liger"] = None
     copy = copy_bandwidth()
     info["copy_gbs"] = copy
+    # The same copy at the size of one 4096x4096 bf16 activation (32 MiB in, 32 MiB out): the
+    # ceiling a kernel of that size can reach, launch and tail included.
+    info["copy_gbs_32MiB"] = copy_bandwidth(2**25)
     print(json.dumps(info))
     rep = Report(copy, info["device"])
     results = dict(info=info)

@@ -38,9 +38,13 @@ from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm
 # thread); longer rows take the looped kernels in chunks of LOOP_BLOCK_N.
 MAX_FUSED_N = 8192
 LOOP_BLOCK_N = 4096
-# Short rows are packed several to a program so that each program still moves ~4096 elements.
+# Short rows are packed several to a program so that each program still moves ~TILE_ELEMENTS
+# elements (forward) or BWD_TILE_ELEMENTS (backward, whose programs loop over row tiles).
 TILE_ELEMENTS = 4096
-# Backward programs per SM: each loops over rows and owns one row of the dw partial-sum buffer.
+BWD_TILE_ELEMENTS = 4096
+# Backward programs per SM: each loops over row tiles and owns one row of the dw partial-sum
+# buffer. H100, bf16 4096x4096: 2 per SM 55 us; 1, 4 and 8 per SM 61-69 us (a bigger partial
+# buffer, or too few programs in flight).
 BWD_PROGRAMS_PER_SM = 2
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -188,10 +192,10 @@ def _rms_norm_bwd_looped_kernel(DY, X, W, RSTD, C, DX, DW_PARTIAL, n_rows, n_col
 # Launchers: plain tensors in, plain tensors out
 # --------------------------------------------------------------------------------------------
 
-def _tile(n: int) -> tuple[int, int]:
-    """(BLOCK_N, ROWS) for the register-resident kernels."""
+def _tile(n: int, elements: int) -> tuple[int, int]:
+    """(BLOCK_N, ROWS) for the register-resident kernels: whole rows, ~``elements`` per tile."""
     block_n = triton.next_power_of_2(n)
-    return block_n, max(1, min(256, TILE_ELEMENTS // block_n))
+    return block_n, max(1, min(256, elements // block_n))
 
 
 def rms_norm_fwd_launch(x: Tensor, weight: Optional[Tensor], eps: float, offset: float,
@@ -209,7 +213,7 @@ def rms_norm_fwd_launch(x: Tensor, weight: Optional[Tensor], eps: float, offset:
     h_out = h if h is not None else y
     flags = dict(HAS_W=weight is not None, HAS_R=residual is not None)
     if n <= MAX_FUSED_N:
-        block_n, tile_rows = _tile(n)
+        block_n, tile_rows = _tile(n, TILE_ELEMENTS)
         _rms_norm_fwd_kernel[(triton.cdiv(rows, tile_rows),)](
             x, r, w, y, h_out, rstd, rows, n, eps, offset, BLOCK_N=block_n, ROWS=tile_rows,
             num_warps=warps_for(block_n * tile_rows), **flags)
@@ -230,7 +234,7 @@ def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
     w = weight.contiguous() if has_w else x
     slots = program_slots(x.device) * BWD_PROGRAMS_PER_SM
     if n <= MAX_FUSED_N:
-        block_n, tile_rows = _tile(n)
+        block_n, tile_rows = _tile(n, BWD_TILE_ELEMENTS)
         programs = max(1, min(slots, triton.cdiv(rows, tile_rows)))
         partial = torch.empty((programs, n) if has_w else (0,), dtype=torch.float32, device=x.device)
         if rows > 0:

@@ -9,7 +9,7 @@ import torch
 
 import metalcore
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
-from oracle import assert_close
+from oracle import assert_close, assert_within_torch_error
 from tolerances import TOL
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -43,8 +43,12 @@ def check_rms_norm(x, w, offset):
                                    leaves64, dy.double())
     assert_close(grads[0], expected[0], x.dtype)
     if w is not None:
+        # dw sums one product per row: a reduction, judged by the suite's rule for reductions
+        # (at most 2x the error of torch's own computation in fp32, against float64).
         assert grads[1].dtype == w.dtype
-        assert_close(grads[1], expected[1], w.dtype)
+        _, rstd = rms_norm_fwd.reference(x.detach(), w, EPS, offset)
+        _, torch_dw = rms_norm_bwd.reference(dy, x.detach(), w, rstd, offset)
+        assert_within_torch_error(grads[1], torch_dw, expected[1])
 
 
 def case_id(n, rows):
