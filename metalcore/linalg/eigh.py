@@ -92,7 +92,7 @@ def eigh(A: Tensor, UPLO: str = "L", *, out=None):
     fn = "metalcore.linalg.eigh"
     A = check_matrix(fn, "A", A, square=True)
     L, Q = eigh_op(A, _uplo(fn, UPLO), True)
-    return write_out(fn, torch.return_types.linalg_eigh((L, Q)), out)
+    return torch.return_types.linalg_eigh(write_out(fn, (L, Q), out))
 
 
 def eigvalsh(A: Tensor, UPLO: str = "L", *, out=None) -> Tensor:

@@ -99,7 +99,7 @@ def qr(A: Tensor, mode: str = "reduced", *, out=None):
     A = check_matrix(fn, "A", A)
     check_choice(fn, "mode", mode, MODES)
     Q, R = qr_op(A, mode)
-    return write_out(fn, torch.return_types.linalg_qr((Q, R)), out)
+    return torch.return_types.linalg_qr(write_out(fn, (Q, R), out))
 
 
 # The original metalcore API named the batched QR separately; every metalcore op takes any number of

@@ -104,7 +104,7 @@ def solve_ex(A: Tensor, B: Tensor, *, left: bool = True, check_errors: bool = Fa
     """
     fn = "metalcore.linalg.solve_ex"
     X, info = _solve(fn, A, B, left, bool(check_errors))
-    return write_out(fn, torch.return_types.linalg_solve_ex((X, info)), out)
+    return torch.return_types.linalg_solve_ex(write_out(fn, (X, info), out))
 
 
 def solve(A: Tensor, B: Tensor, *, left: bool = True, out=None) -> Tensor:

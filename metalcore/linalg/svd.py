@@ -138,7 +138,7 @@ def svd(A: Tensor, full_matrices: bool = True, *, driver=None, out=None):
     A = check_matrix(fn, "A", A)
     _check_driver(fn, A, driver)
     U, S, Vh = svd_op(A, bool(full_matrices), True)
-    return write_out(fn, torch.return_types.linalg_svd((U, S, Vh)), out)
+    return torch.return_types.linalg_svd(write_out(fn, (U, S, Vh), out))
 
 
 def svdvals(A: Tensor, *, driver=None, out=None) -> Tensor:

@@ -1,0 +1,185 @@
+import pytest
+import torch
+
+import metalcore
+from cases import BATCHES, DTYPES, SIZES, noncontiguous, shape_id
+from oracle import assert_lapack_ratio, assert_within_torch_error, eps, orthogonality_ratio, residual_ratio
+from metalcore.linalg.svd import seed_svd, svd_op
+
+
+def matrix_shapes(n):
+    """Square, tall and wide shapes with largest side n."""
+    return [(n, n)] if n == 1 else [(n, n), (n, (n + 1) // 2), ((n + 1) // 2, n)]
+
+
+# Batches of 2x3 skip the largest sizes: the small sizes already cover the batch logic.
+CASES = [(b, mn) for b in BATCHES for n in SIZES for mn in matrix_shapes(n) if not (len(b) == 2 and n > 33)]
+CASE_IDS = [shape_id(b, *mn) for b, mn in CASES]
+
+
+def weights(k):
+    return torch.linspace(1.0, 2.0, k, dtype=torch.float64)
+
+
+def invariants(U, S, Vh):
+    """Functions of the SVD that do not depend on the sign of each singular pair."""
+    w = weights(S.shape[-1])
+    return U @ torch.diag_embed(S * w) @ Vh, (U * w) @ U.mH, (Vh.mH * w) @ Vh, S
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,mn", CASES, ids=CASE_IDS)
+def test_svd_lapack_ratios(batch, mn, dtype):
+    m, n = mn
+    A = torch.randn(*batch, m, n, dtype=dtype)
+    U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
+    k = min(m, n)
+    assert (U.shape, S.shape, Vh.shape) == ((*batch, m, k), (*batch, k), (*batch, k, n))
+    assert U.dtype == S.dtype == Vh.dtype == dtype
+    what = f"svd {shape_id(batch, m, n)}"
+    assert_lapack_ratio(residual_ratio(A, U @ torch.diag_embed(S) @ Vh, dtype), what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(U, dtype), what + " U")
+    assert_lapack_ratio(orthogonality_ratio(Vh, dtype, rows=True), what + " Vh")
+    assert bool((S[..., :-1] >= S[..., 1:]).all()), "singular values must be descending"
+    assert bool((S >= 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n", [(33, 16), (16, 33), (31, 31)], ids=str)
+def test_svd_full_matrices(m, n, dtype):
+    A = torch.randn(7, m, n, dtype=dtype)
+    U, S, Vh = metalcore.linalg.svd(A)
+    assert U.shape == (7, m, m) and Vh.shape == (7, n, n)
+    k = min(m, n)
+    assert_lapack_ratio(orthogonality_ratio(U, dtype), "full U")
+    assert_lapack_ratio(orthogonality_ratio(Vh, dtype, rows=True), "full Vh")
+    assert_lapack_ratio(residual_ratio(A, U[..., :k] @ torch.diag_embed(S) @ Vh[..., :k, :], dtype), "full residual")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,r", [(33, 16, 5), (16, 33, 1), (31, 31, 30), (64, 64, 0)], ids=str)
+def test_svd_rank_deficient_keeps_orthonormal_vectors(m, n, r, dtype):
+    A = (torch.randn(4, m, r, dtype=torch.float64) @ torch.randn(4, r, n, dtype=torch.float64)).to(dtype)
+    U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
+    assert_lapack_ratio(orthogonality_ratio(U, dtype), "rank-deficient U")
+    assert_lapack_ratio(orthogonality_ratio(Vh, dtype, rows=True), "rank-deficient Vh")
+    assert_lapack_ratio(residual_ratio(A, U @ torch.diag_embed(S) @ Vh, dtype), "rank-deficient residual")
+    largest = S[..., :1].clamp_min(1.0) if r == 0 else S[..., :1]
+    tail = S[..., r:] / largest
+    assert tail.max().item() <= 30 * max(m, n) * eps(dtype), "the null singular values must vanish"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_singular_values_within_torch_error(dtype):
+    A = torch.randn(7, 65, 33, dtype=torch.float64)
+    expected = torch.linalg.svdvals(A)
+    A_low = A.to(dtype)
+    assert_within_torch_error(metalcore.linalg.svd(A_low).S, torch.linalg.svdvals(A_low), expected)
+    assert_within_torch_error(metalcore.linalg.svdvals(A_low), torch.linalg.svdvals(A_low), expected)
+
+
+def test_svd_noncontiguous_and_return_types():
+    A = torch.randn(3, 9, 6, dtype=torch.float64)
+    result = metalcore.linalg.svd(noncontiguous(A))
+    assert isinstance(result, torch.return_types.linalg_svd)
+    assert all(t.is_contiguous() for t in result)
+    U, S, Vh = result
+    assert_lapack_ratio(residual_ratio(A, U[..., :6] @ torch.diag_embed(S) @ Vh, torch.float64), "noncontiguous")
+    assert isinstance(metalcore.linalg.svdvals(noncontiguous(A)), torch.Tensor)
+
+
+def test_svd_out():
+    A = torch.randn(2, 5, 3, dtype=torch.float64)
+    out = (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64))
+    result = metalcore.linalg.svd(A, full_matrices=False, out=out)
+    assert result.U is out[0] and result.S is out[1] and result.Vh is out[2]
+    assert_lapack_ratio(residual_ratio(A, out[0] @ torch.diag_embed(out[1]) @ out[2], torch.float64), "out")
+    s = torch.empty(0, dtype=torch.float64)
+    assert metalcore.linalg.svdvals(A, out=s) is s and s.shape == (2, 3)
+
+
+def test_seed_svd_returns_v_not_vh():
+    A = torch.randn(4, 7, 5, dtype=torch.float64)
+    result = seed_svd(A)
+    assert isinstance(result, torch.return_types.svd)
+    U, S, V = result
+    assert U.shape == (4, 7, 5) and V.shape == (4, 5, 5), "reduced by default"
+    assert_lapack_ratio(residual_ratio(A, U @ torch.diag_embed(S) @ V.mT, torch.float64), "seed svd A = U S Vᵀ")
+    U, S, V = seed_svd(A, full_matrices=True)
+    assert U.shape == (4, 7, 7) and V.shape == (4, 5, 5)
+
+
+def test_svd_driver_is_cuda_only_like_torch():
+    A = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="driver"):
+        torch.linalg.svd(A, driver="gesvd")
+    with pytest.raises(RuntimeError, match=r"metalcore.linalg.svd: .*driver.*CUDA"):
+        metalcore.linalg.svd(A, driver="gesvd")
+    with pytest.raises(RuntimeError, match=r"metalcore.linalg.svdvals: .*driver.*CUDA"):
+        metalcore.linalg.svdvals(A, driver="gesvdj")
+
+
+def test_svd_rejects_bad_input():
+    with pytest.raises(TypeError, match=r"metalcore.linalg.svd: A must have dtype float32, float64; got int64"):
+        metalcore.linalg.svd(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"metalcore.linalg.svd: A must be a matrix"):
+        metalcore.linalg.svd(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"metalcore.linalg.svdvals: A must be a torch.Tensor"):
+        metalcore.linalg.svdvals([[1.0]])
+
+
+@pytest.mark.parametrize("m,n", [(5, 3), (3, 5), (4, 4)], ids=str)
+def test_svd_gradcheck(m, n):
+    A = torch.randn(2, m, n, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda X: invariants(*metalcore.linalg.svd(X, full_matrices=False)), (A,))
+    torch.autograd.gradcheck(metalcore.linalg.svdvals, (A,))
+
+    def seed_invariants(X):
+        U, S, V = seed_svd(X)
+        return invariants(U, S, V.mT)
+
+    torch.autograd.gradcheck(seed_invariants, (A,))
+
+
+@pytest.mark.parametrize("full_matrices", [False, True], ids=["reduced", "full"])
+@pytest.mark.parametrize("m,n", [(6, 4), (4, 6), (5, 5)], ids=str)
+def test_svd_gradient_matches_torch(m, n, full_matrices):
+    # Also for full_matrices with m != n, where torch ignores the gradient of the extra columns of U
+    # (rows of Vh): they are an arbitrary basis of the complement.
+    A = torch.randn(3, m, n, dtype=torch.float64, requires_grad=True)
+    ours = metalcore.linalg.svd(A, full_matrices=full_matrices)
+    theirs = torch.linalg.svd(A, full_matrices=full_matrices)
+    grads = [torch.randn_like(t) for t in theirs]
+    g_ours, = torch.autograd.grad(ours, A, grads)
+    g_theirs, = torch.autograd.grad(theirs, A, grads)
+    torch.testing.assert_close(g_ours, g_theirs)
+    # Each output alone (the others' gradients are None in the backward).
+    for i in range(3):
+        g_ours, = torch.autograd.grad(metalcore.linalg.svd(A, full_matrices=full_matrices)[i], A, grads[i])
+        g_theirs, = torch.autograd.grad(torch.linalg.svd(A, full_matrices=full_matrices)[i], A, grads[i])
+        torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_svdvals_gradient_is_finite_for_repeated_singular_values():
+    A = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1).requires_grad_()
+    g = torch.randn(2, 4, dtype=torch.float64)
+    ours, = torch.autograd.grad(metalcore.linalg.svdvals(A), A, g)
+    theirs, = torch.autograd.grad(torch.linalg.svdvals(A), A, g)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_svd_without_vectors_is_not_differentiable():
+    A = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    U, S, Vh = svd_op(A, False, False)
+    assert U.shape == (0,) and Vh.shape == (0,)
+    with pytest.raises(RuntimeError, match="compute_uv=False"):
+        S.sum().backward()
+
+
+def test_svd_compiles_without_graph_breaks():
+    A = torch.randn(3, 9, 5, dtype=torch.float32)
+    compiled = torch.compile(lambda X: metalcore.linalg.svd(X, full_matrices=False), fullgraph=True)
+    U, S, Vh = compiled(A)
+    assert_lapack_ratio(residual_ratio(A, U @ torch.diag_embed(S) @ Vh, torch.float32), "compiled svd")
+    torch.testing.assert_close(S, torch.linalg.svdvals(A))
