@@ -1,13 +1,10 @@
 """Metal shaders on the CPU: every test here needs the shader executor (csrc/), which needs clang.
 
-Without it the tests skip locally and fail in CI (REQUIRE_BACKENDS, tests/conftest.py). The
-test that every shader kernel was launched runs last, after the shader tests have recorded their
-launches (metalcore._metal records every kernel it launches).
+Without it the tests skip locally and fail in CI (REQUIRE_BACKENDS, tests/conftest.py).
 """
 
 import pytest
 
-import metalcore
 from metalcore import _metal
 
 # tests/conftest.py puts tests/ on sys.path; its REQUIRE_BACKENDS is the suite's one rule.
@@ -30,21 +27,6 @@ def require_executor():
 @pytest.fixture(scope="session")
 def executor():
     return require_executor()
-
-
-@pytest.fixture
-def metal_backend(executor):
-    """Run metalcore ops on the metal backend (shaders on the CPU executor) inside the test."""
-    with metalcore.use_backend("metal"):
-        yield
-
-
-def pytest_collection_modifyitems(config, items):
-    last = [it for it in items if it.nodeid.split("::")[0].endswith("test_every_kernel_exercised.py")]
-    for it in last:
-        items.remove(it)
-        items.append(it)
-    config._metalcore_shader_tests = sum(1 for it in items if "/metal/test_shaders_" in it.nodeid)
 
 
 @pytest.fixture(autouse=True)

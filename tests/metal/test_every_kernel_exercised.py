@@ -1,20 +1,75 @@
-"""Every kernel in shaders/*.metal (each dtype instantiation) was launched by this test session.
+"""Every kernel in shaders/*.metal (each dtype instantiation) is launched, and agrees with its op's
+reference on a small input.
 
-Runs last (tests/metal/conftest.py moves it there), after the shader tests recorded their launches
-in ``metalcore._metal.launched``. A new kernel without a test fails here.
+The test drives the kernels itself through the ops (so it holds under pytest-xdist, where the shader
+tests run in other processes); metalcore._metal records every launch. A new kernel that no op here
+reaches fails the test: add its op to DRIVERS (and its tests to tests/metal/test_shaders_*.py).
 """
 
-import pytest
 import torch
 
+import metalcore
 from metalcore import _metal
+from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
+from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
+from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
+from metalcore.optim.adamw import adamw_step_
+from tolerances import TOL
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def test_every_shader_kernel_was_launched(executor, request):
-    if not getattr(request.config, "_metalcore_shader_tests", 0):
-        pytest.skip("run together with tests/metal/test_shaders_*.py (this test checks what they launched)")
-    kernels = {(name, k) for name in _metal.shader_names()
-               for k in dir(_metal.library(name, torch.device("cpu")))}
+def _check(op, *args):
+    with metalcore.use_backend("metal"):
+        assert op.backend_for(*args) == "metal", op.name
+        got = op(*args)
+    want = op.reference(*args)
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **(TOL[a.dtype] if a.dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)))
+
+
+def _rms_norm(dtype):
+    x, r, w = torch.randn(5, 40).to(dtype), torch.randn(5, 40).to(dtype), torch.randn(40)
+    _check(rms_norm_fwd, x, w, 1e-6, 0.0)
+    _check(fused_add_rms_norm_fwd, x, r, w, 1e-6, 1.0)
+    rstd = rms_norm_fwd.reference(x, w, 1e-6, 0.0)[1]
+    _check(rms_norm_bwd, torch.randn_like(x), x, w, rstd, 0.0)
+
+
+def _activations(dtype):
+    x, dy = torch.randn(50).to(dtype), torch.randn(50).to(dtype)
+    for approximate in ("none", "tanh"):
+        _check(gelu_fwd, x, approximate)
+        _check(gelu_bwd, dy, x, approximate)
+    _check(silu_fwd, x)
+    _check(silu_bwd, dy, x)
+    _check(swiglu_fwd, x, dy)
+    _check(swiglu_bwd, dy, x, torch.randn(50).to(dtype))
+
+
+def _adamw(dtype):
+    params = [torch.randn(n).to(dtype) for n in (3, 1100)]
+    state = (params, [torch.randn_like(p) for p in params], [torch.zeros(p.shape) for p in params],
+             [torch.zeros(p.shape) for p in params], [], [torch.tensor(0.0) for _ in params])
+    ref = [[t.clone() for t in lst] for lst in state]
+    hyper = (1e-2, 0.9, 0.999, 1e-8, 0.01, False, False)
+    with metalcore.use_backend("metal"):
+        assert adamw_step_.backend_for(*state, *hyper) == "metal"
+        adamw_step_(*state, *hyper)
+    adamw_step_.reference(*ref, *hyper)
+    for a, b in zip(state[0] + state[2] + state[3], ref[0] + ref[2] + ref[3]):
+        torch.testing.assert_close(a, b, **TOL[a.dtype])
+
+
+DRIVERS = (_rms_norm, _activations, _adamw)
+
+
+def test_every_shader_kernel_is_launched(executor):
+    for drive in DRIVERS:
+        for dtype in DTYPES:
+            drive(dtype)
+    kernels = {(name, k) for name in _metal.shader_names() for k in dir(_metal.library(name, torch.device("cpu")))}
     assert kernels, "no kernels found in shaders/"
     missing = sorted(f"{name}.metal: {k}" for name, k in kernels if k not in _metal.launched)
-    assert not missing, "kernels no test launched:\n  " + "\n  ".join(missing)
+    assert not missing, "kernels that no op launched:\n  " + "\n  ".join(missing)
