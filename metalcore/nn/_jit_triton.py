@@ -122,6 +122,17 @@ def program_slots(device: torch.device) -> int:
     return 4
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. (``triton.cdiv`` is a constexpr function in Triton 3.6 and
+    costs tens of microseconds a call from Python: 64 calls were most of an AdamW step's launch.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (host-side twin of ``triton.next_power_of_2``)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def warps_for(elements: int) -> int:
     """Warps per program for a block of ``elements``: about 16 elements per thread, so that each
     thread issues two or more 16-byte loads for 16-bit data (Liger's rule, same thresholds)."""

@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import jit
+from metalcore.nn._jit_triton import cdiv, jit
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
 
 # ACT codes (constexpr): which function the kernels compute.
@@ -81,7 +80,7 @@ def activation_fwd_launch(x: Tensor, act: int) -> Tensor:
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _activation_fwd_kernel[(triton.cdiv(n, BLOCK),)](x, y, n, ACT=act, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _activation_fwd_kernel[(cdiv(n, BLOCK),)](x, y, n, ACT=act, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
 
@@ -91,7 +90,7 @@ def activation_bwd_launch(dy: Tensor, x: Tensor, act: int) -> Tensor:
     dx = torch.empty_like(x)
     n = x.numel()
     if n:
-        _activation_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, x, dx, n, ACT=act, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _activation_bwd_kernel[(cdiv(n, BLOCK),)](dy, x, dx, n, ACT=act, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dx
 
 

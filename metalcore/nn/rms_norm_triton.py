@@ -27,11 +27,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import jit, program_slots, warps_for
+from metalcore.nn._jit_triton import cdiv, jit, next_power_of_2, program_slots, warps_for
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
 
 # Rows up to this length are held whole in registers (8192 fp32 values over 16 warps: 16 a
@@ -194,7 +193,7 @@ def _rms_norm_bwd_looped_kernel(DY, X, W, RSTD, C, DX, DW_PARTIAL, n_rows, n_col
 
 def _tile(n: int, elements: int) -> tuple[int, int]:
     """(BLOCK_N, ROWS) for the register-resident kernels: whole rows, ~``elements`` per tile."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     return block_n, max(1, min(256, elements // block_n))
 
 
@@ -214,7 +213,7 @@ def rms_norm_fwd_launch(x: Tensor, weight: Optional[Tensor], eps: float, offset:
     flags = dict(HAS_W=weight is not None, HAS_R=residual is not None)
     if n <= MAX_FUSED_N:
         block_n, tile_rows = _tile(n, TILE_ELEMENTS)
-        _rms_norm_fwd_kernel[(triton.cdiv(rows, tile_rows),)](
+        _rms_norm_fwd_kernel[(cdiv(rows, tile_rows),)](
             x, r, w, y, h_out, rstd, rows, n, eps, offset, BLOCK_N=block_n, ROWS=tile_rows,
             num_warps=warps_for(block_n * tile_rows), **flags)
     else:
@@ -235,16 +234,16 @@ def rms_norm_bwd_launch(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: T
     slots = program_slots(x.device) * BWD_PROGRAMS_PER_SM
     if n <= MAX_FUSED_N:
         block_n, tile_rows = _tile(n, BWD_TILE_ELEMENTS)
-        programs = max(1, min(slots, triton.cdiv(rows, tile_rows)))
+        programs = max(1, min(slots, cdiv(rows, tile_rows)))
         partial = torch.empty((programs, n) if has_w else (0,), dtype=torch.float32, device=x.device)
         if rows > 0:
             _rms_norm_bwd_kernel[(programs,)](
-                dy, x, w, rstd, dx, partial, rows, n, offset, triton.cdiv(rows, tile_rows), programs,
+                dy, x, w, rstd, dx, partial, rows, n, offset, cdiv(rows, tile_rows), programs,
                 BLOCK_N=block_n, ROWS=tile_rows,
                 HAS_W=has_w, num_warps=warps_for(block_n * tile_rows))
     else:
-        chunks = triton.cdiv(n, LOOP_BLOCK_N)
-        programs = max(1, min(rows, triton.cdiv(slots * 2, chunks)))
+        chunks = cdiv(n, LOOP_BLOCK_N)
+        programs = max(1, min(rows, cdiv(slots * 2, chunks)))
         partial = torch.empty((programs, n) if has_w else (0,), dtype=torch.float32, device=x.device)
         if rows > 0:
             c = torch.empty(rows, dtype=torch.float32, device=x.device)

@@ -11,11 +11,10 @@ fp32/bf16/fp16 (fp64 stays on the reference).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import jit
+from metalcore.nn._jit_triton import cdiv, jit
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
 
 # Elements per program (16 per thread at 8 warps), as for the activations.
@@ -51,7 +50,7 @@ def swiglu_fwd_launch(gate: Tensor, up: Tensor) -> Tensor:
     y = torch.empty_like(gate)
     n = gate.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _swiglu_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
 
@@ -60,7 +59,7 @@ def swiglu_bwd_launch(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Ten
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](dy, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dgate, dup
 
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import helper, jit, program_slots
+from metalcore.nn._jit_triton import cdiv, helper, jit, program_slots
 from metalcore.optim.adamw import adamw_step_
 
 # Elements per block: 512 at 4 warps is one 16-byte fp32 vector per thread per stream (θ, g, m, v).
@@ -117,7 +116,7 @@ def adamw_step_launch(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
         vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0  # never dereferenced without amsgrad
         rows.append((p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                      vmax, p.numel(), blocks))
-        blocks += triton.cdiv(p.numel(), BLOCK)
+        blocks += cdiv(p.numel(), BLOCK)
         scalars.append((lr / (1.0 - beta1 ** steps[i]), math.sqrt(1.0 - beta2 ** steps[i])))
     if blocks == 0:
         return
