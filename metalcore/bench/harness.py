@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -178,8 +179,9 @@ def metalcore_fn(*paths: str) -> Callable[..., Any]:
             if e.name is not None and module.startswith(e.name):  # the module itself is missing,
                 continue  # not something it imports (that is a bug to report, not a skip)
             raise
-        if hasattr(found, attr):
-            return getattr(found, attr)
+        obj = getattr(found, attr, None)
+        if callable(obj) and not isinstance(obj, types.ModuleType):  # not a submodule of that name
+            return obj
     raise Skip(f"metalcore.{paths[0]} does not exist yet")
 
 
@@ -499,7 +501,8 @@ def run_metadata(device: torch.device, info: dict[str, Any]) -> dict[str, Any]:
 
     root = Path(metalcore.__file__).resolve().parent.parent
     commit = _run_text("git", "rev-parse", "HEAD", cwd=root)
-    dirty = _run_text("git", "status", "--porcelain", "--untracked-files=no", cwd=root)
+    # Dirty: uncommitted changes, untracked files included, where the code that runs lives.
+    dirty = _run_text("git", "status", "--porcelain", "--", "metalcore", "csrc", "shaders", cwd=root)
     if commit is None:  # a copy of the tree without .git (a CI artifact, a remote GPU machine)
         commit, dirty = os.environ.get("METALCORE_BENCH_COMMIT"), None
     return {

@@ -145,3 +145,82 @@ def solve_triangular(ctx: Context, shape) -> Bench:
                  peers=_peers(ctx, torch.linalg.solve_triangular, L, B, upper=False),
                  shape=_label(shape), dtype=DTYPE, flops=_count(shape) * n**3,
                  bytes=_F32 * _count(shape) * (n * n / 2 + 2 * n * n), note="B: n right-hand sides")
+
+
+# --- values only, derived factors, least squares ---------------------------------------------------
+
+@case("svdvals", family="linalg", full=BATCHED + LARGE, small=BATCHED + LARGE_SMALL)
+def svdvals(ctx: Context, shape) -> Bench:
+    """Singular values alone (bidiagonalisation + QR iteration, no vectors): 4mn² − 4n³/3."""
+    fn = metalcore_fn("linalg.svdvals")
+    A = _general(ctx, shape)
+    m, n = max(shape[-2:]), min(shape[-2:])
+    return Bench(metalcore=lambda: fn(A), peers=_peers(ctx, torch.linalg.svdvals, A), shape=_label(shape),
+                 dtype=DTYPE, flops=_count(shape) * (4 * m * n * n - 4 * n**3 / 3),
+                 bytes=_F32 * _count(shape) * (m * n + n))
+
+
+@case("eigvalsh", family="linalg", full=BATCHED + LARGE[:1], small=BATCHED + LARGE_SMALL[:1])
+def eigvalsh(ctx: Context, shape) -> Bench:
+    """Eigenvalues alone (tridiagonalisation + QR iteration): 4n³/3."""
+    fn = metalcore_fn("linalg.eigvalsh")
+    A = _spd(ctx, shape)
+    n = shape[-1]
+    return Bench(metalcore=lambda: fn(A), peers=_peers(ctx, torch.linalg.eigvalsh, A), shape=_label(shape),
+                 dtype=DTYPE, flops=_count(shape) * 4 * n**3 / 3, bytes=_F32 * _count(shape) * (n * n + n))
+
+
+@case("householder_product", family="linalg", full=BATCHED + LARGE, small=BATCHED + LARGE_SMALL)
+def householder_product(ctx: Context, shape) -> Bench:
+    """LAPACK ``orgqr``: the reduced Q from ``geqrf``'s reflectors: 2mn² − 2n³/3."""
+    fn = metalcore_fn("linalg.householder_product")
+    reflectors, tau = torch.geqrf(_general(ctx, shape))
+    m, n = shape[-2:]
+    return Bench(metalcore=lambda: fn(reflectors, tau), peers=_peers(ctx, torch.linalg.householder_product, reflectors, tau),
+                 shape=_label(shape), dtype=DTYPE, flops=_count(shape) * (2 * m * n * n - 2 * n**3 / 3),
+                 bytes=_F32 * _count(shape) * (2 * m * n + n))
+
+
+@case("polar", family="linalg", full=BATCHED + LARGE, small=BATCHED + LARGE_SMALL)
+def polar(ctx: Context, shape) -> Bench:
+    """The orthogonal polar factor ``U Vᴴ`` (Muon's update direction). Peer: torch's SVD and the
+    product, the exact method; Newton–Schulz iterations are approximate and belong to the Muon case."""
+    fn = metalcore_fn("linalg.polar", "polar", "linalg.polar.polar")
+    A = _general(ctx, shape)
+    m, n = max(shape[-2:]), min(shape[-2:])
+
+    def torch_polar(A):
+        U, _, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U @ Vh
+
+    flops = _count(shape) * (min(14 * m * n * n + 8 * n**3, 6 * m * n * n + 20 * n**3) + 2 * m * n * n)
+    return Bench(metalcore=lambda: fn(A), peers=_peers(ctx, torch_polar, A), shape=_label(shape), dtype=DTYPE,
+                 flops=flops, bytes=_F32 * _count(shape) * 2 * m * n)
+
+
+_TALL = [dict(shape=s) for s in ((500, 32, 16), (1000, 64, 32), (64, 256, 128))]
+
+
+@case("lstsq", family="linalg", full=_TALL + [dict(shape=(11008, 4096))], small=_TALL + [dict(shape=(2752, 1024))])
+def lstsq(ctx: Context, shape) -> Bench:
+    """``min ‖A X − B‖`` for tall full-rank ``A`` and 16 right-hand sides, the ``gels`` driver (QR;
+    the only one torch has on CUDA): 2mn² − 2n³/3 + 4mnk + n²k."""
+    fn = metalcore_fn("linalg.lstsq")
+    A = _general(ctx, shape)
+    m, n = shape[-2:]
+    k = 16
+    B = torch.randn(*shape[:-1], k, device=ctx.device, dtype=DTYPE)
+    flops = _count(shape) * (2 * m * n * n - 2 * n**3 / 3 + 4 * m * n * k + n * n * k)
+    return Bench(metalcore=lambda: fn(A, B, driver="gels"), peers=_peers(ctx, torch.linalg.lstsq, A, B, driver="gels"),
+                 shape=_label(shape), dtype=DTYPE, flops=flops, bytes=_F32 * _count(shape) * (m * n + m * k + n * k),
+                 canonical=lambda out: out[0], note="B: 16 right-hand sides")
+
+
+@case("pinv", family="linalg", full=BATCHED)
+def pinv(ctx: Context, shape) -> Bench:
+    """Moore–Penrose inverse through the SVD: the SVD, then ``V diag(1/σ) Uᴴ`` (2n³ more)."""
+    fn = metalcore_fn("linalg.pinv")
+    A = _general(ctx, shape)
+    n = shape[-1]
+    return Bench(metalcore=lambda: fn(A), peers=_peers(ctx, torch.linalg.pinv, A), shape=_label(shape),
+                 dtype=DTYPE, flops=_count(shape) * (22 * n**3 + 2 * n**3), bytes=_F32 * _count(shape) * 2 * n * n)

@@ -9,9 +9,9 @@ from typing import Any
 
 from metalcore.bench.harness import Row
 
-COLUMNS = ("op", "variant", "shape", "dtype", "mode", "backend", "metalcore", "±IQR", "best peer", "peer",
+COLUMNS = ("op", "variant", "shape", "dtype", "mode", "backend", "metalcore", "±IQR", "host", "best peer", "peer",
            "ratio", "achieved", "roof")
-_RIGHT = {"metalcore", "±IQR", "peer", "ratio", "achieved", "roof"}
+_RIGHT = {"metalcore", "±IQR", "host", "peer", "ratio", "achieved", "roof"}
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -34,13 +34,12 @@ def fmt_rate(row: Row) -> str:
 
 def _cells(row: Row) -> list[str]:
     if row.status in ("skipped", "error"):
-        return [row.op, row.variant, row.shape, row.dtype, row.mode, row.status.upper(), "-", "", "", "", "",
-                "", ""]
+        return [row.op, row.variant, row.shape, row.dtype, row.mode, row.status.upper()] + ["-"] + [""] * 7
     ratio = row.ratio
     mark = " !" if row.status == "mismatch" else ""
     return [
         row.op, row.variant, row.shape, row.dtype, row.mode, row.backend,
-        fmt_time(row.metalcore.median_s), fmt_time(row.metalcore.iqr_s),
+        fmt_time(row.metalcore.median_s), fmt_time(row.metalcore.iqr_s), fmt_time(row.metalcore.host_s),
         row.best_peer or "-", fmt_time(row.peers[row.best_peer].median_s) if row.best_peer else "-",
         (f"{ratio:.2f}x" if ratio is not None else "-") + mark,
         fmt_rate(row), f"{100 * row.roofline:.1f}%" if row.roofline is not None else "-",
@@ -57,7 +56,7 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         f"{meta['date']}",
         f"ceilings measured in this run: copy {ceil['copy_gbps']:.4g} GB/s; GEMM TFLOP/s: {gemm}",
         "ratio = best peer time / metalcore time (> 1: metalcore faster); roof = roofline time / "
-        "metalcore time",
+        "metalcore time; host = metalcore's host time per call (GPUs; the times are GPU times)",
         "",
     ]
     table = [list(COLUMNS)] + [_cells(r) for r in rows if r.status != "skipped"]

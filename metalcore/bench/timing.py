@@ -2,7 +2,11 @@
 
 * CUDA: CUDA events around each call, with the L2 cache flushed before every call by writing a
   256 MB buffer (the method of ``triton.testing.do_bench``), so that inputs smaller than L2 (a
-  500×16×16 batch is 0.5 MB, an H100's L2 50 MB) are timed from HBM as in a real step.
+  500×16×16 batch is 0.5 MB, an H100's L2 50 MB) are timed from HBM as in a real step. A GPU
+  sleep (``torch.cuda._sleep``) queued ahead of the start event, 1.5× the call's host time, lets
+  the host issue the whole call before the GPU reaches it: the time is the GPU's, as in a training
+  step where the host runs ahead. The host time per call is measured too and reported beside it
+  (``host_s``): an op whose host time exceeds its GPU time is launch-bound in practice.
 * MPS: ``torch.mps.synchronize()`` around each call and ``time.perf_counter``; the same flush.
 * CPU: ``time.perf_counter`` around each call, no flush (writing 256 MB costs ~20 ms on the 2-core
   reference machine, more than most calls it would precede).
@@ -20,6 +24,7 @@ in the op's dtype. An op's *roofline fraction* is ``max(bytes / bandwidth, flops
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -95,13 +100,27 @@ class Timer:
         if self._flush_buffer is not None:
             self._flush_buffer.zero_()
 
-    def _start(self, fn: Callable[[], Any]) -> tuple[Callable[[], float], float]:
+    @functools.cached_property
+    def _gpu_cycles_per_s(self) -> float:
+        """Rate of ``torch.cuda._sleep``'s clock, to turn seconds of host time into cycles."""
+        torch.cuda._sleep(1000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        return 10_000_000 / (start.elapsed_time(end) / 1e3)
+
+    def _start(self, fn: Callable[[], Any], hide_s: float) -> tuple[Callable[[], float], float]:
         """Flush, call ``fn`` once; return a function that reads its time in seconds (CUDA reads
         events after a later synchronisation, so a round of calls is queued back to back) and the
-        host time of the call (the whole time, on the CPU)."""
+        host time of the call (the whole time, on the CPU). ``hide_s``: CUDA's sleep before the
+        start event, to cover the host's issuing of the call."""
         self._flush()
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if hide_s > 0:
+                torch.cuda._sleep(int(hide_s * self._gpu_cycles_per_s))
             start.record()
             t0 = time.perf_counter()
             fn()
@@ -116,9 +135,9 @@ class Timer:
         elapsed = time.perf_counter() - t0
         return (lambda: elapsed), host
 
-    def _round(self, fns: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, float]]:
+    def _round(self, fns: dict[str, Callable[[], Any]], hide: dict[str, float]) -> dict[str, tuple[float, float]]:
         """One call of each of ``fns`` in turn; their (device, host) times in seconds."""
-        pending = {name: self._start(fn) for name, fn in fns.items()}
+        pending = {name: self._start(fn, hide[name]) for name, fn in fns.items()}
         self.synchronize()
         return {name: (read(), host) for name, (read, host) in pending.items()}
 
@@ -142,13 +161,19 @@ class Timer:
                 times[name].append(t)
                 host[name].append(h)
 
+        # 1 ms of sleep covers the host's issuing of most calls until their own host time is known.
+        hide = {name: 1e-3 if self.device.type == "cuda" else 0.0 for name in fns}
         for _ in range(3):
-            record(self._round(fns))
+            record(self._round(fns, hide))
         estimate = {name: max(statistics.median(t), 1e-9) for name, t in times.items()}
+        if self.device.type == "cuda":
+            # Capped at 5 ms: a call that long on the host is one that waits for the GPU inside
+            # (a linalg info check), where no sleep can hide anything.
+            hide = {name: min(1.5 * statistics.median(h) + 20e-6, 5e-3) for name, h in host.items()}
         b = self.budget
         if b.warmup_s:  # GPUs: let clocks and caches settle, then start the sample afresh
             for _ in range(min(int(b.warmup_s / sum(estimate.values())), 100)):
-                self._round(fns)
+                self._round(fns, hide)
             times = {name: [] for name in fns}
             host = {name: [] for name in fns}
         reps = {name: max(b.min_reps, min(b.max_reps, int(b.measure_s / e))) for name, e in estimate.items()}
@@ -156,7 +181,7 @@ class Timer:
             due = {name: fn for name, fn in fns.items() if len(times[name]) < reps[name]}
             if not due:
                 break
-            record(self._round(due))
+            record(self._round(due, hide))
         on_gpu = self.device.type != "cpu"
         return {name: summarize(t, host[name] if on_gpu else None) for name, t in times.items()}
 
