@@ -95,3 +95,13 @@ def test_data_and_split_are_deterministic():
     examples = common.sft_examples(a)
     assert all(e["prompt"] and len(e["response"]) >= 40 for e in examples)
     assert [common.is_heldout(e) for e in examples] == [common.is_heldout(e) for e in common.sft_examples(b)]
+
+
+def test_pretrain_gpt_two_optimizers(tmp_path):
+    pretrain = _load("pretrain_gpt")
+    summary = pretrain.main(["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--layers", "1",
+                             "--hidden-size", "64", "--vocab-size", "300", "--corpus-bytes", "40000",
+                             "--eval-every", "3", "--threads", "1", "--quiet", "--out", str(tmp_path)])
+    for name in ("adamw", "muon"):
+        assert summary[name]["tokens_per_second"] > 0 and 0 < summary[name]["final_eval_loss"] < 10
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000

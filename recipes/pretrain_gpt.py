@@ -1,0 +1,183 @@
+"""Pre-train a small decoder-only language model from scratch with metalcore, one run per optimizer,
+and plot their loss curves on one chart.
+
+    python recipes/pretrain_gpt.py                            # offline: MetalAdamW vs torch's Muon, ~3 min on 2 cores
+    python recipes/pretrain_gpt.py --optimizers adamw --steps 2000 --device auto
+
+The text is the standard library's docstrings (recipes/common.py), tokenised with a byte-level BPE
+trained locally, concatenated with an end-of-text token and cut into ``--seq-len`` windows. The model
+is a Llama-architecture GPT built from a ``LlamaConfig`` and patched with
+``metalcore.patch.patch_model``. Every optimizer starts from the same initial weights and sees the
+same batches, so the curves differ only by the optimizer:
+
+* ``adamw``: ``metalcore.optim.MetalAdamW`` on every parameter;
+* ``muon``: ``torch.optim.Muon`` on the hidden 2-D weight matrices (Newton–Schulz orthogonalised
+  momentum, its ``adjust_lr_fn="match_rms_adamw"`` so one learning rate suits both) and MetalAdamW on
+  the embeddings, norms and biases — the usual split. (metalcore's own Muon follows in a later issue.)
+
+Outputs in ``--out``: ``loss_curves.png`` and ``summary.json``. There is no resumption here (runs are
+minutes long); recipes/finetune.py shows the checkpointing pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizers", default="adamw,muon", help="comma-separated: adamw, muon")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warm-up then cosine to 10%%)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--hidden-size", type=int, default=192)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--corpus-bytes", type=int, default=3_000_000)
+    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="runs/pretrain_gpt")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def token_stream(args, out: Path) -> torch.Tensor:
+    """All documents as one 1-D tensor of token ids, each followed by the end-of-text token."""
+    records = common.stdlib_docstrings(args.corpus_bytes)
+    texts = [f"{r.name}{r.signature}\n{r.doc}" for r in records]
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = common.train_tokenizer(texts, args.vocab_size, tok_dir)
+    ids = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long), len(tokenizer)
+
+
+def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = (len(stream) - 1) // seq_len
+    return stream[: n * seq_len + 1], n
+
+
+def make_optimizer(name: str, model, args):
+    from metalcore.optim import MetalAdamW
+
+    if name == "adamw":
+        return [MetalAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)]
+    if name == "muon":
+        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n and "lm_head" not in n)]
+        return [torch.optim.Muon(hidden, lr=args.lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+                MetalAdamW(rest, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)]
+    raise SystemExit(f"--optimizers: unknown optimizer {name!r} (choose from adamw, muon)")
+
+
+def lr_at(step: int, args) -> float:
+    import math
+
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def evaluate(model, data, starts, args, device) -> float:
+    model.eval()
+    losses = []
+    for b in range(0, len(starts), args.batch_size):
+        x = torch.stack([data[s: s + args.seq_len + 1] for s in starts[b: b + args.batch_size]]).to(device)
+        losses.append(float(model(input_ids=x[:, :-1], labels=x[:, :-1]).loss))
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def main(argv=None) -> dict:
+    from tqdm import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import metalcore.patch
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = common.pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(common.threads_for(args.threads))
+    stream, vocab = token_stream(args, out)
+    data, n_windows = windows(stream, args.seq_len)
+    # Fixed held-out windows (every 20th), the rest for training, in one seeded order for all runs.
+    heldout = [i * args.seq_len for i in range(0, n_windows, 20)][:32]
+    train = [i * args.seq_len for i in range(n_windows) if i % 20]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden_size,
+                         intermediate_size=int(args.hidden_size * 8 / 3) // 16 * 16, num_hidden_layers=args.layers,
+                         num_attention_heads=max(1, args.hidden_size // 64), num_key_value_heads=max(1, args.hidden_size // 64),
+                         max_position_embeddings=args.seq_len, tie_word_embeddings=True)
+    torch.manual_seed(args.seed)
+    initial = LlamaForCausalLM(config)
+    curves, summary = {}, {"tokens_per_step": args.batch_size * args.seq_len}
+    for name in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
+        model = copy.deepcopy(initial).to(device).train()
+        metalcore.patch.patch_model(model)
+        optimizers = make_optimizer(name, model, args)
+        train_curve, eval_curve, seconds = [], [], 0.0
+        bar = tqdm(range(args.steps), desc=name, disable=args.quiet, dynamic_ncols=True)
+        for step in bar:
+            idx = [order[(step * args.batch_size + j) % len(order)] for j in range(args.batch_size)]
+            x = torch.stack([data[train[i]: train[i] + args.seq_len] for i in idx]).to(device)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, args)
+            t0 = time.perf_counter()
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            seconds += time.perf_counter() - t0
+            train_curve.append((step + 1, value))
+            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{(step + 1) * args.batch_size * args.seq_len / seconds:,.0f}")
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                eval_curve.append((step + 1, evaluate(model, data, heldout, args, device)))
+        curves[name] = {"train": train_curve, "eval": eval_curve}
+        summary[name] = {"final_eval_loss": eval_curve[-1][1],
+                         "final_train_loss": sum(v for _, v in train_curve[-10:]) / len(train_curve[-10:]),
+                         "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds}
+    png = out / "loss_curves.png"
+    common.plot_losses(curves, png, f"Pre-training a {sum(p.numel() for p in initial.parameters()) / 1e6:.1f}M-parameter "
+                       "GPT (Llama architecture), metalcore-patched")
+    summary["loss_curves"] = str(png)
+    common.write_json_atomic(summary, out / "summary.json")
+    if not args.quiet:
+        for name in curves:
+            s = summary[name]
+            print(f"{name:>6}: eval loss {s['final_eval_loss']:.3f}, train loss {s['final_train_loss']:.3f} "
+                  f"(last 10 steps), {s['tokens_per_second']:,.0f} tokens/s")
+        print(f"loss curves: {png}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
