@@ -17,11 +17,19 @@ and a backend plugs its kernel in from its own module::
 
 The body of the custom op is the dispatcher below, so ``torch.compile`` sees one opaque op whatever
 backend runs, and the choice of backend is made in exactly one place (:mod:`metalcore._backend`).
+
+Eager calls take a shorter road to the same code. Going through the ``torch.library`` op costs
+about 100 µs of host time per call (its dispatcher hops, autograd wrapper and dynamo guard; measured
+on an H100 host: ``metalcore.rms_norm`` 131 µs a call against 29 µs for ``F.rms_norm``, more than the
+kernel itself), so outside ``torch.compile`` and for plain tensors an op runs the dispatcher
+directly, under an ``autograd.Function`` built from the same ``setup_context``/``backward`` that
+were registered. Semantics are identical; ``opcheck`` and the compile tests exercise the library op.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -48,15 +56,22 @@ class _Kernel:
     supports: Callable[..., bool] | None
 
 
-def _first_device(args: Iterable[Any]) -> torch.device:
+def _first_tensor(args: Iterable[Any]) -> torch.Tensor | None:
     for a in args:
         if isinstance(a, torch.Tensor):
-            return a.device
+            return a
         if isinstance(a, (list, tuple)):
             for t in a:
                 if isinstance(t, torch.Tensor):
-                    return t.device
-    return torch.device("cpu")
+                    return t
+    return None
+
+
+def _eager_plain(first: torch.Tensor | None) -> bool:
+    """Whether a call may bypass the library op: real data in plain tensors (not meta, fake or a
+    tensor subclass such as DTensor, which need the op's fake implementation or their own dispatch)."""
+    return first is None or (
+        (type(first) is torch.Tensor or type(first) is torch.nn.Parameter) and first.device.type != "meta")
 
 
 class MetalcoreOp:
@@ -67,18 +82,40 @@ class MetalcoreOp:
         self.name = name
         self.reference = reference
         self.kernels: dict[str, _Kernel] = {}
+        self._check = check
+        self._mutated = tuple(mutates_args)
+        self._signature = inspect.signature(reference)
+        self._function: type[torch.autograd.Function] | None = None
 
         @functools.wraps(reference)
         def body(*args: Any, **kwargs: Any) -> Any:
-            result = self._select(args, kwargs)(*args, **kwargs)
-            if check is not None:
-                check(result, *args, **kwargs)
-            return result
+            return self._run(args, kwargs)
 
         self.custom_op = torch.library.custom_op(f"metalcore::{name}", mutates_args=mutates_args)(body)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.custom_op(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return self.custom_op(*args, **kwargs)
+        if kwargs:
+            args = self._signature.bind(*args, **kwargs).args
+        first = _first_tensor(args)
+        if not _eager_plain(first):
+            return self.custom_op(*args)
+        if self._function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self._function.apply(*args)
+        result = self._run(args, {})
+        if self._mutated:
+            # Kernels write through raw pointers; tell autograd, as the library op does.
+            bound = self._signature.bind(*args).arguments
+            for name in self._mutated:
+                torch.autograd.graph.increment_version(bound[name])
+        return result
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        result = self._select(args, kwargs)(*args, **kwargs)
+        if self._check is not None:
+            self._check(result, *args, **kwargs)
+        return result
 
     def __repr__(self) -> str:
         return f"<metalcore op {self.name}: {', '.join(['reference', *self.kernels])}>"
@@ -94,6 +131,12 @@ class MetalcoreOp:
 
     def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any]) -> None:
         self.custom_op.register_autograd(backward, setup_context=setup_context)
+        op = self
+        self._function = type(f"{self.name}_function", (torch.autograd.Function,), {
+            "forward": staticmethod(lambda *args: op._run(args, {})),
+            "setup_context": staticmethod(lambda ctx, inputs, output: setup_context(ctx, inputs, output)),
+            "backward": staticmethod(backward),
+        })
 
     def implement(
         self, backend: str, *, supports: Callable[..., bool] | None = None
@@ -117,7 +160,8 @@ class MetalcoreOp:
         return "reference"
 
     def _select(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
-        device = _first_device((*args, *kwargs.values()))
+        first = _first_tensor((*args, *kwargs.values()))
+        device = first.device if first is not None else torch.device("cpu")
         requested = requested_backend()
         if requested == "reference":
             return self.reference

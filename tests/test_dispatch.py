@@ -87,3 +87,25 @@ def test_unknown_environment_value_is_rejected(monkeypatch):
     monkeypatch.setenv("METALCORE_BACKEND", "cublas")
     with pytest.raises(ValueError, match="got 'cublas'"):
         metalcore.rms_norm(torch.randn(2, 4), 4)
+
+
+def test_eager_calls_take_the_short_road_with_identical_results_and_gradients():
+    x = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    eager, _ = rms_norm_fwd(x, w, 1e-6, 0.0)
+    library, _ = rms_norm_fwd.custom_op(x, w, 1e-6, 0.0)
+    assert "GeneratedBackwardFor" not in type(eager.grad_fn).__name__
+    assert "GeneratedBackwardFor" in type(library.grad_fn).__name__
+    assert torch.equal(eager, library)
+    g = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(eager, (x, w), g), torch.autograd.grad(library, (x, w), g)):
+        assert torch.equal(a, b)
+
+
+def test_eager_mutating_ops_bump_the_version_counter():
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = metalcore.optim.MetalAdamW([p])
+    before = p._version
+    opt.step()
+    assert p._version > before
