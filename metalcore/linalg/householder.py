@@ -87,7 +87,7 @@ def _vjp_autograd(op, composite, n_tensors: int) -> None:
 
 @metalcore_op("geqr2")
 def geqr2_op(A: Tensor) -> tuple[Tensor, Tensor]:
-    """Reference: LAPACK ``geqrf`` through ``torch.geqrf`` (same output as the unblocked ``geqr2``)."""
+    """Reference: LAPACK ``geqrf`` through ``torch.geqrf`` (the blocked ``geqr2``: same factorization and storage)."""
     QR, tau = torch.geqrf(A)
     return QR.contiguous(), tau.contiguous()
 
@@ -115,7 +115,7 @@ def geqr2(A: Tensor):
 
     ``A``: ``(*, m, n)`` float32/float64. ``QR`` ``(*, m, n)`` holds ``R`` on and above the diagonal
     and the reflectors ``v_i`` below it (unit diagonal implicit); ``tau`` ``(*, min(m, n))``.
-    ``Q = householder_product(QR, tau)``. Not differentiable.
+    ``Q = householder_product(QR[..., :k], tau)`` with ``k = min(m, n)``. Not differentiable.
 
     >>> QR, tau = metalcore.geqr2(torch.randn(4, 6, 3, dtype=torch.float64))
     """

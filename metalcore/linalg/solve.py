@@ -75,8 +75,6 @@ def _as_matrices(fn: str, A, B, left: bool) -> tuple[Tensor, Tensor, bool]:
                              "is only supported with left=True (as in torch); for X A = B pass B of "
                              "shape (*, k, n)")
         B = B.unsqueeze(-1)
-    elif B.dim() < 2:
-        raise ValueError(f"{fn}: B must be a vector, a matrix or a batch of them; got shape {tuple(B.shape)}")
     n = A.shape[-1]
     if (B.shape[-2] if left else B.shape[-1]) != n:
         side = "rows" if left else "columns"
