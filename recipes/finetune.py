@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint to fine-tune (default: a small "
                    "Llama built from a config, with a tokenizer trained locally)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="examples are truncated to this many tokens")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear warm-up, cosine decay to 10%%)")
@@ -53,9 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=["adamw"], default="adamw", help="adamw: metalcore.optim.MetalAdamW")
     p.add_argument("--out", default="runs/finetune", help="output folder (checkpoint, PNG, summary, final model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
-    p.add_argument("--save-every", type=int, default=40)
+    p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--compare", action="store_true",
                    help="also train the unpatched model with torch.optim.AdamW (same seed and data) and print "
                         "the speed and memory ratios")
