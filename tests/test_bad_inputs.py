@@ -88,10 +88,120 @@ SPECS: dict[str, Spec] = {
 }
 
 
+_TRAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SPECS.update({
+    "metal_gelu": Spec(
+        metalcore.nn.metal_gelu, lambda b: {"input": torch.randn(*b, 8)}, ("input",), min_dim={"input": 0},
+        dtypes_ok=_TRAIN_DTYPES, nonfinite="nan",
+        extra=(("approximate", lambda: {"input": torch.randn(3), "approximate": "erf"}, ValueError,
+                "approximate must be one of"),)),
+    "metal_silu": Spec(metalcore.nn.metal_silu, lambda b: {"input": torch.randn(*b, 8)}, ("input",),
+                       min_dim={"input": 0}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan"),
+    "MetalGELU": Spec(lambda input: metalcore.nn.MetalGELU("tanh")(input), lambda b: {"input": torch.randn(*b, 8)},
+                      ("input",), min_dim={"input": 0}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan"),
+    "MetalSiLU": Spec(lambda input: metalcore.nn.MetalSiLU()(input), lambda b: {"input": torch.randn(*b, 8)},
+                      ("input",), min_dim={"input": 0}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan"),
+    "swiglu": Spec(
+        metalcore.nn.swiglu, lambda b: {"gate": torch.randn(*b, 8), "up": torch.randn(*b, 8)}, ("gate", "up"),
+        min_dim={"gate": 0, "up": 0}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan",
+        extra=(("shape-mismatch", lambda: {"gate": torch.randn(3, 8), "up": torch.randn(3, 7)}, ValueError,
+                "same shape"),)),
+    "MetalSwiGLUMLP": Spec(lambda input: metalcore.nn.MetalSwiGLUMLP(8, 12)(input),
+                           lambda b: {"input": torch.randn(*b, 8)}, ("input",), min_dim={"input": 1},
+                           dtypes_ok=(torch.float32,), nonfinite="nan"),
+    "apply_rotary_pos_emb": Spec(
+        metalcore.nn.apply_rotary_pos_emb,
+        lambda b: {"q": torch.randn(*b, 4, 5, 8), "k": torch.randn(*b, 2, 5, 8), "cos": torch.randn(1, 5, 8),
+                   "sin": torch.randn(1, 5, 8)},
+        ("q", "k", "cos", "sin"), min_dim={"q": 4, "k": 4, "cos": 3, "sin": 3}, dtypes_ok=_TRAIN_DTYPES,
+        nonfinite="nan",
+        extra=(("odd-head-dim", lambda: {"q": torch.randn(1, 2, 5, 7), "k": torch.randn(1, 2, 5, 7),
+                                         "cos": torch.randn(1, 5, 7), "sin": torch.randn(1, 5, 7)},
+                ValueError, "head_dim must be even"),)),
+    "metal_scaled_dot_product_attention": Spec(
+        metalcore.nn.metal_scaled_dot_product_attention,
+        lambda b: {"query": torch.randn(*b, 4, 5, 8), "key": torch.randn(*b, 4, 6, 8),
+                   "value": torch.randn(*b, 4, 6, 8)},
+        ("query", "key", "value"), batched=("query", "key", "value"), dtypes_ok=_TRAIN_DTYPES, nonfinite="nan",
+        extra=(("mask-and-causal", lambda: {"query": torch.randn(4, 5, 8), "key": torch.randn(4, 6, 8),
+                                            "value": torch.randn(4, 6, 8), "is_causal": True,
+                                            "attn_mask": torch.ones(5, 6, dtype=torch.bool)},
+                ValueError, "attn_mask must be None when is_causal=True"),)),
+})
+
+_F64 = dict(dtype=torch.float64)
+
+
+def _mat(*shape):
+    return torch.randn(*shape, **_F64)
+
+
+def _reflectors(b, m=5, k=3):
+    QR, tau = torch.geqrf(_mat(*b, m, k))
+    return QR, tau
+
+
+SPECS.update({
+    "linalg.svd": Spec(metalcore.linalg.svd, lambda b: {"A": _mat(*b, 5, 3)}, ("A",)),
+    "linalg.svdvals": Spec(metalcore.linalg.svdvals, lambda b: {"A": _mat(*b, 3, 5)}, ("A",)),
+    "svd": Spec(metalcore.svd, lambda b: {"A": _mat(*b, 5, 3)}, ("A",)),
+    "linalg.qr": Spec(
+        metalcore.linalg.qr, lambda b: {"A": _mat(*b, 5, 3)}, ("A",), nonfinite="nan",
+        extra=(("mode", lambda: {"A": _mat(4, 3), "mode": "economic"}, ValueError, "mode"),)),
+    "qr": Spec(metalcore.qr, lambda b: {"A": _mat(*b, 4, 4)}, ("A",), nonfinite="nan"),
+    "qr_batched": Spec(metalcore.qr_batched, lambda b: {"A": _mat(*b, 4, 4)}, ("A",), nonfinite="nan"),
+    "linalg.eigh": Spec(
+        metalcore.linalg.eigh, lambda b: {"A": spd(*b, 4)}, ("A",), square=("A",),
+        extra=(("UPLO", lambda: {"A": spd(4), "UPLO": "X"}, ValueError, "UPLO"),)),
+    "linalg.eigvalsh": Spec(metalcore.linalg.eigvalsh, lambda b: {"A": spd(*b, 4)}, ("A",), square=("A",)),
+    "eigh": Spec(metalcore.eigh, lambda b: {"A": spd(*b, 4)}, ("A",), square=("A",)),
+    "linalg.solve": Spec(
+        metalcore.linalg.solve, lambda b: {"A": spd(*b, 4), "B": _mat(*b, 4, 2)}, ("A", "B"), square=("A",),
+        batched=("A", "B"), nonfinite="nan-or-linalgerror",
+        extra=(("singular", lambda: {"A": torch.zeros(3, 4, 4, **_F64), "B": _mat(3, 4, 2)},
+                torch.linalg.LinAlgError, "batch element 0"),
+               ("rows-mismatch", lambda: {"A": spd(4), "B": _mat(5, 2)}, (ValueError, RuntimeError), "B"))),
+    "linalg.solve_ex": Spec(
+        metalcore.linalg.solve_ex, lambda b: {"A": spd(*b, 4), "B": _mat(*b, 4, 2)}, ("A", "B"), square=("A",),
+        batched=("A", "B"), nonfinite="skip",
+        extra=(("check-errors", lambda: {"A": torch.zeros(2, 4, 4, **_F64), "B": _mat(2, 4, 2),
+                                         "check_errors": True}, torch.linalg.LinAlgError, "batch element 0"),)),
+    "solve": Spec(metalcore.solve, lambda b: {"A": spd(*b, 4), "B": _mat(*b, 4, 2)}, ("A", "B"), square=("A",),
+                  batched=("A", "B")),
+    "linalg.lstsq": Spec(
+        metalcore.linalg.lstsq, lambda b: {"A": _mat(*b, 5, 3), "B": _mat(*b, 5, 2)}, ("A", "B"),
+        batched=("A", "B"),
+        extra=(("driver", lambda: {"A": _mat(5, 3), "B": _mat(5, 2), "driver": "gesvd"}, ValueError, "driver"),
+               ("rows-mismatch", lambda: {"A": _mat(5, 3), "B": _mat(4, 2)}, (ValueError, RuntimeError), "B"))),
+    "lstsq": Spec(metalcore.lstsq, lambda b: {"A": _mat(*b, 5, 3), "B": _mat(*b, 5, 2)}, ("A", "B"),
+                  batched=("A", "B")),
+    "linalg.pinv": Spec(metalcore.linalg.pinv, lambda b: {"A": _mat(*b, 5, 3)}, ("A",)),
+    "pinv": Spec(metalcore.pinv, lambda b: {"A": _mat(*b, 3, 5)}, ("A",)),
+    "polar": Spec(
+        metalcore.polar, lambda b: {"A": _mat(*b, 5, 3)}, ("A",),
+        extra=(("method", lambda: {"A": _mat(4, 4), "method": "halley"}, ValueError, "method"),)),
+    "geqr2": Spec(metalcore.geqr2, lambda b: {"A": _mat(*b, 5, 3)}, ("A",), nonfinite="nan"),
+    "larft": Spec(
+        metalcore.larft, lambda b: dict(zip(("V", "tau"), _reflectors(b))), ("V", "tau"),
+        min_dim={"tau": 1}, batched=("V", "tau"), nonfinite="nan"),
+    "larfb": Spec(
+        metalcore.larfb,
+        lambda b: {"V": _reflectors(b)[0], "T": metalcore.larft(*_reflectors(b)), "C": _mat(*b, 5, 2)},
+        ("V", "T", "C"), square=("T",), batched=("V", "T", "C"), nonfinite="nan",
+        extra=(("rows-mismatch", lambda: {"V": _reflectors(())[0], "T": metalcore.larft(*_reflectors(())),
+                                          "C": _mat(4, 2)}, ValueError, "C must have 5"),)),
+    "linalg.householder_product": Spec(
+        metalcore.linalg.householder_product, lambda b: dict(zip(("A", "tau"), _reflectors(b))), ("A", "tau"),
+        min_dim={"tau": 1}, batched=("A", "tau"), nonfinite="nan",
+        extra=(("too-many-reflectors", lambda: {"A": _mat(5, 3), "tau": _mat(4)}, ValueError, "tau"),)),
+})
+
+
 def _cases():
     for name, spec in SPECS.items():
         for arg in spec.tensors:
-            yield name, "rank", arg
+            if spec.min_dim.get(arg, 2) > 0:  # elementwise ops take any rank, 0-d included
+                yield name, "rank", arg
             yield name, "dtype", arg
         for arg in spec.square:
             yield name, "square", arg
@@ -115,7 +225,7 @@ def test_bad_input(name, kind, arg):
     kwargs = spec.make((2,))
     if kind == "rank":
         lo = spec.min_dim.get(arg, 2)
-        kwargs[arg] = kwargs[arg].reshape(-1)[:1].reshape(()) if lo == 1 else kwargs[arg].reshape(-1)
+        kwargs[arg] = kwargs[arg].reshape(-1)[:1].reshape(()) if lo == 1 else kwargs[arg][(0,) * (kwargs[arg].dim() - lo + 1)]
         with pytest.raises(ValueError, match=rf"{arg}\b"):
             _call(spec, kwargs)
     elif kind == "dtype":
@@ -142,8 +252,8 @@ def test_bad_input(name, kind, arg):
         assert all(o.numel() == 0 for o in outs if isinstance(o, torch.Tensor) and o.dim() > 0)
     elif kind == "nonfinite":
         first = spec.tensors[0]
-        kwargs[first] = kwargs[first].clone()
-        kwargs[first].view(-1)[0] = float("nan")
+        kwargs[first] = kwargs[first].clone(memory_format=torch.contiguous_format)
+        kwargs[first].view(-1)[-1] = float("nan")  # the last entry lies in every triangle that is read
         try:
             out = _call(spec, kwargs)
         except torch.linalg.LinAlgError:
