@@ -18,6 +18,7 @@ See bench/README.md for the columns and for how to add a case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import importlib
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalcore._op import registered_ops
 from metalcore.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET, Ceilings, Timer, Timing
@@ -263,21 +263,33 @@ class Row:
         }
 
 
-class _BackendRecorder(TorchDispatchMode):
-    """Records, for every metalcore op dispatched inside it, the backend that serves the call."""
+@contextlib.contextmanager
+def _record_backends() -> Iterator[dict[str, str]]:
+    """Inside the block, record for every metalcore op the backend that serves it: ``{op: backend}``.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.served: dict[str, str] = {}
+    Wraps each registered op's ``_select`` (the one place that chooses a kernel) on the instance,
+    for the block only, so it sees eager calls, the library op under ``torch.compile`` and the
+    backward alike (a dispatch mode would miss eager calls, which bypass the library op).
+    """
+    served: dict[str, str] = {}
+    ops = [op for op in registered_ops().values() if hasattr(op, "_select")]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        namespace, _, name = func._schema.name.partition("::")
-        if namespace == "metalcore":
-            op = registered_ops().get(name)
-            if op is not None:
-                self.served[name] = op.backend_for(*args, **kwargs)
-        return func(*args, **kwargs)
+    def wrap(op):
+        select = op._select
+
+        def recording(args, kwargs):
+            fn = select(args, kwargs)
+            served[op.name] = next((name for name, k in op.kernels.items() if k.fn is fn), "reference")
+            return fn
+        return recording
+
+    for op in ops:
+        op._select = wrap(op)  # an instance attribute shadows the method
+    try:
+        yield served
+    finally:
+        for op in ops:
+            op.__dict__.pop("_select", None)
 
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
@@ -378,11 +390,10 @@ class Runner:
 
         # First call of metalcore: which backend serves each op, and the output to check.
         metalcore = fns.pop("metalcore")
-        recorder = _BackendRecorder()
-        with recorder:
+        with _record_backends() as served:
             ours = metalcore()
-        row.backend_ops = dict(recorder.served)
-        row.backend = "+".join(sorted(set(recorder.served.values()))) or "none"
+        row.backend_ops = dict(served)
+        row.backend = "+".join(sorted(set(served.values()))) or "none"
         canonical = bench.canonical if not ctx.backward else _identity
         expected = canonical(ours) if canonical is not None else None
         del ours
