@@ -20,7 +20,8 @@ def write_out(fn: str, result, out):
         raise TypeError(f"{fn}: out must be a tuple of {len(result)} tensors")
     for o, r in zip(out, result):
         o.resize_(r.shape).copy_(r)
-    return type(result)(*out) if hasattr(result, "_fields") else tuple(out)
+    # torch.return_types.* are structseqs built from one sequence.
+    return tuple(out) if type(result) is tuple else type(result)(tuple(out))
 
 
 def raise_for_info(fn: str, info: torch.Tensor, describe: Callable[[int], str]) -> None:
