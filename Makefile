@@ -13,9 +13,10 @@ $(STAMP): requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# Main job: until the fine-tuning recipe lands, the benchmark harness on the local device.
+# Main job: fine-tune a small Llama with metalcore patched in (embedded offline default; writes
+# runs/finetune/, and resumes from its checkpoint when run again).
 demo: $(STAMP)
-	$(PY) -m metalcore.bench --device auto
+	$(PY) recipes/finetune.py
 
 test: $(STAMP)
 	$(PY) scripts/run_tests.py

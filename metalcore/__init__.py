@@ -32,6 +32,7 @@ from metalcore.nn import (
     swiglu,
 )
 from metalcore.optim import MetalAdamW
+from metalcore.patch import PatchReport, patch_model, unpatch_model
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,8 @@ load_kernels()
 
 __all__ = [
     "BackendUnavailableError", "MetalAdamW", "MetalGELU", "MetalRMSNorm", "MetalSiLU", "MetalSwiGLUMLP",
-    "apply_rotary_pos_emb", "cholesky", "eigh", "fused_add_rms_norm", "geqr2", "larfb", "larft", "linalg",
-    "lstsq", "metal_gelu", "metal_scaled_dot_product_attention", "metal_silu", "nn", "optim", "pinv", "polar",
-    "qr", "qr_batched", "rms_norm", "solve", "svd", "swiglu", "trsm", "use_backend",
+    "PatchReport", "apply_rotary_pos_emb", "cholesky", "eigh", "fused_add_rms_norm", "geqr2", "larfb",
+    "larft", "linalg", "lstsq", "metal_gelu", "metal_scaled_dot_product_attention", "metal_silu", "nn",
+    "optim", "patch_model", "pinv", "polar", "qr", "qr_batched", "rms_norm", "solve", "svd", "swiglu", "trsm",
+    "unpatch_model", "use_backend",
 ]

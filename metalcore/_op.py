@@ -99,7 +99,9 @@ class MetalcoreOp:
         if kwargs:
             args = self._signature.bind(*args, **kwargs).args
         first = _first_tensor(args)
-        if not _eager_plain(first):
+        # Under a dispatch mode (FakeTensorMode, FlopCounterMode, export) the library op is what the
+        # mode must see.
+        if not _eager_plain(first) or torch._C._len_torch_dispatch_stack():
             return self.custom_op(*args)
         if self._function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return self._function.apply(*args)

@@ -279,6 +279,7 @@ def test_every_public_function_is_covered():
     assert not missing, f"no bad-input specs for: {missing}"
 
 
-# Public callables that take no tensors (backend selection, optimizer classes are covered by their
-# own validation tests in tests/optim).
-NOT_TENSOR_FUNCTIONS = {"use_backend", "BackendUnavailableError", "MetalAdamW"}
+# Public callables that take no tensors: backend selection, the optimizer (its hyperparameter
+# validation is tested in tests/optim) and model patching (tests/patch feeds it unknown modules).
+NOT_TENSOR_FUNCTIONS = {"use_backend", "BackendUnavailableError", "MetalAdamW", "PatchReport", "patch_model",
+                        "unpatch_model"}

@@ -109,3 +109,18 @@ def test_eager_mutating_ops_bump_the_version_counter():
     before = p._version
     opt.step()
     assert p._version > before
+
+
+def test_dispatch_modes_see_the_library_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        metalcore.rms_norm(torch.randn(2, 4), 4)
+    assert "metalcore.rms_norm_fwd.default" in seen
