@@ -19,6 +19,8 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.triangular_triton",
     "metalcore.linalg.qr_triton",
     "metalcore.linalg.solve_triton",
+    "metalcore.linalg.eigh_triton",
+    "metalcore.linalg.svd_triton",
 )
 METAL_MODULES: tuple[str, ...] = (
     "metalcore.nn.rms_norm_metal",
