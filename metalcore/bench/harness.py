@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from metalcore._op import registered_ops
-from metalcore.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET, Ceilings, Timer, Timing
+from metalcore.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET, Ceilings, Timer, Timing, fmt_time
 
 FAMILIES = ("training", "linalg")
 # "fwd": the op's call; "fwd+bwd": the call and its backward; "step": one optimizer step.
@@ -347,15 +347,22 @@ class Runner:
         self.ceilings = Ceilings(self.timer)
         self.log = log or (lambda msg: None)
 
-    def rows(self, cases: Sequence[Case], modes: Sequence[str]) -> list[Row]:
+    def rows(self, cases: Sequence[Case], modes: Sequence[str],
+             on_row: Callable[[list[Row]], None] | None = None) -> list[Row]:
         work = [(c, p, m) for c in cases for p in c.params(self.small) for m in c.modes if m in modes]
-        rows = []
+        rows: list[Row] = []
         for i, (c, params, mode) in enumerate(work, 1):
             t0 = time.perf_counter()
             row = self.run_one(c, params, mode)
-            self.log(f"[{i}/{len(work)}] {row.id}: {row.status}"
-                     + (f" ({row.reason})" if row.reason else "") + f", {time.perf_counter() - t0:.1f} s")
             rows.append(row)
+            timed = ""
+            if row.ratio is not None:
+                timed = (f": metalcore {fmt_time(row.metalcore.median_s)}, {row.best_peer} "
+                         f"{fmt_time(row.peers[row.best_peer].median_s)}, {row.ratio:.2f}x")
+            self.log(f"[{i}/{len(work)}] {row.id}: {row.status}{timed}"
+                     + (f" ({row.reason})" if row.reason else "") + f" [{time.perf_counter() - t0:.1f} s]")
+            if on_row is not None:
+                on_row(rows)
         return rows
 
     def run_one(self, c: Case, params: dict[str, Any], mode: str) -> Row:
@@ -554,11 +561,14 @@ def select_cases(ops: Sequence[str] | None) -> list[Case]:
 
 
 def run(device: str | torch.device = "auto", ops: Sequence[str] | None = None, *, quick: bool = False,
-        modes: Sequence[str] = MODES, compile: bool | None = None, log=None) -> Result:
+        modes: Sequence[str] = MODES, compile: bool | None = None, log=None,
+        on_row: Callable[[Result], None] | None = None) -> Result:
     """Run the selected cases and return the rows with the run's metadata (no files written).
 
     Shapes are the small ones on the CPU and with ``quick``; ``compile`` (torch.compile peers)
     defaults to on for CUDA only, where compilation takes seconds per case and pays off.
+    ``on_row`` receives the partial result (``meta["partial"]`` True) after every row, so that a
+    run cut short still leaves its rows behind.
     """
     device = device if isinstance(device, torch.device) else detect_device(device)
     cases = select_cases(ops)
@@ -569,18 +579,19 @@ def run(device: str | torch.device = "auto", ops: Sequence[str] | None = None, *
     # "torch magma" peer exists to find out whether it is still the faster library here.
     warnings.filterwarnings("ignore", message=".*MAGMA.*deprecated")
     warnings.filterwarnings("ignore", message=".*preferred_linalg_library is an experimental")
-    info = device_info(device)
-    meta = run_metadata(device, info)
+    meta = run_metadata(device, device_info(device))
+    meta["settings"] = {"quick": quick, "small_shapes": small, "modes": list(modes), "compile": compile,
+                        "ops": [c.name for c in cases], "budget": vars(runner.timer.budget)}
     t0 = time.perf_counter()
     runner.ceilings.copy_gbps  # measured first, on an idle device
-    rows = runner.rows(cases, modes)
-    meta.update(
-        elapsed_s=round(time.perf_counter() - t0, 1),
-        ceilings=runner.ceilings.to_json(),
-        settings={"quick": quick, "small_shapes": small, "modes": list(modes), "compile": compile,
-                  "ops": [c.name for c in cases], "budget": vars(runner.timer.budget)},
-    )
-    return Result(rows, meta)
+
+    def finish(rows: list[Row], partial: bool) -> Result:
+        meta.update(partial=partial, elapsed_s=round(time.perf_counter() - t0, 1),
+                    ceilings=runner.ceilings.to_json())
+        return Result(rows, meta)
+
+    rows = runner.rows(cases, modes, on_row=None if on_row is None else (lambda rs: on_row(finish(rs, True))))
+    return finish(rows, False)
 
 
 def list_cases() -> str:
@@ -629,17 +640,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
-    result = run(args.device, ops, quick=args.quick, modes=modes, compile=compile,
-                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(report.format_table(result.rows, result.meta))
-
-    stamp = result.meta["date"][:10].replace("-", "")
-    slug = device_slug(torch.device(result.meta["device"]["type"]), result.meta["device"])
+    device = detect_device(args.device)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
+    slug = device_slug(device, device_info(device))
     json_path = args.json or Path("bench/results") / f"{slug}-{stamp}{'-quick' if args.quick else ''}.json"
+
+    result = run(device, ops, quick=args.quick, modes=modes, compile=compile,
+                 log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                 on_row=lambda partial: report.write_json(json_path, partial.rows, partial.meta))
+    print(report.format_table(result.rows, result.meta))
     report.write_json(json_path, result.rows, result.meta)
     png_path = args.png or json_path.with_suffix(".png")
     wrote_png = report.write_png(png_path, result.rows, result.meta)
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else " (no PNG: matplotlib is not importable)")
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else " (no PNG: matplotlib missing or no timed row)")
           + f"; {result.meta['elapsed_s']} s")
     if result.failed:
         print(f"{len(result.failed)} row(s) failed: " + ", ".join(r.id for r in result.failed), file=sys.stderr)

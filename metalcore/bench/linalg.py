@@ -224,3 +224,30 @@ def pinv(ctx: Context, shape) -> Bench:
     n = shape[-1]
     return Bench(metalcore=lambda: fn(A), peers=_peers(ctx, torch.linalg.pinv, A), shape=_label(shape),
                  dtype=DTYPE, flops=_count(shape) * (22 * n**3 + 2 * n**3), bytes=_F32 * _count(shape) * 2 * n * n)
+
+
+# --- Householder building blocks (LAPACK names, top level) -------------------------------------------
+
+@case("geqr2", family="linalg", full=BATCHED + LARGE, small=BATCHED + LARGE_SMALL)
+def geqr2(ctx: Context, shape) -> Bench:
+    """Compact Householder QR (``torch.geqrf``'s output): 2mn² − 2n³/3."""
+    fn = metalcore_fn("geqr2", "linalg.householder.geqr2")
+    A = _general(ctx, shape)
+    m, n = shape[-2:]
+    return Bench(metalcore=lambda: fn(A), peers=_peers(ctx, torch.geqrf, A), shape=_label(shape), dtype=DTYPE,
+                 flops=_count(shape) * (2 * m * n * n - 2 * n**3 / 3), bytes=_F32 * _count(shape) * (2 * m * n + n),
+                 canonical=lambda out: out[0].triu().abs())  # |R|: reflector signs are free
+
+
+@case("larfb", family="linalg", full=BATCHED)
+def larfb(ctx: Context, shape) -> Bench:
+    """``H C`` with the block reflector ``H = I − V T Vᴴ`` of a full QR (k = n) and a square ``C``;
+    peer ``torch.ormqr`` (LAPACK's apply-Q, from ``tau`` rather than ``T``): about 4n³ each."""
+    fn = metalcore_fn("larfb", "linalg.householder.larfb")
+    T_of = metalcore_fn("larft", "linalg.householder.larft")
+    V, tau = torch.geqrf(_general(ctx, shape))
+    T = T_of(V, tau)
+    C = _general(ctx, shape)
+    n = shape[-1]
+    return Bench(metalcore=lambda: fn(V, T, C), peers=_peers(ctx, torch.ormqr, V, tau, C), shape=_label(shape),
+                 dtype=DTYPE, flops=_count(shape) * 4 * n**3, bytes=_F32 * _count(shape) * 3 * n * n)

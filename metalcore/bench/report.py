@@ -8,19 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from metalcore.bench.harness import Row
+from metalcore.bench.timing import fmt_time
 
 COLUMNS = ("op", "variant", "shape", "dtype", "mode", "backend", "metalcore", "±IQR", "host", "best peer", "peer",
            "ratio", "achieved", "roof")
 _RIGHT = {"metalcore", "±IQR", "host", "peer", "ratio", "achieved", "roof"}
-
-
-def fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
 
 
 def fmt_rate(row: Row) -> str:
