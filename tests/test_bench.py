@@ -25,6 +25,7 @@ def test_quick_cpu_run_table_and_json(tmp_path, capsys):
     assert record["versions"]["torch"] == torch.__version__
     assert {"commit", "dirty"} <= set(record["git"])
     assert record["date"][:4].isdigit()
+    assert record["partial"] is False  # rewritten with partial=True after each row, then final
     assert record["ceilings"]["copy_gbps"] > 0 and record["ceilings"]["gemm_tflops"]["float32"] > 0
 
     rows = record["rows"]

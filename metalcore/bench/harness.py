@@ -534,8 +534,12 @@ def run_metadata(device: torch.device, info: dict[str, Any]) -> dict[str, Any]:
         "backend_env": os.environ.get("METALCORE_BACKEND", "auto"),
         # Other processes on the machine when the run started (1, 5, 15 min): CPU figures taken
         # under load are noisier, though the interleaved timing keeps their ratios.
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "load_average": _load_average(),
     }
+
+
+def _load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 @dataclass
@@ -587,7 +591,7 @@ def run(device: str | torch.device = "auto", ops: Sequence[str] | None = None, *
 
     def finish(rows: list[Row], partial: bool) -> Result:
         meta.update(partial=partial, elapsed_s=round(time.perf_counter() - t0, 1),
-                    ceilings=runner.ceilings.to_json())
+                    ceilings=runner.ceilings.to_json(), load_average_end=_load_average())
         return Result(rows, meta)
 
     rows = runner.rows(cases, modes, on_row=None if on_row is None else (lambda rs: on_row(finish(rs, True))))

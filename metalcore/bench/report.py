@@ -46,7 +46,8 @@ def format_table(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         f"metalcore bench: {dev['name']} ({dev['type']}), torch {meta['versions']['torch']}, "
         f"commit {(meta['git']['commit'] or 'unknown')[:10]}{' (dirty)' if meta['git']['dirty'] else ''}, "
         f"{meta['date']}",
-        f"ceilings measured in this run: copy {ceil['copy_gbps']:.4g} GB/s; GEMM TFLOP/s: {gemm}",
+        f"ceilings measured in this run: copy {ceil['copy_gbps']:.4g} GB/s; GEMM TFLOP/s: {gemm}; "
+        f"load average at start {meta.get('load_average')}, end {meta.get('load_average_end')}",
         "ratio = best peer time / metalcore time (> 1: metalcore faster); roof = roofline time / "
         "metalcore time; host = metalcore's host time per call (GPUs; the times are GPU times)",
         "",
