@@ -147,6 +147,17 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor
     return L, Q
 
 
-@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: fits(A))
+# On the H100 (bench/linalg_triton.md, v1) 100×64 took 330 ms against svd's 10 ms at the same size:
+# most likely the sweep bound was hit (which returns NaN), not yet verified on the device. Until it
+# is, CUDA inputs above n = 16 (measured 1.05× torch at 500×16) go to cuSOLVER; the interpreter
+# (CI) still runs every size up to MAX_N.
+CUDA_MAX_N = 16
+
+
+def _supported(A: Tensor) -> bool:
+    return fits(A) and (A.device.type != "cuda" or A.shape[-1] <= CUDA_MAX_N)
+
+
+@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _supported(A))
 def _eigh_triton(A, UPLO, compute_v):
     return eigh_launch(A, UPLO == "U", compute_v)
