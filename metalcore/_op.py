@@ -54,6 +54,9 @@ class _Kernel:
     # Predicate on the op's arguments: False sends this input to the reference (e.g. a matrix too
     # large for a one-program-per-matrix kernel). None means the kernel takes every input.
     supports: Callable[..., bool] | None
+    # False: the kernel is correct but not (yet) faster than the reference on its device, so only an
+    # explicit request runs it (tests, tuning); automatic selection keeps the faster reference.
+    automatic: bool = True
 
 
 def _first_tensor(args: Iterable[Any]) -> torch.Tensor | None:
@@ -141,14 +144,18 @@ class MetalcoreOp:
         })
 
     def implement(
-        self, backend: str, *, supports: Callable[..., bool] | None = None
+        self, backend: str, *, supports: Callable[..., bool] | None = None, automatic: bool = True
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator that plugs a backend's kernel into this op."""
+        """Decorator that plugs a backend's kernel into this op.
+
+        ``supports(*args)`` bounds the inputs the kernel takes; ``automatic=False`` keeps a kernel
+        that measured slower than the reference out of automatic selection (say why, with numbers).
+        """
         if backend not in BACKENDS or backend == "reference":
             raise ValueError(f"backend must be 'triton' or 'metal'; got {backend!r}")
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.kernels[backend] = _Kernel(fn, supports)
+            self.kernels[backend] = _Kernel(fn, supports, automatic)
             return fn
 
         return register
@@ -170,6 +177,8 @@ class MetalcoreOp:
         backend = automatic_backend(device) if requested == "auto" else requested
         kernel = self.kernels.get(backend)
         if kernel is not None and backend_runs_on(backend, device):
+            if requested == "auto" and not kernel.automatic:
+                return self.reference
             if kernel.supports is None or kernel.supports(*args, **kwargs):
                 return kernel.fn
             return self.reference

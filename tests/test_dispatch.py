@@ -124,3 +124,26 @@ def test_dispatch_modes_see_the_library_op():
     with Record():
         metalcore.rms_norm(torch.randn(2, 4), 4)
     assert "metalcore.rms_norm_fwd.default" in seen
+
+
+def test_kernels_kept_out_of_automatic_selection_still_serve_explicit_requests(monkeypatch):
+    calls = []
+
+    def kernel(x, weight, eps, offset):
+        calls.append(x.shape)
+        return rms_norm_fwd.reference(x, weight, eps, offset)
+
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel, None, automatic=False))
+    monkeypatch.setattr("metalcore._backend.triton_importable", lambda: True)
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("METALCORE_BACKEND", raising=False)
+    x = torch.randn(2, 4)
+    assert rms_norm_fwd.backend_for(x, None, 1e-6, 0.0) == "reference"
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel, None, automatic=True))
+    assert rms_norm_fwd.backend_for(x, None, 1e-6, 0.0) == "triton"
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel, None, automatic=False))
+    with metalcore.use_backend("triton"):
+        assert rms_norm_fwd.backend_for(x, None, 1e-6, 0.0) == "triton"
+        metalcore.rms_norm(x, 4)
+    assert calls == [(2, 4)]

@@ -91,7 +91,9 @@ def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitr
     return X
 
 
+# Not chosen automatically: 0.17-0.58x torch.linalg.solve_triangular on the H100
+# (bench/linalg_triton.md v1) until tuned.
 @solve_triangular_op.implement("triton", supports=lambda A, B, upper, left, unitriangular:
-                                   fits(A) and B.dtype == A.dtype)
+                               fits(A) and B.dtype == A.dtype, automatic=False)
 def _solve_triangular_triton(A, B, upper, left, unitriangular):
     return solve_triangular_launch(A, B, upper, left, unitriangular)
