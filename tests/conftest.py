@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tolerances.py, oracle.py, cases.py
+import metalcore
+from metalcore._backend import triton_importable
 
-# In CI a backend that cannot run (no Triton interpreter, no shader executor) is a failure, never a
-# skip: CI=true, or METALCORE_REQUIRE_BACKENDS=1 anywhere.
-REQUIRE_BACKENDS = os.environ.get("CI") == "true" or os.environ.get("METALCORE_REQUIRE_BACKENDS") == "1"
+sys.path.insert(0, str(Path(__file__).parent))  # tolerances.py, oracle.py, cases.py, backends.py
+
+from backends import unavailable  # noqa: E402
 
 # Under pytest-xdist every core already runs a worker; torch's own intra-op threads on top of that
 # oversubscribe the machine (small-op tests ran 10-20x slower on 2 cores with 2 threads per worker).
@@ -31,3 +32,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --- Triton kernels (tests/triton, tests/triton_linalg) -------------------------------------------
+
+@pytest.fixture
+def triton_backend(request, monkeypatch):
+    """Force the triton backend: interpreted on CPU tensors (CI), compiled for tests marked ``gpu``.
+
+    Setting ``TRITON_INTERPRET`` per test is enough: metalcore's kernels choose interpret-or-compile
+    at launch (metalcore/nn/_jit_triton.py), not when triton is imported."""
+    if not triton_importable():
+        unavailable("triton is not importable: the Triton backend cannot run (pip install 'metalcore[cuda]')")
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with metalcore.use_backend("triton"):
+        yield
+
+
+@pytest.fixture
+def device(request):
+    return "cuda" if "gpu" in request.keywords else "cpu"
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every float tensor that torch.empty/empty_like hand out with NaN, so that an element a
+    kernel forgets to write fails the comparison instead of passing by luck."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))

@@ -1,14 +1,12 @@
 """Metal shaders on the CPU: every test here needs the shader executor (csrc/), which needs clang.
 
-Without it the tests skip locally and fail in CI (REQUIRE_BACKENDS, tests/conftest.py).
+Without it the tests skip locally and fail in CI (tests/backends.py).
 """
 
 import pytest
 
+from backends import unavailable
 from metalcore import _metal
-
-# tests/conftest.py puts tests/ on sys.path; its REQUIRE_BACKENDS is the suite's one rule.
-from conftest import REQUIRE_BACKENDS
 
 EXECUTOR_MISSING = ("the Metal shader executor cannot be built here: it needs clang++ >= 17 "
                     "(apt-get install -y clang-19) and a checkout with csrc/")
@@ -18,9 +16,7 @@ def require_executor():
     """The executor module, or skip (locally) / fail (CI)."""
     ex = _metal.executor()
     if ex is None:
-        if REQUIRE_BACKENDS:
-            pytest.fail(EXECUTOR_MISSING)
-        pytest.skip(EXECUTOR_MISSING)
+        unavailable(EXECUTOR_MISSING)
     return ex
 
 
