@@ -67,20 +67,27 @@ def _fake_cases(monkeypatch):
         return Bench(metalcore=lambda: x + 1, peers={"torch": lambda: x.clone()}, shape="64x64",
                      dtype=torch.float32, bytes=2 * x.numel() * 4)
 
+    def peerless(ctx):
+        x = torch.randn(8)
+
+        def broken_peer():
+            raise RuntimeError("not on this device")
+        return Bench(metalcore=lambda: x + 1, peers={"torch": broken_peer}, shape="8", dtype=torch.float32)
+
     def right(ctx):
         x = torch.randn(64, 64)
         return Bench(metalcore=lambda: x + 1, peers={"torch": lambda: x.add(1)}, shape="64x64",
                      dtype=torch.float32, bytes=2 * x.numel() * 4)
 
     for name, setup in (("fake_broken", broken), ("fake_pending", pending), ("fake_wrong", wrong),
-                        ("fake_right", right)):
+                        ("fake_peerless", peerless), ("fake_right", right)):
         monkeypatch.setitem(harness.CASES, name, Case(name, "training", setup, ({},), ({},), ("fwd",)))
 
 
 def test_failures_are_reported_and_fail_the_run(tmp_path, capsys, monkeypatch):
     harness.load_cases()
     _fake_cases(monkeypatch)
-    code, table, record = _run_cli(tmp_path, capsys, "--ops", "fake_broken,fake_pending,fake_wrong,fake_right")
+    code, table, record = _run_cli(tmp_path, capsys, "--ops", "fake_broken,fake_pending,fake_wrong,fake_peerless,fake_right")
     assert code == 1
     by_op = {}
     for r in record["rows"]:
@@ -88,6 +95,9 @@ def test_failures_are_reported_and_fail_the_run(tmp_path, capsys, monkeypatch):
     assert by_op["fake_broken"][0]["status"] == "error" and "boom" in by_op["fake_broken"][0]["reason"]
     assert by_op["fake_pending"][0]["status"] == "skipped"
     assert by_op["fake_wrong"][0]["status"] == "mismatch"
+    peerless = by_op["fake_peerless"][0]
+    assert peerless["status"] == "error" and "no peer could run" in peerless["reason"]
+    assert peerless["peer_errors"]["torch"].startswith("RuntimeError: not on this device")
     assert by_op["fake_right"][0]["status"] == "ok", "one broken case must not stop the others"
     assert "not timed: fake_pending" in table and "error: fake_broken" in table and "mismatch: fake_wrong" in table
 

@@ -418,6 +418,8 @@ class Runner:
                 row.check_rel_err = _rel_err(expected, canonical(theirs))
             del theirs
         expected = None
+        if not fns:  # DESIGN.md §7: never a time without the baseline from the same run
+            raise RuntimeError("no peer could run here: " + "; ".join(f"{k}: {v}" for k, v in row.peer_errors.items()))
         if row.check_rel_err is not None and row.check_rel_err > CHECK_TOL.get(bench.dtype, 1e-3):
             row.status = "mismatch"
             row.reason = f"metalcore differs from {row.check_against}: rel err {row.check_rel_err:.1e}"
@@ -656,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write_json(json_path, result.rows, result.meta)
     png_path = args.png or json_path.with_suffix(".png")
     wrote_png = report.write_png(png_path, result.rows, result.meta)
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else " (no PNG: matplotlib missing or no timed row)")
+    no_png = " (no PNG: matplotlib missing or no timed row)"
+    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else no_png)
           + f"; {result.meta['elapsed_s']} s")
     if result.failed:
         print(f"{len(result.failed)} row(s) failed: " + ", ".join(r.id for r in result.failed), file=sys.stderr)

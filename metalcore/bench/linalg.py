@@ -176,7 +176,8 @@ def householder_product(ctx: Context, shape) -> Bench:
     fn = metalcore_fn("linalg.householder_product")
     reflectors, tau = torch.geqrf(_general(ctx, shape))
     m, n = shape[-2:]
-    return Bench(metalcore=lambda: fn(reflectors, tau), peers=_peers(ctx, torch.linalg.householder_product, reflectors, tau),
+    return Bench(metalcore=lambda: fn(reflectors, tau),
+                 peers=_peers(ctx, torch.linalg.householder_product, reflectors, tau),
                  shape=_label(shape), dtype=DTYPE, flops=_count(shape) * (2 * m * n * n - 2 * n**3 / 3),
                  bytes=_F32 * _count(shape) * (2 * m * n + n))
 

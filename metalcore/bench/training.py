@@ -119,7 +119,8 @@ def _pointwise(ctx: Context, rows: int, hidden: int, ours, theirs, variant: str 
 def gelu(ctx: Context, rows: int, hidden: int, approximate: str) -> Bench:
     fn = metalcore_fn("nn.metal_gelu")
     return _pointwise(ctx, rows, hidden, lambda x: fn(x, approximate=approximate),
-                      lambda x: F.gelu(x, approximate=approximate), variant="exact" if approximate == "none" else "tanh")
+                      lambda x: F.gelu(x, approximate=approximate),
+                      variant="exact" if approximate == "none" else "tanh")
 
 
 @case("silu", family="training", full=ACTIVATIONS_FULL, small=ACTIVATIONS_SMALL, modes=FWD_BWD)
