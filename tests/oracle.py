@@ -52,3 +52,19 @@ def orthogonality_ratio(Q: torch.Tensor, dtype: torch.dtype, *, rows: bool = Fal
 
 def assert_lapack_ratio(ratio: float, what: str) -> None:
     assert ratio <= LAPACK_RATIO_MAX, f"{what}: LAPACK ratio {ratio:.2f} > {LAPACK_RATIO_MAX}"
+
+
+def assert_unary_matches_oracle(fn, oracle, x: torch.Tensor) -> None:
+    """``fn(x)`` and its gradient match ``oracle`` run in float64, within ``TOL[x.dtype]``; the
+    output is contiguous, of ``x``'s dtype and shape."""
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    assert y.dtype == x.dtype and y.shape == x.shape and y.is_contiguous()
+    x64 = x.detach().double().requires_grad_()
+    y64 = oracle(x64)
+    assert_close(y, y64, x.dtype)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    assert dx.dtype == x.dtype
+    assert_close(dx, dx64, x.dtype)

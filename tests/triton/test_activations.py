@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, metal_gelu, metal_silu, silu_fwd
 from metalcore.nn.swiglu import swiglu, swiglu_bwd, swiglu_fwd
-from oracle import assert_close
+from oracle import assert_close, assert_unary_matches_oracle
 
 # σ(x) = 1/(1 + e^(-x)) overflows e^(-x) to inf for very negative x, which gives the right limit
 # (σ = 0); numpy, running the interpreted kernels, warns about it.
@@ -40,17 +40,7 @@ def inputs(shape, dtype, device, transposed=False):
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_activation_forward_backward(name, shape, dtype, device):
     ours, theirs = ACTIVATIONS[name]
-    x = inputs(shape, dtype, device, transposed=len(shape) > 1).requires_grad_()
-    y = ours(x)
-    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
-    x64 = x.detach().double().requires_grad_()
-    y64 = theirs(x64)
-    assert_close(y, y64, dtype)
-    dy = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
-    assert dx.dtype == dtype
-    assert_close(dx, dx64, dtype)
+    assert_unary_matches_oracle(ours, theirs, inputs(shape, dtype, device, transposed=len(shape) > 1))
 
 
 @pytest.mark.usefixtures("poison")
