@@ -14,6 +14,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.nn.rms_norm_triton",
     "metalcore.nn.activations_triton",
     "metalcore.nn.swiglu_triton",
+    "metalcore.nn.rope_triton",
     "metalcore.optim.adamw_triton",
     "metalcore.linalg.cholesky_triton",
     "metalcore.linalg.triangular_triton",
@@ -27,6 +28,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.nn.activations_metal",
     "metalcore.nn.swiglu_metal",
     "metalcore.optim.adamw_metal",
+    "metalcore.linalg.cholesky_metal",
 )
 
 

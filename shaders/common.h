@@ -33,3 +33,12 @@ inline float threadgroup_sum(float v, threadgroup float* scratch, uint lane, uin
 #define METALCORE_ADAMW_THREADS 256
 #define METALCORE_ADAMW_BLOCK 1024
 #define METALCORE_ADAMW_MAX_TENSORS 256
+
+// Small-matrix linear algebra (shaders/linalg.metal): one threadgroup per matrix, held whole in
+// threadgroup memory. A 64x64 float32 tile is 16 KiB of Apple's 32 KiB, which leaves room for the
+// pivot bookkeeping of LU; a 90x90 tile would fit alone (31.6 KiB) but nothing beside it. Larger
+// matrices (and float64, which Metal lacks) go to the reference through each op's `supports`.
+#define METALCORE_LINALG_MAX_N 64
+// Threads of a factorization threadgroup: one per element of the trailing update up to this many
+// (a 64x64 update is 16 elements a thread); small matrices use one SIMD-group.
+#define METALCORE_LINALG_THREADS 256

@@ -10,6 +10,7 @@ import torch
 
 import metalcore
 from metalcore import _metal
+from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
@@ -62,7 +63,14 @@ def _adamw(dtype):
         torch.testing.assert_close(a, b, **TOL[a.dtype])
 
 
-DRIVERS = (_rms_norm, _activations, _adamw)
+def _linalg(dtype):
+    if dtype != torch.float32:  # the linalg shaders are float32 only (Metal has no float64)
+        return
+    X = torch.randn(3, 6, 6)
+    _check(cholesky_ex_op, X @ X.mT + 6 * torch.eye(6), False, False)
+
+
+DRIVERS = (_rms_norm, _activations, _adamw, _linalg)
 
 
 def test_every_shader_kernel_is_launched(executor):

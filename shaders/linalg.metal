@@ -1,0 +1,74 @@
+// Batched small-matrix linear algebra: one threadgroup per matrix, the matrix in threadgroup memory
+// (n <= METALCORE_LINALG_MAX_N), float32 only (Metal has no float64). The contracts are
+// metalcore/linalg/{cholesky,triangular,solve}.py; the host code is metalcore/linalg/*_metal.py.
+// Every matrix arrives contiguous and row-major (the host copies; right-sided solves arrive
+// transposed), so element (r, c) of matrix b is at b * n * n + r * n + c.
+//
+// Control flow that contains a barrier depends only on values every thread reads from threadgroup
+// memory after a barrier (a pivot, info), so it is uniform across the threadgroup, as Metal requires.
+#include "common.h"
+
+#define LINALG_IDS                                                                                  \
+    uint mat [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],          \
+    uint tpg [[threads_per_threadgroup]], uint lane [[thread_index_in_simdgroup]],                  \
+    uint sg [[simdgroup_index_in_threadgroup]], uint nsg [[simdgroups_per_threadgroup]]
+
+// Registers per lane for one column of a solution: element i lives in lane i % 32, slot i / 32.
+#define LINALG_SLOTS (METALCORE_LINALG_MAX_N / METALCORE_SIMD_WIDTH)
+
+// --- Cholesky (LAPACK potf2, right-looking) ------------------------------------------------------
+// For each column k: d = a[k][k]; d <= 0 or NaN stops this matrix with info = k + 1 (LAPACK leaves
+// the remaining columns as they are); else a[k:][k] /= sqrt(d) and the trailing lower triangle
+// takes the rank-1 update a[i][j] -= a[i][k] a[j][k]. Only the lower (upper) triangle of A is read.
+template <typename T>
+static void cholesky_tile(device const T* A, device T* L, device int* info, uint n, bool upper,
+                          threadgroup float* a, uint mat, uint tid, uint tpg) {
+    const ulong base = ulong(mat) * n * n;
+    for (uint e = tid; e < n * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        if (r >= c) {
+            a[r * n + c] = float(upper ? A[base + c * n + r] : A[base + e]);
+        }
+    }
+    int status = 0;
+    for (uint k = 0; k < n; ++k) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous update (or the load) is visible
+        const float d = a[k * n + k];
+        if (!(d > 0.0f)) {  // uniform: every thread read the same d
+            status = int(k) + 1;
+            break;
+        }
+        const float s = sqrt(d);
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // every thread has read d
+        for (uint i = k + tid; i < n; i += tpg) {
+            a[i * n + k] = i == k ? s : a[i * n + k] / s;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // column k is final
+        const uint m = n - k - 1;
+        for (uint e = tid; e < m * m; e += tpg) {
+            const uint i = k + 1 + e / m, j = k + 1 + e % m;
+            if (j <= i) {
+                a[i * n + j] -= a[i * n + k] * a[j * n + k];
+            }
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint e = tid; e < n * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        const T v = T(r >= c ? a[e] : 0.0f);
+        L[base + (upper ? c * n + r : e)] = v;
+    }
+    if (tid == 0) {
+        info[mat] = status;
+    }
+}
+
+#define INSTANTIATE_LINALG(T, SUFFIX)                                                                \
+kernel void cholesky_##SUFFIX(                                                                      \
+        device const T* A [[buffer(0)]], device T* L [[buffer(1)]], device int* info [[buffer(2)]], \
+        constant uint& n [[buffer(3)]], constant uint& upper [[buffer(4)]], LINALG_IDS) {          \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    cholesky_tile<T>(A, L, info, n, upper != 0, a, mat, tid, tpg);                                  \
+}
+
+INSTANTIATE_LINALG(float, float)
