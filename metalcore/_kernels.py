@@ -15,6 +15,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.nn.activations_triton",
     "metalcore.nn.swiglu_triton",
     "metalcore.nn.rope_triton",
+    "metalcore.nn.attention_triton",
     "metalcore.optim.adamw_triton",
     "metalcore.linalg.cholesky_triton",
     "metalcore.linalg.triangular_triton",
@@ -29,6 +30,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.nn.swiglu_metal",
     "metalcore.optim.adamw_metal",
     "metalcore.linalg.cholesky_metal",
+    "metalcore.linalg.triangular_metal",
 )
 
 

@@ -63,12 +63,79 @@ static void cholesky_tile(device const T* A, device T* L, device int* info, uint
     }
 }
 
+// --- Substitution, one right-hand side per SIMD-group ----------------------------------------------
+// Solves M x = b in place for one column, M triangular in the threadgroup tile `a` (row-major n x n,
+// only the strict triangle and, unless `unit`, the diagonal are read). Element i of x lives in lane
+// i % 32, slot i / 32 (n <= METALCORE_LINALG_MAX_N: LINALG_SLOTS registers a lane). Row j is a dot
+// product over the solved elements, summed across the SIMD-group: x_j = (b_j - M[j, solved] x) / M[j, j].
+// No threadgroup barrier: each SIMD-group works on its own columns; `a` is only read.
+static void substitute(threadgroup const float* a, uint n, bool lower, bool unit, thread float* x, uint lane) {
+    for (uint t = 0; t < n; ++t) {
+        const uint j = lower ? t : n - 1 - t;
+        float partial = 0.0f;
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            if (i < n && (lower ? i < j : i > j)) {
+                partial += a[j * n + i] * x[s];
+            }
+        }
+        const float total = simd_sum(partial);
+        const float bj = simd_broadcast(x[j / METALCORE_SIMD_WIDTH], ushort(j % METALCORE_SIMD_WIDTH));
+        const float xj = unit ? bj - total : (bj - total) / a[j * n + j];
+        if (lane == j % METALCORE_SIMD_WIDTH) {
+            x[j / METALCORE_SIMD_WIDTH] = xj;
+        }
+    }
+}
+
+// --- Triangular solve (BLAS trsm, left side) -------------------------------------------------------
+// M X = B for every column of B, M = A (or Aᵀ when `trans_a`: a right-sided solve X A = B is
+// Aᵀ Xᵀ = Bᵀ) lower or upper. Element (i, q) of B and X is at i * sr + q * sc within the matrix
+// (the host passes transposed strides for the right side). Only the triangle that is read is
+// loaded, so the other may hold anything, NaN included.
+template <typename T>
+static void trsm_tile(device const T* A, device const T* B, device T* X, uint n, uint k, uint sr, uint sc,
+                      bool lower, bool unit, bool trans_a, threadgroup float* a, uint mat, uint tid, uint tpg,
+                      uint lane, uint sg, uint nsg) {
+    const ulong base_a = ulong(mat) * n * n, base_b = ulong(mat) * n * k;
+    for (uint e = tid; e < n * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        if ((lower ? c < r : c > r) || (r == c && !unit)) {
+            a[e] = float(A[base_a + (trans_a ? c * n + r : e)]);
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint q = sg; q < k; q += nsg) {  // uniform within the SIMD-group
+        float x[LINALG_SLOTS];
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            x[s] = i < n ? float(B[base_b + i * sr + q * sc]) : 0.0f;
+        }
+        substitute(a, n, lower, unit, x, lane);
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            if (i < n) {
+                X[base_b + i * sr + q * sc] = T(x[s]);
+            }
+        }
+    }
+}
+
 #define INSTANTIATE_LINALG(T, SUFFIX)                                                                \
 kernel void cholesky_##SUFFIX(                                                                      \
         device const T* A [[buffer(0)]], device T* L [[buffer(1)]], device int* info [[buffer(2)]], \
         constant uint& n [[buffer(3)]], constant uint& upper [[buffer(4)]], LINALG_IDS) {          \
     threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
     cholesky_tile<T>(A, L, info, n, upper != 0, a, mat, tid, tpg);                                  \
+}                                                                                                   \
+kernel void trsm_##SUFFIX(                                                                          \
+        device const T* A [[buffer(0)]], device const T* B [[buffer(1)]], device T* X [[buffer(2)]], \
+        constant uint& n [[buffer(3)]], constant uint& k [[buffer(4)]], constant uint& sr [[buffer(5)]], \
+        constant uint& sc [[buffer(6)]], constant uint& lower [[buffer(7)]],                        \
+        constant uint& unit [[buffer(8)]], constant uint& trans_a [[buffer(9)]], LINALG_IDS) {      \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    trsm_tile<T>(A, B, X, n, k, sr, sc, lower != 0, unit != 0, trans_a != 0, a, mat, tid, tpg, lane, sg, \
+                 nsg);                                                                              \
 }
 
 INSTANTIATE_LINALG(float, float)
