@@ -1,0 +1,144 @@
+"""Flash-attention forward in Triton for ``sdpa_fwd`` (the backward stays on the reference for now).
+
+Layers: ``_sdpa_fwd_kernel`` → ``sdpa_fwd_launch`` (plain tensors) → the registered ``triton``
+implementation of ``sdpa_fwd`` in :mod:`metalcore.nn.attention`.
+
+One program per ``BLOCK_M`` query rows of one ``(batch, head)``: it streams key/value blocks of
+``BLOCK_N`` rows through an online softmax (running max ``m``, running sum ``l``, in base 2:
+``exp2((z − m)·log2 e)``), so the ``L × S`` scores are never stored, and writes ``out`` and
+``lse = ln Σ exp(z)`` (natural log, float32) for the backward. Grouped-query attention indexes key/
+value head ``h // (H / Hkv)``; ``is_causal`` (top-left aligned, key ``j`` for query ``i`` iff
+``j ≤ i``) stops each program's loop at its last attended key block.
+
+Scope (``supports=``): q/k/v fp32/bf16/fp16 in one dtype, head dims ``E`` and ``Ev`` of 64 or 128,
+no ``attn_mask``; anything else (fp64, masks, other head dims) runs on the reference. fp32 inputs
+use IEEE fp32 dots (not TF32), to match the reference's float32 matmuls. Inputs are addressed
+through their strides; ``out`` is contiguous (the op's fake says so).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from metalcore._backend import triton_interpreting
+from metalcore.nn._jit_triton import cdiv, jit
+from metalcore.nn.attention import sdpa_fwd
+
+# Query and key rows per tile: 64 × 64 (at E = 128: 4 warps hold q, k, v tiles of 16 KB each in
+# bf16). A starting point, not tuned: no GPU time this session.
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+HEAD_DIMS = (64, 128)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOG2E = 1.4426950408889634
+
+
+@jit
+def _sdpa_fwd_kernel(Q, K, V, O, LSE, n_heads, group, seq_q, seq_k, scale_log2,
+                     stride_qb, stride_qh, stride_ql, stride_qe,
+                     stride_kb, stride_kh, stride_ks, stride_ke,
+                     stride_vb, stride_vh, stride_vs, stride_ve,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E: tl.constexpr, EV: tl.constexpr,
+                     CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Grid ``(cdiv(L, BLOCK_M), B·H)``. ``O`` is contiguous ``(B, H, L, EV)``, ``LSE`` ``(B, H, L)``.
+    ``DOT_FP32``: feed the dots fp32 copies of the (bf16-exact) operands, for the interpreter."""
+    m_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    kv_h = (h // group).to(tl.int64)
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < seq_q
+    offs_e = tl.arange(0, E)
+    offs_ev = tl.arange(0, EV)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + rows.to(tl.int64)[:, None] * stride_ql \
+        + offs_e[None, :] * stride_qe
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, EV], dtype=tl.float32)
+    if CAUSAL:
+        # Top-left aligned: the block's last row attends keys 0 … (m_block + 1)·BLOCK_M − 1.
+        hi = tl.minimum(seq_k, (m_block + 1) * BLOCK_M)
+    else:
+        hi = seq_k
+    for start in range(0, hi, BLOCK_N):
+        cols = start + offs_n
+        col_mask = cols < seq_k
+        k = tl.load(k_base + cols.to(tl.int64)[None, :] * stride_ks + offs_e[:, None] * stride_ke,
+                    mask=col_mask[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        z = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        keep = col_mask[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        z = tl.where(keep, z, float("-inf"))
+        # Key 0 is in the first block and every row attends it, so m_new is finite from there on.
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        p = tl.exp2(z - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
+                    mask=col_mask[:, None], other=0.0)
+        # P is rounded to the inputs' dtype for the second dot, as in flash attention.
+        p = p.to(V.dtype.element_ty)
+        if DOT_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_rows = bh.to(tl.int64) * seq_q + rows.to(tl.int64)
+    tl.store(O + o_rows[:, None] * EV + offs_ev[None, :], out.to(O.dtype.element_ty), mask=row_mask[:, None])
+    tl.store(LSE + o_rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_mask)
+
+
+def sdpa_fwd_launch(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """``q`` (B, H, L, E), ``k`` (B, Hkv, S, E), ``v`` (B, Hkv, S, Ev), any strides; ``Hkv`` divides
+    ``H``. Returns ``out`` (B, H, L, Ev) contiguous in q's dtype and ``lse`` (B, H, L) float32."""
+    B, H, L, E = q.shape
+    Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(B, H, L, Ev, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
+    if B * H * L == 0:
+        return out, lse
+    if S == 0:  # nothing to attend: torch's safe softmax gives 0, and lse is −inf
+        return out.zero_(), lse.fill_(-math.inf)
+    # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw 16-bit integers (errors of
+    # ~1e9 seen here); their fp32 copies are exact and give the same products.
+    dot_fp32 = q.dtype == torch.bfloat16 and triton_interpreting()
+    precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"
+    _sdpa_fwd_kernel[(cdiv(L, BLOCK_M), B * H)](
+        q, k, v, out, lse, H, H // Hkv, L, S, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, E=E, EV=Ev, CAUSAL=is_causal, PRECISION=precision, DOT_FP32=dot_fp32,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return out, lse
+
+
+def _supports(q: Tensor, k: Tensor, v: Tensor, attn_mask, is_causal: bool, scale: float) -> bool:
+    return (attn_mask is None and q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype
+            and q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS
+            and k.shape[-1] == q.shape[-1] and k.shape[:3] == v.shape[:3] and k.shape[0] == q.shape[0]
+            and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)
+
+
+@sdpa_fwd.implement("triton", supports=_supports)
+def _sdpa_fwd_triton(q, k, v, attn_mask, is_causal, scale):
+    return sdpa_fwd_launch(q, k, v, is_causal, scale)
