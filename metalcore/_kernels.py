@@ -31,6 +31,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.optim.adamw_metal",
     "metalcore.linalg.cholesky_metal",
     "metalcore.linalg.triangular_metal",
+    "metalcore.linalg.solve_metal",
 )
 
 

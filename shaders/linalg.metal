@@ -121,6 +121,98 @@ static void trsm_tile(device const T* A, device const T* B, device T* X, uint n,
     }
 }
 
+// --- Solve by LU with partial pivoting (LAPACK getf2 + getrs) --------------------------------------
+// Factors M = P L U in the tile (M = A, or Aᵀ for a right-sided solve) exactly as getf2 does: the
+// pivot is the first row of largest |m[i][j]| at or below j (SIMD-group 0 searches; NaN entries never
+// win, as in the reference BLAS i?amax), whole rows are swapped, the multipliers below the pivot are
+// divided by it (skipped when it is zero: the column below is zero too) and the trailing block takes
+// the rank-1 update. info = j + 1 for the first exactly-zero pivot; the factorization goes on, as in
+// LAPACK, and X then holds inf/NaN for that matrix only. `perm[i]` is the row of M that ended up in
+// row i. Then each SIMD-group solves its columns of B: x = U⁻¹ L⁻¹ (P B) by substitution.
+template <typename T>
+static void lu_solve_tile(device const T* A, device const T* B, device T* X, device int* info, uint n, uint k,
+                          uint sr, uint sc, bool trans_a, threadgroup float* a, threadgroup uint* perm,
+                          threadgroup uint* pivot_row, uint mat, uint tid, uint tpg, uint lane, uint sg,
+                          uint nsg) {
+    const ulong base_a = ulong(mat) * n * n, base_b = ulong(mat) * n * k;
+    for (uint e = tid; e < n * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        a[e] = float(A[base_a + (trans_a ? c * n + r : e)]);
+    }
+    for (uint i = tid; i < n; i += tpg) {
+        perm[i] = i;
+    }
+    int status = 0;
+    for (uint j = 0; j < n; ++j) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous update (or the load) is visible
+        if (sg == 0) {
+            float best = -1.0f;
+            uint row = n;
+            for (uint i = j + lane; i < n; i += METALCORE_SIMD_WIDTH) {  // each lane keeps its first largest
+                const float v = fabs(a[i * n + j]);
+                if (v > best) {
+                    best = v;
+                    row = i;
+                }
+            }
+            const float top = simd_max(best);
+            const uint first = simd_min(best == top ? row : n);  // the first row among the largest
+            if (lane == 0) {
+                pivot_row[0] = first < n ? first : j;  // an all-NaN column: no swap
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        const uint p = pivot_row[0];
+        if (p != j) {  // uniform: every thread read the same p
+            for (uint c = tid; c < n; c += tpg) {
+                const float t = a[j * n + c];
+                a[j * n + c] = a[p * n + c];
+                a[p * n + c] = t;
+            }
+            if (tid == 0) {
+                const uint t = perm[j];
+                perm[j] = perm[p];
+                perm[p] = t;
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // row j holds the pivot row
+        const float pivot = a[j * n + j];
+        if (pivot == 0.0f && status == 0) {
+            status = int(j) + 1;
+        }
+        if (pivot != 0.0f) {
+            for (uint i = j + 1 + tid; i < n; i += tpg) {
+                a[i * n + j] /= pivot;
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the multipliers are final
+        const uint m = n - j - 1;
+        for (uint e = tid; e < m * m; e += tpg) {
+            const uint i = j + 1 + e / m, c = j + 1 + e % m;
+            a[i * n + c] -= a[i * n + j] * a[j * n + c];
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) {
+        info[mat] = status;
+    }
+    for (uint q = sg; q < k; q += nsg) {  // uniform within the SIMD-group
+        float x[LINALG_SLOTS];
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            x[s] = i < n ? float(B[base_b + perm[i] * sr + q * sc]) : 0.0f;
+        }
+        substitute(a, n, true, true, x, lane);    // L y = P b, L unit lower
+        substitute(a, n, false, false, x, lane);  // U x = y
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            if (i < n) {
+                X[base_b + i * sr + q * sc] = T(x[s]);
+            }
+        }
+    }
+}
+
 #define INSTANTIATE_LINALG(T, SUFFIX)                                                                \
 kernel void cholesky_##SUFFIX(                                                                      \
         device const T* A [[buffer(0)]], device T* L [[buffer(1)]], device int* info [[buffer(2)]], \
@@ -136,6 +228,17 @@ kernel void trsm_##SUFFIX(                                                      
     threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
     trsm_tile<T>(A, B, X, n, k, sr, sc, lower != 0, unit != 0, trans_a != 0, a, mat, tid, tpg, lane, sg, \
                  nsg);                                                                              \
+}                                                                                   \
+kernel void lu_solve_##SUFFIX(                                                                      \
+        device const T* A [[buffer(0)]], device const T* B [[buffer(1)]], device T* X [[buffer(2)]], \
+        device int* info [[buffer(3)]], constant uint& n [[buffer(4)]], constant uint& k [[buffer(5)]], \
+        constant uint& sr [[buffer(6)]], constant uint& sc [[buffer(7)]],                           \
+        constant uint& trans_a [[buffer(8)]], LINALG_IDS) {                                         \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    threadgroup uint perm[METALCORE_LINALG_MAX_N];                                                  \
+    threadgroup uint pivot_row[1];                                                                  \
+    lu_solve_tile<T>(A, B, X, info, n, k, sr, sc, trans_a != 0, a, perm, pivot_row, mat, tid, tpg, lane, \
+                     sg, nsg);                                                                      \
 }
 
 INSTANTIATE_LINALG(float, float)

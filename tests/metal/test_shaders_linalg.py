@@ -17,6 +17,7 @@ import torch
 import metalcore
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
+from metalcore.linalg.solve import solve_ex_op
 from metalcore.linalg.triangular import solve_triangular_op
 from oracle import assert_lapack_ratio, residual_ratio
 
@@ -211,3 +212,105 @@ def test_solve_triangular_limits_route_to_the_reference():
     assert solve_triangular_op.backend_for(big, b, False, True, False) == "reference"
     assert solve_triangular_op.backend_for(big.double()[:4, :4], b.double()[:4], False, True, False) == "reference"
     assert solve_triangular_op.backend_for(torch.eye(MAX_N), torch.ones(MAX_N, 500), False, True, False) == "metal"
+
+
+# --- solve (LU with partial pivoting) ---------------------------------------------------------
+
+SOLVE_CASES = [(b, n, (1, 4, 70)[i % 3], i % 2 == 1) for i, (b, n) in enumerate(CASES)]
+
+
+def _solve(A, B, left=True):
+    assert solve_ex_op.backend_for(A, B, left, False) == "metal"
+    X, info = metalcore.linalg.solve_ex(A, B, left=left)
+    assert X.dtype == F32 and X.is_contiguous()
+    assert info.shape == A.shape[:-2] and info.dtype == torch.int32
+    return X, info
+
+
+def _solve_ratio(A, X, B, left):
+    return solve_ratio(A, X, B, F32) if left else solve_ratio(A.mT, X.mT, B.mT, F32)
+
+
+@pytest.mark.parametrize("batch,n,k,left", SOLVE_CASES,
+                         ids=[f"{case_id(b, n, k)}-{'left' if l else 'right'}" for b, n, k, l in SOLVE_CASES])
+def test_solve_lapack_ratio(batch, n, k, left):
+    A = general("random", batch, n, n, F32)
+    B = torch.randn(*batch, *((n, k) if left else (k, n)))
+    X, info = _solve(A, B, left)
+    assert X.shape == B.shape and not info.any()
+    assert_lapack_ratio(_solve_ratio(A, X, B, left), f"solve {case_id(batch, n, k)}")
+
+
+@pytest.mark.parametrize("kind", HARD + ("rank",))
+def test_solve_hard_matrices(kind):
+    A = general(kind, (3,), 33, 33, F32)
+    B = torch.randn(3, 33, 2) * scale_of(kind, F32)
+    X, info = _solve(A, B)
+    if kind == "rank":
+        # Numerically singular: rounding leaves tiny nonzero pivots, so info is torch's (0 here too).
+        assert torch.equal(info, torch.linalg.solve_ex(A, B).info)
+        return
+    assert not info.any()
+    # The ratio is invariant to the scale of A, X and B; float64 holds the products of 1e±25 values.
+    assert_lapack_ratio(_solve_ratio(A, X, B, True), f"solve {kind}")
+
+
+def test_solve_broadcasts_vectors_and_no_right_hand_sides():
+    A = torch.randn(3, 1, 6, 6)
+    B = torch.randn(4, 6, 2)
+    X, info = _solve(A, B)
+    assert X.shape == (3, 4, 6, 2) and info.shape == (3, 1)
+    torch.testing.assert_close(X, torch.linalg.solve(A, B), rtol=1e-4, atol=1e-4)
+    b = torch.randn(3, 1, 6)
+    torch.testing.assert_close(metalcore.linalg.solve(A, b), torch.linalg.solve(A, b), rtol=1e-4, atol=1e-4)
+    S = torch.randn(2, 5, 5)
+    S[1, :, 2] = 0.0
+    X, info = _solve(S, torch.randn(2, 5, 0))
+    assert X.shape == (2, 5, 0) and torch.equal(info, torch.linalg.solve_ex(S, torch.randn(2, 5, 0)).info)
+
+
+def test_solve_singular_info_and_nan_stay_in_their_batch_element():
+    A = torch.randn(5, 7, 7)
+    A[1] = 0.0                   # U[0, 0] = 0
+    A[2, :, 4] = 0.0             # a zero column: U[4, 4] = 0 exactly
+    A[3, 2, 5] = float("nan")
+    B = torch.randn(5, 7, 3)
+    X, info = _solve(A, B)
+    assert info.tolist() == [0, 1, 5, 0, 0]
+    assert torch.equal(info, torch.linalg.solve_ex(A, B).info)
+    assert X[3].isnan().any()
+    good = [0, 4]
+    assert X[good].isfinite().all()
+    torch.testing.assert_close(X[good], torch.linalg.solve(A[good], B[good]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\).*singular"):
+        metalcore.linalg.solve(A, B)
+
+
+def test_solve_pivots_like_lapack():
+    """A zero leading entry needs the row swap; ties go to the first row of largest |a|."""
+    A = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 1.0]])
+    X, _ = _solve(A, torch.eye(3))
+    torch.testing.assert_close(X, torch.linalg.inv(A))
+    T = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])  # |a| ties in column 0: row 0 stays, exactly as LAPACK
+    X, _ = _solve(T, torch.eye(2))
+    torch.testing.assert_close(X, torch.linalg.inv(T), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_solve_gradients_run_the_shader(left):
+    A = torch.randn(2, 5, 5, requires_grad=True)
+    B = torch.randn(2, *((5, 3) if left else (3, 5)), requires_grad=True)
+    _metal.launched.clear()
+    X = metalcore.linalg.solve(A, B, left=left)
+    g = torch.randn_like(X)
+    ours = torch.autograd.grad(X, (A, B), g)
+    assert "lu_solve_float" in _metal.launched
+    theirs = torch.autograd.grad(torch.linalg.solve(A.double(), B.double(), left=left), (A, B), g.double())
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o.double(), t.double(), rtol=1e-3, atol=1e-3)
+
+
+def test_solve_limits_route_to_the_reference():
+    assert solve_ex_op.backend_for(torch.eye(MAX_N + 1), torch.ones(MAX_N + 1, 1), True, False) == "reference"
+    assert solve_ex_op.backend_for(torch.eye(3).double(), torch.ones(3, 1).double(), True, False) == "reference"
+    assert solve_ex_op.backend_for(torch.eye(MAX_N), torch.ones(MAX_N, 300), True, False) == "metal"
