@@ -32,6 +32,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.linalg.cholesky_metal",
     "metalcore.linalg.triangular_metal",
     "metalcore.linalg.solve_metal",
+    "metalcore.linalg.qr_metal",
 )
 
 

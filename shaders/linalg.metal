@@ -213,6 +213,109 @@ static void lu_solve_tile(device const T* A, device const T* B, device T* X, dev
     }
 }
 
+// --- QR by Householder reflections (LAPACK geqr2 + org2r) ------------------------------------------
+// Factor: for each column j < k = min(m, n), SIMD-group 0 forms the reflector of dlarfg
+// (β = −sign(α)‖(α, x)‖, τ = (β − α)/β, v = x/(α − β), v_j = 1) with norms computed as s·‖x/s‖,
+// s = max|x|, so that 1e±25-scaled float32 columns neither overflow nor underflow their squares; a
+// zero (or NaN) x gives τ = 0 (H = I), as in LAPACK. Then each SIMD-group applies H = I − τ v vᵀ to
+// its trailing columns (one dot product across the lanes per column). The reflectors stay below the
+// diagonal of the tile, R on and above it.
+// Accumulate: column q of Q = H_1 ⋯ H_k e_q, one column per SIMD-group in registers (as in
+// `substitute`), applying H_k first; nq = k (reduced) or m (complete) columns, none for mode 'r'.
+template <typename T>
+static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n, uint kr, uint nq,
+                    threadgroup float* a, threadgroup float* tau, threadgroup float* head, uint mat, uint tid,
+                    uint tpg, uint lane, uint sg, uint nsg) {
+    const uint k = min(m, n);
+    const ulong base = ulong(mat) * m * n;
+    for (uint e = tid; e < m * n; e += tpg) {
+        a[e] = float(A[base + e]);
+    }
+    for (uint j = 0; j < k; ++j) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous update (or the load) is visible
+        if (sg == 0) {
+            float big = 0.0f;
+            for (uint i = j + 1 + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                big = max(big, fabs(a[i * n + j]));
+            }
+            const float scale = simd_max(big);
+            const float unit_scale = scale > 0.0f ? scale : 1.0f;
+            float ss = 0.0f;
+            for (uint i = j + 1 + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                const float y = a[i * n + j] / unit_scale;
+                ss += y * y;
+            }
+            // Any NaN in x makes xnorm NaN (simd_sum propagates it), so `reflect` is false below.
+            const float xnorm = scale * sqrt(simd_sum(ss));
+            const float alpha = a[j * n + j];
+            const float hi = max(fabs(alpha), xnorm), lo = min(fabs(alpha), xnorm);
+            const float ratio = lo / (hi > 0.0f ? hi : 1.0f);
+            const float norm = hi * sqrt(1.0f + ratio * ratio);  // dlapy2(α, ‖x‖)
+            const bool reflect = xnorm > 0.0f;
+            const float beta = reflect ? (alpha >= 0.0f ? -norm : norm) : alpha;
+            if (lane == 0) {
+                tau[j] = reflect ? (beta - alpha) / beta : 0.0f;
+                head[0] = reflect ? alpha - beta : 1.0f;  // v = x / (α − β)
+                head[1] = beta;
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        const float denom = head[0];
+        for (uint i = j + 1 + tid; i < m; i += tpg) {
+            a[i * n + j] /= denom;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // v is final; the update treats v_j as 1
+        const float t = tau[j];
+        for (uint c = j + 1 + sg; c < n; c += nsg) {  // uniform within the SIMD-group
+            float partial = 0.0f;
+            for (uint i = j + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                partial += (i == j ? 1.0f : a[i * n + j]) * a[i * n + c];
+            }
+            const float w = t * simd_sum(partial);
+            for (uint i = j + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                a[i * n + c] -= (i == j ? 1.0f : a[i * n + j]) * w;
+            }
+        }
+        if (tid == 0) {
+            a[j * n + j] = head[1];  // R[j][j] = β: column j is not read by the update
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint e = tid; e < kr * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        R[ulong(mat) * kr * n + e] = T(r <= c && r < m ? a[r * n + c] : 0.0f);
+    }
+    for (uint q = sg; q < nq; q += nsg) {  // uniform within the SIMD-group
+        float x[LINALG_SLOTS];
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            x[s] = s * METALCORE_SIMD_WIDTH + lane == q ? 1.0f : 0.0f;
+        }
+        for (uint step = 0; step < k; ++step) {
+            const uint j = k - 1 - step;
+            float partial = 0.0f;
+            for (uint s = 0; s < LINALG_SLOTS; ++s) {
+                const uint i = s * METALCORE_SIMD_WIDTH + lane;
+                if (i >= j && i < m) {
+                    partial += (i == j ? 1.0f : a[i * n + j]) * x[s];
+                }
+            }
+            const float w = tau[j] * simd_sum(partial);
+            for (uint s = 0; s < LINALG_SLOTS; ++s) {
+                const uint i = s * METALCORE_SIMD_WIDTH + lane;
+                if (i >= j && i < m) {
+                    x[s] -= (i == j ? 1.0f : a[i * n + j]) * w;
+                }
+            }
+        }
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            if (i < m) {
+                Q[ulong(mat) * m * nq + i * nq + q] = T(x[s]);
+            }
+        }
+    }
+}
+
 #define INSTANTIATE_LINALG(T, SUFFIX)                                                                \
 kernel void cholesky_##SUFFIX(                                                                      \
         device const T* A [[buffer(0)]], device T* L [[buffer(1)]], device int* info [[buffer(2)]], \
@@ -239,6 +342,15 @@ kernel void lu_solve_##SUFFIX(                                                  
     threadgroup uint pivot_row[1];                                                                  \
     lu_solve_tile<T>(A, B, X, info, n, k, sr, sc, trans_a != 0, a, perm, pivot_row, mat, tid, tpg, lane, \
                      sg, nsg);                                                                      \
+}                                                                                   \
+kernel void qr_##SUFFIX(                                                                            \
+        device const T* A [[buffer(0)]], device T* Q [[buffer(1)]], device T* R [[buffer(2)]],      \
+        constant uint& m [[buffer(3)]], constant uint& n [[buffer(4)]], constant uint& kr [[buffer(5)]], \
+        constant uint& nq [[buffer(6)]], LINALG_IDS) {                                              \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    threadgroup float tau[METALCORE_LINALG_MAX_N];                                                  \
+    threadgroup float head[2];                                                                      \
+    qr_tile<T>(A, Q, R, m, n, kr, nq, a, tau, head, mat, tid, tpg, lane, sg, nsg);                  \
 }
 
 INSTANTIATE_LINALG(float, float)

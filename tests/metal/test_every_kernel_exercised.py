@@ -11,6 +11,7 @@ import torch
 import metalcore
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
+from metalcore.linalg.qr import qr_op
 from metalcore.linalg.solve import solve_ex_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
@@ -75,6 +76,7 @@ def _linalg(dtype):
     _check(cholesky_ex_op, X @ X.mT + 6 * torch.eye(6), False, False)
     _check(solve_triangular_op, X + 6 * torch.eye(6), torch.randn(3, 6, 2), True, True, False)
     _check(solve_ex_op, X + 6 * torch.eye(6), torch.randn(3, 6, 2), True, False)
+    _check(qr_op, X[..., :4], "reduced")
 
 
 DRIVERS = (_rms_norm, _activations, _adamw, _linalg)

@@ -17,9 +17,10 @@ import torch
 import metalcore
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
+from metalcore.linalg.qr import qr_op
 from metalcore.linalg.solve import solve_ex_op
 from metalcore.linalg.triangular import solve_triangular_op
-from oracle import assert_lapack_ratio, residual_ratio
+from oracle import assert_lapack_ratio, orthogonality_ratio, residual_ratio
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "triton_linalg"))
 from linalg_matrices import BATCHES, case_id, general, scale_of, solve_ratio, spd  # noqa: E402
@@ -314,3 +315,75 @@ def test_solve_limits_route_to_the_reference():
     assert solve_ex_op.backend_for(torch.eye(MAX_N + 1), torch.ones(MAX_N + 1, 1), True, False) == "reference"
     assert solve_ex_op.backend_for(torch.eye(3).double(), torch.ones(3, 1).double(), True, False) == "reference"
     assert solve_ex_op.backend_for(torch.eye(MAX_N), torch.ones(MAX_N, 300), True, False) == "metal"
+
+
+# --- qr (Householder) -------------------------------------------------------------------------
+
+MODES = ("reduced", "complete", "r")
+# Square, tall and wide shapes: each case's second side is a neighbour size (or the limit).
+QR_CASES = [(b, n, SIZES[(i // 2 + 3) % len(SIZES)] if i % 2 else n, MODES[i % 3]) for i, (b, n) in enumerate(CASES)]
+
+
+def _qr(A, mode):
+    assert qr_op.backend_for(A, mode) == "metal"
+    Q, R = metalcore.linalg.qr(A, mode=mode)
+    Q0, R0 = torch.linalg.qr(A, mode=mode)
+    assert Q.shape == Q0.shape and R.shape == R0.shape and Q.is_contiguous() and R.is_contiguous()
+    assert not R.tril(-1).any(), "R must be exactly upper triangular"
+    return Q, R
+
+
+def _check_qr(A, Q, R, mode, what, scale=1.0):
+    if mode == "r":  # R is Q's R up to the signs of its rows
+        _, R_full = _qr(A, "reduced")
+        torch.testing.assert_close(R, R_full, rtol=0, atol=0)
+        return
+    assert_lapack_ratio(residual_ratio(A.double() / scale, Q.double() @ (R.double() / scale), F32), f"qr {what}")
+    assert_lapack_ratio(orthogonality_ratio(Q, F32), f"qr {what} orthogonality")
+
+
+@pytest.mark.parametrize("batch,m,n,mode", QR_CASES, ids=[f"{case_id(b, m, n)}-{mo}" for b, m, n, mo in QR_CASES])
+def test_qr_lapack_ratio(batch, m, n, mode):
+    A = general("random", batch, m, n, F32)
+    Q, R = _qr(A, mode)
+    _check_qr(A, Q, R, mode, case_id(batch, m, n))
+
+
+@pytest.mark.parametrize("kind", HARD + ("rank",))
+def test_qr_hard_matrices(kind):
+    A = general(kind, (2,), 33, 20, F32)
+    s = scale_of(kind, F32)
+    for mode in ("reduced", "complete"):
+        Q, R = _qr(A, mode)
+        assert R.isfinite().all()
+        _check_qr(A, Q, R, mode, kind, s)
+
+
+def test_qr_zero_column_and_nan_stay_in_their_batch_element():
+    A = torch.randn(4, 9, 6)
+    A[1, :, 2] = 0.0            # a zero column: tau = 0, Q stays orthonormal
+    A[2, 4, 3] = float("nan")
+    Q, R = _qr(A, "reduced")
+    assert Q[2].isnan().any() or R[2].isnan().any()
+    good = [0, 1, 3]
+    assert Q[good].isfinite().all() and R[good].isfinite().all()
+    _check_qr(A[good], Q[good], R[good], "reduced", "zero column")
+
+
+def test_qr_gradient_runs_the_shader():
+    A = torch.randn(2, 7, 5, requires_grad=True)
+    _metal.launched.clear()
+    Q, R = metalcore.linalg.qr(A)
+    gQ, gR = torch.randn_like(Q), torch.randn_like(R)
+    ours, = torch.autograd.grad((Q, R), A, (gQ, gR))
+    assert "qr_float" in _metal.launched
+    Q0, R0 = torch.linalg.qr(A.double())
+    theirs, = torch.autograd.grad((Q0, R0), A, (gQ.double(), gR.double()))
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-3, atol=1e-3)
+
+
+def test_qr_limits_route_to_the_reference():
+    assert qr_op.backend_for(torch.ones(MAX_N + 1, 3), "reduced") == "reference"
+    assert qr_op.backend_for(torch.ones(3, MAX_N + 1), "reduced") == "reference"
+    assert qr_op.backend_for(torch.ones(3, 3, dtype=torch.float64), "reduced") == "reference"
+    assert qr_op.backend_for(torch.ones(MAX_N, MAX_N), "complete") == "metal"
