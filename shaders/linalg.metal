@@ -123,8 +123,8 @@ static void trsm_tile(device const T* A, device const T* B, device T* X, uint n,
 
 // --- Solve by LU with partial pivoting (LAPACK getf2 + getrs) --------------------------------------
 // Factors M = P L U in the tile (M = A, or Aᵀ for a right-sided solve) exactly as getf2 does: the
-// pivot is the first row of largest |m[i][j]| at or below j (SIMD-group 0 searches; NaN entries never
-// win, as in the reference BLAS i?amax), whole rows are swapped, the multipliers below the pivot are
+// pivot is the first row of largest |m[i][j]| at or below j (SIMD-group 0 searches; NaN entries are
+// skipped, and a column of NaN keeps row j), whole rows are swapped, the multipliers below the pivot are
 // divided by it (skipped when it is zero: the column below is zero too) and the trailing block takes
 // the rank-1 update. info = j + 1 for the first exactly-zero pivot; the factorization goes on, as in
 // LAPACK, and X then holds inf/NaN for that matrix only. `perm[i]` is the row of M that ended up in

@@ -9,31 +9,12 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
+from metalcore.linalg._small_metal import fits, kernel, threads_for
 from metalcore.linalg.cholesky import cholesky_ex_op
-
-SHADER = "linalg"
-
-
-def max_n() -> int:
-    return _metal.constants()["METALCORE_LINALG_MAX_N"]
-
-
-def fits(*tensors: Tensor) -> bool:
-    """float32 matrices (batched or not) whose sides are at most ``max_n()``, one device."""
-    return all(t.dtype == torch.float32 and t.dim() >= 2 and t.shape[-1] <= max_n() and t.shape[-2] <= max_n()
-               and t.device == tensors[0].device for t in tensors)
-
-
-def threads_for(n: int, elements: int) -> int:
-    """Threadgroup size: enough 32-wide SIMD-groups for ``elements`` parallel updates, at most
-    ``METALCORE_LINALG_THREADS``."""
-    c = _metal.constants()
-    width = c["METALCORE_SIMD_WIDTH"]
-    return min(c["METALCORE_LINALG_THREADS"], max(width, -(-elements // width) * width))
 
 
 def cholesky_launch(A: Tensor, upper: bool) -> tuple[Tensor, Tensor]:
-    """``(L, info)`` for ``A`` ``(*, n, n)`` float32, ``n <= max_n()``; ``L`` contiguous."""
+    """``(L, info)`` for ``A`` ``(*, n, n)`` float32, ``n <= METALCORE_LINALG_MAX_N``; ``L`` contiguous."""
     n = A.shape[-1]
     L = _metal.empty(A.shape, dtype=A.dtype, device=A.device)
     info = _metal.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
@@ -43,9 +24,8 @@ def cholesky_launch(A: Tensor, upper: bool) -> tuple[Tensor, Tensor]:
         return L, info
     if n == 0:
         return L, info.zero_()
-    tg = threads_for(n, n * n)
-    _metal.launch(_metal.library(SHADER, A.device), f"cholesky_{_metal.dtype_suffix(A.dtype)}", A3, L, info,
-                  n, int(upper), threads=nb * tg, group_size=tg)
+    tg = threads_for(n * n)
+    _metal.launch(*kernel("cholesky", A), A3, L, info, n, int(upper), threads=nb * tg, group_size=tg)
     return L, info
 
 

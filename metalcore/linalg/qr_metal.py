@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.linalg.cholesky_metal import SHADER, fits, threads_for
+from metalcore.linalg._small_metal import fits, kernel, threads_for
 from metalcore.linalg.qr import qr_op
 
 
@@ -27,12 +27,11 @@ def qr_launch(A: Tensor, kr: int, nq: int) -> tuple[Tensor, Tensor]:
         return Q, R
     if A.numel() == 0:  # k = 0: no reflectors, Q = I, R = 0
         return Q.copy_(torch.eye(m, nq, dtype=A.dtype, device=A.device).expand_as(Q)), R.zero_()
-    tg = threads_for(max(m, n), m * n)
+    tg = threads_for(m * n)
     # Q and R buffers of zero size are not passed to a kernel: one dummy element stands in.
     Qk = Q if Q.numel() else A3.new_empty(1)
     Rk = R if R.numel() else A3.new_empty(1)
-    _metal.launch(_metal.library(SHADER, A.device), f"qr_{_metal.dtype_suffix(A.dtype)}", A3, Qk, Rk, m, n, kr, nq,
-                  threads=nb * tg, group_size=tg)
+    _metal.launch(*kernel("qr", A), A3, Qk, Rk, m, n, kr, nq, threads=nb * tg, group_size=tg)
     return Q, R
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.linalg.cholesky_metal import SHADER, fits, threads_for
+from metalcore.linalg._small_metal import fits, kernel, threads_for
 from metalcore.linalg.solve import solve_ex_op
 
 
@@ -38,9 +38,9 @@ def solve_launch(A: Tensor, B: Tensor, left: bool) -> tuple[Tensor, Tensor]:
         # Element (i, q) of the left-sided right-hand side: B[i, q] (left) or B[q, i] (right, Bᵀ).
         sr, sc = (k, 1) if left else (1, n)
     info_full = _metal.empty(batch, dtype=torch.int32, device=A.device)
-    tg = threads_for(n, n * n)
-    _metal.launch(_metal.library(SHADER, A.device), f"lu_solve_{_metal.dtype_suffix(A.dtype)}", A3, B3, Xk,
-                  info_full, n, k, sr, sc, int(not left), threads=nb * tg, group_size=tg)
+    tg = threads_for(n * n)
+    _metal.launch(*kernel("lu_solve", A), A3, B3, Xk, info_full, n, k, sr, sc, int(not left),
+                  threads=nb * tg, group_size=tg)
     # info belongs to A's batch shape: every broadcast copy of a matrix has the same info.
     lead = len(batch) - (A.dim() - 2)
     dims = [i for i in range(len(batch)) if i < lead or (A.shape[i - lead] == 1 and batch[i] != 1)]

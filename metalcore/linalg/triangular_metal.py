@@ -11,15 +11,8 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.linalg.cholesky_metal import SHADER, fits
+from metalcore.linalg._small_metal import fits, kernel, rhs_threads
 from metalcore.linalg.triangular import solve_triangular_op
-
-
-def rhs_threads(k: int) -> int:
-    """Threadgroup size for ``k`` right-hand sides: one SIMD-group per column, up to
-    ``METALCORE_LINALG_THREADS`` (8 SIMD-groups, which then take several columns each)."""
-    c = _metal.constants()
-    return min(c["METALCORE_LINALG_THREADS"], c["METALCORE_SIMD_WIDTH"] * max(k, 1))
 
 
 def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitriangular: bool) -> Tensor:
@@ -36,8 +29,8 @@ def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitr
     sr, sc = (k, 1) if left else (1, n)
     lower = not upper if left else upper  # Aᵀ swaps the triangles
     tg = rhs_threads(k)
-    _metal.launch(_metal.library(SHADER, A.device), f"trsm_{_metal.dtype_suffix(A.dtype)}", A3, B3, X, n, k,
-                  sr, sc, int(lower), int(unitriangular), int(not left), threads=A3.shape[0] * tg, group_size=tg)
+    _metal.launch(*kernel("trsm", A), A3, B3, X, n, k, sr, sc, int(lower), int(unitriangular), int(not left),
+                  threads=A3.shape[0] * tg, group_size=tg)
     return X
 
 
