@@ -89,8 +89,8 @@ static void substitute(threadgroup const float* a, uint n, bool lower, bool unit
 }
 
 // --- Triangular solve (BLAS trsm, left side) -------------------------------------------------------
-// M X = B for every column of B, M = A (or Aᵀ when `trans_a`: a right-sided solve X A = B is
-// Aᵀ Xᵀ = Bᵀ) lower or upper. Element (i, q) of B and X is at i * sr + q * sc within the matrix
+// M X = B for every column of B, M = A (or A^T when `trans_a`: a right-sided solve X A = B is
+// A^T X^T = B^T) lower or upper. Element (i, q) of B and X is at i * sr + q * sc within the matrix
 // (the host passes transposed strides for the right side). Only the triangle that is read is
 // loaded, so the other may hold anything, NaN included.
 template <typename T>
@@ -122,13 +122,13 @@ static void trsm_tile(device const T* A, device const T* B, device T* X, uint n,
 }
 
 // --- Solve by LU with partial pivoting (LAPACK getf2 + getrs) --------------------------------------
-// Factors M = P L U in the tile (M = A, or Aᵀ for a right-sided solve) exactly as getf2 does: the
+// Factors M = P L U in the tile (M = A, or A^T for a right-sided solve) exactly as getf2 does: the
 // pivot is the first row of largest |m[i][j]| at or below j (SIMD-group 0 searches; NaN entries are
 // skipped, and a column of NaN keeps row j), whole rows are swapped, the multipliers below the pivot are
 // divided by it (skipped when it is zero: the column below is zero too) and the trailing block takes
 // the rank-1 update. info = j + 1 for the first exactly-zero pivot; the factorization goes on, as in
 // LAPACK, and X then holds inf/NaN for that matrix only. `perm[i]` is the row of M that ended up in
-// row i. Then each SIMD-group solves its columns of B: x = U⁻¹ L⁻¹ (P B) by substitution.
+// row i. Then each SIMD-group solves its columns of B: x = U^-1 L^-1 (P B) by substitution.
 template <typename T>
 static void lu_solve_tile(device const T* A, device const T* B, device T* X, device int* info, uint n, uint k,
                           uint sr, uint sc, bool trans_a, threadgroup float* a, threadgroup uint* perm,
@@ -215,12 +215,12 @@ static void lu_solve_tile(device const T* A, device const T* B, device T* X, dev
 
 // --- QR by Householder reflections (LAPACK geqr2 + org2r) ------------------------------------------
 // Factor: for each column j < k = min(m, n), SIMD-group 0 forms the reflector of dlarfg
-// (β = −sign(α)‖(α, x)‖, τ = (β − α)/β, v = x/(α − β), v_j = 1) with norms computed as s·‖x/s‖,
-// s = max|x|, so that 1e±25-scaled float32 columns neither overflow nor underflow their squares; a
-// zero (or NaN) x gives τ = 0 (H = I), as in LAPACK. Then each SIMD-group applies H = I − τ v vᵀ to
-// its trailing columns (one dot product across the lanes per column). The reflectors stay below the
+// (beta = -sign(alpha) ||(alpha, x)||, tau = (beta - alpha) / beta, v = x / (alpha - beta), v_j = 1),
+// norms computed as s * ||x / s|| with s = max|x|, so that 1e+-25-scaled float32 columns neither
+// overflow nor underflow their squares; a zero (or NaN) x gives tau = 0 (H = I), as in LAPACK. Then
+// each SIMD-group applies H = I - tau v v^T to its trailing columns (one dot product across the lanes per column). The reflectors stay below the
 // diagonal of the tile, R on and above it.
-// Accumulate: column q of Q = H_1 ⋯ H_k e_q, one column per SIMD-group in registers (as in
+// Accumulate: column q of Q = H_1 ... H_k e_q, one column per SIMD-group in registers (as in
 // `substitute`), applying H_k first; nq = k (reduced) or m (complete) columns, none for mode 'r'.
 template <typename T>
 static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n, uint kr, uint nq,
@@ -250,12 +250,12 @@ static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n,
             const float alpha = a[j * n + j];
             const float hi = max(fabs(alpha), xnorm), lo = min(fabs(alpha), xnorm);
             const float ratio = lo / (hi > 0.0f ? hi : 1.0f);
-            const float norm = hi * sqrt(1.0f + ratio * ratio);  // dlapy2(α, ‖x‖)
+            const float norm = hi * sqrt(1.0f + ratio * ratio);  // dlapy2(alpha, ||x||)
             const bool reflect = xnorm > 0.0f;
             const float beta = reflect ? (alpha >= 0.0f ? -norm : norm) : alpha;
             if (lane == 0) {
                 tau[j] = reflect ? (beta - alpha) / beta : 0.0f;
-                head[0] = reflect ? alpha - beta : 1.0f;  // v = x / (α − β)
+                head[0] = reflect ? alpha - beta : 1.0f;  // v = x / (alpha - beta)
                 head[1] = beta;
             }
         }
@@ -277,7 +277,7 @@ static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n,
             }
         }
         if (tid == 0) {
-            a[j * n + j] = head[1];  // R[j][j] = β: column j is not read by the update
+            a[j * n + j] = head[1];  // R[j][j] = beta: column j is not read by the update
         }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
