@@ -218,8 +218,8 @@ static void lu_solve_tile(device const T* A, device const T* B, device T* X, dev
 // (beta = -sign(alpha) ||(alpha, x)||, tau = (beta - alpha) / beta, v = x / (alpha - beta), v_j = 1),
 // norms computed as s * ||x / s|| with s = max|x|, so that 1e+-25-scaled float32 columns neither
 // overflow nor underflow their squares; a zero (or NaN) x gives tau = 0 (H = I), as in LAPACK. Then
-// each SIMD-group applies H = I - tau v v^T to its trailing columns (one dot product across the lanes per column). The reflectors stay below the
-// diagonal of the tile, R on and above it.
+// each SIMD-group applies H = I - tau v v^T to its trailing columns (one dot product across the
+// lanes per column). The reflectors stay below the diagonal of the tile, R on and above it.
 // Accumulate: column q of Q = H_1 ... H_k e_q, one column per SIMD-group in registers (as in
 // `substitute`), applying H_k first; nq = k (reduced) or m (complete) columns, none for mode 'r'.
 template <typename T>
