@@ -1,7 +1,7 @@
 """shaders/linalg.metal through the metal backend on CPU tensors (the shader executor): batched
-small-matrix Cholesky, triangular solve and LU solve in float32, judged by LAPACK's test ratios
-(tests/oracle.py) over odd sizes, batch shapes and hard matrix families, with info and NaN
-confinement per batch element compared with torch.
+small-matrix Cholesky, triangular solve, LU solve and Householder QR in float32, judged by LAPACK's
+test ratios (tests/oracle.py) over odd sizes, batch shapes and hard matrix families, with info and
+NaN confinement per batch element compared with torch.
 
 Sizes stop at METALCORE_LINALG_MAX_N (64, the largest float32 tile that leaves room in Apple's
 32 KiB of threadgroup memory); beyond it, and for float64, the ops stay on the reference.
@@ -28,7 +28,8 @@ from linalg_matrices import BATCHES, case_id, general, scale_of, solve_ratio, sp
 F32 = torch.float32
 MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
 SIZES = (1, 2, 3, 5, 16, 31, 33, MAX_N)
-# Each size meets two batch shapes; each batch shape meets every size's neighbours.
+# Each size meets two of the four batch shapes (i and i + 2 mod 4), so each batch shape meets half
+# the sizes, and every op's cases include (), (0,), (7,) and (2, 3) and the size limit.
 CASES = [(BATCHES[(i + j) % 4], n) for i, n in enumerate(SIZES) for j in (0, 2)]
 CASE_IDS = [case_id(b, n) for b, n in CASES]
 HARD = ("ill", "cluster", "graded", "tiny", "huge")
@@ -161,9 +162,10 @@ def test_solve_triangular_every_flag_reads_one_triangle(upper, left, unit):
     assert_lapack_ratio(_trsm_ratio(torch.nan_to_num(A), X, B, upper, left, unit), "trsm")
 
 
-@pytest.mark.parametrize("kind", ("graded", "tiny", "huge"))
-def test_solve_triangular_scaled(kind):
-    # Triangular factors of hard matrices: the Cholesky factor of a graded (or tiny/huge) SPD matrix.
+@pytest.mark.parametrize("kind", ("ill", "graded", "tiny", "huge"))
+def test_solve_triangular_hard_factors(kind):
+    # Triangular factors of hard matrices: the Cholesky factor of an ill-conditioned (cond 1e6, so
+    # 1e3 for the factor), graded or tiny/huge-scaled SPD matrix.
     L = torch.linalg.cholesky(spd(kind, (2,), 31, F32).double()).float()
     B = torch.randn(2, 31, 4) * scale_of(kind, F32)
     X = _trsm(L, B, False, True, False)
