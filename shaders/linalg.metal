@@ -1,8 +1,9 @@
 // Batched small-matrix linear algebra: one threadgroup per matrix, the matrix in threadgroup memory
-// (n <= METALCORE_LINALG_MAX_N), float32 only (Metal has no float64). The contracts are
-// metalcore/linalg/{cholesky,triangular,solve}.py; the host code is metalcore/linalg/*_metal.py.
-// Every matrix arrives contiguous and row-major (the host copies; right-sided solves arrive
-// transposed), so element (r, c) of matrix b is at b * n * n + r * n + c.
+// (both sides <= METALCORE_LINALG_MAX_N), float32 only (Metal has no float64). The contracts are
+// metalcore/linalg/{cholesky,triangular,solve,qr}.py; the host code is metalcore/linalg/*_metal.py.
+// Every matrix arrives contiguous and row-major (the host copies where needed), so element (r, c) of
+// matrix b of an m x n stack is at b * m * n + r * n + c; right-sided solves read A transposed
+// (`trans_a`) and their right-hand sides through transposed strides, without copies.
 //
 // Control flow that contains a barrier depends only on values every thread reads from threadgroup
 // memory after a barrier (a pivot, info), so it is uniform across the threadgroup, as Metal requires.
@@ -15,6 +16,7 @@
 
 // Registers per lane for one column of a solution: element i lives in lane i % 32, slot i / 32.
 #define LINALG_SLOTS (METALCORE_LINALG_MAX_N / METALCORE_SIMD_WIDTH)
+static_assert(METALCORE_LINALG_MAX_N % METALCORE_SIMD_WIDTH == 0, "a column is LINALG_SLOTS whole registers a lane");
 
 // --- Cholesky (LAPACK potf2, right-looking) ------------------------------------------------------
 // For each column k: d = a[k][k]; d <= 0 or NaN stops this matrix with info = k + 1 (LAPACK leaves
