@@ -10,10 +10,11 @@ One program per ``BLOCK_M`` query rows of one ``(batch, head)``: it streams key/
 value head ``h // (H / Hkv)``; ``is_causal`` (top-left aligned, key ``j`` for query ``i`` iff
 ``j ≤ i``) stops each program's loop at its last attended key block.
 
-Scope (``supports=``): q/k/v fp32/bf16/fp16 in one dtype, head dims ``E`` and ``Ev`` of 64 or 128,
-no ``attn_mask``; anything else (fp64, masks, other head dims) runs on the reference. fp32 inputs
-use IEEE fp32 dots (not TF32), to match the reference's float32 matmuls. Inputs are addressed
-through their strides; ``out`` is contiguous (the op's fake says so).
+Scope (``supports=``): q/k/v bf16/fp16 in one dtype, head dims ``E`` and ``Ev`` of 64 or 128, no
+``attn_mask``; anything else (fp32 and fp64, masks, other head dims) runs on the reference. Dots take
+16-bit operands and accumulate in fp32; ``P`` is rounded to the inputs' dtype before ``P·V``, as in
+flash attention. Inputs are addressed through their strides; ``out`` is contiguous (the op's fake
+says so).
 """
 
 from __future__ import annotations
@@ -28,15 +29,20 @@ from metalcore._backend import triton_interpreting
 from metalcore.nn._jit_triton import cdiv, jit
 from metalcore.nn.attention import sdpa_fwd
 
-# Query and key rows per tile: 64 × 64 (at E = 128: 4 warps hold q, k, v tiles of 16 KB each in
-# bf16). A starting point, not tuned: no GPU time this session.
-BLOCK_M = 64
+# 128 query rows (two warpgroups of 64 rows for Hopper's wgmma) against 64-key blocks, 3 stages:
+# the Triton tutorial's Hopper forward shape. Not timed (no GPU this session); compiled offline for
+# sm_90 with the runtime's divisibility hints: wgmma, no spills, 117-119 registers a thread at
+# E = 64 (64 KB shared memory), 165-185 at E = 128 (128 KB).
+BLOCK_M = 128
 BLOCK_N = 64
-NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_WARPS = 8
+NUM_STAGES = 3
 
 HEAD_DIMS = (64, 128)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# fp32 stays on the reference: IEEE fp32 dots have no tensor-core path, and compiled offline for
+# sm_90 they spill 1-10 KB a thread at every tile shape tried (16×32 to 128×128), where the
+# reference's cuBLAS fp32 matmuls do not.
+_DTYPES = (torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 
 
@@ -123,7 +129,7 @@ def sdpa_fwd_launch(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: flo
     # Triton 3.6's interpreter multiplies bf16 operands of tl.dot as raw 16-bit integers (errors of
     # ~1e9 seen here); their fp32 copies are exact and give the same products.
     dot_fp32 = q.dtype == torch.bfloat16 and triton_interpreting()
-    precision = "ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32"
+    precision = "ieee" if dot_fp32 else "tf32"  # "tf32" is the default and unused for 16-bit operands
     _sdpa_fwd_kernel[(cdiv(L, BLOCK_M), B * H)](
         q, k, v, out, lse, H, H // Hkv, L, S, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(),
