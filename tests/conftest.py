@@ -9,7 +9,7 @@ import torch
 import metalcore
 from metalcore._backend import triton_importable
 
-sys.path.insert(0, str(Path(__file__).parent))  # tolerances.py, oracle.py, cases.py, backends.py
+sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: tolerances, oracle, cases, backends, linalg_matrices
 
 from backends import unavailable  # noqa: E402
 

@@ -8,8 +8,6 @@ Sizes stop at METALCORE_LINALG_MAX_N (64, the largest float32 tile that leaves r
 """
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +18,8 @@ from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.qr import qr_op
 from metalcore.linalg.solve import solve_ex_op
 from metalcore.linalg.triangular import solve_triangular_op
+from linalg_matrices import BATCHES, case_id, general, scale_of, solve_ratio, spd
 from oracle import assert_lapack_ratio, orthogonality_ratio, residual_ratio
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "triton_linalg"))
-from linalg_matrices import BATCHES, case_id, general, scale_of, solve_ratio, spd  # noqa: E402
 
 F32 = torch.float32
 MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]

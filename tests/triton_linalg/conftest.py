@@ -4,12 +4,7 @@ under the Triton interpreter on CPU tensors (CI), or compiled on a CUDA device (
 Shared fixtures (triton_backend, device, poison): tests/conftest.py.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # linalg_matrices.py
 
 
 @pytest.fixture(autouse=True)
