@@ -8,7 +8,8 @@ One program per ``BLOCK_M`` query rows of one ``(batch, head)``: it streams key/
 ``exp2((z − m)·log2 e)``), so the ``L × S`` scores are never stored, and writes ``out`` and
 ``lse = ln Σ exp(z)`` (natural log, float32) for the backward. Grouped-query attention indexes key/
 value head ``h // (H / Hkv)``; ``is_causal`` (top-left aligned, key ``j`` for query ``i`` iff
-``j ≤ i``) stops each program's loop at its last attended key block.
+``j ≤ i``) stops each program's loop at its last attended key block. Key blocks that every row of
+the program attends run without masks; only the blocks crossing ``S`` or the diagonal are masked.
 
 Scope (``supports=``): q/k/v bf16/fp16 in one dtype, head dims ``E`` and ``Ev`` of 64 or 128, no
 ``attn_mask``; anything else (fp32 and fp64, masks, other head dims) runs on the reference. Dots take
@@ -26,15 +27,16 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore._backend import triton_interpreting
-from metalcore.nn._jit_triton import cdiv, jit
+from metalcore.nn._jit_triton import cdiv, helper, jit
 from metalcore.nn.attention import sdpa_fwd
 
 # 128 query rows (two warpgroups of 64 rows for Hopper's wgmma) against 64-key blocks, 3 stages:
 # the Triton tutorial's Hopper forward shape. Not timed (no GPU this session); compiled offline for
-# sm_90 with the runtime's divisibility hints: wgmma, no spills, 117-119 registers a thread at
-# E = 64 (64 KB shared memory), 165-185 at E = 128 (128 KB).
+# sm_90 with the runtime's divisibility hints: wgmma, no spills, 115-120 registers a thread at
+# E = 64 (64 KB shared memory), 180-229 at E = 128 (128 KB).
 BLOCK_M = 128
 BLOCK_N = 64
+assert BLOCK_M % BLOCK_N == 0, "the causal loop's unmasked part ends on a BLOCK_M boundary"
 NUM_WARPS = 8
 NUM_STAGES = 3
 
@@ -44,6 +46,46 @@ HEAD_DIMS = (64, 128)
 # reference's cuBLAS fp32 matmuls do not.
 _DTYPES = (torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
+
+
+@helper
+def _attend(acc, l_i, m_i, q, k_base, v_base, rows, start, seq_k, scale_log2, stride_ks, stride_ke,
+            stride_vs, stride_ve, BLOCK_N: tl.constexpr, E: tl.constexpr, EV: tl.constexpr,
+            MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key/value block ``start … start + BLOCK_N − 1`` into the online softmax. ``MASKED``: the
+    block crosses ``seq_k`` or (``CAUSAL``) the diagonal; interior blocks skip every mask."""
+    cols = start + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + cols.to(tl.int64)[None, :] * stride_ks + tl.arange(0, E)[:, None] * stride_ke
+    v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + tl.arange(0, EV)[None, :] * stride_ve
+    if MASKED:
+        col_mask = cols < seq_k
+        k = tl.load(k_ptrs, mask=col_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    z = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    if MASKED:
+        keep = col_mask[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        z = tl.where(keep, z, float("-inf"))
+    # Key 0 is in the first block and every row attends it, so m_new is finite from there on.
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    p = tl.exp2(z - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=col_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    # P is rounded to the inputs' dtype for the second dot, as in flash attention.
+    p = p.to(v.dtype)
+    if DOT_FP32:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return acc, l_i, m_new
 
 
 @jit
@@ -62,12 +104,10 @@ def _sdpa_fwd_kernel(Q, K, V, O, LSE, n_heads, group, seq_q, seq_k, scale_log2,
     kv_h = (h // group).to(tl.int64)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_q
-    offs_e = tl.arange(0, E)
     offs_ev = tl.arange(0, EV)
-    offs_n = tl.arange(0, BLOCK_N)
 
     q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + rows.to(tl.int64)[:, None] * stride_ql \
-        + offs_e[None, :] * stride_qe
+        + tl.arange(0, E)[None, :] * stride_qe
     q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
@@ -77,37 +117,23 @@ def _sdpa_fwd_kernel(Q, K, V, O, LSE, n_heads, group, seq_q, seq_k, scale_log2,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, EV], dtype=tl.float32)
+    # Keys [0, lo) come in whole blocks that every row of this block attends: no masks. Keys
+    # [lo, hi) cross seq_k or (causal, top-left aligned) the diagonal: masked.
+    full_blocks_end = (seq_k // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        # Top-left aligned: the block's last row attends keys 0 … (m_block + 1)·BLOCK_M − 1.
+        lo = tl.minimum(m_block * BLOCK_M, full_blocks_end)  # BLOCK_M is a multiple of BLOCK_N
         hi = tl.minimum(seq_k, (m_block + 1) * BLOCK_M)
     else:
+        lo = full_blocks_end
         hi = seq_k
-    for start in range(0, hi, BLOCK_N):
-        cols = start + offs_n
-        col_mask = cols < seq_k
-        k = tl.load(k_base + cols.to(tl.int64)[None, :] * stride_ks + offs_e[:, None] * stride_ke,
-                    mask=col_mask[None, :], other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        z = tl.dot(q, k, input_precision=PRECISION) * scale_log2
-        keep = col_mask[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
-        z = tl.where(keep, z, float("-inf"))
-        # Key 0 is in the first block and every row attends it, so m_new is finite from there on.
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        p = tl.exp2(z - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * stride_vs + offs_ev[None, :] * stride_ve,
-                    mask=col_mask[:, None], other=0.0)
-        # P is rounded to the inputs' dtype for the second dot, as in flash attention.
-        p = p.to(V.dtype.element_ty)
-        if DOT_FP32:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+    for start in range(0, lo, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, rows, start, seq_k, scale_log2,
+                                stride_ks, stride_ke, stride_vs, stride_ve, BLOCK_N, E, EV,
+                                False, CAUSAL, PRECISION, DOT_FP32)
+    for start in range(lo, hi, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, rows, start, seq_k, scale_log2,
+                                stride_ks, stride_ke, stride_vs, stride_ve, BLOCK_N, E, EV,
+                                True, CAUSAL, PRECISION, DOT_FP32)
 
     out = acc / l_i[:, None]
     o_rows = bh.to(tl.int64) * seq_q + rows.to(tl.int64)
