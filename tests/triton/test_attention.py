@@ -1,8 +1,9 @@
 """The flash-attention forward in Triton (metalcore/nn/attention_triton.py) against the float64
 oracle and torch's own SDPA in the same dtype (the 2×-torch rule): ``out`` and ``lse``, causal and
 not, GQA, head dims 64 and 128, sequence lengths that are not multiples of the blocks (128 query
-rows, 64 keys), and L ≠ S both ways; fp32 stays on the reference. The backward is the reference's (no Triton kernel yet); gradients through it check
-that the kernel's ``out`` and ``lse`` are what the backward needs."""
+rows, 64 keys), and L ≠ S both ways; fp32 stays on the reference. The backward is the
+reference's (no Triton kernel yet); gradients through it check that the kernel's ``out`` and
+``lse`` are what the backward needs."""
 
 import importlib
 import math
