@@ -141,11 +141,13 @@ def _supports(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
             and sin.shape == cos.shape and cos.shape[0] in (1, B) and tuple(cos.shape[1:]) == (S, D))
 
 
-@rope_fwd.implement("triton", supports=_supports)
+# automatic=False until the kernels have run on a GPU (so far: the interpreter and an offline H100
+# compile only); explicit requests run them.
+@rope_fwd.implement("triton", supports=_supports, automatic=False)
 def _rope_fwd_triton(q, k, cos, sin):
     return rope_launch(q, k, cos, sin, backward=False)
 
 
-@rope_bwd.implement("triton", supports=_supports)
+@rope_bwd.implement("triton", supports=_supports, automatic=False)
 def _rope_bwd_triton(dq_out, dk_out, cos, sin):
     return rope_launch(dq_out, dk_out, cos, sin, backward=True)
