@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -281,7 +282,9 @@ def test_combined_loss_falls_on_tiny_transformer():
     idx = (torch.randint(0, 32, (16, 1)) + torch.arange(17)) % 32
     opt = MuonWithAuxAdamW(muon_param_groups(model, lr=0.02, adamw_lr=3e-3, orthogonalize="polar_express"))
     losses = train(model, opt, (idx,), next_token, 30)
-    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    # Well below the start (≈26: tied N(0, 1) embeddings give large logits) and below half the
+    # loss of a uniform guess, log 32 = 3.47, so the model has learned the task, not only the scale.
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.5 * math.log(32), (losses[0], losses[-1])
 
 
 def test_combined_matches_separate_optimizers_and_round_trips():
