@@ -52,7 +52,7 @@ def orthogonalize_batch(M: Tensor, *, method: str, ns_coefficients: tuple[float,
     if method == "newton_schulz":
         return newton_schulz(M, coefficients=ns_coefficients, steps=ns_steps, eps=eps)
     if method == "polar_express":
-        return polar_express(M, steps=min(ns_steps, 5), eps=eps)
+        return polar_express(M, steps=ns_steps, eps=eps)
     work = M if M.dtype == torch.float64 else M.float()
     O = polar(work, method="svd")
     # The polar factor of a zero matrix is undefined (the SVD returns arbitrary vectors): a zero update
@@ -119,6 +119,9 @@ def check_hyperparameters(cls: str, lr: Any, weight_decay: Any, momentum: Any, n
     if orthogonalize not in ORTHOGONALIZE:
         raise ValueError(f"{cls}: orthogonalize must be one of {', '.join(map(repr, ORTHOGONALIZE))}; "
                          f"got {orthogonalize!r}")
+    if orthogonalize == "polar_express" and ns_steps > 5:
+        raise ValueError(f"{cls}: ns_steps must be at most 5 with orthogonalize='polar_express' (the published "
+                         f"schedule has 5 steps); got {ns_steps}")
 
 
 def check_param(cls: str, p: Tensor) -> None:

@@ -19,7 +19,8 @@ from metalcore.optim.adamw import MetalAdamW, _check_hyperparameters as _check_a
 
 _CLS = "MuonWithAuxAdamW"
 # Parameter names that mark embeddings and output heads (GPT-2 wte/wpe, Llama embed_tokens/lm_head,
-# BERT/T5 'embeddings', timm/torchvision 'head'/'classifier'/'fc' as the last layer is not guessed).
+# BERT/T5 'embeddings'). A classifier's last layer named 'fc'/'head'/'classifier' is not guessed: it
+# stays under Muon unless the caller moves it (names that generic also match hidden layers).
 _EMBED_OR_HEAD_NAMES = ("embed", "lm_head", "wte", "wpe", "output_layer")
 
 MUON_DEFAULTS = dict(momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFICIENTS, eps=NS_EPS, ns_steps=NS_STEPS,

@@ -158,6 +158,7 @@ BAD = [
     (dict(eps=-1e-7), r"eps should be >= 0 but is: -1e-07"),
     (dict(orthogonalize="qr"), r"orthogonalize must be one of 'newton_schulz', 'polar_express', 'svd'; got 'qr'"),
     (dict(lr=torch.tensor([0.1, 0.2])), r"Tensor lr must be 1-element"),
+    (dict(orthogonalize="polar_express", ns_steps=6), r"ns_steps must be at most 5 with .*polar_express.*got 6"),
 ]
 
 
@@ -168,6 +169,19 @@ def test_bad_hyperparameters_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):  # per-group values are checked too
         Muon([torch.randn(3, 3, requires_grad=True)]).add_param_group(
             dict(params=[torch.randn(2, 2, requires_grad=True)], **kwargs))
+
+
+def test_bf16_parameters():
+    """bf16 parameters and gradients: the state is bf16 like torch's, and the step matches torch's."""
+    params = make_params(dtype=torch.bfloat16)
+    reference = clone(params)
+    ours, theirs = Muon(params, lr=0.02), torch.optim.Muon(reference, lr=0.02)
+    for grads in gradient_stream(params, 5):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    for p, q in zip(params, reference):
+        assert ours.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        assert_close(p.detach(), q.detach().double(), torch.bfloat16)
 
 
 def test_vectors_rejected():
