@@ -58,32 +58,11 @@ def _probs(z: Tensor, lse: Tensor) -> Tensor:
     return torch.exp(z - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
 
 
-def _sdpa_fwd_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool, scale: float,
-                  acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The forward through torch's CPU flash kernel, in ``acc``: 2-3x the materialised scores on a
-    2-core CPU (bench/training.md). A row with nothing to attend gets ``lse = -inf`` as above (the
-    kernel reports 0 there; its output row is 0 either way)."""
-    B, H, L, _ = q.shape
-    mask = None
-    if attn_mask is not None:
-        mask = (torch.zeros((), dtype=acc).masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool
-                else attn_mask.to(acc))
-        mask = torch.broadcast_to(mask, (B, H, L, k.shape[-2])).contiguous()
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.to(acc), k.to(acc), v.to(acc), 0.0, is_causal, attn_mask=mask, scale=scale)
-    if mask is not None:
-        lse = lse.masked_fill(torch.isneginf(mask).all(-1), -math.inf)
-    return out.to(q.dtype).contiguous(), lse.contiguous()
-
-
 @metalcore_op("sdpa_fwd")
 def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
              scale: float) -> tuple[Tensor, Tensor]:
-    """Reference forward in float32 (float64 for float64 input); materialises the ``L × S`` scores
-    (on the CPU, torch's fused flash kernel computes the same in tiles)."""
+    """Reference forward in float32 (float64 for float64 input); materialises the ``L × S`` scores."""
     acc, heads = _acc(q), q.shape[1]
-    if q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and q.numel() and k.numel():  # the kernel's domain
-        return _sdpa_fwd_cpu(q, _expand_heads(k, heads), _expand_heads(v, heads), attn_mask, is_causal, scale, acc)
     z = _scores(q, _expand_heads(k, heads), attn_mask, is_causal, scale, acc)
     lse = torch.logsumexp(z, dim=-1)
     out = _probs(z, lse) @ _expand_heads(v, heads).to(acc)
