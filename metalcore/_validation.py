@@ -60,14 +60,20 @@ def check_same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
         raise TypeError(f"{fn}: expected all tensors to have the same dtype; got {listed}")
 
 
-def broadcast_batch(fn: str, A: torch.Tensor, B: torch.Tensor, a_name: str = "A",
-                    b_name: str = "B") -> tuple[torch.Tensor, torch.Tensor]:
-    """Broadcast the leading (batch) dimensions of two matrix stacks, as ``torch.linalg`` does."""
+def broadcast_batch_shape(fn: str, A: torch.Tensor, B: torch.Tensor, a_name: str = "A",
+                          b_name: str = "B") -> torch.Size:
+    """The broadcast of two matrix stacks' leading (batch) dimensions, as ``torch.linalg`` forms it."""
     try:
-        batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+        return torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     except RuntimeError:
         raise ValueError(f"{fn}: the batch dimensions of {a_name} {tuple(A.shape[:-2])} and "
                          f"{b_name} {tuple(B.shape[:-2])} cannot be broadcast together") from None
+
+
+def broadcast_batch(fn: str, A: torch.Tensor, B: torch.Tensor, a_name: str = "A",
+                    b_name: str = "B") -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast the leading (batch) dimensions of two matrix stacks, as ``torch.linalg`` does."""
+    batch = broadcast_batch_shape(fn, A, B, a_name, b_name)
     return A.expand(*batch, *A.shape[-2:]), B.expand(*batch, *B.shape[-2:])
 
 

@@ -21,7 +21,8 @@ Which outputs are filled follows torch exactly (the others are empty tensors of 
 import torch
 from torch import Tensor
 
-from metalcore._validation import LINALG_DTYPES, check_choice, check_matrix, check_same_device, check_same_dtype, check_tensor
+from metalcore._validation import (LINALG_DTYPES, broadcast_batch_shape, check_choice, check_matrix, check_same_device,
+                                   check_same_dtype, check_tensor)
 from metalcore.linalg.qr import qr_op
 from metalcore.linalg.svd import svd_op
 from metalcore.linalg.triangular import solve_triangular
@@ -69,11 +70,7 @@ def lstsq(A: Tensor, B: Tensor, rcond=None, *, driver=None):
     if B.shape[-2] != m:
         raise ValueError(f"{_FN}: B must have {m} rows to match A of shape {tuple(A.shape)}; "
                          f"got B of shape {tuple(B.shape)}")
-    try:
-        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    except RuntimeError:
-        raise ValueError(f"{_FN}: the batch dimensions of A {tuple(A.shape[:-2])} and B "
-                         f"{tuple(B.shape[:-2])} cannot be broadcast together") from None
+    broadcast_batch_shape(_FN, A, B)
 
     empty = A.new_empty(0)
     rank = torch.empty(0, dtype=torch.int64, device=A.device)

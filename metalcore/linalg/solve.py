@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from metalcore._op import metalcore_op
-from metalcore._validation import LINALG_DTYPES, check_matrix, check_same_device, check_same_dtype, check_tensor
+from metalcore._validation import (LINALG_DTYPES, broadcast_batch_shape, check_matrix, check_same_device,
+                                   check_same_dtype, check_tensor)
 from metalcore.linalg._common import raise_for_info, write_out
 
 
@@ -80,11 +81,7 @@ def _as_matrices(fn: str, A, B, left: bool) -> tuple[Tensor, Tensor, bool]:
         side = "rows" if left else "columns"
         raise ValueError(f"{fn}: B must have {n} {side} to match A of shape {tuple(A.shape)} "
                          f"(left={left}); got B of shape {tuple(B.shape[:-1] if vector else B.shape)}")
-    try:
-        torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    except RuntimeError:
-        raise ValueError(f"{fn}: the batch dimensions of A {tuple(A.shape[:-2])} and B "
-                         f"{tuple(B.shape[:-2])} cannot be broadcast together") from None
+    broadcast_batch_shape(fn, A, B)
     return A, B, vector
 
 
