@@ -40,6 +40,14 @@ _CLS = "MetalAdamW"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def evaluate_closure(closure: Optional[Callable[[], float]]) -> Optional[float]:
+    """The loss from an optimizer's ``closure`` (evaluated with gradients on), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def state_dtype(param: Tensor) -> torch.dtype:
     """The dtype of a parameter's moments: float32 for bf16/fp16 parameters, else its own."""
     return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
@@ -251,10 +259,7 @@ class MetalAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One AdamW step for every parameter group; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalcore.linalg.polar import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz, polar, polar_express
+from metalcore.optim.adamw import evaluate_closure
 
 _CLS = "Muon"
 ORTHOGONALIZE = ("newton_schulz", "polar_express", "svd")
@@ -224,10 +225,7 @@ class Muon(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One Muon step for every parameter group; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             step_group(self, group)
         return loss

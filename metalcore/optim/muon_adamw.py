@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from metalcore.linalg.polar import NS_COEFFICIENTS, NS_EPS, NS_STEPS
 from metalcore.optim import muon as _muon
-from metalcore.optim.adamw import MetalAdamW, _check_hyperparameters as _check_adamw, adamw
+from metalcore.optim.adamw import MetalAdamW, _check_hyperparameters as _check_adamw, adamw, evaluate_closure
 
 _CLS = "MuonWithAuxAdamW"
 # Parameter names that mark embeddings and output heads (GPT-2 wte/wpe, Llama embed_tokens/lm_head,
@@ -130,10 +130,7 @@ class MuonWithAuxAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One step of every group: Muon where ``use_muon``, AdamW elsewhere."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             if group["use_muon"]:
                 _muon.step_group(self, group)
