@@ -69,7 +69,12 @@ def main():
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--test-timeout", type=int, default=200)
     ap.add_argument("--ops", default="qr,cholesky,trsm,solve,eigh,svd")
+    ap.add_argument("--eigh-cuda-max-n", type=int, default=None,
+                    help="raise the Jacobi eigh kernel's CUDA size limit for this run (a probe)")
     args = ap.parse_args()
+    if args.eigh_cuda_max_n is not None:
+        import metalcore.linalg.eigh_triton as eigh_triton
+        eigh_triton.CUDA_MAX_N = args.eigh_cuda_max_n
     card = torch.cuda.get_device_name()
     result = {"card": card, "torch": torch.__version__, "tests": None, "timings": []}
     if not args.skip_tests:
@@ -95,6 +100,9 @@ def main():
                 row["torch_ms"] = timed(theirs, reps=5 if op in ("qr", "svd", "eigh") and n >= 64 else 10, warm=1)
                 row["speedup"] = row["torch_ms"] / row["metalcore_ms"]
                 row["byte_floor_ms"] = b * bytes_per / 3.0e9
+                if op in ("eigh", "svd"):  # non-convergence is reported as NaN matrices
+                    with metalcore.use_backend("triton"):
+                        row["nan_fraction"] = ours()[0].isnan().float().mean().item()
             except Exception as exc:  # a failing kernel is a result to report, not a stop
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             result["timings"].append(row)

@@ -17,8 +17,13 @@ Algorithm (Golub & Van Loan §8.5, parallel ordering):
 * The rotation of a pair ``(p, q)`` is the symmetric Schur rotation; its off-diagonal entry is set to
   zero exactly and the diagonal updated as ``a_pp − t a_pq``, ``a_qq + t a_pq``.
 * Convergence is scale-invariant: a pair is rotated only while ``|a_pq| > tol·√|a_pp|·√|a_qq|``
-  with ``tol = √n·ε`` (LAPACK ``gesvj``'s threshold); the loop stops after a sweep with no rotation,
-  or after ``MAX_SWEEPS``.
+  with ``tol = √n·ε`` (LAPACK ``gesvj``'s threshold) *and* ``|a_pq| > ε`` (the tile's initial
+  largest entry is 1). The absolute floor matters: every rotation leaves rounding noise of about
+  ``ε·max|a|`` in the entries it touches, which is far above the relative threshold of a pair of
+  small diagonal entries (ill-conditioned or graded input), so without it such pairs rotate forever
+  and the sweep limit is hit. Entries under the floor change the result by at most ``n·ε·max|a|``,
+  within the LAPACK backward-error ratio. The loop stops after a sweep with no rotation, or after
+  ``MAX_SWEEPS``.
 * **Non-convergence** (or NaN/Inf input) is reported in-band, without a host sync: that matrix's
   eigenvalues and eigenvectors are all NaN; the other matrices of the batch are unaffected.
 * Eigenvalues are sorted ascending and the eigenvector columns permuted to match (again an exact
@@ -50,7 +55,7 @@ MIN_BLOCK = 16
 
 
 @jit
-def _jacobi_eigh_kernel(A, W, V, n, s_ab, s_ar, s_ac, tol, tiny, max_sweeps,
+def _jacobi_eigh_kernel(A, W, V, n, s_ab, s_ar, s_ac, tol, floor, max_sweeps,
                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BN)
@@ -89,7 +94,7 @@ def _jacobi_eigh_kernel(A, W, V, n, s_ab, s_ar, s_ac, tol, tiny, max_sweeps,
             app = tl.where(is_p, d, dpi)
             aqq = tl.where(is_p, dpi, d)
             mag = tl.abs(apq)
-            act = (partner != r) & (mag > tol * tl.sqrt(tl.abs(app)) * tl.sqrt(tl.abs(aqq))) & (mag > tiny)
+            act = (partner != r) & (mag > tol * tl.sqrt(tl.abs(app)) * tl.sqrt(tl.abs(aqq))) & (mag > floor)
             zeta = (aqq - app) / tl.where(act, 2.0 * apq, 1.0)
             az = tl.abs(zeta)
             hyp = tl.where(az > 1.0, az * tl.sqrt(1.0 + (1.0 / tl.where(az > 1.0, az, 1.0)) *
@@ -141,7 +146,7 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor
     BN = block(n, MIN_BLOCK)
     _jacobi_eigh_kernel[(nb,)](
         A3, L, Q if compute_v else L, n, A3.stride(0), A3.stride(1), A3.stride(2),
-        math.sqrt(n) * finfo.eps, finfo.tiny / finfo.eps, MAX_SWEEPS,
+        math.sqrt(n) * finfo.eps, finfo.eps, MAX_SWEEPS,
         BN=BN, UPPER=upper, WANT_V=compute_v, PRECISION="ieee",
         num_warps=warps(BN * BN))
     return L, Q

@@ -12,8 +12,11 @@ matrix is handled as its transpose, through strides):
   :mod:`metalcore.linalg.eigh_triton`): with ``α = ‖a_p‖²``, ``β = ‖a_q‖²``, ``γ = a_pᵀ a_q`` the
   rotation that makes ``a_p ⟂ a_q`` is applied as ``A ← A·diag(c) + (A P)·diag(σ s)`` and likewise
   to ``V``; ``A P`` is an exact ``tl.dot`` with a 0/1 matrix in IEEE arithmetic (never TF32).
-* A pair is rotated while ``|γ| > tol·‖a_p‖·‖a_q‖``, ``tol = √m·ε`` (``gesvj``): scale-invariant,
-  and it gives singular values to high relative accuracy. At most ``MAX_SWEEPS`` sweeps.
+* A pair is rotated while ``|γ| > tol·‖a_p‖·‖a_q‖``, ``tol = m·ε``: scale-invariant, and it
+  gives singular values to high relative accuracy. (``gesvj`` uses ``√m·ε``, but the rounding error
+  of the computed ``γ`` is itself about ``√m·ε·‖a_p‖·‖a_q‖``, so at ``m = 128`` in fp64 pairs kept
+  rotating by noise until the sweep limit, seen on the H100; ``m·ε`` stays within the LAPACK
+  orthogonality ratio.) At most ``MAX_SWEEPS`` sweeps.
 * **Non-convergence** (or NaN/Inf input) is reported in-band without a host sync: all of that
   matrix's outputs are NaN; the rest of the batch is unaffected.
 * ``S_j = ‖a_j‖`` (computed as ``s·‖a_j/s‖``), sorted descending with the columns of ``W = A V``
@@ -29,7 +32,6 @@ per sweep; typically 6–10 sweeps. Then one QR launch of ``m × n``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton.language as tl
@@ -135,7 +137,7 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor
         BM, BN = block(m, MIN_BLOCK), block(n, MIN_BLOCK)
         _jacobi_svd_kernel[(nb,)](
             A3, W if compute_uv else S, S, Vm if compute_uv else S, m, n,
-            A3.stride(0), A3.stride(1), A3.stride(2), math.sqrt(m) * finfo.eps, finfo.tiny / finfo.eps,
+            A3.stride(0), A3.stride(1), A3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
             MAX_SWEEPS, BM=BM, BN=BN, WANT_V=compute_uv, PRECISION="ieee",
             num_warps=warps(BM * BN))
     if not compute_uv:
