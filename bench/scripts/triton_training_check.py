@@ -287,6 +287,68 @@ def bench_elementwise(rep: Report, compile_peers: bool):
     rep.case("swiglu fwd+bwd bf16 4096x11008", 8 * N, {k: fwd_bwd(f, (g, u), dy) for k, f in fns.items()})
 
 
+def _triton(fn):
+    """``fn`` under the explicit triton backend (RoPE and attention are not chosen automatically)."""
+    def run():
+        with metalcore.use_backend("triton"):
+            return fn()
+    return run
+
+
+def bench_rope(rep: Report):
+    """HF layout, Llama-3-8B-like heads: q (4, 32, 2048, 128), k (4, 8, 2048, 128), cos/sin (4, 2048, 128)."""
+    from metalcore.nn.rope import apply_rotary_pos_emb, rotate_half
+
+    dt = torch.bfloat16
+    q = torch.randn(4, 32, 2048, 128, device="cuda", dtype=dt, requires_grad=True)
+    k = torch.randn(4, 8, 2048, 128, device="cuda", dtype=dt, requires_grad=True)
+    pos = torch.arange(2048, device="cuda", dtype=torch.float32)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float32) / 128))
+    ang = torch.cat([pos[:, None] * inv, pos[:, None] * inv], dim=-1)
+    cos, sin = (f(ang)[None].expand(4, -1, -1).to(dt) for f in (torch.cos, torch.sin))
+
+    def hf(q, k):
+        c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * c + rotate_half(q) * s_, k * c + rotate_half(k) * s_
+
+    fns = {"metalcore": _triton(lambda: apply_rotary_pos_emb(q, k, cos, sin)), "hf eager": lambda: hf(q, k)}
+    LigerRope = liger("rope", "LigerRopeFunction")
+    if LigerRope:
+        fns["liger"] = lambda: LigerRope.apply(q, k, cos, sin)
+    from metalcore.nn.rope import rope_fwd
+    with metalcore.use_backend("triton"):
+        print(f"rope backend: {rope_fwd.backend_for(q, k, cos, sin)}")
+    nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    with torch.no_grad():
+        rep.case("rope fwd bf16 q 4x32x2048x128 k 4x8", nbytes, fns)
+    rep.case("rope fwd+bwd bf16 q 4x32x2048x128 k 4x8", 2 * nbytes,
+             {name: (lambda f=f: torch.autograd.grad(f(), (q, k), (dq, dk))) for name, f in fns.items()})
+
+
+def bench_attention(rep: Report):
+    """Flash attention against torch's SDPA (its flash backend) in bf16; reports TFLOP/s, counting
+    4·B·H·L·S·E FLOPs forward (halved when causal) and 2.5× that backward."""
+    from metalcore.nn.attention import metal_scaled_dot_product_attention as ours
+
+    for B, H, S, E in ((4, 32, 2048, 128), (8, 16, 1024, 64)):
+        q, k, v = (torch.randn(B, H, S, E, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        for causal in (False, True):
+            flops = 4 * B * H * S * S * E * (0.5 if causal else 1.0)
+            fns = {"metalcore": _triton(lambda: ours(q, k, v, is_causal=causal)),
+                   "torch sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+            tag = f"{B}x{H}x{S}x{E}{' causal' if causal else ''}"
+            with torch.no_grad():
+                row = rep.case(f"attention fwd bf16 {tag}", 4 * q.numel() * 2, fns)
+            row["tflops"] = {name: flops / (t * 1e-6) / 1e12 for name, t in row["times_us"].items()}
+            print("    TFLOP/s: " + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
+            row = rep.case(f"attention fwd+bwd bf16 {tag}", 8 * q.numel() * 2,
+                           {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), do)) for name, f in fns.items()})
+            row["tflops"] = {name: 3.5 * flops / (t * 1e-6) / 1e12 for name, t in row["times_us"].items()}
+            print("    TFLOP/s: " + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
+
+
 def bench_adamw(rep: Report):
     def params(dtype):
         torch.manual_seed(0)
@@ -351,6 +413,7 @@ def main():
     ap.add_argument("--out", default="triton-training.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated sections: rms_norm,elementwise,adamw,rope,attention")
     args = ap.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -368,9 +431,14 @@ def main():
     print(json.dumps(info))
     rep = Report(copy, info["device"])
     results = dict(info=info)
-    for name, fn in (("rms_norm", lambda: bench_rms_norm(rep, not args.no_compile)),
-                     ("elementwise", lambda: bench_elementwise(rep, not args.no_compile)),
-                     ("adamw", lambda: bench_adamw(rep))):
+    sections = (("rms_norm", lambda: bench_rms_norm(rep, not args.no_compile)),
+                ("elementwise", lambda: bench_elementwise(rep, not args.no_compile)),
+                ("adamw", lambda: bench_adamw(rep)),
+                ("rope", lambda: bench_rope(rep)),
+                ("attention", lambda: bench_attention(rep)))
+    for name, fn in sections:
+        if args.only and name not in args.only.split(","):
+            continue
         try:
             fn()
         except Exception:  # noqa: BLE001
