@@ -23,6 +23,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.solve_triton",
     "metalcore.linalg.eigh_triton",
     "metalcore.linalg.svd_triton",
+    "metalcore.linalg.syrk_triton",
 )
 METAL_MODULES: tuple[str, ...] = (
     "metalcore.nn.rms_norm_metal",

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from metalcore._validation import FLOAT_DTYPES, check_choice, check_matrix
 from metalcore.linalg.svd import svd_op
+from metalcore.linalg.syrk import gram_poly_op
 
 METHODS = ("svd", "newton_schulz", "polar_express")
 
@@ -66,8 +67,9 @@ def _odd_quintic_iteration(A: Tensor, coefficients: Sequence[tuple[float, float,
     norm = X.norm(dim=(-2, -1), keepdim=True)
     X = X / (norm * scale + eps) if scale != 1.0 else X / norm.clamp(min=eps)
     for a, b, c in coefficients:
-        G = X @ X.mT                                  # (batch, m, m), m = min of the two sides
-        X = torch.baddbmm(X, torch.baddbmm(G, G, G, beta=b, alpha=c), X, beta=a)
+        # b·G + c·G², G = X Xᵀ (batch, m, m), m the smaller side: two symmetric products, which the
+        # op's Triton kernel computes by halves (metalcore/linalg/syrk.py).
+        X = torch.baddbmm(X, gram_poly_op(X, b, c), X, beta=a)
     X = X.reshape(*batch, m, n)
     return X.mT if tall else X
 

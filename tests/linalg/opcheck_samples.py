@@ -91,4 +91,8 @@ SAMPLES: dict[str, list[Callable[[], tuple]]] = {
         lambda: _reflectors(3, m=7, k=5, grad=True),
         lambda: (_randn(2, 9, 5, grad=True), torch.rand(2, 3, dtype=_F64, requires_grad=True)),
     ],
+    "gram_poly": [
+        lambda: (_randn(3, 5, 7, grad=True), -4.775, 2.0315),
+        lambda: (_randn(2, 7, 4, grad=True), 0.5, -1.0),
+    ],
 }
