@@ -15,7 +15,6 @@ from metalcore.linalg.polar import polar
 from metalcore.linalg.syrk import gram_poly_op
 from oracle import assert_within_torch_error
 
-LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # (batch, m, k): square and rectangular A (k < m, k > m), sizes below, at and past a 16-row tile.
 SHAPES = [(1, 1, 1), (3, 3, 3), (2, 17, 5), (1, 33, 70), (2, 69, 33), (1, 69, 69)]
