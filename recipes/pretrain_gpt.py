@@ -1,7 +1,8 @@
 """Pre-train a small decoder-only language model from scratch with metalcore, one run per optimizer,
 and plot their loss curves on one chart.
 
-    python recipes/pretrain_gpt.py                            # offline: MetalAdamW vs torch's Muon, ~3 min on 2 cores
+    python recipes/pretrain_gpt.py                            # offline: MetalAdamW vs metalcore's Muon, ~3 min on 2 cores
+    python recipes/pretrain_gpt.py --device cuda --steps 300  # issue 7's 300-step AdamW vs Muon curves
     python recipes/pretrain_gpt.py --optimizers adamw --steps 2000 --device auto
 
 The text is the standard library's docstrings (recipes/common.py), tokenised with a byte-level BPE
@@ -11,9 +12,14 @@ is a Llama-architecture GPT built from a ``LlamaConfig`` and patched with
 same batches, so the curves differ only by the optimizer:
 
 * ``adamw``: ``metalcore.optim.MetalAdamW`` on every parameter;
-* ``muon``: ``torch.optim.Muon`` on the hidden 2-D weight matrices (Newton–Schulz orthogonalised
-  momentum, its ``adjust_lr_fn="match_rms_adamw"`` so one learning rate suits both) and MetalAdamW on
-  the embeddings, norms and biases — the usual split. (metalcore's own Muon follows in a later issue.)
+* ``muon``: ``metalcore.optim.MuonWithAuxAdamW`` over ``metalcore.optim.muon_param_groups(model)``:
+  Muon (Newton–Schulz orthogonalised momentum, same-shape matrices in one batched call;
+  ``adjust_lr_fn="match_rms_adamw"`` so one learning rate suits both) on the hidden 2-D weight
+  matrices, AdamW on the embeddings (tied with the output head), norms and biases — the usual split,
+  one optimizer object.
+
+Training runs in fp32 on every device (the default model is small enough that a 300-step run takes
+well under a minute on a GPU; Muon's iteration is bf16 internally either way).
 
 Outputs in ``--out``: ``loss_curves.png`` and ``summary.json``. There is no resumption here (runs are
 minutes long); recipes/finetune.py shows the checkpointing pattern.
@@ -78,15 +84,14 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def make_optimizer(name: str, model, args):
-    from metalcore.optim import MetalAdamW
+    from metalcore.optim import MetalAdamW, MuonWithAuxAdamW, muon_param_groups
 
     if name == "adamw":
         return [MetalAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)]
     if name == "muon":
-        hidden = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
-        rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n and "lm_head" not in n)]
-        return [torch.optim.Muon(hidden, lr=args.lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-                MetalAdamW(rest, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)]
+        groups = muon_param_groups(model, lr=args.lr, adamw_lr=args.lr, weight_decay=0.1, adamw_betas=(0.9, 0.95),
+                                   adjust_lr_fn="match_rms_adamw")
+        return [MuonWithAuxAdamW(groups)]
     raise SystemExit(f"--optimizers: unknown optimizer {name!r} (choose from adamw, muon)")
 
 
@@ -162,7 +167,8 @@ def main(argv=None) -> dict:
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 eval_curve.append((step + 1, evaluate(model, data, heldout, args, device)))
         curves[name] = {"train": train_curve, "eval": eval_curve}
-        summary[name] = {"final_eval_loss": eval_curve[-1][1],
+        summary[name] = {"optimizers": [type(opt).__name__ for opt in optimizers],
+                         "final_eval_loss": eval_curve[-1][1],
                          "final_train_loss": sum(v for _, v in train_curve[-10:]) / len(train_curve[-10:]),
                          "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds}
     png = out / "loss_curves.png"

@@ -104,4 +104,5 @@ def test_pretrain_gpt_two_optimizers(tmp_path):
                              "--eval-every", "3", "--threads", "1", "--quiet", "--out", str(tmp_path)])
     for name in ("adamw", "muon"):
         assert summary[name]["tokens_per_second"] > 0 and 0 < summary[name]["final_eval_loss"] < 10
+    assert summary["muon"]["optimizers"] == ["MuonWithAuxAdamW"]  # metalcore's Muon, not torch's
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
