@@ -288,11 +288,17 @@ def bench_elementwise(rep: Report, compile_peers: bool):
 
 
 def _triton(fn):
-    """``fn`` under the explicit triton backend (RoPE and attention are not chosen automatically)."""
+    """``fn`` under the explicit triton backend (RoPE and attention are not chosen automatically);
+    wrap the whole forward-and-backward call, or the backward runs outside the context."""
     def run():
         with metalcore.use_backend("triton"):
             return fn()
     return run
+
+
+def _grads(f, inputs, dy, triton: bool):
+    call = lambda: torch.autograd.grad(f(), inputs, dy)  # noqa: E731
+    return _triton(call) if triton else call
 
 
 def bench_rope(rep: Report):
@@ -311,7 +317,7 @@ def bench_rope(rep: Report):
         c, s_ = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * c + rotate_half(q) * s_, k * c + rotate_half(k) * s_
 
-    fns = {"metalcore": _triton(lambda: apply_rotary_pos_emb(q, k, cos, sin)), "hf eager": lambda: hf(q, k)}
+    fns = {"metalcore": lambda: apply_rotary_pos_emb(q, k, cos, sin), "hf eager": lambda: hf(q, k)}
     LigerRope = liger("rope", "LigerRopeFunction")
     if LigerRope:
         fns["liger"] = lambda: LigerRope.apply(q, k, cos, sin)
@@ -321,9 +327,10 @@ def bench_rope(rep: Report):
     nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     with torch.no_grad():
-        rep.case("rope fwd bf16 q 4x32x2048x128 k 4x8", nbytes, fns)
+        rep.case("rope fwd bf16 q 4x32x2048x128 k 4x8", nbytes,
+                 {name: _triton(f) if name == "metalcore" else f for name, f in fns.items()})
     rep.case("rope fwd+bwd bf16 q 4x32x2048x128 k 4x8", 2 * nbytes,
-             {name: (lambda f=f: torch.autograd.grad(f(), (q, k), (dq, dk))) for name, f in fns.items()})
+             {name: _grads(f, (q, k), (dq, dk), name == "metalcore") for name, f in fns.items()})
 
 
 def bench_attention(rep: Report):
@@ -336,17 +343,67 @@ def bench_attention(rep: Report):
         do = torch.randn_like(q)
         for causal in (False, True):
             flops = 4 * B * H * S * S * E * (0.5 if causal else 1.0)
-            fns = {"metalcore": _triton(lambda: ours(q, k, v, is_causal=causal)),
+            fns = {"metalcore": lambda: ours(q, k, v, is_causal=causal),
                    "torch sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
             tag = f"{B}x{H}x{S}x{E}{' causal' if causal else ''}"
             with torch.no_grad():
-                row = rep.case(f"attention fwd bf16 {tag}", 4 * q.numel() * 2, fns)
+                row = rep.case(f"attention fwd bf16 {tag}", 4 * q.numel() * 2,
+                               {name: _triton(f) if name == "metalcore" else f for name, f in fns.items()})
             row["tflops"] = {name: flops / (t * 1e-6) / 1e12 for name, t in row["times_us"].items()}
             print("    TFLOP/s: " + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
             row = rep.case(f"attention fwd+bwd bf16 {tag}", 8 * q.numel() * 2,
-                           {name: (lambda f=f: torch.autograd.grad(f(), (q, k, v), do)) for name, f in fns.items()})
+                           {name: _grads(f, (q, k, v), do, name == "metalcore") for name, f in fns.items()})
             row["tflops"] = {name: 3.5 * flops / (t * 1e-6) / 1e12 for name, t in row["times_us"].items()}
             print("    TFLOP/s: " + " ".join(f"{n}={t:.0f}" for n, t in row["tflops"].items()), flush=True)
+
+
+def _kernel_resources(lazy) -> str:
+    """Registers and spills of each compiled specialisation of a metalcore Triton kernel."""
+    try:
+        caches = lazy.compiled.device_caches
+        found = [f"{k.n_regs}r/{k.n_spills}s" for cache in caches.values() for k in cache[0].values()]
+        return ",".join(found)
+    except Exception as e:  # noqa: BLE001  (Triton internals; a miss is reported, not fatal)
+        return f"? ({type(e).__name__})"
+
+
+def sweep_attention():
+    """Launch shapes for the flash-attention kernels at (4, 32, 2048, 128) bf16, causal and not:
+    forward and forward+backward times, registers/spills per kernel."""
+    from metalcore.nn import attention_triton as AT
+    from metalcore.nn.attention import metal_scaled_dot_product_attention as ours
+
+    defaults = {n: getattr(AT, n) for n in ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "BWD_KV", "BWD_Q", "BWD_DQ_Q",
+                                            "BWD_DQ_KV", "BWD_WARPS", "BWD_STAGES")}
+    configs = [{}, dict(BLOCK_N=128), dict(NUM_STAGES=2), dict(BWD_WARPS=4), dict(BWD_STAGES=3),
+               dict(BWD_KV=64, BWD_Q=64), dict(BWD_KV=64, BWD_Q=32, BWD_WARPS=4),
+               dict(BWD_DQ_Q=64, BWD_DQ_KV=64), dict(BWD_KV=128, BWD_Q=64), dict(BWD_DQ_Q=128, BWD_DQ_KV=64)]
+    out = []
+    for E, B, H, S in ((128, 4, 32, 2048), (64, 8, 16, 1024)):
+        q, k, v = (torch.randn(B, H, S, E, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        for causal in (False, True):
+            flops = 4 * B * H * S * S * E * (0.5 if causal else 1.0)
+            for cfg in configs:
+                for name, value in {**defaults, **cfg}.items():
+                    setattr(AT, name, value)
+                for lazy in (AT._sdpa_fwd_kernel, AT._sdpa_bwd_dkdv_kernel, AT._sdpa_bwd_dq_kernel):
+                    lazy.compiled = None  # fresh caches, so the resources printed are this config's
+                try:
+                    with torch.no_grad():
+                        f_ms = gpu_ms(_triton(lambda: ours(q, k, v, is_causal=causal)), reps=10)
+                    fb_ms = gpu_ms(_grads(lambda: ours(q, k, v, is_causal=causal), (q, k, v), do, True), reps=10)
+                    res = " ".join(_kernel_resources(x) for x in (AT._sdpa_fwd_kernel, AT._sdpa_bwd_dkdv_kernel,
+                                                                   AT._sdpa_bwd_dq_kernel))
+                    row = dict(E=E, causal=causal, cfg=cfg, fwd_tflops=flops / f_ms / 1e9,
+                               fwd_bwd_tflops=3.5 * flops / fb_ms / 1e9, resources=res)
+                except Exception as e:  # noqa: BLE001
+                    row = dict(E=E, causal=causal, cfg=cfg, error=repr(e)[:200])
+                out.append(row)
+                print("attn sweep", json.dumps(row), flush=True)
+    for name, value in defaults.items():
+        setattr(AT, name, value)
+    return out
 
 
 def bench_adamw(rep: Report):
@@ -413,6 +470,7 @@ def main():
     ap.add_argument("--out", default="triton-training.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--attn-sweep", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated sections: rms_norm,elementwise,adamw,rope,attention")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -445,6 +503,8 @@ def main():
             print(f"{name} failed:")
             traceback.print_exc()
     results["cases"] = rep.rows
+    if args.attn_sweep:
+        results["attn_sweep"] = sweep_attention()
     if args.sweep:
         try:
             results["sweep"] = sweep(rep)

@@ -149,8 +149,19 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor
     return U, S, Vm.mT.contiguous()
 
 
-# Not chosen automatically: 0.49-10.6x torch.linalg.svd on the H100 (slower at 1000x32,
-# bench/linalg_triton.md v1) and not yet checked at full size on the GPU.
-@svd_op.implement("triton", supports=lambda A, full_matrices, compute_uv: fits(A), automatic=False)
+# On the H100 the kernel returned NaN (its non-convergence report) for 64×128 ill-conditioned input
+# in fp32 and fp64, not reproduced under the interpreter (too slow at that size) and not yet
+# understood: CUDA inputs above n = 64 go to cuSOLVER until it is. The interpreter (CI) still runs
+# every size up to MAX_N.
+CUDA_MAX_N = 64
+
+
+def _supported(A: Tensor) -> bool:
+    return fits(A) and (A.device.type != "cuda" or min(A.shape[-2:]) <= CUDA_MAX_N)
+
+
+# Not chosen automatically: 0.53-10.9x torch.linalg.svd on the H100 (slower at 1000x32,
+# bench/linalg_triton.md v2).
+@svd_op.implement("triton", supports=lambda A, full_matrices, compute_uv: _supported(A), automatic=False)
 def _svd_triton(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv)
