@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -289,19 +290,32 @@ def main(argv=None) -> dict:
         import triton
 
         result["triton"] = triton.__version__
-    if "a" in sections:
-        section_newton_schulz(sizes["ns"], dev, timer, rows, checks, args.sweep)
-    if "b" in sections:
-        section_batched(*sizes["batch"], dev, timer, rows, checks)
-    if "c" in sections:
-        section_muon(*sizes["gpt"], sizes["square"], dev, timer, rows, checks)
-    if "d" in sections:
-        section_adamw(*sizes["adamw"], dev, timer, rows, checks)
-    if "ortho" in sections:
-        result["orthogonality"] = orthogonality(sizes["ortho"], dev)
-    result["rows"] = [{"section": s, "case": c, "ms": t, "speedup_vs_baseline": (b / t) if b else None}
-                      for s, c, t, b in rows]
-    result["relative_errors"] = checks
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors: dict[str, str] = {}
+    orthogonality_errors: dict[str, float] = {}
+    runs = {
+        "a": lambda: section_newton_schulz(sizes["ns"], dev, timer, rows, checks, args.sweep),
+        "b": lambda: section_batched(*sizes["batch"], dev, timer, rows, checks),
+        "c": lambda: section_muon(*sizes["gpt"], sizes["square"], dev, timer, rows, checks),
+        "d": lambda: section_adamw(*sizes["adamw"], dev, timer, rows, checks),
+        "ortho": lambda: orthogonality_errors.update(orthogonality(sizes["ortho"], dev)),
+    }
+    for name, run in runs.items():
+        if name not in sections:
+            continue
+        done = len(rows)
+        try:
+            run()
+        except Exception:  # one failing section (a kernel that does not compile, say) is a result too
+            errors[name] = traceback.format_exc(limit=6)
+            print(f"section {name} failed:\n{errors[name]}", flush=True)
+        for s_, c_, t_, b_ in rows[done:]:
+            print(f"{s_:8s} {c_:88s} {t_:10.3f}", flush=True)
+        result.update(rows=[{"section": s_, "case": c_, "ms": t_, "speedup_vs_baseline": (b_ / t_) if b_ else None}
+                            for s_, c_, t_, b_ in rows],
+                      relative_errors=checks, orthogonality=orthogonality_errors, errors=errors)
+        out.write_text(json.dumps(result, indent=1))  # after every section: a run cut short keeps its rows
 
     print(f"\n{result['device']}  torch {result['torch']}  triton {result.get('triton', '-')}  "
           f"commit {result['commit']}  (median of {timer.reps}, ms; 'x' = baseline time / this time)")
@@ -310,14 +324,13 @@ def main(argv=None) -> dict:
         print(f"{r['section']:8s} {r['case']:88s} {r['ms']:10.3f} {ratio}")
     for name, err in checks.items():
         print(f"rel. error  {name:70s} {err:.3e}")
-    for name, err in result.get("orthogonality", {}).items():
+    for name, err in orthogonality_errors.items():
         print(f"‖OᵀO − I‖_F/√n  {name:24s} {err:.3e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    if errors:
+        print(f"FAILED sections: {', '.join(errors)} (tracebacks above and in the JSON)")
     print(f"wrote {out}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)
