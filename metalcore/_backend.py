@@ -19,7 +19,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -27,7 +26,10 @@ import torch
 BACKENDS = ("reference", "triton", "metal")
 _ENV_VAR = "METALCORE_BACKEND"
 
-_local = threading.local()
+# Process-wide, like torch.backends' flags: autograd runs CUDA backward passes on its own device
+# threads, and a thread-local choice made around ``loss.backward()`` never reached the backward
+# ops there (seen on the H100: the flash-attention backward silently ran on the reference).
+_forced: str | None = None
 
 
 class BackendUnavailableError(RuntimeError):
@@ -44,9 +46,8 @@ def _validate_name(name: str) -> str:
 
 def requested_backend() -> str:
     """The backend asked for explicitly (context manager first, then environment), or ``'auto'``."""
-    forced = getattr(_local, "forced", None)
-    if forced is not None:
-        return forced
+    if _forced is not None:
+        return _forced
     return _validate_name(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
 
 
@@ -54,15 +55,19 @@ def requested_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Force every metalcore op inside the block onto one backend (``'auto'`` restores the default).
 
+    The choice is process-wide while the block runs (so it also holds for a ``backward()`` inside
+    it, which autograd may run on other threads), and blocks nest.
+
     >>> with metalcore.use_backend("reference"):
     ...     L = metalcore.cholesky(A)
     """
-    previous = getattr(_local, "forced", None)
-    _local.forced = _validate_name(name)
+    global _forced
+    previous = _forced
+    _forced = _validate_name(name)
     try:
         yield
     finally:
-        _local.forced = previous
+        _forced = previous
 
 
 @functools.cache
