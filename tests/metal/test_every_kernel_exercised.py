@@ -11,8 +11,10 @@ import torch
 import metalcore
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
+from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.qr import qr_op
 from metalcore.linalg.solve import solve_ex_op
+from metalcore.linalg.svd import svd_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
@@ -77,6 +79,9 @@ def _linalg(dtype):
     _check(solve_triangular_op, X + 6 * torch.eye(6), torch.randn(3, 6, 2), True, True, False)
     _check(solve_ex_op, X + 6 * torch.eye(6), torch.randn(3, 6, 2), True, False)
     _check(qr_op, X[..., :4], "reduced")
+    # Values only: eigen- and singular vectors are defined up to sign, so they are not compared here.
+    _check(eigh_op, X @ X.mT, "L", False)
+    _check(svd_op, X[..., :4], False, False)
 
 
 DRIVERS = (_rms_norm, _activations, _adamw, _linalg)
