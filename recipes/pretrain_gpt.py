@@ -1,7 +1,7 @@
 """Pre-train a small decoder-only language model from scratch with metalcore, one run per optimizer,
 and plot their loss curves on one chart.
 
-    python recipes/pretrain_gpt.py                            # offline: MetalAdamW vs metalcore's Muon, ~3 min on 2 cores
+    python recipes/pretrain_gpt.py                            # offline: MetalAdamW vs metalcore's Muon, several minutes on 2 cores (Muon's bf16 Newton–Schulz is slow on a CPU)
     python recipes/pretrain_gpt.py --device cuda --steps 300  # issue 7's 300-step AdamW vs Muon curves
     python recipes/pretrain_gpt.py --optimizers adamw --steps 2000 --device auto
 
