@@ -5,6 +5,8 @@ One threadgroup per matrix, the matrix in threadgroup memory: float32 with ``n``
 GPUs) and larger matrices stay on the reference through ``supports``.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,7 @@ def cholesky_launch(A: Tensor, upper: bool) -> tuple[Tensor, Tensor]:
     n = A.shape[-1]
     L = _metal.empty(A.shape, dtype=A.dtype, device=A.device)
     info = _metal.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
-    A3 = A.reshape(-1, n, n).contiguous()
+    A3 = A.reshape(math.prod(A.shape[:-2]), n, n).contiguous()
     nb = A3.shape[0]
     if nb == 0:
         return L, info

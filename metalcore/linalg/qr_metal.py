@@ -7,6 +7,8 @@ and ``Q`` written once. Modes ``reduced``, ``complete`` and ``r``. float32 with 
 ``METALCORE_LINALG_MAX_N``; float64 and larger matrices stay on the reference.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ def qr_launch(A: Tensor, kr: int, nq: int) -> tuple[Tensor, Tensor]:
     *batch, m, n = A.shape
     Q = _metal.empty((*batch, m, nq), dtype=A.dtype, device=A.device)
     R = _metal.empty((*batch, kr, n), dtype=A.dtype, device=A.device)
-    A3 = A.reshape(-1, m, n).contiguous()
+    A3 = A.reshape(math.prod(batch), m, n).contiguous()
     nb = A3.shape[0]
     if nb == 0:
         return Q, R

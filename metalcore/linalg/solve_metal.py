@@ -8,6 +8,8 @@ dimensions (each broadcast copy of a matrix is factored again); ``info`` keeps `
 float32 with ``n`` up to ``METALCORE_LINALG_MAX_N``; float64 and larger matrices stay on the reference.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,7 +25,7 @@ def solve_launch(A: Tensor, B: Tensor, left: bool) -> tuple[Tensor, Tensor]:
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     X = _metal.empty((*batch, *B.shape[-2:]), dtype=B.dtype, device=B.device)
     info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
-    A3 = A.expand(*batch, n, n).reshape(-1, n, n).contiguous()
+    A3 = A.expand(*batch, n, n).reshape(math.prod(batch), n, n).contiguous()
     nb = A3.shape[0]
     if nb == 0 or n == 0:
         return X.zero_(), info

@@ -7,6 +7,8 @@ through transposed indexing (no copies beyond making operands contiguous). float
 ``METALCORE_LINALG_MAX_N``; float64 and larger matrices stay on the reference.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,8 +24,8 @@ def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitr
     X = _metal.empty(B.shape, dtype=B.dtype, device=B.device)
     if X.numel() == 0:
         return X
-    A3 = A.reshape(-1, n, n).contiguous()
-    B3 = B.reshape(-1, *B.shape[-2:]).contiguous()
+    A3 = A.reshape(math.prod(A.shape[:-2]), n, n).contiguous()
+    B3 = B.reshape(math.prod(B.shape[:-2]), *B.shape[-2:]).contiguous()
     k = B.shape[-1] if left else B.shape[-2]
     # Element (i, q) of the left-sided right-hand side: B[i, q] (left) or B[q, i] (right, Bᵀ).
     sr, sc = (k, 1) if left else (1, n)

@@ -385,3 +385,20 @@ def test_qr_limits_route_to_the_reference():
     assert qr_op.backend_for(torch.ones(3, MAX_N + 1), "reduced") == "reference"
     assert qr_op.backend_for(torch.ones(3, 3, dtype=torch.float64), "reduced") == "reference"
     assert qr_op.backend_for(torch.ones(MAX_N, MAX_N), "complete") == "metal"
+
+
+@pytest.mark.parametrize("name,call", [
+    ("qr", lambda: metalcore.linalg.qr(torch.randn(2, 3, 0))),
+    ("qr-r", lambda: metalcore.linalg.qr(torch.randn(2, 0, 3), mode="r")[1]),
+    ("cholesky", lambda: metalcore.linalg.cholesky(torch.randn(2, 0, 0))),
+    ("solve", lambda: metalcore.linalg.solve(torch.randn(2, 0, 0), torch.randn(2, 0, 3))),
+    ("trsm", lambda: metalcore.linalg.solve_triangular(torch.randn(2, 0, 0), torch.randn(2, 0, 3), upper=False)),
+])
+def test_zero_size_matrices_in_a_batch(name, call):
+    """A batch of empty matrices: the shaders' hosts used to fail in reshape(-1, m, n)."""
+    with metalcore.use_backend("reference"):
+        expected = call()
+    with metalcore.use_backend("metal"):
+        ours = call()
+    expected, ours = (x if isinstance(x, torch.Tensor) else x[0] for x in (expected, ours))
+    assert ours.shape == expected.shape and torch.equal(ours, expected)
