@@ -97,13 +97,9 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-300)).item()
 
 
-def backend(name: str):
-    return metalcore.use_backend(name)
-
-
 def polar_with(name: str, method: str):
     def run(A):
-        with backend(name):
+        with metalcore.use_backend(name):
             return metalcore.polar(A, method=method)
     return run
 
@@ -188,13 +184,13 @@ def muon_step_case(label: str, shapes: list[tuple[int, int]], dev, timer, rows, 
     for name, tag in (("reference", "ref"), ("triton", "sym")):
         for orth in ("newton_schulz", "polar_express"):
             ps, opt = make(Muon, orthogonalize=orth)
-            with backend(name):
+            with metalcore.use_backend(name):
                 t = timer(opt.step)
             rows.append(("c", f"Muon step, {label}: metalcore Muon {orth}, {tag}", t, base))
         results[tag] = make(Muon)
     # One step from the same start: the parameters each optimizer produces, against torch's.
     for tag, (ps, opt) in results.items():
-        with backend({"sym": "triton", "ref": "reference"}.get(tag, "auto")):
+        with metalcore.use_backend({"sym": "triton", "ref": "reference"}.get(tag, "auto")):
             opt.step()
     if "torch" in results:
         theirs = results["torch"][0]
@@ -248,7 +244,7 @@ def orthogonality(n: int, dev) -> dict[str, float]:
     for method in METHODS:
         O = metalcore.polar(A, method=method).double()
         errors[method] = ((O.mT @ O - eye).norm() / n ** 0.5).item()
-    with backend("triton"):
+    with metalcore.use_backend("triton"):
         for method in ("newton_schulz", "polar_express"):
             O = metalcore.polar(A, method=method).double()
             errors[f"{method} (sym)"] = ((O.mT @ O - eye).norm() / n ** 0.5).item()

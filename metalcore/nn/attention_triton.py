@@ -431,7 +431,8 @@ def sdpa_bwd_launch(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     return dq, dk, dv
 
 
-def _supports(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool, *_) -> bool:
+def _supports(q: Tensor, k: Tensor, v: Tensor, *_) -> bool:
+    """Dtypes and head dims the kernels take (any mask and causality are served)."""
     return (q.dtype in _DTYPES and k.dtype == v.dtype == q.dtype
             and q.dim() == k.dim() == v.dim() == 4 and q.shape[-1] in HEAD_DIMS and v.shape[-1] in HEAD_DIMS
             and k.shape[-1] == q.shape[-1] and k.shape[:3] == v.shape[:3] and k.shape[0] == q.shape[0]
@@ -447,6 +448,6 @@ def _sdpa_fwd_triton(q, k, v, attn_mask, is_causal, scale):
 
 
 @sdpa_bwd.implement("triton", supports=lambda dout, q, k, v, out, lse, attn_mask, is_causal, scale:
-                    _supports(q, k, v, attn_mask, is_causal), automatic=False)
+                    _supports(q, k, v), automatic=False)
 def _sdpa_bwd_triton(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
     return sdpa_bwd_launch(dout, q, k, v, out, lse, attn_mask, is_causal, scale)
