@@ -34,6 +34,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.linalg.triangular_metal",
     "metalcore.linalg.solve_metal",
     "metalcore.linalg.qr_metal",
+    "metalcore.linalg.householder_metal",
     "metalcore.linalg.eigh_metal",
     "metalcore.linalg.svd_metal",
 )

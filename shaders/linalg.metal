@@ -1,9 +1,11 @@
 // Batched small-matrix linear algebra: one threadgroup per matrix, the matrix in threadgroup memory
-// (both sides <= METALCORE_LINALG_MAX_N), float32 only (Metal has no float64). The contracts are
-// metalcore/linalg/{cholesky,triangular,solve,qr}.py; the host code is metalcore/linalg/*_metal.py.
+// (both sides <= METALCORE_LINALG_MAX_N; larft holds only T, so its V may be taller), float32 only
+// (Metal has no float64). The contracts are metalcore/linalg/{cholesky,triangular,solve,qr,householder}.py;
+// the host code is metalcore/linalg/*_metal.py.
 // Every matrix arrives contiguous and row-major (the host copies where needed), so element (r, c) of
 // matrix b of an m x n stack is at b * m * n + r * n + c; right-sided solves read A transposed
-// (`trans_a`) and their right-hand sides through transposed strides, without copies.
+// (`trans_a`) and their right-hand sides through transposed strides, without copies (so does larfb
+// from the right).
 //
 // Control flow that contains a barrier depends only on values every thread reads from threadgroup
 // memory after a barrier (a pivot, info), so it is uniform across the threadgroup, as Metal requires.
@@ -215,24 +217,20 @@ static void lu_solve_tile(device const T* A, device const T* B, device T* X, dev
     }
 }
 
-// --- QR by Householder reflections (LAPACK geqr2 + org2r) ------------------------------------------
-// Factor: for each column j < k = min(m, n), SIMD-group 0 forms the reflector of dlarfg
-// (beta = -sign(alpha) ||(alpha, x)||, tau = (beta - alpha) / beta, v = x / (alpha - beta), v_j = 1),
-// norms computed as s * ||x / s|| with s = max|x|, so that 1e+-25-scaled float32 columns neither
-// overflow nor underflow their squares; a zero (or NaN) x gives tau = 0 (H = I), as in LAPACK. Then
-// each SIMD-group applies H = I - tau v v^T to its trailing columns (one dot product across the
-// lanes per column). The reflectors stay below the diagonal of the tile, R on and above it.
-// Accumulate: column q of Q = H_1 ... H_k e_q, one column per SIMD-group in registers (as in
-// `substitute`), applying H_k first; nq = k (reduced) or m (complete) columns, none for mode 'r'.
-template <typename T>
-static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n, uint kr, uint nq,
-                    threadgroup float* a, threadgroup float* tau, threadgroup float* head, uint mat, uint tid,
-                    uint tpg, uint lane, uint sg, uint nsg) {
+// --- Householder reflections (LAPACK geqr2, org2r, larft, larfb) ---------------------------------
+// A reflector is H = I - tau v v^T; k of them are stored LAPACK's way: v_j is column j of an m-row
+// tile below its diagonal, with v_j[j] = 1 implicit and v_j[i < j] = 0 (metalcore/linalg/householder.py).
+
+// geqr2 on the m x n tile `a` (row-major): for each column j < k = min(m, n), SIMD-group 0 forms the
+// reflector of dlarfg (beta = -sign(alpha) ||(alpha, x)||, tau = (beta - alpha) / beta,
+// v = x / (alpha - beta), v_j = 1), norms computed as s * ||x / s|| with s = max|x|, so that
+// 1e+-25-scaled float32 columns neither overflow nor underflow their squares; a zero (or NaN) x gives
+// tau = 0 (H = I), as in LAPACK. Then each SIMD-group applies H = I - tau v v^T to its trailing
+// columns (one dot product across the lanes per column). The reflectors end below the diagonal of
+// the tile, R on and above it, tau in `tau`; the tile is final for every thread on return.
+static void householder_factor(threadgroup float* a, threadgroup float* tau, threadgroup float* head, uint m,
+                               uint n, uint tid, uint tpg, uint lane, uint sg, uint nsg) {
     const uint k = min(m, n);
-    const ulong base = ulong(mat) * m * n;
-    for (uint e = tid; e < m * n; e += tpg) {
-        a[e] = float(A[base + e]);
-    }
     for (uint j = 0; j < k; ++j) {
         threadgroup_barrier(mem_flags::mem_threadgroup);  // the previous update (or the load) is visible
         if (sg == 0) {
@@ -283,10 +281,14 @@ static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n,
         }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint e = tid; e < kr * n; e += tpg) {
-        const uint r = e / n, c = e % n;
-        R[ulong(mat) * kr * n + e] = T(r <= c && r < m ? a[r * n + c] : 0.0f);
-    }
+}
+
+// org2r: column q < nq of Q = H_1 ... H_k e_q, one column per SIMD-group in registers (as in
+// `substitute`), applying H_k first; the reflectors are the first k columns of the m x n tile `a`.
+// Q is row-major m x nq at Q + base. No barrier: `a` and `tau` are only read.
+template <typename T>
+static void householder_accumulate(threadgroup const float* a, threadgroup const float* tau, device T* Q,
+                                   ulong base, uint m, uint n, uint k, uint nq, uint lane, uint sg, uint nsg) {
     for (uint q = sg; q < nq; q += nsg) {  // uniform within the SIMD-group
         float x[LINALG_SLOTS];
         for (uint s = 0; s < LINALG_SLOTS; ++s) {
@@ -312,7 +314,193 @@ static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n,
         for (uint s = 0; s < LINALG_SLOTS; ++s) {
             const uint i = s * METALCORE_SIMD_WIDTH + lane;
             if (i < m) {
-                Q[ulong(mat) * m * nq + i * nq + q] = T(x[s]);
+                Q[base + i * nq + q] = T(x[s]);
+            }
+        }
+    }
+}
+
+// QR: geqr2 then org2r in one launch (A read once, R and Q written once); nq = k (reduced) or m
+// (complete) columns of Q, none for mode 'r'; R has kr rows.
+template <typename T>
+static void qr_tile(device const T* A, device T* Q, device T* R, uint m, uint n, uint kr, uint nq,
+                    threadgroup float* a, threadgroup float* tau, threadgroup float* head, uint mat, uint tid,
+                    uint tpg, uint lane, uint sg, uint nsg) {
+    const ulong base = ulong(mat) * m * n;
+    for (uint e = tid; e < m * n; e += tpg) {
+        a[e] = float(A[base + e]);
+    }
+    householder_factor(a, tau, head, m, n, tid, tpg, lane, sg, nsg);
+    for (uint e = tid; e < kr * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        R[ulong(mat) * kr * n + e] = T(r <= c && r < m ? a[r * n + c] : 0.0f);
+    }
+    householder_accumulate<T>(a, tau, Q, ulong(mat) * m * nq, m, n, min(m, n), nq, lane, sg, nsg);
+}
+
+// geqr2 alone: the factored tile (R and the reflectors) and tau, the output of torch.geqrf.
+template <typename T>
+static void geqr2_tile(device const T* A, device T* QR, device T* tau_out, uint m, uint n, threadgroup float* a,
+                       threadgroup float* tau, threadgroup float* head, uint mat, uint tid, uint tpg, uint lane,
+                       uint sg, uint nsg) {
+    const uint k = min(m, n);
+    const ulong base = ulong(mat) * m * n;
+    for (uint e = tid; e < m * n; e += tpg) {
+        a[e] = float(A[base + e]);
+    }
+    householder_factor(a, tau, head, m, n, tid, tpg, lane, sg, nsg);
+    for (uint e = tid; e < m * n; e += tpg) {
+        QR[base + e] = T(a[e]);
+    }
+    for (uint j = tid; j < k; j += tpg) {
+        tau_out[ulong(mat) * k + j] = T(tau[j]);
+    }
+}
+
+// householder_product (org2r): the first n columns of H_1 ... H_k from the reflectors in the first
+// k <= n columns of A (m x n, m >= n; entries on and above the diagonal are not read).
+template <typename T>
+static void householder_product_tile(device const T* A, device const T* tau_in, device T* Q, uint m, uint n,
+                                     uint k, threadgroup float* a, threadgroup float* tau, uint mat, uint tid,
+                                     uint tpg, uint lane, uint sg, uint nsg) {
+    const ulong base = ulong(mat) * m * n;
+    for (uint e = tid; e < m * n; e += tpg) {
+        a[e] = float(A[base + e]);
+    }
+    for (uint j = tid; j < k; j += tpg) {
+        tau[j] = float(tau_in[ulong(mat) * k + j]);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    householder_accumulate<T>(a, tau, Q, base, m, n, k, n, lane, sg, nsg);
+}
+
+// larft (direct 'F', storev 'C'): T (k x k, upper) with H_1 ... H_k = I - V T V^T, by LAPACK's
+// recurrence T[0:i, i] = -tau_i T[0:i, 0:i] (V^T v_i)[0:i], T[i][i] = tau_i, a zero tau_i giving a
+// zero column i (and so a zero row i). First every SIMD-group forms its share of the entries
+// w[p][q] = -tau_q (V^T V)[p][q], p < q, in the tile (one dot product across the lanes each, V read
+// from device memory: only T is held, so V may have any number of rows); then column i of T is
+// the triangular product of the finished columns 0..i-1 with column i of w, one thread a row.
+template <typename T>
+static void larft_tile(device const T* V, device const T* tau_in, device T* T_out, uint m, uint k,
+                       threadgroup float* t, threadgroup float* taus, threadgroup float* col, uint mat, uint tid,
+                       uint tpg, uint lane, uint sg, uint nsg) {
+    const ulong base_v = ulong(mat) * m * k;
+    for (uint i = tid; i < k; i += tpg) {
+        taus[i] = float(tau_in[ulong(mat) * k + i]);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint e = sg; e < k * k; e += nsg) {  // uniform within the SIMD-group
+        const uint p = e / k, q = e % k;
+        if (p > q) {
+            continue;
+        }
+        if (p == q) {
+            if (lane == 0) {
+                t[e] = taus[q];
+            }
+            continue;
+        }
+        // v_q is zero above row q and 1 at row q; below, both columns are stored entries of V.
+        float partial = lane == 0 ? float(V[base_v + ulong(q) * k + p]) : 0.0f;
+        for (uint r = q + 1 + lane; r < m; r += METALCORE_SIMD_WIDTH) {
+            partial += float(V[base_v + ulong(r) * k + p]) * float(V[base_v + ulong(r) * k + q]);
+        }
+        const float s = simd_sum(partial);
+        if (lane == 0) {
+            t[e] = taus[q] == 0.0f ? 0.0f : -taus[q] * s;
+        }
+    }
+    for (uint i = 1; i < k; ++i) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // columns 0..i-1 of T and column i of w are final
+        for (uint p = tid; p < i; p += tpg) {
+            col[p] = t[p * k + i];
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        const bool zero = taus[i] == 0.0f;  // LAPACK zeroes the column outright (no NaN * 0)
+        for (uint p = tid; p < i; p += tpg) {
+            float acc = 0.0f;
+            for (uint l = p; l < i; ++l) {
+                acc += t[p * k + l] * col[l];
+            }
+            t[p * k + i] = zero ? 0.0f : acc;
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint e = tid; e < k * k; e += tpg) {
+        T_out[ulong(mat) * k * k + e] = T(e / k <= e % k ? t[e] : 0.0f);
+    }
+}
+
+// Upper triangle of a k x k matrix packed by columns: (a, b), a <= b, at b (b + 1) / 2 + a.
+static inline uint triangle_index(uint a, uint b) {
+    return b * (b + 1) / 2 + a;
+}
+
+// larfb (direct 'F', storev 'C'), from the left: X = C - V T' V^T C with T' = T or T^T
+// (`trans_t`), C and X m x ncol with element (i, q) at i * sr + q * sc within the matrix (the host
+// passes transposed strides for the right side: C H = (H^T C^T)^T). V (m x k, unit lower) is held
+// whole in the tile and the upper triangle of T packed beside it (a 64 x 64 V and T fit in
+// 24.1 KiB of Apple's 32). Each SIMD-group takes whole columns of C in registers (element i in
+// lane i % 32, slot i / 32): w = V^T c (one sum across the lanes per entry), y = T' w, c -= V y.
+template <typename T>
+static void larfb_tile(device const T* V, device const T* Tm, device const T* C, device T* X, uint m, uint k,
+                       uint ncol, uint sr, uint sc, bool trans_t, threadgroup float* v, threadgroup float* tp,
+                       uint mat, uint tid, uint tpg, uint lane, uint sg, uint nsg) {
+    const ulong base_v = ulong(mat) * m * k, base_t = ulong(mat) * k * k, base_c = ulong(mat) * m * ncol;
+    for (uint e = tid; e < m * k; e += tpg) {
+        const uint r = e / k, c = e % k;
+        v[e] = r == c ? 1.0f : (r > c ? float(V[base_v + e]) : 0.0f);
+    }
+    for (uint e = tid; e < k * k; e += tpg) {
+        const uint r = e / k, c = e % k;
+        if (r <= c) {
+            tp[triangle_index(r, c)] = float(Tm[base_t + e]);
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint q = sg; q < ncol; q += nsg) {  // uniform within the SIMD-group
+        float x[LINALG_SLOTS], w[LINALG_SLOTS], y[LINALG_SLOTS];
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            x[s] = i < m ? float(C[base_c + i * sr + q * sc]) : 0.0f;
+            w[s] = 0.0f;
+            y[s] = 0.0f;
+        }
+        for (uint l = 0; l < k; ++l) {
+            float partial = 0.0f;
+            for (uint s = 0; s < LINALG_SLOTS; ++s) {
+                const uint i = s * METALCORE_SIMD_WIDTH + lane;
+                if (i < m) {
+                    partial += v[i * k + l] * x[s];
+                }
+            }
+            const float total = simd_sum(partial);
+            if (lane == l % METALCORE_SIMD_WIDTH) {
+                w[l / METALCORE_SIMD_WIDTH] = total;
+            }
+        }
+        for (uint b = 0; b < k; ++b) {  // y[a] += T'[a][b] w[b], for the rows a this lane holds
+            const float wb = simd_broadcast(w[b / METALCORE_SIMD_WIDTH], ushort(b % METALCORE_SIMD_WIDTH));
+            for (uint s = 0; s < LINALG_SLOTS; ++s) {
+                const uint a = s * METALCORE_SIMD_WIDTH + lane;
+                if (a < k && (trans_t ? b <= a : a <= b)) {
+                    y[s] += (trans_t ? tp[triangle_index(b, a)] : tp[triangle_index(a, b)]) * wb;
+                }
+            }
+        }
+        for (uint l = 0; l < k; ++l) {
+            const float yl = simd_broadcast(y[l / METALCORE_SIMD_WIDTH], ushort(l % METALCORE_SIMD_WIDTH));
+            for (uint s = 0; s < LINALG_SLOTS; ++s) {
+                const uint i = s * METALCORE_SIMD_WIDTH + lane;
+                if (i < m) {
+                    x[s] -= v[i * k + l] * yl;
+                }
+            }
+        }
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            if (i < m) {
+                X[base_c + i * sr + q * sc] = T(x[s]);
             }
         }
     }
@@ -353,6 +541,39 @@ kernel void qr_##SUFFIX(                                                        
     threadgroup float tau[METALCORE_LINALG_MAX_N];                                                  \
     threadgroup float head[2];                                                                      \
     qr_tile<T>(A, Q, R, m, n, kr, nq, a, tau, head, mat, tid, tpg, lane, sg, nsg);                  \
+}                                                                                                   \
+kernel void geqr2_##SUFFIX(                                                                         \
+        device const T* A [[buffer(0)]], device T* QR [[buffer(1)]], device T* tau [[buffer(2)]],   \
+        constant uint& m [[buffer(3)]], constant uint& n [[buffer(4)]], LINALG_IDS) {               \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    threadgroup float taus[METALCORE_LINALG_MAX_N];                                                 \
+    threadgroup float head[2];                                                                      \
+    geqr2_tile<T>(A, QR, tau, m, n, a, taus, head, mat, tid, tpg, lane, sg, nsg);                   \
+}                                                                                                   \
+kernel void householder_product_##SUFFIX(                                                           \
+        device const T* A [[buffer(0)]], device const T* tau [[buffer(1)]], device T* Q [[buffer(2)]], \
+        constant uint& m [[buffer(3)]], constant uint& n [[buffer(4)]], constant uint& k [[buffer(5)]], \
+        LINALG_IDS) {                                                                               \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    threadgroup float taus[METALCORE_LINALG_MAX_N];                                                 \
+    householder_product_tile<T>(A, tau, Q, m, n, k, a, taus, mat, tid, tpg, lane, sg, nsg);         \
+}                                                                                                   \
+kernel void larft_##SUFFIX(                                                                         \
+        device const T* V [[buffer(0)]], device const T* tau [[buffer(1)]], device T* T_out [[buffer(2)]], \
+        constant uint& m [[buffer(3)]], constant uint& k [[buffer(4)]], LINALG_IDS) {               \
+    threadgroup float t[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    threadgroup float taus[METALCORE_LINALG_MAX_N];                                                 \
+    threadgroup float col[METALCORE_LINALG_MAX_N];                                                  \
+    larft_tile<T>(V, tau, T_out, m, k, t, taus, col, mat, tid, tpg, lane, sg, nsg);                 \
+}                                                                                                   \
+kernel void larfb_##SUFFIX(                                                                         \
+        device const T* V [[buffer(0)]], device const T* Tm [[buffer(1)]], device const T* C [[buffer(2)]], \
+        device T* X [[buffer(3)]], constant uint& m [[buffer(4)]], constant uint& k [[buffer(5)]], \
+        constant uint& ncol [[buffer(6)]], constant uint& sr [[buffer(7)]], constant uint& sc [[buffer(8)]], \
+        constant uint& trans_t [[buffer(9)]], LINALG_IDS) {                                         \
+    threadgroup float v[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    threadgroup float tp[METALCORE_LINALG_MAX_N * (METALCORE_LINALG_MAX_N + 1) / 2];               \
+    larfb_tile<T>(V, Tm, C, X, m, k, ncol, sr, sc, trans_t != 0, v, tp, mat, tid, tpg, lane, sg, nsg); \
 }
 
 INSTANTIATE_LINALG(float, float)
