@@ -449,13 +449,14 @@ def sweep(rep: Report):
     gs = [torch.randn_like(p) for p in ps]
     ms_ = [torch.zeros_like(p) for p in ps]
     vs = [torch.zeros_like(p) for p in ps]
-    steps = [1.0] * 64
+    steps = [torch.tensor(0.0) for _ in ps]
     for block, warps, per_sm in ((512, 4, 4), (512, 4, 8), (1024, 8, 4), (2048, 8, 2)):
         ADAM.BLOCK, ADAM.NUM_WARPS, ADAM.PROGRAMS_PER_SM = block, warps, per_sm
-        fn = lambda: ADAM.adamw_step_launch(ps, gs, ms_, vs, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
-                                            eps=1e-8, weight_decay=0.1, amsgrad=False, maximize=False)
+        ADAM._PLANS.clear()  # the launch plans depend on BLOCK and PROGRAMS_PER_SM
+        fn = lambda: ADAM._adamw_step_triton(ps, gs, ms_, vs, [], steps, 1e-3, 0.9, 0.999, 1e-8, 0.1, False, False)
         out[f"adamw BLOCK={block} warps={warps} programs/SM={per_sm}"] = (64 * 512 * 512 * 28, eager_ms(fn))
     ADAM.BLOCK, ADAM.NUM_WARPS, ADAM.PROGRAMS_PER_SM = 512, 4, 8
+    ADAM._PLANS.clear()
 
     result = {}
     for k, (nbytes, ms) in out.items():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.optim.adamw import adamw_step_
+from metalcore.optim.adamw import adamw_step_, advance_steps
 
 _SHADER = "adamw"
 
@@ -44,8 +44,7 @@ def _adamw_step_metal(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
                       beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool) -> None:
     if not params:
         return
-    torch._foreach_add_(state_steps, 1.0)
-    steps = [s.item() for s in state_steps]  # CPU scalars: no device synchronisation
+    steps = advance_steps(state_steps)
     c = _metal.constants()
     block, threads, chunk = c["METALCORE_ADAMW_BLOCK"], c["METALCORE_ADAMW_THREADS"], c["METALCORE_ADAMW_MAX_TENSORS"]
     lib = _metal.library(_SHADER, params[0].device)

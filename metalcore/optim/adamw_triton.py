@@ -1,15 +1,17 @@
 """AdamW's multi-tensor step in Triton: one launch per parameter group, not per tensor.
 
-Layers: ``_adamw_step_kernel`` → ``adamw_step_launch`` (plain tensors and floats) → the registered
+Layers: ``_adamw_step_kernel`` → a cached launch plan per group (``_plan``) → the registered
 ``triton`` implementation of :func:`metalcore.optim.adamw.adamw_step_` (the math is in that module).
 
 How one launch covers a group of tensors of different sizes: the host builds a small table, one
 row per tensor (addresses of θ, g, m, v, v̂max; element count; the index of the tensor's first
-block in the group), plus each tensor's bias-correction scalars, and copies it to the device with
-one asynchronous copy per table. A persistent grid of ``P`` programs walks the tensors; global
-block ``b`` goes to program ``b mod P``, so small tensors spread over programs instead of all
-landing on program 0. The step counters are CPU scalars (the op's contract), so the bias
-corrections are computed on the host with no device synchronisation.
+block in the group) and copies it to the device once; it is kept for as long as the group's
+tensors stay at the same addresses (an optimizer's do). A persistent grid of ``P`` programs walks
+the tensors; global block ``b`` goes to program ``b mod P``, so small tensors spread over programs
+instead of all landing on program 0. The step counters are CPU scalars (the op's contract), so the
+bias corrections are computed on the host with no device synchronisation: when every tensor of the
+launch is at the same step (the usual case) they are two kernel arguments, otherwise a per-tensor
+table uploaded for that step.
 
 Bytes: per element, read θ, g, m, v and write θ, m, v (and v̂max both ways with amsgrad): 28 bytes
 for fp32 parameters, 22 for bf16. θ, m and v never leave registers in between, where the unfused
@@ -22,13 +24,15 @@ Parameters fp32/bf16/fp16 with fp32 moments; fp64 parameters stay on the referen
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
 from metalcore.nn._jit_triton import cdiv, helper, jit, program_slots
-from metalcore.optim.adamw import adamw_step_
+from metalcore.optim.adamw import adamw_step_, advance_steps, shared_step_buffer
 
 # Elements per block: 512 at 4 warps is one 16-byte fp32 vector per thread per stream (θ, g, m, v).
 # Swept on an H100 (16.8M fp32 params in 64 tensors, bench/training_triton.md): 512/4 warps/8 per
@@ -73,9 +77,9 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, step_size, bi
 
 
 @jit
-def _adamw_step_kernel(TABLE, SCALARS, n_tensors, n_programs, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
-                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-                       MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_step_kernel(TABLE, SCALARS, n_tensors, n_programs, step_size_all, bias_correction2_sqrt_all, decay,
+                       one_minus_beta1, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                       UNIFORM_STEP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     for t in range(0, n_tensors):
@@ -88,8 +92,12 @@ def _adamw_step_kernel(TABLE, SCALARS, n_tensors, n_programs, decay, one_minus_b
         vmax_ptr = tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(tl.float32)), 16)
         numel = tl.load(row + 5)
         base = tl.load(row + 6)
-        step_size = tl.load(SCALARS + 2 * t)
-        bias_correction2_sqrt = tl.load(SCALARS + 2 * t + 1)
+        if UNIFORM_STEP:
+            step_size = step_size_all
+            bias_correction2_sqrt = bias_correction2_sqrt_all
+        else:
+            step_size = tl.load(SCALARS + 2 * t)
+            bias_correction2_sqrt = tl.load(SCALARS + 2 * t + 1)
         # First block of this tensor that belongs to this program: (base + b) mod P == pid.
         first = (pid - base % n_programs + n_programs) % n_programs
         full_blocks = numel // BLOCK
@@ -104,45 +112,97 @@ def _adamw_step_kernel(TABLE, SCALARS, n_tensors, n_programs, decay, one_minus_b
                          P_DTYPE, AMSGRAD, MAXIMIZE)
 
 
-def adamw_step_launch(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                      exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], steps: list[float], *,
-                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                      amsgrad: bool, maximize: bool) -> None:
-    """One AdamW step, in place, for tensors that share a device, a parameter dtype and a
-    gradient dtype; ``steps[i]`` is the step number (from 1) of tensor ``i`` after this step."""
-    device = params[0].device
-    rows, scalars, blocks = [], [], 0
-    for i, p in enumerate(params):
-        vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0  # never dereferenced without amsgrad
-        rows.append((p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                     vmax, p.numel(), blocks))
-        blocks += cdiv(p.numel(), BLOCK)
-        scalars.append((lr / (1.0 - beta1 ** steps[i]), math.sqrt(1.0 - beta2 ** steps[i])))
-    if blocks == 0:
-        return
-    table = torch.tensor(rows, dtype=torch.int64)
-    factors = torch.tensor(scalars, dtype=torch.float32)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-        factors = factors.pin_memory().to(device, non_blocking=True)
-    n_programs = max(1, min(blocks, program_slots(device) * PROGRAMS_PER_SM))
-    _adamw_step_kernel[(n_programs,)](
-        table, factors, len(params), n_programs, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-        P_DTYPE=_TL[params[0].dtype], G_DTYPE=_TL[grads[0].dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize,
-        BLOCK=BLOCK, num_warps=NUM_WARPS)
+@dataclass(frozen=True)
+class _Launch:
+    """One kernel launch of a group's step: the tensors of one (parameter, gradient) dtype pair."""
+    index: tuple[int, ...]  # positions of its tensors in the group's lists
+    table: Tensor  # int64 (len(index), 7) on the device: the rows described in the module docstring
+    n_programs: int
+    p_dtype: torch.dtype
+    g_dtype: torch.dtype
 
 
-def _supported(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *_scalars) -> bool:
-    if not params:
-        return True
+# Launch plans by the group's addresses: an optimizer steps the same tensors every time, so the
+# validation and the device table are built once, not at every step (they were ~60% of a 64-tensor
+# step's host time). The key holds every address the table holds, so a hit can only differ from a
+# fresh build in what sits at those addresses: gradients are re-created between steps (zero_grad
+# with set_to_none), so their dtype and layout are checked again on every hit.
+_PLANS: dict[tuple[Any, ...], tuple[_Launch, ...]] = {}
+_MAX_PLANS = 64
+
+
+def _plan_key(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) -> tuple[Any, ...]:
+    ptr = Tensor.data_ptr
+    # BLOCK and PROGRAMS_PER_SM shape the table (tuning scripts and tests change them).
+    return (BLOCK, PROGRAMS_PER_SM, amsgrad, len(params), *map(ptr, params), *map(ptr, grads), *map(ptr, exp_avgs), *map(ptr, exp_avg_sqs),
+            *map(ptr, max_exp_avg_sqs), *map(Tensor.numel, params))
+
+
+def _valid(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) -> bool:
     device = params[0].device
-    state = [*exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs]
+    state = [*exp_avgs, *exp_avg_sqs, *(max_exp_avg_sqs if amsgrad else ())]
+    lists = (grads, exp_avgs, exp_avg_sqs, *((max_exp_avg_sqs,) if amsgrad else ()))
     return (all(p.dtype in _PARAM_DTYPES for p in params)
             and all(g.dtype in _PARAM_DTYPES for g in grads)
             and all(s.dtype == torch.float32 for s in state)
+            and all(len(lst) == len(params) and all(t.shape == p.shape for t, p in zip(lst, params)) for lst in lists)
             and all(t.device == device and t.is_contiguous() and t.data_ptr() % 16 == 0
-                    for t in (*params, *grads, *state))
-            and all(s.device.type == "cpu" for s in state_steps))
+                    for t in (*params, *grads, *state)))
+
+
+def _build_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) -> tuple[_Launch, ...]:
+    device = params[0].device
+    by_dtype: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        by_dtype.setdefault((p.dtype, g.dtype), []).append(i)
+    launches = []
+    for (p_dtype, g_dtype), index in by_dtype.items():
+        rows, blocks = [], 0
+        for i in index:
+            vmax = max_exp_avg_sqs[i].data_ptr() if amsgrad else 0  # never dereferenced without amsgrad
+            rows.append((params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                         exp_avg_sqs[i].data_ptr(), vmax, params[i].numel(), blocks))
+            blocks += cdiv(params[i].numel(), BLOCK)
+        if blocks == 0:
+            continue
+        n_programs = max(1, min(blocks, program_slots(device) * PROGRAMS_PER_SM))
+        launches.append(_Launch(tuple(index), _to_device(torch.tensor(rows, dtype=torch.int64), device),
+                                n_programs, p_dtype, g_dtype))
+    return tuple(launches)
+
+
+def _to_device(table: Tensor, device: torch.device) -> Tensor:
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+
+def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) -> Optional[tuple[_Launch, ...]]:
+    """The group's launches, or None when the kernel cannot take these tensors."""
+    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        if all(grads[i].dtype == launch.g_dtype and grads[i].is_contiguous() for launch in plan for i in launch.index):
+            return plan
+        return None if not _valid(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad) else \
+            _remember(key, _build_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad))
+    if not _valid(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad):
+        return None
+    return _remember(key, _build_plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad))
+
+
+def _remember(key: tuple[Any, ...], plan: tuple[_Launch, ...]) -> tuple[_Launch, ...]:
+    if len(_PLANS) >= _MAX_PLANS:  # tensors of finished runs: forget the oldest
+        del _PLANS[next(iter(_PLANS))]
+    _PLANS[key] = plan
+    return plan
+
+
+def _supported(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+               weight_decay, amsgrad, maximize) -> bool:
+    if not params:
+        return True
+    if shared_step_buffer(state_steps) is None and not all(s.device.type == "cpu" for s in state_steps):
+        return False
+    return _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad) is not None
 
 
 @adamw_step_.implement("triton", supports=_supported)
@@ -150,15 +210,24 @@ def _adamw_step_triton(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, st
                        beta2, eps, weight_decay, amsgrad, maximize):
     if not params:
         return
-    torch._foreach_add_(state_steps, 1.0)
-    steps = [s.item() for s in state_steps]  # CPU scalars: no device synchronisation
-    # One launch per (parameter dtype, gradient dtype) present; a group normally has one.
-    by_dtype: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        by_dtype.setdefault((p.dtype, g.dtype), []).append(i)
-    for idx in by_dtype.values():
-        adamw_step_launch(
-            [params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx], [max_exp_avg_sqs[i] for i in idx] if amsgrad else [],
-            [steps[i] for i in idx], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, maximize=maximize)
+    plan = _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
+    steps = advance_steps(state_steps)
+    for launch in plan:
+        launch_steps = [steps[i] for i in launch.index]
+        uniform = launch_steps.count(launch_steps[0]) == len(launch_steps)
+        if uniform:  # the usual case: bias corrections travel as two kernel arguments
+            scalars = launch.table  # not read
+        else:
+            scalars = _to_device(torch.tensor([_bias_corrections(t, lr, beta1, beta2) for t in launch_steps],
+                                              dtype=torch.float32), params[0].device)
+        step_size, bias_correction2_sqrt = _bias_corrections(launch_steps[0], lr, beta1, beta2)
+        _adamw_step_kernel[(launch.n_programs,)](
+            launch.table, scalars, len(launch.index), launch.n_programs, step_size, bias_correction2_sqrt,
+            1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            P_DTYPE=_TL[launch.p_dtype], G_DTYPE=_TL[launch.g_dtype], UNIFORM_STEP=uniform, AMSGRAD=amsgrad,
+            MAXIMIZE=maximize, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def _bias_corrections(step: float, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """``(γ / (1 − β₁ᵗ), √(1 − β₂ᵗ))`` in float64 on the host."""
+    return lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)

@@ -129,3 +129,50 @@ def test_misaligned_tensors_use_the_reference(device):
     args = (group["params"], [torch.randn(9, device=device)], group["exp_avgs"], group["exp_avg_sqs"], [],
             group["state_steps"], 1e-2, 0.9, 0.99, 1e-8, 0.1, False, False)
     assert adamw_step_.backend_for(*args) == "reference"
+
+
+def test_launch_plan_is_reused_and_gradients_rechecked(device):
+    """The group's table is built once; a gradient re-created at the same address with another
+    layout (here a transposed view of the same memory) is noticed and sent to the reference."""
+    import importlib
+    kernels = importlib.import_module("metalcore.optim.adamw_triton")
+    group = make_group(torch.float32, device, False, sizes=((4, 6), (33,)))
+    ref = clone(group)
+    memory = torch.randn(24, device=device)
+    grads = [memory.view(4, 6), torch.randn(33, device=device)]
+    step(adamw_step_, group, grads, False, False)
+    step(adamw_step_.reference, ref, grads, False, False)
+    key = kernels._plan_key(group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], [], False)
+    plan = kernels._PLANS[key]
+    step(adamw_step_, group, grads, False, False)
+    step(adamw_step_.reference, ref, grads, False, False)
+    assert kernels._PLANS[key] is plan
+    grads[0] = memory.view(6, 4).t()
+    assert grads[0].data_ptr() == memory.data_ptr() and not grads[0].is_contiguous()
+    args = (group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], [], group["state_steps"],
+            1e-2, 0.9, 0.99, 1e-8, 0.1, False, False)
+    assert adamw_step_.backend_for(*args) == "reference"
+    step(adamw_step_, group, grads, False, False)
+    step(adamw_step_.reference, ref, grads, False, False)
+    for key_ in group:
+        for got, want in zip(group[key_], ref[key_]):
+            assert_close(got, want.double(), got.dtype)
+
+
+def test_packed_step_counters(device):
+    """Counters packed in one buffer (as MetalAdamW keeps them) advance like separate ones."""
+    from metalcore.optim.adamw import shared_step_buffer
+    group = make_group(torch.float32, device, False, sizes=((5,), (7,), (3,)))
+    buffer = torch.tensor([0.0, 4.0, 0.0])
+    group["state_steps"] = [buffer[i] for i in range(3)]
+    assert shared_step_buffer(group["state_steps"]) is buffer
+    ref = clone(group)
+    ref["state_steps"] = [torch.tensor(t) for t in (0.0, 4.0, 0.0)]
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in group["params"]]
+        step(adamw_step_, group, grads, False, False)
+        step(adamw_step_.reference, ref, grads, False, False)
+    assert buffer.tolist() == [2.0, 6.0, 2.0]
+    for key in group:
+        for got, want in zip(group[key], ref[key]):
+            assert_close(got, want.double(), got.dtype)
