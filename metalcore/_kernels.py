@@ -38,6 +38,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.linalg.householder_metal",
     "metalcore.linalg.eigh_metal",
     "metalcore.linalg.svd_metal",
+    "metalcore.linalg.syrk_metal",
 )
 
 
