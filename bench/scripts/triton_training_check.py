@@ -373,11 +373,11 @@ def sweep_attention():
     from metalcore.nn import attention_triton as AT
     from metalcore.nn.attention import metal_scaled_dot_product_attention as ours
 
-    defaults = {n: getattr(AT, n) for n in ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "BWD_KV", "BWD_Q", "BWD_DQ_Q",
-                                            "BWD_DQ_KV", "BWD_WARPS", "BWD_STAGES")}
-    configs = [{}, dict(BLOCK_N=128), dict(NUM_STAGES=2), dict(BWD_WARPS=4), dict(BWD_STAGES=3),
-               dict(BWD_KV=64, BWD_Q=64), dict(BWD_KV=64, BWD_Q=32, BWD_WARPS=4),
-               dict(BWD_DQ_Q=64, BWD_DQ_KV=64), dict(BWD_KV=128, BWD_Q=64), dict(BWD_DQ_Q=128, BWD_DQ_KV=64)]
+    defaults = {n: getattr(AT, n) for n in ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "FWD_TMA", "BWD_KV", "BWD_Q",
+                                            "BWD_DQ_Q", "BWD_DQ_KV", "BWD_WARPS", "BWD_STAGES")}
+    configs = [{}, dict(FWD_TMA=True), dict(FWD_TMA=True, BLOCK_N=128), dict(FWD_TMA=True, NUM_STAGES=2),
+               dict(FWD_TMA=True, NUM_STAGES=4), dict(FWD_TMA=True, NUM_WARPS=4), dict(BLOCK_N=128),
+               dict(BWD_KV=128, BWD_Q=64), dict(BWD_DQ_Q=128, BWD_DQ_KV=64)]
     out = []
     for E, B, H, S in ((128, 4, 32, 2048), (64, 8, 16, 1024)):
         q, k, v = (torch.randn(B, H, S, E, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from metalcore._backend import triton_interpreting
 from metalcore.nn._jit_triton import cdiv, helper, jit
@@ -60,6 +61,9 @@ BLOCK_N = 64
 assert BLOCK_M % BLOCK_N == 0, "the causal loop's unmasked part ends on a BLOCK_M boundary"
 NUM_WARPS = 8
 NUM_STAGES = 3
+# Forward operands through Hopper's tensor memory accelerator (host-built descriptors) when their
+# strides allow; off until timed on the H100 (bench/training_triton.md).
+FWD_TMA = False
 # Backward: the dK/dV program holds BWD_KV keys (two fp32 accumulators of BWD_KV × E) and streams
 # BWD_Q queries at a time; the dQ program the other way round. Causal loops split at the diagonal
 # on these blocks, so each must divide the other's partner (asserted below).
@@ -93,21 +97,25 @@ def _masked_scores(z, M, q_idx, k_idx, seq_q, seq_k, stride_ml, stride_ms, MASK_
 
 
 @helper
-def _attend(acc, l_i, m_i, q, k_base, v_base, m_base, rows, start, seq_q, seq_k, scale_log2, stride_ks, stride_ke,
-            stride_vs, stride_ve, stride_ml, stride_ms, BLOCK_N: tl.constexpr, E: tl.constexpr, EV: tl.constexpr,
-            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+def _attend(acc, l_i, m_i, q, k_base, v_base, m_base, b, kv_h, rows, start, seq_q, seq_k, scale_log2, stride_ks,
+            stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, BLOCK_N: tl.constexpr, E: tl.constexpr,
+            EV: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+            MASK_BOOL: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr):
     """One key/value block ``start … start + BLOCK_N − 1`` into the online softmax. ``MASKED``: the
     block crosses ``seq_k`` or (``CAUSAL``) the diagonal; interior blocks skip those masks (the
-    user's ``attn_mask``, when there is one, applies to every block)."""
+    user's ``attn_mask``, when there is one, applies to every block). ``TMA``: ``k_base``/``v_base``
+    are tensor descriptors of the whole ``(B, Hkv, S, ·)`` tensors (rows past ``S`` load as zeros)."""
     cols = start + tl.arange(0, BLOCK_N)
-    k_ptrs = k_base + cols.to(tl.int64)[None, :] * stride_ks + tl.arange(0, E)[:, None] * stride_ke
-    v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + tl.arange(0, EV)[None, :] * stride_ve
     if MASKED:
         col_mask = cols < seq_k
-        k = tl.load(k_ptrs, mask=col_mask[None, :], other=0.0)
+    if TMA:
+        k = tl.trans(k_base.load([b, kv_h, start, 0]).reshape(BLOCK_N, E))
     else:
-        k = tl.load(k_ptrs)
+        k_ptrs = k_base + cols.to(tl.int64)[None, :] * stride_ks + tl.arange(0, E)[:, None] * stride_ke
+        if MASKED:
+            k = tl.load(k_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
     if DOT_FP32:
         k = k.to(tl.float32)
     z = tl.dot(q, k, input_precision=PRECISION) * scale_log2
@@ -127,10 +135,14 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, m_base, rows, start, seq_q, seq_k,
     p = tl.exp2(z - m_ref[:, None])
     alpha = tl.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=col_mask[:, None], other=0.0)
+    if TMA:
+        v = v_base.load([b, kv_h, start, 0]).reshape(BLOCK_N, EV)
     else:
-        v = tl.load(v_ptrs)
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vs + tl.arange(0, EV)[None, :] * stride_ve
+        if MASKED:
+            v = tl.load(v_ptrs, mask=col_mask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
     # P is rounded to the inputs' dtype for the second dot, as in flash attention.
     p = p.to(v.dtype)
     if DOT_FP32:
@@ -148,26 +160,33 @@ def _sdpa_fwd_kernel(Q, K, V, M, O, LSE, n_heads, group, seq_q, seq_k, scale_log
                      stride_mb, stride_mh, stride_ml, stride_ms,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E: tl.constexpr, EV: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+                     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, TMA: tl.constexpr):
     """Grid ``(cdiv(L, BLOCK_M), B·H)``. ``O`` is contiguous ``(B, H, L, EV)``, ``LSE`` ``(B, H, L)``.
-    ``DOT_FP32``: feed the dots fp32 copies of the (bf16-exact) operands, for the interpreter."""
+    ``DOT_FP32``: feed the dots fp32 copies of the (bf16-exact) operands, for the interpreter.
+    ``TMA``: ``Q``, ``K``, ``V``, ``O`` are tensor descriptors (Hopper's bulk tensor copies: no
+    per-thread address arithmetic, no masks on loads) instead of pointers."""
     m_block = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
+    b = bh // n_heads
     h = bh % n_heads
-    kv_h = (h // group).to(tl.int64)
+    kv_h = h // group
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < seq_q
     offs_ev = tl.arange(0, EV)
 
-    q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + rows.to(tl.int64)[:, None] * stride_ql \
-        + tl.arange(0, E)[None, :] * stride_qe
-    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+    if TMA:
+        q = Q.load([b, h, m_block * BLOCK_M, 0]).reshape(BLOCK_M, E)
+        k_base = K
+        v_base = V
+    else:
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh \
+            + rows.to(tl.int64)[:, None] * stride_ql + tl.arange(0, E)[None, :] * stride_qe
+        q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+        k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
     if DOT_FP32:
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + kv_h * stride_kh
-    v_base = V + b * stride_vb + kv_h * stride_vh
-    m_base = M + b * stride_mb + h.to(tl.int64) * stride_mh
+    m_base = M + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -182,20 +201,23 @@ def _sdpa_fwd_kernel(Q, K, V, M, O, LSE, n_heads, group, seq_q, seq_k, scale_log
         lo = full_blocks_end
         hi = seq_k
     for start in range(0, lo, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, m_base, rows, start, seq_q, seq_k, scale_log2,
-                                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, BLOCK_N, E, EV,
-                                False, CAUSAL, HAS_MASK, MASK_BOOL, PRECISION, DOT_FP32)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, m_base, b, kv_h, rows, start, seq_q, seq_k,
+                                scale_log2, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, BLOCK_N,
+                                E, EV, False, CAUSAL, HAS_MASK, MASK_BOOL, PRECISION, DOT_FP32, TMA)
     for start in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, m_base, rows, start, seq_q, seq_k, scale_log2,
-                                stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, BLOCK_N, E, EV,
-                                True, CAUSAL, HAS_MASK, MASK_BOOL, PRECISION, DOT_FP32)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, m_base, b, kv_h, rows, start, seq_q, seq_k,
+                                scale_log2, stride_ks, stride_ke, stride_vs, stride_ve, stride_ml, stride_ms, BLOCK_N,
+                                E, EV, True, CAUSAL, HAS_MASK, MASK_BOOL, PRECISION, DOT_FP32, TMA)
 
     if HAS_MASK:
         out = tl.where(l_i[:, None] > 0.0, acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None], 0.0)
     else:
         out = acc / l_i[:, None]
     o_rows = bh.to(tl.int64) * seq_q + rows.to(tl.int64)
-    tl.store(O + o_rows[:, None] * EV + offs_ev[None, :], out.to(O.dtype.element_ty), mask=row_mask[:, None])
+    if TMA:  # rows past L are clipped by the copy
+        O.store([b, h, m_block * BLOCK_M, 0], out.to(O.dtype).reshape(1, 1, BLOCK_M, EV))
+    else:
+        tl.store(O + o_rows[:, None] * EV + offs_ev[None, :], out.to(O.dtype.element_ty), mask=row_mask[:, None])
     # l = 0 (nothing attended) gives log2(0) = −inf: lse = −inf, as the contract says.
     tl.store(LSE + o_rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_mask)
 
@@ -383,6 +405,19 @@ def _dot_mode(q: Tensor) -> tuple[bool, str]:
     return dot_fp32, "ieee" if dot_fp32 else "tf32"  # "tf32" is the default and unused for 16-bit operands
 
 
+def _tma_ready(t: Tensor) -> bool:
+    """A tensor descriptor needs a 16-byte-aligned base and 16-byte multiples for every stride
+    but the last, which must be 1."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
+    """Descriptor of a ``(B, H, L, E)`` tensor read or written ``rows × E`` at a time."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
 def sdpa_fwd_launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
                     scale: float) -> tuple[Tensor, Tensor]:
     """``q`` (B, H, L, E), ``k`` (B, Hkv, S, E), ``v`` (B, Hkv, S, Ev), any strides; ``Hkv`` divides
@@ -397,11 +432,17 @@ def sdpa_fwd_launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
         return out.zero_(), lse.fill_(-math.inf)
     mask, mask_strides, has_mask, mask_bool = _mask_args(attn_mask, q)
     dot_fp32, precision = _dot_mode(q)
+    tma = FWD_TMA and all(_tma_ready(t) for t in (q, k, v))
+    if tma:
+        operands = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N))
+        target = _descriptor(out, BLOCK_M)
+    else:
+        operands, target = (q, k, v), out
     _sdpa_fwd_kernel[(cdiv(L, BLOCK_M), B * H)](
-        q, k, v, mask, out, lse, H, H // Hkv, L, S, scale * _LOG2E,
+        *operands, mask, target, lse, H, H // Hkv, L, S, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, E=E, EV=Ev, CAUSAL=is_causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        PRECISION=precision, DOT_FP32=dot_fp32, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        PRECISION=precision, DOT_FP32=dot_fp32, TMA=tma, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, lse
 
 

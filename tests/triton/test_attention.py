@@ -79,6 +79,23 @@ def test_sdpa_fwd(B, H, Hkv, L, S, E, Ev, is_causal, dtype, device):
 
 
 @pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_forward_through_tensor_descriptors(is_causal, device, monkeypatch):
+    """The TMA forward (descriptors instead of pointers): ragged blocks at both ends, GQA, a
+    transposed sequence-first q, and a mask; a misaligned view falls back to the pointer path."""
+    monkeypatch.setattr(kernels(), "FWD_TMA", True)
+    q = torch.randn(1, 130, 4, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)
+    k, v = (torch.randn(1, 2, 70, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    assert all(kernels()._tma_ready(t) for t in (q, k, v))
+    check_sdpa(q, k, v, is_causal)
+    mask = torch.randn(1, 1, 130, 70, device=device)
+    out, lse = sdpa_fwd(q, k, v, mask, is_causal, 0.125)
+    out_p, lse_p = sdpa_fwd.reference(q, k, v, mask, is_causal, 0.125)
+    assert_close(out, out_p.double(), torch.bfloat16)
+    assert not kernels()._tma_ready(torch.randn(1, 2, 70, 65, dtype=torch.bfloat16, device=device)[..., 1:])
+
+
+@pytest.mark.usefixtures("poison")
 def test_strided_sequence_first_views(device):
     """(B, S, H, E) tensors passed as transposed views, and v a slice of a wider tensor."""
     q = torch.randn(1, 40, 4, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)
