@@ -18,6 +18,11 @@ One kernel, two phases selected at compile time:
 matrix: ``k`` steps over the ``[BM, BN]`` tile plus ``k`` over the ``[BM, BQ]`` tile,
 ``~4 m n k + 4 m nq k`` flops (the algorithm's ``4mnk − ...``, padded to powers of two); bytes
 ``4(mn + m nq + kn)`` in fp32.
+
+Matrices beyond the register tile (a side over :data:`SMALL_MAX`) go to the blocked QR of
+:mod:`metalcore.linalg.qr_blocked` (panels, ``larft``, ``larfb``, all GEMMs but the panels) — for
+now only when the triton backend is requested explicitly, or above :data:`BLOCKED_AUTO_MIN_SIDE`
+once that is set from an H100 measurement; otherwise cuSOLVER (the reference) keeps them.
 """
 
 from __future__ import annotations
@@ -27,10 +32,25 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, batched, block, fits, group, warps
+from metalcore._backend import requested_backend
+from metalcore.linalg import householder_triton  # noqa: F401  (registers the larft/larfb kernels)
+from metalcore.linalg import qr_blocked
+from metalcore.linalg._small_triton import DTYPES, MAX_N, batched, block, fits, group, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.qr import qr_op
 from metalcore.nn._jit_triton import jit
+
+# Largest side the one-program kernel takes; larger matrices go to the blocked QR. A parameter so
+# that CI can force the blocked path at small sizes.
+SMALL_MAX = MAX_N
+# Panel width and panel variant of the blocked path (qr_blocked.PANELS); swept on the H100 by
+# bench/scripts/qr_large_check.py.
+BLOCK_NB = qr_blocked.DEFAULT_NB
+BLOCK_PANEL = "auto"
+# Smallest min(m, n) from which the blocked QR is chosen automatically over cuSOLVER. None until
+# the H100 run shows where (if anywhere) it is at least as fast: cuSOLVER geqrf + orgqr takes 29 ms
+# for 4096² fp32 and 60 ms for 11008×4096 (torch 2.11), against a GEMM floor of ~4 ms and ~10 ms.
+BLOCKED_AUTO_MIN_SIDE: int | None = None
 
 
 @jit
@@ -132,8 +152,27 @@ def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool =
     return QR, TAU, R, Q
 
 
-@qr_op.implement("triton", supports=lambda A, mode: fits(A))
+def _small(A: Tensor) -> bool:
+    return fits(A, max_n=SMALL_MAX)
+
+
+def _blocked(A: Tensor) -> bool:
+    """Whether the blocked path takes this (too large for the kernel) input."""
+    if A.dtype not in DTYPES:
+        return False
+    if requested_backend() == "triton":
+        return True
+    return BLOCKED_AUTO_MIN_SIDE is not None and min(A.shape[-2:]) >= BLOCKED_AUTO_MIN_SIDE
+
+
+def _supports(A: Tensor, *rest) -> bool:
+    return _small(A) or _blocked(A)
+
+
+@qr_op.implement("triton", supports=_supports)
 def _qr_triton(A, mode):
+    if not _small(A):
+        return qr_blocked.qr_blocked(A, mode, BLOCK_NB, BLOCK_PANEL)
     m, n = A.shape[-2:]
     k = min(m, n)
     if mode == "r":
@@ -144,13 +183,19 @@ def _qr_triton(A, mode):
     return Q, R
 
 
-@geqr2_op.implement("triton", supports=lambda A: fits(A))
+@geqr2_op.implement("triton", supports=_supports)
 def _geqr2_triton(A):
+    if not _small(A):
+        *batch, m, n = A.shape
+        QR, tau, _ = qr_blocked.geqrf_blocked(A.reshape(-1, m, n), BLOCK_NB, BLOCK_PANEL)
+        return QR.reshape(A.shape), tau.reshape(*batch, min(m, n))
     QR, tau, _, _ = householder_launch(A, store_qr=True)
     return QR, tau
 
 
-@householder_product_op.implement("triton", supports=lambda A, tau: fits(A) and tau.dtype == A.dtype)
+@householder_product_op.implement("triton", supports=lambda A, tau: tau.dtype == A.dtype and _supports(A))
 def _householder_product_triton(A, tau):
+    if not _small(A):
+        return qr_blocked.householder_product_blocked(A, tau, BLOCK_NB)
     _, _, _, Q = householder_launch(A, tau=tau.expand(*A.shape[:-2], tau.shape[-1]), nq=A.shape[-1])
     return Q

@@ -1,0 +1,147 @@
+"""Blocked Householder QR for matrices too large for one program (LAPACK ``geqrf`` + ``orgqr``'s
+structure, with every level-3 step a cuBLAS GEMM).
+
+For ``A`` ``(B, m, n)``, ``k = min(m, n)``, panels of ``nb`` columns, ``j = 0, nb, 2nb, …``:
+
+1. **panel**: factor ``A[j:, j:j+nb]`` in place (compact form: ``R`` on top, reflectors below);
+2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_triton.larft_gemm`);
+3. **trailing update**: ``A[j:, j+nb:] ← Hᴴ A[j:, j+nb:]``, ``H = I − V T Vᵀ`` (``larfb``, in place).
+
+``Q = H₁ ⋯ H_k I[:, :nq]`` is then formed like LAPACK's ``orgqr``: the block reflectors applied
+backwards to the identity, last panel first, each touching only ``Q[j:, j:]`` (the columns before
+``j`` are still unit vectors that the later reflectors cannot reach). All three steps keep batch
+elements apart, so a NaN stays in its own matrix.
+
+Panel variants (``panel=``), because the tall, narrow panel is the one step that is not a GEMM:
+
+* ``'kernel'``: the one-program-per-matrix Householder kernel of :mod:`metalcore.linalg.qr_triton`
+  (panels up to 128 × 128, held in registers; also what CI runs under the interpreter);
+* ``'geqrf'``: ``torch.geqrf`` on the panel (cuSOLVER on CUDA) for tall panels;
+* ``'recursive'``: the panel split in column halves down to ``base`` columns (Elmroth & Gustavson
+  2000): the left half factored, applied to the right half with ``larfb``, the right half's lower
+  part factored. It turns most of the panel's level-2 work into GEMMs; the leaves go to the kernel
+  when they fit, else to ``torch.geqrf``;
+* ``'auto'``: ``'kernel'`` where the panel fits, else ``'geqrf'``.
+
+Flops (Householder, no pivoting): ``2mn² − 2n³/3`` for ``R`` (``m ≥ n``) and about the same again for
+the reduced ``Q``; all but the panels' ``O(m n nb)`` share are GEMMs. Which ``nb`` and panel variant
+are fastest on a card is measured by bench/scripts/qr_large_check.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metalcore.linalg._small_triton import fits
+from metalcore.linalg.householder import _unit_lower
+from metalcore.linalg.householder_triton import larfb_gemm, larft_gemm
+
+PANELS = ("auto", "kernel", "geqrf", "recursive")
+DEFAULT_NB = 64
+# Leaf width of the recursive panel (read at call time, so tests and the sweep can change it).
+RECURSIVE_BASE = 16
+
+
+def _geqr2_kernel(P: Tensor) -> Tensor:
+    # Imported here: qr_triton imports this module to route large inputs.
+    from metalcore.linalg.qr_triton import householder_launch
+
+    QR, tau, _, _ = householder_launch(P, store_qr=True)
+    P.copy_(QR)
+    return tau
+
+
+def _geqrf(P: Tensor) -> Tensor:
+    QR, tau = torch.geqrf(P)
+    P.copy_(QR)
+    return tau
+
+
+def _leaf(P: Tensor) -> Tensor:
+    return _geqr2_kernel(P) if fits(P) else _geqrf(P)
+
+
+def _recursive(P: Tensor, base: int) -> Tensor:
+    w = P.shape[-1]
+    if w <= base:
+        return _leaf(P)
+    h = w // 2
+    tau1 = _recursive(P[..., :h], base)
+    Vu = _unit_lower(P[..., :h])
+    larfb_gemm(Vu, larft_gemm(Vu, tau1), P[..., h:], True, True, inplace=True)
+    tau2 = _recursive(P[..., h:, h:], base)
+    return torch.cat([tau1, tau2], dim=-1)
+
+
+def factor_panel(P: Tensor, panel: str = "auto") -> Tensor:
+    """Compact QR of the panel ``P`` ``(B, h, w)``, ``h ≥ w``, written into ``P`` (a view of the
+    matrix being factored); returns ``tau`` ``(B, w)``."""
+    if panel == "kernel" or (panel == "auto" and fits(P)):
+        return _geqr2_kernel(P)
+    if panel in ("geqrf", "auto"):
+        return _geqrf(P)
+    if panel == "recursive":
+        return _recursive(P, RECURSIVE_BASE)
+    raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS}; got {panel!r}")
+
+
+def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: str = "auto") -> tuple[Tensor, Tensor, list]:
+    """Blocked compact QR of ``A`` ``(B, m, n)`` (a copy is factored): ``(QR, tau, blocks)`` with
+    ``QR``/``tau`` as from ``torch.geqrf`` and ``blocks`` the ``(j, Vu, T)`` of each panel (``Vu``
+    explicit unit trapezoidal), kept for forming ``Q``."""
+    if nb < 1:
+        raise ValueError(f"metalcore qr_blocked: nb must be positive; got {nb}")
+    B, m, n = A.shape
+    k = min(m, n)
+    QR = A.clone(memory_format=torch.contiguous_format)
+    taus, blocks = [], []
+    for j in range(0, k, nb):
+        jb = min(nb, k - j)
+        tau = factor_panel(QR[:, j:, j:j + jb], panel)
+        Vu = _unit_lower(QR[:, j:, j:j + jb])
+        T = larft_gemm(Vu, tau)
+        if j + jb < n:
+            larfb_gemm(Vu, T, QR[:, j:, j + jb:], True, True, inplace=True)
+        taus.append(tau)
+        blocks.append((j, Vu, T))
+    tau = torch.cat(taus, dim=-1) if taus else A.new_empty(B, 0)
+    return QR, tau, blocks
+
+
+def apply_q(blocks: list, m: int, nq: int, batch: int, like: Tensor) -> Tensor:
+    """``H₁ ⋯ H_k I[:, :nq]`` ``(batch, m, nq)`` from the panels' ``(j, Vu, T)``, backwards."""
+    Q = torch.eye(m, nq, dtype=like.dtype, device=like.device).expand(batch, m, nq).contiguous()
+    for j, Vu, T in reversed(blocks):
+        larfb_gemm(Vu, T, Q[:, j:, j:], True, False, inplace=True)
+    return Q
+
+
+def qr_blocked(A: Tensor, mode: str = "reduced", nb: int = DEFAULT_NB, panel: str = "auto") -> tuple[Tensor, Tensor]:
+    """``(Q, R)`` of ``A`` ``(*, m, n)`` as ``metalcore::qr`` returns them (``Q`` empty for
+    ``mode='r'``), by the blocked algorithm of the module docstring."""
+    *batch, m, n = A.shape
+    k = min(m, n)
+    A3 = A.reshape(-1, m, n)
+    complete = mode == "complete"
+    kr = m if complete else k
+    QR, _, blocks = geqrf_blocked(A3, nb, panel)
+    R = QR[:, :kr, :].triu().reshape(*batch, kr, n)
+    if mode == "r":
+        return A.new_empty(0), R
+    nq = m if complete else k
+    return apply_q(blocks, m, nq, A3.shape[0], A).reshape(*batch, m, nq), R
+
+
+def householder_product_blocked(A: Tensor, tau: Tensor, nb: int = DEFAULT_NB) -> Tensor:
+    """``orgqr`` by block reflectors: the first ``n`` columns of ``H₁ ⋯ H_k`` for ``A`` ``(*, m, n)``
+    holding ``k = tau.shape[-1]`` reflectors."""
+    *batch, m, n = A.shape
+    k = tau.shape[-1]
+    A3, tau2 = A.reshape(-1, m, n), tau.reshape(-1, k)
+    blocks = []
+    for j in range(0, k, nb):
+        jb = min(nb, k - j)
+        Vu = _unit_lower(A3[:, j:, j:j + jb])
+        blocks.append((j, Vu, larft_gemm(Vu, tau2[:, j:j + jb])))
+    return apply_q(blocks, m, n, A3.shape[0], A).reshape(*batch, m, n)
