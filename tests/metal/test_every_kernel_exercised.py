@@ -12,12 +12,15 @@ import metalcore
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.eigh import eigh_op
+from metalcore.linalg.householder import geqr2_op, householder_product_op, larfb_op, larft_op
 from metalcore.linalg.qr import qr_op
 from metalcore.linalg.solve import solve_ex_op
 from metalcore.linalg.svd import svd_op
+from metalcore.linalg.syrk import gram_poly_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
+from metalcore.nn.rope import rope_bwd, rope_fwd
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
 from metalcore.optim.adamw import adamw_step_
 from tolerances import TOL
@@ -82,9 +85,25 @@ def _linalg(dtype):
     # Values only: eigen- and singular vectors are defined up to sign, so they are not compared here.
     _check(eigh_op, X @ X.mT, "L", False)
     _check(svd_op, X[..., :4], False, False)
+    QR, tau = torch.geqrf(X[..., :4])
+    T = larft_op.reference(QR, tau)
+    _check(geqr2_op, X[..., :4])
+    _check(householder_product_op, QR, tau)
+    _check(larft_op, QR, tau)
+    _check(larfb_op, QR, T, torch.randn(3, 6, 2), True, False)
 
 
-DRIVERS = (_rms_norm, _activations, _adamw, _linalg)
+def _rope(dtype):
+    q, k, cos, sin = (torch.randn(1, h, 5, 6).to(dtype) for h in (3, 1, 1, 1))
+    _check(rope_fwd, q, k, cos[:, 0], sin[:, 0])
+    _check(rope_bwd, q, k, cos[:, 0], sin[:, 0])
+
+
+def _gram(dtype):
+    _check(gram_poly_op, (torch.randn(2, 5, 7) / 7**0.5).to(dtype), -4.775, 2.0315)
+
+
+DRIVERS = (_rms_norm, _activations, _adamw, _linalg, _rope, _gram)
 
 
 def test_every_shader_kernel_is_launched(executor):
