@@ -29,6 +29,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.nn.rms_norm_metal",
     "metalcore.nn.activations_metal",
     "metalcore.nn.swiglu_metal",
+    "metalcore.nn.attention_metal",
     "metalcore.nn.rope_metal",
     "metalcore.optim.adamw_metal",
     "metalcore.linalg.cholesky_metal",
