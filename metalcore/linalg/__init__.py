@@ -3,6 +3,7 @@
 from metalcore.linalg.cholesky import cholesky, cholesky_ex
 from metalcore.linalg.eigh import eigh, eigvalsh
 from metalcore.linalg.householder import householder_product
+from metalcore.linalg.lowrank import svd_lowrank
 from metalcore.linalg.lstsq import lstsq
 from metalcore.linalg.pinv import pinv
 from metalcore.linalg.qr import qr

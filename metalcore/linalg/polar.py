@@ -119,7 +119,7 @@ def qdwh_schedule(l0: float, dtype: torch.dtype) -> list[tuple[float, float, flo
     The schedule depends on ``l0`` alone, so it is computed here in Python floats and the iteration
     never synchronises with the device. It stops once ``1 − ℓ_k ≤ ε(dtype)`` with a Cholesky-based
     (``c ≤ 100``) last step, whose near-Halley weights (a, b, c ≈ 3, 1, 3) also clean up rounding.
-    Steps: 4 for fp32 and 6 for fp64 from ``l0 = ε`` (the default), 3 from ``l0 ≥ 0.1``.
+    Steps: 4 for fp32 and 6 for fp64 from ``l0 = ε`` (the default); 3 and 4 from ``l0 = 0.1``.
     """
     eps = torch.finfo(dtype).eps
     ell = min(max(float(l0), 1e-38), 1.0)
@@ -180,12 +180,15 @@ def qdwh(A: Tensor, *, l0: Optional[float] = None) -> Tensor:
     step while its weight ``c > 100``, then the Cholesky-based one (:func:`qdwh_schedule`). ``l0``
     must be a lower bound on ``σ_min(A)/α``; the default ``ε`` of the dtype covers every matrix whose
     condition number times ``α/‖A‖₂`` (at most ``√min(m, n)``) is below ``1/ε`` at the cost of 4
-    steps in fp32, 6 in fp64. A larger, still valid ``l0`` saves steps (3 from ``l0 ≥ 0.1``).
+    steps in fp32, 6 in fp64. A larger, still valid ``l0`` saves the expensive QR-based steps
+    (``l0 = 0.1``: none, and 3 Cholesky-based steps in fp32, 4 in fp64).
 
-    Singular values of ``A/α`` below ``l0`` are not brought all the way to 1: exact zeros stay zero,
-    so for rank-deficient ``A`` the result is the partial isometry ``U_r V_rᵀ`` on the range of ``A``
-    (``AᵀA``'s null space maps to zero, and ``A = U H`` still holds with ``H = UᵀA`` positive
-    semidefinite); values between 0 and ``l0·α`` land in ``(0, 1)``. A zero matrix gives zero, NaN
+    Singular values of ``A/α`` below ``l0`` are not brought all the way to 1: exact zeros stay zero
+    and values between 0 and ``l0·α`` land in ``[0, 1)``. So for rank-deficient ``A`` the result is
+    ``U_r V_rᵀ`` on the range of ``A`` (exact there) plus a contraction on the numerical null space —
+    a partial isometry when the null singular values are exact zeros — and ``A = U H`` still holds
+    with ``H = UᵀA`` positive semidefinite. (:func:`metalcore.linalg.svd_large.svd_large` completes
+    those directions to an orthonormal set.) A zero matrix gives zero, NaN
     gives NaN. Wide inputs are iterated on as ``Aᵀ`` (the smaller Gram matrix).
 
     Flops per step for ``n × n``: QR-based ≈ 8.7 n³ (QR of the ``2n × n`` stack, forming its Q,

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from cases import BATCHES, DTYPES, noncontiguous, shape_id
-from oracle import assert_lapack_ratio, assert_within_torch_error, orthogonality_ratio
-from metalcore.linalg.polar import METHODS, polar
+from linalg_matrices import general, scale_of
+from oracle import assert_lapack_ratio, assert_within_torch_error, orthogonality_ratio, residual_ratio
+from metalcore.linalg.polar import METHODS, QDWH_CHOLESKY_MAX_C, polar, qdwh, qdwh_schedule, spectral_norm_bound
 
 SHAPES = [(1, 1), (3, 2), (2, 3), (31, 16), (16, 33), (65, 65)]
 CASES = [(b, m, n) for b in BATCHES for m, n in SHAPES if not (len(b) == 2 and max(m, n) > 33)]
@@ -14,11 +15,12 @@ def torch_polar(A):
     return U @ Vh
 
 
+@pytest.mark.parametrize("method", ["svd", "qdwh"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,m,n", CASES, ids=[shape_id(b, m, n) for b, m, n in CASES])
-def test_polar_factor(batch, m, n, dtype):
+def test_polar_factor(batch, m, n, dtype, method):
     A = torch.randn(*batch, m, n, dtype=torch.float64) + 2 * torch.eye(m, n, dtype=torch.float64)
-    O = polar(noncontiguous(A.to(dtype)))
+    O = polar(noncontiguous(A.to(dtype)), method=method)
     assert O.shape == A.shape and O.dtype == dtype
     assert_lapack_ratio(orthogonality_ratio(O, dtype, rows=m < n), f"polar {shape_id(batch, m, n)}")
     # For full-rank A the factor is unique, so it is compared outright with the float64 oracle.
@@ -32,9 +34,9 @@ def test_polar_factor(batch, m, n, dtype):
 
 def test_polar_rejects_bad_input():
     A = torch.randn(3, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"metalcore.polar: method must be one of 'svd', 'newton_schulz', "
-                                         r"'polar_express'; got 'qdwh'"):
-        polar(A, method="qdwh")
+    with pytest.raises(ValueError, match=r"metalcore.polar: method must be one of 'svd', 'qdwh', 'newton_schulz', "
+                                         r"'polar_express'; got 'halley'"):
+        polar(A, method="halley")
     with pytest.raises(TypeError, match=r"metalcore.polar: A must have dtype"):
         polar(torch.ones(3, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"metalcore.polar: A must have dtype"):
@@ -47,6 +49,13 @@ def test_polar_rejects_bad_input():
             polar(A, method=method, steps=steps)
     with pytest.raises(ValueError, match=r"metalcore.polar: steps applies only to the iterative methods"):
         polar(A, method="svd", steps=5)
+    with pytest.raises(ValueError, match=r"metalcore.polar: dtype applies only .* not to method='qdwh'"):
+        polar(A, method="qdwh", dtype=torch.float32)
+    for l0 in (0.0, 1.5, -1e-3, True, "eps"):
+        with pytest.raises(ValueError, match=r"qdwh: l0 must be a number in \(0, 1\]"):
+            qdwh(A, l0=l0)
+    with pytest.raises(TypeError, match=r"qdwh: A must have dtype"):
+        qdwh(torch.ones(3, 3, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"metalcore.polar: dtype must be one of"):
         polar(A, method="newton_schulz", dtype=torch.int32)
     with pytest.raises(ValueError, match=r"metalcore.polar: eps must be >= 0; got -1.0"):
@@ -135,11 +144,12 @@ def test_iterative_methods_edge_inputs(method):
 
 def test_orthogonality_error_report():
     """The orthogonality error ‖OᵀO − I‖ of each method on a 128×64 Gaussian matrix, asserted at the
-    level each method is built for: svd at LAPACK level, polar_express at bf16 level, NS within its band."""
+    level each method is built for: svd and qdwh at LAPACK level, polar_express at bf16 level, NS within its band."""
     A = torch.randn(128, 64)
     errors = {m: (lambda O: (O.mT @ O - torch.eye(64, dtype=torch.float64)).abs().max().item())(
         polar(A, method=m).double()) for m in METHODS}
     assert errors["svd"] < 30 * 64 * torch.finfo(torch.float32).eps, errors
+    assert errors["qdwh"] < 30 * 64 * torch.finfo(torch.float32).eps, errors
     assert errors["polar_express"] < 0.35, errors  # Gaussian κ is large: a few tiny σ are still on their way up
     assert errors["newton_schulz"] < 0.6, errors  # σ in [0.7, 1.2] allows |σ² − 1| up to 0.51
 
@@ -150,3 +160,84 @@ def test_polar_gradcheck_and_matches_torch(m, n):
     torch.autograd.gradcheck(polar, (A,))
     g = torch.randn(2, m, n, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(polar(A), A, g)[0], torch.autograd.grad(torch_polar(A), A, g)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qdwh_schedule(dtype):
+    """At most 6 steps in fp64 and 4 in fp32 from the default l0 = ε (Nakatsukasa & Higham: 6 suffice
+    for κ ≤ 1e16); QR-based steps only while c > 100; a Cholesky-based last step; 3 (fp32) or 4 steps from l0 = 0.1."""
+    eps = torch.finfo(dtype).eps
+    steps = qdwh_schedule(eps, dtype)
+    assert len(steps) == (6 if dtype == torch.float64 else 4)
+    cs = [c for _, _, c in steps]
+    assert cs == sorted(cs, reverse=True) and cs[0] > QDWH_CHOLESKY_MAX_C >= cs[-1]
+    assert len(qdwh_schedule(0.1, dtype)) == (4 if dtype == torch.float64 else 3)
+    assert len(qdwh_schedule(1e-30, dtype)) <= 7
+    # Driving the scalar map through the schedule takes every σ in [l0, 1] to within ε of 1.
+    for sigma in (eps, 1e-3, 0.5, 1.0):
+        for a, b, c in steps:
+            sigma = sigma * (a + b * sigma ** 2) / (1 + c * sigma ** 2)
+        assert abs(sigma - 1.0) <= 2 * eps
+
+
+def test_spectral_norm_bound():
+    A = torch.randn(5, 40, 23, dtype=torch.float64)
+    A[0] = 0.0
+    bound = spectral_norm_bound(A).squeeze(-1).squeeze(-1)
+    norm2 = torch.linalg.matrix_norm(A, ord=2)
+    assert (bound >= norm2).all() and (bound <= 23 ** 0.5 * norm2 + 1e-300).all()
+    # No squaring of the entries: fp32 input near the top of its range gives a finite bound.
+    assert spectral_norm_bound(torch.full((4, 4), 1e30)).isfinite().all()
+
+
+QDWH_KINDS = ["random", "ill", "cluster", "tiny", "huge"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", QDWH_KINDS)
+@pytest.mark.parametrize("m,n", [(16, 16), (33, 16), (16, 31)], ids=str)
+def test_qdwh_hard_families(kind, m, n, dtype):
+    """Up to κ = 1e6 (fp32) / 1e12 (fp64), clustered, and scaled near under/overflow: LAPACK-level
+    orthogonality and A = U H with H symmetric positive semidefinite (residual ratio ≤ 30)."""
+    A = general(kind, (3,), m, n, dtype)
+    U = qdwh(A)
+    what = f"qdwh {kind} {m}x{n} {dtype}"
+    assert_lapack_ratio(orthogonality_ratio(U, dtype, rows=m < n), what + " orthogonality")
+    H = U.mT @ A if m >= n else A @ U.mT
+    H = 0.5 * (H + H.mT)
+    # The oracle's Frobenius norm squares the entries; compare at unit scale so 1e200 does not overflow it.
+    s = scale_of(kind, dtype)
+    assert_lapack_ratio(residual_ratio(A / s, (U @ H if m >= n else H @ U) / s, dtype), what + " A = U H")
+    lam = torch.linalg.eigvalsh(H.double())
+    assert (lam >= -30 * max(m, n) * torch.finfo(dtype).eps * lam.abs().amax(-1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,r", [(20, 12, 5), (12, 20, 3), (16, 16, 0)], ids=str)
+def test_qdwh_rank_deficient(m, n, r, dtype):
+    """On the range of A the factor is exact: U v_i = u_i for the r nonzero singular pairs. The rounding-level
+    singular values (below l0·α) are mapped into [0, 1), not to 1, so U is a contraction there, and A = U H."""
+    A = (torch.randn(2, m, r, dtype=torch.float64) @ torch.randn(2, r, n, dtype=torch.float64)).to(dtype)
+    U = qdwh(A).double()
+    Ur, _, Vrh = torch.linalg.svd(A.double(), full_matrices=False)
+    Ur, Vr = Ur[..., :r], Vrh[..., :r, :].mT
+    tol = 30 * max(m, n) * torch.finfo(dtype).eps
+    torch.testing.assert_close(U @ Vr if m >= n else U.mT @ Ur, Ur if m >= n else Vr, atol=tol, rtol=0)
+    assert (torch.linalg.svdvals(U) <= 1 + tol).all()
+    H = U.mT @ A.double() if m >= n else A.double() @ U.mT
+    assert_lapack_ratio(residual_ratio(A, U @ H if m >= n else H @ U, dtype), "rank-deficient A = U H")
+
+
+def test_qdwh_batched_edges():
+    """Each matrix as if alone; a larger valid l0 (fewer steps) gives the same factor; zero → zero; NaN → NaN."""
+    A = well_conditioned(2, 3, 17, 9, cond=10.0)
+    U = qdwh(A)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(U[i, j], qdwh(A[i, j]), atol=1e-13, rtol=0)
+    alpha = spectral_norm_bound(A)
+    l0 = (torch.linalg.svdvals(A)[..., -1:].unsqueeze(-1) / alpha).min().item()
+    torch.testing.assert_close(qdwh(A, l0=l0), U, atol=1e-13, rtol=0)
+    assert qdwh(torch.randn(0, 4, 5)).shape == (0, 4, 5)
+    assert (qdwh(torch.zeros(4, 6)) == 0).all()
+    assert qdwh(torch.full((3, 3), float("nan"))).isnan().all()
