@@ -378,6 +378,8 @@ def sweep_attention():
     configs = [{}, dict(FWD_TMA=True), dict(FWD_TMA=True, BLOCK_N=128), dict(FWD_TMA=True, NUM_STAGES=2),
                dict(FWD_TMA=True, NUM_STAGES=4), dict(FWD_TMA=True, NUM_WARPS=4), dict(BLOCK_N=128),
                dict(BWD_KV=128, BWD_Q=64), dict(BWD_DQ_Q=128, BWD_DQ_KV=64)]
+    tuned = AT.FWD_BY_HEAD_DIM, AT.BWD_DQ_KV_BY_HEAD_DIM
+    AT.FWD_BY_HEAD_DIM, AT.BWD_DQ_KV_BY_HEAD_DIM = {}, {}  # the sweep sets the plain constants
     out = []
     for E, B, H, S in ((128, 4, 32, 2048), (64, 8, 16, 1024)):
         q, k, v = (torch.randn(B, H, S, E, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -403,6 +405,7 @@ def sweep_attention():
                 print("attn sweep", json.dumps(row), flush=True)
     for name, value in defaults.items():
         setattr(AT, name, value)
+    AT.FWD_BY_HEAD_DIM, AT.BWD_DQ_KV_BY_HEAD_DIM = tuned
     return out
 
 

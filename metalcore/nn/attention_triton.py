@@ -62,8 +62,11 @@ assert BLOCK_M % BLOCK_N == 0, "the causal loop's unmasked part ends on a BLOCK_
 NUM_WARPS = 8
 NUM_STAGES = 3
 # Forward operands through Hopper's tensor memory accelerator (host-built descriptors) when their
-# strides allow; off until timed on the H100 (bench/training_triton.md).
+# strides allow. Default off; FWD_BY_HEAD_DIM overrides (TMA, BLOCK_N) per head dim where the H100
+# sweep found better (bench/training_triton.md v4): at E = 128, TMA with 128-key blocks ran 467
+# TFLOP/s against 421 (non-causal) and 373 against 355 (causal); at E = 64 neither helped.
 FWD_TMA = False
+FWD_BY_HEAD_DIM = {128: (True, 128)}
 # Backward: the dK/dV program holds BWD_KV keys (two fp32 accumulators of BWD_KV × E) and streams
 # BWD_Q queries at a time; the dQ program the other way round. Causal loops split at the diagonal
 # on these blocks, so each must divide the other's partner (asserted below).
@@ -71,6 +74,9 @@ BWD_KV = 128
 BWD_Q = 32
 BWD_DQ_Q = 128
 BWD_DQ_KV = 32
+# Per head dim, as FWD_BY_HEAD_DIM: 64-key blocks in the dQ kernel at E = 128 (H100, fwd+bwd 319 vs
+# 298 TFLOP/s non-causal, 243 vs 235 causal; at E = 64 causal they lost 4%).
+BWD_DQ_KV_BY_HEAD_DIM = {128: 64}
 assert BWD_KV % BWD_Q == 0 and BWD_DQ_Q % BWD_DQ_KV == 0
 BWD_WARPS = 8
 BWD_STAGES = 3  # 2 → 3: 244 → 297 TFLOP/s fwd+bwd at (4, 32, 2048, 128) on the H100, no spills
@@ -432,16 +438,17 @@ def sdpa_fwd_launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
         return out.zero_(), lse.fill_(-math.inf)
     mask, mask_strides, has_mask, mask_bool = _mask_args(attn_mask, q)
     dot_fp32, precision = _dot_mode(q)
-    tma = FWD_TMA and all(_tma_ready(t) for t in (q, k, v))
+    tma, block_n = FWD_BY_HEAD_DIM.get(E if E == Ev else None, (FWD_TMA, BLOCK_N))
+    tma = tma and all(_tma_ready(t) for t in (q, k, v))
     if tma:
-        operands = (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N))
+        operands = (_descriptor(q, BLOCK_M), _descriptor(k, block_n), _descriptor(v, block_n))
         target = _descriptor(out, BLOCK_M)
     else:
         operands, target = (q, k, v), out
     _sdpa_fwd_kernel[(cdiv(L, BLOCK_M), B * H)](
         *operands, mask, target, lse, H, H // Hkv, L, S, scale * _LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, E=E, EV=Ev, CAUSAL=is_causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, E=E, EV=Ev, CAUSAL=is_causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         PRECISION=precision, DOT_FP32=dot_fp32, TMA=tma, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, lse
 
@@ -468,7 +475,7 @@ def sdpa_bwd_launch(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         BLOCK_KV=BWD_KV, BLOCK_Q=BWD_Q, **common)
     _sdpa_bwd_dq_kernel[(cdiv(L, BWD_DQ_Q), B * H)](
         q, k, v, mask, dout, lse, delta, dq, H, H // Hkv, L, S, scale * _LOG2E, scale, *strides,
-        BLOCK_Q=BWD_DQ_Q, BLOCK_KV=BWD_DQ_KV, **common)
+        BLOCK_Q=BWD_DQ_Q, BLOCK_KV=BWD_DQ_KV_BY_HEAD_DIM.get(E if E == Ev else None, BWD_DQ_KV), **common)
     return dq, dk, dv
 
 
