@@ -24,6 +24,8 @@ No Triton kernel for small ``k`` yet: the batched GEMMs serve every size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 from torch import Tensor
@@ -31,8 +33,9 @@ from torch import Tensor
 from metalcore.linalg.householder import _unit_lower, larfb_op, larft_op
 
 
-def _as3(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-2], x.shape[-1])
+def as3(x: Tensor) -> Tensor:
+    """``x`` ``(*, p, q)`` as ``(batch, p, q)`` (explicit batch size: ``-1`` is ambiguous for 0 × q)."""
+    return x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
 def larft_gemm(Vu: Tensor, tau: Tensor) -> Tensor:
@@ -78,11 +81,11 @@ def _supports(*tensors: Tensor) -> bool:
 @larft_op.implement("triton", supports=lambda V, tau: _supports(V, tau), automatic=False)
 def _larft_triton(V, tau):
     *batch, m, k = V.shape
-    return larft_gemm(_as3(_unit_lower(V)), tau.reshape(-1, k)).reshape(*batch, k, k)
+    return larft_gemm(as3(_unit_lower(V)), tau.reshape(math.prod(batch), k)).reshape(*batch, k, k)
 
 
 # Automatic: the reference's GEMMs plus one pass over C fewer (the subtraction is in the GEMM).
 @larfb_op.implement("triton", supports=lambda V, T, C, left, transpose: _supports(V, T, C))
 def _larfb_triton(V, T, C, left, transpose):
-    out = larfb_gemm(_as3(_unit_lower(V)), _as3(T.triu()), _as3(C), left, transpose)
+    out = larfb_gemm(as3(_unit_lower(V)), as3(T.triu()), as3(C), left, transpose)
     return out.reshape(C.shape)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from metalcore.linalg._small_triton import fits
 from metalcore.linalg.householder import _unit_lower
-from metalcore.linalg.householder_triton import larfb_gemm, larft_gemm
+from metalcore.linalg.householder_triton import as3, larfb_gemm, larft_gemm
 
 PANELS = ("auto", "kernel", "geqrf", "recursive")
 DEFAULT_NB = 64
@@ -122,7 +122,7 @@ def qr_blocked(A: Tensor, mode: str = "reduced", nb: int = DEFAULT_NB, panel: st
     ``mode='r'``), by the blocked algorithm of the module docstring."""
     *batch, m, n = A.shape
     k = min(m, n)
-    A3 = A.reshape(-1, m, n)
+    A3 = as3(A)
     complete = mode == "complete"
     kr = m if complete else k
     QR, _, blocks = geqrf_blocked(A3, nb, panel)
@@ -138,7 +138,8 @@ def householder_product_blocked(A: Tensor, tau: Tensor, nb: int = DEFAULT_NB) ->
     holding ``k = tau.shape[-1]`` reflectors."""
     *batch, m, n = A.shape
     k = tau.shape[-1]
-    A3, tau2 = A.reshape(-1, m, n), tau.reshape(-1, k)
+    A3 = as3(A)
+    tau2 = tau.reshape(A3.shape[0], k)
     blocks = []
     for j in range(0, k, nb):
         jb = min(nb, k - j)

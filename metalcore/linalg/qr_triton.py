@@ -33,10 +33,10 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore._backend import requested_backend
-from metalcore.linalg import householder_triton  # noqa: F401  (registers the larft/larfb kernels)
 from metalcore.linalg import qr_blocked
 from metalcore.linalg._small_triton import DTYPES, MAX_N, batched, block, fits, group, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
+from metalcore.linalg.householder_triton import as3  # importing it also registers larft/larfb's kernels
 from metalcore.linalg.qr import qr_op
 from metalcore.nn._jit_triton import jit
 
@@ -187,7 +187,7 @@ def _qr_triton(A, mode):
 def _geqr2_triton(A):
     if not _small(A):
         *batch, m, n = A.shape
-        QR, tau, _ = qr_blocked.geqrf_blocked(A.reshape(-1, m, n), BLOCK_NB, BLOCK_PANEL)
+        QR, tau, _ = qr_blocked.geqrf_blocked(as3(A), BLOCK_NB, BLOCK_PANEL)
         return QR.reshape(A.shape), tau.reshape(*batch, min(m, n))
     QR, tau, _, _ = householder_launch(A, store_qr=True)
     return QR, tau
