@@ -10,10 +10,11 @@ triangular solves, GEMMs and one symmetric eigensolver (Nakatsukasa & Higham 201
    symmetrised;
 3. ``H = V Λ Vᵀ`` by ``torch.linalg.eigh`` (cuSOLVER ``syevd``); ``S = |Λ|`` sorted descending, and
    ``U = U_p V`` with the sign of each negative (rounding-level) eigenvalue moved into ``U``;
-4. ``U`` goes through one Householder QR (diagonal signs of ``R`` restored): a no-op up to rounding for
-   the columns of nonzero singular values, it completes the columns of zero or tiny ones — where the
-   polar factor is only a partial isometry — to an orthonormal set; ``full_matrices`` takes the
-   complete Q of the same QR (or of step 1's).
+4. when some singular value lies below ``2ε·α`` (rank-deficient or numerically singular input, where
+   the polar factor is only a partial isometry), ``U`` goes through one Householder QR (diagonal
+   signs of ``R`` restored): a no-op up to rounding for the columns of nonzero singular values, it
+   completes the columns of zero or tiny ones to an orthonormal set. ``full_matrices`` takes the
+   complete Q of the same QR, or of step 1's.
 
 Accuracy: the polar factor and ``H`` are backward stable (Nakatsukasa & Higham 2013, Theorem 5.1), and
 ``syevd`` is, so the residual and orthogonality ratios are LAPACK's. Singular values are accurate to
@@ -21,8 +22,8 @@ Accuracy: the polar factor and ``H`` are backward stable (Nakatsukasa & Higham 2
 which is why there is no Gram-matrix mode here.
 
 FLOPs (fp32, ``n × n``, default ``l0 = ε``: two QR-based and two Cholesky-based QDWH steps):
-2 × 8.7 n³ + 2 × 4.3 n³ + 2 n³ (``H``) + 2 n³ (``U_p V``) + 2.7 n³ (the completing QR) ≈ 33 n³, plus
-``syevd`` (≈ 9 n³ with vectors, about half of it memory-bound tridiagonalisation). A tall
+2 × 8.7 n³ + 2 × 4.3 n³ + 2 n³ (``H``) + 2 n³ (``U_p V``) ≈ 30 n³ (+ 2.7 n³ for the completing QR
+when it runs), plus ``syevd`` (≈ 9 n³ with vectors, about half of it memory-bound tridiagonalisation). A tall
 ``m × n`` matrix adds its QR (≈ 4mn² − 4n³/3 with Q) and ``Q U`` (2mn²).
 
 >>> U, S, Vh = svd_large(torch.randn(2048, 512, dtype=torch.float64), False, True)
@@ -31,7 +32,7 @@ FLOPs (fp32, ``n × n``, default ``l0 = ε``: two QR-based and two Cholesky-base
 import torch
 from torch import Tensor
 
-from metalcore.linalg.polar import qdwh
+from metalcore.linalg.polar import qdwh, spectral_norm_bound
 from metalcore.linalg.qr import qr_op
 
 # Smallest min(m, n) for which large_supported() chooses this path. cuSOLVER's gesdd costs 1.12 s at
@@ -74,14 +75,18 @@ def _svd_tall(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor,
     lam = lam.gather(-1, order)
     V = V.gather(-1, order.unsqueeze(-2).expand_as(V))
     U = Up @ (V * _signs(lam).unsqueeze(-2))
-    # Complete the partial isometry's missing columns; see the module docstring, step 4.
+    # Complete the partial isometry's missing columns; see the module docstring, step 4. QDWH brings
+    # every singular value of B/α at or above l0 = ε to 1, so only S ≤ 2ε·α (a factor 2 of
+    # margin) leaves a column short. The test is this function's one host synchronisation: it skips a
+    # QR of U (29 ms at 4096² fp32 on the H100, ~12% of the whole) for the usual full-rank input.
     complete = full_matrices and not qr_first and m > n
-    Qu, Ru = qr_op(U, "complete" if complete else "reduced")
-    d = _signs(Ru.diagonal(dim1=-2, dim2=-1))
-    if complete:
-        U = torch.cat([Qu[..., :n] * d.unsqueeze(-2), Qu[..., n:]], dim=-1)
-    else:
-        U = Qu * d.unsqueeze(-2)
+    if complete or bool((S[..., -1:] <= 2 * torch.finfo(A.dtype).eps * spectral_norm_bound(B)[..., 0]).any()):
+        Qu, Ru = qr_op(U, "complete" if complete else "reduced")
+        d = _signs(Ru.diagonal(dim1=-2, dim2=-1))
+        if complete:
+            U = torch.cat([Qu[..., :n] * d.unsqueeze(-2), Qu[..., n:]], dim=-1)
+        else:
+            U = Qu * d.unsqueeze(-2)
     if qr_first:
         U = Qa[..., :n] @ U
         if full_matrices:
