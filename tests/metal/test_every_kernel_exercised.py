@@ -19,6 +19,7 @@ from metalcore.linalg.svd import svd_op
 from metalcore.linalg.syrk import gram_poly_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
+from metalcore.nn.attention import sdpa_bwd, sdpa_fwd
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
 from metalcore.nn.rope import rope_bwd, rope_fwd
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
@@ -103,7 +104,14 @@ def _gram(dtype):
     _check(gram_poly_op, (torch.randn(2, 5, 7) / 7**0.5).to(dtype), -4.775, 2.0315)
 
 
-DRIVERS = (_rms_norm, _activations, _adamw, _linalg, _rope, _gram)
+def _attention(dtype):
+    q, k, v = torch.randn(1, 2, 5, 8).to(dtype), torch.randn(1, 1, 7, 8).to(dtype), torch.randn(1, 1, 7, 8).to(dtype)
+    _check(sdpa_fwd, q, k, v, None, True, 0.35)
+    out, lse = sdpa_fwd.reference(q, k, v, None, True, 0.35)
+    _check(sdpa_bwd, torch.randn_like(out), q, k, v, out, lse, None, True, 0.35)
+
+
+DRIVERS = (_rms_norm, _activations, _adamw, _linalg, _rope, _gram, _attention)
 
 
 def test_every_shader_kernel_is_launched(executor):
