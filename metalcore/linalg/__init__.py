@@ -1,6 +1,7 @@
 """Drop-in twins of ``torch.linalg``: same signatures, return types, orders and conventions."""
 
 from metalcore.linalg.cholesky import cholesky, cholesky_ex
+from metalcore.linalg.cholesky_solve import cholesky_solve
 from metalcore.linalg.eigh import eigh, eigvalsh
 from metalcore.linalg.householder import householder_product
 from metalcore.linalg.lowrank import svd_lowrank

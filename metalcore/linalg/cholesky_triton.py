@@ -28,7 +28,7 @@ from metalcore.nn._jit_triton import jit
 
 @jit
 def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
-                     G: tl.constexpr, BN: tl.constexpr, UPPER: tl.constexpr):
+                     G: tl.constexpr, BN: tl.constexpr, UPPER: tl.constexpr, ROW: tl.constexpr):
     g = tl.program_id(0) * G + tl.arange(0, G)
     r = tl.arange(0, BN)
     g3 = g[:, None, None]
@@ -51,9 +51,17 @@ def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
         d = tl.sum(tl.where(r[None, :] == k, col, 0.0), axis=1)    # [G]: A[k, k]
         info = tl.where((info == 0) & ~(d > 0.0), k + 1, info)     # catches d ≤ 0 and NaN
         ok = (info == 0)[:, None, None]
-        l = col / tl.sqrt(tl.where(info == 0, d, 1.0))[:, None]
-        l = tl.where(r[None, :] >= k, l, 0.0)
-        a = tl.where(ok & (r3 > k) & (c3 > k), a - l[:, :, None] * l[:, None, :], a)
+        s = tl.sqrt(tl.where(info == 0, d, 1.0))[:, None]
+        l = tl.where(r[None, :] >= k, col / s, 0.0)
+        if ROW:
+            # The trailing block stays symmetric, so row k equals column k there; reducing along
+            # the rows yields it directly in the layout a row broadcast needs, where ``l[:, None, :]``
+            # costs a layout conversion (a shared-memory round trip) every step.
+            row = tl.sum(tl.where(r3 == k, a, 0.0), axis=1)        # [G, BN]: A[k, :]
+            l_row = tl.where(r[None, :] >= k, row / s, 0.0)[:, None, :]
+        else:
+            l_row = l[:, None, :]
+        a = tl.where(ok & (r3 > k) & (c3 > k), a - l[:, :, None] * l_row, a)
         a = tl.where(ok & (c3 == k) & (r3 >= k), l[:, :, None], a)
 
     out = L + g3.to(tl.int64) * n * n
@@ -65,20 +73,25 @@ def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
     tl.store(INFO + g, info, mask=g < batch)
 
 
-def cholesky_launch(A: Tensor, upper: bool) -> tuple[Tensor, Tensor]:
-    """``(L, info)`` for ``A`` ``(*, n, n)`` float32/float64, ``n ≤ MAX_N``; ``L`` contiguous."""
+def cholesky_launch(A: Tensor, upper: bool, *, num_warps: int | None = None, group_size: int | None = None,
+                    row_by_reduction: bool = False) -> tuple[Tensor, Tensor]:
+    """``(L, info)`` for ``A`` ``(*, n, n)`` float32/float64, ``n ≤ MAX_N``; ``L`` contiguous.
+
+    The keywords override the launch shape (for sweeps): warps per program, matrices per program
+    (a power of two), and whether row ``k`` is a second reduction (``True``) or the transposed
+    column (a layout conversion)."""
     n = A.shape[-1]
     L = torch.empty(A.shape, dtype=A.dtype, device=A.device)
-    info = torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
     A3 = batched(A)
     nb = A3.shape[0]
     if nb == 0 or n == 0:
-        return L, info
+        return L, torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
+    info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)   # every element is stored
     BN = block(n)
-    G = group(nb, BN * BN, A.device)
+    G = group_size or group(nb, BN * BN, A.device)
     _cholesky_kernel[(triton.cdiv(nb, G),)](
         A3, L, info, nb, n, A3.stride(0), A3.stride(1), A3.stride(2),
-        G=G, BN=BN, UPPER=upper, num_warps=warps(G * BN * BN))
+        G=G, BN=BN, UPPER=upper, ROW=row_by_reduction, num_warps=num_warps or warps(G * BN * BN))
     return L, info
 
 

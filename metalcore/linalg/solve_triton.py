@@ -80,33 +80,39 @@ def _lu_solve_kernel(A, B, X, INFO, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s
     tl.store(INFO + g, info, mask=(g < batch) & (tl.program_id(1) == 0))
 
 
-def solve_launch(A: Tensor, B: Tensor, left: bool) -> tuple[Tensor, Tensor]:
+def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = None,
+                 group_size: int | None = None, block_k: int | None = None) -> tuple[Tensor, Tensor]:
     """``(X, info)`` with ``A X = B`` (``X A = B`` when not ``left``); ``A`` ``(*a, n, n)``, ``B``
-    ``(*b, n, k)`` (``(*b, k, n)``) with broadcastable batch shapes; ``info`` has shape ``*a``."""
+    ``(*b, n, k)`` (``(*b, k, n)``) with broadcastable batch shapes; ``info`` has shape ``*a``.
+
+    The keywords override the launch shape (for sweeps): warps per program, matrices per program
+    and right-hand-side columns per program (powers of two)."""
     n = A.shape[-1]
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
     X = torch.empty(*batch, *B.shape[-2:], dtype=B.dtype, device=B.device)
     A3 = A.expand(*batch, n, n).reshape(-1, n, n)
     B3 = B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
     X3 = X.view(-1, *B.shape[-2:])
-    info_full = torch.zeros(batch, dtype=torch.int32, device=A.device)
     nb = A3.shape[0]
     k = B.shape[-1] if left else B.shape[-2]
     if nb and n and k:
+        info_full = torch.empty(batch, dtype=torch.int32, device=A.device)  # the kernel stores all
         sa, sb, sx = list(A3.stride()), list(B3.stride()), list(X3.stride())
         if not left:
             for s in (sa, sb, sx):   # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ
                 s[1], s[2] = s[2], s[1]
         BN = block(n)
-        BK = min(block(k), MAX_BK)
-        G = group(nb, BN * max(BN, BK), A.device)
+        BK = block_k or min(block(k), MAX_BK)
+        G = group_size or group(nb, BN * max(BN, BK), A.device)
         _lu_solve_kernel[(triton.cdiv(nb, G), triton.cdiv(k, BK))](
             A3, B3, X3, info_full, nb, n, k, *sa, *sb, *sx, G=G, BN=BN, BK=BK,
-            num_warps=warps(G * BN * max(BN, BK)))
+            num_warps=num_warps or warps(G * BN * max(BN, BK)))
     elif nb and n:
         # No right-hand sides: info still reports singular matrices (as torch does); one column of
         # zeros is enough to run the factorization.
         _, info_full = solve_launch(A.expand(*batch, n, n), A.new_zeros(*batch, n, 1), True)
+    else:
+        info_full = torch.zeros(batch, dtype=torch.int32, device=A.device)
     # info belongs to A's batch shape: every broadcast copy of a matrix has the same info.
     lead = len(batch) - (A.dim() - 2)
     dims = [i for i in range(len(batch)) if i < lead or A.shape[i - lead] == 1 and batch[i] != 1]

@@ -50,6 +50,10 @@ SAMPLES: dict[str, list[Callable[[], tuple]]] = {
         lambda: (_spd(3, n=5, grad=True), False, False),
         lambda: (_spd(2, 1, n=7, grad=True), True, True),
     ],
+    "cholesky_solve": [
+        lambda: (_randn(3, 5, 2, grad=True), torch.linalg.cholesky(_spd(3, n=5)).requires_grad_(), False),
+        lambda: (_randn(2, 7, 3, grad=True), torch.linalg.cholesky(_spd(2, n=7), upper=True).requires_grad_(), True),
+    ],
     "solve_triangular": [
         lambda: (_triangular(2, n=5, upper=True, grad=True), _randn(2, 5, 3, grad=True), True, True, False),
         lambda: (_triangular(3, n=7, upper=False, grad=True), _randn(3, 2, 7, grad=True), False, False, True),
