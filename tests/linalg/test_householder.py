@@ -6,7 +6,7 @@ import torch
 import metalcore
 from cases import DTYPES, noncontiguous, shape_id
 from oracle import assert_lapack_ratio, assert_within_torch_error, orthogonality_ratio, residual_ratio
-from metalcore.linalg.householder import geqr2, larfb, larft
+from metalcore.linalg.householder import geqr2, larfb, larfb_op, larft, larft_op
 
 CASES = [((), 1, 1), ((7,), 31, 16), ((2, 3), 33, 33), ((0,), 5, 3), ((), 65, 64), ((3,), 16, 31)]
 CASE_IDS = [shape_id(b, m, n) for b, m, n in CASES]
@@ -168,3 +168,42 @@ def test_householder_ops_compile_without_graph_breaks():
     torch.testing.assert_close(Q, torch.linalg.householder_product(QR, tau))
     gV, = torch.autograd.grad((Q.sum() + out.sum()), V)
     assert gV.shape == V.shape and torch.isfinite(gV).all()
+
+
+# --- the triton backend's GEMM compositions (metalcore/linalg/householder_triton.py) ---------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,m,k", [((), 1, 1), ((3,), 33, 16), ((2, 2), 31, 31), ((0,), 5, 3), ((), 70, 37)],
+                         ids=str)
+def test_larft_triton_matches_lapack(triton_backend, batch, m, k, dtype):
+    V, tau = reflectors(batch, m, k, dtype)
+    tau[..., k // 2] = 0.0     # H = I at one step: a zero row and column of T
+    Vj = V + torch.randn_like(V).triu()     # the diagonal and upper part are not read
+    assert larft_op.backend_for(Vj, tau) == "triton"
+    T = larft(Vj, tau)
+    assert T.shape == (*batch, k, k) and T.dtype == dtype and torch.equal(T, T.triu())
+    assert not T[..., k // 2, :].any() and not T[..., :, k // 2].any()
+    Vu = unit_lower(V)
+    H = torch.eye(m, dtype=dtype) - Vu @ T @ Vu.mH
+    expected = torch.linalg.householder_product(V.double(), tau.double())
+    assert_within_torch_error(H[..., :k], torch.linalg.householder_product(V, tau), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("left,transpose", LARFB_FLAGS, ids=[f"{'left' if l else 'right'}{'-T' if t else ''}"
+                                                            for l, t in LARFB_FLAGS])
+def test_larfb_triton_matches_ormqr(triton_backend, left, transpose, dtype):
+    for batch, m, k, p in (((), 1, 1, 3), ((3,), 33, 16, 5), ((0,), 4, 2, 3)):
+        V, tau = reflectors(batch, m, k, dtype)
+        C = torch.randn(*batch, *((m, p) if left else (p, m)), dtype=dtype)
+        T = larft(V, tau)
+        Vj, Tj = V + torch.randn_like(V).triu(), T + torch.randn_like(T).tril(-1)
+        assert larfb_op.backend_for(Vj, Tj, C, left, transpose) == "triton"
+        out = larfb(Vj, Tj, noncontiguous(C), left, transpose)
+        expected = torch.ormqr(V.double(), tau.double(), C.double(), left=left, transpose=transpose)
+        assert out.shape == C.shape and out.dtype == dtype
+        assert_within_torch_error(out, torch.ormqr(V, tau, C, left=left, transpose=transpose), expected)
+    V, tau = reflectors((), 7, 3, dtype)      # broadcast batch dimensions
+    C = torch.randn(4, *((7, 2) if left else (2, 7)), dtype=dtype)
+    torch.testing.assert_close(larfb(V, larft(V, tau), C, left, transpose),
+                               torch.ormqr(V.expand(4, 7, 3), tau.expand(4, 3), C, left=left, transpose=transpose))
