@@ -50,10 +50,10 @@ def test_svd_lowrank_matches_torch(shape, with_mean):
                          ids=["geometric", "polynomial"])
 @pytest.mark.parametrize("m,n", [(120, 80), (80, 120)], ids=str)
 def test_svd_lowrank_accuracy(m, n, name, decay, niter, dtype):
-    """Orthonormal factors; the error ‖A − U S Vᵀ‖₂ within HMT's expected bound for k = q − 4 (seeded,
-    so this draw is checked against the expectation, with a factor 2 for its spread) and at least the
-    optimal σ_{q+1} (Eckart–Young); the
-    leading singular values within the same bound (Weyl: |σ_j − s_j| ≤ ‖A − Q Qᵀ A‖₂)."""
+    """Orthonormal factors; the error ‖A − U S Vᵀ‖₂ at least the optimal σ_{q+1} (Eckart–Young) and
+    within HMT's expected bound for k = q − 4 (seeded, so one draw is checked against the expectation,
+    with a factor 2 for its spread); the leading singular values within the same bound (Weyl:
+    |σ_j − s_j| ≤ ‖A − Q Qᵀ A‖₂)."""
     torch.manual_seed(0)
     A, S_exact = decaying(m, n, decay=decay, dtype=dtype)
     q, k = 12, 8
