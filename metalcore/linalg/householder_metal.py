@@ -117,8 +117,10 @@ def _householder_product_metal(A: Tensor, tau: Tensor) -> Tensor:
 
 def _larft_supported(V: Tensor, tau: Tensor) -> bool:
     # T is the tile; V is read from device memory, so its height is free (up to 32-bit row offsets).
-    return (V.dtype == _F32 and tau.dtype == _F32 and V.dim() >= 2 and tau.device == V.device
-            and V.shape[-1] <= max_n() and V.shape[-2] * V.shape[-1] < 2**31)
+    if V.dtype != _F32 or tau.dtype != _F32 or V.dim() < 2 or tau.device != V.device:
+        return False
+    m, k = V.shape[-2:]
+    return k <= min(m, max_n()) and tau.shape == (*V.shape[:-2], k) and m * k < 2**31
 
 
 @larft_op.implement("metal", supports=_larft_supported)
