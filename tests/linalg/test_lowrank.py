@@ -63,6 +63,9 @@ def test_svd_lowrank_accuracy(m, n, name, decay, niter, dtype):
     assert_lapack_ratio(orthogonality_ratio(V, dtype), "lowrank V")
     error = torch.linalg.matrix_norm(A.double() - (U.double() * S.double()) @ V.double().mT, ord=2).item()
     assert S_exact[q].item() * (1 - 1e-6) <= error <= 2 * hmt_bound(S_exact, k, q, niter) + 30 * torch.finfo(dtype).eps
+    if niter:
+        # The bound is loose for these spectra; measured: 1.07–1.6 σ_{q+1} with power steps, 2.5–3 without.
+        assert error <= 2.0 * S_exact[q].item()
     # The leading 4 singular values: relative error below the bound relative to σ₄.
     lead = (S[:4].double() - S_exact[:4]).abs().max().item()
     assert lead <= 2 * hmt_bound(S_exact, k, q, niter) + 30 * torch.finfo(dtype).eps
