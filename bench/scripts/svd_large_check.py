@@ -16,7 +16,8 @@ b. svd 4096², 11008×4096 and 8×1024² fp32, reduced: svd_large against torch.
    ‖UᵀU − I‖_F/(k ε), ‖Vh Vhᵀ − I‖_F/(k ε) for both, computed in fp64 on the device; max |S − S_torch|/S₀.
 c. Pieces of svd_large at n = 4096: one QR-based QDWH step (QR of the 2n × n stack + Q₁Q₂ᵀ), one
    Cholesky-based step, eigh and eigvalsh of n × n (cuSOLVER syevd: also the eigh baseline), the
-   completing QR of n × n, QR of 11008×4096 — and the ``l0`` sweep: svd_large on a 4096² matrix of
+   completing QR of n × n, QR of 11008×4096 (the first two also with the blocked QR that the triton
+   backend's qr takes) — and the ``l0`` sweep: svd_large on a 4096² matrix of
    known condition number 1e3 with the default l0 = ε (2 QR-based steps) and with the exact
    σ_min/α (what a perfect condition estimate would buy: 1 QR-based step).
    Also svd_large at n² under ``metalcore.use_backend('triton')`` (qr then takes the blocked QR) and
@@ -234,6 +235,12 @@ def main():
                          (f"qr {n}^2 (completing QR)", lambda: qr_op(A, "reduced")),
                          (f"qr {'x'.join(map(str, cfg['tall']))}", lambda: qr_op(T, "reduced"))]:
             add({"case": "piece: " + name, "ms": timer(fn)})
+        # The blocked QR (metalcore/linalg/qr_blocked.py) is what qr takes under the triton backend: its
+        # speed on these shapes decides whether QDWH-based eigh could beat syevd (report's analysis).
+        with metalcore.use_backend("triton"):
+            for name, fn in [("qdwh QR-based step, blocked QR", qr_step),
+                             (f"qr {'x'.join(map(str, cfg['tall']))}, blocked QR", lambda: qr_op(T, "reduced"))]:
+                add({"case": "piece: " + name, "ms": timer(fn)})
         Ac, l0 = known_condition(n, 1e3, dev, gen)
         for label, l0_value in (("default l0=eps", None), (f"exact l0={l0:.2e}", l0)):
             def call(v=l0_value):
