@@ -1,8 +1,10 @@
 """shaders/rope.metal through the metal backend on CPU tensors (the shader executor): RoPE forward and
 backward against the float64 oracle (Hugging Face's formula) and the reference op, for float32,
 float16 and bfloat16, both layouts (``unsqueeze_dim`` 1 and 2), GQA and multi-query, S = 1, 31, 33,
-head dims 6 and 64, a shared or per-batch cos/sin, strided views, unequal cos/sin halves (the exact
-adjoint), and what stays on the reference."""
+head dims 6 and 64, a shared or per-batch cos/sin, strided views (fused qkv slices, partial rotary
+dims), unequal cos/sin halves (the exact adjoint), and what stays on the reference. ``position_ids``
+is accepted and ignored by the op's contract (rope.py): cos/sin arrive gathered at the positions.
+"""
 
 import pytest
 import torch
@@ -116,6 +118,16 @@ def test_strided_views():
     cos, sin = cos[..., ::2].expand(B, S, D), sin[..., ::2].expand(B, S, D)
     assert cos.stride(0) == 0 and not cos.is_contiguous()
     check_rope(q, k, cos, sin, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUTS.get)
+def test_partial_rotary_slices(layout):
+    """Partial rotary (GPT-NeoX, Phi): Hugging Face rotates ``q[..., :rot]`` and passes the rest
+    through; the slice is a strided view (row stride D, not rot) that the kernel reads in place."""
+    q, k = make_qk(layout, 2, 4, 2, 7, 64, torch.bfloat16)
+    rot = 24
+    cos, sin = rotary(2, 7, rot, torch.bfloat16)
+    check_rope(q[..., :rot], k[..., :rot], cos, sin, layout)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
