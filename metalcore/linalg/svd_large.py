@@ -19,7 +19,9 @@ triangular solves, GEMMs and one symmetric eigensolver (Nakatsukasa & Higham 201
 Accuracy: the polar factor and ``H`` are backward stable (Nakatsukasa & Higham 2013, Theorem 5.1), and
 ``syevd`` is, so the residual and orthogonality ratios are LAPACK's. Singular values are accurate to
 ``ε‖A‖`` absolutely, like ``gesdd``'s — not the Gram matrix's ``ε‖A‖²/σ`` (squared condition number),
-which is why there is no Gram-matrix mode here.
+which is why there is no Gram-matrix mode here. fp32 products follow the user's
+``torch.backends.cuda.matmul.allow_tf32`` (off by default; nothing here changes it): with TF32 on,
+the user has opted into TF32's ~1e-3 relative rounding in every GEMM, and the ratios grow accordingly.
 
 FLOPs (fp32, ``n × n``, default ``l0 = ε``: two QR-based and two Cholesky-based QDWH steps):
 2 × 8.7 n³ + 2 × 4.3 n³ + 2 n³ (``H``) + 2 n³ (``U_p V``) ≈ 30 n³ (+ 2.7 n³ for the completing QR
