@@ -95,8 +95,9 @@ def larfb_launch(V: Tensor, T: Tensor, C: Tensor, left: bool, transpose: bool) -
     ncol = q if left else p
     sr, sc = (q, 1) if left else (1, q)
     tg = rhs_threads(ncol)
+    trans_t = transpose if left else not transpose
     _metal.launch(*kernel("larfb", C), _stack(V, nb), _stack(T, nb), _stack(C, nb), X, m, k, ncol, sr, sc,
-                  int(transpose != (not left)), threads=nb * tg, group_size=tg)
+                  int(trans_t), threads=nb * tg, group_size=tg)
     return X
 
 
@@ -130,9 +131,10 @@ def _larft_metal(V: Tensor, tau: Tensor) -> Tensor:
 
 def _larfb_supported(V: Tensor, T: Tensor, C: Tensor, left: bool, transpose: bool) -> bool:
     # V is the tile; C may have any number of columns (rows from the right), one SIMD-group each.
-    m = V.shape[-2] if V.dim() >= 2 else -1
-    return (fits(V) and T.dtype == _F32 and C.dtype == _F32 and T.device == V.device and C.device == V.device
-            and V.shape[:-2] == T.shape[:-2] == C.shape[:-2] and C.dim() >= 2
+    if not fits(V) or T.dtype != _F32 or C.dtype != _F32 or T.device != V.device or C.device != V.device:
+        return False
+    m, k = V.shape[-2:]
+    return (m >= k and T.shape == (*V.shape[:-2], k, k) and C.dim() == V.dim() and C.shape[:-2] == V.shape[:-2]
             and (C.shape[-2] if left else C.shape[-1]) == m and C.numel() < 2**31)
 
 
