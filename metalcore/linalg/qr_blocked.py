@@ -77,7 +77,10 @@ def _recursive(P: Tensor, base: int) -> Tensor:
 def factor_panel(P: Tensor, panel: str = "auto") -> Tensor:
     """Compact QR of the panel ``P`` ``(B, h, w)``, ``h ≥ w``, written into ``P`` (a view of the
     matrix being factored); returns ``tau`` ``(B, w)``."""
-    if panel == "kernel" or (panel == "auto" and fits(P)):
+    if panel == "kernel" and not fits(P):
+        raise ValueError(f"metalcore qr_blocked: panel='kernel' holds panels of at most 128 x 128 in registers; "
+                         f"got a panel of shape {tuple(P.shape)}")
+    if panel in ("kernel", "auto") and fits(P):
         return _geqr2_kernel(P)
     if panel in ("geqrf", "auto"):
         return _geqrf(P)

@@ -106,5 +106,7 @@ def test_blocked_qr_rejects_bad_parameters(blocked):
     A = torch.randn(10, 6)
     with pytest.raises(ValueError, match="panel must be one of"):
         blocked.qr_blocked(A, "reduced", nb=4, panel="tsqr")
+    with pytest.raises(ValueError, match="panel='kernel' holds panels of at most 128"):
+        blocked.qr_blocked(torch.randn(130, 6), "reduced", nb=4, panel="kernel")
     with pytest.raises(ValueError, match="nb must be positive"):
         blocked.qr_blocked(A, "reduced", nb=0)
