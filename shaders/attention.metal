@@ -36,12 +36,12 @@
 
 // Sizes and flags every kernel takes, in this order after the strides.
 #define ATTN_SIZES                                                                                  \
-    constant uint& n_heads, constant uint& group, constant uint& seq_q, constant uint& seq_k,     \
+    constant uint& n_heads, constant uint& group, constant uint& seq_q, constant uint& seq_k,       \
     constant uint& dim, constant uint& dim_v, constant uint& causal, constant uint& mask_kind
 
 #define ATTN_IDS                                                                                    \
-    uint2 tgpos [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],       \
-    uint tpg [[threads_per_threadgroup]], uint lane [[thread_index_in_simdgroup]],                 \
+    uint2 tgpos [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],         \
+    uint tpg [[threads_per_threadgroup]], uint lane [[thread_index_in_simdgroup]],                  \
     uint sg [[simdgroup_index_in_threadgroup]], uint nsg [[simdgroups_per_threadgroup]]
 
 // The user's mask at element `off`, in the scores' base-2 units. A finite float mask is clamped at
@@ -323,44 +323,46 @@ static void sdpa_bwd_dkdv_rows(device const T* q, device const T* k, device cons
 }
 
 #define ATTN_MASKS(T)                                                                               \
-    device const uchar* mask_b, device const float* mask_f,             \
+    device const uchar* mask_b, device const float* mask_f,                                         \
     device const T* mask_t
 
-#define INSTANTIATE_ATTENTION(T, SUFFIX)                                                             \
+#define INSTANTIATE_ATTENTION(T, SUFFIX)                                                            \
 kernel void sdpa_fwd_##SUFFIX(                                                                      \
-        device const T* q, device const T* k, device const T* v, \
-        ATTN_MASKS(T), device T* out, device float* lse,               \
-        constant long* strides, ATTN_SIZES, constant float& scale_log2, ATTN_IDS) {   \
-    threadgroup float k_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                            \
-    threadgroup float v_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                            \
-    sdpa_fwd_rows<T>(q, k, v, mask_b, mask_f, mask_t, out, lse, strides, n_heads, group, seq_q, seq_k, \
-                     dim, dim_v, causal != 0, mask_kind, scale_log2, k_tile, v_tile, tgpos, tid, tpg, lane, sg, nsg); \
+        device const T* q, device const T* k, device const T* v,                                    \
+        ATTN_MASKS(T), device T* out, device float* lse,                                            \
+        constant long* strides, ATTN_SIZES, constant float& scale_log2, ATTN_IDS) {                 \
+    threadgroup float k_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
+    threadgroup float v_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
+    sdpa_fwd_rows<T>(q, k, v, mask_b, mask_f, mask_t, out, lse, strides, n_heads, group, seq_q,     \
+                     seq_k, dim, dim_v, causal != 0, mask_kind, scale_log2, k_tile, v_tile, tgpos,  \
+                     tid, tpg, lane, sg, nsg);                                                      \
 }                                                                                                   \
 kernel void sdpa_bwd_dq_##SUFFIX(                                                                   \
-        device const T* q, device const T* k, device const T* v, \
-        ATTN_MASKS(T), device const T* dout, device const T* out,      \
-        device const float* lse, device T* dq,                          \
-        device float* delta, constant long* strides, ATTN_SIZES,     \
+        device const T* q, device const T* k, device const T* v,                                    \
+        ATTN_MASKS(T), device const T* dout, device const T* out,                                   \
+        device const float* lse, device T* dq,                                                      \
+        device float* delta, constant long* strides, ATTN_SIZES,                                    \
         constant float& scale_log2, constant float& scale, ATTN_IDS) {                              \
-    threadgroup float k_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                            \
-    threadgroup float v_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                            \
-    sdpa_bwd_dq_rows<T>(q, k, v, mask_b, mask_f, mask_t, dout, out, lse, dq, delta, strides, n_heads, \
-                        group, seq_q, seq_k, dim, dim_v, causal != 0, mask_kind, scale_log2, scale, k_tile, v_tile, \
-                        tgpos, tid, tpg, lane, sg, nsg);                                            \
+    threadgroup float k_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
+    threadgroup float v_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
+    sdpa_bwd_dq_rows<T>(q, k, v, mask_b, mask_f, mask_t, dout, out, lse, dq, delta, strides,        \
+                        n_heads, group, seq_q, seq_k, dim, dim_v, causal != 0, mask_kind,           \
+                        scale_log2, scale, k_tile, v_tile, tgpos, tid, tpg, lane, sg, nsg);         \
 }                                                                                                   \
 kernel void sdpa_bwd_dkdv_##SUFFIX(                                                                 \
-        device const T* q, device const T* k, device const T* v, \
-        ATTN_MASKS(T), device const T* dout, device const float* lse,  \
-        device const float* delta, device T* dk, device T* dv, \
-        constant long* strides, ATTN_SIZES, constant float& scale_log2,             \
+        device const T* q, device const T* k, device const T* v,                                    \
+        ATTN_MASKS(T), device const T* dout, device const float* lse,                               \
+        device const float* delta, device T* dk, device T* dv,                                      \
+        constant long* strides, ATTN_SIZES, constant float& scale_log2,                             \
         constant float& scale, ATTN_IDS) {                                                          \
-    threadgroup float q_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                            \
-    threadgroup float do_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                           \
+    threadgroup float q_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
+    threadgroup float do_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                       \
     threadgroup float lse2_t[ATTN_TILE];                                                            \
     threadgroup float delta_t[ATTN_TILE];                                                           \
-    sdpa_bwd_dkdv_rows<T>(q, k, v, mask_b, mask_f, mask_t, dout, lse, delta, dk, dv, strides, n_heads, \
-                          group, seq_q, seq_k, dim, dim_v, causal != 0, mask_kind, scale_log2, scale, q_tile, \
-                          do_tile, lse2_t, delta_t, tgpos, tid, tpg, lane, sg, nsg);                    \
+    sdpa_bwd_dkdv_rows<T>(q, k, v, mask_b, mask_f, mask_t, dout, lse, delta, dk, dv, strides,       \
+                          n_heads, group, seq_q, seq_k, dim, dim_v, causal != 0, mask_kind,         \
+                          scale_log2, scale, q_tile, do_tile, lse2_t, delta_t, tgpos, tid,          \
+                          tpg, lane, sg, nsg);                                                      \
 }
 
 INSTANTIATE_ATTENTION(float, float)

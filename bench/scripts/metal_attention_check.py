@@ -2,7 +2,8 @@
 against float64 on the CPU, and time against the reference backend (torch matmuls + softmax on MPS,
 which store the L × S scores) and torch's own ``F.scaled_dot_product_attention`` on MPS, in the same
 process (metalcore.bench.timing: ``torch.mps.synchronize`` around each call, medians with warm-up).
-Forward and forward+backward, causal and not, bf16/fp16/fp32, with TFLOP/s. The launch shape is
+Forward and forward+backward, causal and not, bf16/fp16/fp32, with TFLOP/s; masked and fully
+masked rows once, for accuracy (they rely on IEEE infinities, as the executor computes them). The launch shape is
 swept — SIMD-groups per threadgroup (host: ``attention_metal.ROWS_PER_GROUP``) and the streamed tile
 (shader: ``ATTN_TILE``, recompiled per variant; 32 does not fit dK/dV's threadgroup memory at head
 dim 128) — because whether the kernels stay chosen automatically on MPS depends on what this shows.
@@ -102,6 +103,37 @@ def accuracy(q, k, v, causal, scale, dout):
     return {"err": ours, "err_reference": ref, "ok": ok}
 
 
+def check_masks(dev):
+    """Masked rows on the device: a bool mask with a row that attends nothing (out 0, lse −inf, zero
+    gradients) and a float mask with −inf and finfo.min keys. The kernels rely on IEEE infinities
+    here, which a fast-math compile would not honour; returns {case: ok}."""
+    result = {}
+    for mdtype in (torch.bool, torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(2, 4, 37, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        if mdtype == torch.bool:
+            mask = torch.rand(2, 1, 37, 37, device=dev) > 0.3
+            mask[..., 3, :] = False
+        else:
+            mask = torch.randn(1, 4, 37, 37, device=dev).to(mdtype)
+            mask[..., 5:9] = torch.finfo(mdtype).min
+            mask[..., 11] = -math.inf
+            mask[..., 2, :] = -math.inf
+        dout = torch.randn_like(q)
+        with metalcore.use_backend("metal"):
+            out, lse = sdpa_fwd(q, k, v, mask, False, 0.125)
+            grads = sdpa_bwd(dout, q, k, v, out, lse, mask, False, 0.125)
+        m64 = mask.cpu() if mdtype == torch.bool else mask.double().cpu()
+        q64, k64, v64, d64 = (t.double().cpu() for t in (q, k, v, dout))
+        out64, lse64 = sdpa_fwd.reference(q64, k64, v64, m64, False, 0.125)
+        grads64 = sdpa_bwd.reference(d64, q64, k64, v64, out64, lse64, m64, False, 0.125)
+        dead = torch.isneginf(lse64)
+        ok = bool(dead.any()) and bool((out.cpu()[dead] == 0).all()) and bool(torch.isneginf(lse.cpu()[dead]).all())
+        ok = ok and all(rel_err(x, x64) <= 4 * torch.finfo(torch.bfloat16).eps
+                        for x, x64 in zip((out, *grads), (out64, *grads64)))
+        result[f"mask {str(mdtype)[6:]}"] = ok
+    return result
+
+
 def check_case(state, timer, dev, case, dtype, causal, variants):
     B, H, Hkv, S, E = case
     q = torch.randn(B, H, S, E, device=dev, dtype=dtype)
@@ -152,6 +184,12 @@ def main():
              "rows": [], "errors": {}, "log": []}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"metal-attention-{args.device}")
+    try:
+        state["masks_ok"] = check_masks(dev)
+        log(state, f"masked rows: {state['masks_ok']}")
+    except Exception:
+        state["errors"]["masks"] = traceback.format_exc()
+        log(state, f"masked rows failed:\n{state['errors']['masks']}")
     cases = TINY_CASES if args.tiny else CASES
     dtypes = (torch.bfloat16,) if args.tiny else (torch.bfloat16, torch.float16, torch.float32)
     variants = [VARIANTS[0], VARIANTS[3]] if args.tiny else VARIANTS
@@ -176,6 +214,7 @@ def main():
     with open(base + ".log", "w") as f:
         f.write("\n".join(state["log"]) + "\n")
     bad = [r["case"] for r in state["rows"] if not r["ok"]]
+    bad += [case for case, ok in state.get("masks_ok", {}).items() if not ok]
     print(f"\n{len(state['rows'])} cases, {len(bad)} inaccurate, {len(state['errors'])} errors; {base}.json")
     sys.exit(1 if bad or state["errors"] else 0)
 
