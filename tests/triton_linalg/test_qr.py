@@ -191,3 +191,24 @@ def test_blocked_qr_is_automatic_only_above_the_measured_crossover(monkeypatch):
         assert module._supports(A[:100, :100], "reduced")   # the register-tile kernel
     monkeypatch.setattr(module, "BLOCKED_AUTO_MIN_SIDE", None)
     assert module._supports(A, "reduced")                  # the triton backend is requested here
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,m,n", [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((2,), 300, 700)],
+                         ids=str)
+def test_gpu_blocked_qr_full_size(batch, m, n, device):
+    """The blocked path at the sizes it exists for (the triton backend is requested explicitly by
+    the fixture); hard families built on the device (the CPU oracle's fp64 QR of 11008² is minutes)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(*batch, m, k, device=device, generator=g, dtype=torch.float64))[0]
+    W = torch.linalg.qr(torch.randn(*batch, n, k, device=device, generator=g, dtype=torch.float64))[0]
+    i = torch.arange(k, device=device, dtype=torch.float64)
+    for kind, s in (("random", None), ("ill", 1e6 ** (-i / (k - 1))), ("rank", (i < k // 2).double())):
+        A = (torch.randn(*batch, m, n, device=device, generator=g) if s is None else ((U * s) @ W.mT).float())
+        assert qr_op.backend_for(A, "reduced") == "triton"
+        Q, R = metalcore.linalg.qr(A)
+        assert Q.shape == (*batch, m, k) and R.shape == (*batch, k, n) and torch.equal(R, R.triu())
+        assert_lapack_ratio(orthogonality_ratio(Q, torch.float32), f"blocked qr {kind} {case_id(batch, m, n)} QᵀQ")
+        assert_lapack_ratio(residual_ratio(A, Q.double() @ R.double(), torch.float32),
+                            f"blocked qr {kind} {case_id(batch, m, n)} A−QR")
