@@ -134,17 +134,21 @@ def sdpa_bwd_launch(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     return dq, dk, dv
 
 
-# Chosen automatically on MPS like the other Metal kernels, although untimed (no Apple hardware
-# here): unlike the reference it never materialises the L × S scores (2 GiB of float32 at B=4,
-# H=32, L=S=2048), and without simdgroup_matrix its cost per query-key pair (about 20 SIMD
-# instructions, a simd_sum among them) is of the order of the reference's matmul + softmax traffic.
-@sdpa_fwd.implement("metal", supports=lambda q, k, v, attn_mask, is_causal, scale: _supports(q, k, v, attn_mask))
+# Chosen automatically on MPS like the other Metal kernels, although never timed (no Apple hardware
+# here; bench/scripts/metal_attention_check.py measures it against the reference and torch's SDPA).
+# The reason is memory: the reference stores the L × S scores, and its backward P and dS beside them
+# (each 2 GiB of float32 at B=1, H=32, L=S=4096), which these kernels never do. Speed is an estimate
+# only: without simdgroup_matrix a query-key pair costs about 25 instructions on each of 32 lanes
+# (the dot's FMAs, a simd_sum, exp2, the V update), the same order as the reference's matmuls plus its
+# passes over the stored scores.
+@sdpa_fwd.implement("metal", supports=lambda q, k, v, attn_mask, is_causal, scale: _supports(q, k, v, attn_mask),
+                    automatic=True)
 def _sdpa_fwd_metal(q, k, v, attn_mask, is_causal, scale):
     return sdpa_fwd_launch(q, k, v, attn_mask, is_causal, scale)
 
 
 @sdpa_bwd.implement("metal", supports=lambda dout, q, k, v, out, lse, attn_mask, is_causal, scale:
                     _supports(q, k, v, attn_mask) and dout.dtype == out.dtype == q.dtype
-                    and lse.dtype == torch.float32)
+                    and lse.dtype == torch.float32, automatic=True)
 def _sdpa_bwd_metal(dout, q, k, v, out, lse, attn_mask, is_causal, scale):
     return sdpa_bwd_launch(dout, q, k, v, out, lse, attn_mask, is_causal, scale)
