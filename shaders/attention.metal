@@ -39,9 +39,11 @@
     constant uint& n_heads, constant uint& group, constant uint& seq_q, constant uint& seq_k,       \
     constant uint& dim, constant uint& dim_v, constant uint& causal, constant uint& mask_kind
 
+// Metal wants the vector attributes (threadgroup_position_in_grid, threads_per_threadgroup) of one
+// width: both uint2 here, for the (rows, batch·heads) grid.
 #define ATTN_IDS                                                                                    \
     uint2 tgpos [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],         \
-    uint tpg [[threads_per_threadgroup]], uint lane [[thread_index_in_simdgroup]],                  \
+    uint2 tg_size [[threads_per_threadgroup]], uint lane [[thread_index_in_simdgroup]],             \
     uint sg [[simdgroup_index_in_threadgroup]], uint nsg [[simdgroups_per_threadgroup]]
 
 // The user's mask at element `off`, in the scores' base-2 units. A finite float mask is clamped at
@@ -335,7 +337,7 @@ kernel void sdpa_fwd_##SUFFIX(                                                  
     threadgroup float v_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
     sdpa_fwd_rows<T>(q, k, v, mask_b, mask_f, mask_t, out, lse, strides, n_heads, group, seq_q,     \
                      seq_k, dim, dim_v, causal != 0, mask_kind, scale_log2, k_tile, v_tile, tgpos,  \
-                     tid, tpg, lane, sg, nsg);                                                      \
+                     tid, tg_size.x, lane, sg, nsg);                                                \
 }                                                                                                   \
 kernel void sdpa_bwd_dq_##SUFFIX(                                                                   \
         device const T* q, device const T* k, device const T* v,                                    \
@@ -347,7 +349,7 @@ kernel void sdpa_bwd_dq_##SUFFIX(                                               
     threadgroup float v_tile[ATTN_TILE * ATTN_MAX_HEAD_DIM];                                        \
     sdpa_bwd_dq_rows<T>(q, k, v, mask_b, mask_f, mask_t, dout, out, lse, dq, delta, strides,        \
                         n_heads, group, seq_q, seq_k, dim, dim_v, causal != 0, mask_kind,           \
-                        scale_log2, scale, k_tile, v_tile, tgpos, tid, tpg, lane, sg, nsg);         \
+                        scale_log2, scale, k_tile, v_tile, tgpos, tid, tg_size.x, lane, sg, nsg);   \
 }                                                                                                   \
 kernel void sdpa_bwd_dkdv_##SUFFIX(                                                                 \
         device const T* q, device const T* k, device const T* v,                                    \
@@ -362,7 +364,7 @@ kernel void sdpa_bwd_dkdv_##SUFFIX(                                             
     sdpa_bwd_dkdv_rows<T>(q, k, v, mask_b, mask_f, mask_t, dout, lse, delta, dk, dv, strides,       \
                           n_heads, group, seq_q, seq_k, dim, dim_v, causal != 0, mask_kind,         \
                           scale_log2, scale, q_tile, do_tile, lse2_t, delta_t, tgpos, tid,          \
-                          tpg, lane, sg, nsg);                                                      \
+                          tg_size.x, lane, sg, nsg);                                                \
 }
 
 INSTANTIATE_ATTENTION(float, float)
