@@ -115,7 +115,8 @@ def test_row_masked_with_finfo_min_averages_v(executor, mdtype):
     """A query row whose every key is masked with finfo.min (not −inf) stays finite, as in torch: all its
     scores round to the same value, so its output is the plain average of V, as torch's SDPA gives in
     float64. (The mask, scaled to base 2, would overflow to −inf without the kernels' clamp.) The
-    reference op gives the sum of V on that row instead: its float32 lse has no digits left for ln S."""
+    reference op gives the sum of V on that row instead, even in float64: at −3.4·10³⁸ its lse has no
+    digits left for ln S, so P = exp(z − lse) is 1 for every key."""
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 1, n, 16).to(mdtype) for n in (4, 6, 6))
     mask = torch.randn(1, 1, 4, 6).to(mdtype)
