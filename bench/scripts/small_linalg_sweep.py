@@ -144,7 +144,8 @@ def inputs(b, n, device):
             "rhs": torch.randn(b, n, 1, device=device, generator=g)}
 
 
-SHORT = {"num_warps": "w", "group_size": "G", "block_k": "BK", "a_in_registers": "regs", "row_by_reduction": "row"}
+SHORT = {"num_warps": "w", "group_size": "G", "block_k": "BK", "a_in_registers": "regs", "row_by_reduction": "row",
+         "implicit_pivoting": "implicit"}
 
 
 def label(kw: dict) -> str:
@@ -180,9 +181,9 @@ def variants(op: str, b: int, n: int, device: torch.device, tiny: bool) -> list[
         if G > 1:
             out.append({"group_size": max(1, G // 4), "a_in_registers": False})
         return out[:3] if tiny else out
-    BK = 1
     G = group(b, BN * BN, device)
-    out = [{}] + [{"num_warps": w, "group_size": G} for w in pow2_around(warps(G * BN * BN))]
+    out = [{}] + [{"num_warps": w, "group_size": G, "implicit_pivoting": imp}
+                  for w, imp in itertools.product(pow2_around(warps(G * BN * BN)), (False, True))]
     if G > 1:
         out.append({"group_size": max(1, G // 4)})
     return out[:3] if tiny else out

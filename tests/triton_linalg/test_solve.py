@@ -115,3 +115,21 @@ def test_gpu_solve_full_size(batch, n, k, dtype, device):
         check_solve(A, B, True, f"solve {kind}", scale_of(kind, dtype))
     # A and B are the last family's ("huge"): the ratio needs its scale, or its norms overflow.
     check_solve(A, B.mT.contiguous(), False, "solve right", scale_of(kind, dtype))
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 2), (8, 5), (17, 3), (33, 1)], ids=str)
+def test_implicit_pivoting_variant(n, k, device):
+    """The row-order LU (no swaps) meets the same ratio, info and NaN isolation as getf2's."""
+    A = general("random", (6,), n, n, torch.float64).to(device)
+    B = torch.randn(6, n, k, dtype=torch.float64, device=device)
+    A[2] = 0.0                       # info 1
+    A[3, :, n // 2] = 0.0            # a zero column: info n//2 + 1
+    A[4, 1 % n, 0] = float("nan")
+    X, info = solve_module().solve_launch(A, B, True, implicit_pivoting=True, group_size=2)
+    assert torch.equal(info.cpu(), torch.linalg.solve_ex(A.cpu(), B.cpu()).info)
+    assert X[4].isnan().all()
+    good = [0, 1, 5]
+    assert_lapack_ratio(solve_ratio(A[good], X[good], B[good], torch.float64), f"implicit LU n={n}")
+    Xr, _ = solve_module().solve_launch(A[good], B[good].mT, False, implicit_pivoting=True)
+    assert_lapack_ratio(solve_ratio(A[good].mT, Xr.mT, B[good], torch.float64), f"implicit LU right n={n}")
