@@ -53,9 +53,18 @@ def _scores(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool, 
     return z
 
 
-def _probs(z: Tensor, lse: Tensor) -> Tensor:
-    """``P = exp(Z − lse)``; a row with nothing to attend (``lse = −inf``) gets ``P = 0``, not NaN."""
-    return torch.exp(z - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+def _probs(z: Tensor) -> Tensor:
+    """``P = softmax(Z)`` by rows; a row with nothing to attend (all ``−inf``) gets ``P = 0``, not NaN.
+
+    From the row maximum, not from ``lse``: a row masked entirely with ``finfo.min`` (Hugging Face's
+    padding) has ``lse ≈ finfo.min``, which cannot hold the ``ln S`` that ``exp(Z − lse)`` needs, and
+    would sum ``V`` instead of averaging it. torch's SDPA and the kernels give the average."""
+    if z.shape[-1] == 0:  # no keys: nothing to normalise (amax has no identity)
+        return z
+    m = z.amax(-1, keepdim=True)
+    e = torch.exp(z - torch.where(torch.isneginf(m), 0.0, m))
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total == 0, 1.0, total)
 
 
 @metalcore_op("sdpa_fwd")
@@ -65,7 +74,7 @@ def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_ca
     acc, heads = _acc(q), q.shape[1]
     z = _scores(q, _expand_heads(k, heads), attn_mask, is_causal, scale, acc)
     lse = torch.logsumexp(z, dim=-1)
-    out = _probs(z, lse) @ _expand_heads(v, heads).to(acc)
+    out = _probs(z) @ _expand_heads(v, heads).to(acc)
     return out.to(q.dtype), lse
 
 
@@ -78,11 +87,12 @@ def _(q, k, v, attn_mask, is_causal, scale):
 @metalcore_op("sdpa_bwd")
 def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              attn_mask: Optional[Tensor], is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference backward: recomputes ``P`` from ``lse``, then the formulas in the module docstring."""
+    """Reference backward: recomputes ``P`` from the scores (``lse`` is unused here: see ``_probs``), then the
+    formulas in the module docstring."""
     acc, (B, heads, L, E), (_, kv_heads, S, Ev) = _acc(q), q.shape, v.shape
     qf, do = q.to(acc), dout.to(acc)
     kf, vf = _expand_heads(k, heads).to(acc), _expand_heads(v, heads).to(acc)
-    p = _probs(_scores(qf, kf, attn_mask, is_causal, scale, acc), lse)
+    p = _probs(_scores(qf, kf, attn_mask, is_causal, scale, acc))
     dv = p.mT @ do
     # rowsum(dO ∘ O) equals rowsum(P ∘ dP) and costs Ev per row instead of S.
     ds = p * (do @ vf.mT - (do * out.to(acc)).sum(-1, keepdim=True))

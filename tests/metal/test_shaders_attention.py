@@ -114,9 +114,9 @@ def test_attn_mask(executor, B, H, Hkv, L, S, E, mshape, mdtype, is_causal, dtyp
 def test_row_masked_with_finfo_min_averages_v(executor, mdtype):
     """A query row whose every key is masked with finfo.min (not −inf) stays finite, as in torch: all its
     scores round to the same value, so its output is the plain average of V, as torch's SDPA gives in
-    float64. (The mask, scaled to base 2, would overflow to −inf without the kernels' clamp.) The
-    reference op gives the sum of V on that row instead, even in float64: at −3.4·10³⁸ its lse has no
-    digits left for ln S, so P = exp(z − lse) is 1 for every key."""
+    float64. (The mask, scaled to base 2, would overflow to −inf without the kernels' clamp.) So does
+    the reference op, which takes P from the row maximum: at −3.4·10³⁸ the lse has no digits left for
+    ln S, and P = exp(z − lse) would be 1 for every key (the sum of V)."""
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 1, n, 16).to(mdtype) for n in (4, 6, 6))
     mask = torch.randn(1, 1, 4, 6).to(mdtype)
@@ -128,6 +128,7 @@ def test_row_masked_with_finfo_min_averages_v(executor, mdtype):
     assert_close(out[0, 0, 1], v[0, 0].double().mean(0), mdtype)
     torch64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), scale=0.25)
     assert_close(out[0, 0, 1], torch64[0, 0, 1], mdtype)
+    assert_close(sdpa_fwd.reference(q, k, v, mask, False, 0.25)[0][0, 0, 1], torch64[0, 0, 1], mdtype)
 
 
 def test_strided_views(executor):
