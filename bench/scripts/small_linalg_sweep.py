@@ -167,26 +167,27 @@ def variants(op: str, b: int, n: int, device: torch.device, tiny: bool) -> list[
             out.append({"num_warps": w, "group_size": G, "row_by_reduction": row})
         if G > 1:
             out.append({"group_size": max(1, G // 4)})
-        return out[:3] if tiny else out
+        return out[:2] + out[-2:] if tiny else out
     if op in ("trsm", "cholesky_solve"):
         k = n if op == "trsm" else 1
         BK = min(block(k), 64)
-        G = group(b, BN * max(BN, BK), device)
         out = [{}]
-        for w, regs in itertools.product(pow2_around(warps(G * BN * max(BN, BK))), (True, False)):
-            out.append({"num_warps": w, "group_size": G, "block_k": BK, "a_in_registers": regs})
+        for regs in (True, False):
+            elements = BN * (max(BN, BK) if regs else BK)
+            G = group(b, elements, device)
+            out += [{"num_warps": w, "group_size": G, "block_k": BK, "a_in_registers": regs}
+                    for w in pow2_around(warps(G * elements))]
+            if G > 1:
+                out.append({"group_size": max(1, G // 4), "a_in_registers": regs})
         if op == "trsm" and n >= 64:   # more programs per matrix: narrower RHS blocks
-            for bk, regs in itertools.product((16, 32), (True, False)):
-                out.append({"block_k": bk, "a_in_registers": regs})
-        if G > 1:
-            out.append({"group_size": max(1, G // 4), "a_in_registers": False})
-        return out[:3] if tiny else out
+            out += [{"block_k": bk, "a_in_registers": regs} for bk, regs in itertools.product((16, 32), (True, False))]
+        return out[:2] + out[-2:] if tiny else out
     G = group(b, BN * BN, device)
     out = [{}] + [{"num_warps": w, "group_size": G, "implicit_pivoting": imp}
                   for w, imp in itertools.product(pow2_around(warps(G * BN * BN)), (False, True))]
     if G > 1:
         out.append({"group_size": max(1, G // 4)})
-    return out[:3] if tiny else out
+    return out[:2] + out[-2:] if tiny else out
 
 
 def case(op: str, t: dict):
@@ -252,10 +253,10 @@ def main():
     ops = args.ops.split(",")
     shapes = TINY_SHAPES if args.tiny else SHAPES
     for i, (b, n) in enumerate(shapes):
-        # Each shape gets its share of the budget (time a shape leaves unused carries forward).
-        deadline = started + args.budget_s * (i + 1) / len(shapes)
         t = inputs(b, n, device)
-        for op in ops:
+        for j, op in enumerate(ops):
+            # Each case gets its share of the budget (time a case leaves unused carries forward).
+            deadline = started + args.budget_s * (i * len(ops) + j + 1) / (len(shapes) * len(ops))
             launcher, op_call, torch_call, check = case(op, t)
             base = {"op": op, "batch": b, "n": n}
             try:

@@ -103,11 +103,13 @@ def _launch(A3: Tensor, B3: Tensor, X3: Tensor, k: int, sa: list, sb: list, sx: 
     nb = A3.shape[0]
     BN = block(n)
     BK = block_k or min(block(k), MAX_BK)
-    G = group_size or group(nb, BN * max(BN, BK), A3.device)
+    # Register tile per matrix: A and the block of B, or the block of B alone.
+    elements = BN * (max(BN, BK) if a_in_registers else BK)
+    G = group_size or group(nb, elements, A3.device)
     grid = (triton.cdiv(nb, G), triton.cdiv(k, BK))
     _trsm_kernel[grid](A3, B3, X3, nb, n, k, *sa, *sb, *sx,
                        G=G, BN=BN, BK=BK, LOWER=lower, UNIT=unit, CHOL=chol, A_REGS=a_in_registers,
-                       num_warps=num_warps or warps(G * BN * max(BN, BK)))
+                       num_warps=num_warps or warps(G * elements))
 
 
 def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitriangular: bool, *,
