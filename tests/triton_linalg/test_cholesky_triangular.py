@@ -167,6 +167,23 @@ def test_solve_triangular_every_flag(upper, left, unit, device):
                                    atol=1e-4 if dtype == torch.float32 else 1e-10)
 
 
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("upper,left,unit", FLAGS, ids=FLAG_IDS)
+def test_solve_triangular_from_memory_variant(upper, left, unit, device):
+    """A's columns read from memory each step (and prefetched one step ahead), several RHS blocks and
+    matrices per program; the unread triangle (and a unit diagonal) hold NaN."""
+    A = triangular((5,), 13, upper, torch.float64, device)
+    junk = torch.full_like(A, float("nan"))
+    A = A + (junk.tril(-1) if upper else junk.triu(1))
+    if unit:
+        A = A + torch.diag_embed(torch.full(A.shape[:-1], float("nan"), dtype=A.dtype, device=device))
+    B = torch.randn(5, *((13, 7) if left else (7, 13)), dtype=torch.float64, device=device)
+    X = trsm_module().solve_triangular_launch(A, B, upper, left, unit, a_in_registers=False, block_k=2,
+                                              group_size=2)
+    expected = torch.linalg.solve_triangular(torch.nan_to_num(A), B, upper=upper, left=left, unitriangular=unit)
+    torch.testing.assert_close(X, expected)
+
+
 def test_solve_triangular_broadcast_and_strided(device):
     L = triangular((3, 1), 9, False, torch.float64, device)
     B = torch.randn(4, 2, 9, dtype=torch.float64, device=device).mT  # (4, 9, 2), column-major
