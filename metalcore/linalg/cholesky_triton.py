@@ -9,6 +9,11 @@ runs the right-looking unblocked algorithm (LAPACK ``potf2``): for each column `
 The first ``k`` with ``d ≤ 0`` or NaN sets ``info = k + 1`` for that matrix alone and freezes its
 tile (LAPACK leaves the remaining columns as they are); the other matrices of the program carry on.
 
+The rank-1 update needs ``l`` both as a column and as a row; the row is either ``l`` moved to the
+other slice layout (a ``convert_layout``: a shared-memory round trip each step) or, with ``ROW``,
+row ``k`` of the (symmetric) trailing block reduced along the rows, which needs no conversion. The
+launcher's keywords choose it and the launch shape, so a device sweep can pick the default.
+
 Work per matrix: ``n`` steps of ``O(BN²)`` masked tile operations, i.e. ``~3 n³`` flops against the
 ``n³/3`` of the algorithm; at ``n ≤ 128`` the steps' reductions (latency), not the flops, set the
 time. Bytes: ``A`` read once, ``L`` written once, ``8 n²`` bytes per matrix in fp32.

@@ -11,6 +11,11 @@ for the first exactly-zero pivot (LAPACK's definition); the factorization goes o
 LAPACK's does, and ``X`` then holds inf/NaN for that matrix only. ``X A = B`` is solved as
 ``Aᵀ Xᵀ = Bᵀ`` through transposed strides (no copies).
 
+With ``IMPLICIT`` the rows are never swapped: each row remembers the step at which it became the
+pivot row, elimination and back substitution follow that order, and ``X`` is stored through it.
+That saves three of the eight tile reductions of a step and the swap's selects; the default stays
+getf2's swaps until the device sweep (bench/scripts/small_linalg_sweep.py) has timed both.
+
 Grid: ``(batch / G, k / BK)``. Programs that share ``A`` but not its right-hand-side block each
 factor it again: for ``k ≤ 64`` (one block) nothing is repeated. Work per program:
 ``~2 n³/3 + 2 n² BK`` flops padded to the tile plus ``~10 n`` dependent reductions (pivot search,
