@@ -42,21 +42,19 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, batched, block, fits, warps
+from metalcore.linalg import _jacobi_triton as jac
+from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
+from metalcore.linalg._small_triton import batched, fits, warps
 from metalcore.linalg.eigh import eigh_op
 from metalcore.nn._jit_triton import jit
 
-# Jacobi converges quadratically once the off-diagonal is small: 6-10 sweeps at n ≤ 128 in fp32/
-# fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can
-# finish (NaN/Inf), and the result is reported as NaN.
-MAX_SWEEPS = 30
-# tl.dot needs tiles of at least 16 × 16.
-MIN_BLOCK = 16
+MAX_SWEEPS = jac.MAX_SWEEPS
 
 
 @jit
-def _jacobi_eigh_kernel(A, W, V, n, s_ab, s_ar, s_ac, tol, floor, max_sweeps,
-                        BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, PRECISION: tl.constexpr):
+def _jacobi_eigh_kernel(A, W, V, AS, VS, SW, n, s_ab, s_ar, s_ac, tol, floor, max_sweeps,
+                        BN: tl.constexpr, BH: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr,
+                        WANT_SWEEPS: tl.constexpr, IEEE32: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BN)
     r2 = r[:, None]
@@ -68,73 +66,72 @@ def _jacobi_eigh_kernel(A, W, V, n, s_ab, s_ar, s_ac, tol, floor, max_sweeps,
         a = tl.load(A + b * s_ab + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
     else:
         a = tl.load(A + b * s_ab + hi * s_ar + lo * s_ac, mask=inside, other=0.0)
+    bad_input = nonfinite(a)
     amax = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
     scale = tl.where(amax > 0.0, amax, 1.0)
-    a = a / scale
-    eye = r2 == c2
-    v = tl.where(eye, 1.0, 0.0).to(a.dtype)
+    a_s = AS + b * BN * BN
+    tl.store(a_s + r2 * BN + c2, a / scale)                      # padding rows/columns are zero
+    v_s = VS + b * BN * BN
+    if WANT_V:
+        tl.store(v_s + r2 * BN + c2, tl.where(r2 == c2, 1.0, 0.0).to(a.dtype))   # row i = column i of V
+    tl.debug_barrier()
     N = n + n % 2
-    last = N - 1
 
     sweep = 0
     rotated = 1
-    while (sweep < max_sweeps) & (rotated > 0):
+    while (sweep < max_sweeps) & (rotated > 0) & (bad_input == 0):
         rotated = 0
-        for t in range(last):
-            j = (2 * t - r + 2 * last) % tl.maximum(last, 1)
-            partner = tl.where(r == last, t, tl.where(j == r, last, j))
-            partner = tl.where(r < N, partner, r)
-            perm = c2 == partner[:, None]                        # P[i, π(i)] = 1; P = Pᵀ = P⁻¹
-            P = tl.where(perm, 1.0, 0.0).to(a.dtype)
-            d = tl.sum(tl.where(eye, a, 0.0), axis=1)
-            ap = tl.dot(a, P, input_precision=PRECISION)          # (A P)[:, j] = A[:, π(j)]
-            apq = tl.sum(tl.where(eye, ap, 0.0), axis=1)         # A[i, π(i)]
-            dpi = tl.sum(tl.where(perm, d[None, :], 0.0), axis=1)  # A[π(i), π(i)]
-            is_p = r < partner
-            app = tl.where(is_p, d, dpi)
-            aqq = tl.where(is_p, dpi, d)
+        for t in range(N - 1):
+            p, q, valid = round_pairs(t, N, BH)
+            app = tl.load(a_s + p * BN + p, mask=valid, other=1.0)
+            aqq = tl.load(a_s + q * BN + q, mask=valid, other=1.0)
+            apq = tl.load(a_s + p * BN + q, mask=valid, other=0.0)
             mag = tl.abs(apq)
-            act = (partner != r) & (mag > tol * tl.sqrt(tl.abs(app)) * tl.sqrt(tl.abs(aqq))) & (mag > floor)
-            zeta = (aqq - app) / tl.where(act, 2.0 * apq, 1.0)
-            az = tl.abs(zeta)
-            hyp = tl.where(az > 1.0, az * tl.sqrt(1.0 + (1.0 / tl.where(az > 1.0, az, 1.0)) *
-                                                  (1.0 / tl.where(az > 1.0, az, 1.0))),
-                           tl.sqrt(1.0 + az * az))
-            tt = tl.where(zeta >= 0.0, 1.0, -1.0) / (az + hyp)
-            tt = tl.where(act, tt, 0.0)
-            cs = 1.0 / tl.sqrt(1.0 + tt * tt)
-            sn = tt * cs
-            ssn = tl.where(is_p, -sn, sn)                         # σ s: −s on p's column, +s on q's
+            act = valid & (q < n) & (mag > tol * tl.sqrt(tl.abs(app)) * tl.sqrt(tl.abs(aqq))) & (mag > floor)
+            c, s, tt = schur_rotation(app, aqq, apq, act, IEEE32)
             rotated += tl.sum(act.to(tl.int32), axis=0)
-            aj = a * cs[None, :] + ap * ssn[None, :]
-            pm = tl.dot(P, aj, input_precision=PRECISION)         # (P M)[i, :] = M[π(i), :]
-            a = aj * cs[:, None] + pm * ssn[:, None]
-            newd = tl.where(is_p, app - tt * apq, aqq + tt * apq)
-            a = tl.where(eye & act[:, None], newd[:, None], a)
-            a = tl.where(perm & act[:, None], 0.0, a)
-            # Keep the tile exactly symmetric: both members of a pair must see the same a_pq, or
-            # one may rotate while the other does not, and V stops being orthogonal.
-            a = (a + tl.trans(a)) * 0.5
+            # A ← Jᵀ A: rows p, q (and V ← V J on V's columns, kept as rows of VS).
+            rotate_rows(a_s, p, q, valid, c, s, BN, BN, BN)
             if WANT_V:
-                v = v * cs[None, :] + tl.dot(v, P, input_precision=PRECISION) * ssn[None, :]
+                rotate_rows(v_s, p, q, valid, c, s, BN, BN, BN)
+            tl.debug_barrier()
+            # A ← A J: columns p, q, read as [BH, BN] tiles (entry [k, i] = A[i, p_k]). The 2×2 block
+            # is set to its exact result: a_pq = 0, a_pp − t·a_pq, a_qq + t·a_pq (GVL 8.5).
+            cmask = valid[:, None] & (c2 >= 0)
+            xp = a_s + c2 * BN + p[:, None]
+            yp = a_s + c2 * BN + q[:, None]
+            x = tl.load(xp, mask=cmask, other=0.0)
+            y = tl.load(yp, mask=cmask, other=0.0)
+            nx = c[:, None] * x - s[:, None] * y
+            ny = s[:, None] * x + c[:, None] * y
+            fix = act[:, None]
+            on_p = c2 == p[:, None]
+            on_q = c2 == q[:, None]
+            nx = tl.where(fix & on_p, (app - tt * apq)[:, None], tl.where(fix & on_q, 0.0, nx))
+            ny = tl.where(fix & on_q, (aqq + tt * apq)[:, None], tl.where(fix & on_p, 0.0, ny))
+            tl.store(xp, nx, mask=cmask)
+            tl.store(yp, ny, mask=cmask)
+            tl.debug_barrier()
         sweep += 1
 
-    d = tl.sum(tl.where(eye, a, 0.0), axis=1)
-    bad = (rotated > 0) | (tl.sum((d != d).to(tl.int32), axis=0) > 0)
-    key = tl.where(r < n, d, float("inf"))
+    d = tl.load(a_s + r * BN + r)
+    bad = (rotated > 0) | (bad_input > 0) | (tl.max((d != d).to(tl.int32), axis=0) > 0)
+    key = tl.where((r < n) & (d == d), d, float("inf"))   # NaN-free keys: ranks stay a permutation
     before = (key[None, :] < key[:, None]) | ((key[None, :] == key[:, None]) & (c2 < r2))
-    rank = tl.sum(before.to(tl.int32), axis=1)                    # ascending position of d[i]
-    sorted_d = tl.sum(tl.where(rank[:, None] == c2, d[:, None], 0.0), axis=0)
-    sorted_d = tl.where(bad, float("nan"), sorted_d * scale)
-    tl.store(W + b * n + r, sorted_d, mask=r < n)
+    rank = tl.sum(before.to(tl.int32), axis=1)                     # ascending position of d[i]
+    tl.store(W + b * n + rank, tl.where(bad, float("nan"), d * scale), mask=r < n)
     if WANT_V:
-        S = tl.where(rank[:, None] == c2, 1.0, 0.0).to(a.dtype)   # V S puts column i at rank[i]
-        v = tl.dot(v, S, input_precision=PRECISION)
-        v = tl.where(bad, float("nan"), v)
-        tl.store(V + b * n * n + r2 * n + c2, v, mask=inside)
+        vt = tl.load(v_s + r2 * BN + c2)                             # vt[i, j] = V[j, i]
+        tl.store(V + b * n * n + c2 * n + rank[:, None], tl.where(bad, float("nan"), vt), mask=inside)
+    if WANT_SWEEPS:
+        tl.store(SW + b, sweep)
 
 
-def eigh_launch(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor]:
+def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | None = None,
+                sweeps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(L, Q)`` of the symmetric matrices ``A`` (read from the ``upper`` or lower triangle).
+    ``num_warps`` overrides the default launch width; ``sweeps``, an int32 tensor of the batch's
+    size, receives each matrix's sweep count (for the device benchmark)."""
     n = A.shape[-1]
     L = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
     Q = torch.empty(A.shape, dtype=A.dtype, device=A.device) if compute_v else A.new_empty(0)
@@ -143,12 +140,14 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor
     if nb == 0 or n == 0:
         return L, Q
     finfo = torch.finfo(A.dtype)
-    BN = block(n, MIN_BLOCK)
+    BN = jac.block_of(n)
+    AS = torch.empty(nb, BN, BN, dtype=A.dtype, device=A.device)
+    VS = torch.empty_like(AS) if compute_v else AS
     _jacobi_eigh_kernel[(nb,)](
-        A3, L, Q if compute_v else L, n, A3.stride(0), A3.stride(1), A3.stride(2),
-        math.sqrt(n) * finfo.eps, finfo.eps, MAX_SWEEPS,
-        BN=BN, UPPER=upper, WANT_V=compute_v, PRECISION="ieee",
-        num_warps=warps(BN * BN))
+        A3, L, Q if compute_v else L, AS, VS, L if sweeps is None else sweeps, n,
+        A3.stride(0), A3.stride(1), A3.stride(2), math.sqrt(n) * finfo.eps, finfo.eps, MAX_SWEEPS,
+        BN=BN, BH=BN // 2, UPPER=upper, WANT_V=compute_v, WANT_SWEEPS=sweeps is not None,
+        IEEE32=A.dtype == torch.float32, num_warps=num_warps or warps(BN * BN // 2))
     return L, Q
 
 

@@ -32,96 +32,95 @@ per sweep; typically 6–10 sweeps. Then one QR launch of ``m × n``.
 
 from __future__ import annotations
 
-
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, batched, block, fits, warps
+from metalcore.linalg import _jacobi_triton as jac
+from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
+from metalcore.linalg._small_triton import batched, fits, warps
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import svd_op
 from metalcore.nn._jit_triton import jit
 
-# As for eigh: 30 sweeps is gesvj's bound; typical runs need 6-10.
-MAX_SWEEPS = 30
-MIN_BLOCK = 16   # tl.dot needs 16 × 16 tiles
+MAX_SWEEPS = jac.MAX_SWEEPS
 
 
 @jit
-def _jacobi_svd_kernel(A, W, S, V, m, n, s_ab, s_ar, s_ac, tol, tiny, max_sweeps,
-                       BM: tl.constexpr, BN: tl.constexpr, WANT_V: tl.constexpr, PRECISION: tl.constexpr):
+def _jacobi_svd_kernel(A, W, S, V, AS, VS, SW, m, n, s_ab, s_ar, s_ac, tol, tiny, max_sweeps,
+                       BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, WANT_V: tl.constexpr,
+                       WANT_SWEEPS: tl.constexpr, IEEE32: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    rm = tl.arange(0, BM)[:, None]
-    r = tl.arange(0, BN)
-    r2 = r[:, None]
-    c2 = r[None, :]
-    inside = (rm < m) & (c2 < n)
-    a = tl.load(A + b * s_ab + rm * s_ar + c2 * s_ac, mask=inside, other=0.0)
+    ri = tl.arange(0, BM)                                            # row index of A
+    rj = tl.arange(0, BN)                                            # column index of A
+    # Tiles are [columns, rows]: the scratch holds column j of A as its row j.
+    a = tl.load(A + b * s_ab + ri[None, :] * s_ar + rj[:, None] * s_ac,
+                mask=(ri[None, :] < m) & (rj[:, None] < n), other=0.0)
+    bad_input = nonfinite(a)
     amax = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
     scale = tl.where(amax > 0.0, amax, 1.0)
-    a = a / scale
-    eye = r2 == c2
-    v = tl.where(eye, 1.0, 0.0).to(a.dtype)
+    a_s = AS + b * BN * BM
+    tl.store(a_s + rj[:, None] * BM + ri[None, :], a / scale)      # padding is zero
+    v_s = VS + b * BN * BN
+    if WANT_V:
+        tl.store(v_s + rj[:, None] * BN + rj[None, :], tl.where(rj[:, None] == rj[None, :], 1.0, 0.0).to(a.dtype))
+    tl.debug_barrier()
     N = n + n % 2
-    last = N - 1
+    cols = tl.arange(0, BM)[None, :]
 
     sweep = 0
     rotated = 1
-    while (sweep < max_sweeps) & (rotated > 0):
+    while (sweep < max_sweeps) & (rotated > 0) & (bad_input == 0):
         rotated = 0
-        for t in range(last):
-            j = (2 * t - r + 2 * last) % tl.maximum(last, 1)
-            partner = tl.where(r == last, t, tl.where(j == r, last, j))
-            partner = tl.where(r < N, partner, r)
-            perm = c2 == partner[:, None]
-            P = tl.where(perm, 1.0, 0.0).to(a.dtype)
-            ap = tl.dot(a, P, input_precision=PRECISION)            # (A P)[:, j] = a_π(j)
-            alpha = tl.sum(a * a, axis=0)                           # ‖a_j‖²
-            # γ from one product per pair, shared by both members so they make the same decision.
-            gamma = tl.sum(a * ap, axis=0)
-            gpi = tl.sum(tl.where(perm, gamma[None, :], 0.0), axis=1)
-            api = tl.sum(tl.where(perm, alpha[None, :], 0.0), axis=1)
-            is_p = r < partner
-            gamma = tl.where(is_p, gamma, gpi)
-            app = tl.where(is_p, alpha, api)
-            aqq = tl.where(is_p, api, alpha)
+        for t in range(N - 1):
+            p, q, valid = round_pairs(t, N, BH)
+            mask = valid[:, None] & (cols < m)
+            xp = a_s + p[:, None] * BM + cols
+            yp = a_s + q[:, None] * BM + cols
+            x = tl.load(xp, mask=mask, other=0.0)
+            y = tl.load(yp, mask=mask, other=0.0)
+            # Entries are at most 1 after scaling, so α, β ≤ m: no overflow.
+            alpha = tl.sum(x * x, axis=1)
+            beta = tl.sum(y * y, axis=1)
+            gamma = tl.sum(x * y, axis=1)
             mag = tl.abs(gamma)
-            act = (partner != r) & (mag > tol * tl.sqrt(app) * tl.sqrt(aqq)) & (mag > tiny)
-            zeta = (aqq - app) / tl.where(act, 2.0 * gamma, 1.0)
-            az = tl.abs(zeta)
-            inv = 1.0 / tl.where(az > 1.0, az, 1.0)
-            hyp = tl.where(az > 1.0, az * tl.sqrt(1.0 + inv * inv), tl.sqrt(1.0 + az * az))
-            tt = tl.where(act, tl.where(zeta >= 0.0, 1.0, -1.0) / (az + hyp), 0.0)
-            cs = 1.0 / tl.sqrt(1.0 + tt * tt)
-            ssn = tl.where(is_p, -tt * cs, tt * cs)
+            act = valid & (q < n) & (mag > tol * tl.sqrt(alpha) * tl.sqrt(beta)) & (mag > tiny)
+            c, s, tt = schur_rotation(alpha, beta, gamma, act, IEEE32)
             rotated += tl.sum(act.to(tl.int32), axis=0)
-            a = a * cs[None, :] + ap * ssn[None, :]
+            tl.store(xp, c[:, None] * x - s[:, None] * y, mask=mask)
+            tl.store(yp, s[:, None] * x + c[:, None] * y, mask=mask)
             if WANT_V:
-                v = v * cs[None, :] + tl.dot(v, P, input_precision=PRECISION) * ssn[None, :]
+                rotate_rows(v_s, p, q, valid, c, s, BN, BN, BN)
+            tl.debug_barrier()
         sweep += 1
 
-    colmax = tl.max(tl.abs(a), axis=0)
+    at = tl.load(a_s + rj[:, None] * BM + ri[None, :])               # at[j, i] = (A V)[i, j]
+    colmax = tl.max(tl.abs(at), axis=1)
     cm = tl.where(colmax > 0.0, colmax, 1.0)
-    sv = colmax * tl.sqrt(tl.sum((a / cm[None, :]) * (a / cm[None, :]), axis=0))   # ‖a_j‖, no underflow
-    bad = (rotated > 0) | (tl.sum((sv != sv).to(tl.int32), axis=0) > 0)
-    key = tl.where(r < n, sv, -1.0)
-    before = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (c2 < r2))
-    rank = tl.sum(before.to(tl.int32), axis=1)                      # descending position of sv[i]
-    sorted_s = tl.sum(tl.where(rank[:, None] == c2, sv[:, None], 0.0), axis=0)
-    tl.store(S + b * n + r, tl.where(bad, float("nan"), sorted_s * scale), mask=r < n)
+    sv = colmax * tl.sqrt(tl.sum((at / cm[:, None]) * (at / cm[:, None]), axis=1))   # ‖a_j‖, no underflow
+    bad = (rotated > 0) | (bad_input > 0) | (tl.max((sv != sv).to(tl.int32), axis=0) > 0)
+    key = tl.where((rj < n) & (sv == sv), sv, -1.0)       # NaN-free keys: ranks stay a permutation
+    before = (key[None, :] > key[:, None]) | ((key[None, :] == key[:, None]) & (rj[None, :] < rj[:, None]))
+    rank = tl.sum(before.to(tl.int32), axis=1)                       # descending position of sv[j]
+    tl.store(S + b * n + rank, tl.where(bad, float("nan"), sv * scale), mask=rj < n)
     if WANT_V:
-        Sel = tl.where(rank[:, None] == c2, 1.0, 0.0).to(a.dtype)
-        w = tl.dot(a, Sel, input_precision=PRECISION)
-        v = tl.dot(v, Sel, input_precision=PRECISION)
-        tl.store(W + b * m * n + rm * n + c2, tl.where(bad, float("nan"), w), mask=inside)
-        tl.store(V + b * n * n + r2 * n + c2, tl.where(bad, float("nan"), v), mask=(r2 < n) & (c2 < n))
+        tl.store(W + b * m * n + ri[None, :] * n + rank[:, None], tl.where(bad, float("nan"), at),
+                 mask=(rj[:, None] < n) & (ri[None, :] < m))
+        vt = tl.load(v_s + rj[:, None] * BN + rj[None, :])           # vt[j, l] = V[l, j]
+        tl.store(V + b * n * n + rj[None, :] * n + rank[:, None], tl.where(bad, float("nan"), vt),
+                 mask=(rj[:, None] < n) & (rj[None, :] < n))
+    if WANT_SWEEPS:
+        tl.store(SW + b, sweep)
 
 
-def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor, Tensor, Tensor]:
+def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: int | None = None,
+               sweeps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, Vᴴ)`` of ``A``. ``num_warps`` overrides the default launch width; ``sweeps``, an
+    int32 tensor of the batch's size, receives each matrix's sweep count (for the device benchmark)."""
     *batch, m, n = A.shape
     if m < n:
         # A = U S Vᴴ  ⇔  Aᵀ = V S Uᵀ: the tall case on the transpose, roles of U and V swapped.
-        Ut, S, Vht = svd_launch(A.mT, full_matrices, compute_uv)
+        Ut, S, Vht = svd_launch(A.mT, full_matrices, compute_uv, num_warps=num_warps, sweeps=sweeps)
         if not compute_uv:
             return Ut, S, Vht
         return Vht.mT.contiguous(), S, Ut.mT.contiguous()
@@ -134,12 +133,14 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor
     nb = A3.shape[0]
     if nb and n:
         finfo = torch.finfo(dt)
-        BM, BN = block(m, MIN_BLOCK), block(n, MIN_BLOCK)
+        BM, BN = jac.block_of(m), jac.block_of(n)
+        AS = torch.empty(nb, BN, BM, dtype=dt, device=dev)
+        VS = torch.empty(nb, BN, BN, dtype=dt, device=dev) if compute_uv else AS
         _jacobi_svd_kernel[(nb,)](
-            A3, W if compute_uv else S, S, Vm if compute_uv else S, m, n,
-            A3.stride(0), A3.stride(1), A3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
-            MAX_SWEEPS, BM=BM, BN=BN, WANT_V=compute_uv, PRECISION="ieee",
-            num_warps=warps(BM * BN))
+            A3, W if compute_uv else S, S, Vm if compute_uv else S, AS, VS, S if sweeps is None else sweeps,
+            m, n, A3.stride(0), A3.stride(1), A3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
+            MAX_SWEEPS, BM=BM, BN=BN, BH=BN // 2, WANT_V=compute_uv, WANT_SWEEPS=sweeps is not None,
+            IEEE32=dt == torch.float32, num_warps=num_warps or warps(BN // 2 * BM))
     if not compute_uv:
         return A.new_empty(0), S, A.new_empty(0)
     # U from the QR of W = U S (sorted): Q is orthonormal even for zero columns of W.

@@ -1,0 +1,102 @@
+"""Pieces shared by the Jacobi kernels (:mod:`metalcore.linalg.eigh_triton`, ``svd_triton``).
+
+Design: each program keeps the vectors Jacobi rotates (the rows of ``A`` for eigh, the columns of
+``A`` for svd, and those of ``V``) as rows of a private scratch buffer in global memory. A sweep is
+``N − 1`` rounds of the round-robin tournament (``N`` = ``n`` rounded up to even); in a round the
+``N/2`` disjoint pairs ``(p_k, q_k)`` are read as two ``[N/2, BN]`` tiles through gathered
+pointers, rotated, and stored back, with a ``tl.debug_barrier()`` (``bar.sync``, which also orders
+the block's global accesses) before the next dependent load. A round thus costs ``O(N·BN)`` loads,
+stores and flops, against the ``BN³`` of the earlier kernels, which formed the permuted copy
+``A P`` with a 0/1 ``tl.dot`` product every round. The scratch rows are written and re-read by the
+same program within microseconds, so they stay in L1/L2 (64×64 fp32 is 16 KB).
+
+Why not registers only: Triton gives no way to exchange rows of a distributed tile except through
+a product, a reduction or a reshape/``tl.join``/``tl.split`` chain, which the compiler lowers to a
+round trip through shared memory anyway (a layout conversion) plus the index shuffling to move the
+round-robin partners next to each other; the scratch buffer does the same round trip with one
+gathered load, in the order we choose, and no ``BN³`` term.
+
+Round-robin (circle method): in round ``t``, index ``N − 1`` is fixed and pairs with ``t``; for
+``k = 1 … N/2 − 1`` index ``(t + k) mod (N − 1)`` pairs with ``(t − k) mod (N − 1)``. Every pair
+meets once per sweep. A pair that involves the padding index ``n`` (``n`` odd) never rotates.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from metalcore.nn._jit_triton import helper
+
+# Jacobi converges quadratically once the off-diagonal is small: 6-10 sweeps at n ≤ 128 in fp32/
+# fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can
+# finish, and the result is reported as NaN.
+MAX_SWEEPS = 30
+
+
+@helper
+def round_pairs(t, N, BH: tl.constexpr):
+    """Pairs of round ``t``: ``p``, ``q`` as ``[BH]`` index vectors; entries ``k ≥ N/2`` are
+    padding (``valid`` false)."""
+    k = tl.arange(0, BH)
+    last = N - 1
+    p = tl.where(k == 0, t, (t + k) % last)
+    q = tl.where(k == 0, last, (t - k + last) % last)
+    valid = k < N // 2
+    return tl.where(valid, p, 0), tl.where(valid, q, 0), valid
+
+
+@helper
+def schur_rotation(app, aqq, apq, act, IEEE32: tl.constexpr):
+    """The symmetric Schur rotation that zeroes ``apq``: returns ``(c, s, t)`` with ``t = s/c``,
+    identity (``c = 1``, ``s = 0``, exact) where ``act`` is false. ``t = sign(ζ)/(|ζ| + √(1+ζ²))``,
+    ``ζ = (aqq − app)/(2 apq)``, written so that ``ζ²`` cannot overflow. In fp32 the divisions and
+    square roots are the IEEE-rounded ones (Triton's defaults are the approximate instructions,
+    2 ulp): ``c² + s²`` then differs from 1 by about one ulp, and the ~n² rotations a vector sees
+    do not drift off orthonormal."""
+    if IEEE32:
+        zeta = tl.div_rn(aqq - app, tl.where(act, 2.0 * apq, 1.0))
+        az = tl.abs(zeta)
+        big = az > 1.0
+        inv = tl.div_rn(1.0, tl.where(big, az, 1.0))
+        hyp = tl.where(big, az * tl.sqrt_rn(1.0 + inv * inv), tl.sqrt_rn(1.0 + az * az))
+        t = tl.where(act, tl.div_rn(tl.where(zeta >= 0.0, 1.0, -1.0), az + hyp), 0.0)
+        c = tl.div_rn(1.0, tl.sqrt_rn(1.0 + t * t))
+    else:
+        zeta = (aqq - app) / tl.where(act, 2.0 * apq, 1.0)
+        az = tl.abs(zeta)
+        big = az > 1.0
+        inv = 1.0 / tl.where(big, az, 1.0)
+        hyp = tl.where(big, az * tl.sqrt(1.0 + inv * inv), tl.sqrt(1.0 + az * az))
+        t = tl.where(act, tl.where(zeta >= 0.0, 1.0, -1.0) / (az + hyp), 0.0)
+        c = 1.0 / tl.sqrt(1.0 + t * t)
+    return c, c * t, t
+
+
+@helper
+def rotate_rows(base, p, q, valid, c, s, stride, length, BL: tl.constexpr):
+    """Rows ``p_k``, ``q_k`` (``length`` contiguous entries, rows ``stride`` apart) of the scratch
+    at ``base`` become ``c x − s y`` and ``s x + c y``. Every valid pair is rewritten; an inactive
+    one has ``c = 1``, ``s = 0`` and keeps its values exactly."""
+    cols = tl.arange(0, BL)[None, :]
+    mask = valid[:, None] & (cols < length)
+    xp = base + p[:, None] * stride + cols
+    yp = base + q[:, None] * stride + cols
+    x = tl.load(xp, mask=mask, other=0.0)
+    y = tl.load(yp, mask=mask, other=0.0)
+    tl.store(xp, c[:, None] * x - s[:, None] * y, mask=mask)
+    tl.store(yp, s[:, None] * x + c[:, None] * y, mask=mask)
+
+
+@helper
+def nonfinite(a):
+    """Whether the tile holds a NaN or an infinity (``tl.max`` skips NaN, so scaling alone would
+    not carry it to the outputs)."""
+    bad = (a != a) | (tl.abs(a) == float("inf"))
+    return tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0) > 0
+
+
+def block_of(n: int) -> int:
+    """Padded side ``BN`` (a power of two, at least 2, so that the ``BN/2`` pairs tile is not empty)."""
+    return triton.next_power_of_2(max(n, 2))
+
