@@ -297,7 +297,8 @@ def main():
             say(f"{r['op']:15s} {shape:>10s} {r['variant']:26s} {r.get('error', r.get('skipped'))[:60]}")
             continue
         say(f"{r['op']:15s} {shape:>10s} {r['variant']:26s} {r.get('ratio', 0):6.2f} {r['host_us']:8.1f} "
-            f"{r['call_us']:8.1f} {r['gpu_us'] or 0:8.1f} {r.get('speedup_call', 0):7.2f} {r.get('speedup_gpu', 0):7.2f}")
+            f"{r['call_us']:8.1f} {r['gpu_us'] or 0:8.1f} {r.get('speedup_call', 0):7.2f} "
+            f"{r.get('speedup_gpu', 0):7.2f}")
     say("\nbest variant per case (by GPU time; by host-inclusive call time on the CPU):")
     key = "gpu_us" if device.type == "cuda" else "call_us"
     for (op, b, n), group_rows in itertools.groupby(result["rows"], key=lambda r: (r["op"], r["batch"], r["n"])):
