@@ -55,8 +55,10 @@ class _Kernel:
     # large for a one-program-per-matrix kernel). None means the kernel takes every input.
     supports: Callable[..., bool] | None
     # False: the kernel is correct but not (yet) faster than the reference on its device, so only an
-    # explicit request runs it (tests, tuning); automatic selection keeps the faster reference.
-    automatic: bool = True
+    # explicit request runs it (tests, tuning); automatic selection keeps the faster reference. A
+    # predicate on the op's arguments when that holds for some inputs only (a large-matrix path
+    # measured faster where the small-matrix kernel is not).
+    automatic: bool | Callable[..., bool] = True
 
 
 def _first_tensor(args: Iterable[Any]) -> torch.Tensor | None:
@@ -151,12 +153,14 @@ class MetalcoreOp:
         })
 
     def implement(
-        self, backend: str, *, supports: Callable[..., bool] | None = None, automatic: bool = True
+        self, backend: str, *, supports: Callable[..., bool] | None = None,
+        automatic: bool | Callable[..., bool] = True,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator that plugs a backend's kernel into this op.
 
         ``supports(*args)`` bounds the inputs the kernel takes; ``automatic=False`` keeps a kernel
-        that measured slower than the reference out of automatic selection (say why, with numbers).
+        that measured slower than the reference out of automatic selection (say why, with numbers),
+        and ``automatic=predicate`` (same arguments as ``supports``) does so for some inputs only.
         """
         if backend not in BACKENDS or backend == "reference":
             raise ValueError(f"backend must be 'triton' or 'metal'; got {backend!r}")
@@ -166,6 +170,12 @@ class MetalcoreOp:
             return fn
 
         return register
+
+    def automatic_kernel(self, backend: str) -> bool:
+        """Whether automatic selection may pick ``backend``'s kernel (for some inputs, when its
+        ``automatic`` is a predicate) on a device that backend runs on."""
+        kernel = self.kernels.get(backend)
+        return kernel is not None and kernel.automatic is not False
 
     def backend_for(self, *args: Any, **kwargs: Any) -> str:
         """Name of the backend that would serve this call (raises like the call itself would)."""
@@ -184,7 +194,8 @@ class MetalcoreOp:
         backend = automatic_backend(device) if requested == "auto" else requested
         kernel = self.kernels.get(backend)
         if kernel is not None and backend_runs_on(backend, device):
-            if requested == "auto" and not kernel.automatic:
+            if requested == "auto" and not (kernel.automatic if isinstance(kernel.automatic, bool)
+                                            else kernel.automatic(*args, **kwargs)):
                 return self.reference
             if kernel.supports is None or kernel.supports(*args, **kwargs):
                 return kernel.fn

@@ -45,12 +45,6 @@ def _unservable(query: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> 
     return None
 
 
-def _cuda_kernel_chosen() -> bool:
-    """Whether automatic dispatch would pick the Triton flash-attention kernel on CUDA."""
-    kernel = sdpa_fwd.kernels.get("triton")
-    return kernel is not None and kernel.automatic
-
-
 def metalcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None,
@@ -62,7 +56,7 @@ def metalcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         if kwargs.get(name) is not None:
             raise ValueError(f"metalcore attention does not implement `{name}` ({type(module).__name__}); "
                              "use the model's eager attention")
-    if query.is_cuda and requested_backend() == "auto" and not _cuda_kernel_chosen():
+    if query.is_cuda and requested_backend() == "auto" and not sdpa_fwd.automatic_kernel("triton"):
         # Not a layer we cannot serve but a choice: torch's own flash SDPA is faster on CUDA than the
         # metalcore kernel today (0.46-0.86x on the H100, bench/training_triton.md) and far faster
         # than the reference, which materialises the scores; METALCORE_BACKEND=triton overrides.
