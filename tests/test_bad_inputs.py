@@ -63,6 +63,13 @@ SPECS: dict[str, Spec] = {
         extra=(("rows-mismatch", lambda: {"A": spd(4).tril(), "B": torch.randn(5, 2, dtype=torch.float64)},
                 ValueError, "B must have 4 rows"),
                ("dtype-mismatch", lambda: {"A": spd(4).tril(), "B": torch.randn(4, 2)}, TypeError, "same dtype"))),
+    "linalg.cholesky_solve": Spec(
+        metalcore.linalg.cholesky_solve,
+        lambda b: {"B": torch.randn(*b, 4, 2, dtype=torch.float64), "L": torch.linalg.cholesky(spd(*b, 4))},
+        ("B", "L"), square=("L",), batched=("B", "L"), nonfinite="nan"),
+    "linalg.svd_lowrank": Spec(
+        lambda A, **kw: metalcore.linalg.svd_lowrank(A, q=2, **kw),
+        lambda b: {"A": torch.randn(*b, 6, 5, dtype=torch.float64)}, ("A",)),
     "trsm": Spec(
         metalcore.trsm, lambda b: {"A": spd(*b, 4).tril(), "B": torch.randn(*b, 4, 2, dtype=torch.float64)},
         ("A", "B"), square=("A",), batched=("A", "B"), nonfinite="nan"),

@@ -13,6 +13,6 @@ from metalcore.linalg.svd import svd, svdvals
 from metalcore.linalg.triangular import solve_triangular
 
 __all__ = [
-    "cholesky", "cholesky_ex", "eigh", "eigvalsh", "householder_product", "lstsq", "pinv", "qr", "solve",
-    "solve_ex", "solve_triangular", "svd", "svdvals",
+    "cholesky", "cholesky_ex", "cholesky_solve", "eigh", "eigvalsh", "householder_product", "lstsq", "pinv", "qr",
+    "solve", "solve_ex", "solve_triangular", "svd", "svd_lowrank", "svdvals",
 ]
