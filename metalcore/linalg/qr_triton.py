@@ -34,7 +34,7 @@ from torch import Tensor
 
 from metalcore._backend import requested_backend
 from metalcore.linalg import qr_blocked
-from metalcore.linalg._small_triton import DTYPES, MAX_N, batched, block, fits, group, warps
+from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.householder_triton import as3  # importing it also registers larft/larfb's kernels
 from metalcore.linalg.qr import qr_op
@@ -129,7 +129,7 @@ def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool =
     TAU = torch.empty(*batch_shape, k, dtype=dt, device=dev) if store_qr else None
     R = torch.empty(*batch_shape, kr, n, dtype=dt, device=dev) if kr else None
     Q = torch.empty(*batch_shape, m, nq, dtype=dt, device=dev) if nq else None
-    A3 = batched(A)
+    A3 = as3(A)
     nb = A3.shape[0]
     if nb == 0 or A.numel() == 0:
         if Q is not None:
@@ -137,7 +137,7 @@ def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool =
         if R is not None:
             R.zero_()
         return QR, TAU, R, Q
-    tau2 = tau.reshape(-1, k) if tau is not None else A3
+    tau2 = tau.reshape(A3.shape[0], k) if tau is not None else A3
     BM, BN = block(m), block(n)
     BQ = block(nq) if nq else 2
     G = group(nb, BM * max(BN, BQ), A.device)
@@ -171,10 +171,12 @@ def _supports(A: Tensor, *rest) -> bool:
 
 @qr_op.implement("triton", supports=_supports)
 def _qr_triton(A, mode):
-    if not _small(A):
-        return qr_blocked.qr_blocked(A, mode, BLOCK_NB, BLOCK_PANEL)
     m, n = A.shape[-2:]
     k = min(m, n)
+    # k = 0 too: the launcher reads a zero row or column count as "not wanted"; the blocked path has
+    # nothing to factor and returns Q = I, R = 0.
+    if not _small(A) or k == 0:
+        return qr_blocked.qr_blocked(A, mode, BLOCK_NB, BLOCK_PANEL)
     if mode == "r":
         _, _, R, _ = householder_launch(A, kr=k)
         return A.new_empty(0), R
@@ -195,7 +197,7 @@ def _geqr2_triton(A):
 
 @householder_product_op.implement("triton", supports=lambda A, tau: tau.dtype == A.dtype and _supports(A))
 def _householder_product_triton(A, tau):
-    if not _small(A):
+    if not _small(A) or A.shape[-1] == 0:
         return qr_blocked.householder_product_blocked(A, tau, BLOCK_NB)
     _, _, _, Q = householder_launch(A, tau=tau.expand(*A.shape[:-2], tau.shape[-1]), nq=A.shape[-1])
     return Q

@@ -212,3 +212,17 @@ def test_gpu_blocked_qr_full_size(batch, m, n, device):
         assert_lapack_ratio(orthogonality_ratio(Q, torch.float32), f"blocked qr {kind} {case_id(batch, m, n)} QᵀQ")
         assert_lapack_ratio(residual_ratio(A, Q.double() @ R.double(), torch.float32),
                             f"blocked qr {kind} {case_id(batch, m, n)} A−QR")
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 3), (2, 3, 0), (0, 0, 0)], ids=str)
+def test_qr_of_empty_matrices_in_a_batch(shape, device):
+    A = torch.randn(*shape, device=device)
+    for mode in ("reduced", "complete", "r"):
+        for got, want in zip(metalcore.linalg.qr(A, mode=mode), torch.linalg.qr(A, mode=mode)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want)
+    QR, tau = geqr2(A)
+    assert QR.shape == A.shape and tau.shape == torch.geqrf(A)[1].shape
+    if shape[1] >= shape[2]:
+        torch.testing.assert_close(metalcore.linalg.householder_product(A, tau),
+                                   torch.linalg.householder_product(A, tau))
