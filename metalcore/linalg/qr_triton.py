@@ -49,7 +49,8 @@ BLOCK_NB = qr_blocked.DEFAULT_NB
 BLOCK_PANEL = "auto"
 # Smallest min(m, n) from which the blocked QR is chosen automatically over cuSOLVER. None until
 # the H100 run shows where (if anywhere) it is at least as fast: cuSOLVER geqrf + orgqr takes 29 ms
-# for 4096² fp32 and 60 ms for 11008×4096 (torch 2.11), against a GEMM floor of ~4 ms and ~10 ms.
+# for 4096² fp32 and 60 ms for 11008×4096 (torch 2.11), against a floor of ~4 ms and ~13 ms (the
+# Householder flops of R and Q, 183 and 647 GFLOP, at ~50 TFLOP/s fp32 GEMM).
 BLOCKED_AUTO_MIN_SIDE: int | None = None
 
 
