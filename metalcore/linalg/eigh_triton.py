@@ -7,13 +7,11 @@ Algorithm (Golub & Van Loan §8.5, parallel ordering):
 
 * The read triangle is mirrored into a full ``[BN, BN]`` tile and divided by ``max|a|``, so that
   tiny- and huge-scaled inputs behave like unit-scaled ones (eigenvalues are scaled back at the end).
-* A sweep is ``N − 1`` rounds (``N`` = ``n`` rounded up to even) of the round-robin tournament:
-  in round ``t`` index ``i`` is paired with ``π(i) = (2t − i) mod (N − 1)``, or with ``N − 1`` when
-  that is ``i`` itself, so each round holds ``N/2`` disjoint pairs and a sweep meets every pair
-  once. All of a round's rotations are applied at once as ``A ← Jᵀ A J``, ``V ← V J``: with the
-  permutation ``P`` of ``π``, ``A J = A·diag(c) + (A P)·diag(σ s)`` and ``Jᵀ M = diag(c)·M +
-  diag(σ s)·(P M)``; the permuted copies are exact ``tl.dot`` products with a 0/1 matrix in IEEE
-  fp32/fp64 (never TF32), so every entry is rounded exactly as the scalar ``c·a + s·b`` would be.
+* A sweep is ``N − 1`` rounds of the round-robin tournament (``N`` = ``n`` rounded up to even),
+  each rotating ``N/2`` disjoint pairs at once, through the per-program scratch buffer of
+  :mod:`metalcore.linalg._jacobi_triton`: the pairs' ``a_pp``, ``a_qq``, ``a_pq`` are gathered,
+  rows ``p``, ``q`` of ``A`` and of ``Vᵀ`` are rotated (``A ← Jᵀ A``, ``V ← V J``), then, after a
+  barrier, columns ``p``, ``q`` of ``A`` (``A ← A J``).
 * The rotation of a pair ``(p, q)`` is the symmetric Schur rotation; its off-diagonal entry is set to
   zero exactly and the diagonal updated as ``a_pp − t a_pq``, ``a_qq + t a_pq``.
 * Convergence is scale-invariant: a pair is rotated only while ``|a_pq| > tol·√|a_pp|·√|a_qq|``
@@ -26,12 +24,11 @@ Algorithm (Golub & Van Loan §8.5, parallel ordering):
   ``MAX_SWEEPS``.
 * **Non-convergence** (or NaN/Inf input) is reported in-band, without a host sync: that matrix's
   eigenvalues and eigenvectors are all NaN; the other matrices of the batch are unaffected.
-* Eigenvalues are sorted ascending and the eigenvector columns permuted to match (again an exact
-  permutation product).
+* Eigenvalues are sorted ascending and the eigenvector columns scattered to match.
 
-Work per round: 3 products of ``BN³`` multiply-adds (2 with eigenvalues only), ~``BN²`` for the
-rest; per sweep ``N − 1`` rounds; typically 6–10 sweeps. Bytes: ``A`` read once, ``Q`` and ``L``
-written once.
+Work per round: 4 loads and 4 stores of ``[N/2, BN]`` tiles (2 and 2 more for ``V``), ~``6 n²``
+flops, 2 block barriers; per sweep ``N − 1`` rounds; typically 6–12 sweeps. Bytes from DRAM: ``A``
+read once, ``Q`` and ``L`` written once (the scratch stays in L1/L2).
 """
 
 from __future__ import annotations
@@ -151,10 +148,10 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | Non
     return L, Q
 
 
-# On the H100 (bench/linalg_triton.md, v1) 100×64 took 330 ms against svd's 10 ms at the same size:
-# most likely the sweep bound was hit (which returns NaN), not yet verified on the device. Until it
-# is, CUDA inputs above n = 16 (measured 1.05× torch at 500×16) go to cuSOLVER; the interpreter
-# (CI) still runs every size up to MAX_N.
+# The pair-indexed kernel above has not yet run on a GPU (bench/scripts/jacobi_check.py measures it
+# at every size up to 128, calling eigh_launch directly). Until it has, CUDA inputs above n = 16 go
+# to cuSOLVER as they did for the permutation-product kernel it replaced (0.17-0.86x torch); the
+# interpreter (CI) runs every size up to MAX_N.
 CUDA_MAX_N = 16
 
 
@@ -162,8 +159,7 @@ def _supported(A: Tensor) -> bool:
     return fits(A) and (A.device.type != "cuda" or A.shape[-1] <= CUDA_MAX_N)
 
 
-# Not chosen automatically: 0.18-1.05x torch.linalg.eigh on the H100 (bench/linalg_triton.md v1), and
-# 100x64 ran 330 ms, suspected to exhaust the sweep limit on the GPU only (unverified).
+# Not chosen automatically until jacobi_check.py shows it faster than torch.linalg.eigh on the H100.
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _supported(A), automatic=False)
 def _eigh_triton(A, UPLO, compute_v):
     return eigh_launch(A, UPLO == "U", compute_v)

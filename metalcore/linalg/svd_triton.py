@@ -6,12 +6,13 @@ Layers: ``_jacobi_svd_kernel`` → :func:`svd_launch` → the ``triton`` impleme
 Algorithm (Hestenes one-sided Jacobi, LAPACK ``gesvj``'s thresholds), for ``m ≥ n`` (a wide
 matrix is handled as its transpose, through strides):
 
-* ``A`` is loaded as a ``[BM, BN]`` tile and divided by ``max|a|`` (tiny/huge inputs behave like
-  unit-scaled ones; ``S`` is scaled back).
+* ``A`` is divided by ``max|a|`` (tiny/huge inputs behave like unit-scaled ones; ``S`` is scaled
+  back) and its columns kept as the rows of a per-program scratch buffer, ``Vᵀ`` likewise.
 * Each round rotates ``N/2`` disjoint column pairs at once (the round-robin ordering of
-  :mod:`metalcore.linalg.eigh_triton`): with ``α = ‖a_p‖²``, ``β = ‖a_q‖²``, ``γ = a_pᵀ a_q`` the
-  rotation that makes ``a_p ⟂ a_q`` is applied as ``A ← A·diag(c) + (A P)·diag(σ s)`` and likewise
-  to ``V``; ``A P`` is an exact ``tl.dot`` with a 0/1 matrix in IEEE arithmetic (never TF32).
+  :mod:`metalcore.linalg._jacobi_triton`): columns ``p``, ``q`` are gathered as two ``[N/2, BM]``
+  tiles, ``α = ‖a_p‖²``, ``β = ‖a_q‖²``, ``γ = a_pᵀ a_q`` reduced from them, and the rotation that
+  makes ``a_p ⟂ a_q`` is applied to them and to rows ``p``, ``q`` of ``Vᵀ``; a barrier separates
+  rounds.
 * A pair is rotated while ``|γ| > tol·‖a_p‖·‖a_q‖``, ``tol = m·ε``: scale-invariant, and it
   gives singular values to high relative accuracy. (``gesvj`` uses ``√m·ε``, but the rounding error
   of the computed ``γ`` is itself about ``√m·ε·‖a_p‖·‖a_q‖``, so at ``m = 128`` in fp64 pairs kept
@@ -26,8 +27,11 @@ matrix is handled as its transpose, through strides):
   precision even where ``S_j = 0`` (rank-deficient input), and ``full_matrices`` comes for free as
   the complete ``Q``.
 
-Work per round: 2 products of ``BM·BN²`` and ``BN³`` (1 when ``V`` is not needed); ``N − 1`` rounds
-per sweep; typically 6–10 sweeps. Then one QR launch of ``m × n``.
+Work per round: 2 loads and 2 stores of ``[N/2, BM]`` tiles (and of ``[N/2, BN]`` for ``V``),
+~``6 m n`` flops, 1 block barrier; ``N − 1`` rounds per sweep; typically 6–10 sweeps (about 20 at
+n = 128 with κ = 1e6 in fp32, measured under the interpreter). Then one QR launch of ``m × n``.
+Not done: QR preconditioning (Jacobi on ``R`` of ``A = QR``), which would cut the sweeps for
+ill-conditioned and tall input.
 """
 
 from __future__ import annotations
@@ -150,10 +154,10 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     return U, S, Vm.mT.contiguous()
 
 
-# On the H100 the kernel returned NaN (its non-convergence report) for 64×128 ill-conditioned input
-# in fp32 and fp64, not reproduced under the interpreter (too slow at that size) and not yet
-# understood: CUDA inputs above n = 64 go to cuSOLVER until it is. The interpreter (CI) still runs
-# every size up to MAX_N.
+# The permutation-product kernel this one replaced returned NaN (non-convergence) on the H100 for
+# 64×128 ill-conditioned input. The pair-indexed kernel converges there under the interpreter
+# (fp32 κ = 1e6: 21 sweeps, VVᵀ ratio 24.5, close to the bar of 30) but has not yet run on a GPU:
+# CUDA inputs above n = 64 go to cuSOLVER until bench/scripts/jacobi_check.py has run.
 CUDA_MAX_N = 64
 
 
@@ -161,8 +165,7 @@ def _supported(A: Tensor) -> bool:
     return fits(A) and (A.device.type != "cuda" or min(A.shape[-2:]) <= CUDA_MAX_N)
 
 
-# Not chosen automatically: 0.53-10.9x torch.linalg.svd on the H100 (slower at 1000x32,
-# bench/linalg_triton.md v2).
+# Not chosen automatically until jacobi_check.py shows it faster than torch.linalg.svd on the H100.
 @svd_op.implement("triton", supports=lambda A, full_matrices, compute_uv: _supported(A), automatic=False)
 def _svd_triton(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv)

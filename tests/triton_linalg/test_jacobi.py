@@ -1,7 +1,7 @@
 """Jacobi eigh and SVD kernels (metalcore/linalg/eigh_triton.py, svd_triton.py) against LAPACK's
 test ratios: every hard family (ill-conditioned, rank-deficient, clustered/repeated, graded,
 tiny/huge), ascending/descending order, orthonormal vectors for rank-deficient input, NaN and
-non-convergence isolated per batch element, gradients through the kernels.
+non-convergence isolated per batch element, the round-robin schedule, gradients through the kernels.
 
 Jacobi under the interpreter costs ~10 s per 33×33 matrix, so sizes 31 and 33 run one matrix each."""
 
@@ -166,6 +166,34 @@ def test_svd_gradient_runs_the_kernels(device, launches):
     theirs, = torch.autograd.grad(St.sum() + (Ut * St.unsqueeze(-2) @ Vht).square().sum(), A)
     torch.testing.assert_close(ours, theirs)
     assert calls
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_round_robin_meets_every_pair_each_sweep(n, device):
+    """One matrix per pair (p, q) whose only coupling is that pair: the first sweep must rotate it
+    away and the second find nothing, so every matrix reports exactly 2 sweeps and no NaN. A pair the
+    schedule skipped (or met twice with a stale value) would leave the coupling and show up as more
+    sweeps or, with the bound, NaN. Odd n also covers the padding index."""
+    pairs = [(p, q) for p in range(n) for q in range(p + 1, n)]
+    sym = torch.eye(n, dtype=torch.float64).repeat(len(pairs), 1, 1) * torch.arange(1.0, n + 1, dtype=torch.float64)
+    gen = torch.eye(n, dtype=torch.float64).repeat(len(pairs), 1, 1)
+    for i, (p, q) in enumerate(pairs):
+        sym[i, p, q] = sym[i, q, p] = 0.5
+        gen[i, p, q] = 0.5                                      # columns p and q not orthogonal
+    sym, gen = sym.to(device), gen.to(device)
+    eigh_triton = importlib.import_module("metalcore.linalg.eigh_triton")
+    svd_triton = importlib.import_module("metalcore.linalg.svd_triton")
+    sweeps = torch.zeros(len(pairs), dtype=torch.int32, device=device)
+    L, Q = eigh_triton.eigh_launch(sym, False, True, num_warps=2, sweeps=sweeps)
+    assert sweeps.tolist() == [2] * len(pairs)
+    torch.testing.assert_close(L, torch.linalg.eigvalsh(sym))
+    assert_lapack_ratio(residual_ratio(sym, (Q * L.unsqueeze(-2)) @ Q.mT, sym.dtype), "eigh A−QΛQᵀ")
+    sweeps.zero_()
+    U, S, Vh = svd_triton.svd_launch(gen, False, True, num_warps=2, sweeps=sweeps)
+    assert sweeps.tolist() == [2] * len(pairs)
+    torch.testing.assert_close(S, torch.linalg.svdvals(gen))
+    assert_lapack_ratio(residual_ratio(gen, (U * S.unsqueeze(-2)) @ Vh, gen.dtype), "svd A−USVᴴ")
+    assert_lapack_ratio(orthogonality_ratio(Vh, gen.dtype, rows=True), "svd VVᵀ")
 
 
 def test_jacobi_kernels_really_run_interpreted():
