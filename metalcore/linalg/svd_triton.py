@@ -27,11 +27,14 @@ matrix is handled as its transpose, through strides):
   precision even where ``S_j = 0`` (rank-deficient input), and ``full_matrices`` comes for free as
   the complete ``Q``.
 
+With QR preconditioning (the default, :func:`svd_launch`), the kernel runs on ``Rᵀ`` of
+``A = QR`` (an ``n × n`` problem), ``U = Q V_x`` and ``V`` comes from ``W = Rᵀ V_x`` as ``U`` does
+above.
+
 Work per round: 2 loads and 2 stores of ``[N/2, BM]`` tiles (and of ``[N/2, BN]`` for ``V``),
-~``6 m n`` flops, 1 block barrier; ``N − 1`` rounds per sweep; typically 6–10 sweeps (about 20 at
-n = 128 with κ = 1e6 in fp32, measured under the interpreter). Then one QR launch of ``m × n``.
-Not done: QR preconditioning (Jacobi on ``R`` of ``A = QR``), which would cut the sweeps for
-ill-conditioned and tall input.
+~``6 m n`` flops, 1 block barrier; ``N − 1`` rounds per sweep; typically 6–10 sweeps (at
+n = 128 under the interpreter, preconditioned: 8 for κ = 1e6 in fp32, 9 for κ = 1e12 in fp64).
+Then two Householder launches and one ``bmm``.
 """
 
 from __future__ import annotations
@@ -187,10 +190,11 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     return U, S, _orthonormal(W, k, k).mT.contiguous()
 
 
-# The permutation-product kernel this one replaced returned NaN (non-convergence) on the H100 for
-# 64×128 ill-conditioned input. The pair-indexed kernel converges there under the interpreter
-# (fp32 κ = 1e6: 21 sweeps, VVᵀ ratio 24.5, close to the bar of 30) but has not yet run on a GPU:
-# CUDA inputs above n = 64 go to cuSOLVER until bench/scripts/jacobi_check.py has run.
+# The permutation-product kernel this one replaced returned NaN at 64×128 on the H100 for
+# ill-conditioned input: unpreconditioned Jacobi needs more than MAX_SWEEPS there (33 simulated for
+# fp64 κ = 1e12). The preconditioned kernel converges at n = 128 under the interpreter (fp32 and
+# fp64, ill-conditioned and graded, 6-9 sweeps, ratios ≤ 15) but has not yet run on a GPU: CUDA
+# inputs above n = 64 go to cuSOLVER until bench/scripts/jacobi_check.py has run there.
 CUDA_MAX_N = 64
 
 

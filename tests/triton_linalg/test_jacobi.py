@@ -188,12 +188,16 @@ def test_round_robin_meets_every_pair_each_sweep(n, device):
     assert sweeps.tolist() == [2] * len(pairs)
     torch.testing.assert_close(L, torch.linalg.eigvalsh(sym))
     assert_lapack_ratio(residual_ratio(sym, (Q * L.unsqueeze(-2)) @ Q.mT, sym.dtype), "eigh A−QΛQᵀ")
-    sweeps.zero_()
-    U, S, Vh = svd_triton.svd_launch(gen, False, True, num_warps=2, sweeps=sweeps)
-    assert sweeps.tolist() == [2] * len(pairs)
-    torch.testing.assert_close(S, torch.linalg.svdvals(gen))
-    assert_lapack_ratio(residual_ratio(gen, (U * S.unsqueeze(-2)) @ Vh, gen.dtype), "svd A−USVᴴ")
-    assert_lapack_ratio(orthogonality_ratio(Vh, gen.dtype, rows=True), "svd VVᵀ")
+    # Jacobi on A itself, and on Rᵀ of A = QR (R = A here: gen is upper triangular, so Rᵀ couples
+    # rows p and q, the same pair).
+    for precondition in (False, True):
+        sweeps.zero_()
+        U, S, Vh = svd_triton.svd_launch(gen, True, True, num_warps=2, sweeps=sweeps, precondition=precondition)
+        assert sweeps.tolist() == [2] * len(pairs)
+        torch.testing.assert_close(S, torch.linalg.svdvals(gen))
+        assert_lapack_ratio(residual_ratio(gen, (U * S.unsqueeze(-2)) @ Vh, gen.dtype), "svd A−USVᴴ")
+        assert_lapack_ratio(orthogonality_ratio(U, gen.dtype), "svd UᵀU")
+        assert_lapack_ratio(orthogonality_ratio(Vh, gen.dtype, rows=True), "svd VVᵀ")
 
 
 def test_jacobi_kernels_really_run_interpreted():
