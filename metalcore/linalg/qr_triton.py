@@ -43,14 +43,16 @@ from metalcore.nn._jit_triton import jit
 # Largest side the one-program kernel takes; larger matrices go to the blocked QR. A parameter so
 # that CI can force the blocked path at small sizes.
 SMALL_MAX = MAX_N
-# Panel width and panel variant of the blocked path (qr_blocked.PANELS); swept on the H100 by
-# bench/scripts/qr_large_check.py.
-BLOCK_NB = qr_blocked.DEFAULT_NB
+# Panel width and panel variant of the blocked path (qr_blocked.PANELS), from the H100 sweep
+# (bench/results/qr-large-h100-20261125.log, geqrf panels): nb = 128 ran 29.8 ms at 4096² (64: 50.1,
+# 32: 86.0) and 59.3 ms at 11008×4096 (64: 66.5); the recursive panel lost 2-6x everywhere.
+BLOCK_NB = 128
 BLOCK_PANEL = "auto"
-# Smallest min(m, n) from which the blocked QR is chosen automatically over cuSOLVER. None until
-# the H100 run shows where (if anywhere) it is at least as fast: cuSOLVER geqrf + orgqr takes 29 ms
-# for 4096² fp32 and 60 ms for 11008×4096 (torch 2.11), against a floor of ~4 ms and ~13 ms (the
-# Householder flops of R and Q, 183 and 647 GFLOP, at ~50 TFLOP/s fp32 GEMM).
+# Smallest min(m, n) from which the blocked QR is chosen automatically over cuSOLVER: None, since on
+# the H100 it only draws level: 0.98x cuSOLVER geqrf + orgqr at 4096² (29.8 vs 29.1 ms), 1.02x at
+# 11008×4096, 0.78x at 2048² (1.15x only for the batch 8×1024²). Its 32 cuSOLVER geqrf panels take
+# 19.5 of the 29.8 ms against a whole-QR floor of ~4 ms (183 GFLOP at 51 TFLOP/s fp32): a faster
+# tall-panel factorization (TSQR with Householder reconstruction) is what would move it.
 BLOCKED_AUTO_MIN_SIDE: int | None = None
 
 
