@@ -1,7 +1,7 @@
 """Device check of the Jacobi eigh and svd kernels (metalcore/linalg/{eigh,svd}_triton.py): for every
-issue-#5 shape and each variant (num_warps; for svd also QR preconditioning on/off), LAPACK ratios on random and ill-conditioned (κ = 1e6)
-fp32 input, NaN count, the largest sweep count, and the time against torch.linalg in the same
-process (CUDA events, median).
+issue-#5 shape and each variant (num_warps; for svd also QR preconditioning on/off), LAPACK ratios
+on random and ill-conditioned (κ = 1e6) fp32 input, NaN count, the largest sweep count, and the
+time against torch.linalg in the same process (CUDA events, median).
 
     python bench/scripts/jacobi_check.py [--out DIR]              # H100: ~2-3 minutes
     TRITON_INTERPRET=1 python bench/scripts/jacobi_check.py --device cpu --tiny   # smoke test
@@ -107,7 +107,8 @@ def check(op, b, n, device):
     base = warps(block_of(n) // 2 * block_of(n))
     rows = []
     for w, pre in variants(n, op):
-        row = {"op": op, "batch": b, "n": n, "num_warps": w, "precondition": pre, "default": w == base and pre is not False}
+        row = {"op": op, "batch": b, "n": n, "num_warps": w, "precondition": pre,
+               "default": w == base and pre is not False}
         for kind, (G, Sym) in data.items():
             sweeps = torch.zeros(b, dtype=torch.int32, device=device)
             if op == "eigh":
@@ -147,7 +148,8 @@ def table(rows):
             o = max(v for key, v in d.items() if key.startswith("orth"))
             return f"{d['res']:.1f}/{o:.1f}"
         mark = "*" if r["default"] else " "
-        lines.append(f"{r['op']:5} {r['batch']:>5}x{r['n']:<3} {r['num_warps']:>4}{mark} {QR_MARK[r['precondition']]:>3} {r['ms']:9.3f} "
+        lines.append(f"{r['op']:5} {r['batch']:>5}x{r['n']:<3} {r['num_warps']:>4}{mark} "
+                     f"{QR_MARK[r['precondition']]:>3} {r['ms']:9.3f} "
                      f"{r['torch_ms']:9.3f} {r['speedup']:7.1f}  {acc('random'):>15} {acc('ill'):>15} "
                      f"{r['random']['nan_matrices'] + r['ill']['nan_matrices']:>4} "
                      f"{max(r['random']['max_sweeps'], r['ill']['max_sweeps']):>7}")
@@ -172,7 +174,8 @@ def main():
             new = check(op, b, n, device)
             rows += new
             print(f"{op} {b}x{n}: {time.time() - t:.1f} s", file=log, flush=True)
-    text = f"card: {card}  (* = default variant; qr = svd's QR preconditioning; ratios are maxima over the batch, bar 30)\n{table(rows)}"
+    legend = "* = default variant; qr = svd's QR preconditioning; ratios are maxima over the batch, bar 30"
+    text = f"card: {card}  ({legend})\n{table(rows)}"
     print(text)
     print(text, f"\ntotal {time.time() - start:.0f} s", file=log)
     with open(os.path.join(args.out, "jacobi-check.json"), "w") as f:
