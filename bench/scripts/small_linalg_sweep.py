@@ -1,13 +1,16 @@
 """Launch-shape sweep of the small-matrix cholesky, trsm, solve and cholesky_solve Triton kernels
 against torch.linalg, in one process (issue 5: targets cholesky >= 2x, trsm >= 1.5x, solve >= 3x).
 
-    python bench/scripts/small_linalg_sweep.py --out DIR            # the H100 run (< 3 minutes)
+    python bench/scripts/small_linalg_sweep.py --out DIR                     # fp32 (< 3 minutes)
+    python bench/scripts/small_linalg_sweep.py --dtype float64 --out DIR     # fp64 (< 3 minutes)
     TRITON_INTERPRET=1 python bench/scripts/small_linalg_sweep.py --device cpu --tiny --out DIR
 
-Cases, fp32, at 500x16, 1000x32, 100x64, 4096x8, 64x128, 10000x3: cholesky_ex, solve_triangular
-(left, lower, n right-hand sides), solve_ex (1 right-hand side), cholesky_solve (1 right-hand
-side). Every variant (num_warps, matrices per program, RHS block, the kernels' constexpr
-alternatives) is checked first (LAPACK ratio in float64, <= 30) and then timed three ways:
+Cases at 500x16, 1000x32, 100x64, 4096x8, 64x128, 10000x3: cholesky_ex, solve_triangular (left,
+lower, n right-hand sides), solve_ex (1 right-hand side), cholesky_solve (1 right-hand side). The
+variants are the default launch (each launcher's ``launch_shape``, fitted to the 2026-11-25 H100
+run) and its neighbours: half and twice the warps, matrices per program and right-hand-side block,
+and for solve both pivoting schemes. Each is checked first (LAPACK ratio in float64, <= 30) and
+then timed three ways:
 
 * ``gpu``: GPU time per call. A ``torch.cuda._sleep`` queued ahead of the start event covers the
   host's issuing of ``REPS`` back-to-back calls, so the events see only the GPU's work.
@@ -16,8 +19,9 @@ alternatives) is checked first (LAPACK ratio in float64, <= 30) and then timed t
 * ``host``: host time to issue one call (``time.perf_counter``, no synchronisation).
 
 The default launch (what the ops run today) is timed through the registered op as well (``op``
-rows), so the op core's dispatch cost shows beside the bare launcher's. Prints a table and the
-best variant per case, writes ``small-linalg-sweep-<card>.json`` and a log to ``--out``. A variant
+rows), so the op core's dispatch cost shows beside the bare launcher's; the ``torch`` rows record
+which backend automatic selection picks for the case (``auto``). Prints a table and the best variant
+per case, writes ``small-linalg-sweep-<card>-<dtype>.json`` and a log to ``--out``. A variant
 that fails (compile error, ratio > 30) is recorded and skipped; past ``--budget-s`` the remaining
 variants are skipped (recorded too), so the run ends in time.
 """
@@ -33,9 +37,10 @@ import sys
 import time
 
 import torch
+import triton
 
 import metalcore
-from metalcore.linalg._small_triton import block, group, warps
+from metalcore.linalg import cholesky_triton, solve_triton, triangular_triton
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.cholesky_triton import cholesky_launch
@@ -134,82 +139,73 @@ def solve_check(A, X, B):
     return ratio(B.double() - A.double() @ X.double(), fro(A) * fro(X), A.shape[-1], X.dtype)
 
 
-def inputs(b, n, device):
+def inputs(b, n, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
-    X = torch.randn(b, n, n, device=device, generator=g)
-    spd = X @ X.mT / n + torch.eye(n, device=device)
+    X = torch.randn(b, n, n, device=device, generator=g, dtype=dtype)
+    spd = X @ X.mT / n + torch.eye(n, device=device, dtype=dtype)
     L = torch.linalg.cholesky(spd)
     return {"X": X, "spd": spd, "L": L,
-            "B": torch.randn(b, n, n, device=device, generator=g),
-            "rhs": torch.randn(b, n, 1, device=device, generator=g)}
+            "B": torch.randn(b, n, n, device=device, generator=g, dtype=dtype),
+            "rhs": torch.randn(b, n, 1, device=device, generator=g, dtype=dtype)}
 
 
-SHORT = {"num_warps": "w", "group_size": "G", "block_k": "BK", "a_in_registers": "regs", "row_by_reduction": "row",
-         "implicit_pivoting": "implicit"}
+SHORT = {"num_warps": "w", "group_size": "G", "block_k": "BK", "implicit_pivoting": "implicit"}
 
 
 def label(kw: dict) -> str:
-    """``w=2 G=8 BK=4 regs=0``; ``default`` for today's launch."""
+    """``w=2 G=8 BK=4``; ``default`` for the default launch."""
     return " ".join(f"{SHORT[k]}={int(v)}" for k, v in kw.items()) or "default"
 
 
-def pow2_around(v: int, lo: int = 1, hi: int = 16) -> list[int]:
-    return sorted({min(max(x, lo), hi) for x in (v // 2, v, v * 2)})
-
-
-def variants(op: str, b: int, n: int, device: torch.device, tiny: bool) -> list[dict]:
-    """Launch-keyword sets to try for one case; the first is today's default launch."""
-    BN = block(n)
+def default_shape(op: str, b: int, n: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The launch keywords each launcher picks by itself for this case."""
     if op == "cholesky":
-        G = group(b, BN * BN, device)
-        out = [{}]
-        for w, row in itertools.product(pow2_around(warps(G * BN * BN)), (False, True)):
-            out.append({"num_warps": w, "group_size": G, "row_by_reduction": row})
-        if G > 1:
-            out.append({"group_size": max(1, G // 4)})
-        return out[:2] + out[-2:] if tiny else out
-    if op in ("trsm", "cholesky_solve"):
-        k = n if op == "trsm" else 1
-        BK = min(block(k), 64)
-        out = [{}]
-        for regs in (True, False):
-            elements = BN * (max(BN, BK) if regs else BK)
-            G = group(b, elements, device)
-            out += [{"num_warps": w, "group_size": G, "block_k": BK, "a_in_registers": regs}
-                    for w in pow2_around(warps(G * elements))]
-            if G > 1:
-                out.append({"group_size": max(1, G // 4), "a_in_registers": regs})
-        if op == "trsm" and n >= 64:   # more programs per matrix: narrower RHS blocks
-            out += [{"block_k": bk, "a_in_registers": regs} for bk, regs in itertools.product((16, 32), (True, False))]
-        return out[:2] + out[-2:] if tiny else out
-    G = group(b, BN * BN, device)
-    out = [{}] + [{"num_warps": w, "group_size": G, "implicit_pivoting": imp}
-                  for w, imp in itertools.product(pow2_around(warps(G * BN * BN)), (False, True))]
-    if G > 1:
-        out.append({"group_size": max(1, G // 4)})
-    return out[:2] + out[-2:] if tiny else out
+        return cholesky_triton.launch_shape(n, b, device)
+    if op == "trsm":
+        return triangular_triton.launch_shape(n, n, b, device)
+    if op == "cholesky_solve":
+        return triangular_triton.launch_shape(n, 1, b, device, cholesky_solve=True)
+    return solve_triton.launch_shape(n, 1, b, dtype, device)
+
+
+def variants(op: str, b: int, n: int, dtype: torch.dtype, device: torch.device, tiny: bool) -> list[dict]:
+    """Launch-keyword sets to try for one case: the default launch first, then each keyword moved to
+    half and twice its default (the others at theirs), and for solve the other pivoting scheme."""
+    shape = default_shape(op, b, n, dtype, device)
+    k = n if op == "trsm" else 1   # right-hand sides: a wider block than they need is never useful
+    bounds = {"num_warps": (1, 16), "group_size": (1, 64), "block_k": (2, min(64, max(2, triton.next_power_of_2(k))))}
+    out = [{}]
+    for key, (lo, hi) in bounds.items():
+        if key not in shape:
+            continue
+        for v in (shape[key] // 2, shape[key] * 2):
+            if lo <= v <= hi:
+                out.append({**shape, key: v})
+    if "implicit_pivoting" in shape:
+        out.append({**shape, "implicit_pivoting": not shape["implicit_pivoting"]})
+    return out[:3] if tiny else out
 
 
 def case(op: str, t: dict):
-    """(launcher(**kw) -> result, op call, torch call, check(result) -> ratio)"""
+    """(launcher(**kw) -> result, metalcore op, its arguments, torch call, check(result) -> ratio)"""
     if op == "cholesky":
         A = t["spd"]
-        return (lambda **kw: cholesky_launch(A, False, **kw), lambda: cholesky_ex_op(A, False, False),
+        return (lambda **kw: cholesky_launch(A, False, **kw), cholesky_ex_op, (A, False, False),
                 lambda: torch.linalg.cholesky_ex(A),
                 lambda r: ratio(A.double() - r[0].double() @ r[0].double().mT, fro(A), A.shape[-1], A.dtype)
                 if not r[1].any() else float("inf"))
     if op == "trsm":
         L, B = t["L"], t["B"]
-        return (lambda **kw: solve_triangular_launch(L, B, False, True, False, **kw),
-                lambda: solve_triangular_op(L, B, False, True, False),
-                lambda: torch.linalg.solve_triangular(L, B, upper=False), lambda r: solve_check(L, r, B))
+        return (lambda **kw: solve_triangular_launch(L, B, False, True, False, **kw), solve_triangular_op,
+                (L, B, False, True, False), lambda: torch.linalg.solve_triangular(L, B, upper=False),
+                lambda r: solve_check(L, r, B))
     if op == "solve":
         A, B = t["X"], t["rhs"]
-        return (lambda **kw: solve_launch(A, B, True, **kw), lambda: solve_ex_op(A, B, True, False),
+        return (lambda **kw: solve_launch(A, B, True, **kw), solve_ex_op, (A, B, True, False),
                 lambda: torch.linalg.solve_ex(A, B),
                 lambda r: solve_check(A, r[0], B) if not r[1].any() else float("inf"))
     L, A, B = t["L"], t["spd"], t["rhs"]
-    return (lambda **kw: cholesky_solve_launch(B, L, False, **kw), lambda: cholesky_solve_op(B, L, False),
+    return (lambda **kw: cholesky_solve_launch(B, L, False, **kw), cholesky_solve_op, (B, L, False),
             lambda: torch.cholesky_solve(B, L), lambda r: solve_check(A, r, B))
 
 
@@ -229,17 +225,19 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes and few variants (CPU smoke test)")
     ap.add_argument("--ops", default="cholesky,trsm,solve,cholesky_solve")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--reps", type=int, default=REPS)
     ap.add_argument("--budget-s", type=float, default=160.0,
                     help="skip the remaining variants after this many seconds")
     args = ap.parse_args()
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     started = time.time()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu-interpreter"
     os.makedirs(args.out, exist_ok=True)
-    stem = "small-linalg-sweep-" + card.replace(" ", "-").replace("/", "-")
+    stem = "small-linalg-sweep-" + card.replace(" ", "-").replace("/", "-") + "-" + args.dtype
     log = open(os.path.join(args.out, stem + ".log"), "w")
 
     def say(line):
@@ -249,24 +247,27 @@ def main():
 
     clock = Clock(device, 3 if args.tiny else args.reps)
     warm_gpu(device)
-    result = {"card": card, "torch": torch.__version__, "rows": []}
+    result = {"card": card, "torch": torch.__version__, "dtype": args.dtype, "rows": []}
     ops = args.ops.split(",")
     shapes = TINY_SHAPES if args.tiny else SHAPES
     for i, (b, n) in enumerate(shapes):
-        t = inputs(b, n, device)
+        t = inputs(b, n, dtype, device)
         for j, op in enumerate(ops):
             # Each case gets its share of the budget (time a case leaves unused carries forward).
             deadline = started + args.budget_s * (i * len(ops) + j + 1) / (len(shapes) * len(ops))
-            launcher, op_call, torch_call, check = case(op, t)
+            launcher, mc_op, op_args, torch_call, check = case(op, t)
             base = {"op": op, "batch": b, "n": n}
             try:
                 ref = clock.all(torch_call)
             except Exception as exc:   # a failing peer is a result to report, not a stop
                 ref = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            with metalcore.use_backend("auto"):
+                ref["auto"] = mc_op.backend_for(*op_args)
             result["rows"].append({**base, "variant": "torch", **ref})
+            say(json.dumps(result["rows"][-1]))
             with metalcore.use_backend("triton"):
-                rows = [("op", op_call, {})] + [(label(kw), lambda kw=kw: launcher(**kw), kw)
-                                                for kw in variants(op, b, n, device, args.tiny)]
+                rows = [("op", lambda: mc_op(*op_args), {})] + [
+                    (label(kw), lambda kw=kw: launcher(**kw), kw) for kw in variants(op, b, n, dtype, device, args.tiny)]
                 for name, fn, kw in rows:
                     row = {**base, "variant": name}
                     if time.time() > deadline:
@@ -288,7 +289,7 @@ def main():
             with open(os.path.join(args.out, stem + ".json"), "w") as f:
                 json.dump(result, f, indent=1)
 
-    say(f"\n{card}  torch {torch.__version__}  {time.time() - started:.0f} s")
+    say(f"\n{card}  torch {torch.__version__}  {args.dtype}  {time.time() - started:.0f} s")
     say(f"{'op':15s} {'shape':>10s} {'variant':26s} {'ratio':>6s} {'host us':>8s} {'call us':>8s} "
         f"{'gpu us':>8s} {'x call':>7s} {'x gpu':>7s}")
     for r in result["rows"]:
@@ -296,7 +297,8 @@ def main():
         if "error" in r or "skipped" in r:
             say(f"{r['op']:15s} {shape:>10s} {r['variant']:26s} {r.get('error', r.get('skipped'))[:60]}")
             continue
-        say(f"{r['op']:15s} {shape:>10s} {r['variant']:26s} {r.get('ratio', 0):6.2f} {r['host_us']:8.1f} "
+        variant = f"{r['variant']} (auto: {r['auto']})" if r["variant"] == "torch" else r["variant"]
+        say(f"{r['op']:15s} {shape:>10s} {variant:26s} {r.get('ratio', 0):6.2f} {r['host_us']:8.1f} "
             f"{r['call_us']:8.1f} {r['gpu_us'] or 0:8.1f} {r.get('speedup_call', 0):7.2f} "
             f"{r.get('speedup_gpu', 0):7.2f}")
     say("\nbest variant per case (by GPU time; by host-inclusive call time on the CPU):")

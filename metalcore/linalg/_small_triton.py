@@ -43,13 +43,15 @@ def block(n: int, minimum: int = 2) -> int:
     return max(triton.next_power_of_2(max(n, 1)), minimum)
 
 
-def group(batch: int, elements_per_matrix: int, device: torch.device) -> int:
-    """Matrices per program: enough to reach ``GROUP_ELEMENTS``, never more than the batch needs.
+def group(batch: int, elements_per_matrix: int, device: torch.device, budget: int = GROUP_ELEMENTS) -> int:
+    """Matrices per program: enough to reach ``budget`` elements (``GROUP_ELEMENTS`` unless a
+    kernel's launcher measured another), never more than the batch needs.
 
     Under the CPU interpreter every program runs one after another and each tile operation is a
     numpy call, so there whole batches share one program (up to ``INTERPRETER_GROUP_ELEMENTS``):
     the same arithmetic, several times faster in CI."""
-    budget = GROUP_ELEMENTS if device.type == "cuda" else INTERPRETER_GROUP_ELEMENTS
+    if device.type != "cuda":
+        budget = INTERPRETER_GROUP_ELEMENTS
     g = max(1, budget // elements_per_matrix)
     return min(triton.next_power_of_2(g), triton.next_power_of_2(max(batch, 1)))
 

@@ -9,10 +9,12 @@ runs the right-looking unblocked algorithm (LAPACK ``potf2``): for each column `
 The first ``k`` with ``d ≤ 0`` or NaN sets ``info = k + 1`` for that matrix alone and freezes its
 tile (LAPACK leaves the remaining columns as they are); the other matrices of the program carry on.
 
-The rank-1 update needs ``l`` both as a column and as a row; the row is either ``l`` moved to the
-other slice layout (a ``convert_layout``: a shared-memory round trip each step) or, with ``ROW``,
-row ``k`` of the (symmetric) trailing block reduced along the rows, which needs no conversion. The
-launcher's keywords choose it and the launch shape, so a device sweep can pick the default.
+The rank-1 update needs ``l`` both as a column and as a row; the row is ``l`` moved to the other
+slice layout (a ``convert_layout``). Reading row ``k`` of the symmetric trailing block by a second
+reduction instead avoids the conversion but was slower at every size on the H100 (1.2-3x, e.g.
+75 vs 27 µs at 1000×32, bench/linalg_triton.md v3), so it was removed. The launch shape (matrices
+and warps per program) follows :func:`launch_shape`, fitted to that sweep; the launcher's keywords
+override it for sweeps.
 
 Work per matrix: ``n`` steps of ``O(BN²)`` masked tile operations, i.e. ``~3 n³`` flops against the
 ``n³/3`` of the algorithm; at ``n ≤ 128`` the steps' reductions (latency), not the flops, set the
@@ -26,14 +28,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, batched, block, fits, group, warps
+from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.nn._jit_triton import jit
 
 
 @jit
 def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
-                     G: tl.constexpr, BN: tl.constexpr, UPPER: tl.constexpr, ROW: tl.constexpr):
+                     G: tl.constexpr, BN: tl.constexpr, UPPER: tl.constexpr):
     g = tl.program_id(0) * G + tl.arange(0, G)
     r = tl.arange(0, BN)
     g3 = g[:, None, None]
@@ -58,15 +60,7 @@ def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
         ok = (info == 0)[:, None, None]
         s = tl.sqrt(tl.where(info == 0, d, 1.0))[:, None]
         l = tl.where(r[None, :] >= k, col / s, 0.0)
-        if ROW:
-            # The trailing block stays symmetric, so row k equals column k there; reducing along
-            # the rows yields it directly in the layout a row broadcast needs, where ``l[:, None, :]``
-            # costs a layout conversion (a shared-memory round trip) every step.
-            row = tl.sum(tl.where(r3 == k, a, 0.0), axis=1)        # [G, BN]: A[k, :]
-            l_row = tl.where(r[None, :] >= k, row / s, 0.0)[:, None, :]
-        else:
-            l_row = l[:, None, :]
-        a = tl.where(ok & (r3 > k) & (c3 > k), a - l[:, :, None] * l_row, a)
+        a = tl.where(ok & (r3 > k) & (c3 > k), a - l[:, :, None] * l[:, None, :], a)
         a = tl.where(ok & (c3 == k) & (r3 >= k), l[:, :, None], a)
 
     out = L + g3.to(tl.int64) * n * n
@@ -78,13 +72,32 @@ def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
     tl.store(INFO + g, info, mask=g < batch)
 
 
-def cholesky_launch(A: Tensor, upper: bool, *, num_warps: int | None = None, group_size: int | None = None,
-                    row_by_reduction: bool = False) -> tuple[Tensor, Tensor]:
+# Launch shape, fitted to the H100 sweep (fp32, GPU µs, bench/linalg_triton.md v3):
+# - matrices per program: tiny ones (BN ≤ 8) packed to GROUP_ELEMENTS (10000×3: 32 a program 2.7 µs,
+#   8 a program 3.4; 4096×8: 8 a program 4.7, 2 a program 5.2); from BN = 16 one matrix a program
+#   (500×16: 6.3 µs alone, 8.3 two to a program).
+# - warps: one per 512 tile elements, at most 16 (1000×32: 2 warps 26.7 µs, 1 27.4, 4 28.4;
+#   100×64: 8 warps 44.0, 4 57.2, 2 77.4; 64×128: 16 warps 209, 8 258).
+# fp64 (not timed) takes the same shape: the largest tile, 128×128 over 16 warps, is 32 values
+# (64 registers) a thread, far from spilling.
+ELEMENTS_PER_WARP = 512
+PACK_MAX_BN = 8
+
+
+def launch_shape(n: int, batch: int, device: torch.device) -> dict:
+    """Default ``group_size`` and ``num_warps`` of :func:`cholesky_launch` for ``batch`` matrices of
+    side ``n`` (the rule above)."""
+    BN = block(n)
+    G = group(batch, BN * BN, device, GROUP_ELEMENTS if BN <= PACK_MAX_BN else 1)
+    return {"group_size": G, "num_warps": min(16, max(1, G * BN * BN // ELEMENTS_PER_WARP))}
+
+
+def cholesky_launch(A: Tensor, upper: bool, *, num_warps: int | None = None,
+                    group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """``(L, info)`` for ``A`` ``(*, n, n)`` float32/float64, ``n ≤ MAX_N``; ``L`` contiguous.
 
-    The keywords override the launch shape (for sweeps): warps per program, matrices per program
-    (a power of two), and whether row ``k`` is a second reduction (``True``) or the transposed
-    column (a layout conversion)."""
+    The keywords override :func:`launch_shape` (for sweeps): warps per program and matrices per
+    program (a power of two)."""
     n = A.shape[-1]
     L = torch.empty(A.shape, dtype=A.dtype, device=A.device)
     A3 = batched(A)
@@ -92,17 +105,28 @@ def cholesky_launch(A: Tensor, upper: bool, *, num_warps: int | None = None, gro
     if nb == 0 or n == 0:
         return L, torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
     info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)   # every element is stored
-    BN = block(n)
-    G = group_size or group(nb, BN * BN, A.device)
+    shape = launch_shape(n, nb, A.device)
+    G = group_size or shape["group_size"]
     _cholesky_kernel[(triton.cdiv(nb, G),)](
         A3, L, info, nb, n, A3.stride(0), A3.stride(1), A3.stride(2),
-        G=G, BN=BN, UPPER=upper, ROW=row_by_reduction, num_warps=num_warps or warps(G * BN * BN))
+        G=G, BN=block(n), UPPER=upper, num_warps=num_warps or shape["num_warps"])
     return L, info
 
 
-# Not chosen automatically: 0.51-0.67x torch.linalg.cholesky_ex on the H100 (500x16 .. 64x128, fp32,
-# bench/linalg_triton.md v1) until the elimination loop is tuned.
+# Chosen automatically up to n = 64, where its GPU time beat torch.linalg.cholesky_ex on the H100
+# (fp32, bench/linalg_triton.md v3): 10000×3 2.7 vs 30.5 µs, 4096×8 4.7 vs 28.1, 500×16 6.3 vs 19.3,
+# 1000×32 26.7 vs 46.5, 100×64 44.0 vs 64.2; at 64×128 it loses (209 vs 142: 128 dependent steps on
+# 64 programs). What remains for tiny batches is host time: ~40-55 µs to issue a call against
+# torch's ~30, so from an idle GPU a single small call is ~0.6-0.9x torch's. fp64 (not timed) follows
+# the same rule: the time is the chain of dependent reductions, not the FMA rate.
+AUTO_MAX_N = 64
+
+
+def _automatic(A, upper, check_errors):
+    return A.shape[-1] <= AUTO_MAX_N
+
+
 @cholesky_ex_op.implement("triton", supports=lambda A, upper, check_errors: fits(A, max_n=MAX_N),
-                          automatic=False)
+                          automatic=_automatic)
 def _cholesky_ex_triton(A, upper, check_errors):
     return cholesky_launch(A, upper)

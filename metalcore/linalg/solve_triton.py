@@ -13,8 +13,8 @@ LAPACK's does, and ``X`` then holds inf/NaN for that matrix only. ``X A = B`` is
 
 With ``IMPLICIT`` the rows are never swapped: each row remembers the step at which it became the
 pivot row, elimination and back substitution follow that order, and ``X`` is stored through it.
-That saves three of the eight tile reductions of a step and the swap's selects; the default stays
-getf2's swaps until the device sweep (bench/scripts/small_linalg_sweep.py) has timed both.
+That saves three of the eight tile reductions of a step and the swap's selects, which pays from
+n = 64 on the H100; below, getf2's swaps are faster (:func:`launch_shape`).
 
 Grid: ``(batch / G, k / BK)``. Programs that share ``A`` but not its right-hand-side block each
 factor it again: for ``k ≤ 64`` (one block) nothing is repeated. Work per program:
@@ -29,12 +29,42 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, block, fits, group, warps
+from metalcore.linalg._small_triton import MAX_N, block, fits, group
 from metalcore.linalg.solve import solve_ex_op
 from metalcore.nn._jit_triton import jit
 
 # Right-hand-side columns per program (a [128, 64] block is 8192 elements, as in trsm).
 MAX_BK = 64
+# Launch shape, fitted to the H100 sweep (fp32, one right-hand side, GPU µs; bench/linalg_triton.md
+# v3):
+# - matrices per program: ~128 tile elements (10000×3: 8 a program 4.5 µs, 32 4.9-6.6; 4096×8: 2 a
+#   program 9.7, 8 10.3-12.7; 500×16: 1 a program 10.8, 2 11.0-12.8).
+# - warps: one per 1024 tile elements, at most 8 (1000×32: 1 warp 42.3 µs, 2 66.0, 4 121; 100×64: 4
+#   warps 106, 8 119, 2 156; 64×128: 8 warps 608, 16 651).
+# - pivoting: getf2's row swaps up to BN = 32 (1000×32: 42.3 vs 57.6 µs implicit; 4096×8 9.7-10.3 vs
+#   11.0-16.4), the row order (IMPLICIT) from BN = 64 (100×64: 106 vs 128; 64×128: 608 vs 720).
+# fp64 (not timed): the same rule, except that the A tile is kept to 256 bytes a thread: 128×128 fp64
+# on 8 warps would be 128 registers a thread for A alone and spill once the update's temporaries
+# join it, so it gets 16 warps.
+SOLVE_GROUP_ELEMENTS = 128
+ELEMENTS_PER_WARP = 1024
+MAX_WARPS = 8
+TILE_BYTES_PER_THREAD = 256
+IMPLICIT_MIN_BN = 64
+
+
+def launch_shape(n: int, k: int, batch: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Default ``group_size``, ``block_k``, ``num_warps`` and ``implicit_pivoting`` of
+    :func:`solve_launch` for ``batch`` systems of side ``n`` with ``k`` right-hand sides (the rule
+    above)."""
+    BN = block(n)
+    BK = min(block(k), MAX_BK)
+    G = group(batch, BN * max(BN, BK), device, SOLVE_GROUP_ELEMENTS)
+    elements = G * BN * max(BN, BK)
+    w = max(min(MAX_WARPS, elements // ELEMENTS_PER_WARP),
+            elements * dtype.itemsize // (32 * TILE_BYTES_PER_THREAD))
+    return {"group_size": G, "block_k": BK, "num_warps": min(16, max(1, w)),
+            "implicit_pivoting": BN >= IMPLICIT_MIN_BN}
 
 
 @jit
@@ -123,12 +153,12 @@ def _lu_solve_kernel(A, B, X, INFO, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s
 
 def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = None,
                  group_size: int | None = None, block_k: int | None = None,
-                 implicit_pivoting: bool = False) -> tuple[Tensor, Tensor]:
+                 implicit_pivoting: bool | None = None) -> tuple[Tensor, Tensor]:
     """``(X, info)`` with ``A X = B`` (``X A = B`` when not ``left``); ``A`` ``(*a, n, n)``, ``B``
     ``(*b, n, k)`` (``(*b, k, n)``) with broadcastable batch shapes; ``info`` has shape ``*a``.
 
-    The keywords override the launch shape (for sweeps): warps per program, matrices per program
-    and right-hand-side columns per program (powers of two), and whether rows are swapped
+    The keywords override :func:`launch_shape` (for sweeps): warps per program, matrices per
+    program and right-hand-side columns per program (powers of two), and whether rows are swapped
     (LAPACK's getf2) or pivoting is tracked by a row order (fewer reductions a step)."""
     n = A.shape[-1]
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
@@ -144,12 +174,13 @@ def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = No
         if not left:
             for s in (sa, sb, sx):   # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ
                 s[1], s[2] = s[2], s[1]
-        BN = block(n)
-        BK = block_k or min(block(k), MAX_BK)
-        G = group_size or group(nb, BN * max(BN, BK), A.device)
+        shape = launch_shape(n, k, nb, A.dtype, A.device)
+        G = group_size or shape["group_size"]
+        BK = block_k or shape["block_k"]
+        implicit = shape["implicit_pivoting"] if implicit_pivoting is None else implicit_pivoting
         _lu_solve_kernel[(triton.cdiv(nb, G), triton.cdiv(k, BK))](
-            A3, B3, X3, info_full, nb, n, k, *sa, *sb, *sx, G=G, BN=BN, BK=BK, IMPLICIT=implicit_pivoting,
-            num_warps=num_warps or warps(G * BN * max(BN, BK)))
+            A3, B3, X3, info_full, nb, n, k, *sa, *sb, *sx, G=G, BN=block(n), BK=BK, IMPLICIT=implicit,
+            num_warps=num_warps or shape["num_warps"])
     elif nb and n:
         # No right-hand sides: info still reports singular matrices (as torch does); one column of
         # zeros is enough to run the factorization.
@@ -165,9 +196,20 @@ def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = No
     return X, info.reshape(A.shape[:-2])
 
 
-# Not chosen automatically: 0.56-2.1x torch.linalg.solve_ex on the H100 (slower at 4 of 5 sizes,
-# bench/linalg_triton.md v1), and not yet checked at full size on the GPU.
+# Chosen automatically at every size the kernel takes (n ≤ 128): its GPU time beat
+# torch.linalg.solve_ex's on the H100 everywhere (fp32, one right-hand side, bench/linalg_triton.md
+# v3): 10000×3 4.5 vs 30.4 µs, 4096×8 9.7 vs 33.5, 500×16 10.8 vs 45.3, 1000×32 42.3 vs 120.5, 100×64
+# 106 vs 437, 64×128 608 vs 964. What remains for tiny batches is host time: ~80-100 µs to issue a
+# call (the info reduction included) against torch's ~55-90, so from an idle GPU a single small solve
+# is ~0.6-0.9x torch's. fp64 (not timed) follows the same rule.
+AUTO_MAX_N = MAX_N
+
+
+def _automatic(A, B, left, check_errors):
+    return A.shape[-1] <= AUTO_MAX_N
+
+
 @solve_ex_op.implement("triton", supports=lambda A, B, left, check_errors:
-                       fits(A) and B.dtype == A.dtype and B.dim() >= 2, automatic=False)
+                       fits(A) and B.dtype == A.dtype and B.dim() >= 2, automatic=_automatic)
 def _solve_ex_triton(A, B, left, check_errors):
     return solve_launch(A, B, left)

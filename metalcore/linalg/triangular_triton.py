@@ -14,10 +14,13 @@ hold anything. ``cholesky_solve`` runs the same substitution twice in one progra
 ``Lᵀ``, the second pass reading the same triangle through swapped strides), so ``Y = L⁻¹ B`` never
 leaves registers.
 
-Grid: ``(batch / G, k / BK)``: right-hand sides are split into ``BK``-column blocks, each program
-reloading its (small) ``A``. Work per program: ``n`` steps over a ``[G, BN, BK]`` tile, i.e.
-``n² k`` multiply-adds for ``n² k`` in the algorithm; bytes: ``A`` (``4 n²/2``) plus ``B`` and ``X``
-(``8 n k``) in fp32.
+Grid: ``(batch / G, k / BK)``: right-hand sides are split into ``BK``-column blocks. A program holds
+only its ``[G, BN, BK]`` block of ``B``; column ``j`` of ``M`` is loaded from memory each step (an
+L1/L2 hit after the first program), one step ahead so that the load overlaps the step before it.
+Holding ``M`` in registers instead and reading its columns by a masked reduction was never faster
+on the H100 (level at 500×16, slower elsewhere: trsm 64×128 233 vs 125 µs, cholesky_solve 100×64 60
+vs 23 µs; bench/linalg_triton.md v3), so it was removed. Work per program: ``n`` steps of ``O(BN·BK)``, ``n² k`` multiply-adds for
+``n² k`` in the algorithm; bytes: ``A`` (``4 n²/2``) plus ``B`` and ``X`` (``8 n k``) in fp32.
 """
 
 from __future__ import annotations
@@ -27,114 +30,118 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, batched, block, fits, group, warps
+from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore.nn._jit_triton import helper, jit
 
-# Right-hand-side columns per program: 64 columns of a 128-row system is an 8192-element tile.
-MAX_BK = 64
+# Launch shape, fitted to the H100 sweep (fp32, GPU µs; trsm with n right-hand sides, cholesky_solve
+# with one; bench/linalg_triton.md v3):
+# - right-hand-side columns per program: at most 32 up to BN = 64, so that 100 matrices of 64 still
+#   make 200 programs (100×64: 32 columns 25.6 µs, 64 34.4, 16 52.9); at most 64 at BN = 128
+#   (64×128: 64 columns on 8 warps 125 µs, 16 on 4 warps 146, 32 on 4 warps 188).
+# - matrices per program (trsm): tiny ones (BN ≤ 8) packed to GROUP_ELEMENTS (4096×8: 8 a program
+#   4.5 µs, 2 a program 5.0; 10000×3: 32 a program 3.2-3.8, 8 3.6); from BN = 16 one matrix a program
+#   (500×16: 5.3 µs alone, 6.3-7.0 two to a program).
+# - matrices per program (cholesky_solve, twice the steps of trsm on a 2-column block): ~128 tile
+#   elements at every size (500×16: 4 a program 7.2 µs, 16 9.3; 1000×32: 2 13.3, 8 16.4; 100×64: 1
+#   22.7, 4 30.8; 4096×8: 8 4.9, 32 6.2; 10000×3: 16 3.4, 64 3.8).
+# - warps: one per 512 tile elements, at most 8 (1000×32: 2 warps 18.7 µs, 1 31.8, 4 30.8; 100×64
+#   at 32 columns: 4 warps; 64×128: 8 warps 125 µs, 16 190, 4 278).
+# fp64 (not timed) takes the same shape: the largest tile, 128×64 over 8 warps, is 32 values (64
+# registers) a thread, far from spilling.
+ELEMENTS_PER_WARP = 512
+MAX_WARPS = 8
+PACK_MAX_BN = 8
+CHOL_GROUP_ELEMENTS = 128
+
+
+def launch_shape(n: int, k: int, batch: int, device: torch.device, cholesky_solve: bool = False) -> dict:
+    """Default ``group_size``, ``block_k`` and ``num_warps`` of :func:`solve_triangular_launch`
+    (:func:`cholesky_solve_launch` with ``cholesky_solve``) for ``batch`` systems of side ``n`` with
+    ``k`` right-hand sides (the rule above)."""
+    BN = block(n)
+    BK = min(block(k), 32 if BN <= 64 else 64)
+    if cholesky_solve:
+        budget = CHOL_GROUP_ELEMENTS
+    else:
+        budget = GROUP_ELEMENTS if BN <= PACK_MAX_BN else 1
+    G = group(batch, BN * BK, device, budget)
+    return {"group_size": G, "block_k": BK,
+            "num_warps": min(MAX_WARPS, max(1, G * BN * BK // ELEMENTS_PER_WARP))}
 
 
 @helper
-def _substitute(b, a_base, s_r, s_c, live, r3, c3, n,
-                LOWER: tl.constexpr, UNIT: tl.constexpr, A_REGS: tl.constexpr):
+def _substitute(b, a_base, s_r, s_c, live, r3, n, LOWER: tl.constexpr, UNIT: tl.constexpr):
     """``b`` (``[G, BN, BK]``) overwritten by ``M⁻¹ b``, ``M`` the lower (upper) triangle of the matrices
     at ``a_base`` (``[G]`` pointers) with row/column strides ``s_r``/``s_c``; only that triangle
-    (strictly, when ``UNIT``) is read.
-
-    ``A_REGS``: ``M`` is held as a ``[G, BN, BN]`` register tile and column ``j`` read out of it by a
-    masked reduction each step; otherwise column ``j`` is loaded from memory (an L1/L2 hit after the
-    first program), one step ahead so that the load's latency overlaps the step before it, and the
-    program holds only ``b``: a step costs ``O(BN·BK)`` instead of ``O(BN² + BN·BK)`` and one
-    reduction instead of three. Which is faster depends on the card (the sweep decides)."""
+    (strictly, when ``UNIT``) is read, one column a step, loaded a step ahead."""
     live3 = live[:, None, None]
     base3 = a_base[:, None, None]
-    if A_REGS:
-        if LOWER:
-            tri = (r3 > c3) if UNIT else (r3 >= c3)
-        else:
-            tri = (r3 < c3) if UNIT else (r3 <= c3)
-        a = tl.load(base3 + r3 * s_r + c3 * s_c, mask=live3 & (r3 < n) & (c3 < n) & tri, other=0.0)
-        for t in range(n):
-            j = t if LOWER else n - 1 - t
-            below = (r3 > j) if LOWER else (r3 < j)   # rows still to be updated by x_j
-            x = tl.sum(tl.where(r3 == j, b, 0.0), axis=1)                       # [G, BK]: b_j
-            col = tl.sum(tl.where(c3 == j, a, 0.0), axis=2)[:, :, None]         # [G, BN, 1]: M[:, j]
-            if not UNIT:
-                piv = tl.sum(tl.where(r3 == j, col, 0.0), axis=1)               # [G, 1]
-                x = x / tl.where(live[:, None], piv, 1.0)   # padding matrices: no 0/0
-            b = tl.where(r3 == j, x[:, None, :], tl.where(below, b - col * x[:, None, :], b))
-    else:
-        j = 0 if LOWER else n - 1
-        below = (r3 > j) if LOWER else (r3 < j)
-        col = tl.load(base3 + r3 * s_r + j * s_c, mask=live3 & below & (r3 < n), other=0.0)
-        piv = tl.load(a_base + j * (s_r + s_c), mask=live, other=1.0)
-        for t in range(n):
-            j = t if LOWER else n - 1 - t
-            below = (r3 > j) if LOWER else (r3 < j)
-            # Next step's column and pivot (masked off past the last step).
-            j_next = j + 1 if LOWER else j - 1
-            below_next = (r3 > j_next) if LOWER else (r3 < j_next)
-            col_next = tl.load(base3 + r3 * s_r + j_next * s_c, mask=live3 & below_next & (r3 < n), other=0.0)
-            piv_next = tl.load(a_base + j_next * (s_r + s_c), mask=live & (t + 1 < n), other=1.0)
-            x = tl.sum(tl.where(r3 == j, b, 0.0), axis=1)                       # [G, BK]: b_j
-            if not UNIT:
-                x = x / piv[:, None]
-            b = tl.where(r3 == j, x[:, None, :], tl.where(below, b - col * x[:, None, :], b))
-            col = col_next
-            piv = piv_next
+    j = 0 if LOWER else n - 1
+    below = (r3 > j) if LOWER else (r3 < j)
+    col = tl.load(base3 + r3 * s_r + j * s_c, mask=live3 & below & (r3 < n), other=0.0)
+    piv = tl.load(a_base + j * (s_r + s_c), mask=live, other=1.0)
+    for t in range(n):
+        j = t if LOWER else n - 1 - t
+        below = (r3 > j) if LOWER else (r3 < j)   # rows still to be updated by x_j
+        # Next step's column and pivot (masked off past the last step).
+        j_next = j + 1 if LOWER else j - 1
+        below_next = (r3 > j_next) if LOWER else (r3 < j_next)
+        col_next = tl.load(base3 + r3 * s_r + j_next * s_c, mask=live3 & below_next & (r3 < n), other=0.0)
+        piv_next = tl.load(a_base + j_next * (s_r + s_c), mask=live & (t + 1 < n), other=1.0)
+        x = tl.sum(tl.where(r3 == j, b, 0.0), axis=1)                       # [G, BK]: b_j
+        if not UNIT:
+            x = x / piv[:, None]
+        b = tl.where(r3 == j, x[:, None, :], tl.where(below, b - col * x[:, None, :], b))
+        col = col_next
+        piv = piv_next
     return b
 
 
 @jit
 def _trsm_kernel(A, B, X, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s_bc, s_xb, s_xr, s_xc,
                  G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOWER: tl.constexpr,
-                 UNIT: tl.constexpr, CHOL: tl.constexpr, A_REGS: tl.constexpr):
+                 UNIT: tl.constexpr, CHOL: tl.constexpr):
     g = tl.program_id(0) * G + tl.arange(0, G)
     r = tl.arange(0, BN)
     q = tl.program_id(1) * BK + tl.arange(0, BK)
     r3 = r[None, :, None]
-    c3 = r[None, None, :]
     q3 = q[None, None, :]
     live = g < batch
     g64 = g.to(tl.int64)
     in_b = live[:, None, None] & (r3 < n) & (q3 < k)
     b = tl.load(B + g64[:, None, None] * s_bb + r3 * s_br + q3 * s_bc, mask=in_b, other=0.0)
     a_base = A + g64 * s_ab
-    b = _substitute(b, a_base, s_ar, s_ac, live, r3, c3, n, LOWER, UNIT, A_REGS)
+    b = _substitute(b, a_base, s_ar, s_ac, live, r3, n, LOWER, UNIT)
     if CHOL:
         # cholesky_solve: the first pass solved with the lower factor; the second solves with its
         # transpose (same memory, swapped strides), an upper non-unit triangle.
-        b = _substitute(b, a_base, s_ac, s_ar, live, r3, c3, n, False, False, A_REGS)
+        b = _substitute(b, a_base, s_ac, s_ar, live, r3, n, False, False)
     tl.store(X + g64[:, None, None] * s_xb + r3 * s_xr + q3 * s_xc, b, mask=in_b)
 
 
 def _launch(A3: Tensor, B3: Tensor, X3: Tensor, k: int, sa: list, sb: list, sx: list, lower: bool,
-            unit: bool, chol: bool, num_warps: int | None, group_size: int | None, block_k: int | None,
-            a_in_registers: bool) -> None:
+            unit: bool, chol: bool, num_warps: int | None, group_size: int | None, block_k: int | None) -> None:
     n = A3.shape[-1]
     nb = A3.shape[0]
-    BN = block(n)
-    BK = block_k or min(block(k), MAX_BK)
-    # Register tile per matrix: A and the block of B, or the block of B alone.
-    elements = BN * (max(BN, BK) if a_in_registers else BK)
-    G = group_size or group(nb, elements, A3.device)
+    shape = launch_shape(n, k, nb, A3.device, chol)
+    G = group_size or shape["group_size"]
+    BK = block_k or shape["block_k"]
     grid = (triton.cdiv(nb, G), triton.cdiv(k, BK))
     _trsm_kernel[grid](A3, B3, X3, nb, n, k, *sa, *sb, *sx,
-                       G=G, BN=BN, BK=BK, LOWER=lower, UNIT=unit, CHOL=chol, A_REGS=a_in_registers,
-                       num_warps=num_warps or warps(G * elements))
+                       G=G, BN=block(n), BK=BK, LOWER=lower, UNIT=unit, CHOL=chol,
+                       num_warps=num_warps or shape["num_warps"])
 
 
 def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitriangular: bool, *,
                             num_warps: int | None = None, group_size: int | None = None,
-                            block_k: int | None = None, a_in_registers: bool = True) -> Tensor:
+                            block_k: int | None = None) -> Tensor:
     """``X`` with ``A X = B`` (``X A = B`` when not ``left``); ``A`` ``(*, n, n)``, ``B`` ``(*, n, k)``
     (``(*, k, n)``) with the same batch shape, float32/float64, ``n ≤ MAX_N``; ``X`` contiguous.
 
-    The keywords override the launch shape (for sweeps): warps per program, matrices per program
-    (a power of two), right-hand-side columns per program (a power of two), and whether ``A`` is
-    held in registers or its columns are re-read from memory each step."""
+    The keywords override :func:`launch_shape` (for sweeps): warps per program, matrices per program
+    and right-hand-side columns per program (powers of two)."""
     X = torch.empty(B.shape, dtype=B.dtype, device=B.device)
     A3, B3, X3 = batched(A), batched(B), X.view(-1, *B.shape[-2:])
     if A3.shape[0] == 0 or B.numel() == 0:
@@ -147,14 +154,12 @@ def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitr
             s[1], s[2] = s[2], s[1]
         lower = not lower
     k = B.shape[-1] if left else B.shape[-2]
-    _launch(A3, B3, X3, k, sa, sb, sx, lower, unitriangular, False,
-            num_warps, group_size, block_k, a_in_registers)
+    _launch(A3, B3, X3, k, sa, sb, sx, lower, unitriangular, False, num_warps, group_size, block_k)
     return X
 
 
 def cholesky_solve_launch(B: Tensor, L: Tensor, upper: bool, *, num_warps: int | None = None,
-                          group_size: int | None = None, block_k: int | None = None,
-                          a_in_registers: bool = True) -> Tensor:
+                          group_size: int | None = None, block_k: int | None = None) -> Tensor:
     """``X`` with ``L Lᵀ X = B`` (``Uᵀ U X = B`` when ``upper``); ``L`` ``(*, n, n)``, ``B``
     ``(*, n, k)`` with the same batch shape, float32/float64, ``n ≤ MAX_N``; ``X`` contiguous.
     Keywords as in :func:`solve_triangular_launch`."""
@@ -166,20 +171,37 @@ def cholesky_solve_launch(B: Tensor, L: Tensor, upper: bool, *, num_warps: int |
     if upper:
         sa[1], sa[2] = sa[2], sa[1]   # the first pass solves with Uᵀ, a lower triangle
     _launch(L3, B3, X3, B.shape[-1], sa, list(B3.stride()), list(X3.stride()), True, False, True,
-            num_warps, group_size, block_k, a_in_registers)
+            num_warps, group_size, block_k)
     return X
 
 
-# Not chosen automatically: 0.17-0.58x torch.linalg.solve_triangular on the H100
-# (bench/linalg_triton.md v1) until tuned.
+# Chosen automatically where the GPU time beat torch's on the H100 (fp32, bench/linalg_triton.md v3).
+# trsm (n right-hand sides) up to n = 64: 10000×3 3.2 vs 17.0 µs, 4096×8 4.5 vs 13.6, 500×16 5.3 vs
+# 12.5, 1000×32 18.7 vs 34.6, 100×64 25.6 vs 32.9; at 64×128 it loses (125 vs 76: 128 dependent steps
+# on 128 programs). cholesky_solve (1 right-hand side) at every size the kernel takes, n ≤ 128:
+# 10000×3 3.4 vs 132 µs, 4096×8 4.9 vs 88, 500×16 7.2 vs 62, 1000×32 13.3 vs 76, 100×64 22.7 vs 84,
+# 64×128 52 vs 123. What remains for tiny batches is host time: ~40-55 µs to issue a call against
+# torch's ~30 (trsm), so from an idle GPU a single small trsm is ~0.5-0.8x torch's. fp64 (not timed)
+# follows the same rule: the time is the chain of dependent steps, not the FMA rate.
+TRSM_AUTO_MAX_N = 64
+CHOLESKY_SOLVE_AUTO_MAX_N = MAX_N
+
+
+def _trsm_automatic(A, B, upper, left, unitriangular):
+    return A.shape[-1] <= TRSM_AUTO_MAX_N
+
+
+def _cholesky_solve_automatic(B, L, upper):
+    return L.shape[-1] <= CHOLESKY_SOLVE_AUTO_MAX_N
+
+
 @solve_triangular_op.implement("triton", supports=lambda A, B, upper, left, unitriangular:
-                               fits(A) and B.dtype == A.dtype, automatic=False)
+                               fits(A) and B.dtype == A.dtype, automatic=_trsm_automatic)
 def _solve_triangular_triton(A, B, upper, left, unitriangular):
     return solve_triangular_launch(A, B, upper, left, unitriangular)
 
 
-# Not chosen automatically until timed on the GPU (bench/scripts/small_linalg_sweep.py).
 @cholesky_solve_op.implement("triton", supports=lambda B, L, upper: fits(L) and B.dtype == L.dtype,
-                             automatic=False)
+                             automatic=_cholesky_solve_automatic)
 def _cholesky_solve_triton(B, L, upper):
     return cholesky_solve_launch(B, L, upper)

@@ -35,19 +35,17 @@ def test_cholesky_solve_lapack_ratio(batch, n, k, upper, dtype, device):
     assert_lapack_ratio(solve_ratio(A, X, B, dtype), f"cholesky_solve {case_id(batch, n, k)}")
 
 
-@pytest.mark.parametrize("a_in_registers", [True, False], ids=["registers", "memory"])
 @pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
-def test_launch_variants_and_rhs_blocks(upper, a_in_registers, device):
-    """Both ways of reading the factor, with the right-hand sides split over several programs and
-    garbage (NaN) in the triangle that must not be read."""
+def test_launch_keywords_and_rhs_blocks(upper, device):
+    """A launch shape other than the default: the right-hand sides split over several programs, two
+    matrices per program (the last half empty), garbage (NaN) in the triangle that must not be read."""
     A = spd("random", (3,), 13, torch.float64).to(device)
     L = torch.linalg.cholesky(A, upper=upper)
     unread = torch.ones_like(L, dtype=torch.bool)
     unread = unread.tril(-1) if upper else unread.triu(1)
     garbage = torch.where(unread, float("nan"), L)
     B = torch.randn(3, 13, 9, dtype=torch.float64, device=device)
-    X = trsm_module().cholesky_solve_launch(B, garbage, upper, block_k=4, group_size=2,
-                                            a_in_registers=a_in_registers)
+    X = trsm_module().cholesky_solve_launch(B, garbage, upper, block_k=4, group_size=2)
     torch.testing.assert_close(X, torch.cholesky_solve(B, L, upper=upper))
 
 
@@ -85,6 +83,17 @@ def test_cholesky_solve_gradients_run_the_kernel(upper, device, launches):
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o, t)
     assert len(calls) == 2
+
+
+def test_cholesky_solve_is_automatic_at_every_size_the_kernel_takes(monkeypatch):
+    """Faster than torch on the H100 up to n = 128 (the register limit), so CUDA inputs get the kernel
+    without a request; larger ones go to the reference. CPU tensors stand in for CUDA ones: the
+    automatic backend is patched to triton."""
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    with metalcore.use_backend("auto"):
+        for n, chosen in ((3, "triton"), (65, "triton"), (128, "triton"), (129, "reference")):
+            L = torch.eye(n).expand(2, n, n)
+            assert cholesky_solve_op.backend_for(torch.ones(2, n, 1), L, False) == chosen, n
 
 
 @pytest.mark.gpu

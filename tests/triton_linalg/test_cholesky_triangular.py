@@ -169,17 +169,16 @@ def test_solve_triangular_every_flag(upper, left, unit, device):
 
 @pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("upper,left,unit", FLAGS, ids=FLAG_IDS)
-def test_solve_triangular_from_memory_variant(upper, left, unit, device):
-    """A's columns read from memory each step (and prefetched one step ahead), several RHS blocks and
-    matrices per program; the unread triangle (and a unit diagonal) hold NaN."""
+def test_solve_triangular_launch_keywords(upper, left, unit, device):
+    """Launch shapes other than the default: several RHS blocks and matrices per program (the last
+    program half empty); the unread triangle (and a unit diagonal) hold NaN."""
     A = triangular((5,), 13, upper, torch.float64, device)
     junk = torch.full_like(A, float("nan"))
     A = A + (junk.tril(-1) if upper else junk.triu(1))
     if unit:
         A = A + torch.diag_embed(torch.full(A.shape[:-1], float("nan"), dtype=A.dtype, device=device))
     B = torch.randn(5, *((13, 7) if left else (7, 13)), dtype=torch.float64, device=device)
-    X = trsm_module().solve_triangular_launch(A, B, upper, left, unit, a_in_registers=False, block_k=2,
-                                              group_size=2)
+    X = trsm_module().solve_triangular_launch(A, B, upper, left, unit, block_k=2, group_size=2)
     expected = torch.linalg.solve_triangular(torch.nan_to_num(A), B, upper=upper, left=left, unitriangular=unit)
     torch.testing.assert_close(X, expected)
 
@@ -216,6 +215,21 @@ def test_solve_triangular_gradients(left, device, launches):
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o, t)
     assert len(calls) == 2, "the backward's solve must run the kernel too"
+
+
+# --- automatic selection -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,chosen", [(1, "triton"), (33, "triton"), (64, "triton"), (65, "reference"),
+                                      (128, "reference")], ids=str)
+def test_cholesky_and_trsm_are_automatic_up_to_n_64(n, chosen, monkeypatch):
+    """Where the H100 measured them faster than torch (n ≤ 64) the kernels serve CUDA inputs without
+    a request; beyond, cuSOLVER/cuBLAS do. CPU tensors stand in for CUDA ones: the automatic backend
+    is patched to triton (the interpreter makes the kernel runnable on them)."""
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    A = torch.eye(n).expand(2, n, n)
+    with metalcore.use_backend("auto"):
+        assert cholesky_ex_op.backend_for(A, False, False) == chosen
+        assert solve_triangular_op.backend_for(A, torch.ones(2, n, 3), False, True, False) == chosen
 
 
 # --- GPU, full size ---------------------------------------------------------------------------

@@ -104,6 +104,16 @@ def test_solve_really_runs_the_interpreted_kernel():
     assert k.interpreted is not None and k.compiled is None
 
 
+def test_solve_is_automatic_at_every_size_the_kernel_takes(monkeypatch):
+    """Faster than torch on the H100 up to n = 128 (the register limit), so CUDA inputs get the kernel
+    without a request; larger ones go to the reference. CPU tensors stand in for CUDA ones: the
+    automatic backend is patched to triton."""
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    with metalcore.use_backend("auto"):
+        for n, chosen in ((3, "triton"), (65, "triton"), (128, "triton"), (129, "reference")):
+            assert solve_ex_op.backend_for(torch.eye(n), torch.ones(n, 1), True, False) == chosen, n
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,n,k", [((1000,), 32, 1), ((1000,), 32, 32), ((64,), 128, 200), ((10000,), 3, 1),
@@ -118,18 +128,21 @@ def test_gpu_solve_full_size(batch, n, k, dtype, device):
 
 
 @pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("implicit", [True, False], ids=["row-order", "swaps"])
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 2), (8, 5), (17, 3), (33, 1)], ids=str)
-def test_implicit_pivoting_variant(n, k, device):
-    """The row-order LU (no swaps) meets the same ratio, info and NaN isolation as getf2's."""
+def test_pivoting_variants(n, k, implicit, device):
+    """Both pivoting schemes at every size (the default picks swaps below n = 64 and the row order
+    from 64: without this, the row order would run in CI only at the sizes where it is the default)
+    meet the same ratio, info and NaN isolation."""
     A = general("random", (6,), n, n, torch.float64).to(device)
     B = torch.randn(6, n, k, dtype=torch.float64, device=device)
     A[2] = 0.0                       # info 1
     A[3, :, n // 2] = 0.0            # a zero column: info n//2 + 1
     A[4, 1 % n, 0] = float("nan")
-    X, info = solve_module().solve_launch(A, B, True, implicit_pivoting=True, group_size=2)
+    X, info = solve_module().solve_launch(A, B, True, implicit_pivoting=implicit, group_size=2)
     assert torch.equal(info.cpu(), torch.linalg.solve_ex(A.cpu(), B.cpu()).info)
     assert X[4].isnan().all()
     good = [0, 1, 5]
-    assert_lapack_ratio(solve_ratio(A[good], X[good], B[good], torch.float64), f"implicit LU n={n}")
-    Xr, _ = solve_module().solve_launch(A[good], B[good].mT, False, implicit_pivoting=True)
-    assert_lapack_ratio(solve_ratio(A[good].mT, Xr.mT, B[good], torch.float64), f"implicit LU right n={n}")
+    assert_lapack_ratio(solve_ratio(A[good], X[good], B[good], torch.float64), f"LU implicit={implicit} n={n}")
+    Xr, _ = solve_module().solve_launch(A[good], B[good].mT, False, implicit_pivoting=implicit)
+    assert_lapack_ratio(solve_ratio(A[good].mT, Xr.mT, B[good], torch.float64), f"LU implicit={implicit} right n={n}")
