@@ -78,8 +78,8 @@ def _cholesky_kernel(A, L, INFO, batch, n, s_ab, s_ar, s_ac,
 #   (500×16: 6.3 µs alone, 8.3 two to a program).
 # - warps: one per 512 tile elements, at most 16 (1000×32: 2 warps 26.7 µs, 1 27.4, 4 28.4;
 #   100×64: 8 warps 44.0, 4 57.2, 2 77.4; 64×128: 16 warps 209, 8 258).
-# fp64 (not timed) takes the same shape: the largest tile, 128×128 over 16 warps, is 32 values
-# (64 registers) a thread, far from spilling.
+# fp64 (not timed) takes the same shape: ptxas (sm_90) fits 64×64 on 8 warps in 120 registers, and
+# 128×128 on 16 warps in 128 (all that 16 warps may have) with 16 bytes a thread spilled.
 ELEMENTS_PER_WARP = 512
 PACK_MAX_BN = 8
 

@@ -43,9 +43,10 @@ MAX_BK = 64
 #   warps 106, 8 119, 2 156; 64×128: 8 warps 608, 16 651).
 # - pivoting: getf2's row swaps up to BN = 32 (1000×32: 42.3 vs 57.6 µs implicit; 4096×8 9.7-10.3 vs
 #   11.0-16.4), the row order (IMPLICIT) from BN = 64 (100×64: 106 vs 128; 64×128: 608 vs 720).
-# fp64 (not timed): the same rule, except that the A tile is kept to 256 bytes a thread: 128×128 fp64
-# on 8 warps would be 128 registers a thread for A alone and spill once the update's temporaries
-# join it, so it gets 16 warps.
+# fp64 (not timed): the same rule, except that A's tile is kept to 256 bytes a thread, which gives
+# 128×128 16 warps: ptxas (sm_90) spills 728 bytes a thread there at 8 warps (255 registers) and 500
+# at 16 (128 registers, all that 16 warps may have); fp32 at 8 warps fits 255 registers with no
+# spill, fp64 64×64 at 4 warps too. The fp64 sweep (its half-warps variant) checks the choice.
 SOLVE_GROUP_ELEMENTS = 128
 ELEMENTS_PER_WARP = 1024
 MAX_WARPS = 8
