@@ -22,6 +22,7 @@ import torch
 from metalcore.linalg._jacobi_triton import block_of
 from metalcore.linalg._small_triton import warps
 from metalcore.linalg.eigh_triton import eigh_launch
+from metalcore.linalg import svd_triton
 from metalcore.linalg.svd_triton import svd_launch
 
 SHAPES = [(500, 16), (1000, 32), (100, 64), (4096, 8), (64, 128), (10000, 3)]
@@ -170,10 +171,14 @@ def main():
     rows = []
     for b, n in TINY_SHAPES if args.tiny else SHAPES:
         for op in ("eigh", "svd"):
+            if op == "svd" and device.type == "cuda" and n < svd_triton.CUDA_MIN_N:
+                print(f"svd {b}x{n}: skipped (CUDA_MIN_N, see svd_triton.py)", file=log, flush=True)
+                continue
             t = time.time()
             new = check(op, b, n, device)
             rows += new
             print(f"{op} {b}x{n}: {time.time() - t:.1f} s", file=log, flush=True)
+            print(table(new).split("\n", 1)[1], file=log, flush=True)
     legend = "* = default variant; qr = svd's QR preconditioning; ratios are maxima over the batch, bar 30"
     text = f"card: {card}  ({legend})\n{table(rows)}"
     print(text)

@@ -69,12 +69,7 @@ def main():
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--test-timeout", type=int, default=200)
     ap.add_argument("--ops", default="qr,cholesky,trsm,solve,eigh,svd")
-    ap.add_argument("--eigh-cuda-max-n", type=int, default=None,
-                    help="raise the Jacobi eigh kernel's CUDA size limit for this run (a probe)")
     args = ap.parse_args()
-    if args.eigh_cuda_max_n is not None:
-        import metalcore.linalg.eigh_triton as eigh_triton
-        eigh_triton.CUDA_MAX_N = args.eigh_cuda_max_n
     card = torch.cuda.get_device_name()
     result = {"card": card, "torch": torch.__version__, "tests": None, "timings": []}
     if not args.skip_tests:

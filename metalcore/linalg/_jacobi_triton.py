@@ -100,3 +100,18 @@ def block_of(n: int) -> int:
     """Padded side ``BN`` (a power of two, at least 2, so that the ``BN/2`` pairs tile is not empty)."""
     return triton.next_power_of_2(max(n, 2))
 
+
+def jacobi_warps(BN: int, svd: bool) -> int:
+    """Warps per Jacobi program, from the H100 sweep (bench/linalg_triton.md v4): one warp up to
+    ``BN = 16``; from ``BN = 32`` twice what the pair tile's size alone would give (the rounds are
+    latency chains over the scratch rows, and more warps keep more of a round's loads in flight):
+    2 at 32 (eigh 1000×32 1.04 vs 1.18 ms, svd 0.73 vs 0.90), 8 at 64 (eigh 100×64 1.40 vs 1.79,
+    svd 1.13 vs 1.38); at 128, 16 for svd (7.9 vs 8.3 ms) but 8 for eigh (10.1 vs 12.1)."""
+    if BN <= 16:
+        return 1
+    if BN == 32:
+        return 2
+    if BN == 64:
+        return 8
+    return 16 if svd else 8
+

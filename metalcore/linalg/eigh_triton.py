@@ -41,7 +41,7 @@ from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
-from metalcore.linalg._small_triton import batched, fits, warps
+from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.eigh import eigh_op
 from metalcore.nn._jit_triton import jit
 
@@ -144,22 +144,32 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | Non
         A3, L, Q if compute_v else L, AS, VS, L if sweeps is None else sweeps, n,
         A3.stride(0), A3.stride(1), A3.stride(2), math.sqrt(n) * finfo.eps, finfo.eps, MAX_SWEEPS,
         BN=BN, BH=BN // 2, UPPER=upper, WANT_V=compute_v, WANT_SWEEPS=sweeps is not None,
-        IEEE32=A.dtype == torch.float32, num_warps=num_warps or warps(BN * BN // 2))
+        IEEE32=A.dtype == torch.float32, num_warps=num_warps or jac.jacobi_warps(BN, svd=False))
     return L, Q
 
 
-# The pair-indexed kernel above has not yet run on a GPU (bench/scripts/jacobi_check.py measures it
-# at every size up to 128, calling eigh_launch directly). Until it has, CUDA inputs above n = 16 go
-# to cuSOLVER as they did for the permutation-product kernel it replaced (0.17-0.86x torch); the
-# interpreter (CI) runs every size up to MAX_N.
-CUDA_MAX_N = 16
+# fp64 on CUDA up to n = 64: at 64×128 fp64 the clustered-spectrum family's QᵀQ ratio was 38.9 on
+# the H100 (bar 30; fp32 and every other family passed), so fp64 above 64 goes to cuSOLVER.
+CUDA_FP64_MAX_N = 64
 
 
 def _supported(A: Tensor) -> bool:
-    return fits(A) and (A.device.type != "cuda" or A.shape[-1] <= CUDA_MAX_N)
+    return fits(A) and not (A.device.type == "cuda" and A.dtype == torch.float64 and A.shape[-1] > CUDA_FP64_MAX_N)
 
 
-# Not chosen automatically until jacobi_check.py shows it faster than torch.linalg.eigh on the H100.
-@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _supported(A), automatic=False)
+# Chosen automatically where the H100 measured it faster than torch.linalg.eigh (cuSOLVER syevj
+# batched / syevd; bench/linalg_triton.md v4, fp32): n ≤ 16 (500×16 1.3×, 4096×8 1.7×, 10000×3
+# 2.2×) and n ≥ 64 (100×64 57.6×, 64×128 11.3×), but not at 1000×32 (0.7×: syevj's batched path is
+# at its best there).
+AUTO_SMALL_MAX_N = 16
+AUTO_LARGE_MIN_N = 64
+
+
+def _automatic(A: Tensor, UPLO: str, compute_v: bool) -> bool:
+    n = A.shape[-1]
+    return n <= AUTO_SMALL_MAX_N or n >= AUTO_LARGE_MIN_N
+
+
+@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _supported(A), automatic=_automatic)
 def _eigh_triton(A, UPLO, compute_v):
     return eigh_launch(A, UPLO == "U", compute_v)

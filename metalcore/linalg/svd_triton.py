@@ -45,9 +45,10 @@ from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
-from metalcore.linalg._small_triton import batched, fits, warps
+from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import svd_op
+from metalcore.linalg.svd_large import large_supported, svd_large
 from metalcore.nn._jit_triton import jit
 
 MAX_SWEEPS = jac.MAX_SWEEPS
@@ -139,7 +140,7 @@ def _jacobi(X: Tensor, compute_uv: bool, num_warps: int | None, sweeps: Tensor |
             X3, W, S, V, AS, VS, S if sweeps is None else sweeps,
             m, n, X3.stride(0), X3.stride(1), X3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
             MAX_SWEEPS, BM=BM, BN=BN, BH=BN // 2, WANT_V=compute_uv, WANT_SWEEPS=sweeps is not None,
-            IEEE32=dt == torch.float32, num_warps=num_warps or warps(BN // 2 * BM))
+            IEEE32=dt == torch.float32, num_warps=num_warps or jac.jacobi_warps(BN, svd=True))
     return S, W, V
 
 
@@ -190,19 +191,36 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     return U, S, _orthonormal(W, k, k).mT.contiguous()
 
 
-# The permutation-product kernel this one replaced returned NaN at 64×128 on the H100 for
-# ill-conditioned input: unpreconditioned Jacobi needs more than MAX_SWEEPS there (33 simulated for
-# fp64 κ = 1e12). The preconditioned kernel converges at n = 128 under the interpreter (fp32 and
-# fp64, ill-conditioned and graded, 6-9 sweeps, ratios ≤ 15) but has not yet run on a GPU: CUDA
-# inputs above n = 64 go to cuSOLVER until bench/scripts/jacobi_check.py has run there.
-CUDA_MAX_N = 64
+# On the H100 the kernel hangs for n ≤ 8 once the batch has a few hundred matrices (4096×8,
+# 10000×3 and 200×8 never finished; 16×8 and 1×8 did, as did every shape with n ≥ 16, and the
+# interpreter runs all of them): not understood yet, so CUDA inputs with a side of 8 or less go to
+# cuSOLVER. Up to 128 it converges (8-9 sweeps with QR preconditioning, ratios ≤ 18 on random and
+# κ = 1e6 input).
+CUDA_MIN_N = 9
+# fp64 on CUDA up to n = 64, as for eigh (whose fp64 kernel missed the bar at n = 128 on clustered
+# spectra; this one's fp64 at 128 was not checked separately).
+CUDA_FP64_MAX_N = 64
 
 
-def _supported(A: Tensor) -> bool:
-    return fits(A) and (A.device.type != "cuda" or min(A.shape[-2:]) <= CUDA_MAX_N)
+def _small(A: Tensor) -> bool:
+    side = min(A.shape[-2:])
+    return fits(A) and (A.device.type != "cuda" or (
+        side >= CUDA_MIN_N and not (A.dtype == torch.float64 and max(A.shape[-2:]) > CUDA_FP64_MAX_N)))
 
 
-# Not chosen automatically until jacobi_check.py shows it faster than torch.linalg.svd on the H100.
-@svd_op.implement("triton", supports=lambda A, full_matrices, compute_uv: _supported(A), automatic=False)
+def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
+    return _small(A) or large_supported(A)
+
+
+# Chosen automatically wherever it serves: the Jacobi kernel measured faster than torch.linalg.svd
+# on the H100 at every size it takes (fp32; bench/linalg_triton.md v4: 500×16 1.4×, 1000×32 1.6×,
+# 100×64 92×, 64×128 20×), and matrices with both sides from svd_large.LARGE_MIN_N (1024, the
+# smallest size measured) take its
+# QR + QDWH + eigh path: on the H100, 4096² fp32 221.8 ms vs 1104.9 ms for torch.linalg.svd
+# (4.98×), 11008×4096 3.80×, a batch of 8 1024² 2.19× (bench/results/svd-large-h100-20261125.log).
+# Sides from 129 to 1023 stay on cuSOLVER (not timed).
+@svd_op.implement("triton", supports=_supported)
 def _svd_triton(A, full_matrices, compute_uv):
-    return svd_launch(A, full_matrices, compute_uv)
+    if _small(A):
+        return svd_launch(A, full_matrices, compute_uv)
+    return svd_large(A, full_matrices, compute_uv)

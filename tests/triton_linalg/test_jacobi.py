@@ -214,12 +214,11 @@ def test_jacobi_kernels_really_run_interpreted():
 @pytest.mark.parametrize("batch,n", [((500,), 16), ((1000,), 32), ((100,), 64), ((4096,), 8), ((64,), 128),
                                      ((10000,), 3)], ids=str)
 def test_gpu_eigh_svd_full_size(batch, n, dtype, device, request):
-    if n == 128:
-        # Served by cuSOLVER on CUDA (the kernels' CUDA limits are n = 16 for eigh, 64 for svd). On the
-        # H100 its results miss the bar on the ill-conditioned family: eigh fp32 QᵀQ ratio 33.6, svd
-        # fp64 VVᵀ ratio 41.3 (> 30).
-        request.node.add_marker(pytest.mark.xfail(reason="cuSOLVER at n=128: eigh fp32 QᵀQ 33.6, svd fp64 VVᵀ 41.3",
-                                                  strict=False))
+    if n == 128 and dtype == torch.float64:
+        # fp64 at n = 128 is served by cuSOLVER in automatic selection (not timed for the kernels),
+        # and cuSOLVER misses the bar there on the ill-conditioned family (svd VVᵀ ratio 41.3 on the
+        # H100). The fp32 case runs the Jacobi kernels and passes.
+        request.node.add_marker(pytest.mark.xfail(reason="cuSOLVER at n=128 fp64: svd VVᵀ 41.3", strict=False))
     for kind in KINDS:
         s = scale_of(kind, dtype)
         check_eigh(symmetric(kind, batch, n, dtype).to(device), "L", f"eigh {kind}", s)
