@@ -63,18 +63,13 @@ def main():
     rows = []
     for BN, G in SHAPES:
         w = warps(G * BN * BN)
-        for row in (False, True):
-            c = compile_for(cholesky_triton._cholesky_kernel, target,
-                            {"G": G, "BN": BN, "UPPER": False, "ROW": row}, w, f32)
-            rows.append((f"cholesky BN={BN} G={G} w={w} ROW={int(row)}", loop_stats(c)))
-        for regs in (True, False):
-            BK = min(BN, 64)
-            elements = BN * (BN if regs else BK)
-            wt = warps(G * elements)
-            c = compile_for(triangular_triton._trsm_kernel, target,
-                            {"G": G, "BN": BN, "BK": BK, "LOWER": True, "UNIT": False, "CHOL": False,
-                             "A_REGS": regs}, wt, f32)
-            rows.append((f"trsm BN={BN} BK={BK} G={G} w={wt} A_REGS={int(regs)}", loop_stats(c)))
+        c = compile_for(cholesky_triton._cholesky_kernel, target, {"G": G, "BN": BN, "UPPER": False}, w, f32)
+        rows.append((f"cholesky BN={BN} G={G} w={w}", loop_stats(c)))
+        BK = min(BN, 64)
+        wt = warps(G * BN * BK)
+        c = compile_for(triangular_triton._trsm_kernel, target,
+                        {"G": G, "BN": BN, "BK": BK, "LOWER": True, "UNIT": False, "CHOL": False}, wt, f32)
+        rows.append((f"trsm BN={BN} BK={BK} G={G} w={wt}", loop_stats(c)))
         for implicit in (False, True):
             c = compile_for(solve_triton._lu_solve_kernel, target,
                             {"G": G, "BN": BN, "BK": 2, "IMPLICIT": implicit}, w, f32)
