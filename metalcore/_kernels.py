@@ -34,6 +34,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.optim.adamw_metal",
     "metalcore.linalg.cholesky_metal",
     "metalcore.linalg.triangular_metal",
+    "metalcore.linalg.cholesky_solve_metal",
     "metalcore.linalg.solve_metal",
     "metalcore.linalg.qr_metal",
     "metalcore.linalg.householder_metal",

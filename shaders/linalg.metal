@@ -125,6 +125,43 @@ static void trsm_tile(device const T* A, device const T* B, device T* X, uint n,
     }
 }
 
+// --- Solve with a Cholesky factor (LAPACK potrs) -------------------------------------------------
+// A X = B with A = L L^T (U^T U when `upper`: L = U^T). The factor is read once into the tile with
+// both of its triangles made explicit: a[r][c] = a[c][r] = L[r][c] (r >= c), so the strict lower
+// triangle and the diagonal are L and the strict upper triangle and the diagonal are L^T, and one
+// `substitute` of each orientation gives x = L^-T (L^-1 b) with the column in registers throughout:
+// one dispatch, one load of the factor, no round trip of the intermediate through device memory.
+// Only the triangle the contract names is read, so the other may hold anything, NaN included.
+template <typename T>
+static void cholesky_solve_tile(device const T* L, device const T* B, device T* X, uint n, uint k, bool upper,
+                                threadgroup float* a, uint mat, uint tid, uint tpg, uint lane, uint sg, uint nsg) {
+    const ulong base_l = ulong(mat) * n * n, base_b = ulong(mat) * n * k;
+    for (uint e = tid; e < n * n; e += tpg) {
+        const uint r = e / n, c = e % n;
+        if (r >= c) {
+            const float v = float(L[base_l + (upper ? c * n + r : e)]);
+            a[e] = v;
+            a[c * n + r] = v;
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint q = sg; q < k; q += nsg) {  // uniform within the SIMD-group
+        float x[LINALG_SLOTS];
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            x[s] = i < n ? float(B[base_b + i * k + q]) : 0.0f;
+        }
+        substitute(a, n, true, false, x, lane);   // L y = b
+        substitute(a, n, false, false, x, lane);  // L^T x = y
+        for (uint s = 0; s < LINALG_SLOTS; ++s) {
+            const uint i = s * METALCORE_SIMD_WIDTH + lane;
+            if (i < n) {
+                X[base_b + i * k + q] = T(x[s]);
+            }
+        }
+    }
+}
+
 // --- Solve by LU with partial pivoting (LAPACK getf2 + getrs) --------------------------------------
 // Factors M = P L U in the tile (M = A, or A^T for a right-sided solve) exactly as getf2 does: the
 // pivot is the first row of largest |m[i][j]| at or below j (SIMD-group 0 searches; NaN entries are
@@ -522,6 +559,13 @@ kernel void trsm_##SUFFIX(                                                      
     trsm_tile<T>(A, B, X, n, k, sr, sc, lower != 0, unit != 0, trans_a != 0, a, mat, tid, tpg, lane, sg, \
                  nsg);                                                                              \
 }                                                                                   \
+kernel void cholesky_solve_##SUFFIX(                                                                \
+        device const T* L [[buffer(0)]], device const T* B [[buffer(1)]], device T* X [[buffer(2)]], \
+        constant uint& n [[buffer(3)]], constant uint& k [[buffer(4)]], constant uint& upper [[buffer(5)]], \
+        LINALG_IDS) {                                                                               \
+    threadgroup float a[METALCORE_LINALG_MAX_N * METALCORE_LINALG_MAX_N];                          \
+    cholesky_solve_tile<T>(L, B, X, n, k, upper != 0, a, mat, tid, tpg, lane, sg, nsg);            \
+}                                                                                                   \
 kernel void lu_solve_##SUFFIX(                                                                      \
         device const T* A [[buffer(0)]], device const T* B [[buffer(1)]], device T* X [[buffer(2)]], \
         device int* info [[buffer(3)]], constant uint& n [[buffer(4)]], constant uint& k [[buffer(5)]], \

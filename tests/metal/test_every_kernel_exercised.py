@@ -11,6 +11,7 @@ import torch
 import metalcore
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
+from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.householder import geqr2_op, householder_product_op, larfb_op, larft_op
 from metalcore.linalg.qr import qr_op
@@ -80,6 +81,7 @@ def _linalg(dtype):
         return
     X = torch.randn(3, 6, 6)
     _check(cholesky_ex_op, X @ X.mT + 6 * torch.eye(6), False, False)
+    _check(cholesky_solve_op, torch.randn(3, 6, 2), torch.linalg.cholesky(X @ X.mT + 6 * torch.eye(6)), False)
     _check(solve_triangular_op, X + 6 * torch.eye(6), torch.randn(3, 6, 2), True, True, False)
     _check(solve_ex_op, X + 6 * torch.eye(6), torch.randn(3, 6, 2), True, False)
     _check(qr_op, X[..., :4], "reduced")
