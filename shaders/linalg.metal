@@ -394,6 +394,75 @@ static void geqr2_tile(device const T* A, device T* QR, device T* tau_out, uint 
     }
 }
 
+// geqr2 of a tall panel (m x n, n <= METALCORE_LINALG_MAX_N, any m), in place in device memory: the
+// panel step of the blocked QR (metalcore/linalg/qr_blocked_metal.py). The arithmetic is that of
+// householder_factor (dlarfg with scaled norms, SIMD-group 0 forming each reflector, one SIMD-group
+// per trailing column for the update), but the panel stays where it is: a panel taller than 128 rows
+// at n = 64 does not fit Apple's 32 KiB, and geqr2 reads the trailing panel once per reflector in
+// any case, so staging row chunks in threadgroup memory would add a copy without saving a read.
+// Threadgroup memory holds only tau and the reflector's head. Device writes that other SIMD-groups
+// read next are fenced with device-memory barriers. The panel's R ends on and above its diagonal,
+// the reflectors below, tau in `tau_out`, as from torch.geqrf.
+template <typename T>
+static void geqr2_panel_tile(device T* P, device T* tau_out, uint m, uint n, threadgroup float* tau,
+                             threadgroup float* head, uint mat, uint tid, uint tpg, uint lane, uint sg, uint nsg) {
+    device T* a = P + ulong(mat) * m * n;
+    const uint k = min(m, n);
+    for (uint j = 0; j < k; ++j) {
+        threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device);  // the previous update
+        if (sg == 0) {
+            float big = 0.0f;
+            for (uint i = j + 1 + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                big = max(big, fabs(float(a[ulong(i) * n + j])));
+            }
+            const float scale = simd_max(big);
+            const float unit_scale = scale > 0.0f ? scale : 1.0f;
+            float ss = 0.0f;
+            for (uint i = j + 1 + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                const float y = float(a[ulong(i) * n + j]) / unit_scale;
+                ss += y * y;
+            }
+            const float xnorm = scale * sqrt(simd_sum(ss));  // NaN in x: NaN, so no reflection below
+            const float alpha = float(a[ulong(j) * n + j]);
+            const float hi = max(fabs(alpha), xnorm), lo = min(fabs(alpha), xnorm);
+            const float ratio = lo / (hi > 0.0f ? hi : 1.0f);
+            const float norm = hi * sqrt(1.0f + ratio * ratio);
+            const bool reflect = xnorm > 0.0f;
+            const float beta = reflect ? (alpha >= 0.0f ? -norm : norm) : alpha;
+            if (lane == 0) {
+                tau[j] = reflect ? (beta - alpha) / beta : 0.0f;
+                head[0] = reflect ? alpha - beta : 1.0f;
+                head[1] = beta;
+            }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device);  // every read of column j is done
+        const float denom = head[0];
+        for (uint i = j + 1 + tid; i < m; i += tpg) {
+            a[ulong(i) * n + j] = T(float(a[ulong(i) * n + j]) / denom);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device);  // v is final
+        const float t = tau[j];
+        for (uint c = j + 1 + sg; c < n; c += nsg) {  // uniform within the SIMD-group
+            float partial = 0.0f;
+            for (uint i = j + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                partial += (i == j ? 1.0f : float(a[ulong(i) * n + j])) * float(a[ulong(i) * n + c]);
+            }
+            const float w = t * simd_sum(partial);
+            for (uint i = j + lane; i < m; i += METALCORE_SIMD_WIDTH) {
+                const float v = i == j ? 1.0f : float(a[ulong(i) * n + j]);
+                a[ulong(i) * n + c] = T(float(a[ulong(i) * n + c]) - v * w);
+            }
+        }
+        if (tid == 0) {
+            a[ulong(j) * n + j] = T(head[1]);  // R[j][j] = beta: the update does not read it
+        }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint j = tid; j < k; j += tpg) {
+        tau_out[ulong(mat) * k + j] = T(tau[j]);
+    }
+}
+
 // householder_product (org2r): the first n columns of H_1 ... H_k from the reflectors in the first
 // k <= n columns of A (m x n, m >= n; entries on and above the diagonal are not read).
 template <typename T>
@@ -593,6 +662,13 @@ kernel void geqr2_##SUFFIX(                                                     
     threadgroup float taus[METALCORE_LINALG_MAX_N];                                                 \
     threadgroup float head[2];                                                                      \
     geqr2_tile<T>(A, QR, tau, m, n, a, taus, head, mat, tid, tpg, lane, sg, nsg);                   \
+}                                                                                                   \
+kernel void geqr2_panel_##SUFFIX(                                                                   \
+        device T* P [[buffer(0)]], device T* tau [[buffer(1)]], constant uint& m [[buffer(2)]],     \
+        constant uint& n [[buffer(3)]], LINALG_IDS) {                                               \
+    threadgroup float taus[METALCORE_LINALG_MAX_N];                                                 \
+    threadgroup float head[2];                                                                      \
+    geqr2_panel_tile<T>(P, tau, m, n, taus, head, mat, tid, tpg, lane, sg, nsg);                    \
 }                                                                                                   \
 kernel void householder_product_##SUFFIX(                                                           \
         device const T* A [[buffer(0)]], device const T* tau [[buffer(1)]], device T* Q [[buffer(2)]], \

@@ -23,12 +23,17 @@ Panel variants (``panel=``), because the tall, narrow panel is the one step that
   when they fit, else to ``torch.geqrf``;
 * ``'auto'``: ``'kernel'`` where the panel fits, else ``'geqrf'``.
 
+Other backends add their own panel factorization to :data:`EXTRA_PANELS` (the Metal backend's
+``'metal'``: :mod:`metalcore.linalg.qr_blocked_metal`); the rest of the algorithm is shared.
+
 Flops (Householder, no pivoting): ``2mn² − 2n³/3`` for ``R`` (``m ≥ n``) and about the same again for
 the reduced ``Q``; all but the panels' ``O(m n nb)`` share are GEMMs. Which ``nb`` and panel variant
 are fastest on a card is measured by bench/scripts/qr_large_check.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -41,6 +46,9 @@ PANELS = ("auto", "kernel", "geqrf", "recursive")
 DEFAULT_NB = 64
 # Leaf width of the recursive panel (read at call time, so tests and the sweep can change it).
 RECURSIVE_BASE = 16
+# Panel factorizations registered by other backends: name -> function that factors the panel in
+# place and returns tau, as factor_panel does.
+EXTRA_PANELS: dict[str, Callable[[Tensor], Tensor]] = {}
 
 
 def _geqr2_kernel(P: Tensor) -> Tensor:
@@ -77,6 +85,8 @@ def _recursive(P: Tensor, base: int) -> Tensor:
 def factor_panel(P: Tensor, panel: str = "auto") -> Tensor:
     """Compact QR of the panel ``P`` ``(B, h, w)``, ``h ≥ w``, written into ``P`` (a view of the
     matrix being factored); returns ``tau`` ``(B, w)``."""
+    if panel in EXTRA_PANELS:
+        return EXTRA_PANELS[panel](P)
     if panel == "kernel" and not fits(P):
         raise ValueError(f"metalcore qr_blocked: panel='kernel' holds panels of at most 128 x 128 in registers; "
                          f"got a panel of shape {tuple(P.shape)}")
@@ -86,7 +96,7 @@ def factor_panel(P: Tensor, panel: str = "auto") -> Tensor:
         return _geqrf(P)
     if panel == "recursive":
         return _recursive(P, RECURSIVE_BASE)
-    raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS}; got {panel!r}")
+    raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS + tuple(EXTRA_PANELS)}; got {panel!r}")
 
 
 def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: str = "auto") -> tuple[Tensor, Tensor, list]:

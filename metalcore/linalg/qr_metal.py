@@ -4,7 +4,10 @@ One threadgroup per matrix factors it in threadgroup memory as LAPACK ``geqr2`` 
 below the diagonal, ``R`` on and above it, ``τ`` beside), then each SIMD-group forms whole columns of
 ``Q`` in registers by applying the reflectors to unit vectors (``org2r``); ``A`` is read once, ``R``
 and ``Q`` written once. Modes ``reduced``, ``complete`` and ``r``. float32 with both sides up to
-``METALCORE_LINALG_MAX_N``; float64 and larger matrices stay on the reference.
+``METALCORE_LINALG_MAX_N``; larger float32 matrices go to the blocked QR of
+:mod:`metalcore.linalg.qr_blocked_metal` (panel shader + matrix products); float64 stays on the
+reference. Automatic on MPS like the other Metal kernels: the alternative there is torch's CPU
+fallback for ``linalg.qr`` (no Apple hardware here to time either).
 """
 
 import math
@@ -13,7 +16,8 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.linalg._small_metal import fits, kernel, threads_for
+from metalcore.linalg import qr_blocked_metal
+from metalcore.linalg._small_metal import kernel, threads_for
 from metalcore.linalg.qr import qr_op
 
 
@@ -37,8 +41,14 @@ def qr_launch(A: Tensor, kr: int, nq: int) -> tuple[Tensor, Tensor]:
     return Q, R
 
 
-@qr_op.implement("metal", supports=lambda A, mode: fits(A))
+def _supported(A: Tensor, mode: str) -> bool:
+    return qr_blocked_metal.small(A) or qr_blocked_metal.blocked_supported(A)
+
+
+@qr_op.implement("metal", supports=_supported)
 def _qr_metal(A: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    if not qr_blocked_metal.small(A):
+        return qr_blocked_metal.qr_blocked_metal(A, mode)
     m, n = A.shape[-2:]
     k = min(m, n)
     if mode == "r":
