@@ -14,8 +14,16 @@ does not converge, or holds NaN/Inf, comes back as all NaN without touching the 
 ``S`` descends; ``U`` is the Householder QR of ``W = A V`` (sorted), with column signs from
 ``diag R``: ``W``'s columns are orthogonal to ``tol``, so ``R`` is diagonal to that accuracy and ``U``
 is orthonormal to working precision even where ``S_j = 0``, and ``full_matrices`` is the complete
-``Q``. float32 with both sides up to ``METALCORE_LINALG_MAX_N`` (64); float64 and larger matrices
-stay on the reference through ``supports``.
+``Q``. float32 with both sides up to ``METALCORE_LINALG_MAX_N`` (64).
+
+float32 matrices with both sides from ``svd_large.LARGE_MIN_N`` take :func:`svd_large` (QR + QDWH
+polar + eigh, device-generic), whose QRs go through the qr op and so, on MPS, through the blocked
+QR of :mod:`metalcore.linalg.qr_blocked_metal`; its ``torch.linalg.eigh`` of the ``n × n`` factor is
+torch's CPU fallback on MPS. The threshold is svd_large's, not a Metal one: below it the reference
+(torch's CPU fallback for ``linalg.svd`` on MPS) does ``O(n³)`` work once on the CPU while this path
+would add the same order of CPU work (eigh) to its GPU QRs and GEMMs, and without Apple hardware
+nothing here is timed to say where that crossover lies. Sides between 65 and the threshold, and
+float64, stay on the reference through ``supports``.
 """
 
 import math
@@ -24,6 +32,7 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
+from metalcore.linalg import svd_large as _large
 from metalcore.linalg._small_metal import fits
 from metalcore.linalg.qr_metal import qr_launch
 from metalcore.linalg.svd import svd_op
@@ -33,6 +42,9 @@ SHADER = "jacobi"
 # 20 for ill-conditioned (cond 1e6) and graded 63 x 63 and 64 x 64, where nearly parallel columns
 # converge slowly (gesvj's QR preconditioning, not done here, would shorten that).
 MAX_SWEEPS = 30
+# Both sides at most this: the Jacobi shader (at most the tile side); read at call time, so that
+# tests can send small matrices down the large path.
+JACOBI_MAX = _metal.constants()["METALCORE_LINALG_MAX_N"]
 
 
 def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,6 +85,17 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor
     return Q.reshape(*batch, m, Q.shape[-1]), S, Vh.reshape(*batch, n, n)
 
 
-@svd_op.implement("metal", supports=lambda A, full_matrices, compute_uv: fits(A))
+def _jacobi(A: Tensor) -> bool:
+    return fits(A) and max(A.shape[-2:]) <= JACOBI_MAX
+
+
+def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
+    # LARGE_MIN_N read through the module at call time, so that tests can force the large path.
+    return _jacobi(A) or (A.dtype == torch.float32 and _large.large_supported(A))
+
+
+@svd_op.implement("metal", supports=_supported)
 def _svd_metal(A: Tensor, full_matrices: bool, compute_uv: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return svd_launch(A, full_matrices, compute_uv)
+    if _jacobi(A):
+        return svd_launch(A, full_matrices, compute_uv)
+    return _large.svd_large(A, full_matrices, compute_uv)
