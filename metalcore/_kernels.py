@@ -20,6 +20,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.cholesky_triton",
     "metalcore.linalg.triangular_triton",
     "metalcore.linalg.qr_triton",
+    "metalcore.linalg.householder_triton",
     "metalcore.linalg.solve_triton",
     "metalcore.linalg.eigh_triton",
     "metalcore.linalg.svd_triton",

@@ -1,5 +1,5 @@
 """One device call for the blocked Householder QR (metalcore/linalg/qr_blocked.py) and the GEMM
-larft/larfb (metalcore/linalg/householder_triton.py), fp32, against torch in the same process.
+larft/larfb (metalcore/linalg/householder_gemm.py), fp32, against torch in the same process.
 
     python bench/scripts/qr_large_check.py [--out DIR]            # CUDA, ~2 minutes on an H100
     TRITON_INTERPRET=1 python bench/scripts/qr_large_check.py --device cpu --tiny   # smoke run
@@ -30,7 +30,7 @@ import torch
 import metalcore
 from metalcore.linalg import qr_blocked
 from metalcore.linalg.householder import _unit_lower, larfb_composite, larft_composite
-from metalcore.linalg.householder_triton import larfb_gemm, larft_gemm
+from metalcore.linalg.householder_gemm import larfb_gemm, larft_gemm
 
 SHAPES = [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((), 2048, 2048)]
 TINY_SHAPES = [((), 40, 24), ((2,), 33, 33)]

@@ -4,7 +4,7 @@ structure, with every level-3 step a cuBLAS GEMM).
 For ``A`` ``(B, m, n)``, ``k = min(m, n)``, panels of ``nb`` columns, ``j = 0, nb, 2nb, …``:
 
 1. **panel**: factor ``A[j:, j:j+nb]`` in place (compact form: ``R`` on top, reflectors below);
-2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_triton.larft_gemm`);
+2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_gemm.larft_gemm`);
 3. **trailing update**: ``A[j:, j+nb:] ← Hᴴ A[j:, j+nb:]``, ``H = I − V T Vᵀ`` (``larfb``, in place).
 
 ``Q = H₁ ⋯ H_k I[:, :nq]`` is then formed like LAPACK's ``orgqr``: the block reflectors applied
@@ -38,9 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from metalcore.linalg._small_triton import fits
 from metalcore.linalg.householder import _unit_lower
-from metalcore.linalg.householder_triton import as3, larfb_gemm, larft_gemm
+from metalcore.linalg.householder_gemm import as3, larfb_gemm, larft_gemm
 
 PANELS = ("auto", "kernel", "geqrf", "recursive")
 DEFAULT_NB = 64
@@ -49,6 +48,14 @@ RECURSIVE_BASE = 16
 # Panel factorizations registered by other backends: name -> function that factors the panel in
 # place and returns tau, as factor_panel does.
 EXTRA_PANELS: dict[str, Callable[[Tensor], Tensor]] = {}
+
+
+def fits(P: Tensor) -> bool:
+    """The panel fits the Triton Householder kernel's register tile. Imported here, not at the top:
+    the Metal backend uses this module where Triton is not installed (macOS)."""
+    from metalcore.linalg._small_triton import fits as fits_triton
+
+    return fits_triton(P)
 
 
 def _geqr2_kernel(P: Tensor) -> Tensor:

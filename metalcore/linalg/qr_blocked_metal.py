@@ -1,6 +1,6 @@
 """Large-matrix QR on Metal: the blocked Householder QR of :mod:`metalcore.linalg.qr_blocked` with its
 panels factored by ``geqr2_panel_<dtype>`` (``shaders/linalg.metal``) and ``larft``/``larfb`` as the
-batched matrix products of :mod:`metalcore.linalg.householder_triton` (plain torch GEMMs, MPS's on a
+batched matrix products of :mod:`metalcore.linalg.householder_gemm` (plain torch GEMMs, MPS's on a
 Mac).
 
 The panel shader takes any number of rows and up to ``METALCORE_LINALG_MAX_N`` columns: one
@@ -13,21 +13,15 @@ panel width ``NB`` (the tile side, the widest panel the shader takes) and the cr
 ``SMALL_MAX`` (matrices with both sides up to it stay on the one-threadgroup ``qr_<dtype>``
 shader, which holds the whole matrix in threadgroup memory) are module constants, read at call
 time, so that tests force the blocked path at small sizes and a Mac run can sweep them.
-
-qr_blocked imports triton (for its CUDA panel and ``next_power_of_2`` in the GEMM ``larft``), so
-this path is offered only where triton imports; elsewhere large inputs stay on the reference.
 """
 
 from __future__ import annotations
-
-import functools
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore._backend import triton_importable
+from metalcore.linalg import qr_blocked
 from metalcore.linalg._small_metal import fits, kernel, max_n, threads_for
 
 # Both sides at most this: the one-threadgroup qr shader; beyond it, the blocked path.
@@ -51,13 +45,7 @@ def geqr2_panel_launch(P: Tensor) -> Tensor:
     return tau
 
 
-@functools.cache
-def _blocked() -> ModuleType:
-    # Imported on first use: qr_blocked needs triton, which a Mac does not have.
-    from metalcore.linalg import qr_blocked
-
-    qr_blocked.EXTRA_PANELS["metal"] = geqr2_panel_launch
-    return qr_blocked
+qr_blocked.EXTRA_PANELS["metal"] = geqr2_panel_launch
 
 
 def small(A: Tensor) -> bool:
@@ -66,13 +54,13 @@ def small(A: Tensor) -> bool:
 
 
 def blocked_supported(A: Tensor) -> bool:
-    """The blocked path can take ``A``: float32 (Apple GPUs have no float64) where triton imports."""
-    return A.dtype == torch.float32 and A.dim() >= 2 and triton_importable()
+    """The blocked path can take ``A``: float32 (Apple GPUs have no float64)."""
+    return A.dtype == torch.float32 and A.dim() >= 2
 
 
 def qr_blocked_metal(A: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     """``(Q, R)`` of ``A`` ``(*, m, n)`` as ``metalcore::qr`` returns them, by blocked QR with Metal panels."""
     if not 1 <= NB <= max_n():
         raise ValueError(f"metalcore qr_blocked_metal: NB must be in [1, {max_n()}]; got {NB}")
-    return _blocked().qr_blocked(A, mode, nb=NB, panel="metal")
+    return qr_blocked.qr_blocked(A, mode, nb=NB, panel="metal")
 

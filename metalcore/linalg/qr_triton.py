@@ -36,7 +36,7 @@ from metalcore._backend import requested_backend
 from metalcore.linalg import qr_blocked
 from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
-from metalcore.linalg.householder_triton import as3  # importing it also registers larft/larfb's kernels
+from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr import qr_op
 from metalcore.nn._jit_triton import jit
 
