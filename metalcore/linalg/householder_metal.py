@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
+from metalcore.linalg import qr_blocked, qr_blocked_metal
 from metalcore.linalg._small_metal import fits, kernel, max_n, rhs_threads, threads_for
+from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.householder import geqr2_op, householder_product_op, larfb_op, larft_op
 
 _F32 = torch.float32
@@ -101,9 +103,15 @@ def larfb_launch(V: Tensor, T: Tensor, C: Tensor, left: bool, transpose: bool) -
     return X
 
 
-@geqr2_op.implement("metal", supports=lambda A: fits(A))
+# Beyond the tile, float32 geqr2 and householder_product take the blocked path of
+# qr_blocked_metal (tall-panel shader, GEMM larft/larfb), as qr does.
+@geqr2_op.implement("metal", supports=lambda A: fits(A) or qr_blocked_metal.blocked_supported(A))
 def _geqr2_metal(A: Tensor) -> tuple[Tensor, Tensor]:
-    return geqr2_launch(A)
+    if qr_blocked_metal.small(A):
+        return geqr2_launch(A)
+    *batch, m, n = A.shape
+    QR, tau, _ = qr_blocked.geqrf_blocked(as3(A), qr_blocked_metal.NB, "metal")
+    return QR.reshape(A.shape), tau.reshape(*batch, min(m, n))
 
 
 def _householder_product_supported(A: Tensor, tau: Tensor) -> bool:
@@ -111,9 +119,12 @@ def _householder_product_supported(A: Tensor, tau: Tensor) -> bool:
     return fits(A) and tau.dtype == A.dtype and tau.device == A.device and tau.shape[-1] <= n <= m
 
 
-@householder_product_op.implement("metal", supports=_householder_product_supported)
+@householder_product_op.implement("metal", supports=lambda A, tau: _householder_product_supported(A, tau) or (
+    qr_blocked_metal.blocked_supported(A) and tau.dtype == A.dtype and tau.device == A.device))
 def _householder_product_metal(A: Tensor, tau: Tensor) -> Tensor:
-    return householder_product_launch(A, tau)
+    if _householder_product_supported(A, tau) and qr_blocked_metal.small(A):
+        return householder_product_launch(A, tau)
+    return qr_blocked.householder_product_blocked(A, tau, qr_blocked_metal.NB)
 
 
 def _larft_supported(V: Tensor, tau: Tensor) -> bool:

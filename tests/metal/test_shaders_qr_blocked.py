@@ -16,7 +16,6 @@ from metalcore.linalg.qr import qr_op
 from linalg_matrices import case_id, general, scale_of
 from oracle import assert_lapack_ratio, orthogonality_ratio, residual_ratio
 
-pytest.importorskip("triton", reason="the blocked QR (qr_blocked.py) imports triton")
 
 F32 = torch.float32
 DEFAULTS = {"SMALL_MAX": qr_blocked_metal.SMALL_MAX, "NB": qr_blocked_metal.NB}
@@ -104,3 +103,22 @@ def test_routing_at_the_default_constants(monkeypatch):
             metalcore.linalg.qr(A)
             assert _metal.launched == {kernel}, shape
         assert qr_op.backend_for(torch.ones(max_n + 1, 3, dtype=torch.float64), "reduced") == "reference"
+
+
+@pytest.mark.parametrize("m,n", [(80, 40), (40, 80), (33, 33)])
+def test_geqr2_and_householder_product_take_the_blocked_path(m, n):
+    """Past the tile, geqr2 gives torch.geqrf's compact form (the same reflectors, so the same
+    numbers to rounding) and householder_product forms Q from it by block reflectors."""
+    from metalcore.linalg.householder import geqr2_op, householder_product_op
+    A = general("random", (2,), m, n, F32)
+    _metal.launched.clear()
+    QR, tau = geqr2_op(A)
+    assert "geqr2_panel_float" in _metal.launched
+    QR0, tau0 = torch.geqrf(A.double())
+    torch.testing.assert_close(QR.double(), QR0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(tau.double(), tau0, rtol=0, atol=1e-5)
+    k = min(m, n)
+    Q = householder_product_op(QR[..., :k], tau)
+    assert_lapack_ratio(orthogonality_ratio(Q, F32), "householder_product orthogonality")
+    R = QR[..., :k, :].triu()
+    assert_lapack_ratio(residual_ratio(A.double(), Q.double() @ R.double(), F32), "geqr2 + householder_product")

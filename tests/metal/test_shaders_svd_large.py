@@ -15,7 +15,6 @@ from metalcore.linalg.svd import svd_op
 from linalg_matrices import case_id, general, scale_of
 from oracle import assert_lapack_ratio, eps, orthogonality_ratio, residual_ratio
 
-pytest.importorskip("triton", reason="the blocked QR (qr_blocked.py) imports triton")
 
 F32 = torch.float32
 # Tall enough for svd_large's first QR (m > 1.15 n), near-square, wide, and a batch.
