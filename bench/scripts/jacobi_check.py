@@ -14,7 +14,6 @@ Ratios: eigh ‖A − QΛQᵀ‖/(‖A‖ n ε), ‖QᵀQ − I‖/(n ε); svd �
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from metalcore.linalg._jacobi_triton import block_of
 from metalcore.linalg._small_triton import warps
 from metalcore.linalg.eigh_triton import eigh_launch
+from metalcore.bench.timing import call_ms
 from metalcore.linalg import svd_triton
 from metalcore.linalg.svd_triton import svd_launch
 
@@ -32,23 +32,8 @@ TIME_BUDGET_S = 0.25
 
 
 def timed(fn, device):
-    """Median milliseconds of ``fn``: 1 warm-up call, then as many as fit TIME_BUDGET_S (3-20)."""
-    fn()
-    cuda = device.type == "cuda"
-    times = []
-    while len(times) < 3 or (len(times) < 20 and sum(times) < TIME_BUDGET_S * 1e3):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds per call: 1 warm-up call, then as many as fit TIME_BUDGET_S (3-20)."""
+    return call_ms(fn, device, reps=3, budget_s=TIME_BUDGET_S)
 
 
 def orthogonal(b, n, device, g):

@@ -22,12 +22,11 @@ TF32 follows torch.backends.cuda.matmul.allow_tf32 (printed; off unless set by t
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
 import metalcore
+from metalcore.bench.timing import call_ms
 from metalcore.linalg import qr_blocked
 from metalcore.linalg.householder import _unit_lower, larfb_composite, larft_composite
 from metalcore.linalg.householder_gemm import larfb_gemm, larft_gemm
@@ -36,24 +35,8 @@ SHAPES = [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((), 2048, 20
 TINY_SHAPES = [((), 40, 24), ((2,), 33, 33)]
 
 
-def timed(fn, device, reps, warm=1):
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+def timed(fn, device, reps):
+    return call_ms(fn, device, reps=reps)
 
 
 def gemm_rates(device, n, nb):

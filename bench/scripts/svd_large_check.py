@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import metalcore  # noqa: E402
+from metalcore.bench.timing import call_ms  # noqa: E402
 from metalcore.linalg.lowrank import svd_lowrank  # noqa: E402
 from metalcore.linalg.polar import polar, qdwh, spectral_norm_bound  # noqa: E402
 from metalcore.linalg.qr import qr_op  # noqa: E402
@@ -59,30 +59,11 @@ TINY = dict(n=128, tall=(344, 128), batch=(2, 32), q=8)
 
 class Timer:
     def __init__(self, device: str, reps: int):
-        self.cuda, self.reps = device == "cuda", reps
+        self.device, self.reps = torch.device(device), reps
 
     def __call__(self, fn, reps: int | None = None) -> float:
-        """Median milliseconds of ``fn()`` after one warm-up call."""
-        fn()
-        self.sync()
-        times = []
-        for _ in range(reps or self.reps):
-            if self.cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        """Median milliseconds of ``fn()`` per call after one warm-up call."""
+        return call_ms(fn, self.device, reps=reps or self.reps)
 
 
 def fro(x):

@@ -89,6 +89,33 @@ def summarize(times: list[float], host: list[float] | None = None) -> Timing:
     return Timing(median, q1, q3, min(times), len(times), host_s)
 
 
+def call_ms(fn: Callable[[], Any], device: torch.device, *, reps: int = 3, budget_s: float | None = None,
+            max_reps: int = 20) -> float:
+    """Median milliseconds of single calls of ``fn`` from an idle device, host issue included (CUDA
+    events around each call, a synchronisation after it), after one warm-up call: the per-call view
+    of the standalone device scripts in bench/scripts/, where one call may take a second (the
+    :class:`Timer` method hides host time and interleaves peers instead). ``reps`` calls, or with
+    ``budget_s`` as many as fit that many seconds, between ``reps`` and ``max_reps``."""
+    fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    while len(times) < reps or (budget_s is not None and len(times) < max_reps and sum(times) < budget_s * 1e3):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 class Timer:
     """Times zero-argument callables on one device."""
 
