@@ -74,16 +74,20 @@ def schur_rotation(app, aqq, apq, act, IEEE32: tl.constexpr):
 
 
 @helper
-def rotate_rows(base, p, q, valid, c, s, stride, length, BL: tl.constexpr):
+def rotate_rows(base, p, q, valid, c, s, stride, length, BL: tl.constexpr, SPLIT: tl.constexpr = False):
     """Rows ``p_k``, ``q_k`` (``length`` contiguous entries, rows ``stride`` apart) of the scratch
     at ``base`` become ``c x − s y`` and ``s x + c y``. Every valid pair is rewritten; an inactive
-    one has ``c = 1``, ``s = 0`` and keeps its values exactly."""
+    one has ``c = 1``, ``s = 0`` and keeps its values exactly. ``SPLIT``: a barrier between the
+    loads and the stores, needed where the tile is replicated across threads (see
+    :func:`replicated`)."""
     cols = tl.arange(0, BL)[None, :]
     mask = valid[:, None] & (cols < length)
     xp = base + p[:, None] * stride + cols
     yp = base + q[:, None] * stride + cols
     x = tl.load(xp, mask=mask, other=0.0)
     y = tl.load(yp, mask=mask, other=0.0)
+    if SPLIT:
+        tl.debug_barrier()
     tl.store(xp, c[:, None] * x - s[:, None] * y, mask=mask)
     tl.store(yp, s[:, None] * x + c[:, None] * y, mask=mask)
 
@@ -99,6 +103,16 @@ def nonfinite(a):
 def block_of(n: int) -> int:
     """Padded side ``BN`` (a power of two, at least 2, so that the ``BN/2`` pairs tile is not empty)."""
     return triton.next_power_of_2(max(n, 2))
+
+
+def replicated(rows: int, cols: int, num_warps: int) -> bool:
+    """Whether a ``[rows, cols]`` tile has fewer elements than the program has threads. Triton then
+    gives several threads the same element (at ``BN = 8`` with 2 warps, the ``[4, 8]`` pair tile
+    lives whole in each warp), and each of them loads, rotates and stores it: without a barrier
+    between the loads and the stores, a thread may load a row another one has already rotated and
+    store it rotated twice. Within one warp the lanes run the loads and stores in lockstep, but
+    nothing in the programming model promises it."""
+    return rows * cols < 32 * num_warps
 
 
 def jacobi_warps(BN: int, svd: bool) -> int:

@@ -57,7 +57,7 @@ MAX_SWEEPS = jac.MAX_SWEEPS
 @jit
 def _jacobi_svd_kernel(A, W, S, V, AS, VS, SW, m, n, s_ab, s_ar, s_ac, tol, tiny, max_sweeps,
                        BM: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, WANT_V: tl.constexpr,
-                       WANT_SWEEPS: tl.constexpr, IEEE32: tl.constexpr):
+                       WANT_SWEEPS: tl.constexpr, IEEE32: tl.constexpr, SPLIT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     ri = tl.arange(0, BM)                                            # row index of A
     rj = tl.arange(0, BN)                                            # column index of A
@@ -87,6 +87,8 @@ def _jacobi_svd_kernel(A, W, S, V, AS, VS, SW, m, n, s_ab, s_ar, s_ac, tol, tiny
             yp = a_s + q[:, None] * BM + cols
             x = tl.load(xp, mask=mask, other=0.0)
             y = tl.load(yp, mask=mask, other=0.0)
+            if SPLIT:
+                tl.debug_barrier()      # replicated tile: every copy loaded before any is stored
             # Entries are at most 1 after scaling, so α, β ≤ m: no overflow.
             alpha = tl.sum(x * x, axis=1)
             beta = tl.sum(y * y, axis=1)
@@ -98,7 +100,7 @@ def _jacobi_svd_kernel(A, W, S, V, AS, VS, SW, m, n, s_ab, s_ar, s_ac, tol, tiny
             tl.store(xp, c[:, None] * x - s[:, None] * y, mask=mask)
             tl.store(yp, s[:, None] * x + c[:, None] * y, mask=mask)
             if WANT_V:
-                rotate_rows(v_s, p, q, valid, c, s, BN, BN, BN)
+                rotate_rows(v_s, p, q, valid, c, s, BN, BN, BN, SPLIT)
             tl.debug_barrier()
         sweep += 1
 
@@ -136,11 +138,12 @@ def _jacobi(X: Tensor, compute_uv: bool, num_warps: int | None, sweeps: Tensor |
         BM, BN = jac.block_of(m), jac.block_of(n)
         AS = torch.empty(nb, BN, BM, dtype=dt, device=dev)
         VS = torch.empty(nb, BN, BN, dtype=dt, device=dev) if compute_uv else AS
+        warps = num_warps or jac.jacobi_warps(BN, svd=True)
         _jacobi_svd_kernel[(nb,)](
             X3, W, S, V, AS, VS, S if sweeps is None else sweeps,
             m, n, X3.stride(0), X3.stride(1), X3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
             MAX_SWEEPS, BM=BM, BN=BN, BH=BN // 2, WANT_V=compute_uv, WANT_SWEEPS=sweeps is not None,
-            IEEE32=dt == torch.float32, num_warps=num_warps or jac.jacobi_warps(BN, svd=True))
+            IEEE32=dt == torch.float32, SPLIT=jac.replicated(BN // 2, BN, warps), num_warps=warps)
     return S, W, V
 
 
