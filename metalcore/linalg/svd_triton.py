@@ -194,11 +194,14 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     return U, S, _orthonormal(W, k, k).mT.contiguous()
 
 
-# On the H100 the kernel hangs for n ≤ 8 once the batch has a few hundred matrices (4096×8,
-# 10000×3 and 200×8 never finished; 16×8 and 1×8 did, as did every shape with n ≥ 16, and the
-# interpreter runs all of them): not understood yet, so CUDA inputs with a side of 8 or less go to
-# cuSOLVER. Up to 128 it converges (8-9 sweeps with QR preconditioning, ratios ≤ 18 on random and
-# κ = 1e6 input).
+# On the H100 the kernel never finishes for some inputs with n ≤ 8 (4096×8, 10000×3 and 200×8 random
+# batches; 16×8 and 1×8 finished). bench/scripts/svd_small_probe.py (H100, 2026-11-25) narrowed it to
+# the data: launching 200 random 8×8 matrices one at a time stops at matrix 106, while one matrix
+# repeated 4096 times converges in 5 sweeps; forcing a barrier between the loads and stores of a
+# round, or the approximate division and square root, changes nothing. The interpreter converges on
+# the same matrices, so some GPU-only arithmetic (FMA contraction?) must keep a loop alive that is
+# bounded on paper. Until that is found, CUDA inputs with a side of 8 or less go to cuSOLVER. Up to
+# 128 it converges (8-9 sweeps with QR preconditioning, ratios ≤ 18 on random and κ = 1e6 input).
 CUDA_MIN_N = 9
 # fp64 on CUDA up to n = 64, as for eigh (whose fp64 kernel missed the bar at n = 128 on clustered
 # spectra; this one's fp64 at 128 was not checked separately).
