@@ -1,4 +1,6 @@
-"""One Mac call for the Metal shaders of RoPE, gram_poly (syrk) and the Householder primitives: each
+"""One Mac call for the Metal shaders of RoPE, gram_poly (syrk), the Householder primitives,
+cholesky_solve, the blocked QR with tall-panel shaders (its panel width ``NB`` swept) and the svd
+route to svd_large: each
 op's accuracy at full size against float64 on the CPU, and its time against the reference backend
 (plain torch on MPS; where torch lacks the op on MPS, torch on the CPU, marked ``peer@cpu``) in the
 same process, medians with warm-up (metalcore.bench.timing: ``torch.mps.synchronize`` around each
@@ -26,13 +28,18 @@ import torch
 import metalcore
 from metalcore import _metal
 from metalcore.bench.timing import GPU_BUDGET, QUICK_BUDGET, Timer, fmt_time
-from metalcore.linalg import syrk_metal
+from metalcore.linalg import qr_blocked_metal, svd_large, svd_metal, syrk_metal
+from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.householder import geqr2_op, householder_product_op, larfb_op, larft_composite, larft_op
+from metalcore.linalg.qr import qr_op
+from metalcore.linalg.svd import svd_op
 from metalcore.linalg.syrk import gram_poly_op
 from metalcore.nn.rope import rope_bwd, rope_fwd
 
 # (name, GRAM_BLOCK, GRAM_BLOCK_K, GRAM_SIDE): output tile rows, k step, threads per side (each thread
 # holds (BLOCK / SIDE)^2 accumulators). The first is the shader's default.
+EPS = torch.finfo(torch.float32).eps
+NB_SWEEP = (16, 32, 64)  # blocked QR panel widths; the module default (64, the tile side) last
 GRAM_VARIANTS = [("64x16/16", 64, 16, 16), ("32x16/16", 32, 16, 16), ("64x32/16", 64, 32, 16),
                  ("128x8/16", 128, 8, 16)]
 
@@ -65,6 +72,19 @@ def peer_on(dev, fn, *args):
     except (NotImplementedError, RuntimeError):
         cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
         return (lambda: fn(*cpu)), "cpu"
+
+
+def peer_device(dev, fn):
+    """Where the reference runs ``fn``: on ``dev`` when torch has the op there, else on the CPU."""
+    try:
+        _in_backend("reference", fn)
+        return dev.type
+    except (NotImplementedError, RuntimeError):
+        return "cpu"
+
+
+def fro(x):
+    return x.double().cpu().norm(dim=(-2, -1))
 
 
 def rel_err(x, x64):
@@ -169,7 +189,76 @@ def check_householder(state, timer, dev, tiny):
             yield row
 
 
-SECTIONS = {"rope": check_rope, "gram_poly": check_gram, "householder": check_householder}
+def check_cholesky_solve(state, timer, dev, tiny):
+    shapes = [(3, 9, 2)] if tiny else [(1000, 32, 1), (1000, 64, 8), (100, 64, 256)]
+    for b, n, k in shapes:
+        X = torch.randn(b, n, n, device=dev)
+        A = X @ X.mT / n + torch.eye(n, device=dev)
+        L = torch.linalg.cholesky(A.cpu()).to(dev)
+        B = torch.randn(b, n, k, device=dev)
+        assert _in_backend("metal", lambda: cholesky_solve_op.backend_for(B, L, False)) == "metal"
+        Xs = _in_backend("metal", lambda: cholesky_solve_op(B, L, False))
+        ratio = ((fro(B.cpu() - A.cpu().double() @ Xs.cpu().double())) / (fro(A) * fro(Xs) * n * EPS)).max().item()
+        where = peer_device(dev, lambda: cholesky_solve_op(B, L, False))
+        Bp, Lp = (B, L) if where == dev.type else (B.cpu(), L.cpu())
+        row = {"case": f"cholesky_solve {b}x{n}x{n} k={k}", "lapack_ratios": {"solve": ratio}, "ok": ratio <= 30}
+        row.update(timed(timer, lambda: cholesky_solve_op(B, L, False), lambda: cholesky_solve_op(Bp, Lp, False),
+                         where))
+        yield row
+
+
+def qr_ratios(A, Q, R):
+    A64, Q64, R64 = A.double().cpu(), Q.double().cpu(), R.double().cpu()
+    m, n = A.shape[-2:]
+    eye = torch.eye(Q.shape[-1], dtype=torch.float64)
+    return {"residual": (fro(A64 - Q64 @ R64) / (fro(A64) * max(m, n) * EPS)).max().item(),
+            "orthogonality": (fro(Q64.mT @ Q64 - eye) / (max(m, n) * EPS)).max().item()}
+
+
+def check_qr_large(state, timer, dev, tiny):
+    shapes = [(1, 80, 40)] if tiny else [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 1024), (8, 512, 512)]
+    sweep = (8, 16) if tiny else NB_SWEEP
+    for b, m, n in shapes:
+        A = torch.randn(b, m, n, device=dev)
+        if _in_backend("metal", lambda: qr_op.backend_for(A, "reduced")) != "metal":
+            log(state, f"qr {b}x{m}x{n}: the metal backend does not take it here")
+            continue
+        where = peer_device(dev, lambda: qr_op(A, "reduced"))
+        Ap = A if where == dev.type else A.cpu()
+        for nb in sweep:
+            qr_blocked_metal.NB = nb
+            Q, R = _in_backend("metal", lambda: qr_op(A, "reduced"))
+            ratios = qr_ratios(A, Q, R)
+            row = {"case": f"qr {b}x{m}x{n} NB={nb}", "lapack_ratios": ratios, "ok": max(ratios.values()) <= 30}
+            row.update(timed(timer, lambda: qr_op(A, "reduced"), lambda: qr_op(Ap, "reduced"), where))
+            yield row
+    qr_blocked_metal.NB = NB_SWEEP[-1]
+
+
+def check_svd_large(state, timer, dev, tiny):
+    shapes = [(1, 80, 24)] if tiny else [(1, 1024, 1024), (1, 2048, 2048), (1, 4096, 1024)]
+    for b, m, n in shapes:
+        A = torch.randn(b, m, n, device=dev)
+        if _in_backend("metal", lambda: svd_op.backend_for(A, False, True)) != "metal":
+            log(state, f"svd {b}x{m}x{n}: the metal backend does not take it here")
+            continue
+        where = peer_device(dev, lambda: svd_op(A, False, True))
+        Ap = A if where == dev.type else A.cpu()
+        U, S, Vh = _in_backend("metal", lambda: svd_op(A, False, True))
+        A64 = A.double().cpu()
+        U64, S64, Vh64 = U.double().cpu(), S.double().cpu(), Vh.double().cpu()
+        k = min(m, n)
+        eye = torch.eye(k, dtype=torch.float64)
+        ratios = {"residual": (fro(A64 - (U64 * S64.unsqueeze(-2)) @ Vh64) / (fro(A64) * max(m, n) * EPS)).max().item(),
+                  "orthogonality U": (fro(U64.mT @ U64 - eye) / (max(m, n) * EPS)).max().item(),
+                  "orthogonality V": (fro(Vh64 @ Vh64.mT - eye) / (max(m, n) * EPS)).max().item()}
+        row = {"case": f"svd {b}x{m}x{n}", "lapack_ratios": ratios, "ok": max(ratios.values()) <= 30}
+        row.update(timed(timer, lambda: svd_op(A, False, True), lambda: svd_op(Ap, False, True), where))
+        yield row
+
+
+SECTIONS = {"rope": check_rope, "gram_poly": check_gram, "householder": check_householder,
+            "cholesky_solve": check_cholesky_solve, "qr_large": check_qr_large, "svd_large": check_svd_large}
 
 
 def main():
@@ -182,6 +271,8 @@ def main():
     dev = torch.device(args.device)
     if dev.type == "mps" and not torch.backends.mps.is_available():
         sys.exit("MPS is not available: run on a Mac, or use --device cpu --tiny for the executor smoke run")
+    if args.tiny:  # the blocked QR and the svd_large route at smoke-run sizes
+        qr_blocked_metal.SMALL_MAX, svd_metal.JACOBI_MAX, svd_large.LARGE_MIN_N = 16, 16, 20
     torch.manual_seed(0)
     timer = Timer(dev, QUICK_BUDGET if args.tiny else GPU_BUDGET)
     state = {"device": args.device, "tiny": args.tiny, "torch": torch.__version__, "machine": platform.platform(),
@@ -193,8 +284,9 @@ def main():
             for row in SECTIONS[section](state, timer, dev, args.tiny):
                 row["section"] = section
                 state["rows"].append(row)
+                worst = f"ratio {max(row['lapack_ratios'].values()):6.2f} " if "lapack_ratios" in row else ""
                 log(state, f"{row['case']:<46} metal {fmt_time(row['metal_s']):>9}  peer@{row['peer_device']} "
-                           f"{fmt_time(row['peer_s']):>9}  x{row['speedup']:.2f}  {'ok' if row['ok'] else 'FAIL'}")
+                           f"{fmt_time(row['peer_s']):>9}  x{row['speedup']:.2f}  {worst}{'ok' if row['ok'] else 'FAIL'}")
         except Exception:  # one failing section is reported; the others still run
             state["errors"][section] = traceback.format_exc()
             log(state, f"[{section}] failed:\n{state['errors'][section]}")
