@@ -28,6 +28,13 @@ def clone(state):
     return {k: [t.clone() for t in v] for k, v in state.items()}
 
 
+def assert_same_state(ours, ref):
+    """Every list of the group (parameters and optimizer state) against the reference's, in float64."""
+    for key in ours:
+        for got, want in zip(ours[key], ref[key]):
+            assert_close(got, want.double(), got.dtype)
+
+
 def step(op, state, grads, amsgrad, maximize):
     op(state["params"], grads, state["exp_avgs"], state["exp_avg_sqs"], state["max_exp_avg_sqs"],
        state["state_steps"], HYPER["lr"], HYPER["beta1"], HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"],
@@ -47,10 +54,8 @@ def test_adamw_steps_match_the_reference(dtype, amsgrad, maximize, device):
         grads = [torch.randn_like(p) for p in ours["params"]]
         step(adamw_step_, ours, grads, amsgrad, maximize)
         step(adamw_step_.reference, ref, grads, amsgrad, maximize)
-    for key in ours:
-        for got, want in zip(ours[key], ref[key]):
-            assert got.dtype == want.dtype
-            assert_close(got, want.double(), got.dtype)
+    assert all(got.dtype == want.dtype for key in ours for got, want in zip(ours[key], ref[key]))
+    assert_same_state(ours, ref)
     assert [s.item() for s in ours["state_steps"]] == [3.0] * len(SIZES)
 
 
@@ -66,9 +71,7 @@ def test_mixed_dtypes_and_unequal_steps_in_one_group(device):
     grads = [torch.randn_like(p) for p in group["params"]]
     step(adamw_step_, group, grads, False, False)
     step(adamw_step_.reference, ref, grads, False, False)
-    for key in group:
-        for got, want in zip(group[key], ref[key]):
-            assert_close(got, want.double(), got.dtype)
+    assert_same_state(group, ref)
 
 
 def test_many_blocks_spread_over_programs(device, monkeypatch):
@@ -81,9 +84,7 @@ def test_many_blocks_spread_over_programs(device, monkeypatch):
     grads = [torch.randn_like(p) for p in group["params"]]
     step(adamw_step_, group, grads, True, False)
     step(adamw_step_.reference, ref, grads, True, False)
-    for key in group:
-        for got, want in zip(group[key], ref[key]):
-            assert_close(got, want.double(), got.dtype)
+    assert_same_state(group, ref)
 
 
 def test_grads_are_not_written(device):
@@ -108,9 +109,7 @@ def test_gpu_full_size(dtype, device):
         grads = [torch.randn_like(p) for p in ours["params"]]
         step(adamw_step_, ours, grads, True, False)
         step(adamw_step_.reference, ref, grads, True, False)
-    for key in ours:
-        for got, want in zip(ours[key], ref[key]):
-            assert_close(got, want.double(), got.dtype)
+    assert_same_state(ours, ref)
 
 
 def test_opcheck_on_the_triton_backend(device):
@@ -154,9 +153,7 @@ def test_launch_plan_is_reused_and_gradients_rechecked(device):
     assert adamw_step_.backend_for(*args) == "reference"
     step(adamw_step_, group, grads, False, False)
     step(adamw_step_.reference, ref, grads, False, False)
-    for key_ in group:
-        for got, want in zip(group[key_], ref[key_]):
-            assert_close(got, want.double(), got.dtype)
+    assert_same_state(group, ref)
 
 
 def test_packed_step_counters(device):
@@ -173,6 +170,4 @@ def test_packed_step_counters(device):
         step(adamw_step_, group, grads, False, False)
         step(adamw_step_.reference, ref, grads, False, False)
     assert buffer.tolist() == [2.0, 6.0, 2.0]
-    for key in group:
-        for got, want in zip(group[key], ref[key]):
-            assert_close(got, want.double(), got.dtype)
+    assert_same_state(group, ref)
