@@ -40,6 +40,7 @@ import torch
 import triton
 
 import metalcore
+from metalcore.bench.timing import sleep_cycles_per_s
 from metalcore.linalg import cholesky_triton, solve_triton, triangular_triton
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
@@ -64,13 +65,7 @@ class Clock:
         self.reps = reps
         self.cuda = device.type == "cuda"
         if self.cuda:
-            torch.cuda._sleep(1000)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            torch.cuda._sleep(10_000_000)
-            e.record()
-            e.synchronize()
-            self.cycles_per_s = 10_000_000 / (s.elapsed_time(e) / 1e3)
+            self.cycles_per_s = sleep_cycles_per_s()
 
     def sync(self):
         if self.cuda:

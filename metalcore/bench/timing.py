@@ -89,6 +89,18 @@ def summarize(times: list[float], host: list[float] | None = None) -> Timing:
     return Timing(median, q1, q3, min(times), len(times), host_s)
 
 
+def sleep_cycles_per_s() -> float:
+    """Rate of ``torch.cuda._sleep``'s clock on the current CUDA device, to turn seconds of host time
+    into the cycles of a sleep that hides them."""
+    torch.cuda._sleep(1000)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / (start.elapsed_time(end) / 1e3)
+
+
 def call_ms(fn: Callable[[], Any], device: torch.device, *, reps: int = 3, budget_s: float | None = None,
             max_reps: int = 20) -> float:
     """Median milliseconds of single calls of ``fn`` from an idle device, host issue included (CUDA
@@ -138,14 +150,7 @@ class Timer:
 
     @functools.cached_property
     def _gpu_cycles_per_s(self) -> float:
-        """Rate of ``torch.cuda._sleep``'s clock, to turn seconds of host time into cycles."""
-        torch.cuda._sleep(1000)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(10_000_000)
-        end.record()
-        end.synchronize()
-        return 10_000_000 / (start.elapsed_time(end) / 1e3)
+        return sleep_cycles_per_s()
 
     def _start(self, fn: Callable[[], Any], hide_s: float) -> tuple[Callable[[], float], float]:
         """Flush, call ``fn`` once; return a function that reads its time in seconds (CUDA reads
