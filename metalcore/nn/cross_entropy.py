@@ -233,9 +233,15 @@ def _backward(ctx, grad_loss, *_):
         grads = fused_linear_cross_entropy_bwd(grad_loss, hidden, weight, target, bias, *ctx.options,
                                                wants[0], wants[1], wants[3])
     else:
-        # Scaled in place: a second d weight (1 GiB at 128k × 4096 bf16) never exists. Autograd's
-        # version check refuses a second backward over these (retain_graph), which would scale twice.
-        grads = tuple(g.mul_(grad_loss) for g in ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        if type(grad_loss) is torch.Tensor and not torch._C._len_torch_dispatch_stack():
+            # Eager: scaled in place, so that a second d weight (1 GiB at 128k × 4096 bf16) never
+            # exists. Autograd's version check refuses a second backward over these (retain_graph),
+            # which would scale them twice.
+            grads = tuple(g.mul_(grad_loss) for g in saved)
+        else:
+            # Traced (torch.compile, AOT): the graph is functional, so say it out of place.
+            grads = tuple((g * grad_loss).to(g.dtype) for g in saved)
     d_hidden, d_weight, d_bias = (g if want and g.numel() else None for g, want in zip(grads, (wants[0], wants[1], wants[3])))
     return d_hidden, d_weight, None, d_bias, None, None, None, None, None, None, None, None, None, None
 

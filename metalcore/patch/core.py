@@ -44,6 +44,7 @@ from metalcore.nn.rms_norm import rms_norm
 from metalcore.nn.rope import apply_rotary_pos_emb as _metal_rope
 from metalcore.nn.swiglu import swiglu
 from metalcore.patch.families import FAMILIES, Family, _softcap_blocker
+from metalcore.patch.lm_head import patch_causal_lm_head
 
 _REPORT_ATTR = "_metalcore_patch_report"
 _SPEC_ATTR = "_metalcore_spec"
@@ -402,7 +403,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = True, rope: bool = True,
-                attention: bool = True, structural: bool = True) -> PatchReport:
+                attention: bool = True, cross_entropy: bool = True, structural: bool = True) -> PatchReport:
     """Swap metalcore's kernels into ``model`` (a ``transformers`` model, a PEFT-wrapped one, or any
     ``nn.Module``), in place and per instance; returns a :class:`PatchReport`.
 
@@ -411,6 +412,9 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
       activation modules → ``MetalGELU``/``MetalSiLU``;
     * ``rope``: attention layers → :func:`metalcore.nn.apply_rotary_pos_emb` (see module docstring);
     * ``attention``: ``model.set_attn_implementation("metalcore")`` (masks, GQA, sliding windows);
+    * ``cross_entropy``: a causal LM's training loss (``model.train()``, labels given) from
+      :func:`metalcore.nn.fused_linear_cross_entropy`, with no logits returned unless the call passes
+      ``return_logits=True`` (:mod:`metalcore.patch.lm_head`);
     * ``structural``: for modules that no table entry names (unknown model types), recognise
       RMSNorm-like modules, gate/up/down SiLU MLPs and RoPE attention by structure, and swap each only
       after a probe shows metalcore computes the same thing; everything declined is in ``skipped``.
@@ -421,7 +425,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
     >>> report = metalcore.patch_model(model)
     >>> print(report)          # metalcore patch of llama (active): attention: 1, rms_norm: 9, rope: 4, ...
     """
-    options = dict(rms_norm=rms_norm, activations=activations, rope=rope, attention=attention, structural=structural)
+    options = dict(rms_norm=rms_norm, activations=activations, rope=rope, attention=attention,
+                   cross_entropy=cross_entropy, structural=structural)
     base = _base_model(model)
     existing = base.__dict__.get(_REPORT_ATTR)
     if existing is not None:
@@ -462,6 +467,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
                     patcher.rope(path, module, attns[name].rope)
             elif rope and structural and "attention" in name.lower():
                 patcher.rope(path, module, None)
+        if cross_entropy:
+            patch_causal_lm_head(patcher, base, known=bool(families), structural=structural)
         if attention:
             _switch_attention(base, families, report)
     except BaseException:

@@ -198,7 +198,7 @@ def test_patch_is_idempotent():
 
 def test_options_switch_swaps_off():
     model = tiny_model("llama")
-    report = patch_model(model, rms_norm=False, activations=False, rope=False)
+    report = patch_model(model, rms_norm=False, activations=False, rope=False, cross_entropy=False)
     assert set(report.counts()) == {"attention"}
 
 
