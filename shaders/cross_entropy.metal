@@ -59,7 +59,8 @@ static void cross_entropy_row(device T* logits, device const long* target, devic
     const float row_max = cross_entropy_threadgroup_max(m, scratch, lane, sg, nsg);
     // Threads that saw no column (n < tpg) have m = -inf and s = 0: they add nothing.
     const float part = m == -INFINITY ? 0.0f : s * exp(m - row_max);
-    const float lse = row_max + log(threadgroup_sum(part, scratch, lane, sg, nsg));
+    const float total = threadgroup_sum(part, scratch, lane, sg, nsg);
+    const float lse = row_max + log(total);
     z_sum = threadgroup_sum(z_sum, scratch, lane, sg, nsg);
     float z_t = t >= 0 && t < long(n) ? float(x[t]) : 0.0f;  // out-of-range targets: undefined, memory-safe
     if (has_cap) {
@@ -74,13 +75,15 @@ static void cross_entropy_row(device T* logits, device const long* target, devic
     // Every thread has read x[t] above before any thread overwrites it below.
     threadgroup_barrier(mem_flags::mem_device);
     const float g_scale = scale[ulong(row) * scale_stride];
-    const float p_scale = 1.0f + 2.0f * z_loss * lse;
+    // softmax as exp(z - max) / sum: exp(z - lse) would carry lse's rounding (its ulp, ~2e-6 at
+    // lse ~ 20) into every probability as a relative error.
+    const float p_scale = (1.0f + 2.0f * z_loss * lse) / total;
     for (uint i = tid; i < n; i += tpg) {
         float z = float(x[i]);
         if (has_cap) {
             z = cross_entropy_softcap(z, cap);
         }
-        float g = exp(z - lse) * p_scale - smoothing / float(n);
+        float g = exp(z - row_max) * p_scale - smoothing / float(n);
         if (long(i) == t) {
             g -= 1.0f - smoothing;
         }

@@ -82,10 +82,17 @@ def cross_entropy_chunk_(logits: Tensor, target: Tensor, grad_scale: Tensor, ign
     acc = _acc(logits)
     x = logits.to(acc)
     vocab = x.shape[-1]
+    if x.shape[0] == 0:
+        return x.new_empty(0)
     valid = target != ignore_index
     safe = torch.where(valid, target, 0).unsqueeze(-1)
     z = softcap * torch.tanh(x / softcap) if softcap is not None else x
-    lse = torch.logsumexp(z, dim=-1)
+    # softmax = exp(z − max) / Σ, not exp(z − lse): lse (≈ 10–30) carries an absolute rounding error of
+    # its ulp (~2e-6 in float32), which exp(z − lse) would turn into that relative error in every p.
+    shifted = z - z.amax(-1, keepdim=True)
+    e = torch.exp(shifted)
+    total = e.sum(-1)
+    lse = z.amax(-1) + torch.log(total)
     loss = lse - (1.0 - label_smoothing) * z.gather(-1, safe).squeeze(-1)
     if label_smoothing:
         loss = loss - (label_smoothing / vocab) * z.sum(-1)
@@ -93,7 +100,7 @@ def cross_entropy_chunk_(logits: Tensor, target: Tensor, grad_scale: Tensor, ign
         loss = loss + z_loss * lse.square()
     loss = torch.where(valid, loss, 0.0)
     if write_grad:
-        grad = torch.exp(z - lse.unsqueeze(-1)) * (1.0 + 2.0 * z_loss * lse).unsqueeze(-1)
+        grad = e * ((1.0 + 2.0 * z_loss * lse) / total).unsqueeze(-1)
         grad = grad - label_smoothing / vocab
         grad.scatter_add_(-1, safe, grad.new_full(safe.shape, label_smoothing - 1.0))
         if softcap is not None:

@@ -87,14 +87,16 @@ def _cross_entropy_kernel(LOGITS, TARGET, SCALE, LOSS, n_cols, stride_row, scale
         tl.store(LOSS + row, loss)
         if WRITE_GRAD:
             scale = tl.load(SCALE + row * scale_stride).to(tl.float32)
-            p_scale = 1.0 + 2.0 * z_loss * lse
+            # softmax as exp(z − m) / s: exp(z − lse) would carry lse's rounding (its ulp, ~2e-6 at
+            # lse ≈ 20) into every probability as a relative error.
+            p_scale = (1.0 + 2.0 * z_loss * lse) / s
             for start in range(0, n_cols, BLOCK):
                 c = start + cols
                 mask = c < n_cols
                 z = tl.load(base + c, mask=mask, other=0.0).to(tl.float32)
                 if HAS_CAP:
                     z = _softcap(z, cap)
-                g = tl.exp(z - lse) * p_scale
+                g = tl.exp(z - m) * p_scale
                 if HAS_SMOOTH:
                     g -= smoothing / n_cols
                 g = tl.where(c == target, g - (1.0 - smoothing), g)
