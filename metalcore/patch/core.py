@@ -42,7 +42,7 @@ from torch import nn
 from metalcore.nn.activations import MetalGELU, MetalSiLU
 from metalcore.nn.rms_norm import rms_norm
 from metalcore.nn.rope import apply_rotary_pos_emb as _metal_rope
-from metalcore.nn.swiglu import swiglu
+from metalcore.nn.swiglu import swiglu, swiglu_linear
 from metalcore.patch.families import FAMILIES, Family, _softcap_blocker
 from metalcore.patch.lm_head import patch_causal_lm_head
 
@@ -116,13 +116,23 @@ def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
     return y
 
 
+def _down_of_swiglu(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``down(swiglu(gate, up))``; a plain, unhooked ``nn.Linear`` goes through ``swiglu_linear``, which
+    recomputes the product in the backward instead of keeping it (one ``(tokens, intermediate)``
+    activation less per layer)."""
+    if type(down) is nn.Linear and "forward" not in down.__dict__ and not (down._forward_hooks or
+                                                                           down._forward_pre_hooks):
+        return swiglu_linear(gate, up, down.weight, down.bias)
+    return down(swiglu(gate, up))
+
+
 def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    return _down_of_swiglu(self.down_proj, self.gate_proj(x), self.up_proj(x))
 
 
 def _fused_swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(swiglu(gate, up))
+    return _down_of_swiglu(self.down_proj, gate, up)
 
 
 def _rope(q, k, cos, sin, unsqueeze_dim=1, *, partial: bool = False, cast: bool = False):
