@@ -129,6 +129,7 @@ def swiglu_linear(gate: Tensor, up: Tensor, weight: Tensor, bias: Optional[Tenso
     >>> y = swiglu_linear(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight, mlp.down_proj.bias)
     """
     fn = "metalcore.swiglu_linear"
+    check_tensor(fn, "gate", gate, dtypes=FLOAT_DTYPES, min_dim=1)
     _check_gate_up(fn, gate, up)
     check_tensor(fn, "weight", weight, dtypes=FLOAT_DTYPES)
     check_same_device(fn, gate=gate, weight=weight)
