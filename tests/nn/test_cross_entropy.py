@@ -239,3 +239,15 @@ def test_bad_inputs():
         fused_linear_cross_entropy(hidden, weight, target, softcap=0.0)
     with pytest.raises(ValueError, match=fn + r": memory_budget must be a positive number of bytes"):
         fused_linear_cross_entropy(hidden, weight, target, memory_budget=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiles_fullgraph(reduction):
+    hidden, weight, target, bias = make_inputs(torch.float64)
+    grad_out = torch.rand(BATCH, SEQ, dtype=torch.float64) if reduction == "none" else None
+    kwargs = dict(reduction=reduction, softcap=5.0, memory_budget=budget_for(CHUNK, torch.float64))
+    compiled = torch.compile(fused_linear_cross_entropy, fullgraph=True)
+    got = loss_and_grads(compiled, hidden, weight, target, bias, grad_out, **kwargs)
+    expected = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, bias, grad_out, **kwargs)
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
