@@ -91,6 +91,9 @@ def _decline(model: nn.Module) -> Optional[str]:
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         return f"the LM head is a {type(head).__name__}, not an nn.Linear (e.g. a LoRA-wrapped head)"
+    if "forward" in head.__dict__ or head._forward_hooks or head._forward_pre_hooks:
+        return ("the LM head has forward hooks or its own forward (an FSDP unit, accelerate offloading, ...), "
+                "which the fused loss would bypass")
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return "the model's loss_function is not transformers' ForCausalLMLoss"
     if not isinstance(getattr(model, model.base_model_prefix, None), nn.Module):

@@ -152,3 +152,12 @@ def test_unknown_model_types_are_probed():
     assert report.counts()["fused_linear_cross_entropy"] == 0
     assert "did not match the fused loss" in report.skipped["lm_head"]
     assert cohere(input_ids=ids, labels=labels).logits is not None
+
+
+def test_hooked_or_wrapped_heads_are_left_alone():
+    model = tiny_model("llama").train()
+    model.lm_head.register_forward_pre_hook(lambda module, args: None)
+    report = patch_model(model)
+    assert report.counts()["fused_linear_cross_entropy"] == 0 and "forward hooks" in report.skipped["lm_head"]
+    ids, labels = batch()
+    assert model(input_ids=ids, labels=labels).logits is not None
