@@ -16,6 +16,10 @@ of a training step (the keyword is consumed by the patched forward, never passed
 
 Families in :data:`metalcore.patch.FAMILIES` are patched on sight; any other causal LM only after a
 probe (a 5-token batch, evaluation mode, no gradients) shows that the fused loss equals its own.
+Declined, with the reason in the report (``skipped["lm_head"]``): heads that are not a plain
+``nn.Linear`` (LoRA-wrapped), heads with forward hooks or their own forward (an FSDP unit,
+accelerate offloading: the fused loss would bypass them), and models whose ``loss_function`` is
+not ``ForCausalLMLoss``.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ class _HeadSpec:
     positional: tuple[str, ...]  # the class forward's parameters after self, to read positional calls
 
 
-def _loss_kwargs(config: Any) -> dict[str, Any]:
-    return dict(softcap=getattr(config, "final_logit_softcapping", None))
+def _softcap(config: Any) -> Optional[float]:
+    return getattr(config, "final_logit_softcapping", None)
 
 
 def _fused_output(model: nn.Module, call: dict[str, Any], labels: torch.Tensor) -> Any:
@@ -58,7 +62,7 @@ def _fused_output(model: nn.Module, call: dict[str, Any], labels: torch.Tensor) 
     head = model.get_output_embeddings()
     loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), head.bias,
                                       ignore_index=_IGNORE_INDEX, num_items_in_batch=call.get("num_items_in_batch"),
-                                      **_loss_kwargs(model.config))
+                                      softcap=_softcap(model.config))
     moe = any(f.name == "router_logits" for f in dataclasses.fields(outputs))
     cls = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -142,5 +146,5 @@ def patch_causal_lm_head(patcher: Any, model: nn.Module, known: bool, structural
         patcher.report.skipped["lm_head"] = (f"{type(model).__name__} is not in the table and its loss did not match "
                                              "the fused loss on a probe: loss kept")
         return
-    softcap = _loss_kwargs(model.config)["softcap"]
+    softcap = _softcap(model.config)
     patcher.bind_forward("", model, _causal_lm_forward, spec, WHAT + (f"(softcap={softcap:g})" if softcap else ""))
