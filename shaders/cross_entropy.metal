@@ -28,13 +28,13 @@ static inline float cross_entropy_softcap(float x, float cap) {
 
 template <typename T>
 static void cross_entropy_row(device T* logits, device const long* target, device const float* scale,
-                              device float* loss, uint n, uint scale_stride, long ignore_index,
+                              device float* loss, uint n, uint scale_stride, int ignore_index,
                               float smoothing, float z_loss, float cap, bool has_cap, bool write_grad,
                               threadgroup float* scratch, uint row, uint tid, uint tpg, uint lane, uint sg,
                               uint nsg) {
     device T* x = logits + ulong(row) * n;
     const long t = target[row];
-    if (t == ignore_index) {
+    if (t == long(ignore_index)) {
         if (write_grad) {
             for (uint i = tid; i < n; i += tpg) {
                 x[i] = T(0.0f);
@@ -99,7 +99,7 @@ kernel void cross_entropy_chunk_##SUFFIX(                                       
         device T* logits [[buffer(0)]], device const long* target [[buffer(1)]],                    \
         device const float* scale [[buffer(2)]], device float* loss [[buffer(3)]],                  \
         constant uint& n [[buffer(4)]], constant uint& scale_stride [[buffer(5)]],                  \
-        constant long& ignore_index [[buffer(6)]], constant float& smoothing [[buffer(7)]],         \
+        constant int& ignore_index [[buffer(6)]], constant float& smoothing [[buffer(7)]],          \
         constant float& z_loss [[buffer(8)]], constant float& cap [[buffer(9)]],                    \
         constant uint& has_cap [[buffer(10)]], constant uint& write_grad [[buffer(11)]],            \
         uint row [[threadgroup_position_in_grid]], uint tid [[thread_position_in_threadgroup]],     \
