@@ -1,6 +1,6 @@
 """Causal-LM heads: in training with labels, the loss comes from metalcore's fused linear cross-entropy.
 
-A patched ``*ForCausalLM`` model keeps its class ``forward`` for everything but one case: in
+A patched causal LM (``*ForCausalLM``, ``*LMHeadModel``) keeps its class ``forward`` for everything but one case: in
 training mode (``model.training``) with ``labels`` given, its instance forward runs the decoder, then
 :func:`metalcore.nn.fused_linear_cross_entropy` on the last hidden states and the LM head's weight —
 the ``(tokens, vocab)`` logits are never materialized — and returns the loss with ``logits=None``.
@@ -36,6 +36,7 @@ from metalcore.nn.cross_entropy import fused_linear_cross_entropy
 
 WHAT = "fused_linear_cross_entropy"
 _IGNORE_INDEX = -100  # ForCausalLMLoss's default, which the causal-LM forwards never override
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # LlamaForCausalLM, GPT2LMHeadModel, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,6 @@ def _decline(model: nn.Module) -> Optional[str]:
     """Why the head of this transformers model cannot be swapped (None when it can)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    if not type(model).__name__.endswith("ForCausalLM"):
-        return f"{type(model).__name__} is not a *ForCausalLM model"
     head = model.get_output_embeddings()
     if type(head) is not nn.Linear:
         return f"the LM head is a {type(head).__name__}, not an nn.Linear (e.g. a LoRA-wrapped head)"
@@ -134,8 +133,8 @@ def patch_causal_lm_head(patcher: Any, model: nn.Module, known: bool, structural
     """
     from transformers import PreTrainedModel
 
-    if not isinstance(model, PreTrainedModel):
-        return
+    if not isinstance(model, PreTrainedModel) or not type(model).__name__.endswith(_CAUSAL_LM_SUFFIXES):
+        return  # no causal-LM head: nothing to swap or report
     reason = _decline(model)
     if reason:
         patcher.report.skipped["lm_head"] = f"loss kept: {reason}"

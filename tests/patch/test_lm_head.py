@@ -146,6 +146,15 @@ def test_unknown_model_types_are_probed():
     assert report.counts()["fused_linear_cross_entropy"] == 1
     ids, labels = batch()
     assert olmo(input_ids=ids, labels=labels).logits is None
+    # GPT-2's LMHeadModel: another name, another decoder attribute (transformer), same loss.
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                                attn_pdrop=0.0)).train()
+    plain = copy.deepcopy(gpt2)
+    assert patch_model(gpt2).counts()["fused_linear_cross_entropy"] == 1
+    fused, expected = gpt2(input_ids=ids, labels=labels), plain(input_ids=ids, labels=labels)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, expected.loss)
     # Cohere multiplies its logits by logit_scale: the probe disagrees and the loss stays the model's.
     cohere = _unknown_model("CohereConfig", logit_scale=0.5)
     report = patch_model(cohere)
