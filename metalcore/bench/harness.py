@@ -638,7 +638,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     sel.add_argument("--dtypes", default="", help="comma-separated dtypes to sweep (default: each op's)")
     sel.add_argument("--sizes", default="", help="comma-separated grid sizes to sweep (default: the whole grid)")
     sel.add_argument("--batches", default="", help="comma-separated batches (rows) to sweep (default: the whole grid)")
-    sel.add_argument("--table", default="", help="table file to update (default: metalcore/_tables/<device>.json)")
     sel.add_argument("--out-dir", default="bench/results", help="where the check's JSON and heat map go")
     sel.add_argument("--warm-workers", type=int, default=0,
                      help="compile the sweep's Triton kernels first in N processes (shared on-disk cache)")

@@ -57,8 +57,8 @@ LONG_CALL_S = 1.0
 # Nor is one whose inputs would exceed this many bytes (65536×128² fp64 is 8.6 GB).
 MAX_INPUT_BYTES = 2 << 30
 # Timing per callable and point: about this much wall time, within [MIN_REPS, MAX_REPS] calls.
-BUDGET_S = 0.03
-MIN_REPS, MAX_REPS = 3, 40
+BUDGET_S = 0.02
+MIN_REPS, MAX_REPS = 3, 25
 # Agreement of the kernel's canonical output with torch's, relative to the largest entry.
 AGREE_TOL = {torch.float32: 1e-3, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # The rule (DESIGN.md §3): the automatic path against torch, same run.
@@ -294,63 +294,66 @@ def _registered(s: Sweep):
 
 def measure_row(s: Sweep, device: torch.device, backend: str, dtype: torch.dtype, size: int,
                 batches: Sequence[int], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every batch of one (op, variant, dtype, size) row, in increasing batch order."""
+    """Every batch of one (op, variant, dtype, size) row, in increasing batch order. A path whose
+    call would take longer than ``LONG_CALL_S`` (predicted from its previous batch) is extrapolated
+    instead of run, the other is still measured."""
     import metalcore
 
     op = _registered(s)
     points: list[dict[str, Any]] = []
-    last: dict[str, Any] | None = None
+    last: dict[str, tuple[int, float]] = {}  # path → (batch, seconds) of its last measurement
+    served_by, agree = None, None
     for batch in batches:
         point: dict[str, Any] = dict(variant=s.variant, dtype=str(dtype).removeprefix("torch."), size=size,
-                                     batch=batch, torch_s=None, kernel_s=None, extrapolated=False,
-                                     served_by=None, agree=None)
+                                     batch=batch, torch_s=None, kernel_s=None, extrapolated=[],
+                                     served_by=served_by, agree=agree)
         too_big = _input_bytes(s, dtype, size, batch) > MAX_INPUT_BYTES
-        predicted = None
-        if last is not None:
-            scale = batch / last["batch"]
-            predicted = max((last[k] or 0.0) * scale for k in ("torch_s", "kernel_s"))
-        if last is not None and (too_big or predicted > LONG_CALL_S):
-            scale = batch / last["batch"]
-            point.update(extrapolated=True, served_by=last["served_by"], agree=last["agree"],
-                         torch_s=None if last["torch_s"] is None else last["torch_s"] * scale,
-                         kernel_s=None if last["kernel_s"] is None else last["kernel_s"] * scale)
-        elif too_big:
+        predicted = {name: t * batch / b for name, (b, t) in last.items()}
+        long = {name for name, t in predicted.items() if too_big or t > LONG_CALL_S}
+        for name in long:
+            point[f"{name}_s"] = predicted[name]
+            point["extrapolated"].append(name)
+        if too_big and not long:
             point["skipped"] = "inputs too large and no smaller batch to extrapolate from"
-        else:
+        elif not too_big:
             try:
                 inputs = _build(s, device, dtype, size, batch)
-            except Exception as e:  # noqa: BLE001 — e.g. cholesky of a singular fp32 1×1 batch; recorded
+            except Exception as e:  # noqa: BLE001 — recorded, the row goes on
                 point["skipped"] = f"inputs: {type(e).__name__}: {e}"[:200]
                 points.append(point)
                 continue
             with metalcore.use_backend(backend):
                 try:
-                    point["served_by"] = op.backend_for(*s.op_args(*inputs))
+                    served_by = op.backend_for(*s.op_args(*inputs))
                 except Exception as e:  # noqa: BLE001
-                    point["served_by"] = f"error: {type(e).__name__}"
-            kernel_serves = point["served_by"] == backend
+                    served_by = f"error: {type(e).__name__}"
+            point["served_by"] = served_by
 
             def kernel():
                 with metalcore.use_backend(backend):
                     return s.metalcore(*inputs)
 
-            fns = {"torch": lambda: s.torch(*inputs)}
-            if kernel_serves:
+            fns = {}
+            if "torch" not in long:
+                fns["torch"] = lambda: s.torch(*inputs)
+            if served_by == backend and "kernel" not in long:
                 fns["kernel"] = kernel
-            t = wall_times(fns, device)
-            point["torch_s"], point["kernel_s"] = t["torch"], t.get("kernel")
-            if kernel_serves and point["kernel_s"] is not None:
+            for name, t in wall_times(fns, device).items():
+                point[f"{name}_s"] = t
+                if t is not None:
+                    last[name] = (batch, t)
+            if "kernel" in fns and point["kernel_s"] is not None:
                 try:
-                    ref = s.canonical(s.torch(*inputs)) if point["torch_s"] is not None else None
-                    mine = s.canonical(kernel())
-                    point["agree"] = True if ref is None else _agree(mine, ref, dtype)
+                    ref = s.canonical(s.torch(*inputs)) if "torch" in fns and point["torch_s"] is not None else None
+                    agree = True if ref is None else _agree(s.canonical(kernel()), ref, dtype)
                 except Exception:  # noqa: BLE001
-                    point["agree"] = False
+                    agree = False
+                point["agree"] = agree
             del inputs
+        if served_by != backend:
+            point["kernel_s"] = None
         point["winner"] = _winner(point)
         points.append(point)
-        if not point.get("skipped"):
-            last = point
         log(_fmt_point(s, point))
     return points
 
@@ -368,7 +371,7 @@ def _fmt_point(s: Sweep, p: dict[str, Any]) -> str:
     def us(x):
         return "-" if x is None else f"{x * 1e6:.1f}"
     ratio = "" if not (p["kernel_s"] and p["torch_s"]) else f" {p['torch_s'] / p['kernel_s']:.2f}x"
-    flag = " (extrapolated)" if p["extrapolated"] else ""
+    flag = f" (extrapolated: {', '.join(p['extrapolated'])})" if p["extrapolated"] else ""
     return (f"{s.name:24s} {p['dtype']:8s} size={p['size']:<5d} batch={p['batch']:<6d} torch={us(p['torch_s'])}µs "
             f"kernel={us(p['kernel_s'])}µs{ratio} served_by={p['served_by']} agree={p['agree']} "
             f"-> {p['winner']}{flag}")
@@ -438,32 +441,34 @@ def check(device: torch.device, selected: Sequence[Sweep], log: Callable[[str], 
             if dtypes and dtype not in dtypes:
                 continue
             for size, row in _rows_of(s, sizes, batches).items():
-                last = None
+                last: dict[str, tuple[int, float]] = {}
                 for batch in row:
                     p: dict[str, Any] = dict(op=s.name, dtype=str(dtype).removeprefix("torch."), size=size,
-                                             batch=batch, extrapolated=False)
+                                             batch=batch, extrapolated=[], torch_s=None, auto_s=None)
                     big = _input_bytes(s, dtype, size, batch) > MAX_INPUT_BYTES
-                    if last is not None and (big or max(last["torch_s"] or 0, last["auto_s"] or 0)
-                                             * batch / last["batch"] > LONG_CALL_S):
-                        scale = batch / last["batch"]
-                        p.update(extrapolated=True, torch_s=last["torch_s"] and last["torch_s"] * scale,
-                                 auto_s=last["auto_s"] and last["auto_s"] * scale)
-                    else:
+                    long = {name for name, (b, t) in last.items() if big or t * batch / b > LONG_CALL_S}
+                    for name in long:
+                        b, t = last[name]
+                        p[f"{name}_s"] = t * batch / b
+                        p["extrapolated"].append(name)
+                    if not big:
                         inputs = _build(s, device, dtype, size, batch)
-                        t = wall_times({"torch": lambda: s.torch(*inputs), "auto": lambda: s.metalcore(*inputs)},
-                                       device)
-                        p.update(torch_s=t["torch"], auto_s=t["auto"])
+                        fns = {name: fn for name, fn in (("torch", lambda: s.torch(*inputs)),
+                                                         ("auto", lambda: s.metalcore(*inputs))) if name not in long}
+                        for name, t in wall_times(fns, device).items():
+                            p[f"{name}_s"] = t
+                            if t is not None:
+                                last[name] = (batch, t)
                         del inputs
                     p["ratio"] = (p["torch_s"] / p["auto_s"]) if p["torch_s"] and p["auto_s"] else None
                     p["violation"] = _violates(p)
                     points.append(p)
                     if p["violation"]:
                         violations.append(p)
-                    if p["auto_s"] is not None:
-                        last = p
                     log(f"check {p['op']:24s} {p['dtype']:8s} size={size:<5d} batch={batch:<6d} "
                         f"torch={_us(p['torch_s'])} auto={_us(p['auto_s'])} ratio={_r(p['ratio'])}"
-                        + (" VIOLATION" if p["violation"] else "") + (" (extrapolated)" if p["extrapolated"] else ""))
+                        + (" VIOLATION" if p["violation"] else "")
+                        + (f" (extrapolated: {', '.join(p['extrapolated'])})" if p["extrapolated"] else ""))
     return points, violations
 
 
@@ -580,7 +585,7 @@ def main(args: Any) -> int:
         t0 = time.time()
         ops = sweep(device, backend, selected, log, dtypes, sizes, batches)
         meta["sweep_s"] = round(time.time() - t0, 1)
-        table_file = Path(args.table) if args.table else table_path(device)
+        table_file = table_path(device)
         merge_into(table_file, ops, meta)
         _selection.reload()
         print(f"wrote {table_file} ({sum(len(v) for v in ops.values())} points, {meta['sweep_s']} s)")
