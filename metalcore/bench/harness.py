@@ -243,11 +243,24 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        """Best peer's median / metalcore's median: above 1, metalcore is faster."""
+        """Best peer's median / metalcore's median (GPU time on GPUs): above 1, metalcore is faster."""
         best = self.best_peer
         if best is None or self.metalcore is None:
             return None
         return self.peers[best].median_s / self.metalcore.median_s
+
+    @property
+    def best_peer_wall(self) -> str | None:
+        return min(self.peers, key=lambda k: self.peers[k].wall_s or self.peers[k].median_s) if self.peers else None
+
+    @property
+    def wall_ratio(self) -> float | None:
+        """The headline: best peer's wall time per synchronised eager call / metalcore's."""
+        best = self.best_peer_wall
+        if best is None or self.metalcore is None:
+            return None
+        theirs, ours = self.peers[best], self.metalcore
+        return (theirs.wall_s or theirs.median_s) / (ours.wall_s or ours.median_s)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -257,6 +270,7 @@ class Row:
             "metalcore": self.metalcore.to_json() if self.metalcore else None,
             "peers": {k: v.to_json() for k, v in self.peers.items()},
             "peer_errors": self.peer_errors, "best_peer": self.best_peer, "ratio": self.ratio,
+            "best_peer_wall": self.best_peer_wall, "wall_ratio": self.wall_ratio,
             "bytes": self.bytes, "flops": self.flops, "gbps": self.gbps, "tflops": self.tflops,
             "bound": self.bound, "roofline": self.roofline,
             "check_rel_err": self.check_rel_err, "check_against": self.check_against,
