@@ -34,8 +34,8 @@ import hashlib
 import os
 import threading
 
+from metalcore.executor import _build
 from metalcore.executor._build import COMPILER_CANDIDATES, find_compiler, missing_compiler_message
-from metalcore.executor._build import build as _build
 from metalcore.executor._cache import cache_dir
 from metalcore.executor._errors import (MetalCacheError, MetalCompileError, MetalKernelError, MetalLimitError,
                                         MetalOutOfBoundsError, MetalTimeoutError, UnsupportedMetalError)
@@ -69,6 +69,6 @@ def compile_shader(source: str, *, bounds_check: bool | None = None) -> Library:
     with _lock:
         lib = _libraries.get(key)
         if lib is None:
-            built = _build(source, checked)
+            built = _build.build(source, checked)
             lib = _libraries[key] = Library(built.path, built.kernels, checked, built.stack_bytes)
     return lib
