@@ -113,9 +113,11 @@ def _find_compiler_cached(explicit: str) -> str | None:
 
 
 def missing_compiler_message() -> str:
-    return (f"the Metal shader executor needs clang++ >= {_MIN_CLANG} (searched on PATH: "
-            f"{', '.join(COMPILER_CANDIDATES)}); install one (Debian/Ubuntu: `apt-get install clang-19`) or set "
-            f"METALCORE_CLANG=/path/to/clang++")
+    explicit = os.environ.get("METALCORE_CLANG")
+    if explicit:
+        return f"METALCORE_CLANG={explicit} is not a clang++ >= {_MIN_CLANG} on PATH"
+    return (f"clang++ >= {_MIN_CLANG} was not found (searched on PATH: {', '.join(COMPILER_CANDIDATES)}); install "
+            f"one (Debian/Ubuntu: `apt-get install clang-19`) or set METALCORE_CLANG=/path/to/clang++")
 
 
 def _trim(text: str, lines: int = 60) -> str:
