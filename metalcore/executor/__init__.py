@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 
 from metalcore.executor import _build
 from metalcore.executor._build import COMPILER_CANDIDATES, find_compiler, missing_compiler_message
@@ -58,7 +57,6 @@ def bounds_check_default() -> bool:
 
 
 _libraries: dict[tuple[str, bool], Library] = {}
-_lock = threading.Lock()
 
 
 def compile_shader(source: str, *, bounds_check: bool | None = None) -> Library:
@@ -66,9 +64,8 @@ def compile_shader(source: str, *, bounds_check: bool | None = None) -> Library:
     hash of what is compiled."""
     checked = bounds_check_default() if bounds_check is None else bool(bounds_check)
     key = (hashlib.sha256(source.encode()).hexdigest(), checked)
-    with _lock:
-        lib = _libraries.get(key)
-        if lib is None:
-            built = _build.build(source, checked)
-            lib = _libraries[key] = Library(built.path, built.kernels, checked, built.stack_bytes)
+    lib = _libraries.get(key)
+    if lib is None:
+        built = _build.build(source, checked)
+        lib = _libraries[key] = Library(built.path, built.kernels, checked, built.stack_bytes)
     return lib

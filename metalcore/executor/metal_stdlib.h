@@ -22,8 +22,11 @@
 #endif
 
 // Polled by every loop condition of the translated shader (one load and a branch per iteration), so
-// that an endless loop stops when its launch is interrupted or runs past its time limit.
-#define MTL_POLL() (__builtin_expect(__atomic_load_n(&mtl_rt_stop_requests, __ATOMIC_RELAXED), 0) ? mtl_rt_poll() : true)
+// that an endless loop stops when its launch is interrupted or runs past its time limit. A constant
+// evaluation (a loop in a constexpr function) skips it.
+#define MTL_POLL()                                                                               \
+  (__builtin_is_constant_evaluated() ||                                                          \
+   !__builtin_expect(__atomic_load_n(&mtl_rt_stop_requests, __ATOMIC_RELAXED), 0) || mtl_rt_poll())
 
 // ---- address spaces -------------------------------------------------------------------------------
 #define device

@@ -75,6 +75,18 @@ kernel void big_locals(device float* out, constant uint& n, uint i [[thread_posi
     out[i] = s;
 }
 
+// Loops poll for cancellation, except in a constant evaluation.
+constexpr uint triangle(uint n) {
+    uint s = 0;
+    for (uint k = 0; k <= n; ++k) s += k;
+    return s;
+}
+
+kernel void constexpr_loop(device uint* out, uint i [[thread_position_in_grid]]) {
+    constexpr uint t = triangle(10);
+    out[i] = t + triangle(i);
+}
+
 kernel void wild_write(device float* out, constant long& offset, uint i [[thread_position_in_grid]]) {
     out[offset] = 1.0f;
 }
@@ -161,6 +173,12 @@ def test_ctrl_c_interrupts_an_endless_launch():
     assert proc.returncode == 0, err[-2000:]
     assert "interrupted: kernel 'spin' interrupted" in out
     assert "after: [6.0, 6.0, 6.0, 6.0]" in out
+
+
+def test_loops_in_constant_evaluation_still_compile(lib):
+    out = torch.zeros(5, dtype=torch.int32)
+    lib.constexpr_loop(out)
+    assert out.tolist() == [55 + i * (i + 1) // 2 for i in range(5)]
 
 
 # ---- threadgroup memory ------------------------------------------------------------------------------
