@@ -141,7 +141,6 @@ struct Launch {
   std::mutex mu;
   std::condition_variable done_cv;
   uint32_t running = 0;
-  std::vector<std::thread> pool;
   std::string error;
 
   void set_error(const std::string& msg) {
@@ -620,6 +619,50 @@ void run_worker(Launch& L) {
   if (--L.running == 0) L.done_cv.notify_all();
 }
 
+// OS threads that run launches' workers, kept between launches (creating two or more threads per
+// launch doubled the cost of a small launch). A thread waits for a job, runs one worker of a launch,
+// and waits again; a job finding no waiting thread starts a new one, so a launch stuck after a cancel
+// never holds up later launches. Never destroyed: threads may still wait on it at exit.
+struct ThreadPool {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Launch*> jobs;
+  size_t waiting = 0;
+};
+
+ThreadPool& thread_pool() {
+  static ThreadPool* p = new ThreadPool;
+  return *p;
+}
+
+void pool_thread() {
+  ThreadPool& p = thread_pool();
+  std::unique_lock<std::mutex> lock(p.mu);
+  for (;;) {
+    while (p.jobs.empty()) {
+      ++p.waiting;
+      p.cv.wait(lock);
+      --p.waiting;
+    }
+    Launch* L = p.jobs.back();
+    p.jobs.pop_back();
+    lock.unlock();
+    run_worker(*L);
+    lock.lock();
+  }
+}
+
+void submit(Launch* L) {
+  ThreadPool& p = thread_pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.jobs.push_back(L);
+  if (p.waiting >= p.jobs.size()) {
+    p.cv.notify_one();
+  } else {
+    std::thread(pool_thread).detach();
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -642,7 +685,7 @@ void* mtl_launch_start(EntryFn entry, const LaunchArgs* args, const uint32_t* th
   }
   const uint64_t nw = std::min<uint64_t>(std::max<uint32_t>(nworkers, 1), L->total_groups);
   L->running = uint32_t(nw);
-  for (uint64_t i = 0; i < nw; ++i) L->pool.emplace_back(run_worker, std::ref(*L));
+  for (uint64_t i = 0; i < nw; ++i) submit(L);
   return L;
 }
 
@@ -660,7 +703,10 @@ void mtl_launch_cancel(void* launch, int reason) {
 
 int mtl_launch_finish(void* launch, char* err, uint64_t errlen) {
   Launch* L = static_cast<Launch*>(launch);
-  for (auto& t : L->pool) t.join();
+  {
+    std::unique_lock<std::mutex> lock(L->mu);
+    L->done_cv.wait(lock, [L] { return L->running == 0; });
+  }
   if (L->cancel) __atomic_fetch_sub(&mtl_rt_stop_requests, 1, __ATOMIC_RELAXED);
   const int rc = L->failed ? 1 : 0;
   if (rc) snprintf(err, size_t(errlen), "%s", L->error.c_str());
