@@ -7,6 +7,7 @@ subprocess with a timeout, so that a regression fails one test instead of the ru
 """
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -164,7 +165,8 @@ def test_ctrl_c_interrupts_an_endless_launch():
     proc = subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
-        assert proc.stdout.readline().strip() == "launching"
+        ready, _, _ = select.select([proc.stdout], [], [], 240)
+        assert ready and proc.stdout.readline().strip() == "launching"
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
