@@ -43,11 +43,12 @@ def cache_root() -> Path:
 def cache_dir() -> Path:
     """The executor's cache directory (``<cache root>/executor``), created ``0700`` and checked."""
     path = cache_root() / "executor"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):  # created private whatever the umask gives (it may be 000)
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
     _check_parent(path.parent)
     _check_owned(path, os.lstat(path), want_dir=True)
     return path

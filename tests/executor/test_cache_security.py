@@ -62,6 +62,16 @@ def test_cache_directory_is_created_private(executor, cache):
         assert f.stat().st_uid == os.geteuid() and not f.stat().st_mode & 0o022, f
 
 
+def test_cache_directories_are_private_whatever_the_umask(executor, tmp_path, monkeypatch):
+    monkeypatch.setenv("METALCORE_CACHE", str(tmp_path / "a" / "b"))
+    old = os.umask(0)
+    try:
+        path = executor.cache_dir()
+    finally:
+        os.umask(old)
+    assert [p.stat().st_mode & 0o777 for p in (path, path.parent, path.parent.parent)] == [0o700] * 3
+
+
 def test_cache_root_follows_xdg_cache_home(executor, tmp_path, monkeypatch):
     monkeypatch.delenv("METALCORE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
