@@ -628,7 +628,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's, all cores)")
     parser.add_argument("--list", action="store_true", help="list the cases and their shapes, then exit")
+    sel = parser.add_argument_group("selection", "the size x batch x dtype sweep that automatic selection reads "
+                                    "(metalcore/bench/selection.py)")
+    sel.add_argument("--selection", action="store_true",
+                     help="sweep kernel vs torch over the grid and rewrite metalcore/_tables/<device>.json")
+    sel.add_argument("--check", action="store_true",
+                     help="with --selection: then time the automatic path against torch and apply the rule "
+                          "(exit 1 on a violation); alone: only the check")
+    sel.add_argument("--dtypes", default="", help="comma-separated dtypes to sweep (default: each op's)")
+    sel.add_argument("--sizes", default="", help="comma-separated grid sizes to sweep (default: the whole grid)")
+    sel.add_argument("--batches", default="", help="comma-separated batches (rows) to sweep (default: the whole grid)")
+    sel.add_argument("--table", default="", help="table file to update (default: metalcore/_tables/<device>.json)")
+    sel.add_argument("--out-dir", default="bench/results", help="where the check's JSON and heat map go")
+    sel.add_argument("--warm-workers", type=int, default=0,
+                     help="compile the sweep's Triton kernels first in N processes (shared on-disk cache)")
     args = parser.parse_args(argv)
+
+    if args.selection or args.check:
+        from metalcore.bench import selection
+
+        if args.warm_workers:
+            selection.warm_compile(args.ops, args.device if args.device != "auto" else "cuda", args.warm_workers)
+        args.check_only = args.check and not args.selection
+        return selection.main(args)
 
     if args.list:
         print(list_cases())
