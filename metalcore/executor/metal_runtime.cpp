@@ -621,8 +621,9 @@ void run_worker(Launch& L) {
 
 // OS threads that run launches' workers, kept between launches (creating two or more threads per
 // launch doubled the cost of a small launch). A thread waits for a job, runs one worker of a launch,
-// and waits again; a job finding no waiting thread starts a new one, so a launch stuck after a cancel
-// never holds up later launches. Never destroyed: threads may still wait on it at exit.
+// and waits again (ending after 10 s without one); a job finding no waiting thread starts a new one, so
+// a launch stuck after a cancel never holds up later launches. Never destroyed: threads may still wait
+// on it at exit.
 struct ThreadPool {
   std::mutex mu;
   std::condition_variable cv;
@@ -639,11 +640,10 @@ void pool_thread() {
   ThreadPool& p = thread_pool();
   std::unique_lock<std::mutex> lock(p.mu);
   for (;;) {
-    while (p.jobs.empty()) {
-      ++p.waiting;
-      p.cv.wait(lock);
-      --p.waiting;
-    }
+    ++p.waiting;
+    const bool job = p.cv.wait_for(lock, std::chrono::seconds(10), [&p] { return !p.jobs.empty(); });
+    --p.waiting;
+    if (!job) return;  // idle for 10 s: each shader library keeps threads only while it is in use
     Launch* L = p.jobs.back();
     p.jobs.pop_back();
     lock.unlock();

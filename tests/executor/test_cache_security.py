@@ -111,6 +111,7 @@ def test_tampered_shader_library_is_refused_and_never_loaded(executor, cache, tm
     executor._libraries.clear()
     marker = tmp_path / "planted-code-ran"
     so = _only(cache, "shader-*.so")
+    so.unlink()  # a new file: this process still maps the old one, whose pages must not change under it
     so.write_bytes(_planted_library(tmp_path, marker))  # same name, other contents
     with pytest.raises(executor.MetalCacheError, match=rf"{so} does not match its record"):
         executor.compile_shader(SOURCE)
