@@ -536,7 +536,7 @@ def run_metadata(device: torch.device, info: dict[str, Any]) -> dict[str, Any]:
     root = Path(metalcore.__file__).resolve().parent.parent
     commit = _run_text("git", "rev-parse", "HEAD", cwd=root)
     # Dirty: uncommitted changes, untracked files included, where the code that runs lives.
-    dirty = _run_text("git", "status", "--porcelain", "--", "metalcore", "csrc", "shaders", cwd=root)
+    dirty = _run_text("git", "status", "--porcelain", "--", "metalcore", "shaders", cwd=root)
     if commit is None:  # a copy of the tree without .git (a CI artifact, a remote GPU machine)
         commit, dirty = os.environ.get("METALCORE_BENCH_COMMIT"), None
     return {
