@@ -9,7 +9,7 @@ Two parts, in one run:
    reference run in float64 (``use_backend("reference")``), forward and every gradient, for a bool
    mask with a fully masked row (output and gradients exactly 0 there), a float ``finfo.min``
    padding mask (that row averages V), causal GQA, a float mask that requires a gradient, and
-   dropout (finite, drops something). Error bound: twice torch's own error in the same dtype
+   dropout (finite, drops something), NaN in the query or key reaching the output. Error bound: twice torch's own error in the same dtype
    (the suite's rule) plus a small floor.
 2. **Timing**: wall time per eager call (back-to-back calls, one synchronize, median of repeats)
    and GPU time beside it (CUDA events around the same calls behind a ``torch.cuda._sleep`` that
@@ -218,6 +218,14 @@ def semantic_checks(device):
     ok = bool(torch.isfinite(out).all() and torch.isfinite(q.grad).all() and (out - plain).abs().max() > 0.01)
     results.append(dict(check="dropout 0.3: finite, drops something, backward runs", ok=ok, problems=[] if ok else
                         ["dropout output not finite or identical to no dropout"]))
+
+    for where in ("query", "key"):
+        q, k, v = make(dict(B=B, H=H, Hkv=Hkv, L=L, S=S, E=E), dtype, device, False)
+        {"query": q, "key": k}[where][1, 1, 3, 5] = float("nan")
+        rows = public_sdpa(q, k, v, enable_gqa=True).isnan().any(-1)
+        ok = bool(rows[1, 1, 3]) if where == "query" else bool(rows[1, 4:8].all())  # kv head 1: q heads 4-7
+        results.append(dict(check=f"NaN in {where} gives NaN rows (torch's CPU kernel zeroes a NaN query row)",
+                            ok=ok, problems=[] if ok else [f"NaN in {where} did not reach the output"]))
     return results
 
 

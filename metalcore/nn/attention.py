@@ -196,7 +196,8 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     no ``training`` flag (modules pass ``dropout_p`` only in training).
 
     Who computes it: metalcore's ops where its kernel is the automatic choice (Metal on MPS) or a
-    backend is requested explicitly; everywhere else torch's own fused SDPA, called directly (the
+    backend is requested explicitly, and the kernel takes the inputs; everywhere else (and under
+    ``"reference"`` never) torch's own fused SDPA, called directly (the
     flash/memory-efficient kernels on CUDA, the flash kernel on the CPU), so importing metalcore never
     makes attention slower. Both follow the contract above; torch's SDPA also gives 0 on rows with
     nothing to attend (its "safe softmax", since torch 2.5) and the average of ``V`` on rows masked
@@ -207,27 +208,43 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     >>> out = metalcore.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     """
     if isinstance(query, Tensor) and _served_by_torch(query, attn_mask, dropout_p):
-        try:
-            # torch accepts a mask with is_causal and a value whose S differs from key's: refuse both.
-            if (attn_mask is not None and is_causal) or value.shape[-2] != key.shape[-2]:
-                _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-            if attn_mask is not None and attn_mask.dim() == 1:
-                attn_mask = attn_mask[None]  # torch's kernels index dim -2 of the mask; broadcasting allows 1-D
-            return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                                  enable_gqa=enable_gqa)
-        except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
-            # Name the bad argument as metalcore does everywhere; torch's own error if ours finds none.
-            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-            raise
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     q4, k4, v4, mask4, out_shape = _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    op_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     mask_needs_grad = mask4 is not None and mask4.requires_grad and torch.is_grad_enabled()
     if dropout_p > 0.0 or mask_needs_grad:
-        out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, scale)
+        out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, op_scale)
+    elif requested_backend() != "reference" and sdpa_fwd.backend_for(q4, k4, v4, mask4, is_causal, op_scale) == "reference":
+        # A kernel backend (automatic on MPS, or requested) that does not take these inputs (a dtype or
+        # head dim outside its scope): torch's fused SDPA, not the materialising reference.
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     else:
-        out4, _ = sdpa_fwd(q4, k4, v4, mask4, is_causal, scale)
+        out4, _ = sdpa_fwd(q4, k4, v4, mask4, is_causal, op_scale)
     return out4.view(out_shape)
+
+
+def _torch_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """``F.scaled_dot_product_attention`` with metalcore's contract: its typed errors, 1-D masks, NaN in, NaN out."""
+    try:
+        # torch accepts a mask with is_causal and a value whose S differs from key's: refuse both.
+        if (attn_mask is not None and is_causal) or value.shape[-2] != key.shape[-2]:
+            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        if attn_mask is not None and attn_mask.dim() == 1:
+            attn_mask = attn_mask[None]  # torch's kernels index dim -2 of the mask; broadcasting allows 1-D
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                             enable_gqa=enable_gqa)
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
+        # Name the bad argument as metalcore does everywhere; torch's own error if ours finds none.
+        _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        raise
+    if query.is_cpu:
+        # torch's CPU flash kernel takes a query row holding a NaN for a fully masked row and returns
+        # 0 there (torch 2.13, measured; NaN in key or value does propagate). NaN in, NaN out: adding
+        # 0·Σ_E q to each row restores it at ~1/S of the attention's own work, with no host sync.
+        out = out + query.detach().sum(-1, keepdim=True).mul_(0)
+    return out
 
 
 def _layout(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,

@@ -31,8 +31,10 @@ from typing import Optional
 
 import torch
 
+from metalcore._backend import requested_backend
 from metalcore._validation import FLOAT_DTYPES
 from metalcore.nn.attention import metal_scaled_dot_product_attention
+from metalcore.patch.core import OWN_CODE_DEVICES
 
 NAME = "metalcore"
 
@@ -56,6 +58,11 @@ def metalcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         if kwargs.get(name) is not None:
             raise ValueError(f"metalcore attention does not implement `{name}` ({type(module).__name__}); "
                              "use the model's eager attention")
+    if query.device.type in OWN_CODE_DEVICES and requested_backend() == "auto":
+        # The model's own attention where metalcore has nothing faster (see OWN_CODE_DEVICES): on the CPU
+        # metalcore's function is torch's SDPA plus a NaN guard, so this keeps patched = unpatched.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, position_bias=position_bias, **kwargs)
     reason = _unservable(query, attention_mask)
     if reason is not None:
         warnings.warn(f"metalcore attention: {reason}; this call runs transformers' sdpa instead", stacklevel=2)

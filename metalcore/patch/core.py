@@ -9,7 +9,7 @@ unpatched model in the same process behaves exactly as before. Each swap is one 
   :func:`metalcore.nn.metal_silu`) and attention layers for RoPE (below). Parameters, buffers, module
   types, ``state_dict`` keys and hooks are untouched, so optimizers, PEFT/LoRA wrappers and
   checkpoints see the same model. On a device where metalcore has nothing faster than the module's
-  own code (the CPU, measured: see ``_OWN_FORWARD_ON``) the bound forward calls the module's own
+  own code (the CPU, measured: see ``OWN_CODE_DEVICES``) the bound forward calls the module's own
   forward, decided per call from the input's device;
 * **the model's attention implementation** set to the registered ``"metalcore"`` function
   (:mod:`metalcore.patch.attention`) with ``model.set_attn_implementation``.
@@ -100,9 +100,9 @@ class PatchReport:
         lines = [f"metalcore patch of {self.model_type or 'an unknown model type'} ({state}): {counts}"]
         if self.attn_implementation:
             lines.append(f"  attention implementation: {self.attn_implementation[0]} -> {self.attn_implementation[1]}")
-        for device in sorted(_OWN_FORWARD_ON):
-            lines.append(f"  on {device}: swapped modules run their own forward and attention runs torch's fused "
-                         "SDPA (metalcore measured slower there)")
+        for device in sorted(OWN_CODE_DEVICES):
+            lines.append(f"  on {device}: swapped modules run their own forward and attention runs transformers' "
+                         "sdpa (metalcore measured slower there)")
         reasons = Counter(self.skipped.values())
         for reason, n in reasons.most_common():
             where = [p for p, r in self.skipped.items() if r == reason]
@@ -179,14 +179,14 @@ _FORWARDS: dict[str, Callable[[Any], Callable]] = {
     "silu": lambda spec: _silu_forward,
 }
 
-# Devices on which a swapped module runs its own forward: on the CPU metalcore's path is its reference
+# Devices on which a swapped module runs its own forward (and attention transformers' own sdpa): on the CPU metalcore's path is its reference
 # (plain torch ops behind a dispatch layer), and every swap measured slower than Hugging Face's eager
 # module there (fwd+bwd, 1024 tokens, hidden 256 / intermediate 688, fp32, one thread, best of 41:
 # SwiGLU 0.64x, RoPE 0.70x, SiLU 0.79x, GELU-tanh 0.88x, RMSNorm 0.93x; bench/training.md v4). The
 # choice is made per call from the input's device, so a model patched on the CPU and moved to a GPU
 # afterwards runs metalcore's kernels there; an explicit ``use_backend``/``METALCORE_BACKEND`` runs
 # metalcore's ops on every device (tests, debugging).
-_OWN_FORWARD_ON = frozenset({"cpu"})
+OWN_CODE_DEVICES = frozenset({"cpu"})
 
 
 class _Forward:
@@ -201,7 +201,7 @@ class _Forward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first = args[0] if args else next(iter(kwargs.values()), None)
-        if (isinstance(first, torch.Tensor) and first.device.type in _OWN_FORWARD_ON
+        if (isinstance(first, torch.Tensor) and first.device.type in OWN_CODE_DEVICES
                 and requested_backend() == "auto"):
             if self.previous is not None:
                 return self.previous(*args, **kwargs)
@@ -487,7 +487,7 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
 
     Call it before ``torch.compile``; whether the optimizer is built before or after does not matter
     (parameters are never replaced). ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts
-    it. On the CPU the swapped modules run their own forward and attention runs torch's fused SDPA
+    it. On the CPU the swapped modules run their own forward and attention runs transformers' sdpa
     (metalcore has nothing faster there, measured); the report says so.
 
     >>> report = metalcore.patch_model(model)

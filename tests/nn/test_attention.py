@@ -347,3 +347,34 @@ def test_sdpa_compiles_fullgraph(path):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
                                torch.autograd.grad(expected.sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_nan_in_nan_out(where, path):
+    """A NaN in an input gives NaN in every output row it reaches (torch's CPU flash kernel alone
+    would return 0 on a query row holding a NaN, as if it were fully masked)."""
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    {"query": q, "key": k, "value": v}[where][1, 2, 3, 4] = float("nan")
+    out = sdpa(q, k, v)
+    nan_rows = out.isnan().any(-1)
+    if where == "query":
+        assert nan_rows[1, 2, 3] and nan_rows.sum() == 1
+    else:
+        assert nan_rows[1, 2].all() and nan_rows.sum() == 5
+
+
+def test_kernel_backend_outside_its_scope_runs_torch_not_the_reference(monkeypatch, triton_backend):
+    """use_backend("triton") on float32 inputs (the kernels take 16-bit ones): torch's fused SDPA,
+    not the materialising reference; inputs the kernel takes run it."""
+    ran = []
+    kernel = sdpa_fwd.kernels["triton"]
+    monkeypatch.setitem(sdpa_fwd.kernels, "triton", dataclasses.replace(
+        kernel, fn=lambda *args: ran.append("triton") or kernel.fn(*args)))
+    monkeypatch.setattr(sdpa_fwd, "reference", lambda *args, _fn=sdpa_fwd.reference: ran.append("reference") or _fn(*args))
+    q, k, v = (torch.randn(1, 2, 9, 64, requires_grad=True) for _ in range(3))
+    out = sdpa(q, k, v, is_causal=True)
+    out.sum().backward()
+    assert ran == [] and q.grad is not None
+    assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True), torch.float32)
+    sdpa(q.half(), k.half(), v.half(), is_causal=True)
+    assert ran == ["triton"]

@@ -272,7 +272,7 @@ def test_patched_model_saves_and_loads_whole(model_type, tmp_path):
 
 def test_cpu_runs_the_modules_own_code(ran_ops):
     """Automatic choice on the CPU: every swap measured slower than the module's own code, so the patched
-    model runs that code (attention: torch's SDPA) — bit-identical to the unpatched model, no
+    model runs that code (attention: transformers' sdpa) — bit-identical to the unpatched model, no
     metalcore op — and the report says so."""
     import metalcore
 
@@ -286,4 +286,4 @@ def test_cpu_runs_the_modules_own_code(ran_ops):
     assert report.counts()["rms_norm"] == 5 and not ran_ops
     assert torch.equal(patched_logits, logits)
     assert all(torch.equal(patched_grads[name], g) for name, g in grads.items())
-    assert "on cpu: swapped modules run their own forward" in str(report)
+    assert "on cpu: swapped modules run their own forward and attention runs transformers' sdpa" in str(report)
