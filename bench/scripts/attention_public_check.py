@@ -8,9 +8,9 @@ Two parts, in one run:
 1. **Semantics on this device** (checks, each PASS/FAIL): the public function against metalcore's
    reference run in float64 (``use_backend("reference")``), forward and every gradient, for a bool
    mask with a fully masked row (output and gradients exactly 0 there), a float ``finfo.min``
-   padding mask (that row averages V), causal GQA, a float mask that requires a gradient, and
-   dropout (finite, drops something), NaN in the query or key reaching the output. Error bound: twice torch's own error in the same dtype
-   (the suite's rule) plus a small floor.
+   padding mask (that row averages V), causal GQA, a float mask that requires a gradient, dropout
+   (finite, drops something), and NaN in the query or key reaching the output. Error bound: twice
+   torch's own error in the same dtype (the suite's rule) plus a small floor.
 2. **Timing**: wall time per eager call (back-to-back calls, one synchronize, median of repeats)
    and GPU time beside it (CUDA events around the same calls behind a ``torch.cuda._sleep`` that
    hides the host), for metalcore's public function and torch's SDPA in the same run, at the shapes

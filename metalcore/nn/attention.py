@@ -215,7 +215,8 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     mask_needs_grad = mask4 is not None and mask4.requires_grad and torch.is_grad_enabled()
     if dropout_p > 0.0 or mask_needs_grad:
         out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, op_scale)
-    elif requested_backend() != "reference" and sdpa_fwd.backend_for(q4, k4, v4, mask4, is_causal, op_scale) == "reference":
+    elif (requested_backend() != "reference"
+          and sdpa_fwd.backend_for(q4, k4, v4, mask4, is_causal, op_scale) == "reference"):
         # A kernel backend (automatic on MPS, or requested) that does not take these inputs (a dtype or
         # head dim outside its scope): torch's fused SDPA, not the materialising reference.
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

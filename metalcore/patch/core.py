@@ -179,7 +179,8 @@ _FORWARDS: dict[str, Callable[[Any], Callable]] = {
     "silu": lambda spec: _silu_forward,
 }
 
-# Devices on which a swapped module runs its own forward (and attention transformers' own sdpa): on the CPU metalcore's path is its reference
+# Devices on which a swapped module runs its own forward (and attention transformers' own sdpa): on
+# the CPU metalcore's path is its reference
 # (plain torch ops behind a dispatch layer), and every swap measured slower than Hugging Face's eager
 # module there (fwd+bwd, 1024 tokens, hidden 256 / intermediate 688, fp32, one thread, best of 41:
 # SwiGLU 0.64x, RoPE 0.70x, SiLU 0.79x, GELU-tanh 0.88x, RMSNorm 0.93x; bench/training.md v4). The
