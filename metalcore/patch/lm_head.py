@@ -12,7 +12,9 @@ when given), ``ignore_index=-100``, float32 arithmetic, the mean over counted to
 Everything else goes to the class forward unchanged: evaluation (``model.eval()``), ``generate``,
 calls without labels, ``logits_to_keep`` other than 0, MoE models asked for router logits (their
 auxiliary loss needs them), and any call with ``return_logits=True`` — the way to get the logits
-of a training step (the keyword is consumed by the patched forward, never passed on).
+of a training step (the keyword is consumed by the patched forward, never passed on). As every
+swap of the patch, it runs the model's own forward on the devices of
+``metalcore.patch.core.OWN_CODE_DEVICES`` (the CPU) unless a backend is asked for explicitly.
 
 Families in :data:`metalcore.patch.FAMILIES` are patched on sight; any other causal LM only after a
 probe (a 5-token batch, evaluation mode, no gradients) shows that the fused loss equals its own.
@@ -34,6 +36,7 @@ from torch import nn
 
 from metalcore.nn.cross_entropy import fused_linear_cross_entropy
 
+KIND = "causal_lm_loss"  # the kind of swapped forward (metalcore.patch.core._FORWARDS)
 WHAT = "fused_linear_cross_entropy"
 _IGNORE_INDEX = -100  # ForCausalLMLoss's default, which the causal-LM forwards never override
 _CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # LlamaForCausalLM, GPT2LMHeadModel, ...
@@ -70,7 +73,8 @@ def _fused_output(model: nn.Module, call: dict[str, Any], labels: torch.Tensor) 
     return cls(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields and k != "loss"})
 
 
-def _causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The forward bound on a patched causal LM (see the module docstring)."""
     return_logits = kwargs.pop("return_logits", False)
     spec: _HeadSpec = self._metalcore_spec
     call = dict(zip(spec.positional, args), **kwargs)
@@ -146,4 +150,4 @@ def patch_causal_lm_head(patcher: Any, model: nn.Module, known: bool, structural
                                              "the fused loss on a probe: loss kept")
         return
     softcap = _softcap(model.config)
-    patcher.bind_forward("", model, _causal_lm_forward, spec, WHAT + (f"(softcap={softcap:g})" if softcap else ""))
+    patcher.bind_forward("", model, KIND, spec, WHAT + (f"(softcap={softcap:g})" if softcap else ""))

@@ -170,3 +170,35 @@ def test_hooked_or_wrapped_heads_are_left_alone():
     assert report.counts()["fused_linear_cross_entropy"] == 0 and "forward hooks" in report.skipped["lm_head"]
     ids, labels = batch()
     assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_deepcopy_and_pickle_keep_the_patched_head():
+    import io
+
+    model = tiny_model("llama").train()
+    patch_model(model)
+    ids, labels = batch()
+    expected = model(input_ids=ids, labels=labels).loss
+    for twin in (copy.deepcopy(model), torch.load(io.BytesIO(_saved(model)), weights_only=False)):
+        out = twin(input_ids=ids, labels=labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, expected)
+
+
+def _saved(model) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
+
+
+def test_cpu_runs_the_models_own_loss_unless_a_backend_is_asked_for():
+    import metalcore
+
+    model = tiny_model("llama").train()
+    patch_model(model)
+    ids, labels = batch()
+    with metalcore.use_backend("auto"):  # the CPU is in OWN_CODE_DEVICES: HF's loss, with logits
+        assert model(input_ids=ids, labels=labels).logits is not None
+    assert model(input_ids=ids, labels=labels).logits is None  # the suite's fixture asks for "reference"
