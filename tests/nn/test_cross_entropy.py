@@ -251,3 +251,34 @@ def test_compiles_fullgraph(reduction):
     expected = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, bias, grad_out, **kwargs)
     for a, e in zip(got, expected):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_cuda_compiled_kernel_at_a_real_vocabulary(option):
+    """The compiled Triton kernel on a GPU, 32,003 words (no block multiple), chunks of 64 tokens."""
+    vocab, kwargs = 32003, OPTIONS[option]
+    hidden = torch.randn(2, 300, 256, device="cuda").bfloat16().requires_grad_()
+    weight = (torch.randn(vocab, 256, device="cuda") / 4).bfloat16().requires_grad_()
+    target = torch.randint(0, vocab, (2, 300), device="cuda")
+    target[:, :50] = IGNORE
+    logits = torch.randn(2, vocab, device="cuda", dtype=torch.bfloat16)
+    assert cross_entropy_chunk_.backend_for(logits, target[0, :2], torch.ones((), device="cuda"), IGNORE, 0.0, 0.0,
+                                            None, True) == "triton"
+
+    def reference(h, w, t, b=None, **kw):
+        z = F.linear(h, w).float().reshape(-1, vocab)
+        if kw.get("softcap") is not None:
+            z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+        t = t.reshape(-1)
+        rows = F.cross_entropy(z, t, ignore_index=IGNORE, label_smoothing=kw.get("label_smoothing", 0.0),
+                               reduction="none")
+        rows = rows + torch.where(t != IGNORE, kw.get("z_loss", 0.0) * torch.logsumexp(z, -1).square(), 0.0)
+        return rows.sum() / (t != IGNORE).sum()
+
+    ours = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, None,
+                          memory_budget=64 * vocab * 2, **kwargs)
+    theirs = loss_and_grads(reference, hidden, weight, target, None, **kwargs)
+    expected = loss_and_grads(reference, *as64(hidden, weight), target, None, **kwargs)
+    for a, t, e in zip(ours, theirs, expected):
+        assert_within_torch_error(a, t, e)
