@@ -53,7 +53,7 @@ ROWS = (1, 16, 256, 4096, 32768)
 WIDTHS = (128, 1024, 4096, 8192)
 
 # A call predicted longer than this is extrapolated, not run (see the module docstring).
-LONG_CALL_S = 1.0
+LONG_CALL_S = 0.3
 # Nor is one whose inputs would exceed this many bytes (65536×128² fp64 is 8.6 GB).
 MAX_INPUT_BYTES = 2 << 30
 # Timing per callable and point: about this much wall time, within [MIN_REPS, MAX_REPS] calls.
