@@ -1,13 +1,27 @@
+"""MetalAdamW and its op ``metalcore::adamw_step_``: the optimizer against torch.optim.AdamW (on
+parameters and every piece of state, over many steps, including torch's own OptimizerInfo
+configurations), and the op on each backend against the float64 oracle by the suite's one rule
+(tests/oracle.py: at most 2x the error of the reference run in the working dtype).
+
+Tests that take ``backend`` (tests/optim/conftest.py) run on the reference, the Triton interpreter
+and the Metal executor with that backend requested; the ``test_triton_*`` tests are about the Triton
+launch plans themselves."""
+
 import copy
+import importlib
 
 import pytest
 import torch
 
 from cases import noncontiguous
 from metalcore.optim import MetalAdamW, adamw
-from oracle import assert_close
+from metalcore.optim.adamw import adamw_step_, shared_step_buffer, state_dtype
+from oracle import assert_close, assert_within_torch_error
 
 STEPS = 50
+# The Triton interpreter takes ~0.25 s a step of make_params' group: 12 steps there (past the bias
+# corrections' fastest change and two moment time constants of beta1) keep CI time reasonable.
+INTERPRETED_STEPS = 12
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -21,6 +35,10 @@ def make_params(dtype):
 
 def clone(params, dtype=None):
     return [p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in params]
+
+
+def steps_for(backend):
+    return INTERPRETED_STEPS if backend == "triton" else STEPS
 
 
 def gradient_stream(params, steps=STEPS):
@@ -59,35 +77,53 @@ CONFIGS = {
 }
 
 
+def served_by(opt, group=0):
+    """The backend that serves ``opt``'s next step of one group (with the gradients set now)."""
+    lists = ([], [], [], [], [], [])
+    opt._init_group(opt.param_groups[group], *lists)
+    g = opt.param_groups[group]
+    return adamw_step_.backend_for(*lists, g["lr"], *g["betas"], g["eps"], g["weight_decay"], g["amsgrad"],
+                                   g["maximize"])
+
+
+def kernel_expected(backend, dtype):
+    """The backend a group of ``dtype`` parameters must be served by: the kernels take fp32/bf16/fp16."""
+    return "reference" if dtype == torch.float64 else backend
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_matches_torch_adamw(config, dtype):
+def test_matches_torch_adamw(config, dtype, backend):
     params = make_params(dtype)
     reference = clone(params)
     ours, theirs = MetalAdamW(params, **config), torch.optim.AdamW(reference, foreach=False, **config)
-    for grads in gradient_stream(params):
+    for t, grads in enumerate(gradient_stream(params, steps_for(backend))):
         step_with(ours, params, grads)
         step_with(theirs, reference, grads)
+        if t == 0:  # the transposed leaf and the empty tensor do not send the group elsewhere
+            assert served_by(ours) == kernel_expected(backend, dtype)
     assert_same_trajectory(ours, params, theirs, reference, dtype)
     assert params[-1].stride() == ours.state[params[-1]]["exp_avg"].stride()  # state keeps the layout
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_low_precision_params_update_in_float32(dtype, amsgrad):
+def test_low_precision_params_update_in_float32(dtype, amsgrad, backend):
     """bf16/fp16 parameters: float32 moments, update in float32, one rounding per step. The reference
     is torch's AdamW on a float32 copy whose parameters are rounded to ``dtype`` after every step."""
     params = make_params(dtype)
     reference = clone(params, torch.float32)
     ours = MetalAdamW(params, lr=1e-2, amsgrad=amsgrad)
     theirs = torch.optim.AdamW(reference, lr=1e-2, amsgrad=amsgrad, foreach=False)
-    for grads in gradient_stream(params):
+    for t, grads in enumerate(gradient_stream(params, steps_for(backend))):
         grads = [g.to(dtype) for g in grads]
         step_with(ours, params, grads)
         step_with(theirs, reference, grads)
         with torch.no_grad():
             for r in reference:
                 r.copy_(r.to(dtype))
+        if t == 0:
+            assert served_by(ours) == backend
     assert_same_trajectory(ours, params, theirs, reference, dtype, state_dtype=torch.float32)
 
 
@@ -165,11 +201,12 @@ def test_state_dict_round_trip_with_torch(amsgrad):
         step_with(theirs, torch_params, grads)
     assert_same_trajectory(ours, params, theirs, torch_params, torch.float32)
 
-    # torch (foreach=False recorded in its groups) -> ours: loads, resets the implementation switch.
+    # torch -> ours: loads, keeps torch's implementation switches (they never change the math).
     back_params = clone(torch_params)
     back = MetalAdamW(back_params)
     back.load_state_dict(theirs.state_dict())
-    assert back.param_groups[0]["foreach"] is None and back.param_groups[0]["decoupled_weight_decay"] is True
+    assert back.param_groups[0]["foreach"] == theirs.param_groups[0]["foreach"]
+    assert back.param_groups[0]["decoupled_weight_decay"] is True
     for grads in stream[20:]:
         step_with(back, back_params, grads)
         step_with(theirs, torch_params, grads)
@@ -179,7 +216,6 @@ def test_state_dict_round_trip_with_torch(amsgrad):
 def test_step_counters_packed_and_checkpoint_resumes_exactly(tmp_path):
     """The group's counters become 0-d views of one buffer (one add per step); a checkpoint saved
     with torch.save and loaded into a fresh optimizer continues exactly like the uninterrupted run."""
-    from metalcore.optim.adamw import shared_step_buffer
     params = make_params(torch.float32)
     stream = gradient_stream(params, 8)
     ours = MetalAdamW(params, lr=1e-2)
@@ -229,11 +265,10 @@ BAD_ARGS = [
     ("betas-arity", dict(betas=(0.9,)), r"betas must be a pair"),
     ("weight-decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
     ("tensor-lr", dict(lr=torch.tensor(1e-3)), "lr must be a float, not a Tensor"),
-    ("foreach-true", dict(foreach=True), "foreach=True is not supported"),
-    ("foreach-false", dict(foreach=False), "foreach=False is not supported"),
-    ("fused", dict(fused=True), "fused=True is not supported"),
-    ("capturable", dict(capturable=True), "capturable=True is not supported"),
-    ("differentiable", dict(differentiable=True), "differentiable=True is not supported"),
+    ("tensor-lr-2", dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    ("betas-mixed", dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
+    ("capturable", dict(capturable=True), "capturable=True is not supported: CUDA-graph capture"),
+    ("differentiable", dict(differentiable=True), "differentiable=True is not supported: the step is not diff"),
 ]
 
 
@@ -247,8 +282,8 @@ def test_group_validation_and_unsupported_inputs():
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="MetalAdamW: Invalid learning rate: -1"):
         MetalAdamW([dict(params=[p], lr=-1)])
-    with pytest.raises(ValueError, match="MetalAdamW: fused=True is not supported"):
-        MetalAdamW([dict(params=[p], fused=True)])
+    with pytest.raises(ValueError, match="MetalAdamW: capturable=True is not supported"):
+        MetalAdamW([dict(params=[p], capturable=True)])
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     opt = MetalAdamW(embedding.parameters())
     embedding(torch.tensor([1, 2])).sum().backward()
@@ -277,3 +312,100 @@ def test_step_compiles_fullgraph():
         torch.testing.assert_close(p, q)
         for key in STATE_KEYS:
             torch.testing.assert_close(ours.state[p][key], eager.state[q][key])
+
+
+@pytest.mark.parametrize("kwargs", [dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False),
+                                    dict(foreach=None, fused=None), dict(capturable=False, differentiable=False)],
+                         ids=["fused", "not-fused", "foreach", "not-foreach", "none", "not-capturable"])
+def test_implementation_flags_that_describe_the_step_are_accepted(kwargs):
+    """torch's switches among implementations of the same math are accepted and kept in the groups
+    (as torch keeps them); the step is the same fused op whatever they say."""
+    params = make_params(torch.float32)
+    reference = clone(params)
+    ours, theirs = MetalAdamW(params, lr=1e-2, **kwargs), torch.optim.AdamW(reference, lr=1e-2, foreach=False)
+    assert all(ours.param_groups[0][k] == v for k, v in kwargs.items())
+    for grads in gradient_stream(params, 5):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+def test_fused_and_foreach_together_raise_like_torch():
+    p = [torch.zeros(2, requires_grad=True)]
+    for cls in (torch.optim.AdamW, MetalAdamW):
+        with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+            cls(p, fused=True, foreach=True)
+
+
+def test_state_dict_with_plain_number_steps_loads_and_continues():
+    """Older checkpoints keep 'step' as a Python number; torch's AdamW converts it on load, and so
+    must MetalAdamW (the next step used to raise AttributeError)."""
+    params = make_params(torch.float32)
+    stream = gradient_stream(params, 6)
+    theirs = torch.optim.AdamW(clone(params), lr=1e-2, foreach=False)
+    torch_params = theirs.param_groups[0]["params"]
+    for grads in stream[:3]:
+        step_with(theirs, torch_params, grads)
+    saved = copy.deepcopy(theirs.state_dict())
+    for state in saved["state"].values():
+        state["step"] = int(state["step"].item())
+    ours_params = [q.detach().clone().requires_grad_() for q in torch_params]
+    ours = MetalAdamW(ours_params, lr=1e-2)
+    ours.load_state_dict(saved)
+    for grads in stream[3:]:
+        step_with(ours, ours_params, grads)
+        step_with(theirs, torch_params, grads)
+    assert_same_trajectory(ours, ours_params, theirs, torch_params, torch.float32)
+
+
+MISMATCHED_STATE = {
+    "bigger-parameter": ((4, 4), (500, 500)),  # a kernel walking the 500x500 parameter would overrun the state
+    "transposed": ((4, 6), (6, 4)),  # equal element counts: the moments would be applied transposed
+    "resized-embedding": ((10, 3), (12, 3)),  # resume after resize_token_embeddings
+}
+
+
+@pytest.mark.parametrize("saved_shape,new_shape", MISMATCHED_STATE.values(), ids=MISMATCHED_STATE.keys())
+def test_load_state_dict_with_mismatched_shapes_raises(saved_shape, new_shape, backend):
+    """A state whose tensors do not match the parameters' shapes is refused at load time, before
+    anything is loaded (torch's AdamW refuses it at the next step with a size mismatch); the
+    optimizer then steps normally on its own state."""
+    old = torch.randn(saved_shape, requires_grad=True)
+    old_opt = MetalAdamW([old], amsgrad=True)
+    old.grad = torch.randn_like(old)
+    old_opt.step()
+    p = torch.randn(new_shape, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = MetalAdamW([p], lr=1e-2, amsgrad=True), torch.optim.AdamW([q], lr=1e-2, amsgrad=True, foreach=False)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 'exp_avg'.*state has shape \(%d, %d\)" % saved_shape):
+        ours.load_state_dict(old_opt.state_dict())
+    assert len(ours.state) == 0
+    for grads in gradient_stream([p], 3):
+        step_with(ours, [p], grads)
+        step_with(theirs, [q], grads)
+    assert_same_trajectory(ours, [p], theirs, [q], torch.float32)
+
+
+def strided_leaves():
+    """A non-dense parameter (the layout of a column slice: not contiguous in any order) and a
+    contiguous one, whose gradients will arrive as transposed views (as a hook or an all-reduce can
+    hand them over)."""
+    sliced = torch.empty_strided((6, 5), (9, 1)).normal_().requires_grad_()
+    plain = torch.randn(6, 5, requires_grad=True)
+    return [sliced, plain]
+
+
+def test_parameters_and_gradients_with_different_strides(backend):
+    """Every layout gets torch's update on every backend (a kernel or torch's fused CPU step that walks
+    memory flat used to apply the transposed gradient transposed: error 0.55 after 3 steps at lr 0.1)."""
+    params = strided_leaves()
+    reference = strided_leaves()
+    with torch.no_grad():
+        for r, p in zip(reference, params):
+            r.copy_(p)
+    ours, theirs = MetalAdamW(params, lr=0.1), torch.optim.AdamW(reference, lr=0.1, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn(5, 6).t() for _ in params]  # transposed views, the strides of neither parameter
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
