@@ -35,7 +35,7 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 def as_matrix(x: Tensor) -> Tensor:
     """The 2-D view Muon orthogonalizes: ``(out, in·kh·kw…)`` for conv weights (the published
     recipes' flattening: rows are output channels), the tensor itself when 2-D."""
-    return x if x.ndim == 2 else x.reshape(x.shape[0], -1)
+    return x if x.ndim == 2 else x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 is ambiguous with 0 rows
 
 
 def adjust_lr(lr: float, adjust_lr_fn: Optional[str], shape: tuple[int, int]) -> float:

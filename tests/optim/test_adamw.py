@@ -12,6 +12,11 @@ import importlib
 
 import pytest
 import torch
+from torch.testing._internal.common_optimizers import (
+    OptimizerErrorEnum,
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
 
 from cases import noncontiguous
 from metalcore.optim import MetalAdamW, adamw
@@ -409,3 +414,64 @@ def test_parameters_and_gradients_with_different_strides(backend):
         step_with(ours, params, grads)
         step_with(theirs, reference, grads)
     assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+# --- torch's own OptimizerInfo inputs (torch.testing._internal.common_optimizers) --------------------
+# Built for CUDA, the device with the most of them: every flag torch's machinery adds (foreach, fused,
+# differentiable) and the capturable and Tensor-lr configurations. Each runs on CPU tensors here.
+ADAMW_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.AdamW)
+UNSUPPORTED_FLAGS = {
+    "capturable": "CUDA-graph capture of the step is not supported (step counters on the CPU, bias corrections "
+                  "on the host): MetalAdamW raises ValueError",
+    "differentiable": "the step is one fused op under no_grad, not differentiable: MetalAdamW raises ValueError",
+}
+
+
+def optim_info_cases(info, device="cuda"):
+    cases = []
+    for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, torch.float32, info):
+        refused = [flag for flag in UNSUPPORTED_FLAGS if optim_input.kwargs.get(flag)]
+        marks = [pytest.mark.xfail(raises=ValueError, strict=True, reason=UNSUPPORTED_FLAGS[refused[0]])] if refused else []
+        cases.append(pytest.param(optim_input.kwargs, id=optim_input.desc.replace(" ", "-"), marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("kwargs", optim_info_cases(ADAMW_INFO))
+def test_torch_optimizer_info_configurations(kwargs, backend):
+    """Each configuration torch tests its AdamW with, through MetalAdamW and torch.optim.AdamW side by
+    side: parameters and every piece of state after a few steps."""
+    params = make_params(torch.float32)
+    reference = clone(params)
+    ours = MetalAdamW(params, **copy.deepcopy(kwargs))
+    theirs = torch.optim.AdamW(reference, **copy.deepcopy(kwargs))
+    for grads in gradient_stream(params, 5):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert served_by(ours) == backend
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+def optim_error_cases(info):
+    cases = []
+    for error_input in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+        desc = error_input.optimizer_error_input.desc
+        cases.append(pytest.param(error_input, id=desc.replace(" ", "-")))
+    return cases
+
+
+def check_error_input(cls, error_input):
+    """torch's own check (test_optim.py's test_errors): the exception type and a regex search."""
+    optim_input = error_input.optimizer_error_input
+    if error_input.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        expect = pytest.warns if issubclass(error_input.error_type, Warning) else pytest.raises
+        with expect(error_input.error_type, match=error_input.error_regex):
+            cls(optim_input.params, **optim_input.kwargs)
+    else:
+        optimizer = cls(optim_input.params, **optim_input.kwargs)
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            optimizer.step()
+
+
+@pytest.mark.parametrize("error_input", optim_error_cases(ADAMW_INFO))
+def test_torch_optimizer_info_error_inputs(error_input):
+    check_error_input(MetalAdamW, error_input)
