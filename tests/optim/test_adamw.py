@@ -475,3 +475,198 @@ def check_error_input(cls, error_input):
 @pytest.mark.parametrize("error_input", optim_error_cases(ADAMW_INFO))
 def test_torch_optimizer_info_error_inputs(error_input):
     check_error_input(MetalAdamW, error_input)
+
+
+# --- the op, metalcore::adamw_step_, on each backend against the float64 oracle ---------------------
+SIZES = ((1,), (31,), (0,), (3, 11), (4097,), (33,), (3, 700))
+HYPER = (1e-2, 0.9, 0.99, 1e-8, 0.1)  # lr, beta1, beta2, eps, weight_decay
+LISTS = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+
+
+def make_group(dtype, amsgrad, sizes=SIZES, device="cpu"):
+    """A group mid-training: random moments (v̂max ≥ v), step counts 0, 1, 2, ... per tensor."""
+    params = [torch.randn(s, device=device).to(dtype) for s in sizes]
+    exp_avg_sqs = [torch.rand(s, device=device, dtype=state_dtype(p)) * 0.01 for s, p in zip(sizes, params)]
+    return dict(
+        params=params,
+        exp_avgs=[torch.randn(s, device=device, dtype=state_dtype(p)) * 0.1 for s, p in zip(sizes, params)],
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=[v * 1.5 for v in exp_avg_sqs] if amsgrad else [],
+        state_steps=[torch.tensor(float(k % 3)) for k in range(len(sizes))],
+    )
+
+
+def copy_group(group, dtype=None):
+    """A copy; with ``dtype``, every floating tensor but the step counters in that dtype (the oracle)."""
+    return {k: [t.clone() if dtype is None or k == "state_steps" else t.to(dtype) for t in v] for k, v in group.items()}
+
+
+def op_args(group, grads, amsgrad, maximize):
+    return (group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], group["max_exp_avg_sqs"],
+            group["state_steps"], *HYPER, amsgrad, maximize)
+
+
+def assert_group_within_torch_error(ours, same_dtype, oracle):
+    """Every list of the group against the float64 oracle, by the suite's rule: at most twice the
+    error of the reference run in the working dtype; step counters exactly."""
+    for key in LISTS:
+        for k, (got, want, exact) in enumerate(zip(ours[key], same_dtype[key], oracle[key])):
+            assert got.dtype == want.dtype and got.shape == want.shape, (key, k)
+            if key == "state_steps":
+                assert got.item() == want.item() == exact.item(), (key, k)
+            else:
+                assert_within_torch_error(got, want, exact)
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=str)
+def test_op_steps_within_torch_error(dtype, amsgrad, maximize, backend):
+    """Three steps of the op over sizes 0, 1, 31, 33, 3x11, 3x700, 4097 in one group, each tensor at
+    its own step count; float64 is the reference's on every backend (no kernel takes it)."""
+    ours = make_group(dtype, amsgrad)
+    same_dtype, oracle = copy_group(ours), copy_group(ours, torch.float64)
+    for t in range(3):
+        grads = [torch.randn_like(p) for p in ours["params"]]
+        if t == 0:
+            assert adamw_step_.backend_for(*op_args(ours, grads, amsgrad, maximize)) == kernel_expected(backend, dtype)
+        adamw_step_(*op_args(ours, grads, amsgrad, maximize))
+        adamw_step_.reference(*op_args(same_dtype, grads, amsgrad, maximize))
+        adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], amsgrad, maximize))
+    assert_group_within_torch_error(ours, same_dtype, oracle)
+
+
+def test_op_mixed_dtypes_and_more_tensors_than_one_metal_dispatch(backend):
+    """Tensors of several dtypes in one group (a launch each); on Metal 259 float32 ones, more than one
+    dispatch takes (METALCORE_ADAMW_MAX_TENSORS = 256). Elsewhere 9: one Triton launch takes any
+    number, and 259 cost 24 s under the interpreter."""
+    group = make_group(torch.float32, False, sizes=[(5,)] * (259 if backend == "metal" else 9) + [(4097,)])
+    for dtype in (torch.bfloat16, torch.float16):
+        extra = make_group(dtype, False, sizes=((33,), (7, 3)))
+        for key in group:
+            group[key] += extra[key]
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    grads = [torch.randn_like(p) for p in group["params"]]
+    assert adamw_step_.backend_for(*op_args(group, grads, False, False)) == backend
+    adamw_step_(*op_args(group, grads, False, False))
+    adamw_step_.reference(*op_args(same_dtype, grads, False, False))
+    adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], False, False))
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+def test_op_reads_gradients_only(backend):
+    group = make_group(torch.float32, True)
+    grads = [torch.randn_like(p) for p in group["params"]]
+    before = [g.clone() for g in grads]
+    adamw_step_(*op_args(group, grads, True, True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+
+
+def test_op_empty_group(backend):
+    adamw_step_(*op_args(make_group(torch.float32, False, sizes=()), [], False, False))
+
+
+def test_op_packed_step_counters(backend):
+    """Counters packed in one buffer (as MetalAdamW keeps them) advance like separate ones."""
+    group = make_group(torch.float32, False, sizes=((5,), (7,), (3,)))
+    buffer = torch.tensor([0.0, 4.0, 0.0])
+    group["state_steps"] = [buffer[i] for i in range(3)]
+    assert shared_step_buffer(group["state_steps"]) is buffer
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in group["params"]]
+        adamw_step_(*op_args(group, grads, False, False))
+        adamw_step_.reference(*op_args(same_dtype, grads, False, False))
+        adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], False, False))
+    assert buffer.tolist() == [2.0, 6.0, 2.0]
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+@pytest.mark.parametrize("bad", ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "grads"])
+def test_op_refuses_tensors_of_another_shape_before_writing(bad, backend):
+    """A state or gradient tensor whose shape is not its parameter's (here 6x4 for a 4x6 parameter:
+    equal element counts, so only the shape tells) raises RuntimeError on every backend, with
+    nothing written: no kernel walks it, and the reference checks before its first write."""
+    group = make_group(torch.float32, True, sizes=((4, 6), (33,)))
+    grads = [torch.randn_like(p) for p in group["params"]]
+    if bad == "grads":
+        grads[0] = torch.randn(6, 4)
+    else:
+        group[bad][0] = torch.rand(6, 4)
+    before = copy_group(group)
+    with pytest.raises(RuntimeError, match=rf"size mismatch: {bad}\[0\] has shape \(6, 4\), params\[0\] has shape"):
+        adamw_step_(*op_args(group, grads, True, False))
+    for key in LISTS:
+        assert all(torch.equal(a, b) for a, b in zip(group[key], before[key])), key
+
+
+def test_op_opcheck(backend):
+    from metalcore._op import registered_ops
+    group = make_group(torch.bfloat16, True, sizes=((33,), (5, 3)))
+    grads = [torch.randn_like(p) for p in group["params"]]
+    torch.library.opcheck(registered_ops()["adamw_step_"].custom_op, op_args(group, grads, True, False))
+
+
+# --- the Triton kernel's launch plans ----------------------------------------------------------------
+
+def triton_module():
+    return importlib.import_module("metalcore.optim.adamw_triton")
+
+
+def test_triton_many_blocks_spread_over_programs(triton_backend, device, monkeypatch):
+    """More blocks than programs, blocks of each tensor starting on different programs."""
+    monkeypatch.setattr(triton_module(), "BLOCK", 16)
+    group = make_group(torch.float32, True, sizes=((100,), (7,), (61,)), device=device)
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    grads = [torch.randn_like(p) for p in group["params"]]
+    adamw_step_(*op_args(group, grads, True, False))
+    adamw_step_.reference(*op_args(same_dtype, grads, True, False))
+    adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], True, False))
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+def test_triton_misaligned_tensors_use_the_reference(triton_backend, device):
+    """The kernel issues 16-byte accesses; a view that starts mid-vector goes to the reference."""
+    group = make_group(torch.float32, False, sizes=((9,),), device=device)
+    group["params"] = [torch.randn(10, device=device)[1:]]
+    assert adamw_step_.backend_for(*op_args(group, [torch.randn(9, device=device)], False, False)) == "reference"
+
+
+def test_triton_launch_plan_is_reused_and_gradients_rechecked(triton_backend, device):
+    """The group's table is built once; a gradient re-created at the same address with another
+    layout (here a transposed view of the same memory) is noticed and sent to the reference."""
+    kernels = triton_module()
+    group = make_group(torch.float32, False, sizes=((4, 6), (33,)), device=device)
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    memory = torch.randn(24, device=device)
+    grads = [memory.view(4, 6), torch.randn(33, device=device)]
+
+    def step():
+        adamw_step_(*op_args(group, grads, False, False))
+        adamw_step_.reference(*op_args(same_dtype, grads, False, False))
+        adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], False, False))
+
+    step()
+    key = kernels._plan_key(group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], [], False)
+    plan = kernels._PLANS[key]
+    step()
+    assert kernels._PLANS[key] is plan
+    grads[0] = memory.view(6, 4).t()
+    assert grads[0].data_ptr() == memory.data_ptr() and not grads[0].is_contiguous()
+    assert adamw_step_.backend_for(*op_args(group, grads, False, False)) == "reference"
+    step()
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_triton_gpu_full_size(dtype, triton_backend, device):
+    group = make_group(dtype, True, sizes=[(4096, 1024)] * 16 + [(4096,)] * 16, device=device)
+    same_dtype = copy_group(group)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in group["params"]]
+        adamw_step_(*op_args(group, grads, True, False))
+        adamw_step_.reference(*op_args(same_dtype, grads, True, False))
+    for key in LISTS:
+        for got, want in zip(group[key], same_dtype[key]):
+            assert_close(got, want.double(), got.dtype)
