@@ -188,11 +188,12 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
     shape in :func:`state_dtype`; ``state_steps[i]`` a float32 scalar tensor counting steps taken.
     """
     n = len(params)
-    lengths = dict(grads=len(grads), exp_avgs=len(exp_avgs), exp_avg_sqs=len(exp_avg_sqs), state_steps=len(state_steps),
-                   max_exp_avg_sqs=len(max_exp_avg_sqs) if amsgrad else n)
-    for name, length in lengths.items():
-        if length != n:
-            raise ValueError(f"metalcore.optim.adamw: {name} must have one entry per parameter ({n}); got {length}")
+    if not len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n or (
+            amsgrad and len(max_exp_avg_sqs) != n):
+        lengths = dict(grads=len(grads), exp_avgs=len(exp_avgs), exp_avg_sqs=len(exp_avg_sqs),
+                       state_steps=len(state_steps), max_exp_avg_sqs=len(max_exp_avg_sqs) if amsgrad else n)
+        name, length = next((k, v) for k, v in lengths.items() if v != n)
+        raise ValueError(f"metalcore.optim.adamw: {name} must have one entry per parameter ({n}); got {length}")
     if not amsgrad and max_exp_avg_sqs:
         raise ValueError("metalcore.optim.adamw: max_exp_avg_sqs must be empty unless amsgrad=True")
     adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, float(lr), float(beta1),

@@ -18,7 +18,10 @@ for fp32 parameters, 22 for bf16. θ, m and v never leave registers in between, 
 update makes about a dozen passes. ``sqrt`` and the two divisions are IEEE-rounded (``sqrt_rn``,
 ``div_rn``) as in torch's kernels, so trajectories agree with the reference to an ulp or so.
 
-Parameters fp32/bf16/fp16 with fp32 moments; fp64 parameters stay on the reference.
+Parameters fp32/bf16/fp16 with fp32 moments, every tensor walkable as flat memory
+(:func:`metalcore.optim.adamw.flat_walkable`: a transposed parameter with its gradient and state
+qualifies, a transposed-view gradient of a contiguous parameter does not) and 16-byte aligned; other
+groups (fp64, mixed layouts) stay on the reference.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from metalcore._backend import triton_interpreting
 from metalcore.nn._jit_triton import cdiv, helper, jit, program_slots
-from metalcore.optim.adamw import adamw_step_, advance_steps, flat_walkable, shared_step_buffer
+from metalcore.optim.adamw import adamw_step_, advance_steps, flat_walkable
 
 # Elements per block: 512 at 4 warps is one 16-byte fp32 vector per thread per stream (θ, g, m, v).
 # Swept on an H100 (16.8M fp32 params in 64 tensors, bench/training_triton.md): 512/4 warps/8 per
@@ -235,11 +238,11 @@ def _supported(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
     global _last
     if not params:
         return True
-    if shared_step_buffer(state_steps) is None and not all(s.device.type == "cpu" for s in state_steps):
-        return False
     plan = _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
-    _last = (params, grads, plan)
-    return plan is not None
+    if plan is None:
+        return False
+    _last = (params, grads, plan)  # held until the launch that follows (or the next call) clears it
+    return True
 
 
 @adamw_step_.implement("triton", supports=_supported)
