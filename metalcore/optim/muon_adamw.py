@@ -15,7 +15,8 @@ from torch.optim import Optimizer
 
 from metalcore.linalg.polar import NS_COEFFICIENTS, NS_EPS, NS_STEPS
 from metalcore.optim import muon as _muon
-from metalcore.optim.adamw import MetalAdamW, adamw, check_hyperparameters as check_adamw_hyperparameters, evaluate_closure
+from metalcore.optim.adamw import MetalAdamW, adamw, evaluate_closure
+from metalcore.optim.adamw import check_hyperparameters as check_adamw_hyperparameters
 
 _CLS = "MuonWithAuxAdamW"
 # Parameter names that mark embeddings and output heads (GPT-2 wte/wpe, Llama embed_tokens/lm_head,

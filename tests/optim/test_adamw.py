@@ -431,7 +431,8 @@ def optim_info_cases(info, device="cuda"):
     cases = []
     for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, torch.float32, info):
         refused = [flag for flag in UNSUPPORTED_FLAGS if optim_input.kwargs.get(flag)]
-        marks = [pytest.mark.xfail(raises=ValueError, strict=True, reason=UNSUPPORTED_FLAGS[refused[0]])] if refused else []
+        marks = ([pytest.mark.xfail(raises=ValueError, strict=True, reason=UNSUPPORTED_FLAGS[refused[0]])]
+                 if refused else [])
         cases.append(pytest.param(optim_input.kwargs, id=optim_input.desc.replace(" ", "-"), marks=marks))
     return cases
 
