@@ -107,12 +107,18 @@ def flat_walkable(params: list[Tensor], *others: list[Tensor]) -> bool:
     with them (``preserve_format``), so a transposed parameter qualifies; a transposed-view
     gradient of a contiguous parameter (from a hook or an all-reduce) does not, nor a strided slice."""
     for i, p in enumerate(params):
-        if not (p.is_contiguous() or _dense(p)):
-            return False
-        shape, stride = p.shape, p.stride()
-        if not all(o[i].shape == shape and o[i].stride() == stride for o in others):
+        shape = p.shape
+        if p.is_contiguous():  # the usual case; also the one where size-1 dimensions' strides are free
+            if not all(o[i].shape == shape and o[i].is_contiguous() for o in others):
+                return False
+        elif not (_dense(p) and all(o[i].shape == shape and same_strides(o[i], p) for o in others)):
             return False
     return True
+
+
+def same_strides(a: Tensor, b: Tensor) -> bool:
+    """Equal strides in every dimension of size > 1 (a size-1 dimension's stride is never used)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
 
 
 def _dense(t: Tensor) -> bool:

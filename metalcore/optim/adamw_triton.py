@@ -37,7 +37,7 @@ from torch import Tensor
 
 from metalcore._backend import triton_interpreting
 from metalcore.nn._jit_triton import cdiv, helper, jit, program_slots
-from metalcore.optim.adamw import adamw_step_, advance_steps, flat_walkable
+from metalcore.optim.adamw import adamw_step_, advance_steps, flat_walkable, same_strides
 
 # Elements per block: 512 at 4 warps is one 16-byte fp32 vector per thread per stream (θ, g, m, v).
 # Swept on an H100 (16.8M fp32 params in 64 tensors, bench/training_triton.md): 512/4 warps/8 per
@@ -203,7 +203,7 @@ def _plan(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad: bool) 
     plan = _PLANS.get(key)
     if plan is not None and _grad_dtypes_match(plan, grads) and (
             all(map(Tensor.is_contiguous, grads)) if all(launch.contiguous for launch in plan)
-            else all(g.stride() == p.stride() for g, p in zip(grads, params))):
+            else all(map(same_strides, grads, params))):
         return plan
     if not _valid(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad):
         return None

@@ -671,3 +671,19 @@ def test_triton_gpu_full_size(dtype, triton_backend, device):
     for key in LISTS:
         for got, want in zip(group[key], same_dtype[key]):
             assert_close(got, want.double(), got.dtype)
+
+
+def test_kernels_take_transposed_parameters_and_free_size_one_strides(backend):
+    """The layouts that are flat in memory stay on the kernel: a transposed parameter with its
+    autograd-style gradient and state (same strides), and a gradient whose size-1 dimension has
+    another stride than the parameter's (torch leaves such strides free)."""
+    params = [noncontiguous(torch.randn(5, 7)).requires_grad_(), torch.randn(1, 9, requires_grad=True)]
+    grads = [torch.randn_like(params[0]), torch.randn(9, 1).t()]
+    assert grads[1].is_contiguous() and grads[1].stride() != params[1].stride()
+    reference = clone(params)
+    ours, theirs = MetalAdamW(params, lr=1e-2), torch.optim.AdamW(reference, lr=1e-2, foreach=False)
+    for _ in range(3):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert served_by(ours) == backend
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
