@@ -11,6 +11,7 @@ one in well under a second, before ``import torch`` (~1.5 s) and transformers (~
 
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
 import inspect
@@ -185,9 +186,16 @@ def tokenizer_dir(data_dir: Path, vocab_size: int, corpus_bytes: int) -> Path:
 # ------------------------------------------------------------------------------ argument checks
 
 def fail(message: str) -> None:
-    """End the run with one line naming the bad argument (exit status 2, as argparse's own errors)."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    """End the run with one line naming the bad argument or file (on stderr, exit status 1)."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its errors (an unknown choice, a non-number) in the same one-line form
+    as :func:`fail` (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> None:
+        fail(f"{message} (--help lists the options)")
 
 
 def check_at_least(args, minimums: dict[str, int]) -> None:
@@ -391,6 +399,10 @@ def write_bytes_atomic(path: Path, chunks: Iterable[bytes]) -> None:
         _pause_if_asked(path.name)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:

@@ -38,12 +38,12 @@ import common  # noqa: E402  (the recipes' shared helpers, next to this file; im
 _RUN_DEFINING = ("model", "seed", "batch_size", "seq_len", "lr", "optimizer", "warmup", "weight_decay", "vocab_size",
                  "hidden_size", "layers", "corpus_bytes", "steps", "no_patch")
 # The default model's positions; --seq-len beyond it would index past the RoPE table.
-_DEFAULT_MAX_POSITIONS = 1024
+DEFAULT_MAX_POSITIONS = 1024
 SAMPLE_TOKENS = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (or a cached hub name) to "
                    "fine-tune (default: a small Llama built from a config, with a tokenizer trained locally)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
@@ -94,15 +94,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model is None:
         # The byte-level alphabet (256) and the 5 special tokens come first; merges need room beyond.
         common.check_at_least(args, {"vocab_size": 262, "hidden_size": 16, "layers": 1})
-        common.check_llama_shape(args.hidden_size, *_attention_heads(args.hidden_size))
-        if args.seq_len > _DEFAULT_MAX_POSITIONS:
-            common.fail(f"--seq-len must be at most {_DEFAULT_MAX_POSITIONS} for the default model; got {args.seq_len}")
+        common.check_llama_shape(args.hidden_size, *attention_heads(args.hidden_size))
+        if args.seq_len > DEFAULT_MAX_POSITIONS:
+            common.fail(f"--seq-len must be at most {DEFAULT_MAX_POSITIONS} for the default model; got {args.seq_len}")
     common.check_device(args.device)
     if args.model is not None:
         common.check_model(args.model)
 
 
-def _attention_heads(hidden_size: int) -> tuple[int, int]:
+def attention_heads(hidden_size: int) -> tuple[int, int]:
     """Heads of 64 and grouped-query key/value heads of 128 (GQA 2:1), at least one of each."""
     return max(1, hidden_size // 64), max(1, hidden_size // 128)
 
@@ -133,11 +133,11 @@ def load_model_and_tokenizer(args, data_dir: Path, examples, device):
     tokenizer = common.load_or_train_tokenizer(
         lambda: [common.format_chat(e["prompt"], e["response"]) for e in examples], args.vocab_size,
         common.tokenizer_dir(data_dir, args.vocab_size, args.corpus_bytes))
-    heads, kv_heads = _attention_heads(args.hidden_size)
+    heads, kv_heads = attention_heads(args.hidden_size)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
                          intermediate_size=int(args.hidden_size * 8 / 3) // 16 * 16,
                          num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=_DEFAULT_MAX_POSITIONS, tie_word_embeddings=True,
+                         max_position_embeddings=DEFAULT_MAX_POSITIONS, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)

@@ -41,7 +41,7 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--optimizers", default="adamw,muon", help=f"comma-separated: {', '.join(OPTIMIZERS)}")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--steps", type=int, default=120)

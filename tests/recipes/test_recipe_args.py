@@ -83,10 +83,10 @@ def test_bad_argument_is_one_line_before_heavy_work(recipe, argv, message, appli
                           capture_output=True, text=True, env=env, timeout=60)
     elapsed = time.perf_counter() - start
     err = proc.stderr.strip()
-    assert proc.returncode in (1, 2), (proc.returncode, err[-2000:])  # 2: argparse's own errors
+    assert proc.returncode == 1, (proc.returncode, err[-2000:])
     assert message in err, err[-2000:]
     assert "heavy import" not in err and "Traceback" not in err
-    assert len(err.splitlines()) <= 3, err  # argparse's own errors add a usage line
+    assert len(err.splitlines()) == 1, err
     # Python and (for a CUDA request only) torch start in ~1.5 s idle; 10 s leaves room for a loaded machine.
     assert elapsed < 10, elapsed
     assert not (tmp_path / "out").exists()  # nothing written before the arguments were accepted
