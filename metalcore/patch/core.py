@@ -415,8 +415,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
       RMSNorm-like modules, gate/up/down SiLU MLPs and RoPE attention by structure, and swap each only
       after a probe shows metalcore computes the same thing; everything declined is in ``skipped``.
 
-    Call it before ``torch.compile`` and before building the optimizer is not required (parameters
-    are never replaced). ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts it.
+    Call it before ``torch.compile``. It may come before or after the optimizer is built: parameters
+    are never replaced. ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts it.
 
     >>> report = metalcore.patch_model(model)
     >>> print(report)          # metalcore patch of llama (active): attention: 1, rms_norm: 9, rope: 4, ...
