@@ -51,7 +51,7 @@ def finished(finetune, tmp_path_factory):
     return out
 
 
-def _resume_error(finetune, out, capsys=None):
+def _resume_error(finetune, out):
     with pytest.raises(SystemExit) as e:
         finetune.main([*TINY, "--steps", "2", "--out", str(out)])
     return str(e.value)
