@@ -90,7 +90,7 @@ def backend_runs_on(backend: str, device: torch.device) -> bool:
     if backend == "metal":
         if device.type == "mps":
             return hasattr(torch.mps, "compile_shader")
-        # CPU tensors run the shaders on the CPU executor (csrc/), a test vehicle: only when the metal
+        # CPU tensors run the shaders on the CPU executor (metalcore/executor/), a test vehicle: only when the metal
         # backend is requested explicitly and the executor can be built (clang); never automatically.
         if device.type == "cpu" and requested_backend() == "metal":
             from metalcore._metal import executor_available

@@ -1,9 +1,10 @@
 """The Metal backend's host path: compile ``shaders/*.metal`` once per process and launch kernels.
 
 On a Mac, a shader file compiles with ``torch.mps.compile_shader`` and its kernels run on MPS
-tensors. On CPU tensors (CI, no Apple hardware) the same source compiles with the shader executor
-in ``csrc/`` — a test vehicle that runs every shader on the CPU, reachable only by asking for the
-metal backend explicitly (``METALCORE_BACKEND=metal`` or ``metalcore.use_backend('metal')``).
+tensors. On CPU tensors (CI, no Apple hardware) the same source compiles with the CPU executor for
+Metal (:mod:`metalcore.executor`, which needs clang) — it runs every shader on the CPU, reachable
+only by asking for the metal backend explicitly (``METALCORE_BACKEND=metal`` or
+``metalcore.use_backend('metal')``).
 
 Kernels are named ``<op>_<dtype>`` (``rms_norm_fwd_half``); :func:`launch` records every name it
 launches, so that the tests can prove that each kernel of ``shaders/`` ran.
@@ -15,10 +16,7 @@ launches, so that the tests can prove that each kernel of ``shaders/`` ran.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 import re
-import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -84,23 +82,21 @@ def constants() -> dict[str, int]:
 
 @functools.cache
 def executor() -> ModuleType | None:
-    """The CPU shader executor (``csrc/metal_executor.py`` of a checkout), or None where it cannot run.
+    """The CPU executor for Metal (:mod:`metalcore.executor`), or None where it cannot run (no clang)."""
+    from metalcore import executor as module
 
-    ``METALCORE_EXECUTOR_DIR`` points at another csrc/ directory.
-    """
-    root = Path(os.environ.get("METALCORE_EXECUTOR_DIR") or Path(__file__).resolve().parent.parent / "csrc")
-    path = root / "metal_executor.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("metalcore_metal_executor", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # before running it: dataclasses look their module up
-    spec.loader.exec_module(module)
     return module if module.available() else None
 
 
 def executor_available() -> bool:
     return executor() is not None
+
+
+def executor_missing_reason() -> str:
+    """Why Metal shaders cannot run on CPU tensors here (for error messages)."""
+    from metalcore.executor import missing_compiler_message
+
+    return missing_compiler_message()
 
 
 def library(name: str, device: torch.device) -> Any:
@@ -117,8 +113,7 @@ def library(name: str, device: torch.device) -> Any:
                 else:
                     ex = executor()
                     if ex is None:
-                        raise RuntimeError("the Metal shader executor is unavailable (it needs clang++ >= 17 "
-                                           "and a checkout with csrc/)")
+                        raise RuntimeError(f"cannot run Metal shaders on CPU tensors: {executor_missing_reason()}")
                     lib = ex.compile_shader(source)
                 _libraries[key] = lib
     return lib

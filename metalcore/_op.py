@@ -213,6 +213,10 @@ class MetalcoreOp:
             hint = " (triton is not installed)"
         elif backend == "triton" and device.type == "cpu":
             hint = " (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+        elif backend == "metal" and device.type == "cpu":
+            from metalcore._metal import executor_missing_reason
+
+            hint = f" (the CPU executor for Metal is unavailable: {executor_missing_reason()})"
         raise BackendUnavailableError(
             f"metalcore.{self.name}: the {backend} backend cannot run on {device.type} tensors{hint}"
         )

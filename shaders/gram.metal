@@ -13,7 +13,7 @@
 // its own beta C element (C need not be symmetric). No two threadgroups write one element, so the Gram
 // part of the result is exactly symmetric, which the second launch relies on.
 //
-// Plain float FMAs, no simdgroup_matrix: the shader executor (csrc/) does not implement it, and a
+// Plain float FMAs, no simdgroup_matrix: the shader executor (metalcore/executor/) does not implement it, and a
 // kernel CI cannot run is not shipped.
 #include "common.h"
 

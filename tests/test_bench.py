@@ -42,11 +42,15 @@ def test_quick_cpu_run_table_and_json(tmp_path, capsys):
         best = r["best_peer"]
         assert r["peers"][best]["median_s"] == min(p["median_s"] for p in r["peers"].values())
         assert math.isclose(r["ratio"], r["peers"][best]["median_s"] / r["metalcore"]["median_s"])
+        # On the CPU the wall time per call is the measured time itself; the headline ratio uses it.
+        assert r["metalcore"]["wall_s"] == r["metalcore"]["median_s"]
+        wall_best = r["best_peer_wall"]
+        assert math.isclose(r["wall_ratio"], r["peers"][wall_best]["wall_s"] / r["metalcore"]["wall_s"])
         assert r["check_rel_err"] is not None and r["check_rel_err"] <= 1e-3
         assert 0 < r["roofline"] and r["bound"] in ("memory", "compute")
 
     header = next(line for line in table.splitlines() if line.startswith("op "))
-    for column in ("metalcore", "best peer", "ratio", "achieved", "roof", "backend"):
+    for column in ("wall", "wall ratio", "metalcore", "best peer", "ratio", "achieved", "roof", "backend"):
         assert column in header
     chol = next(line for line in table.splitlines() if line.startswith("cholesky") and "500x16x16" in line)
     chol_row = next(r for r in rows if r["id"] == "cholesky/500x16x16/fp32/fwd")

@@ -243,11 +243,24 @@ class Row:
 
     @property
     def ratio(self) -> float | None:
-        """Best peer's median / metalcore's median: above 1, metalcore is faster."""
+        """Best peer's median / metalcore's median (GPU time on GPUs): above 1, metalcore is faster."""
         best = self.best_peer
         if best is None or self.metalcore is None:
             return None
         return self.peers[best].median_s / self.metalcore.median_s
+
+    @property
+    def best_peer_wall(self) -> str | None:
+        return min(self.peers, key=lambda k: self.peers[k].wall_s or self.peers[k].median_s) if self.peers else None
+
+    @property
+    def wall_ratio(self) -> float | None:
+        """The headline: best peer's wall time per synchronised eager call / metalcore's."""
+        best = self.best_peer_wall
+        if best is None or self.metalcore is None:
+            return None
+        theirs, ours = self.peers[best], self.metalcore
+        return (theirs.wall_s or theirs.median_s) / (ours.wall_s or ours.median_s)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -257,6 +270,7 @@ class Row:
             "metalcore": self.metalcore.to_json() if self.metalcore else None,
             "peers": {k: v.to_json() for k, v in self.peers.items()},
             "peer_errors": self.peer_errors, "best_peer": self.best_peer, "ratio": self.ratio,
+            "best_peer_wall": self.best_peer_wall, "wall_ratio": self.wall_ratio,
             "bytes": self.bytes, "flops": self.flops, "gbps": self.gbps, "tflops": self.tflops,
             "bound": self.bound, "roofline": self.roofline,
             "check_rel_err": self.check_rel_err, "check_against": self.check_against,
@@ -522,7 +536,7 @@ def run_metadata(device: torch.device, info: dict[str, Any]) -> dict[str, Any]:
     root = Path(metalcore.__file__).resolve().parent.parent
     commit = _run_text("git", "rev-parse", "HEAD", cwd=root)
     # Dirty: uncommitted changes, untracked files included, where the code that runs lives.
-    dirty = _run_text("git", "status", "--porcelain", "--", "metalcore", "csrc", "shaders", cwd=root)
+    dirty = _run_text("git", "status", "--porcelain", "--", "metalcore", "shaders", cwd=root)
     if commit is None:  # a copy of the tree without .git (a CI artifact, a remote GPU machine)
         commit, dirty = os.environ.get("METALCORE_BENCH_COMMIT"), None
     return {
@@ -629,7 +643,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's, all cores)")
     parser.add_argument("--list", action="store_true", help="list the cases and their shapes, then exit")
+    sel = parser.add_argument_group("selection", "the size x batch x dtype sweep that automatic selection reads "
+                                    "(metalcore/bench/selection.py)")
+    sel.add_argument("--selection", action="store_true",
+                     help="sweep kernel vs torch over the grid and rewrite metalcore/_tables/<device>.json")
+    sel.add_argument("--check", action="store_true",
+                     help="with --selection: then time the automatic path against torch and apply the rule "
+                          "(exit 1 on a violation); alone: only the check")
+    sel.add_argument("--dtypes", default="", help="comma-separated dtypes to sweep (default: each op's)")
+    sel.add_argument("--sizes", default="", help="comma-separated grid sizes to sweep (default: the whole grid)")
+    sel.add_argument("--batches", default="", help="comma-separated batches (rows) to sweep (default: the whole grid)")
+    sel.add_argument("--out-dir", default="bench/results", help="where the check's JSON and heat map go")
+    sel.add_argument("--warm-workers", type=int, default=0,
+                     help="compile the sweep's Triton kernels first in N processes (shared on-disk cache)")
     args = parser.parse_args(argv)
+
+    if args.selection or args.check:
+        from metalcore.bench import selection
+
+        if args.warm_workers:
+            selection.warm_compile(args.ops, args.device if args.device != "auto" else "cuda", args.warm_workers)
+        args.check_only = args.check and not args.selection
+        return selection.main(args)
 
     if args.list:
         print(list_cases())

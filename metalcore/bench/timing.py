@@ -63,6 +63,10 @@ class Timing:
     # GPUs: median time the host spends issuing one call (no synchronisation). When it nears
     # median_s the call is launch-bound: the GPU waits for Python, not for memory or arithmetic.
     host_s: float | None = None
+    # Median wall time of one eager call followed by a synchronisation: what a user's loop feels,
+    # host work and launch latency included (the headline figure, DESIGN.md §7). On the CPU it is
+    # median_s itself.
+    wall_s: float | None = None
 
     @property
     def iqr_s(self) -> float:
@@ -81,12 +85,12 @@ def fmt_time(seconds: float | None) -> str:
     return f"{seconds / 1e-9:.3g} ns"
 
 
-def summarize(times: list[float], host: list[float] | None = None) -> Timing:
+def summarize(times: list[float], host: list[float] | None = None, wall: list[float] | None = None) -> Timing:
     host_s = statistics.median(host) if host else None
     if len(times) == 1:
-        return Timing(times[0], times[0], times[0], times[0], 1, host_s)
+        return Timing(times[0], times[0], times[0], times[0], 1, host_s, statistics.median(wall) if wall else times[0])
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Timing(median, q1, q3, min(times), len(times), host_s)
+    return Timing(median, q1, q3, min(times), len(times), host_s, statistics.median(wall) if wall else median)
 
 
 def sleep_cycles_per_s() -> float:
@@ -228,7 +232,24 @@ class Timer:
                 break
             record(self._round(due, hide))
         on_gpu = self.device.type != "cpu"
-        return {name: summarize(t, host[name] if on_gpu else None) for name, t in times.items()}
+        wall = self._wall(fns, estimate) if on_gpu else {}
+        return {name: summarize(t, host[name] if on_gpu else None, wall.get(name)) for name, t in times.items()}
+
+    def _wall(self, fns: dict[str, Callable[[], Any]], estimate: dict[str, float]) -> dict[str, list[float]]:
+        """Wall seconds of single synchronised eager calls, interleaved, for about a third of the
+        budget: the per-call time a user's loop sees (no sleep hides the host, no flush)."""
+        wall: dict[str, list[float]] = {name: [] for name in fns}
+        reps = {name: max(self.budget.min_reps, min(self.budget.max_reps // 2,
+                                                    int(self.budget.measure_s / 3 / max(estimate[name], 20e-6))))
+                for name in fns}
+        while due := [name for name in fns if len(wall[name]) < reps[name]]:
+            for name in due:
+                self.synchronize()
+                t0 = time.perf_counter()
+                fns[name]()
+                self.synchronize()
+                wall[name].append(time.perf_counter() - t0)
+        return wall
 
     def time(self, fn: Callable[[], Any]) -> Timing:
         """Time one callable (see :meth:`time_all`)."""

@@ -1,4 +1,4 @@
-"""Metal shaders on the CPU: every test here needs the shader executor (csrc/), which needs clang.
+"""Metal shaders on the CPU: every test here needs the CPU executor for Metal, which needs clang.
 
 Without it the tests skip locally and fail in CI (tests/backends.py).
 """
@@ -8,15 +8,11 @@ import pytest
 from backends import unavailable
 from metalcore import _metal
 
-EXECUTOR_MISSING = ("the Metal shader executor cannot be built here: it needs clang++ >= 17 "
-                    "(apt-get install -y clang-19) and a checkout with csrc/")
-
-
 def require_executor():
     """The executor module, or skip (locally) / fail (CI)."""
     ex = _metal.executor()
     if ex is None:
-        unavailable(EXECUTOR_MISSING)
+        unavailable(f"the CPU executor for Metal cannot run here: {_metal.executor_missing_reason()}")
     return ex
 
 

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import metalcore
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -10,6 +12,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _metalcore_code():
+    """On the CPU a patched model runs its modules' own code (metalcore has nothing faster there); an
+    explicit backend runs metalcore's, which is what these tests check against the unpatched model.
+    Tests of the automatic choice itself open ``use_backend("auto")``."""
+    with metalcore.use_backend("reference"):
+        yield
 
 
 class OpRecorder:

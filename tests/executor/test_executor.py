@@ -1,4 +1,4 @@
-"""The CPU shader executor (csrc/) against known results: purpose-written shaders for each Metal
+"""The CPU executor for Metal (metalcore.executor) against known results: purpose-written shaders for each Metal
 feature the project's shaders rely on, and the limits and errors it must enforce.
 
 Most kernels live in one source (one compile, cached on disk across runs); the negative

@@ -13,14 +13,23 @@
 //      wait at the same barrier: one in divergent control flow is reported, not executed).
 //
 // Errors (out-of-bounds access, threadgroup-memory limit, divergent barrier) stop the launch; the
-// failing fiber's stack is abandoned, and the message is returned to Python.
+// failing fiber's stack is abandoned, and the message is returned to Python. A fault inside a fiber
+// (a stack overflow into the guard page below its stack, a wild pointer in unchecked mode) is caught
+// by a SIGSEGV/SIGBUS handler running on an alternate signal stack and reported the same way, so a
+// shader bug fails a launch, not the process. A launch runs on its own threads while the caller
+// waits in slices: it can be cancelled (Ctrl-C, time limit), and every loop of the shader polls for
+// that (MTL_POLL in metal_stdlib.h).
 #include "metal_rt_abi.h"
 
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
@@ -125,10 +134,13 @@ struct Launch {
   EntryFn entry;
   const LaunchArgs* args;
   uint32_t threads[3], group[3], ngroups[3];
-  uint64_t total_groups;
+  uint64_t total_groups, group_threads, stack_bytes;
   std::atomic<uint64_t> next{0};
   std::atomic<bool> failed{false};
+  std::atomic<int> cancel{0};  // 1: interrupted, 2: timed out
   std::mutex mu;
+  std::condition_variable done_cv;
+  uint32_t running = 0;
   std::string error;
 
   void set_error(const std::string& msg) {
@@ -143,41 +155,39 @@ size_t page_size() {
   return p;
 }
 
-size_t stack_bytes() {
-  // 64 KiB per thread: shader locals are small; a guard page below each stack turns an overflow
-  // into a crash rather than silent corruption. METALCORE_EXECUTOR_STACK_KB overrides.
-  static size_t s = [] {
-    const char* env = getenv("METALCORE_EXECUTOR_STACK_KB");
-    size_t kb = env ? size_t(atol(env)) : 64;
-    size_t bytes = std::max<size_t>(kb, 16) * 1024;
-    return (bytes + page_size() - 1) / page_size() * page_size();
-  }();
-  return s;
-}
+constexpr size_t kAltStackBytes = 64 << 10;  // the fault handler's stack (a fiber's may be exhausted)
 
 struct Worker {
   std::vector<Fiber> fibers;
   char* stacks = nullptr;
-  size_t nstacks = 0, mapped = 0;
+  size_t nstacks = 0, stack_bytes = 0, slot = 0, mapped = 0;
 #ifdef MTL_RT_ASM_SWITCH
   void* sched_sp = nullptr;
 #else
   ucontext_t sched_ctx;
 #endif
   Fiber* current = nullptr;
+  volatile sig_atomic_t in_fiber = 0;
+  sigjmp_buf recover;  // where the fault handler returns to (run_group)
+  void* fault_addr = nullptr;
+  int fault_sig = 0;
   Launch* launch = nullptr;
   std::vector<unsigned char> snap;  // per SIMD-group: kSimdWidth slots
+  std::vector<char> altstack;
   alignas(64) unsigned char arena[kThreadgroupMemoryLimit];
   uint64_t arena_used = 0, arena_high = kThreadgroupMemoryLimit;
-  std::vector<std::pair<const void*, uint64_t>> tg_keys;
+  const void* tg_keys[kMaxThreadgroupArrays];
+  Region tg_regions[kMaxThreadgroupArrays];
+  uint32_t ntg = 0;
 
-  explicit Worker(size_t n) : fibers(n), nstacks(n) {
-    const size_t slot = stack_bytes() + page_size();
+  Worker(size_t n, size_t stack) : fibers(n), nstacks(n), stack_bytes(stack), altstack(kAltStackBytes) {
+    slot = stack + page_size();
     mapped = slot * n;
-    void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    // MAP_NORESERVE: stacks sized for the worst case are address space; only touched pages cost memory.
+    void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (p == MAP_FAILED) {
-      fprintf(stderr, "metalcore executor: cannot map %zu bytes of fiber stacks\n", mapped);
-      abort();
+      stacks = nullptr;
+      return;
     }
     stacks = static_cast<char*>(p);
     for (size_t i = 0; i < n; ++i) {
@@ -186,18 +196,24 @@ struct Worker {
       fibers[i].stack_lo = lo + page_size();
     }
   }
-  ~Worker() { munmap(stacks, mapped); }
+  ~Worker() {
+    if (stacks) munmap(stacks, mapped);
+  }
+  bool in_guard_page(const void* addr) const {
+    const char* a = static_cast<const char*>(addr);
+    return stacks && a >= stacks && a < stacks + mapped && size_t(a - stacks) % slot < page_size();
+  }
 };
 
 std::mutex g_pool_mu;
 std::vector<Worker*> g_pool;
 thread_local Worker* tl_worker = nullptr;
 
-Worker* acquire_worker(size_t nthreads) {
+Worker* acquire_worker(size_t nthreads, size_t stack) {
   {
     std::lock_guard<std::mutex> lock(g_pool_mu);
     for (size_t i = 0; i < g_pool.size(); ++i) {
-      if (g_pool[i]->nstacks >= nthreads) {
+      if (g_pool[i]->nstacks >= nthreads && g_pool[i]->stack_bytes == stack) {
         Worker* w = g_pool[i];
         g_pool.erase(g_pool.begin() + long(i));
         return w;
@@ -207,7 +223,12 @@ Worker* acquire_worker(size_t nthreads) {
   // Round up so that a later, larger launch can reuse this worker.
   size_t n = 32;
   while (n < nthreads) n *= 2;
-  return new Worker(n);
+  Worker* w = new Worker(n, stack);
+  if (w->stacks == nullptr) {
+    delete w;
+    return nullptr;
+  }
+  return w;
 }
 
 void release_worker(Worker* w) {
@@ -222,7 +243,7 @@ void fiber_main_ucontext() { fiber_main(); }
 #endif
 
 void fiber_init(Worker& w, Fiber& f) {
-  char* top = f.stack_lo + stack_bytes();
+  char* top = f.stack_lo + w.stack_bytes;
 #ifdef MTL_RT_ASM_SWITCH
 #if defined(__x86_64__)
   void** s = reinterpret_cast<void**>(top);
@@ -240,7 +261,7 @@ void fiber_init(Worker& w, Fiber& f) {
 #else
   getcontext(&f.ctx);
   f.ctx.uc_stack.ss_sp = f.stack_lo;
-  f.ctx.uc_stack.ss_size = stack_bytes();
+  f.ctx.uc_stack.ss_size = w.stack_bytes;
   f.ctx.uc_link = nullptr;
   makecontext(&f.ctx, fiber_main_ucontext, 0);
   (void)w;
@@ -249,11 +270,13 @@ void fiber_init(Worker& w, Fiber& f) {
 
 inline void switch_to_fiber(Worker& w, Fiber& f) {
   w.current = &f;
+  w.in_fiber = 1;
 #ifdef MTL_RT_ASM_SWITCH
   mtl_rt_switch(&w.sched_sp, f.sp);
 #else
   swapcontext(&w.sched_ctx, &f.ctx);
 #endif
+  w.in_fiber = 0;
 }
 
 inline void switch_to_scheduler(Worker& w, Fiber& f) {
@@ -287,8 +310,59 @@ std::string where(const Fiber& f) {
                 f.ids.grid[0], f.ids.grid[1], f.ids.grid[2], f.ids.tgpos[0], f.ids.tgpos[1], f.ids.tgpos[2]);
 }
 
+// SIGSEGV/SIGBUS inside a fiber of this library: back to the scheduler (run_group), which reports it.
+// Any other fault goes to the handler that was there before (Python's faulthandler, or the default).
+struct sigaction g_old_segv, g_old_bus;
+
+void fault_handler(int sig, siginfo_t* info, void* uctx) {
+  Worker* w = tl_worker;
+  if (w != nullptr && w->in_fiber) {
+    w->in_fiber = 0;
+    w->fault_sig = sig;
+    w->fault_addr = info->si_addr;
+    siglongjmp(w->recover, 1);
+  }
+  struct sigaction* old = sig == SIGSEGV ? &g_old_segv : &g_old_bus;
+  if ((old->sa_flags & SA_SIGINFO) && old->sa_sigaction != nullptr) {
+    old->sa_sigaction(sig, info, uctx);
+  } else if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
+    old->sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);  // returning re-executes the faulting instruction: the default action
+  }
+}
+
+void install_fault_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = fault_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+  });
+}
+
+std::string fault_message(const Worker& w, const Launch& L) {
+  const Fiber& f = *w.current;
+  if (w.in_guard_page(w.fault_addr))
+    return format("[error] kernel '%s' overflowed its %zu KiB stack (a thread's stack is sized from the "
+                  "shader's frames; deep or unbounded recursion, which Metal does not allow, exhausts it); %s",
+                  L.args->kernel, w.stack_bytes >> 10, where(f).c_str());
+  return format("[error] kernel '%s' crashed: %s at address %p (in unchecked mode, or through a pointer the "
+                "executor cannot check); %s",
+                L.args->kernel, w.fault_sig == SIGBUS ? "bus error" : "segmentation fault", w.fault_addr,
+                where(f).c_str());
+}
+
 // Returns false when the launch failed.
 bool run_group(Worker& w, Launch& L, uint64_t g) {
+  if (sigsetjmp(w.recover, 1)) {
+    L.set_error(fault_message(w, L));
+    return false;
+  }
   uint32_t gpos[3], dims[3];
   gpos[0] = uint32_t(g % L.ngroups[0]);
   gpos[1] = uint32_t((g / L.ngroups[0]) % L.ngroups[1]);
@@ -302,7 +376,7 @@ bool run_group(Worker& w, Launch& L, uint64_t g) {
   memset(w.arena, 0xFF, size_t(w.arena_high));
   w.arena_used = 0;
   w.arena_high = 0;
-  w.tg_keys.clear();
+  w.ntg = 0;
 
   for (uint32_t i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
@@ -332,7 +406,7 @@ bool run_group(Worker& w, Launch& L, uint64_t g) {
       switch_to_fiber(w, w.fibers[i]);
       if (w.fibers[i].state == kFailed) return false;
     }
-    if (L.failed) return false;
+    if (L.failed || L.cancel) return false;
 
     bool any_simd = false;
     for (uint32_t s = 0; s < nsimd; ++s) {
@@ -435,10 +509,23 @@ void mtl_rt_barrier(uint32_t line, uint32_t col) {
   switch_to_scheduler(*w, *f);
 }
 
-void* mtl_rt_tg_alloc(const void* key, uint64_t size, uint64_t align) {
+int mtl_rt_stop_requests = 0;
+
+bool mtl_rt_poll() {
   Worker* w = tl_worker;
-  for (auto& kv : w->tg_keys)
-    if (kv.first == key) return w->arena + kv.second;
+  const int reason = w->launch->cancel.load();
+  if (reason == 1) mtl_rt_fail("[interrupted]", "interrupted");
+  if (reason == 2) mtl_rt_fail("[timeout]", "timed out");
+  return true;
+}
+
+const Region* mtl_rt_tg_alloc(const void* key, uint64_t size, uint64_t align, const char* name) {
+  Worker* w = tl_worker;
+  for (uint32_t i = 0; i < w->ntg; ++i)
+    if (w->tg_keys[i] == key) return &w->tg_regions[i];
+  if (w->ntg == kMaxThreadgroupArrays)
+    mtl_rt_fail("[limit]", format("kernel '%s' declares more than %u threadgroup arrays", w->launch->args->kernel,
+                                  kMaxThreadgroupArrays).c_str());
   align = std::max<uint64_t>(align, 16);
   const uint64_t offset = (w->arena_used + align - 1) / align * align;
   if (offset + size > kThreadgroupMemoryLimit) {
@@ -448,10 +535,11 @@ void* mtl_rt_tg_alloc(const void* key, uint64_t size, uint64_t align) {
                              (unsigned long long)(offset + size));
     mtl_rt_fail("[limit]", msg.c_str());
   }
-  w->tg_keys.emplace_back(key, offset);
+  w->tg_keys[w->ntg] = key;
+  w->tg_regions[w->ntg] = Region{reinterpret_cast<char*>(w->arena + offset), size, -1, -1, name};
   w->arena_used = offset + size;
   w->arena_high = std::max(w->arena_high, w->arena_used);
-  return w->arena + offset;
+  return &w->tg_regions[w->ntg++];
 }
 
 void mtl_rt_fail(const char* category, const char* msg) {
@@ -470,6 +558,12 @@ void mtl_rt_fail(const char* category, const char* msg) {
 void mtl_rt_oob(const Region* r, const void* addr, uint64_t access_size) {
   Worker* w = tl_worker;
   const long long offset = static_cast<const char*>(addr) - r->base;
+  if (r->buffer < 0) {
+    mtl_rt_fail("[oob]", format("out-of-bounds threadgroup access in kernel '%s': threadgroup array '%s', byte "
+                                "offset %lld, access of %llu bytes, array size %llu bytes",
+                                w->launch->args->kernel, r->name, offset, (unsigned long long)access_size,
+                                (unsigned long long)r->size).c_str());
+  }
   std::string elem = r->element >= 0 ? format(" (tensor %d of the list)", r->element) : std::string();
   std::string msg = format("out-of-bounds device access in kernel '%s': buffer %d ('%s')%s, byte offset %lld, "
                            "access of %llu bytes, buffer size %llu bytes",
@@ -479,56 +573,145 @@ void mtl_rt_oob(const Region* r, const void* addr, uint64_t access_size) {
 }
 
 const Region* mtl_rt_region_of(const void* addr) {
-  const LaunchArgs* a = tl_worker->launch->args;
+  const Worker* w = tl_worker;
+  const LaunchArgs* a = w->launch->args;
   const char* p = static_cast<const char*>(addr);
-  for (uint32_t i = 0; i < a->nregions; ++i) {
-    const Region& r = a->regions[i];
+  for (uint32_t i = 0; i < a->nlookup; ++i) {
+    const Region& r = a->lookup[i];
+    if (p >= r.base && p < r.base + r.size) return &r;
+  }
+  for (uint32_t i = 0; i < w->ntg; ++i) {
+    const Region& r = w->tg_regions[i];
     if (p >= r.base && p < r.base + r.size) return &r;
   }
   return nullptr;
 }
 
-int mtl_launch(EntryFn entry, const LaunchArgs* args, const uint32_t* threads, const uint32_t* group,
-               uint32_t nworkers, char* err, uint64_t errlen) {
-  Launch L;
-  L.entry = entry;
-  L.args = args;
-  L.total_groups = 1;
-  uint64_t group_threads = 1;
-  for (int d = 0; d < 3; ++d) {
-    L.threads[d] = threads[d];
-    L.group[d] = group[d];
-    L.ngroups[d] = group[d] ? (threads[d] + group[d] - 1) / group[d] : 0;
-    L.total_groups *= L.ngroups[d];
-    group_threads *= group[d];
-  }
-  if (L.total_groups == 0) return 0;
-  const uint64_t nw = std::max<uint64_t>(1, std::min<uint64_t>(nworkers, L.total_groups));
+}  // extern "C"
 
-  auto work = [&L, group_threads] {
-    Worker* w = acquire_worker(group_threads);
-    Worker* saved = tl_worker;
+namespace {
+
+void run_worker(Launch& L) {
+  Worker* w = acquire_worker(L.group_threads, L.stack_bytes);
+  if (w == nullptr) {
+    L.set_error(format("[limit] kernel '%s': cannot map %llu threads' stacks of %llu KiB", L.args->kernel,
+                       (unsigned long long)L.group_threads, (unsigned long long)(L.stack_bytes >> 10)));
+  } else {
+    stack_t alt, old_alt;
+    alt.ss_sp = w->altstack.data();
+    alt.ss_size = w->altstack.size();
+    alt.ss_flags = 0;
+    sigaltstack(&alt, &old_alt);
     tl_worker = w;
     w->launch = &L;
-    while (!L.failed) {
+    while (!L.failed && !L.cancel) {
       const uint64_t g = L.next.fetch_add(1);
       if (g >= L.total_groups) break;
       if (!run_group(*w, L, g)) break;
     }
     w->launch = nullptr;
     w->current = nullptr;
-    tl_worker = saved;
+    tl_worker = nullptr;
+    sigaltstack(&old_alt, nullptr);
     release_worker(w);
-  };
-  std::vector<std::thread> pool;
-  for (uint64_t i = 1; i < nw; ++i) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-  if (L.failed) {
-    snprintf(err, size_t(errlen), "%s", L.error.c_str());
-    return 1;
   }
-  return 0;
+  std::lock_guard<std::mutex> lock(L.mu);
+  if (--L.running == 0) L.done_cv.notify_all();
+}
+
+// OS threads that run launches' workers, kept between launches (creating two or more threads per
+// launch doubled the cost of a small launch). A thread waits for a job, runs one worker of a launch,
+// and waits again (ending after 10 s without one); a job finding no waiting thread starts a new one, so
+// a launch stuck after a cancel never holds up later launches. Never destroyed: threads may still wait
+// on it at exit.
+struct ThreadPool {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Launch*> jobs;
+  size_t waiting = 0;
+};
+
+ThreadPool& thread_pool() {
+  static ThreadPool* p = new ThreadPool;
+  return *p;
+}
+
+void pool_thread() {
+  ThreadPool& p = thread_pool();
+  std::unique_lock<std::mutex> lock(p.mu);
+  for (;;) {
+    ++p.waiting;
+    const bool job = p.cv.wait_for(lock, std::chrono::seconds(10), [&p] { return !p.jobs.empty(); });
+    --p.waiting;
+    if (!job) return;  // idle for 10 s: each shader library keeps threads only while it is in use
+    Launch* L = p.jobs.back();
+    p.jobs.pop_back();
+    lock.unlock();
+    run_worker(*L);
+    lock.lock();
+  }
+}
+
+void submit(Launch* L) {
+  ThreadPool& p = thread_pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.jobs.push_back(L);
+  if (p.waiting >= p.jobs.size()) {
+    p.cv.notify_one();
+  } else {
+    std::thread(pool_thread).detach();
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void* mtl_launch_start(EntryFn entry, const LaunchArgs* args, const uint32_t* threads, const uint32_t* group,
+                       uint32_t nworkers, uint64_t stack_bytes) {
+  install_fault_handler();
+  Launch* L = new Launch;
+  L->entry = entry;
+  L->args = args;
+  L->stack_bytes = stack_bytes;
+  L->total_groups = 1;
+  L->group_threads = 1;
+  for (int d = 0; d < 3; ++d) {
+    L->threads[d] = threads[d];
+    L->group[d] = group[d];
+    L->ngroups[d] = group[d] ? (threads[d] + group[d] - 1) / group[d] : 0;
+    L->total_groups *= L->ngroups[d];
+    L->group_threads *= group[d];
+  }
+  const uint64_t nw = std::min<uint64_t>(std::max<uint32_t>(nworkers, 1), L->total_groups);
+  L->running = uint32_t(nw);
+  for (uint64_t i = 0; i < nw; ++i) submit(L);
+  return L;
+}
+
+int mtl_launch_wait(void* launch, uint32_t timeout_ms) {
+  Launch* L = static_cast<Launch*>(launch);
+  std::unique_lock<std::mutex> lock(L->mu);
+  return L->done_cv.wait_for(lock, std::chrono::milliseconds(timeout_ms), [L] { return L->running == 0; });
+}
+
+void mtl_launch_cancel(void* launch, int reason) {
+  Launch* L = static_cast<Launch*>(launch);
+  int expected = 0;
+  if (L->cancel.compare_exchange_strong(expected, reason)) __atomic_fetch_add(&mtl_rt_stop_requests, 1, __ATOMIC_RELAXED);
+}
+
+int mtl_launch_finish(void* launch, char* err, uint64_t errlen) {
+  Launch* L = static_cast<Launch*>(launch);
+  {
+    std::unique_lock<std::mutex> lock(L->mu);
+    L->done_cv.wait(lock, [L] { return L->running == 0; });
+  }
+  if (L->cancel) __atomic_fetch_sub(&mtl_rt_stop_requests, 1, __ATOMIC_RELAXED);
+  const int rc = L->failed ? 1 : 0;
+  if (rc) snprintf(err, size_t(errlen), "%s", L->error.c_str());
+  delete L;
+  return rc;
 }
 
 }  // extern "C"

@@ -21,6 +21,13 @@
 #define MTL_CHECKED 1
 #endif
 
+// Polled by every loop condition of the translated shader (one load and a branch per iteration), so
+// that an endless loop stops when its launch is interrupted or runs past its time limit. A constant
+// evaluation (a loop in a constexpr function) skips it.
+#define MTL_POLL()                                                                               \
+  (__builtin_is_constant_evaluated() ||                                                          \
+   !__builtin_expect(__atomic_load_n(&mtl_rt_stop_requests, __ATOMIC_RELAXED), 0) || mtl_rt_poll())
+
 // ---- address spaces -------------------------------------------------------------------------------
 #define device
 #define constant const
@@ -243,10 +250,47 @@ inline T builtin(uint32_t v) {
 }
 
 // ---- threadgroup storage --------------------------------------------------------------------------
+#if MTL_CHECKED
+// A threadgroup array in bounds-checked mode: indexing checks against the whole declaration, as a
+// device pointer checks against its buffer; it decays to a checked pointer. `tile[i][j]` of a 2-D
+// array goes through a view of the row.
+template <class A>
+struct tgarray {
+  using E = std::remove_extent_t<A>;
+  E* p;
+  const mtl_rt::Region* r;
+
+  template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
+  decltype(auto) operator[](I i) const {
+    if constexpr (std::is_array_v<E>) {
+      return tgarray<E>{*dptr<E>(p, r).check(p + i), r};
+    } else {
+      return dptr<E>(p, r)[i];
+    }
+  }
+  template <class U, class = std::enable_if_t<std::is_convertible_v<E*, U*>>>
+  operator dptr<U>() const { return dptr<U>(p, r); }
+  template <class I, class = std::enable_if_t<std::is_integral_v<I>>>
+  dptr<E> operator+(I i) const { return dptr<E>(p + i, r); }
+  E& operator*() const { return dptr<E>(p, r)[0]; }
+};
+#endif
+
+// `threadgroup T name...;`: a view of the threadgroup's storage for it (checked arrays), or a
+// reference (scalars; arrays in unchecked mode).
 template <class T, int K>
-inline T& tg_var() {
+inline decltype(auto) tg_var(const char* name) {
   static const char key = 0;
-  return *static_cast<T*>(mtl_rt_tg_alloc(&key, sizeof(T), alignof(T)));
+  const mtl_rt::Region* r = mtl_rt_tg_alloc(&key, sizeof(T), alignof(T), name);
+#if MTL_CHECKED
+  if constexpr (std::is_array_v<T>) {
+    return tgarray<T>{reinterpret_cast<std::remove_extent_t<T>*>(r->base), r};
+  } else {
+    return *reinterpret_cast<T*>(r->base);
+  }
+#else
+  return *reinterpret_cast<T*>(r->base);
+#endif
 }
 
 template <class T>

@@ -1,0 +1,141 @@
+"""The measured selection tables: the reader's rule, the sweep's coverage of every op, the committed
+tables' coverage of the grid, and a smoke run of the sweep itself (Triton interpreter)."""
+
+import json
+
+import pytest
+import torch
+
+from metalcore import _selection
+from metalcore._kernels import load_kernels
+from metalcore._op import registered_ops
+from metalcore.bench import selection
+
+
+def _point(variant, dtype, size, batch, winner):
+    return dict(variant=variant, dtype=dtype, size=size, batch=batch, winner=winner)
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(_selection, "TABLE_DIR", tmp_path)
+    _selection.reload()
+    yield tmp_path
+    _selection.reload()
+
+
+def _write(table_dir, kind, ops):
+    (table_dir / f"{kind}.json").write_text(json.dumps({"ops": ops}))
+
+
+def test_reader_takes_the_kernel_only_where_every_neighbour_measured_it_faster(table_dir):
+    # size 8: kernel wins at batch 16 and 256, loses at 1; size 16: kernel wins everywhere.
+    points = [_point("", "float32", 8, 1, "torch"), _point("", "float32", 8, 16, "kernel"),
+              _point("", "float32", 8, 256, "kernel"), _point("", "float32", 16, 1, "kernel"),
+              _point("", "float32", 16, 16, "kernel"), _point("", "float32", 16, 256, "kernel")]
+    t = _selection._Table({"ops": {"cholesky_ex": points}})
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 8, 16) is True       # a grid point
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 8, 1) is False
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 8, 100) is True      # between two kernel wins
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 8, 8) is False       # crossover unmeasured: torch
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 12, 16) is True      # between sizes, both kernel
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 12, 4) is False      # size 8 disagrees there
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 16, 10**6) is True   # past the edge: the edge decides
+    assert t.prefers_kernel("cholesky_ex", "", "float32", 99, 1) is True
+    assert t.prefers_kernel("cholesky_ex", "", "float64", 8, 16) is None       # dtype not measured
+    assert t.prefers_kernel("eigh", "vectors", "float32", 8, 16) is None       # op not measured
+
+
+def test_coordinates_locate_calls():
+    A = torch.empty(4, 5, 7, 3)
+    assert _selection.coordinates("qr", (A, "reduced")) == ("", "float32", 7, 20)
+    assert _selection.coordinates("eigh", (torch.empty(2, 4, 4, dtype=torch.float64), "L", False)) == (
+        "values", "float64", 4, 2)
+    assert _selection.coordinates("cholesky_solve", (torch.empty(3, 5, 2), torch.empty(3, 5, 5), False))[2:] == (5, 3)
+    assert _selection.coordinates("rms_norm_bwd", (torch.empty(2, 3, 64, dtype=torch.bfloat16),)) == (
+        "", "bfloat16", 64, 6)
+    assert _selection.coordinates("adamw_step_", ([],)) is None
+
+
+def test_aliases_follow_their_measured_op(table_dir, monkeypatch):
+    monkeypatch.setattr(_selection, "device_kind", lambda device: "nvidia-test-card")
+    _write(table_dir, "nvidia-test-card", {"rms_norm_fwd": [_point("", "float32", 128, 1, "torch"),
+                                                            _point("", "float32", 128, 4096, "kernel")]})
+    cuda = torch.device("cpu")  # device_kind is patched: any device stands for the card
+    dy = torch.empty(4096, 128)
+    assert _selection.measured_choice("rms_norm_bwd", "triton", cuda, (dy, dy, None, dy, 0.0)) is True
+    assert _selection.measured_choice("rms_norm_fwd", "triton", cuda, (torch.empty(1, 128), None, 1e-6, 0.0)) is False
+    assert _selection.measured_choice("svd", "triton", cuda, (torch.empty(2, 3, 3), False, True)) is None
+
+
+def test_card_without_table_uses_its_vendors_measured_card(table_dir, monkeypatch):
+    _write(table_dir, "nvidia-h100-80gb-hbm3", {"qr": [_point("", "float32", 4, 1, "kernel")]})
+    assert _selection._load("nvidia-a100-sxm4-40gb").prefers_kernel("qr", "", "float32", 4, 1) is True
+    assert _selection._load("mps") is None
+
+
+def test_sweep_covers_every_registered_kernel():
+    load_kernels()
+    swept = {s.key for s in selection.sweeps()}
+    with_kernel = {name for name, op in registered_ops().items() if op.kernels}
+    missing = with_kernel - swept - set(selection.NOT_SWEPT)
+    assert not missing, f"ops with a kernel neither swept nor listed in NOT_SWEPT with a reason: {missing}"
+    assert not (swept & set(selection.NOT_SWEPT)), "an op is both swept and excluded"
+    for name, op in registered_ops().items():
+        if name in selection.NOT_SWEPT and name in _selection._ALIAS:
+            assert _selection._ALIAS[name] in swept, f"{name} follows {_selection._ALIAS[name]}, which is not swept"
+
+
+def test_committed_tables_cover_the_grid():
+    tables = sorted(_selection.TABLE_DIR.glob("*.json"))
+    for path in tables:
+        data = json.loads(path.read_text())
+        assert data["meta"]["device"]["name"], f"{path.name}: no card name"
+        assert data["meta"]["date"], f"{path.name}: no date"
+        for s in selection.sweeps():
+            have = {(p["variant"], p["dtype"], p["size"], p["batch"]) for p in data["ops"].get(s.key, [])}
+            for dtype in s.dtypes:
+                for size, batch in selection.grid_points(s):
+                    key = (s.variant, str(dtype).removeprefix("torch."), size, batch)
+                    assert key in have, f"{path.name}: {s.name} has no point {key}"
+
+
+def test_the_rule():
+    assert selection._violates(dict(torch_s=50e-6, auto_s=60e-6)) is False     # 0.83x, host-bound: >= 0.8
+    assert selection._violates(dict(torch_s=50e-6, auto_s=70e-6)) is True      # 0.71x
+    assert selection._violates(dict(torch_s=200e-6, auto_s=205e-6)) is False   # 0.976x
+    assert selection._violates(dict(torch_s=200e-6, auto_s=220e-6)) is True    # 0.91x
+    assert selection._violates(dict(torch_s=200e-6, auto_s=None)) is True      # metalcore failed, torch did not
+    assert selection._violates(dict(torch_s=None, auto_s=1e-3)) is False       # torch failed (cuSOLVER's limit)
+
+
+def test_sweep_smoke_on_the_interpreter(monkeypatch, tmp_path):
+    """One op, two batches, through the real sweep: both paths timed, output agreement checked, a
+    winner recorded, and the table merged into a file that the reader indexes."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    load_kernels()
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    points = selection.measure_row(s, torch.device("cpu"), "triton", torch.float32, 3, [1, 2], lambda msg: None)
+    assert [p["batch"] for p in points] == [1, 2]
+    for p in points:
+        assert p["served_by"] == "triton" and p["agree"] is True
+        assert p["torch_s"] > 0 and p["kernel_s"] > 0 and p["winner"] in ("kernel", "torch")
+    path = tmp_path / "card.json"
+    table = selection.merge_into(path, {"cholesky_ex": points}, {"device": {"name": "test"}})
+    assert len(table["ops"]["cholesky_ex"]) == 2
+    again = selection.merge_into(path, {"cholesky_ex": points[:1]}, {"device": {"name": "test"}})
+    assert len(again["ops"]["cholesky_ex"]) == 2  # the re-measured row replaced, the rest kept
+    parsed = _selection._Table(json.loads(path.read_text()))
+    assert parsed.prefers_kernel("cholesky_ex", "", "float32", 3, 1) is (points[0]["winner"] == "kernel")
+
+
+def test_extrapolates_calls_past_the_long_call_limit(monkeypatch):
+    """A point predicted longer than LONG_CALL_S from the previous batch is not run but scaled."""
+    monkeypatch.setattr(selection, "LONG_CALL_S", 0.0)
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    with torch.no_grad():
+        points = selection.measure_row(s, torch.device("cpu"), "reference", torch.float64, 2, [1, 8], lambda m: None)
+    first, second = points
+    assert not first["extrapolated"] and sorted(second["extrapolated"]) == ["kernel", "torch"]
+    assert second["torch_s"] == pytest.approx(first["torch_s"] * 8)
