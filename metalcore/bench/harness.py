@@ -638,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch.compile peers (auto: on CUDA only)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output JSON (default: bench/results/<device>-<YYYYMMDD>[-quick].json)")
-    parser.add_argument("--png", type=Path, default=None, help="bar chart of ratios (default: the JSON's path, .png)")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="bar charts of the ratios, one per op family: PATH with -<family> before .png (default: the JSON path)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's, all cores)")
     parser.add_argument("--list", action="store_true", help="list the cases and their shapes, then exit")
@@ -692,9 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.format_table(result.rows, result.meta))
     report.write_json(json_path, result.rows, result.meta)
     png_path = args.png or json_path.with_suffix(".png")
-    wrote_png = report.write_png(png_path, result.rows, result.meta)
+    pngs = report.write_png(png_path, result.rows, result.meta)
     no_png = " (no PNG: matplotlib missing or no timed row)"
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else no_png)
+    print(f"\nwrote {json_path}" + (f" and {', '.join(map(str, pngs))}" if pngs else no_png)
           + f"; {result.meta['elapsed_s']} s")
     if result.failed:
         print(f"{len(result.failed)} row(s) failed: " + ", ".join(r.id for r in result.failed), file=sys.stderr)
