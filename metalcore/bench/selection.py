@@ -210,6 +210,10 @@ NOT_SWEPT = {
     "larft": "a primitive with no torch counterpart; explicit-only on CUDA",
     "larfb": "a primitive with no torch counterpart (GEMMs on every backend)",
     "gram_poly": "explicit-only (polar's Newton–Schulz step); measured by bench/scripts/muon_check.py",
+    "cross_entropy_chunk_": "its grid is tokens × vocabulary under a memory budget, not n × batch: "
+                            "bench/scripts/flce_check.py measures it against torch and Liger",
+    "fused_linear_cross_entropy_fwd": "the chunk loop around cross_entropy_chunk_ (torch GEMMs on every backend)",
+    "fused_linear_cross_entropy_bwd": "as fused_linear_cross_entropy_fwd",
 }
 
 
