@@ -41,7 +41,7 @@ def triton_backend(request, monkeypatch):
     """Force the triton backend: interpreted on CPU tensors (CI), compiled for tests marked ``gpu``.
 
     Setting ``TRITON_INTERPRET`` per test is enough: metalcore's kernels choose interpret-or-compile
-    at launch (metalcore/nn/_jit_triton.py), not when triton is imported."""
+    at launch (metalcore/_triton.py), not when triton is imported."""
     if not triton_importable():
         unavailable("triton is not importable: the Triton backend cannot run (pip install 'metalcore[cuda]')")
     if "gpu" not in request.keywords:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from metalcore.nn._jit_triton import helper
+from metalcore._triton import helper
 
 # Jacobi converges quadratically once the off-diagonal is small: 6-10 sweeps at n ≤ 128 in fp32/
 # fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
 from metalcore.linalg.cholesky import cholesky_ex_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import jit
 
 
 @jit

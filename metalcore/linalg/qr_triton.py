@@ -38,7 +38,7 @@ from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, wa
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr import qr_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import jit
 
 # Largest side the one-program kernel takes; larger matrices go to the blocked QR. A parameter so
 # that CI can force the blocked path at small sizes.

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from metalcore.linalg._small_triton import MAX_N, block, fits, group
 from metalcore.linalg.solve import solve_ex_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import jit
 
 # Right-hand-side columns per program (a [128, 64] block is 8192 elements, as in trsm).
 MAX_BK = 64

@@ -33,7 +33,7 @@ from torch import Tensor
 from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.triangular import solve_triangular_op
-from metalcore.nn._jit_triton import helper, jit
+from metalcore._triton import helper, jit
 
 # Launch shape, fitted to the H100 sweep (fp32, GPU µs; trsm with n right-hand sides, cholesky_solve
 # with one; bench/linalg_triton.md v3):
