@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import metalcore
+from metalcore._op import clear_plans
 from metalcore._backend import triton_importable
 
 sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: tolerances, oracle, cases, backends, linalg_matrices
@@ -23,6 +24,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _seed(request):
     """Fresh random inputs per test, reproducible from the test's id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Each test starts with no cached dispatch decisions: tests patch module constants that kernels'
+    ``supports``/``automatic`` rules read (tile limits, crossovers), which the plan key cannot see."""
+    clear_plans()
 
 
 def pytest_collection_modifyitems(config, items):
