@@ -28,7 +28,6 @@ once that is set from an H100 measurement; otherwise cuSOLVER (the reference) ke
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -37,7 +36,7 @@ from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, wa
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr import qr_op
-from metalcore._triton import jit
+from metalcore._triton import cdiv, jit
 
 # Largest side the one-program kernel takes; larger matrices go to the blocked QR. A parameter so
 # that CI can force the blocked path at small sizes.
@@ -144,7 +143,7 @@ def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool =
     BQ = block(nq) if nq else 2
     G = group(nb, BM * max(BN, BQ), A.device)
     dummy = A3
-    _householder_kernel[(triton.cdiv(nb, G),)](
+    _householder_kernel[(cdiv(nb, G),)](
         A3, tau2, QR if QR is not None else dummy, TAU if TAU is not None else dummy,
         R if R is not None else dummy, Q if Q is not None else dummy,
         nb, m, n, k, nq, kr, A3.stride(0), A3.stride(1), A3.stride(2),
