@@ -98,12 +98,6 @@ class _Kernels(dict):
         self._on_change()
 
 
-def _argument_key(a: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return (type(a), a.device, a.dtype, a.shape, a.stride(), a.requires_grad)
-    return a
-
-
 def _tensors(args: tuple[Any, ...]) -> list[torch.Tensor]:
     return [a for a in args if isinstance(a, torch.Tensor)]
 
@@ -219,7 +213,13 @@ class MetalcoreOp:
         """The cached plan for this call signature, decided on a miss. The key holds everything a
         decision reads: the requested backend, whether Triton interprets, and each argument's type,
         device, dtype, shape, strides and ``requires_grad`` (non-tensor arguments by value)."""
-        key = (requested_backend(), triton_interpreting(), *map(_argument_key, args))
+        key = [requested_backend(), triton_interpreting()]
+        for a in args:   # a loop, not a generator: ~0.35 µs less a call (of ~1.4)
+            if isinstance(a, torch.Tensor):
+                key.append((a.__class__, a.device, a.dtype, a.shape, a.stride(), a.requires_grad))
+            else:
+                key.append(a)
+        key = tuple(key)
         try:
             plan = self._plans.get(key)
         except TypeError:

@@ -359,3 +359,88 @@ def test_the_kernel_module_list_matches_the_files():
         assert found == set(listed), f"{suffix}: missing {sorted(found - set(listed))}, " \
                                      f"stale {sorted(set(listed) - found)}"
         assert len(listed) == len(set(listed))
+
+
+# --- the direct launch of compiled Triton kernels ---------------------------------------------------
+
+@pytest.fixture
+def fake_compiled(monkeypatch):
+    """A LazyKernel whose compiled twin is a stand-in for Triton 3.6's JITFunction: its binder
+    specializes integers on divisibility by 16 and its run() 'compiles' (counts) and returns a
+    kernel whose launcher records the arguments it is called with."""
+    _triton = pytest.importorskip("metalcore._triton")
+    if not _triton.FAST_LAUNCH:
+        pytest.skip("the direct launch is for Triton 3.6")
+    direct = []
+
+    class Kernel:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            direct.append(args)
+
+    class Jit:
+        pre_run_hooks: list = []
+
+        def __init__(self):
+            self.runs = []
+            self.device_caches = {0: ({}, {}, None, None, self.binder)}
+
+        def binder(self, *args, **options):
+            return {f"a{i}": a for i, a in enumerate(args)}, [("i32", a % 16 == 0) for a in args], options
+
+        def run(self, *args, grid, warmup, **options):
+            self.runs.append((grid, args, options))
+            return Kernel()
+
+    kernel = _triton.LazyKernel(lambda: None)
+    kernel.compiled = Jit()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_triton, "_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(_triton, "triton_interpreting", lambda: False)
+    return kernel, direct
+
+
+def test_a_compiled_variant_is_launched_directly_after_its_first_run(fake_compiled):
+    kernel, direct = fake_compiled
+    kernel[(3,)](5, 7, num_warps=4)
+    assert len(kernel.compiled.runs) == 1 and direct == []
+    kernel[(3, 2)](5, 7, num_warps=4)
+    assert direct == [(3, 2, 1, 1234, "function", "metadata", None, None, None, 5, 7)]
+    kernel[(3,)](16, 7, num_warps=4)                      # another specialization: run() again
+    kernel[(3,)](5, 7, num_warps=8)                       # other options: run() again
+    assert len(kernel.compiled.runs) == 3 and len(direct) == 1
+
+
+def test_registered_launch_hooks_keep_the_full_launch(fake_compiled):
+    from triton import knobs
+
+    kernel, direct = fake_compiled
+    kernel[(1,)](5, 7)
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        kernel[(1,)](5, 7)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.compiled.runs) == 2 and direct == []
+
+
+@pytest.mark.gpu
+def test_direct_launches_match_triton_run_on_cuda(monkeypatch):
+    from metalcore import _triton
+
+    A = _spd(64, 8).float().cuda()
+    L = torch.linalg.cholesky(A)
+    B = torch.randn(64, 8, 3, device="cuda")
+    x, w = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(4096, device="cuda")
+    calls = [lambda: metalcore.linalg.cholesky(A), lambda: metalcore.linalg.solve_triangular(L, B, upper=False),
+             lambda: metalcore.linalg.solve(A, B), lambda: metalcore.rms_norm(x, (4096,), w.bfloat16(), 1e-6)]
+    with metalcore.use_backend("triton"):
+        monkeypatch.setattr(_triton, "FAST_LAUNCH", False)
+        want = [call() for call in calls]
+        monkeypatch.setattr(_triton, "FAST_LAUNCH", True)
+        for _ in range(2):                                  # the first run compiles, the second is direct
+            got = [call() for call in calls]
+    for g, w_ in zip(got, want):
+        assert torch.equal(g, w_)

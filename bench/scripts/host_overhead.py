@@ -16,9 +16,13 @@ The layers of one metalcore call are timed apart (µs per call):
 * ``backend``  — the implementation the plan chose, called directly (a Triton launcher or the
   reference, i.e. torch's own op behind metalcore's reference function);
 
+* ``via run()`` — on CUDA, the backend again with Triton's own ``JITFunction.run`` launch instead of
+  metalcore's direct launch (:mod:`metalcore._triton`), for the launch path's share;
+
 so ``public − op`` is the wrapper's cost, ``op − backend`` the dispatcher's. With ``--check`` (on
 by default for CUDA) the run also verifies that an eigh batch of 65536 16×16 matrices (which torch's
-own call rejects on the H100) is split and solved, and prints the result of each check.
+own call rejects on the H100) is split and solved, and that direct launches give the same results as
+``JITFunction.run``, and prints the result of each check.
 """
 
 from __future__ import annotations
@@ -65,9 +69,9 @@ def _block_us(fn: Callable[[], object], device: torch.device, calls: int) -> flo
 
 
 def measure(variants: dict[str, Callable[[], object]], device: torch.device, calls: int,
-            rounds: int) -> dict[str, float]:
-    """Median µs per call of each variant; the variants alternate within each round, so that a
-    noisy neighbour or a clock change hits all of them alike."""
+            rounds: int, stat: str = "median") -> dict[str, float]:
+    """µs per call of each variant (median or min over rounds); the variants alternate within each
+    round, so that a noisy neighbour or a clock change hits all of them alike."""
     for fn in variants.values():
         for _ in range(max(3, calls // 10)):
             fn()
@@ -75,7 +79,8 @@ def measure(variants: dict[str, Callable[[], object]], device: torch.device, cal
     for _ in range(rounds):
         for name, fn in variants.items():
             samples[name].append(_block_us(fn, device, calls))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    reduce = statistics.median if stat == "median" else min
+    return {name: reduce(s) for name, s in samples.items()}
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
@@ -85,10 +90,37 @@ def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def _through_run(fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` with compiled Triton kernels launched by ``JITFunction.run`` (no direct launch)."""
+    from metalcore import _triton
+
+    def call(*args):
+        _triton.FAST_LAUNCH = False
+        try:
+            return fn(*args)
+        finally:
+            _triton.FAST_LAUNCH = True
+    return call
+
+
 def _layers(op, args) -> dict[str, Callable[[], object]]:
-    """The ``op`` and ``backend`` layers of one call of ``op`` with ``args``."""
-    fn = op._plan(args).fn
-    return {"op": lambda: op(*args), "backend": lambda: fn(*args)}
+    """The ``op`` and ``backend`` layers of one call of ``op`` with ``args`` (and, when a Triton
+    kernel serves it on CUDA, the backend launched through ``JITFunction.run``)."""
+    plan = op._plan(args)
+    fn = plan.fn
+    layers = {"op": lambda: op(*args), "backend": lambda: fn(*args)}
+    if plan.backend == "triton" and args[0].is_cuda and _fast_launch():
+        slow = _through_run(fn)
+        layers["via run()"] = lambda: slow(*args)
+    return layers
+
+
+def _fast_launch() -> bool:
+    try:
+        from metalcore import _triton
+    except ImportError:
+        return False
+    return _triton.FAST_LAUNCH
 
 
 def _rotate_half(x):
@@ -178,6 +210,32 @@ def cases(device: torch.device, quick: bool) -> dict[str, dict[str, Callable[[],
     return out
 
 
+def check_direct_launch(device: torch.device) -> dict[str, str]:
+    """Kernels launched directly give bit-identical results to kernels launched by JITFunction.run."""
+    if not _fast_launch():
+        return {"direct launch": "not used (Triton is not 3.6)"}
+    A = torch.randn(64, 8, 8, device=device)
+    A = A @ A.mT + 8 * torch.eye(8, device=device)
+    L = torch.linalg.cholesky(A)
+    B = torch.randn(64, 8, 3, device=device)
+    x, w = torch.randn(4, 4096, device=device, dtype=torch.bfloat16), torch.randn(4096, device=device, dtype=torch.bfloat16)
+    calls = {"cholesky": lambda: metalcore.linalg.cholesky(A),
+             "solve_triangular": lambda: metalcore.linalg.solve_triangular(L, B, upper=False),
+             "solve": lambda: metalcore.linalg.solve(A, B), "rms_norm": lambda: metalcore.rms_norm(x, (4096,), w, 1e-6),
+             "swiglu": lambda: metalcore.swiglu(x, x), "gelu": lambda: metalcore.metal_gelu(x)}
+    results = {}
+    with metalcore.use_backend("triton"):
+        for name, call in calls.items():
+            try:
+                want = _through_run(call)()
+                got = [call() for _ in range(3)][-1]
+                same = torch.equal(got, want)
+                results[f"direct launch {name}"] = "ok, identical" if same else "FAILED: results differ"
+            except Exception as e:
+                results[f"direct launch {name}"] = f"FAILED: {type(e).__name__}: {e}"
+    return results
+
+
 def check_large_batches(device: torch.device) -> dict[str, str]:
     """Batches torch's own call cannot take in one piece are split by the op core."""
     results = {}
@@ -202,6 +260,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calls", type=int, default=200, help="calls per timed block")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median is reported")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="statistic over rounds (min: on a loaded machine, the least disturbed round)")
     ap.add_argument("--quick", action="store_true", help="fewer calls, no AdamW (a smoke test)")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
                     help="large-batch checks (default: on for CUDA)")
@@ -213,15 +273,17 @@ def main() -> None:
 
     rows = []
     print(f"{'case':28s} {'metalcore':>10s} {'torch':>9s} {'ratio':>6s} {'wrapper':>8s} {'dispatch':>9s} "
-          f"{'backend':>8s}   (µs per call, median of {rounds} rounds of {calls})")
+          f"{'backend':>8s} {'via run()':>10s}   (µs per call, {args.stat} of {rounds} rounds of {calls})")
     for name, variants in cases(device, args.quick).items():
-        t = measure(variants, device, calls, rounds)
+        t = measure(variants, device, calls, rounds, args.stat)
         row = {"case": name, **{k: round(v, 2) for k, v in t.items()}, "ratio": round(t["metalcore"] / t["torch"], 3)}
         layers = ""
         if "op" in t:
             row["wrapper"] = round(t["metalcore"] - t["op"], 2)
             row["dispatch"] = round(t["op"] - t["backend"], 2)
             layers = f"{row['wrapper']:8.1f} {row['dispatch']:9.1f} {t['backend']:8.1f}"
+        if "via run()" in t:
+            layers += f" {t['via run()']:10.1f}"
         print(f"{name:28s} {t['metalcore']:10.1f} {t['torch']:9.1f} {row['ratio']:6.2f} {layers}")
         rows.append(row)
         if args.profile:
@@ -236,7 +298,7 @@ def main() -> None:
 
     checks = {}
     if args.check or (args.check is None and device.type == "cuda"):
-        checks = check_large_batches(device)
+        checks = {**(check_direct_launch(device) if device.type == "cuda" else {}), **check_large_batches(device)}
         for name, result in checks.items():
             print(f"check {name}: {result}")
     worst = max(rows, key=lambda r: r["ratio"])
@@ -244,7 +306,7 @@ def main() -> None:
     print(f"summary: {within} of {len(rows)} cases within 1.25x of torch per call; worst {worst['case']} "
           f"{worst['ratio']:.2f}x")
     if args.out:
-        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        meta = {"stat": args.stat, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                 "torch": torch.__version__, "python": platform.python_version(), "calls": calls, "rounds": rounds,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         with open(args.out, "w") as f:
