@@ -24,6 +24,16 @@ on an H100 host: ``metalcore.rms_norm`` 131 µs a call against 29 µs for ``F.rm
 kernel itself), so outside ``torch.compile`` and for plain tensors an op runs the dispatcher
 directly, under an ``autograd.Function`` built from the same ``setup_context``/``backward`` that
 were registered. Semantics are identical; ``opcheck`` and the compile tests exercise the library op.
+
+Every decision that does not depend on tensor data is made once per call signature and kept in a
+:class:`_Plan`: the backend and function that serve the call (automatic rule, measured table,
+``supports``), whether the autograd Function is needed, whether the call must go through the
+library op (meta tensors, subclasses), empty inputs sent to the reference, and oversized batches
+split into chunks. The key is the requested backend, whether Triton interprets, and for each
+argument its type, device, dtype, shape, strides and ``requires_grad`` (other arguments by value),
+so any change of those misses and is decided afresh; data is never cached, so a mutated tensor is
+always seen and result checks (``LinAlgError``) run on every call. docs/op_core.md gives the
+per-layer host budget and how each layer was measured (``bench/scripts/host_overhead.py``).
 """
 
 from __future__ import annotations
