@@ -189,7 +189,8 @@ class MetalcoreOp:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
             return self.custom_op(*args, **kwargs)
-        args = self._bind(args, kwargs)
+        if kwargs:
+            args = self._bind(args, kwargs)
         if not self._cached:
             return self._call_uncached(args)
         plan = self._plan(args)

@@ -140,7 +140,7 @@ class LazyKernel:
             key, entry = None, None
         if entry is None or _launch_hooks_registered():
             kernel = jit.run(*args, grid=grid, warmup=False, **options)
-            if key is not None and not jit.pre_run_hooks and not hasattr(kernel, "result"):
+            if key is not None and kernel is not None and not jit.pre_run_hooks and not hasattr(kernel, "result"):
                 self._launchers[key] = (kernel.run, kernel.function, kernel.packed_metadata)
             return
         launcher, function, metadata = entry
