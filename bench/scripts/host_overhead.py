@@ -106,6 +106,8 @@ def _through_run(fn: Callable[..., object]) -> Callable[..., object]:
 def _layers(op, args) -> dict[str, Callable[[], object]]:
     """The ``op`` and ``backend`` layers of one call of ``op`` with ``args`` (and, when a Triton
     kernel serves it on CUDA, the backend launched through ``JITFunction.run``)."""
+    if not hasattr(op, "_plan"):   # a metalcore from before plans: the whole call only
+        return {}
     plan = op._plan(args)
     fn = plan.fn
     layers = {"op": lambda: op(*args), "backend": lambda: fn(*args)}
