@@ -246,10 +246,12 @@ class MetalcoreOp:
         return plan
 
     def _run(self, args: tuple[Any, ...]) -> Any:
-        """The library op's body: whatever backend the plan names (never the library op again)."""
-        if self._cached:
-            return self._execute(self._plan(args), args)
-        return self._execute(self._decide(args, _tensors(args)), args)
+        """The library op's body: whatever backend the plan names, never the library op again (a
+        tensor subclass without its own dispatch reaches the body as itself)."""
+        plan = self._plan(args) if self._cached else self._decide(args, _tensors(args))
+        if plan.library:
+            plan = self._decide(args, _tensors(args), eager=False)
+        return self._execute(plan, args)
 
     def _execute(self, plan: _Plan, args: tuple[Any, ...]) -> Any:
         if _observers:
@@ -260,15 +262,15 @@ class MetalcoreOp:
             self._check(result, *args)
         return result
 
-    def _decide(self, args: tuple[Any, ...], tensors: list[torch.Tensor]) -> _Plan:
+    def _decide(self, args: tuple[Any, ...], tensors: list[torch.Tensor], eager: bool = True) -> _Plan:
         first = tensors[0] if tensors else None
-        if not _eager_plain(first):
+        if eager and not _eager_plain(first):
             return _Plan("library", self.custom_op, autograd=False, library=True)
         device = first.device if first is not None else torch.device("cpu")
         if any(t.numel() == 0 for t in tensors):
             # Empty inputs: torch's answer, whatever backend was asked for (no kernel launches on
             # nothing, and the kernels' reshapes need not handle zero-size dims).
-            backend, fn, limit = "reference", self.reference, self.max_batch.get(device.type)
+            backend, fn, limit = "reference", self.reference, None
         else:
             backend, kernel = self._choose(args, device)
             fn = self.reference if kernel is None else kernel.fn

@@ -444,3 +444,15 @@ def test_direct_launches_match_triton_run_on_cuda(monkeypatch):
             got = [call() for call in calls]
     for g, w_ in zip(got, want):
         assert torch.equal(g, w_)
+
+
+def test_a_tensor_subclass_runs_the_library_op_once():
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(3, 4).as_subclass(Tagged)
+    with observe_backends() as served:
+        y, _ = rms_norm_fwd(x, None, 1e-6, 0.0)
+    assert served == {"rms_norm_fwd": "reference"}
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), rms_norm_fwd.reference(x.as_subclass(torch.Tensor),
+                                                                                    None, 1e-6, 0.0)[0])
