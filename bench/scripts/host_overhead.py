@@ -239,7 +239,9 @@ def check_direct_launch(device: torch.device) -> dict[str, str]:
 
 
 def check_large_batches(device: torch.device) -> dict[str, str]:
-    """Batches torch's own call cannot take in one piece are split by the op core."""
+    """Batches torch's own call cannot take in one piece are split by the op core (eigh), and
+    whether svd, which declares no limit, takes the same batch (singular values of an SPD matrix
+    are its eigenvalues). torch's own eigh runs last: a failing cuSOLVER call is left for the end."""
     results = {}
     A = torch.randn(65536, 16, 16, device=device)
     A = A @ A.mT + 16 * torch.eye(16, device=device)
@@ -249,6 +251,11 @@ def check_large_batches(device: torch.device) -> dict[str, str]:
         results["eigh 65536x16x16"] = f"ok, max relative residual {err.item():.2e}"
     except Exception as e:  # report, do not stop: the other figures are still wanted
         results["eigh 65536x16x16"] = f"FAILED: {type(e).__name__}: {e}"
+    try:
+        S = metalcore.linalg.svdvals(A)
+        results["svdvals 65536x16x16"] = f"ok, max |S - L| / |L| {((S - L.flip(-1)).abs().max() / L.abs().max()).item():.2e}"
+    except Exception as e:
+        results["svdvals 65536x16x16"] = f"FAILED: {type(e).__name__}: {e}"
     try:
         torch.linalg.eigh(A)
         results["torch eigh 65536x16x16"] = "ok (torch's own call took the whole batch)"
