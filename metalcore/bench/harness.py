@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from metalcore._op import registered_ops
+from metalcore._op import observe_backends, registered_ops
 from metalcore.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET, Ceilings, Timer, Timing, fmt_time
 
 FAMILIES = ("training", "linalg")
@@ -279,31 +279,10 @@ class Row:
 
 @contextlib.contextmanager
 def _record_backends() -> Iterator[dict[str, str]]:
-    """Inside the block, record for every metalcore op the backend that serves it: ``{op: backend}``.
-
-    Wraps each registered op's ``_select`` (the one place that chooses a kernel) on the instance,
-    for the block only, so it sees eager calls, the library op under ``torch.compile`` and the
-    backward alike (a dispatch mode would miss eager calls, which bypass the library op).
-    """
-    served: dict[str, str] = {}
-    ops = [op for op in registered_ops().values() if hasattr(op, "_select")]
-
-    def wrap(op):
-        select = op._select
-
-        def recording(args, kwargs):
-            fn = select(args, kwargs)
-            served[op.name] = next((name for name, k in op.kernels.items() if k.fn is fn), "reference")
-            return fn
-        return recording
-
-    for op in ops:
-        op._select = wrap(op)  # an instance attribute shadows the method
-    try:
+    """Inside the block, record for every metalcore op the backend that serves it: ``{op: backend}``
+    (eager calls, the library op under ``torch.compile`` and the backward alike)."""
+    with observe_backends() as served:
         yield served
-    finally:
-        for op in ops:
-            op.__dict__.pop("_select", None)
 
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:

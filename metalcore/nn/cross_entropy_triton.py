@@ -21,7 +21,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import helper, jit, next_power_of_2, warps_for
+from metalcore._triton import helper, jit, next_power_of_2, warps_for
 from metalcore.nn.cross_entropy import (
     cross_entropy_chunk_,
     fused_linear_cross_entropy_bwd,

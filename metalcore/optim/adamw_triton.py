@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore._backend import triton_interpreting
-from metalcore.nn._jit_triton import cdiv, helper, jit, program_slots
+from metalcore._triton import cdiv, helper, jit, program_slots
 from metalcore.optim.adamw import adamw_step_, advance_steps, flat_walkable, same_strides
 
 # Elements per block: 512 at 4 warps is one 16-byte fp32 vector per thread per stream (θ, g, m, v).

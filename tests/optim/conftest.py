@@ -20,7 +20,7 @@ def backend(request, monkeypatch):
     if name == "triton":
         if not triton_importable():
             unavailable("triton is not importable: the Triton backend cannot run (pip install 'metalcore[cuda]')")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at launch (metalcore/nn/_jit_triton.py)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at launch (metalcore/_triton.py)
     if name == "metal":
         if _metal.executor() is None:
             unavailable("the Metal shader executor cannot be built here: it needs clang++ >= 17 "
