@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from metalcore._op import observe_backends, registered_ops
+from metalcore._op import observe_backends
 from metalcore.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET, Ceilings, Timer, Timing, fmt_time
 
 FAMILIES = ("training", "linalg")
