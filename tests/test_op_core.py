@@ -10,7 +10,7 @@ import torch
 import metalcore
 from metalcore import _kernels
 from metalcore._backend import BackendUnavailableError, triton_importable
-from metalcore._op import _Kernel, observe_backends, registered_ops
+from metalcore._op import _Kernel, observe_backends, observing, registered_ops
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.eigh import eigh_op
 from metalcore.nn.rms_norm import rms_norm_fwd
@@ -456,3 +456,44 @@ def test_a_tensor_subclass_runs_the_library_op_once():
     assert served == {"rms_norm_fwd": "reference"}
     torch.testing.assert_close(y.as_subclass(torch.Tensor), rms_norm_fwd.reference(x.as_subclass(torch.Tensor),
                                                                                     None, 1e-6, 0.0)[0])
+
+
+# --- where the reference would serve, the public training functions call torch's fused op ---------
+
+def _public_training_calls():
+    x = torch.randn(4, 64)
+    w = torch.randn(64)
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    angle = torch.randn(1, 3, 8)
+    return {
+        "rms_norm_fwd": lambda: metalcore.rms_norm(x, (64,), w, 1e-6),
+        "fused_add_rms_norm_fwd": lambda: metalcore.fused_add_rms_norm(x, x.flip(0), w, 1e-6),
+        "gelu_fwd": lambda: metalcore.metal_gelu(x),
+        "silu_fwd": lambda: metalcore.metal_silu(x),
+        "swiglu_fwd": lambda: metalcore.swiglu(x, x.flip(0)),
+        "rope_fwd": lambda: metalcore.apply_rotary_pos_emb(q, k, angle.cos(), angle.sin()),
+    }
+
+
+@pytest.mark.parametrize("op", sorted(_public_training_calls()))
+def test_automatic_reference_is_torchs_fused_op(op):
+    """On the CPU automatic selection picks the reference, so the public function runs torch's own
+    op (no metalcore op executes); forcing the reference (the oracle) runs the op, and both agree."""
+    call = _public_training_calls()[op]
+    ran = []
+    with observing(lambda name, backend: ran.append(name)):
+        fused = call()
+    assert op not in ran
+    with metalcore.use_backend("reference"), observing(lambda name, backend: ran.append(name)):
+        reference = call()
+    assert op in ran
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_prefers_torch_only_under_automatic_selection():
+    from metalcore.nn.rms_norm import rms_norm_fwd
+
+    x = torch.randn(2, 8)
+    assert rms_norm_fwd.prefers_torch(x, None, 1e-6, 0.0)
+    with metalcore.use_backend("reference"):
+        assert not rms_norm_fwd.prefers_torch(x, None, 1e-6, 0.0)

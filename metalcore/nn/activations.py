@@ -13,6 +13,7 @@ beyond the input the previous layer keeps anyway.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalcore._op import metalcore_op
@@ -123,6 +124,8 @@ def metal_gelu(input: Tensor, approximate: str = "none") -> Tensor:
     fn = "metalcore.metal_gelu"
     check_tensor(fn, "input", input, dtypes=FLOAT_DTYPES)
     check_choice(fn, "approximate", approximate, GELU_APPROXIMATIONS)
+    if gelu_fwd.prefers_torch(input, approximate):
+        return F.gelu(input.contiguous(), approximate=approximate)  # contiguous, as documented
     return gelu_fwd(input, approximate)
 
 
@@ -135,6 +138,8 @@ def metal_silu(input: Tensor) -> Tensor:
     >>> y = metalcore.metal_silu(torch.randn(8, 4096))
     """
     check_tensor("metalcore.metal_silu", "input", input, dtypes=FLOAT_DTYPES)
+    if silu_fwd.prefers_torch(input):
+        return F.silu(input.contiguous())
     return silu_fwd(input)
 
 

@@ -15,6 +15,7 @@ be float32 while ``x`` is bf16/fp16 (mixed-precision training). ``offset=1`` giv
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalcore._op import metalcore_op
@@ -110,7 +111,11 @@ def rms_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, e
     """
     x2d, w = _flatten(_FN, input, normalized_shape, weight)
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
-    y, _ = rms_norm_fwd(x2d, w, eps, float(offset))
+    offset = float(offset)
+    if (not offset and (weight is None or weight.dtype == input.dtype)
+            and rms_norm_fwd.prefers_torch(x2d, w, eps, offset)):
+        return F.rms_norm(input, normalized_shape, weight, eps)
+    y, _ = rms_norm_fwd(x2d, w, eps, offset)
     return y.view_as(input)   # view_as: ~0.9 µs, view(input.shape) ~2.5 (argument parsing)
 
 
@@ -162,7 +167,13 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     check_same_device(fn, input=input, residual=residual)
     if residual.shape != input.shape:
         raise ValueError(f"{fn}: residual must have input's shape {tuple(input.shape)}; got {tuple(residual.shape)}")
-    y, h, _ = fused_add_rms_norm_fwd(x2d, residual if residual.dim() == 2 else residual.reshape(x2d.shape), w, float(eps), float(offset))
+    residual2d = residual if residual.dim() == 2 else residual.reshape(x2d.shape)
+    eps, offset = float(eps), float(offset)
+    if (not offset and (weight is None or weight.dtype == input.dtype)
+            and fused_add_rms_norm_fwd.prefers_torch(x2d, residual2d, w, eps, offset)):
+        h = input + residual
+        return F.rms_norm(h, input.shape[-1:], weight, eps), h
+    y, h, _ = fused_add_rms_norm_fwd(x2d, residual2d, w, eps, offset)
     return y.view_as(input), h.view_as(input)
 
 

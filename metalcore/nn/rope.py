@@ -155,7 +155,10 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
         raise ValueError(f"{_FN}: cos and sin must have shape ({B}, {S}, {D}) or (1, {S}, {D}) to match q "
                          f"{tuple(q.shape)} as {layout}; got {tuple(cos.shape)}")
 
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+    if ((torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+            or rope_fwd.prefers_torch(qh, kh, cos, sin)):
+        # Hugging Face's own composite: differentiable in cos/sin, and what runs where the fused
+        # kernel is not the measured winner.
         q_out, k_out = _rope_composite(qh, kh, cos, sin)
     else:
         q_out, k_out = rope_fwd(qh, kh, cos, sin)

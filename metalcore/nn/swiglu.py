@@ -14,6 +14,7 @@ direction is one read of its inputs and one write of its outputs.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalcore._op import metalcore_op
@@ -71,6 +72,8 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     >>> y = metalcore.swiglu(torch.randn(4, 128, 11008), torch.randn(4, 128, 11008))
     """
     _check_gate_up("metalcore.swiglu", gate, up)
+    if swiglu_fwd.prefers_torch(gate, up):
+        return F.silu(gate.contiguous()) * up.contiguous()
     return swiglu_fwd(gate, up)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import metalcore
-from metalcore._op import MetalcoreOp
+from metalcore._op import observing
 from metalcore.nn import metal_scaled_dot_product_attention as sdpa
 from metalcore.nn.attention import sdpa_bwd, sdpa_fwd
 from oracle import assert_close, assert_within_torch_error
@@ -38,16 +38,11 @@ def path(request):
 
 
 @pytest.fixture
-def ran_ops(monkeypatch):
-    """Names of the metalcore ops that ran (every op call goes through MetalcoreOp._select)."""
-    ran, select = [], MetalcoreOp._select
-
-    def recording(op, args, kwargs):
-        ran.append(op.name)
-        return select(op, args, kwargs)
-
-    monkeypatch.setattr(MetalcoreOp, "_select", recording)
-    return ran
+def ran_ops():
+    """Names of the metalcore ops that ran (the op core reports every execution to its observers)."""
+    ran: list[str] = []
+    with observing(lambda op, backend: ran.append(op)):
+        yield ran
 
 
 def oracle64(path, fn_args, dout, **kwargs):
