@@ -47,6 +47,16 @@ def round_pairs(t, N, BH: tl.constexpr):
 
 
 @helper
+def round_partner(i, t, N):
+    """Partner of index ``i`` in round ``t`` of the same tournament, as an index vector (the
+    register kernels rotate every pair at once through a gather by partner): ``N − 1`` meets ``t``,
+    any other ``i`` meets ``(2t − i) mod (N − 1)``; indices ``≥ N`` (padding) meet themselves."""
+    last = N - 1
+    other = tl.where(i == t, last, (2 * t - i + 2 * last) % last)
+    return tl.where(i >= N, i, tl.where(i == last, t, other))
+
+
+@helper
 def schur_rotation(app, aqq, apq, act, IEEE32: tl.constexpr):
     """The symmetric Schur rotation that zeroes ``apq``: returns ``(c, s, t)`` with ``t = s/c``,
     identity (``c = 1``, ``s = 0``, exact) where ``act`` is false. ``t = sign(ζ)/(|ζ| + √(1+ζ²))``,

@@ -48,6 +48,7 @@ from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows,
 from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import svd_op
+from metalcore.linalg.svd_batched_triton import jacobi_registers
 from metalcore.linalg.svd_large import large_supported, svd_large
 from metalcore.nn._jit_triton import jit
 
@@ -157,10 +158,12 @@ def _orthonormal(W: Tensor, k: int, cols: int) -> Tensor:
 
 
 def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: int | None = None,
-               sweeps: Tensor | None = None, precondition: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+               sweeps: Tensor | None = None, precondition: bool = True,
+               registers: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, S, Vᴴ)`` of ``A``. ``num_warps`` overrides the Jacobi kernel's launch width; ``sweeps``,
     an int32 tensor of the batch's size, receives each matrix's sweep count (for the device
-    benchmark).
+    benchmark). ``registers``: the register-tile Jacobi kernel (:mod:`svd_batched_triton`, both
+    sides at most its ``REGISTER_MAX_N``) instead of the scratch one.
 
     ``precondition`` (Drmač & Veselić's QR preconditioning): ``A = QR`` with the Householder kernel,
     Jacobi on ``X = Rᵀ``: ``X V_x = W`` gives ``R = V_x Wᵀ``, so ``U = Q V_x`` (orthonormal as a
@@ -173,19 +176,25 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     if m < n:
         # A = U S Vᴴ  ⇔  Aᵀ = V S Uᵀ: the tall case on the transpose, roles of U and V swapped.
         Ut, S, Vht = svd_launch(A.mT, full_matrices, compute_uv, num_warps=num_warps, sweeps=sweeps,
-                                precondition=precondition)
+                                precondition=precondition, registers=registers)
         if not compute_uv:
             return Ut, S, Vht
         return Vht.mT.contiguous(), S, Ut.mT.contiguous()
     k = n
+
+    def jacobi(X):
+        if registers:
+            return jacobi_registers(X, compute_uv, num_warps=num_warps, sweeps=sweeps)
+        return _jacobi(X, compute_uv, num_warps, sweeps)
+
     if not precondition:
-        S, W, V = _jacobi(A, compute_uv, num_warps, sweeps)
+        S, W, V = jacobi(A)
         if not compute_uv:
             return A.new_empty(0), S, A.new_empty(0)
         # U from the QR of W = U S (sorted).
         return _orthonormal(W, k, m if full_matrices else k), S, V.mT.contiguous()
     _, _, R, Q = householder_launch(A, kr=k, nq=(m if full_matrices else k) if compute_uv else 0)
-    S, W, Vx = _jacobi(R.mT, compute_uv, num_warps, sweeps)
+    S, W, Vx = jacobi(R.mT)
     if not compute_uv:
         return A.new_empty(0), S, A.new_empty(0)
     U = Q[..., :k] @ Vx
