@@ -40,9 +40,11 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
+from metalcore.linalg import cusolver_batched
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.eigh import eigh_op
+from metalcore.linalg.eigh_batched_triton import eigh_registers
 from metalcore.nn._jit_triton import jit
 
 MAX_SWEEPS = jac.MAX_SWEEPS
@@ -151,25 +153,39 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | Non
 # fp64 on CUDA up to n = 64: at 64×128 fp64 the clustered-spectrum family's QᵀQ ratio was 38.9 on
 # the H100 (bar 30; fp32 and every other family passed), so fp64 above 64 goes to cuSOLVER.
 CUDA_FP64_MAX_N = 64
+# The register-tile kernel (eigh_batched_triton) serves n up to this; 0 until it has been timed on
+# the H100 against the scratch kernel and the peers (bench/scripts/batched_eigh_svd_check.py).
+REGISTER_ROUTE_MAX_N = 0
 
 
-def _supported(A: Tensor) -> bool:
+def _jacobi_supported(A: Tensor) -> bool:
     return fits(A) and not (A.device.type == "cuda" and A.dtype == torch.float64 and A.shape[-1] > CUDA_FP64_MAX_N)
+
+
+def _cusolver_supported(A: Tensor) -> bool:
+    return A.device.type == "cuda" and A.dtype in (torch.float32, torch.float64) and cusolver_batched.available()
 
 
 # Chosen automatically where the H100 measured it faster than torch.linalg.eigh (cuSOLVER syevj
 # batched / syevd; bench/linalg_triton.md v4, fp32): n ≤ 16 (500×16 1.3×, 4096×8 1.7×, 10000×3
 # 2.2×) and n ≥ 64 (100×64 57.6×, 64×128 11.3×), but not at 1000×32 (0.7×: syevj's batched path is
-# at its best there).
+# at its best there). cuSOLVER's batched syev (every n the Jacobi kernels do not take) is not
+# automatic until measured.
 AUTO_SMALL_MAX_N = 16
 AUTO_LARGE_MIN_N = 64
 
 
 def _automatic(A: Tensor, UPLO: str, compute_v: bool) -> bool:
     n = A.shape[-1]
-    return n <= AUTO_SMALL_MAX_N or n >= AUTO_LARGE_MIN_N
+    return _jacobi_supported(A) and (n <= AUTO_SMALL_MAX_N or n >= AUTO_LARGE_MIN_N)
 
 
-@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _supported(A), automatic=_automatic)
+@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),
+                   automatic=_automatic)
 def _eigh_triton(A, UPLO, compute_v):
+    n = A.shape[-1]
+    if not _jacobi_supported(A):
+        return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)
+    if n <= REGISTER_ROUTE_MAX_N:
+        return eigh_registers(A, UPLO == "U", compute_v)
     return eigh_launch(A, UPLO == "U", compute_v)
