@@ -47,7 +47,7 @@ from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.qr_triton import householder_launch
-from metalcore.linalg.svd import svd_op
+from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import jacobi_registers
 from metalcore.linalg.svd_large import large_supported, svd_large
 from metalcore.nn._jit_triton import jit
@@ -165,8 +165,9 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     benchmark). ``registers``: the register-tile Jacobi kernel (:mod:`svd_batched_triton`, both
     sides at most its ``REGISTER_MAX_N``) instead of the scratch one.
 
-    ``precondition`` (Drmač & Veselić's QR preconditioning): ``A = QR`` with the Householder kernel,
-    Jacobi on ``X = Rᵀ``: ``X V_x = W`` gives ``R = V_x Wᵀ``, so ``U = Q V_x`` (orthonormal as a
+    ``precondition`` (Drmač & Veselić's QR preconditioning): ``A P = QR`` with the Householder kernel,
+    ``P`` sorting the columns by scale (:func:`metalcore.linalg.svd.sort_columns`: unsorted, graded
+    columns made Jacobi on ``R`` miss the sweep bound), Jacobi on ``X = Rᵀ``: ``X V_x = W`` gives ``R = V_x Wᵀ``, so ``U = Q V_x`` (orthonormal as a
     product of orthonormal factors) and ``V`` is ``W`` with normalized columns (its Householder
     ``Q``, so zero columns still give orthonormal vectors). Jacobi on ``Rᵀ`` needs far fewer sweeps
     than on ``A`` for ill-conditioned input (simulated at n = 128, κ = 1e6 fp32 / 1e12 fp64: 7-8
@@ -193,14 +194,15 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
             return A.new_empty(0), S, A.new_empty(0)
         # U from the QR of W = U S (sorted).
         return _orthonormal(W, k, m if full_matrices else k), S, V.mT.contiguous()
-    _, _, R, Q = householder_launch(A, kr=k, nq=(m if full_matrices else k) if compute_uv else 0)
+    Ap, order = sort_columns(A)
+    _, _, R, Q = householder_launch(Ap, kr=k, nq=(m if full_matrices else k) if compute_uv else 0)
     S, W, Vx = jacobi(R.mT)
     if not compute_uv:
         return A.new_empty(0), S, A.new_empty(0)
     U = Q[..., :k] @ Vx
     if full_matrices:
         U = torch.cat([U, Q[..., k:]], dim=-1)
-    return U, S, _orthonormal(W, k, k).mT.contiguous()
+    return U, S, unsort_columns(_orthonormal(W, k, k).mT, order)
 
 
 # On the H100 the kernel never finishes for some inputs with n ≤ 8 (4096×8, 10000×3 and 200×8 random
