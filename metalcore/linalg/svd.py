@@ -51,6 +51,8 @@ def sort_columns(A: Tensor) -> tuple[Tensor, Tensor]:
     10^(-12..-30·U(0,1))), past the 30-sweep bound, so the answer was NaN; sorted, 5-7 sweeps
     (33×33 fp32 with rows and columns graded by 10^(-8·U): 5-6, against 13-99 unsorted and 17-99
     without QR). The max-norm needs no squares, so nothing overflows for huge-scaled input."""
+    if A.shape[-2] == 0:
+        return A, torch.arange(A.shape[-1], device=A.device).expand(A.shape[:-2] + A.shape[-1:])
     order = A.abs().amax(dim=-2).argsort(dim=-1, descending=True)
     return A.gather(-1, order.unsqueeze(-2).expand_as(A)), order
 
@@ -58,7 +60,7 @@ def sort_columns(A: Tensor) -> tuple[Tensor, Tensor]:
 def unsort_columns(Vh: Tensor, order: Tensor) -> Tensor:
     """``Vᴴ`` of ``A`` from the ``Vᴴ`` of ``A P`` (:func:`sort_columns`): its column ``j`` goes to
     column ``order[j]``."""
-    return torch.empty_like(Vh).scatter_(-1, order.unsqueeze(-2).expand_as(Vh), Vh)
+    return Vh.new_empty(Vh.shape).scatter_(-1, order.unsqueeze(-2).expand_as(Vh), Vh)
 
 
 def _setup(ctx, inputs, output):
