@@ -43,6 +43,7 @@ CUSOLVER_ONLY = [(64, 256), (16, 512)]
 TINY = [(5, 3), (3, 8)]
 TINY_CUSOLVER = [(2, 40)]
 BUDGET_S = 0.2
+CUSOLVER = False            # set in main() by cusolver_usable()
 
 HANG = r"""
 import json, sys, torch
@@ -106,6 +107,37 @@ def run_hang(device, tiny, timeout_s, emit):
         print(f"hang group: {time.time() - t:.1f} s", flush=True)
 
 
+PROBE = r"""
+import json, torch
+from metalcore.linalg import cusolver_batched as cb
+out = {"available": cb.available()}
+if out["available"]:
+    X = torch.randn(3, 40, 40, device="cuda", dtype=torch.float64)
+    A = X + X.mT
+    for dt in (torch.float32, torch.float64):
+        L, Q = cb.syev_batched(A.to(dt), False, True)
+        res = (A - (Q.double() * L.double().unsqueeze(-2)) @ Q.double().mT).norm() / A.norm()
+        out[str(dt)] = float(res)
+print(json.dumps(out), flush=True)
+"""
+
+
+def cusolver_usable(device):
+    """Whether the ctypes path runs at all, tried in a subprocess first: a wrong call through ctypes
+    can take the process down, and this script must finish."""
+    if device.type != "cuda":
+        return False
+    try:
+        p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])))
+        lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+        probe = json.loads(lines[-1]) if lines else {"error": p.stderr.strip()[-300:]}
+    except subprocess.TimeoutExpired:
+        probe = {"error": "timeout"}
+    print(f"cusolver_batched probe: {probe}", flush=True)
+    return bool(probe.get("available")) and all(v < 1e-4 for k, v in probe.items() if k.startswith("torch."))
+
+
 def eigh_variants(n, device, dtype):
     out = [("scratch", lambda A, sw: eigh_launch(A, False, True, sweeps=sw))]
     if n <= REGISTER_MAX_N:
@@ -115,7 +147,12 @@ def eigh_variants(n, device, dtype):
         for G in sorted({max(1, base // 4), base * 4} - {base}):
             out.append((f"registers G={G}", lambda A, sw, G=G: eigh_registers(A, False, True, sweeps=sw,
                                                                             matrices_per_program=G)))
-    if device.type == "cuda" and cusolver_batched.available():
+    if n == 64:
+        # Beyond REGISTER_MAX_N, to see whether one matrix per program in registers still pays.
+        for w in (8, 16):
+            out.append((f"registers w={w}", lambda A, sw, w=w: eigh_registers(A, False, True, sweeps=sw,
+                                                                            matrices_per_program=1, num_warps=w)))
+    if CUSOLVER:
         out.append(("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
     out.append(("torch", lambda A, sw: torch.linalg.eigh(A)))
     return out
@@ -125,7 +162,7 @@ def svd_variants(n, device):
     out = []
     if not (device.type == "cuda" and n <= 8):
         out.append(("scratch", lambda A, sw: svd_launch(A, False, True, sweeps=sw)))
-    if n <= REGISTER_MAX_N:
+    if n <= REGISTER_MAX_N or n == 64:
         out.append(("registers", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True)))
         out.append(("registers no-QR", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True,
                                                                 precondition=False)))
@@ -172,6 +209,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="small shapes (CPU interpreter smoke test)")
     ap.add_argument("--hang-timeout", type=float, default=60.0)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-hang", action="store_true", help="skip the svd hang regression subprocesses")
     args = ap.parse_args()
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -187,7 +225,10 @@ def main():
             json.dump(doc, f, indent=1)
 
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
-    run_hang(device, args.tiny, args.hang_timeout, emit)
+    global CUSOLVER
+    CUSOLVER = doc["cusolver_usable"] = cusolver_usable(device)
+    if not args.no_hang:
+        run_hang(device, args.tiny, args.hang_timeout, emit)
 
     shapes = TINY if args.tiny else SHAPES
     plan = [(b, n, torch.float32) for b, n in shapes]
@@ -202,7 +243,7 @@ def main():
     for b, n in TINY_CUSOLVER if args.tiny else CUSOLVER_ONLY:
         data = {k: (G, S) for k, (G, S) in inputs(b, n, device).items()}
         variants = [("torch", lambda A, sw: torch.linalg.eigh(A))]
-        if device.type == "cuda" and cusolver_batched.available():
+        if CUSOLVER:
             variants.insert(0, ("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
         for name, fn in variants:
             measure("eigh", name, fn, data, b, n, torch.float32, device, emit)
