@@ -224,3 +224,58 @@ def test_svd_strongly_graded_converges_metal():
         assert_graded_svd(strongly_graded((12,), 33, 33, 0, 30, torch.float32), "metal graded fp32 33x33")
         assert_graded_svd(strongly_graded((4,), 24, 40, 0, 30, torch.float32), "metal graded fp32 24x40")
         assert_graded_svd(strongly_graded((4,), 33, 33, 8, 8, torch.float32), "metal graded rows+cols fp32 33x33")
+
+
+# --- Register-tile one-sided Jacobi (svd_batched_triton) ---------------------------------------------
+
+from linalg_matrices import KINDS, general, scale_of  # noqa: E402
+
+
+def _register_svd(A, precondition=True, full=False):
+    from metalcore.linalg.svd_triton import svd_launch
+    return svd_launch(A, full, True, precondition=precondition, registers=True)
+
+
+def _assert_svd(A, U, S, Vh, dtype, what, scale=1.0):
+    assert not S.isnan().any(), f"{what}: NaN"
+    assert bool((S[..., 1:] <= S[..., :-1]).all()), f"{what}: singular values must descend"
+    recon = U.double() @ torch.diag_embed(S.double() / scale) @ Vh.double()
+    assert_lapack_ratio(residual_ratio(A.double() / scale, recon, dtype), what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(U, dtype), what + " U")
+    assert_lapack_ratio(orthogonality_ratio(Vh, dtype, rows=True), what + " Vh")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_register_svd_matrix_families(kind, dtype, triton_backend):
+    for m, n in ((13, 9), (9, 13)):
+        A = general(kind, (2,), m, n, dtype)
+        U, S, Vh = _register_svd(A)
+        _assert_svd(A, U, S, Vh, dtype, f"register svd {kind} {m}x{n} {dtype}", scale_of(kind, dtype))
+
+
+@pytest.mark.parametrize("precondition", [True, False], ids=["qr", "no-qr"])
+def test_register_svd_sizes(precondition, triton_backend):
+    for m, n in ((1, 1), (3, 3), (8, 8), (32, 32), (32, 5)):
+        A = torch.randn(3, m, n, dtype=torch.float32)
+        U, S, Vh = _register_svd(A, precondition)
+        _assert_svd(A, U, S, Vh, torch.float32, f"register svd {m}x{n}")
+
+
+def test_register_svd_nan_stays_in_its_matrix(triton_backend):
+    A = torch.randn(3, 6, 6)
+    A[1, 0, 0] = float("inf")
+    _, S, _ = _register_svd(A, precondition=False)
+    assert S[1].isnan().all() and not S[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("n", [8, 3])
+def test_register_svd_converges_on_the_batches_that_hung_the_scratch_kernel(n, triton_backend):
+    """The shapes and seed of bench/scripts/svd_small_probe.py, whose 200×8 and 10000×3 batches
+    never finished with the scratch kernel on the H100 (the matrices there come from CUDA's
+    generator; the device check batched_eigh_svd_check.py replays those, this replays the shapes)."""
+    torch.manual_seed(0)
+    A = torch.randn(200, n, n)
+    for precondition in (False, True):
+        U, S, Vh = _register_svd(A, precondition)
+        _assert_svd(A, U, S, Vh, torch.float32, f"register svd 200x{n} pre={precondition}")
