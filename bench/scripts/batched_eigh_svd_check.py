@@ -42,7 +42,7 @@ FP64_SHAPES = [(1000, 32), (100, 64)]
 CUSOLVER_ONLY = [(64, 256), (16, 512)]
 TINY = [(5, 3), (3, 8)]
 TINY_CUSOLVER = [(2, 40)]
-BUDGET_S = 0.2
+BUDGET_S = 0.1
 CUSOLVER = False            # set in main() by cusolver_usable()
 
 HANG = r"""
@@ -210,6 +210,8 @@ def main():
     ap.add_argument("--hang-timeout", type=float, default=60.0)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-hang", action="store_true", help="skip the svd hang regression subprocesses")
+    ap.add_argument("--max-seconds", type=float, default=210.0,
+                    help="skip the remaining device shapes past this (the peers still run, ~1 min)")
     args = ap.parse_args()
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -234,6 +236,9 @@ def main():
     plan = [(b, n, torch.float32) for b, n in shapes]
     plan += [(b, n, torch.float64) for b, n in (TINY[:1] if args.tiny else FP64_SHAPES)]
     for b, n, dtype in plan:
+        if time.time() - start > args.max_seconds:
+            print(f"eigh/svd {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            continue
         data = {k: (G.to(dtype), S.to(dtype)) for k, (G, S) in inputs(b, n, device).items()}
         for name, fn in eigh_variants(n, device, dtype):
             measure("eigh", name, fn, data, b, n, dtype, device, emit)
@@ -241,6 +246,9 @@ def main():
             measure("svd", name, fn, data, b, n, dtype, device, emit)
         del data
     for b, n in TINY_CUSOLVER if args.tiny else CUSOLVER_ONLY:
+        if time.time() - start > args.max_seconds:
+            print(f"eigh {b}x{n}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            continue
         data = {k: (G, S) for k, (G, S) in inputs(b, n, device).items()}
         variants = [("torch", lambda A, sw: torch.linalg.eigh(A))]
         if CUSOLVER:
