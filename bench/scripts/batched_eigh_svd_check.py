@@ -47,9 +47,10 @@ CUSOLVER = False            # set in main() by cusolver_usable()
 
 HANG = r"""
 import json, sys, torch
-from metalcore.linalg import svd_triton
+from metalcore.linalg import _jacobi_triton, svd_triton
 for spec in json.loads(sys.argv[1]):
     dev = spec["device"]
+    _jacobi_triton.FP_FUSION = bool(spec.get("fused"))    # True: the launch as it was before the fix
     torch.manual_seed(0)
     A = torch.randn(spec["batch"], spec["n"], spec["n"], device=dev)
     if spec.get("index") is not None:
@@ -64,23 +65,31 @@ for spec in json.loads(sys.argv[1]):
 
 
 def hang_groups(tiny):
-    """Subprocesses of cases: the register kernel's in one (none should hang), the scratch kernel's
-    known-bad matrix alone (it hung the H100 before)."""
+    """Subprocesses of cases: the register kernel's in one; the scratch kernel, FMA contraction off
+    (the fix), on the matrix that hung the H100 and on the batches that did; last the same matrix
+    with contraction on, as before the fix (expected to time out: that confirms the cause)."""
     if tiny:
         return [[dict(name="registers 6x8", batch=6, n=8, registers=True, pre=True)],
-                [dict(name="scratch matrix 1 of 3x8", batch=3, n=8, index=1, registers=False, pre=False)]]
+                [dict(name="scratch matrix 1 of 3x8", batch=3, n=8, index=1, registers=False, pre=False)],
+                [dict(name="scratch matrix 1 of 3x8 fused", batch=3, n=8, index=1, registers=False, pre=False,
+                      fused=True)]]
     registers = [dict(name=f"registers {b}x{n} pre={int(pre)}", batch=b, n=n, registers=True, pre=pre)
                  for b, n in [(4096, 8), (10000, 3), (200, 8)] for pre in (False, True)]
     registers.append(dict(name="registers matrix 106 of 200x8", batch=200, n=8, index=106, registers=True, pre=False))
-    return [registers, [dict(name="scratch matrix 106 of 200x8 (hung before)", batch=200, n=8, index=106,
-                             registers=False, pre=False)]]
+    scratch = [dict(name="scratch matrix 106 of 200x8 (hung before)", batch=200, n=8, index=106,
+                    registers=False, pre=False)]
+    scratch += [dict(name=f"scratch {b}x{n} pre={int(pre)}", batch=b, n=n, registers=False, pre=pre)
+                for b, n in [(200, 8), (4096, 8), (10000, 3)] for pre in (False, True)]
+    fused = [dict(name="scratch matrix 106 of 200x8, FMA contraction on (as before)", batch=200, n=8, index=106,
+                  registers=False, pre=False, fused=True)]
+    return [registers, scratch, fused]
 
 
 def run_hang(device, tiny, timeout_s, emit):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     for k, cases in enumerate(hang_groups(tiny)):
-        # The scratch kernel's group is expected to hang: 30 s are enough to see it.
-        limit = timeout_s if k == 0 else min(timeout_s, 30.0)
+        # The last group is expected to hang: 20 s are enough to see it.
+        limit = min(timeout_s, 20.0) if k == 2 else timeout_s
         for spec in cases:
             spec["device"] = device.type
         t = time.time()

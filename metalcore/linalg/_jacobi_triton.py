@@ -32,6 +32,16 @@ from metalcore.nn._jit_triton import helper
 # fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can
 # finish, and the result is reported as NaN.
 MAX_SWEEPS = 30
+# The one-sided (svd) kernels are launched with FMA contraction off. Their α = ‖a_p‖², β, γ are
+# butterfly reductions across lanes; contracted, lane L computes fma(x_L, x_L, x²_{L^4}) and lane
+# L^4 fma(x_{L^4}, x_{L^4}, x²_L), which differ in the last bit, so for a pair near the threshold
+# one lane rotated and another did not, the per-lane rotation counts differed, and the warp split
+# at the sweep loop's exit: lanes that left waited in a full-mask shuffle of the epilogue for lanes
+# still in the loop (the H100 hang at n ≤ 8; sm_90 PTX, bench/linalg_triton.md v5). Uncontracted,
+# each butterfly step adds the same two rounded numbers in both lanes: every lane gets the same bits.
+# (The two-sided eigh kernels decide from loaded or exactly extracted entries, never from a sum of
+# products, and need no such care.)
+FP_FUSION = False
 
 
 @helper

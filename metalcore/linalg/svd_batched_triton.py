@@ -13,9 +13,10 @@ the same products summed in the same order), ``β = α_π(j)`` a gather, and
 Thresholds (``|γ| > m·ε·‖a_p‖‖a_q‖``), scaling, in-band NaN and the descending sort are those of
 ``svd_triton._jacobi_svd_kernel``.
 
-No global scratch and no explicit barrier: the loop condition is a reduction over the whole
-program (uniform across threads), and nothing is shared between rounds except registers — the
-scratch kernel's hang on the H100 at n ≤ 8 (bench/linalg_triton.md v4) needs one of those.
+No global scratch and no explicit barrier, and launched without FMA contraction
+(``_jacobi_triton.FP_FUSION``): ``α``, ``β``, ``γ`` are butterfly reductions, and with contraction the
+lanes sharing a row got values one bit apart, so the rotation decision and the loop's exit could
+differ between lanes — the scratch kernel's hang on the H100 at n ≤ 8.
 """
 
 from __future__ import annotations
@@ -129,5 +130,5 @@ def jacobi_registers(X: Tensor, compute_uv: bool, *, matrices_per_program: int |
             X3, W, S, V, S if sweeps is None else sweeps, nb, m, n,
             X3.stride(0), X3.stride(1), X3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps, jac.MAX_SWEEPS,
             G=G, BM=BM, BN=BN, WANT_V=compute_uv, WANT_SWEEPS=sweeps is not None,
-            IEEE32=dt == torch.float32, num_warps=num_warps or warps(G * elements))
+            IEEE32=dt == torch.float32, num_warps=num_warps or warps(G * elements), enable_fp_fusion=jac.FP_FUSION)
     return S, W, V

@@ -144,7 +144,8 @@ def _jacobi(X: Tensor, compute_uv: bool, num_warps: int | None, sweeps: Tensor |
             X3, W, S, V, AS, VS, S if sweeps is None else sweeps,
             m, n, X3.stride(0), X3.stride(1), X3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
             MAX_SWEEPS, BM=BM, BN=BN, BH=BN // 2, WANT_V=compute_uv, WANT_SWEEPS=sweeps is not None,
-            IEEE32=dt == torch.float32, SPLIT=jac.replicated(BN // 2, BN, warps), num_warps=warps)
+            IEEE32=dt == torch.float32, SPLIT=jac.replicated(BN // 2, BN, warps), num_warps=warps,
+            enable_fp_fusion=jac.FP_FUSION)
     return S, W, V
 
 
@@ -205,14 +206,16 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     return U, S, unsort_columns(_orthonormal(W, k, k).mT, order)
 
 
-# On the H100 the kernel never finishes for some inputs with n ≤ 8 (4096×8, 10000×3 and 200×8 random
-# batches; 16×8 and 1×8 finished). bench/scripts/svd_small_probe.py (H100, 2026-11-25) narrowed it to
-# the data: launching 200 random 8×8 matrices one at a time stops at matrix 106, while one matrix
-# repeated 4096 times converges in 5 sweeps; forcing a barrier between the loads and stores of a
-# round, or the approximate division and square root, changes nothing. The interpreter converges on
-# the same matrices, so some GPU-only arithmetic (FMA contraction?) must keep a loop alive that is
-# bounded on paper. Until that is found, CUDA inputs with a side of 8 or less go to cuSOLVER. Up to
-# 128 it converges (8-9 sweeps with QR preconditioning, ratios ≤ 18 on random and κ = 1e6 input).
+# On the H100 the kernel never finished for some inputs with n ≤ 8 (4096×8, 10000×3 and 200×8 random
+# batches; matrix 106 of the 200 alone). Cause (from the sm_90 PTX, bench/linalg_triton.md v5): with
+# FMA contraction the butterfly reductions of α, β, γ give the lanes that share a row values that
+# differ in the last bit, so near the threshold `act` — and the sweep's rotation count — differed
+# between lanes; the warp split at the sweep loop's exit and the lanes that left waited in a
+# full-mask shuffle for lanes still inside the loop: a deadlock. The launch now turns contraction
+# off (jac.FP_FUSION), which makes the reductions symmetric and the loop exit uniform. Until the H100
+# confirms it (bench/scripts/batched_eigh_svd_check.py replays matrix 106), CUDA inputs with a side
+# of 8 or less stay on cuSOLVER. Up to 128 it converges (8-9 sweeps with QR preconditioning, ratios
+# ≤ 18 on random and κ = 1e6 input).
 CUDA_MIN_N = 9
 # fp64 on CUDA up to n = 64, as for eigh (whose fp64 kernel missed the bar at n = 128 on clustered
 # spectra; this one's fp64 at 128 was not checked separately).
