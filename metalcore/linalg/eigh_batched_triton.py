@@ -70,7 +70,6 @@ def _register_eigh_kernel(A, W, V, SW, nb, n, s_ab, s_ar, s_ac, tol, floor, max_
 
     sweep = 0
     rotated = 1
-    busy = tl.zeros([G], dtype=tl.int32)
     while (sweep < max_sweeps) & (rotated > 0):
         busy = tl.zeros([G], dtype=tl.int32)
         for t in range(N - 1):
@@ -105,7 +104,11 @@ def _register_eigh_kernel(A, W, V, SW, nb, n, s_ab, s_ar, s_ac, tol, floor, max_
         sweep += 1
 
     d = tl.sum(tl.where(diag3, a, 0.0), axis=2)                                               # [G, BN]
-    bad = (busy > 0) | bad_input | (tl.max((d != d).to(tl.int32), axis=1) > 0)
+    # Non-convergence is known per program, not per matrix: a per-matrix count carried out of the loop
+    # crashed Triton's TritonGPURemoveLayoutConversions pass on sm_90 (H100 run 2026-12-06). So a matrix
+    # that misses the sweep bound turns the G − 1 others of its program NaN too (NaN input stays
+    # per matrix: bad_input is known before the loop).
+    bad = (rotated > 0) | bad_input | (tl.max((d != d).to(tl.int32), axis=1) > 0)
     key = tl.where((r2 < n) & (d == d), d, float("inf"))        # NaN-free keys: ranks stay a permutation
     key_i = key[:, :, None]
     key_j = key[:, None, :]

@@ -57,7 +57,6 @@ def _register_svd_kernel(A, W, S, V, SW, nb, m, n, s_ab, s_ar, s_ac, tol, tiny, 
 
     sweep = 0
     rotated = 1
-    busy = tl.zeros([G], dtype=tl.int32)
     while (sweep < max_sweeps) & (rotated > 0):
         busy = tl.zeros([G], dtype=tl.int32)
         for t in range(N - 1):
@@ -86,7 +85,11 @@ def _register_svd_kernel(A, W, S, V, SW, nb, m, n, s_ab, s_ar, s_ac, tol, tiny, 
     cm = tl.where(colmax > 0.0, colmax, 1.0)
     u = a / cm[:, :, None]
     sv = colmax * tl.sqrt(tl.sum(u * u, axis=2))                                     # ‖a_j‖, no underflow
-    bad = (busy > 0) | bad_input | (tl.max((sv != sv).to(tl.int32), axis=1) > 0)
+    # Non-convergence is known per program, not per matrix: a per-matrix count carried out of the loop
+    # crashed Triton's TritonGPURemoveLayoutConversions pass on sm_90 (H100 run 2026-12-06). So a matrix
+    # that misses the sweep bound turns the G − 1 others of its program NaN too (NaN input stays
+    # per matrix: bad_input is known before the loop).
+    bad = (rotated > 0) | bad_input | (tl.max((sv != sv).to(tl.int32), axis=1) > 0)
     key = tl.where((j2 < n) & (sv == sv), sv, -1.0)        # NaN-free keys: ranks stay a permutation
     key_i = key[:, :, None]
     key_k = key[:, None, :]
