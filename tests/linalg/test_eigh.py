@@ -210,3 +210,18 @@ def test_cusolver_batched_matches_the_contract(n, dtype):
         assert_lapack_ratio(orthogonality_ratio(Q[good], dtype), "Q")
         L2, _ = cusolver_batched.syev_batched(with_garbage(A, UPLO).to(dtype), UPLO == "U", False)
         assert_within_torch_error(L2[good], torch.linalg.eigvalsh(A[good].to(dtype)), torch.linalg.eigvalsh(A[good]))
+
+
+def test_cusolver_batched_is_chosen_only_for_measured_batches(monkeypatch):
+    from metalcore.linalg import cusolver_batched, eigh_triton
+    monkeypatch.setattr(cusolver_batched, "available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: cuda))
+    assert eigh_triton._cusolver_preferred(torch.empty(4, 64, 64))
+    assert eigh_triton._cusolver_preferred(torch.empty(2, 512, 512, dtype=torch.float64))
+    assert not eigh_triton._cusolver_preferred(torch.empty(64, 64))          # a single matrix: not timed
+    assert not eigh_triton._cusolver_preferred(torch.empty(8, 32, 32))       # slower than torch there
+    assert not eigh_triton._cusolver_preferred(torch.empty(2, 513, 513))     # not timed
+    monkeypatch.setattr(cusolver_batched, "available", lambda: False)
+    assert not eigh_triton._cusolver_preferred(torch.empty(4, 64, 64))       # missing symbol: fall back
