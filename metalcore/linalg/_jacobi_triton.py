@@ -31,6 +31,16 @@ from metalcore._triton import helper, next_power_of_2
 # fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can
 # finish, and the result is reported as NaN.
 MAX_SWEEPS = 30
+# The one-sided (svd) kernels are launched with FMA contraction off. Their α = ‖a_p‖², β, γ are
+# butterfly reductions across lanes; contracted, lane L computes fma(x_L, x_L, x²_{L^4}) and lane
+# L^4 fma(x_{L^4}, x_{L^4}, x²_L), which differ in the last bit, so for a pair near the threshold
+# one lane rotated and another did not, the per-lane rotation counts differed, and the warp split
+# at the sweep loop's exit: lanes that left waited in a full-mask shuffle of the epilogue for lanes
+# still in the loop (the H100 hang at n ≤ 8; sm_90 PTX, bench/linalg_triton.md v5). Uncontracted,
+# each butterfly step adds the same two rounded numbers in both lanes: every lane gets the same bits.
+# (The two-sided eigh kernels decide from loaded or exactly extracted entries, never from a sum of
+# products, and need no such care.)
+FP_FUSION = False
 
 
 @helper
@@ -43,6 +53,16 @@ def round_pairs(t, N, BH: tl.constexpr):
     q = tl.where(k == 0, last, (t - k + last) % last)
     valid = k < N // 2
     return tl.where(valid, p, 0), tl.where(valid, q, 0), valid
+
+
+@helper
+def round_partner(i, t, N):
+    """Partner of index ``i`` in round ``t`` of the same tournament, as an index vector (the
+    register kernels rotate every pair at once through a gather by partner): ``N − 1`` meets ``t``,
+    any other ``i`` meets ``(2t − i) mod (N − 1)``; indices ``≥ N`` (padding) meet themselves."""
+    last = N - 1
+    other = tl.where(i == t, last, (2 * t - i + 2 * last) % last)
+    return tl.where(i >= N, i, tl.where(i == last, t, other))
 
 
 @helper

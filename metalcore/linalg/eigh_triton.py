@@ -40,10 +40,12 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
+from metalcore.linalg import cusolver_batched
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.eigh import eigh_op
 from metalcore._triton import jit
+from metalcore.linalg.eigh_batched_triton import eigh_registers
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -151,25 +153,55 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | Non
 # fp64 on CUDA up to n = 64: at 64×128 fp64 the clustered-spectrum family's QᵀQ ratio was 38.9 on
 # the H100 (bar 30; fp32 and every other family passed), so fp64 above 64 goes to cuSOLVER.
 CUDA_FP64_MAX_N = 64
+# The register-tile kernel (eigh_batched_triton) serves n up to this; 0 until it has been timed on
+# the H100 against the scratch kernel and the peers (bench/scripts/batched_eigh_svd_check.py).
+REGISTER_ROUTE_MAX_N = 0
 
 
-def _supported(A: Tensor) -> bool:
+def _jacobi_supported(A: Tensor) -> bool:
     return fits(A) and not (A.device.type == "cuda" and A.dtype == torch.float64 and A.shape[-1] > CUDA_FP64_MAX_N)
 
 
-# Chosen automatically where the H100 measured it faster than torch.linalg.eigh (cuSOLVER syevj
-# batched / syevd; bench/linalg_triton.md v4, fp32): n ≤ 16 (500×16 1.3×, 4096×8 1.7×, 10000×3
-# 2.2×) and n ≥ 64 (100×64 57.6×, 64×128 11.3×), but not at 1000×32 (0.7×: syevj's batched path is
-# at its best there).
+def _cusolver_supported(A: Tensor) -> bool:
+    return A.device.type == "cuda" and A.dtype in (torch.float32, torch.float64) and cusolver_batched.available()
+
+
+# cuSOLVER's batched syev (XsyevBatched) for batches of n from 64 to 512, measured on the H100
+# (bench/results/batched-eigh-svd-check-h100-20261206-run1.json, fp32 unless said, ms per call):
+# 100×64 0.69 (scratch Jacobi 1.37, JAX 0.70, CuPy 1.04, torch 85.6), 64×128 1.14 (Jacobi 10.1, JAX
+# 1.34), 64×256 3.87 (JAX 4.06, torch 298), 16×512 34.9 (JAX 30.3, CuPy 39.4, torch 214), fp64 100×64
+# 0.71 (Jacobi 3.53, JAX 0.85); LAPACK ratios ≤ 1.1. Below 64 it lost (1000×32 0.74 against torch's
+# 0.78 and CuPy's 0.56; 500×16 0.48 against torch's 0.24); single matrices and n > 512 were not timed.
+CUSOLVER_AUTO_MIN_N = 64
+CUSOLVER_AUTO_MAX_N = 512
+
+
+def _cusolver_preferred(A: Tensor) -> bool:
+    n = A.shape[-1]
+    return (CUSOLVER_AUTO_MIN_N <= n <= CUSOLVER_AUTO_MAX_N and A.numel() >= 2 * n * n
+            and _cusolver_supported(A))
+
+
+# The Jacobi kernels are chosen automatically where the H100 measured them faster than
+# torch.linalg.eigh (cuSOLVER syevj batched / syevd; bench/linalg_triton.md v4, fp32): n ≤ 16
+# (500×16 1.3×, 4096×8 1.7×, 10000×3 2.2×) and n ≥ 64 (100×64 57.6×, 64×128 11.3×; batches there
+# now take cuSOLVER's batched syev, single matrices stay on Jacobi), but not at 1000×32 (0.7×:
+# syevj's batched path is at its best there).
 AUTO_SMALL_MAX_N = 16
 AUTO_LARGE_MIN_N = 64
 
 
 def _automatic(A: Tensor, UPLO: str, compute_v: bool) -> bool:
     n = A.shape[-1]
-    return n <= AUTO_SMALL_MAX_N or n >= AUTO_LARGE_MIN_N
+    return _cusolver_preferred(A) or (_jacobi_supported(A) and (n <= AUTO_SMALL_MAX_N or n >= AUTO_LARGE_MIN_N))
 
 
-@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _supported(A), automatic=_automatic)
+@eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),
+                   automatic=_automatic)
 def _eigh_triton(A, UPLO, compute_v):
+    n = A.shape[-1]
+    if _cusolver_preferred(A) or not _jacobi_supported(A):
+        return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)
+    if n <= REGISTER_ROUTE_MAX_N:
+        return eigh_registers(A, UPLO == "U", compute_v)
     return eigh_launch(A, UPLO == "U", compute_v)

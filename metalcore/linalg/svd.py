@@ -43,6 +43,26 @@ def _(A, full_matrices, compute_uv):
     return A.new_empty(*batch, m, u), S, A.new_empty(*batch, v, n)
 
 
+def sort_columns(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A P, order)``: the columns of ``A`` ``(*, m, n)`` by descending ``max|a_ij|``, the cheap
+    stand-in for QR with column pivoting in the Jacobi kernels' QR preconditioning (Drmač &
+    Veselić). Without it, columns whose scales are graded in no particular order give an ``R`` on
+    which one-sided Jacobi needs 24-35 sweeps (numpy model of the kernels, 64×64 fp64, column scales
+    10^(-12..-30·U(0,1))), past the 30-sweep bound, so the answer was NaN; sorted, 5-7 sweeps
+    (33×33 fp32 with rows and columns graded by 10^(-8·U): 5-6, against 13-99 unsorted and 17-99
+    without QR). The max-norm needs no squares, so nothing overflows for huge-scaled input."""
+    if A.shape[-2] == 0:
+        return A, torch.arange(A.shape[-1], device=A.device).expand(A.shape[:-2] + A.shape[-1:])
+    order = A.abs().amax(dim=-2).argsort(dim=-1, descending=True)
+    return A.gather(-1, order.unsqueeze(-2).expand_as(A)), order
+
+
+def unsort_columns(Vh: Tensor, order: Tensor) -> Tensor:
+    """``Vᴴ`` of ``A`` from the ``Vᴴ`` of ``A P`` (:func:`sort_columns`): its column ``j`` goes to
+    column ``order[j]``."""
+    return Vh.new_empty(Vh.shape).scatter_(-1, order.unsqueeze(-2).expand_as(Vh), Vh)
+
+
 def _setup(ctx, inputs, output):
     _, _, compute_uv = inputs
     ctx.compute_uv = compute_uv

@@ -47,7 +47,8 @@ from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.qr_triton import householder_launch
-from metalcore.linalg.svd import svd_op
+from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
+from metalcore.linalg.svd_batched_triton import jacobi_registers
 from metalcore.linalg.svd_large import large_supported, svd_large
 from metalcore._triton import jit
 
@@ -143,7 +144,8 @@ def _jacobi(X: Tensor, compute_uv: bool, num_warps: int | None, sweeps: Tensor |
             X3, W, S, V, AS, VS, S if sweeps is None else sweeps,
             m, n, X3.stride(0), X3.stride(1), X3.stride(2), m * finfo.eps, finfo.tiny / finfo.eps,
             MAX_SWEEPS, BM=BM, BN=BN, BH=BN // 2, WANT_V=compute_uv, WANT_SWEEPS=sweeps is not None,
-            IEEE32=dt == torch.float32, SPLIT=jac.replicated(BN // 2, BN, warps), num_warps=warps)
+            IEEE32=dt == torch.float32, SPLIT=jac.replicated(BN // 2, BN, warps), num_warps=warps,
+            enable_fp_fusion=jac.FP_FUSION)
     return S, W, V
 
 
@@ -157,13 +159,16 @@ def _orthonormal(W: Tensor, k: int, cols: int) -> Tensor:
 
 
 def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: int | None = None,
-               sweeps: Tensor | None = None, precondition: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+               sweeps: Tensor | None = None, precondition: bool = True,
+               registers: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, S, Vᴴ)`` of ``A``. ``num_warps`` overrides the Jacobi kernel's launch width; ``sweeps``,
     an int32 tensor of the batch's size, receives each matrix's sweep count (for the device
-    benchmark).
+    benchmark). ``registers``: the register-tile Jacobi kernel (:mod:`svd_batched_triton`, both
+    sides at most its ``REGISTER_MAX_N``) instead of the scratch one.
 
-    ``precondition`` (Drmač & Veselić's QR preconditioning): ``A = QR`` with the Householder kernel,
-    Jacobi on ``X = Rᵀ``: ``X V_x = W`` gives ``R = V_x Wᵀ``, so ``U = Q V_x`` (orthonormal as a
+    ``precondition`` (Drmač & Veselić's QR preconditioning): ``A P = QR`` with the Householder kernel,
+    ``P`` sorting the columns by scale (:func:`metalcore.linalg.svd.sort_columns`: unsorted, graded
+    columns made Jacobi on ``R`` miss the sweep bound), Jacobi on ``X = Rᵀ``: ``X V_x = W`` gives ``R = V_x Wᵀ``, so ``U = Q V_x`` (orthonormal as a
     product of orthonormal factors) and ``V`` is ``W`` with normalized columns (its Householder
     ``Q``, so zero columns still give orthonormal vectors). Jacobi on ``Rᵀ`` needs far fewer sweeps
     than on ``A`` for ill-conditioned input (simulated at n = 128, κ = 1e6 fp32 / 1e12 fp64: 7-8
@@ -173,35 +178,44 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     if m < n:
         # A = U S Vᴴ  ⇔  Aᵀ = V S Uᵀ: the tall case on the transpose, roles of U and V swapped.
         Ut, S, Vht = svd_launch(A.mT, full_matrices, compute_uv, num_warps=num_warps, sweeps=sweeps,
-                                precondition=precondition)
+                                precondition=precondition, registers=registers)
         if not compute_uv:
             return Ut, S, Vht
         return Vht.mT.contiguous(), S, Ut.mT.contiguous()
     k = n
+
+    def jacobi(X):
+        if registers:
+            return jacobi_registers(X, compute_uv, num_warps=num_warps, sweeps=sweeps)
+        return _jacobi(X, compute_uv, num_warps, sweeps)
+
     if not precondition:
-        S, W, V = _jacobi(A, compute_uv, num_warps, sweeps)
+        S, W, V = jacobi(A)
         if not compute_uv:
             return A.new_empty(0), S, A.new_empty(0)
         # U from the QR of W = U S (sorted).
         return _orthonormal(W, k, m if full_matrices else k), S, V.mT.contiguous()
-    _, _, R, Q = householder_launch(A, kr=k, nq=(m if full_matrices else k) if compute_uv else 0)
-    S, W, Vx = _jacobi(R.mT, compute_uv, num_warps, sweeps)
+    Ap, order = sort_columns(A)
+    _, _, R, Q = householder_launch(Ap, kr=k, nq=(m if full_matrices else k) if compute_uv else 0)
+    S, W, Vx = jacobi(R.mT)
     if not compute_uv:
         return A.new_empty(0), S, A.new_empty(0)
     U = Q[..., :k] @ Vx
     if full_matrices:
         U = torch.cat([U, Q[..., k:]], dim=-1)
-    return U, S, _orthonormal(W, k, k).mT.contiguous()
+    return U, S, unsort_columns(_orthonormal(W, k, k).mT, order)
 
 
-# On the H100 the kernel never finishes for some inputs with n ≤ 8 (4096×8, 10000×3 and 200×8 random
-# batches; 16×8 and 1×8 finished). bench/scripts/svd_small_probe.py (H100, 2026-11-25) narrowed it to
-# the data: launching 200 random 8×8 matrices one at a time stops at matrix 106, while one matrix
-# repeated 4096 times converges in 5 sweeps; forcing a barrier between the loads and stores of a
-# round, or the approximate division and square root, changes nothing. The interpreter converges on
-# the same matrices, so some GPU-only arithmetic (FMA contraction?) must keep a loop alive that is
-# bounded on paper. Until that is found, CUDA inputs with a side of 8 or less go to cuSOLVER. Up to
-# 128 it converges (8-9 sweeps with QR preconditioning, ratios ≤ 18 on random and κ = 1e6 input).
+# On the H100 the kernel never finished for some inputs with n ≤ 8 (4096×8, 10000×3 and 200×8 random
+# batches; matrix 106 of the 200 alone). Cause (from the sm_90 PTX, bench/linalg_triton.md v5): with
+# FMA contraction the butterfly reductions of α, β, γ give the lanes that share a row values that
+# differ in the last bit, so near the threshold `act` — and the sweep's rotation count — differed
+# between lanes; the warp split at the sweep loop's exit and the lanes that left waited in a
+# full-mask shuffle for lanes still inside the loop: a deadlock. The launch now turns contraction
+# off (jac.FP_FUSION), which makes the reductions symmetric and the loop exit uniform. Until the H100
+# confirms it (bench/scripts/batched_eigh_svd_check.py replays matrix 106), CUDA inputs with a side
+# of 8 or less stay on cuSOLVER. Up to 128 it converges (8-9 sweeps with QR preconditioning, ratios
+# ≤ 18 on random and κ = 1e6 input).
 CUDA_MIN_N = 9
 # fp64 on CUDA up to n = 64, as for eigh (whose fp64 kernel missed the bar at n = 128 on clustered
 # spectra; this one's fp64 at 128 was not checked separately).

@@ -121,3 +121,107 @@ def test_eigh_compiles_without_graph_breaks():
     L, Q = compiled(A)
     assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float32), "compiled eigh")
     torch.testing.assert_close(L, torch.linalg.eigvalsh(A))
+
+
+# --- Register-tile Jacobi (eigh_batched_triton) and cuSOLVER's batched syev (cusolver_batched) ------
+
+from linalg_matrices import KINDS, scale_of  # noqa: E402
+from linalg_matrices import symmetric as family  # noqa: E402
+
+
+def _register_eigh(A, UPLO="L"):
+    from metalcore.linalg.eigh_batched_triton import eigh_registers
+    return eigh_registers(A, UPLO == "U", True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_register_eigh_matrix_families(kind, dtype, triton_backend):
+    # n = 13: an odd side (one padding index in the tournament) in a 16-wide tile, 3 matrices.
+    A = family(kind, (3,), 13, dtype)
+    L, Q = _register_eigh(with_garbage(A, "U"), "U")
+    scale = scale_of(kind, dtype)
+    what = f"register eigh {kind} {dtype}"
+    assert_lapack_ratio(residual_ratio(A.double() / scale, (Q.double() * (L.double() / scale).unsqueeze(-2))
+                                       @ Q.double().mT, dtype), what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(Q, dtype), what + " Q")
+    assert bool((L[..., :-1] <= L[..., 1:]).all()), "eigenvalues must be ascending"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 32])
+def test_register_eigh_sizes_and_many_matrices_per_program(n, triton_backend):
+    from metalcore.linalg.eigh_batched_triton import eigh_registers
+    A = symmetric((5,), n)
+    for G in (1, 2, 8):                        # 5 matrices: a partial last program for G = 2 and 8
+        L, Q = eigh_registers(A, False, True, matrices_per_program=G)
+        assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), f"n={n} G={G}")
+        assert_lapack_ratio(orthogonality_ratio(Q, torch.float64), f"n={n} G={G} Q")
+        L2, _ = eigh_registers(A, False, False, matrices_per_program=G)
+        assert torch.equal(L, L2), "eigenvalues without vectors: the same rotations, bit for bit"
+
+
+def test_register_eigh_nan_stays_in_its_matrix(triton_backend):
+    A = symmetric((4,), 6, torch.float32)
+    A[2, 3, 1] = float("nan")
+    L, Q = _register_eigh(A)
+    assert L[2].isnan().all() and Q[2].isnan().all()
+    good = [0, 1, 3]
+    assert not L[good].isnan().any() and not Q[good].isnan().any()
+    assert_lapack_ratio(residual_ratio(A[good], Q[good] @ torch.diag_embed(L[good]) @ Q[good].mT, torch.float32),
+                        "the other matrices")
+
+
+def test_register_eigh_serves_the_op_when_routed(triton_backend, monkeypatch):
+    from metalcore.linalg import eigh_batched_triton, eigh_triton
+    calls = []
+    original = eigh_triton.eigh_registers
+    monkeypatch.setattr(eigh_triton, "eigh_registers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(eigh_triton, "REGISTER_ROUTE_MAX_N", eigh_batched_triton.REGISTER_MAX_N)
+    A = symmetric((2,), 7)
+    L, Q = metalcore.linalg.eigh(A)
+    assert calls, "n <= REGISTER_ROUTE_MAX_N goes to the register kernel"
+    assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), "routed")
+
+
+def test_cusolver_batched_falls_back_where_missing(monkeypatch):
+    from metalcore.linalg import cusolver_batched, eigh_triton
+    monkeypatch.setattr(cusolver_batched, "_load", lambda: None)
+    assert not cusolver_batched.available()
+    with pytest.raises(RuntimeError, match="XsyevBatched"):
+        cusolver_batched.syev_batched(torch.eye(3), False, True)
+    # Sizes the Jacobi kernels do not take are then not the triton implementation's.
+    assert not eigh_triton._cusolver_supported(torch.eye(200))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [3, 40, 200])
+def test_cusolver_batched_matches_the_contract(n, dtype):
+    from metalcore.linalg import cusolver_batched
+    if not cusolver_batched.available():
+        pytest.skip("this libcusolver has no XsyevBatched (CUDA < 12.6.2)")
+    A = symmetric((3,), n).cuda()
+    A[1, 2, 0] = float("nan")
+    for UPLO in ("L", "U"):
+        L, Q = cusolver_batched.syev_batched(with_garbage(A, UPLO).to(dtype), UPLO == "U", True)
+        good = [0, 2]
+        assert L[1].isnan().all() and Q[1].isnan().all() and not L[good].isnan().any()
+        assert_lapack_ratio(residual_ratio(A[good], Q[good] @ torch.diag_embed(L[good]) @ Q[good].mT, dtype), "residual")
+        assert_lapack_ratio(orthogonality_ratio(Q[good], dtype), "Q")
+        L2, _ = cusolver_batched.syev_batched(with_garbage(A, UPLO).to(dtype), UPLO == "U", False)
+        assert_within_torch_error(L2[good], torch.linalg.eigvalsh(A[good].to(dtype)), torch.linalg.eigvalsh(A[good]))
+
+
+def test_cusolver_batched_is_chosen_only_for_measured_batches(monkeypatch):
+    from metalcore.linalg import cusolver_batched, eigh_triton
+    monkeypatch.setattr(cusolver_batched, "available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: cuda))
+    assert eigh_triton._cusolver_preferred(torch.empty(4, 64, 64))
+    assert eigh_triton._cusolver_preferred(torch.empty(2, 512, 512, dtype=torch.float64))
+    assert not eigh_triton._cusolver_preferred(torch.empty(64, 64))          # a single matrix: not timed
+    assert not eigh_triton._cusolver_preferred(torch.empty(8, 32, 32))       # slower than torch there
+    assert not eigh_triton._cusolver_preferred(torch.empty(2, 513, 513))     # not timed
+    monkeypatch.setattr(cusolver_batched, "available", lambda: False)
+    assert not eigh_triton._cusolver_preferred(torch.empty(4, 64, 64))       # missing symbol: fall back

@@ -183,3 +183,99 @@ def test_svd_compiles_without_graph_breaks():
     U, S, Vh = compiled(A)
     assert_lapack_ratio(residual_ratio(A, U @ torch.diag_embed(S) @ Vh, torch.float32), "compiled svd")
     torch.testing.assert_close(S, torch.linalg.svdvals(A))
+
+
+# --- Strongly graded matrices: every backend's Jacobi converges (issue 25, item 7) ------------------
+
+def strongly_graded(batch, m, n, row_decades, col_decades, dtype):
+    """``B`` with its rows and columns scaled by ``10^(-d·U(0,1))`` in no particular order: ordinary
+    finite matrices on which unpreconditioned Jacobi, or Jacobi on an unpivoted QR factor, needed
+    more than the 30-sweep bound (and so answered NaN)."""
+    B = torch.randn(*batch, m, n, dtype=torch.float64)
+    rows = 10.0 ** (-row_decades * torch.rand(*batch, m, 1, dtype=torch.float64))
+    cols = 10.0 ** (-col_decades * torch.rand(*batch, 1, n, dtype=torch.float64))
+    return (B * rows * cols).to(dtype)
+
+
+def assert_graded_svd(A, what):
+    dtype = A.dtype
+    U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
+    assert not S.isnan().any(), f"{what}: NaN (no convergence) for a finite input"
+    assert_lapack_ratio(residual_ratio(A, U @ torch.diag_embed(S) @ Vh, dtype), what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(U, dtype), what + " U")
+    assert_lapack_ratio(orthogonality_ratio(Vh.mT, dtype), what + " V")
+
+
+def test_svd_strongly_graded_converges_triton(triton_backend):
+    # fp64 64x64 with column scales over 30 decades: Jacobi on the unpivoted QR factor took 31-35
+    # sweeps (NaN); fp32 32x32 likewise, and with rows and columns over 8 decades each: 13-99 sweeps.
+    assert_graded_svd(strongly_graded((1,), 64, 64, 0, 30, torch.float64), "triton graded fp64 64x64")
+    assert_graded_svd(strongly_graded((3,), 32, 32, 0, 30, torch.float32), "triton graded fp32 32x32")
+    assert_graded_svd(strongly_graded((3,), 32, 32, 8, 8, torch.float32), "triton graded rows+cols fp32 32x32")
+
+
+def test_svd_strongly_graded_converges_metal():
+    from metalcore import _metal
+    from backends import unavailable
+    if _metal.executor() is None:
+        unavailable("the Metal shader executor cannot be built here (needs clang++ >= 17)")
+    # fp32 33x33 with column scales over 30 decades: without preconditioning 3-5 of 12 came back NaN.
+    with metalcore.use_backend("metal"):
+        assert_graded_svd(strongly_graded((12,), 33, 33, 0, 30, torch.float32), "metal graded fp32 33x33")
+        assert_graded_svd(strongly_graded((4,), 24, 40, 0, 30, torch.float32), "metal graded fp32 24x40")
+        assert_graded_svd(strongly_graded((4,), 33, 33, 8, 8, torch.float32), "metal graded rows+cols fp32 33x33")
+
+
+# --- Register-tile one-sided Jacobi (svd_batched_triton) ---------------------------------------------
+
+from linalg_matrices import KINDS, general, scale_of  # noqa: E402
+
+
+def _register_svd(A, precondition=True, full=False):
+    from metalcore.linalg.svd_triton import svd_launch
+    return svd_launch(A, full, True, precondition=precondition, registers=True)
+
+
+def _assert_svd(A, U, S, Vh, dtype, what, scale=1.0):
+    assert not S.isnan().any(), f"{what}: NaN"
+    assert bool((S[..., 1:] <= S[..., :-1]).all()), f"{what}: singular values must descend"
+    recon = U.double() @ torch.diag_embed(S.double() / scale) @ Vh.double()
+    assert_lapack_ratio(residual_ratio(A.double() / scale, recon, dtype), what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(U, dtype), what + " U")
+    assert_lapack_ratio(orthogonality_ratio(Vh, dtype, rows=True), what + " Vh")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_register_svd_matrix_families(kind, dtype, triton_backend):
+    for m, n in ((13, 9), (9, 13)):
+        A = general(kind, (2,), m, n, dtype)
+        U, S, Vh = _register_svd(A)
+        _assert_svd(A, U, S, Vh, dtype, f"register svd {kind} {m}x{n} {dtype}", scale_of(kind, dtype))
+
+
+@pytest.mark.parametrize("precondition", [True, False], ids=["qr", "no-qr"])
+def test_register_svd_sizes(precondition, triton_backend):
+    for m, n in ((1, 1), (3, 3), (8, 8), (32, 32), (32, 5)):
+        A = torch.randn(3, m, n, dtype=torch.float32)
+        U, S, Vh = _register_svd(A, precondition)
+        _assert_svd(A, U, S, Vh, torch.float32, f"register svd {m}x{n}")
+
+
+def test_register_svd_nan_stays_in_its_matrix(triton_backend):
+    A = torch.randn(3, 6, 6)
+    A[1, 0, 0] = float("inf")
+    _, S, _ = _register_svd(A, precondition=False)
+    assert S[1].isnan().all() and not S[[0, 2]].isnan().any()
+
+
+@pytest.mark.parametrize("n", [8, 3])
+def test_register_svd_converges_on_the_batches_that_hung_the_scratch_kernel(n, triton_backend):
+    """The shapes and seed of bench/scripts/svd_small_probe.py, whose 200×8 and 10000×3 batches
+    never finished with the scratch kernel on the H100 (the matrices there come from CUDA's
+    generator; the device check batched_eigh_svd_check.py replays those, this replays the shapes)."""
+    torch.manual_seed(0)
+    A = torch.randn(200, n, n)
+    for precondition in (False, True):
+        U, S, Vh = _register_svd(A, precondition)
+        _assert_svd(A, U, S, Vh, torch.float32, f"register svd 200x{n} pre={precondition}")

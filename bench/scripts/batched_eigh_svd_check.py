@@ -1,0 +1,291 @@
+"""Device check of the batched eigh/svd paths against torch, JAX and CuPy (issue shapes, fp32 and some
+fp64): LAPACK ratios on random and κ = 1e6 input, NaN count, sweeps, and the median wall time per call
+of every variant, the peers in their own processes (metalcore/bench/peers.py).
+
+    python bench/scripts/batched_eigh_svd_check.py --out DIR                     # H100: ~3-4 minutes
+    TRITON_INTERPRET=1 python bench/scripts/batched_eigh_svd_check.py --device cpu --tiny --out /tmp/x
+
+Variants: eigh ``scratch`` (eigh_triton, one program per matrix), ``registers`` (eigh_batched_triton,
+n ≤ 32, default and alternative matrices per program), ``cusolver_batched`` (XsyevBatched through
+ctypes), ``torch``; svd ``scratch`` (not for n ≤ 8 on CUDA: it hangs there), ``registers`` with and
+without QR preconditioning, ``torch``. The svd hang regression runs first, in subprocesses with a
+timeout: the register kernel on the batches that hung the scratch kernel, the scratch kernel on the
+single matrix that hung it (matrix 106 of ``torch.randn(200, 8, 8)`` after ``manual_seed(0)`` on the
+card), which is also written to the JSON so that a CPU test can replay it.
+
+Every variant runs in try/except and prints its row as soon as it is done; the JSON
+(batched-eigh-svd-check.json in --out) is rewritten after every row.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jacobi_check import inputs, ratios_eigh, ratios_svd  # noqa: E402  (same-folder script)
+
+from metalcore.bench import peers  # noqa: E402
+from metalcore.bench.timing import call_ms  # noqa: E402
+from metalcore.linalg import cusolver_batched  # noqa: E402
+from metalcore.linalg._small_triton import block, group  # noqa: E402
+from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers  # noqa: E402
+from metalcore.linalg.eigh_triton import eigh_launch  # noqa: E402
+from metalcore.linalg.svd_triton import svd_launch  # noqa: E402
+
+SHAPES = [(4096, 8), (10000, 3), (500, 16), (1000, 32), (100, 64), (64, 128)]
+FP64_SHAPES = [(1000, 32), (100, 64)]
+CUSOLVER_ONLY = [(64, 256), (16, 512)]
+TINY = [(5, 3), (3, 8)]
+TINY_CUSOLVER = [(2, 40)]
+BUDGET_S = 0.1
+CUSOLVER = False            # set in main() by cusolver_usable()
+
+HANG = r"""
+import json, sys, torch
+from metalcore.linalg import _jacobi_triton, svd_triton
+for spec in json.loads(sys.argv[1]):
+    dev = spec["device"]
+    _jacobi_triton.FP_FUSION = bool(spec.get("fused"))    # True: the launch as it was before the fix
+    torch.manual_seed(0)
+    A = torch.randn(spec["batch"], spec["n"], spec["n"], device=dev)
+    if spec.get("index") is not None:
+        A = A[spec["index"]:spec["index"] + 1].contiguous()
+        print(json.dumps({"name": spec["name"], "matrix": A[0].double().cpu().tolist()}), flush=True)
+    sw = torch.zeros(A.shape[0], dtype=torch.int32, device=dev)
+    U, S, Vh = svd_triton.svd_launch(A, False, True, sweeps=sw, precondition=spec["pre"], registers=spec["registers"])
+    res = ((U @ torch.diag_embed(S) @ Vh - A).norm(dim=(-2, -1)) / A.norm(dim=(-2, -1))).max()
+    print(json.dumps({"name": spec["name"], "ok": True, "sweeps": int(sw.max()), "nan": int(S.isnan().any(-1).sum()),
+                      "resid": float(res)}), flush=True)
+"""
+
+
+def hang_groups(tiny):
+    """Subprocesses of cases: the register kernel's in one; the scratch kernel, FMA contraction off
+    (the fix), on the matrix that hung the H100 and on the batches that did; last the same matrix
+    with contraction on, as before the fix (expected to time out: that confirms the cause)."""
+    if tiny:
+        return [[dict(name="registers 6x8", batch=6, n=8, registers=True, pre=True)],
+                [dict(name="scratch matrix 1 of 3x8", batch=3, n=8, index=1, registers=False, pre=False)],
+                [dict(name="scratch matrix 1 of 3x8 fused", batch=3, n=8, index=1, registers=False, pre=False,
+                      fused=True)]]
+    registers = [dict(name=f"registers {b}x{n} pre={int(pre)}", batch=b, n=n, registers=True, pre=pre)
+                 for b, n in [(4096, 8), (10000, 3), (200, 8)] for pre in (False, True)]
+    registers.append(dict(name="registers matrix 106 of 200x8", batch=200, n=8, index=106, registers=True, pre=False))
+    scratch = [dict(name="scratch matrix 106 of 200x8 (hung before)", batch=200, n=8, index=106,
+                    registers=False, pre=False)]
+    scratch += [dict(name=f"scratch {b}x{n} pre={int(pre)}", batch=b, n=n, registers=False, pre=pre)
+                for b, n in [(200, 8), (4096, 8), (10000, 3)] for pre in (False, True)]
+    fused = [dict(name="scratch matrix 106 of 200x8, FMA contraction on (as before)", batch=200, n=8, index=106,
+                  registers=False, pre=False, fused=True)]
+    return [registers, scratch, fused]
+
+
+def run_hang(device, tiny, timeout_s, emit):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    for k, cases in enumerate(hang_groups(tiny)):
+        # The last group is expected to hang: 20 s are enough to see it.
+        limit = min(timeout_s, 20.0) if k == 2 else timeout_s
+        for spec in cases:
+            spec["device"] = device.type
+        t = time.time()
+        timed_out, err, out = False, "", ""
+        try:
+            p = subprocess.run([sys.executable, "-c", HANG, json.dumps(cases)], capture_output=True, text=True,
+                               timeout=limit, env=env)
+            out = p.stdout
+            err = p.stderr.strip()[-400:] if p.returncode != 0 else ""
+        except subprocess.TimeoutExpired as e:
+            timed_out = True
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rows = {spec["name"]: {"section": "hang", **spec} for spec in cases}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                rows[rec["name"]].update(rec)
+        for name, row in rows.items():
+            if not row.get("ok"):
+                row["timeout" if timed_out else "error"] = True if timed_out else (err or "no result")
+            status = ("ok sweeps {} nan {} resid {:.1e}".format(row["sweeps"], row["nan"], row["resid"]) if row.get("ok")
+                      else "TIMEOUT (group)" if timed_out else "ERROR " + str(row["error"])[-200:])
+            emit(row, f"hang  {name:44s} {status}")
+        print(f"hang group: {time.time() - t:.1f} s", flush=True)
+
+
+PROBE = r"""
+import json, torch
+from metalcore.linalg import cusolver_batched as cb
+out = {"available": cb.available()}
+if out["available"]:
+    X = torch.randn(3, 40, 40, device="cuda", dtype=torch.float64)
+    A = X + X.mT
+    for dt in (torch.float32, torch.float64):
+        L, Q = cb.syev_batched(A.to(dt), False, True)
+        res = (A - (Q.double() * L.double().unsqueeze(-2)) @ Q.double().mT).norm() / A.norm()
+        out[str(dt)] = float(res)
+print(json.dumps(out), flush=True)
+"""
+
+
+def cusolver_usable(device):
+    """Whether the ctypes path runs at all, tried in a subprocess first: a wrong call through ctypes
+    can take the process down, and this script must finish."""
+    if device.type != "cuda":
+        return False
+    try:
+        p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])))
+        lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
+        probe = json.loads(lines[-1]) if lines else {"error": p.stderr.strip()[-300:]}
+    except subprocess.TimeoutExpired:
+        probe = {"error": "timeout"}
+    print(f"cusolver_batched probe: {probe}", flush=True)
+    return bool(probe.get("available")) and all(v < 1e-4 for k, v in probe.items() if k.startswith("torch."))
+
+
+def eigh_variants(n, device, dtype):
+    out = [("scratch", lambda A, sw: eigh_launch(A, False, True, sweeps=sw))]
+    if n <= REGISTER_MAX_N:
+        out.append(("registers", lambda A, sw: eigh_registers(A, False, True, sweeps=sw)))
+        # The default matrices per program (_small_triton.group) and a quarter / four times it.
+        base = group(10 ** 6, block(n) ** 2 * 2, device)
+        for G in sorted({max(1, base // 4), base * 4} - {base}):
+            out.append((f"registers G={G}", lambda A, sw, G=G: eigh_registers(A, False, True, sweeps=sw,
+                                                                            matrices_per_program=G)))
+    if n == 64:
+        # Beyond REGISTER_MAX_N, to see whether one matrix per program in registers still pays.
+        for w in (8, 16):
+            out.append((f"registers w={w}", lambda A, sw, w=w: eigh_registers(A, False, True, sweeps=sw,
+                                                                            matrices_per_program=1, num_warps=w)))
+    if CUSOLVER:
+        out.append(("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
+    out.append(("torch", lambda A, sw: torch.linalg.eigh(A)))
+    return out
+
+
+def svd_variants(n, device):
+    out = []
+    if not (device.type == "cuda" and n <= 8):
+        out.append(("scratch", lambda A, sw: svd_launch(A, False, True, sweeps=sw)))
+    if n <= REGISTER_MAX_N or n == 64:
+        out.append(("registers", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True)))
+        out.append(("registers no-QR", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True,
+                                                                precondition=False)))
+    out.append(("torch", lambda A, sw: torch.linalg.svd(A, full_matrices=False)))
+    return out
+
+
+def measure(op, name, fn, data, b, n, dtype, device, emit):
+    row = {"section": op, "variant": name, "batch": b, "n": n, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        for kind, (G, Sym) in data.items():
+            sw = torch.zeros(b, dtype=torch.int32, device=device)
+            if op == "eigh":
+                L, Q = fn(Sym, sw)
+                r = ratios_eigh(Sym, L, Q)
+                nan = int(L.isnan().any(-1).sum().item())
+            else:
+                U, S, Vh = fn(G, sw)
+                r = ratios_svd(G, U, S, Vh)
+                nan = int(S.isnan().any(-1).sum().item())
+            row[kind] = {**{k: round(v, 2) for k, v in r.items()}, "nan": nan, "sweeps": int(sw.max().item())}
+        G, Sym = data["random"]
+        arg = Sym if op == "eigh" else G
+        sw = torch.zeros(b, dtype=torch.int32, device=device)
+        # Under the interpreter one call takes seconds: one timed call is enough for a smoke test.
+        cuda = device.type == "cuda"
+        row["ms"] = round(call_ms(lambda: fn(arg, sw), device, reps=3 if cuda else 1,
+                                  budget_s=BUDGET_S if cuda else None), 4)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    worst = max((max(v for k, v in row[kind].items() if k not in ("nan", "sweeps")) for kind in data if kind in row),
+                default=float("nan"))
+    nan = sum(row[kind]["nan"] for kind in data if kind in row)
+    text = (f"ERROR {row['error']}" if "error" in row else
+            f"{row['ms']:9.3f} ms  worst ratio {worst:6.1f}  nan {nan}  sweeps "
+            f"{max((row[k]['sweeps'] for k in data if k in row), default=0)}")
+    emit(row, f"{op:5} {b:>6}x{n:<4} {row['dtype']:8} {name:18} {text}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="small shapes (CPU interpreter smoke test)")
+    ap.add_argument("--hang-timeout", type=float, default=60.0)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--no-hang", action="store_true", help="skip the svd hang regression subprocesses")
+    ap.add_argument("--max-seconds", type=float, default=210.0,
+                    help="skip the remaining device shapes past this (the peers still run, ~1 min)")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "batched-eigh-svd-check.json")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    doc = {"card": card, "torch": torch.__version__, "cusolver_batched": cusolver_batched.available(), "rows": []}
+    start = time.time()
+
+    def emit(row, line):
+        doc["rows"].append(row)
+        print(line, flush=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
+    global CUSOLVER
+    CUSOLVER = doc["cusolver_usable"] = cusolver_usable(device)
+    if not args.no_hang:
+        run_hang(device, args.tiny, args.hang_timeout, emit)
+
+    shapes = TINY if args.tiny else SHAPES
+    plan = [(b, n, torch.float32) for b, n in shapes]
+    plan += [(b, n, torch.float64) for b, n in (TINY[:1] if args.tiny else FP64_SHAPES)]
+    for b, n, dtype in plan:
+        if time.time() - start > args.max_seconds:
+            print(f"eigh/svd {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            continue
+        data = {k: (G.to(dtype), S.to(dtype)) for k, (G, S) in inputs(b, n, device).items()}
+        for name, fn in eigh_variants(n, device, dtype):
+            measure("eigh", name, fn, data, b, n, dtype, device, emit)
+        for name, fn in svd_variants(n, device):
+            measure("svd", name, fn, data, b, n, dtype, device, emit)
+        del data
+    for b, n in TINY_CUSOLVER if args.tiny else CUSOLVER_ONLY:
+        if time.time() - start > args.max_seconds:
+            print(f"eigh {b}x{n}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            continue
+        data = {k: (G, S) for k, (G, S) in inputs(b, n, device).items()}
+        variants = [("torch", lambda A, sw: torch.linalg.eigh(A))]
+        if CUSOLVER:
+            variants.insert(0, ("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
+        for name, fn in variants:
+            measure("eigh", name, fn, data, b, n, torch.float32, device, emit)
+        del data
+
+    if not args.no_peers:
+        cases = [peers.case(op, b, n) for b, n in shapes for op in ("eigh", "svd")]
+        cases += [peers.case("eigh", b, n, dtype="float64") for b, n in (TINY[:1] if args.tiny else FP64_SHAPES)]
+        cases += [peers.case("eigh", b, n) for b, n in (TINY_CUSOLVER if args.tiny else CUSOLVER_ONLY)]
+        for runner in ("jax", "cupy") if device.type == "cuda" else ("numpy", "jax"):
+            t = time.time()
+            res = peers.peer_timings(runner, cases, timeout_s=90.0)
+            for r in res["results"]:
+                r = dict(r, section="peer", peer=runner)
+                val = f"{r['ms']:9.3f} ms" if "ms" in r else f"ERROR {r.get('error', '')[:120]}"
+                emit(r, f"{r['op']:5} {r['batch']:>6}x{r['n']:<4} {r['dtype']:8} {runner:18} {val}")
+            if not res["available"]:
+                emit({"section": "peer", "peer": runner, "available": False, "reason": res["reason"]},
+                     f"peer {runner}: not available ({res['reason'][:200]})")
+            print(f"peer {runner}: {time.time() - t:.1f} s", flush=True)
+    doc["total_s"] = round(time.time() - start, 1)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"total {doc['total_s']} s; JSON in {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
