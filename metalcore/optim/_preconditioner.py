@@ -1,0 +1,114 @@
+"""Kronecker-factored preconditioner pieces shared by :mod:`metalcore.optim.soap` and
+:mod:`metalcore.optim.shampoo`: dimension merging, stacked state, products along one axis of a stack,
+and the batched refresh calls (one ``metalcore.linalg`` call per matrix size).
+
+Stacks. Both optimizers work on *stacks*: every unit (a SOAP parameter, a Shampoo block) of one shape
+is stacked into a ``(k, d₁, …, d_r)`` tensor so that each product is one batched matmul over all of
+them rather than one launch per unit. Optimizer state stays per parameter (``state_dict`` is torch's
+layout), but each state tensor is a *view* into the stack of its kind: :func:`stacked` returns that
+stack without a copy when the views are still in place, and otherwise stacks once and rebinds the
+state to views of the new stack (after ``load_state_dict``, or when the set of parameters with
+gradients changes), so the per-step products update the state in place.
+
+Refresh batching: by size, not padding. The matrices refreshed in one step have a handful of sizes
+(GPT-2 small under SOAP: 768, 2304, 3072); eigh and QR cost O(n³), so padding a 768 factor into a
+3072 batch would cost 64× its own work. :func:`by_size` concatenates all matrices of one size (from
+every parameter and side) and makes one call per size.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+def merged_shape(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
+    """Merge consecutive dimensions while their product stays ≤ ``max_dim`` (the SOAP reference's
+    ``merge_dims`` and distributed Shampoo's ``merge_small_dims``): ``(64, 32, 3, 3)`` with 10000 →
+    ``(18432,)``? no: 64·32 = 2048, ·3 = 6144, ·3 = 18432 > 10000 → ``(6144, 3)``. A dimension larger
+    than ``max_dim`` stays alone (and is left unpreconditioned)."""
+    merged: list[int] = []
+    current = 1
+    for d in shape:
+        if current * d > max_dim:
+            if current > 1:
+                merged.append(current)
+                current = d
+            else:
+                merged.append(d)
+        else:
+            current *= d
+    if current > 1 or not merged:
+        merged.append(current)
+    return tuple(merged)
+
+
+def stacked(tensors: list[Tensor]) -> Optional[Tensor]:
+    """The ``(k, …)`` tensor whose ``[i]`` views ``tensors[i]`` are, in order, or None."""
+    base = tensors[0]._base
+    if base is None or base.shape[0] != len(tensors) or base.shape[1:] != tensors[0].shape:
+        return None
+    step, start = base.stride(0), base.storage_offset()
+    for i, t in enumerate(tensors):
+        if t._base is not base or t.storage_offset() != start + i * step:
+            return None
+    return base
+
+
+def stack_state(states: list[dict[str, Any]], key: str, index: Optional[int] = None) -> Tensor:
+    """The stack of ``state[key]`` (or ``state[key][index]``) over ``states``: the existing one when
+    the entries are still its views, else a new stack whose views replace the entries."""
+    items = [s[key] if index is None else s[key][index] for s in states]
+    base = stacked(items)
+    if base is not None:
+        return base
+    base = torch.stack(items)
+    for s, view in zip(states, base.unbind(0)):
+        if index is None:
+            s[key] = view
+        else:
+            s[key][index] = view
+    return base
+
+
+def along(X: Tensor, M: Tensor, axis: int) -> Tensor:
+    """``Y[b, …, i, …] = Σ_j M[b, i, j] X[b, …, j, …]``: the matrix ``M[b]`` applied along ``axis``
+    of each ``X[b]`` (one batched matmul; a middle axis costs one transposing copy)."""
+    k, d = X.shape[0], X.shape[axis]
+    if axis == X.ndim - 1:
+        return (X.reshape(k, -1, d) @ M.mT).view(X.shape)
+    moved = X.movedim(axis, 1)
+    return (M @ moved.reshape(k, d, -1)).view(moved.shape).movedim(1, axis)
+
+
+def gram(X: Tensor, axis: int) -> Tensor:
+    """``G[b] = X_(axis)[b] X_(axis)[b]ᵀ``, the Gram matrix of the mode-``axis`` unfolding: ``X Xᵀ`` and
+    ``Xᵀ X`` for a stack of matrices along axes 1 and 2."""
+    k, d = X.shape[0], X.shape[axis]
+    if axis == X.ndim - 1:
+        flat = X.reshape(k, -1, d)
+        return flat.mT @ flat
+    flat = X.movedim(axis, 1).reshape(k, d, -1)
+    return flat @ flat.mT
+
+
+def by_size(fn: Callable[..., tuple[Tensor, ...]], batches: list[tuple[Tensor, ...]],
+            keys: Optional[list[Any]] = None) -> list[tuple[Tensor, ...]]:
+    """Apply ``fn(key, *tensors)`` to every entry of ``batches`` (tuples of ``(k_i, n_i, n_i)`` stacks),
+    making one call per ``(n, dtype, device, key)`` (``keys[i]``, None without ``keys``): entries of one
+    size are concatenated along the batch axis, and the results are split back in the input order."""
+    buckets: dict[Any, list[int]] = {}
+    for i, tensors in enumerate(batches):
+        t = tensors[0]
+        buckets.setdefault((t.shape[-1], t.dtype, t.device, None if keys is None else keys[i]), []).append(i)
+    out: list[Any] = [None] * len(batches)
+    for (_, _, _, key), idx in buckets.items():
+        parts = [torch.cat([batches[i][j] for i in idx]) if len(idx) > 1 else batches[idx[0]][j]
+                 for j in range(len(batches[idx[0]]))]
+        results = fn(key, *parts)
+        counts = [batches[i][0].shape[0] for i in idx]
+        pieces = [r.split(counts) for r in results]
+        for n, i in enumerate(idx):
+            out[i] = tuple(p[n] for p in pieces)
+    return out
