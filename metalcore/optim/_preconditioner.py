@@ -5,7 +5,7 @@ and the batched refresh calls (one ``metalcore.linalg`` call per matrix size).
 Stacks. Both optimizers work on *stacks*: every unit (a SOAP parameter, a Shampoo block) of one shape
 is stacked into a ``(k, d₁, …, d_r)`` tensor so that each product is one batched matmul over all of
 them rather than one launch per unit. Optimizer state stays per parameter (``state_dict`` is torch's
-layout), but each state tensor is a *view* into the stack of its kind: :func:`stacked` returns that
+layout), but each state tensor is a *view* into the stack of its kind: :func:`joined` returns that
 stack without a copy when the views are still in place, and otherwise stacks once and rebinds the
 state to views of the new stack (after ``load_state_dict``, or when the set of parameters with
 gradients changes), so the per-step products update the state in place.
@@ -44,31 +44,38 @@ def merged_shape(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
     return tuple(merged)
 
 
-def stacked(tensors: list[Tensor]) -> Optional[Tensor]:
-    """The ``(k, …)`` tensor whose ``[i]`` views ``tensors[i]`` are, in order, or None."""
-    base = tensors[0]._base
-    if base is None or base.shape[0] != len(tensors) or base.shape[1:] != tensors[0].shape:
+def _joined_base(items: list[Tensor], cat: bool) -> Optional[Tensor]:
+    """The tensor that ``items`` are consecutive views of along dimension 0 (``base[i]`` each, or
+    ``base[s_i:s_i + n_i]`` with ``cat``), in order and covering it, or None."""
+    base = items[0]._base
+    tail = items[0].shape[1:] if cat else items[0].shape
+    if base is None or base.shape[1:] != tail:
         return None
-    step, start = base.stride(0), base.storage_offset()
-    for i, t in enumerate(tensors):
-        if t._base is not base or t.storage_offset() != start + i * step:
+    step, offset, count = base.stride(0), base.storage_offset(), 0
+    for t in items:
+        if t._base is not base or t.storage_offset() != offset + count * step:
             return None
-    return base
+        count += t.shape[0] if cat else 1
+    return base if count == base.shape[0] else None
 
 
-def stack_state(states: list[dict[str, Any]], key: str, index: Optional[int] = None) -> Tensor:
-    """The stack of ``state[key]`` (or ``state[key][index]``) over ``states``: the existing one when
-    the entries are still its views, else a new stack whose views replace the entries."""
-    items = [s[key] if index is None else s[key][index] for s in states]
-    base = stacked(items)
+def joined(entries: list[tuple[Any, Any]], *, cat: bool = False) -> Tensor:
+    """The stack (``cat=False``: ``(k, …)`` of equal tensors) or concatenation (``cat=True``, along
+    dimension 0) of the state tensors ``container[key]`` for ``(container, key)`` in ``entries``.
+
+    When the entries are already consecutive views of one tensor, that tensor is returned (no copy);
+    otherwise a new one is made and the entries are rebound to its views, so in-place updates of the
+    result update the state."""
+    items = [c[k] for c, k in entries]
+    if len(items) == 1:
+        return items[0] if cat else items[0].unsqueeze(0)
+    base = _joined_base(items, cat)
     if base is not None:
         return base
-    base = torch.stack(items)
-    for s, view in zip(states, base.unbind(0)):
-        if index is None:
-            s[key] = view
-        else:
-            s[key][index] = view
+    base = torch.cat(items) if cat else torch.stack(items)
+    views = base.split([t.shape[0] for t in items]) if cat else base.unbind(0)
+    for (c, k), view in zip(entries, views):
+        c[k] = view
     return base
 
 

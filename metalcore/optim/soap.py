@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
 from metalcore.linalg.qr import qr
-from metalcore.optim._preconditioner import along, by_size, gram, merged_shape, stack_state
+from metalcore.optim._preconditioner import along, by_size, gram, joined, merged_shape
 from metalcore.optim.adamw import evaluate_closure, state_dtype
 
 _CLS = "SOAP"
@@ -135,7 +135,7 @@ def soap_update(params: list[Tensor], grads: list[Tensor], states: list[dict[str
     for (shape, axes, dtype, _, step, has_bases), idx in groups.items():
         sts = [states[i] for i in idx]
         G = torch.stack([grads[i].reshape(shape) for i in idx]).to(dtype)
-        GG = {a: stack_state(sts, "GG", a) for a in axes}
+        GG = {a: joined([(s["GG"], a) for s in sts]) for a in axes}
         if not has_bases:
             for a in axes:
                 GG[a].lerp_(gram(G, 1 + a), 1 - beta_s)
@@ -143,8 +143,8 @@ def soap_update(params: list[Tensor], grads: list[Tensor], states: list[dict[str
             for s in sts:
                 s["Q"] = [None] * len(shape)
             continue
-        Q = {a: stack_state(sts, "Q", a) for a in axes}
-        m, v = stack_state(sts, "exp_avg"), stack_state(sts, "exp_avg_sq")
+        Q = {a: joined([(s["Q"], a) for s in sts]) for a in axes}
+        m, v = joined([(s, "exp_avg") for s in sts]), joined([(s, "exp_avg_sq") for s in sts])
         t = step + 1
         for s in sts:
             s["step"] = t

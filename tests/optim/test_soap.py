@@ -8,33 +8,9 @@ import pytest
 import torch
 
 from metalcore.optim import SOAP, soap_update
+from kronecker import merge, mode, unfold
 
 STEPS = 30
-
-
-def merge(shape, max_dim):
-    """The reference code's merge_dims: grow the current dimension while the product stays ≤ max_dim."""
-    out, cur = [], 1
-    for d in shape:
-        if cur * d > max_dim and cur > 1:
-            out.append(cur)
-            cur = d
-        elif cur * d > max_dim:
-            out.append(d)
-        else:
-            cur *= d
-    if cur > 1 or not out:
-        out.append(cur)
-    return out
-
-
-def mode(X, M, a):
-    """X ×_a M: M applied to every fibre of X along dimension a."""
-    return torch.movedim(torch.tensordot(M, X, dims=([1], [a])), 0, a)
-
-
-def unfold(X, a):
-    return torch.movedim(X, a, 0).reshape(X.shape[a], -1)
 
 
 class ReferenceSOAP:
