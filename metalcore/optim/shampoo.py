@@ -10,13 +10,14 @@ of order r (its number of dimensions) carries one factor ``F_a`` (``d_a × d_a``
 
 For gradient g at step t (from 1), learning rate γ, weight decay λ, betas (β₁, β₂), ε = ``epsilon``:
 
-    F_a ← β₂ F_a + (1 − β₂)·g_(a) g_(a)ᵀ        per block (β₂ = 1: F_a ← F_a + g_(a) g_(a)ᵀ, Adagrad-like)
+    F_a ← β₂ F_a + (1 − β₂)·g_(a) g_(a)ᵀ        per block (β₂ = 1: F_a ← F_a + g_(a) g_(a)ᵀ, Adagrad)
     m ← β₁ m + (1 − β₁) g;  m̂ = m / (1 − β₁ᵗ)       (``exp_avg``; m̂ = g when β₁ = 0)
     every ``precondition_frequency`` steps from ``start_preconditioning_step`` (and at it):
         R_a ← (F_a / (1 − β₂ᵗ) + ε I)^(−1/(2r))     by one eigh: Q diag((max(λ, 0) + ε)^(−1/(2r))) Qᵀ
-    D = graft(m̂):  Adam grafting  m̂ / (√(v / (1 − β₂'ᵗ)) + ε'),  v ← β₂' v + (1 − β₂') g²   (``exp_avg_sq``)
+    D = graft(m̂):  Adam grafting  m̂ / (√(v / (1 − β₂'ᵗ)) + ε'),  v ← β₂' v + (1 − β₂') g²  (``exp_avg_sq``)
                    SGD grafting   m̂
-    P = m̂ ×₁ R₁ ⋯ ×_r R_r  per block, rescaled to the grafted norm: P·‖D‖/(‖P‖ + 1e-16)  (no grafting: P)
+    P = m̂ ×₁ R₁ ⋯ ×_r R_r  per block, rescaled to the grafted norm: P·‖D‖/(‖P‖ + 1e-16)
+                   (no grafting: P unscaled)
     P = D before ``start_preconditioning_step`` (m̂ when grafting is None)
     θ ← θ·(1 − γλ) − γ P                            decoupled weight decay
 

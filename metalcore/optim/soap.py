@@ -16,7 +16,7 @@ learning rate γ, weight decay λ, betas β₁, β₂ and ``shampoo_beta`` β_s:
                  v ← β₂ v + (1 − β₂) ĝ²                   (``exp_avg_sq``)
                  N = P⁻¹(m / (√v + ε));  N ← N / rms(N) if ``normalize_grads``
                  θ ← θ − γ·√(1 − β₂ᵗ)/(1 − β₁ᵗ)·N         (γ alone without ``correct_bias``)
-                 θ ← θ·(1 − γλ)                           decoupled decay, after the update (the reference's order)
+                 θ ← θ·(1 − γλ)                           decoupled decay, after the update (reference order)
                  GG_a ← β_s GG_a + (1 − β_s)·g_(a) g_(a)ᵀ   (``g_(a)``: mode-a unfolding of the raw gradient)
     every ``precondition_frequency`` steps, after the above — one power-iteration step and a QR:
                  m ← P⁻¹(m) with the old bases

@@ -2,85 +2,14 @@
 arXiv:2409.11321, and its reference code): 30 steps with refreshes, parameters and every state tensor."""
 
 import io
-import math
 
 import pytest
 import torch
 
 from metalcore.optim import SOAP, soap_update
-from kronecker import merge, mode, unfold
+from kronecker_reference import ReferenceSOAP
 
 STEPS = 30
-
-
-class ReferenceSOAP:
-    """One parameter at a time, float64, loops over dimensions; the first bases are taken from the
-    optimizer under test (see ``first``)."""
-
-    def __init__(self, p, cfg):
-        self.p, self.cfg, self.t = p.detach().clone().double(), cfg, 0
-        shape = list(p.shape) or [1]
-        if cfg.get("merge_dims", False) and p.ndim > 1:
-            shape = merge(shape, cfg["max_precond_dim"])
-        self.shape = shape
-        one_d = p.ndim <= 1 and not cfg.get("precondition_1d", False)
-        self.axes = [] if one_d else [a for a, d in enumerate(shape) if d <= cfg["max_precond_dim"]]
-        self.m = torch.zeros(shape, dtype=torch.float64)
-        self.v = torch.zeros(shape, dtype=torch.float64)
-        self.GG = {a: torch.zeros(shape[a], shape[a], dtype=torch.float64) for a in self.axes}
-        self.Q = None
-
-    def first(self, g, bases):
-        """The first call: Gram matrices, then bases. A first Gram matrix has rank ≤ the product of
-        the other dimensions, so its null space has no preferred basis: the reference adopts the
-        optimizer's bases after checking that they diagonalize GG with descending eigenvalues."""
-        G = g.double().reshape(self.shape)
-        bs = self.cfg["betas"][1] if self.cfg.get("shampoo_beta") is None else self.cfg["shampoo_beta"]
-        self.Q = {}
-        for a in self.axes:
-            self.GG[a] = self.GG[a] + (1 - bs) * (unfold(G, a) @ unfold(G, a).T - self.GG[a])
-            Q = bases[a].double().clone()
-            D = Q.T @ self.GG[a] @ Q
-            scale = self.GG[a].abs().max().clamp_min(1e-300)
-            assert (D - torch.diag(D.diagonal())).abs().max() <= 1e-5 * scale
-            assert (D.diagonal()[1:] <= D.diagonal()[:-1] + 1e-5 * scale).all()
-            self.Q[a] = Q
-
-    def step(self, g):
-        c = self.cfg
-        beta1, beta2 = c["betas"]
-        bs = beta2 if c.get("shampoo_beta") is None else c["shampoo_beta"]
-        G = g.double().reshape(self.shape)
-        self.t += 1
-        gp = G
-        for a in self.axes:
-            gp = mode(gp, self.Q[a].T, a)
-        self.m = beta1 * self.m + (1 - beta1) * gp
-        self.v = beta2 * self.v + (1 - beta2) * gp * gp
-        N = self.m / (self.v.sqrt() + c["eps"])
-        for a in self.axes:
-            N = mode(N, self.Q[a], a)
-        if c.get("normalize_grads", False):
-            N = N / (N.square().mean().sqrt() + 1e-30)
-        step_size = c["lr"]
-        if c.get("correct_bias", True):
-            step_size = step_size * math.sqrt(1 - beta2**self.t) / (1 - beta1**self.t)
-        p = self.p - step_size * N.reshape(self.p.shape)
-        self.p = p * (1 - c["lr"] * c["weight_decay"])
-        for a in self.axes:
-            self.GG[a] = self.GG[a] + (1 - bs) * (unfold(G, a) @ unfold(G, a).T - self.GG[a])
-        if self.axes and self.t % c["precondition_frequency"] == 0:
-            m = self.m
-            for a in self.axes:
-                m = mode(m, self.Q[a], a)
-            for a in self.axes:
-                Q = self.Q[a]
-                order = torch.argsort(torch.diag(Q.T @ self.GG[a] @ Q), descending=True)
-                self.v = self.v.index_select(a, order)
-                self.Q[a], _ = torch.linalg.qr(self.GG[a] @ Q[:, order])
-            for a in self.axes:
-                m = mode(m, self.Q[a].T, a)
-            self.m = m
 
 
 BASE = dict(lr=3e-3, betas=(0.95, 0.95), shampoo_beta=None, eps=1e-8, weight_decay=0.01, precondition_frequency=4,
