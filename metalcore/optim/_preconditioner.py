@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+from metalcore.optim.adamw import state_dtype
 
 
 def merged_shape(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
@@ -119,3 +122,22 @@ def by_size(fn: Callable[..., tuple[Tensor, ...]], batches: list[tuple[Tensor, .
         for n, i in enumerate(idx):
             out[i] = tuple(p[n] for p in pieces)
     return out
+
+
+def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """After ``Optimizer.load_state_dict``: torch's loader casts floating state to the parameter's
+    dtype, but the moments, factors and bases of bf16/fp16 parameters are float32 here; reload them
+    as :func:`~metalcore.optim.adamw.state_dtype` says (copies, so the loaded dict is not aliased)."""
+    saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+    params = (p for group in optimizer.param_groups for p in group["params"])
+    for saved_id, p in zip(saved_ids, params):
+        saved = state_dict["state"].get(saved_id)
+        if saved is None:
+            continue
+        state = optimizer.state[p]
+        for key, value in saved.items():
+            if isinstance(value, Tensor):
+                state[key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
+            elif isinstance(value, list):
+                state[key] = [v if v is None else v.to(device=p.device, dtype=state_dtype(p), copy=True)
+                              for v in value]

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
-from metalcore.optim._preconditioner import along, by_size, gram, joined, merged_shape
+from metalcore.optim._preconditioner import along, by_size, gram, joined, merged_shape, restore_state_dtypes
 from metalcore.optim.adamw import evaluate_closure, state_dtype
 
 _CLS = "Shampoo"
@@ -302,6 +302,11 @@ class Shampoo(Optimizer):
         """As torch's, and also validates the group's own hyperparameters."""
         check_hyperparameters(*(param_group.get(k, self.defaults.get(k)) for k in HYPERPARAMETERS))
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, keeping float32 state for bf16/fp16 parameters (torch's loader would cast it)."""
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:

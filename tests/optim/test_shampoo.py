@@ -95,9 +95,12 @@ def test_refresh_is_one_eigh_per_size():
     assert sorted(calls) == [(4, 2, 2), (20, 4, 4)]
 
 
-def test_state_dict_save_load_continue_bit_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_save_load_continue_bit_exact(dtype):
+    """Save, load into a fresh optimizer, continue: bit for bit; bf16 parameters keep float32 state
+    through the load (torch's loader would cast it to bf16)."""
     cfg = {**BASE, "precondition_frequency": 2}
-    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
     twins = [p.detach().clone().requires_grad_() for p in params]
     opt = Shampoo(params, **cfg)
     grads = [[torch.randn_like(p) for p in params] for _ in range(12)]
@@ -121,6 +124,8 @@ def test_state_dict_save_load_continue_bit_exact():
         assert torch.equal(p, t)
         for key, value in opt.state[p].items():
             other = resumed.state[t][key]
+            for x in value if isinstance(value, list) else [value]:
+                assert not isinstance(x, torch.Tensor) or x.dtype == torch.float32
             if isinstance(value, list):
                 assert all(torch.equal(a, b) for a, b in zip(value, other))
             else:

@@ -112,9 +112,12 @@ def test_bases_are_batched_by_size():
     assert sorted(calls["qr"]) == sorted([(5, 6, 6), (2, 10, 10), (2, 4, 4)])
 
 
-def test_state_dict_save_load_continue_bit_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_save_load_continue_bit_exact(dtype):
+    """Save, load into a fresh optimizer, continue: bit for bit; bf16 parameters keep float32 state
+    through the load (torch's loader would cast it to bf16)."""
     cfg = {**BASE, "merge_dims": True, "max_precond_dim": 8, "precondition_frequency": 3}
-    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
     twins = [p.detach().clone().requires_grad_() for p in params]
     opt = SOAP(params, **cfg)
     grads = [[torch.randn_like(p) for p in params] for _ in range(16)]
@@ -138,6 +141,8 @@ def test_state_dict_save_load_continue_bit_exact():
         assert torch.equal(p, t)
         for key, value in opt.state[p].items():
             other = resumed.state[t][key]
+            for x in value if isinstance(value, list) else [value]:
+                assert not isinstance(x, torch.Tensor) or x.dtype == torch.float32
             if isinstance(value, list):
                 assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(value, other))
             else:
