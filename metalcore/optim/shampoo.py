@@ -34,6 +34,7 @@ size and order over all blocks of all parameters (bucketing, not padding:
 :mod:`metalcore.optim._preconditioner`). No host synchronisation.
 """
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -87,12 +88,18 @@ def from_blocks(out: Tensor, region: tuple[Segment, ...], blocks: Tensor) -> Non
     view.copy_(blocks.view(view.shape))
 
 
-def shampoo_layout(param: Tensor, max_preconditioner_dim: int, merge_dims: bool):
-    """``(shape, regions)``: the shape Shampoo sees ``param`` as, and its block regions."""
-    shape = tuple(param.shape) or (1,)
+@functools.lru_cache(maxsize=1024)
+def _layout(shape: tuple[int, ...], max_preconditioner_dim: int, merge_dims: bool):
+    shape = shape or (1,)
     if merge_dims:
         shape = merged_shape(shape, max_preconditioner_dim)
-    return shape, block_regions(shape, max_preconditioner_dim)
+    return shape, tuple(block_regions(shape, max_preconditioner_dim))
+
+
+def shampoo_layout(param: Tensor, max_preconditioner_dim: int, merge_dims: bool):
+    """``(shape, regions)``: the shape Shampoo sees ``param`` as, and its block regions (cached per
+    shape: this runs for every parameter at every step)."""
+    return _layout(tuple(param.shape), max_preconditioner_dim, merge_dims)
 
 
 def inverse_roots(exponent: float, A: Tensor, *, epsilon: float) -> tuple[Tensor]:
