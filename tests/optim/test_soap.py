@@ -74,6 +74,16 @@ def test_float32_tracks_float64_reference():
         torch.testing.assert_close(p.detach().double(), r.p, rtol=0, atol=1e-4)
 
 
+def test_merged_shape():
+    """The reference's merge rule: consecutive dimensions while the product stays ≤ max_dim."""
+    from metalcore.optim._preconditioner import merged_shape
+
+    assert merged_shape((64, 32, 3, 3), 10000) == (6144, 3)
+    assert merged_shape((8, 4, 3, 3), 1024) == (288,)
+    assert merged_shape((50257, 768), 10000) == (50257, 768)
+    assert merged_shape((1, 1), 4) == (1,)
+
+
 def test_first_step_only_builds_bases():
     p = torch.randn(5, 7, requires_grad=True)
     before = p.detach().clone()
