@@ -215,8 +215,8 @@ def bench_heavyball(run: Run, compile_mode) -> dict:
     try:
         import heavyball
         import heavyball.utils
-    except ImportError as e:
-        return {"skipped": f"heavyball not importable ({e})"}
+    except Exception as e:  # ImportError, or a dependency of the wrong version failing at import
+        return {"skipped": f"heavyball not importable ({type(e).__name__}: {e})"}
     heavyball.utils.compile_mode = compile_mode
     if run.time_left() < 40:
         return {"skipped": "time budget"}
@@ -275,6 +275,12 @@ def correctness(device: torch.device) -> dict:
     return out
 
 
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def fmt(r) -> str:
     if not isinstance(r, dict):
         return str(r)
@@ -315,50 +321,56 @@ def main(argv=None) -> dict:
         entry: dict = {"parameters": run.numel}
         result["sets"][set_name] = entry
         print(f"\n== {set_name}: {len(shapes)} matrices, {run.numel / 1e6:.1f}M parameters")
-        try:
-            adamw = MetalAdamW(run.params, lr=1e-3)
-            entry["MetalAdamW"] = run.measure(adamw, warmup=3, budget_s=args.rep_s)
-            del adamw
-            print(f"  MetalAdamW step            {fmt(entry['MetalAdamW'])}")
-            # --tiny: blocks of 32 (of 1024, the 32×32 matrices would merge into 1024-vectors)
-            shampoo_options = {**SHAMPOO_OPTIONS, "max_preconditioner_dim": 32} if args.tiny else SHAMPOO_OPTIONS
-            for opt_name, cls, options in (("SOAP", SOAP, SOAP_OPTIONS), ("Shampoo", Shampoo, shampoo_options)):
-                if run.time_left() < 20:
-                    entry[opt_name] = "skipped (time budget)"
-                    continue
+        adamw = MetalAdamW(run.params, lr=1e-3)
+        entry["MetalAdamW"] = run.measure(adamw, warmup=3, budget_s=args.rep_s)
+        del adamw
+        print(f"  MetalAdamW step            {fmt(entry['MetalAdamW'])}")
+        # --tiny: blocks of 32 (of 1024, the 32×32 matrices would merge into 1024-vectors)
+        shampoo_options = {**SHAMPOO_OPTIONS, "max_preconditioner_dim": 32} if args.tiny else SHAMPOO_OPTIONS
+        for opt_name, cls, options in (("SOAP", SOAP, SOAP_OPTIONS), ("Shampoo", Shampoo, shampoo_options)):
+            if run.time_left() < 20:
+                entry[opt_name] = "skipped (time budget)"
+                print(f"  {opt_name}: skipped (time budget)")
+                continue
+            try:
                 r = entry[opt_name] = bench_metalcore(run, opt_name, cls, options, set_name in loop_sets)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                adam_ms = entry["MetalAdamW"]["ms"]
-                print(f"  {opt_name} metalcore first step {r['first_step_ms']:9.1f} ms (first bases/roots)")
-                print(f"  {opt_name} metalcore refresh    {fmt(r['metalcore_refresh'])}")
-                print(f"  {opt_name} metalcore plain      {fmt(r['metalcore_plain'])}  syncs: {r['syncs_in_plain_step']}")
-                print(f"  {opt_name} amortized@10         {r['metalcore_refresh']['amortized10_ms']:9.2f} ms = "
-                      f"{r['metalcore_refresh']['amortized10_ms'] / adam_ms:.2f}x MetalAdamW (target <= 1.5x); "
-                      f"state {r['state_MiB']:.0f} MiB")
-                if isinstance(r.get("loop_refresh"), dict):
-                    ratio = r["loop_refresh"]["ms"] / r["metalcore_refresh"]["ms"]
-                    r["speedup_vs_loop_refresh"] = ratio
-                    print(f"  {opt_name} torch loop refresh   {fmt(r['loop_refresh'])}  -> metalcore {ratio:.1f}x "
-                          f"(target >= 20x at gpt2)")
-                elif "loop_refresh" in r:
-                    print(f"  {opt_name} torch loop refresh   {r['loop_refresh']}")
+            except Exception:  # keep what was measured; the traceback goes into the JSON
+                entry[opt_name] = {"error": traceback.format_exc()}
+                print(entry[opt_name]["error"])
+                continue
+            finally:
+                free(device)
+            adam_ms = entry["MetalAdamW"]["ms"]
+            print(f"  {opt_name} metalcore first step {r['first_step_ms']:9.1f} ms (first bases/roots)")
+            print(f"  {opt_name} metalcore refresh    {fmt(r['metalcore_refresh'])}")
+            print(f"  {opt_name} metalcore plain      {fmt(r['metalcore_plain'])}  syncs: {r['syncs_in_plain_step']}")
+            print(f"  {opt_name} amortized@10         {r['metalcore_refresh']['amortized10_ms']:9.2f} ms = "
+                  f"{r['metalcore_refresh']['amortized10_ms'] / adam_ms:.2f}x MetalAdamW (target <= 1.5x); "
+                  f"state {r['state_MiB']:.0f} MiB")
+            if isinstance(r.get("loop_refresh"), dict):
+                ratio = r["loop_refresh"]["ms"] / r["metalcore_refresh"]["ms"]
+                r["speedup_vs_loop_refresh"] = ratio
+                print(f"  {opt_name} torch loop refresh   {fmt(r['loop_refresh'])}  -> metalcore {ratio:.1f}x "
+                      f"(target >= 20x at gpt2)")
+            elif "loop_refresh" in r:
+                print(f"  {opt_name} torch loop refresh   {r['loop_refresh']}")
+        try:
             hb = entry["heavyball_SOAP"] = bench_heavyball(run, args.heavyball_compile)
-            if "refresh" in hb:
-                ratio = hb["refresh"]["ms"] / entry["SOAP"]["metalcore_refresh"]["ms"]
-                hb["speedup_of_metalcore_refresh"] = ratio
-                print(f"  heavyball SOAP refresh     {fmt(hb['refresh'])}  -> metalcore {ratio:.1f}x (target >= 10x)")
-                print(f"  heavyball SOAP plain       {fmt(hb['plain'])}  (first step {hb['first_step_ms']:.0f} ms)")
-            else:
-                print(f"  heavyball SOAP: {hb['skipped']}")
-        except Exception:  # keep what was measured; the traceback goes into the JSON
-            entry["error"] = traceback.format_exc()
-            print(entry["error"])
+        except Exception:
+            hb = entry["heavyball_SOAP"] = {"skipped": "error", "error": traceback.format_exc()}
+            print(hb["error"])
+        finally:
+            free(device)
+        soap_refresh = entry["SOAP"].get("metalcore_refresh") if isinstance(entry["SOAP"], dict) else None
+        if "refresh" in hb and soap_refresh:
+            ratio = hb["refresh"]["ms"] / soap_refresh["ms"]
+            hb["speedup_of_metalcore_refresh"] = ratio
+            print(f"  heavyball SOAP refresh     {fmt(hb['refresh'])}  -> metalcore {ratio:.1f}x (target >= 10x)")
+            print(f"  heavyball SOAP plain       {fmt(hb['plain'])}  (first step {hb['first_step_ms']:.0f} ms)")
+        else:
+            print(f"  heavyball SOAP: {hb.get('skipped')}")
         del run
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free(device)
     result["seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
