@@ -19,8 +19,8 @@ synchronisation around each call, median, after warm-up steps that also build th
 * ``loop``: the same optimizer object with every batched ``eigh``/``qr`` replaced by a Python loop of
   ``torch.linalg.eigh``/``qr`` over the matrices (the per-block implementation users write), at the
   ``gpt2`` set only (its Shampoo refresh takes seconds);
-* ``heavyball``: ``heavyball.SOAP`` when importable (3.x has no plain Shampoo), eager unless
-  ``--heavyball-compile MODE``;
+* ``heavyball``: ``heavyball.SOAP`` when importable (3.2.1 has no plain Shampoo), eager unless
+  ``--heavyball-compile shipped`` (its own torch.compile setting) or another mode;
 * ``MetalAdamW`` over the same parameters, for the amortized comparison.
 
 "refresh" is a step that refreshes every basis/root (``precondition_frequency=1``), "plain" one that
@@ -217,7 +217,9 @@ def bench_heavyball(run: Run, compile_mode) -> dict:
         import heavyball.utils
     except Exception as e:  # ImportError, or a dependency of the wrong version failing at import
         return {"skipped": f"heavyball not importable ({type(e).__name__}: {e})"}
-    heavyball.utils.compile_mode = compile_mode
+    if compile_mode != "shipped":
+        heavyball.utils.compile_mode = None if compile_mode == "none" else compile_mode
+    compile_mode = heavyball.utils.compile_mode
     if run.time_left() < 40:
         return {"skipped": "time budget"}
     res: dict = {"version": getattr(heavyball, "__version__", "?"), "compile_mode": compile_mode}
@@ -296,7 +298,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--sets", default="gpt2,350m")
     ap.add_argument("--loop-sets", default="gpt2", help="sets where the per-block torch loop is timed")
-    ap.add_argument("--heavyball-compile", default=None, help="heavyball.utils.compile_mode (default: eager)")
+    ap.add_argument("--heavyball-compile", default="none",
+                    help="heavyball.utils.compile_mode: 'none' (default: eager, no compile time), 'shipped' "
+                         "(heavyball's own default, max-autotune: minutes of compiling) or a torch.compile mode")
     ap.add_argument("--budget-s", type=float, default=180.0, help="skip what would start after this many seconds")
     ap.add_argument("--rep-s", type=float, default=2.0, help="seconds of samples per timing (at least one)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (all variants alike)")
