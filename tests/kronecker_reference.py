@@ -40,7 +40,7 @@ class ReferenceSOAP:
     optimizer under test (see ``first``)."""
 
     def __init__(self, p, cfg):
-        self.p, self.cfg, self.t = p.detach().clone().double(), cfg, 0
+        self.p, self.cfg, self.t = p.detach().to("cpu", torch.float64, copy=True), cfg, 0
         shape = list(p.shape) or [1]
         if cfg.get("merge_dims", False) and p.ndim > 1:
             shape = merge(shape, cfg["max_precond_dim"])
@@ -61,7 +61,7 @@ class ReferenceSOAP:
         self.Q = {}
         for a in self.axes:
             self.GG[a] = self.GG[a] + (1 - bs) * (unfold(G, a) @ unfold(G, a).T - self.GG[a])
-            Q = bases[a].double().clone()
+            Q = bases[a].to("cpu", torch.float64, copy=True)
             D = Q.T @ self.GG[a] @ Q
             scale = self.GG[a].abs().max().clamp_min(1e-300)
             assert (D - torch.diag(D.diagonal())).abs().max() <= 1e-5 * scale
@@ -110,7 +110,7 @@ class ReferenceShampoo:
     and, inside, over the block's dimensions."""
 
     def __init__(self, p, cfg):
-        self.p, self.cfg, self.t = p.detach().clone().double(), cfg, 0
+        self.p, self.cfg, self.t = p.detach().to("cpu", torch.float64, copy=True), cfg, 0
         B = cfg["max_preconditioner_dim"]
         shape = list(p.shape) or [1]
         self.shape = merge(shape, B) if cfg["merge_dims"] else shape

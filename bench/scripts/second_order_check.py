@@ -258,7 +258,7 @@ def correctness(device: torch.device) -> dict:
     g = torch.Generator().manual_seed(1)
     for name, (cls, ref_cls, cfg) in cases.items():
         params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
-        refs = [ref_cls(p.cpu(), cfg) for p in params]
+        refs = [ref_cls(p, cfg) for p in params]
         opt = cls(params, **cfg)
         for _ in range(20):
             grads = [torch.randn(p.shape, generator=g) for p in params]
@@ -267,7 +267,7 @@ def correctness(device: torch.device) -> dict:
             opt.step()
             for p, r, gr in zip(params, refs, grads):
                 if name == "SOAP" and r.Q is None:
-                    r.first(gr, [q.cpu() if q is not None else None for q in opt.state[p]["Q"]])
+                    r.first(gr, opt.state[p]["Q"])
                 else:
                     r.step(gr)
         err = max((p.detach().cpu().double() - r.p).abs().max().item() for p, r in zip(params, refs))

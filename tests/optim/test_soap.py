@@ -30,14 +30,14 @@ CONFIGS = {
 SHAPES = [(6, 6), (6, 6), (5, 12), (9, 4), (4, 3, 2, 2), (7,), ()]
 
 
-def run_pair(cfg, dtype, shapes=SHAPES, steps=STEPS):
-    params = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+def run_pair(cfg, dtype, shapes=SHAPES, steps=STEPS, device="cpu"):
+    params = [torch.randn(s, dtype=dtype, device=device, requires_grad=True) for s in shapes]
     refs = [ReferenceSOAP(p, cfg) for p in params]
     opt = SOAP(params, **cfg)
     for step in range(steps):
         grads = [torch.randn(p.shape, dtype=dtype) for p in params]
         for p, g in zip(params, grads):
-            p.grad = g.clone()
+            p.grad = g.to(device)
         opt.step()
         for p, r, g in zip(params, refs, grads):
             if r.Q is None:
@@ -65,13 +65,14 @@ def test_matches_float64_reference(config):
                 torch.testing.assert_close(q, r.Q[a], rtol=1e-7, atol=1e-9)
 
 
-def test_float32_tracks_float64_reference():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_float32_tracks_float64_reference(device):
     """float32 against the float64 reference: Adam's 1/√v amplifies rounding in the smallest
     coordinates, so the bound is on the parameters' drift (1e-4 of a 30-step move of ~0.1)."""
     cfg = {**BASE, "merge_dims": True, "max_precond_dim": 8}
-    params, refs, _ = run_pair(cfg, torch.float32)
+    params, refs, _ = run_pair(cfg, torch.float32, device=device)
     for p, r in zip(params, refs):
-        torch.testing.assert_close(p.detach().double(), r.p, rtol=0, atol=1e-4)
+        torch.testing.assert_close(p.detach().cpu().double(), r.p, rtol=0, atol=1e-4)
 
 
 def test_merged_shape():
