@@ -72,6 +72,27 @@ def test_float32_tracks_float64_reference(device):
         torch.testing.assert_close(p.detach().cpu().double(), r.p, rtol=0, atol=1e-4)
 
 
+def test_parameters_without_gradients_some_steps():
+    """A parameter whose gradient is None on some steps is skipped then (its step count lags), and the
+    stacks its same-shape blocks share are rebuilt: every parameter still follows its own reference."""
+    cfg = {**BASE, "precondition_frequency": 2}
+    shapes = [(8, 8), (8, 8), (8, 6), (4, 4)]
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    refs = [ReferenceShampoo(p, cfg) for p in params]
+    opt = Shampoo(params, **cfg)
+    for step in range(16):
+        active = [i for i in range(len(params)) if not (i == 1 and step % 3 == 0) and not (i == 2 and step % 5 == 1)]
+        grads = {i: torch.randn(params[i].shape, dtype=torch.float64) for i in active}
+        for i, p in enumerate(params):
+            p.grad = grads[i].clone() if i in grads else None
+        opt.step()
+        for i, g in grads.items():
+            refs[i].step(g)
+    for p, r in zip(params, refs):
+        assert opt.state[p]["step"] == r.t
+        torch.testing.assert_close(p.detach(), r.p, rtol=1e-9, atol=1e-11)
+
+
 def test_refresh_is_one_eigh_per_size():
     import metalcore.optim.shampoo as shampoo_module
 

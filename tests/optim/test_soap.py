@@ -75,6 +75,29 @@ def test_float32_tracks_float64_reference(device):
         torch.testing.assert_close(p.detach().cpu().double(), r.p, rtol=0, atol=1e-4)
 
 
+def test_parameters_without_gradients_some_steps():
+    """A parameter whose gradient is None on some steps is skipped then, and the stacks its
+    same-shape neighbours share are rebuilt (state tensors are views into them): every parameter still
+    follows its own reference, stepped only when it had a gradient."""
+    cfg = {**BASE, "precondition_frequency": 3}
+    shapes = [(6, 6), (6, 6), (6, 6), (5, 12)]
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    refs = [ReferenceSOAP(p, cfg) for p in params]
+    opt = SOAP(params, **cfg)
+    for step in range(20):
+        active = [i for i in range(len(params)) if not (i == 1 and step % 3 == 0) and not (i == 3 and step % 4 == 1)]
+        grads = {i: torch.randn(params[i].shape, dtype=torch.float64) for i in active}
+        for i, p in enumerate(params):
+            p.grad = grads[i].clone() if i in grads else None
+        opt.step()
+        for i, g in grads.items():
+            r = refs[i]
+            r.first(g, opt.state[params[i]]["Q"]) if r.Q is None else r.step(g)
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p.detach(), r.p, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], r.m, rtol=1e-8, atol=1e-11)
+
+
 def test_merged_shape():
     """The reference's merge rule: consecutive dimensions while the product stays ≤ max_dim."""
     from metalcore.optim._preconditioner import merged_shape
