@@ -19,11 +19,30 @@ every parameter and side) and makes one call per size.
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import math
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from metalcore.optim.adamw import state_dtype
+
+
+def check_number(cls: str, name: str, value: Any, low: float, high: Optional[float] = None, *,
+                 closed: bool = False) -> None:
+    """ValueError naming ``value`` unless it is a real number in ``[low, high)`` (``[low, high]`` when
+    ``closed``; no upper bound without ``high``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{cls}: {name} must be a number; got {value!r}")
+    if value < low or (high is not None and (value > high if closed else value >= high)):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}{']' if closed else ')'}"
+        raise ValueError(f"{cls}: Invalid {name}: {value} (must be {bound})")
+
+
+def check_int(cls: str, name: str, value: Any, low: int) -> None:
+    """ValueError naming ``value`` unless it is an integer ≥ ``low`` (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{cls}: {name} must be an integer >= {low}; got {value!r}")
 
 
 def merged_shape(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:

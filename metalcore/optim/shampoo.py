@@ -45,7 +45,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
-from metalcore.optim._preconditioner import along, by_size, gram, joined, merged_shape, restore_state_dtypes
+from metalcore.optim._preconditioner import (along, by_size, check_int, check_number, gram, joined, merged_shape,
+                                             restore_state_dtypes)
 from metalcore.optim.adamw import evaluate_closure, state_dtype
 
 _CLS = "Shampoo"
@@ -219,39 +220,26 @@ def shampoo_update(params: list[Tensor], grads: list[Tensor], states: list[dict[
     torch._foreach_add_(params, [update[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)], alpha=-lr)
 
 
-def _check_float(name: str, value: Any, low: float, high: Optional[float] = None, *, closed: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{_CLS}: {name} must be a number; got {value!r}")
-    if value < low or (high is not None and (value > high if closed else value >= high)):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}{']' if closed else ')'}"
-        raise ValueError(f"{_CLS}: Invalid {name}: {value} (must be {bound})")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{_CLS}: {name} must be an integer >= {low}; got {value!r}")
-
-
 def check_hyperparameters(lr: Any, betas: Any, epsilon: Any, weight_decay: Any, max_preconditioner_dim: Any,
                           precondition_frequency: Any, start_preconditioning_step: Any, use_bias_correction: Any,
                           grafting: Any, grafting_beta2: Any, grafting_epsilon: Any, merge_dims: Any) -> None:
     """ValueError naming the bad value, in torch.optim's style."""
-    _check_float("learning rate", lr, 0.0)
+    check_number(_CLS, "learning rate", lr, 0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{_CLS}: betas must be a pair (beta1, beta2); got {betas!r}")
-    _check_float("beta parameter at index 0", betas[0], 0.0, 1.0)
-    _check_float("beta parameter at index 1", betas[1], 0.0, 1.0, closed=True)  # 1: Adagrad-like sums
+    check_number(_CLS, "beta parameter at index 0", betas[0], 0.0, 1.0)
+    check_number(_CLS, "beta parameter at index 1", betas[1], 0.0, 1.0, closed=True)  # 1: Adagrad-like sums
     if not (isinstance(epsilon, (int, float)) and epsilon > 0):
         raise ValueError(f"{_CLS}: Invalid epsilon value: {epsilon!r} (must be > 0: it regularizes the inverse root)")
-    _check_float("weight_decay value", weight_decay, 0.0)
-    _check_int("max_preconditioner_dim", max_preconditioner_dim, 1)
-    _check_int("precondition_frequency", precondition_frequency, 1)
+    check_number(_CLS, "weight_decay value", weight_decay, 0.0)
+    check_int(_CLS, "max_preconditioner_dim", max_preconditioner_dim, 1)
+    check_int(_CLS, "precondition_frequency", precondition_frequency, 1)
     if start_preconditioning_step is not None:
-        _check_int("start_preconditioning_step", start_preconditioning_step, 1)
+        check_int(_CLS, "start_preconditioning_step", start_preconditioning_step, 1)
     if grafting not in GRAFTING:
         raise ValueError(f"{_CLS}: grafting must be one of 'adam', 'sgd' or None; got {grafting!r}")
-    _check_float("grafting_beta2", grafting_beta2, 0.0, 1.0)
-    _check_float("grafting_epsilon", grafting_epsilon, 0.0)
+    check_number(_CLS, "grafting_beta2", grafting_beta2, 0.0, 1.0)
+    check_number(_CLS, "grafting_epsilon", grafting_epsilon, 0.0)
     for name, flag in (("use_bias_correction", use_bias_correction), ("merge_dims", merge_dims)):
         if not isinstance(flag, bool):
             raise ValueError(f"{_CLS}: {name} must be a bool; got {flag!r}")

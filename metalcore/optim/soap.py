@@ -47,7 +47,8 @@ from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
 from metalcore.linalg.qr import qr
-from metalcore.optim._preconditioner import along, by_size, gram, joined, merged_shape, restore_state_dtypes
+from metalcore.optim._preconditioner import (along, by_size, check_int, check_number, gram, joined, merged_shape,
+                                             restore_state_dtypes)
 from metalcore.optim.adamw import evaluate_closure, state_dtype
 
 _CLS = "SOAP"
@@ -131,7 +132,7 @@ def soap_update(params: list[Tensor], grads: list[Tensor], states: list[dict[str
         groups.setdefault(key, []).append(i)
 
     first: list[tuple[list[dict], int, Tensor]] = []      # (states, axis, GG stack) needing a first basis
-    refresh: list[tuple[list[dict], dict[int, Tensor], dict[int, Tensor], Tensor, Tensor]] = []
+    refresh: list[tuple[dict[int, Tensor], dict[int, Tensor], Tensor, Tensor]] = []  # (GG, Q, m, v) stacks
     for (shape, axes, dtype, _, step, has_bases), idx in groups.items():
         sts = [states[i] for i in idx]
         G = torch.stack([grads[i].reshape(shape) for i in idx]).to(dtype)
@@ -163,7 +164,7 @@ def soap_update(params: list[Tensor], grads: list[Tensor], states: list[dict[str
         for a in axes:
             GG[a].lerp_(gram(G, 1 + a), 1 - beta_s)
         if axes and t % precondition_frequency == 0:
-            refresh.append((sts, GG, Q, m, v))
+            refresh.append((GG, Q, m, v))
 
     if first:
         bases = by_size(initial_bases, [(GG,) for _, _, GG in first])
@@ -171,11 +172,11 @@ def soap_update(params: list[Tensor], grads: list[Tensor], states: list[dict[str
             for s, q in zip(sts, Qa.clone().unbind(0)):
                 s["Q"][a] = q
     if refresh:
-        for _, _, Q, m, _ in refresh:
+        for _, Q, m, _ in refresh:
             m.copy_(project(m, Q, back=True))
-        jobs = [(GG[a], Q[a]) for _, GG, Q, _, _ in refresh for a in Q]
+        jobs = [(GG[a], Q[a]) for GG, Q, _, _ in refresh for a in Q]
         results = iter(by_size(power_qr_bases, jobs))
-        for _, _, Q, m, v in refresh:
+        for _, Q, m, v in refresh:
             for a in Q:
                 Q_new, order = next(results)
                 Q[a].copy_(Q_new)
@@ -183,35 +184,21 @@ def soap_update(params: list[Tensor], grads: list[Tensor], states: list[dict[str
             m.copy_(project(m, Q, back=False))
 
 
-def _check_float(name: str, value: Any, low: float, high: Optional[float] = None, *, open_high: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{_CLS}: {name} must be a number; got {value!r}")
-    if value < low or (high is not None and (value >= high if open_high else value > high)):
-        bound = f"[{low}, {high})" if high is not None and open_high else f"[{low}, {high}]" if high is not None \
-            else f">= {low}"
-        raise ValueError(f"{_CLS}: Invalid {name}: {value} (must be {bound})")
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{_CLS}: {name} must be an integer >= {low}; got {value!r}")
-
-
 def check_hyperparameters(lr: Any, betas: Any, shampoo_beta: Any, eps: Any, weight_decay: Any,
                           precondition_frequency: Any, max_precond_dim: Any, merge_dims: Any,
                           precondition_1d: Any, normalize_grads: Any, correct_bias: Any) -> None:
     """ValueError naming the bad value, in torch.optim's style."""
-    _check_float("learning rate", lr, 0.0)
+    check_number(_CLS, "learning rate", lr, 0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{_CLS}: betas must be a pair (beta1, beta2); got {betas!r}")
     for i, beta in enumerate(betas):
-        _check_float(f"beta parameter at index {i}", beta, 0.0, 1.0)
+        check_number(_CLS, f"beta parameter at index {i}", beta, 0.0, 1.0)
     if shampoo_beta is not None:
-        _check_float("shampoo_beta", shampoo_beta, 0.0, 1.0)
-    _check_float("epsilon value", eps, 0.0)
-    _check_float("weight_decay value", weight_decay, 0.0)
-    _check_int("precondition_frequency", precondition_frequency, 1)
-    _check_int("max_precond_dim", max_precond_dim, 1)
+        check_number(_CLS, "shampoo_beta", shampoo_beta, 0.0, 1.0)
+    check_number(_CLS, "epsilon value", eps, 0.0)
+    check_number(_CLS, "weight_decay value", weight_decay, 0.0)
+    check_int(_CLS, "precondition_frequency", precondition_frequency, 1)
+    check_int(_CLS, "max_precond_dim", max_precond_dim, 1)
     for name, flag in (("merge_dims", merge_dims), ("precondition_1d", precondition_1d),
                        ("normalize_grads", normalize_grads), ("correct_bias", correct_bias)):
         if not isinstance(flag, bool):
