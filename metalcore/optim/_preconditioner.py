@@ -1,6 +1,6 @@
 """Kronecker-factored preconditioner pieces shared by :mod:`metalcore.optim.soap` and
 :mod:`metalcore.optim.shampoo`: dimension merging, stacked state, products along one axis of a stack,
-and the batched refresh calls (one ``metalcore.linalg`` call per matrix size).
+the batched refresh calls (one ``metalcore.linalg`` call per matrix size), hyperparameter checks.
 
 Stacks. Both optimizers work on *stacks*: every unit (a SOAP parameter, a Shampoo block) of one shape
 is stacked into a ``(k, d₁, …, d_r)`` tensor so that each product is one batched matmul over all of
@@ -16,10 +16,9 @@ Refresh batching: by size, not padding. The matrices refreshed in one step have 
 every parameter and side) and makes one call per size.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
-
-import math
 
 import torch
 from torch import Tensor
