@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
             if isinstance(r.get("loop_refresh"), dict):
                 ratio = r["loop_refresh"]["ms"] / r["metalcore_refresh"]["ms"]
                 r["speedup_vs_loop_refresh"] = ratio
-                print(f"  {opt_name} torch loop refresh   {fmt(r['loop_refresh'])}  -> metalcore {ratio:.1f}x "
+                print(f"  {opt_name} torch loop refresh   {fmt(r['loop_refresh'])}  -> metalcore {ratio:.2f}x "
                       f"(target >= 20x at gpt2)")
             elif "loop_refresh" in r:
                 print(f"  {opt_name} torch loop refresh   {r['loop_refresh']}")
@@ -369,7 +369,7 @@ def main(argv=None) -> dict:
         if "refresh" in hb and soap_refresh:
             ratio = hb["refresh"]["ms"] / soap_refresh["ms"]
             hb["speedup_of_metalcore_refresh"] = ratio
-            print(f"  heavyball SOAP refresh     {fmt(hb['refresh'])}  -> metalcore {ratio:.1f}x (target >= 10x)")
+            print(f"  heavyball SOAP refresh     {fmt(hb['refresh'])}  -> metalcore {ratio:.2f}x (target >= 10x)")
             print(f"  heavyball SOAP plain       {fmt(hb['plain'])}  (first step {hb['first_step_ms']:.0f} ms)")
         else:
             print(f"  heavyball SOAP: {hb.get('skipped')}")
