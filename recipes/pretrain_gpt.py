@@ -16,7 +16,11 @@ same batches, so the curves differ only by the optimizer:
   Muon (Newton–Schulz orthogonalised momentum, same-shape matrices in one batched call;
   ``adjust_lr_fn="match_rms_adamw"`` so one learning rate suits both) on the hidden 2-D weight
   matrices, AdamW on the embeddings (tied with the output head), norms and biases — the usual split,
-  one optimizer object.
+  one optimizer object;
+* ``soap``: ``metalcore.optim.SOAP`` on every parameter (bases refreshed every 10 steps; dimensions
+  above 2048 — the vocabulary side of the embedding — stay diagonal);
+* ``shampoo``: ``metalcore.optim.Shampoo`` on every parameter (blocks of 1024, inverse roots every
+  10 steps from step 10, Adam grafting with AdamW's betas).
 
 Training runs in fp32 on every device (the default model is small enough that a 300-step run takes
 well under a minute on a GPU; Muon's iteration is bf16 internally either way).
@@ -37,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (imports no torch: arguments are checked before anything slow)
 
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "muon", "soap", "shampoo")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,7 +104,7 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 def make_optimizer(name: str, model, args):
-    from metalcore.optim import MetalAdamW, MuonWithAuxAdamW, muon_param_groups
+    from metalcore.optim import SOAP, MetalAdamW, MuonWithAuxAdamW, Shampoo, muon_param_groups
 
     if name == "adamw":
         return [MetalAdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)]
@@ -108,6 +112,12 @@ def make_optimizer(name: str, model, args):
         groups = muon_param_groups(model, lr=args.lr, adamw_lr=args.lr, weight_decay=0.1, adamw_betas=(0.9, 0.95),
                                    adjust_lr_fn="match_rms_adamw")
         return [MuonWithAuxAdamW(groups)]
+    if name == "soap":
+        return [SOAP(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, precondition_frequency=10,
+                     max_precond_dim=2048)]
+    if name == "shampoo":
+        return [Shampoo(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, precondition_frequency=10,
+                        max_preconditioner_dim=1024, grafting="adam", grafting_beta2=0.95)]
     raise ValueError(f"unknown optimizer {name!r}")  # check_args admits only OPTIMIZERS
 
 
@@ -206,7 +216,7 @@ def train_all(args) -> dict:
     if not args.quiet:
         for name in curves:
             s = summary[name]
-            print(f"{name:>6}: eval loss {s['final_eval_loss']:.3f} (step 0: {s['initial_eval_loss']:.3f}), train loss {s['final_train_loss']:.3f} "
+            print(f"{name:>7}: eval loss {s['final_eval_loss']:.3f} (step 0: {s['initial_eval_loss']:.3f}), train loss {s['final_train_loss']:.3f} "
                   f"(last 10 steps), {s['tokens_per_second']:,.0f} tokens/s")
         print(f"loss curves: {png}")
     return summary

@@ -127,3 +127,15 @@ def test_pretrain_gpt_two_optimizers(tmp_path):
         assert summary[name]["tokens_per_second"] > 0 and 0 < summary[name]["final_eval_loss"] < 10
     assert summary["muon"]["optimizers"] == ["MuonWithAuxAdamW"]  # metalcore's Muon, not torch's
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+def test_pretrain_gpt_second_order_optimizers(tmp_path):
+    """SOAP and Shampoo through the recipe: 12 steps cross a basis refresh (every 10) and Shampoo's
+    first inverse roots (step 10)."""
+    pretrain = _load("pretrain_gpt")
+    summary = pretrain.main(["--optimizers", "soap,shampoo", "--steps", "12", "--batch-size", "2", "--seq-len", "32",
+                             "--layers", "1", "--hidden-size", "64", "--vocab-size", "300", "--corpus-bytes", "40000",
+                             "--eval-every", "12", "--threads", "1", "--quiet", "--out", str(tmp_path)])
+    assert summary["soap"]["optimizers"] == ["SOAP"] and summary["shampoo"]["optimizers"] == ["Shampoo"]
+    for name in ("soap", "shampoo"):
+        assert summary[name]["final_eval_loss"] < summary[name]["initial_eval_loss"]

@@ -60,7 +60,7 @@ def _cases():
         yield recipe, ["--seq-len", "4096"], "--seq-len must be at most 1024", True
         yield recipe, ["--vocab-size", "100"], "--vocab-size must be at least 262", True
     yield ft, ["--compare", "--no-patch"], "--compare already trains the unpatched side", True
-    yield pt, ["--optimizers", "adamw,sgd"], "--optimizers: unknown or empty ['sgd']; choose from adamw, muon", True
+    yield pt, ["--optimizers", "adamw,sgd"], "--optimizers: unknown or empty ['sgd']; choose from adamw, muon, soap, shampoo", True
     yield tr, ["--grad-accum", "0"], "--grad-accum must be at least 1; got 0", True
     yield tr, ["--optimizer", "sgd"], "invalid choice: 'sgd'", True
 
