@@ -587,12 +587,15 @@ def main(args: Any) -> int:
     code = 0
     if not args.check_only:
         t0 = time.time()
-        ops = sweep(device, backend, selected, log, dtypes, sizes, batches)
-        meta["sweep_s"] = round(time.time() - t0, 1)
         table_file = table_path(device)
-        merge_into(table_file, ops, meta)
+        count = 0
+        for s in selected:  # the table is rewritten after each op: a run cut short keeps what it measured
+            ops = sweep(device, backend, [s], log, dtypes, sizes, batches)
+            meta["sweep_s"] = round(time.time() - t0, 1)
+            merge_into(table_file, ops, meta)
+            count += sum(len(v) for v in ops.values())
         _selection.reload()
-        print(f"wrote {table_file} ({sum(len(v) for v in ops.values())} points, {meta['sweep_s']} s)")
+        print(f"wrote {table_file} ({count} points, {meta['sweep_s']} s)")
     if args.check or args.check_only:
         t0 = time.time()
         points, violations = check(device, selected, log, dtypes, sizes, batches)
