@@ -156,6 +156,31 @@ def test_householder_product_gradient_matches_torch():
         torch.testing.assert_close(o, t)
 
 
+@pytest.mark.parametrize("batch,m,n", [((), 4, 3), ((2,), 5, 5), ((0,), 3, 2)], ids=str)
+def test_householder_product_with_no_reflectors(batch, m, n, backend):
+    """``tau`` of length 0: ``Q`` is the first ``n`` columns of the identity, whatever ``A`` holds, and
+    the gradient with respect to ``A`` is zero (torch leaves it unconnected)."""
+    A = torch.randn(*batch, m, n, dtype=torch.float64, requires_grad=True)
+    tau = torch.zeros(*batch, 0, dtype=torch.float64, requires_grad=True)
+    Q = metalcore.linalg.householder_product(A, tau)
+    torch.testing.assert_close(Q, torch.linalg.householder_product(A, tau))
+    gA, gtau = torch.autograd.grad(Q, (A, tau), torch.randn(Q.shape, dtype=torch.float64),
+                                   allow_unused=True, materialize_grads=True)
+    assert torch.equal(gA, torch.zeros_like(A)) and gtau.shape == tau.shape
+    torch.autograd.gradcheck(metalcore.linalg.householder_product, (A, tau))
+
+
+def test_householder_product_out_dtype_follows_torch():
+    V, tau = reflectors((2,), 5, 3)
+    out = torch.empty(0, dtype=torch.float32)  # a safe cast from float64: torch accepts it
+    torch.testing.assert_close(metalcore.linalg.householder_product(V, tau, out=out),
+                               torch.linalg.householder_product(V, tau).float())
+    for ours, theirs in ((metalcore.linalg.householder_product, torch.linalg.householder_product),):
+        for fn in (ours, theirs):
+            with pytest.raises(RuntimeError):
+                fn(V, tau, out=torch.empty(0, dtype=torch.int64))
+
+
 def test_householder_ops_compile_without_graph_breaks():
     A = torch.randn(3, 9, 5, dtype=torch.float32)
     QR, tau = torch.compile(geqr2, fullgraph=True)(A)
