@@ -3,7 +3,7 @@ reference on a small input.
 
 The test drives the kernels itself through the ops (so it holds under pytest-xdist, where the shader
 tests run in other processes); metalcore._metal records every launch. A new kernel that no op here
-reaches fails the test: add its op to DRIVERS (and its tests to tests/metal/test_shaders_*.py).
+reaches fails the test: add its op to DRIVERS (and its tests to the op's tests/<area>/test_<op>.py).
 """
 
 import torch
