@@ -42,25 +42,96 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-# --- Triton kernels (tests/triton, tests/triton_linalg) -------------------------------------------
+# --- Backends -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def triton_backend(request, monkeypatch):
-    """Force the triton backend: interpreted on CPU tensors (CI), compiled for tests marked ``gpu``.
+def device(request):
+    """Where a test's tensors live: CUDA for tests marked ``gpu``, the CPU otherwise."""
+    return "cuda" if "gpu" in request.keywords else "cpu"
+
+
+def _enter_triton(device, monkeypatch):
+    """Triton interpreted on CPU tensors (CI), compiled on CUDA ones.
 
     Setting ``TRITON_INTERPRET`` per test is enough: metalcore's kernels choose interpret-or-compile
     at launch (metalcore/_triton.py), not when triton is imported."""
     if not triton_importable():
         unavailable("triton is not importable: the Triton backend cannot run (pip install 'metalcore[cuda]')")
-    if "gpu" not in request.keywords:
+    if torch.device(device).type != "cuda":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _enter_metal(device, monkeypatch):
+    """Metal shaders through the CPU executor, with kernel outputs poisoned (NaN) so that an element a
+    kernel never writes fails the comparison."""
+    if torch.device(device).type != "cpu":
+        pytest.skip("the Metal backend runs on CPU tensors here (the shader executor), not on " + str(device))
+    if metalcore._metal.executor() is None:
+        unavailable("the Metal shader executor cannot be built here (it needs clang++ >= 17)")
+    monkeypatch.setattr(metalcore._metal, "poison_outputs", True)
+
+
+@pytest.fixture(params=["reference", "triton", "metal"])
+def backend(request, device, monkeypatch):
+    """Every backend of an op in turn, forced with ``metalcore.use_backend``: the reference; Triton
+    (interpreter on CPU tensors, compiled for ``gpu`` tests); Metal (the shader executor on CPU
+    tensors). An op with no kernel for some input runs the reference there, as it does for users."""
+    name = request.param
+    if name == "triton":
+        _enter_triton(device, monkeypatch)
+    elif name == "metal":
+        _enter_metal(device, monkeypatch)
+    with metalcore.use_backend(name):
+        yield name
+
+
+@pytest.fixture(scope="session")
+def executor():
+    """The shader executor module, or skip (locally) / fail (CI)."""
+    ex = metalcore._metal.executor()
+    if ex is None:
+        unavailable("the Metal shader executor cannot be built here (it needs clang++ >= 17)")
+    return ex
+
+
+@pytest.fixture
+def metal_outputs_poisoned(monkeypatch):
+    """Kernel outputs start as NaN, so that an element a kernel never writes fails the comparison."""
+    monkeypatch.setattr(metalcore._metal, "poison_outputs", True)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count the launches of a kernel module's launcher: ``launches(module, "name")`` wraps it and
+    returns a list that grows by one per call (proves backward passes reach the kernels too)."""
+    def wrap(module, name):
+        calls = []
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+
+    return wrap
+
+
+@pytest.fixture
+def triton_backend(device, monkeypatch):
+    """Only the Triton backend (tests of the Triton kernels themselves)."""
+    _enter_triton(device, monkeypatch)
     with metalcore.use_backend("triton"):
         yield
 
 
 @pytest.fixture
-def device(request):
-    return "cuda" if "gpu" in request.keywords else "cpu"
+def metal_backend(device, monkeypatch):
+    """Only the Metal backend (tests of the shaders themselves)."""
+    _enter_metal(device, monkeypatch)
+    with metalcore.use_backend("metal"):
+        yield
 
 
 @pytest.fixture

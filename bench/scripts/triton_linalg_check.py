@@ -75,7 +75,7 @@ def main():
     if not args.skip_tests:
         t0 = time.time()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/triton_linalg",
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/linalg",
                                    "-p", "no:cacheprovider", "-W", "ignore"], capture_output=True, text=True,
                                   timeout=args.test_timeout)
             rc, tail = proc.returncode, proc.stdout[-6000:] + proc.stderr[-2000:]

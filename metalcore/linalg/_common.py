@@ -7,21 +7,37 @@ from collections.abc import Callable
 import torch
 
 
-def write_out(fn: str, result, out):
-    """Copy ``result`` (a tensor or a tuple of tensors) into ``out`` the way torch's ``out=`` does."""
+def write_out(fn: str, result, out, *, cast: bool = False):
+    """Copy ``result`` (a tensor or a tuple of tensors) into ``out`` the way torch's ``out=`` does.
+
+    ``out`` must have the result's dtype, as torch's native linalg functions require; with ``cast``
+    (torch's composite ones: ``pinv``, ``householder_product``, ``cholesky_solve``) any dtype the
+    result can be safely cast to. Otherwise RuntimeError, torch's type.
+    """
     if out is None:
         return result
     if isinstance(result, torch.Tensor):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"{fn}: out must be a Tensor")
+        _check_out_dtype(fn, "out", result, out, cast)
         out.resize_(result.shape).copy_(result)
         return out
     if not isinstance(out, (tuple, list)) or len(out) != len(result):
         raise TypeError(f"{fn}: out must be a tuple of {len(result)} tensors")
+    for i, (o, r) in enumerate(zip(out, result)):
+        _check_out_dtype(fn, f"out[{i}]", r, o, cast)
     for o, r in zip(out, result):
         o.resize_(r.shape).copy_(r)
     # torch.return_types.* are structseqs built from one sequence.
     return tuple(out) if type(result) is tuple else type(result)(tuple(out))
+
+
+def _check_out_dtype(fn: str, name: str, result: torch.Tensor, out: torch.Tensor, cast: bool) -> None:
+    if out.dtype == result.dtype or (cast and torch.can_cast(result.dtype, out.dtype)):
+        return
+    rule = "a dtype the result can be safely cast to" if cast else "the result's dtype"
+    raise RuntimeError(f"{fn}: {name} must have {rule}, {str(result.dtype).removeprefix('torch.')}; "
+                       f"got {str(out.dtype).removeprefix('torch.')}")
 
 
 def raise_for_info(fn: str, info: torch.Tensor, describe: Callable[[int], str]) -> None:

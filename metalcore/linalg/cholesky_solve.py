@@ -70,4 +70,4 @@ def cholesky_solve(B: Tensor, L: Tensor, upper: bool = False, *, out=None) -> Te
         raise ValueError(f"{_FN}: B must have {n} rows to match L of shape {tuple(L.shape)}; "
                          f"got B of shape {tuple(B.shape)}")
     L, B = broadcast_batch(_FN, L, B, "L", "B")
-    return write_out(_FN, cholesky_solve_op(B, L, bool(upper)), out)
+    return write_out(_FN, cholesky_solve_op(B, L, bool(upper)), out, cast=True)

@@ -258,4 +258,4 @@ def householder_product(A: Tensor, tau: Tensor, *, out=None) -> Tensor:
     if tau.shape[-1] > n:
         raise ValueError(f"{fn}: tau must hold at most n = {n} scalars (one per column of A); "
                          f"got tau of shape {tuple(tau.shape)}")
-    return write_out(fn, householder_product_op(A, tau), out)
+    return write_out(fn, householder_product_op(A, tau), out, cast=True)

@@ -23,11 +23,17 @@ from torch import Tensor
 
 from metalcore._validation import (LINALG_DTYPES, broadcast_batch_shape, check_choice, check_matrix, check_same_device,
                                    check_same_dtype, check_tensor)
+from metalcore.linalg.pinv import PinvBackward, pseudo_inverse_values
 from metalcore.linalg.qr import qr_op
 from metalcore.linalg.svd import svd_op
 from metalcore.linalg.triangular import solve_triangular
 
 DRIVERS = ("gels", "gelsy", "gelsd", "gelss")
+
+
+class RankError(ValueError, RuntimeError):
+    """Too few dimensions: a ValueError by metalcore's convention, and the RuntimeError that
+    ``torch.linalg.lstsq`` raises, so that code catching either keeps working."""
 _FN = "metalcore.linalg.lstsq"
 
 
@@ -53,6 +59,10 @@ def lstsq(A: Tensor, B: Tensor, rcond=None, *, driver=None):
 
     >>> X = metalcore.linalg.lstsq(torch.randn(10, 6, 3), torch.randn(10, 6, 2)).solution
     """
+    for name, x in (("A", A), ("B", B)):
+        if isinstance(x, torch.Tensor) and x.dim() < (2 if name == "A" else 1):
+            raise RankError(f"{_FN}: {name} must have at least {2 if name == 'A' else 1} dimensions; "
+                            f"got shape {tuple(x.shape)}")
     A = check_matrix(_FN, "A", A)
     B = check_tensor(_FN, "B", B, dtypes=LINALG_DTYPES, min_dim=1)
     check_same_device(_FN, A=A, B=B)
@@ -82,9 +92,11 @@ def lstsq(A: Tensor, B: Tensor, rcond=None, *, driver=None):
         eps = torch.finfo(A.dtype).eps
         rcond = eps * max(m, n) if rcond is None else (eps if rcond < 0 else float(rcond))
         keep = S > rcond * S[..., :1]
-        # The inner where keeps 1/0 out of the graph: its gradient would turn the masked zeros into NaN.
-        S_inv = torch.where(keep, 1 / torch.where(keep, S, 1), 0)
-        X = Vh.mH @ (S_inv.unsqueeze(-1) * (U.mH @ B))
+        # X = A⁺ B, with A⁺'s gradient from A and A⁺ alone: through the factors it is NaN when
+        # singular values repeat (an A with orthonormal columns), see pinv.py.
+        S_inv = pseudo_inverse_values(S.detach(), keep)
+        A_pinv = (Vh.detach().mH * S_inv.unsqueeze(-2)) @ U.detach().mH
+        X = (PinvBackward.apply(A, A_pinv) if A.requires_grad else A_pinv) @ B
         rank = keep.sum(-1)
         if driver != "gelsy":
             singular_values = S

@@ -148,7 +148,9 @@ def _lu_solve_kernel(A, B, X, INFO, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s
             b = tl.where(r3 == j, x[:, None, :], tl.where(r3 < j, b - col[:, :, None] * x[:, None, :], b))
 
         tl.store(X + g3 * s_xb + r3 * s_xr + q3 * s_xc, b, mask=in_b)
-    tl.store(INFO + g, info, mask=(g < batch) & (tl.program_id(1) == 0))
+    # A tensor mask selected by the scalar test (a tensor & a scalar comparison is an integer tensor
+    # under Triton 3.9's interpreter, which refuses it as a mask).
+    tl.store(INFO + g, info, mask=tl.where(tl.program_id(1) == 0, g < batch, False))
 
 
 def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = None,

@@ -88,7 +88,9 @@ def _substitute(b, a_base, s_r, s_c, live, r3, n, LOWER: tl.constexpr, UNIT: tl.
         j_next = j + 1 if LOWER else j - 1
         below_next = (r3 > j_next) if LOWER else (r3 < j_next)
         col_next = tl.load(base3 + r3 * s_r + j_next * s_c, mask=live3 & below_next & (r3 < n), other=0.0)
-        piv_next = tl.load(a_base + j_next * (s_r + s_c), mask=live & (t + 1 < n), other=1.0)
+        # A tensor mask selected by the scalar test: ``live & (t + 1 < n)`` is an integer tensor
+        # under Triton 3.9's interpreter, which refuses it as a mask.
+        piv_next = tl.load(a_base + j_next * (s_r + s_c), mask=tl.where(t + 1 < n, live, False), other=1.0)
         x = tl.sum(tl.where(r3 == j, b, 0.0), axis=1)                       # [G, BK]: b_j
         if not UNIT:
             x = x / piv[:, None]

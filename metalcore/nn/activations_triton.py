@@ -50,7 +50,9 @@ def _activation_fwd_kernel(X, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     if ACT == 0:
         y = 0.5 * x * (1.0 + tl.math.erf(x * _INV_SQRT2))
     elif ACT == 1:
-        y = x * tl.sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _TANH_CUBIC * x * x * x))
+        # The tensor on the left: Triton 3.9's interpreter types constexpr · tensor as a constexpr and
+        # dispatches tl.sigmoid to its scalar (math.exp) version.
+        y = x * tl.sigmoid((x + _TANH_CUBIC * x * x * x) * (2.0 * _SQRT_2_OVER_PI))
     else:
         y = x * tl.sigmoid(x)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -66,7 +68,7 @@ def _activation_bwd_kernel(DY, X, DX, n, ACT: tl.constexpr, BLOCK: tl.constexpr)
         grad = 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT2)) + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
     elif ACT == 1:
         x2 = x * x
-        s = tl.sigmoid(2.0 * _SQRT_2_OVER_PI * x * (1.0 + _TANH_CUBIC * x2))
+        s = tl.sigmoid(x * (1.0 + _TANH_CUBIC * x2) * (2.0 * _SQRT_2_OVER_PI))  # tensor on the left (above)
         grad = s + 2.0 * x * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * x2)
     else:
         s = tl.sigmoid(x)

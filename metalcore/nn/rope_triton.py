@@ -141,7 +141,7 @@ def _supports(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
             and sin.shape == cos.shape and cos.shape[0] in (1, B) and tuple(cos.shape[1:]) == (S, D))
 
 
-# Chosen automatically on CUDA: correct at full size on the H100 (tests/triton/test_rope.py, gpu-marked)
+# Chosen automatically on CUDA: correct at full size on the H100 (tests/nn/test_rope.py, gpu-marked)
 # and, for q (4, 32, 2048, 128) with k (4, 8, ·) in bf16, forward 61 µs (116% of the 32 MiB copy
 # rate; 9.0x HF's eager rotate_half, 2.9x Liger) and forward+backward 124 µs (8.9x HF, 2.9x Liger).
 @rope_fwd.implement("triton", supports=_supports)

@@ -1,12 +1,20 @@
 """metalcore.linalg.cholesky_solve (the reference path): torch.cholesky_solve's results, shapes,
 broadcasting, one-triangle reads, errors and gradients."""
 
+import importlib
+
 import pytest
 import torch
 
+from backends import expected_backend
+
 import metalcore
 from cases import BATCHES, DTYPES, SIZES, noncontiguous, shape_id
+from linalg_matrices import BATCHES as BATCHES_triton, DTYPES as DTYPES_triton, SIZES as SIZES_triton, case_id, spd as spd_triton
 from linalg_matrices import solve_ratio
+from linalg_matrices import BATCHES as BATCHES_metal, spd as spd_metal
+from metalcore import _metal
+from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from oracle import assert_lapack_ratio
 
 
@@ -69,3 +77,212 @@ def test_compiles_without_graph_breaks():
     B = torch.randn(3, 8, 2)
     compiled = torch.compile(metalcore.linalg.cholesky_solve, fullgraph=True)
     torch.testing.assert_close(compiled(B, L), torch.cholesky_solve(B, L))
+
+
+# --- Triton kernel (interpreter in CI): cholesky_solve --------------------------------------------
+# cholesky_solve kernel (metalcore/linalg/triangular_triton.py, two substitutions in one program)
+# against LAPACK's solve ratio: every size, batch shape and both triangles, both ways of reading the
+# factor, several right-hand-side blocks, NaN isolation per batch element, gradients through the
+# kernel.
+
+
+def trsm_module():
+    return importlib.import_module("metalcore.linalg.triangular_triton")
+
+
+CASES = [(BATCHES_triton[i % 4], n, (1, 3, 70)[i % 3], i % 2 == 1) for i, n in enumerate(SIZES_triton)]
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,n,k,upper", CASES,
+                         ids=[f"{case_id(b, n, k)}-{'upper' if u else 'lower'}" for b, n, k, u in CASES])
+def test_cholesky_solve_lapack_ratio_triton(batch, n, k, upper, dtype, device):
+    A = spd_triton("random", batch, n, dtype).to(device)
+    L = torch.linalg.cholesky(A, upper=upper)
+    B = torch.randn(*batch, n, k, dtype=dtype, device=device)
+    assert cholesky_solve_op.backend_for(B, L, upper) == expected_backend("triton", B, L, upper)
+    X = metalcore.linalg.cholesky_solve(B, L, upper)
+    assert X.shape == B.shape and X.dtype == dtype and X.is_contiguous()
+    assert_lapack_ratio(solve_ratio(A, X, B, dtype), f"cholesky_solve {case_id(batch, n, k)}")
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_launch_keywords_and_rhs_blocks(upper, device):
+    """A launch shape other than the default: the right-hand sides split over several programs, two
+    matrices per program (the last half empty), garbage (NaN) in the triangle that must not be read."""
+    A = spd_triton("random", (3,), 13, torch.float64).to(device)
+    L = torch.linalg.cholesky(A, upper=upper)
+    unread = torch.ones_like(L, dtype=torch.bool)
+    unread = unread.tril(-1) if upper else unread.triu(1)
+    garbage = torch.where(unread, float("nan"), L)
+    B = torch.randn(3, 13, 9, dtype=torch.float64, device=device)
+    X = trsm_module().cholesky_solve_launch(B, garbage, upper, block_k=4, group_size=2)
+    torch.testing.assert_close(X, torch.cholesky_solve(B, L, upper=upper))
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_cholesky_solve_broadcasts_and_strides(device):
+    A = spd_triton("random", (2, 1), 6, torch.float64).to(device)
+    L = torch.linalg.cholesky(A).mT.contiguous().mT        # column-major factor
+    B = torch.randn(3, 5, 6, dtype=torch.float64, device=device).mT   # (3, 6, 5), strided
+    X = metalcore.linalg.cholesky_solve(B, L)
+    assert X.shape == (2, 3, 6, 5)
+    torch.testing.assert_close(X, torch.cholesky_solve(B, L))
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_nan_stays_in_its_batch_element(device):
+    A = spd_triton("random", (4,), 9, torch.float32).to(device)
+    L = torch.linalg.cholesky(A)
+    L[2, 5, 1] = float("nan")
+    B = torch.randn(4, 9, 2, device=device)
+    X = metalcore.linalg.cholesky_solve(B, L)
+    assert X[2].isnan().any()
+    good = [0, 1, 3]
+    assert not X[good].isnan().any()
+    torch.testing.assert_close(X[good], torch.cholesky_solve(B[good], L[good]))
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_cholesky_solve_gradients_run_the_kernel(upper, device, launches):
+    A = spd_triton("random", (2,), 5, torch.float64).to(device)
+    L = torch.linalg.cholesky(A, upper=upper).requires_grad_()
+    B = torch.randn(2, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    calls = launches(trsm_module(), "cholesky_solve_launch")
+    X = metalcore.linalg.cholesky_solve(B, L, upper)
+    g = torch.randn_like(X)
+    ours = torch.autograd.grad(X, (B, L), g)
+    theirs = torch.autograd.grad(torch.cholesky_solve(B, L, upper=upper), (B, L), g)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t)
+    assert len(calls) == 2
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_cholesky_solve_is_automatic_at_every_size_the_kernel_takes(monkeypatch):
+    """Faster than torch on the H100 up to n = 128 (the register limit), so CUDA inputs get the kernel
+    without a request; larger ones go to the reference. CPU tensors stand in for CUDA ones: the
+    automatic backend is patched to triton."""
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    with metalcore.use_backend("auto"):
+        for n, chosen in ((3, "triton"), (65, "triton"), (128, "triton"), (129, "reference")):
+            L = torch.eye(n).expand(2, n, n)
+            assert cholesky_solve_op.backend_for(torch.ones(2, n, 1), L, False) == chosen, n
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,n,k", [((1000,), 32, 1), ((64,), 128, 128), ((10000,), 3, 1), ((100,), 64, 64),
+                                       ((4096,), 8, 8), ((500,), 16, 16)], ids=str)
+def test_gpu_cholesky_solve_full_size(batch, n, k, dtype, device):
+    for kind in ("random", "ill", "graded"):
+        A = spd_triton(kind, batch, n, dtype).to(device)
+        L, info = torch.linalg.cholesky_ex(A)
+        assert not info.any()
+        B = torch.randn(*batch, n, k, dtype=dtype, device=device)
+        X = metalcore.linalg.cholesky_solve(B, L)
+        assert_lapack_ratio(solve_ratio(L @ L.mT, X, B, dtype), f"cholesky_solve {kind} {case_id(batch, n, k)}")
+
+
+# --- Metal shader (executor in CI): cholesky_solve ------------------------------------------------
+# ``cholesky_solve_<dtype>`` of shaders/linalg.metal through the metal backend on CPU tensors (the
+# shader executor): both substitutions in one dispatch, judged by LAPACK's solve ratio against
+# float64 over odd sizes, batch shapes, both triangles and several right-hand-side counts; the
+# unread triangle may hold NaN; broadcasting, NaN confinement per batch element and gradients.
+
+
+F32 = torch.float32
+MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
+SIZES_metal = (1, 2, 3, 5, 16, 31, 33, MAX_N)
+# k = 9 and 70 give SIMD-groups several columns each (8 SIMD-groups a threadgroup).
+CASES_metal = [(BATCHES_metal[i % 4], n, (1, 9, 70)[i % 3], i % 2 == 1) for i, n in enumerate(SIZES_metal)]
+
+
+@pytest.fixture
+def _metal_backend(executor):
+    with metalcore.use_backend("metal"):
+        yield
+
+
+def _solve(B, L, upper):
+    assert cholesky_solve_op.backend_for(B, L, upper) == expected_backend("metal", B, L, upper)
+    X = metalcore.linalg.cholesky_solve(B, L, upper)
+    assert X.shape == B.shape and X.dtype == F32 and X.is_contiguous()
+    return X
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+@pytest.mark.parametrize("batch,n,k,upper", CASES_metal,
+                         ids=[f"{case_id(b, n, k)}-{'upper' if u else 'lower'}" for b, n, k, u in CASES_metal])
+def test_cholesky_solve_lapack_ratio_metal(batch, n, k, upper):
+    A = spd_metal("random", batch, n, F32)
+    L = torch.linalg.cholesky(A, upper=upper)
+    B = torch.randn(*batch, n, k)
+    X = _solve(B, L, upper)
+    assert_lapack_ratio(solve_ratio(A, X, B, F32), f"cholesky_solve {case_id(batch, n, k)}")
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+@pytest.mark.parametrize("kind", ("ill", "graded"))
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_cholesky_solve_hard_matrices_read_one_triangle(kind, upper):
+    A = spd_metal(kind, (3,), 33, F32)
+    L = torch.linalg.cholesky(A, upper=upper)
+    unread = torch.ones_like(L, dtype=torch.bool)
+    unread = unread.tril(-1) if upper else unread.triu(1)
+    B = torch.randn(3, 33, 4)
+    X = _solve(B, torch.where(unread, float("nan"), L), upper)
+    assert_lapack_ratio(solve_ratio(A, X, B, F32), f"cholesky_solve {kind}")
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_cholesky_solve_broadcasts_and_strides_metal():
+    A = spd_metal("random", (2, 1), 6, F32)
+    L = torch.linalg.cholesky(A).mT.contiguous().mT   # column-major factor
+    B = torch.randn(3, 5, 6).mT                        # (3, 6, 5), strided
+    X = metalcore.linalg.cholesky_solve(B, L)
+    assert X.shape == (2, 3, 6, 5)
+    assert "cholesky_solve_float" in _metal.launched
+    torch.testing.assert_close(X.double(), torch.cholesky_solve(B.double(), L.double()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_cholesky_solve_nan_stays_in_its_batch_element():
+    A = spd_metal("random", (4,), 9, F32)
+    L = torch.linalg.cholesky(A)
+    L[2, 5, 1] = float("nan")
+    B = torch.randn(4, 9, 2)
+    X = _solve(B, L, False)
+    assert X[2].isnan().any()
+    good = [0, 1, 3]
+    assert not X[good].isnan().any()
+    assert_lapack_ratio(solve_ratio(A[good], X[good], B[good], F32), "cholesky_solve beside a NaN factor")
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_cholesky_solve_gradients_run_the_shader(upper):
+    A = spd_metal("random", (2,), 5, F32)
+    L = torch.linalg.cholesky(A, upper=upper).requires_grad_()
+    B = torch.randn(2, 5, 3, requires_grad=True)
+    _metal.launched.clear()
+    X = metalcore.linalg.cholesky_solve(B, L, upper)
+    g = torch.randn_like(X)
+    ours = torch.autograd.grad(X, (B, L), g)
+    assert "cholesky_solve_float" in _metal.launched
+    theirs = torch.autograd.grad(torch.cholesky_solve(B.double(), L.double(), upper=upper), (B, L), g.double())
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_cholesky_solve_limits_route_to_the_reference():
+    assert cholesky_solve_op.backend_for(torch.ones(MAX_N + 1, 2), torch.eye(MAX_N + 1), False) == "reference"
+    assert cholesky_solve_op.backend_for(torch.ones(4, 2, dtype=torch.float64), torch.eye(4, dtype=torch.float64),
+                                         False) == "reference"
+    assert cholesky_solve_op.backend_for(torch.ones(MAX_N, 500), torch.eye(MAX_N), False) == expected_backend("metal", torch.ones(MAX_N, 500), torch.eye(MAX_N), False)

@@ -128,3 +128,38 @@ def test_lstsq_gradcheck_and_matches_torch(m, n, driver):
     theirs = torch.autograd.grad(torch.linalg.lstsq(A, B, driver=driver).solution, (A, B), g)
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o, t)
+
+
+@pytest.mark.parametrize("driver", ["gelsd", "gelss", "gelsy", "gels"])
+@pytest.mark.parametrize("m,n", [(5, 3), (4, 4)], ids=str)
+def test_lstsq_gradient_with_orthonormal_columns(m, n, driver, backend):
+    """Every singular value is 1: the SVD's backward is 0/0 there, the solution is smooth."""
+    A = torch.linalg.qr(torch.randn(m, n, dtype=torch.float64)).Q.requires_grad_()
+    B = torch.randn(m, 2, dtype=torch.float64, requires_grad=True)
+    ours = lambda A, B: metalcore.linalg.lstsq(A, B, driver=driver).solution  # noqa: E731
+    torch.autograd.gradcheck(ours, (A, B))
+    g = torch.randn(n, 2, dtype=torch.float64)
+    got = torch.autograd.grad(ours(A, B), (A, B), g)
+    want = torch.autograd.grad(torch.linalg.lstsq(A, B, driver=driver).solution, (A, B), g)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("driver", ["gelsd", "gelss"])
+def test_lstsq_gradient_at_repeated_singular_values(driver):
+    Q1 = torch.linalg.qr(torch.randn(6, 4, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64)).Q
+    A = ((Q1 * torch.tensor([2.0, 2.0, 1.0, 0.5], dtype=torch.float64)) @ Q2.mT).requires_grad_()
+    B = torch.randn(6, 3, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda A: metalcore.linalg.lstsq(A, B, driver=driver).solution, (A,))
+
+
+def test_lstsq_too_few_dimensions_raise_torchs_runtime_error():
+    for A, B in ((torch.tensor(1.0), torch.tensor(1.0)), (torch.randn(3), torch.randn(3))):
+        with pytest.raises(RuntimeError, match="A must have at least 2 dimensions"):
+            metalcore.linalg.lstsq(A, B)
+        with pytest.raises(RuntimeError):
+            torch.linalg.lstsq(A, B)
+    with pytest.raises(ValueError):  # still a ValueError, metalcore's convention for a wrong rank
+        metalcore.linalg.lstsq(torch.tensor(1.0), torch.tensor(1.0))

@@ -92,3 +92,60 @@ def test_pinv_gradcheck_and_matches_torch(m, n, hermitian):
     torch.autograd.gradcheck(fn, (A,))
     g = torch.randn(2, n, m, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(fn(A), A, g)[0], torch.autograd.grad(reference(A), A, g)[0])
+
+
+def _with_singular_values(values, seed=0):
+    """Q₁ diag(values) Q₂ᵀ with random orthogonal Q₁, Q₂: a chosen (possibly repeated) spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(values)
+    Q1 = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    return (Q1 * torch.tensor(values, dtype=torch.float64)) @ Q2.mT
+
+
+# Repeated singular values: the SVD's own backward divides by σ_i² − σ_j² there, pinv must not.
+DEGENERATE = {"eye": torch.eye(3, dtype=torch.float64), "2-2-1-0.5": _with_singular_values([2, 2, 1, 0.5]),
+              "all-equal": 3 * _with_singular_values([1, 1, 1, 1], seed=1)}
+
+
+@pytest.mark.parametrize("hermitian", [False, True], ids=["general", "hermitian"])
+@pytest.mark.parametrize("name", list(DEGENERATE))
+def test_pinv_gradient_at_repeated_singular_values(name, hermitian, backend):
+    A = DEGENERATE[name]
+    if hermitian:
+        A = A @ A.mT  # symmetric, singular values squared: still repeated
+    A = A.clone().requires_grad_()
+    sym = (lambda X: (X + X.mT) / 2) if hermitian else (lambda X: X)
+    ours = lambda X: metalcore.linalg.pinv(sym(X), hermitian=hermitian)  # noqa: E731
+    theirs = lambda X: torch.linalg.pinv(sym(X), hermitian=hermitian)  # noqa: E731
+    torch.autograd.gradcheck(ours, (A,))
+    g = torch.randn(A.shape, dtype=torch.float64)
+    got, = torch.autograd.grad(ours(A), A, g)
+    want, = torch.autograd.grad(theirs(A), A, g)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+
+
+def test_pinv_of_empty_input_stays_in_the_graph():
+    A = torch.randn(2, 0, 3, dtype=torch.float64, requires_grad=True)
+    P = metalcore.linalg.pinv(A)
+    assert P.shape == (2, 3, 0) and P.grad_fn is not None
+    grad, = torch.autograd.grad(P.sum(), A)
+    assert grad.shape == A.shape
+
+
+def test_pinv_rcond_positional_form_is_rtol():
+    A = _with_singular_values([4.0, 1.0, 1e-3])
+    torch.testing.assert_close(metalcore.linalg.pinv(A, 1e-2), torch.linalg.pinv(A, 1e-2))
+    torch.testing.assert_close(metalcore.linalg.pinv(A, 1e-2), metalcore.linalg.pinv(A, rtol=1e-2))
+    torch.testing.assert_close(metalcore.linalg.pinv(A, 1e-2, True), torch.linalg.pinv(A, 1e-2, True))
+    with pytest.raises(TypeError, match="rcond"):
+        metalcore.linalg.pinv(A, 1e-2, rtol=1e-2)
+
+
+def test_pinv_out_dtype_follows_torch():
+    A = torch.randn(3, 3, dtype=torch.float64)
+    out = torch.empty(0, dtype=torch.float32)  # a safe cast from float64: torch accepts it
+    torch.testing.assert_close(metalcore.linalg.pinv(A, out=out), torch.linalg.pinv(A).float())
+    with pytest.raises(RuntimeError, match="out"):
+        metalcore.linalg.pinv(A, out=torch.empty(0, dtype=torch.int64))

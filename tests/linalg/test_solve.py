@@ -1,8 +1,17 @@
+import importlib
+
 import pytest
 import torch
 
+from backends import expected_backend
+
 import metalcore
 from cases import BATCHES, DTYPES, noncontiguous, shape_id
+from linalg_matrices import BATCHES as BATCHES_metal, case_id, general, scale_of, solve_ratio
+from linalg_matrices import BATCHES as BATCHES_triton, DTYPES as DTYPES_triton, SIZES as SIZES_triton
+from metalcore import _metal
+from metalcore.linalg.solve import solve_ex_op
+from oracle import assert_lapack_ratio
 from oracle import assert_within_torch_error
 
 
@@ -73,7 +82,7 @@ def singular_batch():
     return A
 
 
-def test_solve_ex_info_matches_torch():
+def test_solve_ex_info_matches_torch(backend):
     A = singular_batch()
     B = torch.randn(5, 6, 2, dtype=torch.float64)
     X, info = metalcore.linalg.solve_ex(A, B)
@@ -83,7 +92,7 @@ def test_solve_ex_info_matches_torch():
     torch.testing.assert_close(X[ok], torch.linalg.solve(A[ok], B[ok]))
 
 
-def test_singular_solve_raises_naming_the_batch_element():
+def test_singular_solve_raises_naming_the_batch_element(backend):
     A = singular_batch()
     B = torch.randn(5, 6, 2, dtype=torch.float64)
     with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\): The solver failed because the input "
@@ -129,3 +138,287 @@ def test_solve_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(A, B), torch.linalg.solve(A, B))
     with pytest.raises(torch.linalg.LinAlgError, match="batch element 0"):
         compiled(torch.zeros_like(A), B)
+
+
+# --- Metal shader (executor in CI): solve ---------------------------------------------------------
+# shaders/linalg.metal through the metal backend on CPU tensors (the shader executor): batched
+# small-matrix Cholesky, triangular solve, LU solve and Householder QR in float32, judged by LAPACK's
+# test ratios (tests/oracle.py) over odd sizes, batch shapes and hard matrix families, with info and
+# NaN confinement per batch element compared with torch.
+#
+# Sizes stop at METALCORE_LINALG_MAX_N (64, the largest float32 tile that leaves room in Apple's
+# 32 KiB of threadgroup memory); beyond it, and for float64, the ops stay on the reference.
+
+
+F32 = torch.float32
+MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
+SIZES = (1, 2, 3, 5, 16, 31, 33, MAX_N)
+# Each size meets two of the four batch shapes (i and i + 2 mod 4), so each batch shape meets half
+# the sizes, and every op's cases include (), (0,), (7,) and (2, 3) and the size limit.
+CASES = [(BATCHES_metal[(i + j) % 4], n) for i, n in enumerate(SIZES) for j in (0, 2)]
+CASE_IDS = [case_id(b, n) for b, n in CASES]
+HARD = ("ill", "cluster", "graded", "tiny", "huge")
+
+
+@pytest.fixture
+def _metal_backend(executor):
+    with metalcore.use_backend("metal"):
+        yield
+
+
+SOLVE_CASES_metal = [(b, n, (1, 4, 70)[i % 3], i % 2 == 1) for i, (b, n) in enumerate(CASES)]
+
+
+def _solve(A, B, left=True):
+    assert solve_ex_op.backend_for(A, B, left, False) == expected_backend("metal", A, B, left, False)
+    X, info = metalcore.linalg.solve_ex(A, B, left=left)
+    assert X.dtype == F32 and X.is_contiguous()
+    assert info.shape == A.shape[:-2] and info.dtype == torch.int32
+    return X, info
+
+
+def _solve_ratio(A, X, B, left):
+    return solve_ratio(A, X, B, F32) if left else solve_ratio(A.mT, X.mT, B.mT, F32)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+@pytest.mark.parametrize("batch,n,k,left", SOLVE_CASES_metal,
+                         ids=[f"{case_id(b, n, k)}-{'left' if l else 'right'}" for b, n, k, l in SOLVE_CASES_metal])
+def test_solve_lapack_ratio(batch, n, k, left):
+    A = general("random", batch, n, n, F32)
+    B = torch.randn(*batch, *((n, k) if left else (k, n)))
+    X, info = _solve(A, B, left)
+    assert X.shape == B.shape and not info.any()
+    assert_lapack_ratio(_solve_ratio(A, X, B, left), f"solve {case_id(batch, n, k)}")
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+@pytest.mark.parametrize("kind", HARD + ("rank",))
+def test_solve_hard_matrices(kind):
+    A = general(kind, (3,), 33, 33, F32)
+    B = torch.randn(3, 33, 2) * scale_of(kind, F32)
+    X, info = _solve(A, B)
+    if kind == "rank":
+        # Numerically singular: rounding leaves tiny nonzero pivots, so info is torch's (0 here too).
+        assert torch.equal(info, torch.linalg.solve_ex(A, B).info)
+        return
+    assert not info.any()
+    # The ratio is invariant to the scale of A, X and B; float64 holds the products of 1e±25 values.
+    assert_lapack_ratio(_solve_ratio(A, X, B, True), f"solve {kind}")
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_solve_broadcasts_vectors_and_no_right_hand_sides():
+    A = torch.randn(3, 1, 6, 6)
+    B = torch.randn(4, 6, 2)
+    X, info = _solve(A, B)
+    assert X.shape == (3, 4, 6, 2) and info.shape == (3, 1)
+    torch.testing.assert_close(X, torch.linalg.solve(A, B), rtol=1e-4, atol=1e-4)
+    b = torch.randn(3, 1, 6)
+    torch.testing.assert_close(metalcore.linalg.solve(A, b), torch.linalg.solve(A, b), rtol=1e-4, atol=1e-4)
+    S = torch.randn(2, 5, 5)
+    S[1, :, 2] = 0.0
+    X, info = _solve(S, torch.randn(2, 5, 0))
+    assert X.shape == (2, 5, 0) and torch.equal(info, torch.linalg.solve_ex(S, torch.randn(2, 5, 0)).info)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_solve_singular_info_and_nan_stay_in_their_batch_element():
+    A = torch.randn(5, 7, 7)
+    A[1] = 0.0                   # U[0, 0] = 0
+    A[2, :, 4] = 0.0             # a zero column: U[4, 4] = 0 exactly
+    A[3, 2, 5] = float("nan")
+    B = torch.randn(5, 7, 3)
+    X, info = _solve(A, B)
+    assert info.tolist() == [0, 1, 5, 0, 0]
+    assert torch.equal(info, torch.linalg.solve_ex(A, B).info)
+    assert X[3].isnan().any()
+    good = [0, 4]
+    assert X[good].isfinite().all()
+    torch.testing.assert_close(X[good], torch.linalg.solve(A[good], B[good]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\).*singular"):
+        metalcore.linalg.solve(A, B)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_solve_pivots_like_lapack():
+    """A zero leading entry needs the row swap; ties go to the first row of largest |a|."""
+    A = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 1.0]])
+    X, _ = _solve(A, torch.eye(3))
+    torch.testing.assert_close(X, torch.linalg.inv(A))
+    T = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])  # |a| ties in column 0: row 0 stays, exactly as LAPACK
+    X, _ = _solve(T, torch.eye(2))
+    torch.testing.assert_close(X, torch.linalg.inv(T), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_solve_gradients_run_the_shader(left):
+    A = torch.randn(2, 5, 5, requires_grad=True)
+    B = torch.randn(2, *((5, 3) if left else (3, 5)), requires_grad=True)
+    _metal.launched.clear()
+    X = metalcore.linalg.solve(A, B, left=left)
+    g = torch.randn_like(X)
+    ours = torch.autograd.grad(X, (A, B), g)
+    assert "lu_solve_float" in _metal.launched
+    theirs = torch.autograd.grad(torch.linalg.solve(A.double(), B.double(), left=left), (A, B), g.double())
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o.double(), t.double(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
+def test_solve_limits_route_to_the_reference():
+    assert solve_ex_op.backend_for(torch.eye(MAX_N + 1), torch.ones(MAX_N + 1, 1), True, False) == "reference"
+    assert solve_ex_op.backend_for(torch.eye(3).double(), torch.ones(3, 1).double(), True, False) == "reference"
+    assert solve_ex_op.backend_for(torch.eye(MAX_N), torch.ones(MAX_N, 300), True, False) == expected_backend("metal", torch.eye(MAX_N), torch.ones(MAX_N, 300), True, False)
+
+
+# --- Triton kernel (interpreter in CI): solve -----------------------------------------------------
+# LU solve kernel (metalcore/linalg/solve_triton.py) against LAPACK's solve ratio and torch:
+# every size and batch shape, left and right, many right-hand sides, broadcasting, info for
+# singular matrices per batch element, NaN isolation, gradients through the kernels.
+
+
+def solve_module():
+    return importlib.import_module("metalcore.linalg.solve_triton")
+
+
+def check_solve(A, B, left, what, scale=1.0):
+    X, info = metalcore.linalg.solve_ex(A, B, left=left)
+    assert not info.any() and info.shape == A.shape[:-2] and info.dtype == torch.int32
+    assert X.dtype == A.dtype and X.is_contiguous()
+    A, B = A / scale, B / scale   # keep the oracle's squares of 1e200-scaled entries finite
+    ratio = solve_ratio(A, X, B, A.dtype) if left else solve_ratio(A.mT, X.mT, B.mT, A.dtype)
+    assert_lapack_ratio(ratio, what)
+
+
+SOLVE_CASES_triton = [(BATCHES_triton[(i + j) % 4], n, (1, 4, 70 if (i + j) % 4 != 3 else 2)[(i + 2 * j) % 3], j == 1) for i, n in enumerate(SIZES_triton)
+               for j in range(2)]
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,n,k,left", SOLVE_CASES_triton,
+                         ids=[f"{case_id(b, n, k)}-{'left' if l else 'right'}" for b, n, k, l in SOLVE_CASES_triton])
+def test_solve_lapack_ratio_triton(batch, n, k, left, dtype, device):
+    A = general("random", batch, n, n, dtype).to(device)
+    B = torch.randn(*batch, *((n, k) if left else (k, n)), dtype=dtype, device=device)
+    assert solve_ex_op.backend_for(A, B, left, False) == expected_backend("triton", A, B, left, False)
+    check_solve(A, B, left, f"solve {case_id(batch, n, k)}")
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("kind", ["ill", "cluster", "graded", "tiny", "huge"])
+def test_solve_hard_matrices_triton(kind, dtype, device):
+    A = general(kind, (3,), 16, 16, dtype).to(device)
+    B = torch.randn(3, 16, 2, dtype=dtype, device=device) * scale_of(kind, dtype)
+    check_solve(A, B, True, f"solve {kind}", scale_of(kind, dtype))
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_solve_broadcasts_and_vectors(device):
+    A = torch.randn(3, 1, 6, 6, dtype=torch.float64, device=device)
+    B = torch.randn(4, 6, 2, dtype=torch.float64, device=device)
+    X, info = metalcore.linalg.solve_ex(A, B)
+    assert X.shape == (3, 4, 6, 2) and info.shape == (3, 1)
+    torch.testing.assert_close(X, torch.linalg.solve(A, B))
+    b = torch.randn(3, 1, 6, dtype=torch.float64, device=device)
+    torch.testing.assert_close(metalcore.linalg.solve(A, b), torch.linalg.solve(A, b))
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_solve_singular_info_and_nan_stay_in_their_batch_element_triton(device):
+    A = torch.randn(5, 7, 7, device=device)
+    A[1] = 0.0                   # U[0, 0] = 0
+    A[2, :, 4] = 0.0             # a zero column: U[4, 4] = 0 exactly
+    A[3, 2, 5] = float("nan")
+    B = torch.randn(5, 7, 3, device=device)
+    X, info = metalcore.linalg.solve_ex(A, B)
+    assert info.tolist() == [0, 1, 5, 0, 0]
+    assert torch.equal(info.cpu(), torch.linalg.solve_ex(A.cpu(), B.cpu()).info)
+    assert X[3].isnan().any()
+    good = [0, 4]
+    torch.testing.assert_close(X[good], torch.linalg.solve(A[good], B[good]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\).*singular"):
+        metalcore.linalg.solve(A, B)
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_solve_pivots_like_lapack_triton(device):
+    """A zero leading entry needs the row swap; the pivoted result matches LAPACK's bit for bit
+    in the ordering of operations up to rounding."""
+    A = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 1.0]], dtype=torch.float64, device=device)
+    B = torch.eye(3, dtype=torch.float64, device=device)
+    torch.testing.assert_close(metalcore.linalg.solve(A, B), torch.linalg.inv(A))
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_solve_gradients_run_the_kernel(left, device, launches):
+    A = torch.randn(2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    B = torch.randn(2, *((5, 3) if left else (3, 5)), dtype=torch.float64, device=device, requires_grad=True)
+    calls = launches(solve_module(), "solve_launch")
+    X = metalcore.linalg.solve(A, B, left=left)
+    g = torch.randn_like(X)
+    ours = torch.autograd.grad(X, (A, B), g)
+    theirs = torch.autograd.grad(torch.linalg.solve(A, B, left=left), (A, B), g)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t)
+    assert len(calls) == 2
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_solve_really_runs_the_interpreted_kernel():
+    k = solve_module()._lu_solve_kernel
+    k.interpreted = None
+    metalcore.linalg.solve(torch.randn(3, 3) + 3 * torch.eye(3), torch.randn(3, 1))
+    assert k.interpreted is not None and k.compiled is None
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_solve_is_automatic_at_every_size_the_kernel_takes(monkeypatch):
+    """Faster than torch on the H100 up to n = 128 (the register limit), so CUDA inputs get the kernel
+    without a request; larger ones go to the reference. CPU tensors stand in for CUDA ones: the
+    automatic backend is patched to triton."""
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    with metalcore.use_backend("auto"):
+        for n, chosen in ((3, "triton"), (65, "triton"), (128, "triton"), (129, "reference")):
+            assert solve_ex_op.backend_for(torch.eye(n), torch.ones(n, 1), True, False) == chosen, n
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,n,k", [((1000,), 32, 1), ((1000,), 32, 32), ((64,), 128, 200), ((10000,), 3, 1),
+                                       ((100,), 64, 64), ((4096,), 8, 8)], ids=str)
+def test_gpu_solve_full_size(batch, n, k, dtype, device):
+    for kind in ("random", "ill", "graded", "tiny", "huge"):
+        A = general(kind, batch, n, n, dtype).to(device)
+        B = torch.randn(*batch, n, k, dtype=dtype, device=device) * scale_of(kind, dtype)
+        check_solve(A, B, True, f"solve {kind}", scale_of(kind, dtype))
+    # A and B are the last family's ("huge"): the ratio needs its scale, or its norms overflow.
+    check_solve(A, B.mT.contiguous(), False, "solve right", scale_of(kind, dtype))
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("implicit", [True, False], ids=["row-order", "swaps"])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 2), (8, 5), (17, 3), (33, 1)], ids=str)
+def test_pivoting_variants(n, k, implicit, device):
+    """Both pivoting schemes at every size (the default picks swaps below n = 64 and the row order
+    from 64: without this, the row order would run in CI only at the sizes where it is the default)
+    meet the same ratio, info and NaN isolation."""
+    A = general("random", (6,), n, n, torch.float64).to(device)
+    B = torch.randn(6, n, k, dtype=torch.float64, device=device)
+    A[2] = 0.0                       # info 1
+    A[3, :, n // 2] = 0.0            # a zero column: info n//2 + 1
+    A[4, 1 % n, 0] = float("nan")
+    X, info = solve_module().solve_launch(A, B, True, implicit_pivoting=implicit, group_size=2)
+    assert torch.equal(info.cpu(), torch.linalg.solve_ex(A.cpu(), B.cpu()).info)
+    assert X[4].isnan().all()
+    good = [0, 1, 5]
+    assert_lapack_ratio(solve_ratio(A[good], X[good], B[good], torch.float64), f"LU implicit={implicit} n={n}")
+    Xr, _ = solve_module().solve_launch(A[good], B[good].mT, False, implicit_pivoting=implicit)
+    assert_lapack_ratio(solve_ratio(A[good].mT, Xr.mT, B[good], torch.float64), f"LU implicit={implicit} right n={n}")

@@ -3,10 +3,12 @@ reference on a small input.
 
 The test drives the kernels itself through the ops (so it holds under pytest-xdist, where the shader
 tests run in other processes); metalcore._metal records every launch. A new kernel that no op here
-reaches fails the test: add its op to DRIVERS (and its tests to tests/metal/test_shaders_*.py).
+reaches fails the test: add its op to DRIVERS (and its tests to the op's tests/<area>/test_<op>.py).
 """
 
 import torch
+
+from backends import expected_backend
 
 import metalcore
 from metalcore import _metal
@@ -33,7 +35,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check(op, *args):
     with metalcore.use_backend("metal"):
-        assert op.backend_for(*args) == "metal", op.name
+        assert op.backend_for(*args) == expected_backend("metal", *args), op.name
         got = op(*args)
     want = op.reference(*args)
     got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
@@ -70,7 +72,7 @@ def _adamw(dtype):
     ref = [[t.clone() for t in lst] for lst in state]
     hyper = (1e-2, 0.9, 0.999, 1e-8, 0.01, False, False)
     with metalcore.use_backend("metal"):
-        assert adamw_step_.backend_for(*state, *hyper) == "metal"
+        assert adamw_step_.backend_for(*state, *hyper) == expected_backend("metal", *state, *hyper)
         adamw_step_(*state, *hyper)
     adamw_step_.reference(*ref, *hyper)
     for a, b in zip(state[0] + state[2] + state[3], ref[0] + ref[2] + ref[3]):
@@ -120,7 +122,7 @@ def _cross_entropy(dtype):
     # The kernel overwrites its logits with the gradient: each run gets its own copy.
     logits, target = torch.randn(4, 37).to(dtype), torch.tensor([0, 36, -100, 5])
     with metalcore.use_backend("metal"):
-        assert cross_entropy_chunk_.backend_for(logits, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True) == "metal"
+        assert cross_entropy_chunk_.backend_for(logits, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True) == expected_backend("metal", logits, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True)
         got = logits.clone()
         loss = cross_entropy_chunk_(got, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True)
     want = logits.clone()

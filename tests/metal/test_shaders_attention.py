@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+from backends import expected_backend
 import torch.nn.functional as F
 
 import metalcore
@@ -43,10 +45,10 @@ def check_sdpa(q, k, v, mask, is_causal, scale=None):
     the float64 lse."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     with metalcore.use_backend("metal"):
-        assert sdpa_fwd.backend_for(q, k, v, mask, is_causal, scale) == "metal"
+        assert sdpa_fwd.backend_for(q, k, v, mask, is_causal, scale) == expected_backend("metal", q, k, v, mask, is_causal, scale)
         out, lse = sdpa_fwd(q, k, v, mask, is_causal, scale)
         dout = torch.randn_like(out)
-        assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, mask, is_causal, scale) == "metal"
+        assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, mask, is_causal, scale) == expected_backend("metal", dout, q, k, v, out, lse, mask, is_causal, scale)
         grads = sdpa_bwd(dout, q, k, v, out, lse, mask, is_causal, scale)
     assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1]) and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
@@ -122,7 +124,7 @@ def test_row_masked_with_finfo_min_averages_v(executor, mdtype):
     mask = torch.randn(1, 1, 4, 6).to(mdtype)
     mask[..., 1, :] = torch.finfo(mdtype).min
     with metalcore.use_backend("metal"):
-        assert sdpa_fwd.backend_for(q, k, v, mask, False, 0.25) == "metal"
+        assert sdpa_fwd.backend_for(q, k, v, mask, False, 0.25) == expected_backend("metal", q, k, v, mask, False, 0.25)
         out, lse = sdpa_fwd(q, k, v, mask, False, 0.25)
     assert torch.isfinite(lse).all()
     assert_close(out[0, 0, 1], v[0, 0].double().mean(0), mdtype)
@@ -150,7 +152,7 @@ def test_through_the_public_function_and_autograd(executor):
     v = torch.randn(2, 2, 13, 24, dtype=torch.bfloat16, requires_grad=True)
     scale = 1.0 / math.sqrt(24)
     with metalcore.use_backend("metal"):
-        assert sdpa_fwd.backend_for(q, k, v, None, True, scale) == "metal"
+        assert sdpa_fwd.backend_for(q, k, v, None, True, scale) == expected_backend("metal", q, k, v, None, True, scale)
         out = metalcore.nn.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         dout = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -182,7 +184,7 @@ def test_empty(executor):
 def test_what_stays_on_the_reference(executor):
     q, k, v = (torch.randn(1, 2, 3, 16) for _ in range(3))
     with metalcore.use_backend("metal"):
-        assert sdpa_fwd.backend_for(q, k, v, None, False, 0.1) == "metal"
+        assert sdpa_fwd.backend_for(q, k, v, None, False, 0.1) == expected_backend("metal", q, k, v, None, False, 0.1)
         assert sdpa_fwd.backend_for(q.double(), k.double(), v.double(), None, False, 0.1) == "reference"
         wide = torch.randn(1, 2, 3, 129)
         assert sdpa_fwd.backend_for(wide, wide, v, None, False, 0.1) == "reference"
@@ -195,7 +197,7 @@ def test_opcheck_on_the_metal_backend(executor):
     q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
     k, v = (torch.randn(1, 1, 7, 16, dtype=torch.float16) for _ in range(2))
     with metalcore.use_backend("metal"):
-        assert sdpa_fwd.backend_for(q, k, v, None, True, 0.25) == "metal"
+        assert sdpa_fwd.backend_for(q, k, v, None, True, 0.25) == expected_backend("metal", q, k, v, None, True, 0.25)
         torch.library.opcheck(sdpa_fwd.custom_op, (q, k, v, None, True, 0.25))
         out, lse = sdpa_fwd(q, k, v, None, True, 0.25)
         dout = torch.randn_like(out)

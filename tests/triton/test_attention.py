@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+from backends import expected_backend
 import torch.nn.functional as F
 
 import metalcore
@@ -45,7 +47,7 @@ def check_sdpa(q, k, v, is_causal):
     """``out`` and ``lse`` from the Triton kernel; dq, dk, dv from the reference backward fed with
     them; each judged against float64 by the 2×-torch rule (``lse`` elementwise, in float32)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    assert sdpa_fwd.backend_for(q, k, v, None, is_causal, scale) == "triton"
+    assert sdpa_fwd.backend_for(q, k, v, None, is_causal, scale) == expected_backend("triton", q, k, v, None, is_causal, scale)
     out, lse = sdpa_fwd(q, k, v, None, is_causal, scale)
     assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1]) and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
@@ -59,7 +61,7 @@ def check_sdpa(q, k, v, is_causal):
     dout = torch.randn_like(out)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out_t, _ = sdpa_fwd(*leaves, None, is_causal, scale)
-    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, None, is_causal, scale) == "triton"
+    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, None, is_causal, scale) == expected_backend("triton", dout, q, k, v, out, lse, None, is_causal, scale)
     grads = torch.autograd.grad(out_t, leaves, dout)
     theirs = torch.autograd.grad(torch_sdpa(*leaves, is_causal), leaves, dout)
     for g, t, e in zip(grads, theirs, torch.autograd.grad(out64, leaves64, dout.double())):
@@ -107,7 +109,7 @@ def test_strided_sequence_first_views(device):
 def test_through_the_public_function(device):
     q = torch.randn(1, 4, 9, 64, device=device, dtype=torch.float16)
     k, v = (torch.randn(1, 2, 9, 64, device=device, dtype=torch.float16) for _ in range(2))
-    assert sdpa_fwd.backend_for(q, k, v, None, True, 0.125) == "triton"
+    assert sdpa_fwd.backend_for(q, k, v, None, True, 0.125) == expected_backend("triton", q, k, v, None, True, 0.125)
     ours = metalcore.nn.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     theirs = torch_sdpa(q, k, v, True)
     assert_within_torch_error(ours, theirs, torch_sdpa(q.double(), k.double(), v.double(), True))
@@ -116,14 +118,14 @@ def test_through_the_public_function(device):
 def test_no_keys(device):
     q = torch.randn(1, 2, 5, 64, device=device, dtype=torch.bfloat16)
     k = v = torch.randn(1, 2, 0, 64, device=device, dtype=torch.bfloat16)
-    assert sdpa_fwd.backend_for(q, k, v, None, False, 0.125) == "triton"
+    assert sdpa_fwd.backend_for(q, k, v, None, False, 0.125) == expected_backend("triton", q, k, v, None, False, 0.125)
     out, lse = sdpa_fwd(q, k, v, None, False, 0.125)
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
 def test_what_stays_on_the_reference(device):
     q, k, v = (torch.randn(1, 2, 3, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
-    assert sdpa_fwd.backend_for(q, k, v, None, False, 0.1) == "triton"
+    assert sdpa_fwd.backend_for(q, k, v, None, False, 0.1) == expected_backend("triton", q, k, v, None, False, 0.1)
     assert sdpa_fwd.backend_for(q, k, v, torch.ones(3, 3, dtype=torch.bool, device=device)[None, None],
                                 False, 0.1) == "triton"
     for dtype in (torch.float32, torch.float64):
@@ -158,11 +160,11 @@ def test_attn_mask_forward_and_backward(B, H, Hkv, L, S, E, mshape, mdtype, devi
         mask[..., 5:9] = torch.finfo(mdtype).min     # padded keys, every query still attends some
         mask[..., 11] = -math.inf
     scale = 1.0 / math.sqrt(E)
-    assert sdpa_fwd.backend_for(q, k, v, mask, False, scale) == "triton"
+    assert sdpa_fwd.backend_for(q, k, v, mask, False, scale) == expected_backend("triton", q, k, v, mask, False, scale)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out, lse = sdpa_fwd(*leaves, mask, False, scale)
     dout = torch.randn_like(out)
-    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, mask, False, scale) == "triton"
+    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, mask, False, scale) == expected_backend("triton", dout, q, k, v, out, lse, mask, False, scale)
     grads = torch.autograd.grad(out, leaves, dout)
 
     def torch_masked(q, k, v, m):
@@ -196,11 +198,11 @@ def test_cpu_tensors_really_run_the_interpreted_kernel():
 def test_opcheck_on_the_triton_backend(device):
     q = torch.randn(1, 2, 5, 64, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, 7, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
-    assert sdpa_fwd.backend_for(q, k, v, None, True, 0.125) == "triton"
+    assert sdpa_fwd.backend_for(q, k, v, None, True, 0.125) == expected_backend("triton", q, k, v, None, True, 0.125)
     torch.library.opcheck(sdpa_fwd.custom_op, (q, k, v, None, True, 0.125))
     out, lse = sdpa_fwd(q, k, v, None, True, 0.125)
     dout = torch.randn_like(out)
-    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, None, True, 0.125) == "triton"
+    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, None, True, 0.125) == expected_backend("triton", dout, q, k, v, out, lse, None, True, 0.125)
     torch.library.opcheck(sdpa_bwd.custom_op, (dout, q, k, v, out, lse, None, True, 0.125))
 
 
