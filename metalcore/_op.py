@@ -393,14 +393,15 @@ class MetalcoreOp:
 
     def prefers_torch(self, *args: Any) -> bool:
         """Whether automatic selection (nothing forced) sends this call to the reference: there a
-        public function that has torch's own fused op for the same math (``F.rms_norm``, ``F.gelu``)
-        calls it instead, never slower than torch and never a materializing reference on a GPU
+        public function that has torch's own op for the same math (``F.rms_norm``, ``F.gelu``,
+        ``torch.linalg.cholesky``) calls it directly instead, with none of the op's layers, never slower than torch and never a materializing reference on a GPU
         (DESIGN.md §3). An explicit backend, the reference included (the oracle), keeps the op; so
         does tracing, where the op stays one opaque node. Cached with the call's plan."""
         if not self._cached or torch.compiler.is_compiling() or requested_backend() != "auto":
             return False
         plan = self._plan(args)
-        return plan.backend == "reference" and not plan.library
+        # A chunked plan (a batch beyond what torch's library call takes) keeps the op's path.
+        return plan.backend == "reference" and plan.fn is self.reference
 
     def backend_for(self, *args: Any, **kwargs: Any) -> str:
         """Name of the backend that would serve this call (raises like the call itself would)."""

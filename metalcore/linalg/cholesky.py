@@ -57,6 +57,8 @@ cholesky_ex_op.register_autograd(_backward, setup_context=_setup)
 def _factor(fn: str, A: Tensor, upper: bool, check_errors: bool) -> tuple[Tensor, Tensor]:
     A = check_matrix(fn, "A", A, square=True)
     check_choice(fn, "upper", upper, (True, False))
+    if cholesky_ex_op.prefers_torch(A, upper, check_errors):
+        return torch.linalg.cholesky_ex(A, upper=upper, check_errors=check_errors)
     return cholesky_ex_op(A, upper, check_errors)
 
 

@@ -70,4 +70,6 @@ def cholesky_solve(B: Tensor, L: Tensor, upper: bool = False, *, out=None) -> Te
         raise ValueError(f"{_FN}: B must have {n} rows to match L of shape {tuple(L.shape)}; "
                          f"got B of shape {tuple(B.shape)}")
     L, B = broadcast_batch(_FN, L, B, "L", "B")
+    if cholesky_solve_op.prefers_torch(B, L, bool(upper)):
+        return write_out(_FN, torch.cholesky_solve(B, L, upper=bool(upper)), out, cast=True)
     return write_out(_FN, cholesky_solve_op(B, L, bool(upper)), out, cast=True)

@@ -101,7 +101,11 @@ def eigh(A: Tensor, UPLO: str = "L", *, out=None):
     """
     fn = "metalcore.linalg.eigh"
     A = check_matrix(fn, "A", A, square=True)
-    L, Q = eigh_op(A, _uplo(fn, UPLO), True)
+    uplo = _uplo(fn, UPLO)
+    if eigh_op.prefers_torch(A, uplo, True):
+        L, Q = torch.linalg.eigh(A, UPLO=uplo)
+    else:
+        L, Q = eigh_op(A, uplo, True)
     return torch.return_types.linalg_eigh(write_out(fn, (L, Q), out))
 
 
@@ -114,5 +118,8 @@ def eigvalsh(A: Tensor, UPLO: str = "L", *, out=None) -> Tensor:
     fn = "metalcore.linalg.eigvalsh"
     A = check_matrix(fn, "A", A, square=True)
     compute_v = torch.is_grad_enabled() and A.requires_grad
-    L, _ = eigh_op(A, _uplo(fn, UPLO), compute_v)
+    uplo = _uplo(fn, UPLO)
+    if eigh_op.prefers_torch(A, uplo, compute_v):
+        return write_out(fn, torch.linalg.eigvalsh(A, UPLO=uplo), out)
+    L, _ = eigh_op(A, uplo, compute_v)
     return write_out(fn, L, out)

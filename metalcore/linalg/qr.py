@@ -98,7 +98,10 @@ def qr(A: Tensor, mode: str = "reduced", *, out=None):
     fn = "metalcore.linalg.qr"
     A = check_matrix(fn, "A", A)
     check_choice(fn, "mode", mode, MODES)
-    Q, R = qr_op(A, mode)
+    if qr_op.prefers_torch(A, mode):
+        Q, R = torch.linalg.qr(A, mode=mode)
+    else:
+        Q, R = qr_op(A, mode)
     return torch.return_types.linalg_qr(write_out(fn, (Q, R), out))
 
 

@@ -87,7 +87,10 @@ def _as_matrices(fn: str, A, B, left: bool) -> tuple[Tensor, Tensor, bool]:
 
 def _solve(fn: str, A, B, left, check_errors: bool) -> tuple[Tensor, Tensor]:
     A, B, vector = _as_matrices(fn, A, B, bool(left))
-    X, info = solve_ex_op(A, B, bool(left), check_errors)
+    if solve_ex_op.prefers_torch(A, B, bool(left), check_errors):
+        X, info = torch.linalg.solve_ex(A, B, left=bool(left), check_errors=check_errors)
+    else:
+        X, info = solve_ex_op(A, B, bool(left), check_errors)
     return (X.squeeze(-1) if vector else X), info
 
 

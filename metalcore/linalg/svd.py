@@ -157,7 +157,10 @@ def svd(A: Tensor, full_matrices: bool = True, *, driver=None, out=None):
     fn = "metalcore.linalg.svd"
     A = check_matrix(fn, "A", A)
     _check_driver(fn, A, driver)
-    U, S, Vh = svd_op(A, bool(full_matrices), True)
+    if svd_op.prefers_torch(A, bool(full_matrices), True):
+        U, S, Vh = torch.linalg.svd(A, full_matrices=bool(full_matrices), driver=driver)
+    else:
+        U, S, Vh = svd_op(A, bool(full_matrices), True)
     return torch.return_types.linalg_svd(write_out(fn, (U, S, Vh), out))
 
 
@@ -171,6 +174,8 @@ def svdvals(A: Tensor, *, driver=None, out=None) -> Tensor:
     A = check_matrix(fn, "A", A)
     _check_driver(fn, A, driver)
     compute_uv = torch.is_grad_enabled() and A.requires_grad
+    if svd_op.prefers_torch(A, False, compute_uv):
+        return write_out(fn, torch.linalg.svdvals(A, driver=driver), out)
     _, S, _ = svd_op(A, False, compute_uv)
     return write_out(fn, S, out)
 

@@ -67,7 +67,11 @@ def solve_triangular(A: Tensor, B: Tensor, *, upper: bool, left: bool = True, un
         raise ValueError(f"{_FN}: B must have {n} {side} to match A of shape {tuple(A.shape)} "
                          f"(left={left}); got B of shape {tuple(B.shape)}")
     A, B = broadcast_batch(_FN, A, B)
-    return write_out(_FN, solve_triangular_op(A, B, bool(upper), bool(left), bool(unitriangular)), out)
+    args = (A, B, bool(upper), bool(left), bool(unitriangular))
+    if solve_triangular_op.prefers_torch(*args):
+        return write_out(_FN, torch.linalg.solve_triangular(A, B, upper=args[2], left=args[3], unitriangular=args[4]),
+                         out)
+    return write_out(_FN, solve_triangular_op(*args), out)
 
 
 def trsm(A: Tensor, B: Tensor, upper: bool = False, left: bool = True, unitriangular: bool = False) -> Tensor:
