@@ -147,8 +147,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--budgets", default=",".join(str(b) for b in dict.fromkeys((DEFAULT_MEMORY_BUDGET // MIB, 32, 64,
-                                                                                 128, 256, 512))),
+    sweep = dict.fromkeys((DEFAULT_MEMORY_BUDGET // MIB, 32, 64, 128, 256, 512))   # the default first
+    p.add_argument("--budgets", default=",".join(map(str, sweep)),
                    help="metalcore memory budgets in MiB, comma-separated")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
