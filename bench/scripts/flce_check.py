@@ -15,7 +15,10 @@ plain torch and Liger Kernel in the same run.
    events over ``--reps`` calls after warm-up, and the median wall time per call (host included).
    Contenders: ``torch`` (``F.cross_entropy(F.linear(h, W).float(), t)``, Hugging Face's way),
    ``torch_bf16`` (the same without the upcast), ``liger`` (``LigerFusedLinearCrossEntropyLoss``, when
-   importable) and ``metalcore`` at several memory budgets (MiB of chunk logits; the default first).
+   importable: ``pip install liger-kernel``; the header line says which version ran, or why it was
+   skipped) and ``metalcore`` at several memory budgets (MiB of chunk logits; the default first).
+   For metalcore the predicted extra is printed beside the measured one: ``d weight`` + ``d hidden``
+   + one chunk's logits (``chunk_rows`` tokens × vocab × 2 B).
 
 Targets (issue 19): metalcore's extra memory <= 1.1 GiB and fwd+bwd <= 50 ms at that case.
 """
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from metalcore.nn.cross_entropy import DEFAULT_MEMORY_BUDGET, fused_linear_cross_entropy  # noqa: E402
+from metalcore.nn.cross_entropy import DEFAULT_MEMORY_BUDGET, chunk_rows, fused_linear_cross_entropy  # noqa: E402
 
 IGNORE = -100
 MIB = 2**20
@@ -127,9 +130,10 @@ def contenders(budgets):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
-        out["liger"] = lambda h, w, t: liger(w, h, t)
-    except ImportError as e:
-        print(f"liger: skipped ({e})")
+        out["liger"] = lambda h, w, t: liger(w, h, t)   # Liger takes the weight first
+        print("liger: LigerFusedLinearCrossEntropyLoss imported")
+    except Exception as e:   # not only ImportError: a Liger built for another triton fails on import
+        print(f"liger: skipped ({type(e).__name__}: {e})")
     for mib in budgets:
         out[f"metalcore@{mib}MiB"] = (lambda b: lambda h, w, t: fused_linear_cross_entropy(h, w, t, memory_budget=b))(
             mib * MIB)
@@ -143,7 +147,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--budgets", default=f"{DEFAULT_MEMORY_BUDGET // MIB},32,128,256,512",
+    sweep = dict.fromkeys((DEFAULT_MEMORY_BUDGET // MIB, 32, 64, 128, 256, 512))   # the default first
+    p.add_argument("--budgets", default=",".join(map(str, sweep)),
                    help="metalcore memory budgets in MiB, comma-separated")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
@@ -175,11 +180,18 @@ def main(argv=None):
     rows = {}
     print(f"\n{args.tokens} x {args.hidden} x {args.vocab} {str(dtype).removeprefix('torch.')}, fwd+bwd, "
           f"median of {args.reps}")
+    size = h.element_size()
     for name, fn in contenders(budgets).items():
         r = rows[name] = measure(fn, h, w, t, device, args.reps, args.warmup)
         extra = f"{r['extra_bytes'] / 2**30:6.2f} GiB" if r["extra_bytes"] is not None else "     -"
         gpu = f"{r['gpu_s'] * 1e3:7.2f} ms" if r["gpu_s"] is not None else "      -"
-        print(f"  {name:>20}: extra {extra}  gpu {gpu}  wall {r['wall_s'] * 1e3:7.2f} ms")
+        predicted = ""
+        if name.startswith("metalcore@"):
+            budget = int(name.removeprefix("metalcore@").removesuffix("MiB")) * MIB
+            chunk = min(chunk_rows(args.vocab, size, budget), args.tokens) * args.vocab * size
+            r["predicted_extra_bytes"] = (w.numel() + h.numel()) * size + chunk
+            predicted = f"  (predicted {r['predicted_extra_bytes'] / 2**30:.2f} GiB)"
+        print(f"  {name:>20}: extra {extra}  gpu {gpu}  wall {r['wall_s'] * 1e3:7.2f} ms{predicted}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = rows["torch"]

@@ -47,11 +47,15 @@ _FN = "metalcore.nn.fused_linear_cross_entropy"
 _REDUCTIONS = ("mean", "sum", "none")
 
 # The chunk's logits buffer (tokens × vocab × element size) is the only tensor that grows with the
-# chunk; everything else is the gradients themselves. 64 MiB is 256 tokens of a 128,256-word bf16
-# vocabulary, so at 8192 × 4096 × 128,256 the peak is d weight (1002 MiB) + d hidden (64 MiB) + one
-# chunk (63 MiB) ≈ 1.10 GiB. Larger budgets mean fewer passes of the d weight accumulation over
-# memory (each chunk reads and writes all of d weight): bench/scripts/flce_check.py sweeps it.
-DEFAULT_MEMORY_BUDGET = 64 * 2**20
+# chunk; everything else is the gradients themselves, so the peak extra memory of a fwd+bwd is
+# d weight + d hidden + one chunk: at 8192 × 4096 × 128,256 bf16, 1002 + 64 MiB + the budget. Each
+# chunk's d weight update reads and writes all of d weight (2 GiB of traffic), so small chunks make
+# it memory-bound. Measured on the H100 at that size (bench/training.md; torch 51.3 ms, 11.7 GiB):
+#   budget (tokens a chunk)   32 MiB (128)  64 MiB (256)  128 MiB (512)  256 MiB (1024)  512 MiB (2048)
+#   fwd+bwd                   121.8 ms      65.9 ms       49.5 ms        44.5 ms         43.4 ms
+#   extra memory (predicted)  1.07 GiB      1.10 GiB      1.17 GiB       1.29 GiB        1.54 GiB
+# 256 MiB is the knee: 1.15x faster than torch, where 128 MiB is level with it and 512 MiB buys 2%.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
 # Chunks of at least this many tokens are rounded down to a multiple of it (whole GEMM row tiles).
 _ROW_ALIGN = 64
 
@@ -145,6 +149,8 @@ def _chunked(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tens
             d_weight.addmm_(logits.t(), h)
         if grad_bias:
             d_bias += logits.sum(0, dtype=acc)
+        # Freed before the next chunk's GEMM allocates its own: otherwise two chunks are live there.
+        del logits
     if grad_bias:
         d_bias = d_bias.to(bias.dtype)
     return loss, d_hidden, d_weight, d_bias
@@ -226,6 +232,10 @@ def _setup(ctx, inputs, output):
      memory_budget, *_flags) = inputs
     ctx.reduction = reduction
     ctx.mark_non_differentiable(*output[1:])
+    # The backward reads only the loss's gradient. Materialized, the gradients of the other outputs
+    # would be zero tensors of their shapes, i.e. a second d weight and d hidden (1.07 GiB at
+    # 128k × 4096 bf16, 8192 tokens) allocated while the real ones are alive: that doubled the peak.
+    ctx.set_materialize_grads(False)
     if reduction == "none":
         ctx.options = (ignore_index, label_smoothing, z_loss, softcap, memory_budget)
         ctx.save_for_backward(hidden, weight, target, bias)
