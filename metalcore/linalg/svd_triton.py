@@ -212,11 +212,12 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
 # differ in the last bit, so near the threshold `act` — and the sweep's rotation count — differed
 # between lanes; the warp split at the sweep loop's exit and the lanes that left waited in a
 # full-mask shuffle for lanes still inside the loop: a deadlock. The launch now turns contraction
-# off (jac.FP_FUSION), which makes the reductions symmetric and the loop exit uniform. Until the H100
-# confirms it (bench/scripts/batched_eigh_svd_check.py replays matrix 106), CUDA inputs with a side
-# of 8 or less stay on cuSOLVER. Up to 128 it converges (8-9 sweeps with QR preconditioning, ratios
-# ≤ 18 on random and κ = 1e6 input).
-CUDA_MIN_N = 9
+# off (jac.FP_FUSION), which makes the reductions symmetric and the loop exit uniform. Confirmed on
+# the H100 (bench/results/batched-eigh-svd-check-h100-20261206-run2.log): matrix 106 and the 200x8,
+# 4096x8 and 10000x3 batches converge in 4-7 sweeps without contraction, and matrix 106 still hangs
+# with it. Up to 128 it converges (8-9 sweeps with QR preconditioning, ratios <= 18 on random and
+# kappa = 1e6 input). Every side runs the kernel; the measured table decides where it wins.
+CUDA_MIN_N = 1
 # fp64 on CUDA up to n = 64, as for eigh (whose fp64 kernel missed the bar at n = 128 on clustered
 # spectra; this one's fp64 at 128 was not checked separately).
 CUDA_FP64_MAX_N = 64
