@@ -59,6 +59,9 @@ MAX_INPUT_BYTES = 2 << 30
 # Timing per callable and point: about this much wall time, within [MIN_REPS, MAX_REPS] calls.
 BUDGET_S = 0.02
 MIN_REPS, MAX_REPS = 3, 25
+# The check times two paths at every point again, with fewer calls (its medians decide pass/fail, not
+# a crossover).
+CHECK_BUDGET_S, CHECK_MAX_REPS = 0.01, 12
 # Agreement of the kernel's canonical output with torch's, relative to the largest entry.
 AGREE_TOL = {torch.float32: 1e-3, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # The rule (DESIGN.md §3): the automatic path against torch, same run.
@@ -252,7 +255,8 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def wall_times(fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[str, float | None]:
+def wall_times(fns: dict[str, Callable[[], Any]], device: torch.device, budget_s: float = BUDGET_S,
+               max_reps: int = MAX_REPS) -> dict[str, float | None]:
     """Median wall seconds of one synchronised eager call of each callable (after one untimed call),
     interleaved round by round. A callable that raises gets None."""
     live: dict[str, Callable[[], Any]] = {}
@@ -274,7 +278,7 @@ def wall_times(fns: dict[str, Callable[[], Any]], device: torch.device) -> dict[
             times[name].append(time.perf_counter() - t0)
 
     one_round(list(live))
-    reps = {name: max(MIN_REPS, min(MAX_REPS, int(BUDGET_S / max(t[0], 1e-7)))) for name, t in times.items()}
+    reps = {name: max(MIN_REPS, min(max_reps, int(budget_s / max(t[0], 1e-7)))) for name, t in times.items()}
     while due := [name for name in live if len(times[name]) < reps[name]]:
         one_round(due)
     return {name: (statistics.median(times[name]) if name in times else None) for name in fns}
@@ -459,7 +463,7 @@ def check(device: torch.device, selected: Sequence[Sweep], log: Callable[[str], 
                         inputs = _build(s, device, dtype, size, batch)
                         fns = {name: fn for name, fn in (("torch", lambda: s.torch(*inputs)),
                                                          ("auto", lambda: s.metalcore(*inputs))) if name not in long}
-                        for name, t in wall_times(fns, device).items():
+                        for name, t in wall_times(fns, device, CHECK_BUDGET_S, CHECK_MAX_REPS).items():
                             p[f"{name}_s"] = t
                             if t is not None:
                                 last[name] = (batch, t)
