@@ -602,14 +602,20 @@ def main(args: Any) -> int:
         print(f"wrote {table_file} ({count} points, {meta['sweep_s']} s)")
     if args.check or args.check_only:
         t0 = time.time()
-        points, violations = check(device, selected, log, dtypes, sizes, batches)
+        points, violations = [], []
+        check_file = out_dir / f"selection-check-{kind}-{stamp}.json"
+        for s in selected:  # written after each op: a run cut short keeps what it checked
+            p, v = check(device, [s], log, dtypes, sizes, batches)
+            points += p
+            violations += v
+            check_file.write_text(json.dumps({"meta": meta, "partial": True, "points": points}, indent=1))
         for v in violations:
             print(f"VIOLATION {v['op']} {v['dtype']} size={v['size']} batch={v['batch']}: "
                   f"torch {_us(v['torch_s'])}, metalcore {_us(v['auto_s'])} ({_r(v['ratio'])})")
         line = summary_line(points, violations, meta.get("device", {}).get("name", device.type))
         print(line)
         result = {"meta": meta, "summary": line, "check_s": round(time.time() - t0, 1), "points": points}
-        (out_dir / f"selection-check-{kind}-{stamp}.json").write_text(json.dumps(result, indent=1))
+        check_file.write_text(json.dumps(result, indent=1))
         write_heatmaps(points, out_dir / f"selection-check-{kind}-{stamp}.png", line[:110])
         code = 1 if violations else 0
     return code
