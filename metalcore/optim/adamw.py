@@ -19,7 +19,8 @@ The whole step of a parameter group is one registered mutating op,
 
 updating ``params``, the moments and ``state_steps`` in place (``grads`` are only read). A backend
 kernel does it in one pass over memory per tensor (one read of θ, g, m, v; one write of θ, m, v)
-where the unfused update makes about a dozen. ``state_steps`` are float32 scalar tensors on the CPU
+where the unfused update makes about a dozen. On CUDA, :func:`adamw` sends a group straight to
+torch's own fused kernel wherever that measured at least as fast (:func:`torch_fused_applies`). ``state_steps`` are float32 scalar tensors on the CPU
 (torch's layout when neither ``capturable`` nor ``fused``). Moments are float32 for bf16/fp16
 parameters — the update is computed in float32 and θ is rounded to its dtype once per step — and
 have the parameter's dtype for float32/float64 ones (torch's layout). ``max_exp_avg_sqs`` is empty
@@ -28,6 +29,7 @@ unless ``amsgrad``.
 
 import math
 import operator
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -242,8 +244,9 @@ def torch_fused_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
 
 
 # Device copies of the packed CPU step counters (:func:`shared_step_buffer`), for torch's fused
-# kernel, which reads each tensor's step from device memory: buffer -> (the counters it was made
-# for, device buffer, its 0-d views, the buffer's version after the last step taken here). The CPU
+# kernel, which reads each tensor's step from device memory: buffer -> (weak references to the
+# counters it was made for (strong ones, views of the key, would keep the key alive), device buffer,
+# its 0-d views, the buffer's version after the last step taken here). The CPU
 # counters stay the state (``state["step"]``, in checkpoints); the copy follows them with one device
 # add a step while nothing else wrote them, and is uploaded again when something did (another
 # backend's step, a user's edit: each bumps the version; a load repacks into a new buffer).
@@ -256,7 +259,8 @@ def device_step_counters(state_steps: list[Tensor], device: torch.device) -> lis
     entry = _DEVICE_STEPS.get(base) if base is not None else None
     # The same counter objects as last time (the optimizer's state holds them): the buffer was
     # checked then; shared_step_buffer costs ~6 µs even for one counter.
-    if entry is not None and not (len(entry[0]) == len(state_steps) and all(map(operator.is_, entry[0], state_steps))):
+    if entry is not None and not (len(entry[0]) == len(state_steps)
+                                  and all(map(operator.is_, [ref() for ref in entry[0]], state_steps))):
         entry = None
     buffer = base if entry is not None else shared_step_buffer(state_steps)
     if buffer is None:  # unpacked counters (no optimizer keeps them so): one upload of the counts
@@ -268,7 +272,7 @@ def device_step_counters(state_steps: list[Tensor], device: torch.device) -> lis
         on_device.add_(1.0)
     else:
         # From pageable memory: the copy has left the buffer when copy_ returns (no device sync).
-        counters, on_device = list(state_steps), buffer.to(device, non_blocking=True, copy=True)
+        counters, on_device = list(map(weakref.ref, state_steps)), buffer.to(device, non_blocking=True, copy=True)
         views = list(on_device.unbind(0))
     _DEVICE_STEPS[buffer] = (counters, on_device, views, buffer._version)
     return views
@@ -384,7 +388,8 @@ class MetalAdamW(Optimizer):
       keeps moments in the parameter's dtype). A ``state_dict`` loaded into ``torch.optim.AdamW`` is
       cast to its parameters' dtype by torch; one loaded here is brought (back) to float32.
     * ``foreach`` and ``fused`` choose among torch's implementations of the same math: any value is
-      accepted and kept in the groups, and the step is this fused op whatever they say.
+      accepted and kept in the groups, and the step is this fused op whatever they say (on CUDA,
+      torch's own fused kernel where that is the faster: :func:`torch_fused_applies`).
       ``capturable=True`` and ``differentiable=True`` ask for something else (a step inside a CUDA
       graph; a step autograd differentiates through) and raise ``ValueError``; a ``state_dict``
       recording them loads with them reset to False (the math is the same).

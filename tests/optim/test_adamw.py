@@ -8,7 +8,9 @@ and the Metal executor with that backend requested; the ``test_triton_*`` tests 
 launch plans themselves."""
 
 import copy
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -781,3 +783,16 @@ def test_route_declines_what_torch_fused_does_not_take(routed_on_cpu):
     assert not applies(*lists([p], [g], [m], [v]), [], True)  # amsgrad without max_exp_avg_sqs
     with metalcore.use_backend("reference"):  # an explicit backend keeps the op
         assert not applies(*lists([p], [g], [m], [v]), [], False)
+
+
+def test_routed_device_counters_do_not_outlive_the_optimizer(routed_on_cpu):
+    param = torch.randn(3, requires_grad=True)
+    param.grad = torch.randn(3)
+    opt = MetalAdamW([param])
+    opt.step()
+    opt.step()
+    assert len(_adamw_module._DEVICE_STEPS) >= 1
+    buffer = weakref.ref(opt.state[param]["step"]._base)
+    del opt
+    gc.collect()
+    assert buffer() is None
