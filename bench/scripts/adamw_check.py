@@ -15,10 +15,10 @@ large-tensor regime is covered by 200 × 1M and the 16.8M column). Each point, i
 * equality: each optimizer and torch's from the same parameters and zero state, ``CHECK_STEPS`` steps
   on the same gradients. The parameters may differ by ``PARAM_ULPS`` fp32 ulps of |θ| per step (each
   step rounds θ, in another operation order) plus ``UPDATE_REL`` of the total change of θ; moments by
-  ``UPDATE_REL`` of their largest value. ``UPDATE_REL`` = 1e-4 covers torch's fused CUDA kernel
-  computing 1 − β₂ and the bias corrections in fp32 (1 − fp32(0.999) is 1.3e-5 off 0.001: v, and
-  the update through √v, differ by that much from a kernel that takes 1 − β₂ from the host, which
-  the first H100 run measured as 1.3e-5 at every point) and stays 100× below a missing weight decay
+  ``UPDATE_REL`` of their largest value. ``UPDATE_REL`` = 1e-4 covers coefficients rounded to fp32
+  in another order: 1 − fp32(0.999) is 1.3e-5 off 0.001, so v, and the update through √v, differ
+  by that much between a kernel that takes β₂ in fp32 and one that takes 1 − β₂ from the host (the
+  first H100 run measured 1.3e-5 at every point against torch's fused CUDA kernel) and stays 100× below a missing weight decay
   (lr·λ·θ: 1% of the change at these settings). Printed: the worst |difference| over its allowance
   (≤ 1 passes);
 * wall: rounds of ``ROUND`` back-to-back ``step()`` calls between synchronisations, the optimizers
