@@ -8,12 +8,22 @@ Grid: n_tensors ∈ {1, 8, 64, 200, 1000} × size ∈ {4096, 65536, 1M, 16.8M/n}
 above ``MAX_PARAMS`` parameters in all (1000 × 1M: 16 GB of optimizer tensors per optimizer, the
 large-tensor regime is covered by 200 × 1M and the 16.8M column). Each point, in one process:
 
-* equality: both optimizers from the same parameters and zero state, ``CHECK_STEPS`` steps on the
-  same gradients; max |difference| of parameters and moments over their max |value| (torch's fused
-  kernel and metalcore's both round ``sqrt`` and the divisions to nearest, so ~1 ulp is expected);
-* wall: rounds of ``ROUND`` back-to-back ``step()`` calls between synchronisations, the two
-  optimizers alternating round by round, median of the per-step times (host and GPU, what a user's
-  loop sees; the GPU runs ahead of the host only within a round);
+* backend: what served MetalAdamW's step (``metalcore._op.observe_backends``), or ``torch_fused``
+  where no metalcore op ran (a CUDA group sent straight to ``torch._fused_adamw_``; the rule is in
+  ``metalcore/optim/adamw.py``); ``triton`` below is the same optimizer with the Triton kernel forced
+  (``metalcore.use_backend("triton")``), the data for that rule;
+* equality: each optimizer and torch's from the same parameters and zero state, ``CHECK_STEPS`` steps
+  on the same gradients. The parameters may differ by ``PARAM_ULPS`` fp32 ulps of |θ| per step (each
+  step rounds θ, in another operation order) plus ``UPDATE_REL`` of the total change of θ; moments by
+  ``UPDATE_REL`` of their largest value. ``UPDATE_REL`` = 1e-4 covers coefficients rounded to fp32
+  in another order: 1 − fp32(0.999) is 1.3e-5 off 0.001, so v, and the update through √v, differ
+  by that much between a kernel that takes β₂ in fp32 and one that takes 1 − β₂ from the host (the
+  first H100 run measured 1.3e-5 at every point against torch's fused CUDA kernel) and stays 100× below a missing weight decay
+  (lr·λ·θ: 1% of the change at these settings). Printed: the worst |difference| over its allowance
+  (≤ 1 passes);
+* wall: rounds of ``ROUND`` back-to-back ``step()`` calls between synchronisations, the optimizers
+  alternating round by round, median of the per-step times (host and GPU, what a user's loop sees;
+  the GPU runs ahead of the host only within a round);
 * GPU time: metalcore.bench's Timer (a GPU sleep hides the host, L2 flushed before each call), for
   both ``step()``s and for torch's ``torch._fused_adamw_`` called directly on device step counters
   (torch's kernel without its Python: what routing a case to it could reach);
@@ -41,9 +51,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import metalcore  # noqa: E402
+from metalcore._op import observe_backends  # noqa: E402
 from metalcore.bench.timing import GPU_BUDGET, QUICK_BUDGET, Timer  # noqa: E402
 from metalcore.optim import MetalAdamW  # noqa: E402
-from metalcore.optim.adamw import adamw_step_  # noqa: E402
 
 COUNTS = (1, 8, 64, 200, 1000)
 SIZES = (4096, 65536, 1 << 20, None)  # None: 16.8M parameters split over the tensors
@@ -54,6 +65,9 @@ BYTES_PER_PARAM = 28
 FLOOR_TBPS = 3.0
 CHECK_STEPS = 3
 ROUND = 5
+PARAM_ULPS = 2.0
+UPDATE_REL = 1e-4
+FP32_EPS = 2.0 ** -23
 HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 
@@ -68,37 +82,52 @@ def grid(tiny: bool) -> list[tuple[int, int]]:
     return points
 
 
-def make_optimizers(n: int, size: int, device: torch.device):
-    """Two optimizers over equal parameters with equal gradients; the gradients are fixed tensors
-    (a step reads them only), so repeated steps need no host work but the optimizers' own."""
-    params = [torch.randn(size, device=device) for _ in range(n)]
-    ours = [p.clone().requires_grad_() for p in params]
-    theirs = [p.clone().requires_grad_() for p in params]
-    for a, b in zip(ours, theirs):
-        a.grad = torch.randn_like(a)
-        b.grad = a.grad.clone()
-    return ours, MetalAdamW(ours, **HYPER), theirs, torch.optim.AdamW(theirs, **HYPER, fused=True)
+def make_optimizers(n: int, size: int, device: torch.device, count: int):
+    """``count`` optimizers (MetalAdamW, then torch's fused AdamW last) over equal parameters with
+    equal gradients; the gradients are fixed tensors (a step reads them only), so repeated steps need
+    no host work but the optimizers' own. Returns ([params per optimizer], [optimizers], start)."""
+    start = [torch.randn(size, device=device) for _ in range(n)]
+    grads = [torch.randn_like(p) for p in start]
+    params, opts = [], []
+    for k in range(count):
+        ps = [p.clone().requires_grad_() for p in start]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        params.append(ps)
+        opts.append(torch.optim.AdamW(ps, **HYPER, fused=True) if k == count - 1 else MetalAdamW(ps, **HYPER))
+    return params, opts, start
 
 
-def equality(ours, opt, theirs, ref) -> float:
-    """Max over parameters and moments of |ours − torch's| / max|torch's| after CHECK_STEPS steps."""
-    for _ in range(CHECK_STEPS):
-        opt.step()
-        ref.step()
+def diff_over_allowance(ours, opt, theirs, ref, start) -> float:
+    """Worst |difference| from torch's fused AdamW over its allowance (module docstring), after the
+    CHECK_STEPS steps both have taken."""
     worst = 0.0
-    for p, q in zip(ours, theirs):
-        pairs = [(p.detach(), q.detach())] + [(opt.state[p][k], ref.state[q][k]) for k in ("exp_avg", "exp_avg_sq")]
-        for a, b in pairs:
-            scale = b.abs().max().item() or 1.0
-            worst = max(worst, (a - b).abs().max().item() / scale)
+    for p, q, p0 in zip(ours, theirs, start):
+        a, b = p.detach(), q.detach()
+        change = (b - p0).abs().max().item()
+        allowed = PARAM_ULPS * CHECK_STEPS * FP32_EPS * b.abs() + UPDATE_REL * change
+        worst = max(worst, ((a - b).abs() / allowed).max().item())
+        for key in ("exp_avg", "exp_avg_sq"):
+            x, y = opt.state[p][key], ref.state[q][key]
+            worst = max(worst, (x - y).abs().max().item() / (UPDATE_REL * (y.abs().max().item() or 1.0)))
     return worst
 
 
-def served_by(opt) -> str:
-    lists = ([], [], [], [], [], [])
-    opt._init_group(opt.param_groups[0], *lists)
-    g = opt.param_groups[0]
-    return adamw_step_.backend_for(*lists, g["lr"], *g["betas"], g["eps"], g["weight_decay"], False, False)
+def stepped(opt, backend: str):
+    """``opt.step`` under ``metalcore.use_backend(backend)`` (``auto``: nothing forced)."""
+    if backend == "auto":
+        return opt.step
+
+    def step():
+        with metalcore.use_backend(backend):
+            opt.step()
+    return step
+
+
+def served_by(step) -> str:
+    with observe_backends() as served:
+        step()
+    return served.get("adamw_step_", "torch_fused")
 
 
 def wall_per_step(fns: dict, device: torch.device, rounds: int) -> dict[str, float]:
@@ -138,14 +167,23 @@ def direct_fused(opt, params: list[torch.Tensor]):
 
 
 def measure(n: int, size: int, device: torch.device, timer: Timer, rounds: int) -> dict:
-    ours, opt, theirs, ref = make_optimizers(n, size, device)
-    rel = equality(ours, opt, theirs, ref)
-    served = served_by(opt)
-    wall = wall_per_step({"metalcore": opt.step, "torch_fused": ref.step}, device, rounds)
-    gpu = timer.time_all({"metalcore": opt.step, "torch_fused": ref.step, "fused_kernel": direct_fused(opt, ours)})
+    # The forced Triton kernel where it can run (under TRITON_INTERPRET=1 on the CPU: a smoke test).
+    triton_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    variants = ("metalcore", "triton") if triton_runs else ("metalcore",)
+    params, opts, start = make_optimizers(n, size, device, len(variants) + 1)
+    steps = {name: stepped(opt, "auto" if name == "metalcore" else name) for name, opt in zip(variants, opts)}
+    steps["torch_fused"] = opts[-1].step
+    for _ in range(CHECK_STEPS):
+        for step in steps.values():
+            step()
+    diff = {name: diff_over_allowance(params[k], opts[k], params[-1], opts[-1], start)
+            for k, name in enumerate(variants)}
+    served = served_by(steps["metalcore"])
+    wall = wall_per_step(steps, device, rounds)
+    gpu = timer.time_all({**steps, "fused_kernel": direct_fused(opts[0], params[0])})
     floor = n * size * BYTES_PER_PARAM / (FLOOR_TBPS * 1e12)
-    row = dict(n_tensors=n, size=size, params=n * size, backend=served, max_rel_diff=rel,
-               equal=rel <= 1e-5, floor_us=floor * 1e6,
+    row = dict(n_tensors=n, size=size, params=n * size, backend=served, diff_over_allowance=diff,
+               equal=all(d <= 1.0 for d in diff.values()), floor_us=floor * 1e6,
                wall_us={k: t * 1e6 for k, t in wall.items()},
                gpu_us={k: t.median_s * 1e6 for k, t in gpu.items()},
                host_us={k: (t.host_s or 0.0) * 1e6 for k, t in gpu.items()})
@@ -153,7 +191,7 @@ def measure(n: int, size: int, device: torch.device, timer: Timer, rounds: int) 
     row["ratio_gpu"] = gpu["torch_fused"].median_s / gpu["metalcore"].median_s
     row["floor_fraction_wall"] = floor / wall["metalcore"]
     row["floor_fraction_gpu"] = floor / gpu["metalcore"].median_s
-    del ours, opt, theirs, ref
+    del params, opts, steps
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -177,14 +215,16 @@ def main(argv=None) -> int:
     timer = Timer(device, QUICK_BUDGET if args.tiny or device.type == "cpu" else GPU_BUDGET)
     rounds = 5 if args.tiny else 15
     rows = []
-    print(f"{'n':>5} {'size':>9} {'backend':>9} {'rel diff':>9} | {'wall ours':>10} {'torch':>9} {'ratio':>6} | "
+    print(f"{'n':>5} {'size':>9} {'backend':>11} {'diff/tol':>8} | {'wall ours':>10} {'triton':>9} {'torch':>9} "
+          f"{'ratio':>6} | "
           f"{'gpu ours':>9} {'torch':>9} {'kernel':>9} {'ratio':>6} | {'floor':>8} {'frac w':>6} {'frac g':>6}")
     started = time.perf_counter()
     for n, size in grid(args.tiny):
         row = measure(n, size, device, timer, rounds)
         rows.append(row)
         w, g = row["wall_us"], row["gpu_us"]
-        print(f"{n:>5} {size:>9} {row['backend']:>9} {row['max_rel_diff']:9.1e} | {w['metalcore']:8.1f}us "
+        print(f"{n:>5} {size:>9} {row['backend']:>11} {max(row['diff_over_allowance'].values()):8.2f} | "
+              f"{w['metalcore']:8.1f}us {w.get('triton', float('nan')):7.1f}us "
               f"{w['torch_fused']:7.1f}us {row['ratio_wall']:6.2f} | {g['metalcore']:7.1f}us {g['torch_fused']:7.1f}us "
               f"{g['fused_kernel']:7.1f}us {row['ratio_gpu']:6.2f} | {row['floor_us']:6.1f}us "
               f"{row['floor_fraction_wall']:6.2f} {row['floor_fraction_gpu']:6.2f}", flush=True)
@@ -192,11 +232,12 @@ def main(argv=None) -> int:
     unequal = [r for r in rows if not r["equal"]]
     print(f"\n{len(slower)} of {len(rows)} grid points where MetalAdamW's wall time per step is above torch fused's"
           + "".join(f"\n  n={r['n_tensors']} size={r['size']}: {r['ratio_wall']:.2f}x" for r in slower))
-    print(f"{len(unequal)} of {len(rows)} points unequal to torch (max relative difference > 1e-5); "
+    print(f"{len(unequal)} of {len(rows)} points unequal to torch (a difference above its allowance); "
           f"{time.perf_counter() - started:.0f} s")
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 torch=torch.__version__, commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                floor_tbps=FLOOR_TBPS, bytes_per_param=BYTES_PER_PARAM, round=ROUND, rounds=rounds)
+                floor_tbps=FLOOR_TBPS, bytes_per_param=BYTES_PER_PARAM, round=ROUND, rounds=rounds,
+                param_ulps=PARAM_ULPS, update_rel=UPDATE_REL)
     try:
         import triton
         meta["triton"] = triton.__version__

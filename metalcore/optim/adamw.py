@@ -19,7 +19,8 @@ The whole step of a parameter group is one registered mutating op,
 
 updating ``params``, the moments and ``state_steps`` in place (``grads`` are only read). A backend
 kernel does it in one pass over memory per tensor (one read of θ, g, m, v; one write of θ, m, v)
-where the unfused update makes about a dozen. ``state_steps`` are float32 scalar tensors on the CPU
+where the unfused update makes about a dozen. On CUDA, :func:`adamw` sends a group straight to
+torch's own fused kernel wherever that measured at least as fast (:func:`torch_fused_applies`). ``state_steps`` are float32 scalar tensors on the CPU
 (torch's layout when neither ``capturable`` nor ``fused``). Moments are float32 for bf16/fp16
 parameters — the update is computed in float32 and θ is rounded to its dtype once per step — and
 have the parameter's dtype for float32/float64 ones (torch's layout). ``max_exp_avg_sqs`` is empty
@@ -27,13 +28,17 @@ unless ``amsgrad``.
 """
 
 import math
+import operator
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from metalcore._backend import requested_backend
 from metalcore._op import metalcore_op
 
 _CLS = "MetalAdamW"
@@ -184,6 +189,104 @@ def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, be
     return None
 
 
+# Where the Triton kernel is the faster choice for a CUDA group; everywhere else the step is
+# torch's own fused kernel (`torch._fused_adamw_`, what torch.optim.AdamW(fused=True) runs, same
+# math), called directly. Measured on an H100 (bench/scripts/adamw_check.py, 19 points of
+# tensors × size, fp32, wall time per synchronised step, MetalAdamW through the Triton kernel vs
+# torch's fused optimizer): the kernel's GPU time was 1.04-1.8x better for tensors of >= 65536
+# elements and up to 200 tensors (e.g. 64 × 1M: 645 vs 718 us; 200 × 65536: 182 vs 268 us) and
+# 0.3-0.66x at 1000 tensors or 64+ tensors of 4096 (every program walks the whole tensor table),
+# but the step was host-bound below ~64M elements (wall 226 us for one tensor of 4096, 664 us for
+# 64 × 262144, against GPU times of 5-165 us): the Triton path's host time (op dispatch, launch
+# plan, a ~25 us launch on that host) is more than one C++ call's, so it won in wall time only at
+# 64 × 1M (804 vs 817 us) and 200 × 1M (2365 vs 2483 us), where the GPU time hides the host.
+TRITON_MIN_ELEMENTS = 64 << 20
+TRITON_MIN_MEAN_NUMEL = 65536
+TRITON_MAX_TENSORS = 200
+# Devices whose groups take this route. Not the CPU: there the op's reference already calls the same
+# fused kernel, after checks the route skips (strides, a gradient of another dtype); tests add "cpu"
+# to run the route itself on CPU tensors.
+ROUTED_DEVICE_TYPES = ("cuda",)
+
+_dtype = operator.attrgetter("dtype")
+_shape = operator.attrgetter("shape")
+_device = operator.attrgetter("device")
+_PLAIN = {Tensor, torch.nn.Parameter}
+
+
+def triton_preferred(n_tensors: int, numel: int) -> bool:
+    """Whether a CUDA group of ``n_tensors`` tensors of ``numel`` elements in all steps faster
+    through the Triton kernel than through torch's fused kernel (the rule above)."""
+    return (numel >= TRITON_MIN_ELEMENTS and n_tensors <= TRITON_MAX_TENSORS
+            and numel >= TRITON_MIN_MEAN_NUMEL * n_tensors)
+
+
+def torch_fused_applies(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], amsgrad: bool) -> bool:
+    """Whether the step goes straight to ``torch._fused_adamw_``: an eager step of plain contiguous
+    CUDA tensors of one dtype on one device (fp32 and fp64 parameters: bf16/fp16 ones keep float32
+    moments, which torch's kernel does not take), with every shape matching, nothing forcing a
+    backend, and :func:`triton_preferred` false. One pass of C-level maps over the lists (a
+    generator costs ~1 µs a tensor on a slow host)."""
+    if not params or params[0].device.type not in ROUTED_DEVICE_TYPES or torch.compiler.is_compiling() or \
+            requested_backend() != "auto":
+        return False
+    if "triton" in adamw_step_.kernels and triton_preferred(len(params), sum(map(Tensor.numel, params))):
+        return False
+    state = exp_avgs + exp_avg_sqs + (max_exp_avg_sqs if amsgrad else [])
+    tensors = params + grads + state
+    shapes = list(map(_shape, params))
+    return (set(map(type, tensors)) <= _PLAIN and len(set(map(_dtype, tensors))) == 1
+            and len(set(map(_device, tensors))) == 1 and all(map(Tensor.is_contiguous, tensors))
+            and list(map(_shape, grads)) == shapes and list(map(_shape, exp_avgs)) == shapes
+            and list(map(_shape, exp_avg_sqs)) == shapes
+            and (not amsgrad or list(map(_shape, max_exp_avg_sqs)) == shapes))
+
+
+# Device copies of the packed CPU step counters (:func:`shared_step_buffer`), for torch's fused
+# kernel, which reads each tensor's step from device memory: buffer -> (weak references to the
+# counters it was made for (strong ones, views of the key, would keep the key alive), device buffer,
+# its 0-d views, the buffer's version after the last step taken here). The CPU
+# counters stay the state (``state["step"]``, in checkpoints); the copy follows them with one device
+# add a step while nothing else wrote them, and is uploaded again when something did (another
+# backend's step, a user's edit: each bumps the version; a load repacks into a new buffer).
+_DEVICE_STEPS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def device_step_counters(state_steps: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Advance the CPU step counters by one and return device scalars holding the new counts."""
+    base = state_steps[0]._base
+    entry = _DEVICE_STEPS.get(base) if base is not None else None
+    # The same counter objects as last time (the optimizer's state holds them): the buffer was
+    # checked then; shared_step_buffer costs ~6 µs even for one counter.
+    if entry is not None and not (len(entry[0]) == len(state_steps)
+                                  and all(map(operator.is_, [ref() for ref in entry[0]], state_steps))):
+        entry = None
+    buffer = base if entry is not None else shared_step_buffer(state_steps)
+    if buffer is None:  # unpacked counters (no optimizer keeps them so): one upload of the counts
+        return list(torch.tensor(advance_steps(state_steps), dtype=torch.float32, device=device).unbind(0))
+    fresh = entry is not None and entry[1].device == device and entry[3] == buffer._version
+    buffer.add_(1.0)
+    if fresh:
+        counters, on_device, views, _ = entry
+        on_device.add_(1.0)
+    else:
+        # From pageable memory: the copy has left the buffer when copy_ returns (no device sync).
+        counters, on_device = list(map(weakref.ref, state_steps)), buffer.to(device, non_blocking=True, copy=True)
+        views = list(on_device.unbind(0))
+    _DEVICE_STEPS[buffer] = (counters, on_device, views, buffer._version)
+    return views
+
+
+def torch_fused_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                     max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], lr: float, beta1: float, beta2: float,
+                     eps: float, weight_decay: float, amsgrad: bool, maximize: bool) -> None:
+    """The step through ``torch._fused_adamw_`` (for tensors :func:`torch_fused_applies` accepts)."""
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+                        device_step_counters(state_steps, params[0].device), lr=lr, beta1=beta1, beta2=beta2,
+                        weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)
+
+
 def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
           max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], *, lr: float, beta1: float, beta2: float,
           eps: float, weight_decay: float, amsgrad: bool, maximize: bool) -> None:
@@ -202,6 +305,10 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         raise ValueError(f"metalcore.optim.adamw: {name} must have one entry per parameter ({n}); got {length}")
     if not amsgrad and max_exp_avg_sqs:
         raise ValueError("metalcore.optim.adamw: max_exp_avg_sqs must be empty unless amsgrad=True")
+    if torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad):
+        torch_fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, float(lr), float(beta1),
+                         float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))
+        return
     adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, float(lr), float(beta1),
                 float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))
 
@@ -281,7 +388,8 @@ class MetalAdamW(Optimizer):
       keeps moments in the parameter's dtype). A ``state_dict`` loaded into ``torch.optim.AdamW`` is
       cast to its parameters' dtype by torch; one loaded here is brought (back) to float32.
     * ``foreach`` and ``fused`` choose among torch's implementations of the same math: any value is
-      accepted and kept in the groups, and the step is this fused op whatever they say.
+      accepted and kept in the groups, and the step is this fused op whatever they say (on CUDA,
+      torch's own fused kernel where that is the faster: :func:`torch_fused_applies`).
       ``capturable=True`` and ``differentiable=True`` ask for something else (a step inside a CUDA
       graph; a step autograd differentiates through) and raise ``ValueError``; a ``state_dict``
       recording them loads with them reset to False (the math is the same).

@@ -8,7 +8,9 @@ and the Metal executor with that backend requested; the ``test_triton_*`` tests 
 launch plans themselves."""
 
 import copy
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from torch.testing._internal.common_optimizers import (
 )
 
 from cases import noncontiguous
+import metalcore
 from metalcore.optim import MetalAdamW, adamw
 from metalcore.optim.adamw import adamw_step_, shared_step_buffer, state_dtype
 from oracle import assert_close, assert_within_torch_error
@@ -687,3 +690,109 @@ def test_kernels_take_transposed_parameters_and_free_size_one_strides(backend):
         step_with(theirs, reference, grads)
     assert served_by(ours) == backend
     assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+# --- CUDA groups go straight to torch's fused kernel (metalcore/optim/adamw.py, torch_fused_applies).
+# The route runs on the CPU here (torch._fused_adamw_ has a CPU kernel) with "cpu" added to its devices.
+
+_adamw_module = importlib.import_module("metalcore.optim.adamw")
+
+
+@pytest.fixture
+def routed_on_cpu(monkeypatch):
+    monkeypatch.setattr(_adamw_module, "ROUTED_DEVICE_TYPES", ("cpu", "cuda"))
+    calls = []
+    step = _adamw_module.torch_fused_step
+    monkeypatch.setattr(_adamw_module, "torch_fused_step", lambda *args: (calls.append(len(args[0])), step(*args)))
+    return calls
+
+
+@pytest.mark.parametrize("amsgrad,maximize", [(False, False), (True, True)])
+def test_routed_step_equals_torch_fused_adamw(amsgrad, maximize, routed_on_cpu):
+    torch.manual_seed(0)
+    ours = [torch.randn(37, 5, requires_grad=True), torch.randn(100, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    hyper = dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+    opt, ref = MetalAdamW(ours, **hyper), torch.optim.AdamW(theirs, **hyper, fused=True)
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert routed_on_cpu == [2] * 4
+    for p, q in zip(ours, theirs):  # the same kernel on the same inputs: equal to the bit
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if amsgrad else ())):
+            assert torch.equal(opt.state[p][key], ref.state[q][key])
+        step = opt.state[p]["step"]
+        assert step.device.type == "cpu" and step.dtype == torch.float32 and step.dim() == 0 and step.item() == 4
+
+
+def test_routed_state_dict_round_trip_and_counters_follow_edits(routed_on_cpu):
+    torch.manual_seed(1)
+    params = [torch.randn(8, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    opt, ref = MetalAdamW(params, lr=1e-2), torch.optim.AdamW(twin, lr=1e-2, fused=True)
+
+    def step_both():
+        for p, q in zip(params, twin):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+
+    step_both()
+    step_both()
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(s["step"].device.type == "cpu" and s["step"].item() == 2 for s in saved["state"].values())
+    restored = MetalAdamW(params, lr=1e-2)
+    restored.load_state_dict(saved)
+    opt = restored
+    step_both()  # a new buffer: the device copy is made afresh from the loaded counts
+    # An edit of a counter (here, what another backend's step does) is seen at the next step.
+    opt.state[params[0]]["step"].add_(0.0)
+    step_both()
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
+        assert opt.state[p]["step"].item() == ref.state[q]["step"].item() == 4
+    assert routed_on_cpu == [2] * 4
+
+
+def test_routing_rule():
+    rule = _adamw_module.triton_preferred
+    # Host-bound points of the H100 grid go to torch's fused kernel ...
+    for n, size in [(1, 4096), (1, 1 << 24), (8, 1 << 21), (64, 262144), (200, 83886), (200, 65536),
+                    (1000, 65536), (64, 4096)]:
+        assert not rule(n, n * size), (n, size)
+    # ... the two where the Triton kernel's GPU time hid its host time stay on it.
+    for n, size in [(64, 1 << 20), (200, 1 << 20)]:
+        assert rule(n, n * size), (n, size)
+    assert not rule(1000, 1000 * (1 << 20))  # 1000 tensors: the kernel's table walk loses on the GPU
+
+
+def test_route_declines_what_torch_fused_does_not_take(routed_on_cpu):
+    applies = _adamw_module.torch_fused_applies
+    p = torch.randn(4, 6)
+    lists = lambda *ts: [list(t) for t in ts]  # noqa: E731
+    g, m, v = torch.randn(4, 6), torch.zeros(4, 6), torch.zeros(4, 6)
+    assert applies(*lists([p], [g], [m], [v]), [], False)
+    assert not applies(*lists([p], [g.t().contiguous().t()], [m], [v]), [], False)  # a strided gradient
+    assert not applies(*lists([p.bfloat16()], [g.bfloat16()], [m], [v]), [], False)  # float32 moments
+    assert not applies(*lists([p], [torch.randn(6, 4)], [m], [v]), [], False)  # another shape
+    assert not applies(*lists([p], [g], [m], [v]), [], True)  # amsgrad without max_exp_avg_sqs
+    with metalcore.use_backend("reference"):  # an explicit backend keeps the op
+        assert not applies(*lists([p], [g], [m], [v]), [], False)
+
+
+def test_routed_device_counters_do_not_outlive_the_optimizer(routed_on_cpu):
+    param = torch.randn(3, requires_grad=True)
+    param.grad = torch.randn(3)
+    opt = MetalAdamW([param])
+    opt.step()
+    opt.step()
+    assert len(_adamw_module._DEVICE_STEPS) >= 1
+    buffer = weakref.ref(opt.state[param]["step"]._base)
+    del opt
+    gc.collect()
+    assert buffer() is None
