@@ -221,6 +221,13 @@ class _Forward:
             return type(self.module).forward(self.module, *args, **kwargs)
         return self.fn(self.module, *args, **kwargs)
 
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The replaced forward's signature: callers read it (``transformers.Trainer`` keeps only the
+        dataset columns the model's forward names, and dropped every one for ``(*args, **kwargs)``)."""
+        original = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+        return inspect.signature(original)
+
     def __reduce__(self) -> tuple:
         return _Forward, (self.module, self.kind, self.spec, self.slot, self.previous)
 

@@ -132,6 +132,20 @@ def test_unpatch_restores_training_forward_bit_exactly():
     assert "forward" not in model.__dict__ and patch_report(model) is None
 
 
+def test_patched_forwards_keep_their_signature():
+    """transformers.Trainer keeps only the dataset columns that ``model.forward``'s signature names;
+    a patched forward read as ``(*args, **kwargs)`` made it drop input_ids and labels."""
+    import inspect
+
+    model = tiny_model("llama")
+    before = inspect.signature(model.forward)
+    patch_model(model)
+    assert "forward" in model.__dict__  # the causal-LM head swap is in place
+    assert inspect.signature(model.forward) == before
+    norm = model.model.norm
+    assert list(inspect.signature(norm.forward).parameters) == list(inspect.signature(type(norm).forward).parameters)[1:]
+
+
 def _unknown_model(cls_name, **overrides):
     config = getattr(transformers, cls_name)(**{**COMMON, **overrides})
     torch.manual_seed(0)
