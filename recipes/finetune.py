@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a causal language model with metalcore patched in.
 
     python recipes/finetune.py                        # offline demo: ~4 min on 2 CPU cores
-    python recipes/finetune.py --compare              # also the plain-PyTorch run: speed and memory ratios
+    python recipes/finetune.py --compare              # both sides from step 0, patched and plain PyTorch: speed and memory ratios
     python recipes/finetune.py --model PATH --device auto --steps 1000 --batch-size 16 --seq-len 512
 
 The default needs no download: the data are instruction pairs built from the docstrings of Python's
@@ -10,11 +10,12 @@ BPE trained on them with ``tokenizers``, and the model is a small Llama built fr
 (random initialisation: the demo teaches it the task and the language from scratch). With ``--model``
 any local Hugging Face checkpoint (and its tokenizer) is fine-tuned instead.
 
-The loss is computed on the response tokens only (prompt and padding are labelled -100). Every
-``--eval-every`` steps the mean loss on a held-out split (1 example in 20, fixed by hash) is measured.
-Checkpoints (model, optimizer, every RNG, step, data position, loss history) are written atomically to
-``OUT/checkpoint.pt``; rerunning the same command resumes from it. The loss curves go to
-``OUT/loss_curve.png``, a summary to ``OUT/summary.json`` and the final model to ``OUT/final/``
+The loss is computed on the response tokens only (prompt and padding are labelled -100). The mean loss
+on a held-out split (1 example in 20, fixed by hash) is measured before the first step and every
+``--eval-every`` steps; a greedy answer to one held-out prompt is generated before training and after.
+Checkpoints (model, optimizer, every RNG, step, data position, loss history) are written atomically
+with a checksum to ``OUT/checkpoint.pt``; rerunning the same command resumes from it. The loss curves
+go to ``OUT/loss_curve.png``, a summary to ``OUT/summary.json`` and the final model to ``OUT/final/``
 (loadable with ``--model OUT/final``).
 """
 
@@ -24,26 +25,28 @@ import argparse
 import contextlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (the recipes' shared helpers, next to this file)
+import common  # noqa: E402  (the recipes' shared helpers, next to this file; imports no torch)
 
 # Arguments that define the run: a checkpoint written under other values is refused, not resumed.
 _RUN_DEFINING = ("model", "seed", "batch_size", "seq_len", "lr", "optimizer", "warmup", "weight_decay", "vocab_size",
-                 "hidden_size", "layers", "steps", "no_patch")
+                 "hidden_size", "layers", "corpus_bytes", "steps", "no_patch")
+# The default model's positions; --seq-len beyond it would index past the RoPE table.
+DEFAULT_MAX_POSITIONS = 1024
+SAMPLE_TOKENS = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local Hugging Face checkpoint to fine-tune (default: a small "
-                   "Llama built from a config, with a tokenizer trained locally)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="local Hugging Face checkpoint folder (or a cached hub name) to "
+                   "fine-tune (default: a small Llama built from a config, with a tokenizer trained locally)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="examples are truncated to this many tokens")
@@ -57,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--compare", action="store_true",
-                   help="also train the unpatched model with torch.optim.AdamW (same seed and data) and print "
-                        "the speed and memory ratios")
+                   help="train two fresh runs in OUT/compare/: the patched model with MetalAdamW and the unpatched "
+                        "one with torch.optim.AdamW (same seed, data and initial weights), and print the speed and "
+                        "memory ratios, both measured in this process")
     p.add_argument("--no-patch", action="store_true", help="train without metalcore (the baseline)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
@@ -71,24 +75,53 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop (as if killed) after this step, having saved a checkpoint; for testing resumption")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: every core, or 1 when the machine is already busy; see threads_for)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before anything slow: one line naming the first bad one."""
+    common.check_at_least(args, {"steps": 1, "batch_size": 1, "seq_len": 8, "warmup": 0, "eval_every": 1,
+                                 "eval_batches": 1, "save_every": 1, "corpus_bytes": 10_000, "stop_after": 1,
+                                 "threads": 1, "seed": 0})
+    common.check_positive_float(args, ["lr"])
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        common.fail(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
+    if args.compare and args.no_patch:
+        common.fail("--compare already trains the unpatched side; drop --no-patch")
+    if args.model is None:
+        # The byte-level alphabet (256) and the 5 special tokens come first; merges need room beyond.
+        common.check_at_least(args, {"vocab_size": 262, "hidden_size": 16, "layers": 1})
+        common.check_llama_shape(args.hidden_size, *attention_heads(args.hidden_size))
+        if args.seq_len > DEFAULT_MAX_POSITIONS:
+            common.fail(f"--seq-len must be at most {DEFAULT_MAX_POSITIONS} for the default model; got {args.seq_len}")
+    common.check_device(args.device)
+    if args.model is not None:
+        common.check_model(args.model)
+
+
+def attention_heads(hidden_size: int) -> tuple[int, int]:
+    """Heads of 64 and grouped-query key/value heads of 128 (GQA 2:1), at least one of each."""
+    return max(1, hidden_size // 64), max(1, hidden_size // 128)
 
 
 # ------------------------------------------------------------------------------------------- data
 
 def load_examples(args, data_dir: Path) -> list[dict[str, str]]:
-    """The SFT pairs, built once and cached in ``OUT/data`` (a resumed run reuses the same file)."""
-    path = data_dir / "examples.json"
+    """The SFT pairs, built once per ``--corpus-bytes`` and cached in ``OUT/data`` (a resumed run
+    reuses the same file)."""
+    path = data_dir / f"examples-c{args.corpus_bytes}.json"
     if path.exists():
         return json.loads(path.read_text())
     examples = common.sft_examples(common.stdlib_docstrings(args.corpus_bytes))
-    data_dir.mkdir(parents=True, exist_ok=True)
     common.write_json_atomic(examples, path)
     return examples
 
 
 def load_model_and_tokenizer(args, data_dir: Path, examples, device):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if args.model:
@@ -97,18 +130,15 @@ def load_model_and_tokenizer(args, data_dir: Path, examples, device):
             tokenizer.pad_token = tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         return model.to(device), tokenizer
-    tok_dir = data_dir / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    else:
-        texts = [common.format_chat(e["prompt"], e["response"]) for e in examples]
-        tokenizer = common.train_tokenizer(texts, args.vocab_size, tok_dir)
+    tokenizer = common.load_or_train_tokenizer(
+        lambda: [common.format_chat(e["prompt"], e["response"]) for e in examples], args.vocab_size,
+        common.tokenizer_dir(data_dir, args.vocab_size, args.corpus_bytes))
+    heads, kv_heads = attention_heads(args.hidden_size)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden_size,
                          intermediate_size=int(args.hidden_size * 8 / 3) // 16 * 16,
-                         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden_size // 64),
-                         num_key_value_heads=max(1, args.hidden_size // 128), max_position_embeddings=1024,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=DEFAULT_MAX_POSITIONS, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
         model = LlamaForCausalLM(config)
@@ -132,6 +162,8 @@ def encode(examples, tokenizer, seq_len: int) -> list[tuple[list[int], int]]:
 
 def collate(batch, pad_id: int):
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
+    import torch
+
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -151,6 +183,8 @@ class Sampler:
         self._perm = self._permutation()
 
     def _permutation(self) -> list[int]:
+        import torch
+
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
@@ -182,33 +216,59 @@ class RunResult:
     label: str
     steps: int = 0
     train: list = field(default_factory=list)   # (step, loss)
-    eval: list = field(default_factory=list)    # (step, loss)
+    eval: list = field(default_factory=list)    # (step, loss); step 0 is the model before training
+    sample: dict = field(default_factory=dict)  # greedy answer to one held-out prompt: prompt, before, after
+    checkpoint: str = ""
+    resumed_from: int = 0
+    # Measured in this process only (a resumed run does not inherit the old run's speed or memory):
     tokens: int = 0                             # non-padding input tokens trained on
     train_seconds: float = 0.0                  # time in training steps (excludes evaluation and saving)
     peak_memory: int = 0                        # bytes; see common.current_memory
-    checkpoint: str = ""
-    resumed_from: int = 0
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+    def tokens_per_second(self):
+        return self.tokens / self.train_seconds if self.train_seconds else None
 
 
-@torch.no_grad()
 def evaluate(model, heldout, args, pad_id, device, autocast) -> float:
+    import torch
+
     model.eval()
     total, count = 0.0, 0
-    for b in range(0, min(len(heldout), args.eval_batches * args.batch_size), args.batch_size):
-        batch = {k: v.to(device) for k, v in collate(heldout[b: b + args.batch_size], pad_id).items()}
-        with autocast():
-            loss = model(**batch).loss
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total, count = total + float(loss) * n, count + n
+    with torch.no_grad():
+        for b in range(0, min(len(heldout), args.eval_batches * args.batch_size), args.batch_size):
+            batch = {k: v.to(device) for k, v in collate(heldout[b: b + args.batch_size], pad_id).items()}
+            with autocast():
+                loss = model(**batch).loss
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(loss) * n, count + n
     model.train()
     return total / max(1, count)
 
 
+def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_tokens: int = SAMPLE_TOKENS) -> str:
+    """The model's most likely continuation of the chat-formatted ``prompt`` (no cache: the recipe's
+    models are small and the answer short), up to the end-of-turn token."""
+    import torch
+
+    ids = tokenizer(common.format_chat(prompt), add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    stop = tokenizer.eos_token_id
+    model.eval()
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            with autocast():
+                nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if int(nxt) == stop:
+                break
+    model.train()
+    n_prompt = len(tokenizer(common.format_chat(prompt), add_special_tokens=False)["input_ids"])
+    return tokenizer.decode(ids[0, n_prompt:], skip_special_tokens=True).strip()
+
+
 def make_optimizer(model, args, patched: bool):
+    import torch
+
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -220,6 +280,14 @@ def make_optimizer(model, args, patched: bool):
 
 
 def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
+    import torch
+    from tqdm import tqdm
+
+    say = (lambda *a, **k: None) if args.quiet else print
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     device = common.pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(common.threads_for(args.threads))
@@ -231,10 +299,11 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args, data_dir, examples, device)
     train_set = encode([e for e in examples if not common.is_heldout(e)], tokenizer, args.seq_len)
-    heldout = encode([e for e in examples if common.is_heldout(e)], tokenizer, args.seq_len)
+    heldout_examples = [e for e in examples if common.is_heldout(e)]
+    heldout = encode(heldout_examples, tokenizer, args.seq_len)
     pad_id = tokenizer.pad_token_id
     if not train_set or not heldout:
-        raise SystemExit(f"no training or held-out examples ({len(train_set)}/{len(heldout)}): raise --corpus-bytes")
+        common.fail(f"no training or held-out examples ({len(train_set)}/{len(heldout)}): raise --corpus-bytes")
 
     report = None
     if patched:
@@ -244,84 +313,107 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
     model.train()
     optimizer = make_optimizer(model, args, patched)
     sampler = Sampler(len(train_set), args.seed)
-    result = RunResult(label=label, checkpoint=str(out_dir / "checkpoint.pt"))
-
     ckpt_path = out_dir / "checkpoint.pt"
+    result = RunResult(label=label, checkpoint=str(ckpt_path))
+
     run_args = {k: getattr(args, k) for k in _RUN_DEFINING}
+    saved_step = 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = common.load_checkpoint(ckpt_path, device)
         if ckpt["args"] != run_args:
             diff = {k: (ckpt["args"].get(k), v) for k, v in run_args.items() if ckpt["args"].get(k) != v}
-            raise SystemExit(f"{ckpt_path} was written by a different run {diff} (checkpoint, now); "
-                             "pass another --out or delete it")
+            common.fail(f"{ckpt_path} was written by a different run {diff} (checkpoint, now); "
+                        "pass another --out or delete it")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler = Sampler(len(train_set), args.seed, **ckpt["sampler"])
         common.set_rng_state(ckpt["rng"])
-        for k in ("steps", "train", "eval", "tokens", "train_seconds", "peak_memory"):
+        for k in ("steps", "train", "eval", "sample"):
             setattr(result, k, ckpt["result"][k])
         result.train, result.eval = [tuple(x) for x in result.train], [tuple(x) for x in result.eval]
-        result.resumed_from = result.steps
+        result.resumed_from = saved_step = result.steps
 
     def save() -> None:
-        common.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "sampler": sampler.state(), "rng": common.rng_state(), "args": run_args,
-                            "result": asdict(result)}, ckpt_path)
+        bad = common.first_nonfinite(model.state_dict())
+        if bad:
+            common.fail(f"[{label}] step {result.steps}: weight {bad} is NaN or infinite (training diverged); the "
+                        f"checkpoint of step {saved_step} is kept; lower --lr")
+        common.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "sampler": sampler.state(), "rng": common.rng_state(), "args": run_args,
+                                "result": asdict(result)}, ckpt_path)
 
-    if report is not None and not args.quiet and result.resumed_from == 0:
-        print(report)
+    if report is not None and result.resumed_from == 0:
+        say(report)
     n_params = sum(p.numel() for p in model.parameters())
-    if not args.quiet:
-        print(f"[{label}] {type(model).__name__} {n_params / 1e6:.1f}M parameters on {device}"
-              f"{' (bf16 autocast)' if use_bf16 else ''}; {len(train_set)} train / {len(heldout)} held-out examples"
-              + (f"; resuming at step {result.steps}" if result.resumed_from else ""))
-
-    from tqdm import tqdm
+    say(f"[{label}] {type(model).__name__} {n_params / 1e6:.1f}M parameters on {device}"
+        f"{' (bf16 autocast)' if use_bf16 else ''}; {len(train_set)} train / {len(heldout)} held-out examples"
+        + (f"; resuming at step {result.steps}" if result.resumed_from else ""))
+    if result.steps == 0:
+        # Before any step (outside the timed region): the baseline the eval curve and sample start from.
+        result.eval.append((0, evaluate(model, heldout, args, pad_id, device, autocast)))
+        prompt = heldout_examples[0]["prompt"]
+        result.sample = {"prompt": prompt, "before": greedy_answer(model, tokenizer, prompt, device, autocast)}
+        say(f"[{label}] step 0: eval loss {result.eval[-1][1]:.3f}")
 
     bar = tqdm(total=args.steps, initial=result.steps, desc=label, disable=args.quiet, dynamic_ncols=True)
     base_memory = common.current_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    while result.steps < args.steps:
-        step = result.steps
-        batch = collate([train_set[i] for i in sampler.take(args.batch_size)], pad_id)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        t0 = time.perf_counter()
-        with autocast():
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(loss.detach())  # one sync per step: the loss is logged every step
-        result.train_seconds += time.perf_counter() - t0
-        result.tokens += int(batch["attention_mask"].sum())
-        result.steps = step + 1
-        result.train.append((result.steps, loss_value))
-        if device.type == "cuda":
-            result.peak_memory = max(result.peak_memory, torch.cuda.max_memory_allocated(device))
-        else:
-            result.peak_memory = max(result.peak_memory, common.current_memory(device) - base_memory)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{result.tokens_per_second:,.0f}")
-        last = result.steps == args.steps
-        if result.steps % args.eval_every == 0 or last:
-            result.eval.append((result.steps, evaluate(model, heldout, args, pad_id, device, autocast)))
-            bar.write(f"[{label}] step {result.steps}: train loss {loss_value:.3f}, eval loss {result.eval[-1][1]:.3f}")
-        stopping = args.stop_after is not None and result.steps >= args.stop_after
-        if result.steps % args.save_every == 0 or last or stopping:
-            save()
-        if stopping:
-            break
+    try:
+        while result.steps < args.steps:
+            step = result.steps
+            batch = collate([train_set[i] for i in sampler.take(args.batch_size)], pad_id)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            t0 = time.perf_counter()
+            with autocast():
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())  # one sync per step: the loss is logged every step
+            result.train_seconds += time.perf_counter() - t0
+            result.tokens += int(batch["attention_mask"].sum())
+            result.steps = step + 1
+            result.train.append((result.steps, loss_value))
+            if device.type == "cuda":
+                result.peak_memory = max(result.peak_memory, torch.cuda.max_memory_allocated(device))
+            else:
+                result.peak_memory = max(result.peak_memory, common.current_memory(device) - base_memory)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{result.tokens_per_second:,.0f}")
+            last = result.steps == args.steps
+            if result.steps % args.eval_every == 0 or last:
+                result.eval.append((result.steps, evaluate(model, heldout, args, pad_id, device, autocast)))
+                if not args.quiet:
+                    bar.write(f"[{label}] step {result.steps}: train loss {loss_value:.3f}, "
+                              f"eval loss {result.eval[-1][1]:.3f}")
+            stopping = args.stop_after is not None and result.steps >= args.stop_after
+            if last:
+                result.sample["after"] = greedy_answer(model, tokenizer, result.sample["prompt"], device, autocast)
+            if result.steps % args.save_every == 0 or last or stopping:
+                save()
+                saved_step = result.steps
+            if stopping:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        where = f"step {saved_step} ({ckpt_path})" if saved_step else "step 0 (no checkpoint saved yet)"
+        print(f"\n[{label}] interrupted at step {result.steps}; rerun the same command to resume from {where}",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     bar.close()
     if result.steps == args.steps:
-        final = out_dir / "final"
         if report is not None:
             report.undo()  # save the plain HF model: patching is a runtime choice, not part of the weights
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+
+        def write_final(folder: Path) -> None:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+        common.save_dir_atomic(out_dir / "final", write_final)
     return result
 
 
@@ -329,23 +421,35 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def _fmt_rate(tokens_per_second) -> str:
+    return f"{tokens_per_second:,.0f} tokens/s" if tokens_per_second else "no step trained now"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    patched = not args.no_patch
+    say = (lambda *a, **k: None) if args.quiet else print
     started = time.time()
-    runs = [run(args, out, patched, "metalcore" if patched else "pytorch")]
-    if args.compare and patched:
-        base_args = argparse.Namespace(**{**vars(args), "no_patch": True})
-        runs.append(run(base_args, out / "unpatched", False, "pytorch"))
+    for path in common.remove_orphans(out):
+        say(f"removed {path}, left by a save that was killed")
+    if args.compare:
+        # Both sides from step 0 in this process: a checkpoint would bring back an old run's speed.
+        shutil.rmtree(out / "compare", ignore_errors=True)
+        say(f"--compare: training both sides from step 0 in {out / 'compare'} (the checkpoint in {out} is not used)")
+        runs = [run(args, out / "compare" / "metalcore", True, "metalcore"),
+                run(argparse.Namespace(**{**vars(args), "no_patch": True}), out / "compare" / "pytorch", False, "pytorch")]
+    else:
+        runs = [run(args, out, not args.no_patch, "pytorch" if args.no_patch else "metalcore")]
     main_run = runs[0]
     summary = {"steps": main_run.steps, "finished": main_run.steps == args.steps}
     for r in runs:
         summary[r.label] = {
             "final_train_loss": sum(l for _, l in r.train[-10:]) / max(1, len(r.train[-10:])),
+            "initial_eval_loss": r.eval[0][1] if r.eval and r.eval[0][0] == 0 else None,
             "final_eval_loss": r.eval[-1][1] if r.eval else None,
             "tokens_per_second": r.tokens_per_second, "peak_memory_bytes": r.peak_memory,
-            "checkpoint": r.checkpoint, "resumed_from": r.resumed_from,
+            "measured_steps": [r.resumed_from + 1, r.steps] if r.steps > r.resumed_from else None,
+            "sample": r.sample, "checkpoint": r.checkpoint, "resumed_from": r.resumed_from,
         }
     png = out / "loss_curve.png"
     common.plot_losses({r.label: {"train": r.train, "eval": r.eval} for r in runs}, png,
@@ -353,29 +457,44 @@ def main(argv=None) -> dict:
     summary["loss_curve"] = str(png)
     summary["wall_seconds"] = time.time() - started
     common.write_json_atomic(summary, out / "summary.json")
-
     if not args.quiet:
-        print()
-        if not summary["finished"]:
-            print(f"Stopped at step {main_run.steps} of {args.steps} (--stop-after); rerun the same command "
-                  f"without it to resume from {main_run.checkpoint}.")
-        for r in runs:
-            s = summary[r.label]
-            ev = f"{s['final_eval_loss']:.3f}" if s["final_eval_loss"] is not None else "n/a"
-            print(f"{r.label:>9}: final train loss {s['final_train_loss']:.3f} (mean of last 10 steps), "
-                  f"eval loss {ev}, {s['tokens_per_second']:,.0f} tokens/s, peak memory {_fmt_bytes(s['peak_memory_bytes'])}")
-        if len(runs) == 2:
-            a, b = summary["metalcore"], summary["pytorch"]
-            mem = (f"{a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x" if b["peak_memory_bytes"] > 0 else "n/a")
-            print(f"metalcore vs plain PyTorch (unpatched + torch.optim.AdamW): "
-                  f"{a['tokens_per_second'] / max(b['tokens_per_second'], 1e-9):.2f}x tokens/s, peak memory {mem}"
-                  + (" (CPU: resident-set growth, a rough measure)" if common.pick_device(args.device).type == "cpu"
-                     else ""))
-        print(f"checkpoint: {main_run.checkpoint}")
-        if summary["finished"]:
-            print(f"final model: {out / 'final'}  (fine-tune further with --model {out / 'final'})")
-        print(f"loss curve: {png}\nsummary:    {out / 'summary.json'}  ({summary['wall_seconds']:.0f} s)")
+        print_summary(args, runs, summary)
     return summary
+
+
+def print_summary(args, runs, summary) -> None:
+    out, main_run = Path(args.out), runs[0]
+    print()
+    if not summary["finished"]:
+        print(f"Stopped at step {main_run.steps} of {args.steps} (--stop-after); rerun the same command "
+              f"without it to resume from {main_run.checkpoint}.")
+    for r in runs:
+        s = summary[r.label]
+        ev = f"{s['final_eval_loss']:.3f}" if s["final_eval_loss"] is not None else "n/a"
+        start = f" (step 0: {s['initial_eval_loss']:.3f})" if s["initial_eval_loss"] is not None else ""
+        measured = (f"steps {s['measured_steps'][0]}-{s['measured_steps'][1]} measured now"
+                    if r.resumed_from and s["measured_steps"] else "")
+        if r.resumed_from and not s["measured_steps"]:
+            measured = f"already finished at step {r.steps}: nothing trained now"
+        print(f"{r.label:>9}: final train loss {s['final_train_loss']:.3f} (mean of last 10 steps), eval loss {ev}{start}, "
+              f"{_fmt_rate(s['tokens_per_second'])}, peak memory {_fmt_bytes(s['peak_memory_bytes'])}"
+              + (f" [{measured}]" if measured else ""))
+    if len(runs) == 2:
+        a, b = summary["metalcore"], summary["pytorch"]
+        mem = f"{a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x" if b["peak_memory_bytes"] > 0 else "n/a"
+        cpu = common.pick_device(args.device).type == "cpu"
+        print(f"metalcore vs plain PyTorch (unpatched + torch.optim.AdamW), both from step 0 in this process: "
+              f"{a['tokens_per_second'] / b['tokens_per_second']:.2f}x tokens/s, peak memory {mem}"
+              + (" (CPU: resident-set growth, a rough measure)" if cpu else ""))
+    sample = main_run.sample
+    if sample.get("after") is not None:
+        print(f"sample (greedy, held-out prompt): {sample['prompt']}\n  before training: {sample['before']!r}\n"
+              f"  after training:  {sample['after']!r}")
+    print(f"checkpoint: {main_run.checkpoint}")
+    if summary["finished"]:
+        print(f"final model: {Path(main_run.checkpoint).parent / 'final'}  (fine-tune further with --model "
+              f"{Path(main_run.checkpoint).parent / 'final'})")
+    print(f"loss curve: {out / 'loss_curve.png'}\nsummary:    {out / 'summary.json'}  ({summary['wall_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 and plot their loss curves on one chart.
 
     python recipes/pretrain_gpt.py                            # offline: MetalAdamW vs metalcore's Muon, several minutes on 2 cores (Muon's bf16 Newton–Schulz is slow on a CPU)
-    python recipes/pretrain_gpt.py --device cuda --steps 300  # issue 7's 300-step AdamW vs Muon curves
+    python recipes/pretrain_gpt.py --device cuda --steps 300  # 300-step AdamW vs Muon curves on a GPU
     python recipes/pretrain_gpt.py --optimizers adamw --steps 2000 --device auto
 
 The text is the standard library's docstrings (recipes/common.py), tokenised with a byte-level BPE
@@ -21,28 +21,29 @@ same batches, so the curves differ only by the optimizer:
 Training runs in fp32 on every device (the default model is small enough that a 300-step run takes
 well under a minute on a GPU; Muon's iteration is bf16 internally either way).
 
-Outputs in ``--out``: ``loss_curves.png`` and ``summary.json``. There is no resumption here (runs are
-minutes long); recipes/finetune.py shows the checkpointing pattern.
+Outputs in ``--out``: ``loss_curves.png`` and ``summary.json``, both written atomically. There is no
+resumption here (runs are minutes long); recipes/finetune.py shows the checkpointing pattern.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # noqa: E402  (imports no torch: arguments are checked before anything slow)
+
+OPTIMIZERS = ("adamw", "muon")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--optimizers", default="adamw,muon", help="comma-separated: adamw, muon")
-    p.add_argument("--device", default="auto")
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizers", default="adamw,muon", help=f"comma-separated: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
@@ -56,21 +57,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/pretrain_gpt")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument, before anything slow: one line naming the first bad one."""
+    names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if not names or unknown:
+        common.fail(f"--optimizers: unknown or empty {unknown or args.optimizers!r}; choose from {', '.join(OPTIMIZERS)}")
+    args.optimizer_names = names
+    common.check_at_least(args, {"steps": 1, "batch_size": 1, "seq_len": 8, "warmup": 0, "hidden_size": 16,
+                                 "layers": 1, "vocab_size": 262, "corpus_bytes": 10_000, "eval_every": 1,
+                                 "threads": 1, "seed": 0})
+    common.check_positive_float(args, ["lr"])
+    heads = max(1, args.hidden_size // 64)
+    common.check_llama_shape(args.hidden_size, heads, heads)
+    common.check_device(args.device)
 
 
 def token_stream(args, out: Path) -> torch.Tensor:
     """All documents as one 1-D tensor of token ids, each followed by the end-of-text token."""
+    import torch
+
     records = common.stdlib_docstrings(args.corpus_bytes)
     texts = [f"{r.name}{r.signature}\n{r.doc}" for r in records]
-    tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    else:
-        tokenizer = common.train_tokenizer(texts, args.vocab_size, tok_dir)
+    tokenizer = common.load_or_train_tokenizer(lambda: texts, args.vocab_size,
+                                               common.tokenizer_dir(out, args.vocab_size, args.corpus_bytes))
     ids = []
     for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
@@ -92,38 +108,49 @@ def make_optimizer(name: str, model, args):
         groups = muon_param_groups(model, lr=args.lr, adamw_lr=args.lr, weight_decay=0.1, adamw_betas=(0.9, 0.95),
                                    adjust_lr_fn="match_rms_adamw")
         return [MuonWithAuxAdamW(groups)]
-    raise SystemExit(f"--optimizers: unknown optimizer {name!r} (choose from adamw, muon)")
+    raise ValueError(f"unknown optimizer {name!r}")  # check_args admits only OPTIMIZERS
 
 
 def lr_at(step: int, args) -> float:
-    import math
-
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     t = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
-@torch.no_grad()
 def evaluate(model, data, starts, args, device) -> float:
+    import torch
+
     model.eval()
     losses = []
-    for b in range(0, len(starts), args.batch_size):
-        x = torch.stack([data[s: s + args.seq_len + 1] for s in starts[b: b + args.batch_size]]).to(device)
-        losses.append(float(model(input_ids=x[:, :-1], labels=x[:, :-1]).loss))
+    with torch.no_grad():
+        for b in range(0, len(starts), args.batch_size):
+            x = torch.stack([data[s: s + args.seq_len + 1] for s in starts[b: b + args.batch_size]]).to(device)
+            losses.append(float(model(input_ids=x[:, :-1], labels=x[:, :-1]).loss))
     model.train()
     return sum(losses) / len(losses)
 
 
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return train_all(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; this recipe keeps no checkpoint (runs are minutes long): rerun the same command to "
+              "start over", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def train_all(args) -> dict:
+    import torch
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import metalcore.patch
 
-    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    common.remove_orphans(out)
     device = common.pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(common.threads_for(args.threads))
@@ -141,11 +168,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     initial = LlamaForCausalLM(config)
     curves, summary = {}, {"tokens_per_step": args.batch_size * args.seq_len}
-    for name in [o.strip() for o in args.optimizers.split(",") if o.strip()]:
+    for name in args.optimizer_names:
         model = copy.deepcopy(initial).to(device).train()
         metalcore.patch.patch_model(model)
         optimizers = make_optimizer(name, model, args)
-        train_curve, eval_curve, seconds = [], [], 0.0
+        train_curve, eval_curve, seconds = [], [(0, evaluate(model, data, heldout, args, device))], 0.0
         bar = tqdm(range(args.steps), desc=name, disable=args.quiet, dynamic_ncols=True)
         for step in bar:
             idx = [order[(step * args.batch_size + j) % len(order)] for j in range(args.batch_size)]
@@ -168,7 +195,7 @@ def main(argv=None) -> dict:
                 eval_curve.append((step + 1, evaluate(model, data, heldout, args, device)))
         curves[name] = {"train": train_curve, "eval": eval_curve}
         summary[name] = {"optimizers": [type(opt).__name__ for opt in optimizers],
-                         "final_eval_loss": eval_curve[-1][1],
+                         "initial_eval_loss": eval_curve[0][1], "final_eval_loss": eval_curve[-1][1],
                          "final_train_loss": sum(v for _, v in train_curve[-10:]) / len(train_curve[-10:]),
                          "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds}
     png = out / "loss_curves.png"
@@ -179,7 +206,7 @@ def main(argv=None) -> dict:
     if not args.quiet:
         for name in curves:
             s = summary[name]
-            print(f"{name:>6}: eval loss {s['final_eval_loss']:.3f}, train loss {s['final_train_loss']:.3f} "
+            print(f"{name:>6}: eval loss {s['final_eval_loss']:.3f} (step 0: {s['initial_eval_loss']:.3f}), train loss {s['final_train_loss']:.3f} "
                   f"(last 10 steps), {s['tokens_per_second']:,.0f} tokens/s")
         print(f"loss curves: {png}")
     return summary

@@ -44,6 +44,9 @@ def test_five_steps_write_everything(straight):
     run = summary["metalcore"]
     assert run["tokens_per_second"] > 0 and run["final_eval_loss"] is not None
     assert 0 < run["final_train_loss"] < 10
+    # Evaluated before the first step too, and a greedy answer recorded before and after training.
+    assert run["initial_eval_loss"] is not None and run["initial_eval_loss"] != run["final_eval_loss"]
+    assert set(run["sample"]) == {"prompt", "before", "after"} and run["sample"]["prompt"]
     assert (out / "checkpoint.pt").exists() and (out / "loss_curve.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["steps"] == 5
     assert (out / "final" / "config.json").exists() and (out / "final" / "tokenizer.json").exists()
@@ -54,15 +57,18 @@ def test_resume_continues_where_it_stopped(finetune, straight, tmp_path):
     _, reference = straight
     first = finetune.main([*TINY, "--out", str(tmp_path), "--stop-after", "3"])
     assert not first["finished"] and first["steps"] == 3
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    common = _load("common")
+    ckpt = common.load_checkpoint(tmp_path / "checkpoint.pt", "cpu")
     assert ckpt["result"]["steps"] == 3 and ckpt["sampler"]["index"] == 6
     second = finetune.main([*TINY, "--out", str(tmp_path)])
     assert second["finished"] and second["metalcore"]["resumed_from"] == 3
+    # Speed is that of the steps trained by this process, never inherited from the killed one.
+    assert second["metalcore"]["measured_steps"] == [4, 5] and second["metalcore"]["tokens_per_second"] > 0
     # Model, optimizer, RNG and data position all came back: the losses are the uninterrupted run's.
     for key in ("final_train_loss", "final_eval_loss"):
         assert second["metalcore"][key] == reference["metalcore"][key]
-    straight_ckpt = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
-    resumed_ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    straight_ckpt = common.load_checkpoint(straight[0] / "checkpoint.pt", "cpu")
+    resumed_ckpt = common.load_checkpoint(tmp_path / "checkpoint.pt", "cpu")
     assert resumed_ckpt["result"]["train"] == straight_ckpt["result"]["train"]
     for name, p in straight_ckpt["model"].items():
         assert torch.equal(resumed_ckpt["model"][name], p), name
@@ -85,7 +91,22 @@ def test_compare_and_model_path(finetune, straight, tmp_path):
     assert m["tokens_per_second"] > 0 and p["tokens_per_second"] > 0
     # Same seed, same data, same starting weights: both runs see the same losses up to rounding.
     assert m["final_eval_loss"] == pytest.approx(p["final_eval_loss"], rel=1e-3)
-    assert (tmp_path / "unpatched" / "checkpoint.pt").exists()
+    assert (tmp_path / "compare" / "pytorch" / "checkpoint.pt").exists()
+
+
+def test_compare_after_a_finished_run_measures_both_sides_now(finetune, straight, tmp_path):
+    """A finished checkpoint in OUT is not resumed by --compare: both sides train all their steps in this
+    process, so their speed and memory are measured under the same conditions."""
+    import shutil
+
+    shutil.copytree(straight[0], tmp_path, dirs_exist_ok=True)
+    summary = finetune.main([*TINY, "--out", str(tmp_path), "--compare"])
+    for side in ("metalcore", "pytorch"):
+        assert summary[side]["resumed_from"] == 0 and summary[side]["measured_steps"] == [1, 5], side
+        assert summary[side]["tokens_per_second"] > 0
+    # The patched side retraced the finished run exactly; the main checkpoint was left alone.
+    assert summary["metalcore"]["final_eval_loss"] == straight[1]["metalcore"]["final_eval_loss"]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == (straight[0] / "checkpoint.pt").read_bytes()
 
 
 def test_data_and_split_are_deterministic():
