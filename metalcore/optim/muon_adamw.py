@@ -94,7 +94,8 @@ class MuonWithAuxAdamW(Optimizer):
     >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)   # scales every group
     """
 
-    def __init__(self, param_groups: Iterable[dict[str, Any]]):
+    def __init__(self, param_groups: Iterable[dict[str, Any]], *, process_group: Any = None):
+        self.process_group = process_group  # as Muon's: the group plain (DDP) matrices are replicated over
         param_groups = list(param_groups)
         for g in param_groups:
             if not isinstance(g, dict) or "use_muon" not in g:
