@@ -1,6 +1,7 @@
-"""The recipes under ``torchrun --nproc-per-node 2 ... --fsdp`` on the CPU (gloo): they train, report
+"""Scripts under ``torchrun --nproc-per-node 2`` on the CPU (gloo). The recipes with ``--fsdp``: they train, report
 per-rank throughput and memory, and finetune.py resumes from its DCP checkpoint to exactly the
-losses of an uninterrupted run (gloo's two-rank reductions are deterministic)."""
+losses of an uninterrupted run (gloo's two-rank reductions are deterministic). The multi-GPU
+benchmark script in its --tiny mode."""
 
 import json
 import os
@@ -60,3 +61,18 @@ def test_pretrain_gpt_fsdp_with_muon(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["ranks"]) == 2
     assert summary["muon"]["final_eval_loss"] < summary["muon"]["initial_eval_loss"]
+
+
+def test_distributed_check_tiny_matches_the_byte_model(tmp_path):
+    """bench/scripts/distributed_check.py (the multi-GPU measurement) runs on 2 gloo processes: the
+    sharded trajectory equals one process and the all-to-all bytes equal docs/distributed.md's model."""
+    out = tmp_path / "check.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29635",
+               str(ROOT / "bench" / "scripts" / "distributed_check.py"), "--device", "cpu", "--tiny", "--out", str(out)]
+    process = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, timeout=150)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
+    tiny = json.loads(out.read_text())["sets"]["tiny"]
+    assert tiny["trajectory"]["max_abs_diff"] == 0.0
+    assert tiny["bytes_per_step"]["measured_all_ranks"] == tiny["bytes_per_step"]["modelled"] > 0
+    assert set(tiny["step_time"]) == {"metalcore_sharded", "naive_gather", "torch_unsharded", "metalcore_unsharded"}
