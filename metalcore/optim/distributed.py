@@ -34,6 +34,7 @@ until ``torch.distributed.tensor`` has been imported by someone else, so a singl
 one dictionary lookup per step and imports nothing.
 """
 
+import heapq
 import math
 import sys
 from collections.abc import Sequence
@@ -144,12 +145,12 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     """Owner rank per item: longest-processing-time first (each item, costliest first, to the least
     loaded rank; ties to the lower index and rank), within 4/3 of the best possible maximum load.
     Depends on ``costs`` only, so every rank computes the same assignment without communicating."""
-    load = [0.0] * world_size
+    loads = [(0.0, r) for r in range(world_size)]  # a heap of (load, rank): least loaded, lowest rank first
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
+        load, r = heapq.heappop(loads)
         owners[i] = r
-        load[r] += costs[i]
+        heapq.heappush(loads, (load + costs[i], r))
     return owners
 
 
@@ -163,24 +164,34 @@ def result_dtype(method: str, dtype: torch.dtype) -> torch.dtype:
 
 @dataclass
 class _Bucket:
-    """Same-shape, same-dtype matrices exchanged together: ``items`` index the parameter lists,
-    ``owners[k]`` owns ``items[k]``."""
+    """Same-shape, same-dtype matrices exchanged together: ``owned[r]`` lists the indices (into the
+    parameter lists) of the matrices rank r owns, in parameter order."""
     shape: tuple[int, int]
     dtype: torch.dtype
-    items: list[int]
-    owners: list[int]
+    owned: list[list[int]]
 
 
-def _all_to_all(chunks: list[Tensor], recv_sizes: list[int], dtype: torch.dtype, device: torch.device,
-                group: Any):
-    """Start ``all_to_all_single``: ``chunks[r]`` (flat) goes to rank r; returns (work, receive
-    buffer, receive sizes)."""
-    send = torch.cat(chunks) if chunks else torch.empty(0, dtype=dtype, device=device)
+def _start_all_to_all(pieces: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype, device: torch.device,
+                      group: Any) -> tuple[Any, list[Tensor]]:
+    """Start one ``all_to_all_single`` (async): the flat ``pieces[r]`` go to rank r, in order;
+    ``recv_sizes[s]`` elements arrive from rank s. Returns the work handle and the received
+    elements split by source rank."""
+    flat = [t.reshape(-1) for per_rank in pieces for t in per_rank]
+    send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
     recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
     work = torch.distributed.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
-                                               input_split_sizes=[c.numel() for c in chunks], group=group,
-                                               async_op=True)
-    return work, recv
+                                               input_split_sizes=[sum(t.numel() for t in per_rank) for per_rank in pieces],
+                                               group=group, async_op=True)
+    return work, list(recv.split(recv_sizes))
+
+
+def _rows(layout: RowLayout, rank: int) -> slice:
+    return slice(*layout.ranges[rank])
+
+
+def _numel(layout: RowLayout, rank: int) -> int:
+    start, stop = layout.ranges[rank]
+    return (stop - start) * layout.cols
 
 
 @torch.no_grad()
@@ -226,66 +237,63 @@ def owner_computes_muon_update(params: list[Tensor], grads: list[Tensor], moment
         update = g.lerp(buf, momentum) if nesterov else buf
         updates.append(update.reshape(update.shape[0], layout.cols))
 
-    buckets: dict[tuple[tuple[int, int], torch.dtype], _Bucket] = {}
+    # Buckets of one shape and dtype, in first-seen order; owners by FLOPs over all of them.
+    items: dict[tuple[tuple[int, int], torch.dtype], list[int]] = {}
     for i, (layout, u) in enumerate(zip(layouts, updates)):
-        buckets.setdefault((layout.shape, u.dtype), _Bucket(layout.shape, u.dtype, [], [])).items.append(i)
-    bucket_list = list(buckets.values())
-    costs = [orthogonalization_flops(b.shape, ns_steps) for b in bucket_list for _ in b.items]
-    owners = iter(assign_owners(costs, world))
-    for b in bucket_list:
-        b.owners = [next(owners) for _ in b.items]
-    device = updates[0].device if updates else torch.device("cpu")
+        items.setdefault((layout.shape, u.dtype), []).append(i)
+    order = [i for idx in items.values() for i in idx]
+    owner_of = dict(zip(order, assign_owners([orthogonalization_flops(layouts[i].shape, ns_steps) for i in order],
+                                             world)))
+    buckets = []
+    for (shape, dtype), idx in items.items():
+        owned: list[list[int]] = [[] for _ in range(world)]
+        for i in idx:
+            owned[owner_of[i]].append(i)
+        buckets.append(_Bucket(shape, dtype, owned))
+    device = updates[0].device
 
-    # Gather: every bucket's all-to-all is issued before any orthogonalization starts.
+    # Gather: every bucket's all-to-all is started before any orthogonalization, so that later
+    # buckets travel while earlier ones are computed. Replicated matrices are already whole.
     gathers = []
-    for b in bucket_list:
-        send, recv_sizes = [], []
-        for r in range(world):
-            pieces = [updates[i].reshape(-1) for i, o in zip(b.items, b.owners) if o == r and not layouts[i].replicated]
-            send.append(torch.cat(pieces) if pieces else updates[b.items[0]].new_empty(0).reshape(-1))
-        for s in range(world):
-            recv_sizes.append(sum((layouts[i].ranges[s][1] - layouts[i].ranges[s][0]) * layouts[i].cols
-                                  for i, o in zip(b.items, b.owners) if o == rank and not layouts[i].replicated))
-        gathers.append((_all_to_all(send, recv_sizes, b.dtype, device, group), recv_sizes))
+    for b in buckets:
+        pieces = [[updates[i] for i in b.owned[r] if not layouts[i].replicated] for r in range(world)]
+        recv_sizes = [sum(_numel(layouts[i], s) for i in b.owned[rank] if not layouts[i].replicated)
+                      for s in range(world)]
+        gathers.append(_start_all_to_all(pieces, recv_sizes, b.dtype, device, group))
 
     scatters = []
-    for b, ((work, recv), recv_sizes) in zip(bucket_list, gathers):
+    for b, (work, received) in zip(buckets, gathers):
         work.wait()
-        mine = [i for i, o in zip(b.items, b.owners) if o == rank]
-        from_rank = list(recv.split(recv_sizes))
-        offsets = [0] * world
-        full = []
-        for i in mine:
-            layout = layouts[i]
-            if layout.replicated:
-                full.append(updates[i])
-                continue
-            rows = []
-            for s, (start, stop) in enumerate(layout.ranges):
-                n = (stop - start) * layout.cols
-                rows.append(from_rank[s][offsets[s]: offsets[s] + n].view(stop - start, layout.cols))
-                offsets[s] += n
-            full.append(torch.cat(rows))
+        mine = b.owned[rank]
         out_dtype = result_dtype(orthogonalize, b.dtype)
-        O = (orthogonalize_batch(torch.stack(full), method=orthogonalize, ns_coefficients=ns_coefficients,
-                                 ns_steps=ns_steps, eps=eps) if full else None)
-        send = []
-        for r in range(world):
-            pieces = [O[k, layouts[i].ranges[r][0]: layouts[i].ranges[r][1]].reshape(-1) for k, i in enumerate(mine)]
-            send.append(torch.cat(pieces) if pieces else torch.empty(0, dtype=out_dtype, device=device))
-        recv_sizes = [sum((layouts[i].ranges[rank][1] - layouts[i].ranges[rank][0]) * layouts[i].cols
-                          for i, o in zip(b.items, b.owners) if o == s) for s in range(world)]
-        scatters.append((b, _all_to_all(send, recv_sizes, out_dtype, device, group), recv_sizes))
+        O = None
+        if mine:
+            full = torch.empty((len(mine), *b.shape), dtype=b.dtype, device=device)
+            offsets = [0] * world
+            for k, i in enumerate(mine):
+                layout = layouts[i]
+                if layout.replicated:
+                    full[k].copy_(updates[i])
+                    continue
+                for s in range(world):
+                    n = _numel(layout, s)
+                    full[k, _rows(layout, s)].copy_(received[s][offsets[s]: offsets[s] + n].view(-1, layout.cols))
+                    offsets[s] += n
+            O = orthogonalize_batch(full, method=orthogonalize, ns_coefficients=ns_coefficients, ns_steps=ns_steps,
+                                    eps=eps)
+        # Scatter: each rank's rows of the results of this bucket, started as soon as they exist.
+        pieces = [[O[k, _rows(layouts[i], r)] for k, i in enumerate(mine)] for r in range(world)]
+        recv_sizes = [sum(_numel(layouts[i], rank) for i in b.owned[s]) for s in range(world)]
+        scatters.append((b, _start_all_to_all(pieces, recv_sizes, out_dtype, device, group)))
 
-    for b, (work, recv), recv_sizes in scatters:
+    for b, (work, received) in scatters:
         work.wait()
-        from_rank = list(recv.split(recv_sizes))
-        offsets = [0] * world
         step = adjust_lr(lr, adjust_lr_fn, b.shape)
-        for i, s in zip(b.items, b.owners):
-            p = local_params[i]
-            n = p.numel()
-            o = from_rank[s][offsets[s]: offsets[s] + n]
-            offsets[s] += n
-            p.mul_(1 - lr * weight_decay)
-            p.add_(o.view(p.shape), alpha=-step)
+        for s in range(world):
+            offset = 0
+            for i in b.owned[s]:
+                p = local_params[i]
+                o = received[s][offset: offset + p.numel()]
+                offset += p.numel()
+                p.mul_(1 - lr * weight_decay)
+                p.add_(o.view(p.shape), alpha=-step)
