@@ -127,6 +127,14 @@ def mean_across(value, ranks: Ranks) -> float:
     return float(total) / ranks.world_size
 
 
+def broadcast_from_main(tensor) -> None:
+    """Overwrite ``tensor`` with rank 0's (in place), so that every rank takes the same branch."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+
+
 def any_nonfinite(model) -> bool:
     """Whether any rank's shard of any weight holds a NaN or infinity (one all-reduce)."""
     import torch

@@ -253,7 +253,8 @@ def evaluate(model, heldout, args, pad_id, device, autocast) -> float:
     return total / max(1, count)
 
 
-def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_tokens: int = SAMPLE_TOKENS) -> str:
+def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_tokens: int = SAMPLE_TOKENS,
+                  ranks=None) -> str:
     """The model's most likely continuation of the chat-formatted ``prompt`` (no cache: the recipe's
     models are small and the answer short), up to the end-of-turn token."""
     import torch
@@ -265,6 +266,8 @@ def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_token
         for _ in range(max_new_tokens):
             with autocast():
                 nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            if ranks:  # rank 0's token everywhere: a rank stopping alone would leave the others in a collective
+                distributed.broadcast_from_main(nxt)
             ids = torch.cat([ids, nxt], dim=1)
             if int(nxt) == stop:
                 break
@@ -380,7 +383,8 @@ def run(args, out_dir: Path, patched: bool, label: str, ranks=None) -> RunResult
         # Before any step (outside the timed region): the baseline the eval curve and sample start from.
         result.eval.append((0, evaluate(model, heldout, args, pad_id, device, autocast)))
         prompt = heldout_examples[0]["prompt"]
-        result.sample = {"prompt": prompt, "before": greedy_answer(model, tokenizer, prompt, device, autocast)}
+        result.sample = {"prompt": prompt,
+                         "before": greedy_answer(model, tokenizer, prompt, device, autocast, ranks=ranks)}
         say(f"[{label}] step 0: eval loss {result.eval[-1][1]:.3f}")
 
     bar = tqdm(total=args.steps, initial=result.steps, desc=label, disable=args.quiet, dynamic_ncols=True)
@@ -423,7 +427,8 @@ def run(args, out_dir: Path, patched: bool, label: str, ranks=None) -> RunResult
                               f"eval loss {result.eval[-1][1]:.3f}")
             stopping = args.stop_after is not None and result.steps >= args.stop_after
             if last:
-                result.sample["after"] = greedy_answer(model, tokenizer, result.sample["prompt"], device, autocast)
+                result.sample["after"] = greedy_answer(model, tokenizer, result.sample["prompt"], device, autocast,
+                                                        ranks=ranks)
             if result.steps % args.save_every == 0 or last or stopping:
                 save()
                 saved_step = result.steps

@@ -179,8 +179,8 @@ def _start_all_to_all(pieces: list[list[Tensor]], recv_sizes: list[int], dtype: 
     flat = [t.reshape(-1) for per_rank in pieces for t in per_rank]
     send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
     recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-    work = torch.distributed.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
-                                               input_split_sizes=[sum(t.numel() for t in per_rank) for per_rank in pieces],
+    send_sizes = [sum(t.numel() for t in per_rank) for per_rank in pieces]
+    work = torch.distributed.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
                                                group=group, async_op=True)
     return work, list(recv.split(recv_sizes))
 

@@ -38,9 +38,10 @@ def _entry(rank: int, where: tuple[str, str], world_size: int, init_file: str, a
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> None:
+def run_ranks(fn, world_size: int, *args, timeout: float = 180.0) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(_entry, args=((fn.__code__.co_filename, fn.__name__), world_size, os.path.join(tmp, "rendezvous"), args),
+        where = (fn.__code__.co_filename, fn.__name__)
+        context = mp.start_processes(_entry, args=(where, world_size, os.path.join(tmp, "rendezvous"), args),
                                      nprocs=world_size, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):

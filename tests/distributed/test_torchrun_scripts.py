@@ -3,6 +3,7 @@ per-rank throughput and memory, and finetune.py resumes from its DCP checkpoint 
 losses of an uninterrupted run (gloo's two-rank reductions are deterministic). The multi-GPU
 benchmark script in its --tiny mode."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,11 +17,12 @@ TINY = ["--device", "cpu", "--batch-size", "2", "--seq-len", "32", "--layers", "
         "--vocab-size", "300", "--corpus-bytes", "40000", "--threads", "1", "--quiet"]
 
 
-def torchrun(recipe: str, *args: str, port: int, timeout: float = 150.0) -> None:
-    """``torchrun --nproc-per-node 2`` of a recipe; fails the test on a non-zero exit or after
-    ``timeout`` seconds (torchrun's process group is killed whole, workers included)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               str(ROOT / "recipes" / recipe), "--fsdp", *TINY, *args]
+def torchrun(script: Path, *args: str, timeout: float = 150.0) -> None:
+    """``torchrun --standalone --nproc-per-node 2`` (a free port) of ``script``; fails the test on a
+    non-zero exit or after ``timeout`` seconds (torchrun's process group is killed whole, workers
+    included)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
@@ -29,25 +31,29 @@ def torchrun(recipe: str, *args: str, port: int, timeout: float = 150.0) -> None
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
         output, _ = process.communicate()
-        pytest.fail(f"{recipe} under torchrun did not finish within {timeout:.0f} s:\n{output[-3000:]}")
-    assert process.returncode == 0, f"{recipe} under torchrun exited with {process.returncode}:\n{output[-3000:]}"
+        pytest.fail(f"{script.name} under torchrun did not finish within {timeout:.0f} s:\n{output[-3000:]}")
+    assert process.returncode == 0, f"{script.name} under torchrun exited with {process.returncode}:\n{output[-3000:]}"
+
+
+def recipe(name: str, *args: str) -> None:
+    torchrun(ROOT / "recipes" / name, "--fsdp", *TINY, *args)
 
 
 def _losses(out: Path) -> list:
     import torch
 
-    payload = (out / "checkpoint.pt").read_bytes()
-    ckpt = torch.load(__import__("io").BytesIO(payload[payload.index(b"\n") + 1:]), weights_only=True)
+    payload = (out / "checkpoint.pt").read_bytes()  # the recipes' format: a checksum line, then torch.save's bytes
+    ckpt = torch.load(io.BytesIO(payload[payload.index(b"\n") + 1:]), weights_only=True)
     return [loss for _, loss in ckpt["result"]["train"]]
 
 
 def test_finetune_fsdp_trains_and_resumes_exactly(tmp_path):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     common = ["--steps", "5", "--eval-every", "100", "--eval-batches", "1"]
-    torchrun("finetune.py", *common, "--out", str(whole), port=29631)
-    torchrun("finetune.py", *common, "--stop-after", "3", "--out", str(halves), port=29632)
+    recipe("finetune.py", *common, "--out", str(whole))
+    recipe("finetune.py", *common, "--stop-after", "3", "--out", str(halves))
     assert sorted(p.name for p in halves.glob("dcp-step*")) == ["dcp-step0000003"]
-    torchrun("finetune.py", *common, "--out", str(halves), port=29633)
+    recipe("finetune.py", *common, "--out", str(halves))
     assert _losses(halves) == _losses(whole) and len(_losses(whole)) == 5
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["ranks"]) == 2
@@ -56,8 +62,8 @@ def test_finetune_fsdp_trains_and_resumes_exactly(tmp_path):
 
 
 def test_pretrain_gpt_fsdp_with_muon(tmp_path):
-    torchrun("pretrain_gpt.py", "--optimizers", "muon", "--steps", "3", "--warmup", "0", "--eval-every", "3", "--out", str(tmp_path),
-             port=29634)
+    recipe("pretrain_gpt.py", "--optimizers", "muon", "--steps", "3", "--warmup", "0", "--eval-every", "3",
+             "--out", str(tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["ranks"]) == 2
     assert summary["muon"]["final_eval_loss"] < summary["muon"]["initial_eval_loss"]
@@ -67,11 +73,7 @@ def test_distributed_check_tiny_matches_the_byte_model(tmp_path):
     """bench/scripts/distributed_check.py (the multi-GPU measurement) runs on 2 gloo processes: the
     sharded trajectory equals one process and the all-to-all bytes equal docs/distributed.md's model."""
     out = tmp_path / "check.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29635",
-               str(ROOT / "bench" / "scripts" / "distributed_check.py"), "--device", "cpu", "--tiny", "--out", str(out)]
-    process = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                             capture_output=True, text=True, timeout=150)
-    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
+    torchrun(ROOT / "bench" / "scripts" / "distributed_check.py", "--device", "cpu", "--tiny", "--out", str(out))
     tiny = json.loads(out.read_text())["sets"]["tiny"]
     assert tiny["trajectory"]["max_abs_diff"] == 0.0
     assert tiny["bytes_per_step"]["measured_all_ranks"] == tiny["bytes_per_step"]["modelled"] > 0
