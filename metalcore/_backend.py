@@ -19,12 +19,39 @@ import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 BACKENDS = ("reference", "triton", "metal")
 _ENV_VAR = "METALCORE_BACKEND"
+
+
+class _EnvironmentFlag:
+    """One environment variable, parsed again only when its value changes.
+
+    ``os.environ.get`` costs ~0.5 µs (key encoding, a ``Mapping`` lookup, value decoding) and the
+    dispatcher reads two variables on every call; comparing the raw value held in ``os.environ``'s
+    own dict costs ~0.1 µs. ``os.environ[...] = ...`` (and pytest's ``monkeypatch.setenv``) update that
+    dict, so a change is seen on the next call."""
+
+    def __init__(self, name: str, parse: Callable[[str], str | bool]):
+        self.name = name
+        self._parse = parse
+        # CPython's os._Environ keeps the encoded variables in ``_data``; elsewhere read os.environ.
+        self._data = getattr(os.environ, "_data", os.environ)
+        self._key = os.environ.encodekey(name) if self._data is not os.environ else name
+        self._raw: object = object()
+        self._value: str | bool = ""
+
+    def get(self) -> str | bool:
+        raw = self._data.get(self._key)
+        if raw != self._raw:
+            # Parsed before ``_raw`` is updated, so that an invalid value raises on every call.
+            self._value = self._parse(os.environ.get(self.name, ""))
+            self._raw = raw
+        return self._value
+
 
 # Process-wide, like torch.backends' flags: autograd runs CUDA backward passes on its own device
 # threads, and a thread-local choice made around ``loss.backward()`` never reached the backward
@@ -44,11 +71,15 @@ def _validate_name(name: str) -> str:
     return name
 
 
+_REQUESTED = _EnvironmentFlag(_ENV_VAR, lambda value: _validate_name(value.strip().lower() or "auto"))
+_INTERPRET = _EnvironmentFlag("TRITON_INTERPRET", lambda value: value == "1")
+
+
 def requested_backend() -> str:
     """The backend asked for explicitly (context manager first, then environment), or ``'auto'``."""
     if _forced is not None:
         return _forced
-    return _validate_name(os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto")
+    return _REQUESTED.get()
 
 
 @contextlib.contextmanager
@@ -76,7 +107,7 @@ def triton_importable() -> bool:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET.get()
 
 
 def backend_runs_on(backend: str, device: torch.device) -> bool:

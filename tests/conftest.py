@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import metalcore
+from metalcore._op import clear_plans
 from metalcore._backend import triton_importable
 
 sys.path.insert(0, str(Path(__file__).parent))  # shared helpers: tolerances, oracle, cases, backends, linalg_matrices
@@ -25,6 +26,13 @@ def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    """Each test starts with no cached dispatch decisions: tests patch module constants that kernels'
+    ``supports``/``automatic`` rules read (tile limits, crossovers), which the plan key cannot see."""
+    clear_plans()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -41,7 +49,7 @@ def triton_backend(request, monkeypatch):
     """Force the triton backend: interpreted on CPU tensors (CI), compiled for tests marked ``gpu``.
 
     Setting ``TRITON_INTERPRET`` per test is enough: metalcore's kernels choose interpret-or-compile
-    at launch (metalcore/nn/_jit_triton.py), not when triton is imported."""
+    at launch (metalcore/_triton.py), not when triton is imported."""
     if not triton_importable():
         unavailable("triton is not importable: the Triton backend cannot run (pip install 'metalcore[cuda]')")
     if "gpu" not in request.keywords:

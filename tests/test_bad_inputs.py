@@ -116,6 +116,28 @@ SPECS.update({
     "MetalSwiGLUMLP": Spec(lambda input: metalcore.nn.MetalSwiGLUMLP(8, 12)(input),
                            lambda b: {"input": torch.randn(*b, 8)}, ("input",), min_dim={"input": 1},
                            dtypes_ok=(torch.float32,), nonfinite="nan"),
+    "swiglu_linear": Spec(
+        metalcore.nn.swiglu_linear,
+        lambda b: {"gate": torch.randn(*b, 8), "up": torch.randn(*b, 8), "weight": torch.randn(5, 8)},
+        ("gate", "up", "weight"), min_dim={"gate": 1, "up": 1}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan",
+        extra=(("weight-shape", lambda: {"gate": torch.randn(3, 8), "up": torch.randn(3, 8),
+                                         "weight": torch.randn(5, 7)}, ValueError, "weight must have shape"),)),
+    "fused_linear_cross_entropy": Spec(
+        metalcore.nn.fused_linear_cross_entropy,
+        lambda b: {"hidden": torch.randn(*b, 3, 8), "weight": torch.randn(11, 8),
+                   "target": torch.randint(0, 11, (*b, 3))},
+        ("hidden", "weight"), min_dim={"hidden": 1}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan",
+        extra=(("target-shape", lambda: {"hidden": torch.randn(3, 8), "weight": torch.randn(11, 8),
+                                         "target": torch.zeros(4, dtype=torch.long)}, ValueError,
+                "target must have shape"),
+               ("reduction", lambda: {"hidden": torch.randn(3, 8), "weight": torch.randn(11, 8),
+                                      "target": torch.zeros(3, dtype=torch.long), "reduction": "avg"}, ValueError,
+                "reduction must be one of"))),
+    "FusedLinearCrossEntropyLoss": Spec(
+        lambda hidden, weight, target: metalcore.nn.FusedLinearCrossEntropyLoss()(hidden, weight, target),
+        lambda b: {"hidden": torch.randn(*b, 3, 8), "weight": torch.randn(11, 8),
+                   "target": torch.randint(0, 11, (*b, 3))},
+        ("hidden", "weight"), min_dim={"hidden": 1}, dtypes_ok=_TRAIN_DTYPES, nonfinite="nan"),
     "apply_rotary_pos_emb": Spec(
         metalcore.nn.apply_rotary_pos_emb,
         lambda b: {"q": torch.randn(*b, 4, 5, 8), "k": torch.randn(*b, 2, 5, 8), "cos": torch.randn(1, 5, 8),

@@ -1,18 +1,23 @@
 """Issue 8's benchmark: training throughput and peak memory of a ~1B-parameter Llama, one process,
-three configurations measured back to back on the same GPU:
+four configurations measured back to back on the same GPU:
 
 * ``unpatched``: transformers' model with sdpa attention;
-* ``metalcore``: the same model after ``metalcore.patch.patch_model``;
+* ``metalcore``: the same model after ``metalcore.patch.patch_model`` (its training loss from the
+  fused linear cross-entropy: no logits);
+* ``metalcore_no_flce``: the same with ``patch_model(cross_entropy=False)`` (materialized logits and
+  Hugging Face's loss), which isolates the fused loss's share of time and memory;
 * ``liger``: the same model class after Liger Kernel's ``apply_liger_kernel_to_llama`` (skipped, and
   said so, when ``liger_kernel`` is not importable).
 
-Model: LlamaConfig(hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 5632, vocab 32000) ≈
-1.1B parameters, random init, bf16 weights, sequence 2048, AdamW (torch fused for the baselines;
-MetalAdamW for metalcore unless ``--optimizer torch``), activation memory as in training (no
-checkpointing). Each configuration: ``--warmup`` steps, then ``--steps`` timed with CUDA events;
+Model: LlamaConfig(hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 5632, vocab 32000 or
+``--vocab``, e.g. 128256 for Llama 3's tokenizer) ≈ 1.1B parameters at 32k, random init, bf16 weights,
+sequence 2048, AdamW (torch fused for the baselines; MetalAdamW for metalcore unless
+``--optimizer torch``), activation memory as in training (no checkpointing). Each configuration:
+``--warmup`` steps, then ``--steps`` timed with CUDA events;
 the median step gives tokens/s; peak memory is ``torch.cuda.max_memory_allocated`` after a reset.
 
     python bench/scripts/hf_throughput.py --json out.json           # on the H100
+    python bench/scripts/hf_throughput.py --vocab 128256 --seq-len 4096 --batch-size 2 --json out.json
     python bench/scripts/hf_throughput.py --tiny --device cpu       # smoke test of the script itself
 
 Liger on the device machine travels as a wheel (see the device README): in the repo root,
@@ -37,11 +42,12 @@ def build(args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.tiny:
-        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq_len)
+        cfg = LlamaConfig(vocab_size=args.vocab or 512, hidden_size=128, intermediate_size=352,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=args.seq_len)
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=args.seq_len,
+        cfg = LlamaConfig(vocab_size=args.vocab or 32000, hidden_size=2048, intermediate_size=5632,
+                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=args.seq_len,
                           tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -57,12 +63,12 @@ def measure(name, args, device):
         apply_liger_kernel_to_llama()
     model = build(args, device).train()
     note = ""
-    if name == "metalcore":
+    if name.startswith("metalcore"):
         import metalcore.patch
 
-        report = metalcore.patch.patch_model(model)
+        report = metalcore.patch.patch_model(model, cross_entropy=name == "metalcore")
         note = str(report).splitlines()[0]
-    if name == "metalcore" and args.optimizer == "metalcore":
+    if name.startswith("metalcore") and args.optimizer == "metalcore":
         from metalcore.optim import MetalAdamW
 
         opt = MetalAdamW(model.parameters(), lr=1e-4)
@@ -115,7 +121,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--optimizer", choices=["metalcore", "torch"], default="metalcore",
                    help="AdamW of the metalcore configuration (torch: fused torch AdamW, to isolate the patch)")
-    p.add_argument("--configs", default="unpatched,metalcore,liger")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000; --tiny: 512)")
+    p.add_argument("--configs", default="unpatched,metalcore,metalcore_no_flce,liger")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, to check the script anywhere")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -139,13 +146,14 @@ def main(argv=None):
             continue
         results[name] = measure(name, args, device)
     base = results["unpatched"]
-    print(f"{env}\nbatch {args.batch_size} x seq {args.seq_len}, median of {args.steps} steps")
+    print(f"{env}\nbatch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab or 'default'}, "
+          f"median of {args.steps} steps")
     for name, r in results.items():
         if "skipped" in r:
-            print(f"{name:>10}: skipped ({r['skipped']})")
+            print(f"{name:>17}: skipped ({r['skipped']})")
             continue
         mem = r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
-        print(f"{name:>10}: {r['tokens_per_second']:>10,.0f} tokens/s  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x"
+        print(f"{name:>17}: {r['tokens_per_second']:>10,.0f} tokens/s  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x"
               f"   peak {r['peak_memory_bytes'] / 2**30:6.2f} GiB  {mem:.2f}x   {r['note']}")
     if args.json:
         with open(args.json, "w") as f:

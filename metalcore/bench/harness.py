@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from metalcore._op import registered_ops
+from metalcore._op import observe_backends
 from metalcore.bench.timing import CPU_BUDGET, GPU_BUDGET, QUICK_BUDGET, Ceilings, Timer, Timing, fmt_time
 
 FAMILIES = ("training", "linalg")
@@ -279,31 +279,10 @@ class Row:
 
 @contextlib.contextmanager
 def _record_backends() -> Iterator[dict[str, str]]:
-    """Inside the block, record for every metalcore op the backend that serves it: ``{op: backend}``.
-
-    Wraps each registered op's ``_select`` (the one place that chooses a kernel) on the instance,
-    for the block only, so it sees eager calls, the library op under ``torch.compile`` and the
-    backward alike (a dispatch mode would miss eager calls, which bypass the library op).
-    """
-    served: dict[str, str] = {}
-    ops = [op for op in registered_ops().values() if hasattr(op, "_select")]
-
-    def wrap(op):
-        select = op._select
-
-        def recording(args, kwargs):
-            fn = select(args, kwargs)
-            served[op.name] = next((name for name, k in op.kernels.items() if k.fn is fn), "reference")
-            return fn
-        return recording
-
-    for op in ops:
-        op._select = wrap(op)  # an instance attribute shadows the method
-    try:
+    """Inside the block, record for every metalcore op the backend that serves it: ``{op: backend}``
+    (eager calls, the library op under ``torch.compile`` and the backward alike)."""
+    with observe_backends() as served:
         yield served
-    finally:
-        for op in ops:
-            op.__dict__.pop("_select", None)
 
 
 def _tensors(out: Any) -> Iterator[torch.Tensor]:
@@ -638,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch.compile peers (auto: on CUDA only)")
     parser.add_argument("--json", type=Path, default=None,
                         help="output JSON (default: bench/results/<device>-<YYYYMMDD>[-quick].json)")
-    parser.add_argument("--png", type=Path, default=None, help="bar chart of ratios (default: the JSON's path, .png)")
+    parser.add_argument("--png", type=Path, default=None,
+                        help="bar charts of the ratios, one per op family: PATH with -<family> before .png (default: the JSON path)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's, all cores)")
     parser.add_argument("--list", action="store_true", help="list the cases and their shapes, then exit")
@@ -692,9 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.format_table(result.rows, result.meta))
     report.write_json(json_path, result.rows, result.meta)
     png_path = args.png or json_path.with_suffix(".png")
-    wrote_png = report.write_png(png_path, result.rows, result.meta)
+    pngs = report.write_png(png_path, result.rows, result.meta)
     no_png = " (no PNG: matplotlib missing or no timed row)"
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if wrote_png else no_png)
+    print(f"\nwrote {json_path}" + (f" and {', '.join(map(str, pngs))}" if pngs else no_png)
           + f"; {result.meta['elapsed_s']} s")
     if result.failed:
         print(f"{len(result.failed)} row(s) failed: " + ", ".join(r.id for r in result.failed), file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,30 +83,71 @@ def write_json(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
 
 
-def write_png(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> bool:
-    """Horizontal bars of ``ratio`` per row on a log axis; False when matplotlib is missing."""
+# Chart layout, in inches at 100 dpi: a 10-pt label is readable at 100% zoom; one bar row per 0.32 in.
+_PNG_DPI = 100
+_ROW_IN = 0.32
+_FASTER, _SLOWER = "#2a9d55", "#d1495b"
+
+
+def _ratio_label(x: float, _pos=None) -> str:
+    return f"{x:g}×"
+
+
+def png_paths(path: Path, rows: Sequence[Row]) -> list[Path]:
+    """One chart per op family: ``path`` with ``-<family>`` before the suffix (bench-linalg.png, ...)."""
+    families = sorted({r.family for r in rows if r.ratio is not None})
+    return [path.with_name(f"{path.stem}-{family}{path.suffix}") for family in families]
+
+
+def write_png(path: Path, rows: Sequence[Row], meta: dict[str, Any]) -> list[Path]:
+    """One horizontal-bar chart per op family (:func:`png_paths`): each row's ratio on a log axis,
+    bars drawn from the parity line at 1.0× (green where metalcore is faster, red where the peer
+    is), the ratio printed at the bar's end. Returns the files written; none without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
-        return False
-    timed = [r for r in rows if r.ratio is not None]
-    if not timed:
-        return False
-    colors = {"training": "tab:blue", "linalg": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(9, 0.22 * len(timed) + 1.5))
-    y = range(len(timed))
-    ax.barh(list(y), [r.ratio for r in timed], color=[colors.get(r.family, "tab:gray") for r in timed])
-    ax.set_yticks(list(y), [f"{r.id} [{r.best_peer}]" for r in timed], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("best peer time / metalcore time  (> 1: metalcore faster)")
-    ax.set_title(f"metalcore vs best peer: {meta['device']['name']}, {meta['date'][:10]}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+        return []
+    written = []
+    for out in png_paths(path, rows):
+        family = out.stem.rsplit("-", 1)[1]
+        timed = [r for r in rows if r.ratio is not None and r.family == family]
+        ratios = [r.ratio for r in timed]
+        fig, ax = plt.subplots(figsize=(11, _ROW_IN * len(timed) + 2.3), dpi=_PNG_DPI)
+        y = list(range(len(timed)))
+        ax.barh(y, [r - 1.0 for r in ratios], left=1.0, height=0.7,
+                color=[_FASTER if r >= 1 else _SLOWER for r in ratios])
+        labels = [" ".join(p for p in (r.op, r.variant, r.shape, r.dtype, r.mode) if p) + f"  [{r.best_peer}]"
+                  for r in timed]
+        ax.set_yticks(y, labels, fontsize=10)
+        ax.set_ylim(len(timed) - 0.4, -0.6)
+        ax.set_xscale("log")
+        lo, hi = min(ratios + [0.5]) / 2.5, max(ratios + [2.0]) * 3.0
+        ax.set_xlim(lo, hi)
+        decades = math.log10(hi / lo)  # tick density that keeps labels apart: about 8 labels whatever the range
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades <= 1.3 else (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+        ax.xaxis.set_major_formatter(FuncFormatter(_ratio_label))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=10)
+        ax.grid(axis="x", which="major", alpha=0.3)
+        ax.axvline(1.0, color="black", linewidth=1.5, zorder=3)
+        for yi, r in zip(y, ratios):
+            ax.text(r * (1.06 if r >= 1 else 1 / 1.06), yi, f"{r:.2f}×", va="center", fontsize=9,
+                    ha="left" if r >= 1 else "right")
+        ax.set_xlabel("best peer time / metalcore time (log scale; > 1×: metalcore faster)", fontsize=10)
+        ax.set_title(f"metalcore {family} ops vs the best peer [in brackets], same run\n"
+                     f"{meta['device']['name']}, {meta['date'][:10]}", fontsize=11, pad=30)
+        ax.legend(handles=[Patch(color=_FASTER, label="metalcore faster"), Patch(color=_SLOWER, label="peer faster"),
+                           plt.Line2D([], [], color="black", linewidth=1.5, label="parity (1.0×)")],
+                  loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=9, frameon=False)
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+        plt.close(fig)
+        written.append(out)
+    return written

@@ -48,7 +48,7 @@ class Budget:
 
 # GPU: do_bench's order of magnitude (25 ms warm-up, 100 ms timing) raised for tighter medians.
 GPU_BUDGET = Budget(warmup_s=0.1, measure_s=0.3, min_reps=5, max_reps=300)
-# CPU: sized so that the whole CPU run stays near 2 minutes on 2 cores.
+# CPU: sized so that the whole CPU run takes about 2 minutes on 2 idle cores (19 min measured at load ~7).
 CPU_BUDGET = Budget(warmup_s=0.0, measure_s=0.25, min_reps=3, max_reps=200)
 QUICK_BUDGET = Budget(warmup_s=0.0, measure_s=0.03, min_reps=3, max_reps=50)
 

@@ -32,6 +32,9 @@ def raise_for_info(fn: str, info: torch.Tensor, describe: Callable[[int], str]) 
     """
     if info.numel() == 0:
         return
+    # One device-to-host copy, then the search on the CPU, as torch's own check does: nonzero on the
+    # GPU costs two kernels and a synchronisation for the count, several times the copy's latency.
+    info = info.cpu()
     failed = torch.nonzero(info.reshape(-1))
     if failed.numel() == 0:
         return

@@ -23,10 +23,9 @@ meets once per sweep. A pair that involves the padding index ``n`` (``n`` odd) n
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
-from metalcore.nn._jit_triton import helper
+from metalcore._triton import helper, next_power_of_2
 
 # Jacobi converges quadratically once the off-diagonal is small: 6-10 sweeps at n ≤ 128 in fp32/
 # fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can
@@ -102,7 +101,7 @@ def nonfinite(a):
 
 def block_of(n: int) -> int:
     """Padded side ``BN`` (a power of two, at least 2, so that the ``BN/2`` pairs tile is not empty)."""
-    return triton.next_power_of_2(max(n, 2))
+    return next_power_of_2(max(n, 2))
 
 
 def replicated(rows: int, cols: int, num_warps: int) -> bool:

@@ -14,8 +14,9 @@ Larger matrices go to the reference (cuSOLVER) through each op's ``supports`` pr
 from __future__ import annotations
 
 import torch
-import triton
 from torch import Tensor
+
+from metalcore._triton import next_power_of_2
 
 MAX_N = 128
 DTYPES = (torch.float32, torch.float64)
@@ -40,7 +41,7 @@ def batched(x: Tensor) -> Tensor:
 
 def block(n: int, minimum: int = 2) -> int:
     """Padded side of the register tile: a power of two (``tl.arange``), at least ``minimum``."""
-    return max(triton.next_power_of_2(max(n, 1)), minimum)
+    return max(next_power_of_2(max(n, 1)), minimum)
 
 
 def group(batch: int, elements_per_matrix: int, device: torch.device, budget: int = GROUP_ELEMENTS) -> int:
@@ -53,7 +54,7 @@ def group(batch: int, elements_per_matrix: int, device: torch.device, budget: in
     if device.type != "cuda":
         budget = INTERPRETER_GROUP_ELEMENTS
     g = max(1, budget // elements_per_matrix)
-    return min(triton.next_power_of_2(g), triton.next_power_of_2(max(batch, 1)))
+    return min(next_power_of_2(g), next_power_of_2(max(batch, 1)))
 
 
 def warps(elements: int) -> int:

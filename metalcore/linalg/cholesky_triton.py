@@ -24,13 +24,12 @@ time. Bytes: ``A`` read once, ``L`` written once, ``8 n²`` bytes per matrix in 
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
 from metalcore.linalg.cholesky import cholesky_ex_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import cdiv, jit
 
 
 @jit
@@ -107,7 +106,7 @@ def cholesky_launch(A: Tensor, upper: bool, *, num_warps: int | None = None,
     info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)   # every element is stored
     shape = launch_shape(n, nb, A.device)
     G = group_size or shape["group_size"]
-    _cholesky_kernel[(triton.cdiv(nb, G),)](
+    _cholesky_kernel[(cdiv(nb, G),)](
         A3, L, info, nb, n, A3.stride(0), A3.stride(1), A3.stride(2),
         G=G, BN=block(n), UPPER=upper, num_warps=num_warps or shape["num_warps"])
     return L, info

@@ -13,7 +13,11 @@ from metalcore._validation import check_choice, check_matrix
 from metalcore.linalg._common import write_out
 
 
-@metalcore_op("eigh")
+# torch.linalg.eigh on CUDA raises CUSOLVER_STATUS_INTERNAL_ERROR at a batch of 65536 matrices of side
+# n <= 32 (H100, torch 2.11; 4096 works), where cuSOLVER's batched Jacobi (syevjBatched) takes the
+# whole batch at once: the op core hands it at most 32768 at a time, half the failing size. Each
+# chunk is still one library call of thousands of matrices, so the split costs one extra launch.
+@metalcore_op("eigh", batched=("A",), max_batch={"cuda": 32768})
 def eigh_op(A: Tensor, UPLO: str, compute_v: bool) -> tuple[Tensor, Tensor]:
     """Reference: LAPACK ``syevd`` (cuSOLVER on CUDA) through ``torch.linalg.eigh``.
 

@@ -43,7 +43,7 @@ from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.eigh import eigh_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import jit
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 

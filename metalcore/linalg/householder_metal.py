@@ -110,7 +110,7 @@ def _geqr2_metal(A: Tensor) -> tuple[Tensor, Tensor]:
     if qr_blocked_metal.small(A):
         return geqr2_launch(A)
     *batch, m, n = A.shape
-    QR, tau, _ = qr_blocked.geqrf_blocked(as3(A), qr_blocked_metal.NB, "metal")
+    QR, tau, _ = qr_blocked.geqrf_blocked(as3(A), qr_blocked_metal.NB, qr_blocked_metal.geqr2_panel_launch)
     return QR.reshape(A.shape), tau.reshape(*batch, min(m, n))
 
 

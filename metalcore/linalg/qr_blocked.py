@@ -21,10 +21,10 @@ Panel variants (``panel=``), because the tall, narrow panel is the one step that
   2000): the left half factored, applied to the right half with ``larfb``, the right half's lower
   part factored. It turns most of the panel's level-2 work into GEMMs; the leaves go to the kernel
   when they fit, else to ``torch.geqrf``;
-* ``'auto'``: ``'kernel'`` where the panel fits, else ``'geqrf'``.
-
-Other backends add their own panel factorization to :data:`EXTRA_PANELS` (the Metal backend's
-``'metal'``: :mod:`metalcore.linalg.qr_blocked_metal`); the rest of the algorithm is shared.
+* ``'auto'``: ``'kernel'`` where the panel fits, else ``'geqrf'``;
+* a function ``panel(P) -> tau`` that factors ``P`` in place as :func:`factor_panel` does: how another
+  backend brings its own panel (the Metal backend's shader, :mod:`metalcore.linalg.qr_blocked_metal`);
+  the rest of the algorithm is shared.
 
 Flops (Householder, no pivoting): ``2mn² − 2n³/3`` for ``R`` (``m ≥ n``) and about the same again for
 the reduced ``Q``; all but the panels' ``O(m n nb)`` share are GEMMs. Which ``nb`` and panel variant
@@ -45,9 +45,8 @@ PANELS = ("auto", "kernel", "geqrf", "recursive")
 DEFAULT_NB = 64
 # Leaf width of the recursive panel (read at call time, so tests and the sweep can change it).
 RECURSIVE_BASE = 16
-# Panel factorizations registered by other backends: name -> function that factors the panel in
-# place and returns tau, as factor_panel does.
-EXTRA_PANELS: dict[str, Callable[[Tensor], Tensor]] = {}
+# A panel variant: one of PANELS, or a function that factors the panel in place and returns tau.
+Panel = str | Callable[[Tensor], Tensor]
 
 
 def fits(P: Tensor) -> bool:
@@ -89,11 +88,11 @@ def _recursive(P: Tensor, base: int) -> Tensor:
     return torch.cat([tau1, tau2], dim=-1)
 
 
-def factor_panel(P: Tensor, panel: str = "auto") -> Tensor:
+def factor_panel(P: Tensor, panel: Panel = "auto") -> Tensor:
     """Compact QR of the panel ``P`` ``(B, h, w)``, ``h ≥ w``, written into ``P`` (a view of the
     matrix being factored); returns ``tau`` ``(B, w)``."""
-    if panel in EXTRA_PANELS:
-        return EXTRA_PANELS[panel](P)
+    if callable(panel):
+        return panel(P)
     if panel == "kernel" and not fits(P):
         raise ValueError(f"metalcore qr_blocked: panel='kernel' holds panels of at most 128 x 128 in registers; "
                          f"got a panel of shape {tuple(P.shape)}")
@@ -103,10 +102,10 @@ def factor_panel(P: Tensor, panel: str = "auto") -> Tensor:
         return _geqrf(P)
     if panel == "recursive":
         return _recursive(P, RECURSIVE_BASE)
-    raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS + tuple(EXTRA_PANELS)}; got {panel!r}")
+    raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS} or a function; got {panel!r}")
 
 
-def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: str = "auto") -> tuple[Tensor, Tensor, list]:
+def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: Panel = "auto") -> tuple[Tensor, Tensor, list]:
     """Blocked compact QR of ``A`` ``(B, m, n)`` (a copy is factored): ``(QR, tau, blocks)`` with
     ``QR``/``tau`` as from ``torch.geqrf`` and ``blocks`` the ``(j, Vu, T)`` of each panel (``Vu``
     explicit unit trapezoidal), kept for forming ``Q``."""
@@ -137,7 +136,7 @@ def apply_q(blocks: list, m: int, nq: int, batch: int, like: Tensor) -> Tensor:
     return Q
 
 
-def qr_blocked(A: Tensor, mode: str = "reduced", nb: int = DEFAULT_NB, panel: str = "auto") -> tuple[Tensor, Tensor]:
+def qr_blocked(A: Tensor, mode: str = "reduced", nb: int = DEFAULT_NB, panel: Panel = "auto") -> tuple[Tensor, Tensor]:
     """``(Q, R)`` of ``A`` ``(*, m, n)`` as ``metalcore::qr`` returns them (``Q`` empty for
     ``mode='r'``), by the blocked algorithm of the module docstring."""
     *batch, m, n = A.shape

@@ -45,8 +45,6 @@ def geqr2_panel_launch(P: Tensor) -> Tensor:
     return tau
 
 
-qr_blocked.EXTRA_PANELS["metal"] = geqr2_panel_launch
-
 
 def small(A: Tensor) -> bool:
     """``A`` goes to the one-threadgroup shader: it fits the tile, both sides at most ``SMALL_MAX``."""
@@ -62,5 +60,5 @@ def qr_blocked_metal(A: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     """``(Q, R)`` of ``A`` ``(*, m, n)`` as ``metalcore::qr`` returns them, by blocked QR with Metal panels."""
     if not 1 <= NB <= max_n():
         raise ValueError(f"metalcore qr_blocked_metal: NB must be in [1, {max_n()}]; got {NB}")
-    return qr_blocked.qr_blocked(A, mode, nb=NB, panel="metal")
+    return qr_blocked.qr_blocked(A, mode, nb=NB, panel=geqr2_panel_launch)
 

@@ -28,17 +28,15 @@ once that is set from an H100 measurement; otherwise cuSOLVER (the reference) ke
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
-from metalcore._backend import requested_backend
 from metalcore.linalg import qr_blocked
 from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr import qr_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import cdiv, jit
 
 # Largest side the one-program kernel takes; larger matrices go to the blocked QR. A parameter so
 # that CI can force the blocked path at small sizes.
@@ -145,7 +143,7 @@ def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool =
     BQ = block(nq) if nq else 2
     G = group(nb, BM * max(BN, BQ), A.device)
     dummy = A3
-    _householder_kernel[(triton.cdiv(nb, G),)](
+    _householder_kernel[(cdiv(nb, G),)](
         A3, tau2, QR if QR is not None else dummy, TAU if TAU is not None else dummy,
         R if R is not None else dummy, Q if Q is not None else dummy,
         nb, m, n, k, nq, kr, A3.stride(0), A3.stride(1), A3.stride(2),
@@ -159,20 +157,19 @@ def _small(A: Tensor) -> bool:
     return fits(A, max_n=SMALL_MAX)
 
 
-def _blocked(A: Tensor) -> bool:
-    """Whether the blocked path takes this (too large for the kernel) input."""
-    if A.dtype not in DTYPES:
-        return False
-    if requested_backend() == "triton":
-        return True
-    return BLOCKED_AUTO_MIN_SIDE is not None and min(A.shape[-2:]) >= BLOCKED_AUTO_MIN_SIDE
-
-
 def _supports(A: Tensor, *rest) -> bool:
-    return _small(A) or _blocked(A)
+    """The kernel takes ``A`` when it fits the register tile; the blocked path takes any other
+    float32/float64 matrix."""
+    return A.dtype in DTYPES and A.dim() >= 2
 
 
-@qr_op.implement("triton", supports=_supports)
+def _automatic(A: Tensor, *rest) -> bool:
+    """Automatic selection: the one-program kernel, and the blocked path from
+    ``BLOCKED_AUTO_MIN_SIDE`` (never, today: see above); an explicit request takes either."""
+    return _small(A) or (BLOCKED_AUTO_MIN_SIDE is not None and min(A.shape[-2:]) >= BLOCKED_AUTO_MIN_SIDE)
+
+
+@qr_op.implement("triton", supports=_supports, automatic=_automatic)
 def _qr_triton(A, mode):
     m, n = A.shape[-2:]
     k = min(m, n)
@@ -188,7 +185,7 @@ def _qr_triton(A, mode):
     return Q, R
 
 
-@geqr2_op.implement("triton", supports=_supports)
+@geqr2_op.implement("triton", supports=_supports, automatic=_automatic)
 def _geqr2_triton(A):
     if not _small(A):
         *batch, m, n = A.shape
@@ -198,7 +195,8 @@ def _geqr2_triton(A):
     return QR, tau
 
 
-@householder_product_op.implement("triton", supports=lambda A, tau: tau.dtype == A.dtype and _supports(A))
+@householder_product_op.implement("triton", supports=lambda A, tau: tau.dtype == A.dtype and _supports(A),
+                                   automatic=_automatic)
 def _householder_product_triton(A, tau):
     if not _small(A) or A.shape[-1] == 0:
         return qr_blocked.householder_product_blocked(A, tau, BLOCK_NB)

@@ -25,13 +25,12 @@ two row reads for ``A`` and two for ``B`` per step); bytes ``4 (n² + 2 n k)`` i
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg._small_triton import MAX_N, block, fits, group
 from metalcore.linalg.solve import solve_ex_op
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import cdiv, jit
 
 # Right-hand-side columns per program (a [128, 64] block is 8192 elements, as in trsm).
 MAX_BK = 64
@@ -179,7 +178,7 @@ def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = No
         G = group_size or shape["group_size"]
         BK = block_k or shape["block_k"]
         implicit = shape["implicit_pivoting"] if implicit_pivoting is None else implicit_pivoting
-        _lu_solve_kernel[(triton.cdiv(nb, G), triton.cdiv(k, BK))](
+        _lu_solve_kernel[(cdiv(nb, G), cdiv(k, BK))](
             A3, B3, X3, info_full, nb, n, k, *sa, *sb, *sx, G=G, BN=block(n), BK=BK, IMPLICIT=implicit,
             num_warps=num_warps or shape["num_warps"])
     elif nb and n:

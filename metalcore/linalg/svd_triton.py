@@ -49,7 +49,7 @@ from metalcore.linalg._small_triton import batched, fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import svd_op
 from metalcore.linalg.svd_large import large_supported, svd_large
-from metalcore.nn._jit_triton import jit
+from metalcore._triton import jit
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 

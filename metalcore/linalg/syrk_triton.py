@@ -29,7 +29,7 @@ from torch import Tensor
 
 from metalcore._backend import triton_interpreting
 from metalcore.linalg.syrk import gram_poly_op
-from metalcore.nn._jit_triton import cdiv, jit, next_power_of_2
+from metalcore._triton import cdiv, jit, next_power_of_2
 
 # 16-bit operands: 128×128 output tiles, 64-deep k steps, 8 warps, 3 stages — the Triton matmul
 # tutorial's Hopper shape (two warpgroups over 128 rows for wgmma), square because a tile and its

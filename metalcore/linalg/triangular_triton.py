@@ -26,14 +26,13 @@ vs 23 µs; bench/linalg_triton.md v3), so it was removed. Work per program: ``n`
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.triangular import solve_triangular_op
-from metalcore.nn._jit_triton import helper, jit
+from metalcore._triton import cdiv, helper, jit
 
 # Launch shape, fitted to the H100 sweep (fp32, GPU µs; trsm with n right-hand sides, cholesky_solve
 # with one; bench/linalg_triton.md v3):
@@ -128,7 +127,7 @@ def _launch(A3: Tensor, B3: Tensor, X3: Tensor, k: int, sa: list, sb: list, sx: 
     shape = launch_shape(n, k, nb, A3.device, chol)
     G = group_size or shape["group_size"]
     BK = block_k or shape["block_k"]
-    grid = (triton.cdiv(nb, G), triton.cdiv(k, BK))
+    grid = (cdiv(nb, G), cdiv(k, BK))
     _trsm_kernel[grid](A3, B3, X3, nb, n, k, *sa, *sb, *sx,
                        G=G, BN=block(n), BK=BK, LOWER=lower, UNIT=unit, CHOL=chol,
                        num_warps=num_warps or shape["num_warps"])

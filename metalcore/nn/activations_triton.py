@@ -21,7 +21,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import cdiv, jit
+from metalcore._triton import cdiv, jit
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
 
 # ACT codes (constexpr): which function the kernels compute.

@@ -18,17 +18,22 @@ With ``Z = scale·q kᵀ + mask`` and ``P = exp(Z − lse)``, the backward is
 ``dV = Pᵀ dO``, ``dS = P ∘ (dO Vᵀ − rowsum(dO ∘ O))``, ``dQ = scale·dS K``, ``dK = scale·dSᵀ Q``,
 with ``dK``/``dV`` summed over each group of query heads that share a key/value head.
 
-Two cases leave the ops for a composite of plain differentiable torch ops (computed in the same
-float32/float64 arithmetic; see :func:`metal_scaled_dot_product_attention`): ``dropout_p > 0``
-(kernels never do dropout) and a float ``attn_mask`` that requires a gradient.
+The public :func:`metal_scaled_dot_product_attention` runs these ops only where metalcore's kernel
+is the automatic choice (Metal on MPS) or a backend is requested explicitly; elsewhere it calls
+torch's own fused SDPA, and the reference stays the oracle. Two cases never reach the ops: ``dropout_p
+> 0`` (kernels never do dropout) and a float ``attn_mask`` that requires a gradient; they run
+torch's SDPA, or under the ``"reference"`` backend a composite of plain differentiable torch ops in
+the same float32/float64 arithmetic.
 """
 
 import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from metalcore._backend import automatic_backend, requested_backend, use_backend
 from metalcore._op import metalcore_op
 from metalcore._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from metalcore.nn.rms_norm import _acc
@@ -115,6 +120,10 @@ def _setup(ctx, inputs, output):
     q, k, v, attn_mask, is_causal, scale = inputs
     out, lse = output
     ctx.is_causal, ctx.scale = is_causal, scale
+    # The backend that ran the forward runs the backward: a ``use_backend("triton")`` block around the
+    # model call only (the usual way to write it) otherwise sent the backward to the materialising
+    # reference, fwd+bwd 0.04-0.06x torch on the H100 against 0.56-0.59x with the block around both.
+    ctx.backend = None if torch.compiler.is_compiling() else requested_backend()
     ctx.save_for_backward(q, k, v, out, lse, attn_mask)
     ctx.mark_non_differentiable(lse)
 
@@ -122,9 +131,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     if ctx.needs_input_grad[3]:
         raise RuntimeError("metalcore::sdpa_fwd does not differentiate attn_mask; "
-                           "metalcore.metal_scaled_dot_product_attention does (through its composite path)")
+                           "metalcore.metal_scaled_dot_product_attention does (through torch's SDPA)")
     q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = sdpa_bwd(dout.contiguous(), q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale)
+    args = (dout.contiguous(), q, k, v, out, lse, attn_mask, ctx.is_causal, ctx.scale)
+    if ctx.backend is None or ctx.backend == requested_backend():
+        dq, dk, dv = sdpa_bwd(*args)
+    else:
+        with use_backend(ctx.backend):
+            dq, dk, dv = sdpa_bwd(*args)
     return dq, dk, dv, None, None, None
 
 
@@ -151,6 +165,21 @@ def _to_ops_layout(x: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
     return x.expand(*batch, heads, *x.shape[-2:]).reshape(math.prod(batch), heads, *x.shape[-2:])
 
 
+def _served_by_torch(query: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> bool:
+    """Whether torch's fused SDPA serves this call: wherever metalcore's attention kernel is not the
+    automatic choice (CUDA, where the Triton kernel measured 0.46-0.86x of torch's flash SDPA on the
+    H100, bench/training_triton.md; the CPU, where the reference materialises the scores and ran
+    0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4), and for what the ops do not do
+    (dropout, a mask that requires a gradient). An explicit ``use_backend``/``METALCORE_BACKEND``
+    runs metalcore's ops (``"reference"``: the materialising oracle, also for those two)."""
+    requested = requested_backend()
+    if requested == "reference":
+        return False
+    if dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad):
+        return True
+    return requested == "auto" and not sdpa_fwd.automatic_kernel(automatic_backend(query.device))
+
+
 def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                        dropout_p: float = 0.0, is_causal: bool = False,
                                        scale: Optional[float] = None, enable_gqa: bool = False) -> Tensor:
@@ -162,19 +191,67 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     divide ``Hq`` (grouped-query attention). ``attn_mask`` broadcasts to ``(*, Hq, L, S)``: bool
     (True = attend) or float (added to the scores; float32 or the inputs' dtype). ``is_causal``
     applies a top-left-aligned lower-triangular mask and cannot be combined with ``attn_mask``.
-    ``scale`` defaults to ``1/sqrt(E)``. Rows that attend to nothing give 0, as in torch.
+    ``scale`` defaults to ``1/sqrt(E)``. Rows that attend to nothing give 0 output and 0 gradients.
+    ``dropout_p > 0`` drops probabilities whenever it is given — like torch's function, which has
+    no ``training`` flag (modules pass ``dropout_p`` only in training).
 
-    Two documented composite paths (plain differentiable torch ops with the same float32/float64
-    arithmetic) replace the fused ops:
-
-    * ``dropout_p > 0``: dropout is applied to the probabilities whenever ``dropout_p > 0`` — like
-      torch's function, which has no ``training`` flag (modules pass ``dropout_p`` only in
-      training). The random draws follow torch's math backend (one ``torch.dropout`` on ``P``).
-    * a float ``attn_mask`` that requires a gradient (learned biases, ALiBi slopes): it gets
-      ``dZ`` summed over its broadcast dimensions.
+    Who computes it: metalcore's ops where its kernel is the automatic choice (Metal on MPS) or a
+    backend is requested explicitly, and the kernel takes the inputs; everywhere else (and under
+    ``"reference"`` never) torch's own fused SDPA, called directly (the
+    flash/memory-efficient kernels on CUDA, the flash kernel on the CPU), so importing metalcore never
+    makes attention slower. Both follow the contract above; torch's SDPA also gives 0 on rows with
+    nothing to attend (its "safe softmax", since torch 2.5) and the average of ``V`` on rows masked
+    entirely with ``finfo.min`` (Hugging Face's padding), as the reference does. Under
+    ``use_backend("reference")`` dropout and a mask that requires a gradient run a materialising
+    composite of plain torch ops (dropout drawn as torch's math backend draws it).
 
     >>> out = metalcore.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     """
+    if isinstance(query, Tensor) and _served_by_torch(query, attn_mask, dropout_p):
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    q4, k4, v4, mask4, out_shape = _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    op_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    mask_needs_grad = mask4 is not None and mask4.requires_grad and torch.is_grad_enabled()
+    if dropout_p > 0.0 or mask_needs_grad:
+        out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, op_scale)
+    elif (requested_backend() != "reference"
+          and sdpa_fwd.backend_for(q4, k4, v4, mask4, is_causal, op_scale) == "reference"):
+        # A kernel backend (automatic on MPS, or requested) that does not take these inputs (a dtype or
+        # head dim outside its scope): torch's fused SDPA, not the materialising reference.
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    else:
+        out4, _ = sdpa_fwd(q4, k4, v4, mask4, is_causal, op_scale)
+    return out4.view(out_shape)
+
+
+def _torch_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+                is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """``F.scaled_dot_product_attention`` with metalcore's contract: its typed errors, 1-D masks, NaN in, NaN out."""
+    try:
+        # torch accepts a mask with is_causal and a value whose S differs from key's: refuse both.
+        if (attn_mask is not None and is_causal) or value.shape[-2] != key.shape[-2]:
+            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        if attn_mask is not None and attn_mask.dim() == 1:
+            attn_mask = attn_mask[None]  # torch's kernels index dim -2 of the mask; broadcasting allows 1-D
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                             enable_gqa=enable_gqa)
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
+        # Name the bad argument as metalcore does everywhere; torch's own error if ours finds none.
+        _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        raise
+    if query.is_cpu:
+        # torch's CPU flash kernel takes a query row holding a NaN for a fully masked row and returns
+        # 0 there (torch 2.13, measured; NaN in key or value does propagate). NaN in, NaN out: adding
+        # 0·Σ_E q to each row restores it at ~1/S of the attention's own work, with no host sync.
+        out = out + query.detach().sum(-1, keepdim=True).mul_(0)
+    return out
+
+
+def _layout(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+            is_causal: bool, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], tuple[int, ...]]:
+    """Validates the public arguments (typed errors naming the bad one) and lays them out for the ops:
+    ``q4`` ``(B, H, L, E)``, ``k4``/``v4`` ``(B, Hkv, S, ·)``, a 4-D mask or None, and the output's shape."""
     q = check_tensor(_FN, "query", query, dtypes=FLOAT_DTYPES, min_dim=2)
     k = check_tensor(_FN, "key", key, dtypes=FLOAT_DTYPES, min_dim=2)
     v = check_tensor(_FN, "value", value, dtypes=FLOAT_DTYPES, min_dim=2)
@@ -191,7 +268,6 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
         raise ValueError(f"{_FN}: dropout_p must be in [0, 1]; got {dropout_p!r}")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{_FN}: attn_mask must be None when is_causal=True (as in torch); pass one or the other")
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
 
     # Heads live in dim -3 (a 2-D input has one); everything before it is batch.
     qh, kh, vh = (x if x.dim() >= 3 else x.unsqueeze(0) for x in (q, k, v))
@@ -229,11 +305,5 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
             mask4 = m.reshape(1, *m.shape[-3:])
         else:
             mask4 = m.expand(*batch, *m.shape[-3:]).reshape(math.prod(batch), *m.shape[-3:])
-
-    mask_needs_grad = mask4 is not None and mask4.requires_grad and torch.is_grad_enabled()
-    if dropout_p > 0.0 or mask_needs_grad:
-        out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, scale)
-    else:
-        out4, _ = sdpa_fwd(q4, k4, v4, mask4, is_causal, scale)
-    out = out4.view(*batch, heads, L, Ev)
-    return out.view(L, Ev) if max(q.dim(), k.dim(), v.dim()) == 2 else out
+    two_d = max(q.dim(), k.dim(), v.dim()) == 2
+    return q4, k4, v4, mask4, (L, Ev) if two_d else (*batch, heads, L, Ev)

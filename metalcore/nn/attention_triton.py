@@ -49,7 +49,7 @@ from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from metalcore._backend import triton_interpreting
-from metalcore.nn._jit_triton import cdiv, helper, jit
+from metalcore._triton import cdiv, helper, jit
 from metalcore.nn.attention import sdpa_bwd, sdpa_fwd
 
 # Forward: 128 query rows (two warpgroups of 64 rows for Hopper's wgmma) against 64-key blocks,

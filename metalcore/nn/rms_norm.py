@@ -94,8 +94,9 @@ def _flatten(fn: str, x: Tensor, normalized_shape, weight: Optional[Tensor]) -> 
         check_same_device(fn, input=x, weight=weight)
         if tuple(weight.shape) != shape:
             raise ValueError(f"{fn}: weight must have shape {shape} (normalized_shape); got {tuple(weight.shape)}")
-        weight = weight.reshape(n)
-    return x.reshape(-1, n), weight
+        weight = weight if weight.dim() == 1 else weight.reshape(n)
+    # Already (rows, n) is the common case; a reshape to the same shape still costs ~1 µs a call.
+    return (x if x.dim() == 2 and len(shape) == 1 else x.reshape(-1, n)), weight
 
 
 def rms_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None,
@@ -110,7 +111,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, e
     x2d, w = _flatten(_FN, input, normalized_shape, weight)
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
     y, _ = rms_norm_fwd(x2d, w, eps, float(offset))
-    return y.view(input.shape)
+    return y.view_as(input)   # view_as: ~0.9 µs, view(input.shape) ~2.5 (argument parsing)
 
 
 def _fused_setup(ctx, inputs, output):
@@ -161,8 +162,8 @@ def fused_add_rms_norm(input: Tensor, residual: Tensor, weight: Optional[Tensor]
     check_same_device(fn, input=input, residual=residual)
     if residual.shape != input.shape:
         raise ValueError(f"{fn}: residual must have input's shape {tuple(input.shape)}; got {tuple(residual.shape)}")
-    y, h, _ = fused_add_rms_norm_fwd(x2d, residual.reshape(x2d.shape), w, float(eps), float(offset))
-    return y.view(input.shape), h.view(input.shape)
+    y, h, _ = fused_add_rms_norm_fwd(x2d, residual if residual.dim() == 2 else residual.reshape(x2d.shape), w, float(eps), float(offset))
+    return y.view_as(input), h.view_as(input)
 
 
 class MetalRMSNorm(nn.Module):

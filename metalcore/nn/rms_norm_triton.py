@@ -30,7 +30,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import cdiv, jit, next_power_of_2, program_slots, warps_for
+from metalcore._triton import cdiv, jit, next_power_of_2, program_slots, warps_for
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
 
 # Rows up to this length are held whole in registers (8192 fp32 values over 16 warps: 16 a

@@ -32,11 +32,11 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import cdiv, helper, jit, next_power_of_2
+from metalcore._triton import cdiv, helper, jit, next_power_of_2
 from metalcore.nn.rope import rope_bwd, rope_fwd
 
 # Elements of one half (D/2) of a [BLOCK_S, BLOCK_H, BLOCK_HALF] tile: two 2048-element halves,
-# 16 values a thread each at 4 warps (Liger's rule, metalcore/nn/_jit_triton.py:warps_for).
+# 16 values a thread each at 4 warps (Liger's rule, metalcore/_triton.py:warps_for).
 TILE_HALF_ELEMENTS = 2048
 NUM_WARPS = 4
 # Widest head dimension held in registers: one head's half (2048 fp32 values) per tile.

@@ -14,7 +14,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.nn._jit_triton import cdiv, jit
+from metalcore._triton import cdiv, jit
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
 
 # Elements per program (16 per thread at 8 warps), as for the activations.

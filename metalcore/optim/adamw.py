@@ -55,15 +55,18 @@ def state_dtype(param: Tensor) -> torch.dtype:
 
 
 def shared_step_buffer(state_steps: list[Tensor]) -> Optional[Tensor]:
-    """The 1-D CPU buffer whose elements ``state_steps`` are, in order (``state_steps[i]`` is
-    ``buffer[i]``), or None when they are separate tensors."""
+    """The 1-D float32 CPU buffer whose elements ``state_steps`` are, in order (``state_steps[i]``
+    aliases ``buffer[i]``), or None when they are separate tensors.
+
+    Checked by address, one ``data_ptr`` per counter (about 0.1 µs each; reading ``_base`` and
+    ``storage_offset`` of each took 0.25 µs, a quarter of a 200-tensor step's host budget)."""
     base = state_steps[0]._base if state_steps else None
-    if base is None or base.dim() != 1 or base.numel() != len(state_steps) or base.device.type != "cpu":
+    if (base is None or base.dim() != 1 or base.numel() != len(state_steps) or base.device.type != "cpu"
+            or base.dtype != torch.float32 or not base.is_contiguous()):
         return None
-    start = base.storage_offset()
-    for i, s in enumerate(state_steps):
-        if s._base is not base or s.storage_offset() != start + i:
-            return None
+    start = base.data_ptr()
+    if list(map(Tensor.data_ptr, state_steps)) != list(range(start, start + 4 * len(state_steps), 4)):
+        return None
     return base
 
 
@@ -82,6 +85,53 @@ def advance_steps(state_steps: list[Tensor]) -> list[float]:
     return [s.item() for s in state_steps]  # CPU scalars: no device synchronisation
 
 
+def check_shapes(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 max_exp_avg_sqs: Optional[list[Tensor]]) -> None:
+    """RuntimeError (torch's type for a size mismatch) unless every gradient and state tensor has its
+    parameter's shape, raised before anything is written."""
+    lists = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    if max_exp_avg_sqs is not None:
+        lists["max_exp_avg_sqs"] = max_exp_avg_sqs
+    for name, tensors in lists.items():
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if t.shape != p.shape:
+                raise RuntimeError(f"metalcore.optim.adamw: size mismatch: {name}[{i}] has shape {tuple(t.shape)}, "
+                                   f"params[{i}] has shape {tuple(p.shape)}")
+
+
+def flat_walkable(params: list[Tensor], *others: list[Tensor]) -> bool:
+    """Whether a kernel that walks each tensor's memory flat (element ``k`` of a parameter beside
+    element ``k`` of its gradient and moments) updates the right elements: every parameter
+    non-overlapping and dense, and every other tensor of its parameter's shape and strides.
+
+    Autograd gives a dense parameter's gradient the parameter's strides and the state is created
+    with them (``preserve_format``), so a transposed parameter qualifies; a transposed-view
+    gradient of a contiguous parameter (from a hook or an all-reduce) does not, nor a strided slice."""
+    for i, p in enumerate(params):
+        shape = p.shape
+        if p.is_contiguous():  # the usual case; also the one where size-1 dimensions' strides are free
+            if not all(o[i].shape == shape and o[i].is_contiguous() for o in others):
+                return False
+        elif not (_dense(p) and all(o[i].shape == shape and same_strides(o[i], p) for o in others)):
+            return False
+    return True
+
+
+def same_strides(a: Tensor, b: Tensor) -> bool:
+    """Equal strides in every dimension of size > 1 (a size-1 dimension's stride is never used)."""
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n != 1)
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dimensions is contiguous."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 @metalcore_op("adamw_step_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"))
 def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], lr: float, beta1: float, beta2: float,
@@ -90,9 +140,14 @@ def adamw_step_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     copies of bf16/fp16 parameters that are written back rounded."""
     if not params:
         return
+    check_shapes(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None)
     if all(p.device.type == "cpu" and p.dtype == m.dtype and s.device.type == "cpu"
-           for p, m, s in zip(params, exp_avgs, state_steps)):
+           for p, m, s in zip(params, exp_avgs, state_steps)) and \
+            flat_walkable(params, grads, exp_avgs, exp_avg_sqs, *((max_exp_avg_sqs,) if amsgrad else ())):
         # Same math in torch's fused CPU kernel: 5.4x the foreach ops on 16.8M fp32 parameters.
+        # It walks flat memory without checking strides (a transposed-view gradient of a contiguous
+        # parameter was applied transposed: error 0.55 after 3 steps at lr 0.1), hence
+        # flat_walkable; anything else takes the foreach ops below, which honour strides.
         # It reads the step count, as torch's optimizer does, after the caller's increment.
         advance_steps(state_steps)
         torch._fused_adamw_(params, [g.to(p.dtype) for g, p in zip(grads, params)], exp_avgs, exp_avg_sqs,
@@ -140,11 +195,12 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
     shape in :func:`state_dtype`; ``state_steps[i]`` a float32 scalar tensor counting steps taken.
     """
     n = len(params)
-    lengths = dict(grads=len(grads), exp_avgs=len(exp_avgs), exp_avg_sqs=len(exp_avg_sqs), state_steps=len(state_steps),
-                   max_exp_avg_sqs=len(max_exp_avg_sqs) if amsgrad else n)
-    for name, length in lengths.items():
-        if length != n:
-            raise ValueError(f"metalcore.optim.adamw: {name} must have one entry per parameter ({n}); got {length}")
+    if not len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n or (
+            amsgrad and len(max_exp_avg_sqs) != n):
+        lengths = dict(grads=len(grads), exp_avgs=len(exp_avgs), exp_avg_sqs=len(exp_avg_sqs),
+                       state_steps=len(state_steps), max_exp_avg_sqs=len(max_exp_avg_sqs) if amsgrad else n)
+        name, length = next((k, v) for k, v in lengths.items() if v != n)
+        raise ValueError(f"metalcore.optim.adamw: {name} must have one entry per parameter ({n}); got {length}")
     if not amsgrad and max_exp_avg_sqs:
         raise ValueError("metalcore.optim.adamw: max_exp_avg_sqs must be empty unless amsgrad=True")
     if distributed.has_dtensor(params):
@@ -155,44 +211,68 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
                 float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))
 
 
-# torch.optim.AdamW's switches between its own implementations. Here the step is always the fused
-# op, so each must keep its default: any other value raises rather than being ignored.
-_IMPLEMENTATION_DEFAULTS = dict(foreach=None, capturable=False, differentiable=False, fused=None)
-_IMPLEMENTATION_WHY = dict(
-    foreach="the step is always one fused op per parameter group (there is no for-loop or foreach variant to pick)",
-    fused="the step is always one fused op per parameter group",
-    capturable="CUDA-graph capture of the step is not supported (state steps live on the CPU)",
-    differentiable="the step is not differentiable (it runs under torch.no_grad)",
+# torch.optim.AdamW's switches between its own implementations. The step here is always one fused op
+# per group whatever they say, with the same math, so foreach and fused (any value) are accepted and
+# kept in the groups as given. capturable and differentiable promise something else (a step that a
+# CUDA graph can capture; a step autograd can differentiate through): True raises.
+_UNSUPPORTED = dict(
+    capturable="CUDA-graph capture of the step is not supported (the step counters live on the CPU and "
+               "the bias corrections are computed on the host)",
+    differentiable="the step is not differentiable (it runs under torch.no_grad as one fused op)",
 )
 
 
-def _check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    """torch.optim.AdamW's checks: ValueError naming the bad value."""
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        if isinstance(value, Tensor):
-            raise ValueError(f"{_CLS}: {name} must be a float, not a Tensor (tensor hyperparameters serve torch's "
-                             f"capturable/fused implementations, which do not apply here); got {value!r}")
-    if not 0.0 <= lr:
-        raise ValueError(f"{_CLS}: Invalid learning rate: {lr} (must be >= 0)")
-    if not 0.0 <= eps:
-        raise ValueError(f"{_CLS}: Invalid epsilon value: {eps} (must be >= 0)")
+def check_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any, foreach: Any = None,
+                          capturable: Any = False, differentiable: Any = False, fused: Any = None) -> None:
+    """torch.optim.AdamW's checks, in its order and with its messages (prefixed by the class), so
+    that its error inputs raise the same; then what this implementation cannot do."""
+    if isinstance(lr, Tensor):
+        if foreach and not capturable:
+            raise ValueError(f"{_CLS}: lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError(f"{_CLS}: Tensor lr must be 1-element")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{_CLS}: betas must be a pair (beta1, beta2); got {betas!r}")
+    if not 0.0 <= lr:
+        raise ValueError(f"{_CLS}: Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"{_CLS}: Invalid epsilon value: {eps}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{_CLS}: Invalid beta parameter at index {i}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"{_CLS}: Invalid weight_decay value: {weight_decay}")
+    if not (all(isinstance(b, (float, int)) and not isinstance(b, bool) for b in betas)
+            or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError(f"{_CLS}: betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor):
-            raise ValueError(f"{_CLS}: betas[{i}] must be a float, not a Tensor; got {beta!r}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"{_CLS}: Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"{_CLS}: Invalid weight_decay value: {weight_decay} (must be >= 0)")
+            if foreach and not capturable:
+                raise ValueError(f"{_CLS}: betas[{i}] as a Tensor is not supported for capturable=False and "
+                                 f"foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"{_CLS}: Tensor betas[{i}] must be 1-element")
+    if fused and differentiable:
+        raise RuntimeError(f"{_CLS}: `fused` does not support `differentiable`")
+    if fused and foreach:
+        raise RuntimeError(f"{_CLS}: `fused` and `foreach` cannot be `True` together.")
+    for name, value in (("capturable", capturable), ("differentiable", differentiable)):
+        if value:
+            raise ValueError(f"{_CLS}: {name}={value!r} is not supported: {_UNSUPPORTED[name]}; leave {name}=False")
+    for name, value in (("lr", lr), ("betas", betas[0]), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, Tensor):
+            raise ValueError(f"{_CLS}: {name} must be a float, not a Tensor (tensor hyperparameters serve torch's "
+                             f"capturable and fused implementations; here they are read on the host at every "
+                             f"step); got {value!r}")
 
 
-def _check_implementation(options: dict[str, Any]) -> None:
-    for name, default in _IMPLEMENTATION_DEFAULTS.items():
-        value = options.get(name, default)
-        if value is not default and value != default:
-            raise ValueError(f"{_CLS}: {name}={value!r} is not supported: {_IMPLEMENTATION_WHY[name]}; "
-                             f"leave {name}={default!r}")
+def _new_state(p: Tensor) -> dict[str, Tensor]:
+    if not p.is_floating_point():
+        raise TypeError(f"{_CLS}: parameters must be real floating point (fp32/bf16/fp16/fp64); got one of dtype "
+                        f"{p.dtype}")
+    return dict(step=torch.tensor(0.0, dtype=torch.float32),
+                exp_avg=torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format),
+                exp_avg_sq=torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format))
 
 
 class MetalAdamW(Optimizer):
@@ -200,20 +280,23 @@ class MetalAdamW(Optimizer):
 
     The math (module docstring) and the state layout (``'step'``, ``'exp_avg'``, ``'exp_avg_sq'``,
     ``'max_exp_avg_sq'``) are torch's; each parameter group's step is one fused op
-    (:func:`adamw_step_`). Two differences, both deliberate:
+    (:func:`adamw_step_`). Differences, all deliberate:
 
     * bf16/fp16 parameters keep float32 moments and are updated in float32, then rounded once (torch
       keeps moments in the parameter's dtype). A ``state_dict`` loaded into ``torch.optim.AdamW`` is
       cast to its parameters' dtype by torch; one loaded here is brought (back) to float32.
-    * ``foreach``, ``fused``, ``capturable`` and ``differentiable`` choose among torch's
-      implementations and do not apply: any value but the default raises ``ValueError``. A
-      ``state_dict`` from ``torch.optim.AdamW`` that recorded other values loads with them reset
-      (they never change the math); ``decoupled_weight_decay`` is forced to True, as
-      ``torch.optim.AdamW`` itself does.
+    * ``foreach`` and ``fused`` choose among torch's implementations of the same math: any value is
+      accepted and kept in the groups, and the step is this fused op whatever they say.
+      ``capturable=True`` and ``differentiable=True`` ask for something else (a step inside a CUDA
+      graph; a step autograd differentiates through) and raise ``ValueError``; a ``state_dict``
+      recording them loads with them reset to False (the math is the same).
+      ``decoupled_weight_decay`` is forced to True, as ``torch.optim.AdamW`` itself does.
+    * Tensor ``lr``/``betas`` (which torch accepts for its capturable and fused paths), sparse
+      gradients and complex parameters raise.
 
-    The learning rate and other hyperparameters are read from each group at every step, so LR
-    schedulers work. Tensor ``lr``/``betas`` (which torch accepts for its capturable and fused
-    paths), sparse gradients and complex parameters raise.
+    ``load_state_dict`` raises ``RuntimeError`` on a state tensor whose shape is not its parameter's
+    (torch's AdamW raises the same at the next step) and accepts a plain number as ``'step'`` (older
+    checkpoints). The hyperparameters are read from each group at every step, so LR schedulers work.
 
     >>> opt = MetalAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     >>> loss.backward(); opt.step(); opt.zero_grad()
@@ -223,75 +306,86 @@ class MetalAdamW(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None):
-        _check_implementation(dict(foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused))
-        _check_hyperparameters(lr, betas, eps, weight_decay)
+        check_hyperparameters(lr, betas, eps, weight_decay, foreach, capturable, differentiable, fused)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, **_IMPLEMENTATION_DEFAULTS, decoupled_weight_decay=True)
+                        maximize=maximize, foreach=foreach, capturable=False, differentiable=False, fused=fused,
+                        decoupled_weight_decay=True)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As torch's, and also validates the group's own hyperparameters (torch checks only the defaults)."""
-        _check_implementation(param_group)
-        _check_hyperparameters(*(param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")))
+        check_hyperparameters(*(param_group.get(k, self.defaults[k]) for k in (
+            "lr", "betas", "eps", "weight_decay", "foreach", "capturable", "differentiable", "fused")))
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.update(_IMPLEMENTATION_DEFAULTS)
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group["decoupled_weight_decay"] = True
+            group.update(capturable=False, differentiable=False, decoupled_weight_decay=True)
+            for key, default in (("amsgrad", False), ("maximize", False), ("foreach", None), ("fused", None)):
+                group.setdefault(key, default)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's (also accepts a ``torch.optim.AdamW`` state dict), keeping float32 moments for
-        bf16/fp16 parameters, which torch's loader would cast to the parameter's dtype."""
+        bf16/fp16 parameters, which torch's loader would cast to the parameter's dtype. Checked before
+        anything is loaded: every state tensor must have its parameter's shape (``RuntimeError``)."""
+        saved_groups = state_dict["param_groups"]
+        saved_ids = [i for group in saved_groups for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key != "step" and isinstance(value, Tensor) and value.shape != p.shape:
+                    raise RuntimeError(
+                        f"{_CLS}.load_state_dict: size mismatch for {key!r} of parameter {saved_id}: the state "
+                        f"has shape {tuple(value.shape)}, the parameter {tuple(p.shape)} (was the model resized, "
+                        f"e.g. by resize_token_embeddings, after the state was saved?)")
         super().load_state_dict(state_dict)
-        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
-        params = (p for group in self.param_groups for p in group["params"])
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in state_dict["state"]:
                 continue
             state = self.state[p]
             for key, value in state_dict["state"][saved_id].items():
-                if key == "step" and isinstance(value, Tensor):
-                    state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
-                elif key != "step" and isinstance(value, Tensor):
+                if key == "step":  # a tensor, or a plain number in older checkpoints
+                    state[key] = torch.tensor(float(value), dtype=torch.float32)
+                elif isinstance(value, Tensor):
                     state[key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                     exp_avg_sqs: list[Tensor], max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor]) -> bool:
         """Gather the group's parameters that have gradients and their state (created on first use).
-        Signature and lists as torch's own optimizers, which ``torch.compile`` handles specially."""
+        Signature and lists as torch's own optimizers, which ``torch.compile`` handles specially.
+
+        Kept lean, since it runs for every parameter at every step: about 1 µs a parameter on this
+        project's CPU (a 200-tensor group: 0.2 ms, against 0.28 ms before the parameter checks moved
+        to state creation and the counter check to one ``data_ptr`` per counter)."""
+        amsgrad = group["amsgrad"]
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(f"{_CLS} does not support sparse gradients (a parameter of shape "
                                    f"{tuple(p.shape)} has one); use torch.optim.SparseAdam")
-            if not p.is_floating_point():
-                raise TypeError(f"{_CLS}: parameters must be real floating point (fp32/bf16/fp16/fp64); "
-                                f"got one of dtype {p.dtype}")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state = self.state.get(p)
+            if not state:
+                state = self.state[p] = _new_state(p)
+            if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
+            if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
-        if state_steps and not torch.compiler.is_compiling() and shared_step_buffer(state_steps) is None:
+        if state_steps and not torch.compiler.is_compiling() and (
+                not all(isinstance(s, Tensor) for s in state_steps) or shared_step_buffer(state_steps) is None):
             # Pack the counters into one CPU buffer, each state["step"] a 0-d view of it (still a
             # float32 scalar tensor, as torch keeps it), so that advance_steps is one add for the
             # group. Repacked after a load_state_dict or when the set of parameters with gradients
-            # changes; skipped under torch.compile, which must not see the state being rebuilt.
-            buffer = torch.stack([s.detach().to("cpu", torch.float32) for s in state_steps])
+            # changes; skipped under torch.compile, which must not see the state being rebuilt. A plain
+            # number (a state restored from an old pickle) becomes a tensor here.
+            buffer = torch.tensor([float(s) for s in state_steps], dtype=torch.float32)
             for i, p in enumerate(params):
                 self.state[p]["step"] = state_steps[i] = buffer[i]
         return False

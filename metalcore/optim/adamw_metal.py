@@ -5,8 +5,9 @@ list of tensors travels as a pointer array in ``setBytes`` data, which Metal cap
 step counters are CPU scalars (the op's contract): the host increments them and computes each
 tensor's bias corrections, so nothing synchronises with the device.
 
-Supported: contiguous fp32/bf16/fp16 parameters with gradients of the same dtype and float32 moments;
-anything else (fp64, mixed layouts) runs on the reference.
+Supported: fp32/bf16/fp16 parameters with gradients of the same dtype and float32 moments, all
+walkable as flat memory (:func:`metalcore.optim.adamw.flat_walkable`); anything else (fp64, a
+transposed-view gradient) runs on the reference.
 """
 
 import math
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.optim.adamw import adamw_step_, advance_steps
+from metalcore.optim.adamw import adamw_step_, advance_steps, flat_walkable
 
 _SHADER = "adamw"
 
@@ -26,13 +27,12 @@ def _supported(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_step
         return True
     states = (exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
     for i, p in enumerate(params):
-        g = grads[i]
-        if p.dtype not in _metal.KERNEL_DTYPES or g.dtype != p.dtype or g.shape != p.shape:
+        if p.dtype not in _metal.KERNEL_DTYPES or grads[i].dtype != p.dtype or p.numel() >= 2**31:
             return False
-        if not (p.is_contiguous() and g.is_contiguous()) or p.numel() >= 2**31:
+        if any(s[i].dtype != torch.float32 for s in states):
             return False
-        if any(s[i].dtype != torch.float32 or not s[i].is_contiguous() or s[i].shape != p.shape for s in states):
-            return False
+    if not flat_walkable(params, grads, *states):
+        return False
     if any(p.dtype == torch.bfloat16 for p in params):  # bfloat kernels need Metal 3.1 (macOS 14)
         return _metal.has_kernel(_metal.library(_SHADER, params[0].device), "adamw_step_bfloat")
     return True

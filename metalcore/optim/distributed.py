@@ -226,6 +226,10 @@ def owner_computes_muon_update(params: list[Tensor], grads: list[Tensor], moment
             keep = sorted(set(range(len(params))) - set(local))
             params, grads = [params[i] for i in keep], [grads[i] for i in keep]
             momentum_buffers = [momentum_buffers[i] for i in keep]
+    # A matrix with no elements has nothing to orthogonalize (muon_update and torch's Muon skip it too).
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+    momentum_buffers = [momentum_buffers[i] for i in keep]
     if group is None or not params:
         return
     world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)

@@ -36,7 +36,7 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 def as_matrix(x: Tensor) -> Tensor:
     """The 2-D view Muon orthogonalizes: ``(out, in·kh·kw…)`` for conv weights (the published
     recipes' flattening: rows are output channels), the tensor itself when 2-D."""
-    return x if x.ndim == 2 else x.reshape(x.shape[0], -1)
+    return x if x.ndim == 2 else x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 is ambiguous with 0 rows
 
 
 def adjust_lr(lr: float, adjust_lr_fn: Optional[str], shape: tuple[int, int]) -> float:
@@ -75,9 +75,7 @@ def muon_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     ``momentum_buffers[i]`` of its shape. Updates of the same 2-D shape are orthogonalized together:
     stacked ``(k, A, B)``, one :func:`polar`-family call, unstacked.
     """
-    if not (len(params) == len(grads) == len(momentum_buffers)):
-        raise ValueError(f"metalcore.optim.muon_update: params, grads and momentum_buffers must have equal lengths; "
-                         f"got {len(params)}, {len(grads)}, {len(momentum_buffers)}")
+    check_update_inputs(params, grads, momentum_buffers)
     by_shape: dict[tuple[tuple[int, int], torch.dtype, torch.device], list[int]] = {}
     updates: list[Tensor] = []
     for i, (g, buf) in enumerate(zip(grads, momentum_buffers)):
@@ -87,6 +85,8 @@ def muon_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
         updates.append(update)
         by_shape.setdefault((tuple(update.shape), update.dtype, update.device), []).append(i)
     for (shape, _, _), idx in by_shape.items():
+        if 0 in shape:
+            continue  # nothing to orthogonalize or update (torch.optim.Muon steps such a parameter as a no-op)
         O = orthogonalize_batch(torch.stack([updates[i] for i in idx]), method=orthogonalize,
                                 ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps)
         step = adjust_lr(lr, adjust_lr_fn, shape)
@@ -94,6 +94,32 @@ def muon_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
             p = params[i]
             p.mul_(1 - lr * weight_decay)
             p.add_(o.view(p.shape), alpha=-step)
+
+
+def check_update_inputs(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor]) -> None:
+    """Everything :func:`muon_update` needs of its lists, checked before any of them is written, so
+    that a bad entry (a momentum buffer of another shape from a stale checkpoint, say) raises with
+    the whole step undone rather than after earlier shape groups were updated."""
+    if not (len(params) == len(grads) == len(momentum_buffers)):
+        raise ValueError(f"metalcore.optim.muon_update: params, grads and momentum_buffers must have equal lengths; "
+                         f"got {len(params)}, {len(grads)}, {len(momentum_buffers)}")
+    for i, (p, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
+        if p.ndim < 2:
+            raise ValueError(f"metalcore.optim.muon_update: params[{i}] must have at least 2 dimensions; "
+                             f"got shape {tuple(p.shape)}")
+        for name, t in (("grads", g), ("momentum_buffers", buf)):
+            if t.shape != p.shape:
+                raise RuntimeError(f"metalcore.optim.muon_update: size mismatch: {name}[{i}] has shape "
+                                   f"{tuple(t.shape)}, params[{i}] has shape {tuple(p.shape)}")
+            if t.device != p.device:
+                raise RuntimeError(f"metalcore.optim.muon_update: {name}[{i}] is on {t.device}, params[{i}] on "
+                                   f"{p.device}")
+        if not (p.is_floating_point() and g.is_floating_point()):
+            raise TypeError(f"metalcore.optim.muon_update: params[{i}] and grads[{i}] must be real floating point; "
+                            f"got {p.dtype} and {g.dtype}")
+        if buf.dtype != g.dtype:
+            raise TypeError(f"metalcore.optim.muon_update: momentum_buffers[{i}] must have the dtype of grads[{i}] "
+                            f"({g.dtype}); got {buf.dtype}")
 
 
 def check_hyperparameters(cls: str, lr: Any, weight_decay: Any, momentum: Any, ns_coefficients: Any, eps: Any,

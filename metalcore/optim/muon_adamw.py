@@ -15,7 +15,8 @@ from torch.optim import Optimizer
 
 from metalcore.linalg.polar import NS_COEFFICIENTS, NS_EPS, NS_STEPS
 from metalcore.optim import muon as _muon
-from metalcore.optim.adamw import MetalAdamW, _check_hyperparameters as _check_adamw, adamw, evaluate_closure
+from metalcore.optim.adamw import MetalAdamW, adamw, evaluate_closure
+from metalcore.optim.adamw import check_hyperparameters as check_adamw_hyperparameters
 
 _CLS = "MuonWithAuxAdamW"
 # Parameter names that mark embeddings and output heads (GPT-2 wte/wpe, Llama embed_tokens/lm_head,
@@ -112,7 +113,7 @@ class MuonWithAuxAdamW(Optimizer):
             _muon.check_hyperparameters(_CLS, *(group[k] for k in _muon.MUON_HYPERPARAMETERS))
         else:
             group = {**ADAMW_DEFAULTS, **param_group}
-            _check_adamw(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            check_adamw_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         super().add_param_group(group)
         if param_group["use_muon"]:
             for p in self.param_groups[-1]["params"]:

@@ -8,7 +8,8 @@ inside their attention layers with the queries and keys *after* RoPE and the key
 ``query`` is ``(B, Hq, L, D)``, ``key``/``value`` ``(B, Hkv, S, D)`` (``Hkv`` divides ``Hq``: GQA, as
 ``module.num_key_value_groups``); the result is ``(B, L, Hq, Dv)`` contiguous and no weights. This
 function mirrors ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` argument for
-argument, with :func:`metalcore.nn.metal_scaled_dot_product_attention` as the kernel:
+argument, with :func:`metalcore.nn.metal_scaled_dot_product_attention` as the kernel (which itself
+calls torch's fused SDPA wherever metalcore's kernel is not the automatic choice: CUDA and the CPU):
 
 * masks come from ``transformers``' ``sdpa_mask`` (registered for ``"metalcore"`` in the
   ``AttentionMaskInterface``): bool ``(B, 1, L, S)`` with True = attend, already carrying padding,
@@ -30,9 +31,10 @@ from typing import Optional
 
 import torch
 
-from metalcore._validation import FLOAT_DTYPES
 from metalcore._backend import requested_backend
-from metalcore.nn.attention import metal_scaled_dot_product_attention, sdpa_fwd
+from metalcore._validation import FLOAT_DTYPES
+from metalcore.nn.attention import metal_scaled_dot_product_attention
+from metalcore.patch.core import OWN_CODE_DEVICES
 
 NAME = "metalcore"
 
@@ -56,10 +58,9 @@ def metalcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         if kwargs.get(name) is not None:
             raise ValueError(f"metalcore attention does not implement `{name}` ({type(module).__name__}); "
                              "use the model's eager attention")
-    if query.is_cuda and requested_backend() == "auto" and not sdpa_fwd.automatic_kernel("triton"):
-        # Not a layer we cannot serve but a choice: torch's own flash SDPA is faster on CUDA than the
-        # metalcore kernel today (0.46-0.86x on the H100, bench/training_triton.md) and far faster
-        # than the reference, which materialises the scores; METALCORE_BACKEND=triton overrides.
+    if query.device.type in OWN_CODE_DEVICES and requested_backend() == "auto":
+        # The model's own attention where metalcore has nothing faster (see OWN_CODE_DEVICES): on the CPU
+        # metalcore's function is torch's SDPA plus a NaN guard, so this keeps patched = unpatched.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     reason = _unservable(query, attention_mask)

@@ -3,12 +3,14 @@
 Nothing global changes: ``transformers``' classes and modeling modules are left as they are, so an
 unpatched model in the same process behaves exactly as before. Each swap is one of
 
-* **a forward bound on the instance** (``module.forward = MethodType(f, module)``): RMSNorm modules
+* **a forward bound on the instance** (``module.forward``, a :class:`_Forward`): RMSNorm modules
   (:func:`metalcore.nn.rms_norm`, Gemma's ``(1 + w)`` as ``offset=1``), SiLU-gated MLPs (the fused
-  :func:`metalcore.nn.swiglu`), and attention layers for RoPE (below). Parameters, buffers, module
+  :func:`metalcore.nn.swiglu`), stand-alone GELU/SiLU activation modules (:func:`metalcore.nn.metal_gelu`,
+  :func:`metalcore.nn.metal_silu`) and attention layers for RoPE (below). Parameters, buffers, module
   types, ``state_dict`` keys and hooks are untouched, so optimizers, PEFT/LoRA wrappers and
-  checkpoints see the same model;
-* **a child module replaced on its parent**: stand-alone activations (``GELUTanh`` → ``MetalGELU``);
+  checkpoints see the same model. On a device where metalcore has nothing faster than the module's
+  own code (the CPU, measured: see ``OWN_CODE_DEVICES``) the bound forward calls the module's own
+  forward, decided per call from the input's device;
 * **the model's attention implementation** set to the registered ``"metalcore"`` function
   (:mod:`metalcore.patch.attention`) with ``model.set_attn_implementation``.
 
@@ -22,8 +24,13 @@ modeling module (where it would find the original function). Every family's ``ap
 (full-width and partial-rotary ``cos``), so an interleaved RoPE (Cohere) or a changed formula is
 reported and skipped, never swapped.
 
-Undo restores every instance attribute and the attention implementation, so outputs afterwards are
-bit-identical to the unpatched model. Patching an already patched model with the same options
+Patch state lives with the module it patches, never in closures: a swapped forward is a
+:class:`_Forward` (the module, the kind of swap and its spec, the instance attribute it replaced),
+rebuilt from that recipe when the model is deep-copied or pickled; a replaced child keeps the module it
+replaced; the report (on the model) keeps the attention implementation to restore. So
+``copy.deepcopy(model)`` (reference and EMA copies) gives an independently patched copy, and
+``torch.save(model)`` works. Undo walks the model for that state and restores every instance attribute
+and the attention implementation, so outputs afterwards are bit-identical to the unpatched model. Patching an already patched model with the same options
 returns the existing report (no double wrapping); with other options it undoes and patches again.
 """
 
@@ -39,11 +46,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from metalcore.nn.activations import MetalGELU, MetalSiLU
+from metalcore._backend import requested_backend
+from metalcore.nn.activations import metal_gelu, metal_silu
 from metalcore.nn.rms_norm import rms_norm
 from metalcore.nn.rope import apply_rotary_pos_emb as _metal_rope
-from metalcore.nn.swiglu import swiglu
+from metalcore.nn.swiglu import swiglu, swiglu_linear
 from metalcore.patch.families import FAMILIES, Family, _softcap_blocker
+from metalcore.patch import lm_head
 
 _REPORT_ATTR = "_metalcore_patch_report"
 _SPEC_ATTR = "_metalcore_spec"
@@ -66,8 +75,7 @@ class PatchReport:
     skipped: dict[str, str] = field(default_factory=dict)
     attn_implementation: Optional[tuple[Optional[str], str]] = None  # (before, after) when switched
     active: bool = True
-    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
-    _owner: Any = field(default=None, repr=False)
+    _owner: Any = field(default=None, repr=False)  # the patched model (a deep copy's report: the copy)
 
     def counts(self) -> Counter:
         """How many swaps of each kind, e.g. ``Counter({'rms_norm': 9, 'rope': 4, ...})``."""
@@ -75,10 +83,13 @@ class PatchReport:
 
     def undo(self) -> None:
         """Restore the model exactly as it was before :func:`patch_model` (idempotent)."""
-        while self._undo:
-            self._undo.pop()()
-        if self._owner is not None and self._owner.__dict__.get(_REPORT_ATTR) is self:
-            del self._owner.__dict__[_REPORT_ATTR]
+        owner = self._owner
+        if self.active and owner is not None:
+            _restore(owner)
+            if self.attn_implementation is not None:
+                owner.set_attn_implementation(self.attn_implementation[0])
+            if owner.__dict__.get(_REPORT_ATTR) is self:
+                del owner.__dict__[_REPORT_ATTR]
         self.active = False
 
     def _add(self, path: str, what: str) -> None:
@@ -90,6 +101,9 @@ class PatchReport:
         lines = [f"metalcore patch of {self.model_type or 'an unknown model type'} ({state}): {counts}"]
         if self.attn_implementation:
             lines.append(f"  attention implementation: {self.attn_implementation[0]} -> {self.attn_implementation[1]}")
+        for device in sorted(OWN_CODE_DEVICES):
+            lines.append(f"  on {device}: swapped modules run their own forward and attention runs transformers' "
+                         "sdpa (metalcore measured slower there)")
         reasons = Counter(self.skipped.values())
         for reason, n in reasons.most_common():
             where = [p for p, r in self.skipped.items() if r == reason]
@@ -115,13 +129,31 @@ def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Ten
     return y
 
 
+def _down_of_swiglu(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``down(swiglu(gate, up))``; a plain, unhooked ``nn.Linear`` goes through ``swiglu_linear``, which
+    recomputes the product in the backward instead of keeping it (one ``(tokens, intermediate)``
+    activation less per layer)."""
+    if type(down) is nn.Linear and "forward" not in down.__dict__ and not (down._forward_hooks or
+                                                                           down._forward_pre_hooks):
+        return swiglu_linear(gate, up, down.weight, down.bias)
+    return down(swiglu(gate, up))
+
+
 def _swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    return _down_of_swiglu(self.down_proj, self.gate_proj(x), self.up_proj(x))
 
 
 def _fused_swiglu_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(swiglu(gate, up))
+    return _down_of_swiglu(self.down_proj, gate, up)
+
+
+def _gelu_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    return metal_gelu(input, self._metalcore_spec)
+
+
+def _silu_forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    return metal_silu(input)
 
 
 def _rope(q, k, cos, sin, unsqueeze_dim=1, *, partial: bool = False, cast: bool = False):
@@ -142,23 +174,88 @@ def _rope(q, k, cos, sin, unsqueeze_dim=1, *, partial: bool = False, cast: bool 
     return q_out, k_out
 
 
+@functools.cache
+def _rope_forward(cls: type, variant: str, cast: bool) -> Callable:
+    """``cls.forward`` cloned with metalcore's RoPE as its ``apply_rotary_pos_emb`` (one clone per class)."""
+    adapter = functools.partial(_rope, partial=variant == "partial", cast=cast)
+    return _with_global(cls.forward, "apply_rotary_pos_emb", adapter)
+
+
+_FORWARDS: dict[str, Callable[[Any], Callable]] = {
+    "rms_norm": lambda spec: _rms_norm_forward,
+    "swiglu_mlp": lambda spec: _swiglu_mlp_forward,
+    "fused_swiglu_mlp": lambda spec: _fused_swiglu_mlp_forward,
+    "rope": lambda spec: _rope_forward(*spec),
+    "gelu": lambda spec: _gelu_forward,
+    "silu": lambda spec: _silu_forward,
+    lm_head.KIND: lambda spec: lm_head.causal_lm_forward,
+}
+
+# Devices on which a swapped module runs its own forward (and attention transformers' own sdpa): on
+# the CPU metalcore's path is its reference
+# (plain torch ops behind a dispatch layer), and every swap measured slower than Hugging Face's eager
+# module there (fwd+bwd, 1024 tokens, hidden 256 / intermediate 688, fp32, one thread, best of 41:
+# SwiGLU 0.64x, RoPE 0.70x, SiLU 0.79x, GELU-tanh 0.88x, RMSNorm 0.93x; bench/training.md v4). The
+# choice is made per call from the input's device, so a model patched on the CPU and moved to a GPU
+# afterwards runs metalcore's kernels there; an explicit ``use_backend``/``METALCORE_BACKEND`` runs
+# metalcore's ops on every device (tests, debugging).
+OWN_CODE_DEVICES = frozenset({"cpu"})
+
+
+class _Forward:
+    """A swapped forward bound on one module instance, as ``module.forward`` (or accelerate's
+    ``module._old_forward``). It holds its recipe — the kind of swap, its spec and the attribute it
+    replaced — and is rebuilt from it when deep-copied or pickled (the RoPE forward is a clone of the
+    class's forward, which pickle could not find by name), bound to the copy of the module."""
+
+    def __init__(self, module: nn.Module, kind: str, spec: Any, slot: str = "forward", previous: Any = None):
+        self.module, self.kind, self.spec, self.slot, self.previous = module, kind, spec, slot, previous
+        self.fn = _FORWARDS[kind](spec)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if (isinstance(first, torch.Tensor) and first.device.type in OWN_CODE_DEVICES
+                and requested_backend() == "auto"):
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.fn(self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple:
+        return _Forward, (self.module, self.kind, self.spec, self.slot, self.previous)
+
+    def __repr__(self) -> str:
+        return f"<metalcore {self.kind} forward of {type(self.module).__name__}>"
+
+
+def _restore(root: nn.Module) -> None:
+    """Undo every swap recorded on ``root``'s modules (see :class:`_Forward`)."""
+    for module in list(root.modules()):
+        for slot in ("forward", "_old_forward"):
+            swapped = module.__dict__.get(slot)
+            if isinstance(swapped, _Forward):
+                if swapped.previous is None:
+                    del module.__dict__[slot]
+                else:
+                    module.__dict__[slot] = swapped.previous
+                module.__dict__.pop(_SPEC_ATTR, None)
+
+
 # ------------------------------------------------------------------------------------ recognisers
 
 def _silu_like(act: Any) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _metal_activation(act: Any) -> Optional[nn.Module]:
-    """metalcore's twin of a transformers/torch activation module, or None."""
+def _gelu_approximation(act: Any) -> Optional[str]:
+    """``approximate`` of a transformers/torch GELU activation module, or None if it is not one."""
     name = type(act).__name__
-    if _silu_like(act):
-        return MetalSiLU()
     if isinstance(act, nn.GELU):
-        return MetalGELU(act.approximate)
+        return act.approximate
     if name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation"):
-        return MetalGELU("tanh")
+        return "tanh"
     if name == "GELUActivation":
-        return MetalGELU("none")
+        return "none"
     return None
 
 
@@ -262,8 +359,8 @@ class _Patcher:
     def __init__(self, root: nn.Module, report: PatchReport):
         self.root, self.report = root, report
 
-    def bind_forward(self, path: str, module: nn.Module, fn: Callable, spec: Any, what: str) -> None:
-        """Bind ``fn`` as ``module``'s forward (under an accelerate hook: as its ``_old_forward``)."""
+    def bind_forward(self, path: str, module: nn.Module, kind: str, spec: Any, what: str) -> None:
+        """Bind the ``kind`` forward as ``module``'s forward (under an accelerate hook: as its ``_old_forward``)."""
         if _SPEC_ATTR in module.__dict__:
             self.report.skipped[path] = f"already patched ({module.__dict__[_SPEC_ATTR]!r})"
             return
@@ -274,28 +371,8 @@ class _Patcher:
             else:
                 self.report.skipped[path] = "the instance already has its own forward (another patch or hook)"
                 return
-        previous = module.__dict__.get(slot)
-        module.__dict__[slot] = types.MethodType(fn, module)
+        module.__dict__[slot] = _Forward(module, kind, spec, slot, module.__dict__.get(slot))
         module.__dict__[_SPEC_ATTR] = spec
-
-        def undo() -> None:
-            if previous is None:
-                module.__dict__.pop(slot, None)
-            else:
-                module.__dict__[slot] = previous
-            module.__dict__.pop(_SPEC_ATTR, None)
-
-        self.report._undo.append(undo)
-        self.report._add(path, what)
-
-    def replace_child(self, path: str, parent: nn.Module, name: str, new: nn.Module, what: str) -> None:
-        old = parent._modules[name]
-        parent._modules[name] = new
-
-        def undo() -> None:
-            parent._modules[name] = old
-
-        self.report._undo.append(undo)
         self.report._add(path, what)
 
     # ---- one function per kind of swap
@@ -312,13 +389,19 @@ class _Patcher:
             if spec is None:
                 return
         what = "rms_norm" + (f"(offset={spec.offset:g})" if spec.offset else "")
-        self.bind_forward(path, module, _rms_norm_forward, spec, what)
+        self.bind_forward(path, module, "rms_norm", spec, what)
 
     def _probe_norm(self, path: str, module: nn.Module, eps_attr: str) -> Optional[_NormSpec]:
         if module.weight.device.type == "meta":
             self.report.skipped[path] = "RMSNorm-like module on the meta device (cannot verify its formula)"
             return None
-        x = torch.randn(4, module.weight.shape[0], device=module.weight.device) * 3 + 1
+        # Rows from tiny to large magnitudes (and one with a large mean), so that a norm which clamps
+        # its input or its rms, or floors the rms instead of adding eps, differs on some row:
+        # ordinary activations alone (|x| < 10) pass such a norm as an RMSNorm.
+        n = module.weight.shape[0]
+        scales = torch.tensor([1e-6, 1e-3, 1.0, 3.0, 1e3, 1e6], device=module.weight.device)[:, None]
+        x = torch.randn(len(scales), n, device=module.weight.device) * scales
+        x = torch.cat([x, torch.randn(1, n, device=x.device) + 1e4])
         for offset in (0.0, 1.0):
             spec = _NormSpec(eps_attr, offset, True)
             probe = types.SimpleNamespace(weight=module.weight, _metalcore_spec=spec,
@@ -345,7 +428,8 @@ class _Patcher:
                 self.report.skipped[path] = (f"{type(module).__name__} has gate/up/down projections and SiLU but "
                                              "does not compute down(silu(gate(x))·up(x))")
                 return True
-        self.bind_forward(path, module, fn, "swiglu_mlp", "fused_swiglu_mlp" if fused else "swiglu_mlp")
+        kind = "fused_swiglu_mlp" if fused else "swiglu_mlp"
+        self.bind_forward(path, module, kind, kind, kind)
         return True
 
     def rope(self, path: str, module: nn.Module, expected: Optional[str]) -> None:
@@ -361,21 +445,20 @@ class _Patcher:
                                          f"metalcore implements (probe: {found[0] if found else 'no match'})")
             return
         variant, cast = found
-        adapter = functools.partial(_rope, partial=variant == "partial", cast=cast)
         try:
-            forward = _with_global(cls.forward, "apply_rotary_pos_emb", adapter)
+            _rope_forward(cls, variant, cast)
         except LookupError as e:
             self.report.skipped[path] = f"RoPE: {e}"
             return
-        self.bind_forward(path, module, forward, f"rope:{variant}",
-                          "rope" if variant == "full" else "rope(partial)")
+        self.bind_forward(path, module, "rope", (cls, variant, cast), "rope" if variant == "full" else "rope(partial)")
 
-    def activation(self, path: str, parent: nn.Module, name: str, act: nn.Module) -> None:
-        new = _metal_activation(act)
-        if new is None:
+    def activation(self, path: str, act: nn.Module) -> None:
+        if _silu_like(act):
+            self.bind_forward(path, act, "silu", None, "silu")
             return
-        label = "silu" if isinstance(new, MetalSiLU) else f"gelu({new.approximate})"
-        self.replace_child(f"{path}.{name}" if path else name, parent, name, new, label)
+        approximate = _gelu_approximation(act)
+        if approximate is not None:
+            self.bind_forward(path, act, "gelu", approximate, f"gelu({approximate})")
 
 
 def _families_of(model: nn.Module) -> list[Family]:
@@ -402,26 +485,32 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = True, rope: bool = True,
-                attention: bool = True, structural: bool = True) -> PatchReport:
+                attention: bool = True, cross_entropy: bool = True, structural: bool = True) -> PatchReport:
     """Swap metalcore's kernels into ``model`` (a ``transformers`` model, a PEFT-wrapped one, or any
     ``nn.Module``), in place and per instance; returns a :class:`PatchReport`.
 
     * ``rms_norm``: RMSNorm modules → :func:`metalcore.nn.rms_norm` (fp32 statistics, as HF);
     * ``activations``: SiLU-gated MLPs → fused :func:`metalcore.nn.swiglu`; other GELU/SiLU
-      activation modules → ``MetalGELU``/``MetalSiLU``;
+      activation modules → :func:`metalcore.nn.metal_gelu`/:func:`metalcore.nn.metal_silu`;
     * ``rope``: attention layers → :func:`metalcore.nn.apply_rotary_pos_emb` (see module docstring);
     * ``attention``: ``model.set_attn_implementation("metalcore")`` (masks, GQA, sliding windows);
+    * ``cross_entropy``: a causal LM's training loss (``model.train()``, labels given) from
+      :func:`metalcore.nn.fused_linear_cross_entropy`, with no logits returned unless the call passes
+      ``return_logits=True`` (:mod:`metalcore.patch.lm_head`);
     * ``structural``: for modules that no table entry names (unknown model types), recognise
       RMSNorm-like modules, gate/up/down SiLU MLPs and RoPE attention by structure, and swap each only
       after a probe shows metalcore computes the same thing; everything declined is in ``skipped``.
 
-    Call it before ``torch.compile`` and before building the optimizer is not required (parameters
-    are never replaced). ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts it.
+    Call it before ``torch.compile``; whether the optimizer is built before or after does not matter
+    (parameters are never replaced). ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts
+    it. On the CPU the swapped modules run their own forward and attention runs transformers' sdpa
+    (metalcore has nothing faster there, measured); the report says so.
 
     >>> report = metalcore.patch_model(model)
     >>> print(report)          # metalcore patch of llama (active): attention: 1, rms_norm: 9, rope: 4, ...
     """
-    options = dict(rms_norm=rms_norm, activations=activations, rope=rope, attention=attention, structural=structural)
+    options = dict(rms_norm=rms_norm, activations=activations, rope=rope, attention=attention,
+                   cross_entropy=cross_entropy, structural=structural)
     base = _base_model(model)
     existing = base.__dict__.get(_REPORT_ATTR)
     if existing is not None:
@@ -454,7 +543,7 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
                 swiglu_done = patcher.gated_mlp(path, module, fused=False, verify=True)
             if activations and not swiglu_done:
                 for child_name, child in list(module.named_children()):
-                    patcher.activation(path, module, child_name, child)
+                    patcher.activation(f"{path}.{child_name}" if path else child_name, child)
             if rope and name in attns:
                 if attns[name].rope is None:
                     report.skipped[path] = f"RoPE: {attns[name].rope_skip}"
@@ -462,6 +551,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
                     patcher.rope(path, module, attns[name].rope)
             elif rope and structural and "attention" in name.lower():
                 patcher.rope(path, module, None)
+        if cross_entropy:
+            lm_head.patch_causal_lm_head(patcher, base, known=bool(families), structural=structural)
         if attention:
             _switch_attention(base, families, report)
     except BaseException:
@@ -499,7 +590,6 @@ def _switch_attention(base: nn.Module, families: list[Family], report: PatchRepo
         return
     report.attn_implementation = (before, metal_attention.NAME)
     report._add("", f"attention: {before} -> {metal_attention.NAME}")
-    report._undo.append(lambda: base.set_attn_implementation(before))
 
 
 def unpatch_model(model: nn.Module) -> Optional[PatchReport]:

@@ -179,7 +179,7 @@ def test_larft_triton_matches_lapack(triton_backend, batch, m, k, dtype):
     V, tau = reflectors(batch, m, k, dtype)
     tau[..., k // 2] = 0.0     # H = I at one step: a zero row and column of T
     Vj = V + torch.randn_like(V).triu()     # the diagonal and upper part are not read
-    assert larft_op.backend_for(Vj, tau) == "triton"
+    assert larft_op.backend_for(Vj, tau) == ("reference" if Vj.numel() == 0 else "triton")
     T = larft(Vj, tau)
     assert T.shape == (*batch, k, k) and T.dtype == dtype and torch.equal(T, T.triu())
     assert not T[..., k // 2, :].any() and not T[..., :, k // 2].any()
@@ -198,7 +198,7 @@ def test_larfb_triton_matches_ormqr(triton_backend, left, transpose, dtype):
         C = torch.randn(*batch, *((m, p) if left else (p, m)), dtype=dtype)
         T = larft(V, tau)
         Vj, Tj = V + torch.randn_like(V).triu(), T + torch.randn_like(T).tril(-1)
-        assert larfb_op.backend_for(Vj, Tj, C, left, transpose) == "triton"
+        assert larfb_op.backend_for(Vj, Tj, C, left, transpose) == ("reference" if Vj.numel() == 0 else "triton")
         out = larfb(Vj, Tj, noncontiguous(C), left, transpose)
         expected = torch.ormqr(V.double(), tau.double(), C.double(), left=left, transpose=transpose)
         assert out.shape == C.shape and out.dtype == dtype

@@ -21,6 +21,7 @@ from metalcore.linalg.syrk import gram_poly_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore.nn.activations import gelu_bwd, gelu_fwd, silu_bwd, silu_fwd
 from metalcore.nn.attention import sdpa_bwd, sdpa_fwd
+from metalcore.nn.cross_entropy import cross_entropy_chunk_
 from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm_fwd
 from metalcore.nn.rope import rope_bwd, rope_fwd
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
@@ -115,7 +116,21 @@ def _attention(dtype):
     _check(sdpa_bwd, torch.randn_like(out), q, k, v, out, lse, None, True, 0.35)
 
 
-DRIVERS = (_rms_norm, _activations, _adamw, _linalg, _rope, _gram, _attention)
+def _cross_entropy(dtype):
+    # The kernel overwrites its logits with the gradient: each run gets its own copy.
+    logits, target = torch.randn(4, 37).to(dtype), torch.tensor([0, 36, -100, 5])
+    with metalcore.use_backend("metal"):
+        assert cross_entropy_chunk_.backend_for(logits, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True) == "metal"
+        got = logits.clone()
+        loss = cross_entropy_chunk_(got, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True)
+    want = logits.clone()
+    want_loss = cross_entropy_chunk_.reference(want, target, torch.tensor(0.5), -100, 0.1, 1e-3, 3.0, True)
+    tol = TOL[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, **tol)
+
+
+DRIVERS = (_rms_norm, _activations, _adamw, _linalg, _rope, _gram, _attention, _cross_entropy)
 
 
 def test_every_shader_kernel_is_launched(executor):

@@ -167,7 +167,7 @@ def test_empty(executor):
     q = torch.randn(1, 2, 5, 16, dtype=torch.float16)
     k = v = torch.randn(1, 1, 0, 16, dtype=torch.float16)
     with metalcore.use_backend("metal"):
-        assert sdpa_fwd.backend_for(q, k, v, None, False, 0.25) == "metal"
+        assert sdpa_fwd.backend_for(q, k, v, None, False, 0.25) == "reference"  # an empty argument: the op core answers, no launch
         out, lse = sdpa_fwd(q, k, v, None, False, 0.25)
         assert (out == 0).all() and torch.isneginf(lse).all()
         dq, dk, dv = sdpa_bwd(torch.randn_like(out), q, k, v, out, lse, None, False, 0.25)

@@ -27,7 +27,7 @@ def _metal_backend(executor):
 
 
 def _solve(B, L, upper):
-    assert cholesky_solve_op.backend_for(B, L, upper) == "metal"
+    assert cholesky_solve_op.backend_for(B, L, upper) == ("reference" if B.numel() == 0 else "metal")
     X = metalcore.linalg.cholesky_solve(B, L, upper)
     assert X.shape == B.shape and X.dtype == F32 and X.is_contiguous()
     return X

@@ -67,7 +67,7 @@ def nan_above(V):
 # --- geqr2 ------------------------------------------------------------------------------------
 
 def _geqr2(A):
-    assert geqr2_op.backend_for(A) == "metal"
+    assert geqr2_op.backend_for(A) == ("reference" if A.numel() == 0 else "metal")
     QR, tau = metalcore.geqr2(A)
     k = min(A.shape[-2:])
     assert QR.shape == A.shape and tau.shape == (*A.shape[:-2], k) and QR.is_contiguous() and tau.is_contiguous()
@@ -129,7 +129,7 @@ def test_householder_product_lapack_ratio(batch, m, n, k):
     QR, tau = torch.geqrf(A.double())
     QR, tau = nan_above(QR[..., :k].float()), tau[..., :k].float()
     A_in = torch.cat((QR, torch.randn(*batch, m, n - k)), dim=-1)  # columns k.. are not read
-    assert householder_product_op.backend_for(A_in, tau) == "metal"
+    assert householder_product_op.backend_for(A_in, tau) == ("reference" if A_in.numel() * tau.numel() == 0 else "metal")
     Q = metalcore.linalg.householder_product(A_in, tau)
     assert Q.shape == (*batch, m, n) and Q.dtype == F32 and Q.is_contiguous()
     assert_lapack_ratio(orthogonality_ratio(Q, F32), f"householder_product {case_id(batch, m, n)} orthogonality")
@@ -159,7 +159,7 @@ LARFT_CASES = [((), 1, 1), ((7,), 5, 3), ((2, 3), 16, 16), ((), 33, 31), ((2,), 
 def test_larft_against_float64(batch, m, k):
     V, tau = reflectors(batch, m, k)
     V = nan_above(V)
-    assert larft_op.backend_for(V, tau) == "metal"
+    assert larft_op.backend_for(V, tau) == ("reference" if V.numel() == 0 else "metal")
     T = metalcore.larft(V, tau)
     assert T.shape == (*batch, k, k) and T.dtype == F32 and T.is_contiguous()
     assert not T.tril(-1).any() and T.isfinite().all(), "T is upper triangular; NaN above V's diagonal is not read"
@@ -200,7 +200,7 @@ def test_larfb_matches_ormqr(batch, m, k, p, left, transpose):
     V_in = nan_above(V)
     T_in = torch.where(torch.ones(k, k, dtype=torch.bool).triu(), T, torch.full_like(T, float("nan"))).float()
     C = torch.randn(*batch, m, p) if left else torch.randn(*batch, p, m)
-    assert larfb_op.backend_for(V_in, T_in, C, left, transpose) == "metal"
+    assert larfb_op.backend_for(V_in, T_in, C, left, transpose) == ("reference" if C.numel() == 0 else "metal")
     X = metalcore.larfb(V_in, T_in, C, left, transpose)
     assert X.shape == C.shape and X.dtype == F32 and X.is_contiguous()
     X64 = torch.ormqr(V.double(), tau.double(), C.double(), left, transpose)

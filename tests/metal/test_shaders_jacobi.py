@@ -50,7 +50,7 @@ def _values_ratio(got, expected):
 # --- eigh -------------------------------------------------------------------------------------------
 
 def _eigh(A, uplo="L"):
-    assert eigh_op.backend_for(A, uplo, True) == "metal"
+    assert eigh_op.backend_for(A, uplo, True) == ("reference" if A.numel() == 0 else "metal")
     L, Q = metalcore.linalg.eigh(A, UPLO=uplo)
     assert L.shape == A.shape[:-1] and Q.shape == A.shape and L.dtype == Q.dtype == F32
     assert L.is_contiguous() and Q.is_contiguous()
@@ -121,7 +121,7 @@ def test_eigh_repeated_eigenvalues_and_special_matrices():
 def test_eigvalsh_is_eigh_without_vectors():
     """Without eigenvectors the kernel rotates A exactly as with them: the same eigenvalues, bit for bit."""
     A = symmetric("random", (3,), 33, F32)
-    assert eigh_op.backend_for(A, "U", False) == "metal"
+    assert eigh_op.backend_for(A, "U", False) == ("reference" if A.numel() == 0 else "metal")
     _metal.launched.clear()
     w = metalcore.linalg.eigvalsh(A, UPLO="U")
     assert "jacobi_eigh_float" in _metal.launched
@@ -191,7 +191,7 @@ def test_eigh_limits_route_to_the_reference():
 # --- svd --------------------------------------------------------------------------------------------
 
 def _svd(A, full):
-    assert svd_op.backend_for(A, full, True) == "metal"
+    assert svd_op.backend_for(A, full, True) == ("reference" if A.numel() == 0 else "metal")
     U, S, Vh = metalcore.linalg.svd(A, full_matrices=full)
     *batch, m, n = A.shape
     k = min(m, n)
@@ -260,7 +260,7 @@ def test_svdvals_is_svd_without_vectors():
     """Without U and V the kernel rotates A exactly as with them: the same S, bit for bit."""
     for shape in ((3, 20, 33), (3, 33, 20)):
         A = general("random", shape[:1], *shape[1:], F32)
-        assert svd_op.backend_for(A, False, False) == "metal"
+        assert svd_op.backend_for(A, False, False) == ("reference" if A.numel() == 0 else "metal")
         _metal.launched.clear()
         s = metalcore.linalg.svdvals(A)
         assert "jacobi_svd_float" in _metal.launched

@@ -40,7 +40,7 @@ def _metal_backend(executor):
 # --- cholesky ---------------------------------------------------------------------------------
 
 def _cholesky(A, upper=False):
-    assert cholesky_ex_op.backend_for(A, upper, False) == "metal"
+    assert cholesky_ex_op.backend_for(A, upper, False) == ("reference" if A.numel() == 0 else "metal")
     L, info = metalcore.linalg.cholesky_ex(A, upper=upper)
     assert L.shape == A.shape and L.dtype == F32 and L.is_contiguous()
     assert info.shape == A.shape[:-2] and info.dtype == torch.int32
@@ -123,7 +123,7 @@ def triangular(batch, n, upper, dtype=F32):
 
 
 def _trsm(A, B, upper, left, unit):
-    assert solve_triangular_op.backend_for(A, B, upper, left, unit) == "metal"
+    assert solve_triangular_op.backend_for(A, B, upper, left, unit) == ("reference" if A.numel() == 0 else "metal")
     X = metalcore.linalg.solve_triangular(A, B, upper=upper, left=left, unitriangular=unit)
     assert X.shape == B.shape and X.dtype == F32 and X.is_contiguous()
     return X
@@ -219,7 +219,7 @@ SOLVE_CASES = [(b, n, (1, 4, 70)[i % 3], i % 2 == 1) for i, (b, n) in enumerate(
 
 
 def _solve(A, B, left=True):
-    assert solve_ex_op.backend_for(A, B, left, False) == "metal"
+    assert solve_ex_op.backend_for(A, B, left, False) == ("reference" if A.numel() == 0 else "metal")
     X, info = metalcore.linalg.solve_ex(A, B, left=left)
     assert X.dtype == F32 and X.is_contiguous()
     assert info.shape == A.shape[:-2] and info.dtype == torch.int32
@@ -323,7 +323,7 @@ QR_CASES = [(b, n, SIZES[(i // 2 + 3) % len(SIZES)] if i % 2 else n, MODES[i % 3
 
 
 def _qr(A, mode):
-    assert qr_op.backend_for(A, mode) == "metal"
+    assert qr_op.backend_for(A, mode) == ("reference" if A.numel() == 0 else "metal")
     Q, R = metalcore.linalg.qr(A, mode=mode)
     Q0, R0 = torch.linalg.qr(A, mode=mode)
     assert Q.shape == Q0.shape and R.shape == R0.shape and Q.is_contiguous() and R.is_contiguous()

@@ -34,7 +34,7 @@ def _blocked_at_small_sizes(executor, monkeypatch):
 
 
 def _qr(A, mode):
-    assert qr_op.backend_for(A, mode) == "metal"
+    assert qr_op.backend_for(A, mode) == ("reference" if A.numel() == 0 else "metal")
     _metal.launched.clear()
     Q, R = metalcore.linalg.qr(A, mode=mode)
     if A.numel():
@@ -98,7 +98,7 @@ def test_routing_at_the_default_constants(monkeypatch):
         for shape, kernel in (((max_n, max_n), "qr_float"), ((max_n + 1, 3), "geqr2_panel_float"),
                               ((3, max_n + 1), "geqr2_panel_float")):
             A = torch.randn(shape)
-            assert qr_op.backend_for(A, "reduced") == "metal"
+            assert qr_op.backend_for(A, "reduced") == ("reference" if A.numel() == 0 else "metal")
             _metal.launched.clear()
             metalcore.linalg.qr(A)
             assert _metal.launched == {kernel}, shape

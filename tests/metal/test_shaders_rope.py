@@ -141,7 +141,7 @@ def test_unequal_halves_exact_adjoint(dtype):
 def test_empty():
     q, k = torch.randn(2, 4, 0, 64), torch.randn(2, 2, 0, 64)
     cos = sin = torch.randn(1, 0, 64)
-    assert rope_fwd.backend_for(q, k, cos, sin) == "metal"
+    assert rope_fwd.backend_for(q, k, cos, sin) == "reference"  # empty inputs never launch a kernel (the op core answers)
     q_out, k_out = rope_fwd(q, k, cos, sin)
     assert q_out.shape == q.shape and k_out.shape == k.shape
 

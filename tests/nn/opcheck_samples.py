@@ -91,4 +91,24 @@ SAMPLES: dict[str, list[Callable[[], tuple]]] = {
         lambda: sdpa_bwd_args(torch.rand(2, 1, 5, 7) > 0.3, False),
         lambda: sdpa_bwd_args(t(1, 1, 5, 1, grad=False), False),
     ],
+    "cross_entropy_chunk_": [
+        lambda: (t(5, 33, grad=False), torch.tensor([0, 32, -100, 7, 3]), torch.tensor(0.2, dtype=torch.float64),
+                 -100, 0.1, 1e-3, 2.0, True),
+        lambda: (t(3, 17, grad=False), torch.tensor([1, 2, 3]), torch.rand(3, dtype=torch.float64), -100, 0.0, 0.0,
+                 None, False),
+    ],
+    # (hidden, weight, target, bias, num_items, ignore_index, smoothing, z_loss, softcap, reduction, budget,
+    #  grad_hidden, grad_weight, grad_bias); budgets of 2 rows so that the samples cross chunk boundaries.
+    "fused_linear_cross_entropy_fwd": [
+        lambda: (t(5, 8), t(33, 8), torch.tensor([0, 32, -100, 7, 3]), t(33), None, -100, 0.1, 1e-3, 2.0, "mean",
+                 2 * 33 * 8, True, True, True),
+        lambda: (t(4, 8), t(17, 8), torch.tensor([1, -100, 3, 4]), None, torch.tensor(6.0), -100, 0.0, 0.0, None,
+                 "mean", 2 * 17 * 8, True, True, False),
+        lambda: (t(4, 8), t(17, 8), torch.tensor([1, 2, 3, 4]), t(17), None, -100, 0.0, 0.0, None, "none",
+                 2 * 17 * 8, True, True, True),
+    ],
+    "fused_linear_cross_entropy_bwd": [
+        lambda: (t(4, grad=False), t(4, 8, grad=False), t(17, 8, grad=False), torch.tensor([1, -100, 3, 4]),
+                 t(17, grad=False), -100, 0.1, 0.0, 3.0, 2 * 17 * 8, True, True, True),
+    ],
 }

@@ -1,15 +1,66 @@
+"""metalcore.metal_scaled_dot_product_attention, on its two CPU paths (the ``path`` fixture):
+
+* ``fused`` — the automatic choice on the CPU (and on CUDA): torch's fused SDPA, judged against
+  metalcore's reference run in float64 (``use_backend("reference")``);
+* ``reference`` — metalcore's ops forced by ``use_backend("reference")`` (the materialising oracle),
+  judged against torch's SDPA run in float64.
+
+So each path is checked against the other one's float64 implementation. The Triton and Metal kernels
+of the same ops are tested in tests/triton/test_attention.py and tests/metal/test_shaders_attention.py."""
+
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import metalcore
+from metalcore._op import MetalcoreOp
 from metalcore.nn import metal_scaled_dot_product_attention as sdpa
-from metalcore.nn.attention import sdpa_fwd
+from metalcore.nn.attention import sdpa_bwd, sdpa_fwd
 from oracle import assert_close, assert_within_torch_error
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 SIZES = ((1, 1), (31, 31), (33, 65), (65, 33), (3, 4097))  # (L, S): odd, L != S both ways, a long row
 MASKS = ("none", "causal", "bool", "float")
+
+
+@pytest.fixture(params=["fused", "reference"])
+def path(request):
+    """Which implementation the public function runs on these CPU tensors (see the module docstring)."""
+    if request.param == "fused":
+        yield "fused"
+    else:
+        with metalcore.use_backend("reference"):
+            yield "reference"
+
+
+@pytest.fixture
+def ran_ops(monkeypatch):
+    """Names of the metalcore ops that ran (every op call goes through MetalcoreOp._select)."""
+    ran, select = [], MetalcoreOp._select
+
+    def recording(op, args, kwargs):
+        ran.append(op.name)
+        return select(op, args, kwargs)
+
+    monkeypatch.setattr(MetalcoreOp, "_select", recording)
+    return ran
+
+
+def oracle64(path, fn_args, dout, **kwargs):
+    """Output and gradients, in float64, of the implementation ``path`` is judged against."""
+    leaves = [t.detach().double().requires_grad_() for t in fn_args]
+    kwargs = as64(kwargs)
+    if path == "reference":
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.dim() == 1:  # torch's kernels index dim -2 of a mask; broadcasting allows 1-D
+            kwargs["attn_mask"] = mask[None]
+        return run(F.scaled_dot_product_attention, *leaves, dout.double(), **kwargs)
+    with metalcore.use_backend("reference"):
+        return run(sdpa, *leaves, dout.double(), **kwargs)
 
 
 def leaf(*shape, dtype=torch.float64):
@@ -45,15 +96,14 @@ def as64(kwargs):
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("L,S", SIZES, ids=[f"L{L}-S{S}" for L, S in SIZES])
-def test_sdpa_output_and_gradients(L, S, gqa, mask, dtype):
+def test_sdpa_output_and_gradients(L, S, gqa, mask, dtype, path):
     B, Hq, Hkv, E, Ev = 2, 4, 2 if gqa else 4, 16, 8
     q, k, v = leaf(B, Hq, L, E, dtype=dtype), leaf(B, Hkv, S, E, dtype=dtype), leaf(B, Hkv, S, Ev, dtype=dtype)
     kwargs = dict(make_mask(mask, B, L, S, dtype), enable_gqa=gqa)
     dout = torch.randn(B, Hq, L, Ev, dtype=dtype)
     ours = run(sdpa, q, k, v, dout, **kwargs)
     assert ours[0].dtype == dtype and ours[0].shape == (B, Hq, L, Ev)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    expected = run(F.scaled_dot_product_attention, q64, k64, v64, dout.double(), **as64(kwargs))
+    expected = oracle64(path, (q, k, v), dout, **kwargs)
     names = ("out", "dq", "dk", "dv")
     if dtype == torch.float64:
         for name, a, e in zip(names, ours, expected):
@@ -70,23 +120,26 @@ MASK_SHAPES = ((33,), (9, 33), (3, 9, 33), (2, 1, 9, 33), (2, 3, 1, 33), (1, 1, 
 
 
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "mask" + "x".join(map(str, s)))
-def test_broadcast_masks_and_mask_gradient(shape):
+def test_broadcast_masks_and_mask_gradient(shape, path):
     q, k, v = leaf(2, 3, 9, 8), leaf(2, 3, 33, 8), leaf(2, 3, 33, 8)
-    # torch's CPU kernel indexes a 1-D mask's dim -2; broadcasting rules allow it, so we do.
-    as_torch = (lambda m: m[None]) if len(shape) == 1 else (lambda m: m)
+    dout = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     bool_mask = torch.rand(shape) > 0.3
-    torch.testing.assert_close(sdpa(q, k, v, attn_mask=bool_mask),
-                               F.scaled_dot_product_attention(q, k, v, as_torch(bool_mask)))
+    expected = oracle64(path, (q, k, v), dout, attn_mask=bool_mask)
+    for a, e in zip(run(sdpa, q, k, v, dout, attn_mask=bool_mask), expected):
+        assert_close(a, e)
     # A float mask that requires grad gets dZ summed over its broadcast dimensions.
     bias = leaf(*shape)
-    dout = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     ours = torch.autograd.grad(sdpa(q, k, v, attn_mask=bias), (q, k, v, bias), dout)
-    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, as_torch(bias)), (q, k, v, bias), dout)
-    for a, e in zip(ours, theirs):
+    other = F.scaled_dot_product_attention if path == "reference" else sdpa
+    # torch's kernels index dim -2 of a mask; broadcasting rules allow a 1-D one, and metalcore does.
+    bias_other = bias[None] if path == "reference" and len(shape) == 1 else bias
+    with metalcore.use_backend("reference" if path == "fused" else "auto"):
+        expected = torch.autograd.grad(other(q, k, v, attn_mask=bias_other), (q, k, v, bias), dout)
+    for a, e in zip(ours, expected):
         assert_close(a, e)
 
 
-def test_mask_gradient_float32_against_float64():
+def test_mask_gradient_float32_against_float64(path):
     q, k, v = (leaf(1, 2, 31, 16, dtype=torch.float32) for _ in range(3))
     bias = leaf(2, 31, 31, dtype=torch.float32)
     dout = torch.randn(1, 2, 31, 16)
@@ -98,32 +151,40 @@ def test_mask_gradient_float32_against_float64():
         assert_within_torch_error(a, t, e)
 
 
-def test_float32_mask_with_bfloat16_inputs():
+def test_float32_mask_with_bfloat16_inputs(path):
     q, k, v = (torch.randn(2, 2, 17, 8, dtype=torch.bfloat16) for _ in range(3))
     bias = torch.randn(17, 17)
-    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), bias.double())
+    expected = oracle64(path, (q, k, v), torch.zeros(2, 2, 17, 8), attn_mask=bias)[0]
     assert_within_torch_error(sdpa(q, k, v, attn_mask=bias), F.scaled_dot_product_attention(q, k, v, bias), expected)
 
 
-@pytest.mark.parametrize("kind", ["bool", "float", "S0"])
-def test_fully_masked_rows_match_torch(kind):
+@pytest.mark.parametrize("kind", ["bool", "float", "finfo_min", "S0"])
+def test_fully_masked_rows(kind, path):
+    """Query row 1 attends nothing: output 0 and zero gradients (-inf or False everywhere). Hugging
+    Face's finfo.min padding keeps the row finite, so it averages V (as torch's SDPA does); the
+    gradients through such a row differ between torch's flash kernel (its lse has no digits left for
+    ln S) and the math formulas, so that row gets no gradient here, as a padding row gets none in
+    training (its label is ignored and no real token attends it)."""
     S = 0 if kind == "S0" else 6
     q, k, v = leaf(2, 2, 5, 8), leaf(2, 2, S, 8), leaf(2, 2, S, 8)
     mask = None
     if kind == "bool":
         mask = torch.rand(5, S) > 0.3
         mask[1] = False
-    elif kind == "float":
+    elif kind in ("float", "finfo_min"):
         mask = torch.randn(5, S, dtype=torch.float64)
-        mask[1] = float("-inf")
+        mask[1] = float("-inf") if kind == "float" else torch.finfo(torch.float64).min
     dout = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    if kind == "finfo_min":
+        dout[:, :, 1] = 0
     ours = run(sdpa, q, k, v, dout, attn_mask=mask)
-    theirs = run(F.scaled_dot_product_attention, q, k, v, dout, attn_mask=mask)
-    for a, e in zip(ours, theirs):
+    for a, e in zip(ours, oracle64(path, (q, k, v), dout, attn_mask=mask)):
         assert torch.isfinite(a).all()
         assert_close(a, e)
-    if kind != "S0":
+    if kind in ("bool", "float"):
         assert (ours[0][:, :, 1] == 0).all() and (ours[1][:, :, 1] == 0).all()
+    if kind == "finfo_min":
+        assert_close(ours[0][:, :, 1], v.detach().mean(-2))
 
 
 # (query shape, key shape, value shape, enable_gqa): leading dims, batch and head broadcasting.
@@ -142,30 +203,29 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("qs,ks,vs,gqa", LAYOUTS, ids=[f"q{len(c[0])}d-k{c[1][:-2]}-v{c[2][:-2]}-gqa{int(c[3])}"
                                                        for c in LAYOUTS])
-def test_leading_dims_and_broadcasting(qs, ks, vs, gqa):
+def test_leading_dims_and_broadcasting(qs, ks, vs, gqa, path):
     q, k, v = leaf(*qs), leaf(*ks), leaf(*vs)
     expected_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     dout = torch.randn_like(expected_out)
     ours = run(sdpa, q, k, v, dout, is_causal=True, enable_gqa=gqa)
-    theirs = run(F.scaled_dot_product_attention, q, k, v, dout, is_causal=True, enable_gqa=gqa)
     assert ours[0].shape == expected_out.shape
-    for a, e in zip(ours, theirs):
+    for a, e in zip(ours, oracle64(path, (q, k, v), dout, is_causal=True, enable_gqa=gqa)):
         assert_close(a, e)
 
 
-def test_noncontiguous_seq_first_views_and_scale():
+def test_noncontiguous_seq_first_views_and_scale(path):
     """(B, S, H, D) projections viewed as (B, H, S, D), as Hugging Face's attention passes them."""
     q = torch.randn(2, 33, 4, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()
     k = torch.randn(2, 31, 2, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()
     v = torch.randn(2, 31, 2, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()
     dout = torch.randn(2, 4, 33, 16, dtype=torch.float64)
     kwargs = dict(is_causal=True, enable_gqa=True, scale=0.3)
-    for a, e in zip(run(sdpa, q, k, v, dout, **kwargs), run(F.scaled_dot_product_attention, q, k, v, dout, **kwargs)):
+    for a, e in zip(run(sdpa, q, k, v, dout, **kwargs), oracle64(path, (q, k, v), dout, **kwargs)):
         assert_close(a, e)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 5, 8), (2, 4, 0, 8)], ids=["batch0", "L0"])
-def test_empty(shape):
+def test_empty(shape, path):
     q, k, v = leaf(*shape), leaf(shape[0], 2, 6, 8), leaf(shape[0], 2, 6, 8)
     out = sdpa(q, k, v, enable_gqa=True)
     assert out.shape == shape
@@ -174,26 +234,63 @@ def test_empty(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_dropout_follows_torch_math_backend(dtype):
-    """The composite dropout path draws the same mask as torch's math backend from the same seed."""
+def test_dropout(dtype, path):
+    """Dropout on the probabilities, drawn as torch draws it from the same seed: torch's own SDPA on
+    the fused path, the composite on the reference path (same draws as torch's math backend)."""
     q, k, v = leaf(2, 4, 9, 8, dtype=dtype), leaf(2, 2, 11, 8, dtype=dtype), leaf(2, 2, 11, 8, dtype=dtype)
     mask = torch.rand(9, 11) > 0.2
     dout = torch.randn(2, 4, 9, 8, dtype=dtype)
     torch.manual_seed(7)
     ours = run(sdpa, q, k, v, dout, attn_mask=mask, dropout_p=0.3, enable_gqa=True)
     torch.manual_seed(7)
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH) if path == "reference" else contextlib.nullcontext():
         theirs = run(F.scaled_dot_product_attention, q, k, v, dout, attn_mask=mask, dropout_p=0.3, enable_gqa=True)
     for a, e in zip(ours, theirs):
+        assert torch.isfinite(a).all()
         assert_close(a, e)
+    without = run(sdpa, q, k, v, dout, attn_mask=mask, enable_gqa=True)
+    assert (ours[0] - without[0]).abs().max() > 0.1  # dropout did drop something
     torch.testing.assert_close(sdpa(q, k, v, dropout_p=1.0, enable_gqa=True), torch.zeros(2, 4, 9, 8, dtype=dtype))
 
 
-def test_gradcheck():
+def test_gradcheck(path):
     q, k, v = leaf(1, 2, 3, 4), leaf(1, 1, 5, 4), leaf(1, 1, 5, 3)
     torch.autograd.gradcheck(lambda q, k, v: sdpa(q, k, v, is_causal=True, enable_gqa=True), (q, k, v))
     bias = leaf(3, 5)
     torch.autograd.gradcheck(lambda q, k, v, b: sdpa(q, k, v, attn_mask=b, enable_gqa=True), (q, k, v, bias))
+
+
+def test_which_path_runs(ran_ops):
+    """Automatic on the CPU: torch's fused SDPA, no metalcore op (forward or backward); forced
+    reference: the ops."""
+    q, k, v = leaf(1, 4, 5, 8), leaf(1, 2, 6, 8), leaf(1, 2, 6, 8)
+    sdpa(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    assert ran_ops == []
+    with metalcore.use_backend("reference"):
+        sdpa(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    assert ran_ops == ["sdpa_fwd", "sdpa_bwd"]
+
+
+def test_backward_runs_on_the_forwards_backend(monkeypatch, triton_backend):
+    """A backend block around the forward only (as a user wraps the model call) keeps the backward on
+    that backend: here the Triton kernels (interpreted), not the materialising reference."""
+    ran = []
+
+    def recording(name, fn):
+        return lambda *args: ran.append(name) or fn(*args)
+
+    kernel = sdpa_bwd.kernels["triton"]
+    monkeypatch.setitem(sdpa_bwd.kernels, "triton", dataclasses.replace(kernel, fn=recording("triton", kernel.fn)))
+    monkeypatch.setattr(sdpa_bwd, "reference", recording("reference", sdpa_bwd.reference))
+    q, k, v = (torch.randn(1, 2, 9, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out = sdpa(q, k, v, is_causal=True)       # inside the fixture's use_backend("triton") block
+    with metalcore.use_backend("auto"):       # the backward outside it
+        out.float().sum().backward()
+    assert ran == ["triton"]
+    with metalcore.use_backend("reference"):  # and the other way round
+        out = sdpa(q, k, v, is_causal=True)
+    out.float().sum().backward()
+    assert ran == ["triton", "reference"]
 
 
 def test_op_keeps_lse_out_of_autograd_and_refuses_to_drop_mask_grad():
@@ -237,12 +334,12 @@ BAD = [
 
 
 @pytest.mark.parametrize("call,error,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_inputs(call, error, match):
+def test_bad_inputs(call, error, match, path):
     with pytest.raises(error, match=r"metalcore\.metal_scaled_dot_product_attention: .*" + match):
         call()
 
 
-def test_sdpa_compiles_fullgraph():
+def test_sdpa_compiles_fullgraph(path):
     q, k, v = (leaf(2, 4, 9, 8, dtype=torch.float32), leaf(2, 2, 9, 8, dtype=torch.float32),
                leaf(2, 2, 9, 8, dtype=torch.float32))
     compiled = torch.compile(sdpa, fullgraph=True)
@@ -251,3 +348,35 @@ def test_sdpa_compiles_fullgraph():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
                                torch.autograd.grad(expected.sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value"])
+def test_nan_in_nan_out(where, path):
+    """A NaN in an input gives NaN in every output row it reaches (torch's CPU flash kernel alone
+    would return 0 on a query row holding a NaN, as if it were fully masked)."""
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    {"query": q, "key": k, "value": v}[where][1, 2, 3, 4] = float("nan")
+    out = sdpa(q, k, v)
+    nan_rows = out.isnan().any(-1)
+    if where == "query":
+        assert nan_rows[1, 2, 3] and nan_rows.sum() == 1
+    else:
+        assert nan_rows[1, 2].all() and nan_rows.sum() == 5
+
+
+def test_kernel_backend_outside_its_scope_runs_torch_not_the_reference(monkeypatch, triton_backend):
+    """use_backend("triton") on float32 inputs (the kernels take 16-bit ones): torch's fused SDPA,
+    not the materialising reference; inputs the kernel takes run it."""
+    ran = []
+    kernel = sdpa_fwd.kernels["triton"]
+    monkeypatch.setitem(sdpa_fwd.kernels, "triton", dataclasses.replace(
+        kernel, fn=lambda *args: ran.append("triton") or kernel.fn(*args)))
+    reference = sdpa_fwd.reference
+    monkeypatch.setattr(sdpa_fwd, "reference", lambda *args: ran.append("reference") or reference(*args))
+    q, k, v = (torch.randn(1, 2, 9, 64, requires_grad=True) for _ in range(3))
+    out = sdpa(q, k, v, is_causal=True)
+    out.sum().backward()
+    assert ran == [] and q.grad is not None
+    assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True), torch.float32)
+    sdpa(q.half(), k.half(), v.half(), is_causal=True)
+    assert ran == ["triton"]

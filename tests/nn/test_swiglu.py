@@ -6,7 +6,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from cases import noncontiguous
 from metalcore.nn import MetalSwiGLUMLP, swiglu
-from oracle import assert_close
+from metalcore.nn.swiglu import swiglu_linear
+from oracle import assert_close, assert_within_torch_error
+from tolerances import TOL
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 ROWS = (1, 31, 33, 4097)
@@ -77,3 +79,56 @@ def test_swiglu_compiles_fullgraph():
     torch.testing.assert_close(y, mlp(x))
     (dx,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(dx, torch.autograd.grad(mlp(x).sum(), x)[0])
+
+
+def _saved_storages(fn, *args):
+    """Storages (by pointer) that autograd saves while ``fn(*args)`` runs."""
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_swiglu_linear_gradients_and_what_it_saves(bias, dtype):
+    gate = (3 * torch.randn(2, 5, 33)).to(dtype).requires_grad_()
+    up = torch.randn(2, 5, 33).to(dtype).requires_grad_()
+    weight = torch.randn(17, 33).to(dtype).requires_grad_()
+    b = torch.randn(17).to(dtype).requires_grad_() if bias else None
+    out, saved = _saved_storages(swiglu_linear, gate, up, weight, b)
+    # gate, up and the weight: never the (tokens, intermediate) product.
+    assert saved == {t.untyped_storage().data_ptr() for t in (gate, up, weight)}
+    leaves = [t for t in (gate, up, weight, b) if t is not None]
+    d_out = torch.randn_like(out)
+    ours = (out, *torch.autograd.grad(out, leaves, d_out))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    b64 = leaves64[3] if bias else None
+    y64 = F.linear(oracle(leaves64[0], leaves64[1]), leaves64[2], b64)
+    expected = (y64, *torch.autograd.grad(y64, leaves64, d_out.double()))
+    y = F.linear(oracle(gate, up), weight, b)
+    theirs = (y, *torch.autograd.grad(y, leaves, d_out))
+    for a, t, e in zip(ours, theirs, expected):
+        assert a.dtype == dtype
+        assert_within_torch_error(a, t, e)
+
+
+def test_swiglu_linear_under_autocast_and_bad_weight():
+    gate, up = torch.randn(4, 12, requires_grad=True), torch.randn(4, 12, requires_grad=True)
+    weight = torch.randn(6, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = swiglu_linear(gate, up, weight)
+        ref = F.linear(oracle(gate, up), weight)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().sum(), (gate, up, weight))
+    expected = torch.autograd.grad(ref.float().sum(), (gate, up, weight))
+    for a, e in zip(grads, expected):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, **TOL[torch.bfloat16])
+    with pytest.raises(ValueError, match=r"metalcore\.swiglu_linear: weight must have shape \(out, 12\)"):
+        swiglu_linear(gate, up, weight[:, :5])

@@ -1,13 +1,32 @@
+"""MetalAdamW and its op ``metalcore::adamw_step_``: the optimizer against torch.optim.AdamW (on
+parameters and every piece of state, over many steps, including torch's own OptimizerInfo
+configurations), and the op on each backend against the float64 oracle by the suite's one rule
+(tests/oracle.py: at most 2x the error of the reference run in the working dtype).
+
+Tests that take ``backend`` (tests/optim/conftest.py) run on the reference, the Triton interpreter
+and the Metal executor with that backend requested; the ``test_triton_*`` tests are about the Triton
+launch plans themselves."""
+
 import copy
+import importlib
 
 import pytest
 import torch
+from torch.testing._internal.common_optimizers import (
+    OptimizerErrorEnum,
+    _get_optim_inputs_including_global_cliquey_kwargs,
+    optim_db,
+)
 
 from cases import noncontiguous
 from metalcore.optim import MetalAdamW, adamw
-from oracle import assert_close
+from metalcore.optim.adamw import adamw_step_, shared_step_buffer, state_dtype
+from oracle import assert_close, assert_within_torch_error
 
 STEPS = 50
+# The Triton interpreter takes ~0.25 s a step of make_params' group: 12 steps there (past the bias
+# corrections' fastest change and two moment time constants of beta1) keep CI time reasonable.
+INTERPRETED_STEPS = 12
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -21,6 +40,10 @@ def make_params(dtype):
 
 def clone(params, dtype=None):
     return [p.detach().to(dtype or p.dtype).clone().requires_grad_() for p in params]
+
+
+def steps_for(backend):
+    return INTERPRETED_STEPS if backend == "triton" else STEPS
 
 
 def gradient_stream(params, steps=STEPS):
@@ -59,35 +82,53 @@ CONFIGS = {
 }
 
 
+def served_by(opt, group=0):
+    """The backend that serves ``opt``'s next step of one group (with the gradients set now)."""
+    lists = ([], [], [], [], [], [])
+    opt._init_group(opt.param_groups[group], *lists)
+    g = opt.param_groups[group]
+    return adamw_step_.backend_for(*lists, g["lr"], *g["betas"], g["eps"], g["weight_decay"], g["amsgrad"],
+                                   g["maximize"])
+
+
+def kernel_expected(backend, dtype):
+    """The backend a group of ``dtype`` parameters must be served by: the kernels take fp32/bf16/fp16."""
+    return "reference" if dtype == torch.float64 else backend
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_matches_torch_adamw(config, dtype):
+def test_matches_torch_adamw(config, dtype, backend):
     params = make_params(dtype)
     reference = clone(params)
     ours, theirs = MetalAdamW(params, **config), torch.optim.AdamW(reference, foreach=False, **config)
-    for grads in gradient_stream(params):
+    for t, grads in enumerate(gradient_stream(params, steps_for(backend))):
         step_with(ours, params, grads)
         step_with(theirs, reference, grads)
+        if t == 0:  # the transposed leaf and the empty tensor do not send the group elsewhere
+            assert served_by(ours) == kernel_expected(backend, dtype)
     assert_same_trajectory(ours, params, theirs, reference, dtype)
     assert params[-1].stride() == ours.state[params[-1]]["exp_avg"].stride()  # state keeps the layout
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-def test_low_precision_params_update_in_float32(dtype, amsgrad):
+def test_low_precision_params_update_in_float32(dtype, amsgrad, backend):
     """bf16/fp16 parameters: float32 moments, update in float32, one rounding per step. The reference
     is torch's AdamW on a float32 copy whose parameters are rounded to ``dtype`` after every step."""
     params = make_params(dtype)
     reference = clone(params, torch.float32)
     ours = MetalAdamW(params, lr=1e-2, amsgrad=amsgrad)
     theirs = torch.optim.AdamW(reference, lr=1e-2, amsgrad=amsgrad, foreach=False)
-    for grads in gradient_stream(params):
+    for t, grads in enumerate(gradient_stream(params, steps_for(backend))):
         grads = [g.to(dtype) for g in grads]
         step_with(ours, params, grads)
         step_with(theirs, reference, grads)
         with torch.no_grad():
             for r in reference:
                 r.copy_(r.to(dtype))
+        if t == 0:
+            assert served_by(ours) == backend
     assert_same_trajectory(ours, params, theirs, reference, dtype, state_dtype=torch.float32)
 
 
@@ -165,11 +206,12 @@ def test_state_dict_round_trip_with_torch(amsgrad):
         step_with(theirs, torch_params, grads)
     assert_same_trajectory(ours, params, theirs, torch_params, torch.float32)
 
-    # torch (foreach=False recorded in its groups) -> ours: loads, resets the implementation switch.
+    # torch -> ours: loads, keeps torch's implementation switches (they never change the math).
     back_params = clone(torch_params)
     back = MetalAdamW(back_params)
     back.load_state_dict(theirs.state_dict())
-    assert back.param_groups[0]["foreach"] is None and back.param_groups[0]["decoupled_weight_decay"] is True
+    assert back.param_groups[0]["foreach"] == theirs.param_groups[0]["foreach"]
+    assert back.param_groups[0]["decoupled_weight_decay"] is True
     for grads in stream[20:]:
         step_with(back, back_params, grads)
         step_with(theirs, torch_params, grads)
@@ -179,7 +221,6 @@ def test_state_dict_round_trip_with_torch(amsgrad):
 def test_step_counters_packed_and_checkpoint_resumes_exactly(tmp_path):
     """The group's counters become 0-d views of one buffer (one add per step); a checkpoint saved
     with torch.save and loaded into a fresh optimizer continues exactly like the uninterrupted run."""
-    from metalcore.optim.adamw import shared_step_buffer
     params = make_params(torch.float32)
     stream = gradient_stream(params, 8)
     ours = MetalAdamW(params, lr=1e-2)
@@ -229,11 +270,10 @@ BAD_ARGS = [
     ("betas-arity", dict(betas=(0.9,)), r"betas must be a pair"),
     ("weight-decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
     ("tensor-lr", dict(lr=torch.tensor(1e-3)), "lr must be a float, not a Tensor"),
-    ("foreach-true", dict(foreach=True), "foreach=True is not supported"),
-    ("foreach-false", dict(foreach=False), "foreach=False is not supported"),
-    ("fused", dict(fused=True), "fused=True is not supported"),
-    ("capturable", dict(capturable=True), "capturable=True is not supported"),
-    ("differentiable", dict(differentiable=True), "differentiable=True is not supported"),
+    ("tensor-lr-2", dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    ("betas-mixed", dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
+    ("capturable", dict(capturable=True), "capturable=True is not supported: CUDA-graph capture"),
+    ("differentiable", dict(differentiable=True), "differentiable=True is not supported: the step is not diff"),
 ]
 
 
@@ -247,8 +287,8 @@ def test_group_validation_and_unsupported_inputs():
     p = torch.zeros(2, requires_grad=True)
     with pytest.raises(ValueError, match="MetalAdamW: Invalid learning rate: -1"):
         MetalAdamW([dict(params=[p], lr=-1)])
-    with pytest.raises(ValueError, match="MetalAdamW: fused=True is not supported"):
-        MetalAdamW([dict(params=[p], fused=True)])
+    with pytest.raises(ValueError, match="MetalAdamW: capturable=True is not supported"):
+        MetalAdamW([dict(params=[p], capturable=True)])
     embedding = torch.nn.Embedding(10, 3, sparse=True)
     opt = MetalAdamW(embedding.parameters())
     embedding(torch.tensor([1, 2])).sum().backward()
@@ -277,3 +317,373 @@ def test_step_compiles_fullgraph():
         torch.testing.assert_close(p, q)
         for key in STATE_KEYS:
             torch.testing.assert_close(ours.state[p][key], eager.state[q][key])
+
+
+@pytest.mark.parametrize("kwargs", [dict(fused=True), dict(fused=False), dict(foreach=True), dict(foreach=False),
+                                    dict(foreach=None, fused=None), dict(capturable=False, differentiable=False)],
+                         ids=["fused", "not-fused", "foreach", "not-foreach", "none", "not-capturable"])
+def test_implementation_flags_that_describe_the_step_are_accepted(kwargs):
+    """torch's switches among implementations of the same math are accepted and kept in the groups
+    (as torch keeps them); the step is the same fused op whatever they say."""
+    params = make_params(torch.float32)
+    reference = clone(params)
+    ours, theirs = MetalAdamW(params, lr=1e-2, **kwargs), torch.optim.AdamW(reference, lr=1e-2, foreach=False)
+    assert all(ours.param_groups[0][k] == v for k, v in kwargs.items())
+    for grads in gradient_stream(params, 5):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+def test_fused_and_foreach_together_raise_like_torch():
+    p = [torch.zeros(2, requires_grad=True)]
+    for cls in (torch.optim.AdamW, MetalAdamW):
+        with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+            cls(p, fused=True, foreach=True)
+
+
+def test_state_dict_with_plain_number_steps_loads_and_continues():
+    """Older checkpoints keep 'step' as a Python number; torch's AdamW converts it on load, and so
+    must MetalAdamW (the next step used to raise AttributeError)."""
+    params = make_params(torch.float32)
+    stream = gradient_stream(params, 6)
+    theirs = torch.optim.AdamW(clone(params), lr=1e-2, foreach=False)
+    torch_params = theirs.param_groups[0]["params"]
+    for grads in stream[:3]:
+        step_with(theirs, torch_params, grads)
+    saved = copy.deepcopy(theirs.state_dict())
+    for state in saved["state"].values():
+        state["step"] = int(state["step"].item())
+    ours_params = [q.detach().clone().requires_grad_() for q in torch_params]
+    ours = MetalAdamW(ours_params, lr=1e-2)
+    ours.load_state_dict(saved)
+    for grads in stream[3:]:
+        step_with(ours, ours_params, grads)
+        step_with(theirs, torch_params, grads)
+    assert_same_trajectory(ours, ours_params, theirs, torch_params, torch.float32)
+
+
+MISMATCHED_STATE = {
+    "bigger-parameter": ((4, 4), (500, 500)),  # a kernel walking the 500x500 parameter would overrun the state
+    "transposed": ((4, 6), (6, 4)),  # equal element counts: the moments would be applied transposed
+    "resized-embedding": ((10, 3), (12, 3)),  # resume after resize_token_embeddings
+}
+
+
+@pytest.mark.parametrize("saved_shape,new_shape", MISMATCHED_STATE.values(), ids=MISMATCHED_STATE.keys())
+def test_load_state_dict_with_mismatched_shapes_raises(saved_shape, new_shape, backend):
+    """A state whose tensors do not match the parameters' shapes is refused at load time, before
+    anything is loaded (torch's AdamW refuses it at the next step with a size mismatch); the
+    optimizer then steps normally on its own state."""
+    old = torch.randn(saved_shape, requires_grad=True)
+    old_opt = MetalAdamW([old], amsgrad=True)
+    old.grad = torch.randn_like(old)
+    old_opt.step()
+    p = torch.randn(new_shape, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, theirs = MetalAdamW([p], lr=1e-2, amsgrad=True), torch.optim.AdamW([q], lr=1e-2, amsgrad=True, foreach=False)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 'exp_avg'.*state has shape \(%d, %d\)" % saved_shape):
+        ours.load_state_dict(old_opt.state_dict())
+    assert len(ours.state) == 0
+    for grads in gradient_stream([p], 3):
+        step_with(ours, [p], grads)
+        step_with(theirs, [q], grads)
+    assert_same_trajectory(ours, [p], theirs, [q], torch.float32)
+
+
+def strided_leaves():
+    """A non-dense parameter (the layout of a column slice: not contiguous in any order) and a
+    contiguous one, whose gradients will arrive as transposed views (as a hook or an all-reduce can
+    hand them over)."""
+    sliced = torch.empty_strided((6, 5), (9, 1)).normal_().requires_grad_()
+    plain = torch.randn(6, 5, requires_grad=True)
+    return [sliced, plain]
+
+
+def test_parameters_and_gradients_with_different_strides(backend):
+    """Every layout gets torch's update on every backend (a kernel or torch's fused CPU step that walks
+    memory flat used to apply the transposed gradient transposed: error 0.55 after 3 steps at lr 0.1)."""
+    params = strided_leaves()
+    reference = strided_leaves()
+    with torch.no_grad():
+        for r, p in zip(reference, params):
+            r.copy_(p)
+    ours, theirs = MetalAdamW(params, lr=0.1), torch.optim.AdamW(reference, lr=0.1, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn(5, 6).t() for _ in params]  # transposed views, the strides of neither parameter
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+# --- torch's own OptimizerInfo inputs (torch.testing._internal.common_optimizers) --------------------
+# Built for CUDA, the device with the most of them: every flag torch's machinery adds (foreach, fused,
+# differentiable) and the capturable and Tensor-lr configurations. Each runs on CPU tensors here.
+ADAMW_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.AdamW)
+UNSUPPORTED_FLAGS = {
+    "capturable": "CUDA-graph capture of the step is not supported (step counters on the CPU, bias corrections "
+                  "on the host): MetalAdamW raises ValueError",
+    "differentiable": "the step is one fused op under no_grad, not differentiable: MetalAdamW raises ValueError",
+}
+
+
+def optim_info_cases(info, device="cuda"):
+    cases = []
+    for optim_input in _get_optim_inputs_including_global_cliquey_kwargs(device, torch.float32, info):
+        refused = [flag for flag in UNSUPPORTED_FLAGS if optim_input.kwargs.get(flag)]
+        marks = ([pytest.mark.xfail(raises=ValueError, strict=True, reason=UNSUPPORTED_FLAGS[refused[0]])]
+                 if refused else [])
+        cases.append(pytest.param(optim_input.kwargs, id=optim_input.desc.replace(" ", "-"), marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("kwargs", optim_info_cases(ADAMW_INFO))
+def test_torch_optimizer_info_configurations(kwargs, backend):
+    """Each configuration torch tests its AdamW with, through MetalAdamW and torch.optim.AdamW side by
+    side: parameters and every piece of state after a few steps."""
+    params = make_params(torch.float32)
+    reference = clone(params)
+    ours = MetalAdamW(params, **copy.deepcopy(kwargs))
+    theirs = torch.optim.AdamW(reference, **copy.deepcopy(kwargs))
+    for grads in gradient_stream(params, 5):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert served_by(ours) == backend
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)
+
+
+def optim_error_cases(info):
+    cases = []
+    for error_input in info.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+        desc = error_input.optimizer_error_input.desc
+        cases.append(pytest.param(error_input, id=desc.replace(" ", "-")))
+    return cases
+
+
+def check_error_input(cls, error_input):
+    """torch's own check (test_optim.py's test_errors): the exception type and a regex search."""
+    optim_input = error_input.optimizer_error_input
+    if error_input.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        expect = pytest.warns if issubclass(error_input.error_type, Warning) else pytest.raises
+        with expect(error_input.error_type, match=error_input.error_regex):
+            cls(optim_input.params, **optim_input.kwargs)
+    else:
+        optimizer = cls(optim_input.params, **optim_input.kwargs)
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            optimizer.step()
+
+
+@pytest.mark.parametrize("error_input", optim_error_cases(ADAMW_INFO))
+def test_torch_optimizer_info_error_inputs(error_input):
+    check_error_input(MetalAdamW, error_input)
+
+
+# --- the op, metalcore::adamw_step_, on each backend against the float64 oracle ---------------------
+SIZES = ((1,), (31,), (0,), (3, 11), (4097,), (33,), (3, 700))
+HYPER = (1e-2, 0.9, 0.99, 1e-8, 0.1)  # lr, beta1, beta2, eps, weight_decay
+LISTS = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
+
+
+def make_group(dtype, amsgrad, sizes=SIZES, device="cpu"):
+    """A group mid-training: random moments (v̂max ≥ v), step counts 0, 1, 2, ... per tensor."""
+    params = [torch.randn(s, device=device).to(dtype) for s in sizes]
+    exp_avg_sqs = [torch.rand(s, device=device, dtype=state_dtype(p)) * 0.01 for s, p in zip(sizes, params)]
+    return dict(
+        params=params,
+        exp_avgs=[torch.randn(s, device=device, dtype=state_dtype(p)) * 0.1 for s, p in zip(sizes, params)],
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=[v * 1.5 for v in exp_avg_sqs] if amsgrad else [],
+        state_steps=[torch.tensor(float(k % 3)) for k in range(len(sizes))],
+    )
+
+
+def copy_group(group, dtype=None):
+    """A copy; with ``dtype``, every floating tensor but the step counters in that dtype (the oracle)."""
+    return {k: [t.clone() if dtype is None or k == "state_steps" else t.to(dtype) for t in v] for k, v in group.items()}
+
+
+def op_args(group, grads, amsgrad, maximize):
+    return (group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], group["max_exp_avg_sqs"],
+            group["state_steps"], *HYPER, amsgrad, maximize)
+
+
+def assert_group_within_torch_error(ours, same_dtype, oracle):
+    """Every list of the group against the float64 oracle, by the suite's rule: at most twice the
+    error of the reference run in the working dtype; step counters exactly."""
+    for key in LISTS:
+        for k, (got, want, exact) in enumerate(zip(ours[key], same_dtype[key], oracle[key])):
+            assert got.dtype == want.dtype and got.shape == want.shape, (key, k)
+            if key == "state_steps":
+                assert got.item() == want.item() == exact.item(), (key, k)
+            else:
+                assert_within_torch_error(got, want, exact)
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16, torch.float64), ids=str)
+def test_op_steps_within_torch_error(dtype, amsgrad, maximize, backend):
+    """Three steps of the op over sizes 0, 1, 31, 33, 3x11, 3x700, 4097 in one group, each tensor at
+    its own step count; float64 is the reference's on every backend (no kernel takes it)."""
+    ours = make_group(dtype, amsgrad)
+    same_dtype, oracle = copy_group(ours), copy_group(ours, torch.float64)
+    for t in range(3):
+        grads = [torch.randn_like(p) for p in ours["params"]]
+        if t == 0:
+            assert adamw_step_.backend_for(*op_args(ours, grads, amsgrad, maximize)) == kernel_expected(backend, dtype)
+        adamw_step_(*op_args(ours, grads, amsgrad, maximize))
+        adamw_step_.reference(*op_args(same_dtype, grads, amsgrad, maximize))
+        adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], amsgrad, maximize))
+    assert_group_within_torch_error(ours, same_dtype, oracle)
+
+
+def test_op_mixed_dtypes_and_more_tensors_than_one_metal_dispatch(backend):
+    """Tensors of several dtypes in one group (a launch each); on Metal 259 float32 ones, more than one
+    dispatch takes (METALCORE_ADAMW_MAX_TENSORS = 256). Elsewhere 9: one Triton launch takes any
+    number, and 259 cost 24 s under the interpreter."""
+    group = make_group(torch.float32, False, sizes=[(5,)] * (259 if backend == "metal" else 9) + [(4097,)])
+    for dtype in (torch.bfloat16, torch.float16):
+        extra = make_group(dtype, False, sizes=((33,), (7, 3)))
+        for key in group:
+            group[key] += extra[key]
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    grads = [torch.randn_like(p) for p in group["params"]]
+    assert adamw_step_.backend_for(*op_args(group, grads, False, False)) == backend
+    adamw_step_(*op_args(group, grads, False, False))
+    adamw_step_.reference(*op_args(same_dtype, grads, False, False))
+    adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], False, False))
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+def test_op_reads_gradients_only(backend):
+    group = make_group(torch.float32, True)
+    grads = [torch.randn_like(p) for p in group["params"]]
+    before = [g.clone() for g in grads]
+    adamw_step_(*op_args(group, grads, True, True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+
+
+def test_op_empty_group(backend):
+    adamw_step_(*op_args(make_group(torch.float32, False, sizes=()), [], False, False))
+
+
+def test_op_packed_step_counters(backend):
+    """Counters packed in one buffer (as MetalAdamW keeps them) advance like separate ones."""
+    group = make_group(torch.float32, False, sizes=((5,), (7,), (3,)))
+    buffer = torch.tensor([0.0, 4.0, 0.0])
+    group["state_steps"] = [buffer[i] for i in range(3)]
+    assert shared_step_buffer(group["state_steps"]) is buffer
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in group["params"]]
+        adamw_step_(*op_args(group, grads, False, False))
+        adamw_step_.reference(*op_args(same_dtype, grads, False, False))
+        adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], False, False))
+    assert buffer.tolist() == [2.0, 6.0, 2.0]
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+@pytest.mark.parametrize("bad", ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "grads"])
+def test_op_refuses_tensors_of_another_shape_before_writing(bad, backend):
+    """A state or gradient tensor whose shape is not its parameter's (here 6x4 for a 4x6 parameter:
+    equal element counts, so only the shape tells) raises RuntimeError on every backend, with
+    nothing written: no kernel walks it, and the reference checks before its first write."""
+    group = make_group(torch.float32, True, sizes=((4, 6), (33,)))
+    grads = [torch.randn_like(p) for p in group["params"]]
+    if bad == "grads":
+        grads[0] = torch.randn(6, 4)
+    else:
+        group[bad][0] = torch.rand(6, 4)
+    before = copy_group(group)
+    with pytest.raises(RuntimeError, match=rf"size mismatch: {bad}\[0\] has shape \(6, 4\), params\[0\] has shape"):
+        adamw_step_(*op_args(group, grads, True, False))
+    for key in LISTS:
+        assert all(torch.equal(a, b) for a, b in zip(group[key], before[key])), key
+
+
+def test_op_opcheck(backend):
+    from metalcore._op import registered_ops
+    group = make_group(torch.bfloat16, True, sizes=((33,), (5, 3)))
+    grads = [torch.randn_like(p) for p in group["params"]]
+    torch.library.opcheck(registered_ops()["adamw_step_"].custom_op, op_args(group, grads, True, False))
+
+
+# --- the Triton kernel's launch plans ----------------------------------------------------------------
+
+def triton_module():
+    return importlib.import_module("metalcore.optim.adamw_triton")
+
+
+def test_triton_many_blocks_spread_over_programs(triton_backend, device, monkeypatch):
+    """More blocks than programs, blocks of each tensor starting on different programs."""
+    monkeypatch.setattr(triton_module(), "BLOCK", 16)
+    group = make_group(torch.float32, True, sizes=((100,), (7,), (61,)), device=device)
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    grads = [torch.randn_like(p) for p in group["params"]]
+    adamw_step_(*op_args(group, grads, True, False))
+    adamw_step_.reference(*op_args(same_dtype, grads, True, False))
+    adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], True, False))
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+def test_triton_misaligned_tensors_use_the_reference(triton_backend, device):
+    """The kernel issues 16-byte accesses; a view that starts mid-vector goes to the reference."""
+    group = make_group(torch.float32, False, sizes=((9,),), device=device)
+    group["params"] = [torch.randn(10, device=device)[1:]]
+    assert adamw_step_.backend_for(*op_args(group, [torch.randn(9, device=device)], False, False)) == "reference"
+
+
+def test_triton_launch_plan_is_reused_and_gradients_rechecked(triton_backend, device):
+    """The group's table is built once; a gradient re-created at the same address with another
+    layout (here a transposed view of the same memory) is noticed and sent to the reference."""
+    kernels = triton_module()
+    group = make_group(torch.float32, False, sizes=((4, 6), (33,)), device=device)
+    same_dtype, oracle = copy_group(group), copy_group(group, torch.float64)
+    memory = torch.randn(24, device=device)
+    grads = [memory.view(4, 6), torch.randn(33, device=device)]
+
+    def step():
+        adamw_step_(*op_args(group, grads, False, False))
+        adamw_step_.reference(*op_args(same_dtype, grads, False, False))
+        adamw_step_.reference(*op_args(oracle, [g.double() for g in grads], False, False))
+
+    step()
+    key = kernels._plan_key(group["params"], grads, group["exp_avgs"], group["exp_avg_sqs"], [], False)
+    plan = kernels._PLANS[key]
+    step()
+    assert kernels._PLANS[key] is plan
+    grads[0] = memory.view(6, 4).t()
+    assert grads[0].data_ptr() == memory.data_ptr() and not grads[0].is_contiguous()
+    assert adamw_step_.backend_for(*op_args(group, grads, False, False)) == "reference"
+    step()
+    assert_group_within_torch_error(group, same_dtype, oracle)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_triton_gpu_full_size(dtype, triton_backend, device):
+    group = make_group(dtype, True, sizes=[(4096, 1024)] * 16 + [(4096,)] * 16, device=device)
+    same_dtype = copy_group(group)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in group["params"]]
+        adamw_step_(*op_args(group, grads, True, False))
+        adamw_step_.reference(*op_args(same_dtype, grads, True, False))
+    for key in LISTS:
+        for got, want in zip(group[key], same_dtype[key]):
+            assert_close(got, want.double(), got.dtype)
+
+
+def test_kernels_take_transposed_parameters_and_free_size_one_strides(backend):
+    """The layouts that are flat in memory stay on the kernel: a transposed parameter with its
+    autograd-style gradient and state (same strides), and a gradient whose size-1 dimension has
+    another stride than the parameter's (torch leaves such strides free)."""
+    params = [noncontiguous(torch.randn(5, 7)).requires_grad_(), torch.randn(1, 9, requires_grad=True)]
+    grads = [torch.randn_like(params[0]), torch.randn(9, 1).t()]
+    assert grads[1].is_contiguous() and grads[1].stride() != params[1].stride()
+    reference = clone(params)
+    ours, theirs = MetalAdamW(params, lr=1e-2), torch.optim.AdamW(reference, lr=1e-2, foreach=False)
+    for _ in range(3):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    assert served_by(ours) == backend
+    assert_same_trajectory(ours, params, theirs, reference, torch.float32)

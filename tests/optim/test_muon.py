@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 from metalcore.optim import CombinedOptimizer, MetalAdamW, Muon, MuonWithAuxAdamW, muon_param_groups, muon_update
 from oracle import assert_close
@@ -352,3 +353,92 @@ def test_combined_rejects_bad_groups():
         MuonWithAuxAdamW([dict(params=[w], use_muon=True, lr=0.1, weight_decay=0.0, momentum=-1)])
     with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 1.5"):
         MuonWithAuxAdamW([dict(params=[b], use_muon=False, lr=0.1, weight_decay=0.0, betas=(0.9, 1.5))])
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 2, 3)], ids=["0-rows", "0-cols", "conv-0-out"])
+def test_zero_size_matrices_step_like_torch(shape):
+    """A matrix with no rows (a filtered or not-yet-grown layer) steps like torch.optim.Muon: a
+    momentum buffer of its shape, nothing to update, the other parameters unaffected. (Stacking it
+    for the batched iteration used to raise.) With no columns, torch's LR adjustment divides by zero;
+    here it is the same no-op."""
+    params = [torch.randn(shape, requires_grad=True), *make_params([(8, 8)])]
+    reference = clone(params)
+    ours = Muon(params, lr=0.02)
+    theirs = torch.optim.Muon(reference[1:], lr=0.02)  # torch takes 2-D parameters only
+    for grads in gradient_stream(params, 3):
+        step_with(ours, params, grads)
+        step_with(theirs, reference[1:], grads[1:])
+    assert ours.state[params[0]]["momentum_buffer"].shape == shape
+    torch.testing.assert_close(params[1], reference[1], atol=0, rtol=0)
+    if shape[0] == 0 and len(shape) == 2:
+        empty = torch.randn(shape, requires_grad=True)
+        empty.grad = torch.randn(shape)
+        opt = torch.optim.Muon([empty])
+        opt.step()
+        assert opt.state[empty]["momentum_buffer"].shape == shape
+
+
+def test_a_bad_shape_group_raises_before_anything_is_written():
+    """A momentum buffer of the wrong shape (a stale checkpoint) in the second shape group raises,
+    and neither the first group's parameters nor any momentum buffer has moved: the step is checked
+    whole before it writes."""
+    params = make_params([(8, 8), (8, 8), (6, 4)])
+    opt = Muon(params, lr=0.02)
+    step_with(opt, params, gradient_stream(params, 1)[0])
+    opt.state[params[2]]["momentum_buffer"] = torch.zeros(4, 6)
+    before = [p.detach().clone() for p in params]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"size mismatch: momentum_buffers\[2\] has shape \(4, 6\), params\[2\] has "
+                                           r"shape \(6, 4\)"):
+        step_with(opt, params, gradient_stream(params, 1)[0])
+    for p, p0, b0 in zip(params, before, buffers):
+        assert torch.equal(p.detach(), p0)
+        assert torch.equal(opt.state[p]["momentum_buffer"], b0)
+
+
+# --- torch's own OptimizerInfo inputs (torch.testing._internal.common_optimizers) --------------------
+MUON_INFO = next(info for info in optim_db if info.optim_cls is torch.optim.Muon)
+
+
+@pytest.mark.parametrize("optim_input", [pytest.param(i, id=i.desc.replace(" ", "-"))
+                                         for i in MUON_INFO.optim_inputs_func(device="cpu")])
+def test_torch_optimizer_info_configurations(optim_input):
+    """Each configuration torch tests its Muon with, through metalcore's Muon and torch.optim.Muon side
+    by side: parameters (bf16 iteration, as test_matches_torch_muon) and momentum buffers."""
+    params = make_params()
+    reference = clone(params)
+    ours = Muon(params, **copy.deepcopy(optim_input.kwargs))
+    theirs = torch.optim.Muon(reference, **copy.deepcopy(optim_input.kwargs))
+    for grads in gradient_stream(params, 5):
+        step_with(ours, params, grads)
+        step_with(theirs, reference, grads)
+    for p, q in zip(params, reference):
+        assert_close(p.detach(), q.detach().double(), torch.bfloat16)
+        assert_close(ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"].double(), torch.float32)
+
+
+def muon_error_cases():
+    cases = []
+    for error_input in MUON_INFO.optim_error_inputs_func(device="cpu", dtype=torch.float32):
+        desc = error_input.optimizer_error_input.desc
+        marks = []
+        if desc == "only support 2D parameters":
+            marks = [pytest.mark.xfail(strict=True, reason="deliberate: parameters with more than 2 dimensions "
+                                       "(conv kernels) are orthogonalized as (out, in*kh*kw) matrices, the published "
+                                       "recipes' choice, where torch raises")]
+        cases.append(pytest.param(error_input, id=desc.replace(" ", "-"), marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("error_input", muon_error_cases())
+def test_torch_optimizer_info_error_inputs(error_input):
+    """torch's own check (test_optim.py's test_errors): the exception type and a regex search."""
+    optim_input = error_input.optimizer_error_input
+    if error_input.error_on == OptimizerErrorEnum.CONSTRUCTION_ERROR:
+        expect = pytest.warns if issubclass(error_input.error_type, Warning) else pytest.raises
+        with expect(error_input.error_type, match=error_input.error_regex):
+            Muon(optim_input.params, **optim_input.kwargs)
+    else:
+        optimizer = Muon(optim_input.params, **optim_input.kwargs)
+        with pytest.raises(error_input.error_type, match=error_input.error_regex):
+            optimizer.step()

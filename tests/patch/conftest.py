@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+import metalcore
+from metalcore._op import observing
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -12,24 +15,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class OpRecorder:
-    """Names of the metalcore ops that ran (eager fast path or the torch.library op alike): every call
-    goes through the one dispatcher, MetalcoreOp._select."""
-
-    def __init__(self, monkeypatch):
-        from metalcore._op import MetalcoreOp
-
-        self.ops: set[str] = set()
-        select = MetalcoreOp._select
-        recorder = self
-
-        def recording_select(op, args, kwargs):
-            recorder.ops.add(op.name)
-            return select(op, args, kwargs)
-
-        monkeypatch.setattr(MetalcoreOp, "_select", recording_select)
+@pytest.fixture(autouse=True)
+def _metalcore_code():
+    """On the CPU a patched model runs its modules' own code (metalcore has nothing faster there); an
+    explicit backend runs metalcore's, which is what these tests check against the unpatched model.
+    Tests of the automatic choice itself open ``use_backend("auto")``."""
+    with metalcore.use_backend("reference"):
+        yield
 
 
 @pytest.fixture
-def ran_ops(monkeypatch):
-    return OpRecorder(monkeypatch).ops
+def ran_ops():
+    """Names of the metalcore ops that ran in the test (eager calls and the torch.library op alike)."""
+    ops: set[str] = set()
+    with observing(lambda op, backend: ops.add(op)):
+        yield ops

@@ -198,7 +198,7 @@ def test_patch_is_idempotent():
 
 def test_options_switch_swaps_off():
     model = tiny_model("llama")
-    report = patch_model(model, rms_norm=False, activations=False, rope=False)
+    report = patch_model(model, rms_norm=False, activations=False, rope=False, cross_entropy=False)
     assert set(report.counts()) == {"attention"}
 
 
@@ -217,3 +217,73 @@ def test_attention_refuses_softcap_rather_than_ignore_it():
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="softcap"):
         metalcore_attention_forward(torch.nn.Module(), q, q, q, None, softcap=50.0)
+
+
+def _metalcore_forwards(model):
+    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    """A reference or EMA copy (DPO, RLHF): unpatching the copy leaves the original patched, with
+    its report still active, and the copy comes back to the unpatched model exactly."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, SEQ))
+    before = model(ids).logits
+    report = patch_model(model)
+    patched_logits = model(ids).logits
+    swapped = _metalcore_forwards(model)
+    twin = copy.deepcopy(model)
+    twin_report = patch_report(twin)
+    assert twin_report is not report and twin_report.active and twin_report.swapped == report.swapped
+    # The copy's swapped forwards run on the copy's own modules and weights.
+    with torch.no_grad():
+        twin.model.norm.weight.mul_(2.0)
+    assert not torch.equal(twin(ids).logits, patched_logits)
+    assert torch.equal(model(ids).logits, patched_logits)
+
+    assert unpatch_model(twin) is twin_report and not twin_report.active
+    assert _metalcore_forwards(twin) == [] and twin.config._attn_implementation == "sdpa"
+    assert report.active and patch_report(model) is report
+    assert _metalcore_forwards(model) == swapped and model.config._attn_implementation == "metalcore"
+    with torch.no_grad():
+        twin.model.norm.weight.mul_(0.5)
+    assert torch.equal(twin(ids).logits, before)
+    unpatch_model(model)
+    assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma3_text"])
+def test_patched_model_saves_and_loads_whole(model_type, tmp_path):
+    """torch.save(model) of a patched model (no closures to pickle); the loaded model is patched,
+    gives the same logits, and unpatches to the unpatched model."""
+    model = tiny_model(model_type)
+    ids = torch.randint(3, VOCAB, (2, SEQ))
+    before = model(ids).logits
+    report = patch_model(model)
+    patched_logits = model(ids).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert patch_report(loaded).swapped == report.swapped and patch_report(loaded).active
+    assert torch.equal(loaded(ids).logits, patched_logits)
+    unpatch_model(loaded)
+    assert _metalcore_forwards(loaded) == [] and torch.equal(loaded(ids).logits, before)
+    assert report.active
+
+
+def test_cpu_runs_the_modules_own_code(ran_ops):
+    """Automatic choice on the CPU: every swap measured slower than the module's own code, so the patched
+    model runs that code (attention: transformers' sdpa) — bit-identical to the unpatched model, no
+    metalcore op — and the report says so."""
+    import metalcore
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, VOCAB, (2, SEQ))
+    with metalcore.use_backend("auto"):
+        logits, grads = _run(model, ids, ids)
+        report = patch_model(model)
+        ran_ops.clear()
+        patched_logits, patched_grads = _run(model, ids, ids)
+    assert report.counts()["rms_norm"] == 5 and not ran_ops
+    assert torch.equal(patched_logits, logits)
+    assert all(torch.equal(patched_grads[name], g) for name, g in grads.items())
+    assert "on cpu: swapped modules run their own forward and attention runs transformers' sdpa" in str(report)

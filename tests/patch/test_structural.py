@@ -156,7 +156,7 @@ def test_accelerate_style_hook_is_kept():
     report = patch_model(model)
     assert "model.norm" in report.swapped and norm.forward is hooked
     model(torch.randint(3, VOCAB, (1, 5)))
-    assert calls and norm._old_forward.__func__.__name__ == "_rms_norm_forward"
+    assert calls and norm._old_forward.kind == "rms_norm"
     unpatch_model(model)
     assert norm.forward is hooked and norm._old_forward.__func__ is type(norm).forward
 
@@ -230,3 +230,28 @@ def test_attention_function_matches_sdpa_and_falls_back_loudly(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         metalcore_attention_forward(module, q, k, v, None)
+
+
+class ClampingNorm(nn.Module):
+    """An RMSNorm look-alike that clamps its input: equal to x/rms(x)·w for ordinary activations only."""
+
+    def __init__(self, n, limit=100.0, rms_floor=0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+        self.eps, self.limit, self.rms_floor = 1e-6, limit, rms_floor
+
+    def forward(self, x):
+        x = x.clamp(-self.limit, self.limit)
+        rms = torch.sqrt(x.square().mean(-1, keepdim=True) + self.eps).clamp_min(self.rms_floor)
+        return self.weight * (x / rms)
+
+
+@pytest.mark.parametrize("limit,rms_floor", [(100.0, 0.0), (1e5, 0.0), (float("inf"), 1e-2)],
+                         ids=["clamp100", "clamp1e5", "rms-floor"])
+def test_structural_probe_reaches_the_tails(limit, rms_floor):
+    """The probe feeds rows from 1e-6 to 1e6 in magnitude: a norm that clamps there is not swapped."""
+    model = nn.Sequential(ClampingNorm(32, limit, rms_floor))
+    report = patch_model(model)
+    assert "0" not in report.swapped and "does not compute x/rms(x)" in report.skipped["0"]
+    plain = nn.Sequential(ClampingNorm(32, float("inf"), 0.0))
+    assert patch_model(plain).swapped == {"0": ["rms_norm"]}

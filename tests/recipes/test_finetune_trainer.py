@@ -2,7 +2,6 @@
 at tiny settings on the CPU."""
 
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 

@@ -51,7 +51,7 @@ def finished(finetune, tmp_path_factory):
     return out
 
 
-def _resume_error(finetune, out, capsys=None):
+def _resume_error(finetune, out):
     with pytest.raises(SystemExit) as e:
         finetune.main([*TINY, "--steps", "2", "--out", str(out)])
     return str(e.value)
@@ -143,3 +143,21 @@ def test_kill_during_tokenizer_save_then_other_vocab_size(finetune, tmp_path):
     assert not [p for p in tmp_path.rglob(".*") if ".tmp" in p.name]
     # The original size, rerun in a fresh folder from the same data, works too.
     assert finetune.main([*TINY, "--steps", "2", "--out", str(tmp_path / "again")])["finished"]
+
+
+def test_ctrl_c_says_how_to_resume_and_quiet_prints_nothing_else(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(RECIPES / "finetune.py"), *TINY, "--steps", "100000", "--save-every", "2",
+                             "--out", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert out == b""  # --quiet
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "interrupted at step" in lines[0], lines
+    assert "rerun the same command to resume from step" in lines[0] and str(tmp_path / "checkpoint.pt") in lines[0]

@@ -142,7 +142,7 @@ def test_wide_heads_loop_over_head_blocks(device, monkeypatch):
 def test_empty(device):
     q, k = torch.randn(2, 4, 0, 64, device=device), torch.randn(2, 2, 0, 64, device=device)
     cos = sin = torch.randn(1, 0, 64, device=device)
-    assert rope_fwd.backend_for(q, k, cos, sin) == "triton"
+    assert rope_fwd.backend_for(q, k, cos, sin) == "reference"  # empty inputs never launch a kernel (the op core answers)
     q_out, k_out = rope_fwd(q, k, cos, sin)
     assert q_out.shape == q.shape and k_out.shape == k.shape
 

@@ -29,7 +29,7 @@ def test_cholesky_solve_lapack_ratio(batch, n, k, upper, dtype, device):
     A = spd("random", batch, n, dtype).to(device)
     L = torch.linalg.cholesky(A, upper=upper)
     B = torch.randn(*batch, n, k, dtype=dtype, device=device)
-    assert cholesky_solve_op.backend_for(B, L, upper) == "triton"
+    assert cholesky_solve_op.backend_for(B, L, upper) == ("reference" if B.numel() == 0 else "triton")
     X = metalcore.linalg.cholesky_solve(B, L, upper)
     assert X.shape == B.shape and X.dtype == dtype and X.is_contiguous()
     assert_lapack_ratio(solve_ratio(A, X, B, dtype), f"cholesky_solve {case_id(batch, n, k)}")

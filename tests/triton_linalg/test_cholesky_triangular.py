@@ -36,7 +36,7 @@ CHOL_CASES = [(b, n) for i, n in enumerate(SIZES) for b in (BATCHES[i % 4], BATC
 def test_cholesky_lapack_ratio(batch, n, dtype, device):
     A = spd("random", batch, n, dtype).to(device)
     upper = n % 2 == 1
-    assert cholesky_ex_op.backend_for(A, upper, False) == "triton"
+    assert cholesky_ex_op.backend_for(A, upper, False) == ("reference" if A.numel() == 0 else "triton")
     L, info = metalcore.linalg.cholesky_ex(A, upper=upper)
     assert L.shape == A.shape and L.dtype == dtype and L.is_contiguous()
     assert info.shape == batch and info.dtype == torch.int32 and not info.any()
@@ -145,7 +145,7 @@ def test_solve_triangular_lapack_ratio(batch, n, k, dtype, device):
     upper, left, unit = FLAGS[(n + k) % len(FLAGS)]
     A = triangular(batch, n, upper, dtype, device)
     B = torch.randn(*batch, *((n, k) if left else (k, n)), dtype=dtype, device=device)
-    assert solve_triangular_op.backend_for(A, B, upper, left, unit) == "triton"
+    assert solve_triangular_op.backend_for(A, B, upper, left, unit) == ("reference" if A.numel() == 0 else "triton")
     check_trsm(A, B, upper, left, unit, dtype, f"trsm {case_id(batch, n, k)}")
 
 

@@ -58,7 +58,7 @@ def test_eigh_sizes_and_batches(batch, n, device):
     dtype = DTYPES[n % 2]
     A = symmetric("random", batch, n, dtype).to(device)
     uplo = "LU"[n % 2]
-    assert eigh_op.backend_for(A, uplo, True) == "triton"
+    assert eigh_op.backend_for(A, uplo, True) == ("reference" if A.numel() == 0 else "triton")
     check_eigh(A, uplo, f"eigh {case_id(batch, n)}")
 
 
@@ -125,7 +125,7 @@ def test_svd_sizes_and_batches(batch, m, n, device):
     dtype = DTYPES[(m + n) % 2]
     A = general("random", batch, m, n, dtype).to(device)
     full = m % 2 == 1
-    assert svd_op.backend_for(A, full, True) == "triton"
+    assert svd_op.backend_for(A, full, True) == ("reference" if A.numel() == 0 else "triton")
     check_svd(A, full, f"svd {case_id(batch, m, n)}")
 
 

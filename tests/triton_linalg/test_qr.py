@@ -48,7 +48,7 @@ QR_CASES = [(BATCHES[i % 4], m, n, ("reduced", "complete", "r")[i % 3]) for i, (
 @pytest.mark.parametrize("batch,m,n,mode", QR_CASES, ids=[f"{case_id(b, m, n)}-{mode}" for b, m, n, mode in QR_CASES])
 def test_qr_lapack_ratios(batch, m, n, mode, dtype, device):
     A = general("random", batch, m, n, dtype).to(device)
-    assert qr_op.backend_for(A, mode) == "triton"
+    assert qr_op.backend_for(A, mode) == ("reference" if A.numel() == 0 else "triton")
     check_qr(A, mode, f"qr {case_id(batch, m, n)} {mode}")
 
 
@@ -153,7 +153,7 @@ def small_tile(monkeypatch):
 def test_large_qr_goes_blocked(small_tile, launches, batch, m, n, mode, dtype, device):
     A = general("random", batch, m, n, dtype).to(device)
     calls = launches(importlib.import_module("metalcore.linalg.qr_blocked"), "qr_blocked")
-    assert qr_op.backend_for(A, mode) == "triton"
+    assert qr_op.backend_for(A, mode) == ("reference" if A.numel() == 0 else "triton")
     check_qr(A, mode, f"qr {case_id(batch, m, n)} {mode}")
     assert bool(calls) == (max(m, n) > 16)
 

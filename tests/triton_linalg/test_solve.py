@@ -37,7 +37,7 @@ SOLVE_CASES = [(BATCHES[(i + j) % 4], n, (1, 4, 70 if (i + j) % 4 != 3 else 2)[(
 def test_solve_lapack_ratio(batch, n, k, left, dtype, device):
     A = general("random", batch, n, n, dtype).to(device)
     B = torch.randn(*batch, *((n, k) if left else (k, n)), dtype=dtype, device=device)
-    assert solve_ex_op.backend_for(A, B, left, False) == "triton"
+    assert solve_ex_op.backend_for(A, B, left, False) == ("reference" if A.numel() == 0 else "triton")
     check_solve(A, B, left, f"solve {case_id(batch, n, k)}")
 
 

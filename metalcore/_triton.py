@@ -7,6 +7,16 @@ time (:func:`metalcore._backend.triton_interpreting`). Kernel modules are import
 notebook) would route CPU tensors to a kernel compiled for CUDA. :func:`jit` closes that gap: the
 kernel is wrapped once, and each launch picks the interpreted or compiled twin by the variable's
 value at that moment. A device function that kernels call is declared with :func:`helper`.
+
+Compiled launches take a shorter road than ``JITFunction.run`` once a kernel variant has been
+compiled (:meth:`LazyKernel._launch`): Triton's own binder still computes the specialization of
+the arguments (dtypes, 16-byte alignment of pointers, integers equal to 1 or divisible by 16), which
+selects the compiled variant, but the per-call work around it — reading the debug and
+instrumentation settings, formatting the options into the cache key, checking the kernel's globals,
+building launch metadata for hooks nobody registered — is skipped, and the compiled launcher is
+called directly. It is tied to Triton 3.6's internals (``device_caches``, the binder, the
+launcher's argument order), so other versions, registered launch hooks, and a first launch of
+each variant go through ``JITFunction.run``.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import triton
 import triton.runtime.interpreter as _interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
@@ -39,6 +50,9 @@ def _patch_interpreter_for_numpy_2_4() -> None:
     patched._metalcore_fixed = True
     _interpreter._patch_lang_tensor = patched
 
+
+# torch's C accessor for the current stream's handle (what Triton's driver uses), ~0.1 µs a call.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _INTERPRETED_HELPERS: dict[Callable[..., Any], InterpretedFunction] = {}
 
@@ -69,6 +83,19 @@ def _jit_helpers_interpretable() -> Iterator[None]:
         JITFunction.__call__ = original
 
 
+# The direct launch follows Triton 3.6's JITFunction.run line by line (runtime/jit.py); any other
+# version launches through run() itself.
+FAST_LAUNCH = triton.__version__.split(".")[:2] == ["3", "6"]
+if FAST_LAUNCH:
+    from triton import knobs
+
+
+def _launch_hooks_registered() -> bool:
+    """Whether a profiler (proton, a user) has registered launch hooks, which only run() calls."""
+    enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter)) or bool(getattr(exit_, "calls", exit_))
+
+
 class LazyKernel:
     """A Triton kernel that chooses compile-or-interpret at launch: ``kernel[grid](*args, ...)``."""
 
@@ -77,6 +104,9 @@ class LazyKernel:
         self.__name__ = fn.__name__
         self.interpreted: InterpretedFunction | None = None
         self.compiled: JITFunction | None = None
+        # (device, specialization, options) -> (launcher, function handle, packed metadata) of a
+        # compiled variant already launched once through JITFunction.run.
+        self._launchers: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         if triton_interpreting():
@@ -92,7 +122,33 @@ class LazyKernel:
             return run
         if self.compiled is None:
             self.compiled = JITFunction(self.fn)
-        return self.compiled[grid]
+        if not FAST_LAUNCH:
+            return self.compiled[grid]
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid: tuple[int, ...], *args: Any, **options: Any) -> None:
+        """Launch on the current CUDA device and stream: the compiled variant directly when this
+        specialization was launched before, else through ``JITFunction.run`` (which compiles)."""
+        jit = self.compiled
+        device = torch.cuda.current_device()
+        binder = jit.device_caches[device][4]
+        bound, specialization, _ = binder(*args, **options)
+        try:
+            key = (device, tuple(specialization), tuple(options.items()))
+            entry = self._launchers.get(key)
+        except TypeError:  # an unhashable constexpr: no shortcut for this kernel
+            key, entry = None, None
+        if entry is None or _launch_hooks_registered():
+            kernel = jit.run(*args, grid=grid, warmup=False, **options)
+            if key is not None and kernel is not None and not jit.pre_run_hooks and not hasattr(kernel, "result"):
+                self._launchers[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+            return
+        launcher, function, metadata = entry
+        n = len(grid)
+        # Launcher arguments as run() passes them; None for the launch metadata and both hooks.
+        launcher(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                 torch.cuda.current_stream(device).cuda_stream if _raw_stream is None else _raw_stream(device),
+                 function, metadata, None, None, None, *bound.values())
 
     def __repr__(self) -> str:
         return f"<metalcore triton kernel {self.fn.__name__}>"

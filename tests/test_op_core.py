@@ -1,0 +1,458 @@
+"""The op core (metalcore/_op.py): plans cached per call signature, the measured-selection hook,
+empty inputs answered by the reference, oversized batches split, and the kernel module list."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import metalcore
+from metalcore import _kernels
+from metalcore._backend import BackendUnavailableError, triton_importable
+from metalcore._op import _Kernel, observe_backends, registered_ops
+from metalcore.linalg.cholesky import cholesky_ex_op
+from metalcore.linalg.eigh import eigh_op
+from metalcore.nn.rms_norm import rms_norm_fwd
+
+ROOT = Path(metalcore.__file__).parent
+
+
+@pytest.fixture
+def recording_kernel(monkeypatch):
+    """A 'triton' kernel for rms_norm_fwd that records its inputs and takes contiguous float32 rows
+    of at most 8 elements; Triton 'runs' on CPU tensors (TRITON_INTERPRET=1)."""
+    calls = []
+
+    def kernel(x, weight, eps, offset):
+        calls.append((tuple(x.shape), x.dtype, x.is_contiguous()))
+        return rms_norm_fwd.reference(x, weight, eps, offset)
+
+    def supports(x, weight, eps, offset):
+        return x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] <= 8
+
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel, supports))
+    monkeypatch.setattr("metalcore._backend.triton_importable", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("METALCORE_BACKEND", raising=False)
+    return calls
+
+
+def _repeat(fn, times=3):
+    for _ in range(times):
+        out = fn()
+    return out
+
+
+# --- the plan cache -------------------------------------------------------------------------------
+
+def test_a_changed_stride_misses_the_cache(recording_kernel):
+    x = torch.randn(8, 4)
+    with metalcore.use_backend("triton"):
+        _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+        assert recording_kernel == [((8, 4), torch.float32, True)] * 3
+        # Same shape, dtype and device; only the strides differ: the kernel does not take it.
+        view = torch.randn(4, 8).mT
+        y, _ = rms_norm_fwd(view, None, 1e-6, 0.0)
+    assert len(recording_kernel) == 3
+    torch.testing.assert_close(y, rms_norm_fwd.reference(view.contiguous(), None, 1e-6, 0.0)[0])
+
+
+def test_a_changed_dtype_misses_the_cache(recording_kernel):
+    with metalcore.use_backend("triton"):
+        _repeat(lambda: rms_norm_fwd(torch.randn(2, 4), None, 1e-6, 0.0))
+        rms_norm_fwd(torch.randn(2, 4, dtype=torch.float64), None, 1e-6, 0.0)
+        rms_norm_fwd(torch.randn(2, 4), None, 1e-6, 0.0)
+    assert [c[1] for c in recording_kernel] == [torch.float32] * 4
+
+
+def test_a_changed_device_misses_the_cache():
+    x = torch.randn(3, 5)
+    _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+    y, rstd = rms_norm_fwd(x.to("meta"), None, 1e-6, 0.0)     # the fake implementation answers
+    assert y.device.type == "meta" and y.shape == (3, 5) and rstd.shape == (3,)
+
+
+def test_a_changed_requires_grad_misses_the_cache():
+    x = torch.randn(3, 5, dtype=torch.float64)
+    y, _ = _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+    assert y.grad_fn is None
+    xg = x.clone().requires_grad_()
+    y, _ = rms_norm_fwd(xg, None, 1e-6, 0.0)
+    assert y.grad_fn is not None
+    (g,) = torch.autograd.grad(y.sum(), xg)
+    torch.autograd.gradcheck(lambda t: rms_norm_fwd(t, None, 1e-6, 0.0)[0], (xg,))
+    with torch.no_grad():
+        assert rms_norm_fwd(xg, None, 1e-6, 0.0)[0].grad_fn is None
+    assert g.shape == x.shape
+
+
+def test_bad_input_after_a_good_one_of_the_same_shape_still_raises():
+    A = torch.eye(3).expand(2, 3, 3).clone()
+    _repeat(lambda: metalcore.linalg.cholesky(A))
+    bad = A.clone()
+    bad[1, 2, 2] = -1.0                                        # data changes the answer, not the plan
+    with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1"):
+        metalcore.linalg.cholesky(bad)
+    with pytest.raises(TypeError, match="A must have dtype"):
+        metalcore.linalg.cholesky(A.to(torch.int64))
+
+
+def test_a_mutated_tensor_is_seen():
+    x = torch.randn(4, 6)
+    first, _ = _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+    first = first.clone()
+    x.mul_(-3.0).add_(1.0)
+    again, _ = rms_norm_fwd(x, None, 1e-6, 0.0)
+    torch.testing.assert_close(again, rms_norm_fwd.reference(x, None, 1e-6, 0.0)[0])
+    assert not torch.allclose(first, again)
+
+
+def test_use_backend_switches_paths_on_a_hot_key(recording_kernel):
+    x = torch.randn(2, 4)
+    _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))          # auto on CPU: the reference
+    assert recording_kernel == []
+    with metalcore.use_backend("triton"):
+        rms_norm_fwd(x, None, 1e-6, 0.0)
+    assert len(recording_kernel) == 1
+    rms_norm_fwd(x, None, 1e-6, 0.0)
+    assert len(recording_kernel) == 1
+
+
+def test_environment_changes_are_seen_on_a_hot_key(recording_kernel, monkeypatch):
+    x = torch.randn(2, 4)
+    monkeypatch.setenv("METALCORE_BACKEND", "triton")
+    _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+    assert len(recording_kernel) == 3
+    monkeypatch.setenv("METALCORE_BACKEND", "reference")
+    rms_norm_fwd(x, None, 1e-6, 0.0)
+    assert len(recording_kernel) == 3
+    monkeypatch.setenv("METALCORE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        rms_norm_fwd(x, None, 1e-6, 0.0)
+    monkeypatch.setenv("METALCORE_BACKEND", "bogus")
+    for _ in range(2):                                          # an invalid value raises every time
+        with pytest.raises(ValueError, match="got 'bogus'"):
+            rms_norm_fwd(x, None, 1e-6, 0.0)
+
+
+def test_plugging_a_kernel_in_drops_the_cached_plans(recording_kernel, monkeypatch):
+    x = torch.randn(2, 4)
+    with metalcore.use_backend("triton"):
+        _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+        assert len(recording_kernel) == 3
+        monkeypatch.delitem(rms_norm_fwd.kernels, "triton")
+        with pytest.raises(BackendUnavailableError, match="no triton kernel"):
+            rms_norm_fwd(x, None, 1e-6, 0.0)
+
+
+def test_autograd_and_plain_calls_observe_the_backend(recording_kernel):
+    x = torch.randn(2, 4, requires_grad=True)
+    with metalcore.use_backend("triton"), observe_backends() as served:
+        y = metalcore.rms_norm(x, 4)
+        y.sum().backward()
+    assert served["rms_norm_fwd"] == "triton" and "rms_norm_bwd" in served
+    assert x.grad is not None
+
+
+# --- measured selection ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("measured,automatic,expected", [
+    (True, False, "triton"), (False, True, "reference"), (None, True, "triton"), (None, False, "reference")])
+def test_the_measured_table_decides_before_the_kernels_rule(recording_kernel, monkeypatch, measured, automatic,
+                                                             expected):
+    asked = []
+
+    def choice(op, backend, device, args):
+        asked.append((op, backend, device.type))
+        return measured
+
+    kernel = rms_norm_fwd.kernels["triton"]
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel.fn, kernel.supports, automatic))
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    monkeypatch.setattr("metalcore._selection.measured_choice", choice)
+    x = torch.randn(2, 4)
+    with observe_backends() as served:
+        _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+    assert served == {"rms_norm_fwd": expected}
+    assert asked == [("rms_norm_fwd", "triton", "cpu")]          # once: the answer is in the plan
+    # The table never overrides what a kernel can take.
+    assert rms_norm_fwd.backend_for(torch.randn(2, 9), None, 1e-6, 0.0) == "reference"
+
+
+# --- empty inputs: torch's answer, on every backend, without a launch ------------------------------
+
+def _square(b, n):
+    return torch.randn(b, n, n, dtype=torch.float64) + n * torch.eye(n, dtype=torch.float64)
+
+
+def _spd(b, n):
+    A = torch.randn(b, n, n, dtype=torch.float64)
+    return A @ A.mT + n * torch.eye(n, dtype=torch.float64)
+
+
+def _general(b, m, n):
+    return torch.randn(b, m, n, dtype=torch.float64)
+
+
+def _lower(b, n):
+    return _square(b, n).tril()
+
+
+def _reflectors(b, m, n, k):
+    A, tau = torch.geqrf(torch.randn(b, m, n, dtype=torch.float64))
+    return A, tau[..., :k]
+
+
+# name -> (metalcore, torch, inputs for a zero in each dimension)
+EMPTY = {
+    "cholesky": (metalcore.linalg.cholesky, torch.linalg.cholesky, [(_spd, 0, 3), (_spd, 2, 0)]),
+    "cholesky_ex": (metalcore.linalg.cholesky_ex, torch.linalg.cholesky_ex, [(_spd, 0, 3), (_spd, 2, 0)]),
+    "eigh": (metalcore.linalg.eigh, torch.linalg.eigh, [(_spd, 0, 3), (_spd, 2, 0)]),
+    "eigvalsh": (metalcore.linalg.eigvalsh, torch.linalg.eigvalsh, [(_spd, 0, 3), (_spd, 2, 0)]),
+    "solve": (metalcore.linalg.solve, torch.linalg.solve,
+              [(lambda b, n, k: (_square(b, n), _general(b, n, k)), b, n, k) for b, n, k in
+               ((0, 3, 2), (2, 0, 2), (2, 3, 0))]),
+    "solve_ex": (metalcore.linalg.solve_ex, torch.linalg.solve_ex,
+                 [(lambda b, n, k: (_square(b, n), _general(b, n, k)), b, n, k) for b, n, k in
+                  ((0, 3, 2), (2, 0, 2), (2, 3, 0))]),
+    "solve_triangular": (lambda A, B: metalcore.linalg.solve_triangular(A, B, upper=False),
+                         lambda A, B: torch.linalg.solve_triangular(A, B, upper=False),
+                         [(lambda b, n, k: (_lower(b, n), _general(b, n, k)), b, n, k) for b, n, k in
+                          ((0, 3, 2), (2, 0, 2), (2, 3, 0))]),
+    "cholesky_solve": (metalcore.linalg.cholesky_solve, torch.cholesky_solve,
+                       [(lambda b, n, k: (_general(b, n, k), _lower(b, n)), b, n, k) for b, n, k in
+                        ((0, 3, 2), (2, 0, 2), (2, 3, 0))]),
+    "qr": (lambda A: metalcore.linalg.qr(A, mode="complete"), lambda A: torch.linalg.qr(A, mode="complete"),
+           [(_general, 0, 3, 2), (_general, 2, 0, 3), (_general, 2, 3, 0)]),
+    "qr_r": (lambda A: metalcore.linalg.qr(A, mode="r"), lambda A: torch.linalg.qr(A, mode="r"),
+             [(_general, 0, 3, 2), (_general, 2, 0, 3), (_general, 2, 3, 0)]),
+    "svd": (metalcore.linalg.svd, torch.linalg.svd, [(_general, 0, 3, 2), (_general, 2, 0, 3), (_general, 2, 3, 0)]),
+    "svdvals": (metalcore.linalg.svdvals, torch.linalg.svdvals,
+                [(_general, 0, 3, 2), (_general, 2, 0, 3), (_general, 2, 3, 0)]),
+    "householder_product": (metalcore.linalg.householder_product, torch.linalg.householder_product,
+                            [(_reflectors, b, m, n, k) for b, m, n, k in
+                             ((0, 4, 3, 2), (2, 0, 0, 0), (2, 4, 0, 0), (2, 4, 3, 0))]),
+}
+EMPTY_CASES = [(name, i) for name, (_, _, cases) in EMPTY.items() for i in range(len(cases))]
+
+
+@pytest.fixture(params=["reference", "triton", "metal"])
+def any_backend(request, monkeypatch):
+    """Every backend, asked for explicitly. Empty inputs never reach a kernel, so neither the Triton
+    interpreter nor the shader executor has to run here; only the request must be honoured."""
+    if request.param == "triton":
+        if not triton_importable():
+            pytest.skip("triton is not importable")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with metalcore.use_backend(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("name,case", EMPTY_CASES, ids=[f"{n}-{i}" for n, i in EMPTY_CASES])
+def test_a_zero_in_any_dimension_gives_torchs_answer_without_a_launch(any_backend, name, case):
+    ours, theirs, cases = EMPTY[name]
+    make, *sizes = cases[case]
+    inputs = make(*sizes)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    assert any(t.numel() == 0 for t in inputs)
+    with observe_backends() as served:
+        got = ours(*inputs)
+    assert set(served.values()) <= {"reference"}, served
+    want = theirs(*inputs)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w)
+
+
+def test_every_linalg_op_has_an_empty_case():
+    """The table above holds each registered linalg op's public twin; the internal building blocks
+    without a torch twin (geqr2, larft, larfb, gram_poly) run inside qr, householder_product, polar."""
+    twins = {"cholesky_ex": "cholesky_ex", "eigh": "eigh", "solve_ex": "solve_ex", "solve_triangular": "solve_triangular",
+             "cholesky_solve": "cholesky_solve", "qr": "qr", "svd": "svd", "householder_product": "householder_product"}
+    internal = {"geqr2", "larft", "larfb", "gram_poly"}
+    linalg_ops = {name for name, op in registered_ops().items() if op.reference.__module__.startswith("metalcore.linalg")}
+    assert linalg_ops == set(twins) | internal
+    assert set(twins.values()) <= set(EMPTY)
+
+
+# --- oversized batches are split by the op core ----------------------------------------------------
+
+def test_the_reference_splits_batches_above_its_limit(monkeypatch):
+    A = _spd(7, 5).reshape(7, 1, 5, 5)
+    whole = torch.linalg.eigh(A)
+    monkeypatch.setitem(eigh_op.max_batch, "cpu", 3)
+    metalcore._op.clear_plans()
+    with observe_backends():
+        L, Q = metalcore.linalg.eigh(A)
+        values = metalcore.linalg.eigvalsh(A)                     # the (0,) placeholder stays one
+    assert L.shape == (7, 1, 5) and Q.shape == (7, 1, 5, 5)
+    # LAPACK runs matrix by matrix either way; only the last bits may differ.
+    torch.testing.assert_close(L, whole.eigenvalues, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(Q.abs(), whole.eigenvectors.abs(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(values, whole.eigenvalues, rtol=1e-12, atol=1e-12)
+    # Gradients flow through the split call as through the whole one.
+    X = A.clone().requires_grad_()
+    (gX,) = torch.autograd.grad(metalcore.linalg.eigvalsh(X).sum(), X)
+    torch.testing.assert_close(gX, torch.eye(5, dtype=torch.float64).expand_as(A))
+
+
+def test_calls_are_split_into_chunks_of_the_limit(monkeypatch):
+    sizes = []
+    reference = eigh_op.reference
+
+    def recording(A, UPLO, compute_v):
+        sizes.append(A.shape[0])
+        return reference(A, UPLO, compute_v)
+
+    monkeypatch.setattr(eigh_op, "reference", recording)
+    monkeypatch.setitem(eigh_op.max_batch, "cpu", 4)
+    metalcore._op.clear_plans()
+    metalcore.linalg.eigh(_spd(10, 3))
+    assert sizes == [4, 4, 2]
+    sizes.clear()
+    metalcore.linalg.eigh(_spd(4, 3))
+    assert sizes == [4]
+
+
+def test_a_kernels_batch_limit_splits_its_launches(monkeypatch):
+    if not triton_importable():
+        pytest.skip("triton is not importable")
+    kernel = cholesky_ex_op.kernels["triton"]
+    sizes = []
+
+    def recording(A, upper, check_errors):
+        sizes.append(A.shape[0])
+        return kernel.fn(A, upper, check_errors)
+
+    monkeypatch.setitem(cholesky_ex_op.kernels, "triton",
+                        _Kernel(recording, kernel.supports, kernel.automatic, max_batch=2))
+    monkeypatch.setattr(cholesky_ex_op, "_batched", (0,))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    A = _spd(5, 4)
+    A[3, 1, 1] = -50.0
+    with metalcore.use_backend("triton"):
+        L, info = metalcore.linalg.cholesky_ex(A)
+        with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 3"):
+            metalcore.linalg.cholesky(A)
+    assert sizes[:3] == [2, 2, 1]
+    want = torch.linalg.cholesky_ex(A)
+    assert torch.equal(info, want.info)
+    ok = want.info == 0
+    torch.testing.assert_close(L[ok], want.L[ok])
+
+
+# --- the kernel module list ------------------------------------------------------------------------
+
+def test_the_kernel_module_list_matches_the_files():
+    """Every ``<op>_triton.py`` / ``<op>_metal.py`` that plugs a kernel in (``.implement(``) is
+    loaded, and every listed module exists; private helpers (``_small_triton.py``) are not listed."""
+    for suffix, listed in (("triton", _kernels.TRITON_MODULES), ("metal", _kernels.METAL_MODULES)):
+        found = set()
+        for path in ROOT.rglob(f"*_{suffix}.py"):
+            if path.name.startswith("_") or not re.search(r"\.implement\(", path.read_text()):
+                continue
+            found.add("metalcore." + ".".join(path.relative_to(ROOT).with_suffix("").parts))
+        assert found == set(listed), f"{suffix}: missing {sorted(found - set(listed))}, " \
+                                     f"stale {sorted(set(listed) - found)}"
+        assert len(listed) == len(set(listed))
+
+
+# --- the direct launch of compiled Triton kernels ---------------------------------------------------
+
+@pytest.fixture
+def fake_compiled(monkeypatch):
+    """A LazyKernel whose compiled twin is a stand-in for Triton 3.6's JITFunction: its binder
+    specializes integers on divisibility by 16 and its run() 'compiles' (counts) and returns a
+    kernel whose launcher records the arguments it is called with."""
+    _triton = pytest.importorskip("metalcore._triton")
+    if not _triton.FAST_LAUNCH:
+        pytest.skip("the direct launch is for Triton 3.6")
+    direct = []
+
+    class Kernel:
+        function, packed_metadata = "function", "metadata"
+
+        def run(self, *args):
+            direct.append(args)
+
+    class Jit:
+        pre_run_hooks: list = []
+
+        def __init__(self):
+            self.runs = []
+            self.device_caches = {0: ({}, {}, None, None, self.binder)}
+
+        def binder(self, *args, **options):
+            return {f"a{i}": a for i, a in enumerate(args)}, [("i32", a % 16 == 0) for a in args], options
+
+        def run(self, *args, grid, warmup, **options):
+            self.runs.append((grid, args, options))
+            return Kernel()
+
+    kernel = _triton.LazyKernel(lambda: None)
+    kernel.compiled = Jit()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_triton, "_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(_triton, "triton_interpreting", lambda: False)
+    return kernel, direct
+
+
+def test_a_compiled_variant_is_launched_directly_after_its_first_run(fake_compiled):
+    kernel, direct = fake_compiled
+    kernel[(3,)](5, 7, num_warps=4)
+    assert len(kernel.compiled.runs) == 1 and direct == []
+    kernel[(3, 2)](5, 7, num_warps=4)
+    assert direct == [(3, 2, 1, 1234, "function", "metadata", None, None, None, 5, 7)]
+    kernel[(3,)](16, 7, num_warps=4)                      # another specialization: run() again
+    kernel[(3,)](5, 7, num_warps=8)                       # other options: run() again
+    assert len(kernel.compiled.runs) == 3 and len(direct) == 1
+
+
+def test_registered_launch_hooks_keep_the_full_launch(fake_compiled):
+    from triton import knobs
+
+    kernel, direct = fake_compiled
+    kernel[(1,)](5, 7)
+    hook = lambda metadata: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        kernel[(1,)](5, 7)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.compiled.runs) == 2 and direct == []
+
+
+@pytest.mark.gpu
+def test_direct_launches_match_triton_run_on_cuda(monkeypatch):
+    from metalcore import _triton
+
+    A = _spd(64, 8).float().cuda()
+    L = torch.linalg.cholesky(A)
+    B = torch.randn(64, 8, 3, device="cuda")
+    x, w = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(4096, device="cuda")
+    calls = [lambda: metalcore.linalg.cholesky(A), lambda: metalcore.linalg.solve_triangular(L, B, upper=False),
+             lambda: metalcore.linalg.solve(A, B), lambda: metalcore.rms_norm(x, (4096,), w.bfloat16(), 1e-6)]
+    with metalcore.use_backend("triton"):
+        monkeypatch.setattr(_triton, "FAST_LAUNCH", False)
+        want = [call() for call in calls]
+        monkeypatch.setattr(_triton, "FAST_LAUNCH", True)
+        for _ in range(2):                                  # the first run compiles, the second is direct
+            got = [call() for call in calls]
+    for g, w_ in zip(got, want):
+        assert torch.equal(g, w_)
+
+
+def test_a_tensor_subclass_runs_the_library_op_once():
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(3, 4).as_subclass(Tagged)
+    with observe_backends() as served:
+        y, _ = rms_norm_fwd(x, None, 1e-6, 0.0)
+    assert served == {"rms_norm_fwd": "reference"}
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), rms_norm_fwd.reference(x.as_subclass(torch.Tensor),
+                                                                                    None, 1e-6, 0.0)[0])
