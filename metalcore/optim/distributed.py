@@ -134,6 +134,17 @@ def check_placements(cls: str, p: Tensor, index: int = 0) -> None:
                          f"partial sum is not a block of rows it can reassemble")
 
 
+def refuse_sharded(cls: str, p: Tensor, index: int = 0) -> None:
+    """For optimizers that need whole matrices and have no owner-computes path yet (SOAP, Shampoo):
+    a DTensor parameter with any shard or partial placement raises ValueError naming it; replicated
+    DTensors and plain tensors pass (every rank then holds the whole matrix)."""
+    placements = getattr(p, "placements", None)
+    if placements is not None and not all(placement.is_replicate() for placement in placements):
+        raise ValueError(f"{cls}: {_describe(index, p)} is sharded; {cls}'s preconditioners need whole matrices and "
+                         f"it has no sharded path: an update of the local shard alone would be wrong. Use "
+                         f"metalcore.optim.Muon or MetalAdamW under FSDP2, or replicate the parameter")
+
+
 def orthogonalization_flops(shape: tuple[int, int], steps: int) -> int:
     """Matmul FLOPs of ``steps`` quintic Newton–Schulz iterations on one ``(A, B)`` matrix
     (m = min, n = max): X Xᵀ (2m²n), its square (2m³) and the product with X (2m²n) per step."""
