@@ -81,10 +81,11 @@ class RowLayout:
         return (self.rows, self.cols)
 
 
-def _describe(index: int, p: Tensor) -> str:
+def _describe(index: Optional[int], p: Tensor) -> str:
     placements = getattr(p, "placements", None)
     where = f", placements {tuple(placements)}" if placements is not None else ""
-    return f"parameter {index} of the group (shape {tuple(p.shape)}{where})"
+    which = "a parameter" if index is None else f"parameter {index} of the group"
+    return f"{which} (shape {tuple(p.shape)}{where})"
 
 
 def shard_rows(rows: int, world_size: int) -> tuple[tuple[int, int], ...]:
@@ -94,14 +95,14 @@ def shard_rows(rows: int, world_size: int) -> tuple[tuple[int, int], ...]:
     return tuple((min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(world_size))
 
 
-def row_layout(p: Tensor, index: int, world_size: int, cls: str = "Muon") -> RowLayout:
+def row_layout(p: Tensor, world_size: int, cls: str = "Muon") -> RowLayout:
     """The layout of ``p`` (a DTensor on a 1-D mesh of ``world_size`` ranks, or a plain tensor
     replicated over a group of that size); ValueError naming the parameter for anything else."""
     rows, cols = p.shape[0], math.prod(p.shape[1:])
     placements = getattr(p, "placements", None)
     if placements is None:
         return RowLayout(rows, cols, ((0, rows),) * world_size, True)
-    check_placements(cls, p, index)
+    check_placements(cls, p)
     placement = placements[0]
     if placement.is_replicate():
         return RowLayout(rows, cols, ((0, rows),) * world_size, True)
@@ -109,13 +110,13 @@ def row_layout(p: Tensor, index: int, world_size: int, cls: str = "Muon") -> Row
     rank = p.device_mesh.get_local_rank(0)
     start, stop = ranges[rank]
     if p.to_local().shape[0] != stop - start:
-        raise ValueError(f"{cls}: {_describe(index, p)} holds {p.to_local().shape[0]} rows on rank {rank}, not the "
+        raise ValueError(f"{cls}: {_describe(None, p)} holds {p.to_local().shape[0]} rows on rank {rank}, not the "
                          f"{stop - start} of an even Shard(0) split; only torch.chunk-style row sharding (FSDP2, "
                          f"distribute_tensor) is supported")
     return RowLayout(rows, cols, ranges, False)
 
 
-def check_placements(cls: str, p: Tensor, index: int = 0) -> None:
+def check_placements(cls: str, p: Tensor, index: Optional[int] = None) -> None:
     """Refuse what owner-computes cannot reassemble: a mesh of more than one dimension, or a
     placement other than Shard(0) and Replicate (e.g. tensor parallelism's Shard(1), Partial)."""
     mesh, placements = getattr(p, "device_mesh", None), getattr(p, "placements", None)
@@ -134,7 +135,7 @@ def check_placements(cls: str, p: Tensor, index: int = 0) -> None:
                          f"partial sum is not a block of rows it can reassemble")
 
 
-def refuse_sharded(cls: str, p: Tensor, index: int = 0) -> None:
+def refuse_sharded(cls: str, p: Tensor, index: Optional[int] = None) -> None:
     """For optimizers that need whole matrices and have no owner-computes path yet (SOAP, Shampoo):
     a DTensor parameter with any shard or partial placement raises ValueError naming it; replicated
     DTensors and plain tensors pass (every rank then holds the whole matrix)."""
@@ -244,7 +245,7 @@ def owner_computes_muon_update(params: list[Tensor], grads: list[Tensor], moment
     if group is None or not params:
         return
     world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    layouts = [row_layout(p, i, world, cls) for i, p in enumerate(params)]
+    layouts = [row_layout(p, world, cls) for p in params]
     local_params = local_tensors(params)
     updates: list[Tensor] = []
     for g, buf, layout in zip(local_tensors(grads), local_tensors(momentum_buffers), layouts):

@@ -120,18 +120,18 @@ def _replicated_and_refusals(rank: int, world_size: int) -> None:
 
     # Tensor parallelism's column shard and a 2-D mesh: refused at construction, naming the parameter.
     column = nn.Parameter(distribute_tensor(torch.randn(8, 6), init_device_mesh(world_size), [Shard(1)]))
-    with pytest.raises(ValueError, match=r"Muon: parameter 0 of the group \(shape \(8, 6\).*Shard\(dim=1\)"):
+    with pytest.raises(ValueError, match=r"Muon: a parameter \(shape \(8, 6\).*Shard\(dim=1\)"):
         Muon([column])
     # Optimizers with no sharded path (SOAP, Shampoo) refuse any shard through refuse_sharded.
     from metalcore.optim.distributed import refuse_sharded
 
-    with pytest.raises(ValueError, match=r"SOAP: parameter 0 of the group \(shape \(8, 6\).* is sharded"):
+    with pytest.raises(ValueError, match=r"SOAP: a parameter \(shape \(8, 6\).* is sharded"):
         refuse_sharded("SOAP", column)
     replicated_dtensor = distribute_tensor(torch.randn(8, 6), init_device_mesh(world_size), [Replicate()])
     refuse_sharded("SOAP", replicated_dtensor)
     mesh_2d = init_device_mesh(world_size, (1, world_size))
     rows = nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh_2d, [Shard(0), Shard(0)]))
-    with pytest.raises(ValueError, match=r"Muon: parameter 0 .* 2-D device mesh \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"Muon: a parameter .* 2-D device mesh \(1, 2\)"):
         Muon([rows])
 
 
