@@ -8,6 +8,7 @@ seconds (a hang in a collective) has its processes killed and fails too.
 
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +37,12 @@ def _entry(rank: int, where: tuple[str, str], world_size: int, init_file: str, a
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A rank that finished cleanly leaves without the interpreter's finalization, where gloo's threads
+    # can abort a process (one rank died of SIGABRT, "terminate called without an active exception",
+    # in 1 of ~25 runs before this; none in 14 after). Failures raise above, as usual.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 180.0) -> None:
