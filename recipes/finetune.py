@@ -33,10 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (the recipes' shared helpers, next to this file; imports no torch)
+import distributed  # noqa: E402  (--fsdp: process group, sharding, DCP checkpoints; imports no torch)
 
 # Arguments that define the run: a checkpoint written under other values is refused, not resumed.
 _RUN_DEFINING = ("model", "seed", "batch_size", "seq_len", "lr", "optimizer", "warmup", "weight_decay", "vocab_size",
-                 "hidden_size", "layers", "corpus_bytes", "steps", "no_patch")
+                 "hidden_size", "layers", "corpus_bytes", "steps", "no_patch", "fsdp")
 # The default model's positions; --seq-len beyond it would index past the RoPE table.
 DEFAULT_MAX_POSITIONS = 1024
 SAMPLE_TOKENS = 32
@@ -64,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "one with torch.optim.AdamW (same seed, data and initial weights), and print the speed and "
                         "memory ratios, both measured in this process")
     p.add_argument("--no-patch", action="store_true", help="train without metalcore (the baseline)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 over the processes started by torchrun (NCCL on CUDA, gloo on "
+                        "the CPU); --batch-size is per process; checkpoints through torch.distributed.checkpoint "
+                        "(recipes/distributed.py)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     # Size of the default model and tokenizer (ignored with --model).
@@ -91,6 +96,8 @@ def check_args(args: argparse.Namespace) -> None:
         common.fail(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
     if args.compare and args.no_patch:
         common.fail("--compare already trains the unpatched side; drop --no-patch")
+    if args.compare and args.fsdp:
+        common.fail("--compare runs both sides in one process; with --fsdp run the two sides separately (--no-patch)")
     if args.model is None:
         # The byte-level alphabet (256) and the 5 special tokens come first; merges need room beyond.
         common.check_at_least(args, {"vocab_size": 262, "hidden_size": 16, "layers": 1})
@@ -246,7 +253,8 @@ def evaluate(model, heldout, args, pad_id, device, autocast) -> float:
     return total / max(1, count)
 
 
-def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_tokens: int = SAMPLE_TOKENS) -> str:
+def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_tokens: int = SAMPLE_TOKENS,
+                  ranks=None) -> str:
     """The model's most likely continuation of the chat-formatted ``prompt`` (no cache: the recipe's
     models are small and the answer short), up to the end-of-turn token."""
     import torch
@@ -258,6 +266,8 @@ def greedy_answer(model, tokenizer, prompt: str, device, autocast, max_new_token
         for _ in range(max_new_tokens):
             with autocast():
                 nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            if ranks:  # rank 0's token everywhere: a rank stopping alone would leave the others in a collective
+                distributed.broadcast_from_main(nxt)
             ids = torch.cat([ids, nxt], dim=1)
             if int(nxt) == stop:
                 break
@@ -279,7 +289,8 @@ def make_optimizer(model, args, patched: bool):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
+def run(args, out_dir: Path, patched: bool, label: str, ranks=None) -> RunResult:
+    """One training run; ``ranks`` (recipes/distributed.py) when sharded with --fsdp, else None."""
     import torch
     from tqdm import tqdm
 
@@ -288,16 +299,17 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
-    device = common.pick_device(args.device)
+    device = ranks.device if ranks else common.pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(common.threads_for(args.threads))
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.out) / "data"
-    examples = load_examples(args, data_dir)
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args, data_dir, examples, device)
+    with distributed.main_first(ranks) if ranks else contextlib.nullcontext():
+        examples = load_examples(args, data_dir)
+        torch.manual_seed(args.seed)
+        model, tokenizer = load_model_and_tokenizer(args, data_dir, examples, device)
     train_set = encode([e for e in examples if not common.is_heldout(e)], tokenizer, args.seq_len)
     heldout_examples = [e for e in examples if common.is_heldout(e)]
     heldout = encode(heldout_examples, tokenizer, args.seq_len)
@@ -310,6 +322,8 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
         import metalcore.patch
 
         report = metalcore.patch.patch_model(model)
+    if ranks:
+        distributed.shard(model, ranks)  # after patch_model: FSDP2 wraps the forwards that will run
     model.train()
     optimizer = make_optimizer(model, args, patched)
     sampler = Sampler(len(train_set), args.seed)
@@ -324,8 +338,11 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
             diff = {k: (ckpt["args"].get(k), v) for k, v in run_args.items() if ckpt["args"].get(k) != v}
             common.fail(f"{ckpt_path} was written by a different run {diff} (checkpoint, now); "
                         "pass another --out or delete it")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ranks:
+            distributed.load(out_dir / ckpt["dcp"], model, optimizer)
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         sampler = Sampler(len(train_set), args.seed, **ckpt["sampler"])
         common.set_rng_state(ckpt["rng"])
         for k in ("steps", "train", "eval", "sample"):
@@ -334,13 +351,27 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
         result.resumed_from = saved_step = result.steps
 
     def save() -> None:
-        bad = common.first_nonfinite(model.state_dict())
+        if ranks:
+            bad = "of some rank's shard" if distributed.any_nonfinite(model) else None
+        else:
+            bad = common.first_nonfinite(model.state_dict())
         if bad:
             common.fail(f"[{label}] step {result.steps}: weight {bad} is NaN or infinite (training diverged); the "
                         f"checkpoint of step {saved_step} is kept; lower --lr")
-        common.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "sampler": sampler.state(), "rng": common.rng_state(), "args": run_args,
-                                "result": asdict(result)}, ckpt_path)
+        state = {"sampler": sampler.state(), "rng": common.rng_state(), "args": run_args, "result": asdict(result)}
+        if not ranks:
+            common.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state},
+                                   ckpt_path)
+            return
+        # The shards go to a folder of their own step, which checkpoint.pt names once it is written:
+        # a kill at any point leaves checkpoint.pt and the folder it names consistent.
+        folder = f"dcp-step{result.steps:07d}"
+        distributed.save(out_dir / folder, model, optimizer, ranks)
+        if ranks.is_main:
+            common.save_checkpoint({**state, "dcp": folder}, ckpt_path)
+            for old in out_dir.glob("dcp-step*"):
+                if old.name != folder:
+                    shutil.rmtree(old, ignore_errors=True)
 
     if report is not None and result.resumed_from == 0:
         say(report)
@@ -352,7 +383,8 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
         # Before any step (outside the timed region): the baseline the eval curve and sample start from.
         result.eval.append((0, evaluate(model, heldout, args, pad_id, device, autocast)))
         prompt = heldout_examples[0]["prompt"]
-        result.sample = {"prompt": prompt, "before": greedy_answer(model, tokenizer, prompt, device, autocast)}
+        result.sample = {"prompt": prompt,
+                         "before": greedy_answer(model, tokenizer, prompt, device, autocast, ranks=ranks)}
         say(f"[{label}] step 0: eval loss {result.eval[-1][1]:.3f}")
 
     bar = tqdm(total=args.steps, initial=result.steps, desc=label, disable=args.quiet, dynamic_ncols=True)
@@ -362,7 +394,9 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
     try:
         while result.steps < args.steps:
             step = result.steps
-            batch = collate([train_set[i] for i in sampler.take(args.batch_size)], pad_id)
+            world, rank = (ranks.world_size, ranks.rank) if ranks else (1, 0)
+            picks = sampler.take(args.batch_size * world)[rank * args.batch_size: (rank + 1) * args.batch_size]
+            batch = collate([train_set[i] for i in picks], pad_id)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
@@ -373,7 +407,8 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())  # one sync per step: the loss is logged every step
+            # One sync per step: the loss is logged every step (with --fsdp, the mean over the ranks).
+            loss_value = distributed.mean_across(loss, ranks) if ranks else float(loss.detach())
             result.train_seconds += time.perf_counter() - t0
             result.tokens += int(batch["attention_mask"].sum())
             result.steps = step + 1
@@ -392,7 +427,8 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
                               f"eval loss {result.eval[-1][1]:.3f}")
             stopping = args.stop_after is not None and result.steps >= args.stop_after
             if last:
-                result.sample["after"] = greedy_answer(model, tokenizer, result.sample["prompt"], device, autocast)
+                result.sample["after"] = greedy_answer(model, tokenizer, result.sample["prompt"], device, autocast,
+                                                        ranks=ranks)
             if result.steps % args.save_every == 0 or last or stopping:
                 save()
                 saved_step = result.steps
@@ -406,14 +442,23 @@ def run(args, out_dir: Path, patched: bool, label: str) -> RunResult:
         raise SystemExit(130) from None
     bar.close()
     if result.steps == args.steps:
-        if report is not None:
+        full = distributed.full_state_dict(model) if ranks else None  # every rank takes part in the gather
+        if report is not None and not ranks:
             report.undo()  # save the plain HF model: patching is a runtime choice, not part of the weights
 
         def write_final(folder: Path) -> None:
-            model.save_pretrained(folder)
+            if ranks:  # the gathered weights in a fresh, unpatched and unsharded model of the same config
+                from transformers import AutoModelForCausalLM
+
+                plain = AutoModelForCausalLM.from_config(model.config)
+                plain.load_state_dict(full)
+                plain.save_pretrained(folder)
+            else:
+                model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
 
-        common.save_dir_atomic(out_dir / "final", write_final)
+        if not ranks or ranks.is_main:
+            common.save_dir_atomic(out_dir / "final", write_final)
     return result
 
 
@@ -427,11 +472,24 @@ def _fmt_rate(tokens_per_second) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not args.fsdp:
+        return train_and_report(args)
+    ranks = distributed.setup(args.device)
+    if not ranks.is_main:
+        args.quiet = True  # one voice: rank 0 prints and writes the summary
+    try:
+        return train_and_report(args, ranks)
+    finally:
+        distributed.teardown()
+
+
+def train_and_report(args, ranks=None) -> dict:
     out = Path(args.out)
     say = (lambda *a, **k: None) if args.quiet else print
     started = time.time()
-    for path in common.remove_orphans(out):
-        say(f"removed {path}, left by a save that was killed")
+    if not ranks or ranks.is_main:
+        for path in common.remove_orphans(out):
+            say(f"removed {path}, left by a save that was killed")
     if args.compare:
         # Both sides from step 0 in this process: a checkpoint would bring back an old run's speed.
         shutil.rmtree(out / "compare", ignore_errors=True)
@@ -439,7 +497,7 @@ def main(argv=None) -> dict:
         runs = [run(args, out / "compare" / "metalcore", True, "metalcore"),
                 run(argparse.Namespace(**{**vars(args), "no_patch": True}), out / "compare" / "pytorch", False, "pytorch")]
     else:
-        runs = [run(args, out, not args.no_patch, "pytorch" if args.no_patch else "metalcore")]
+        runs = [run(args, out, not args.no_patch, "pytorch" if args.no_patch else "metalcore", ranks)]
     main_run = runs[0]
     summary = {"steps": main_run.steps, "finished": main_run.steps == args.steps}
     for r in runs:
@@ -451,6 +509,12 @@ def main(argv=None) -> dict:
             "measured_steps": [r.resumed_from + 1, r.steps] if r.steps > r.resumed_from else None,
             "sample": r.sample, "checkpoint": r.checkpoint, "resumed_from": r.resumed_from,
         }
+    if ranks:
+        summary["world_size"] = ranks.world_size
+        summary["ranks"] = distributed.gather_stats({"tokens_per_second": main_run.tokens_per_second,
+                                                     "peak_memory_bytes": main_run.peak_memory}, ranks)
+        if not ranks.is_main:
+            return summary
     png = out / "loss_curve.png"
     common.plot_losses({r.label: {"train": r.train, "eval": r.eval} for r in runs}, png,
                        f"SFT of {args.model or 'a small Llama'} on standard-library docstrings")
@@ -459,6 +523,8 @@ def main(argv=None) -> dict:
     common.write_json_atomic(summary, out / "summary.json")
     if not args.quiet:
         print_summary(args, runs, summary)
+        if ranks:
+            print(f"per rank ({ranks.world_size} processes, FSDP2):\n{distributed.format_ranks(summary['ranks'])}")
     return summary
 
 

@@ -32,6 +32,7 @@ resumption here (runs are minutes long); recipes/finetune.py shows the checkpoin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import sys
@@ -40,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (imports no torch: arguments are checked before anything slow)
+import distributed  # noqa: E402  (--fsdp: process group, sharding, per-rank reports; imports no torch)
 
 OPTIMIZERS = ("adamw", "muon", "soap", "shampoo")
 
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/pretrain_gpt")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard each model with FSDP2 over the processes started by torchrun (NCCL on CUDA, gloo on "
+                        "the CPU); --batch-size is per process (recipes/distributed.py)")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -143,15 +148,22 @@ def evaluate(model, data, starts, args, device) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    ranks = distributed.setup(args.device) if args.fsdp else None
+    if ranks and not ranks.is_main:
+        args.quiet = True  # one voice: rank 0 prints and writes the summary
     try:
-        return train_all(args)
+        return train_all(args, ranks)
     except KeyboardInterrupt:
         print("\ninterrupted; this recipe keeps no checkpoint (runs are minutes long): rerun the same command to "
               "start over", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if ranks:
+            distributed.teardown()
 
 
-def train_all(args) -> dict:
+def train_all(args, ranks=None) -> dict:
+    """Every optimizer's run; ``ranks`` (recipes/distributed.py) when sharded with --fsdp."""
     import torch
     from tqdm import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -160,11 +172,14 @@ def train_all(args) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common.remove_orphans(out)
-    device = common.pick_device(args.device)
+    if not ranks or ranks.is_main:
+        common.remove_orphans(out)
+    device = ranks.device if ranks else common.pick_device(args.device)
+    world, rank = (ranks.world_size, ranks.rank) if ranks else (1, 0)
     if device.type == "cpu":
         torch.set_num_threads(common.threads_for(args.threads))
-    stream, vocab = token_stream(args, out)
+    with distributed.main_first(ranks) if ranks else contextlib.nullcontext():
+        stream, vocab = token_stream(args, out)
     data, n_windows = windows(stream, args.seq_len)
     # Fixed held-out windows (every 20th), the rest for training, in one seeded order for all runs.
     heldout = [i * args.seq_len for i in range(0, n_windows, 20)][:32]
@@ -181,11 +196,16 @@ def train_all(args) -> dict:
     for name in args.optimizer_names:
         model = copy.deepcopy(initial).to(device).train()
         metalcore.patch.patch_model(model)
+        if ranks:
+            distributed.shard(model, ranks)  # after patch_model: FSDP2 wraps the forwards that will run
         optimizers = make_optimizer(name, model, args)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         train_curve, eval_curve, seconds = [], [(0, evaluate(model, data, heldout, args, device))], 0.0
         bar = tqdm(range(args.steps), desc=name, disable=args.quiet, dynamic_ncols=True)
         for step in bar:
-            idx = [order[(step * args.batch_size + j) % len(order)] for j in range(args.batch_size)]
+            # Each step draws world × batch windows; this rank trains on its slice of them.
+            idx = [order[((step * world + rank) * args.batch_size + j) % len(order)] for j in range(args.batch_size)]
             x = torch.stack([data[train[i]: train[i] + args.seq_len] for i in idx]).to(device)
             for opt in optimizers:
                 for group in opt.param_groups:
@@ -197,7 +217,7 @@ def train_all(args) -> dict:
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            value = float(loss.detach())
+            value = distributed.mean_across(loss, ranks) if ranks else float(loss.detach())
             seconds += time.perf_counter() - t0
             train_curve.append((step + 1, value))
             bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{(step + 1) * args.batch_size * args.seq_len / seconds:,.0f}")
@@ -207,7 +227,17 @@ def train_all(args) -> dict:
         summary[name] = {"optimizers": [type(opt).__name__ for opt in optimizers],
                          "initial_eval_loss": eval_curve[0][1], "final_eval_loss": eval_curve[-1][1],
                          "final_train_loss": sum(v for _, v in train_curve[-10:]) / len(train_curve[-10:]),
-                         "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds}
+                         "tokens_per_second": args.steps * args.batch_size * args.seq_len / seconds,
+                         # peak allocator memory on CUDA; on other devices the memory in use at the end
+                         "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                               else common.current_memory(device))}
+    if ranks:
+        summary["world_size"] = world
+        summary["ranks"] = distributed.gather_stats({
+            "tokens_per_second": sum(summary[n]["tokens_per_second"] for n in curves) / len(curves),
+            "peak_memory_bytes": max(summary[n]["peak_memory_bytes"] for n in curves)}, ranks)
+        if not ranks.is_main:
+            return summary
     png = out / "loss_curves.png"
     common.plot_losses(curves, png, f"Pre-training a {sum(p.numel() for p in initial.parameters()) / 1e6:.1f}M-parameter "
                        "GPT (Llama architecture), metalcore-patched")
@@ -219,6 +249,9 @@ def train_all(args) -> dict:
             print(f"{name:>7}: eval loss {s['final_eval_loss']:.3f} (step 0: {s['initial_eval_loss']:.3f}), train loss {s['final_train_loss']:.3f} "
                   f"(last 10 steps), {s['tokens_per_second']:,.0f} tokens/s")
         print(f"loss curves: {png}")
+        if ranks:
+            print(f"per rank ({world} processes, FSDP2; tokens/s averaged over the optimizers):\n"
+                  f"{distributed.format_ranks(summary['ranks'])}")
     return summary
 
 

@@ -40,6 +40,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from metalcore._backend import requested_backend
 from metalcore._op import metalcore_op
+from metalcore.optim import distributed
 
 _CLS = "MetalAdamW"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -305,6 +306,10 @@ def adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
         raise ValueError(f"metalcore.optim.adamw: {name} must have one entry per parameter ({n}); got {length}")
     if not amsgrad and max_exp_avg_sqs:
         raise ValueError("metalcore.optim.adamw: max_exp_avg_sqs must be empty unless amsgrad=True")
+    if distributed.has_dtensor(params):
+        # FSDP2 (DTensor) parameters: the update is elementwise, so it runs on the local shards.
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+            distributed.local_tensors(t) for t in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
     if torch_fused_applies(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad):
         torch_fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, float(lr), float(beta1),
                          float(beta2), float(eps), float(weight_decay), bool(amsgrad), bool(maximize))

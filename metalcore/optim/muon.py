@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalcore.linalg.polar import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz, polar, polar_express
+from metalcore.optim import distributed
 from metalcore.optim.adamw import evaluate_closure
 
 _CLS = "Muon"
@@ -156,6 +157,7 @@ def check_param(cls: str, p: Tensor) -> None:
         raise ValueError(f"{cls} only supports parameters with at least 2 dimensions (matrices; conv weights are "
                          f"flattened to (out, -1)) whereas we found a parameter with size: {p.size()}; "
                          f"optimize it with AdamW (see metalcore.optim.muon_param_groups)")
+    distributed.check_placements(cls, p)
 
 
 def init_group(optimizer: Optimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -184,9 +186,16 @@ def step_group(optimizer: Optimizer, group: dict[str, Any]) -> None:
     if not params:
         return
     lr = group["lr"]
-    muon_update(params, grads, bufs, lr=float(lr), weight_decay=group["weight_decay"], momentum=group["momentum"],
-                nesterov=group["nesterov"], ns_coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
-                ns_steps=group["ns_steps"], adjust_lr_fn=group["adjust_lr_fn"], orthogonalize=group["orthogonalize"])
+    options = dict(lr=float(lr), weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   nesterov=group["nesterov"], ns_coefficients=tuple(group["ns_coefficients"]), eps=group["eps"],
+                   ns_steps=group["ns_steps"], adjust_lr_fn=group["adjust_lr_fn"], orthogonalize=group["orthogonalize"])
+    process_group = getattr(optimizer, "process_group", None)
+    if process_group is not None or distributed.has_dtensor(params):
+        # Sharded (FSDP2) or replicated (DDP) matrices: owner-computes over the group (distributed.py).
+        distributed.owner_computes_muon_update(params, grads, bufs, process_group=process_group,
+                                               cls=type(optimizer).__name__, **options)
+    else:
+        muon_update(params, grads, bufs, **options)
 
 
 MUON_HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn",
@@ -203,6 +212,10 @@ class Muon(Optimizer):
             ``ns_steps`` ≤ 5 of them are used, ``ns_coefficients`` does not apply) or ``'svd'`` (the
             exact polar factor U Vᵀ through metalcore's SVD in float32: the SVD-based orthogonalizing
             optimizer; neither ns argument applies).
+        process_group: the ``torch.distributed`` group over which plain parameters are replicated
+            (DDP): each matrix is then orthogonalized by one owner rank and the result shared. FSDP2
+            (DTensor) parameters need nothing: their mesh's group is used. Either way the update is
+            the single-process one (:mod:`metalcore.optim.distributed`).
 
     Differences from torch, deliberate:
 
@@ -220,12 +233,13 @@ class Muon(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                  eps: float = NS_EPS, ns_steps: int = NS_STEPS, adjust_lr_fn: Optional[str] = None, *,
-                 orthogonalize: str = "newton_schulz"):
+                 orthogonalize: str = "newton_schulz", process_group: Any = None):
         check_hyperparameters(_CLS, lr, weight_decay, momentum, ns_coefficients, eps, ns_steps, adjust_lr_fn,
                               orthogonalize)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         orthogonalize=orthogonalize)
+        self.process_group = process_group
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -89,13 +89,15 @@ class MuonWithAuxAdamW(Optimizer):
     :data:`ADAMW_DEFAULTS`; the betas (0.9, 0.95) of the recipes). Missing ``lr``/``weight_decay``
     raise. The state is the two optimizers' own (``momentum_buffer``; ``step``/``exp_avg``/
     ``exp_avg_sq``), so one ``state_dict`` holds both and the update is exactly that of
-    :class:`Muon` and :class:`MetalAdamW` on their groups.
+    :class:`Muon` and :class:`MetalAdamW` on their groups. ``process_group`` as :class:`Muon`'s (DDP);
+    FSDP2 (DTensor) parameters need none (:mod:`metalcore.optim.distributed`).
 
     >>> opt = MuonWithAuxAdamW(muon_param_groups(model, lr=0.02, adamw_lr=3e-4))
     >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)   # scales every group
     """
 
-    def __init__(self, param_groups: Iterable[dict[str, Any]]):
+    def __init__(self, param_groups: Iterable[dict[str, Any]], *, process_group: Any = None):
+        self.process_group = process_group  # as Muon's: the group plain (DDP) matrices are replicated over
         param_groups = list(param_groups)
         for g in param_groups:
             if not isinstance(g, dict) or "use_muon" not in g:
