@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
+from metalcore.optim import distributed
 from metalcore.optim._preconditioner import (along, by_size, check_int, check_number, gram, joined, merged_shape,
                                              restore_state_dtypes)
 from metalcore.optim.adamw import evaluate_closure, state_dtype
@@ -297,6 +298,8 @@ class Shampoo(Optimizer):
         """As torch's, and also validates the group's own hyperparameters."""
         check_hyperparameters(*(param_group.get(k, self.defaults.get(k)) for k in HYPERPARAMETERS))
         super().add_param_group(param_group)
+        for index, p in enumerate(self.param_groups[-1]["params"]):
+            distributed.refuse_sharded("Shampoo", p, index)  # FSDP2 shards: no sharded path yet
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, keeping float32 state for bf16/fp16 parameters (torch's loader would cast it)."""

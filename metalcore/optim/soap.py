@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
 from metalcore.linalg.qr import qr
+from metalcore.optim import distributed
 from metalcore.optim._preconditioner import (along, by_size, check_int, check_number, gram, joined, merged_shape,
                                              restore_state_dtypes)
 from metalcore.optim.adamw import evaluate_closure, state_dtype
@@ -252,6 +253,8 @@ class SOAP(Optimizer):
         """As torch's, and also validates the group's own hyperparameters."""
         check_hyperparameters(*(param_group.get(k, self.defaults.get(k)) for k in HYPERPARAMETERS))
         super().add_param_group(param_group)
+        for index, p in enumerate(self.param_groups[-1]["params"]):
+            distributed.refuse_sharded("SOAP", p, index)  # FSDP2 shards: no sharded path yet
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, keeping float32 state for bf16/fp16 parameters (torch's loader would cast it)."""
