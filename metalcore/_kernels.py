@@ -23,9 +23,7 @@ TRITON_MODULES: tuple[str, ...] = (
     "metalcore.linalg.qr_triton",
     "metalcore.linalg.householder_triton",
     "metalcore.linalg.solve_triton",
-    "metalcore.linalg.eigh_batched_triton",
     "metalcore.linalg.eigh_triton",
-    "metalcore.linalg.svd_batched_triton",
     "metalcore.linalg.svd_triton",
     "metalcore.linalg.syrk_triton",
 )

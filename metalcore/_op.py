@@ -397,7 +397,8 @@ class MetalcoreOp:
         ``torch.linalg.cholesky``) calls it directly instead, with none of the op's layers, never slower than torch and never a materializing reference on a GPU
         (DESIGN.md §3). An explicit backend, the reference included (the oracle), keeps the op; so
         does tracing, where the op stays one opaque node. Cached with the call's plan."""
-        if not self._cached or torch.compiler.is_compiling() or requested_backend() != "auto":
+        if (not self._cached or torch.compiler.is_compiling() or requested_backend() != "auto"
+                or torch._C._len_torch_dispatch_stack()):  # a dispatch mode (export, FakeTensor) sees the op
             return False
         plan = self._plan(args)
         # A chunked plan (a batch beyond what torch's library call takes) keeps the op's path.

@@ -82,7 +82,10 @@ def test_svd_noncontiguous_and_return_types():
     A = torch.randn(3, 9, 6, dtype=torch.float64)
     result = metalcore.linalg.svd(noncontiguous(A))
     assert isinstance(result, torch.return_types.linalg_svd)
-    assert all(t.is_contiguous() for t in result)
+    # Where automatic selection gives the call to torch (the CPU), the outputs are torch's own, strides
+    # included (LAPACK's column-major U and Vh): the drop-in promise is torch's result.
+    expected = torch.linalg.svd(noncontiguous(A))
+    assert all(t.stride() == e.stride() for t, e in zip(result, expected))
     U, S, Vh = result
     assert_lapack_ratio(residual_ratio(A, U[..., :6] @ torch.diag_embed(S) @ Vh, torch.float64), "noncontiguous")
     assert isinstance(metalcore.linalg.svdvals(noncontiguous(A)), torch.Tensor)
