@@ -212,9 +212,10 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     backend is requested explicitly, and the kernel takes the inputs; everywhere else (and under
     ``"reference"`` never) torch's own fused SDPA, called directly (the
     flash/memory-efficient kernels on CUDA, the flash kernel on the CPU), so importing metalcore never
-    makes attention slower. Both follow the contract above; torch's SDPA also gives 0 on rows with
-    nothing to attend (its "safe softmax", since torch 2.5) and the average of ``V`` on rows masked
-    entirely with ``finfo.min`` (Hugging Face's padding), as the reference does. Under
+    makes attention slower. Both follow the contract above: torch's CPU kernel gives 0 on rows with
+    nothing to attend and the average of ``V`` on rows masked entirely with ``finfo.min`` (Hugging
+    Face's padding), as the reference does; on a GPU its kernels do not, so a call with a mask runs
+    them without cuDNN on a rewritten mask (``_mask_for_fused_kernels``). Under
     ``use_backend("reference")`` dropout and a mask that requires a gradient run a materialising
     composite of plain torch ops (dropout drawn as torch's math backend draws it).
 
