@@ -17,7 +17,8 @@ Two parts, in one run:
    and GPU time beside it (CUDA events around the same calls behind a ``torch.cuda._sleep`` that
    hides the host), for metalcore's public function and torch's SDPA in the same run, at the shapes
    of issue "never slower": 4×32×2048×128 bf16 (forward; forward+backward; causal and not) and the
-   decode shape q 1×32×1×128 against kv 1×8×512×128 (GQA). The ratio is torch's time over
+   decode shape q 1×32×1×128 against kv 1×8×512×128 (GQA), and prefill with a bool padding mask
+   (reported, not held to the target: the mask rewrite of v5 costs there). The ratio is torch's time over
    metalcore's (≥ 0.95 is the target). With ``--triton``, the Triton kernels forced with
    ``use_backend("triton")`` around the whole step, and around the forward only (the backward must
    stay on Triton: same time as the whole-step block, not the reference's).
@@ -124,14 +125,18 @@ def timing_rows(device, tiny, triton, calls, repeats):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name, shape in shapes(tiny).items():
         gqa = shape["Hkv"] != shape["H"]
-        for causal in ([False, True] if name == "prefill" else [False]):
+        for causal in ([False, True, "padding"] if name == "prefill" else [False]):
             for backward in (False, True):
                 q, k, v = make(shape, dtype, device, backward)
                 dout = torch.randn(shape["B"], shape["H"], shape["L"], shape["E"], device=device, dtype=dtype)
-                kwargs = dict(is_causal=causal, enable_gqa=gqa)
+                kwargs = dict(is_causal=causal is True, enable_gqa=gqa)
+                if causal == "padding":  # a bool padding mask (last eighth of the keys of batch 0 off)
+                    mask = torch.ones(shape["B"], 1, shape["L"], shape["S"], dtype=torch.bool, device=device)
+                    mask[0, ..., -shape["S"] // 8:] = False
+                    kwargs["attn_mask"] = mask
                 variants = {"torch": step(F.scaled_dot_product_attention, q, k, v, dout, kwargs, backward),
                             "metalcore": step(public_sdpa, q, k, v, dout, kwargs, backward)}
-                if triton:
+                if triton and causal != "padding":  # the Triton kernels are timed without masks
                     whole = step(public_sdpa, q, k, v, dout, kwargs, backward)
 
                     def forced(whole=whole):
@@ -145,7 +150,7 @@ def timing_rows(device, tiny, triton, calls, repeats):
                 times = {variant: (w, gpu_us(variants[variant], device, n, w)) for variant, w in walls.items()}
                 base = times["torch"][0]
                 for variant, (w, g) in times.items():
-                    rows.append(dict(case=f"{name} {'causal' if causal else 'full'}",
+                    rows.append(dict(case=f"{name} {causal if causal == 'padding' else 'causal' if causal else 'full'}",
                                      shape="B{B} H{H} Hkv{Hkv} L{L} S{S} E{E}".format(**shape), dtype=str(dtype),
                                      direction="fwd+bwd" if backward else "fwd", variant=variant, wall_us=w,
                                      gpu_us=g, ratio_vs_torch=base / w))
@@ -266,7 +271,9 @@ def main():
         gpu = f"{r['gpu_us']:10.1f}" if r["gpu_us"] is not None else f"{'-':>10s}"
         print(f"{r['case']:16s} {r['direction']:8s} {r['variant']:28s} {r['wall_us']:10.1f} {gpu} "
               f"{r['ratio_vs_torch']:10.2f}")
-    public = [r for r in rows if r["variant"] == "metalcore"]
+    # The padding-mask rows are reported, not held to the target: there metalcore rewrites the mask and
+    # leaves cuDNN out for the documented semantics (bench/training.md v5).
+    public = [r for r in rows if r["variant"] == "metalcore" and "padding" not in r["case"]]
     worst = min(r["ratio_vs_torch"] for r in public)
     print(f"\npublic function: worst wall ratio torch/metalcore {worst:.2f} (target >= {args.min_ratio}); "
           f"{sum(not c['ok'] for c in checks)} of {len(checks)} checks failed")
