@@ -8,14 +8,17 @@ Two parts, in one run:
 1. **Semantics on this device** (checks, each PASS/FAIL): the public function against metalcore's
    reference run in float64 (``use_backend("reference")``), forward and every gradient, for a bool
    mask with a fully masked row (output and gradients exactly 0 there), a float ``finfo.min``
-   padding mask (that row averages V), causal GQA, a float mask that requires a gradient, dropout
-   (finite, drops something), and NaN in the query or key reaching the output. Error bound: twice
-   torch's own error in the same dtype (the suite's rule) plus a small floor.
-2. **Timing**: wall time per eager call (back-to-back calls, one synchronize, median of repeats)
+   padding mask (that row averages V), causal GQA, a float mask that requires a gradient, a
+   float32 mask with bf16 inputs, dropout (finite, drops something), and NaN in the query or key
+   reaching the output. Error bound: twice the error of torch's math backend in the same dtype (the
+   suite's rule; its fused kernels are what is checked) plus a small floor.
+2. **Timing**: wall time per eager call (back-to-back calls, one synchronize, median of repeats,
+   the variants taking turns within each repeat)
    and GPU time beside it (CUDA events around the same calls behind a ``torch.cuda._sleep`` that
    hides the host), for metalcore's public function and torch's SDPA in the same run, at the shapes
    of issue "never slower": 4×32×2048×128 bf16 (forward; forward+backward; causal and not) and the
-   decode shape q 1×32×1×128 against kv 1×8×512×128 (GQA). The ratio is torch's time over
+   decode shape q 1×32×1×128 against kv 1×8×512×128 (GQA), and prefill with a bool padding mask
+   (reported, not held to the target: the mask rewrite of v5 costs there). The ratio is torch's time over
    metalcore's (≥ 0.95 is the target). With ``--triton``, the Triton kernels forced with
    ``use_backend("triton")`` around the whole step, and around the forward only (the backward must
    stay on Triton: same time as the whole-step block, not the reference's).
@@ -26,6 +29,7 @@ Exit status 1 when a check fails or a ratio is below ``--min-ratio``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -34,6 +38,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import metalcore
 from metalcore.nn import metal_scaled_dot_product_attention as public_sdpa
@@ -44,19 +49,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def wall_us(fn, device, calls, repeats):
-    """Median over ``repeats`` of (time of ``calls`` back-to-back calls, one synchronize) / calls."""
-    for _ in range(3):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(calls):
+def wall_us(fns, device, calls, repeats):
+    """Per variant, median over ``repeats`` of (time of ``calls`` back-to-back calls, one synchronize)
+    / calls. Variants take turns within each repeat, so that clock or thermal drift during the run
+    falls on all of them alike (measured one after the other, the same torch kernel read 0.92x)."""
+    for fn in fns.values():
+        for _ in range(3):
             fn()
-        sync(device)
-        times.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(times)
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def gpu_us(fn, device, calls, wall):
@@ -116,14 +125,18 @@ def timing_rows(device, tiny, triton, calls, repeats):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name, shape in shapes(tiny).items():
         gqa = shape["Hkv"] != shape["H"]
-        for causal in ([False, True] if name == "prefill" else [False]):
+        for causal in ([False, True, "padding"] if name == "prefill" else [False]):
             for backward in (False, True):
                 q, k, v = make(shape, dtype, device, backward)
                 dout = torch.randn(shape["B"], shape["H"], shape["L"], shape["E"], device=device, dtype=dtype)
-                kwargs = dict(is_causal=causal, enable_gqa=gqa)
+                kwargs = dict(is_causal=causal is True, enable_gqa=gqa)
+                if causal == "padding":  # a bool padding mask (last eighth of the keys of batch 0 off)
+                    mask = torch.ones(shape["B"], 1, shape["L"], shape["S"], dtype=torch.bool, device=device)
+                    mask[0, ..., -shape["S"] // 8:] = False
+                    kwargs["attn_mask"] = mask
                 variants = {"torch": step(F.scaled_dot_product_attention, q, k, v, dout, kwargs, backward),
                             "metalcore": step(public_sdpa, q, k, v, dout, kwargs, backward)}
-                if triton:
+                if triton and causal != "padding":  # the Triton kernels are timed without masks
                     whole = step(public_sdpa, q, k, v, dout, kwargs, backward)
 
                     def forced(whole=whole):
@@ -133,13 +146,11 @@ def timing_rows(device, tiny, triton, calls, repeats):
                     if backward:
                         variants["triton (block around fwd)"] = step(public_sdpa, q, k, v, dout, kwargs, True, "triton")
                 n = calls if name == "decode" else max(calls // 10, 5)
-                times = {}
-                for variant, fn in variants.items():
-                    w = wall_us(fn, device, n, repeats)
-                    times[variant] = (w, gpu_us(fn, device, n, w))
+                walls = wall_us(variants, device, n, repeats)
+                times = {variant: (w, gpu_us(variants[variant], device, n, w)) for variant, w in walls.items()}
                 base = times["torch"][0]
                 for variant, (w, g) in times.items():
-                    rows.append(dict(case=f"{name} {'causal' if causal else 'full'}",
+                    rows.append(dict(case=f"{name} {causal if causal == 'padding' else 'causal' if causal else 'full'}",
                                      shape="B{B} H{H} Hkv{Hkv} L{L} S{S} E{E}".format(**shape), dtype=str(dtype),
                                      direction="fwd+bwd" if backward else "fwd", variant=variant, wall_us=w,
                                      gpu_us=g, ratio_vs_torch=base / w))
@@ -175,7 +186,11 @@ def semantic_checks(device):
             kwargs["attn_mask"] = mask
             leaves = [q, k, v, mask]
         ours = _grads(public_sdpa, leaves, dout, **kwargs)
-        theirs = _grads(F.scaled_dot_product_attention, leaves, dout, **kwargs)
+        # torch's error in this dtype; on CUDA from its math backend: the fused kernels there are what
+        # the public function wraps (their results on these masks are what is being checked), and math
+        # has the documented semantics (safe softmax). On the CPU, its flash kernel (as the suite).
+        with sdpa_kernel(SDPBackend.MATH) if device.type == "cuda" else contextlib.nullcontext():
+            theirs = _grads(F.scaled_dot_product_attention, leaves, dout, **kwargs)
         leaves64 = [t.detach().double().requires_grad_() for t in leaves]
         kwargs64 = dict(kwargs)
         if mask is not None:
@@ -186,6 +201,9 @@ def semantic_checks(device):
         for what, a, t, e in zip(("out", "dq", "dk", "dv", "dmask"), ours, theirs, expected):
             if not torch.isfinite(a).all():
                 problems.append(f"{what} not finite")
+                continue
+            if not torch.isfinite(t).all():
+                problems.append(f"{what}: torch's math backend not finite (no error bound)")
                 continue
             floor = 4 * torch.finfo(dtype).eps * max(1.0, e.abs().max().item())
             if _err(a, e) > 2 * _err(t, e) + floor:
@@ -253,7 +271,9 @@ def main():
         gpu = f"{r['gpu_us']:10.1f}" if r["gpu_us"] is not None else f"{'-':>10s}"
         print(f"{r['case']:16s} {r['direction']:8s} {r['variant']:28s} {r['wall_us']:10.1f} {gpu} "
               f"{r['ratio_vs_torch']:10.2f}")
-    public = [r for r in rows if r["variant"] == "metalcore"]
+    # The padding-mask rows are reported, not held to the target: there metalcore rewrites the mask and
+    # leaves cuDNN out for the documented semantics (bench/training.md v5).
+    public = [r for r in rows if r["variant"] == "metalcore" and "padding" not in r["case"]]
     worst = min(r["ratio_vs_torch"] for r in public)
     print(f"\npublic function: worst wall ratio torch/metalcore {worst:.2f} (target >= {args.min_ratio}); "
           f"{sum(not c['ok'] for c in checks)} of {len(checks)} checks failed")

@@ -26,12 +26,14 @@ torch's SDPA, or under the ``"reference"`` backend a composite of plain differen
 the same float32/float64 arithmetic.
 """
 
+import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from metalcore._backend import automatic_backend, requested_backend, use_backend
 from metalcore._op import metalcore_op
@@ -165,19 +167,30 @@ def _to_ops_layout(x: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
     return x.expand(*batch, heads, *x.shape[-2:]).reshape(math.prod(batch), heads, *x.shape[-2:])
 
 
+@functools.cache
+def _torch_serves(device_type: str) -> bool:
+    """Whether torch's fused SDPA serves automatic calls on this device type: metalcore's attention
+    kernel is not the automatic choice there (CUDA, where the Triton kernel measured 0.46-0.86x of
+    torch's flash SDPA on the H100, bench/training_triton.md; the CPU, where the reference materialises
+    the scores and ran 0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4). Cached:
+    kernels register at import, and this check runs on every call."""
+    return not sdpa_fwd.automatic_kernel(automatic_backend(torch.device(device_type)))
+
+
 def _served_by_torch(query: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> bool:
-    """Whether torch's fused SDPA serves this call: wherever metalcore's attention kernel is not the
-    automatic choice (CUDA, where the Triton kernel measured 0.46-0.86x of torch's flash SDPA on the
-    H100, bench/training_triton.md; the CPU, where the reference materialises the scores and ran
-    0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4), and for what the ops do not do
-    (dropout, a mask that requires a gradient). An explicit ``use_backend``/``METALCORE_BACKEND``
-    runs metalcore's ops (``"reference"``: the materialising oracle, also for those two)."""
+    """Whether torch's fused SDPA serves this call: automatically wherever it serves the device, and for
+    what the ops do not do (dropout, a mask that requires a gradient). An explicit
+    ``use_backend``/``METALCORE_BACKEND`` runs metalcore's ops (``"reference"``: the materialising
+    oracle, also for those two)."""
     requested = requested_backend()
+    # is_cuda/is_cpu: ~0.06 µs each; query.device.type builds a torch.device, ~0.4 µs (a 28 µs decode
+    # call has ~1.4 µs to spare for 0.95x of torch).
+    device_type = "cuda" if query.is_cuda else "cpu" if query.is_cpu else query.device.type
+    if requested == "auto" and _torch_serves(device_type):
+        return True
     if requested == "reference":
         return False
-    if dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad):
-        return True
-    return requested == "auto" and not sdpa_fwd.automatic_kernel(automatic_backend(query.device))
+    return dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)
 
 
 def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -199,9 +212,10 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     backend is requested explicitly, and the kernel takes the inputs; everywhere else (and under
     ``"reference"`` never) torch's own fused SDPA, called directly (the
     flash/memory-efficient kernels on CUDA, the flash kernel on the CPU), so importing metalcore never
-    makes attention slower. Both follow the contract above; torch's SDPA also gives 0 on rows with
-    nothing to attend (its "safe softmax", since torch 2.5) and the average of ``V`` on rows masked
-    entirely with ``finfo.min`` (Hugging Face's padding), as the reference does. Under
+    makes attention slower. Both follow the contract above: torch's CPU kernel gives 0 on rows with
+    nothing to attend and the average of ``V`` on rows masked entirely with ``finfo.min`` (Hugging
+    Face's padding), as the reference does; on a GPU its kernels do not, so a call with a mask runs
+    them without cuDNN on a rewritten mask (``_mask_for_fused_kernels``). Under
     ``use_backend("reference")`` dropout and a mask that requires a gradient run a materialising
     composite of plain torch ops (dropout drawn as torch's math backend draws it).
 
@@ -227,25 +241,104 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
 
 def _torch_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
                 is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
-    """``F.scaled_dot_product_attention`` with metalcore's contract: its typed errors, 1-D masks, NaN in, NaN out."""
+    """``F.scaled_dot_product_attention`` with metalcore's contract: its typed errors, 1-D masks, masked
+    rows as documented on every device, NaN in, NaN out. Without a mask (the hot path: causal, GQA,
+    decode) it adds no kernel launch on a GPU and only a few attribute checks."""
+    alive = sunk = None
     try:
         # torch accepts a mask with is_causal and a value whose S differs from key's: refuse both.
         if (attn_mask is not None and is_causal) or value.shape[-2] != key.shape[-2]:
             _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-        if attn_mask is not None and attn_mask.dim() == 1:
-            attn_mask = attn_mask[None]  # torch's kernels index dim -2 of the mask; broadcasting allows 1-D
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
-                                             enable_gqa=enable_gqa)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale=scale,
+                                                 enable_gqa=enable_gqa)
+        else:
+            if attn_mask.dim() == 1:
+                attn_mask = attn_mask[None]  # torch's kernels index dim -2 of the mask; broadcasting allows 1-D
+            if not query.is_cpu:  # torch's CPU flash kernel already has these semantics (tests)
+                attn_mask, alive, sunk = _mask_for_fused_kernels(attn_mask, query.dtype)
+            out = _sdpa_without_cudnn(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
         # Name the bad argument as metalcore does everywhere; torch's own error if ours finds none.
         _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         raise
+    if sunk is not None:  # padding rows: the average of V, as torch's CPU kernel and the reference give
+        mean_v = value.mean(-2, keepdim=True)
+        if enable_gqa and mean_v.shape[-3] != query.shape[-3]:
+            mean_v = mean_v.repeat_interleave(query.shape[-3] // mean_v.shape[-3], dim=-3)
+        out = torch.where(sunk, mean_v, out)
+    if alive is not None:
+        out = out * alive  # rows with nothing to attend ran over every key (finite); 0 out, 0 gradients
     if query.is_cpu:
         # torch's CPU flash kernel takes a query row holding a NaN for a fully masked row and returns
         # 0 there (torch 2.13, measured; NaN in key or value does propagate). NaN in, NaN out: adding
         # 0·Σ_E q to each row restores it at ~1/S of the attention's own work, with no host sync.
         out = out + query.detach().sum(-1, keepdim=True).mul_(0)
     return out
+
+
+# A row whose largest mask value is below this is a padding row (Hugging Face fills them with
+# finfo.min, -3.4e38, which overflows to -inf once a kernel scales it by log2(e)): the kernel sees it
+# shifted to a maximum of 0 (finite) and its output is the average of V, as the contract says for
+# finfo.min rows. Far beyond any score; rows above it are passed bit-for-bit.
+_SHIFT_BELOW = -2.0 ** 16
+
+
+def _mask_for_fused_kernels(attn_mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A mask that torch's GPU kernels read safely; each row's "attends to something" flag ``alive``
+    ``(..., L, 1)`` that the output is multiplied by; for a float mask the padding rows ``sunk``
+    (maximum below ``_SHIFT_BELOW``), whose output becomes the average of V.
+
+    On the H100 (torch 2.11, bench/training.md v5) torch's SDPA gave a fully masked row nonzero
+    output or dq, a finfo.min row something other than the average of V, and a float32 mask with
+    bf16 inputs non-finite results. cuDNN attention, torch's first choice there, turns a bool False
+    into the finite -65504 (so a dead row attends to every key); a kernel that scales scores by
+    log2(e) overflows -3.4e38 to -inf; the memory-efficient kernel refuses a bias whose dtype is not
+    the query's. Here no row is fully masked (a dead row attends to every key and is zeroed
+    afterwards, so its gradients are exactly 0), no row sits near the float range's end, and a
+    float mask has the query's dtype (a float32 mask with half inputs is rounded to them, as the
+    kernels read it). Costs a few passes over the mask, only when a mask is given; no host sync."""
+    if attn_mask.dtype == torch.bool:
+        alive = attn_mask.any(-1, keepdim=True)
+        # Additive, in the inputs' dtype (torch would convert it anyway): -inf off the mask on live
+        # rows, 0 everywhere on dead rows.
+        fill = torch.where(alive, -math.inf, 0.0).to(dtype)
+        return torch.where(attn_mask, 0.0, fill), alive, None
+    row_max = attn_mask.detach().amax(-1, keepdim=True)
+    alive = row_max != -math.inf  # a NaN row stays alive: NaN in, NaN out
+    lowest = torch.finfo(attn_mask.dtype).min
+    # Dead rows: -inf clamped to the lowest finite value, then shifted by it to 0 (finite). The shift is
+    # a constant per row, to which softmax (and so the gradient into the mask) is invariant.
+    sunk = row_max < _SHIFT_BELOW
+    shift = torch.where(sunk, row_max.clamp(min=lowest), 0.0)
+    return (attn_mask.clamp(min=lowest) - shift).to(dtype), alive, sunk
+
+
+def _sdpa_without_cudnn(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float,
+                        scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """torch's SDPA with a mask, cuDNN attention left out (torch's first choice on the H100 when its
+    cuDNN is newer than 9.15): it ignored custom masks in torch 2.10 (pytorch#177842), and the
+    non-finite float32-mask results above came from torch's first choice. The memory-efficient
+    kernel (or math) serves instead; autograd keeps the forward's kernel for the backward. Flipping
+    the global flag costs ~0.6 µs, ``sdpa_kernel`` ~13 µs (used only where torch.compile traces it)."""
+    def call():
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, False, scale=scale,
+                                              enable_gqa=enable_gqa)
+    if not query.is_cuda:
+        return call()
+    if torch.compiler.is_compiling():
+        with sdpa_kernel(_NOT_CUDNN):
+            return call()
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return call()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return call()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+_NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _layout(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import metalcore
 from metalcore._op import observing
 from metalcore.nn import metal_scaled_dot_product_attention as sdpa
-from metalcore.nn.attention import sdpa_bwd, sdpa_fwd
+from metalcore.nn.attention import _mask_for_fused_kernels, sdpa_bwd, sdpa_fwd
 from oracle import assert_close, assert_within_torch_error
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -180,6 +180,74 @@ def test_fully_masked_rows(kind, path):
         assert (ours[0][:, :, 1] == 0).all() and (ours[1][:, :, 1] == 0).all()
     if kind == "finfo_min":
         assert_close(ours[0][:, :, 1], v.detach().mean(-2))
+
+
+def fused_gpu_masks(q, k, v, attn_mask):
+    """What the public function runs on a GPU with a mask: the rewritten mask through torch's SDPA
+    (its CPU kernel here), times the rows' "attends to something" flags."""
+    mask, alive, sunk = _mask_for_fused_kernels(attn_mask, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, mask)
+    return (out if sunk is None else torch.where(sunk, v.mean(-2, keepdim=True), out)) * alive
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "finfo_min", "minus_1e9", "nan"])
+def test_gpu_mask_rewrite(kind):
+    """The mask rewrite for torch's GPU kernels keeps metalcore's contract with no fully masked row left
+    and every row's maximum at least -2^16 (cuDNN reads a bool False as -65504, and a finfo.min row
+    overflows a kernel that scales by log2(e)): dead rows 0 with zero gradients, finfo.min rows the
+    average of V (so are rows below -2^16: -1e9), NaN in a mask row NaN out, on the CPU kernel."""
+    q, k, v = leaf(2, 2, 5, 8), leaf(2, 2, 6, 8), leaf(2, 2, 6, 8)
+    if kind == "bool":
+        mask = torch.rand(5, 6) > 0.3
+        mask[1] = False
+    else:
+        mask = torch.randn(5, 6, dtype=torch.float64).masked_fill(torch.rand(5, 6) < 0.2, float("-inf"))
+        mask[1] = float("-inf")
+        mask[3] = {"float": 0.5, "finfo_min": torch.finfo(torch.float64).min, "minus_1e9": -1e9,
+                   "nan": float("nan")}[kind]
+    dout = torch.randn(2, 2, 5, 8, dtype=torch.float64)
+    rewritten = _mask_for_fused_kernels(mask, q.dtype)[0]
+    row_max = rewritten.amax(-1)
+    assert ((row_max >= -2.0 ** 16) | row_max.isnan()).all()
+    ours = run(fused_gpu_masks, q, k, v, dout, attn_mask=mask)
+    if kind == "nan":
+        assert ours[0][:, :, 3].isnan().all() and not ours[0][:, :, 2].isnan().any()
+        return
+    if kind in ("finfo_min", "minus_1e9"):
+        dout[:, :, 3] = 0  # padding rows: no gradient through them (see test_fully_masked_rows)
+        ours = run(fused_gpu_masks, q, k, v, dout, attn_mask=mask)
+        assert_close(ours[0][:, :, 3], v.detach().mean(-2))
+    with metalcore.use_backend("reference"):
+        expected = run(sdpa, *(t.detach().requires_grad_() for t in (q, k, v)), dout,
+                       attn_mask=mask if kind == "bool" else mask.masked_fill(mask.isfinite() & (mask < -2.0 ** 16),
+                                                                   torch.finfo(mask.dtype).min))
+    for a, e in zip(ours, expected):
+        assert_close(a, e)
+    assert (ours[0][:, :, 1] == 0).all() and (ours[1][:, :, 1] == 0).all()
+
+
+def test_gpu_mask_rewrite_float32_mask_bfloat16_inputs_and_mask_gradient():
+    """A float32 mask with bf16 inputs becomes bf16 (the memory-efficient kernel refuses another bias
+    dtype); a mask that requires a gradient gets it through the rewrite (the shift is a constant per
+    row, so dmask equals torch's), 0 on a fully masked row."""
+    q, k, v = (torch.randn(2, 2, 7, 8, dtype=torch.bfloat16) for _ in range(3))
+    bias = torch.randn(7, 9)
+    rewritten, alive, _ = _mask_for_fused_kernels(bias, q.dtype)
+    assert rewritten.dtype == torch.bfloat16 and alive.all()
+    q, k, v = leaf(2, 2, 7, 8), leaf(2, 2, 9, 8), leaf(2, 2, 9, 8)
+    bias = torch.randn(7, 9, dtype=torch.float64)
+    bias[2] = float("-inf")
+    bias.requires_grad_()
+    out = fused_gpu_masks(q, k, v, bias)
+    (dmask,) = torch.autograd.grad(out, bias, torch.randn_like(out))
+    expected_bias = bias.detach().clone().requires_grad_()
+    with metalcore.use_backend("reference"):
+        expected = sdpa(q, k, v, attn_mask=expected_bias)
+        (expected_dmask,) = torch.autograd.grad(expected, expected_bias, torch.ones_like(expected))
+    assert_close(out, expected)
+    (dmask,) = torch.autograd.grad(fused_gpu_masks(q, k, v, bias), bias, torch.ones_like(out))
+    assert (dmask[2] == 0).all()
+    assert_close(dmask, expected_dmask)
 
 
 # (query shape, key shape, value shape, enable_gqa): leading dims, batch and head broadcasting.
