@@ -39,6 +39,15 @@ from metalcore.patch.core import OWN_CODE_DEVICES
 NAME = "metalcore"
 
 
+# Devices where a patched model's attention is transformers' own sdpa under automatic selection: the
+# CPU (OWN_CODE_DEVICES), and CUDA, where metalcore's attention kernel is not the automatic choice
+# (0.6-0.7x torch's flash SDPA on the H100) and the public function's rewrite of a padding mask (which
+# gives fully masked rows its documented zeros) measured 0.37x torch's masked SDPA at 4x32x2048x128
+# bf16 (bench/results/attention-public-h100-20261206-v5.log): HF's padding rows carry no loss, so the
+# model's own call is both the faster and the expected one.
+TORCH_ATTENTION_DEVICES = OWN_CODE_DEVICES | {"cuda"}
+
+
 def _unservable(query: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> Optional[str]:
     if query.dtype not in FLOAT_DTYPES:
         return f"dtype {query.dtype} is not served by metalcore's SDPA"
@@ -58,9 +67,10 @@ def metalcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
         if kwargs.get(name) is not None:
             raise ValueError(f"metalcore attention does not implement `{name}` ({type(module).__name__}); "
                              "use the model's eager attention")
-    if query.device.type in OWN_CODE_DEVICES and requested_backend() == "auto":
-        # The model's own attention where metalcore has nothing faster (see OWN_CODE_DEVICES): on the CPU
-        # metalcore's function is torch's SDPA plus a NaN guard, so this keeps patched = unpatched.
+    if query.device.type in TORCH_ATTENTION_DEVICES and requested_backend() == "auto":
+        # The model's own attention where metalcore has nothing faster: on the CPU metalcore's function is
+        # torch's SDPA plus a NaN guard, and on CUDA torch's SDPA behind a mask rewrite (see below), so this
+        # keeps patched = unpatched.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, position_bias=position_bias, **kwargs)
     reason = _unservable(query, attention_mask)
