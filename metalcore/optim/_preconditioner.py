@@ -142,6 +142,43 @@ def by_size(fn: Callable[..., tuple[Tensor, ...]], batches: list[tuple[Tensor, .
     return out
 
 
+class KroneckerOptimizer(Optimizer):
+    """What SOAP and Shampoo share around their update functions: hyperparameter validation for every
+    group (``HYPERPARAMETERS`` and ``check_hyperparameters`` of the subclass's module), refusal of
+    sharded (FSDP2) parameters, float32 state kept through ``load_state_dict``, and the parameters of
+    each group that have gradients, checked, for ``step``."""
+
+    NAME: str
+    HYPERPARAMETERS: tuple[str, ...]
+    check_hyperparameters: Callable[..., None]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As torch's, and also validates the group's own hyperparameters."""
+        type(self).check_hyperparameters(*(param_group.get(k, self.defaults.get(k)) for k in self.HYPERPARAMETERS))
+        super().add_param_group(param_group)
+        from metalcore.optim import distributed
+
+        for index, p in enumerate(self.param_groups[-1]["params"]):
+            distributed.refuse_sharded(self.NAME, p, index)  # FSDP2 shards: no sharded path yet
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, keeping float32 state for bf16/fp16 parameters (torch's loader would cast it)."""
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
+
+    def groups_to_step(self):
+        """``(group, params with a gradient, their hyperparameters)`` for every group that has any."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if torch.is_complex(p):
+                    raise RuntimeError(f"{self.NAME} does not support complex parameters")
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self.NAME} does not support sparse gradients")
+            if params:
+                yield group, params, {k: group[k] for k in self.HYPERPARAMETERS}
+
+
 def restore_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     """After ``Optimizer.load_state_dict``: torch's loader casts floating state to the parameter's
     dtype, but the moments, factors and bases of bf16/fp16 parameters are float32 here; reload them

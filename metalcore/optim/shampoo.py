@@ -42,12 +42,10 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
-from metalcore.optim import distributed
 from metalcore.optim._preconditioner import (along, by_size, check_int, check_number, gram, joined, merged_shape,
-                                             restore_state_dtypes)
+                                             KroneckerOptimizer)
 from metalcore.optim.adamw import evaluate_closure, state_dtype
 
 _CLS = "Shampoo"
@@ -251,7 +249,7 @@ HYPERPARAMETERS = ("lr", "betas", "epsilon", "weight_decay", "max_preconditioner
                    "grafting_epsilon", "merge_dims")
 
 
-class Shampoo(Optimizer):
+class Shampoo(KroneckerOptimizer):
     r"""Blocked Shampoo with grafting (math and sources in :mod:`metalcore.optim.shampoo`); the inverse
     roots of all blocks are refreshed by one ``metalcore.linalg.eigh`` call per factor size.
 
@@ -279,6 +277,10 @@ class Shampoo(Optimizer):
     >>> opt = Shampoo(model.parameters(), lr=1e-3, precondition_frequency=10, max_preconditioner_dim=1024)
     """
 
+    NAME = _CLS
+    HYPERPARAMETERS = HYPERPARAMETERS
+    check_hyperparameters = staticmethod(check_hyperparameters)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  epsilon: float = 1e-12, weight_decay: float = 0.0, max_preconditioner_dim: int = 1024,
                  precondition_frequency: int = 1, start_preconditioning_step: Optional[int] = None,
@@ -294,32 +296,11 @@ class Shampoo(Optimizer):
                         grafting_epsilon=grafting_epsilon, merge_dims=merge_dims)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, and also validates the group's own hyperparameters."""
-        check_hyperparameters(*(param_group.get(k, self.defaults.get(k)) for k in HYPERPARAMETERS))
-        super().add_param_group(param_group)
-        for index, p in enumerate(self.param_groups[-1]["params"]):
-            distributed.refuse_sharded("Shampoo", p, index)  # FSDP2 shards: no sharded path yet
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, keeping float32 state for bf16/fp16 parameters (torch's loader would cast it)."""
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One Shampoo step for every parameter group; ``closure`` re-evaluates the model and returns the loss."""
         loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if torch.is_complex(p):
-                    raise RuntimeError(f"{_CLS} does not support complex parameters")
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{_CLS} does not support sparse gradients")
-            if not params:
-                continue
-            options = {k: group[k] for k in HYPERPARAMETERS}
+        for _group, params, options in self.groups_to_step():
             if options["start_preconditioning_step"] is None:
                 options["start_preconditioning_step"] = options["precondition_frequency"]
             shampoo_update(params, [p.grad for p in params], [self.state[p] for p in params], **options)

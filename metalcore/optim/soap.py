@@ -43,13 +43,11 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from metalcore.linalg.eigh import eigh
 from metalcore.linalg.qr import qr
-from metalcore.optim import distributed
 from metalcore.optim._preconditioner import (along, by_size, check_int, check_number, gram, joined, merged_shape,
-                                             restore_state_dtypes)
+                                             KroneckerOptimizer)
 from metalcore.optim.adamw import evaluate_closure, state_dtype
 
 _CLS = "SOAP"
@@ -210,7 +208,7 @@ HYPERPARAMETERS = ("lr", "betas", "shampoo_beta", "eps", "weight_decay", "precon
                    "merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
 
 
-class SOAP(Optimizer):
+class SOAP(KroneckerOptimizer):
     r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (math and sources in
     :mod:`metalcore.optim.soap`), with the refreshes of all parameters batched into one
     ``metalcore.linalg.eigh``/``qr`` call per matrix size.
@@ -237,6 +235,10 @@ class SOAP(Optimizer):
     >>> opt = SOAP(model.parameters(), lr=3e-3, precondition_frequency=10)
     """
 
+    NAME = _CLS
+    HYPERPARAMETERS = HYPERPARAMETERS
+    check_hyperparameters = staticmethod(check_hyperparameters)
+
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: Optional[float] = None, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
@@ -249,31 +251,10 @@ class SOAP(Optimizer):
                         correct_bias=correct_bias)
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """As torch's, and also validates the group's own hyperparameters."""
-        check_hyperparameters(*(param_group.get(k, self.defaults.get(k)) for k in HYPERPARAMETERS))
-        super().add_param_group(param_group)
-        for index, p in enumerate(self.param_groups[-1]["params"]):
-            distributed.refuse_sharded("SOAP", p, index)  # FSDP2 shards: no sharded path yet
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, keeping float32 state for bf16/fp16 parameters (torch's loader would cast it)."""
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One SOAP step for every parameter group; ``closure`` re-evaluates the model and returns the loss."""
         loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if torch.is_complex(p):
-                    raise RuntimeError(f"{_CLS} does not support complex parameters")
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{_CLS} does not support sparse gradients")
-            if not params:
-                continue
-            soap_update(params, [p.grad for p in params], [self.state[p] for p in params],
-                        **{k: group[k] for k in HYPERPARAMETERS})
+        for _group, params, options in self.groups_to_step():
+            soap_update(params, [p.grad for p in params], [self.state[p] for p in params], **options)
         return loss
