@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -565,3 +566,5 @@ def print_summary(args, runs, summary) -> None:
 
 if __name__ == "__main__":
     main()
+    if "LOCAL_RANK" in os.environ:  # a rank under torchrun (--fsdp): see distributed.exit_cleanly
+        distributed.exit_cleanly()

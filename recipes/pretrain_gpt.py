@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -257,3 +258,5 @@ def train_all(args, ranks=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if "LOCAL_RANK" in os.environ:  # a rank under torchrun (--fsdp): see distributed.exit_cleanly
+        distributed.exit_cleanly()

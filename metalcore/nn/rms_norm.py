@@ -114,7 +114,8 @@ def rms_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, e
     offset = float(offset)
     if (not offset and (weight is None or weight.dtype == input.dtype)
             and rms_norm_fwd.prefers_torch(x2d, w, eps, offset)):
-        return F.rms_norm(input, x2d.shape[-1:], weight, eps)
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        return F.rms_norm(input, shape, weight, eps)
     y, _ = rms_norm_fwd(x2d, w, eps, offset)
     return y.view_as(input)   # view_as: ~0.9 µs, view(input.shape) ~2.5 (argument parsing)
 
