@@ -83,6 +83,7 @@ class Sweep:
     op_args: Callable[..., tuple[Any, ...]]  # the registered op's arguments (to ask who serves)
     canonical: Callable[[Any], torch.Tensor]  # what both must agree on
     large: bool = False            # also swept at LARGE_N × LARGE_BATCH
+    widths: tuple[int, ...] = WIDTHS  # the row widths of a "rows" sweep
 
     @property
     def name(self) -> str:
@@ -190,9 +191,9 @@ def _training_sweeps() -> list[Sweep]:
               mn.metal_silu, F.silu, lambda x: (x,), lambda y: y),
         Sweep("swiglu_fwd", "", "rows", dtypes, swiglu_inputs,
               mn.swiglu, lambda g, u: F.silu(g) * u, lambda g, u: (g, u), lambda y: y),
-        Sweep("rope_fwd", "", "rows", dtypes, None,  # type: ignore[arg-type]  # built by _rope_inputs
+        Sweep("rope_fwd", "", "rows", dtypes, _rope_inputs,
               mn.apply_rotary_pos_emb, _torch_rope,
-              lambda q, k, cos, sin: (q, k, cos, sin), _first),
+              lambda q, k, cos, sin: (q, k, cos, sin), _first, widths=(64, 128)),  # head dims
     ]
 
 
@@ -227,13 +228,10 @@ def grid_points(s: Sweep) -> list[tuple[int, int]]:
         if s.large:
             pts += [(n, b) for n in LARGE_N for b in LARGE_BATCH]
         return pts
-    widths = (64, 128) if s.key == "rope_fwd" else WIDTHS
-    return [(w, r) for w in widths for r in ROWS]
+    return [(w, r) for w in s.widths for r in ROWS]
 
 
 def _build(s: Sweep, device, dtype, size, batch):
-    if s.key == "rope_fwd":
-        return _rope_inputs(device, dtype, batch, size)
     if s.grid == "rows":
         return s.build(device, dtype, batch, size)
     return s.build(device, dtype, size, batch)

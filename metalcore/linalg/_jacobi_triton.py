@@ -23,9 +23,12 @@ meets once per sweep. A pair that involves the padding index ``n`` (``n`` odd) n
 
 from __future__ import annotations
 
+import torch
 import triton.language as tl
+from torch import Tensor
 
 from metalcore._triton import helper, next_power_of_2
+from metalcore.linalg._small_triton import batched
 
 # Jacobi converges quadratically once the off-diagonal is small: 6-10 sweeps at n ≤ 128 in fp32/
 # fp64. 30 is LAPACK gesvj's bound; more than that means the input is not a matrix Jacobi can
@@ -148,3 +151,22 @@ def jacobi_warps(BN: int, svd: bool) -> int:
         return 8
     return 16 if svd else 8
 
+
+
+def eigh_outputs(A: Tensor, compute_v: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What every eigh launcher starts from: empty ``L`` ``(*, n)`` and ``Q`` ``(*, n, n)`` (a ``(0,)``
+    placeholder without ``compute_v``), and ``A`` as an ``(nb, n, n)`` stack."""
+    L = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
+    Q = torch.empty(A.shape, dtype=A.dtype, device=A.device) if compute_v else A.new_empty(0)
+    return L, Q, batched(A)
+
+
+def svd_outputs(X: Tensor, compute_uv: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What every one-sided Jacobi launcher starts from: empty ``S`` ``(*, n)``, ``W`` ``(*, m, n)``
+    and ``V`` ``(*, n, n)`` (``S`` stands in for both without ``compute_uv``), and ``X`` as an
+    ``(nb, m, n)`` stack."""
+    *batch, m, n = X.shape
+    S = torch.empty(*batch, n, dtype=X.dtype, device=X.device)
+    W = torch.empty(*batch, m, n, dtype=X.dtype, device=X.device) if compute_uv else S
+    V = torch.empty(*batch, n, n, dtype=X.dtype, device=X.device) if compute_uv else S
+    return S, W, V, batched(X)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
-from metalcore.linalg._small_triton import batched, block, group, warps
+from metalcore.linalg._small_triton import block, group, warps
 from metalcore._triton import jit
 
 
@@ -134,9 +134,7 @@ def eigh_registers(A: Tensor, upper: bool, compute_v: bool, *, matrices_per_prog
     ``matrices_per_program`` and ``num_warps`` override the launch shape (for the device sweep);
     ``sweeps``, an int32 tensor of the batch's size, receives each matrix's sweep count."""
     n = A.shape[-1]
-    L = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
-    Q = torch.empty(A.shape, dtype=A.dtype, device=A.device) if compute_v else A.new_empty(0)
-    A3 = batched(A)
+    L, Q, A3 = jac.eigh_outputs(A, compute_v)
     nb = A3.shape[0]
     if nb == 0 or n == 0:
         return L, Q

@@ -42,7 +42,7 @@ from torch import Tensor
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg import cusolver_batched
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
-from metalcore.linalg._small_triton import batched, fits
+from metalcore.linalg._small_triton import fits
 from metalcore.linalg.eigh import eigh_op
 from metalcore._triton import jit
 from metalcore.linalg.eigh_batched_triton import eigh_registers
@@ -132,9 +132,7 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | Non
     ``num_warps`` overrides the default launch width; ``sweeps``, an int32 tensor of the batch's
     size, receives each matrix's sweep count (for the device benchmark)."""
     n = A.shape[-1]
-    L = torch.empty(A.shape[:-1], dtype=A.dtype, device=A.device)
-    Q = torch.empty(A.shape, dtype=A.dtype, device=A.device) if compute_v else A.new_empty(0)
-    A3 = batched(A)
+    L, Q, A3 = jac.eigh_outputs(A, compute_v)
     nb = A3.shape[0]
     if nb == 0 or n == 0:
         return L, Q

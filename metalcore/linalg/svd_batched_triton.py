@@ -27,7 +27,7 @@ from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
-from metalcore.linalg._small_triton import batched, block, group, warps
+from metalcore.linalg._small_triton import block, group, warps
 from metalcore._triton import jit
 
 
@@ -117,12 +117,9 @@ def jacobi_registers(X: Tensor, compute_uv: bool, *, matrices_per_program: int |
     """One-sided Jacobi on the columns of ``X`` ``(*, m, n)``, ``n ≤ m ≤ REGISTER_MAX_N``: ``S``
     sorted descending and, with ``compute_uv``, ``W = X V`` (scaled by ``1/max|x|``) and ``V`` in
     the same order — the outputs of ``svd_triton._jacobi``."""
-    *batch, m, n = X.shape
+    m, n = X.shape[-2:]
     dev, dt = X.device, X.dtype
-    S = torch.empty(*batch, n, dtype=dt, device=dev)
-    W = torch.empty(*batch, m, n, dtype=dt, device=dev) if compute_uv else S
-    V = torch.empty(*batch, n, n, dtype=dt, device=dev) if compute_uv else S
-    X3 = batched(X)
+    S, W, V, X3 = jac.svd_outputs(X, compute_uv)
     nb = X3.shape[0]
     if nb and n:
         finfo = torch.finfo(dt)

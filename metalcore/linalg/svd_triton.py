@@ -45,7 +45,7 @@ from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
-from metalcore.linalg._small_triton import batched, fits
+from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import jacobi_registers
@@ -127,12 +127,9 @@ def _jacobi_svd_kernel(A, W, S, V, AS, VS, SW, m, n, s_ab, s_ar, s_ac, tol, tiny
 def _jacobi(X: Tensor, compute_uv: bool, num_warps: int | None, sweeps: Tensor | None):
     """One-sided Jacobi on the columns of ``X`` ``(*, m, n)``, ``m ≥ n``: ``S`` sorted descending
     and, with ``compute_uv``, ``W = X V`` (scaled by ``1/max|x|``) and ``V`` in the same order."""
-    *batch, m, n = X.shape
+    m, n = X.shape[-2:]
     dev, dt = X.device, X.dtype
-    S = torch.empty(*batch, n, dtype=dt, device=dev)
-    W = torch.empty(*batch, m, n, dtype=dt, device=dev) if compute_uv else S
-    V = torch.empty(*batch, n, n, dtype=dt, device=dev) if compute_uv else S
-    X3 = batched(X)
+    S, W, V, X3 = jac.svd_outputs(X, compute_uv)
     nb = X3.shape[0]
     if nb and n:
         finfo = torch.finfo(dt)
