@@ -20,7 +20,9 @@ same batches, so the curves differ only by the optimizer:
 * ``soap``: ``metalcore.optim.SOAP`` on every parameter (bases refreshed every 10 steps; dimensions
   above 2048 — the vocabulary side of the embedding — stay diagonal);
 * ``shampoo``: ``metalcore.optim.Shampoo`` on every parameter (blocks of 1024, inverse roots every
-  10 steps from step 10, Adam grafting with AdamW's betas).
+  10 steps from step 10, Adam grafting with AdamW's betas);
+* ``heavyball_soap``: heavyball's ``SOAP`` with the same hyperparameters, eager, as the peer
+  implementation to compare the ``soap`` curve with (needs ``pip install heavyball``).
 
 Training runs in fp32 on every device (the default model is small enough that a 300-step run takes
 well under a minute on a GPU; Muon's iteration is bf16 internally either way).
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (imports no torch: arguments are checked before anything slow)
 import distributed  # noqa: E402  (--fsdp: process group, sharding, per-rank reports; imports no torch)
 
-OPTIMIZERS = ("adamw", "muon", "soap", "shampoo")
+OPTIMIZERS = ("adamw", "muon", "soap", "shampoo", "heavyball_soap")  # the last: a peer, when heavyball is installed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,6 +126,14 @@ def make_optimizer(name: str, model, args):
     if name == "shampoo":
         return [Shampoo(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, precondition_frequency=10,
                         max_preconditioner_dim=1024, grafting="adam", grafting_beta2=0.95)]
+    if name == "heavyball_soap":  # the peer SOAP, same hyperparameters, eager (no minutes of compiling)
+        try:
+            import heavyball
+        except ImportError:
+            common.fail("--optimizers heavyball_soap needs the heavyball package (pip install heavyball)")
+        heavyball.utils.compile_mode = None
+        return [heavyball.SOAP(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                               precondition_frequency=10, max_precond_dim=2048)]
     raise ValueError(f"unknown optimizer {name!r}")  # check_args admits only OPTIMIZERS
 
 
