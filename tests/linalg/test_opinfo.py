@@ -13,7 +13,8 @@
 * Error inputs raise torch's exception type.
 
 On a CUDA machine, ``METALCORE_OPINFO_DEVICE=cuda pytest tests/linalg/test_opinfo.py`` runs the same
-samples on CUDA tensors (reference and compiled Triton backends).
+samples on CUDA tensors (the reference, compiled Triton and the automatic choice; counts are taken on that
+device, where e.g. lstsq has fewer samples).
 """
 
 import functools
@@ -44,7 +45,8 @@ OPINFOS = {(op.name, op.variant_test_name): op for op in op_db if op.name in TWI
 OPS = sorted(OPINFOS)
 DTYPES = (torch.float64, torch.float32)
 DEVICE = os.environ.get("METALCORE_OPINFO_DEVICE", "cpu")
-BACKENDS = ("reference", "triton") if DEVICE.startswith("cuda") else ("reference", "triton", "metal")
+# On CUDA also the automatic choice, what users get (a mix of Triton kernels, cuSOLVER and torch).
+BACKENDS = ("reference", "triton", "auto") if DEVICE.startswith("cuda") else ("reference", "triton", "metal")
 # The Triton interpreter takes ~1 s per sample here (numpy per program instance, measured on the
 # 2-core CI machine): all ~2,400 samples would take ~40 core-minutes, over CI's 30-minute budget. On
 # the interpreter each (op, dtype) runs every (n // INTERPRETED)-th sample (508 in all, ~7 minutes on
@@ -72,7 +74,7 @@ def _samples(key, dtype, device, requires_grad):
 
 
 def _count(key, dtype):
-    return len(_samples(key, dtype, "cpu", False))
+    return len(_samples(key, dtype, DEVICE, False))  # lstsq has fewer samples on CUDA (driver gels only)
 
 
 def _runs_on(backend, i, n, budget=INTERPRETED):
@@ -82,7 +84,7 @@ def _runs_on(backend, i, n, budget=INTERPRETED):
 SAMPLE_CASES = [(backend, key, dtype, i) for key in OPS for dtype in DTYPES for n in [_count(key, dtype)]
                 for i in range(n) for backend in BACKENDS if _runs_on(backend, i, n)]
 ERROR_CASES = [(backend, key, i) for key in OPS if OPINFOS[key].error_inputs_func is not None
-               for i in range(len(tuple(OPINFOS[key].error_inputs("cpu")))) for backend in BACKENDS]
+               for i in range(len(tuple(OPINFOS[key].error_inputs(DEVICE)))) for backend in BACKENDS]
 
 
 def _ours(key):
@@ -261,7 +263,7 @@ def test_sample_matches_torch(key, dtype, i, backend, device):
 
 
 GRAD_CASES = [(backend, key, i) for key in OPS if OPINFOS[key].supports_autograd
-              for n in [len(_samples(key, torch.float64, "cpu", True))]
+              for n in [len(_samples(key, torch.float64, DEVICE, True))]
               for i in range(n) for backend in BACKENDS if _runs_on(backend, i, n, INTERPRETED // 2)]
 
 
