@@ -211,6 +211,30 @@ def bench_metalcore(run: Run, name: str, cls, options: dict, loop: bool) -> dict
     return res
 
 
+def profile_refresh(shapes, device: torch.device, rep_s: float, rows: int = 14) -> dict:
+    """One refresh step of each optimizer under torch.profiler: the ops and kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    tables = {}
+    for name, cls, options in (("SOAP", SOAP, SOAP_OPTIONS), ("Shampoo", Shampoo, SHAMPOO_OPTIONS)):
+        run = Run(shapes, device, rep_s, time.perf_counter() + 600)
+        opt = cls(run.params, **options)
+        set_frequency(opt, 1)
+        for _ in range(2):  # first bases/roots, then one refresh as warm-up
+            run.step_fn(opt)()
+        sync(device)
+        with profile(activities=activities) as prof:
+            run.step_fn(opt)()
+            sync(device)
+        tables[name] = prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+        print(f"\n== {name} refresh step, by {sort}\n{tables[name]}")
+        del opt, run
+        free(device)
+    return tables
+
+
 def bench_heavyball(run: Run, compile_mode) -> dict:
     try:
         import heavyball
@@ -304,6 +328,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=180.0, help="skip what would start after this many seconds")
     ap.add_argument("--rep-s", type=float, default=2.0, help="seconds of samples per timing (at least one)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (all variants alike)")
+    ap.add_argument("--profile", action="store_true",
+                    help="only profile one refresh step of SOAP and of Shampoo at the first set (where the time goes)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -317,6 +343,11 @@ def main(argv=None) -> dict:
         print(f"correctness {name:8s} fp32 on {device.type} vs float64 reference, 20 steps: max |Δθ| "
               f"{c['max_abs_param_error_vs_float64']:.2e}  {'ok' if c['ok'] else 'FAILED'}")
     sets = {"tiny": TINY_SET} if args.tiny else {k: SETS[k] for k in args.sets.split(",")}
+    if args.profile:
+        result["profile"] = profile_refresh(gpt_shapes(*next(iter(sets.values()))), device, args.rep_s)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        return result
     loop_sets = {"tiny"} if args.tiny else set(args.loop_sets.split(","))
     deadline = start + args.budget_s
     for set_name, spec in sets.items():
