@@ -4,13 +4,17 @@ write the table automatic selection reads, and check the "never slower" rule.
 ``python -m metalcore.bench --selection`` times, at every grid point of every swept op, the wall
 time of one eager call, synchronised (what a user's loop feels, host work included), of
 
-* ``kernel``: metalcore's public function with the device's backend forced (``use_backend``), and
+* ``kernel``: metalcore's public function with the device's backend forced (``use_backend``),
+* each alternative path of the op that takes the input (``_selection.register_path``: e.g. eigh's
+  register-tile Jacobi), forced likewise (``_selection.use_path``; ``kernel`` is then forced to the
+  kernel's own routing), and
 * ``torch``: torch's own function for the same call (``torch.linalg.X``, ``F.rms_norm``, ...),
 
-interleaved round by round so that drift slows both alike, and writes
-``metalcore/_tables/<device>.json``: per op, variant, dtype and grid point, both medians and the
-winner. :func:`metalcore._selection.measured_choice` reads it. A kernel wins a point only if it is
-faster there *and* its output agrees with torch's (a wrong fast answer never wins).
+interleaved round by round so that drift slows all alike, and writes
+``metalcore/_tables/<device>.json``: per op, variant, dtype and grid point, every median (the
+alternatives under ``paths``) and the winner by name. :mod:`metalcore._selection` reads it. A path
+wins a point only if it is the fastest there *and* its output agrees with torch's (a wrong fast
+answer never wins).
 
 ``--check`` then times the public function as a user calls it (automatic selection, no forcing)
 against torch at every grid point and applies the rule of DESIGN.md §3: automatic ≥ 0.95× torch
