@@ -231,13 +231,6 @@ def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
     return _small(A) or large_supported(A)
 
 
-# Chosen automatically wherever it serves: the Jacobi kernel measured faster than torch.linalg.svd
-# on the H100 at every size it takes (fp32; bench/linalg_triton.md v4: 500×16 1.4×, 1000×32 1.6×,
-# 100×64 92×, 64×128 20×), and matrices with both sides from svd_large.LARGE_MIN_N (1024, the
-# smallest size measured) take its
-# QR + QDWH + eigh path: on the H100, 4096² fp32 221.8 ms vs 1104.9 ms for torch.linalg.svd
-# (4.98×), 11008×4096 3.80×, a batch of 8 1024² 2.19× (bench/results/svd-large-h100-20261125.log).
-# Sides from 129 to 1023 stay on cuSOLVER (not timed).
 # The register-tile Jacobi, QR-preconditioned, as an alternative path taken only where the measured
 # table names it (metalcore._selection). On the H100 (batched-eigh-svd-check-h100-20261206-run2.log,
 # fp32, ms per call) it beat the scratch kernel at 1000×32 (0.666 against 0.875) and fp64 1000×32 (1.57
@@ -252,6 +245,13 @@ def _svd_registers_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True)
 
 
+# Chosen automatically wherever it serves: the Jacobi kernel measured faster than torch.linalg.svd
+# on the H100 at every size it takes (fp32; bench/linalg_triton.md v4: 500×16 1.4×, 1000×32 1.6×,
+# 100×64 92×, 64×128 20×), and matrices with both sides from svd_large.LARGE_MIN_N (1024, the
+# smallest size measured) take its
+# QR + QDWH + eigh path: on the H100, 4096² fp32 221.8 ms vs 1104.9 ms for torch.linalg.svd
+# (4.98×), 11008×4096 3.80×, a batch of 8 1024² 2.19× (bench/results/svd-large-h100-20261125.log).
+# Sides from 129 to 1023 stay on cuSOLVER (not timed).
 @svd_op.implement("triton", supports=_supported)
 def _svd_triton(A, full_matrices, compute_uv):
     path = route("svd", "triton", (A, full_matrices, compute_uv))
