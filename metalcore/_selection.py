@@ -56,6 +56,8 @@ _ALIAS = {"rms_norm_bwd": "rms_norm_fwd", "gelu_bwd": "gelu_fwd", "silu_bwd": "s
 # Which argument holds the matrix whose size and batch locate a linear-algebra call.
 _MATRIX_ARG = {"cholesky_ex": 0, "solve_ex": 0, "solve_triangular": 0, "cholesky_solve": 1, "eigh": 0,
                "svd": 0, "qr": 0, "geqr2": 0, "householder_product": 0}
+# Ops whose third argument selects the variant of the table (eigh's compute_v, svd's compute_uv).
+_VARIANT_ARG = frozenset({"eigh", "svd"})
 _ROWS_OPS = {"rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "gelu_fwd", "gelu_bwd", "silu_fwd",
              "silu_bwd", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd"}
 
@@ -78,6 +80,10 @@ _PATHS: dict[tuple[str, str], dict[str, AlternativePath]] = {}
 # op → the path forced by use_path. Process-wide like use_backend, for the same reason (autograd's
 # device threads).
 _forced: dict[str, str] = {}
+# Decisions of route() by call metadata; emptied when tables or paths change, and when full (a sweep
+# over shapes must not grow memory without bound).
+_routes: dict[tuple[Any, ...], AlternativePath | None] = {}
+_MAX_ROUTES = 4096
 
 
 def register_path(op: str, backend: str, name: str, *, supports: Callable[..., bool]
@@ -159,14 +165,6 @@ def route(op: str, backend: str, args: tuple[Any, ...]) -> AlternativePath | Non
         _routes.clear()
     _routes[key] = path
     return path
-
-
-# Ops whose third argument selects the variant of the table (eigh's compute_v, svd's compute_uv).
-_VARIANT_ARG = frozenset({"eigh", "svd"})
-# Decisions of route() by call metadata; emptied when tables or paths change, and when full (a sweep
-# over shapes must not grow memory without bound).
-_routes: dict[tuple[Any, ...], AlternativePath | None] = {}
-_MAX_ROUTES = 4096
 
 
 def _describe(args: tuple[Any, ...]) -> str:
