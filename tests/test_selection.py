@@ -1,6 +1,7 @@
 """The measured selection tables: the reader's rule, the sweep's coverage of every op, the committed
 tables' coverage of the grid, and a smoke run of the sweep itself (Triton interpreter)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -139,3 +140,160 @@ def test_extrapolates_calls_past_the_long_call_limit(monkeypatch):
     first, second = points
     assert not first["extrapolated"] and sorted(second["extrapolated"]) == ["kernel", "torch"]
     assert second["torch_s"] == pytest.approx(first["torch_s"] * 8)
+
+
+# --- alternative paths ---------------------------------------------------------------------------
+
+def _timed(variant, dtype, size, batch, torch_s, kernel_s, paths=None, agree=True):
+    """A point as the sweep writes it: every path's median, whether it agreed with torch."""
+    point = dict(variant=variant, dtype=dtype, size=size, batch=batch, torch_s=torch_s, kernel_s=kernel_s,
+                 agree=agree, paths={name: {"s": s, "agree": ok} for name, (s, ok) in (paths or {}).items()})
+    point["winner"] = _selection.winner(point)
+    return point
+
+
+def test_reader_takes_a_path_only_where_every_neighbour_measured_that_path_faster():
+    # size 8: registers fastest at batch 16, only the kernel beats torch at 256; registers disagrees at 4096.
+    # size 16 (committed-table format, winner only): the kernel everywhere.
+    points = [_timed("vectors", "float32", 8, 16, 100e-6, 80e-6,
+                     {"registers": (50e-6, True), "cusolver": (None, None)}),
+              _timed("vectors", "float32", 8, 256, 100e-6, 90e-6, {"registers": (120e-6, True)}),
+              _timed("vectors", "float32", 8, 4096, 1e-3, 2e-3, {"registers": (0.1e-3, False)}),
+              _point("vectors", "float32", 16, 16, "kernel"), _point("vectors", "float32", 16, 256, "kernel")]
+    assert [p["winner"] for p in points[:3]] == ["registers", "kernel", "torch"]
+    t = _selection._Table({"ops": {"eigh": points}})
+    known = frozenset({"kernel", "registers", "cusolver"})
+    assert t.path("eigh", "vectors", "float32", 8, 16, known) == "registers"      # a grid point: its winner
+    assert t.path("eigh", "vectors", "float32", 8, 100, known) == "kernel"        # registers lost at 256
+    assert t.path("eigh", "vectors", "float32", 8, 4096, known) == "torch"        # a wrong fast answer never wins
+    assert t.path("eigh", "vectors", "float32", 8, 1000, known) == "torch"        # no path won on both sides
+    assert t.path("eigh", "vectors", "float32", 12, 16, known) == "kernel"        # size 16 measured the kernel only
+    assert t.path("eigh", "vectors", "float32", 8, 16) == "kernel"                # registers unknown: the kernel
+    assert t.prefers_kernel("eigh", "vectors", "float32", 8, 16) is True
+    assert t.path("eigh", "values", "float32", 8, 16, known) is None              # not measured
+
+
+def test_reader_ranks_paths_by_time_relative_to_the_fastest():
+    # Between batches 16 and 256 both paths beat torch on both sides: registers is 2x faster at 16,
+    # the kernel 1.1x faster at 256, so registers has the smaller total (1 + 1.1 against 2 + 1).
+    points = [_timed("", "float64", 4, 16, 1.0, 0.2, {"registers": (0.1, True)}),
+              _timed("", "float64", 4, 256, 1.0, 0.5, {"registers": (0.55, True)})]
+    t = _selection._Table({"ops": {"svd": points}})
+    assert t.path("svd", "", "float64", 4, 100, frozenset({"kernel", "registers"})) == "registers"
+
+
+def test_torch_failing_at_a_point_leaves_it_to_any_path_that_works():
+    point = _timed("", "float32", 3, 65536, None, 2e-3, {"registers": (1e-3, True)})
+    assert _selection.faster_paths(point) == {"registers": 1.0, "kernel": 2.0}
+    assert point["winner"] == "registers"
+
+
+@pytest.fixture
+def card_table(table_dir, monkeypatch):
+    """A table for a made-up card that CPU tensors stand for (device_kind patched)."""
+    monkeypatch.setattr(_selection, "device_kind", lambda device: "nvidia-test-card")
+
+    def write(points):
+        _write(table_dir, "nvidia-test-card", {"eigh": points})
+        _selection.reload()
+
+    return write
+
+
+def test_a_table_naming_a_path_routes_to_it(card_table, triton_backend, launches):
+    from metalcore.linalg import eigh_triton
+    import metalcore.linalg
+
+    card_table([_timed("vectors", "float64", 5, 2, 1e-3, 9e-4, {"registers": (1e-4, True)})])
+    A = torch.randn(2, 5, 5, dtype=torch.float64)
+    A = A + A.mT
+    args = (A, "L", True)
+    assert _selection.measured_path("eigh", "triton", A.device, args) == "registers"
+    assert _selection.measured_choice("eigh", "triton", A.device, args) is True
+    assert _selection.route("eigh", "triton", args).name == "registers"
+    registers = launches(eigh_triton, "eigh_registers")
+    scratch = launches(eigh_triton, "eigh_launch")
+    L, Q = metalcore.linalg.eigh(A)
+    assert registers and not scratch
+    torch.testing.assert_close(L, torch.linalg.eigvalsh(A))
+    with _selection.use_path("eigh", "kernel"):    # the kernel's own routing, whatever the table says
+        metalcore.linalg.eigh(A)
+    assert scratch and len(registers) == 1
+
+
+def test_an_unknown_path_is_refused(card_table, triton_backend, launches):
+    from metalcore.linalg import eigh_triton
+    import metalcore.linalg
+
+    # Only a path this metalcore lacks beat torch: the table's choice is torch, with a warning naming it.
+    card_table([_timed("vectors", "float64", 5, 2, 1e-3, 2e-3, {"warp_speed": (1e-5, True)})])
+    A = torch.randn(2, 5, 5, dtype=torch.float64)
+    args = (A, "L", True)
+    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers"
+    with pytest.warns(RuntimeWarning, match=refusal):
+        assert _selection.measured_path("eigh", "triton", A.device, args) == "torch"
+    assert _selection.measured_choice("eigh", "triton", A.device, args) is False
+    assert _selection.route("eigh", "triton", args) is None
+    scratch = launches(eigh_triton, "eigh_launch")
+    metalcore.linalg.eigh(A + A.mT)                # forced triton: the kernel's own routing
+    assert scratch
+    unknown = "metalcore.eigh has no path 'warp_speed'; it has: kernel, cusolver, registers"
+    with pytest.raises(ValueError, match=unknown):
+        with _selection.use_path("eigh", "warp_speed"):
+            pass
+    with pytest.raises(ValueError, match="path name"):
+        _selection.register_path("eigh", "triton", "torch", supports=lambda *a: True)
+
+
+def test_a_forced_path_that_does_not_take_the_input_raises(triton_backend):
+    import metalcore.linalg
+    from metalcore import BackendUnavailableError
+
+    A = torch.eye(40, dtype=torch.float64).expand(2, 40, 40)
+    with _selection.use_path("eigh", "registers"), pytest.raises(BackendUnavailableError, match="'registers' does not"):
+        metalcore.linalg.eigh(A)
+    with _selection.use_path("eigh", "cusolver"), pytest.raises(BackendUnavailableError, match="'cusolver' does not"):
+        metalcore.linalg.eigh(A[:, :4, :4])      # cuSOLVER: CUDA only
+
+
+def test_sweep_times_every_alternative_path_on_the_interpreter(monkeypatch):
+    """eigh n = 3 through the real sweep: the kernel and the register tile both timed (the cuSOLVER
+    path does not take CPU tensors), each checked against torch, the fastest of all recorded."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    load_kernels()
+    s = next(s for s in selection.sweeps() if s.name == "eigh:values")
+    point, = selection.measure_row(s, torch.device("cpu"), "triton", torch.float64, 3, [2], lambda msg: None)
+    assert point["kernel_s"] > 0 and point["agree"] is True
+    assert set(point["paths"]) == {"registers"}
+    assert point["paths"]["registers"]["s"] > 0 and point["paths"]["registers"]["agree"] is True
+    assert point["winner"] == _selection.winner(point)
+    assert point["winner"] == "torch"            # the interpreter is far slower than LAPACK
+
+
+def test_sweep_checks_paths_where_torch_cannot_answer_the_full_batch(monkeypatch):
+    """Where torch's call fails (cuSOLVER's batch limit), a path is still checked against torch on the
+    first matrices, so a wrong answer cannot win by default."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    load_kernels()
+    s = next(s for s in selection.sweeps() if s.name == "eigh:values")
+
+    def torch_limited(A, *rest):
+        if A.shape[0] > selection.REFERENCE_SLICE:
+            raise RuntimeError("CUSOLVER_STATUS_INTERNAL_ERROR")
+        return torch.linalg.eigvalsh(A, *rest)
+
+    def wrong_registers(A, UPLO, compute_v):
+        L, Q = torch.linalg.eigh(A)
+        return L + 1.0, Q
+
+    monkeypatch.setattr(selection, "REFERENCE_SLICE", 2)
+    s = dataclasses.replace(s, torch=torch_limited)
+    registers = _selection.paths("eigh", "triton")["registers"]
+    monkeypatch.setitem(_selection._PATHS["eigh", "triton"], "registers",
+                        dataclasses.replace(registers, fn=wrong_registers))
+    point, = selection.measure_row(s, torch.device("cpu"), "triton", torch.float64, 3, [4], lambda msg: None)
+    assert point["torch_s"] is None
+    assert point["agree"] is True and point["paths"]["registers"]["agree"] is False
+    assert point["winner"] == "kernel"

@@ -636,13 +636,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     sel.add_argument("--out-dir", default="bench/results", help="where the check's JSON and heat map go")
     sel.add_argument("--warm-workers", type=int, default=0,
                      help="compile the sweep's Triton kernels first in N processes (shared on-disk cache)")
+    grid = parser.add_argument_group("peers", "batched eigh/eigvalsh/svd/svdvals against torch, JAX and CuPy over a "
+                                     "grid (metalcore/bench/linalg_peers.py); --ops, --dtypes, --sizes, --batches, "
+                                     "--warm-workers and --json apply")
+    grid.add_argument("--peers", action="store_true", help="run the peers grid instead of the cases")
+    grid.add_argument("--grid", default="headline", choices=("headline", "full"),
+                      help="headline: the issue's six batch x n shapes; full: n x batch "
+                           "(restrict with --sizes/--batches)")
+    grid.add_argument("--peer-runners", default="", help="comma-separated peers (default: jax,cupy; numpy for tests)")
+    grid.add_argument("--peer-timeout", type=float, default=150.0, help="seconds each peer's process may take")
+    grid.add_argument("--max-seconds", type=float, default=0.0,
+                      help="stop starting metalcore/torch points after this many seconds of the run (0: no limit)")
     args = parser.parse_args(argv)
 
+    if args.peers:
+        from metalcore.bench import linalg_peers
+
+        return linalg_peers.main(args)
     if args.selection or args.check:
         from metalcore.bench import selection
 
         if args.warm_workers:
-            selection.warm_compile(args.ops, args.device if args.device != "auto" else "cuda", args.warm_workers)
+            selection.warm_compile(args.ops, args.device if args.device != "auto" else "cuda", args.warm_workers,
+                                   [int(x) for x in args.sizes.split(",") if x] or None,
+                                   selection.parse_dtypes(args.dtypes) or None)
         args.check_only = args.check and not args.selection
         return selection.main(args)
 

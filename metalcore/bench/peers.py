@@ -7,11 +7,17 @@ imports nothing from metalcore or torch) so
 that its allocator cannot take GPU memory from the torch process (JAX also gets
 ``XLA_PYTHON_CLIENT_PREALLOCATE=false``) and an import failure or crash costs only that peer.
 
-Protocol: the child prints one JSON line, ``{"peer", "available", "reason"?, "version"?,
-"results": [{"op", "batch", "m", "n", "dtype", "ms"?, "reps"?, "error"?}]}``; ``ms`` is the median
-wall time per call (the call plus a wait for its result), after one warm-up call that includes
-compilation. :func:`peer_timings` returns that dict, or ``available: False`` with the reason when
-the peer is not importable, fails, or runs past its timeout.
+Protocol: the child prints JSON lines as it goes: ``{"peer", "available": true, "version",
+"device"}`` once the peer is imported, then ``{"result": {"op", "batch", "m", "n", "dtype", "ms"?,
+"reps"?, "error"?, "skipped"?, "predicted_ms"?}}`` per case, then ``{"done": true}`` (or one line
+``{"peer", "available": false, "reason"}`` when the import fails). ``ms`` is the median wall time
+per call (the call plus a wait for its result), after one warm-up call that includes compilation.
+A case predicted (from the previous batch of the same op, shape and dtype) to take longer than
+``max_call_s`` a call is not run: ``skipped`` says why and ``predicted_ms`` gives the linear
+extrapolation. :func:`peer_timings` returns ``{"peer", "available", "version"?, "device"?,
+"reason"?, "results"}``: ``available: False`` with the reason when the peer is not importable or
+fails before its first case; a run cut short (timeout, crash) keeps the cases it finished and gives
+the others an ``error``.
 
 Runners: ``jax``, ``cupy``, and ``numpy`` (CPU, the same protocol: used to test it anywhere).
 """
@@ -27,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-OPS = ("eigh", "svd", "qr", "cholesky", "solve")
+OPS = ("eigh", "eigvalsh", "svd", "svdvals", "qr", "cholesky", "solve")
 RUNNERS = ("jax", "cupy", "numpy")
 
 
@@ -39,22 +45,31 @@ def case(op: str, batch: int, n: int, m: int | None = None, dtype: str = "float3
 
 
 def peer_timings(runner: str, cases: list[dict[str, Any]], *, timeout_s: float = 120.0,
-                 budget_s: float = 0.2, max_reps: int = 50) -> dict[str, Any]:
+                 budget_s: float = 0.2, max_reps: int = 50, max_call_s: float | None = None) -> dict[str, Any]:
     """Run ``cases`` in a subprocess with the peer ``runner``; never raises for a peer problem."""
     if runner not in RUNNERS:
         raise ValueError(f"runner must be one of {RUNNERS}; got {runner!r}")
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    spec = json.dumps({"cases": cases, "budget_s": budget_s, "max_reps": max_reps})
+    spec = json.dumps({"cases": cases, "budget_s": budget_s, "max_reps": max_reps, "max_call_s": max_call_s})
     try:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), runner, spec],
                            capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"peer": runner, "available": False, "reason": f"timed out after {timeout_s:.0f} s", "results": []}
-    lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
-    if p.returncode != 0 or not lines:
-        tail = " | ".join(p.stderr.strip().splitlines()[-3:])[-500:]
-        return {"peer": runner, "available": False, "reason": f"exit {p.returncode}: {tail}", "results": []}
-    return json.loads(lines[-1])
+        stdout, stopped = p.stdout, (f"exit {p.returncode}: " + " | ".join(p.stderr.strip().splitlines()[-3:])[-500:]
+                                     if p.returncode != 0 else None)
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stopped = f"timed out after {timeout_s:.0f} s"
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    head = lines[0] if lines and "peer" in lines[0] else None
+    if head is None or not head["available"]:
+        reason = head["reason"] if head is not None else stopped or "no output"
+        return {"peer": runner, "available": False, "reason": reason, "results": []}
+    results = [line["result"] for line in lines if "result" in line]
+    out = {**head, "results": results}
+    if not any(line.get("done") for line in lines):
+        out["reason"] = f"stopped after {len(results)} of {len(cases)} cases: {stopped or 'no end marker'}"
+        results += [dict(c, error=f"not run: {out['reason']}") for c in cases[len(results):]]
+    return out
 
 
 def _median_ms(fn: Callable[[], Any], wait: Callable[[Any], Any], budget_s: float, max_reps: int) -> tuple[float, int]:
@@ -71,7 +86,7 @@ def _inputs(xp, rng_normal, c: dict[str, Any]):
     """Well-posed inputs per op: symmetric for eigh, SPD for cholesky, diagonally dominant for solve."""
     b, m, n = c["batch"], c["m"], c["n"]
     X = rng_normal((b, m, n)).astype(c["dtype"])
-    if c["op"] == "eigh":
+    if c["op"] in ("eigh", "eigvalsh"):
         return (X + xp.swapaxes(X, -1, -2),)
     if c["op"] == "cholesky":
         return (X @ xp.swapaxes(X, -1, -2) + n * xp.eye(n, dtype=c["dtype"]),)
@@ -80,7 +95,7 @@ def _inputs(xp, rng_normal, c: dict[str, Any]):
     return (X,)
 
 
-def _run(runner: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _run(runner: str, spec: dict[str, Any]) -> None:
     if runner == "jax":
         import jax
         import jax.numpy as jnp
@@ -91,7 +106,9 @@ def _run(runner: str, spec: dict[str, Any]) -> dict[str, Any]:
             key[0], sub = jax.random.split(key[0])
             return jax.random.normal(sub, shape, dtype=jnp.float64)
 
-        ops = {"eigh": jax.jit(jnp.linalg.eigh), "svd": jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False)),
+        ops = {"eigh": jax.jit(jnp.linalg.eigh), "eigvalsh": jax.jit(jnp.linalg.eigvalsh),
+               "svd": jax.jit(lambda a: jnp.linalg.svd(a, full_matrices=False)),
+               "svdvals": jax.jit(lambda a: jnp.linalg.svd(a, compute_uv=False)),
                "qr": jax.jit(jnp.linalg.qr), "cholesky": jax.jit(jnp.linalg.cholesky), "solve": jax.jit(jnp.linalg.solve)}
         xp, wait, version = jnp, jax.block_until_ready, jax.__version__
         device = str(jax.devices()[0])
@@ -99,7 +116,9 @@ def _run(runner: str, spec: dict[str, Any]) -> dict[str, Any]:
         import cupy
         rng = cupy.random.default_rng(0)
         normal = rng.standard_normal
-        ops = {"eigh": cupy.linalg.eigh, "svd": lambda a: cupy.linalg.svd(a, full_matrices=False),
+        ops = {"eigh": cupy.linalg.eigh, "eigvalsh": cupy.linalg.eigvalsh,
+               "svd": lambda a: cupy.linalg.svd(a, full_matrices=False),
+               "svdvals": lambda a: cupy.linalg.svd(a, compute_uv=False),
                "qr": cupy.linalg.qr, "cholesky": cupy.linalg.cholesky, "solve": cupy.linalg.solve}
 
         def wait(_):
@@ -110,33 +129,47 @@ def _run(runner: str, spec: dict[str, Any]) -> dict[str, Any]:
     else:
         import numpy
         normal = numpy.random.default_rng(0).standard_normal
-        ops = {"eigh": numpy.linalg.eigh, "svd": lambda a: numpy.linalg.svd(a, full_matrices=False),
+        ops = {"eigh": numpy.linalg.eigh, "eigvalsh": numpy.linalg.eigvalsh,
+               "svd": lambda a: numpy.linalg.svd(a, full_matrices=False),
+               "svdvals": lambda a: numpy.linalg.svd(a, compute_uv=False),
                "qr": numpy.linalg.qr, "cholesky": numpy.linalg.cholesky, "solve": numpy.linalg.solve}
         xp, version, device = numpy, numpy.__version__, "cpu"
 
         def wait(_):
             return None
 
-    results = []
+    _emit({"peer": runner, "available": True, "version": version, "device": device})
+    last: dict[tuple[Any, ...], tuple[int, float]] = {}   # (op, m, n, dtype) → (batch, ms) last timed
     for c in spec["cases"]:
         row = dict(c)
-        try:
-            args = _inputs(xp, normal, c)
-            fn = ops[c["op"]]
-            row["ms"], row["reps"] = _median_ms(lambda: fn(*args), wait, spec["budget_s"], spec["max_reps"])
-        except Exception as e:          # one failing case (size limit, memory) must not lose the rest
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        results.append(row)
-    return {"peer": runner, "available": True, "version": version, "device": device, "results": results}
+        key = (c["op"], c["m"], c["n"], c["dtype"])
+        predicted = last[key][1] * c["batch"] / last[key][0] if key in last else None
+        if predicted is not None and spec.get("max_call_s") and predicted > spec["max_call_s"] * 1e3:
+            row["skipped"] = f"predicted {predicted / 1e3:.2g} s a call from batch {last[key][0]}"
+            row["predicted_ms"] = predicted
+        else:
+            try:
+                args = _inputs(xp, normal, c)
+                fn = ops[c["op"]]
+                row["ms"], row["reps"] = _median_ms(lambda: fn(*args), wait, spec["budget_s"], spec["max_reps"])
+                last[key] = (c["batch"], row["ms"])
+            except Exception as e:          # one failing case (size limit, memory) must not lose the rest
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            args = None                     # the inputs' memory back before the next case's
+        _emit({"result": row})
+    _emit({"done": True})
+
+
+def _emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
 
 
 def main(argv: list[str]) -> None:
     runner, spec = argv[0], json.loads(argv[1])
     try:
-        out = _run(runner, spec)
+        _run(runner, spec)
     except ImportError as e:
-        out = {"peer": runner, "available": False, "reason": f"not importable: {e}", "results": []}
-    print(json.dumps(out), flush=True)
+        _emit({"peer": runner, "available": False, "reason": f"not importable: {e}"})
 
 
 if __name__ == "__main__":

@@ -4,13 +4,17 @@ write the table automatic selection reads, and check the "never slower" rule.
 ``python -m metalcore.bench --selection`` times, at every grid point of every swept op, the wall
 time of one eager call, synchronised (what a user's loop feels, host work included), of
 
-* ``kernel``: metalcore's public function with the device's backend forced (``use_backend``), and
+* ``kernel``: metalcore's public function with the device's backend forced (``use_backend``),
+* each alternative path of the op that takes the input (``_selection.register_path``: e.g. eigh's
+  register-tile Jacobi), forced likewise (``_selection.use_path``; ``kernel`` is then forced to the
+  kernel's own routing), and
 * ``torch``: torch's own function for the same call (``torch.linalg.X``, ``F.rms_norm``, ...),
 
-interleaved round by round so that drift slows both alike, and writes
-``metalcore/_tables/<device>.json``: per op, variant, dtype and grid point, both medians and the
-winner. :func:`metalcore._selection.measured_choice` reads it. A kernel wins a point only if it is
-faster there *and* its output agrees with torch's (a wrong fast answer never wins).
+interleaved round by round so that drift slows all alike, and writes
+``metalcore/_tables/<device>.json``: per op, variant, dtype and grid point, every median (the
+alternatives under ``paths``) and the winner by name. :mod:`metalcore._selection` reads it. A path
+wins a point only if it is the fastest there *and* its output agrees with torch's (a wrong fast
+answer never wins).
 
 ``--check`` then times the public function as a user calls it (automatic selection, no forcing)
 against torch at every grid point and applies the rule of DESIGN.md §3: automatic ≥ 0.95× torch
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from metalcore import _selection
+from metalcore._backend import use_backend
 
 # Grids. Linear algebra: the matrix size n (square matrices; the lookup uses the larger side) and
 # the batch. Training ops: rows (tokens) and the row width (hidden size).
@@ -300,24 +306,28 @@ def _registered(s: Sweep):
 
 def measure_row(s: Sweep, device: torch.device, backend: str, dtype: torch.dtype, size: int,
                 batches: Sequence[int], log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every batch of one (op, variant, dtype, size) row, in increasing batch order. A path whose
-    call would take longer than ``LONG_CALL_S`` (predicted from its previous batch) is extrapolated
-    instead of run, the other is still measured."""
-    import metalcore
-
+    """Every batch of one (op, variant, dtype, size) row, in increasing batch order: torch, the
+    kernel as it routes itself, and each alternative path of the op that takes the input
+    (:func:`metalcore._selection.register_path`). A path whose call would take longer than
+    ``LONG_CALL_S`` (predicted from its previous batch) is extrapolated instead of run, the others
+    are still measured."""
     op = _registered(s)
+    alternatives = _selection.paths(s.key, backend)
     points: list[dict[str, Any]] = []
-    last: dict[str, tuple[int, float]] = {}  # path → (batch, seconds) of its last measurement
-    served_by, agree = None, None
+    last: dict[str, tuple[int, float]] = {}  # callable → (batch, seconds) of its last measurement
+    agreed: dict[str, bool | None] = {}       # path → whether its output agreed with torch's last time
+    served_by = None
     for batch in batches:
         point: dict[str, Any] = dict(variant=s.variant, dtype=str(dtype).removeprefix("torch."), size=size,
                                      batch=batch, torch_s=None, kernel_s=None, extrapolated=[],
-                                     served_by=served_by, agree=agree)
+                                     served_by=served_by, agree=agreed.get(_selection.KERNEL))
+        if alternatives:
+            point["paths"] = {}
         too_big = _input_bytes(s, dtype, size, batch) > MAX_INPUT_BYTES
         predicted = {name: t * batch / b for name, (b, t) in last.items()}
         long = {name for name, t in predicted.items() if too_big or t > LONG_CALL_S}
-        for name in long:
-            point[f"{name}_s"] = predicted[name]
+        for name in sorted(long):
+            _record(point, name, predicted[name], agreed.get(name))
             point["extrapolated"].append(name)
         if too_big and not long:
             point["skipped"] = "inputs too large and no smaller batch to extrapolate from"
@@ -328,58 +338,110 @@ def measure_row(s: Sweep, device: torch.device, backend: str, dtype: torch.dtype
                 point["skipped"] = f"inputs: {type(e).__name__}: {e}"[:200]
                 points.append(point)
                 continue
-            with metalcore.use_backend(backend):
+            args = s.op_args(*inputs)
+            with use_backend(backend):
                 try:
-                    served_by = op.backend_for(*s.op_args(*inputs))
+                    served_by = op.backend_for(*args)
                 except Exception as e:  # noqa: BLE001
                     served_by = f"error: {type(e).__name__}"
             point["served_by"] = served_by
-
-            def kernel():
-                with metalcore.use_backend(backend):
-                    return s.metalcore(*inputs)
-
-            fns = {}
+            fns: dict[str, Callable[[], Any]] = {}
             if "torch" not in long:
-                fns["torch"] = lambda: s.torch(*inputs)
-            if served_by == backend and "kernel" not in long:
-                fns["kernel"] = kernel
-            for name, t in wall_times(fns, device).items():
-                point[f"{name}_s"] = t
+                fns["torch"] = functools.partial(s.torch, *inputs)
+            if served_by == backend:
+                runnable = [_selection.KERNEL, *(name for name, p in alternatives.items() if p.supports(*args))]
+                fns.update({name: _forced_call(s, backend, name, inputs, bool(alternatives))
+                            for name in runnable if name not in long})
+            times = wall_times(fns, device)
+            if any(name != "torch" for name in times):
+                reference = _reference(s, inputs, times.get("torch") is not None)
+            for name, t in times.items():
                 if t is not None:
                     last[name] = (batch, t)
-            if "kernel" in fns and point["kernel_s"] is not None:
-                try:
-                    ref = s.canonical(s.torch(*inputs)) if "torch" in fns and point["torch_s"] is not None else None
-                    agree = True if ref is None else _agree(s.canonical(kernel()), ref, dtype)
-                except Exception:  # noqa: BLE001
-                    agree = False
-                point["agree"] = agree
-            del inputs
+                if name == "torch":
+                    point["torch_s"] = t
+                    continue
+                agreed[name] = None if t is None else _agrees(s, fns[name], reference, dtype)
+                _record(point, name, t, agreed[name])
+            del inputs, fns
         if served_by != backend:
             point["kernel_s"] = None
-        point["winner"] = _winner(point)
+            point.pop("paths", None)
+        point["winner"] = _selection.winner(point)
         points.append(point)
         log(_fmt_point(s, point))
     return points
 
 
-def _winner(point: dict[str, Any]) -> str:
-    k, t = point["kernel_s"], point["torch_s"]
-    if k is None or not point["agree"]:
-        return "torch"
-    if t is None:  # torch failed here (cuSOLVER's batch limit) and the kernel works
-        return "kernel"
-    return "kernel" if k < t else "torch"
+def _forced_call(s: Sweep, backend: str, name: str, inputs: tuple[Any, ...], choose: bool) -> Callable[[], Any]:
+    """The public function with ``backend`` forced and, for an op with alternatives (``choose``),
+    the path ``name`` (``kernel``: the kernel's own routing, whatever the table says)."""
+    if not choose:
+        def kernel():
+            with use_backend(backend):
+                return s.metalcore(*inputs)
+        return kernel
+
+    def path():
+        with use_backend(backend), _selection.use_path(s.key, name):
+            return s.metalcore(*inputs)
+    return path
+
+
+def _record(point: dict[str, Any], name: str, seconds: float | None, agree: bool | None) -> None:
+    if name == "torch":
+        point["torch_s"] = seconds
+    elif name == _selection.KERNEL:
+        point["kernel_s"] = seconds
+        point["agree"] = agree
+    else:
+        point["paths"][name] = {"s": seconds, "agree": agree}
+
+
+# Matrices (rows) of the reference answer where torch's own call at the full batch failed or was
+# too long to run: its first ones, enough to catch a wrong kernel without a long call.
+REFERENCE_SLICE = 64
+
+
+def _reference(s: Sweep, inputs: tuple[Any, ...], full: bool) -> tuple[torch.Tensor | None, int | None]:
+    """Torch's canonical answer and the leading slice it covers (None: all of it): at the full batch
+    where torch's call ran, else on the first ``REFERENCE_SLICE`` matrices (rows). ``(None, None)``
+    where torch fails on those too."""
+    if full:
+        try:
+            return s.canonical(s.torch(*inputs)), None
+        except Exception:  # noqa: BLE001 — timed once, failed now: no reference at this point
+            return None, None
+    sliced = tuple(x[:REFERENCE_SLICE] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+    try:
+        return s.canonical(s.torch(*sliced)), REFERENCE_SLICE
+    except Exception:  # noqa: BLE001
+        return None, None
+
+
+def _agrees(s: Sweep, fn: Callable[[], Any], reference: tuple[torch.Tensor | None, int | None],
+            dtype: torch.dtype) -> bool:
+    """Whether a path's canonical output agrees with torch's (on the slice the reference covers). A
+    point without any reference agrees by default: only a path that is wrong where torch answers loses."""
+    expected, count = reference
+    try:
+        out = s.canonical(fn())
+    except Exception:  # noqa: BLE001
+        return False
+    if expected is None:
+        return bool(torch.isfinite(out).all().item())
+    return _agree(out if count is None else out[:count], expected, dtype)
 
 
 def _fmt_point(s: Sweep, p: dict[str, Any]) -> str:
     def us(x):
         return "-" if x is None else f"{x * 1e6:.1f}"
     ratio = "" if not (p["kernel_s"] and p["torch_s"]) else f" {p['torch_s'] / p['kernel_s']:.2f}x"
+    others = "".join(f" {name}={us(q['s'])}µs" + ("" if q["agree"] is not False else "(disagrees)")
+                     for name, q in p.get("paths", {}).items())
     flag = f" (extrapolated: {', '.join(p['extrapolated'])})" if p["extrapolated"] else ""
     return (f"{s.name:24s} {p['dtype']:8s} size={p['size']:<5d} batch={p['batch']:<6d} torch={us(p['torch_s'])}µs "
-            f"kernel={us(p['kernel_s'])}µs{ratio} served_by={p['served_by']} agree={p['agree']} "
+            f"kernel={us(p['kernel_s'])}µs{ratio}{others} served_by={p['served_by']} agree={p['agree']} "
             f"-> {p['winner']}{flag}")
 
 
@@ -556,7 +618,7 @@ def write_heatmaps(points: Sequence[dict[str, Any]], path: Path, title: str) -> 
 
 # --- the command line --------------------------------------------------------------------------
 
-def _parse_dtypes(text: str) -> list[torch.dtype]:
+def parse_dtypes(text: str) -> list[torch.dtype]:
     return [getattr(torch, name.strip()) for name in text.split(",") if name.strip()]
 
 
@@ -577,7 +639,7 @@ def main(args: Any) -> int:
     if not selected:
         print(f"metalcore.bench --selection: no swept op matches {args.ops!r}", file=sys.stderr)
         return 2
-    dtypes = _parse_dtypes(args.dtypes) if args.dtypes else None
+    dtypes = parse_dtypes(args.dtypes) if args.dtypes else None
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
     batches = [int(x) for x in args.batches.split(",")] if args.batches else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -619,18 +681,23 @@ def main(args: Any) -> int:
     return code
 
 
-def warm_compile(ops: str, device_name: str, workers: int) -> None:
-    """Compile every Triton kernel variant the sweep will launch, in ``workers`` processes sharing
-    Triton's on-disk cache, so that the timed sweep finds them compiled (a serial first launch of
-    ~200 variants costs minutes of compilation)."""
+def warm_compile(ops: str, device_name: str, workers: int, sizes: Sequence[int] | None = None,
+                 dtypes: Sequence[torch.dtype] | None = None) -> None:
+    """Compile every Triton kernel variant the sweep will launch (each path of each swept op, at the
+    sizes and dtypes asked for), in ``workers`` processes sharing Triton's on-disk cache, so that
+    the timed sweep finds them compiled (a serial first launch of ~200 variants costs minutes of
+    compilation)."""
     import subprocess
 
+    wanted = [o for o in ops.split(",") if o]
     jobs = []
     for s in sweeps():
-        if ops and s.key not in ops.split(",") and s.name not in ops.split(","):
+        if wanted and s.key not in wanted and s.name not in wanted:
             continue
         for dtype in s.dtypes:
-            for size in _rows_of(s):
+            if dtypes and dtype not in dtypes:
+                continue
+            for size in _rows_of(s, sizes):
                 jobs.append(f"{s.name}|{str(dtype).removeprefix('torch.')}|{size}")
     chunks = [jobs[i::workers] for i in range(workers)]
     procs = [subprocess.Popen([sys.executable, "-m", "metalcore.bench.selection", "--warm", device_name, *chunk],
@@ -640,8 +707,6 @@ def warm_compile(ops: str, device_name: str, workers: int) -> None:
 
 
 def _warm_worker(device_name: str, jobs: Sequence[str]) -> None:
-    import metalcore
-
     device = torch.device(device_name)
     backend = {"cuda": "triton", "mps": "metal"}[device.type]
     by_name = {s.name: s for s in sweeps()}
@@ -649,16 +714,21 @@ def _warm_worker(device_name: str, jobs: Sequence[str]) -> None:
         name, dtype_name, size = job.split("|")
         s = by_name[name]
         dtype = getattr(torch, dtype_name)
+        alternatives = _selection.paths(s.key, backend)
         for batch in (1, 16, 256, 4096):
             if _input_bytes(s, dtype, int(size), batch) > MAX_INPUT_BYTES // 8:
                 break
             try:
                 inputs = _build(s, device, dtype, int(size), batch)
-                with metalcore.use_backend(backend):
-                    s.metalcore(*inputs)
-                    torch.cuda.synchronize() if device.type == "cuda" else None
+                args = s.op_args(*inputs)
             except Exception:  # noqa: BLE001 — the sweep records failures; warming only compiles
-                pass
+                continue
+            for path in [_selection.KERNEL, *(n for n, p in alternatives.items() if p.supports(*args))]:
+                try:
+                    _forced_call(s, backend, path, inputs, bool(alternatives))()
+                    _sync(device)
+                except Exception:  # noqa: BLE001
+                    pass
 
 
 if __name__ == "__main__":

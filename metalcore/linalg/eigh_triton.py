@@ -39,13 +39,14 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from metalcore._selection import register_path, route
+from metalcore._triton import jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg import cusolver_batched
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import fits
 from metalcore.linalg.eigh import eigh_op
-from metalcore._triton import jit
-from metalcore.linalg.eigh_batched_triton import eigh_registers
+from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -194,9 +195,28 @@ def _automatic(A: Tensor, UPLO: str, compute_v: bool) -> bool:
     return _cusolver_preferred(A) or (_jacobi_supported(A) and (n <= AUTO_SMALL_MAX_N or n >= AUTO_LARGE_MIN_N))
 
 
+# Alternative paths, taken only where the measured table names them (metalcore._selection; the sweep
+# times each at every grid point). On the H100 (bench/results/batched-eigh-svd-check-h100-20261206-run2.log,
+# fp32, ms per call): the register tile won at 10000×3 (0.084, 0.076 with 4 matrices a program,
+# against the scratch kernel's 0.121, torch's 0.262 and CuPy's 0.203) and lost from n = 8 up (4096×8
+# 0.205 against 0.144; 1000×32 2.53 against 1.06); cuSOLVER's batched syev lost below n = 64 (1000×32
+# 0.711 against torch's 0.689) and won from 64 up, where the kernel's own routing takes it anyway.
+@register_path("eigh", "triton", "registers", supports=lambda A, UPLO, compute_v: fits(A, max_n=REGISTER_MAX_N))
+def _eigh_registers_path(A, UPLO, compute_v):
+    return eigh_registers(A, UPLO == "U", compute_v)
+
+
+@register_path("eigh", "triton", "cusolver", supports=lambda A, UPLO, compute_v: _cusolver_supported(A))
+def _eigh_cusolver_path(A, UPLO, compute_v):
+    return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)
+
+
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),
                    automatic=_automatic)
 def _eigh_triton(A, UPLO, compute_v):
+    path = route("eigh", "triton", (A, UPLO, compute_v))
+    if path is not None:
+        return path.fn(A, UPLO, compute_v)
     n = A.shape[-1]
     if _cusolver_preferred(A) or not _jacobi_supported(A):
         return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)

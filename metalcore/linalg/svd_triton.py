@@ -43,14 +43,15 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from metalcore._selection import register_path, route
+from metalcore._triton import jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
-from metalcore.linalg.svd_batched_triton import jacobi_registers
+from metalcore.linalg.svd_batched_triton import REGISTER_MAX_N, jacobi_registers
 from metalcore.linalg.svd_large import large_supported, svd_large
-from metalcore._triton import jit
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -230,6 +231,20 @@ def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
     return _small(A) or large_supported(A)
 
 
+# The register-tile Jacobi, QR-preconditioned, as an alternative path taken only where the measured
+# table names it (metalcore._selection). On the H100 (batched-eigh-svd-check-h100-20261206-run2.log,
+# fp32, ms per call) it beat the scratch kernel at 1000×32 (0.666 against 0.875) and fp64 1000×32 (1.57
+# against 2.83), tied at 500×16 (0.535 against 0.552; torch 0.426) and lost at 4096×8 (0.664 against
+# the selection sweep's 0.426). Without the QR step it was about twice as fast (4096×8 0.296, 10000×3
+# 0.273, 500×16 0.187) but is not offered: on the interpreter, fp32 matrices whose column scales
+# spread over 30 decades missed the 30-sweep bound (NaN) from n = 3 (bench/linalg_triton.md), while
+# the preconditioned kernel took 3-7 sweeps on them up to n = 32.
+@register_path("svd", "triton", "registers",
+               supports=lambda A, full_matrices, compute_uv: _small(A) and max(A.shape[-2:]) <= REGISTER_MAX_N)
+def _svd_registers_path(A, full_matrices, compute_uv):
+    return svd_launch(A, full_matrices, compute_uv, registers=True)
+
+
 # Chosen automatically wherever it serves: the Jacobi kernel measured faster than torch.linalg.svd
 # on the H100 at every size it takes (fp32; bench/linalg_triton.md v4: 500×16 1.4×, 1000×32 1.6×,
 # 100×64 92×, 64×128 20×), and matrices with both sides from svd_large.LARGE_MIN_N (1024, the
@@ -239,6 +254,9 @@ def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
 # Sides from 129 to 1023 stay on cuSOLVER (not timed).
 @svd_op.implement("triton", supports=_supported)
 def _svd_triton(A, full_matrices, compute_uv):
+    path = route("svd", "triton", (A, full_matrices, compute_uv))
+    if path is not None:
+        return path.fn(A, full_matrices, compute_uv)
     if _small(A):
         return svd_launch(A, full_matrices, compute_uv)
     return svd_large(A, full_matrices, compute_uv)
