@@ -100,10 +100,10 @@ def _run(runner: str, spec: dict[str, Any]) -> None:
         import jax
         import jax.numpy as jnp
         jax.config.update("jax_enable_x64", True)
-        key = [jax.random.PRNGKey(0)]
+        prng = [jax.random.PRNGKey(0)]  # (not `key`: the case loop below uses that name)
 
         def normal(shape):
-            key[0], sub = jax.random.split(key[0])
+            prng[0], sub = jax.random.split(prng[0])
             return jax.random.normal(sub, shape, dtype=jnp.float64)
 
         ops = {"eigh": jax.jit(jnp.linalg.eigh), "eigvalsh": jax.jit(jnp.linalg.eigvalsh),
