@@ -459,10 +459,11 @@ class GroupPlan:
     copy), whether torch's fused kernel takes the group, and the layout its gradients must have.
 
     ``MetalAdamW._init_group`` gathers per parameter (a state lookup by the parameter's Python-level
-    hash, a dozen list appends, a counter check), then :func:`adamw` checks every tensor again: about
-    4 µs a tensor on this project's CPU, 1.2 µs more per tensor than torch's fused optimizer on the
-    H100 machine (bench/optim.md). A plan's step instead reads each gradient once and runs C-level
-    maps over lists (~0.1 µs a tensor each):
+    hash, a dozen list appends, a counter check), then :func:`adamw` checks every tensor again: ~2.5 µs
+    of host time a tensor on this project's CPU, 1.6x torch's fused optimizer, and 0.8-1.3 µs a
+    tensor more than torch's on the H100 machine. A plan's step reads each gradient once and checks
+    it in C-level maps over lists (~0.1 µs a tensor each): 0.7-1.6 µs a tensor here, 0.5-0.7x torch's
+    (bench/optim.md, 2026-12-07).
 
     * :meth:`current`: the group still holds the same parameter list with the same parameters,
       ``amsgrad`` is unchanged, and every parameter's state still holds the tensors gathered (a state
