@@ -4,12 +4,12 @@ equality, wall time per step as a training loop sees it, GPU time beside, and th
     python bench/scripts/adamw_check.py --out $OUT/adamw-check.json             # the H100 run (< 3 min)
     python bench/scripts/adamw_check.py --device cpu --tiny --out /tmp/a.json    # smoke test
 
-Grid: n_tensors ∈ {1, 8, 64, 200, 1000} × size ∈ {4096, 65536, 1M, 16.8M/n} fp32, skipping points
+Grid: n_tensors ∈ {1, 2, 8, 64, 200, 1000} × size ∈ {64, 4096, 65536, 1M, 16.8M/n} fp32, skipping points
 above ``MAX_PARAMS`` parameters in all (1000 × 1M: 16 GB of optimizer tensors per optimizer, the
 large-tensor regime is covered by 200 × 1M and the 16.8M column). Each point, in one process:
 
 * backend: what served MetalAdamW's step (``metalcore._op.observe_backends``), or ``torch_fused``
-  where no metalcore op ran (a CUDA group sent straight to ``torch._fused_adamw_``; the rule is in
+  where no metalcore op ran (a group sent straight to ``torch._fused_adamw_``; the rule is in
   ``metalcore/optim/adamw.py``); ``triton`` below is the same optimizer with the Triton kernel forced
   (``metalcore.use_backend("triton")``), the data for that rule;
 * equality: each optimizer and torch's from the same parameters and zero state, ``CHECK_STEPS`` steps
@@ -23,10 +23,11 @@ large-tensor regime is covered by 200 × 1M and the 16.8M column). Each point, i
   (≤ 1 passes);
 * wall: rounds of ``ROUND`` back-to-back ``step()`` calls between synchronisations, the optimizers
   alternating round by round, median of the per-step times (host and GPU, what a user's loop sees;
-  the GPU runs ahead of the host only within a round);
+  the GPU runs ahead of the host only within a round); torch's ``foreach=True`` step beside;
 * GPU time: metalcore.bench's Timer (a GPU sleep hides the host, L2 flushed before each call), for
   both ``step()``s and for torch's ``torch._fused_adamw_`` called directly on device step counters
-  (torch's kernel without its Python: what routing a case to it could reach);
+  (torch's kernel without its Python: what routing a case to it could reach); the Timer's host time
+  per step (the call's own time while the GPU sleeps: Python, dispatch and launches) is printed beside;
 * floor: bytes moved (read θ, g, m, v; write θ, m, v: 28 B per parameter) at ``FLOOR_TBPS`` (3.0 TB/s,
   an H100's copy bandwidth); the fraction of it each wall and GPU time reaches.
 
@@ -56,11 +57,11 @@ from metalcore._op import observe_backends  # noqa: E402
 from metalcore.bench.timing import GPU_BUDGET, QUICK_BUDGET, Timer  # noqa: E402
 from metalcore.optim import MetalAdamW  # noqa: E402
 
-COUNTS = (1, 8, 64, 200, 1000)
-SIZES = (4096, 65536, 1 << 20, None)  # None: 16.8M parameters split over the tensors
+COUNTS = (1, 2, 8, 64, 200, 1000)
+SIZES = (64, 4096, 65536, 1 << 20, None)  # None: 16.8M parameters split over the tensors
 TOTAL = 1 << 24  # 16.8M, the issue's large case
 MAX_PARAMS = 256 << 20
-TINY_COUNTS, TINY_SIZES, TINY_TOTAL = (1, 8, 64), (256, 4096, None), 1 << 16
+TINY_COUNTS, TINY_SIZES, TINY_TOTAL = (1, 2, 8, 64), (64, 4096, None), 1 << 16
 BYTES_PER_PARAM = 28
 FLOOR_TBPS = 3.0
 CHECK_STEPS = 3
@@ -82,19 +83,28 @@ def grid(tiny: bool) -> list[tuple[int, int]]:
     return points
 
 
-def make_optimizers(n: int, size: int, device: torch.device, count: int):
-    """``count`` optimizers (MetalAdamW, then torch's fused AdamW last) over equal parameters with
-    equal gradients; the gradients are fixed tensors (a step reads them only), so repeated steps need
-    no host work but the optimizers' own. Returns ([params per optimizer], [optimizers], start)."""
+# The optimizers each point builds, by name: MetalAdamW (automatic; with the Triton kernel forced)
+# and torch's two multi-tensor steps.
+OPTIMIZERS = dict(
+    metalcore=lambda ps: MetalAdamW(ps, **HYPER),
+    triton=lambda ps: MetalAdamW(ps, **HYPER),
+    torch_foreach=lambda ps: torch.optim.AdamW(ps, **HYPER, foreach=True),
+    torch_fused=lambda ps: torch.optim.AdamW(ps, **HYPER, fused=True),
+)
+
+
+def make_optimizers(n: int, size: int, device: torch.device, names: list[str]):
+    """The named optimizers (:data:`OPTIMIZERS`) over equal parameters with equal gradients; the
+    gradients are fixed tensors (a step reads them only), so repeated steps need no host work but the
+    optimizers' own. Returns ({name: params}, {name: optimizer}, start)."""
     start = [torch.randn(size, device=device) for _ in range(n)]
     grads = [torch.randn_like(p) for p in start]
-    params, opts = [], []
-    for k in range(count):
+    params, opts = {}, {}
+    for name in names:
         ps = [p.clone().requires_grad_() for p in start]
         for p, g in zip(ps, grads):
             p.grad = g.clone()
-        params.append(ps)
-        opts.append(torch.optim.AdamW(ps, **HYPER, fused=True) if k == count - 1 else MetalAdamW(ps, **HYPER))
+        params[name], opts[name] = ps, OPTIMIZERS[name](ps)
     return params, opts, start
 
 
@@ -169,29 +179,29 @@ def direct_fused(opt, params: list[torch.Tensor]):
 def measure(n: int, size: int, device: torch.device, timer: Timer, rounds: int) -> dict:
     # The forced Triton kernel where it can run (under TRITON_INTERPRET=1 on the CPU: a smoke test).
     triton_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    variants = ("metalcore", "triton") if triton_runs else ("metalcore",)
-    params, opts, start = make_optimizers(n, size, device, len(variants) + 1)
-    steps = {name: stepped(opt, "auto" if name == "metalcore" else name) for name, opt in zip(variants, opts)}
-    steps["torch_fused"] = opts[-1].step
+    variants = ["metalcore", "triton"] if triton_runs else ["metalcore"]
+    params, opts, start = make_optimizers(n, size, device, variants + ["torch_foreach", "torch_fused"])
+    steps = {name: stepped(opt, "triton" if name == "triton" else "auto") for name, opt in opts.items()}
     for _ in range(CHECK_STEPS):
         for step in steps.values():
             step()
-    diff = {name: diff_over_allowance(params[k], opts[k], params[-1], opts[-1], start)
-            for k, name in enumerate(variants)}
+    diff = {name: diff_over_allowance(params[name], opts[name], params["torch_fused"], opts["torch_fused"], start)
+            for name in variants}
     served = served_by(steps["metalcore"])
     wall = wall_per_step(steps, device, rounds)
-    gpu = timer.time_all({**steps, "fused_kernel": direct_fused(opts[0], params[0])})
+    timed = {name: steps[name] for name in (*variants, "torch_fused")}
+    gpu = timer.time_all({**timed, "fused_kernel": direct_fused(opts["metalcore"], params["metalcore"])})
     floor = n * size * BYTES_PER_PARAM / (FLOOR_TBPS * 1e12)
     row = dict(n_tensors=n, size=size, params=n * size, backend=served, diff_over_allowance=diff,
                equal=all(d <= 1.0 for d in diff.values()), floor_us=floor * 1e6,
                wall_us={k: t * 1e6 for k, t in wall.items()},
                gpu_us={k: t.median_s * 1e6 for k, t in gpu.items()},
-               host_us={k: (t.host_s or 0.0) * 1e6 for k, t in gpu.items()})
+               host_us={k: t.host_s * 1e6 if t.host_s is not None else float("nan") for k, t in gpu.items()})
     row["ratio_wall"] = wall["torch_fused"] / wall["metalcore"]
     row["ratio_gpu"] = gpu["torch_fused"].median_s / gpu["metalcore"].median_s
     row["floor_fraction_wall"] = floor / wall["metalcore"]
     row["floor_fraction_gpu"] = floor / gpu["metalcore"].median_s
-    del params, opts, steps
+    del params, opts, steps, timed
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -216,16 +226,17 @@ def main(argv=None) -> int:
     rounds = 5 if args.tiny else 15
     rows = []
     print(f"{'n':>5} {'size':>9} {'backend':>11} {'diff/tol':>8} | {'wall ours':>10} {'triton':>9} {'torch':>9} "
-          f"{'ratio':>6} | "
+          f"{'foreach':>9} {'ratio':>6} | {'host ours':>9} {'torch':>9} | "
           f"{'gpu ours':>9} {'torch':>9} {'kernel':>9} {'ratio':>6} | {'floor':>8} {'frac w':>6} {'frac g':>6}")
     started = time.perf_counter()
     for n, size in grid(args.tiny):
         row = measure(n, size, device, timer, rounds)
         rows.append(row)
-        w, g = row["wall_us"], row["gpu_us"]
+        w, g, h = row["wall_us"], row["gpu_us"], row["host_us"]
         print(f"{n:>5} {size:>9} {row['backend']:>11} {max(row['diff_over_allowance'].values()):8.2f} | "
               f"{w['metalcore']:8.1f}us {w.get('triton', float('nan')):7.1f}us "
-              f"{w['torch_fused']:7.1f}us {row['ratio_wall']:6.2f} | {g['metalcore']:7.1f}us {g['torch_fused']:7.1f}us "
+              f"{w['torch_fused']:7.1f}us {w['torch_foreach']:7.1f}us {row['ratio_wall']:6.2f} | "
+              f"{h['metalcore']:7.1f}us {h['torch_fused']:7.1f}us | {g['metalcore']:7.1f}us {g['torch_fused']:7.1f}us "
               f"{g['fused_kernel']:7.1f}us {row['ratio_gpu']:6.2f} | {row['floor_us']:6.1f}us "
               f"{row['floor_fraction_wall']:6.2f} {row['floor_fraction_gpu']:6.2f}", flush=True)
     slower = [r for r in rows if r["ratio_wall"] < 1.0]

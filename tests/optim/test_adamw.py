@@ -272,7 +272,8 @@ BAD_ARGS = [
     ("beta2", dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
     ("betas-arity", dict(betas=(0.9,)), r"betas must be a pair"),
     ("weight-decay", dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
-    ("tensor-lr", dict(lr=torch.tensor(1e-3)), "lr must be a float, not a Tensor"),
+    ("tensor-betas", dict(betas=(torch.tensor(0.9), torch.tensor(0.99))), "betas must be a float, not a Tensor"),
+    ("tensor-eps", dict(eps=torch.tensor(1e-8)), "eps must be a float, not a Tensor"),
     ("tensor-lr-2", dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
     ("betas-mixed", dict(betas=(0.9, torch.tensor(0.99))), "betas must be either both floats or both Tensors"),
     ("capturable", dict(capturable=True), "capturable=True is not supported: CUDA-graph capture"),
@@ -692,19 +693,25 @@ def test_kernels_take_transposed_parameters_and_free_size_one_strides(backend):
     assert_same_trajectory(ours, params, theirs, reference, torch.float32)
 
 
-# --- CUDA groups go straight to torch's fused kernel (metalcore/optim/adamw.py, torch_fused_applies).
-# The route runs on the CPU here (torch._fused_adamw_ has a CPU kernel) with "cpu" added to its devices.
+# --- CPU and CUDA groups go straight to torch's fused kernel (metalcore/optim/adamw.py, torch_fused_applies).
+# The CPU runs the route as CUDA does (torch._fused_adamw_ has a CPU kernel), device counter copies included.
 
 _adamw_module = importlib.import_module("metalcore.optim.adamw")
 
 
 @pytest.fixture
 def routed_on_cpu(monkeypatch):
-    monkeypatch.setattr(_adamw_module, "ROUTED_DEVICE_TYPES", ("cpu", "cuda"))
+    """The number of tensors of each step that went to torch's fused kernel."""
     calls = []
     step = _adamw_module.torch_fused_step
     monkeypatch.setattr(_adamw_module, "torch_fused_step", lambda *args: (calls.append(len(args[0])), step(*args)))
     return calls
+
+
+@pytest.fixture
+def counters_copied_on_cpu(monkeypatch):
+    """The CPU takes device copies of the step counters, as CUDA does."""
+    monkeypatch.setattr(_adamw_module, "COUNTERS_ON_HOST", ())
 
 
 @pytest.mark.parametrize("amsgrad,maximize", [(False, False), (True, True)])
@@ -729,7 +736,7 @@ def test_routed_step_equals_torch_fused_adamw(amsgrad, maximize, routed_on_cpu):
         assert step.device.type == "cpu" and step.dtype == torch.float32 and step.dim() == 0 and step.item() == 4
 
 
-def test_routed_state_dict_round_trip_and_counters_follow_edits(routed_on_cpu):
+def test_routed_state_dict_round_trip_and_counters_follow_edits(routed_on_cpu, counters_copied_on_cpu):
     torch.manual_seed(1)
     params = [torch.randn(8, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
     twin = [p.detach().clone().requires_grad_() for p in params]
@@ -785,7 +792,7 @@ def test_route_declines_what_torch_fused_does_not_take(routed_on_cpu):
         assert not applies(*lists([p], [g], [m], [v]), [], False)
 
 
-def test_routed_device_counters_do_not_outlive_the_optimizer(routed_on_cpu):
+def test_routed_device_counters_do_not_outlive_the_optimizer(routed_on_cpu, counters_copied_on_cpu):
     param = torch.randn(3, requires_grad=True)
     param.grad = torch.randn(3)
     opt = MetalAdamW([param])
@@ -796,3 +803,198 @@ def test_routed_device_counters_do_not_outlive_the_optimizer(routed_on_cpu):
     del opt
     gc.collect()
     assert buffer() is None
+
+
+# --- the step's plan (metalcore/optim/adamw.py, GroupPlan): gathered once, checked every step --------
+# Contiguous fp32/fp64 groups on the CPU go to torch's fused CPU kernel, as torch.optim.AdamW(fused=True)
+# does, so the two are compared to the bit; whatever invalidates a plan must give torch's result.
+
+def fused_twins(shapes=((37, 5), (100,), (1,), (0,), (3, 4, 5)), dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    ours = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    return ours, [p.detach().clone().requires_grad_() for p in ours]
+
+
+def set_grads(ours, theirs, skip=()):
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        if i in skip:
+            p.grad = q.grad = None
+        else:
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+
+
+def assert_bitwise_equal(opt, ours, ref, theirs):
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q)
+        assert set(opt.state[p]) == set(ref.state[q])
+        for key, value in opt.state[p].items():
+            if key == "step":
+                assert value.device.type == "cpu" and value.dtype == torch.float32 and value.dim() == 0
+            assert torch.equal(value, ref.state[q][key]), key
+
+
+FUSED_CONFIGS = {
+    "default": dict(),
+    "weight-decay-maximize": dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, maximize=True),
+    "amsgrad": dict(lr=1e-2, amsgrad=True, weight_decay=0.0),
+    "tensor-lr": dict(lr=torch.tensor(1e-2), weight_decay=0.05, amsgrad=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("config", FUSED_CONFIGS.values(), ids=FUSED_CONFIGS.keys())
+def test_steps_equal_torch_fused_adamw_to_the_bit(config, dtype, routed_on_cpu):
+    """Ten steps over two groups (the second with its own hyperparameters), an LR change between
+    steps (in place for a tensor lr, as torch's schedulers do), each step through torch's kernel."""
+    ours, theirs = fused_twins(dtype=dtype)
+
+    def groups(ps):
+        return [dict(params=ps[:3]), dict(params=ps[3:], lr=5e-3, weight_decay=0.2)]
+
+    opt = MetalAdamW(groups(ours), **copy.deepcopy(config))
+    ref = torch.optim.AdamW(groups(theirs), **copy.deepcopy(config), fused=True)
+    for t in range(10):
+        set_grads(ours, theirs)
+        opt.step()
+        ref.step()
+        if t == 4:
+            for o in (opt, ref):
+                lr = o.param_groups[0]["lr"]
+                if isinstance(lr, torch.Tensor):
+                    lr.fill_(2e-3)
+                else:
+                    o.param_groups[0]["lr"] = 2e-3
+    assert routed_on_cpu == [3, 2] * 10
+    assert_bitwise_equal(opt, ours, ref, theirs)
+
+
+def test_plan_is_reused_and_rebuilt_when_the_groups_or_state_change(routed_on_cpu):
+    ours, theirs = fused_twins()
+    opt = MetalAdamW([dict(params=ours[:3])], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([dict(params=theirs[:3])], lr=1e-2, weight_decay=0.1, fused=True)
+
+    def step():
+        set_grads(ours, theirs)
+        opt.step()
+        ref.step()
+        return list(opt._plans)
+
+    step()
+    first = step()
+    assert step() == first and first[0] is not None  # reused while nothing changes
+    for o, ps in ((opt, ours), (ref, theirs)):
+        o.add_param_group(dict(params=ps[3:], lr=3e-3))
+    plans = step()
+    assert plans[0] is first[0] and plans[1] is not None  # the new group gets a plan of its own
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    ref.load_state_dict(copy.deepcopy(ref.state_dict()))
+    plans = step()
+    assert plans[0] is not first[0]  # a load rebuilds from the loaded state
+    assert step() == plans
+    assert_bitwise_equal(opt, ours, ref, theirs)
+
+
+def test_parameter_without_gradient_for_some_steps(routed_on_cpu):
+    """A parameter that misses a gradient is skipped (its value and state untouched, its step count
+    behind), then planned in again; one that never has one gets no state."""
+    ours, theirs = fused_twins()
+    opt = MetalAdamW(ours, lr=1e-2, amsgrad=True)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, fused=True)
+    for t in range(10):
+        set_grads(ours, theirs, skip={4} | ({1} if t in (3, 4, 7) else set()))
+        before = ours[1].detach().clone()
+        opt.step()
+        ref.step()
+        if t in (3, 4, 7):
+            assert torch.equal(ours[1], before)
+    assert ours[4] not in opt.state
+    assert opt.state[ours[1]]["step"].item() == 7 and opt.state[ours[0]]["step"].item() == 10
+    assert_bitwise_equal(opt, ours, ref, theirs)
+
+
+def test_state_edits_between_steps_are_seen(routed_on_cpu):
+    """A parameter's state replaced by an empty dict (torch starts it afresh), a moment replaced by
+    another tensor, a step counter replaced, the whole state cleared: each is read at the next step."""
+    ours, theirs = fused_twins()
+    opt = MetalAdamW(ours, lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
+    edits = {
+        2: lambda o, ps: o.state.__setitem__(ps[0], {}),
+        4: lambda o, ps: o.state[ps[1]].__setitem__("exp_avg", torch.full_like(ps[1], 0.5)),
+        6: lambda o, ps: o.state[ps[2]].__setitem__("step", torch.tensor(100.0)),
+        8: lambda o, ps: o.state.clear(),
+    }
+    for t in range(10):
+        set_grads(ours, theirs)
+        opt.step()
+        ref.step()
+        if t in edits:
+            edits[t](opt, ours)
+            edits[t](ref, theirs)
+    assert opt.state[ours[0]]["step"].item() == 1  # cleared after the 9th step
+    assert_bitwise_equal(opt, ours, ref, theirs)
+
+
+def test_parameters_converted_to_float64_and_state_reloaded(routed_on_cpu):
+    """``model.double()`` keeps the Parameter objects and swaps their data; the state follows through
+    load_state_dict (cast to the parameters' dtype, as torch's loader does)."""
+    ours, theirs = fused_twins()
+    opt = MetalAdamW(ours, lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
+    for t in range(8):
+        if t == 4:
+            for o, ps in ((opt, ours), (ref, theirs)):
+                for p in ps:
+                    p.data = p.data.double()
+                o.load_state_dict(copy.deepcopy(o.state_dict()))
+        set_grads(ours, theirs)
+        opt.step()
+        ref.step()
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float64 for p in ours)
+    assert_bitwise_equal(opt, ours, ref, theirs)
+
+
+def test_gradients_of_another_layout_for_a_step_take_the_op(routed_on_cpu):
+    """Transposed-view gradients (a hook can hand them over) in the middle of planned steps go to the
+    op, which honours strides (torch's fused CPU kernel would walk them flat), then back to torch's kernel."""
+    torch.manual_seed(2)
+    ours = [torch.randn(6, 5, requires_grad=True), torch.randn(7, requires_grad=True)]
+    theirs = clone(ours)
+    opt, ref = MetalAdamW(ours, lr=0.1), torch.optim.AdamW(theirs, lr=0.1, foreach=False)
+    for t in range(5):
+        grads = [torch.randn(5, 6).t() if t == 2 else torch.randn(6, 5), torch.randn(7)]
+        step_with(opt, ours, grads)
+        step_with(ref, theirs, grads)
+    assert routed_on_cpu == [2, 2, 2, 2]
+    assert_same_trajectory(opt, ours, ref, theirs, torch.float32)
+
+
+def test_sparse_gradient_after_planned_steps_raises():
+    embedding = torch.nn.Embedding(10, 3)
+    opt = MetalAdamW(embedding.parameters())
+    embedding.weight.grad = torch.randn(10, 3)
+    opt.step()
+    opt.step()
+    embedding.weight.grad = torch.randn(10, 3).to_sparse()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="MetalAdamW does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(embedding.weight, before)
+
+
+def test_plans_are_not_pickled_and_rebuilt_after_a_copy(routed_on_cpu):
+    ours, theirs = fused_twins()
+    opt = MetalAdamW(ours, lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
+    for _ in range(2):
+        set_grads(ours, theirs)
+        opt.step()
+        ref.step()
+    assert "_plans" not in opt.__getstate__()
+    twin = copy.deepcopy(opt)
+    assert twin._plans == [] and twin.state_dict()["state"][0]["step"].item() == 2
+    set_grads(ours, theirs)
+    opt.step()
+    ref.step()
+    assert_bitwise_equal(opt, ours, ref, theirs)
