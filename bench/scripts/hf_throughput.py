@@ -93,9 +93,11 @@ def measure(name, args, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
 
-    for _ in range(args.warmup):
-        step()
+    # Untimed, so read on the host: every configuration starts from the same weights and batch, so the
+    # first loss is the same forward and the later ones follow the gradients (a broken backward shows).
+    warmup_losses = [step().item() for _ in range(args.warmup)]
     times = []
     state = 0
     if device.type == "cuda":
@@ -119,7 +121,8 @@ def measure(name, args, device):
     median = statistics.median(times)
     result = {"tokens_per_second": args.batch_size * args.seq_len / median, "median_step_s": median,
               "peak_memory_bytes": peak, "state_memory_bytes": state,
-              "params": sum(p.numel() for p in model.parameters()), "optimizer": type(opt).__name__, "note": note}
+              "params": sum(p.numel() for p in model.parameters()), "optimizer": type(opt).__name__,
+              "warmup_losses": warmup_losses, "note": note}
     del model, opt
     gc.collect()
     if device.type == "cuda":
@@ -175,7 +178,8 @@ def main(argv=None):
         print(f"{name:>22}: {r['tokens_per_second']:>10,.0f} tokens/s  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x"
               f"   peak {r['peak_memory_bytes'] / gib:6.2f} GiB  {mem:.2f}x"
               f"   state {r['state_memory_bytes'] / gib:5.2f} + step {step / gib:5.2f} GiB"
-              f" ({step / base_step if base_step else float('nan'):.2f}x)   {r['optimizer']}   {r['note']}")
+              f" ({step / base_step if base_step else float('nan'):.2f}x)   {r['optimizer']}"
+              f"   warm-up losses {' '.join(f'{v:.5f}' for v in r['warmup_losses'])}   {r['note']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "args": vars(args), "results": results}, f, indent=2)
