@@ -175,7 +175,8 @@ def main(argv=None):
         mem = r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
         step = r["peak_memory_bytes"] - r["state_memory_bytes"]
         base_step = base["peak_memory_bytes"] - base["state_memory_bytes"]
-        print(f"{name:>22}: {r['tokens_per_second']:>10,.0f} tokens/s  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x"
+        speed = r["tokens_per_second"] / base["tokens_per_second"]
+        print(f"{name:>22}: {r['tokens_per_second']:>10,.0f} tokens/s  {speed:.2f}x"
               f"   peak {r['peak_memory_bytes'] / gib:6.2f} GiB  {mem:.2f}x"
               f"   state {r['state_memory_bytes'] / gib:5.2f} + step {step / gib:5.2f} GiB"
               f" ({step / base_step if base_step else float('nan'):.2f}x)   {r['optimizer']}"

@@ -25,14 +25,10 @@ its own, and finds the outer layer's norm outputs through them.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Any, Callable, Optional
 
 import torch
-
-_state = threading.local()  # .context: the innermost active _Context of this thread (hooks are per thread)
-
 
 class _Recipe:
     """How to recompute one registered norm output ``y = fn(x, *args)``, and the bookkeeping of its saves."""
@@ -119,37 +115,41 @@ def _unpack(packed: Any) -> torch.Tensor:
     return packed.unpack() if type(packed) is _Packed else packed
 
 
-def _foreign_hooks() -> bool:
-    """Are saved-tensor hooks disabled, or are hooks other than metalcore's the innermost ones?"""
+def _innermost() -> tuple[bool, Optional[_Context]]:
+    """``(foreign, ours)``: whether saved-tensor hooks other than metalcore's are innermost (or hooks are
+    disabled), and else the innermost metalcore context, if any. Torch keeps the hooks per thread."""
     if not torch._C._autograd._saved_tensors_hooks_is_enabled():
-        return True
+        return True, None
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and not isinstance(getattr(top[0], "__self__", None), _Context)
+    if top is None:
+        return False, None
+    context = getattr(top[0], "__self__", None)
+    return (False, context) if isinstance(context, _Context) else (True, None)
 
 
 def run(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``forward(*args, **kwargs)`` with the saves of norm outputs registered inside it packed as recipes."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _foreign_hooks():
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return forward(*args, **kwargs)
-    parent = getattr(_state, "context", None)
+    foreign, parent = _innermost()
+    if foreign:
+        return forward(*args, **kwargs)
     context = _Context(parent)
-    _state.context = context
     try:
         with torch.autograd.graph.saved_tensors_hooks(context.pack, _unpack):
             return forward(*args, **kwargs)
     finally:
-        _state.context = parent
         context.recipes.clear()  # the graph keeps the hooks (and so this context): keep nothing heavy in it
         context.parent = None
 
 
 def register(y: torch.Tensor, fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any) -> None:
     """Declare ``y = fn(x, *args)`` recomputable (deterministically, from tensors the norm keeps anyway)
-    to the innermost patched layer running on this thread; nothing happens outside one."""
-    if torch.compiler.is_compiling():
+    to the patched layer whose hooks are innermost; nothing happens outside one."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return
-    context = getattr(_state, "context", None)
-    if (context is None or not torch.is_grad_enabled() or type(y) is not torch.Tensor or y.numel() == 0
-            or not y.is_contiguous() or type(x) is not torch.Tensor):
+    _, context = _innermost()
+    if (context is None or type(y) is not torch.Tensor or y.numel() == 0 or not y.is_contiguous()
+            or type(x) is not torch.Tensor):
         return
     context.recipes[y.untyped_storage().data_ptr()] = _Recipe(y, fn, x, args)
