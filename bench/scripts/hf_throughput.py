@@ -6,6 +6,11 @@ four configurations measured back to back on the same GPU:
   fused linear cross-entropy: no logits);
 * ``metalcore_no_flce``: the same with ``patch_model(cross_entropy=False)`` (materialized logits and
   Hugging Face's loss), which isolates the fused loss's share of time and memory;
+* ``metalcore_no_recompute``: the same with ``patch_model(recompute_norms=False)`` (the RMSNorm
+  outputs kept for the backward instead of recomputed there): the recompute's saving and its time;
+* ``metalcore_torch_adamw``: ``metalcore`` with torch's fused AdamW, as the baselines use: MetalAdamW
+  keeps float32 moments for bf16 parameters (8 B a parameter against torch's 4), 3.2 GiB more at
+  853M parameters, which this row takes out of the comparison;
 * ``liger``: the same model class after Liger Kernel's ``apply_liger_kernel_to_llama`` (skipped, and
   said so, when ``liger_kernel`` is not importable).
 
@@ -14,7 +19,9 @@ Model: LlamaConfig(hidden 2048, 16 layers, 32 heads / 8 KV heads, intermediate 5
 sequence 2048, AdamW (torch fused for the baselines; MetalAdamW for metalcore unless
 ``--optimizer torch``), activation memory as in training (no checkpointing). Each configuration:
 ``--warmup`` steps, then ``--steps`` timed with CUDA events;
-the median step gives tokens/s; peak memory is ``torch.cuda.max_memory_allocated`` after a reset.
+the median step gives tokens/s; peak memory is ``torch.cuda.max_memory_allocated`` after a reset;
+``state`` is the memory allocated between steps (parameters and optimizer state: gradients are set to
+None), so ``peak - state`` is what the step itself adds (activations, gradients, workspaces).
 
     python bench/scripts/hf_throughput.py --json out.json           # on the H100
     python bench/scripts/hf_throughput.py --vocab 128256 --seq-len 4096 --batch-size 2 --json out.json
@@ -54,6 +61,11 @@ def build(args, device):
     return LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+# metalcore configurations: patch_model's options, and whether the optimizer is always torch's.
+METALCORE = {"metalcore": ({}, False), "metalcore_no_flce": (dict(cross_entropy=False), False),
+             "metalcore_no_recompute": (dict(recompute_norms=False), False), "metalcore_torch_adamw": ({}, True)}
+
+
 def measure(name, args, device):
     if name == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -63,12 +75,12 @@ def measure(name, args, device):
         apply_liger_kernel_to_llama()
     model = build(args, device).train()
     note = ""
-    if name.startswith("metalcore"):
+    if name in METALCORE:
         import metalcore.patch
 
-        report = metalcore.patch.patch_model(model, cross_entropy=name == "metalcore")
+        report = metalcore.patch.patch_model(model, **METALCORE[name][0])
         note = str(report).splitlines()[0]
-    if name.startswith("metalcore") and args.optimizer == "metalcore":
+    if name in METALCORE and args.optimizer == "metalcore" and not METALCORE[name][1]:
         from metalcore.optim import MetalAdamW
 
         opt = MetalAdamW(model.parameters(), lr=1e-4)
@@ -81,12 +93,16 @@ def measure(name, args, device):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
 
-    for _ in range(args.warmup):
-        step()
+    # Untimed, so read on the host: every configuration starts from the same weights and batch, so the
+    # first loss is the same forward and the later ones follow the gradients (a broken backward shows).
+    warmup_losses = [step().item() for _ in range(args.warmup)]
     times = []
+    state = 0
     if device.type == "cuda":
         torch.cuda.synchronize()
+        state = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(args.steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -104,7 +120,9 @@ def measure(name, args, device):
         peak = 0
     median = statistics.median(times)
     result = {"tokens_per_second": args.batch_size * args.seq_len / median, "median_step_s": median,
-              "peak_memory_bytes": peak, "params": sum(p.numel() for p in model.parameters()), "note": note}
+              "peak_memory_bytes": peak, "state_memory_bytes": state,
+              "params": sum(p.numel() for p in model.parameters()), "optimizer": type(opt).__name__,
+              "warmup_losses": warmup_losses, "note": note}
     del model, opt
     gc.collect()
     if device.type == "cuda":
@@ -122,7 +140,8 @@ def main(argv=None):
     p.add_argument("--optimizer", choices=["metalcore", "torch"], default="metalcore",
                    help="AdamW of the metalcore configuration (torch: fused torch AdamW, to isolate the patch)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000; --tiny: 512)")
-    p.add_argument("--configs", default="unpatched,metalcore,metalcore_no_flce,liger")
+    p.add_argument("--configs", default="unpatched,metalcore,metalcore_no_flce,metalcore_no_recompute,"
+                                        "metalcore_torch_adamw,liger")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, to check the script anywhere")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -148,13 +167,20 @@ def main(argv=None):
     base = results["unpatched"]
     print(f"{env}\nbatch {args.batch_size} x seq {args.seq_len}, vocab {args.vocab or 'default'}, "
           f"median of {args.steps} steps")
+    gib = 2**30
     for name, r in results.items():
         if "skipped" in r:
-            print(f"{name:>17}: skipped ({r['skipped']})")
+            print(f"{name:>22}: skipped ({r['skipped']})")
             continue
         mem = r["peak_memory_bytes"] / base["peak_memory_bytes"] if base["peak_memory_bytes"] else float("nan")
-        print(f"{name:>17}: {r['tokens_per_second']:>10,.0f} tokens/s  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x"
-              f"   peak {r['peak_memory_bytes'] / 2**30:6.2f} GiB  {mem:.2f}x   {r['note']}")
+        step = r["peak_memory_bytes"] - r["state_memory_bytes"]
+        base_step = base["peak_memory_bytes"] - base["state_memory_bytes"]
+        speed = r["tokens_per_second"] / base["tokens_per_second"]
+        print(f"{name:>22}: {r['tokens_per_second']:>10,.0f} tokens/s  {speed:.2f}x"
+              f"   peak {r['peak_memory_bytes'] / gib:6.2f} GiB  {mem:.2f}x"
+              f"   state {r['state_memory_bytes'] / gib:5.2f} + step {step / gib:5.2f} GiB"
+              f" ({step / base_step if base_step else float('nan'):.2f}x)   {r['optimizer']}"
+              f"   warm-up losses {' '.join(f'{v:.5f}' for v in r['warmup_losses'])}   {r['note']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "args": vars(args), "results": results}, f, indent=2)

@@ -10,7 +10,9 @@ unpatched model in the same process behaves exactly as before. Each swap is one 
   types, ``state_dict`` keys and hooks are untouched, so optimizers, PEFT/LoRA wrappers and
   checkpoints see the same model. On a device where metalcore has nothing faster than the module's
   own code (the CPU, measured: see ``OWN_CODE_DEVICES``) the bound forward calls the module's own
-  forward, decided per call from the input's device;
+  forward, decided per call from the input's device. The parents of swapped norms (decoder layers)
+  get their own forward run inside saved-tensor hooks that recompute the norms' outputs in the
+  backward instead of keeping them (:mod:`metalcore.patch.recompute`);
 * **the model's attention implementation** set to the registered ``"metalcore"`` function
   (:mod:`metalcore.patch.attention`) with ``model.set_attn_implementation``.
 
@@ -52,7 +54,7 @@ from metalcore.nn.rms_norm import rms_norm
 from metalcore.nn.rope import apply_rotary_pos_emb as _metal_rope
 from metalcore.nn.swiglu import swiglu, swiglu_linear
 from metalcore.patch.families import FAMILIES, Family, _softcap_blocker
-from metalcore.patch import lm_head
+from metalcore.patch import lm_head, recompute
 
 _REPORT_ATTR = "_metalcore_patch_report"
 _SPEC_ATTR = "_metalcore_spec"
@@ -120,12 +122,19 @@ class _NormSpec:
     promotes: bool
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: Optional[float], spec: _NormSpec) -> torch.Tensor:
+    y = rms_norm(x, weight.shape, weight, eps, offset=spec.offset)
+    if spec.promotes and weight.dtype != x.dtype:
+        # Llama-style norms return ``w * x̂.to(x.dtype)``: fp32 weights on bf16 activations give fp32.
+        y = y.to(torch.promote_types(weight.dtype, x.dtype))
+    return y
+
+
 def _rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     spec: _NormSpec = self._metalcore_spec
-    y = rms_norm(hidden_states, self.weight.shape, self.weight, getattr(self, spec.eps_attr), offset=spec.offset)
-    if spec.promotes and self.weight.dtype != hidden_states.dtype:
-        # Llama-style norms return ``w * x̂.to(x.dtype)``: fp32 weights on bf16 activations give fp32.
-        y = y.to(torch.promote_types(self.weight.dtype, hidden_states.dtype))
+    eps = getattr(self, spec.eps_attr)
+    y = _rms_norm(hidden_states, self.weight, eps, spec)
+    recompute.register(y, _rms_norm, hidden_states, self.weight, eps, spec)
     return y
 
 
@@ -181,8 +190,15 @@ def _rope_forward(cls: type, variant: str, cast: bool) -> Callable:
     return _with_global(cls.forward, "apply_rotary_pos_emb", adapter)
 
 
+def _norm_recompute_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The module's own forward, with the outputs of its swapped norms recomputed in the backward
+    (:mod:`metalcore.patch.recompute`)."""
+    return recompute.run(_swapped_forward(self).own, *args, **kwargs)
+
+
 _FORWARDS: dict[str, Callable[[Any], Callable]] = {
     "rms_norm": lambda spec: _rms_norm_forward,
+    "norm_recompute": lambda spec: _norm_recompute_forward,
     "swiglu_mlp": lambda spec: _swiglu_mlp_forward,
     "fused_swiglu_mlp": lambda spec: _fused_swiglu_mlp_forward,
     "rope": lambda spec: _rope_forward(*spec),
@@ -216,10 +232,14 @@ class _Forward:
         first = args[0] if args else next(iter(kwargs.values()), None)
         if (isinstance(first, torch.Tensor) and first.device.type in OWN_CODE_DEVICES
                 and requested_backend() == "auto"):
-            if self.previous is not None:
-                return self.previous(*args, **kwargs)
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return self.own(*args, **kwargs)
         return self.fn(self.module, *args, **kwargs)
+
+    def own(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward this one replaced: the instance's previous one (accelerate's), else the class's."""
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -233,6 +253,12 @@ class _Forward:
 
     def __repr__(self) -> str:
         return f"<metalcore {self.kind} forward of {type(self.module).__name__}>"
+
+
+def _swapped_forward(module: nn.Module) -> _Forward:
+    """The :class:`_Forward` bound on ``module`` (as its ``forward`` or accelerate's ``_old_forward``)."""
+    swapped = module.__dict__.get("_old_forward")
+    return swapped if isinstance(swapped, _Forward) else module.__dict__["forward"]
 
 
 def _restore(root: nn.Module) -> None:
@@ -419,6 +445,18 @@ class _Patcher:
                                      "does not compute x/rms(x)·w nor x/rms(x)·(1+w)")
         return None
 
+    def norm_recompute(self) -> None:
+        """Bind the recomputing forward on every module that holds a swapped RMSNorm as a direct child
+        (the decoder layers, whose projections save the norms' outputs; the backbone, for its final
+        norm). A module whose forward is already swapped (Qwen3's attention, for its q/k norms) keeps
+        only that swap: the outputs of its norms are then registered with the layer around it."""
+        parents = {path.rpartition(".")[0] for path, whats in self.report.swapped.items()
+                   if any(what.startswith("rms_norm") for what in whats)}
+        for path in sorted(parents):
+            module = self.root.get_submodule(path)
+            if _SPEC_ATTR not in module.__dict__:
+                self.bind_forward(path, module, "norm_recompute", None, "norm_recompute")
+
     def gated_mlp(self, path: str, module: nn.Module, fused: bool, verify: bool) -> bool:
         """SiLU-gated MLP → fused SwiGLU forward. False (nothing done) when the activation is not SiLU."""
         act = getattr(module, "activation_fn" if fused else "act_fn", None)
@@ -492,7 +530,8 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = True, rope: bool = True,
-                attention: bool = True, cross_entropy: bool = True, structural: bool = True) -> PatchReport:
+                attention: bool = True, cross_entropy: bool = True, structural: bool = True,
+                recompute_norms: bool = True) -> PatchReport:
     """Swap metalcore's kernels into ``model`` (a ``transformers`` model, a PEFT-wrapped one, or any
     ``nn.Module``), in place and per instance; returns a :class:`PatchReport`.
 
@@ -506,7 +545,12 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
       ``return_logits=True`` (:mod:`metalcore.patch.lm_head`);
     * ``structural``: for modules that no table entry names (unknown model types), recognise
       RMSNorm-like modules, gate/up/down SiLU MLPs and RoPE attention by structure, and swap each only
-      after a probe shows metalcore computes the same thing; everything declined is in ``skipped``.
+      after a probe shows metalcore computes the same thing; everything declined is in ``skipped``;
+    * ``recompute_norms`` (with ``rms_norm``): in training, the output of each swapped RMSNorm is not
+      kept for the backward by the projections it feeds but recomputed there from the norm's own
+      saved input (:mod:`metalcore.patch.recompute`): 2 × hidden × element size less per token and
+      decoder layer, bit-identical gradients, one extra norm pass per norm in the backward. The
+      swapped module is the norm's parent (``"norm_recompute"`` in the report).
 
     Call it before ``torch.compile``; whether the optimizer is built before or after does not matter
     (parameters are never replaced). ``metalcore.unpatch_model(model)`` or ``report.undo()`` reverts
@@ -517,7 +561,7 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
     >>> print(report)          # metalcore patch of llama (active): attention: 1, rms_norm: 9, rope: 4, ...
     """
     options = dict(rms_norm=rms_norm, activations=activations, rope=rope, attention=attention,
-                   cross_entropy=cross_entropy, structural=structural)
+                   cross_entropy=cross_entropy, structural=structural, recompute_norms=recompute_norms)
     base = _base_model(model)
     existing = base.__dict__.get(_REPORT_ATTR)
     if existing is not None:
@@ -560,6 +604,8 @@ def patch_model(model: nn.Module, *, rms_norm: bool = True, activations: bool = 
                 patcher.rope(path, module, None)
         if cross_entropy:
             lm_head.patch_causal_lm_head(patcher, base, known=bool(families), structural=structural)
+        if recompute_norms:
+            patcher.norm_recompute()
         if attention:
             _switch_attention(base, families, report)
     except BaseException:

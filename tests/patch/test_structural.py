@@ -108,7 +108,8 @@ def test_plain_module_by_structure():
     x = torch.randn(3, 5, 32)
     ref = model(x)
     report = patch_model(model)
-    assert report.swapped == {"pre_norm": ["rms_norm(offset=1)"], "mlp": ["swiglu_mlp"], "head.1": ["gelu(tanh)"]}
+    assert report.swapped == {"pre_norm": ["rms_norm(offset=1)"], "mlp": ["swiglu_mlp"], "head.1": ["gelu(tanh)"],
+                              "": ["norm_recompute"]}  # the norm's parent
     assert "does not compute x/rms(x)" in report.skipped["mid_norm"]
     assert "down(silu(gate(x))·up(x))" in report.skipped["odd_mlp"]
     assert "PreTrainedModel" in report.skipped["attention"]
@@ -254,4 +255,4 @@ def test_structural_probe_reaches_the_tails(limit, rms_floor):
     report = patch_model(model)
     assert "0" not in report.swapped and "does not compute x/rms(x)" in report.skipped["0"]
     plain = nn.Sequential(ClampingNorm(32, float("inf"), 0.0))
-    assert patch_model(plain).swapped == {"0": ["rms_norm"]}
+    assert patch_model(plain).swapped == {"0": ["rms_norm"], "": ["norm_recompute"]}
