@@ -109,8 +109,12 @@ def _load(kind: str) -> _Table | None:
 
 
 def reload() -> None:
-    """Forget loaded tables (after the sweep rewrites one, or a test swaps ``TABLE_DIR``)."""
+    """Forget loaded tables (after the sweep rewrites one, or a test swaps ``TABLE_DIR``) and the
+    decisions taken from them."""
+    from metalcore._op import clear_plans   # here: the op core imports this module
+
     _load.cache_clear()
+    clear_plans()
 
 
 def coordinates(op: str, args: tuple[Any, ...]) -> tuple[str, str, int, int] | None:
