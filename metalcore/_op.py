@@ -34,6 +34,10 @@ argument its type, device, dtype, shape, strides and ``requires_grad`` (other ar
 so any change of those misses and is decided afresh; data is never cached, so a mutated tensor is
 always seen and result checks (``LinAlgError``) run on every call. docs/op_core.md gives the
 per-layer host budget and how each layer was measured (``bench/scripts/host_overhead.py``).
+
+Public functions that have torch's own op for the same math call it where the plan prefers torch
+(automatic selection chose the reference), and once a call signature has done so, call it before
+any of their checks: the torch route (:meth:`MetalcoreOp.torch_route`, metalcore/_route.py).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ be float32 while ``x`` is bf16/fp16 (mixed-precision training). ``offset=1`` giv
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalcore._op import metalcore_op
@@ -102,10 +101,11 @@ def _flatten(fn: str, x: Tensor, normalized_shape, weight: Optional[Tensor]) -> 
 
 def _rms_norm_torch(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None,
                     *, offset: float = 0.0) -> Tensor:
-    """:func:`rms_norm` on the torch route (``offset`` 0, ``weight`` in ``input``'s dtype): ``F.rms_norm``
-    with metalcore's default ``eps`` (torch's own default for bf16 input is float32's epsilon)."""
+    """:func:`rms_norm` on the torch route (``offset`` 0, ``weight`` in ``input``'s dtype): torch's fused
+    op with metalcore's default ``eps`` (torch's own default for bf16 input is float32's epsilon).
+    ``torch.rms_norm`` is what ``F.rms_norm`` calls, without its Python frame (~0.3 µs)."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-    return F.rms_norm(input, shape, weight, torch.finfo(input.dtype).eps if eps is None else float(eps))
+    return torch.rms_norm(input, shape, weight, torch.finfo(input.dtype).eps if eps is None else float(eps))
 
 
 @rms_norm_fwd.torch_route(_rms_norm_torch)
@@ -163,9 +163,9 @@ fused_add_rms_norm_fwd.register_autograd(_fused_backward, setup_context=_fused_s
 
 def _fused_add_rms_norm_torch(input: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float = 1e-6,
                               *, offset: float = 0.0) -> tuple[Tensor, Tensor]:
-    """:func:`fused_add_rms_norm` on the torch route: the sum, then ``F.rms_norm``."""
+    """:func:`fused_add_rms_norm` on the torch route: the sum, then torch's fused RMSNorm."""
     h = input + residual
-    return F.rms_norm(h, input.shape[-1:], weight, float(eps)), h
+    return torch.rms_norm(h, input.shape[-1:], weight, float(eps)), h
 
 
 @fused_add_rms_norm_fwd.torch_route(_fused_add_rms_norm_torch)
