@@ -598,6 +598,17 @@ def test_an_explicit_backend_and_dispatch_modes_keep_the_op_on_a_routed_signatur
         assert served == {"cholesky_ex": "reference"}
 
 
+def test_a_tensor_subclass_never_takes_the_torch_route():
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(3, 4).as_subclass(Tagged)
+    for _ in range(3):                                          # keyed by identity, so never recorded
+        with observe_backends() as served:
+            metalcore.rms_norm(x, 4)
+        assert served == {"rms_norm_fwd": "reference"}
+
+
 def test_torch_compile_keeps_the_op_on_a_routed_signature():
     A = _spd(2, 4)
     _repeat(lambda: metalcore.linalg.cholesky(A))
