@@ -82,6 +82,14 @@ def requested_backend() -> str:
     return _REQUESTED.get()
 
 
+def automatic_selection() -> bool:
+    """Whether nothing is forced: ``requested_backend() == 'auto'`` in one call (the torch route
+    asks on every call)."""
+    if _forced is not None:
+        return _forced == "auto"
+    return _REQUESTED.get() == "auto"
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force every metalcore op inside the block onto one backend (``'auto'`` restores the default).

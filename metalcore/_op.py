@@ -34,6 +34,10 @@ argument its type, device, dtype, shape, strides and ``requires_grad`` (other ar
 so any change of those misses and is decided afresh; data is never cached, so a mutated tensor is
 always seen and result checks (``LinAlgError``) run on every call. docs/op_core.md gives the
 per-layer host budget and how each layer was measured (``bench/scripts/host_overhead.py``).
+
+Public functions that have torch's own op for the same math call it where the plan prefers torch
+(automatic selection chose the reference), and once a call signature has done so, call it before
+any of their checks: the torch route (:meth:`MetalcoreOp.torch_route`, metalcore/_route.py).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import Any
 
 import torch
 
-from metalcore import _selection
+from metalcore import _route, _selection
 from metalcore._backend import (
     BACKENDS,
     BackendUnavailableError,
@@ -89,6 +93,9 @@ class _Plan:
     fn: Callable[..., Any]      # what runs: the kernel or the reference, chunked where needed
     autograd: bool              # a tensor argument requires grad and the op has a backward
     library: bool               # the call must go through the torch.library op (meta, subclasses)
+    # Automatic selection (nothing forced) chose the reference, in one piece: a public function
+    # that has torch's own op for the same math calls that instead (:meth:`MetalcoreOp.plan`).
+    prefers_torch: bool = False
 
 
 class _Kernels(dict):
@@ -163,7 +170,9 @@ class MetalcoreOp:
         self.name = name
         self.reference = reference
         self._plans: dict[tuple[Any, ...], _Plan] = {}
-        self.kernels: dict[str, _Kernel] = _Kernels(self._plans.clear)
+        # The torch-route decisions of the public functions that call this op (:meth:`torch_route`).
+        self._routes: list[dict[tuple[Any, ...], bool]] = []
+        self.kernels: dict[str, _Kernel] = _Kernels(self.clear_plans)
         self._check = check
         self._mutated = tuple(mutates_args)
         self._signature = inspect.signature(reference)
@@ -182,6 +191,7 @@ class MetalcoreOp:
             return self._run(self._bind(args, kwargs))
 
         self.custom_op = torch.library.custom_op(f"metalcore::{name}", mutates_args=mutates_args)(body)
+        self._library_plan = _Plan("library", self.custom_op, autograd=False, library=True)
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         return self._signature.bind(*args, **kwargs).args if kwargs else args
@@ -193,7 +203,9 @@ class MetalcoreOp:
             args = self._bind(args, kwargs)
         if not self._cached:
             return self._call_uncached(args)
-        plan = self._plan(args)
+        return self._dispatch(self._plan(args), args)
+
+    def _dispatch(self, plan: _Plan, args: tuple[Any, ...]) -> Any:
         # Under a dispatch mode (FakeTensorMode, FlopCounterMode, export) the library op is what the
         # mode must see.
         if plan.library or torch._C._len_torch_dispatch_stack():
@@ -265,7 +277,7 @@ class MetalcoreOp:
     def _decide(self, args: tuple[Any, ...], tensors: list[torch.Tensor], eager: bool = True) -> _Plan:
         first = tensors[0] if tensors else None
         if eager and not _eager_plain(first):
-            return _Plan("library", self.custom_op, autograd=False, library=True)
+            return self._library_plan
         device = first.device if first is not None else torch.device("cpu")
         if any(t.numel() == 0 for t in tensors):
             # Empty inputs: torch's answer, whatever backend was asked for (no kernel launches on
@@ -281,7 +293,9 @@ class MetalcoreOp:
                 fn = functools.partial(_run_chunked, fn, self._batched, limit)
         return _Plan(backend, fn,
                      autograd=self._function is not None and any(t.requires_grad for t in tensors),
-                     library=False)
+                     library=False,
+                     # A chunked reference (a batch beyond what torch's library call takes) keeps the op.
+                     prefers_torch=fn is self.reference and requested_backend() == "auto")
 
     def _choose(self, args: tuple[Any, ...], device: torch.device) -> tuple[str, _Kernel | None]:
         """The one place that picks a backend: ``(name, kernel)``, kernel None for the reference."""
@@ -361,7 +375,7 @@ class MetalcoreOp:
         # setup_context probe and the functorch dead-wrapper unwrapping, which only matter inside
         # functorch transforms, where __call__ takes Function.apply instead).
         self._apply = super(torch.autograd.Function, self._function).apply
-        self._plans.clear()
+        self.clear_plans()
 
     def implement(
         self, backend: str, *, supports: Callable[..., bool] | None = None,
@@ -391,18 +405,49 @@ class MetalcoreOp:
         kernel = self.kernels.get(backend)
         return kernel is not None and kernel.automatic is not False
 
-    def prefers_torch(self, *args: Any) -> bool:
-        """Whether automatic selection (nothing forced) sends this call to the reference: there a
-        public function that has torch's own op for the same math (``F.rms_norm``, ``F.gelu``,
-        ``torch.linalg.cholesky``) calls it directly instead, with none of the op's layers, never slower than torch and never a materializing reference on a GPU
-        (DESIGN.md §3). An explicit backend, the reference included (the oracle), keeps the op; so
-        does tracing, where the op stays one opaque node. Cached with the call's plan."""
-        if (not self._cached or torch.compiler.is_compiling() or requested_backend() != "auto"
-                or torch._C._len_torch_dispatch_stack()):  # a dispatch mode (export, FakeTensor) sees the op
-            return False
-        plan = self._plan(args)
-        # A chunked plan (a batch beyond what torch's library call takes) keeps the op's path.
-        return plan.backend == "reference" and plan.fn is self.reference
+    def plan(self, *args: Any) -> _Plan:
+        """The plan of a call that a public function is about to make. Where ``plan.prefers_torch``,
+        automatic selection (nothing forced) sends it to the reference, and a public function that
+        has torch's own op for the same math (``F.rms_norm``, ``torch.linalg.cholesky``) calls that
+        instead, with none of the op's layers: never slower than torch, never a materializing
+        reference on a GPU (DESIGN.md §3). Otherwise it passes the plan to :meth:`call_planned`
+        (one plan lookup a call, not two). An explicit backend, the reference included (the
+        oracle), keeps the op; so do tracing and dispatch modes (export, FakeTensor), which must see
+        the op. For ops without list or mutated arguments (those :meth:`torch_route` takes)."""
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return self._library_plan
+        return self._plan(args)
+
+    def call_planned(self, plan: _Plan, *args: Any) -> Any:
+        """The op called with ``args`` (positional, as the op declares them) and their :meth:`plan`."""
+        return self._dispatch(plan, args)
+
+    def torch_route(self, twin: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator for a public function whose full path calls ``twin`` — torch's function for the
+        same math, with the public function's signature — where its :meth:`plan` ``prefers_torch``::
+
+            @cholesky_ex_op.torch_route(torch.linalg.cholesky)
+            def cholesky(A, *, upper=False, out=None):
+                ...  # checks
+                plan = cholesky_ex_op.plan(A, upper, True)
+                if plan.prefers_torch:
+                    return write_out(fn, cholesky.by_torch(A, upper=upper), out)
+                ...
+
+        ``by_torch`` is ``twin`` that also records the outcome: later calls with the same call
+        signature call ``twin`` straight away, before any check (metalcore/_route.py).
+        """
+        if not self._cached:
+            raise TypeError(f"metalcore op {self.name}: ops over lists or mutating their arguments have no torch route")
+        decisions: dict[tuple[Any, ...], bool] = {}
+        self._routes.append(decisions)
+        return _route.torch_route(twin, decisions)
+
+    def clear_plans(self) -> None:
+        """Forget this op's cached decisions: its plans and its public functions' torch routes."""
+        self._plans.clear()
+        for decisions in self._routes:
+            decisions.clear()
 
     def backend_for(self, *args: Any, **kwargs: Any) -> str:
         """Name of the backend that would serve this call (raises like the call itself would)."""
@@ -444,7 +489,7 @@ def clear_plans() -> None:
     """Forget every op's cached decisions. Needed only after changing what a ``supports`` or
     ``automatic`` rule reads besides the arguments (a module constant a test or sweep patches)."""
     for op in _REGISTRY.values():
-        op._plans.clear()
+        op.clear_plans()
 
 
 @contextlib.contextmanager

@@ -283,11 +283,15 @@ def _table_file(kind: str) -> Path | None:
 
 
 def reload() -> None:
-    """Forget loaded tables (after the sweep rewrites one, or a test swaps ``TABLE_DIR``)."""
+    """Forget loaded tables (after the sweep rewrites one, or a test swaps ``TABLE_DIR``) and the
+    decisions taken from them."""
+    from metalcore._op import clear_plans   # here: the op core imports this module
+
     _load.cache_clear()
     _lookup.cache_clear()
     _warn_unknown.cache_clear()
     _routes.clear()
+    clear_plans()
 
 
 def coordinates(op: str, args: tuple[Any, ...]) -> tuple[str, str, int, int] | None:

@@ -1,11 +1,13 @@
 """The op core (metalcore/_op.py): plans cached per call signature, the measured-selection hook,
 empty inputs answered by the reference, oversized batches split, and the kernel module list."""
 
+import importlib
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import metalcore
 from metalcore import _kernels
@@ -497,6 +499,220 @@ def test_prefers_torch_only_under_automatic_selection():
     from metalcore.nn.rms_norm import rms_norm_fwd
 
     x = torch.randn(2, 8)
-    assert rms_norm_fwd.prefers_torch(x, None, 1e-6, 0.0)
+    assert rms_norm_fwd.plan(x, None, 1e-6, 0.0).prefers_torch
     with metalcore.use_backend("reference"):
-        assert not rms_norm_fwd.prefers_torch(x, None, 1e-6, 0.0)
+        assert not rms_norm_fwd.plan(x, None, 1e-6, 0.0).prefers_torch
+
+
+# --- the torch route: a call signature that took torch's op calls it before any check -------------
+
+@pytest.fixture
+def checks(monkeypatch):
+    """How many times cholesky's full path validated its argument (its check_matrix calls)."""
+    module = importlib.import_module("metalcore.linalg.cholesky")   # the attribute is the function
+    calls = []
+    check_matrix = module.check_matrix
+
+    def counting(fn, name, A, **kwargs):
+        calls.append(name)
+        return check_matrix(fn, name, A, **kwargs)
+
+    monkeypatch.setattr(module, "check_matrix", counting)
+    return calls
+
+
+def test_the_torch_route_skips_the_checks_on_a_hit(checks):
+    A = _spd(2, 4)
+    first = metalcore.linalg.cholesky(A)
+    assert len(checks) == 1
+    for _ in range(3):
+        again = metalcore.linalg.cholesky(A)
+    assert len(checks) == 1
+    assert torch.equal(again, first) and torch.equal(again, torch.linalg.cholesky(A))
+
+
+@pytest.mark.parametrize("change", ["stride", "dtype", "device", "requires_grad", "shape", "flag", "grad mode"])
+def test_a_changed_signature_misses_the_torch_route_and_is_checked_again(checks, change):
+    A = _spd(2, 4)
+    Ag = A.clone().requires_grad_()
+    base = {"grad mode": lambda: metalcore.linalg.cholesky(Ag)}.get(change, lambda: metalcore.linalg.cholesky(A))
+    changed = {"stride": lambda: metalcore.linalg.cholesky(A.mT.contiguous().mT),   # same values, column-major
+               "dtype": lambda: metalcore.linalg.cholesky(A.float()),
+               "device": lambda: metalcore.linalg.cholesky(A.to("meta")),
+               "requires_grad": lambda: metalcore.linalg.cholesky(Ag),
+               "shape": lambda: metalcore.linalg.cholesky(_spd(3, 4)),
+               "flag": lambda: metalcore.linalg.cholesky(A, upper=True),
+               "grad mode": torch.no_grad()(lambda: metalcore.linalg.cholesky(Ag))}[change]
+    _repeat(base)
+    assert len(checks) == 1
+    changed()
+    assert len(checks) == 2
+    base()                                                      # the first signature still hits
+    assert len(checks) == 2
+
+
+def test_bad_input_after_a_routed_call_still_raises_metalcores_error():
+    A = _spd(2, 3)
+    _repeat(lambda: metalcore.linalg.cholesky(A))
+    with pytest.raises(TypeError, match="metalcore.linalg.cholesky: A must have dtype"):
+        metalcore.linalg.cholesky(A.to(torch.int64))
+    with pytest.raises(ValueError, match="metalcore.linalg.cholesky: A must be a square matrix"):
+        metalcore.linalg.cholesky(torch.randn(2, 3, 4))
+    B = torch.randn(2, 3, 2, dtype=torch.float64)
+    _repeat(lambda: metalcore.linalg.solve(A, B))
+    with pytest.raises(TypeError, match="expected all tensors to have the same dtype"):
+        metalcore.linalg.solve(A, B.float())
+    for _ in range(2):                                          # a failed key is never recorded
+        with pytest.raises(ValueError, match="B must have 3 rows"):
+            metalcore.linalg.solve(A, torch.randn(2, 4, 2, dtype=torch.float64))
+
+
+def test_a_mutated_tensor_is_seen_on_the_torch_route():
+    A = _spd(2, 4)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    _repeat(lambda: (metalcore.linalg.cholesky(A), metalcore.rms_norm(x, (8,), w, 1e-6)))
+    A.mul_(4.0)
+    x.mul_(-3.0).add_(1.0)
+    torch.testing.assert_close(metalcore.linalg.cholesky(A), torch.linalg.cholesky(A))
+    torch.testing.assert_close(metalcore.rms_norm(x, (8,), w, 1e-6), F.rms_norm(x, (8,), w, 1e-6))
+
+
+def test_an_explicit_backend_and_dispatch_modes_keep_the_op_on_a_routed_signature():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    A = _spd(2, 4)
+    _repeat(lambda: metalcore.linalg.cholesky(A))
+    with observe_backends() as served:
+        metalcore.linalg.cholesky(A)
+        assert served == {}                                     # torch's own op, no metalcore op
+        with metalcore.use_backend("reference"):
+            metalcore.linalg.cholesky(A)
+        assert served == {"cholesky_ex": "reference"}
+        served.clear()
+        with Passthrough():
+            metalcore.linalg.cholesky(A)
+        assert served == {"cholesky_ex": "reference"}
+
+
+def test_a_tensor_subclass_never_takes_the_torch_route():
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(3, 4).as_subclass(Tagged)
+    for _ in range(3):                                          # keyed by identity, so never recorded
+        with observe_backends() as served:
+            metalcore.rms_norm(x, 4)
+        assert served == {"rms_norm_fwd": "reference"}
+
+
+def test_torch_compile_keeps_the_op_on_a_routed_signature():
+    A = _spd(2, 4)
+    _repeat(lambda: metalcore.linalg.cholesky(A))
+    compiled = torch.compile(metalcore.linalg.cholesky, backend="eager", fullgraph=True)
+    with observe_backends() as served:
+        L = compiled(A)
+    assert served == {"cholesky_ex": "reference"}
+    torch.testing.assert_close(L, torch.linalg.cholesky(A))
+
+
+def test_out_on_a_routed_signature_takes_the_full_path():
+    A = _spd(2, 4).float()
+    L, B = torch.linalg.cholesky(A), torch.randn(2, 4, 3)
+    _repeat(lambda: (metalcore.linalg.cholesky(A), metalcore.linalg.cholesky_solve(B, L)))
+    out = torch.empty(0)
+    assert metalcore.linalg.cholesky(A, out=out) is out
+    torch.testing.assert_close(out, L)
+    wide = torch.empty(2, 4, 3, dtype=torch.float64)            # cholesky_solve's out may be wider, as in torch
+    metalcore.linalg.cholesky_solve(B, L, out=wide)
+    torch.testing.assert_close(wide, torch.cholesky_solve(B, L).double())
+    with pytest.raises(RuntimeError, match="out must have the result's dtype"):
+        metalcore.linalg.cholesky(A, out=torch.empty(0, dtype=torch.float64))
+    assert torch.equal(metalcore.linalg.cholesky(A, out=None), L)
+
+
+def _routed_calls():
+    A, M = _spd(2, 4), torch.randn(2, 5, 3, dtype=torch.float64)
+    L, B = torch.linalg.cholesky(A), torch.randn(2, 4, 2, dtype=torch.float64)
+    x, w = torch.randn(3, 8), torch.randn(8)
+    q, k, angle = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 3, 8)
+    return {
+        "cholesky": lambda: metalcore.linalg.cholesky(A), "cholesky_ex": lambda: metalcore.linalg.cholesky_ex(A),
+        "solve": lambda: metalcore.linalg.solve(A, B[..., 0]), "solve_ex": lambda: metalcore.linalg.solve_ex(A, B),
+        "solve_triangular": lambda: metalcore.linalg.solve_triangular(L, B, upper=False, left=True),
+        "cholesky_solve": lambda: metalcore.linalg.cholesky_solve(B, L),
+        "eigh": lambda: metalcore.linalg.eigh(A, "u"), "eigvalsh": lambda: metalcore.linalg.eigvalsh(A),
+        "svd": lambda: metalcore.linalg.svd(M, False), "svdvals": lambda: metalcore.linalg.svdvals(M),
+        "qr": lambda: metalcore.linalg.qr(M, mode="complete"),
+        "rms_norm": lambda: metalcore.rms_norm(x, 8, w), "fused_add_rms_norm": lambda: metalcore.fused_add_rms_norm(
+            x, x.flip(0), w, 1e-5),
+        "gelu": lambda: metalcore.metal_gelu(x.mT, "tanh"), "silu": lambda: metalcore.metal_silu(x),
+        "swiglu": lambda: metalcore.swiglu(x, x.flip(0)),
+        "rope": lambda: metalcore.apply_rotary_pos_emb(q, k, angle.cos(), angle.sin()),
+        "rope seq-first": lambda: metalcore.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), angle.cos(),
+                                                                 angle.sin(), unsqueeze_dim=2),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_routed_calls()))
+def test_every_routed_function_gives_the_full_paths_result_without_its_plan(name, monkeypatch):
+    """The first call decides on the full path (one plan); later ones call torch's op straight
+    away (no plan) and return exactly what the full path returned."""
+    from metalcore._op import MetalcoreOp
+
+    call = _routed_calls()[name]
+    plans = []
+    plan = MetalcoreOp.plan
+    monkeypatch.setattr(MetalcoreOp, "plan", lambda op, *args: plans.append(op.name) or plan(op, *args))
+    first = call()
+    assert len(plans) == 1
+    again = [call() for _ in range(2)][-1]
+    assert len(plans) == 1
+    for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (first, again))):
+        assert torch.equal(a, b)
+
+
+def test_the_kernel_path_looks_its_plan_up_once(recording_kernel, monkeypatch):
+    from metalcore._op import MetalcoreOp
+
+    lookups = []
+    lookup = MetalcoreOp._plan
+    monkeypatch.setattr(MetalcoreOp, "_plan", lambda op, args: lookups.append(op.name) or lookup(op, args))
+    with metalcore.use_backend("triton"):
+        metalcore.rms_norm(torch.randn(2, 4), 4)
+    assert lookups == ["rms_norm_fwd"] and len(recording_kernel) == 1
+
+
+def test_the_torch_route_is_dropped_with_the_plans(recording_kernel, monkeypatch):
+    """A kernel plugged in, ``clear_plans`` and a selection table reloaded all reach the routed
+    signatures (here automatic selection is made to pick Triton on CPU tensors)."""
+    from metalcore import _selection
+    from metalcore._op import clear_plans
+
+    x = torch.randn(2, 4)
+    kernel = rms_norm_fwd.kernels["triton"]
+    del rms_norm_fwd.kernels["triton"]
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    _repeat(lambda: metalcore.rms_norm(x, 4))                   # no kernel: torch's op, recorded
+    assert recording_kernel == []
+    rms_norm_fwd.kernels["triton"] = kernel                     # plugged in
+    metalcore.rms_norm(x, 4)
+    assert len(recording_kernel) == 1
+
+    measured = [False]
+    monkeypatch.setattr(_selection, "measured_choice", lambda *args: measured[0])
+    clear_plans()
+    for forget in (clear_plans, _selection.reload):
+        _repeat(lambda: metalcore.rms_norm(x, 4))               # a kernel rule the key cannot see
+        ran = len(recording_kernel)
+        measured[0] = True
+        metalcore.rms_norm(x, 4)
+        assert len(recording_kernel) == ran                     # the route still holds ...
+        forget()
+        metalcore.rms_norm(x, 4)
+        assert len(recording_kernel) == ran + 1                 # ... until the decisions are dropped
+        measured[0] = False
+        clear_plans()

@@ -54,24 +54,29 @@ def _backward(ctx, gL, _ginfo):
 cholesky_ex_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _factor(fn: str, A: Tensor, upper: bool, check_errors: bool) -> tuple[Tensor, Tensor]:
+def _check_args(fn: str, A, upper) -> Tensor:
     A = check_matrix(fn, "A", A, square=True)
     check_choice(fn, "upper", upper, (True, False))
-    if cholesky_ex_op.prefers_torch(A, upper, check_errors):
-        return torch.linalg.cholesky_ex(A, upper=upper, check_errors=check_errors)
-    return cholesky_ex_op(A, upper, check_errors)
+    return A
 
 
+@cholesky_ex_op.torch_route(torch.linalg.cholesky_ex)
 def cholesky_ex(A: Tensor, *, upper: bool = False, check_errors: bool = False, out=None):
     """Twin of ``torch.linalg.cholesky_ex``: ``(L, info)`` without synchronising with the device.
 
     ``A``: ``(*, n, n)`` float32/float64. ``info[b] = k > 0`` when the leading minor of order ``k`` of
     batch element ``b`` is not positive-definite (``L`` is then incomplete, as in LAPACK).
     """
-    L, info = _factor("metalcore.linalg.cholesky_ex", A, upper, check_errors)
-    return write_out("metalcore.linalg.cholesky_ex", torch.return_types.linalg_cholesky_ex((L, info)), out)
+    fn = "metalcore.linalg.cholesky_ex"
+    A = _check_args(fn, A, upper)
+    plan = cholesky_ex_op.plan(A, upper, check_errors)
+    if plan.prefers_torch:
+        return write_out(fn, cholesky_ex.by_torch(A, upper=upper, check_errors=check_errors), out)
+    result = cholesky_ex_op.call_planned(plan, A, upper, check_errors)
+    return write_out(fn, torch.return_types.linalg_cholesky_ex(result), out)
 
 
+@cholesky_ex_op.torch_route(torch.linalg.cholesky)
 def cholesky(A: Tensor, *, upper: bool = False, out=None) -> Tensor:
     """Twin of ``torch.linalg.cholesky``: ``L`` with ``A = L Lᴴ`` (``Uᴴ U`` when ``upper``).
 
@@ -81,5 +86,10 @@ def cholesky(A: Tensor, *, upper: bool = False, out=None) -> Tensor:
     >>> A = torch.randn(10, 32, 32, dtype=torch.float64); A = A @ A.mT + 32 * torch.eye(32)
     >>> L = metalcore.linalg.cholesky(A)
     """
-    L, _ = _factor("metalcore.linalg.cholesky", A, upper, True)
-    return write_out("metalcore.linalg.cholesky", L, out)
+    fn = "metalcore.linalg.cholesky"
+    A = _check_args(fn, A, upper)
+    plan = cholesky_ex_op.plan(A, upper, True)
+    if plan.prefers_torch:
+        return write_out(fn, cholesky.by_torch(A, upper=upper), out)
+    L, _ = cholesky_ex_op.call_planned(plan, A, upper, True)
+    return write_out(fn, L, out)

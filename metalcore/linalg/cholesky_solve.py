@@ -50,6 +50,7 @@ def _backward(ctx, gX):
 cholesky_solve_op.register_autograd(_backward, setup_context=_setup)
 
 
+@cholesky_solve_op.torch_route(torch.cholesky_solve)
 def cholesky_solve(B: Tensor, L: Tensor, upper: bool = False, *, out=None) -> Tensor:
     """Twin of ``torch.cholesky_solve``: ``X`` with ``A X = B`` where ``A = L Lᴴ`` (``Uᴴ U`` when
     ``upper``).
@@ -69,7 +70,8 @@ def cholesky_solve(B: Tensor, L: Tensor, upper: bool = False, *, out=None) -> Te
     if B.shape[-2] != n:
         raise ValueError(f"{_FN}: B must have {n} rows to match L of shape {tuple(L.shape)}; "
                          f"got B of shape {tuple(B.shape)}")
-    L, B = broadcast_batch(_FN, L, B, "L", "B")
-    if cholesky_solve_op.prefers_torch(B, L, bool(upper)):
-        return write_out(_FN, torch.cholesky_solve(B, L, upper=bool(upper)), out, cast=True)
-    return write_out(_FN, cholesky_solve_op(B, L, bool(upper)), out, cast=True)
+    Lb, Bb = broadcast_batch(_FN, L, B, "L", "B")
+    plan = cholesky_solve_op.plan(Bb, Lb, bool(upper))
+    if plan.prefers_torch:
+        return write_out(_FN, cholesky_solve.by_torch(B, L, upper), out, cast=True)
+    return write_out(_FN, cholesky_solve_op.call_planned(plan, Bb, Lb, bool(upper)), out, cast=True)

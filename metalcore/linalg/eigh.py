@@ -91,6 +91,7 @@ def _uplo(fn: str, UPLO) -> str:
     return UPLO.upper()
 
 
+@eigh_op.torch_route(torch.linalg.eigh)
 def eigh(A: Tensor, UPLO: str = "L", *, out=None):
     """Twin of ``torch.linalg.eigh``: ``(eigenvalues, eigenvectors)`` with ``A = Q diag(L) Qᴴ``.
 
@@ -102,13 +103,13 @@ def eigh(A: Tensor, UPLO: str = "L", *, out=None):
     fn = "metalcore.linalg.eigh"
     A = check_matrix(fn, "A", A, square=True)
     uplo = _uplo(fn, UPLO)
-    if eigh_op.prefers_torch(A, uplo, True):
-        L, Q = torch.linalg.eigh(A, UPLO=uplo)
-    else:
-        L, Q = eigh_op(A, uplo, True)
-    return torch.return_types.linalg_eigh(write_out(fn, (L, Q), out))
+    plan = eigh_op.plan(A, uplo, True)
+    if plan.prefers_torch:
+        return write_out(fn, eigh.by_torch(A, UPLO), out)
+    return torch.return_types.linalg_eigh(write_out(fn, eigh_op.call_planned(plan, A, uplo, True), out))
 
 
+@eigh_op.torch_route(torch.linalg.eigvalsh)
 def eigvalsh(A: Tensor, UPLO: str = "L", *, out=None) -> Tensor:
     """Twin of ``torch.linalg.eigvalsh``: the eigenvalues ``(*, n)`` of symmetric ``A``, ascending.
 
@@ -119,7 +120,8 @@ def eigvalsh(A: Tensor, UPLO: str = "L", *, out=None) -> Tensor:
     A = check_matrix(fn, "A", A, square=True)
     compute_v = torch.is_grad_enabled() and A.requires_grad
     uplo = _uplo(fn, UPLO)
-    if eigh_op.prefers_torch(A, uplo, compute_v):
-        return write_out(fn, torch.linalg.eigvalsh(A, UPLO=uplo), out)
-    L, _ = eigh_op(A, uplo, compute_v)
+    plan = eigh_op.plan(A, uplo, compute_v)
+    if plan.prefers_torch:
+        return write_out(fn, eigvalsh.by_torch(A, UPLO), out)
+    L, _ = eigh_op.call_planned(plan, A, uplo, compute_v)
     return write_out(fn, L, out)

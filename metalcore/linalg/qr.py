@@ -86,6 +86,7 @@ def _backward(ctx, gQ, gR):
 qr_op.register_autograd(_backward, setup_context=_setup)
 
 
+@qr_op.torch_route(torch.linalg.qr)
 def qr(A: Tensor, mode: str = "reduced", *, out=None):
     """Twin of ``torch.linalg.qr``: ``(Q, R)`` with ``A = Q R``.
 
@@ -98,11 +99,10 @@ def qr(A: Tensor, mode: str = "reduced", *, out=None):
     fn = "metalcore.linalg.qr"
     A = check_matrix(fn, "A", A)
     check_choice(fn, "mode", mode, MODES)
-    if qr_op.prefers_torch(A, mode):
-        Q, R = torch.linalg.qr(A, mode=mode)
-    else:
-        Q, R = qr_op(A, mode)
-    return torch.return_types.linalg_qr(write_out(fn, (Q, R), out))
+    plan = qr_op.plan(A, mode)
+    if plan.prefers_torch:
+        return write_out(fn, qr.by_torch(A, mode), out)
+    return torch.return_types.linalg_qr(write_out(fn, qr_op.call_planned(plan, A, mode), out))
 
 
 # The original metalcore API named the batched QR separately; every metalcore op takes any number of

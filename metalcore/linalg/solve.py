@@ -85,15 +85,7 @@ def _as_matrices(fn: str, A, B, left: bool) -> tuple[Tensor, Tensor, bool]:
     return A, B, vector
 
 
-def _solve(fn: str, A, B, left, check_errors: bool) -> tuple[Tensor, Tensor]:
-    A, B, vector = _as_matrices(fn, A, B, bool(left))
-    if solve_ex_op.prefers_torch(A, B, bool(left), check_errors):
-        X, info = torch.linalg.solve_ex(A, B, left=bool(left), check_errors=check_errors)
-    else:
-        X, info = solve_ex_op(A, B, bool(left), check_errors)
-    return (X.squeeze(-1) if vector else X), info
-
-
+@solve_ex_op.torch_route(torch.linalg.solve_ex)
 def solve_ex(A: Tensor, B: Tensor, *, left: bool = True, check_errors: bool = False, out=None):
     """Twin of ``torch.linalg.solve_ex``: ``(result, info)`` without synchronising with the device.
 
@@ -101,10 +93,16 @@ def solve_ex(A: Tensor, B: Tensor, *, left: bool = True, check_errors: bool = Fa
     raises ``torch.linalg.LinAlgError`` naming the batch element instead.
     """
     fn = "metalcore.linalg.solve_ex"
-    X, info = _solve(fn, A, B, left, bool(check_errors))
-    return torch.return_types.linalg_solve_ex(write_out(fn, (X, info), out))
+    Am, Bm, vector = _as_matrices(fn, A, B, bool(left))
+    args = (Am, Bm, bool(left), bool(check_errors))
+    plan = solve_ex_op.plan(*args)
+    if plan.prefers_torch:
+        return write_out(fn, solve_ex.by_torch(A, B, left=left, check_errors=check_errors), out)
+    X, info = solve_ex_op.call_planned(plan, *args)
+    return torch.return_types.linalg_solve_ex(write_out(fn, ((X.squeeze(-1) if vector else X), info), out))
 
 
+@solve_ex_op.torch_route(torch.linalg.solve)
 def solve(A: Tensor, B: Tensor, *, left: bool = True, out=None) -> Tensor:
     """Twin of ``torch.linalg.solve``: ``X`` with ``A X = B`` (``X A = B`` if not ``left``).
 
@@ -116,5 +114,10 @@ def solve(A: Tensor, B: Tensor, *, left: bool = True, out=None) -> Tensor:
     >>> X = metalcore.linalg.solve(torch.randn(8, 3, 3), torch.randn(8, 3))
     """
     fn = "metalcore.linalg.solve"
-    X, _ = _solve(fn, A, B, left, True)
-    return write_out(fn, X, out)
+    Am, Bm, vector = _as_matrices(fn, A, B, bool(left))
+    args = (Am, Bm, bool(left), True)
+    plan = solve_ex_op.plan(*args)
+    if plan.prefers_torch:
+        return write_out(fn, solve.by_torch(A, B, left=left), out)
+    X, _ = solve_ex_op.call_planned(plan, *args)
+    return write_out(fn, X.squeeze(-1) if vector else X, out)

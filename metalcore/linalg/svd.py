@@ -145,6 +145,7 @@ def _check_driver(fn: str, A: Tensor, driver) -> None:
                          f"got {driver!r}")
 
 
+@svd_op.torch_route(torch.linalg.svd)
 def svd(A: Tensor, full_matrices: bool = True, *, driver=None, out=None):
     """Twin of ``torch.linalg.svd``: ``(U, S, Vh)`` with ``A = U diag(S) Vh``, ``S`` descending.
 
@@ -157,13 +158,14 @@ def svd(A: Tensor, full_matrices: bool = True, *, driver=None, out=None):
     fn = "metalcore.linalg.svd"
     A = check_matrix(fn, "A", A)
     _check_driver(fn, A, driver)
-    if svd_op.prefers_torch(A, bool(full_matrices), True):
-        U, S, Vh = torch.linalg.svd(A, full_matrices=bool(full_matrices), driver=driver)
-    else:
-        U, S, Vh = svd_op(A, bool(full_matrices), True)
-    return torch.return_types.linalg_svd(write_out(fn, (U, S, Vh), out))
+    args = (A, bool(full_matrices), True)
+    plan = svd_op.plan(*args)
+    if plan.prefers_torch:
+        return write_out(fn, svd.by_torch(A, full_matrices, driver=driver), out)
+    return torch.return_types.linalg_svd(write_out(fn, svd_op.call_planned(plan, *args), out))
 
 
+@svd_op.torch_route(torch.linalg.svdvals)
 def svdvals(A: Tensor, *, driver=None, out=None) -> Tensor:
     """Twin of ``torch.linalg.svdvals``: the singular values ``(*, min(m, n))``, descending.
 
@@ -174,9 +176,10 @@ def svdvals(A: Tensor, *, driver=None, out=None) -> Tensor:
     A = check_matrix(fn, "A", A)
     _check_driver(fn, A, driver)
     compute_uv = torch.is_grad_enabled() and A.requires_grad
-    if svd_op.prefers_torch(A, False, compute_uv):
-        return write_out(fn, torch.linalg.svdvals(A, driver=driver), out)
-    _, S, _ = svd_op(A, False, compute_uv)
+    plan = svd_op.plan(A, False, compute_uv)
+    if plan.prefers_torch:
+        return write_out(fn, svdvals.by_torch(A, driver=driver), out)
+    _, S, _ = svd_op.call_planned(plan, A, False, compute_uv)
     return write_out(fn, S, out)
 
 

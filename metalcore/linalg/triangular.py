@@ -49,6 +49,7 @@ def _backward(ctx, gX):
 solve_triangular_op.register_autograd(_backward, setup_context=_setup)
 
 
+@solve_triangular_op.torch_route(torch.linalg.solve_triangular)
 def solve_triangular(A: Tensor, B: Tensor, *, upper: bool, left: bool = True, unitriangular: bool = False,
                      out=None) -> Tensor:
     """Twin of ``torch.linalg.solve_triangular``: ``X`` with ``A X = B`` (``X A = B`` if not ``left``).
@@ -57,8 +58,8 @@ def solve_triangular(A: Tensor, B: Tensor, *, upper: bool, left: bool = True, un
     as ones when ``unitriangular``). ``B``: ``(*, n, k)`` (``(*, k, n)`` when ``left=False``). Batch
     dimensions broadcast. float32/float64.
     """
-    A = check_matrix(_FN, "A", A, square=True)
-    B = check_matrix(_FN, "B", B, dtypes=LINALG_DTYPES)
+    check_matrix(_FN, "A", A, square=True)
+    check_matrix(_FN, "B", B, dtypes=LINALG_DTYPES)
     check_same_device(_FN, A=A, B=B)
     check_same_dtype(_FN, A=A, B=B)
     n = A.shape[-1]
@@ -66,12 +67,11 @@ def solve_triangular(A: Tensor, B: Tensor, *, upper: bool, left: bool = True, un
         side = "rows" if left else "columns"
         raise ValueError(f"{_FN}: B must have {n} {side} to match A of shape {tuple(A.shape)} "
                          f"(left={left}); got B of shape {tuple(B.shape)}")
-    A, B = broadcast_batch(_FN, A, B)
-    args = (A, B, bool(upper), bool(left), bool(unitriangular))
-    if solve_triangular_op.prefers_torch(*args):
-        return write_out(_FN, torch.linalg.solve_triangular(A, B, upper=args[2], left=args[3], unitriangular=args[4]),
-                         out)
-    return write_out(_FN, solve_triangular_op(*args), out)
+    args = (*broadcast_batch(_FN, A, B), bool(upper), bool(left), bool(unitriangular))
+    plan = solve_triangular_op.plan(*args)
+    if plan.prefers_torch:
+        return write_out(_FN, solve_triangular.by_torch(A, B, upper=upper, left=left, unitriangular=unitriangular), out)
+    return write_out(_FN, solve_triangular_op.call_planned(plan, *args), out)
 
 
 def trsm(A: Tensor, B: Tensor, upper: bool = False, left: bool = True, unitriangular: bool = False) -> Tensor:

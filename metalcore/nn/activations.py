@@ -112,6 +112,17 @@ def _silu_backward(ctx, dy):
 silu_fwd.register_autograd(_silu_backward, setup_context=_silu_setup)
 
 
+def _gelu_torch(input: Tensor, approximate: str = "none") -> Tensor:
+    """:func:`metal_gelu` on the torch route: ``F.gelu``, contiguous as documented."""
+    return F.gelu(input.contiguous(), approximate=approximate)
+
+
+def _silu_torch(input: Tensor) -> Tensor:
+    """:func:`metal_silu` on the torch route: ``F.silu``, contiguous as documented."""
+    return F.silu(input.contiguous())
+
+
+@gelu_fwd.torch_route(_gelu_torch)
 def metal_gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """Same signature and result as ``torch.nn.functional.gelu``.
 
@@ -124,11 +135,13 @@ def metal_gelu(input: Tensor, approximate: str = "none") -> Tensor:
     fn = "metalcore.metal_gelu"
     check_tensor(fn, "input", input, dtypes=FLOAT_DTYPES)
     check_choice(fn, "approximate", approximate, GELU_APPROXIMATIONS)
-    if gelu_fwd.prefers_torch(input, approximate):
-        return F.gelu(input.contiguous(), approximate=approximate)  # contiguous, as documented
-    return gelu_fwd(input, approximate)
+    plan = gelu_fwd.plan(input, approximate)
+    if plan.prefers_torch:
+        return metal_gelu.by_torch(input, approximate)
+    return gelu_fwd.call_planned(plan, input, approximate)
 
 
+@silu_fwd.torch_route(_silu_torch)
 def metal_silu(input: Tensor) -> Tensor:
     """Same result as ``torch.nn.functional.silu``: ``input·σ(input)``.
 
@@ -138,9 +151,10 @@ def metal_silu(input: Tensor) -> Tensor:
     >>> y = metalcore.metal_silu(torch.randn(8, 4096))
     """
     check_tensor("metalcore.metal_silu", "input", input, dtypes=FLOAT_DTYPES)
-    if silu_fwd.prefers_torch(input):
-        return F.silu(input.contiguous())
-    return silu_fwd(input)
+    plan = silu_fwd.plan(input)
+    if plan.prefers_torch:
+        return metal_silu.by_torch(input)
+    return silu_fwd.call_planned(plan, input)
 
 
 class MetalGELU(nn.Module):

@@ -101,6 +101,16 @@ def _rope_composite(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Ten
     return out[0], out[1]
 
 
+def _rope_torch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+                unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """:func:`apply_rotary_pos_emb` by the composite, in either layout."""
+    if unsqueeze_dim in (1, -3):
+        return _rope_composite(q, k, cos, sin)
+    q_out, k_out = _rope_composite(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+
+@rope_fwd.torch_route(_rope_torch)
 def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
                          unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
     """Hugging Face's ``apply_rotary_pos_emb``, same arguments, layout and result, fused.
@@ -155,11 +165,12 @@ def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, positio
         raise ValueError(f"{_FN}: cos and sin must have shape ({B}, {S}, {D}) or (1, {S}, {D}) to match q "
                          f"{tuple(q.shape)} as {layout}; got {tuple(cos.shape)}")
 
-    if ((torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
-            or rope_fwd.prefers_torch(qh, kh, cos, sin)):
-        # Hugging Face's own composite: differentiable in cos/sin, and what runs where the fused
-        # kernel is not the measured winner.
-        q_out, k_out = _rope_composite(qh, kh, cos, sin)
-    else:
-        q_out, k_out = rope_fwd(qh, kh, cos, sin)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        # The composite is differentiable in cos and sin; the ops are not.
+        return _rope_torch(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    plan = rope_fwd.plan(qh, kh, cos, sin)
+    if plan.prefers_torch:
+        # Hugging Face's own composite, where the fused kernel is not the measured winner.
+        return apply_rotary_pos_emb.by_torch(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    q_out, k_out = rope_fwd.call_planned(plan, qh, kh, cos, sin)
     return (q_out, k_out) if heads_dim == 1 else (q_out.transpose(1, 2), k_out.transpose(1, 2))

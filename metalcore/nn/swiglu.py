@@ -63,6 +63,12 @@ def _backward(ctx, dy):
 swiglu_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def _swiglu_torch(gate: Tensor, up: Tensor) -> Tensor:
+    """:func:`swiglu` on the torch route: ``F.silu(gate) * up``, contiguous as documented."""
+    return F.silu(gate.contiguous()) * up.contiguous()
+
+
+@swiglu_fwd.torch_route(_swiglu_torch)
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` in one pass: the activation inside Llama/Mistral/Qwen MLPs.
 
@@ -72,9 +78,10 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     >>> y = metalcore.swiglu(torch.randn(4, 128, 11008), torch.randn(4, 128, 11008))
     """
     _check_gate_up("metalcore.swiglu", gate, up)
-    if swiglu_fwd.prefers_torch(gate, up):
-        return F.silu(gate.contiguous()) * up.contiguous()
-    return swiglu_fwd(gate, up)
+    plan = swiglu_fwd.plan(gate, up)
+    if plan.prefers_torch:
+        return swiglu.by_torch(gate, up)
+    return swiglu_fwd.call_planned(plan, gate, up)
 
 
 def _check_gate_up(fn: str, gate: Tensor, up: Tensor) -> None:

@@ -1,0 +1,144 @@
+"""The torch route: a public function that automatic selection sends to torch's own op calls it
+straight away, before any of metalcore's argument checks, once its call signature has been through
+the full path.
+
+Where metalcore has nothing faster, a public function (``metalcore.linalg.cholesky``,
+``metalcore.rms_norm``) calls torch's op for the same math (``MetalcoreOp.plan(...).prefers_torch``).
+On the full path that still costs the argument checks, reshapes, broadcasts and the plan key before
+torch runs: 4-12 µs a call on the development CPU, 8-13 µs on the H100 host, where it put the
+cholesky/solve family at 0.82-0.92× torch's 80-200 µs calls (bench/host.md). All of that depends on
+argument metadata only, so its outcome is kept per call signature:
+
+* the key: grad mode and, per argument, a plain tensor's shape, contiguity, dtype, device and
+  ``requires_grad``; anything else by type and value (keyword arguments with their names);
+* the value: whether the full path, run once with that key, returned the torch route's result: it
+  called the twin through the decorated function's ``by_torch``. Only a call that returned is
+  recorded, so a key that failed validation stays a miss and raises again.
+
+On a hit the call is ``twin(*args, **kwargs)``: torch's function with the public function's own
+signature, the same one its full path calls with the same arguments (so both give the same result
+and raise the same errors). A miss, a key recorded as running metalcore's op, an ``out=`` tensor,
+``torch.compile`` tracing, a dispatch mode (FakeTensorMode, FlopCounterMode, export) or an explicitly
+requested backend run the full path, which decides as before. Data is never cached: a mutated
+tensor is read by torch's op like any other. The decisions are dropped with the op's plans
+(``clear_plans``, a kernel plugged in, a selection table reloaded) and capped like them.
+
+Two things the plan key holds are left out. Strides, beyond contiguity: the route's value is a
+choice between two correct paths, and no ``supports``/``automatic`` rule of a routed op reads more
+than contiguity (a stride tuple costs ~0.1 µs a tensor to build and hash). ``TRITON_INTERPRET``: it
+only matters to an explicit ``triton`` request on CPU tensors, and explicit requests never take the
+route.
+
+Cost of a hit, per layer, on the development CPU: docs/op_core.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from metalcore._backend import automatic_selection
+
+# Decisions kept per public function before they are emptied and refilled (as plans are: a sweep
+# over shapes must not grow memory without bound).
+MAX_DECISIONS = 1024
+
+# Bound once: each attribute lookup on the torch module costs ~0.03 µs a call. ``is_compiling`` is
+# the public function (dynamo folds it to True while tracing, where the full path keeps the op).
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+# Non-tensor argument types whose value can sit in a key: immutable, compared by value. Containers
+# of them (normalized_shape) are checked element by element when a decision is recorded.
+_VALUE_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class _Deciding(threading.local):
+    """The route whose public function's full path runs on this thread, and whether it called the twin."""
+    decisions: Any = None
+    took_torch = False
+
+
+_deciding = _Deciding()
+
+
+def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    key = [_grad_enabled()]
+    # A plain tensor by its metadata (contiguity for strides: no rule of a routed op reads more, and
+    # a stride tuple costs ~0.1 µs more to build and hash); anything else, a subclass such as
+    # DTensor included, by type and value (and never recorded: :func:`_by_value`). One tuple per
+    # argument: ~0.1 µs less than one flat list.
+    for a in args:
+        t = type(a)
+        if t is _Tensor or t is _Parameter:
+            key.append((a.shape, a.is_contiguous(), a.dtype, a.device, a.requires_grad))
+        else:
+            key.append((t, a))
+    if kwargs:
+        for name, a in kwargs.items():
+            t = type(a)
+            if t is _Tensor or t is _Parameter:
+                key.append((name, a.shape, a.is_contiguous(), a.dtype, a.device, a.requires_grad))
+            else:
+                key.append((name, t, a))
+    return tuple(key)
+
+
+def _by_value(a: Any) -> bool:
+    """Whether ``a`` sits in a key by its value (a tensor anywhere inside would be compared by its
+    identity, and an id is reused once its tensor is freed)."""
+    t = type(a)
+    if t is _Tensor or t is _Parameter:
+        return True   # by its metadata
+    return isinstance(a, _VALUE_TYPES) or (isinstance(a, tuple) and all(isinstance(e, _VALUE_TYPES) for e in a))
+
+
+def torch_route(twin: Callable[..., Any], decisions: dict[tuple[Any, ...], bool]
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the public function calls ``twin`` directly for call signatures whose full path
+    called ``twin`` (through the decorated function's ``by_torch``). ``decisions`` is the cache,
+    owned by the op (:meth:`MetalcoreOp.torch_route`) so that it is dropped with the op's plans."""
+
+    def decorate(public: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(public)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if _is_compiling() or _dispatch_modes() or not automatic_selection() or (
+                    kwargs and kwargs.get("out") is not None):
+                return public(*args, **kwargs)
+            key = _key(args, kwargs)
+            try:
+                decided = decisions.get(key)
+            except TypeError:   # an unhashable argument (a list): decide without the cache
+                return public(*args, **kwargs)
+            if decided:
+                return twin(*args, **kwargs)
+            if decided is not None:
+                return public(*args, **kwargs)
+            outer = _deciding.decisions, _deciding.took_torch
+            _deciding.decisions, _deciding.took_torch = decisions, False
+            try:
+                result = public(*args, **kwargs)
+                took_torch = _deciding.took_torch
+            finally:
+                _deciding.decisions, _deciding.took_torch = outer
+            if all(map(_by_value, args)) and all(map(_by_value, kwargs.values())):
+                if len(decisions) >= MAX_DECISIONS:
+                    decisions.clear()
+                decisions[key] = took_torch
+            return result
+
+        def by_torch(*args: Any, **kwargs: Any) -> Any:
+            if _deciding.decisions is decisions:
+                _deciding.took_torch = True
+            return twin(*args, **kwargs)
+
+        call.by_torch = by_torch
+        return call
+
+    return decorate
