@@ -4,7 +4,8 @@ structure, with every level-3 step a cuBLAS GEMM).
 For ``A`` ``(B, m, n)``, ``k = min(m, n)``, panels of ``nb`` columns, ``j = 0, nb, 2nb, …``:
 
 1. **panel**: factor ``A[j:, j:j+nb]`` in place (compact form: ``R`` on top, reflectors below);
-2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_gemm.larft_gemm`);
+2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_gemm.larft_gemm`, or the tall-panel
+   kernel's own, formed in the panel's launch);
 3. **trailing update**: ``A[j:, j+nb:] ← Hᴴ A[j:, j+nb:]``, ``H = I − V T Vᵀ`` (``larfb``, in place).
 
 ``Q = H₁ ⋯ H_k I[:, :nq]`` is then formed like LAPACK's ``orgqr``: the block reflectors applied
@@ -86,6 +87,12 @@ def _tall(P: Tensor) -> Tensor:
     return tall_panel_launch(P)
 
 
+def _tall_block(P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from metalcore.linalg.qr_panel_triton import tall_block_launch
+
+    return tall_block_launch(P)
+
+
 def _geqrf(P: Tensor) -> Tensor:
     QR, tau = torch.geqrf(P)
     P.copy_(QR)
@@ -131,6 +138,18 @@ def factor_panel(P: Tensor, panel: Panel = "auto") -> Tensor:
     raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS} or a function; got {panel!r}")
 
 
+def factor_block(P: Tensor, panel: Panel = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The panel ``P`` ``(B, h, w)``, ``h ≥ w``, factored in place as by :func:`factor_panel`, and its
+    block reflector: ``(tau, Vu, T)``, ``Vu`` explicit unit lower trapezoidal, ``H = I − Vu T Vuᵀ``.
+    The tall-panel kernel forms ``Vu`` and ``T`` in its own launch; other variants use
+    :func:`~metalcore.linalg.householder_gemm.larft_gemm`."""
+    if isinstance(panel, str) and (panel == "tall" or (panel == "auto" and _auto(P) == "tall")):
+        return _tall_block(P)
+    tau = factor_panel(P, panel)
+    Vu = _unit_lower(P)
+    return tau, Vu, larft_gemm(Vu, tau)
+
+
 def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: Panel = "auto") -> tuple[Tensor, Tensor, list]:
     """Blocked compact QR of ``A`` ``(B, m, n)`` (a copy is factored): ``(QR, tau, blocks)`` with
     ``QR``/``tau`` as from ``torch.geqrf`` and ``blocks`` the ``(j, Vu, T)`` of each panel (``Vu``
@@ -143,9 +162,7 @@ def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: Panel = "auto") -> tup
     taus, blocks = [], []
     for j in range(0, k, nb):
         jb = min(nb, k - j)
-        tau = factor_panel(QR[:, j:, j:j + jb], panel)
-        Vu = _unit_lower(QR[:, j:, j:j + jb])
-        T = larft_gemm(Vu, tau)
+        tau, Vu, T = factor_block(QR[:, j:, j:j + jb], panel)
         if j + jb < n:
             larfb_gemm(Vu, T, QR[:, j:, j + jb:], True, True, inplace=True)
         taus.append(tau)

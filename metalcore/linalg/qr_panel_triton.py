@@ -61,8 +61,10 @@ def _column_sums(t, rows, c2, jn, acc, s):
 
 
 @jit
-def _tall_panel_kernel(P, TAU, h, w, k, s_b, s_r, s_c, s_tb, BR: tl.constexpr, NB: tl.constexpr):
-    panel = P + tl.program_id(0).to(tl.int64) * s_b
+def _tall_panel_kernel(P, TAU, VU, T, h, w, k, s_b, s_r, s_c, s_tb,
+                       BR: tl.constexpr, NB: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    panel = P + pid * s_b
     r = tl.arange(0, BR)
     c = tl.arange(0, NB)
     c2 = c[None, :]
@@ -121,15 +123,58 @@ def _tall_panel_kernel(P, TAU, h, w, k, s_b, s_r, s_c, s_tb, BR: tl.constexpr, N
         taus = tl.where(c == j, tau, taus)
         # This reflector's stores are visible before the next one's loads.
         tl.debug_barrier()
-    tl.store(TAU + tl.program_id(0).to(tl.int64) * s_tb + c, taus, mask=c < k)
+    tl.store(TAU + pid * s_tb + c, taus, mask=c < k)
+    if BLOCK:
+        # The block reflector H₁⋯H_k = I − Vu T Vuᵀ (LAPACK larft, forward, columnwise): Vu written out
+        # (unit diagonal, zeros above), S = Vuᵀ Vu summed over the row blocks (IEEE fp32 products,
+        # never TF32), then T column by column, T[:i, i] = −τ_i T[:i, :i] S[:i, i], T[i, i] = τ_i;
+        # a zero τ_i leaves row and column i of T zero, as LAPACK sets them.
+        S = tl.zeros([NB, NB], dtype=P.dtype.element_ty)
+        vu = VU + pid * h * w
+        block = panel
+        for r0 in range(0, h, BR):
+            rows2 = (r0 + r)[:, None]
+            inside = (rows2 < h) & (c2 < w)
+            t = tl.load(block + tile, mask=inside, other=0.0)
+            v = tl.where(inside, tl.where(rows2 > c2, t, tl.where(rows2 == c2, 1.0, 0.0)), 0.0)
+            tl.store(vu + rows2 * w + c2, v, mask=inside)
+            S += tl.dot(tl.trans(v), v, input_precision="ieee")
+            block += step
+        c1 = c[:, None]
+        Tm = tl.zeros([NB, NB], dtype=P.dtype.element_ty)
+        for i in range(k):
+            si = tl.where(c < i, tl.sum(tl.where(c2 == i, S, 0.0), axis=1), 0.0)     # S[:i, i]
+            ti = tl.sum(tl.where(c == i, taus, 0.0), axis=0)
+            z = tl.sum(Tm * si[None, :], axis=1)                                      # T[:, :i] S[:i, i]
+            Tm = tl.where(c2 == i, tl.where(c1 < i, -ti * z[:, None], tl.where(c1 == i, ti, 0.0)), Tm)
+        tl.store(T + pid * k * k + c1 * k + c2, Tm, mask=(c1 < k) & (c2 < k))
 
 
 def tile_rows(h: int, w: int, dtype: torch.dtype) -> tuple[int, int]:
     """``(BR, NB)`` of the tile for an ``h × w`` panel: ``NB`` the width padded to a power of two,
-    ``BR`` rows to fill :data:`TILE_ELEMENTS`, no more than the panel has (rounded up)."""
-    NB = next_power_of_2(max(w, 2))
-    BR = max(1, min(TILE_ELEMENTS[dtype] // NB, next_power_of_2(h)))
+    ``BR`` rows to fill :data:`TILE_ELEMENTS`, no more than the panel has (rounded up); both at least
+    16, the smallest ``tl.dot`` operand (``Vuᵀ Vu``)."""
+    NB = max(next_power_of_2(w), 16)
+    BR = max(16, min(TILE_ELEMENTS[dtype] // NB, next_power_of_2(h)))
     return BR, NB
+
+
+def _launch(P: Tensor, block: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    B, h, w = P.shape
+    k = min(h, w)
+    tau = torch.empty(B, k, dtype=P.dtype, device=P.device)
+    Vu = torch.empty(B, h, w, dtype=P.dtype, device=P.device) if block else None
+    T = torch.empty(B, k, k, dtype=P.dtype, device=P.device) if block else None
+    if B == 0 or k == 0:
+        return tau, Vu, T
+    BR, NB = tile_rows(h, w, P.dtype)
+    # At least 8 elements a thread: a tile smaller than the threads would be replicated across warps,
+    # and one copy could be stored before another copy of it was loaded.
+    warps = max(1, min(MAX_WARPS, BR * NB // 256))
+    _tall_panel_kernel[(B,)](P, tau, Vu if block else tau, T if block else tau, h, w, k,
+                             P.stride(0), P.stride(1), P.stride(2), tau.stride(0),
+                             BR=BR, NB=NB, BLOCK=block, num_warps=warps)
+    return tau, Vu, T
 
 
 def tall_panel_launch(P: Tensor) -> Tensor:
@@ -140,15 +185,16 @@ def tall_panel_launch(P: Tensor) -> Tensor:
     >>> P = torch.randn(24, 3072, 64, device="cuda")
     >>> tau = tall_panel_launch(P)        # P now holds geqrf's compact form of each panel
     """
-    B, h, w = P.shape
-    k = min(h, w)
-    tau = torch.empty(B, k, dtype=P.dtype, device=P.device)
-    if B == 0 or k == 0:
-        return tau
-    BR, NB = tile_rows(h, w, P.dtype)
-    # At least 8 elements a thread: a tile smaller than the threads would be replicated across warps,
-    # and one copy could be stored before another copy of it was loaded.
-    warps = max(1, min(MAX_WARPS, BR * NB // 256))
-    _tall_panel_kernel[(B,)](P, tau, h, w, k, P.stride(0), P.stride(1), P.stride(2), tau.stride(0),
-                             BR=BR, NB=NB, num_warps=warps)
-    return tau
+    return _launch(P, False)[0]
+
+
+def tall_block_launch(P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`tall_panel_launch` plus the panel's block reflector, in the same launch: ``(tau, Vu, T)``
+    with ``Vu`` ``(B, h, w)`` the explicit unit lower trapezoidal reflectors and ``T`` ``(B, w, w)``
+    upper triangular, ``H₁ ⋯ H_w = I − Vu T Vuᵀ`` (``h ≥ w``). What ``larft`` and the ``Vu`` copy cost
+    the blocked QR as ~50 small launches a panel is one extra read of the panel here."""
+    if P.shape[-2] < P.shape[-1]:
+        raise ValueError(f"metalcore tall_block_launch: the panel must have at least as many rows as columns; "
+                         f"got P of shape {tuple(P.shape)}")
+    tau, Vu, T = _launch(P, True)
+    return tau, Vu, T

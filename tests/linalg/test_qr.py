@@ -451,7 +451,7 @@ def test_large_batched_qr_takes_tall_panels(small_panel_tile, launches, mode):
     """A batch beyond the tile: blocked QR whose panels (taller than the register tile) the tall-panel
     kernel factors; a single matrix keeps torch.geqrf's panels."""
     blocked = importlib.import_module("metalcore.linalg.qr_blocked")
-    tall, geqrf = launches(blocked, "_tall"), launches(blocked, "_geqrf")
+    tall, geqrf = launches(blocked, "_tall_block"), launches(blocked, "_geqrf")
     A = general("random", (2,), 40, 24, torch.float32)
     check_qr_triton(A, mode, f"qr batched tall panels {mode}")
     assert tall and not geqrf

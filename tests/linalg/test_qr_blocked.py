@@ -195,6 +195,27 @@ def test_tall_panel_zero_column_and_nan(tall):
     assert P[1].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_tall_block_reflector_is_larft(tall, dtype):
+    """The block variant's Vu is the explicit unit lower trapezoid of the factored panel and T is
+    larft's (the reference composite, (I + diag(τ) striu(VᵀV))⁻¹ diag(τ)); a zero τ gives a zero row
+    and column of T."""
+    from metalcore.linalg.householder import _unit_lower, larft_composite
+
+    P = torch.randn(3, 50, 13, dtype=dtype)
+    P[0, :, 3] = 0.0
+    tau, Vu, T = tall.tall_block_launch(P)
+    assert tau[0, 3] == 0.0 and not T[0, 3].any() and not T[0, :, 3].any()
+    assert torch.equal(Vu, _unit_lower(P))
+    want = larft_composite(Vu.double(), tau.double())
+    if dtype == torch.float64:
+        torch.testing.assert_close(T, want)
+    else:
+        assert_within_torch_error(T, larft_composite(Vu, tau), want)
+    with pytest.raises(ValueError, match="at least as many rows as columns"):
+        tall.tall_block_launch(torch.randn(2, 5, 8))
+
+
 TALL_CASES = [((2,), 50, 24, "reduced"), ((2,), 24, 40, "complete"), ((2,), 33, 20, "r")]
 
 
@@ -239,12 +260,13 @@ def test_blocked_qr_tall_panels_are_lapacks_factorization(blocked, tall):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("batch,want", [((2,), "_tall"), ((), "_geqrf")], ids=str)
+@pytest.mark.parametrize("batch,want", [((2,), "_tall_block"), ((), "_geqrf")], ids=str)
 def test_auto_panel_takes_tall_for_batches_beyond_the_tile(blocked, tall, launches, monkeypatch, batch, want):
-    """'auto': panels beyond the register tile go to the tall kernel for a batch of at least
-    TALL_MIN_BATCH, to torch.geqrf for a single matrix; panels that fit stay on the tile kernel."""
+    """'auto': panels beyond the register tile go to the tall kernel (with its block reflector) for a
+    batch of at least TALL_MIN_BATCH, to torch.geqrf for a single matrix; panels that fit stay on the
+    tile kernel."""
     monkeypatch.setattr(blocked, "PANEL_KERNEL_MAX", 16)
-    calls = {name: launches(blocked, name) for name in ("_tall", "_geqrf", "_geqr2_kernel")}
+    calls = {name: launches(blocked, name) for name in ("_tall_block", "_tall", "_geqrf", "_geqr2_kernel")}
     A = torch.randn(*batch, 40, 20, dtype=torch.float64)
     QR, tau, _ = blocked.geqrf_blocked(A.reshape(-1, 40, 20), nb=8, panel="auto")
     # Panels of 40, 32 and 24 rows exceed the 16-row tile; none fits it.
