@@ -485,11 +485,13 @@ def test_batched_blocked_qr_is_automatic_from_the_batch_rule(monkeypatch):
 
 @pytest.mark.usefixtures("triton_backend")
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,m,n", [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((2,), 300, 700)],
+@pytest.mark.parametrize("batch,m,n", [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((2,), 300, 700),
+                                       ((64,), 256, 256), ((4,), 3072, 3072)],
                          ids=str)
 def test_gpu_blocked_qr_full_size(batch, m, n, device):
     """The blocked path at the sizes it exists for (the triton backend is requested explicitly by
-    the fixture); hard families built on the device (the CPU oracle's fp64 QR of 11008² is minutes)."""
+    the fixture; batches take tall panels); hard families built on the device (the CPU oracle's fp64
+    QR of 11008² is minutes)."""
     g = torch.Generator(device=device).manual_seed(0)
     k = min(m, n)
     U = torch.linalg.qr(torch.randn(*batch, m, k, device=device, generator=g, dtype=torch.float64))[0]
