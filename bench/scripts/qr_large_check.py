@@ -3,6 +3,8 @@ larft/larfb (metalcore/linalg/householder_gemm.py), fp32, against torch in the s
 
     python bench/scripts/qr_large_check.py [--out DIR]            # CUDA, ~2 minutes on an H100
     TRITON_INTERPRET=1 python bench/scripts/qr_large_check.py --device cpu --tiny   # smoke run
+    python bench/scripts/qr_large_check.py --batched [--out DIR]  # batches, tall panels (below)
+    TRITON_INTERPRET=1 python bench/scripts/qr_large_check.py --batched --device cpu --tiny
 
 For each shape (4096², 11008×4096, 8×1024², 2048², reduced mode):
 * LAPACK ratios ‖A − QR‖_F/(‖A‖_F·max(m,n)·ε) and ‖QᵀQ − I‖_F/(n·ε) of every variant on a random
@@ -17,6 +19,18 @@ Then larft and larfb (GEMM compositions) against the reference composites for k 
 
 Writes qr-large-<card>.json and qr-large-<card>.log to --out (default $OUT or .) and prints a table.
 TF32 follows torch.backends.cuda.matmul.allow_tf32 (printed; off unless set by the caller).
+
+``--batched`` (instead of the above; ~2 minutes on an H100): batches of mid-size matrices, where the
+blocked QR's panels go to the tall-panel kernel (metalcore/linalg/qr_panel_triton.py) — 64×256²,
+16×512², 8×1024², 62×768², 12×2304², 24×3072² (SOAP's refresh at GPT-2 small) and a single 4096², fp32
+(64×256² and 8×1024² in fp64 too). Per shape, interleaved in one Timer run (wall time per synchronised
+call and GPU time with host issue hidden, medians): ``torch.linalg.qr``; the blocked QR with 'auto'
+panels at nb = 32 and 64 (tall panels for a batch, geqrf for one matrix; for 4096² also tall panels
+forced, and geqrf at nb = 128, today's single-matrix path); ``metalcore.linalg.qr`` as routed
+(automatic selection: on a card with a measured table, the table decides). LAPACK ratios of each on
+the random matrix, and of the routed call on a cond-1e6 one. Where the time goes: the blocked QR's R
+alone and its panels alone (call_ms). A tile sweep of the tall kernel (elements × warps) at 64×256²
+and 24×3072². Writes qr-batched-<card>.json/.log.
 """
 
 import argparse
@@ -26,13 +40,23 @@ import os
 import torch
 
 import metalcore
-from metalcore.bench.timing import call_ms
+from metalcore.bench.timing import Budget, Timer, call_ms
 from metalcore.linalg import qr_blocked
+from metalcore.linalg.qr import qr_op
 from metalcore.linalg.householder import _unit_lower, larfb_composite, larft_composite
 from metalcore.linalg.householder_gemm import larfb_gemm, larft_gemm
 
 SHAPES = [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((), 2048, 2048)]
 TINY_SHAPES = [((), 40, 24), ((2,), 33, 33)]
+# --batched: (batch, n, dtype); n x n matrices.
+BATCHED = [((64,), 256, torch.float32), ((16,), 512, torch.float32), ((8,), 1024, torch.float32),
+           ((62,), 768, torch.float32), ((12,), 2304, torch.float32), ((24,), 3072, torch.float32),
+           ((), 4096, torch.float32), ((64,), 256, torch.float64), ((8,), 1024, torch.float64)]
+TINY_BATCHED = [((3,), 40, torch.float32), ((), 40, torch.float32), ((2,), 36, torch.float64)]
+# Tall-kernel tiles swept at nb = 64: (TILE_ELEMENTS for fp32, MAX_WARPS).
+TILE_SWEEP = [(4096, 4), (8192, 8), (16384, 8), (16384, 16)]
+TILE_SWEEP_SHAPES = [((64,), 256), ((24,), 3072)]
+BATCHED_BUDGET = Budget(warmup_s=0.05, measure_s=0.3, min_reps=3, max_reps=20)
 
 
 def timed(fn, device, reps):
@@ -89,6 +113,119 @@ def hard(kind, batch, m, n, device, g):
     return (U * s) @ V.mT
 
 
+def _label(batch, n, dtype):
+    return "x".join(map(str, (*batch, n, n))) + ("" if dtype == torch.float32 else "-f64")
+
+
+def _forced_small(tiny):
+    """In --tiny runs, panels beyond 16 rows leave the register kernel, so that the smoke run reaches
+    the tall kernel at interpreter sizes (routing through metalcore.linalg.qr too)."""
+    if not tiny:
+        return
+    from metalcore.linalg import qr_triton
+
+    qr_triton.SMALL_MAX = 16
+    qr_triton.BATCHED_NB = 8
+    qr_blocked.PANEL_KERNEL_MAX = 16
+
+
+def _on_triton(fn, *args):
+    with metalcore.use_backend("triton"):
+        return fn(*args)
+
+
+def batched_main(args, device, card, stem, say):
+    """The --batched set (module docstring)."""
+    from metalcore.linalg import qr_panel_triton
+
+    _forced_small(args.tiny)
+    shapes = TINY_BATCHED if args.tiny else BATCHED
+    nbs = [int(x) for x in (args.nbs or ("8,16" if args.tiny else "32,64")).split(",")]
+    timer = Timer(device, BATCHED_BUDGET)
+    g = torch.Generator(device=device).manual_seed(0)
+    result = {"card": card, "torch": torch.__version__, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+              "tile_elements": {str(k): v for k, v in qr_panel_triton.TILE_ELEMENTS.items()},
+              "max_warps": qr_panel_triton.MAX_WARPS, "tall_min_batch": qr_blocked.TALL_MIN_BATCH,
+              "shapes": [], "tile_sweep": []}
+    for batch, n, dtype in shapes:
+        label = _label(batch, n, dtype)
+        A = torch.randn(*batch, n, n, device=device, generator=g, dtype=dtype)
+        A3 = A.reshape(-1, n, n)
+        fns = {"torch": lambda: torch.linalg.qr(A), "routed": lambda: metalcore.linalg.qr(A),
+               "triton op": lambda: _on_triton(metalcore.linalg.qr, A)}
+        for nb in nbs:
+            fns[f"auto nb={nb}"] = lambda nb=nb: qr_blocked.qr_blocked(A, "reduced", nb, "auto")
+            if A3.shape[0] == 1:
+                fns[f"tall nb={nb}"] = lambda nb=nb: qr_blocked.qr_blocked(A, "reduced", nb, "tall")
+        if A3.shape[0] == 1:
+            fns["geqrf nb=128"] = lambda: qr_blocked.qr_blocked(A, "reduced", 8 if args.tiny else 128, "geqrf")
+        row = {"shape": label, "flops": qr_flops(batch, n, n),
+               "routed_backend": qr_op.backend_for(A, "reduced"), "variants": {}}
+        for name, fn in fns.items():
+            try:
+                row["variants"][name] = {"ratios": ratios(A, *fn())}
+            except Exception as exc:  # a failing variant is a result to report, not a stop
+                row["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        ok = {name: fn for name, fn in fns.items() if "error" not in row["variants"][name]}
+        for name, t in timer.time_all(ok, called=True).items():
+            row["variants"][name].update(wall_ms=t.wall_s * 1e3, gpu_ms=t.median_s * 1e3,
+                                         host_ms=None if t.host_s is None else t.host_s * 1e3)
+        H = hard("ill", batch, n, n, device, g).to(dtype)
+        row["routed_ratios_ill"] = ratios(H, *metalcore.linalg.qr(H))
+        # Where the time goes, for each nb: R alone (no Q), and the panels with their block reflectors.
+        for nb in nbs:
+            v = row["variants"].get(f"auto nb={nb}", {})
+            if "error" in v:
+                continue
+            v["r_only_ms"] = call_ms(lambda nb=nb: qr_blocked.geqrf_blocked(A3, nb, "auto"), device, reps=args.reps)
+            panels = [torch.randn(A3.shape[0], n - j, min(nb, n - j), device=device, dtype=dtype, generator=g)
+                      for j in range(0, n, nb)]
+            v["panels_ms"] = call_ms(lambda: [qr_blocked.factor_block(P.clone(), "auto") for P in panels], device,
+                                     reps=args.reps)
+        result["shapes"].append(row)
+        say(json.dumps(row))
+        del A, A3, H
+
+    sweep = [((2,), 40)] if args.tiny else TILE_SWEEP_SHAPES
+    default = (qr_panel_triton.TILE_ELEMENTS, qr_panel_triton.MAX_WARPS)
+    for batch, n in sweep:
+        A = torch.randn(*batch, n, n, device=device, generator=g)
+        nb = 8 if args.tiny else 64
+        fns = {}
+        for tile, warps in TILE_SWEEP:
+            def run(tile=tile, warps=warps):
+                qr_panel_triton.TILE_ELEMENTS = {torch.float32: tile, torch.float64: tile // 2}
+                qr_panel_triton.MAX_WARPS = warps
+                try:
+                    return qr_blocked.qr_blocked(A, "reduced", nb, "tall")
+                finally:
+                    qr_panel_triton.TILE_ELEMENTS, qr_panel_triton.MAX_WARPS = default
+            fns[f"tile={tile} warps={warps}"] = run
+        for name, t in timer.time_all(fns).items():
+            result["tile_sweep"].append({"shape": _label(batch, n, torch.float32), "nb": nb, "config": name,
+                                         "wall_ms": t.wall_s * 1e3, "gpu_ms": t.median_s * 1e3})
+        del A
+
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    say("\nqr reduced, batched: wall ms per synchronised call / GPU ms (host hidden); x = torch wall / wall; "
+        "LAPACK ratios residual/orthogonality")
+    for r in result["shapes"]:
+        tw = r["variants"]["torch"].get("wall_ms")
+        say(f"{r['shape']}  ({r['flops'] / 1e9:.0f} GFLOP; routed to {r['routed_backend']}; "
+            f"routed on cond 1e6: {r['routed_ratios_ill'][0]:.2f}/{r['routed_ratios_ill'][1]:.2f})")
+        for name, v in r["variants"].items():
+            if "error" in v:
+                say(f"    {name:>14s}  ERROR {v['error'][:100]}")
+                continue
+            where = (f"  R only {v['r_only_ms']:.2f}, panels {v['panels_ms']:.2f}" if "r_only_ms" in v else "")
+            say(f"    {name:>14s} {v['wall_ms']:9.2f} / {v['gpu_ms']:9.2f}  x{tw / v['wall_ms']:6.2f}  "
+                f"({v['ratios'][0]:.2f}/{v['ratios'][1]:.2f}){where}")
+    say("\ntall-kernel tile sweep (blocked QR, tall panels): wall / GPU ms")
+    for t in result["tile_sweep"]:
+        say(f"    {t['shape']:>12s} nb={t['nb']:<3d} {t['config']:>22s} {t['wall_ms']:9.2f} / {t['gpu_ms']:9.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -97,6 +234,7 @@ def main():
     ap.add_argument("--nbs", default=None, help="panel widths to sweep (default 32,64,128; tiny: 8,16)")
     ap.add_argument("--panels", default="geqrf,recursive")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batched", action="store_true", help="the batched set with tall panels (module docstring)")
     args = ap.parse_args()
     device = torch.device(args.device)
     shapes = TINY_SHAPES if args.tiny else SHAPES
@@ -105,13 +243,17 @@ def main():
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     tf32 = torch.backends.cuda.matmul.allow_tf32
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "qr-large-" + card.replace(" ", "-").replace("/", "-"))
+    stem = os.path.join(args.out, ("qr-batched-" if args.batched else "qr-large-") + card.replace(" ", "-").replace("/", "-"))
     log = open(stem + ".log", "w")
 
     def say(line):
         print(line, flush=True)
         log.write(line + "\n")
 
+    if args.batched:
+        batched_main(args, device, card, stem, say)
+        log.close()
+        return
     gemm_n, gemm_nb = (64, 8) if args.tiny else (4096, 64)
     square_rate, update_rate = gemm_rates(device, gemm_n, gemm_nb)
     result = {"card": card, "torch": torch.__version__, "allow_tf32": tf32, "gemm_square_tflops": square_rate / 1e12,

@@ -4,7 +4,8 @@ structure, with every level-3 step a cuBLAS GEMM).
 For ``A`` ``(B, m, n)``, ``k = min(m, n)``, panels of ``nb`` columns, ``j = 0, nb, 2nb, …``:
 
 1. **panel**: factor ``A[j:, j:j+nb]`` in place (compact form: ``R`` on top, reflectors below);
-2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_gemm.larft_gemm`);
+2. ``T = larft(V, τ)`` (:func:`metalcore.linalg.householder_gemm.larft_gemm`, or the tall-panel
+   kernel's own, formed in the panel's launch);
 3. **trailing update**: ``A[j:, j+nb:] ← Hᴴ A[j:, j+nb:]``, ``H = I − V T Vᵀ`` (``larfb``, in place).
 
 ``Q = H₁ ⋯ H_k I[:, :nq]`` is then formed like LAPACK's ``orgqr``: the block reflectors applied
@@ -16,12 +17,16 @@ Panel variants (``panel=``), because the tall, narrow panel is the one step that
 
 * ``'kernel'``: the one-program-per-matrix Householder kernel of :mod:`metalcore.linalg.qr_triton`
   (panels up to 128 × 128, held in registers; also what CI runs under the interpreter);
-* ``'geqrf'``: ``torch.geqrf`` on the panel (cuSOLVER on CUDA) for tall panels;
+* ``'tall'``: the tall-panel kernel of :mod:`metalcore.linalg.qr_panel_triton`, one program per
+  panel streaming it through register tiles: any height, a whole batch at once;
+* ``'geqrf'``: ``torch.geqrf`` on the panel (cuSOLVER on CUDA, one matrix after another);
 * ``'recursive'``: the panel split in column halves down to ``base`` columns (Elmroth & Gustavson
   2000): the left half factored, applied to the right half with ``larfb``, the right half's lower
-  part factored. It turns most of the panel's level-2 work into GEMMs; the leaves go to the kernel
-  when they fit, else to ``torch.geqrf``;
-* ``'auto'``: ``'kernel'`` where the panel fits, else ``'geqrf'``;
+  part factored. It turns most of the panel's level-2 work into GEMMs; the leaves are factored as
+  ``'auto'`` would factor them;
+* ``'auto'``: ``'kernel'`` where the panel fits, else ``'tall'`` for a batch of at least
+  :data:`TALL_MIN_BATCH` panels and ``'geqrf'`` for fewer (cuSOLVER's geqrf spreads one panel over
+  the whole GPU; the tall kernel gives each panel one program);
 * a function ``panel(P) -> tau`` that factors ``P`` in place as :func:`factor_panel` does: how another
   backend brings its own panel (the Metal backend's shader, :mod:`metalcore.linalg.qr_blocked_metal`);
   the rest of the algorithm is shared.
@@ -41,8 +46,16 @@ from torch import Tensor
 from metalcore.linalg.householder import _unit_lower
 from metalcore.linalg.householder_gemm import as3, larfb_gemm, larft_gemm
 
-PANELS = ("auto", "kernel", "geqrf", "recursive")
+PANELS = ("auto", "kernel", "tall", "geqrf", "recursive")
 DEFAULT_NB = 64
+# Smallest batch whose panels 'auto' gives to the tall-panel kernel (fewer go to torch.geqrf).
+# Predicted, not yet measured (bench/linalg.md, "batched blocked QR"): one program per panel moves
+# a 4096 × 64 panel at ~80 GB/s, ~0.4 ms against cuSOLVER's ~0.3 ms, so a single matrix keeps geqrf;
+# from two matrices on, geqrf's per-matrix loop costs B times that.
+TALL_MIN_BATCH = 2
+# Largest panel side the register-tile kernel takes: its tile's limit, _small_triton.MAX_N (not
+# imported: Triton may be missing here). A parameter so that CI can send small panels to 'tall'.
+PANEL_KERNEL_MAX = 128
 # Leaf width of the recursive panel (read at call time, so tests and the sweep can change it).
 RECURSIVE_BASE = 16
 # A panel variant: one of PANELS, or a function that factors the panel in place and returns tau.
@@ -50,11 +63,12 @@ Panel = str | Callable[[Tensor], Tensor]
 
 
 def fits(P: Tensor) -> bool:
-    """The panel fits the Triton Householder kernel's register tile. Imported here, not at the top:
-    the Metal backend uses this module where Triton is not installed (macOS)."""
+    """The panel fits the Triton Householder kernel's register tile, both sides at most
+    :data:`PANEL_KERNEL_MAX`. Imported here, not at the top: the Metal backend uses this module where
+    Triton is not installed (macOS)."""
     from metalcore.linalg._small_triton import fits as fits_triton
 
-    return fits_triton(P)
+    return fits_triton(P, max_n=PANEL_KERNEL_MAX)
 
 
 def _geqr2_kernel(P: Tensor) -> Tensor:
@@ -66,20 +80,35 @@ def _geqr2_kernel(P: Tensor) -> Tensor:
     return tau
 
 
+def _tall(P: Tensor) -> Tensor:
+    # Imported here for the same reason as fits: Triton may be missing where the Metal backend runs.
+    from metalcore.linalg.qr_panel_triton import tall_panel_launch
+
+    return tall_panel_launch(P)
+
+
+def _tall_block(P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from metalcore.linalg.qr_panel_triton import tall_block_launch
+
+    return tall_block_launch(P)
+
+
 def _geqrf(P: Tensor) -> Tensor:
     QR, tau = torch.geqrf(P)
     P.copy_(QR)
     return tau
 
 
-def _leaf(P: Tensor) -> Tensor:
-    return _geqr2_kernel(P) if fits(P) else _geqrf(P)
+def _auto(P: Tensor) -> str:
+    if fits(P):
+        return "kernel"
+    return "tall" if P.shape[0] >= TALL_MIN_BATCH else "geqrf"
 
 
 def _recursive(P: Tensor, base: int) -> Tensor:
     w = P.shape[-1]
     if w <= base:
-        return _leaf(P)
+        return factor_panel(P, "auto")
     h = w // 2
     tau1 = _recursive(P[..., :h], base)
     Vu = _unit_lower(P[..., :h])
@@ -94,15 +123,31 @@ def factor_panel(P: Tensor, panel: Panel = "auto") -> Tensor:
     if callable(panel):
         return panel(P)
     if panel == "kernel" and not fits(P):
-        raise ValueError(f"metalcore qr_blocked: panel='kernel' holds panels of at most 128 x 128 in registers; "
-                         f"got a panel of shape {tuple(P.shape)}")
-    if panel in ("kernel", "auto") and fits(P):
-        return _geqr2_kernel(P)
-    if panel in ("geqrf", "auto"):
-        return _geqrf(P)
+        raise ValueError(f"metalcore qr_blocked: panel='kernel' holds panels of at most {PANEL_KERNEL_MAX} x "
+                         f"{PANEL_KERNEL_MAX} in registers; got a panel of shape {tuple(P.shape)}")
     if panel == "recursive":
         return _recursive(P, RECURSIVE_BASE)
+    if panel == "auto":
+        panel = _auto(P)
+    if panel == "kernel":
+        return _geqr2_kernel(P)
+    if panel == "tall":
+        return _tall(P)
+    if panel == "geqrf":
+        return _geqrf(P)
     raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS} or a function; got {panel!r}")
+
+
+def factor_block(P: Tensor, panel: Panel = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The panel ``P`` ``(B, h, w)``, ``h ≥ w``, factored in place as by :func:`factor_panel`, and its
+    block reflector: ``(tau, Vu, T)``, ``Vu`` explicit unit lower trapezoidal, ``H = I − Vu T Vuᵀ``.
+    The tall-panel kernel forms ``Vu`` and ``T`` in its own launch; other variants use
+    :func:`~metalcore.linalg.householder_gemm.larft_gemm`."""
+    if isinstance(panel, str) and (panel == "tall" or (panel == "auto" and _auto(P) == "tall")):
+        return _tall_block(P)
+    tau = factor_panel(P, panel)
+    Vu = _unit_lower(P)
+    return tau, Vu, larft_gemm(Vu, tau)
 
 
 def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: Panel = "auto") -> tuple[Tensor, Tensor, list]:
@@ -117,9 +162,7 @@ def geqrf_blocked(A: Tensor, nb: int = DEFAULT_NB, panel: Panel = "auto") -> tup
     taus, blocks = [], []
     for j in range(0, k, nb):
         jb = min(nb, k - j)
-        tau = factor_panel(QR[:, j:, j:j + jb], panel)
-        Vu = _unit_lower(QR[:, j:, j:j + jb])
-        T = larft_gemm(Vu, tau)
+        tau, Vu, T = factor_block(QR[:, j:, j:j + jb], panel)
         if j + jb < n:
             larfb_gemm(Vu, T, QR[:, j:, j + jb:], True, True, inplace=True)
         taus.append(tau)

@@ -20,12 +20,15 @@ matrix: ``k`` steps over the ``[BM, BN]`` tile plus ``k`` over the ``[BM, BQ]`` 
 ``4(mn + m nq + kn)`` in fp32.
 
 Matrices beyond the register tile (a side over :data:`SMALL_MAX`) go to the blocked QR of
-:mod:`metalcore.linalg.qr_blocked` (panels, ``larft``, ``larfb``, all GEMMs but the panels) — for
-now only when the triton backend is requested explicitly, or above :data:`BLOCKED_AUTO_MIN_SIDE`
-once that is set from an H100 measurement; otherwise cuSOLVER (the reference) keeps them.
+:mod:`metalcore.linalg.qr_blocked` (panels, ``larft``, ``larfb``, all GEMMs but the panels) when
+the triton backend is requested explicitly, for batches of at least :data:`BATCHED_AUTO_MIN_BATCH`
+matrices, or above :data:`BLOCKED_AUTO_MIN_SIDE` once that is set from an H100 measurement;
+otherwise cuSOLVER (the reference) keeps them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton.language as tl
@@ -52,6 +55,13 @@ BLOCK_PANEL = "auto"
 # 19.5 of the 29.8 ms against a whole-QR floor of ~4 ms (183 GFLOP at 51 TFLOP/s fp32): a faster
 # tall-panel factorization (TSQR with Householder reconstruction) is what would move it.
 BLOCKED_AUTO_MIN_SIDE: int | None = None
+# Batches of matrices beyond the tile: the blocked QR is chosen automatically from this many matrices
+# (None: never), with panels of BATCHED_NB columns that the tall-panel kernel factors one program per
+# matrix (qr_blocked.TALL_MIN_BATCH), where cuSOLVER runs geqrf + orgqr one matrix after another.
+# Predicted, to be set from the H100 run of bench/scripts/qr_large_check.py --batched
+# (bench/linalg.md, "batched blocked QR"): 3-40x torch from 64x256² to 24x3072², so from 2 on.
+BATCHED_AUTO_MIN_BATCH: int | None = 2
+BATCHED_NB = 64
 
 
 @jit
@@ -163,10 +173,22 @@ def _supports(A: Tensor, *rest) -> bool:
     return A.dtype in DTYPES and A.dim() >= 2
 
 
+def _batch(A: Tensor) -> int:
+    return math.prod(A.shape[:-2])
+
+
 def _automatic(A: Tensor, *rest) -> bool:
-    """Automatic selection: the one-program kernel, and the blocked path from
-    ``BLOCKED_AUTO_MIN_SIDE`` (never, today: see above); an explicit request takes either."""
-    return _small(A) or (BLOCKED_AUTO_MIN_SIDE is not None and min(A.shape[-2:]) >= BLOCKED_AUTO_MIN_SIDE)
+    """Automatic selection: the one-program kernel, the blocked path from ``BLOCKED_AUTO_MIN_SIDE``
+    (never, today: see above) and for batches from ``BATCHED_AUTO_MIN_BATCH``; an explicit request
+    takes any of them."""
+    return (_small(A) or (BLOCKED_AUTO_MIN_SIDE is not None and min(A.shape[-2:]) >= BLOCKED_AUTO_MIN_SIDE)
+            or (BATCHED_AUTO_MIN_BATCH is not None and _batch(A) >= BATCHED_AUTO_MIN_BATCH))
+
+
+def _block_nb(A: Tensor) -> int:
+    """Panel width of the blocked path: narrower for batches, whose tall-panel kernel moves ~4·h·nb²
+    bytes per panel, than for one matrix, whose cuSOLVER panels are fastest at 128."""
+    return BATCHED_NB if _batch(A) >= qr_blocked.TALL_MIN_BATCH else BLOCK_NB
 
 
 @qr_op.implement("triton", supports=_supports, automatic=_automatic)
@@ -176,7 +198,7 @@ def _qr_triton(A, mode):
     # k = 0 too: the launcher reads a zero row or column count as "not wanted"; the blocked path has
     # nothing to factor and returns Q = I, R = 0.
     if not _small(A) or k == 0:
-        return qr_blocked.qr_blocked(A, mode, BLOCK_NB, BLOCK_PANEL)
+        return qr_blocked.qr_blocked(A, mode, _block_nb(A), BLOCK_PANEL)
     if mode == "r":
         _, _, R, _ = householder_launch(A, kr=k)
         return A.new_empty(0), R
@@ -189,7 +211,7 @@ def _qr_triton(A, mode):
 def _geqr2_triton(A):
     if not _small(A):
         *batch, m, n = A.shape
-        QR, tau, _ = qr_blocked.geqrf_blocked(as3(A), BLOCK_NB, BLOCK_PANEL)
+        QR, tau, _ = qr_blocked.geqrf_blocked(as3(A), _block_nb(A), BLOCK_PANEL)
         return QR.reshape(A.shape), tau.reshape(*batch, min(m, n))
     QR, tau, _, _ = householder_launch(A, store_qr=True)
     return QR, tau
@@ -199,6 +221,6 @@ def _geqr2_triton(A):
                                    automatic=_automatic)
 def _householder_product_triton(A, tau):
     if not _small(A) or A.shape[-1] == 0:
-        return qr_blocked.householder_product_blocked(A, tau, BLOCK_NB)
+        return qr_blocked.householder_product_blocked(A, tau, _block_nb(A))
     _, _, _, Q = householder_launch(A, tau=tau.expand(*A.shape[:-2], tau.shape[-1]), nq=A.shape[-1])
     return Q

@@ -379,11 +379,21 @@ def test_gpu_qr_full_size(batch, m, n, dtype, device):
 
 @pytest.fixture
 def small_tile(monkeypatch):
-    """Route every side over 16 to the blocked path, with 8-column panels."""
+    """Route every side over 16 to the blocked path, with 8-column panels (single matrices and batches)."""
     module = qr_module()
     monkeypatch.setattr(module, "SMALL_MAX", 16)
     monkeypatch.setattr(module, "BLOCK_NB", 8)
+    monkeypatch.setattr(module, "BATCHED_NB", 8)
     return module
+
+
+@pytest.fixture
+def small_panel_tile(small_tile, monkeypatch):
+    """Also panels beyond 16 rows past the register kernel, to the tall-panel kernel in 16-row tiles."""
+    monkeypatch.setattr(importlib.import_module("metalcore.linalg.qr_blocked"), "PANEL_KERNEL_MAX", 16)
+    monkeypatch.setattr(importlib.import_module("metalcore.linalg.qr_panel_triton"), "TILE_ELEMENTS",
+                        {torch.float32: 128, torch.float64: 128})
+    return small_tile
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -436,12 +446,52 @@ def test_blocked_qr_is_automatic_only_above_the_measured_crossover(monkeypatch):
 
 
 @pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("mode", ("reduced", "complete"))
+def test_large_batched_qr_takes_tall_panels(small_panel_tile, launches, mode):
+    """A batch beyond the tile: blocked QR whose panels (taller than the register tile) the tall-panel
+    kernel factors; a single matrix keeps torch.geqrf's panels."""
+    blocked = importlib.import_module("metalcore.linalg.qr_blocked")
+    tall, geqrf = launches(blocked, "_tall_block"), launches(blocked, "_geqrf")
+    A = general("random", (2,), 40, 24, torch.float32)
+    check_qr_triton(A, mode, f"qr batched tall panels {mode}")
+    assert tall and not geqrf
+    check_qr_triton(A[0], mode, f"qr single geqrf panels {mode}")
+    assert geqrf
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_large_batched_geqr2_is_geqrf(small_panel_tile):
+    A = torch.randn(2, 37, 21, dtype=torch.float64)
+    for got, want in zip(geqr2(A), torch.geqrf(A)):
+        torch.testing.assert_close(got, want)
+
+
+def test_batched_blocked_qr_is_automatic_from_the_batch_rule(monkeypatch):
+    """Batches beyond the tile take the blocked path automatically from BATCHED_AUTO_MIN_BATCH
+    matrices (None: never), with BATCHED_NB-wide panels; one matrix keeps BLOCK_NB."""
+    module = qr_module()
+    monkeypatch.setattr(module, "BLOCKED_AUTO_MIN_SIDE", None)
+    monkeypatch.setattr(module, "BATCHED_AUTO_MIN_BATCH", 4)
+    assert module._automatic(torch.empty(4, 200, 150), "reduced")
+    assert module._automatic(torch.empty(2, 2, 129, 3), "reduced")
+    assert not module._automatic(torch.empty(3, 200, 150), "reduced")
+    assert not module._automatic(torch.empty(200, 150), "reduced")
+    monkeypatch.setattr(module, "BATCHED_AUTO_MIN_BATCH", None)
+    assert not module._automatic(torch.empty(64, 256, 256), "reduced")
+    assert module._automatic(torch.empty(64, 128, 128), "reduced")   # the register-tile kernel
+    assert module._block_nb(torch.empty(2, 200, 150)) == module.BATCHED_NB
+    assert module._block_nb(torch.empty(1, 200, 150)) == module.BLOCK_NB
+
+
+@pytest.mark.usefixtures("triton_backend")
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch,m,n", [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((2,), 300, 700)],
+@pytest.mark.parametrize("batch,m,n", [((), 4096, 4096), ((), 11008, 4096), ((8,), 1024, 1024), ((2,), 300, 700),
+                                       ((64,), 256, 256), ((4,), 3072, 3072)],
                          ids=str)
 def test_gpu_blocked_qr_full_size(batch, m, n, device):
     """The blocked path at the sizes it exists for (the triton backend is requested explicitly by
-    the fixture); hard families built on the device (the CPU oracle's fp64 QR of 11008² is minutes)."""
+    the fixture; batches take tall panels); hard families built on the device (the CPU oracle's fp64
+    QR of 11008² is minutes)."""
     g = torch.Generator(device=device).manual_seed(0)
     k = min(m, n)
     U = torch.linalg.qr(torch.randn(*batch, m, k, device=device, generator=g, dtype=torch.float64))[0]

@@ -16,7 +16,7 @@ from linalg_matrices import scale_of
 from metalcore import _metal
 from metalcore.linalg import qr_blocked_metal
 from metalcore.linalg.qr import qr_op
-from oracle import assert_lapack_ratio, orthogonality_ratio, residual_ratio
+from oracle import assert_lapack_ratio, assert_within_torch_error, orthogonality_ratio, residual_ratio
 
 
 PANELS = ("kernel", "geqrf", "recursive")
@@ -118,6 +118,171 @@ def test_blocked_qr_rejects_bad_parameters(blocked):
         blocked.qr_blocked(torch.randn(130, 6), "reduced", nb=4, panel="kernel")
     with pytest.raises(ValueError, match="nb must be positive"):
         blocked.qr_blocked(A, "reduced", nb=0)
+
+
+# --- the tall-panel kernel (interpreter in CI): panels beyond the register tile -------------------
+# metalcore/linalg/qr_panel_triton.py streams each panel through [BR, NB] tiles. Tiles of 128
+# elements here (16 rows at nb = 8), so that the 40-75-row panels below take 3-5 row blocks a
+# reflector: the prefetch of the next block and the rescaling of the running sums both run.
+
+
+@pytest.fixture
+def tall(blocked, monkeypatch):
+    from metalcore.linalg import qr_panel_triton
+
+    monkeypatch.setattr(qr_panel_triton, "TILE_ELEMENTS", {torch.float32: 128, torch.float64: 128})
+    return qr_panel_triton
+
+
+def panel_error(P, want, scale=1.0):
+    return ((P.double() - want) / scale).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("h,w", [(70, 8), (45, 13), (6, 8)], ids=str)
+def test_tall_panel_is_geqrf(tall, h, w, dtype):
+    """The compact form and tau of torch.geqrf, on a strided view of a larger matrix (as the blocked
+    driver passes panels), with everything outside the view untouched. fp64 to rounding; fp32 within
+    twice the error of torch.geqrf in fp32, both against fp64."""
+    M = torch.randn(3, h + 5, w + 7, dtype=dtype)
+    before = M.clone()
+    P = M[:, 5:, 3:3 + w]
+    want_qr, want_tau = torch.geqrf(P.double())
+    torch_qr, torch_tau = torch.geqrf(P)
+    tau = tall.tall_panel_launch(P)
+    assert tau.shape == want_tau.shape and tau.dtype == dtype
+    outside = torch.ones_like(M, dtype=torch.bool)
+    outside[:, 5:, 3:3 + w] = False
+    assert torch.equal(M[outside], before[outside])
+    if dtype == torch.float64:
+        torch.testing.assert_close(P, want_qr)
+        torch.testing.assert_close(tau, want_tau)
+    else:
+        assert_within_torch_error(P, torch_qr, want_qr)
+        assert_within_torch_error(tau, torch_tau, want_tau)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_tall_panel_scales_its_sums(tall, dtype):
+    """Rows growing 1e6-fold down the panel (each row block raises the running max, so the sums are
+    rescaled block after block), at the dtype's tiny and huge scales whose squares under/overflow."""
+    grow = torch.logspace(-3, 3, 70, dtype=torch.float64)[:, None]
+    for kind in ("tiny", "huge"):
+        s = scale_of(kind, dtype)
+        P64 = torch.randn(2, 70, 8, dtype=torch.float64) * grow
+        P = (P64 * s).to(dtype)
+        want_qr, want_tau = torch.geqrf(P64)
+        tau = tall.tall_panel_launch(P)
+        assert P.isfinite().all() and tau.isfinite().all(), kind
+        # R scales with the panel, the reflectors (|v_i| <= 1) and tau (in [1, 2]) do not.
+        bound = 30 * 70 * torch.finfo(dtype).eps
+        assert panel_error(P.triu(), want_qr.triu() * s, s * want_qr.abs().amax()) < bound, kind
+        assert panel_error(P.tril(-1), want_qr.tril(-1)) < bound, kind
+        assert panel_error(tau, want_tau) < bound, kind
+
+
+def test_tall_panel_zero_column_and_nan(tall):
+    """A zero column below the diagonal: tau = 0 and the column left as it is (LAPACK's H = I); a
+    NaN stays in its own panel."""
+    P = torch.randn(3, 50, 8, dtype=torch.float64)
+    P[0, :, 3] = 0.0   # zero after the reflectors before it too
+    P[1, 20, 5] = float("nan")
+    want_qr, want_tau = torch.geqrf(P[[0, 2]])
+    tau = tall.tall_panel_launch(P)
+    assert tau[0, 3] == 0.0
+    torch.testing.assert_close(P[[0, 2]], want_qr)
+    torch.testing.assert_close(tau[[0, 2]], want_tau)
+    assert P[1].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_tall_block_reflector_is_larft(tall, dtype):
+    """The block variant's Vu is the explicit unit lower trapezoid of the factored panel and T is
+    larft's (the reference composite, (I + diag(τ) striu(VᵀV))⁻¹ diag(τ)); a zero τ gives a zero row
+    and column of T."""
+    from metalcore.linalg.householder import _unit_lower, larft_composite
+
+    P = torch.randn(3, 50, 13, dtype=dtype)
+    P[0, :, 3] = 0.0
+    tau, Vu, T = tall.tall_block_launch(P)
+    assert tau[0, 3] == 0.0 and not T[0, 3].any() and not T[0, :, 3].any()
+    assert torch.equal(Vu, _unit_lower(P))
+    want = larft_composite(Vu.double(), tau.double())
+    if dtype == torch.float64:
+        torch.testing.assert_close(T, want)
+    else:
+        assert_within_torch_error(T, larft_composite(Vu, tau), want)
+    with pytest.raises(ValueError, match="at least as many rows as columns"):
+        tall.tall_block_launch(torch.randn(2, 5, 8))
+
+
+TALL_CASES = [((2,), 50, 24, "reduced"), ((2,), 24, 40, "complete"), ((2,), 33, 20, "r")]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("batch,m,n,mode", TALL_CASES, ids=[f"{case_id(b, m, n)}-{mode}" for b, m, n, mode in TALL_CASES])
+def test_blocked_qr_tall_panels_lapack_ratios(blocked, tall, batch, m, n, mode, dtype):
+    A = general("random", batch, m, n, dtype)
+    Q, R = blocked.qr_blocked(A, mode, nb=8, panel="tall")
+    check(Q, R, A, mode, f"blocked qr {case_id(batch, m, n)} tall {mode}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_blocked_qr_tall_panels_hard_matrices(blocked, tall, dtype):
+    """One matrix of each hard family in one batch, each judged on its own (their scales differ by
+    up to 1e50)."""
+    kinds = ("ill", "rank", "graded", "tiny", "huge")
+    A = torch.cat([general(kind, (1,), 40, 16, dtype) for kind in kinds])
+    Q, R = blocked.qr_blocked(A, "reduced", nb=8, panel="tall")
+    for i, kind in enumerate(kinds):
+        check(Q[i], R[i], A[i], "reduced", f"blocked qr tall {kind}")
+
+
+def test_blocked_qr_tall_panels_zero_columns_and_nan(blocked, tall):
+    A = torch.randn(4, 40, 16)
+    A[0, :, 9] = 0.0            # a zero column inside a panel: tau = 0 there
+    A[1] = 0.0                  # all zero: Q = I
+    A[2, 30, 11] = float("nan")
+    A[3, :, 12] = A[3, :, 3]    # a column repeated across panels
+    Q, R = blocked.qr_blocked(A, "reduced", nb=8, panel="tall")
+    assert Q[2].isnan().any() and R[2].isnan().any()
+    good = [0, 1, 3]
+    assert Q[good].isfinite().all() and R[good].isfinite().all()
+    torch.testing.assert_close(Q[1], torch.eye(40, 16))
+    check(Q[good], R[good], A[good], "reduced", "blocked qr tall zero columns")
+
+
+def test_blocked_qr_tall_panels_are_lapacks_factorization(blocked, tall):
+    """Same reflectors as LAPACK's geqrf: the compact form equals torch.geqrf's."""
+    A = torch.randn(2, 40, 20, dtype=torch.float64)
+    QR, tau, _ = blocked.geqrf_blocked(A, nb=8, panel="tall")
+    for got, want in zip((QR, tau), torch.geqrf(A)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("batch,want", [((2,), "_tall_block"), ((), "_geqrf")], ids=str)
+def test_auto_panel_takes_tall_for_batches_beyond_the_tile(blocked, tall, launches, monkeypatch, batch, want):
+    """'auto': panels beyond the register tile go to the tall kernel (with its block reflector) for a
+    batch of at least TALL_MIN_BATCH, to torch.geqrf for a single matrix; panels that fit stay on the
+    tile kernel."""
+    monkeypatch.setattr(blocked, "PANEL_KERNEL_MAX", 16)
+    calls = {name: launches(blocked, name) for name in ("_tall_block", "_tall", "_geqrf", "_geqr2_kernel")}
+    A = torch.randn(*batch, 40, 20, dtype=torch.float64)
+    QR, tau, _ = blocked.geqrf_blocked(A.reshape(-1, 40, 20), nb=8, panel="auto")
+    # Panels of 40, 32 and 24 rows exceed the 16-row tile; none fits it.
+    assert len(calls[want]) == 3 and sum(map(len, calls.values())) == 3
+    for got, expected in zip((QR, tau), torch.geqrf(A.reshape(-1, 40, 20))):
+        torch.testing.assert_close(got, expected)
+    monkeypatch.setattr(blocked, "PANEL_KERNEL_MAX", 128)
+    blocked.geqrf_blocked(A.reshape(-1, 40, 20), nb=8, panel="auto")
+    assert len(calls["_geqr2_kernel"]) == 3
+
+
+def test_tall_panel_really_runs_the_interpreted_kernel(tall):
+    k = tall._tall_panel_kernel
+    k.interpreted = None
+    tall.tall_panel_launch(torch.randn(2, 20, 4))
+    assert k.interpreted is not None and k.compiled is None
 
 
 # --- Metal shaders (executor in CI): the blocked QR's panel ---------------------------------------
