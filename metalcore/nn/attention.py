@@ -211,17 +211,25 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     # torch's route first, and nothing on it that a call does not need: a decode call takes ~23 µs on
     # the H100, so 0.95x of torch leaves ~1.2 µs of Python. No per-signature cache of the checks: its
     # key (shapes, strides, dtypes of three tensors) would cost more than the checks it saves (the op
-    # core's key: ~1.4 µs on the development CPU; this whole route: see bench/training.md v6).
+    # core's key: ~1.4 µs on the development CPU; this whole route: ~0.5 µs, bench/training.md v6).
     requested = requested_backend()
-    if isinstance(query, Tensor):
-        # is_cuda/is_cpu: ~0.08 µs each; query.device.type builds a torch.device, ~0.7 µs.
-        if requested == "auto" and _torch_serves(
-                "cuda" if query.is_cuda else "cpu" if query.is_cpu else query.device.type):
-            return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        # What the ops do not do (dropout, a mask that requires a gradient) runs torch's SDPA under an
-        # explicit kernel backend too; "reference" runs the materialising composite (the oracle).
-        if requested != "reference" and (dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)):
-            return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # is_cuda/is_cpu: ~0.08 µs each; query.device.type builds a torch.device, ~0.7 µs.
+    if isinstance(query, Tensor) and requested == "auto" and _torch_serves(
+            "cuda" if query.is_cuda else "cpu" if query.is_cpu else query.device.type):
+        # The hot path (no mask: causal, GQA, decode) is _torch_sdpa's first case, inlined (~0.1 µs).
+        try:
+            if attn_mask is None and value.shape[-2] == key.shape[-2]:
+                out = F.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale=scale,
+                                                     enable_gqa=enable_gqa)
+                return _nan_guard(out, query, value) if query.is_cpu else out
+        except _TORCH_ERRORS:
+            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+            raise
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # What the ops do not do (dropout, a mask that requires a gradient) runs torch's SDPA under an
+    # explicit kernel backend too; "reference" runs the materialising composite (the oracle).
+    if requested != "reference" and (dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)):
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     q4, k4, v4, mask4, out_shape = _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     op_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -245,16 +253,18 @@ _TORCH_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError
 def _torch_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
                 is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
     """``F.scaled_dot_product_attention`` with metalcore's contract: its typed errors, 1-D masks, masked
-    rows as documented on every device, NaN in, NaN out. Without a mask (the hot path: causal, GQA,
-    decode) it adds no kernel launch on a GPU, one shape comparison and an attribute read."""
+    rows as documented on every device, NaN in, NaN out. Without a mask it adds no kernel launch on a
+    GPU, one shape comparison and an attribute read."""
     try:
-        # torch accepts a value whose S differs from key's (its CPU kernel reads past the end): refused
-        # by the masked path's checks.
-        if attn_mask is None and value.shape[-2] == key.shape[-2]:
+        # torch accepts a mask with is_causal and a value whose S differs from key's (its CPU kernel
+        # then reads past the end): refuse both.
+        if is_causal and attn_mask is not None or value.shape[-2] != key.shape[-2]:
+            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        if attn_mask is None:
             out = F.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale=scale,
                                                  enable_gqa=enable_gqa)
         else:
-            out = _torch_sdpa_masked(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            out = _torch_sdpa_masked(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     except _TORCH_ERRORS:
         # Name the bad argument as metalcore does everywhere; torch's own error if ours finds none.
         _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
@@ -274,16 +284,13 @@ def _nan_guard(out: Tensor, query: Tensor, value: Tensor) -> Tensor:
     return torch.add(out, q, alpha=0)
 
 
-def _torch_sdpa_masked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-                       is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
-    """:func:`_torch_sdpa` with a mask, or with arguments to refuse. On the CPU torch's kernel gets the
-    mask as given (its flash kernel already has metalcore's masked-row semantics, tests). On a GPU a
-    bool mask also goes to torch as given, except that its dead rows are opened (then every kernel of
-    torch's, cuDNN included, reads it safely) and their output zeroed; a float mask is rewritten and
-    runs without cuDNN (``_mask_for_fused_kernels``, ``_sdpa_without_cudnn``)."""
-    # torch accepts a mask with is_causal: refuse it (and a value whose S differs from key's).
-    if is_causal and attn_mask is not None or value.shape[-2] != key.shape[-2]:
-        _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+def _torch_sdpa_masked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float,
+                       scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """:func:`_torch_sdpa` with a mask. On the CPU torch's kernel gets the mask as given (its flash
+    kernel already has metalcore's masked-row semantics, tests). On a GPU a bool mask also goes to
+    torch as given, except that its fully masked rows are opened (then every kernel of torch's, cuDNN
+    included, reads it safely) and their output zeroed; a float mask is rewritten and runs without
+    cuDNN (``_mask_for_fused_kernels``, ``_sdpa_without_cudnn``)."""
     mask = attn_mask[None] if attn_mask.dim() == 1 else attn_mask  # torch's kernels index dim -2 of a mask
     alive = sunk = None
     if not query.is_cpu:
