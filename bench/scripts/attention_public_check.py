@@ -321,7 +321,8 @@ def main():
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']} [torch: {c.get('torch_kernel', '-')}]"
               + "".join(f"\n      {p}" for p in c["problems"]))
     rows = timing_rows(device, args.tiny, args.triton, calls, args.repeats)
-    print(f"\n{'case':16s} {'dir':8s} {'variant':28s} {'wall us':>10s} {'gpu us':>10s} {'torch/ours':>10s}  torch picks")
+    print(f"\n{'case':16s} {'dir':8s} {'variant':28s} {'wall us':>10s} {'gpu us':>10s} {'torch/ours':>10s}  "
+          "torch picks")
     for r in rows:
         gpu = f"{r['gpu_us']:10.1f}" if r["gpu_us"] is not None else f"{'-':>10s}"
         print(f"{r['case']:16s} {r['direction']:8s} {r['variant']:28s} {r['wall_us']:10.1f} {gpu} "

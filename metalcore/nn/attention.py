@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 
 from metalcore._backend import automatic_backend, requested_backend, use_backend
 from metalcore._op import metalcore_op
@@ -290,12 +291,12 @@ def _torch_sdpa_masked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Ten
     kernel already has metalcore's masked-row semantics, tests). On a GPU a bool mask also goes to
     torch as given, except that its fully masked rows are opened (then every kernel of torch's, cuDNN
     included, reads it safely) and their output zeroed; a float mask is rewritten and runs without
-    cuDNN (``_mask_for_fused_kernels``, ``_sdpa_without_cudnn``)."""
+    cuDNN (``_mask_for_fused_kernels``, ``_sdpa_without_cudnn``; so does a bool mask before torch 2.11)."""
     mask = attn_mask[None] if attn_mask.dim() == 1 else attn_mask  # torch's kernels index dim -2 of a mask
     alive = sunk = None
     if not query.is_cpu:
         mask, alive, sunk = _mask_for_fused_kernels(mask, query.dtype)
-    if mask.dtype == torch.bool:
+    if mask.dtype == torch.bool and _CUDNN_READS_BOOL_MASKS:
         out = F.scaled_dot_product_attention(query, key, value, mask, dropout_p, False, scale=scale,
                                              enable_gqa=enable_gqa)
     else:
@@ -347,6 +348,11 @@ def _mask_for_fused_kernels(attn_mask: Tensor, dtype: torch.dtype) -> tuple[Tens
     sunk = row_max < _SHIFT_BELOW
     shift = torch.where(sunk, row_max.clamp(min=lowest), 0.0)
     return (attn_mask.clamp(min=lowest) - shift).to(dtype), alive, sunk
+
+
+# cuDNN attention ignored custom masks in torch 2.10 (pytorch#177842); from 2.11 on it reads an opened bool
+# mask as torch converts it (bench/scripts/attention_public_check.py checks it on the H100).
+_CUDNN_READS_BOOL_MASKS = TorchVersion(torch.__version__) >= (2, 11)
 
 
 def _sdpa_without_cudnn(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float,

@@ -10,7 +10,6 @@
 * The benchmark script's CPU smoke mode runs and reports every case.
 """
 
-import dataclasses
 import importlib.util
 import json
 import math
