@@ -212,7 +212,7 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     # torch's route first, and nothing on it that a call does not need: a decode call takes ~23 µs on
     # the H100, so 0.95x of torch leaves ~1.2 µs of Python. No per-signature cache of the checks: its
     # key (shapes, strides, dtypes of three tensors) would cost more than the checks it saves (the op
-    # core's key: ~1.4 µs on the development CPU; this whole route: ~0.5 µs, bench/training.md v6).
+    # core's key: ~1.4 µs on the development CPU; this whole route: ~1.0 µs, bench/training.md v6).
     requested = requested_backend()
     # is_cuda/is_cpu: ~0.08 µs each; query.device.type builds a torch.device, ~0.7 µs.
     if isinstance(query, Tensor) and requested == "auto" and _torch_serves(
@@ -279,7 +279,7 @@ def _nan_guard(out: Tensor, query: Tensor, value: Tensor) -> Tensor:
     """``out`` with NaN wherever the query holds one. torch's CPU flash kernel takes a query row holding
     a NaN for a fully masked row and returns 0 there (torch 2.13, measured; NaN in key or value does
     propagate), against metalcore's NaN in, NaN out. ``out + 0·q`` restores it with no host sync in
-    one op, ~2.5 µs a decode call on the development CPU (before: ``0·Σ_E q`` added, three ops, ~7 µs);
+    one op, ~3 µs a decode call on the development CPU (before: ``0·Σ_E q`` added, three ops, ~8 µs);
     it marks the query's NaN columns of the row, or the whole row through ``Σ_E q`` when ``E ≠ Ev``."""
     q = query.detach()
     if q.shape[-1] != value.shape[-1]:
