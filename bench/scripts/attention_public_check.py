@@ -1,6 +1,6 @@
 """metalcore.metal_scaled_dot_product_attention against torch's SDPA, through the public function.
 
-    python bench/scripts/attention_public_check.py --out attention_public.json          # CUDA, ~2 min
+    python bench/scripts/attention_public_check.py --out attention_public.json          # CUDA, < 1 min
     python bench/scripts/attention_public_check.py --device cpu --tiny --out /tmp/a.json  # smoke test
 
 Two parts, in one run:
@@ -9,8 +9,10 @@ Two parts, in one run:
    reference run in float64 (``use_backend("reference")``), forward and every gradient, for a bool
    mask with a fully masked row (output and gradients exactly 0 there), a float ``finfo.min``
    padding mask (that row averages V), causal GQA, a float mask that requires a gradient, a
-   float32 mask with bf16 inputs, dropout (finite, drops something), and NaN in the query or key
-   reaching the output. Error bound: twice the error of torch's math backend in the same dtype (the
+   float32 mask with bf16 inputs, a bool padding mask with a fully masked row at L = S = 320 (L % 128
+   = 64 with a mask: where cuDNN's backward gave NaN dq on rows whose lse is below -88.7,
+   pytorch#196678), dropout (finite, drops something), and NaN in the query or key reaching the
+   output. Error bound: twice the error of torch's math backend in the same dtype (the
    suite's rule; its fused kernels are what is checked) plus a small floor.
 2. **Timing**: wall time per eager call (back-to-back calls, one synchronize, median of repeats,
    the variants taking turns within each repeat)
@@ -18,10 +20,18 @@ Two parts, in one run:
    hides the host), for metalcore's public function and torch's SDPA in the same run, at the shapes
    of issue "never slower": 4×32×2048×128 bf16 (forward; forward+backward; causal and not) and the
    decode shape q 1×32×1×128 against kv 1×8×512×128 (GQA), and prefill with a bool padding mask
-   (reported, not held to the target: the mask rewrite of v5 costs there). The ratio is torch's time over
-   metalcore's (≥ 0.95 is the target). With ``--triton``, the Triton kernels forced with
-   ``use_backend("triton")`` around the whole step, and around the forward only (the backward must
-   stay on Triton: same time as the whole-step block, not the reference's).
+   (reported beside the target: the public function adds a pass over the mask and one over the
+   output there). The ratio is torch's time over metalcore's (≥ 0.95 is the target). The padding
+   rows also time torch's own call with cuDNN attention switched off (what v5 of the public function
+   ran), and every case records which kernel torch picks (``torch._fused_sdp_choice``). With
+   ``--triton`` (off by default: compiling the kernels takes longer than the rest of the run), the
+   Triton kernels forced with ``use_backend("triton")`` around the whole step, and around the
+   forward only (the backward must stay on Triton: same time as the whole-step block, not the
+   reference's).
+
+3. **Probe** (CUDA, last, after the JSON is written once): whether torch's SDPA, per kernel and
+   automatically, refuses a value whose sequence length differs from key's (its CPU kernel reads
+   past the end instead; the public function checks it itself, ~0.25 us a call).
 
 Exit status 1 when a check fails or a ratio is below ``--min-ratio``.
 """
@@ -33,8 +43,10 @@ import contextlib
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +132,34 @@ def step(fn, q, k, v, dout, kwargs, backward, fwd_backend=None):
     return no_grad
 
 
+def without_cudnn(fn):
+    """``fn`` with cuDNN attention switched off (torch's global flag), as v5 of the public function
+    ran masked calls on CUDA."""
+    def run():
+        enabled = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            fn()
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(enabled)
+    return run
+
+
+# torch._fused_sdp_choice's answer by value (torch.nn.attention.SDPBackend's members).
+_KERNELS = {int(b): b.name for b in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                     SDPBackend.CUDNN_ATTENTION)}
+
+
+def torch_choice(q, k, v, kwargs):
+    """The kernel torch's SDPA picks for these arguments (a private torch function: None if absent)."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, kwargs.get("attn_mask"), 0.0, kwargs.get("is_causal", False),
+                                         scale=None, enable_gqa=kwargs.get("enable_gqa", False))
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return _KERNELS.get(int(choice), str(choice))
+
+
 def timing_rows(device, tiny, triton, calls, repeats):
     rows = []
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -136,6 +176,8 @@ def timing_rows(device, tiny, triton, calls, repeats):
                     kwargs["attn_mask"] = mask
                 variants = {"torch": step(F.scaled_dot_product_attention, q, k, v, dout, kwargs, backward),
                             "metalcore": step(public_sdpa, q, k, v, dout, kwargs, backward)}
+                if causal == "padding" and device.type == "cuda":
+                    variants["torch without cuDNN"] = without_cudnn(variants["torch"])
                 if triton and causal != "padding":  # the Triton kernels are timed without masks
                     whole = step(public_sdpa, q, k, v, dout, kwargs, backward)
 
@@ -149,11 +191,12 @@ def timing_rows(device, tiny, triton, calls, repeats):
                 walls = wall_us(variants, device, n, repeats)
                 times = {variant: (w, gpu_us(variants[variant], device, n, w)) for variant, w in walls.items()}
                 base = times["torch"][0]
+                chosen = torch_choice(q, k, v, kwargs)
                 for variant, (w, g) in times.items():
                     rows.append(dict(case=f"{name} {causal if causal == 'padding' else 'causal' if causal else 'full'}",
                                      shape="B{B} H{H} Hkv{Hkv} L{L} S{S} E{E}".format(**shape), dtype=str(dtype),
                                      direction="fwd+bwd" if backward else "fwd", variant=variant, wall_us=w,
-                                     gpu_us=g, ratio_vs_torch=base / w))
+                                     gpu_us=g, ratio_vs_torch=base / w, torch_kernel=chosen))
     return rows
 
 
@@ -173,9 +216,9 @@ def semantic_checks(device):
     B, H, Hkv, L, S, E = 2, 8, 2, 37, 45, 64
     results = []
 
-    def check(name, kwargs, dead_row=None, average_row=None, mask_grad=False, zero_dout_row=None):
-        q, k, v = make(dict(B=B, H=H, Hkv=Hkv, L=L, S=S, E=E), dtype, device, True)
-        dout = torch.randn(B, H, L, E, device=device, dtype=dtype)
+    def check(name, kwargs, dead_row=None, average_row=None, mask_grad=False, zero_dout_row=None, size=(L, S)):
+        q, k, v = make(dict(B=B, H=H, Hkv=Hkv, L=size[0], S=size[1], E=E), dtype, device, True)
+        dout = torch.randn(B, H, size[0], E, device=device, dtype=dtype)
         if zero_dout_row is not None:
             dout[:, :, zero_dout_row] = 0
         kwargs = dict(kwargs, enable_gqa=True)
@@ -214,11 +257,17 @@ def semantic_checks(device):
             mean = v.detach().double().mean(-2).repeat_interleave(H // Hkv, 1)
             if _err(ours[0][:, :, average_row], mean) > 4 * torch.finfo(dtype).eps * mean.abs().max().item() + 1e-2:
                 problems.append("finfo.min row: output is not the average of V")
-        results.append(dict(check=name, ok=not problems, problems=problems))
+        results.append(dict(check=name, ok=not problems, problems=problems,
+                            torch_kernel=torch_choice(q, k, v, dict(kwargs, attn_mask=kwargs.get("attn_mask")))))
 
     bool_mask = torch.rand(B, 1, L, S, device=device) > 0.3
     bool_mask[..., 3, :] = False
     check("bool mask, row 3 fully masked", dict(attn_mask=bool_mask), dead_row=3)
+    padding = torch.ones(B, 1, 320, 320, dtype=torch.bool, device=device)
+    padding[0, ..., -40:] = False
+    padding[:, :, 7] = False
+    check("bool padding mask at L = S = 320, row 7 fully masked (pytorch#196678's case)",
+          dict(attn_mask=padding), dead_row=7, size=(320, 320))
     pad = torch.zeros(B, 1, L, S, device=device, dtype=dtype)
     pad[..., S - 5:] = torch.finfo(dtype).min
     pad[..., 4, :] = torch.finfo(dtype).min
@@ -247,40 +296,81 @@ def semantic_checks(device):
     return results
 
 
+def value_length_probe(device):
+    """Per torch kernel, whether torch's SDPA itself refuses a value whose S differs from key's (its
+    CPU kernel does not: it reads past the end). If every CUDA kernel refuses it, the public function's
+    own check (two shape reads, ~0.25 us a call) could be left to torch on CUDA. Run last: a kernel
+    that accepts it reads one row past value's end."""
+    q = torch.randn(1, 8, 1, 128, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 512, 128, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, 8, 511, 128, device=device, dtype=torch.bfloat16)
+    found = {}
+    for kernel in (None, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                   SDPBackend.MATH):
+        name = "automatic" if kernel is None else kernel.name
+        try:
+            with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
+                F.scaled_dot_product_attention(q, k, v)
+            sync(device)
+            found[name] = "accepted"
+        except RuntimeError as e:
+            message = str(e).splitlines()[0]
+            found[name] = "not viable" if message.startswith("No viable backend") else "refused: " + message[:100]
+    return found
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="small shapes (smoke test on the CPU)")
-    ap.add_argument("--triton", action=argparse.BooleanOptionalAction, default=None,
-                    help="also time the Triton kernels forced by use_backend (default: on CUDA)")
-    ap.add_argument("--calls", type=int, default=200, help="back-to-back calls per measurement (decode)")
+    ap.add_argument("--triton", action="store_true",
+                    help="also time the Triton kernels forced by use_backend (compiling them takes ~1 min)")
+    ap.add_argument("--calls", type=int, help="back-to-back calls per measurement, decode (default 200; tiny 20); "
+                    "prefill a tenth of it, at least 5")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--min-ratio", type=float, default=0.95)
     ap.add_argument("--out", required=True, help="JSON output path")
     args = ap.parse_args()
     device = torch.device(args.device)
-    triton = device.type == "cuda" if args.triton is None else args.triton
+    calls = args.calls or (20 if args.tiny else 200)
     torch.manual_seed(0)
 
     checks = semantic_checks(device)
     for c in checks:
-        print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']}" + "".join(f"\n      {p}" for p in c["problems"]))
-    rows = timing_rows(device, args.tiny, triton, args.calls if not args.tiny else 20, args.repeats)
-    print(f"\n{'case':16s} {'dir':8s} {'variant':28s} {'wall us':>10s} {'gpu us':>10s} {'torch/ours':>10s}")
+        print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']} [torch: {c.get('torch_kernel', '-')}]"
+              + "".join(f"\n      {p}" for p in c["problems"]))
+    rows = timing_rows(device, args.tiny, args.triton, calls, args.repeats)
+    print(f"\n{'case':16s} {'dir':8s} {'variant':28s} {'wall us':>10s} {'gpu us':>10s} {'torch/ours':>10s}  "
+          "torch picks")
     for r in rows:
         gpu = f"{r['gpu_us']:10.1f}" if r["gpu_us"] is not None else f"{'-':>10s}"
         print(f"{r['case']:16s} {r['direction']:8s} {r['variant']:28s} {r['wall_us']:10.1f} {gpu} "
-              f"{r['ratio_vs_torch']:10.2f}")
-    # The padding-mask rows are reported, not held to the target: there metalcore rewrites the mask and
-    # leaves cuDNN out for the documented semantics (bench/training.md v5).
+              f"{r['ratio_vs_torch']:10.2f}  {r['torch_kernel']}")
+    # The padding-mask rows are reported beside the target: there the public function adds a pass over
+    # the mask and one over the output to give fully masked rows 0 (bench/training.md v6).
     public = [r for r in rows if r["variant"] == "metalcore" and "padding" not in r["case"]]
+    padding = [r for r in rows if r["variant"] == "metalcore" and "padding" in r["case"]]
     worst = min(r["ratio_vs_torch"] for r in public)
     print(f"\npublic function: worst wall ratio torch/metalcore {worst:.2f} (target >= {args.min_ratio}); "
+          f"with a padding mask {min(r['ratio_vs_torch'] for r in padding):.2f}; "
           f"{sum(not c['ok'] for c in checks)} of {len(checks)} checks failed")
     info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                tiny=args.tiny)
+                commit=commit(), tiny=args.tiny, calls=calls, repeats=args.repeats)
     with open(args.out, "w") as f:
         json.dump(dict(info=info, checks=checks, timings=rows), f, indent=1)
+    if device.type == "cuda":
+        probe = value_length_probe(device)
+        print("value with S != key's S, torch's SDPA per kernel: " + "; ".join(f"{k} {v}" for k, v in probe.items()))
+        with open(args.out, "w") as f:
+            json.dump(dict(info=info, checks=checks, timings=rows, value_length_probe=probe), f, indent=1)
     failed = any(not c["ok"] for c in checks) or (not args.tiny and worst < args.min_ratio)
     return 1 if failed or math.isnan(worst) else 0
 

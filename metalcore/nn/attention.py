@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 
 from metalcore._backend import automatic_backend, requested_backend, use_backend
 from metalcore._op import metalcore_op
@@ -172,25 +173,9 @@ def _torch_serves(device_type: str) -> bool:
     """Whether torch's fused SDPA serves automatic calls on this device type: metalcore's attention
     kernel is not the automatic choice there (CUDA, where the Triton kernel measured 0.46-0.86x of
     torch's flash SDPA on the H100, bench/training_triton.md; the CPU, where the reference materialises
-    the scores and ran 0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4). Cached:
-    kernels register at import, and this check runs on every call."""
+    the scores and ran 0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4). Cached
+    (~0.1 µs): kernels register at import, and this check runs on every automatic call."""
     return not sdpa_fwd.automatic_kernel(automatic_backend(torch.device(device_type)))
-
-
-def _served_by_torch(query: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> bool:
-    """Whether torch's fused SDPA serves this call: automatically wherever it serves the device, and for
-    what the ops do not do (dropout, a mask that requires a gradient). An explicit
-    ``use_backend``/``METALCORE_BACKEND`` runs metalcore's ops (``"reference"``: the materialising
-    oracle, also for those two)."""
-    requested = requested_backend()
-    # is_cuda/is_cpu: ~0.06 µs each; query.device.type builds a torch.device, ~0.4 µs (a 28 µs decode
-    # call has ~1.4 µs to spare for 0.95x of torch).
-    device_type = "cuda" if query.is_cuda else "cpu" if query.is_cpu else query.device.type
-    if requested == "auto" and _torch_serves(device_type):
-        return True
-    if requested == "reference":
-        return False
-    return dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)
 
 
 def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -214,14 +199,39 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     flash/memory-efficient kernels on CUDA, the flash kernel on the CPU), so importing metalcore never
     makes attention slower. Both follow the contract above: torch's CPU kernel gives 0 on rows with
     nothing to attend and the average of ``V`` on rows masked entirely with ``finfo.min`` (Hugging
-    Face's padding), as the reference does; on a GPU its kernels do not, so a call with a mask runs
-    them without cuDNN on a rewritten mask (``_mask_for_fused_kernels``). Under
-    ``use_backend("reference")`` dropout and a mask that requires a gradient run a materialising
-    composite of plain torch ops (dropout drawn as torch's math backend draws it).
+    Face's padding), as the reference does; on a GPU its kernels do not, so there a bool mask reaches
+    them with its fully masked rows opened (their output is then zeroed) and a float mask is rewritten
+    and runs without cuDNN (``_mask_for_fused_kernels``). Under ``use_backend("reference")`` dropout
+    and a mask that requires a gradient run a materialising composite of plain torch ops (dropout
+    drawn as torch's math backend draws it). Autograd keeps the forward's choice for the backward:
+    torch's fused backward after torch's forward, and a kernel backend's backward (also outside its
+    ``use_backend`` block) after its forward.
 
     >>> out = metalcore.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     """
-    if isinstance(query, Tensor) and _served_by_torch(query, attn_mask, dropout_p):
+    # torch's route first, and nothing on it that a call does not need: a decode call takes ~23 µs on
+    # the H100, so 0.95x of torch leaves ~1.2 µs of Python. No per-signature cache of the checks: its
+    # key (shapes, strides, dtypes of three tensors) would cost more than the checks it saves (the op
+    # core's key: ~1.4 µs on the development CPU; this whole route: ~1.0 µs, bench/training.md v6).
+    requested = requested_backend()
+    # is_cuda/is_cpu: ~0.08 µs each; query.device.type builds a torch.device, ~0.7 µs.
+    if isinstance(query, Tensor) and requested == "auto" and _torch_serves(
+            "cuda" if query.is_cuda else "cpu" if query.is_cpu else query.device.type):
+        # The hot path (no mask, no dropout: causal, GQA, decode) is _torch_sdpa's first case, inlined
+        # (~0.1 µs), and leaves out the arguments it does not need: torch parses a positional None
+        # mask and dropout_p=0.0 in ~0.14 µs (development CPU, measured).
+        try:
+            if attn_mask is None and not dropout_p and value.shape[-2] == key.shape[-2]:
+                out = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
+                                                     enable_gqa=enable_gqa)
+                return _nan_guard(out, query, value) if query.is_cpu else out
+        except _TORCH_ERRORS:
+            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+            raise
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    # What the ops do not do (dropout, a mask that requires a gradient) runs torch's SDPA under an
+    # explicit kernel backend too; "reference" runs the materialising composite (the oracle).
+    if requested != "reference" and (dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)):
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
     q4, k4, v4, mask4, out_shape = _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
@@ -229,7 +239,7 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     mask_needs_grad = mask4 is not None and mask4.requires_grad and torch.is_grad_enabled()
     if dropout_p > 0.0 or mask_needs_grad:
         out4 = _sdpa_composite(q4, k4, v4, mask4, dropout_p, is_causal, op_scale)
-    elif (requested_backend() != "reference"
+    elif (requested != "reference"
           and sdpa_fwd.backend_for(q4, k4, v4, mask4, is_causal, op_scale) == "reference"):
         # A kernel backend (automatic on MPS, or requested) that does not take these inputs (a dtype or
         # head dim outside its scope): torch's fused SDPA, not the materialising reference.
@@ -239,29 +249,60 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
     return out4.view(out_shape)
 
 
+# What torch's SDPA raises on arguments it refuses; metalcore then names the bad argument.
+_TORCH_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AttributeError)
+
+
 def _torch_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
                 is_causal: bool, scale: Optional[float], enable_gqa: bool) -> Tensor:
     """``F.scaled_dot_product_attention`` with metalcore's contract: its typed errors, 1-D masks, masked
-    rows as documented on every device, NaN in, NaN out. Without a mask (the hot path: causal, GQA,
-    decode) it adds no kernel launch on a GPU and only a few attribute checks."""
-    alive = sunk = None
+    rows as documented on every device, NaN in, NaN out. Without a mask it adds no kernel launch on a
+    GPU, one shape comparison and an attribute read."""
     try:
-        # torch accepts a mask with is_causal and a value whose S differs from key's: refuse both.
-        if (attn_mask is not None and is_causal) or value.shape[-2] != key.shape[-2]:
+        # torch accepts a mask with is_causal and a value whose S differs from key's (its CPU kernel
+        # then reads past the end): refuse both.
+        if is_causal and attn_mask is not None or value.shape[-2] != key.shape[-2]:
             _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         if attn_mask is None:
             out = F.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale=scale,
                                                  enable_gqa=enable_gqa)
         else:
-            if attn_mask.dim() == 1:
-                attn_mask = attn_mask[None]  # torch's kernels index dim -2 of the mask; broadcasting allows 1-D
-            if not query.is_cpu:  # torch's CPU flash kernel already has these semantics (tests)
-                attn_mask, alive, sunk = _mask_for_fused_kernels(attn_mask, query.dtype)
-            out = _sdpa_without_cudnn(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
-    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
+            out = _torch_sdpa_masked(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    except _TORCH_ERRORS:
         # Name the bad argument as metalcore does everywhere; torch's own error if ours finds none.
         _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         raise
+    return _nan_guard(out, query, value) if query.is_cpu else out
+
+
+def _nan_guard(out: Tensor, query: Tensor, value: Tensor) -> Tensor:
+    """``out`` with NaN wherever the query holds one. torch's CPU flash kernel takes a query row holding
+    a NaN for a fully masked row and returns 0 there (torch 2.13, measured; NaN in key or value does
+    propagate), against metalcore's NaN in, NaN out. ``out + 0·q`` restores it with no host sync in
+    one op, ~3 µs a decode call on the development CPU (before: ``0·Σ_E q`` added, three ops, ~8 µs);
+    it marks the query's NaN columns of the row, or the whole row through ``Σ_E q`` when ``E ≠ Ev``."""
+    q = query.detach()
+    if q.shape[-1] != value.shape[-1]:
+        q = q.sum(-1, keepdim=True)
+    return torch.add(out, q, alpha=0)
+
+
+def _torch_sdpa_masked(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float,
+                       scale: Optional[float], enable_gqa: bool) -> Tensor:
+    """:func:`_torch_sdpa` with a mask. On the CPU torch's kernel gets the mask as given (its flash
+    kernel already has metalcore's masked-row semantics, tests). On a GPU a bool mask also goes to
+    torch as given, except that its fully masked rows are opened (then every kernel of torch's, cuDNN
+    included, reads it safely) and their output zeroed; a float mask is rewritten and runs without
+    cuDNN (``_mask_for_fused_kernels``, ``_sdpa_without_cudnn``; so does a bool mask before torch 2.11)."""
+    mask = attn_mask[None] if attn_mask.dim() == 1 else attn_mask  # torch's kernels index dim -2 of a mask
+    alive = sunk = None
+    if not query.is_cpu:
+        mask, alive, sunk = _mask_for_fused_kernels(mask, query.dtype)
+    if mask.dtype == torch.bool and _CUDNN_READS_BOOL_MASKS:
+        out = F.scaled_dot_product_attention(query, key, value, mask, dropout_p, False, scale=scale,
+                                             enable_gqa=enable_gqa)
+    else:
+        out = _sdpa_without_cudnn(query, key, value, mask, dropout_p, scale, enable_gqa)
     if sunk is not None:  # padding rows: the average of V, as torch's CPU kernel and the reference give
         mean_v = value.mean(-2, keepdim=True)
         if enable_gqa and mean_v.shape[-3] != query.shape[-3]:
@@ -269,11 +310,6 @@ def _torch_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[T
         out = torch.where(sunk, mean_v, out)
     if alive is not None:
         out = out * alive  # rows with nothing to attend ran over every key (finite); 0 out, 0 gradients
-    if query.is_cpu:
-        # torch's CPU flash kernel takes a query row holding a NaN for a fully masked row and returns
-        # 0 there (torch 2.13, measured; NaN in key or value does propagate). NaN in, NaN out: adding
-        # 0·Σ_E q to each row restores it at ~1/S of the attention's own work, with no host sync.
-        out = out + query.detach().sum(-1, keepdim=True).mul_(0)
     return out
 
 
@@ -292,18 +328,20 @@ def _mask_for_fused_kernels(attn_mask: Tensor, dtype: torch.dtype) -> tuple[Tens
     On the H100 (torch 2.11, bench/training.md v5) torch's SDPA gave a fully masked row nonzero
     output or dq, a finfo.min row something other than the average of V, and a float32 mask with
     bf16 inputs non-finite results. cuDNN attention, torch's first choice there, turns a bool False
-    into the finite -65504 (so a dead row attends to every key); a kernel that scales scores by
-    log2(e) overflows -3.4e38 to -inf; the memory-efficient kernel refuses a bias whose dtype is not
-    the query's. Here no row is fully masked (a dead row attends to every key and is zeroed
-    afterwards, so its gradients are exactly 0), no row sits near the float range's end, and a
-    float mask has the query's dtype (a float32 mask with half inputs is rounded to them, as the
-    kernels read it). Costs a few passes over the mask, only when a mask is given; no host sync."""
+    into the finite -65504 (so a dead row attends to every key, its lse below -88.7, where cuDNN's
+    backward gives NaN dq at L % 128 = 64, pytorch#196678) and reads a float32 bias with half inputs
+    as half (pytorch#191612); a kernel that scales scores by log2(e) overflows -3.4e38 to -inf; the
+    memory-efficient kernel refuses a bias whose dtype is not the query's. Here no row is fully
+    masked (a dead row attends to every key and is zeroed afterwards, so its gradients are exactly
+    0), no float row sits near the float range's end, and a float mask has the query's dtype (a
+    float32 mask with half inputs is rounded to them, as the kernels read it). A bool mask stays bool
+    and torch converts it, as it does for its own callers: one pass over the mask (its ``any``) and
+    one over the output (the ``alive`` product) beyond torch's own call. No host sync."""
     if attn_mask.dtype == torch.bool:
+        # Still bool, dead rows opened: torch converts it for whichever kernel it picks, as for its own
+        # callers (cuDNN to -65504, which is then never a row's maximum).
         alive = attn_mask.any(-1, keepdim=True)
-        # Additive, in the inputs' dtype (torch would convert it anyway): -inf off the mask on live
-        # rows, 0 everywhere on dead rows.
-        fill = torch.where(alive, -math.inf, 0.0).to(dtype)
-        return torch.where(attn_mask, 0.0, fill), alive, None
+        return torch.where(alive, attn_mask, True), alive, None
     row_max = attn_mask.detach().amax(-1, keepdim=True)
     alive = row_max != -math.inf  # a NaN row stays alive: NaN in, NaN out
     lowest = torch.finfo(attn_mask.dtype).min
@@ -314,13 +352,22 @@ def _mask_for_fused_kernels(attn_mask: Tensor, dtype: torch.dtype) -> tuple[Tens
     return (attn_mask.clamp(min=lowest) - shift).to(dtype), alive, sunk
 
 
+# cuDNN attention ignored custom masks in torch 2.10 (pytorch#177842); from 2.11 on it reads an opened bool
+# mask as torch converts it (bench/scripts/attention_public_check.py checks it on the H100).
+_CUDNN_READS_BOOL_MASKS = TorchVersion(torch.__version__) >= (2, 11)
+
+
 def _sdpa_without_cudnn(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor, dropout_p: float,
                         scale: Optional[float], enable_gqa: bool) -> Tensor:
-    """torch's SDPA with a mask, cuDNN attention left out (torch's first choice on the H100 when its
-    cuDNN is newer than 9.15): it ignored custom masks in torch 2.10 (pytorch#177842), and the
-    non-finite float32-mask results above came from torch's first choice. The memory-efficient
-    kernel (or math) serves instead; autograd keeps the forward's kernel for the backward. Flipping
-    the global flag costs ~0.6 µs, ``sdpa_kernel`` ~13 µs (used only where torch.compile traces it)."""
+    """torch's SDPA with a float mask, cuDNN attention left out (torch's first choice on the H100 when
+    its cuDNN is newer than 9.15): besides the float32-bias misreading that the rewrite's cast avoids
+    (pytorch#191612), it ignored custom masks in torch 2.10 (pytorch#177842), and a rewritten float
+    row may still keep every value far below 0 (a bias of -1000 everywhere), where its backward gives
+    NaN dq (pytorch#196678). The memory-efficient kernel (or math) serves instead; autograd keeps the
+    forward's kernel for the backward. Flipping the global flag costs ~0.6 µs, ``sdpa_kernel`` ~13 µs
+    (used only where torch.compile traces it). Bool masks keep cuDNN: leaving it out made the
+    prefill call with a padding mask 0.37x of torch on the H100 (memory-efficient kernel against
+    cuDNN; bench/training.md v6)."""
     def call():
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, False, scale=scale,
                                               enable_gqa=enable_gqa)
