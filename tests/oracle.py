@@ -9,6 +9,16 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def float64(x):
+    """``x`` for the float64 oracle: floating tensors (also inside lists and tuples) in float64, the
+    rest unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(float64(v) for v in x)
+    return x
+
+
 def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """``actual`` (computed in ``dtype``) matches the float64 oracle within ``TOL[dtype]``."""
     dtype = dtype or actual.dtype

@@ -30,14 +30,10 @@ from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm
 from metalcore.nn.rope import rope_bwd, rope_fwd
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
 from metalcore.optim.adamw import adamw_step_
-from oracle import assert_within_torch_error
+from oracle import assert_within_torch_error, float64
 from tolerances import TOL
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _float64(x):
-    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _tuple(x):
@@ -49,7 +45,7 @@ def _check(op, *args):
         assert op.backend_for(*args) == expected_backend("metal", *args), op.name
         got = _tuple(op(*args))
     same = _tuple(op.reference(*args))
-    want = _tuple(op.reference(*map(_float64, args)))
+    want = _tuple(op.reference(*map(float64, args)))
     for a, b, c in zip(got, same, want):
         if not a.is_floating_point():  # linalg's info
             assert torch.equal(a, b), op.name
