@@ -35,6 +35,28 @@ def assert_within_torch_error(actual: torch.Tensor, torch_same_dtype: torch.Tens
     assert ours <= bound, f"error {ours:.3e} exceeds {TORCH_ERROR_FACTOR}x torch's {theirs:.3e} (bound {bound:.3e})"
 
 
+def _outputs(x):
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def assert_like_torch(actual, torch_fn, *args, **kwargs) -> None:
+    """The 2×-torch rule against ``torch_fn``: run on ``args`` as given (torch in the same dtype) and on
+    ``args`` in float64 (the oracle); ``actual`` may be a tuple of outputs."""
+    theirs, expected = torch_fn(*args, **kwargs), torch_fn(*float64(args), **kwargs)
+    for a, t, e in zip(_outputs(actual), _outputs(theirs), _outputs(expected), strict=True):
+        assert_within_torch_error(a, t, e)
+
+
+def vjp(fn):
+    """``(*inputs, dy) -> (dinput, ...)``: the vector-Jacobian product of ``fn`` at fresh leaves (to judge
+    gradients with :func:`assert_like_torch`)."""
+    def grads(*args):
+        *inputs, dy = args
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, dy)
+    return grads
+
+
 def _fro(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(x.double(), ord="fro")
 
