@@ -82,6 +82,17 @@ def orthogonality_ratio(Q: torch.Tensor, dtype: torch.dtype, *, rows: bool = Fal
     return (_fro(G - eye) / (max(k, 1) * eps(dtype))).max().item()
 
 
+def values_ratio(values: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> float:
+    """Eigen- or singular values against float64, in units of LAPACK's ``n · ε · max|λ|`` per matrix
+    (the bound a backward-stable decomposition meets, Weyl), worst over the batch."""
+    if values.numel() == 0:
+        return 0.0
+    expected64 = expected64.double().cpu()
+    n = max(expected64.shape[-1], 1)
+    norm = expected64.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((values.double().cpu() - expected64).abs().amax(-1) / (norm * n * eps(dtype))).max().item()
+
+
 def assert_lapack_ratio(ratio: float, what: str) -> None:
     assert ratio <= LAPACK_RATIO_MAX, f"{what}: LAPACK ratio {ratio:.2f} > {LAPACK_RATIO_MAX}"
 
