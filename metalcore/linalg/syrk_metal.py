@@ -16,7 +16,6 @@ this project does not have; ``metalcore.use_backend("metal")`` runs it.
 
 import math
 
-import torch
 from torch import Tensor
 
 from metalcore import _metal

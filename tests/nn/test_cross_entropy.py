@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metalcore
 from metalcore.nn import FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from metalcore.nn.cross_entropy import DEFAULT_MEMORY_BUDGET, chunk_rows, cross_entropy_chunk_
 from oracle import assert_within_torch_error
