@@ -74,9 +74,11 @@ def shader_names() -> list[str]:
 
 
 @functools.cache
-def constants() -> dict[str, int]:
-    """The ``#define NAME <int>`` constants of shaders/common.h, shared by shaders and host code."""
-    text = (shader_dir() / "common.h").read_text()
+def constants(shader: str | None = None) -> dict[str, int]:
+    """The integer constants (``#define NAME <int>``) that shaders and host code share, read from the
+    shaders themselves: those of shaders/common.h, and with ``shader`` also those of
+    ``shaders/<shader>.metal`` (block sizes, limits, flag values defined once, in the shader)."""
+    text = (shader_dir() / "common.h").read_text() if shader is None else shader_source(shader)
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^#define\s+(\w+)\s+(\d+)\s*$", text, re.M)}
 
 

@@ -4,6 +4,11 @@ Each family is a known hard case for LAPACK-style algorithms: ill-conditioned (s
 spread geometrically up to ``cond``), rank-deficient (exact zeros in the spectrum), clustered and
 repeated singular values/eigenvalues, graded (rows and columns scaled over many orders of
 magnitude), and tiny- or huge-scaled (near the under/overflow thresholds of the dtype's squares).
+
+``"well"`` (singular values in [0.5, 1.5], not in KINDS) is for comparing values with torch's by the 2x
+rule: on an ill-conditioned solve both errors are κ·ε times a factor set by the rounding order, and
+the kernels' LU measured 0.1-0.7x torch's error in the median but over 2x on ~5% of Gaussian matrices
+of side 16-33 (κ ~ 100-1500). Ill-conditioned inputs are judged by LAPACK's ratios instead.
 """
 
 import torch

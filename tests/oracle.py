@@ -9,6 +9,16 @@ def eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def float64(x):
+    """``x`` for the float64 oracle: floating tensors (also inside lists and tuples) in float64, the
+    rest unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double() if x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(float64(v) for v in x)
+    return x
+
+
 def assert_close(actual: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """``actual`` (computed in ``dtype``) matches the float64 oracle within ``TOL[dtype]``."""
     dtype = dtype or actual.dtype
@@ -23,6 +33,28 @@ def assert_within_torch_error(actual: torch.Tensor, torch_same_dtype: torch.Tens
     bound = TORCH_ERROR_FACTOR * theirs + ABS_FLOOR[actual.dtype] * max(1.0, expected64.abs().max().item()
                                                                          if expected64.numel() else 1.0)
     assert ours <= bound, f"error {ours:.3e} exceeds {TORCH_ERROR_FACTOR}x torch's {theirs:.3e} (bound {bound:.3e})"
+
+
+def _outputs(x):
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def assert_like_torch(actual, torch_fn, *args, **kwargs) -> None:
+    """The 2×-torch rule against ``torch_fn``: run on ``args`` as given (torch in the same dtype) and on
+    ``args`` in float64 (the oracle); ``actual`` may be a tuple of outputs."""
+    theirs, expected = torch_fn(*args, **kwargs), torch_fn(*float64(args), **kwargs)
+    for a, t, e in zip(_outputs(actual), _outputs(theirs), _outputs(expected), strict=True):
+        assert_within_torch_error(a, t, e)
+
+
+def vjp(fn):
+    """``(*inputs, dy) -> (dinput, ...)``: the vector-Jacobian product of ``fn`` at fresh leaves (to judge
+    gradients with :func:`assert_like_torch`)."""
+    def grads(*args):
+        *inputs, dy = args
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, dy)
+    return grads
 
 
 def _fro(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +80,17 @@ def orthogonality_ratio(Q: torch.Tensor, dtype: torch.dtype, *, rows: bool = Fal
     k = G.shape[-1]
     eye = torch.eye(k, dtype=torch.float64, device=Q.device)
     return (_fro(G - eye) / (max(k, 1) * eps(dtype))).max().item()
+
+
+def values_ratio(values: torch.Tensor, expected64: torch.Tensor, dtype: torch.dtype) -> float:
+    """Eigen- or singular values against float64, in units of LAPACK's ``n · ε · max|λ|`` per matrix
+    (the bound a backward-stable decomposition meets, Weyl), worst over the batch."""
+    if values.numel() == 0:
+        return 0.0
+    expected64 = expected64.double().cpu()
+    n = max(expected64.shape[-1], 1)
+    norm = expected64.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    return ((values.double().cpu() - expected64).abs().amax(-1) / (norm * n * eps(dtype))).max().item()
 
 
 def assert_lapack_ratio(ratio: float, what: str) -> None:

@@ -14,11 +14,8 @@ and whether half the FLOPs at that rate beats MPS's full matrix product needs ti
 this project does not have; ``metalcore.use_backend("metal")`` runs it.
 """
 
-import functools
 import math
-import re
 
-import torch
 from torch import Tensor
 
 from metalcore import _metal
@@ -27,12 +24,10 @@ from metalcore.linalg.syrk import gram_poly_op
 _SHADER = "gram"
 
 
-@functools.cache
 def _tile() -> tuple[int, int]:
     """``(GRAM_BLOCK, GRAM_SIDE)`` from shaders/gram.metal: rows of an output tile and threads per side
     of a threadgroup, defined once, in the shader."""
-    text = (_metal.shader_dir() / f"{_SHADER}.metal").read_text()
-    consts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^#define\s+(GRAM_\w+)\s+(\d+)\s*$", text, re.M)}
+    consts = _metal.constants(_SHADER)
     return consts["GRAM_BLOCK"], consts["GRAM_SIDE"]
 
 

@@ -106,7 +106,7 @@ def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     ds = p * (do @ vf.mT - (do * out.to(acc)).sum(-1, keepdim=True))
     dq = (ds @ kf) * scale
     dk = (ds.mT @ qf) * scale
-    group = heads // kv_heads
+    group = heads // max(kv_heads, 1)  # no heads at all: nothing to sum
     dk = dk.view(B, kv_heads, group, S, E).sum(2)
     dv = dv.view(B, kv_heads, group, S, Ev).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -18,9 +18,7 @@ which the dK/dV kernel then reads (launches on one queue run in order).
 ...     out, lse = sdpa_fwd(q, k, v, None, True, 0.125)
 """
 
-import functools
 import math
-import re
 from typing import Optional
 
 import torch
@@ -33,15 +31,13 @@ _SHADER = "attention"
 # SIMD-groups per threadgroup, one row each (512 threads): threadgroup memory does not depend on it
 # (see the shader's header), so it is chosen for occupancy; a side with fewer rows gets fewer.
 ROWS_PER_GROUP = 16
-_LOG2E = 1.4426950408889634
-_MASK_KIND = {None: 0, torch.bool: 1, torch.float32: 2}
-_MASK_INPUT_DTYPE = 3
+# The kernels work in base 2 (exp2): the host hands them scale · log2(e).
+_LOG2E = math.log2(math.e)
 
 
-@functools.cache
 def max_head_dim() -> int:
     """``ATTN_MAX_HEAD_DIM`` of the shader: the head dims its register rows hold (4 per lane)."""
-    return int(re.search(r"^#define\s+ATTN_MAX_HEAD_DIM\s+(\d+)\s*$", _metal.shader_source(_SHADER), re.M).group(1))
+    return _metal.constants(_SHADER)["ATTN_MAX_HEAD_DIM"]
 
 
 def _supports(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> bool:
@@ -63,15 +59,16 @@ def _mask_args(attn_mask: Optional[Tensor], q: Tensor) -> tuple[list[Tensor], in
     """The shader's three mask buffers (bool as bytes, float32, the inputs' dtype: one real, the
     others one-element placeholders), its ``mask_kind`` and its strides (0 on broadcast dimensions)."""
     placeholders = [q.new_zeros(1, dtype=torch.uint8), q.new_zeros(1, dtype=torch.float32), q.new_zeros(1)]
+    kinds = _metal.constants(_SHADER)
     if attn_mask is None:
-        return placeholders, _MASK_KIND[None], [0, 0, 0, 0]
+        return placeholders, kinds["ATTN_MASK_NONE"], [0, 0, 0, 0]
     strides = [0 if size == 1 else stride for size, stride in zip(attn_mask.shape, attn_mask.stride())]
     if attn_mask.dtype == torch.bool:
-        placeholders[0], kind = attn_mask.view(torch.uint8), _MASK_KIND[torch.bool]
+        placeholders[0], kind = attn_mask.view(torch.uint8), kinds["ATTN_MASK_BOOL"]
     elif attn_mask.dtype == torch.float32:
-        placeholders[1], kind = attn_mask, _MASK_KIND[torch.float32]
+        placeholders[1], kind = attn_mask, kinds["ATTN_MASK_FLOAT"]
     else:
-        placeholders[2], kind = attn_mask, _MASK_INPUT_DTYPE
+        placeholders[2], kind = attn_mask, kinds["ATTN_MASK_INPUT_DTYPE"]
     return placeholders, kind, strides
 
 

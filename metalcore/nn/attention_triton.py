@@ -487,7 +487,7 @@ def _supports(q: Tensor, k: Tensor, v: Tensor, *_) -> bool:
             and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0)
 
 
-# Not chosen automatically: correct on the H100 (tests/triton/test_attention.py, gpu-marked) but
+# Not chosen automatically: correct on the H100 (tests/nn/test_attention.py, gpu-marked) but
 # slower than torch's flash SDPA there: forward 0.64-0.86x, forward+backward 0.46-0.55x
 # (bench/training_triton.md v3).
 @sdpa_fwd.implement("triton", supports=_supports, automatic=False)

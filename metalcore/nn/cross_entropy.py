@@ -86,8 +86,8 @@ def cross_entropy_chunk_(logits: Tensor, target: Tensor, grad_scale: Tensor, ign
     acc = _acc(logits)
     x = logits.to(acc)
     vocab = x.shape[-1]
-    if x.shape[0] == 0:
-        return x.new_empty(0)
+    if x.numel() == 0:  # no rows, or no classes (every row then ignored, as torch needs): loss 0
+        return x.new_zeros(x.shape[:1])
     valid = target != ignore_index
     safe = torch.where(valid, target, 0).unsqueeze(-1)
     z = softcap * torch.tanh(x / softcap) if softcap is not None else x

@@ -12,6 +12,7 @@ be float32 while ``x`` is bf16/fp16 (mixed-precision training). ``offset=1`` giv
 ``(1 + w)`` scaling.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -54,7 +55,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, 
     if weight is None:
         dw = x.new_empty(0)
     else:
-        dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        dw = (dyf * xhat).reshape(math.prod(x.shape[:-1]), x.shape[-1]).sum(0).to(weight.dtype)
     return dx.to(x.dtype), dw
 
 

@@ -15,7 +15,7 @@ from linalg_matrices import solve_ratio
 from linalg_matrices import BATCHES as BATCHES_metal, spd as spd_metal
 from metalcore import _metal
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
-from oracle import assert_lapack_ratio
+from oracle import assert_lapack_ratio, assert_like_torch, vjp
 
 
 def spd(batch, n, dtype):
@@ -67,9 +67,7 @@ def test_gradients_match_torch(upper):
     torch.autograd.gradcheck(lambda b, f: metalcore.linalg.cholesky_solve(b, project(f), upper), (B, L))
     g = torch.randn(2, 5, 3, dtype=torch.float64)
     ours = torch.autograd.grad(metalcore.linalg.cholesky_solve(B, L, upper), (B, L), g)
-    theirs = torch.autograd.grad(torch.cholesky_solve(B, L, upper=upper), (B, L), g)
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o, t)
+    assert_like_torch(ours, vjp(lambda B, L: torch.cholesky_solve(B, L, upper=upper)), B, L, g)
 
 
 def test_compiles_without_graph_breaks():
@@ -120,7 +118,7 @@ def test_launch_keywords_and_rhs_blocks(upper, device):
     garbage = torch.where(unread, float("nan"), L)
     B = torch.randn(3, 13, 9, dtype=torch.float64, device=device)
     X = trsm_module().cholesky_solve_launch(B, garbage, upper, block_k=4, group_size=2)
-    torch.testing.assert_close(X, torch.cholesky_solve(B, L, upper=upper))
+    assert_like_torch(X, torch.cholesky_solve, B, L, upper=upper)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -130,7 +128,7 @@ def test_cholesky_solve_broadcasts_and_strides(device):
     B = torch.randn(3, 5, 6, dtype=torch.float64, device=device).mT   # (3, 6, 5), strided
     X = metalcore.linalg.cholesky_solve(B, L)
     assert X.shape == (2, 3, 6, 5)
-    torch.testing.assert_close(X, torch.cholesky_solve(B, L))
+    assert_like_torch(X, torch.cholesky_solve, B, L)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -143,7 +141,7 @@ def test_nan_stays_in_its_batch_element(device):
     assert X[2].isnan().any()
     good = [0, 1, 3]
     assert not X[good].isnan().any()
-    torch.testing.assert_close(X[good], torch.cholesky_solve(B[good], L[good]))
+    assert_like_torch(X[good], torch.cholesky_solve, B[good], L[good])
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -156,9 +154,7 @@ def test_cholesky_solve_gradients_run_the_kernel(upper, device, launches):
     X = metalcore.linalg.cholesky_solve(B, L, upper)
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (B, L), g)
-    theirs = torch.autograd.grad(torch.cholesky_solve(B, L, upper=upper), (B, L), g)
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o, t)
+    assert_like_torch(ours, vjp(lambda B, L: torch.cholesky_solve(B, L, upper=upper)), B, L, g)
     assert len(calls) == 2
 
 
@@ -248,7 +244,7 @@ def test_cholesky_solve_broadcasts_and_strides_metal():
     X = metalcore.linalg.cholesky_solve(B, L)
     assert X.shape == (2, 3, 6, 5)
     assert "cholesky_solve_float" in _metal.launched
-    torch.testing.assert_close(X.double(), torch.cholesky_solve(B.double(), L.double()), rtol=1e-4, atol=1e-4)
+    assert_like_torch(X, torch.cholesky_solve, B, L)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
@@ -275,9 +271,7 @@ def test_cholesky_solve_gradients_run_the_shader(upper):
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (B, L), g)
     assert "cholesky_solve_float" in _metal.launched
-    theirs = torch.autograd.grad(torch.cholesky_solve(B.double(), L.double(), upper=upper), (B, L), g.double())
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-4)
+    assert_like_torch(ours, vjp(lambda B, L: torch.cholesky_solve(B, L, upper=upper)), B, L, g)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")

@@ -3,6 +3,7 @@ Triton kernels (metalcore/linalg/eigh_triton.py, svd_triton.py; interpreter in C
 shaders (shaders/jacobi.metal; executor in CI), judged by LAPACK ratios and against torch. The ops' own
 contracts are in test_eigh.py and test_svd.py."""
 
+import functools
 import importlib
 
 import pytest
@@ -17,7 +18,23 @@ from metalcore import _metal
 from metalcore.linalg import eigh_metal, svd_metal
 from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.svd import svd_op
-from oracle import assert_lapack_ratio, orthogonality_ratio, residual_ratio
+from oracle import assert_lapack_ratio, assert_like_torch, orthogonality_ratio, residual_ratio, values_ratio
+
+
+def torch_eigh_gradient(A, gL, gQ, Q):
+    """torch's gradient of ``eigh`` for the cotangents ``(gL, gQ)``, its eigenvectors' signs aligned with
+    ``Q`` (eigenvectors are defined up to sign)."""
+    A = A.detach().requires_grad_()
+    Lt, Qt = torch.linalg.eigh(A)
+    sign = torch.sign((Qt.detach() * Q.detach().to(Qt.dtype)).sum(-2, keepdim=True))
+    return torch.autograd.grad((Lt, Qt * sign), A, (gL, gQ))[0]
+
+
+def svd_gradient(svd, A):
+    """The gradient of a gauge-invariant loss (signs of singular vectors are free): S and U diag(S) Vh."""
+    A = A.detach().requires_grad_()
+    U, S, Vh = svd(A, full_matrices=False)
+    return torch.autograd.grad(S.sum() + (U * S.unsqueeze(-2) @ Vh).square().sum(), A)[0]
 
 
 EIGH_CASES = [((), 1), ((0,), 2), ((7,), 3), ((2, 3), 5), ((3,), 8), ((2,), 16), ((), 31), ((), 33)]
@@ -33,10 +50,8 @@ def check_eigh(A, uplo, what, scale=1.0):
     sym = A.tril() + A.tril(-1).mT if uplo == "L" else A.triu() + A.triu(1).mT
     assert_lapack_ratio(residual_ratio(sym / scale, (Q * (L / scale).unsqueeze(-2)) @ Q.mT, dtype), f"{what} A−QΛQᵀ")
     assert_lapack_ratio(orthogonality_ratio(Q, dtype), f"{what} QᵀQ")
-    expected = torch.linalg.eigvalsh(sym.double().cpu() / scale)
-    err = (L.double().cpu() / scale - expected).abs().amax().item() if L.numel() else 0.0
-    norm = expected.abs().amax().item() if L.numel() else 1.0
-    assert err <= 30 * A.shape[-1] * torch.finfo(dtype).eps * max(norm, 1e-300), f"{what}: eigenvalues off by {err}"
+    assert_lapack_ratio(values_ratio(L.double() / scale, torch.linalg.eigvalsh(sym.double() / scale), dtype),
+                        f"{what} eigenvalues")
 
 
 def check_svd(A, full, what, scale=1.0):
@@ -50,10 +65,8 @@ def check_svd(A, full, what, scale=1.0):
                         f"{what} A−USVᴴ")
     assert_lapack_ratio(orthogonality_ratio(U, dtype), f"{what} UᵀU")
     assert_lapack_ratio(orthogonality_ratio(Vh, dtype, rows=True), f"{what} VVᵀ")
-    expected = torch.linalg.svdvals(A.double().cpu() / scale)
-    err = (S.double().cpu() / scale - expected).abs().amax().item() if S.numel() else 0.0
-    norm = expected.amax().item() if S.numel() else 1.0
-    assert err <= 30 * max(m, n) * torch.finfo(dtype).eps * max(norm, 1e-300), f"{what}: S off by {err}"
+    assert_lapack_ratio(values_ratio(S.double() / scale, torch.linalg.svdvals(A.double() / scale), dtype),
+                        f"{what} singular values")
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -89,7 +102,7 @@ def test_eigh_repeated_eigenvalues_and_special_matrices(device):
 @pytest.mark.usefixtures("triton_backend")
 def test_eigvalsh_only(device):
     A = symmetric("random", (3,), 9, torch.float64).to(device)
-    torch.testing.assert_close(metalcore.linalg.eigvalsh(A), torch.linalg.eigvalsh(A))
+    assert_like_torch(metalcore.linalg.eigvalsh(A), torch.linalg.eigvalsh, A)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -100,7 +113,7 @@ def test_eigh_nan_stays_in_its_batch_element(device):
     assert L[2].isnan().all() and Q[2].isnan().all()
     good = [0, 1, 3]
     assert L[good].isfinite().all() and Q[good].isfinite().all()
-    torch.testing.assert_close(L[good], torch.linalg.eigvalsh(A[good]), rtol=1e-5, atol=1e-5)
+    assert_like_torch(L[good], torch.linalg.eigvalsh, A[good])
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -122,11 +135,7 @@ def test_eigh_gradient_runs_the_kernel(device, launches):
     L, Q = metalcore.linalg.eigh(A)
     gL, gQ = torch.randn_like(L), torch.randn_like(Q)
     ours, = torch.autograd.grad((L, Q), A, (gL, gQ))
-    Lt, Qt = torch.linalg.eigh(A)
-    # Eigenvectors are defined up to sign: align torch's with ours before comparing the gradient.
-    sign = torch.sign((Qt * Q.detach()).sum(-2, keepdim=True))
-    theirs, = torch.autograd.grad((Lt, Qt * sign), A, (gL, gQ))
-    torch.testing.assert_close(ours, theirs)
+    assert_like_torch(ours, torch_eigh_gradient, A, gL, gQ, Q)
     assert calls
 
 
@@ -161,26 +170,21 @@ def test_svd_rank_deficient_vectors_are_orthonormal(device):
 @pytest.mark.usefixtures("triton_backend")
 def test_svdvals_and_nan_isolation(device):
     A = torch.randn(4, 6, 5, device=device)
-    torch.testing.assert_close(metalcore.linalg.svdvals(A), torch.linalg.svdvals(A))
+    assert_like_torch(metalcore.linalg.svdvals(A), torch.linalg.svdvals, A)
     A[1, 2, 2] = float("inf")
     U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
     assert S[1].isnan().all() and U[1].isnan().all() and Vh[1].isnan().all()
     good = [0, 2, 3]
     assert U[good].isfinite().all()
-    torch.testing.assert_close(S[good], torch.linalg.svdvals(A[good]))
+    assert_like_torch(S[good], torch.linalg.svdvals, A[good])
 
 
 @pytest.mark.usefixtures("triton_backend")
 def test_svd_gradient_runs_the_kernels(device, launches):
     A = torch.randn(2, 6, 4, dtype=torch.float64, device=device, requires_grad=True)
     calls = launches(importlib.import_module("metalcore.linalg.svd_triton"), "svd_launch")
-    U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
-    # A gauge-invariant loss (signs of singular vectors are free): S and U diag(S) Vh.
-    loss = S.sum() + (U * S.unsqueeze(-2) @ Vh).square().sum()
-    ours, = torch.autograd.grad(loss, A)
-    Ut, St, Vht = torch.linalg.svd(A, full_matrices=False)
-    theirs, = torch.autograd.grad(St.sum() + (Ut * St.unsqueeze(-2) @ Vht).square().sum(), A)
-    torch.testing.assert_close(ours, theirs)
+    ours = svd_gradient(metalcore.linalg.svd, A)
+    assert_like_torch(ours, functools.partial(svd_gradient, torch.linalg.svd), A)
     assert calls
 
 
@@ -203,7 +207,7 @@ def test_round_robin_meets_every_pair_each_sweep(n, device):
     sweeps = torch.zeros(len(pairs), dtype=torch.int32, device=device)
     L, Q = eigh_triton.eigh_launch(sym, False, True, num_warps=2, sweeps=sweeps)
     assert sweeps.tolist() == [2] * len(pairs)
-    torch.testing.assert_close(L, torch.linalg.eigvalsh(sym))
+    assert_like_torch(L, torch.linalg.eigvalsh, sym)
     assert_lapack_ratio(residual_ratio(sym, (Q * L.unsqueeze(-2)) @ Q.mT, sym.dtype), "eigh A−QΛQᵀ")
     # Jacobi on A itself, and on Rᵀ of A = QR (R = A here: gen is upper triangular, so Rᵀ couples
     # rows p and q, the same pair).
@@ -211,7 +215,7 @@ def test_round_robin_meets_every_pair_each_sweep(n, device):
         sweeps.zero_()
         U, S, Vh = svd_triton.svd_launch(gen, True, True, num_warps=2, sweeps=sweeps, precondition=precondition)
         assert sweeps.tolist() == [2] * len(pairs)
-        torch.testing.assert_close(S, torch.linalg.svdvals(gen))
+        assert_like_torch(S, torch.linalg.svdvals, gen)
         assert_lapack_ratio(residual_ratio(gen, (U * S.unsqueeze(-2)) @ Vh, gen.dtype), "svd A−USVᴴ")
         assert_lapack_ratio(orthogonality_ratio(U, gen.dtype), "svd UᵀU")
         assert_lapack_ratio(orthogonality_ratio(Vh, gen.dtype, rows=True), "svd VVᵀ")
@@ -275,15 +279,6 @@ def _metal_backend(executor):
         yield
 
 
-def _values_ratio(got, expected):
-    """Eigen/singular value error against float64, in units of ``n ε max|λ|`` (LAPACK's scaling)."""
-    if got.numel() == 0:
-        return 0.0
-    n = max(expected.shape[-1], 1)
-    norm = expected.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    return ((got.double() - expected).abs().amax(-1) / (norm * n * EPS)).max().item()
-
-
 # --- eigh -------------------------------------------------------------------------------------------
 
 def _eigh(A, uplo="L"):
@@ -303,7 +298,7 @@ def _check_eigh(A, uplo, what, scale=1.0):
     L64 = L.double() / scale
     assert_lapack_ratio(residual_ratio(sym, (Q.double() * L64.unsqueeze(-2)) @ Q.double().mT, F32), f"{what} A-QLQ^T")
     assert_lapack_ratio(orthogonality_ratio(Q, F32), f"{what} Q^TQ")
-    assert_lapack_ratio(_values_ratio(L64, torch.linalg.eigvalsh(sym)), f"{what} eigenvalues")
+    assert_lapack_ratio(values_ratio(L64, torch.linalg.eigvalsh(sym), F32), f"{what} eigenvalues")
     return L, Q
 
 
@@ -398,7 +393,7 @@ def test_eigh_nan_and_inf_stay_in_their_batch_element():
     assert L[[1, 3]].isnan().all() and Q[[1, 3]].isnan().all()
     good = [0, 2, 4]
     assert L[good].isfinite().all() and Q[good].isfinite().all()
-    torch.testing.assert_close(L[good], torch.linalg.eigvalsh(A[good]), rtol=1e-5, atol=1e-5)
+    assert_like_torch(L[good], torch.linalg.eigvalsh, A[good])
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
@@ -421,12 +416,7 @@ def test_eigh_gradient_runs_the_shader():
     assert "jacobi_eigh_float" in _metal.launched
     gL, gQ = torch.randn_like(L), torch.randn_like(Q)
     ours, = torch.autograd.grad((L, Q), A, (gL, gQ))
-    A64 = A.detach().double().requires_grad_()
-    Lt, Qt = torch.linalg.eigh(A64)
-    # Eigenvectors are defined up to sign: align torch's with ours before comparing the gradient.
-    sign = torch.sign((Qt.detach() * Q.detach().double()).sum(-2, keepdim=True))
-    theirs, = torch.autograd.grad((Lt, Qt * sign), A64, (gL.double(), gQ.double()))
-    torch.testing.assert_close(ours.double(), theirs, rtol=1e-3, atol=1e-3)
+    assert_like_torch(ours, torch_eigh_gradient, A, gL, gQ, Q)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
@@ -460,7 +450,7 @@ def _check_svd(A, full, what, scale=1.0):
     assert_lapack_ratio(residual_ratio(A.double() / scale, recon, F32), f"{what} A-USVh")
     assert_lapack_ratio(orthogonality_ratio(U, F32), f"{what} U^TU")
     assert_lapack_ratio(orthogonality_ratio(Vh, F32, rows=True), f"{what} VhVh^T")
-    assert_lapack_ratio(_values_ratio(S64, torch.linalg.svdvals(A.double() / scale)), f"{what} singular values")
+    assert_lapack_ratio(values_ratio(S64, torch.linalg.svdvals(A.double() / scale), F32), f"{what} singular values")
     return U, S, Vh
 
 
@@ -538,7 +528,7 @@ def test_svd_nan_and_inf_stay_in_their_batch_element():
         bad, good = [1, 2], [0, 3]
         assert S[bad].isnan().all() and U[bad].isnan().all() and Vh[bad].isnan().all()
         assert U[good].isfinite().all() and S[good].isfinite().all() and Vh[good].isfinite().all()
-        torch.testing.assert_close(S[good], torch.linalg.svdvals(A[good]), rtol=1e-5, atol=1e-5)
+        assert_like_torch(S[good], torch.linalg.svdvals, A[good])
         assert metalcore.linalg.svdvals(A)[bad].isnan().all()
 
 
@@ -559,14 +549,9 @@ def test_svd_non_convergence_is_nan_in_that_element(monkeypatch):
 def test_svd_gradient_runs_the_shaders():
     A = torch.randn(2, 6, 4, requires_grad=True)
     _metal.launched.clear()
-    U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
+    ours = svd_gradient(metalcore.linalg.svd, A)
     assert {"jacobi_svd_float", "qr_float"} <= _metal.launched
-    # A gauge-invariant loss (signs of singular vectors are free): S and U diag(S) Vh.
-    ours, = torch.autograd.grad(S.sum() + (U * S.unsqueeze(-2) @ Vh).square().sum(), A)
-    A64 = A.detach().double().requires_grad_()
-    Ut, St, Vht = torch.linalg.svd(A64, full_matrices=False)
-    theirs, = torch.autograd.grad(St.sum() + (Ut * St.unsqueeze(-2) @ Vht).square().sum(), A64)
-    torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)
+    assert_like_torch(ours, functools.partial(svd_gradient, torch.linalg.svd), A)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")

@@ -12,9 +12,12 @@
   torch's.
 * Error inputs raise torch's exception type.
 
-On a CUDA machine, ``METALCORE_OPINFO_DEVICE=cuda pytest tests/linalg/test_opinfo.py`` runs the same
-samples on CUDA tensors (the reference, compiled Triton and the automatic choice; counts are taken on that
-device, where e.g. lstsq has fewer samples).
+The oracle is torch in float64 on the CPU. On a CUDA machine, ``METALCORE_OPINFO_DEVICE=cuda pytest
+tests/linalg/test_opinfo.py`` runs every sample (no subsampling: the kernels are compiled) on CUDA
+tensors through the reference, the compiled Triton kernels and the automatic choice (``auto``: Triton
+kernels, cuSOLVER and torch's own calls, as users get them), with TF32 off so that float32 means
+float32. Each test id starts with its backend; the run ends with the pass counts per backend
+(tests/linalg/conftest.py).
 """
 
 import functools
@@ -45,8 +48,8 @@ OPINFOS = {(op.name, op.variant_test_name): op for op in op_db if op.name in TWI
 OPS = sorted(OPINFOS)
 DTYPES = (torch.float64, torch.float32)
 DEVICE = os.environ.get("METALCORE_OPINFO_DEVICE", "cpu")
-# On CUDA also the automatic choice, what users get (a mix of Triton kernels, cuSOLVER and torch).
-BACKENDS = ("reference", "triton", "auto") if DEVICE.startswith("cuda") else ("reference", "triton", "metal")
+ON_CUDA = DEVICE.startswith("cuda")
+BACKENDS = ("reference", "triton", "auto") if ON_CUDA else ("reference", "triton", "metal")
 # The Triton interpreter takes ~1 s per sample here (numpy per program instance, measured on the
 # 2-core CI machine): all ~2,400 samples would take ~40 core-minutes, over CI's 30-minute budget. On
 # the interpreter each (op, dtype) runs every (n // INTERPRETED)-th sample (508 in all, ~7 minutes on
@@ -54,12 +57,23 @@ BACKENDS = ("reference", "triton", "auto") if DEVICE.startswith("cuda") else ("r
 # reference, the Metal executor and compiled Triton on a GPU run every sample, as does
 # METALCORE_OPINFO_ALL=1.
 INTERPRETED = 12
-ALL = os.environ.get("METALCORE_OPINFO_ALL") == "1" or DEVICE.startswith("cuda")
+ALL = os.environ.get("METALCORE_OPINFO_ALL") == "1" or ON_CUDA
 
 
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ieee_float32():
+    """TF32 off for CUDA matmuls in this module (torch's, and metalcore's GEMM paths and syrk kernel,
+    which follow torch's flag): the tolerances compare float32 with float32. (No convolutions run
+    here, and torch's test machinery locks cuDNN's flags.)"""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def _twin_name(opinfo_name: str) -> str:
@@ -73,8 +87,9 @@ def _samples(key, dtype, device, requires_grad):
     return tuple(OPINFOS[key].sample_inputs(device, dtype, requires_grad=requires_grad))
 
 
-def _count(key, dtype):
-    return len(_samples(key, dtype, DEVICE, False))  # lstsq has fewer samples on CUDA (driver gels only)
+def _count(key, dtype, requires_grad=False):
+    """Samples on the device they run on (an OpInfo may generate other samples per device)."""
+    return len(_samples(key, dtype, DEVICE, requires_grad))
 
 
 def _runs_on(backend, i, n, budget=INTERPRETED):
@@ -115,11 +130,10 @@ def _as_tuple(out):
     return tuple(out) if isinstance(out, tuple) else (out,)
 
 
-def _double(x):
+def _oracle_input(x):
+    """A sample's tensor for the oracle: float64, on the CPU."""
     if isinstance(x, torch.Tensor):
-        return x.detach().double() if x.is_floating_point() else x.detach()
-    if isinstance(x, (list, tuple)):
-        return type(x)(_double(v) for v in x)
+        return (x.detach().double() if x.is_floating_point() else x.detach()).cpu()
     return x
 
 
@@ -245,7 +259,7 @@ def test_sample_matches_torch(key, dtype, i, backend, device):
 
     ours, inputs = _call(ours_fn, sample)
     theirs, _ = _call(torch_fn, sample)
-    oracle, _ = _call(torch_fn, sample.transform(_double))
+    oracle, _ = _call(torch_fn, sample.transform(_oracle_input))
 
     # Structure: the same return type, shapes and dtypes as torch.
     assert type(ours) is type(theirs)
@@ -263,7 +277,7 @@ def test_sample_matches_torch(key, dtype, i, backend, device):
 
 
 GRAD_CASES = [(backend, key, i) for key in OPS if OPINFOS[key].supports_autograd
-              for n in [len(_samples(key, torch.float64, DEVICE, True))]
+              for n in [_count(key, torch.float64, requires_grad=True)]
               for i in range(n) for backend in BACKENDS if _runs_on(backend, i, n, INTERPRETED // 2)]
 
 

@@ -11,8 +11,7 @@ from linalg_matrices import BATCHES as BATCHES_metal, case_id, general, scale_of
 from linalg_matrices import BATCHES as BATCHES_triton, DTYPES as DTYPES_triton, SIZES as SIZES_triton
 from metalcore import _metal
 from metalcore.linalg.solve import solve_ex_op
-from oracle import assert_lapack_ratio
-from oracle import assert_within_torch_error
+from oracle import assert_lapack_ratio, assert_like_torch, assert_within_torch_error, vjp
 
 
 def well_conditioned(batch, n, dtype=torch.float64):
@@ -209,13 +208,13 @@ def test_solve_hard_matrices(kind):
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
 def test_solve_broadcasts_vectors_and_no_right_hand_sides():
-    A = torch.randn(3, 1, 6, 6)
+    A = general("well", (3, 1), 6, 6, torch.float32)
     B = torch.randn(4, 6, 2)
     X, info = _solve(A, B)
     assert X.shape == (3, 4, 6, 2) and info.shape == (3, 1)
-    torch.testing.assert_close(X, torch.linalg.solve(A, B), rtol=1e-4, atol=1e-4)
+    assert_like_torch(X, torch.linalg.solve, A, B)
     b = torch.randn(3, 1, 6)
-    torch.testing.assert_close(metalcore.linalg.solve(A, b), torch.linalg.solve(A, b), rtol=1e-4, atol=1e-4)
+    assert_like_torch(metalcore.linalg.solve(A, b), torch.linalg.solve, A, b)
     S = torch.randn(2, 5, 5)
     S[1, :, 2] = 0.0
     X, info = _solve(S, torch.randn(2, 5, 0))
@@ -224,7 +223,7 @@ def test_solve_broadcasts_vectors_and_no_right_hand_sides():
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
 def test_solve_singular_info_and_nan_stay_in_their_batch_element():
-    A = torch.randn(5, 7, 7)
+    A = general("well", (5,), 7, 7, torch.float32)
     A[1] = 0.0                   # U[0, 0] = 0
     A[2, :, 4] = 0.0             # a zero column: U[4, 4] = 0 exactly
     A[3, 2, 5] = float("nan")
@@ -235,7 +234,7 @@ def test_solve_singular_info_and_nan_stay_in_their_batch_element():
     assert X[3].isnan().any()
     good = [0, 4]
     assert X[good].isfinite().all()
-    torch.testing.assert_close(X[good], torch.linalg.solve(A[good], B[good]), rtol=1e-4, atol=1e-4)
+    assert_like_torch(X[good], torch.linalg.solve, A[good], B[good])
     with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\).*singular"):
         metalcore.linalg.solve(A, B)
 
@@ -245,7 +244,7 @@ def test_solve_pivots_like_lapack():
     """A zero leading entry needs the row swap; ties go to the first row of largest |a|."""
     A = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 1.0]])
     X, _ = _solve(A, torch.eye(3))
-    torch.testing.assert_close(X, torch.linalg.inv(A))
+    assert_like_torch(X, torch.linalg.inv, A)
     T = torch.tensor([[1.0, 1.0], [-1.0, 2.0]])  # |a| ties in column 0: row 0 stays, exactly as LAPACK
     X, _ = _solve(T, torch.eye(2))
     torch.testing.assert_close(X, torch.linalg.inv(T), rtol=0, atol=0)
@@ -254,16 +253,14 @@ def test_solve_pivots_like_lapack():
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
 def test_solve_gradients_run_the_shader(left):
-    A = torch.randn(2, 5, 5, requires_grad=True)
+    A = general("well", (2,), 5, 5, torch.float32).requires_grad_()
     B = torch.randn(2, *((5, 3) if left else (3, 5)), requires_grad=True)
     _metal.launched.clear()
     X = metalcore.linalg.solve(A, B, left=left)
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (A, B), g)
     assert "lu_solve_float" in _metal.launched
-    theirs = torch.autograd.grad(torch.linalg.solve(A.double(), B.double(), left=left), (A, B), g.double())
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o.double(), t.double(), rtol=1e-3, atol=1e-3)
+    assert_like_torch(ours, vjp(lambda A, B: torch.linalg.solve(A, B, left=left)), A, B, g)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
@@ -319,18 +316,18 @@ def test_solve_hard_matrices_triton(kind, dtype, device):
 
 @pytest.mark.usefixtures("triton_backend")
 def test_solve_broadcasts_and_vectors(device):
-    A = torch.randn(3, 1, 6, 6, dtype=torch.float64, device=device)
+    A = general("well", (3, 1), 6, 6, torch.float64).to(device)
     B = torch.randn(4, 6, 2, dtype=torch.float64, device=device)
     X, info = metalcore.linalg.solve_ex(A, B)
     assert X.shape == (3, 4, 6, 2) and info.shape == (3, 1)
-    torch.testing.assert_close(X, torch.linalg.solve(A, B))
+    assert_like_torch(X, torch.linalg.solve, A, B)
     b = torch.randn(3, 1, 6, dtype=torch.float64, device=device)
-    torch.testing.assert_close(metalcore.linalg.solve(A, b), torch.linalg.solve(A, b))
+    assert_like_torch(metalcore.linalg.solve(A, b), torch.linalg.solve, A, b)
 
 
 @pytest.mark.usefixtures("triton_backend")
 def test_solve_singular_info_and_nan_stay_in_their_batch_element_triton(device):
-    A = torch.randn(5, 7, 7, device=device)
+    A = general("well", (5,), 7, 7, torch.float32).to(device)
     A[1] = 0.0                   # U[0, 0] = 0
     A[2, :, 4] = 0.0             # a zero column: U[4, 4] = 0 exactly
     A[3, 2, 5] = float("nan")
@@ -340,7 +337,7 @@ def test_solve_singular_info_and_nan_stay_in_their_batch_element_triton(device):
     assert torch.equal(info.cpu(), torch.linalg.solve_ex(A.cpu(), B.cpu()).info)
     assert X[3].isnan().any()
     good = [0, 4]
-    torch.testing.assert_close(X[good], torch.linalg.solve(A[good], B[good]), rtol=1e-4, atol=1e-4)
+    assert_like_torch(X[good], torch.linalg.solve, A[good], B[good])
     with pytest.raises(torch.linalg.LinAlgError, match=r"batch element 1\).*singular"):
         metalcore.linalg.solve(A, B)
 
@@ -351,21 +348,19 @@ def test_solve_pivots_like_lapack_triton(device):
     in the ordering of operations up to rounding."""
     A = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 1.0]], dtype=torch.float64, device=device)
     B = torch.eye(3, dtype=torch.float64, device=device)
-    torch.testing.assert_close(metalcore.linalg.solve(A, B), torch.linalg.inv(A))
+    assert_like_torch(metalcore.linalg.solve(A, B), torch.linalg.inv, A)
 
 
 @pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
 def test_solve_gradients_run_the_kernel(left, device, launches):
-    A = torch.randn(2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    A = general("well", (2,), 5, 5, torch.float64).to(device).requires_grad_()
     B = torch.randn(2, *((5, 3) if left else (3, 5)), dtype=torch.float64, device=device, requires_grad=True)
     calls = launches(solve_module(), "solve_launch")
     X = metalcore.linalg.solve(A, B, left=left)
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (A, B), g)
-    theirs = torch.autograd.grad(torch.linalg.solve(A, B, left=left), (A, B), g)
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o, t)
+    assert_like_torch(ours, vjp(lambda A, B: torch.linalg.solve(A, B, left=left)), A, B, g)
     assert len(calls) == 2
 
 

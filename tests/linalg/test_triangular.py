@@ -14,8 +14,7 @@ from linalg_matrices import BATCHES as BATCHES_metal
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.triangular import solve_triangular_op
-from oracle import assert_within_torch_error
-from oracle import assert_lapack_ratio, residual_ratio
+from oracle import assert_lapack_ratio, assert_like_torch, assert_within_torch_error, residual_ratio, vjp
 
 
 FLAGS = list(itertools.product([False, True], [True, False], [False, True]))
@@ -132,10 +131,8 @@ def test_solve_triangular_every_flag(upper, left, unit, device):
             A = A + torch.diag_embed(torch.full(A.shape[:-1], float("nan"), dtype=dtype, device=device))
         B = torch.randn(3, *((17, 4) if left else (4, 17)), dtype=dtype, device=device)
         X = metalcore.linalg.solve_triangular(A, B, upper=upper, left=left, unitriangular=unit)
-        A64 = torch.nan_to_num(A.double())
-        expected = torch.linalg.solve_triangular(A64, B.double(), upper=upper, left=left, unitriangular=unit)
-        torch.testing.assert_close(X.double(), expected, rtol=1e-4 if dtype == torch.float32 else 1e-10,
-                                   atol=1e-4 if dtype == torch.float32 else 1e-10)
+        assert_like_torch(X, torch.linalg.solve_triangular, torch.nan_to_num(A), B, upper=upper, left=left,
+                          unitriangular=unit)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -151,8 +148,8 @@ def test_solve_triangular_launch_keywords(upper, left, unit, device):
         A = A + torch.diag_embed(torch.full(A.shape[:-1], float("nan"), dtype=A.dtype, device=device))
     B = torch.randn(5, *((13, 7) if left else (7, 13)), dtype=torch.float64, device=device)
     X = trsm_module().solve_triangular_launch(A, B, upper, left, unit, block_k=2, group_size=2)
-    expected = torch.linalg.solve_triangular(torch.nan_to_num(A), B, upper=upper, left=left, unitriangular=unit)
-    torch.testing.assert_close(X, expected)
+    assert_like_torch(X, torch.linalg.solve_triangular, torch.nan_to_num(A), B, upper=upper, left=left,
+                      unitriangular=unit)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -161,7 +158,7 @@ def test_solve_triangular_broadcast_and_strided(device):
     B = torch.randn(4, 2, 9, dtype=torch.float64, device=device).mT  # (4, 9, 2), column-major
     X = metalcore.trsm(L, B)
     assert X.shape == (3, 4, 9, 2)
-    torch.testing.assert_close(L @ X, B.expand(3, 4, 9, 2))
+    assert_like_torch(X, torch.linalg.solve_triangular, L, B, upper=False)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -173,7 +170,7 @@ def test_solve_triangular_nan_stays_in_its_batch_element(device):
     assert X[2].isnan().any()
     good = [0, 1, 3, 4]
     assert X[good].isfinite().all()
-    torch.testing.assert_close(X[good], torch.linalg.solve_triangular(A[good], B[good], upper=False))
+    assert_like_torch(X[good], torch.linalg.solve_triangular, A[good], B[good], upper=False)
 
 
 @pytest.mark.usefixtures("triton_backend")
@@ -186,9 +183,7 @@ def test_solve_triangular_gradients(left, device, launches):
     X = metalcore.linalg.solve_triangular(A, B, upper=True, left=left)
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (A, B), g)
-    theirs = torch.autograd.grad(torch.linalg.solve_triangular(A, B, upper=True, left=left), (A, B), g)
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o, t)
+    assert_like_torch(ours, vjp(lambda A, B: torch.linalg.solve_triangular(A, B, upper=True, left=left)), A, B, g)
     assert len(calls) == 2, "the backward's solve must run the kernel too"
 
 
@@ -284,9 +279,7 @@ TRSM_CASES_metal = [(b, n, (1, 3, 70)[i % 3]) for i, (b, n) in enumerate(CASES)]
 
 
 def triangular_metal(batch, n, upper, dtype=F32):
-    A = torch.randn(*batch, n, n, dtype=torch.float64) / n ** 0.5
-    A = A + torch.diag_embed(torch.sign(torch.randn(*batch, n, dtype=torch.float64)) * 2)
-    return (A.triu() if upper else A.tril()).to(dtype)
+    return triangular(batch, n, upper, dtype, "cpu")
 
 
 def _trsm(A, B, upper, left, unit):
@@ -349,7 +342,7 @@ def test_solve_triangular_nan_stays_in_its_batch_element_metal():
     assert X[2].isnan().any()
     good = [0, 1, 3, 4]
     assert X[good].isfinite().all()
-    torch.testing.assert_close(X[good], torch.linalg.solve_triangular(A[good], B[good], upper=False))
+    assert_like_torch(X[good], torch.linalg.solve_triangular, A[good], B[good], upper=False)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
@@ -359,7 +352,7 @@ def test_solve_triangular_broadcast_and_strided_metal():
     assert solve_triangular_op.backend_for(*torch.broadcast_tensors(L[..., :1], B[..., :1]), False, True, False)
     X = metalcore.trsm(L, B)
     assert X.shape == (3, 4, 9, 2)
-    torch.testing.assert_close(L @ X, B.expand(3, 4, 9, 2), rtol=1e-4, atol=1e-4)
+    assert_like_torch(X, torch.linalg.solve_triangular, L, B, upper=False)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")
@@ -373,10 +366,7 @@ def test_solve_triangular_gradients_metal(left):
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (A, B), g)
     assert "trsm_float" in _metal.launched
-    theirs = torch.autograd.grad(torch.linalg.solve_triangular(A.double(), B.double(), upper=True, left=left),
-                                 (A, B), g.double())
-    for o, t in zip(ours, theirs):
-        torch.testing.assert_close(o.double(), t.double(), rtol=1e-4, atol=1e-4)
+    assert_like_torch(ours, vjp(lambda A, B: torch.linalg.solve_triangular(A, B, upper=True, left=left)), A, B, g)
 
 
 @pytest.mark.usefixtures("executor", "metal_outputs_poisoned", "_metal_backend")

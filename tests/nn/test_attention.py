@@ -1,15 +1,26 @@
-"""metalcore.metal_scaled_dot_product_attention, on its two CPU paths (the ``path`` fixture):
+"""metalcore.metal_scaled_dot_product_attention and its ops ``metalcore::sdpa_fwd`` / ``sdpa_bwd``: the
+whole contract, in two parts.
 
-* ``fused`` — the automatic choice on the CPU (and on CUDA): torch's fused SDPA, judged against
-  metalcore's reference run in float64 (``use_backend("reference")``);
-* ``reference`` — metalcore's ops forced by ``use_backend("reference")`` (the materialising oracle),
-  judged against torch's SDPA run in float64.
+1. The public function on its two CPU paths (the ``path`` fixture):
 
-So each path is checked against the other one's float64 implementation. The Triton and Metal kernels
-of the same ops are tested in tests/triton/test_attention.py and tests/metal/test_shaders_attention.py."""
+   * ``fused`` — the automatic choice on the CPU (and on CUDA): torch's fused SDPA, judged against
+     metalcore's reference run in float64 (``use_backend("reference")``);
+   * ``reference`` — metalcore's ops forced by ``use_backend("reference")`` (the materialising oracle),
+     judged against torch's SDPA run in float64.
+
+   So each path is checked against the other one's float64 implementation.
+
+2. The ops on every backend (conftest's ``backend`` fixture: the reference, the Triton kernels of
+   metalcore/nn/attention_triton.py interpreted on CPU tensors, the Metal shaders of
+   shaders/attention.metal through the executor). One rule for every backend: ``out`` and each
+   gradient within twice the error of torch's SDPA run in the inputs' dtype, both against metalcore's
+   reference in float64 (tests/tolerances.py); ``lse`` (float32) elementwise against float64. An input
+   outside a kernel's scope (``kernel_takes``) must be served by the reference.
+"""
 
 import contextlib
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -20,6 +31,7 @@ import metalcore
 from metalcore._op import observing
 from metalcore.nn import metal_scaled_dot_product_attention as sdpa
 from metalcore.nn.attention import _mask_for_fused_kernels, sdpa_bwd, sdpa_fwd
+from backends import expected_backend
 from oracle import assert_close, assert_within_torch_error
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -443,3 +455,284 @@ def test_kernel_backend_outside_its_scope_runs_torch_not_the_reference(monkeypat
     assert_close(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True), torch.float32)
     sdpa(q.half(), k.half(), v.half(), is_causal=True)
     assert ran == ["triton"]
+
+
+# --- 2. The ops on every backend ------------------------------------------------------------------
+
+def kernel_takes(backend, q, k, v, attn_mask):
+    """The documented scope of each backend's kernels; every other input runs the reference.
+
+    Triton (attention_triton.py): float16/bfloat16, head dims ``E`` and ``Ev`` of 64 or 128, any mask.
+    Metal (attention_metal.py): float32/float16/bfloat16, head dims 1 to 128, a bool, float32 or
+    input-dtype mask."""
+    dims = (q.shape[-1], v.shape[-1])
+    if backend == "triton":
+        return q.dtype in (torch.float16, torch.bfloat16) and all(d in (64, 128) for d in dims)
+    if backend == "metal":
+        return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and all(1 <= d <= 128 for d in dims)
+                and (attn_mask is None or attn_mask.dtype in (torch.bool, torch.float32, q.dtype)))
+    return True
+
+
+def torch_sdpa(q, k, v, attn_mask, is_causal, scale):
+    """torch's SDPA on the ops' arguments (torch takes a mask or causality, not both: they are merged)."""
+    if attn_mask is not None and is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        attn_mask = attn_mask & keep if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~keep, -float("inf"))
+        is_causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.shape[-3] != q.shape[-3])
+
+
+def check_ops(backend, q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """``sdpa_fwd`` then ``sdpa_bwd`` on ``backend``, judged by the one rule (module docstring); returns
+    ``out``, ``lse``, the gradients and the float64 ``lse``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    served = expected_backend(backend if kernel_takes(backend, q, k, v, attn_mask) else "reference", q, k, v)
+    assert sdpa_fwd.backend_for(q, k, v, attn_mask, is_causal, scale) == served
+    out, lse = sdpa_fwd(q, k, v, attn_mask, is_causal, scale)
+    dout = torch.randn_like(out)
+    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, attn_mask, is_causal, scale) == served
+    grads = sdpa_bwd(dout, q, k, v, out, lse, attn_mask, is_causal, scale)
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1]) and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    for g, x in zip(grads, (q, k, v)):
+        assert g.dtype == x.dtype and g.shape == x.shape and g.is_contiguous()
+
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    mask64 = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
+    out64, lse64 = sdpa_fwd.reference(q64, k64, v64, mask64, is_causal, scale)
+    grads64 = sdpa_bwd.reference(dout.double(), q64, k64, v64, out64, lse64, mask64, is_causal, scale)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    theirs = torch_sdpa(*leaves, attn_mask, is_causal, scale)
+    # Rows that attend nothing: torch gives 0 (the oracle's answer) since 2.5; NaN in older versions.
+    theirs_all = [t.detach().nan_to_num() for t in (theirs, *torch.autograd.grad(theirs, leaves, dout))]
+    assert_close(lse, lse64, torch.float32)
+    for name, a, t, e in zip(("out", "dq", "dk", "dv"), (out, *grads), theirs_all, (out64, *grads64)):
+        assert torch.isfinite(a).all(), name
+        assert_within_torch_error(a, t, e)
+    return out, lse, grads, lse64
+
+
+# The dtypes each backend's kernels take. Every case runs on every backend, causal and not; the dtype
+# rotates over the backend's dtypes from one case to the next (a full cross product tripled the
+# interpreter's and the executor's time for no case they do not already see in some dtype).
+BACKEND_DTYPES = {"reference": (torch.float32, torch.float16, torch.bfloat16),
+                  "triton": (torch.float16, torch.bfloat16),
+                  "metal": (torch.float32, torch.float16, torch.bfloat16)}
+OP_CASES = [  # (B, H, Hkv, L, S, E, Ev)
+    (1, 2, 2, 1, 1, 64, 64),        # one query, one key
+    (1, 4, 2, 33, 65, 64, 64),      # GQA, L < S: tails one row past 2 and 4 Metal tiles of 16, Triton's 64
+    (2, 2, 1, 65, 33, 128, 128),    # multi-query, L > S, the largest head dim
+    (2, 2, 1, 31, 17, 128, 128),    # L > S inside the first Triton block
+    (1, 2, 1, 130, 70, 128, 64),    # two Triton query blocks of 128 (the second of 2 rows), Ev != E
+    (1, 1, 1, 1, 1, 8, 8),          # head dims outside Triton's scope (the reference serves there)
+    (1, 2, 1, 17, 16, 40, 72),      # E != Ev, neither a multiple of 32
+    (2, 3, 3, 5, 33, 3, 5),         # tiny head dims
+]
+OP_RUNS = [(backend, dtypes[(2 * i + causal) % len(dtypes)], causal, case)
+           for backend, dtypes in BACKEND_DTYPES.items() for i, case in enumerate(OP_CASES) for causal in (False, True)]
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("backend,dtype,is_causal,case", OP_RUNS, indirect=["backend"],
+                         ids=["{}-B{}-H{}-Hkv{}-L{}-S{}-E{}-Ev{}-".format(b, *c) + ("causal" if causal else "full")
+                              + f"-{str(d).removeprefix('torch.')}" for b, d, causal, c in OP_RUNS])
+def test_ops(case, is_causal, dtype, backend, device):
+    B, H, Hkv, L, S, E, Ev = case
+    q = torch.randn(B, H, L, E, device=device).to(dtype)
+    k = torch.randn(B, Hkv, S, E, device=device).to(dtype)
+    v = torch.randn(B, Hkv, S, Ev, device=device).to(dtype)
+    check_ops(backend, q, k, v, None, is_causal)
+
+
+MASK_CASES = [  # (B, H, Hkv, L, S, E, mask shape, mask dtype ("input": the inputs'), is_causal)
+    (2, 2, 1, 37, 50, 64, (2, 1, 37, 50), torch.bool, False),      # broadcast over heads
+    (2, 2, 1, 19, 37, 32, (2, 1, 19, 37), torch.bool, False),      # a head dim only Metal's kernels take
+    (1, 4, 2, 33, 70, 128, (1, 4, 1, 70), torch.float32, False),   # key padding, broadcast over queries
+    (2, 2, 2, 40, 40, 64, (1, 1, 40, 40), "input", False),         # one mask for the batch, in q's dtype
+    (1, 2, 1, 33, 18, 64, (1, 2, 33, 18), torch.bool, True),       # mask and causality together
+]
+# Every mask case in every dtype a kernel takes (the reference: one, rotating).
+MASK_RUNS = [(backend, dtype, case) for backend, dtypes in BACKEND_DTYPES.items() for i, case in enumerate(MASK_CASES)
+             for dtype in (dtypes if backend != "reference" else dtypes[i % len(dtypes):][:1])]
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("backend,dtype,case", MASK_RUNS, indirect=["backend"],
+                         ids=[f"{b}-{c[6]}-{c[7]}-{'causal' if c[8] else 'full'}-{d}".replace(" ", "").replace("torch.", "")
+                              for b, d, c in MASK_RUNS])
+def test_ops_with_masks(case, dtype, backend, device):
+    """Rows that attend nothing (all-False bool or all −inf float) give out = 0, lse = −inf and zero
+    gradients (torch's safe softmax); keys masked with finfo.min (Hugging Face's padding) or −inf drop
+    out of the other rows."""
+    B, H, Hkv, L, S, E, mshape, mdtype, is_causal = case
+    mdtype = dtype if mdtype == "input" else mdtype
+    q = torch.randn(B, H, L, E, device=device).to(dtype)
+    k = torch.randn(B, Hkv, S, E, device=device).to(dtype)
+    v = torch.randn(B, Hkv, S, E, device=device).to(dtype)
+    if mdtype == torch.bool:
+        mask = torch.rand(mshape, device=device) > 0.3
+        mask[..., 3, :] = False
+    else:
+        mask = torch.randn(mshape, device=device).to(mdtype)
+        mask[..., 5:9] = torch.finfo(mdtype).min
+        mask[..., 11] = -float("inf")
+        if mshape[-2] > 1:
+            mask[..., 2, :] = -float("inf")
+    out, lse, grads, lse64 = check_ops(backend, q, k, v, mask, is_causal)
+    dead = torch.isneginf(lse64)
+    assert dead.any() == (mshape[-2] > 1)
+    assert (out[dead] == 0).all() and torch.isneginf(lse[dead]).all() and (grads[0][dead] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_masked_with_finfo_min_averages_v(dtype, backend, device):
+    """A query row whose every key is masked with finfo.min (not −inf) stays finite, as in torch: all its
+    scores round to the same value, so its output is the plain average of V, as torch's SDPA gives in
+    float64. (The mask, scaled to base 2, would overflow to −inf without the kernels' clamp.) So does
+    the reference op, which takes P from the row maximum: at −3.4·10³⁸ the lse has no digits left for
+    ln S, and P = exp(z − lse) would be 1 for every key (the sum of V)."""
+    q, k, v = (torch.randn(1, 1, n, 64, device=device).to(dtype) for n in (4, 6, 6))
+    mask = torch.randn(1, 1, 4, 6, device=device).to(dtype)
+    mask[..., 1, :] = torch.finfo(dtype).min
+    assert sdpa_fwd.backend_for(q, k, v, mask, False, 0.25) == (backend if kernel_takes(backend, q, k, v, mask)
+                                                                 else "reference")
+    out, lse = sdpa_fwd(q, k, v, mask, False, 0.25)
+    assert torch.isfinite(lse).all()
+    assert_close(out[0, 0, 1], v[0, 0].double().mean(0), dtype)
+    torch64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(), scale=0.25)
+    assert_close(out[0, 0, 1], torch64[0, 0, 1], dtype)
+
+
+@pytest.mark.usefixtures("poison")
+def test_ops_on_strided_views(backend, device):
+    """(B, S, H, E) tensors passed as transposed views, v a slice of a wider tensor, and an expanded
+    mask (stride 0): the kernels read through the strides."""
+    q = torch.randn(1, 40, 4, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)
+    k = torch.randn(1, 70, 2, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)
+    v = torch.randn(1, 2, 70, 160, dtype=torch.bfloat16, device=device)[..., 16:80]
+    mask = (torch.rand(1, 1, 40, 70, device=device) > 0.2).expand(1, 4, 40, 70)
+    check_ops(backend, q, k, v, None, True)
+    check_ops(backend, q, k, v, mask, False, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_public_function_and_autograd_on_the_backend(dtype, backend, device):
+    q = torch.randn(2, 4, 9, 64, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 13, 64, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(2, 2, 13, 64, dtype=dtype, device=device, requires_grad=True)
+    ran = []
+    with observing(lambda op, served: ran.append((op, served))):
+        out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert ran == [("sdpa_fwd", backend), ("sdpa_bwd", backend)]
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with metalcore.use_backend("reference"):
+        out64 = sdpa(*leaves64, is_causal=True, enable_gqa=True)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert_within_torch_error(out, theirs, out64)
+    for g, t, e in zip(grads, torch.autograd.grad(theirs, (q, k, v), dout),
+                       torch.autograd.grad(out64, leaves64, dout.double())):
+        assert_within_torch_error(g, t, e)
+
+
+def test_ops_without_keys_or_queries(backend, device):
+    """An empty argument is answered by the op core (no launch): no keys give out = 0, lse = −inf and
+    zero gradients; no queries give empty outputs and zero dk, dv."""
+    q = torch.randn(1, 2, 5, 64, dtype=torch.float16, device=device)
+    kv = torch.randn(1, 1, 0, 64, dtype=torch.float16, device=device)
+    assert sdpa_fwd.backend_for(q, kv, kv, None, False, 0.25) == "reference"
+    out, lse = sdpa_fwd(q, kv, kv, None, False, 0.25)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv = sdpa_bwd(torch.randn_like(out), q, kv, kv, out, lse, None, False, 0.25)
+    assert (dq == 0).all() and dk.shape == kv.shape and dv.shape == kv.shape
+    q0 = q[:, :, :0]
+    out0, lse0 = sdpa_fwd(q0, q, q, None, False, 0.25)
+    assert out0.shape == (1, 2, 0, 64) and lse0.shape == (1, 2, 0)
+    dq0, dk0, dv0 = sdpa_bwd(out0, q0, q, q, out0, lse0, None, False, 0.25)
+    assert dq0.shape == q0.shape and (dk0 == 0).all() and (dv0 == 0).all()
+
+
+SCOPE = [  # (id, q/k/v dtype, E, Ev, mask dtype, the backends whose kernels take it)
+    ("bf16-E64", torch.bfloat16, 64, 64, None, {"triton", "metal"}),
+    ("fp16-E128-Ev64-bool", torch.float16, 128, 64, torch.bool, {"triton", "metal"}),
+    ("fp32", torch.float32, 64, 64, None, {"metal"}),
+    ("fp64", torch.float64, 64, 64, None, set()),
+    ("bf16-E32", torch.bfloat16, 32, 32, None, {"metal"}),
+    ("bf16-Ev48", torch.bfloat16, 64, 48, None, {"metal"}),
+    ("fp16-E129", torch.float16, 129, 129, None, set()),
+    ("fp32-Ev129", torch.float32, 16, 129, None, set()),
+    ("fp32-fp16-mask", torch.float32, 16, 16, torch.float16, set()),
+    ("fp32-fp64-mask", torch.float32, 16, 16, torch.float64, set()),
+]
+
+
+@pytest.mark.parametrize("dtype,E,Ev,mdtype,takers", [c[1:] for c in SCOPE], ids=[c[0] for c in SCOPE])
+def test_what_each_kernel_takes(dtype, E, Ev, mdtype, takers, backend, device):
+    q, k = (torch.randn(1, 2, 3, E, device=device, dtype=dtype) for _ in range(2))
+    v = torch.randn(1, 2, 3, Ev, device=device, dtype=dtype)
+    mask = None if mdtype is None else torch.zeros(1, 1, 3, 3, device=device, dtype=mdtype)
+    want = backend if backend in takers | {"reference"} else "reference"
+    assert kernel_takes(backend, q, k, v, mask) == (want == backend)
+    assert sdpa_fwd.backend_for(q, k, v, mask, False, 0.1) == want
+
+
+def test_opcheck_on_the_backend(backend, device):
+    q = torch.randn(1, 2, 5, 64, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, 7, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    assert sdpa_fwd.backend_for(q, k, v, None, True, 0.125) == backend
+    torch.library.opcheck(sdpa_fwd.custom_op, (q, k, v, None, True, 0.125))
+    out, lse = sdpa_fwd(q, k, v, None, True, 0.125)
+    dout = torch.randn_like(out)
+    assert sdpa_bwd.backend_for(dout, q, k, v, out, lse, None, True, 0.125) == backend
+    torch.library.opcheck(sdpa_bwd.custom_op, (dout, q, k, v, out, lse, None, True, 0.125))
+
+
+# --- Triton's own paths ----------------------------------------------------------------------------
+
+def triton_kernels():
+    return importlib.import_module("metalcore.nn.attention_triton")
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_triton_forward_through_tensor_descriptors(is_causal, device, monkeypatch, triton_backend):
+    """The TMA forward (descriptors instead of pointers): ragged blocks at both ends, GQA, a
+    transposed sequence-first q, and a mask; a misaligned view falls back to the pointer path."""
+    monkeypatch.setattr(triton_kernels(), "FWD_TMA", True)
+    q = torch.randn(1, 130, 4, 64, dtype=torch.bfloat16, device=device).transpose(1, 2)
+    k, v = (torch.randn(1, 2, 70, 64, dtype=torch.bfloat16, device=device) for _ in range(2))
+    assert all(triton_kernels()._tma_ready(t) for t in (q, k, v))
+    check_ops("triton", q, k, v, None, is_causal)
+    check_ops("triton", q, k, v, torch.randn(1, 1, 130, 70, device=device), is_causal)
+    assert not triton_kernels()._tma_ready(torch.randn(1, 2, 70, 65, dtype=torch.bfloat16, device=device)[..., 1:])
+
+
+def test_triton_cpu_tensors_really_run_the_interpreted_kernel(triton_backend):
+    kernel = triton_kernels()._sdpa_fwd_kernel
+    x = torch.randn(1, 1, 3, 64, dtype=torch.float16)
+    kernel.interpreted = None
+    sdpa_fwd(x, x, x, None, True, 0.125)
+    assert kernel.interpreted is not None and kernel.compiled is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 32, 32, 2048, 128), (8, 16, 16, 1024, 64), (4, 32, 8, 2048, 128)],
+                         ids=lambda s: f"B{s[0]}-H{s[1]}-Hkv{s[2]}-S{s[3]}-E{s[4]}")
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_gpu_full_size(shape, is_causal, device, triton_backend):
+    """Full sizes, compiled, against torch in float32 (the float64 reference would hold B·H·S² scores
+    of 8 bytes: 4 GiB at the first shape)."""
+    B, H, Hkv, S, E = shape
+    leaves = [torch.randn(B, n, S, E, dtype=torch.bfloat16, device=device).requires_grad_() for n in (H, Hkv, Hkv)]
+    out, _ = sdpa_fwd(*leaves, None, is_causal, E ** -0.5)
+    theirs = torch_sdpa(*leaves, None, is_causal, E ** -0.5)
+    leaves32 = [t.detach().float().requires_grad_() for t in leaves]
+    expected = torch_sdpa(*leaves32, None, is_causal, E ** -0.5)
+    assert_within_torch_error(out, theirs, expected)
+    dout = torch.randn_like(out)
+    for ours, t, e in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(theirs, leaves, dout),
+                          torch.autograd.grad(expected, leaves32, dout.float())):
+        assert_within_torch_error(ours, t, e)
