@@ -16,7 +16,8 @@ from linalg_matrices import scale_of
 from metalcore import _metal
 from metalcore.linalg import qr_blocked_metal
 from metalcore.linalg.qr import qr_op
-from oracle import assert_lapack_ratio, assert_like_torch, assert_within_torch_error, orthogonality_ratio, residual_ratio
+from oracle import (assert_lapack_ratio, assert_like_torch, assert_within_torch_error, orthogonality_ratio,
+                    residual_ratio)
 
 
 PANELS = ("kernel", "geqrf", "recursive")
