@@ -9,7 +9,6 @@ through transposed indexing (no copies beyond making operands contiguous). float
 
 import math
 
-import torch
 from torch import Tensor
 
 from metalcore import _metal

@@ -97,7 +97,7 @@ def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
              attn_mask: Optional[Tensor], is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Reference backward: recomputes ``P`` from the scores (``lse`` is unused here: see ``_probs``), then the
     formulas in the module docstring."""
-    acc, (B, heads, L, E), (_, kv_heads, S, Ev) = _acc(q), q.shape, v.shape
+    acc, (B, heads, _, E), (_, kv_heads, S, Ev) = _acc(q), q.shape, v.shape
     qf, do = q.to(acc), dout.to(acc)
     kf, vf = _expand_heads(k, heads).to(acc), _expand_heads(v, heads).to(acc)
     p = _probs(_scores(qf, kf, attn_mask, is_causal, scale, acc))
