@@ -124,7 +124,7 @@ def served_by(op: _Op, A: torch.Tensor) -> str:
 
     registered = registered_ops()[op.key]
     args = op.op_args(A)
-    if registered.prefers_torch(*args):
+    if registered.plan(*args).prefers_torch:
         return "torch"
     backend = registered.backend_for(*args)
     if backend not in registered.kernels:
