@@ -125,7 +125,7 @@ def _forced_small(tiny):
     from metalcore.linalg import qr_triton
 
     qr_triton.SMALL_MAX = 16
-    qr_triton.BATCHED_NB = 8
+    qr_triton.BATCHED_NB_SMALL = qr_triton.BATCHED_NB_LARGE = 8
     qr_blocked.PANEL_KERNEL_MAX = 16
 
 

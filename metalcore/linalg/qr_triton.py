@@ -56,12 +56,18 @@ BLOCK_PANEL = "auto"
 # tall-panel factorization (TSQR with Householder reconstruction) is what would move it.
 BLOCKED_AUTO_MIN_SIDE: int | None = None
 # Batches of matrices beyond the tile: the blocked QR is chosen automatically from this many matrices
-# (None: never), with panels of BATCHED_NB columns that the tall-panel kernel factors one program per
+# (None: never), with panels of batched_nb() columns that the tall-panel kernel factors one program per
 # matrix (qr_blocked.TALL_MIN_BATCH), where cuSOLVER runs geqrf + orgqr one matrix after another.
-# Predicted, to be set from the H100 run of bench/scripts/qr_large_check.py --batched
-# (bench/linalg.md, "batched blocked QR"): 3-40x torch from 64x256² to 24x3072², so from 2 on.
-BATCHED_AUTO_MIN_BATCH: int | None = 2
-BATCHED_NB = 64
+# H100, fp32, wall per call (bench/results/qr-batched-h100-20261206.log): 64x256² 2.7 ms against
+# torch's 49.5 (18x), 16x512² 6.3x, 8x1024² 4.0x, 62x768² 21x, 12x2304² 3.0x, 24x3072² 3.2x; fp64
+# 64x256² 15x, 8x1024² 1.65x. Batches under 8 were not measured: one program per matrix leaves most
+# of the card idle there (a single 4096² runs 3x slower than cuSOLVER), so they stay with cuSOLVER.
+# Where a card's selection table has qr points, those decide instead.
+BATCHED_AUTO_MIN_BATCH: int | None = 8
+# Panel width by side, from the same run: 64 columns up to 512 (fewer launches: 64x256² 2.6 ms
+# against 4.5 at 32, which is host-bound), 32 above (less panel traffic: 8x1024² 9.1 ms against 14.2,
+# 24x3072² 145 against 162).
+BATCHED_NB_SMALL, BATCHED_NB_LARGE, BATCHED_NB_SPLIT = 64, 32, 512
 
 
 @jit
@@ -188,7 +194,9 @@ def _automatic(A: Tensor, *rest) -> bool:
 def _block_nb(A: Tensor) -> int:
     """Panel width of the blocked path: narrower for batches, whose tall-panel kernel moves ~4·h·nb²
     bytes per panel, than for one matrix, whose cuSOLVER panels are fastest at 128."""
-    return BATCHED_NB if _batch(A) >= qr_blocked.TALL_MIN_BATCH else BLOCK_NB
+    if _batch(A) < qr_blocked.TALL_MIN_BATCH:
+        return BLOCK_NB
+    return BATCHED_NB_SMALL if min(A.shape[-2:]) <= BATCHED_NB_SPLIT else BATCHED_NB_LARGE
 
 
 @qr_op.implement("triton", supports=_supports, automatic=_automatic)

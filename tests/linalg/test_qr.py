@@ -377,7 +377,8 @@ def small_tile(monkeypatch):
     module = qr_module()
     monkeypatch.setattr(module, "SMALL_MAX", 16)
     monkeypatch.setattr(module, "BLOCK_NB", 8)
-    monkeypatch.setattr(module, "BATCHED_NB", 8)
+    monkeypatch.setattr(module, "BATCHED_NB_SMALL", 8)
+    monkeypatch.setattr(module, "BATCHED_NB_LARGE", 8)
     return module
 
 
@@ -460,7 +461,8 @@ def test_large_batched_geqr2_is_geqrf(small_panel_tile):
 
 def test_batched_blocked_qr_is_automatic_from_the_batch_rule(monkeypatch):
     """Batches beyond the tile take the blocked path automatically from BATCHED_AUTO_MIN_BATCH
-    matrices (None: never), with BATCHED_NB-wide panels; one matrix keeps BLOCK_NB."""
+    matrices (None: never), with panels of BATCHED_NB_SMALL columns up to BATCHED_NB_SPLIT and
+    BATCHED_NB_LARGE above; one matrix keeps BLOCK_NB."""
     module = qr_module()
     monkeypatch.setattr(module, "BLOCKED_AUTO_MIN_SIDE", None)
     monkeypatch.setattr(module, "BATCHED_AUTO_MIN_BATCH", 4)
@@ -471,7 +473,8 @@ def test_batched_blocked_qr_is_automatic_from_the_batch_rule(monkeypatch):
     monkeypatch.setattr(module, "BATCHED_AUTO_MIN_BATCH", None)
     assert not module._automatic(torch.empty(64, 256, 256), "reduced")
     assert module._automatic(torch.empty(64, 128, 128), "reduced")   # the register-tile kernel
-    assert module._block_nb(torch.empty(2, 200, 150)) == module.BATCHED_NB
+    assert module._block_nb(torch.empty(2, 200, 150)) == module.BATCHED_NB_SMALL
+    assert module._block_nb(torch.empty(2, 1024, 768)) == module.BATCHED_NB_LARGE
     assert module._block_nb(torch.empty(1, 200, 150)) == module.BLOCK_NB
 
 
