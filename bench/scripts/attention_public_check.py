@@ -29,10 +29,6 @@ Two parts, in one run:
    forward only (the backward must stay on Triton: same time as the whole-step block, not the
    reference's).
 
-3. **Probe** (CUDA, last, after the JSON is written once): whether torch's SDPA, per kernel and
-   automatically, refuses a value whose sequence length differs from key's (its CPU kernel reads
-   past the end instead; the public function checks it itself, ~0.25 us a call).
-
 Exit status 1 when a check fails or a ratio is below ``--min-ratio``.
 """
 
@@ -296,29 +292,6 @@ def semantic_checks(device):
     return results
 
 
-def value_length_probe(device):
-    """Per torch kernel, whether torch's SDPA itself refuses a value whose S differs from key's (its
-    CPU kernel does not: it reads past the end). If every CUDA kernel refuses it, the public function's
-    own check (two shape reads, ~0.25 us a call) could be left to torch on CUDA. Run last: a kernel
-    that accepts it reads one row past value's end."""
-    q = torch.randn(1, 8, 1, 128, device=device, dtype=torch.bfloat16)
-    k = torch.randn(1, 8, 512, 128, device=device, dtype=torch.bfloat16)
-    v = torch.randn(1, 8, 511, 128, device=device, dtype=torch.bfloat16)
-    found = {}
-    for kernel in (None, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                   SDPBackend.MATH):
-        name = "automatic" if kernel is None else kernel.name
-        try:
-            with sdpa_kernel([kernel]) if kernel is not None else contextlib.nullcontext():
-                F.scaled_dot_product_attention(q, k, v)
-            sync(device)
-            found[name] = "accepted"
-        except RuntimeError as e:
-            message = str(e).splitlines()[0]
-            found[name] = "not viable" if message.startswith("No viable backend") else "refused: " + message[:100]
-    return found
-
-
 def commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -366,11 +339,6 @@ def main():
                 commit=commit(), tiny=args.tiny, calls=calls, repeats=args.repeats)
     with open(args.out, "w") as f:
         json.dump(dict(info=info, checks=checks, timings=rows), f, indent=1)
-    if device.type == "cuda":
-        probe = value_length_probe(device)
-        print("value with S != key's S, torch's SDPA per kernel: " + "; ".join(f"{k} {v}" for k, v in probe.items()))
-        with open(args.out, "w") as f:
-            json.dump(dict(info=info, checks=checks, timings=rows, value_length_probe=probe), f, indent=1)
     failed = any(not c["ok"] for c in checks) or (not args.tiny and worst < args.min_ratio)
     return 1 if failed or math.isnan(worst) else 0
 
