@@ -152,9 +152,6 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool, *, num_warps: int | Non
 # fp64 on CUDA up to n = 64: at 64×128 fp64 the clustered-spectrum family's QᵀQ ratio was 38.9 on
 # the H100 (bar 30; fp32 and every other family passed), so fp64 above 64 goes to cuSOLVER.
 CUDA_FP64_MAX_N = 64
-# The register-tile kernel (eigh_batched_triton) serves n up to this; 0 until it has been timed on
-# the H100 against the scratch kernel and the peers (bench/scripts/batched_eigh_svd_check.py).
-REGISTER_ROUTE_MAX_N = 0
 
 
 def _jacobi_supported(A: Tensor) -> bool:
@@ -217,9 +214,6 @@ def _eigh_triton(A, UPLO, compute_v):
     path = route("eigh", "triton", (A, UPLO, compute_v))
     if path is not None:
         return path.fn(A, UPLO, compute_v)
-    n = A.shape[-1]
     if _cusolver_preferred(A) or not _jacobi_supported(A):
         return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)
-    if n <= REGISTER_ROUTE_MAX_N:
-        return eigh_registers(A, UPLO == "U", compute_v)
     return eigh_launch(A, UPLO == "U", compute_v)

@@ -172,14 +172,15 @@ def test_register_eigh_nan_stays_in_its_matrix(triton_backend):
 
 
 def test_register_eigh_serves_the_op_when_routed(triton_backend, monkeypatch):
-    from metalcore.linalg import eigh_batched_triton, eigh_triton
+    from metalcore import _selection
+    from metalcore.linalg import eigh_triton
     calls = []
     original = eigh_triton.eigh_registers
     monkeypatch.setattr(eigh_triton, "eigh_registers", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(eigh_triton, "REGISTER_ROUTE_MAX_N", eigh_batched_triton.REGISTER_MAX_N)
     A = symmetric((2,), 7)
-    L, Q = metalcore.linalg.eigh(A)
-    assert calls, "n <= REGISTER_ROUTE_MAX_N goes to the register kernel"
+    with _selection.use_path("eigh", "registers"):
+        L, Q = metalcore.linalg.eigh(A)
+    assert calls, "the 'registers' path runs the register kernel"
     assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), "routed")
 
 
