@@ -41,7 +41,9 @@ class _EnvironmentFlag:
         # CPython's os._Environ keeps the encoded variables in ``_data``; elsewhere read os.environ.
         self._data = getattr(os.environ, "_data", os.environ)
         self._key = os.environ.encodekey(name) if self._data is not os.environ else name
-        self._raw: object = object()
+        # Never an environment value (those cannot hold NUL), and a constant torch.compile can
+        # compare: an ``object()`` sentinel made dynamo fail a compiled first call.
+        self._raw: bytes | str | None = "\0"
         self._value: str | bool = ""
 
     def get(self) -> str | bool:

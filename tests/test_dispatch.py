@@ -147,3 +147,22 @@ def test_kernels_kept_out_of_automatic_selection_still_serve_explicit_requests(m
         assert rms_norm_fwd.backend_for(x, None, 1e-6, 0.0) == "triton"
         metalcore.rms_norm(x, 4)
     assert calls == [(2, 4)]
+
+
+def test_a_compiled_first_call_in_a_fresh_process():
+    """The environment flags' first read may happen inside dynamo's trace (here the public attention
+    function, compiled before any eager metalcore call): their unset-value sentinel must be a
+    constant dynamo can compare (an ``object()`` failed the trace)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, torch.nn.functional as F, metalcore
+        q, k, v = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+        compiled = torch.compile(metalcore.metal_scaled_dot_product_attention, fullgraph=True)
+        out = compiled(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
