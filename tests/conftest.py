@@ -95,6 +95,13 @@ def executor():
 
 
 @pytest.fixture
+def _metal_backend(executor):
+    """Every metalcore op in the test on the Metal backend (the shader executor)."""
+    with metalcore.use_backend("metal"):
+        yield
+
+
+@pytest.fixture
 def metal_outputs_poisoned(monkeypatch):
     """Kernel outputs start as NaN, so that an element a kernel never writes fails the comparison."""
     monkeypatch.setattr(metalcore._metal, "poison_outputs", True)

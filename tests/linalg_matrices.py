@@ -13,10 +13,23 @@ of side 16-33 (κ ~ 100-1500). Ill-conditioned inputs are judged by LAPACK's rat
 
 import torch
 
+from metalcore import _metal
+
 SIZES = (1, 2, 3, 5, 8, 16, 31, 33)
 BATCHES = ((), (0,), (7,), (2, 3))
 DTYPES = (torch.float32, torch.float64)
 KINDS = ("random", "ill", "rank", "cluster", "graded", "tiny", "huge")
+# The families the Metal kernels' hard-input tests run.
+HARD = ("ill", "cluster", "graded", "tiny", "huge")
+
+# The Metal linalg kernels' sizes stop at METALCORE_LINALG_MAX_N (64, the largest float32 tile that
+# leaves room in Apple's 32 KiB of threadgroup memory); beyond it, and for float64, the ops stay on
+# the reference.
+METAL_MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
+METAL_SIZES = (1, 2, 3, 5, 16, 31, 33, METAL_MAX_N)
+# Each size meets two of the four batch shapes (i and i + 2 mod 4), so each batch shape meets half
+# the sizes, and every op's cases include (), (0,), (7,) and (2, 3) and the size limit.
+METAL_CASES = [(BATCHES[(i + j) % 4], n) for i, n in enumerate(METAL_SIZES) for j in (0, 2)]
 
 
 def case_id(batch, *dims) -> str:

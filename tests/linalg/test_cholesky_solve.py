@@ -13,6 +13,7 @@ from cases import BATCHES, DTYPES, SIZES, noncontiguous, shape_id
 from linalg_matrices import BATCHES as BATCHES_triton, DTYPES as DTYPES_triton, SIZES as SIZES_triton, case_id, spd as spd_triton
 from linalg_matrices import solve_ratio
 from linalg_matrices import BATCHES as BATCHES_metal, spd as spd_metal
+from linalg_matrices import METAL_MAX_N as MAX_N, METAL_SIZES as SIZES_metal
 from metalcore import _metal
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from oracle import assert_lapack_ratio, assert_like_torch, vjp
@@ -193,16 +194,8 @@ def test_gpu_cholesky_solve_full_size(batch, n, k, dtype, device):
 
 
 F32 = torch.float32
-MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
-SIZES_metal = (1, 2, 3, 5, 16, 31, 33, MAX_N)
 # k = 9 and 70 give SIMD-groups several columns each (8 SIMD-groups a threadgroup).
 CASES_metal = [(BATCHES_metal[i % 4], n, (1, 9, 70)[i % 3], i % 2 == 1) for i, n in enumerate(SIZES_metal)]
-
-
-@pytest.fixture
-def _metal_backend(executor):
-    with metalcore.use_backend("metal"):
-        yield
 
 
 def _solve(B, L, upper):

@@ -8,6 +8,7 @@ from backends import expected_backend
 import metalcore
 from cases import DTYPES, noncontiguous, shape_id
 from linalg_matrices import BATCHES, case_id, general, scale_of
+from linalg_matrices import METAL_MAX_N as MAX_N, METAL_SIZES as SIZES
 from metalcore import _metal
 from metalcore.linalg.householder import geqr2_op, householder_product_op, larfb_composite, larft_composite
 from metalcore.linalg.householder import geqr2, larfb, larfb_op, larft, larft_op
@@ -254,8 +255,6 @@ def test_larfb_triton_matches_ormqr(triton_backend, left, transpose, dtype):
 
 
 F32 = torch.float32
-MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
-SIZES = (1, 2, 3, 5, 16, 31, 33, MAX_N)
 
 
 def _shape(i, j):
@@ -268,12 +267,6 @@ def _shape(i, j):
 CASES_metal = [(BATCHES[(i + j) % 4], *_shape(i, j)) for i in range(len(SIZES)) for j in (0, 2)]
 CASE_IDS_metal = [case_id(b, m, n) for b, m, n in CASES_metal]
 HARD = ("ill", "rank", "graded", "tiny", "huge")
-
-
-@pytest.fixture
-def _metal_backend(executor):
-    with metalcore.use_backend("metal"):
-        yield
 
 
 def reflectors_metal(batch, m, k):

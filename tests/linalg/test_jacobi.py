@@ -14,6 +14,7 @@ from backends import expected_backend
 import metalcore
 from linalg_matrices import BATCHES, orthogonal
 from linalg_matrices import DTYPES, KINDS, case_id, general, scale_of, symmetric
+from linalg_matrices import METAL_MAX_N as MAX_N
 from metalcore import _metal
 from metalcore.linalg import eigh_metal, svd_metal
 from metalcore.linalg.eigh import eigh_op
@@ -262,7 +263,6 @@ def test_gpu_eigh_svd_full_size(batch, n, dtype, device, request):
 
 F32 = torch.float32
 EPS = torch.finfo(F32).eps
-MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
 SIZES = (1, 2, 3, 5, 8, 16, 31, 33, MAX_N)
 # Each size meets two of the four batch shapes, so each batch shape meets half the sizes.
 EIGH_CASES_metal = [(BATCHES[(i + j) % 4], n) for i, n in enumerate(SIZES) for j in (0, 2)]
@@ -271,12 +271,6 @@ OTHER = dict(zip(SIZES, SIZES[3:] + SIZES[:3]))
 SVD_CASES_metal = ([(BATCHES[i % 4], n, OTHER[n]) for i, n in enumerate(SIZES)]
              + [(BATCHES[(i + 2) % 4], OTHER[n], n) for i, n in enumerate(SIZES)]
              + [(BATCHES[i % 4], n, n) for i, n in enumerate((1, 2, 5, 33, MAX_N))])
-
-
-@pytest.fixture
-def _metal_backend(executor):
-    with metalcore.use_backend("metal"):
-        yield
 
 
 # --- eigh -------------------------------------------------------------------------------------------

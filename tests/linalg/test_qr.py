@@ -8,7 +8,8 @@ from backends import expected_backend
 import metalcore
 from cases import BATCHES, DTYPES, SIZES, noncontiguous, shape_id
 from linalg_matrices import BATCHES as BATCHES_triton, DTYPES as DTYPES_triton, KINDS, SIZES as SIZES_triton
-from linalg_matrices import BATCHES as BATCHES_metal, case_id, general, scale_of
+from linalg_matrices import case_id, general, scale_of
+from linalg_matrices import HARD, METAL_CASES as CASES_metal, METAL_MAX_N as MAX_N, METAL_SIZES as SIZES_metal
 from metalcore import _metal
 from metalcore.linalg.householder import geqr2, geqr2_op, householder_product_op
 from metalcore.linalg.qr import qr_op
@@ -126,24 +127,9 @@ def test_qr_compiles_without_graph_breaks():
 # test ratios (tests/oracle.py) over odd sizes, batch shapes and hard matrix families, with info and
 # NaN confinement per batch element compared with torch.
 #
-# Sizes stop at METALCORE_LINALG_MAX_N (64, the largest float32 tile that leaves room in Apple's
-# 32 KiB of threadgroup memory); beyond it, and for float64, the ops stay on the reference.
-
-
+# The Metal kernels' cases: sizes up to METALCORE_LINALG_MAX_N (tests/linalg_matrices.py).
 F32 = torch.float32
-MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
-SIZES_metal = (1, 2, 3, 5, 16, 31, 33, MAX_N)
-# Each size meets two of the four batch shapes (i and i + 2 mod 4), so each batch shape meets half
-# the sizes, and every op's cases include (), (0,), (7,) and (2, 3) and the size limit.
-CASES_metal = [(BATCHES_metal[(i + j) % 4], n) for i, n in enumerate(SIZES_metal) for j in (0, 2)]
 CASE_IDS_metal = [case_id(b, n) for b, n in CASES_metal]
-HARD = ("ill", "cluster", "graded", "tiny", "huge")
-
-
-@pytest.fixture
-def _metal_backend(executor):
-    with metalcore.use_backend("metal"):
-        yield
 
 
 MODES = ("reduced", "complete", "r")

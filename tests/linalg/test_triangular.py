@@ -10,7 +10,7 @@ import metalcore
 from cases import DTYPES, noncontiguous
 from linalg_matrices import DTYPES as DTYPES_triton_gpu
 from linalg_matrices import BATCHES as BATCHES_triton, DTYPES as DTYPES_triton, SIZES as SIZES_triton, case_id, scale_of, solve_ratio, spd
-from linalg_matrices import BATCHES as BATCHES_metal
+from linalg_matrices import METAL_CASES as CASES, METAL_MAX_N as MAX_N
 from metalcore import _metal
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.triangular import solve_triangular_op
@@ -252,24 +252,9 @@ def test_gpu_cholesky_and_trsm_full_size(batch, n, dtype, device):
 # test ratios (tests/oracle.py) over odd sizes, batch shapes and hard matrix families, with info and
 # NaN confinement per batch element compared with torch.
 #
-# Sizes stop at METALCORE_LINALG_MAX_N (64, the largest float32 tile that leaves room in Apple's
-# 32 KiB of threadgroup memory); beyond it, and for float64, the ops stay on the reference.
-
-
+# The Metal kernels' cases: sizes up to METALCORE_LINALG_MAX_N (tests/linalg_matrices.py).
 F32 = torch.float32
-MAX_N = _metal.constants()["METALCORE_LINALG_MAX_N"]
-SIZES_metal = (1, 2, 3, 5, 16, 31, 33, MAX_N)
-# Each size meets two of the four batch shapes (i and i + 2 mod 4), so each batch shape meets half
-# the sizes, and every op's cases include (), (0,), (7,) and (2, 3) and the size limit.
-CASES = [(BATCHES_metal[(i + j) % 4], n) for i, n in enumerate(SIZES_metal) for j in (0, 2)]
 CASE_IDS = [case_id(b, n) for b, n in CASES]
-HARD = ("ill", "cluster", "graded", "tiny", "huge")
-
-
-@pytest.fixture
-def _metal_backend(executor):
-    with metalcore.use_backend("metal"):
-        yield
 
 
 FLAGS_metal = list(itertools.product([False, True], [True, False], [False, True]))

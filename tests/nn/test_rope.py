@@ -391,12 +391,6 @@ DTYPES_metal = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS_metal = {1: "BHSD", 2: "BSHD"}
 
 
-@pytest.fixture
-def _metal_backend(executor):
-    with metalcore.use_backend("metal"):
-        yield
-
-
 def oracle_metal(q, k, cos, sin, unsqueeze_dim):
     """Hugging Face's apply_rotary_pos_emb (run in float64)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
