@@ -285,7 +285,13 @@ class MetalcoreOp:
             backend, fn, limit = "reference", self.reference, None
         else:
             backend, kernel = self._choose(args, device)
-            fn = self.reference if kernel is None else kernel.fn
+            if kernel is None:
+                fn = self.reference
+            else:
+                # An alternative path of the kernel (a register tile, batched cuSOLVER) where it is
+                # forced or the measured table chose it.
+                path = _selection.route(self.name, backend, args)
+                fn = kernel.fn if path is None else path.fn
             limit = self.max_batch.get(device.type) if kernel is None else kernel.max_batch
         if limit is not None and self._batched:
             batches = {args[i].shape[:-2] for i in self._batched}

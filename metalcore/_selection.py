@@ -80,10 +80,12 @@ _PATHS: dict[tuple[str, str], dict[str, AlternativePath]] = {}
 # op → the path forced by use_path. Process-wide like use_backend, for the same reason (autograd's
 # device threads).
 _forced: dict[str, str] = {}
-# Decisions of route() by call metadata; emptied when tables or paths change, and when full (a sweep
-# over shapes must not grow memory without bound).
-_routes: dict[tuple[Any, ...], AlternativePath | None] = {}
-_MAX_ROUTES = 4096
+
+
+def _clear_plans() -> None:
+    from metalcore._op import clear_plans   # here: the op core imports this module
+
+    clear_plans()
 
 
 def register_path(op: str, backend: str, name: str, *, supports: Callable[..., bool]
@@ -96,7 +98,7 @@ def register_path(op: str, backend: str, name: str, *, supports: Callable[..., b
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         _PATHS.setdefault((op, backend), {})[name] = AlternativePath(op, backend, name, fn, supports)
         _known.cache_clear()
-        _routes.clear()
+        _clear_plans()
         return fn
 
     return register
@@ -122,6 +124,7 @@ def use_path(op: str, name: str) -> Iterator[None]:
         raise ValueError(f"metalcore.{op} has no path {name!r}; it has: {', '.join(known)}")
     previous = _forced.get(op)
     _forced[op] = name
+    _clear_plans()   # the path is part of each plan
     try:
         yield
     finally:
@@ -129,14 +132,14 @@ def use_path(op: str, name: str) -> Iterator[None]:
             del _forced[op]
         else:
             _forced[op] = previous
+        _clear_plans()
 
 
 def route(op: str, backend: str, args: tuple[Any, ...]) -> AlternativePath | None:
     """The alternative path ``op``'s ``backend`` kernel runs for ``args``, or None for its own
     routing: the forced one, else the one the measured table chose (where it takes the input).
-    Decided once per (shape, dtype, device, variant) and kept: ~0.7 µs a call on the 2-core CI
-    machine (5.6 µs when the table's coordinates were looked up afresh), nothing for an op without
-    alternatives."""
+    The op core asks once per call signature and keeps the answer in the call's plan (~5.6 µs a
+    decision on the 2-core CI machine, nothing a call after it)."""
     registered = _PATHS.get((op, backend))
     forced = _forced.get(op)
     if forced is not None:
@@ -153,18 +156,8 @@ def route(op: str, backend: str, args: tuple[Any, ...]) -> AlternativePath | Non
     if not registered:
         return None
     A = args[_MATRIX_ARG.get(op, 0)]
-    key = (op, backend, A.shape, A.dtype, A.device, args[2] if op in _VARIANT_ARG else None)
-    try:
-        return _routes[key]
-    except KeyError:
-        pass
     path = registered.get(measured_path(op, backend, A.device, args))
-    if path is not None and not path.supports(*args):
-        path = None
-    if len(_routes) >= _MAX_ROUTES:
-        _routes.clear()
-    _routes[key] = path
-    return path
+    return path if path is not None and path.supports(*args) else None
 
 
 def _describe(args: tuple[Any, ...]) -> str:
@@ -285,13 +278,10 @@ def _table_file(kind: str) -> Path | None:
 def reload() -> None:
     """Forget loaded tables (after the sweep rewrites one, or a test swaps ``TABLE_DIR``) and the
     decisions taken from them."""
-    from metalcore._op import clear_plans   # here: the op core imports this module
-
     _load.cache_clear()
     _lookup.cache_clear()
     _warn_unknown.cache_clear()
-    _routes.clear()
-    clear_plans()
+    _clear_plans()
 
 
 def coordinates(op: str, args: tuple[Any, ...]) -> tuple[str, str, int, int] | None:

@@ -39,7 +39,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore._selection import register_path, route
+from metalcore._selection import register_path
 from metalcore._triton import jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg import cusolver_batched
@@ -211,9 +211,6 @@ def _eigh_cusolver_path(A, UPLO, compute_v):
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),
                    automatic=_automatic)
 def _eigh_triton(A, UPLO, compute_v):
-    path = route("eigh", "triton", (A, UPLO, compute_v))
-    if path is not None:
-        return path.fn(A, UPLO, compute_v)
     if _cusolver_preferred(A) or not _jacobi_supported(A):
         return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)
     return eigh_launch(A, UPLO == "U", compute_v)

@@ -43,7 +43,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore._selection import register_path, route
+from metalcore._selection import register_path
 from metalcore._triton import jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
@@ -254,9 +254,6 @@ def _svd_registers_path(A, full_matrices, compute_uv):
 # Sides from 129 to 1023 stay on cuSOLVER (not timed).
 @svd_op.implement("triton", supports=_supported)
 def _svd_triton(A, full_matrices, compute_uv):
-    path = route("svd", "triton", (A, full_matrices, compute_uv))
-    if path is not None:
-        return path.fn(A, full_matrices, compute_uv)
     if _small(A):
         return svd_launch(A, full_matrices, compute_uv)
     return svd_large(A, full_matrices, compute_uv)
