@@ -131,6 +131,25 @@ def test_sweep_smoke_on_the_interpreter(monkeypatch, tmp_path):
     assert parsed.prefers_kernel("cholesky_ex", "", "float32", 3, 1) is (points[0]["winner"] == "kernel")
 
 
+def test_check_confirms_a_violation_on_more_calls(monkeypatch):
+    """A point that fails on the check's few calls is timed again on more, and that timing decides;
+    the first stays in the point. A failure that the second timing repeats stays a violation."""
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    for second, violates in (({"torch": 200e-6, "auto": 201e-6}, False), ({"torch": 200e-6, "auto": 230e-6}, True)):
+        calls = []
+
+        def timed(fns, device, budget_s, max_reps, min_reps=selection.MIN_REPS, second=second):
+            calls.append(max_reps)
+            return {"torch": 200e-6, "auto": 240e-6} if len(calls) == 1 else dict(second)
+
+        monkeypatch.setattr(selection, "wall_times", timed)
+        points, violations = selection.check(torch.device("cpu"), [s], lambda m: None, [torch.float64], [2], [1])
+        (p,) = points
+        assert calls == [selection.CHECK_MAX_REPS, selection.CONFIRM_REPS]
+        assert p["first"] == {"torch_s": 200e-6, "auto_s": 240e-6}
+        assert p["auto_s"] == second["auto"] and p["violation"] is violates and len(violations) == int(violates)
+
+
 def test_extrapolates_calls_past_the_long_call_limit(monkeypatch):
     """A point predicted longer than LONG_CALL_S from the previous batch is not run but scaled."""
     monkeypatch.setattr(selection, "LONG_CALL_S", 0.0)
