@@ -150,6 +150,17 @@ def test_check_confirms_a_violation_on_more_calls(monkeypatch):
         assert p["auto_s"] == second["auto"] and p["violation"] is violates and len(violations) == int(violates)
 
 
+def test_check_extrapolates_the_automatic_path_where_it_is_torchs_long_call(monkeypatch):
+    """Where the automatic path gives the inputs to torch and torch's call is extrapolated, the
+    automatic one is too, with torch's time, whatever it took at the previous batch."""
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    monkeypatch.setattr(selection, "LONG_CALL_S", 0.5)
+    monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: {n: {"torch": 1.0, "auto": 1e-6}[n] for n in fns})
+    points, _ = selection.check(torch.device("cpu"), [s], lambda m: None, [torch.float64], [2], [1, 16])
+    assert points[1]["torch_s"] == points[1]["auto_s"] == 16.0
+    assert sorted(points[1]["extrapolated"]) == ["auto", "torch"]
+
+
 def test_extrapolates_calls_past_the_long_call_limit(monkeypatch):
     """A point predicted longer than LONG_CALL_S from the previous batch is not run but scaled."""
     monkeypatch.setattr(selection, "LONG_CALL_S", 0.0)
