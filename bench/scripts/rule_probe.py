@@ -1,0 +1,80 @@
+"""Where a point of the selection check fails on the torch route, time its pieces apart.
+
+    python bench/scripts/rule_probe.py [--reps 400] [--out probe.json]
+
+For each probed point (op, shape, dtype): torch's own call, metalcore's public function (the torch
+route after its first call), and the route's twin called directly (the same torch call behind
+metalcore's thin wrapper, without the route's key and lookup), as wall time per synchronised call,
+medians over ``--reps`` interleaved rounds, in both orders (torch first, then metalcore first), so
+that an order effect shows as a difference between the two rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import metalcore
+from metalcore.nn.activations import _silu_torch
+from metalcore.nn.rms_norm import _rms_norm_torch
+
+
+def _cases(device: torch.device):
+    def rows(r, w, dtype=torch.float32):
+        return torch.randn(r, w, device=device, dtype=dtype)
+
+    for r, w in ((1, 4096), (1, 128), (32768, 1024), (4096, 8192)):
+        x, wt = rows(r, w), torch.randn(w, device=device)
+        yield f"rms_norm {r}x{w} fp32", {
+            "torch": lambda x=x, wt=wt: F.rms_norm(x, (x.shape[-1],), wt, 1e-6),
+            "public": lambda x=x, wt=wt: metalcore.rms_norm(x, (x.shape[-1],), wt, 1e-6),
+            "twin": lambda x=x, wt=wt: _rms_norm_torch(x, (x.shape[-1],), wt, 1e-6)}
+    for r, w in ((1, 4096), (4096, 8192)):
+        x = rows(r, w)
+        yield f"silu {r}x{w} fp32", {"torch": lambda x=x: F.silu(x), "public": lambda x=x: metalcore.metal_silu(x),
+                                      "twin": lambda x=x: _silu_torch(x)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=400)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    results = {}
+    for name, fns in _cases(device):
+        for f in fns.values():  # first calls: route decisions, allocator
+            f(), f()
+        for order in (list(fns), list(fns)[::-1]):
+            times = {k: [] for k in order}
+            for _ in range(args.reps):
+                for k in order:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+            key = f"{name} [{order[0]} first]"
+            results[key] = med
+            print(f"{key:42s} " + "  ".join(f"{k} {med[k]:8.1f}µs" for k in fns)
+                  + f"  public/torch {med['torch'] / med['public']:.3f}x", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                       "reps": args.reps, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
