@@ -39,8 +39,8 @@ from metalcore.linalg.cusolver_batched import (
 
 __all__ = ["MAX_N", "MAX_SWEEPS", "available", "supports", "syevj_batched"]
 
-# cuSOLVER's batched Jacobi takes matrices of side at most 32 (one matrix per thread block, held in
-# shared memory).
+# cuSOLVER's batched Jacobi takes matrices of side at most 32 (its documented limit; torch calls it
+# for batches of n <= 32 only, syevd or single-matrix syevj above).
 MAX_N = 32
 # Sweeps before a matrix is reported as not converged (info = n + 1, NaN here). cuSOLVER's default
 # is 100 and its documentation says 15 are enough for machine accuracy; 30 is the bound of
