@@ -259,7 +259,7 @@ def test_an_unknown_path_is_refused(card_table, triton_backend, launches):
     card_table([_timed("vectors", "float64", 5, 2, 1e-3, 2e-3, {"warp_speed": (1e-5, True)})])
     A = torch.randn(2, 5, 5, dtype=torch.float64)
     args = (A, "L", True)
-    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers"
+    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers, syevj"
     with pytest.warns(RuntimeWarning, match=refusal):
         assert _selection.measured_path("eigh", "triton", A.device, args) == "torch"
     assert _selection.measured_choice("eigh", "triton", A.device, args) is False
@@ -267,7 +267,7 @@ def test_an_unknown_path_is_refused(card_table, triton_backend, launches):
     scratch = launches(eigh_triton, "eigh_launch")
     metalcore.linalg.eigh(A + A.mT)                # forced triton: the kernel's own routing
     assert scratch
-    unknown = "metalcore.eigh has no path 'warp_speed'; it has: kernel, cusolver, registers"
+    unknown = "metalcore.eigh has no path 'warp_speed'; it has: kernel, cusolver, registers, syevj"
     with pytest.raises(ValueError, match=unknown):
         with _selection.use_path("eigh", "warp_speed"):
             pass

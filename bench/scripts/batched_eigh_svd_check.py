@@ -3,7 +3,18 @@ fp64): LAPACK ratios on random and κ = 1e6 input, NaN count, sweeps, and the me
 of every variant, the peers in their own processes (metalcore/bench/peers.py).
 
     python bench/scripts/batched_eigh_svd_check.py --out DIR                     # H100: ~3-4 minutes
+    python bench/scripts/batched_eigh_svd_check.py --syevj --out DIR             # H100: ~2 minutes
     TRITON_INTERPRET=1 python bench/scripts/batched_eigh_svd_check.py --device cpu --tiny --out /tmp/x
+    TRITON_INTERPRET=1 python bench/scripts/batched_eigh_svd_check.py --syevj --device cpu --tiny --out /tmp/x
+
+``--syevj`` times only eigh at the points where cuSOLVER's batched Jacobi is the routine to beat
+(500×16², 1000×32², 4096×8², 10000×3², 65536×32² fp32 and 1000×32² fp64): the ``syevj`` path
+(cusolver_syevj: with vectors, values only, and with a looser tolerance n·ε), the same path through
+the op (``metalcore.linalg.eigh`` forced onto it: the dispatch layers included), the automatic
+path, ``cusolver_batched``, the Jacobi kernels, torch (eigh and eigvalsh) and the peers JAX and CuPy
+(eigh and eigvalsh). Values-only rows are judged against LAPACK in float64 on the CPU. Its probe
+also calls syevjBatched unsplit on 65535 and 65536 matrices of side 2, in the probe's subprocess,
+to see where the library's batch limit lies (the split is at 32768).
 
 Variants: eigh ``scratch`` (eigh_triton, one program per matrix), ``registers`` (eigh_batched_triton,
 n ≤ 32, default and alternative matrices per program), ``cusolver_batched`` (XsyevBatched through
@@ -31,7 +42,9 @@ from jacobi_check import inputs, ratios_eigh, ratios_svd  # noqa: E402  (same-fo
 
 from metalcore.bench import peers  # noqa: E402
 from metalcore.bench.timing import call_ms  # noqa: E402
-from metalcore.linalg import cusolver_batched  # noqa: E402
+import metalcore  # noqa: E402
+from metalcore import _selection  # noqa: E402
+from metalcore.linalg import cusolver_batched, cusolver_syevj  # noqa: E402
 from metalcore.linalg._small_triton import block, group  # noqa: E402
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers  # noqa: E402
 from metalcore.linalg.eigh_triton import eigh_launch  # noqa: E402
@@ -43,7 +56,11 @@ CUSOLVER_ONLY = [(64, 256), (16, 512)]
 TINY = [(5, 3), (3, 8)]
 TINY_CUSOLVER = [(2, 40)]
 BUDGET_S = 0.1
+SYEVJ_POINTS = [(500, 16, torch.float32), (1000, 32, torch.float32), (4096, 8, torch.float32),
+                (10000, 3, torch.float32), (65536, 32, torch.float32), (1000, 32, torch.float64)]
+TINY_SYEVJ = [(5, 3, torch.float32), (3, 8, torch.float64)]
 CUSOLVER = False            # set in main() by cusolver_usable()
+SYEVJ = False               # likewise, for cusolver_syevj
 
 HANG = r"""
 import json, sys, torch
@@ -117,34 +134,51 @@ def run_hang(device, tiny, timeout_s, emit):
 
 
 PROBE = r"""
-import json, torch
-from metalcore.linalg import cusolver_batched as cb
-out = {"available": cb.available()}
-if out["available"]:
-    X = torch.randn(3, 40, 40, device="cuda", dtype=torch.float64)
+import json, sys, torch
+from metalcore.linalg import cusolver_batched as cb, cusolver_syevj as cj
+out = {"available": cb.available(), "syevj_available": cj.available()}
+for name, fn, n in (("", cb.syev_batched, 40), ("syevj ", cj.syevj_batched, 8)):
+    if not out[name.replace(" ", "_") + "available"]:
+        continue
+    X = torch.randn(3, n, n, device="cuda", dtype=torch.float64)
     A = X + X.mT
     for dt in (torch.float32, torch.float64):
-        L, Q = cb.syev_batched(A.to(dt), False, True)
+        L, Q = fn(A.to(dt), False, True)
         res = (A - (Q.double() * L.double().unsqueeze(-2)) @ Q.double().mT).norm() / A.norm()
-        out[str(dt)] = float(res)
+        out[name + str(dt)] = float(res)
 print(json.dumps(out), flush=True)
+if out["syevj_available"] and "--limit" in sys.argv:
+    # Last, as a failed launch may leave the context unusable: one unsplit call at each size.
+    for count in (65535, 65536):
+        cb.MAX_BATCH = count
+        X = torch.randn(count, 2, 2, device="cuda")
+        try:
+            L, _ = cj.syevj_batched(X + X.mT, False, True)
+            torch.cuda.synchronize()
+            out[f"unsplit {count}x2"] = "ok, nan rows %d" % int(L.isnan().any(-1).sum())
+        except Exception as e:
+            out[f"unsplit {count}x2"] = f"{type(e).__name__}: {e}"[:200]
+        print(json.dumps(out), flush=True)
 """
 
 
-def cusolver_usable(device):
-    """Whether the ctypes path runs at all, tried in a subprocess first: a wrong call through ctypes
-    can take the process down, and this script must finish."""
+def cusolver_usable(device, limit=False):
+    """Whether the ctypes paths run at all, ``(XsyevBatched, syevjBatched)``, tried in a subprocess
+    first: a wrong call through ctypes can take the process down, and this script must finish."""
     if device.type != "cuda":
-        return False
+        return False, False
     try:
-        p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60,
+        p = subprocess.run([sys.executable, "-c", PROBE] + (["--limit"] if limit else []),
+                           capture_output=True, text=True, timeout=60,
                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])))
         lines = [line for line in p.stdout.splitlines() if line.startswith("{")]
         probe = json.loads(lines[-1]) if lines else {"error": p.stderr.strip()[-300:]}
     except subprocess.TimeoutExpired:
         probe = {"error": "timeout"}
-    print(f"cusolver_batched probe: {probe}", flush=True)
-    return bool(probe.get("available")) and all(v < 1e-4 for k, v in probe.items() if k.startswith("torch."))
+    print(f"cusolver probe: {probe}", flush=True)
+    good = [bool(probe.get(key)) and all(v < 1e-4 for k, v in probe.items() if k.startswith(prefix))
+            for key, prefix in (("available", "torch."), ("syevj_available", "syevj torch."))]
+    return good[0], good[1]
 
 
 def eigh_variants(n, device, dtype):
@@ -161,10 +195,80 @@ def eigh_variants(n, device, dtype):
         for w in (8, 16):
             out.append((f"registers w={w}", lambda A, sw, w=w: eigh_registers(A, False, True, sweeps=sw,
                                                                             matrices_per_program=1, num_warps=w)))
+    if SYEVJ and n <= cusolver_syevj.MAX_N:
+        out.append(("syevj", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True)))
     if CUSOLVER:
         out.append(("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
     out.append(("torch", lambda A, sw: torch.linalg.eigh(A)))
     return out
+
+
+def forced(path):
+    """``metalcore.linalg.eigh`` on the Triton backend, forced onto ``path``: the op's layers included."""
+    def call(A, sw):
+        with metalcore.use_backend("triton"), _selection.use_path("eigh", path):
+            return metalcore.linalg.eigh(A)
+    return call
+
+
+def values_only(fn):
+    """``(L, empty)`` from a function returning eigenvalues only."""
+    return lambda A, sw: (fn(A), A.new_empty(0))
+
+
+def syevj_variants(n, dtype, device):
+    """Every way to get eigh at one ``--syevj`` point; the cuSOLVER ones only where the probe passed."""
+    out = []
+    if SYEVJ:
+        loose = n * torch.finfo(dtype).eps
+        out += [("syevj", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True)),
+                ("syevj values", lambda A, sw: cusolver_syevj.syevj_batched(A, False, False)),
+                ("syevj tol=n*eps", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True, tol=loose)),
+                ("op forced syevj", forced("syevj"))]
+    out.append(("op automatic", lambda A, sw: metalcore.linalg.eigh(A)))
+    if CUSOLVER:
+        out.append(("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
+    out.append(("scratch", lambda A, sw: eigh_launch(A, False, True, sweeps=sw)))
+    if n <= REGISTER_MAX_N:
+        out.append(("registers", lambda A, sw: eigh_registers(A, False, True, sweeps=sw)))
+    out += [("torch", lambda A, sw: torch.linalg.eigh(A)),
+            ("torch eigvalsh", values_only(torch.linalg.eigvalsh))]
+    return out
+
+
+def values_ratio(L, expected64, dtype):
+    """``max|λ − λ64| / (n·ε·max|λ64|)``, worst over the batch (NaN rows are counted apart)."""
+    n = max(expected64.shape[-1], 1)
+    norm = expected64.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    r = (L.double().cpu() - expected64).abs().amax(-1) / (norm * n * torch.finfo(dtype).eps)
+    return r.nan_to_num(0).max().item()
+
+
+def cpu_values(Sym):
+    """LAPACK's float64 eigenvalues on the CPU, the oracle of the values-only rows."""
+    return torch.linalg.eigvalsh(Sym.cpu().double())
+
+
+def run_syevj(args, device, start, emit):
+    points = TINY_SYEVJ if args.tiny else SYEVJ_POINTS
+    for b, n, dtype in points:
+        if time.time() - start > args.max_seconds:
+            print(f"eigh {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            continue
+        try:
+            data = {k: (G.to(dtype), S.to(dtype)) for k, (G, S) in inputs(b, n, device).items()}
+        except RuntimeError as e:                     # the κ = 1e6 family needs a batched QR of b matrices
+            print(f"eigh {b}x{n}: ill-conditioned input not built ({str(e)[:120]}); random only", flush=True)
+            X = torch.randn(b, n, n, device=device, dtype=torch.float64)
+            data = {"random": (X.to(dtype), (X + X.mT).to(dtype))}
+        expected = {k: cpu_values(Sym) for k, (_, Sym) in data.items()}
+        for name, fn in syevj_variants(n, dtype, device):
+            measure("eigh", name, fn, data, b, n, dtype, device, emit, expected)
+        del data
+    if not args.no_peers:
+        cases = [peers.case(op, b, n, dtype=str(dtype).replace("torch.", ""))
+                 for b, n, dtype in points for op in ("eigh", "eigvalsh")]
+        run_peers(cases, device, emit)
 
 
 def svd_variants(n, device):
@@ -179,14 +283,16 @@ def svd_variants(n, device):
     return out
 
 
-def measure(op, name, fn, data, b, n, dtype, device, emit):
+def measure(op, name, fn, data, b, n, dtype, device, emit, expected=None):
+    """One row: ratios per input family, NaN count, sweeps, median ms. ``expected``: float64
+    eigenvalues per family, for variants that return no eigenvectors (values ratio, LAPACK units)."""
     row = {"section": op, "variant": name, "batch": b, "n": n, "dtype": str(dtype).replace("torch.", "")}
     try:
         for kind, (G, Sym) in data.items():
             sw = torch.zeros(b, dtype=torch.int32, device=device)
             if op == "eigh":
                 L, Q = fn(Sym, sw)
-                r = ratios_eigh(Sym, L, Q)
+                r = ratios_eigh(Sym, L, Q) if Q.numel() else {"values": values_ratio(L, expected[kind], dtype)}
                 nan = int(L.isnan().any(-1).sum().item())
             else:
                 U, S, Vh = fn(G, sw)
@@ -219,6 +325,8 @@ def main():
     ap.add_argument("--hang-timeout", type=float, default=60.0)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-hang", action="store_true", help="skip the svd hang regression subprocesses")
+    ap.add_argument("--syevj", action="store_true",
+                    help="only eigh at the batched-Jacobi points, every path and the peers (module docstring)")
     ap.add_argument("--max-seconds", type=float, default=210.0,
                     help="skip the remaining device shapes past this (the peers still run, ~1 min)")
     args = ap.parse_args()
@@ -236,8 +344,12 @@ def main():
             json.dump(doc, f, indent=1)
 
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
-    global CUSOLVER
-    CUSOLVER = doc["cusolver_usable"] = cusolver_usable(device)
+    global CUSOLVER, SYEVJ
+    CUSOLVER, SYEVJ = doc["cusolver_usable"], doc["syevj_usable"] = cusolver_usable(device, limit=args.syevj)
+    if args.syevj:
+        run_syevj(args, device, start, emit)
+        finish(doc, start, path)
+        return
     if not args.no_hang:
         run_hang(device, args.tiny, args.hang_timeout, emit)
 
@@ -270,17 +382,25 @@ def main():
         cases = [peers.case(op, b, n) for b, n in shapes for op in ("eigh", "svd")]
         cases += [peers.case("eigh", b, n, dtype="float64") for b, n in (TINY[:1] if args.tiny else FP64_SHAPES)]
         cases += [peers.case("eigh", b, n) for b, n in (TINY_CUSOLVER if args.tiny else CUSOLVER_ONLY)]
-        for runner in ("jax", "cupy") if device.type == "cuda" else ("numpy", "jax"):
-            t = time.time()
-            res = peers.peer_timings(runner, cases, timeout_s=90.0)
-            for r in res["results"]:
-                r = dict(r, section="peer", peer=runner)
-                val = f"{r['ms']:9.3f} ms" if "ms" in r else f"ERROR {r.get('error', '')[:120]}"
-                emit(r, f"{r['op']:5} {r['batch']:>6}x{r['n']:<4} {r['dtype']:8} {runner:18} {val}")
-            if not res["available"]:
-                emit({"section": "peer", "peer": runner, "available": False, "reason": res["reason"]},
-                     f"peer {runner}: not available ({res['reason'][:200]})")
-            print(f"peer {runner}: {time.time() - t:.1f} s", flush=True)
+        run_peers(cases, device, emit)
+    finish(doc, start, path)
+
+
+def run_peers(cases, device, emit):
+    for runner in ("jax", "cupy") if device.type == "cuda" else ("numpy", "jax"):
+        t = time.time()
+        res = peers.peer_timings(runner, cases, timeout_s=90.0)
+        for r in res["results"]:
+            r = dict(r, section="peer", peer=runner)
+            val = f"{r['ms']:9.3f} ms" if "ms" in r else f"ERROR {r.get('error', '')[:120]}"
+            emit(r, f"{r['op']:8} {r['batch']:>6}x{r['n']:<4} {r['dtype']:8} {runner:18} {val}")
+        if not res["available"]:
+            emit({"section": "peer", "peer": runner, "available": False, "reason": res["reason"]},
+                 f"peer {runner}: not available ({res['reason'][:200]})")
+        print(f"peer {runner}: {time.time() - t:.1f} s", flush=True)
+
+
+def finish(doc, start, path):
     doc["total_s"] = round(time.time() - start, 1)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

@@ -9,7 +9,8 @@ a matrix whose ``info`` is non-zero (no convergence) or whose input is not finit
 eigenvalues and eigenvectors, like the Jacobi kernels.
 
 :func:`available` is ``False`` (and every caller falls back) when no ``libcusolver`` with the
-symbol can be loaded, e.g. on CPU-only builds or CUDA older than 12.6.2.
+symbol can be loaded, e.g. on CPU-only builds or CUDA older than 12.6.2. The library, the handles and
+the batch split are shared with :mod:`metalcore.linalg.cusolver_syevj` (batched Jacobi, n ≤ 32).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from torch import Tensor
 
 # cuSOLVER / CUDA enum values (cusolver_common.h, library_types.h, cublas_api.h).
-_NOVECTOR, _VECTOR = 0, 1
-_FILL_LOWER, _FILL_UPPER = 0, 1
+NOVECTOR, VECTOR = 0, 1
+FILL_LOWER, FILL_UPPER = 0, 1
 _CUDA_TYPE = {torch.float32: 0, torch.float64: 1}       # CUDA_R_32F, CUDA_R_64F
 _SUCCESS = 0
 
@@ -54,64 +55,114 @@ def _candidates() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-class _Library:
+def has(lib: ctypes.CDLL, *symbols: str) -> bool:
+    """Whether ``lib`` exports every one of ``symbols``."""
+    return all(hasattr(lib, name) for name in symbols)
+
+
+_SYEV = ("cusolverDnXsyevBatched", "cusolverDnXsyevBatched_bufferSize")          # CUDA >= 12.6.2
+SYEVJ_SYMBOLS = ("cusolverDnSsyevjBatched", "cusolverDnDsyevjBatched")            # CUDA >= 9.0
+
+
+class Library:
+    """A loaded ``libcusolver``: the functions this module calls, typed, and per-thread handles."""
+
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
+        self.has_syev = has(lib, *_SYEV)
         lib.cusolverDnCreate.argtypes = [ctypes.POINTER(_c_void)]
         lib.cusolverDnSetStream.argtypes = [_c_void, _c_void]
         lib.cusolverDnCreateParams.argtypes = [ctypes.POINTER(_c_void)]
-        lib.cusolverDnXsyevBatched_bufferSize.argtypes = [
-            _c_void, _c_void, ctypes.c_int, ctypes.c_int, _i64, ctypes.c_int, _c_void, _i64,
-            ctypes.c_int, _c_void, ctypes.c_int, ctypes.POINTER(_size), ctypes.POINTER(_size), _i64]
-        lib.cusolverDnXsyevBatched.argtypes = [
-            _c_void, _c_void, ctypes.c_int, ctypes.c_int, _i64, ctypes.c_int, _c_void, _i64,
-            ctypes.c_int, _c_void, ctypes.c_int, _c_void, _size, _c_void, _size, _c_void, _i64]
-        for fn in (lib.cusolverDnCreate, lib.cusolverDnSetStream, lib.cusolverDnCreateParams,
-                   lib.cusolverDnXsyevBatched_bufferSize, lib.cusolverDnXsyevBatched):
+        functions = [lib.cusolverDnCreate, lib.cusolverDnSetStream, lib.cusolverDnCreateParams]
+        if self.has_syev:
+            lib.cusolverDnXsyevBatched_bufferSize.argtypes = [
+                _c_void, _c_void, ctypes.c_int, ctypes.c_int, _i64, ctypes.c_int, _c_void, _i64,
+                ctypes.c_int, _c_void, ctypes.c_int, ctypes.POINTER(_size), ctypes.POINTER(_size), _i64]
+            lib.cusolverDnXsyevBatched.argtypes = [
+                _c_void, _c_void, ctypes.c_int, ctypes.c_int, _i64, ctypes.c_int, _c_void, _i64,
+                ctypes.c_int, _c_void, ctypes.c_int, _c_void, _size, _c_void, _size, _c_void, _i64]
+            functions += [lib.cusolverDnXsyevBatched_bufferSize, lib.cusolverDnXsyevBatched]
+        for fn in functions:
             fn.restype = ctypes.c_int
         # cuSOLVER handles are not thread-safe: one (handle, params) per thread and device.
         self.local = threading.local()
 
     def handle(self, device: torch.device) -> tuple[int, int]:
+        """This thread's ``(handle, params)`` for ``device``, created on first use."""
         handles = self.local.__dict__.setdefault("handles", {})
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device_index(device)
         if index not in handles:
             h, p = _c_void(), _c_void()
             with torch.cuda.device(index):
-                _check(self.lib.cusolverDnCreate(ctypes.byref(h)), "cusolverDnCreate")
-                _check(self.lib.cusolverDnCreateParams(ctypes.byref(p)), "cusolverDnCreateParams")
+                check(self.lib.cusolverDnCreate(ctypes.byref(h)), "cusolverDnCreate")
+                check(self.lib.cusolverDnCreateParams(ctypes.byref(p)), "cusolverDnCreateParams")
             handles[index] = (h.value, p.value)
         return handles[index]
 
 
-def _check(status: int, what: str) -> None:
+def device_index(device: torch.device) -> int:
+    """CUDA ordinal of ``device`` (the current device for a bare ``"cuda"``)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def check(status: int, what: str) -> None:
+    """Raise for a cuSOLVER status other than success (a bad argument or a failed launch; a matrix
+    that does not converge is reported in ``info`` instead)."""
     if status != _SUCCESS:
         raise RuntimeError(f"metalcore: {what} returned cuSOLVER status {status}")
 
 
-_library: _Library | None = None
+# Matrices per library call. torch.linalg.eigh (syevjBatched) and XsyevBatched both failed with
+# CUSOLVER_STATUS_INTERNAL_ERROR at 65536 matrices of side 2..33 on the H100 and worked at 4096
+# (bench/results/selection-eigh-svd-paths-h100-20261206.log; 65535 is CUDA's grid y/z limit, the
+# likely cause). Batches are split into calls of at most 32768, half the failing size and the op
+# core's chunk for torch's eigh; a call of 32768 small matrices fills the card many times over, so
+# the extra call costs ~10 µs of host time against milliseconds of work. XsyevBatched also requires
+# n·lda·batch <= INT32_MAX (its documented limit), which binds from n = 182.
+MAX_BATCH = 32768
+
+
+def chunks(batch: int, n: int) -> list[tuple[int, int]]:
+    """``(start, count)`` of each library call for ``batch`` matrices of side ``n``."""
+    size = max(1, min(MAX_BATCH, (2 ** 31 - 1) // max(n * n, 1)))
+    return [(start, min(size, batch - start)) for start in range(0, batch, size)]
+
+
+_library: Library | None = None
 _searched = False
 
 
-def _load() -> _Library | None:
+def _load() -> Library | None:
+    """The first ``libcusolver`` with ``XsyevBatched``, else the first with the batched Jacobi
+    (``syevjBatched``), else None."""
     global _library, _searched
     if not _searched:
         _searched = True
+        chosen = jacobi_only = None
         for path in _candidates():
             try:
                 lib = ctypes.CDLL(path)
-                lib.cusolverDnXsyevBatched       # AttributeError where the symbol is missing
-                lib.cusolverDnXsyevBatched_bufferSize
-            except (OSError, AttributeError):
+            except OSError:
                 continue
-            _library = _Library(lib)
-            break
+            if has(lib, *_SYEV):
+                chosen = lib
+                break
+            if jacobi_only is None and has(lib, *SYEVJ_SYMBOLS):
+                jacobi_only = lib
+        chosen = chosen or jacobi_only
+        _library = Library(chosen) if chosen is not None else None
     return _library
+
+
+def library() -> Library | None:
+    """The loaded ``libcusolver`` (None where none loads); shared by the cuSOLVER paths."""
+    return _load()
 
 
 def available() -> bool:
     """Whether CUDA is usable and a ``libcusolver`` with ``XsyevBatched`` could be loaded."""
-    return torch.cuda.is_available() and _load() is not None
+    lib = _load() if torch.cuda.is_available() else None
+    return lib is not None and lib.has_syev
 
 
 def syev_batched(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor]:
@@ -119,7 +170,7 @@ def syev_batched(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tenso
     the ``upper`` or lower triangle; ``Q`` is empty without ``compute_v``. Requires
     :func:`available`."""
     lib = _load()
-    if lib is None:
+    if lib is None or not lib.has_syev:
         raise RuntimeError("metalcore: cusolverDnXsyevBatched is not available (libcusolver from CUDA >= 12.6.2)")
     n = A.shape[-1]
     A3 = A.reshape(-1, n, n)
@@ -134,20 +185,21 @@ def syev_batched(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tenso
     info = torch.empty(nb, dtype=torch.int32, device=A.device)
     handle, params = lib.handle(A.device)
     dtype = _CUDA_TYPE[A.dtype]
-    jobz = _VECTOR if compute_v else _NOVECTOR
-    fill = _FILL_LOWER if upper else _FILL_UPPER
+    jobz = VECTOR if compute_v else NOVECTOR
+    fill = FILL_LOWER if upper else FILL_UPPER
     with torch.cuda.device(A.device):
-        _check(lib.lib.cusolverDnSetStream(handle, torch.cuda.current_stream().cuda_stream), "cusolverDnSetStream")
-        dev_bytes, host_bytes = _size(), _size()
-        _check(lib.lib.cusolverDnXsyevBatched_bufferSize(
-            handle, params, jobz, fill, n, dtype, work.data_ptr(), n, dtype, L.data_ptr(), dtype,
-            ctypes.byref(dev_bytes), ctypes.byref(host_bytes), nb), "cusolverDnXsyevBatched_bufferSize")
-        device_ws = torch.empty(max(dev_bytes.value, 1), dtype=torch.uint8, device=A.device)
-        host_ws = ctypes.create_string_buffer(max(host_bytes.value, 1))
-        _check(lib.lib.cusolverDnXsyevBatched(
-            handle, params, jobz, fill, n, dtype, work.data_ptr(), n, dtype, L.data_ptr(), dtype,
-            device_ws.data_ptr(), dev_bytes.value, ctypes.addressof(host_ws), host_bytes.value,
-            info.data_ptr(), nb), "cusolverDnXsyevBatched")
+        check(lib.lib.cusolverDnSetStream(handle, torch.cuda.current_stream().cuda_stream), "cusolverDnSetStream")
+        for start, count in chunks(nb, n):
+            dev_bytes, host_bytes = _size(), _size()
+            check(lib.lib.cusolverDnXsyevBatched_bufferSize(
+                handle, params, jobz, fill, n, dtype, work[start].data_ptr(), n, dtype, L[start].data_ptr(), dtype,
+                ctypes.byref(dev_bytes), ctypes.byref(host_bytes), count), "cusolverDnXsyevBatched_bufferSize")
+            device_ws = torch.empty(max(dev_bytes.value, 1), dtype=torch.uint8, device=A.device)
+            host_ws = ctypes.create_string_buffer(max(host_bytes.value, 1))
+            check(lib.lib.cusolverDnXsyevBatched(
+                handle, params, jobz, fill, n, dtype, work[start].data_ptr(), n, dtype, L[start].data_ptr(), dtype,
+                device_ws.data_ptr(), dev_bytes.value, ctypes.addressof(host_ws), host_bytes.value,
+                info[start].data_ptr(), count), "cusolverDnXsyevBatched")
     bad = (info != 0) | ~torch.isfinite(A3).all(dim=(-2, -1))
     L = torch.where(bad[:, None], float("nan"), L).reshape(A.shape[:-1])
     if not compute_v:

@@ -42,7 +42,7 @@ from torch import Tensor
 from metalcore._selection import register_path
 from metalcore._triton import jit
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg import cusolver_batched
+from metalcore.linalg import cusolver_batched, cusolver_syevj
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
 from metalcore.linalg._small_triton import fits
 from metalcore.linalg.eigh import eigh_op
@@ -206,6 +206,15 @@ def _eigh_registers_path(A, UPLO, compute_v):
 @register_path("eigh", "triton", "cusolver", supports=lambda A, UPLO, compute_v: _cusolver_supported(A))
 def _eigh_cusolver_path(A, UPLO, compute_v):
     return cusolver_batched.syev_batched(A, UPLO == "U", compute_v)
+
+
+# cuSOLVER's batched Jacobi (syevjBatched, n <= 32), called directly: the routine torch.linalg.eigh
+# runs for these batches, without torch's layers. CuPy's call of it was the best peer on the H100 at
+# 500×16 (115 µs against torch's 243 and the kernel's 176) and 1000×32 (530 against 675 and torch's
+# call; bench/results/peers-headline-h100-20261206-v2.txt); measured by the sweep like every path.
+@register_path("eigh", "triton", "syevj", supports=lambda A, UPLO, compute_v: cusolver_syevj.supports(A))
+def _eigh_syevj_path(A, UPLO, compute_v):
+    return cusolver_syevj.syevj_batched(A, UPLO == "U", compute_v)
 
 
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),

@@ -226,3 +226,278 @@ def test_cusolver_batched_is_chosen_only_for_measured_batches(monkeypatch):
     assert not eigh_triton._cusolver_preferred(torch.empty(2, 513, 513))     # not timed
     monkeypatch.setattr(cusolver_batched, "available", lambda: False)
     assert not eigh_triton._cusolver_preferred(torch.empty(4, 64, 64))       # missing symbol: fall back
+
+
+# --- cuSOLVER's batched Jacobi called directly (cusolver_syevj, the "syevj" path) --------------------
+
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import functools  # noqa: E402
+import threading  # noqa: E402
+import types  # noqa: E402
+
+from oracle import values_ratio  # noqa: E402
+
+SYEVJ_SIZES = (1, 2, 3, 8, 16, 31, 32)
+
+
+def _syevj_check(A, L, Q, dtype, what, scale=1.0):
+    """LAPACK ratios of ``(L, Q)`` for the symmetric ``A`` (``scale``: the family's, divided out so
+    that the float64 products neither under- nor overflow), ascending values, no NaN."""
+    assert not L.isnan().any() and not Q.isnan().any(), what + ": NaN"
+    A64 = A.double() / scale
+    assert_lapack_ratio(residual_ratio(A64, (Q.double() * (L.double() / scale).unsqueeze(-2)) @ Q.double().mT, dtype),
+                        what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(Q, dtype), what + " Q")
+    assert bool((L[..., :-1] <= L[..., 1:]).all()), what + ": eigenvalues must be ascending"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SYEVJ_SIZES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_syevj_matrix_families(batch, kind, n, dtype):
+    from metalcore.linalg import cusolver_syevj
+    if not cusolver_syevj.available():
+        pytest.skip("no libcusolver with syevjBatched")
+    A = family(kind, (batch,), n, dtype).cuda()
+    expected = torch.linalg.eigvalsh(A.cpu().double())                 # LAPACK on the CPU: the oracle
+    for UPLO in ("L", "U"):
+        what = f"syevj {kind} {batch}x{n} {dtype} {UPLO}"
+        L, Q = cusolver_syevj.syevj_batched(with_garbage(A, UPLO), UPLO == "U", True)
+        assert L.shape == (batch, n) and Q.shape == (batch, n, n) and L.dtype == Q.dtype == dtype
+        _syevj_check(A, L, Q, dtype, what, scale_of(kind, dtype))
+        values, empty = cusolver_syevj.syevj_batched(with_garbage(A, UPLO), UPLO == "U", False)
+        assert empty.numel() == 0 and not values.isnan().any()
+        assert_lapack_ratio(values_ratio(values, expected, dtype), what + " values")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_syevj_nan_stays_in_its_matrix_and_batches_are_split(dtype, monkeypatch):
+    from metalcore.linalg import cusolver_batched, cusolver_syevj
+    if not cusolver_syevj.available():
+        pytest.skip("no libcusolver with syevjBatched")
+    A = symmetric((1000,), 16, dtype).cuda()
+    A[1, 3, 2] = float("nan")                 # in the lower triangle, the one read
+    A[2, 2, 3] = float("inf")                 # in the upper triangle, not read
+    monkeypatch.setattr(cusolver_batched, "MAX_BATCH", 300)             # 4 library calls: 300, 300, 300, 100
+    L, Q = cusolver_syevj.syevj_batched(A, False, True)
+    assert L[1].isnan().all() and Q[1].isnan().all()
+    good = [i for i in range(1000) if i != 1]
+    _syevj_check(A[good].tril() + A[good].tril(-1).mT, L[good], Q[good], dtype, "split batch")
+
+
+@pytest.mark.gpu
+def test_syevj_takes_the_batch_torch_fails_on():
+    # torch.linalg.eigh raised CUSOLVER_STATUS_INTERNAL_ERROR for 65536 matrices of side <= 32 on the
+    # H100; this call splits them into two library calls.
+    from metalcore.linalg import cusolver_syevj
+    if not cusolver_syevj.available():
+        pytest.skip("no libcusolver with syevjBatched")
+    A = symmetric((65536,), 32, torch.float32).cuda()
+    L, Q = cusolver_syevj.syevj_batched(A, False, True)
+    _syevj_check(A, L, Q, torch.float32, "65536x32")
+
+
+@pytest.mark.gpu
+def test_syevj_serves_the_op_when_routed():
+    from metalcore import _selection
+    from metalcore.linalg import cusolver_syevj
+    if not cusolver_syevj.available():
+        pytest.skip("no libcusolver with syevjBatched")
+    A = symmetric((7,), 12, torch.float32).cuda()
+    with metalcore.use_backend("triton"), _selection.use_path("eigh", "syevj"):
+        L, Q = metalcore.linalg.eigh(with_garbage(A, "U"), UPLO="U")
+        values = metalcore.linalg.eigvalsh(A)
+    _syevj_check(A, L, Q, torch.float32, "routed")
+    assert_lapack_ratio(values_ratio(values, torch.linalg.eigvalsh(A.cpu().double()), torch.float32), "routed values")
+
+
+def test_syevj_path_is_registered_and_offered_only_for_cuda_small_float(monkeypatch):
+    from metalcore import _selection
+    from metalcore.linalg import cusolver_batched, cusolver_syevj
+    path = _selection.paths("eigh", "triton")["syevj"]
+    assert not path.supports(torch.eye(3), "L", True)                  # CPU tensors: never
+    monkeypatch.setattr(cusolver_syevj, "available", lambda: True)
+    assert not cusolver_syevj.supports(torch.empty(4, 8, 8))            # still CPU
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: cuda))
+    assert path.supports(torch.empty(4, 32, 32), "L", True)
+    assert path.supports(torch.empty(1, 1, dtype=torch.float64), "U", False)
+    assert not path.supports(torch.empty(4, 33, 33), "L", True)         # n > 32: not syevjBatched's
+    assert not path.supports(torch.empty(4, 8, 8, dtype=torch.float16), "L", True)
+    assert not path.supports(torch.empty(4, 8, 8, dtype=torch.complex64), "L", True)
+    monkeypatch.undo()
+    monkeypatch.setattr(cusolver_batched, "_load", lambda: None)        # no library: never offered
+    assert not cusolver_syevj.available()
+    with pytest.raises(RuntimeError, match="syevjBatched is not available"):
+        cusolver_syevj.syevj_batched(torch.eye(3), False, True)
+
+
+def test_syevj_forced_on_cpu_tensors_is_refused(triton_backend):
+    from metalcore import BackendUnavailableError, _selection
+    with _selection.use_path("eigh", "syevj"), pytest.raises(BackendUnavailableError, match="'syevj' does not"):
+        metalcore.linalg.eigh(symmetric((2,), 4))
+
+
+class FakeSyevj:
+    """cusolverDn{S,D}syevjBatched as documented, on host memory (LAPACK in float64 underneath):
+    matrices column-major with leading dimension n, only the ``uplo`` triangle read, eigenvalues
+    returned descending (the order of an unsorted Jacobi is arbitrary; sorting is switched off),
+    eigenvectors over A with ``jobz`` = 1 and A left as garbage otherwise, ``info = n + 1`` for a
+    non-zero matrix with a zero diagonal (standing in for one that does not converge), finite garbage with
+    ``info = 0`` for a matrix that is not finite (nothing promises NaN there)."""
+
+    def __init__(self):
+        self.calls, self.largest, self.size_queries, self.infos, self.settings = [], [], 0, 0, {}
+        names = ["cusolverDnCreate", "cusolverDnSetStream", "cusolverDnCreateParams", "cusolverDnCreateSyevjInfo",
+                 "cusolverDnXsyevjSetTolerance", "cusolverDnXsyevjSetMaxSweeps", "cusolverDnXsyevjSetSortEig"]
+        for name in names:
+            setattr(self, name, self._function(getattr(self, "_" + name[len("cusolverDn"):])))
+        for p, dtype in (("S", torch.float32), ("D", torch.float64)):
+            setattr(self, f"cusolverDn{p}syevjBatched_bufferSize", self._function(self._size))
+            setattr(self, f"cusolverDn{p}syevjBatched", self._function(functools.partial(self._run, dtype)))
+
+    @staticmethod
+    def _function(method):
+        return lambda *args: method(*args)     # a plain function: ctypes' argtypes can be set on it
+
+    @staticmethod
+    def _out(ref, value):
+        ref._obj.value = value
+        return 0
+
+    def _Create(self, ref):
+        return self._out(ref, 1)
+
+    def _SetStream(self, handle, stream):
+        return 0
+
+    def _CreateParams(self, ref):
+        return self._out(ref, 2)
+
+    def _CreateSyevjInfo(self, ref):
+        self.infos += 1
+        return self._out(ref, 3)
+
+    def _XsyevjSetTolerance(self, params, tol):
+        self.settings["tol"] = tol
+        return 0
+
+    def _XsyevjSetMaxSweeps(self, params, sweeps):
+        self.settings["sweeps"] = sweeps
+        return 0
+
+    def _XsyevjSetSortEig(self, params, sort):
+        self.settings["sort"] = sort
+        return 0
+
+    def _size(self, handle, jobz, uplo, n, A, lda, W, lwork, params, batch):
+        self.size_queries += 1
+        return self._out(lwork, 5 * batch)
+
+    @staticmethod
+    def _memory(address, count, dtype):
+        ctype = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double, torch.int32: ctypes.c_int32}[dtype]
+        return torch.frombuffer((ctype * count).from_address(address), dtype=dtype)
+
+    def _run(self, dtype, handle, jobz, uplo, n, A, lda, W, work, lwork, info, params, batch):
+        assert lda == n and work and lwork >= 5 * batch and params == 3
+        a = self._memory(A, batch * n * n, dtype).view(batch, n, n)          # a[k, j, i] = A_k(i, j)
+        M = a.mT.double()
+        triangle = M.tril() if uplo == 0 else M.triu()
+        self.largest.append(triangle.abs().amax(dim=(-2, -1)))
+        finite = triangle.isfinite().all(-1).all(-1)
+        L, V = torch.linalg.eigh(torch.where(finite[:, None, None], M, 0.0), UPLO="L" if uplo == 0 else "U")
+        L = torch.where(finite[:, None], L, 123.0)                              # garbage, not NaN
+        self._memory(W, batch * n, dtype).view(batch, n).copy_(L.flip(-1))
+        if jobz == 1:
+            a.copy_(V.flip(-1).mT)                                               # column j = vector j
+        else:
+            a.fill_(7.0)
+        unconverged = M.diagonal(dim1=-2, dim2=-1).eq(0).all(-1) & triangle.ne(0).any(-1).any(-1)
+        self._memory(info, batch, torch.int32).copy_(torch.where(unconverged, n + 1, 0))
+        self.calls.append(batch)
+        return 0
+
+
+@pytest.fixture
+def fake_syevj(monkeypatch):
+    """The syevj module on CPU tensors against :class:`FakeSyevj` (the CUDA stream and device calls
+    stubbed), with empty caches."""
+    from metalcore.linalg import cusolver_batched, cusolver_syevj
+    fake = FakeSyevj()
+    lib = cusolver_batched.Library(fake)
+    monkeypatch.setattr(cusolver_batched, "_load", lambda: lib)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cusolver_syevj, "_lwork", {})
+    monkeypatch.setattr(cusolver_syevj, "_local", threading.local())
+    return fake
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("UPLO", ["L", "U"])
+@pytest.mark.parametrize("n", [1, 2, 5, 32])
+def test_syevj_layout_triangle_scale_and_order(n, UPLO, dtype, fake_syevj):
+    from metalcore.linalg import cusolver_syevj
+    A = symmetric((2, 3), n, dtype)
+    A[0, 1] *= 1e-25                          # tiny and huge matrices: divided by their largest entry
+    A[1, 2] *= 1e25
+    L, Q = cusolver_syevj.syevj_batched(with_garbage(A, UPLO), UPLO == "U", True)
+    assert L.shape == (2, 3, n) and Q.shape == (2, 3, n, n)
+    assert Q.mT.is_contiguous(), "eigenvectors in the column-major layout torch.linalg.eigh returns"
+    scale = A.abs().amax(dim=(-2, -1), keepdim=True).double()
+    for i in range(2):
+        for j in range(3):
+            _syevj_check(A[i, j], L[i, j], Q[i, j], dtype, f"fake {n} {UPLO} [{i},{j}]", scale[i, j].item())
+    largest = torch.cat(fake_syevj.largest)
+    torch.testing.assert_close(largest, torch.ones_like(largest), rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert fake_syevj.settings == {"tol": torch.finfo(dtype).eps, "sweeps": cusolver_syevj.MAX_SWEEPS, "sort": 0}
+    values, empty = cusolver_syevj.syevj_batched(with_garbage(A, UPLO), UPLO == "U", False)
+    assert empty.numel() == 0
+    torch.testing.assert_close(values, L, rtol=0, atol=0)
+
+
+def test_syevj_nan_and_unconverged_matrices_stay_in_their_matrix(fake_syevj):
+    from metalcore.linalg import cusolver_syevj
+    A = symmetric((5,), 6, torch.float32)
+    A[1, 4, 2] = float("nan")                 # in the read (lower) triangle
+    A[2].diagonal().zero_()                   # the fake's stand-in for no convergence (info = n + 1)
+    A[3, 0, 5] = float("inf")                 # in the unread triangle: ignored
+    A[4] = 0.0                                # the zero matrix: no division by zero
+    L, Q = cusolver_syevj.syevj_batched(A, False, True)
+    for bad in (1, 2):
+        assert L[bad].isnan().all() and Q[bad].isnan().all()
+    good = [0, 3, 4]
+    _syevj_check(A[good].tril() + A[good].tril(-1).mT, L[good], Q[good], torch.float32, "the other matrices")
+    assert torch.equal(L[4], torch.zeros(6))
+    values, _ = cusolver_syevj.syevj_batched(A, False, False)
+    assert values[[1, 2]].isnan().all() and not values[good].isnan().any()
+
+
+def test_syevj_splits_large_batches_and_caches_its_setup(fake_syevj, monkeypatch):
+    from metalcore.linalg import cusolver_batched, cusolver_syevj
+    monkeypatch.setattr(cusolver_batched, "MAX_BATCH", 4)
+    A = symmetric((10,), 3, torch.float32)
+    L, Q = cusolver_syevj.syevj_batched(A, False, True)
+    assert fake_syevj.calls == [4, 4, 2]
+    _syevj_check(A, L, Q, torch.float32, "split")
+    cusolver_syevj.syevj_batched(A, False, True)
+    assert fake_syevj.size_queries == 2, "workspace sizes queried once per call shape (4 and 2 matrices)"
+    assert fake_syevj.infos == 1, "syevjInfo created once per thread, device and dtype"
+    cusolver_syevj.syevj_batched(A.double(), False, True)
+    assert fake_syevj.infos == 2 and fake_syevj.size_queries == 4
+
+
+def test_syevj_rejects_what_it_cannot_take_and_handles_empty_input(fake_syevj):
+    from metalcore.linalg import cusolver_syevj
+    with pytest.raises(ValueError, match="n <= 32"):
+        cusolver_syevj.syevj_batched(torch.zeros(2, 33, 33), False, True)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cusolver_syevj.syevj_batched(torch.zeros(2, 3, 3, dtype=torch.float16), False, True)
+    L, Q = cusolver_syevj.syevj_batched(torch.zeros(0, 4, 4), False, True)
+    assert L.shape == (0, 4) and Q.shape == (0, 4, 4) and not fake_syevj.calls
