@@ -11,11 +11,15 @@ Cases: fp32 64×256², 16×512², 8×1024², 4×2048² and fp64 64×256² (``--t
   ‖UᵀU − I‖_F/(k ε), ‖Vh Vhᵀ − I‖_F/(k ε), and max|σ − σ₆₄|/(σ₁ max(m,n) ε) against float64
   torch.linalg.svdvals — for the qdwh path and for torch (LAPACK's bar: 30);
 * **wall time per call** (synchronised, ``perf_counter``; one warm-up call, median of ``--reps``; torch
-  gets ``--torch-reps``): torch.linalg.svd(full_matrices=False), the public metalcore.linalg.svd with
-  the path forced (``use_backend('triton')`` + ``_selection.use_path('svd', 'qdwh')``: what a table
-  naming the path runs), svd_large called directly (no op layers), and svdvals of both;
-* **stages**: the path's steps run one after another on the same input, each timed alone (median of
-  ``--reps``, synchronised): the start ``X₀ = A/α``, every QDWH step (QR-based: the QR of the 2n × n
+  gets ``--torch-reps``): torch.linalg.svd(full_matrices=False); ``qdwh``: the public
+  metalcore.linalg.svd with the path forced as the selection sweep forces it (``use_backend('triton')``
+  + ``_selection.use_path('svd', 'qdwh')``, so the path's own qr and eigh calls are forced onto the
+  triton backend too: blocked QR and cuSOLVER's batched syev at every batch and side); ``direct``:
+  svd_large called as the path runs when a table names it (its qr and eigh under automatic
+  selection: cuSOLVER per matrix below 8 matrices, syevd where the eigh op's routing or table says);
+  and svdvals (forced) against torch.linalg.svdvals;
+* **stages** (as ``direct`` runs them, automatic selection inside): the path's steps run one after
+  another on the same input, each timed alone (median of ``--reps``, synchronised): the start ``X₀ = A/α``, every QDWH step (QR-based: the QR of the 2n × n
   stack, then ``Q₁Q₂ᵀ``; Cholesky-based: Gram + potrf, then the two triangular solves), ``H = U_pᵀA``,
   the eigh op (and which path it took), the sort and ``U = U_p V``, and the completion test (the
   path's one host sync). Beside them, for the prediction: torch.linalg.eigh of the same H (syevd, one
@@ -214,11 +218,18 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="sides 130/160 on the CPU: a smoke test")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--torch-reps", type=int, default=3, help="torch's svd loops cuSOLVER: 434 ms at 64x256^2")
+    ap.add_argument("--cases", default="", help="comma-separated BATCHxN:DTYPE to run (default: all), "
+                                                 "e.g. 64x256:float32,64x256:float64")
     ap.add_argument("--peers", default=None, choices=["jax", "numpy", "none"],
                     help="default: jax on CUDA, numpy on the CPU (the protocol's smoke test)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = TINY if args.tiny else FULL
+    if args.cases:
+        wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
+        cfg = [(d, b, n) for d, b, n in cfg if f"{b}x{n}:{d}" in wanted]
+        if not cfg:
+            ap.error(f"--cases matched none of {', '.join(f'{b}x{n}:{d}' for d, b, n in (TINY if args.tiny else FULL))}")
     t_start = time.time()
     runner = args.peers or ("jax" if device.type == "cuda" else "numpy")
     # The peer first, before this process holds any GPU memory.
