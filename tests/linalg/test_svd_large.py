@@ -209,9 +209,11 @@ def qdwh_path():
 
 
 def _values_ratio64(S, A64, scale):
-    """max |σ − σ₆₄| / (σ₁ max(m, n) ε) against float64 torch: singular values to ε‖A‖ absolutely."""
+    """max |σ − σ₆₄| / (σ₁ max(m, n) ε) against float64 torch: singular values to ε‖A‖ absolutely (a zero
+    matrix's exact zeros count as error 0, not 0/0)."""
     S64 = torch.linalg.svdvals(A64 / scale)
-    return ((S.double() / scale - S64).abs().amax(-1) / (S64[..., 0] * max(A64.shape[-2:]) * eps(S.dtype))).max().item()
+    top = S64[..., 0].clamp_min(torch.finfo(torch.float64).tiny)
+    return ((S.double() / scale - S64).abs().amax(-1) / (top * max(A64.shape[-2:]) * eps(S.dtype))).max().item()
 
 
 def _check_path(fn, A, full_matrices, what, scale=1.0):
@@ -247,6 +249,16 @@ def test_qdwh_path_hard_families(qdwh_path, kind, dtype):
     A = general(kind, (3,), m, n, dtype)
     for full_matrices in (False, True):
         _check_path(qdwh_path, A, full_matrices, f"qdwh path {kind} {m}x{n} {dtype}", scale_of(kind, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qdwh_path_mixed_batch(qdwh_path, dtype):
+    """One rank-deficient and one zero matrix among full-rank ones: the completing QR then runs for the
+    whole batch, and must leave the full-rank matrices' factors as accurate as the rest."""
+    A = torch.stack([general("random", (), 140, 130, dtype), general("rank", (), 140, 130, dtype),
+                     torch.zeros(140, 130, dtype=dtype), general("ill", (), 140, 130, dtype)])
+    for full_matrices in (False, True):
+        _check_path(qdwh_path, A, full_matrices, f"qdwh path mixed batch {dtype}")
 
 
 def test_qdwh_path_support_and_routing(monkeypatch):
