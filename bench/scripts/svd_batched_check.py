@@ -169,7 +169,8 @@ def stages(A, device, reps):
     alternatives = {"torch.linalg.eigh (syevd per matrix)": t(lambda: torch.linalg.eigh(H))}
     if device.type == "cuda":
         def batched_syev():
-            with _selection.use_path("eigh", "cusolver"):
+            # The backend too: a forced path applies only where the triton kernel is chosen.
+            with metalcore.use_backend("triton"), _selection.use_path("eigh", "cusolver"):
                 return metalcore.linalg.eigh(H)
         try:
             alternatives["eigh op forced to cuSOLVER batched syev"] = t(batched_syev)
