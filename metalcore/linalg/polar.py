@@ -228,26 +228,36 @@ def spectral_norm_bound(A: Tensor) -> Tensor:
     return torch.minimum(fro, (one.sqrt() * inf.sqrt())[..., None, None])
 
 
+def qdwh_step(X: Tensor, a: float, b: float, c: float) -> Tensor:
+    """One QDWH step ``X ← X (a I + b XᵀX)(I + c XᵀX)⁻¹`` on ``X (*, m, n)``, ``m ≥ n``, with the weights
+    of :func:`qdwh_schedule`: QR-based while ``c > QDWH_CHOLESKY_MAX_C``, Cholesky-based after. The
+    whole batch takes the same weights, so every matrix runs the same batched QR/Cholesky/GEMM calls."""
+    m, n = X.shape[-2:]
+    eye = torch.eye(n, dtype=X.dtype, device=X.device)
+    if c > QDWH_CHOLESKY_MAX_C:
+        # [√c X; I] = [Q₁; Q₂] R  ⇒  X ← (b/c) X + (a − b/c)/√c · Q₁ Q₂ᵀ  (eq. 3.13 of the 2010 paper).
+        Q, _ = qr_op(torch.cat([c ** 0.5 * X, eye.expand(*X.shape[:-2], n, n)], dim=-2), "reduced")
+        return (b / c) * X + ((a - b / c) / c ** 0.5) * (Q[..., :m, :] @ Q[..., m:, :].mT)
+    # The same step as X Z⁻¹ with Z = I + c XᵀX = L Lᵀ: a Gram product, a Cholesky factorisation and
+    # two triangular solves, all GEMM-rich. cholesky_ex, not cholesky: NaN input must come out as NaN,
+    # not as an exception from deep inside the iteration.
+    L, _ = torch.linalg.cholesky_ex(torch.add(eye, X.mT @ X, alpha=c))
+    Y = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
+    Y = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
+    return (b / c) * X + (a - b / c) * Y
+
+
+def qdwh_start(A: Tensor) -> Tensor:
+    """``X₀ = A / α`` with ``α`` = :func:`spectral_norm_bound` per matrix (a zero matrix stays zero)."""
+    alpha = spectral_norm_bound(A)
+    return A / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+
+
 def _qdwh_tall(A: Tensor, l0: float) -> Tensor:
     """QDWH on ``A (*, m, n)`` with ``m ≥ n``; returns the polar factor, shape of ``A``."""
-    m, n = A.shape[-2:]
-    alpha = spectral_norm_bound(A)
-    # A zero matrix has α = 0: dividing by 1 instead keeps it at zero through every step.
-    X = A / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    X = qdwh_start(A)
     for a, b, c in qdwh_schedule(l0, A.dtype):
-        if c > QDWH_CHOLESKY_MAX_C:
-            # [√c X; I] = [Q₁; Q₂] R  ⇒  X ← (b/c) X + (a − b/c)/√c · Q₁ Q₂ᵀ  (eq. 3.13 of the 2010 paper).
-            Q, _ = qr_op(torch.cat([c ** 0.5 * X, eye.expand(*X.shape[:-2], n, n)], dim=-2), "reduced")
-            X = (b / c) * X + ((a - b / c) / c ** 0.5) * (Q[..., :m, :] @ Q[..., m:, :].mT)
-        else:
-            # The same step as X Z⁻¹ with Z = I + c XᵀX = L Lᵀ: a Gram product, a Cholesky
-            # factorisation and two triangular solves, all GEMM-rich. cholesky_ex, not cholesky: NaN input
-            # must come out as NaN, not as an exception from deep inside the iteration.
-            L, _ = torch.linalg.cholesky_ex(torch.add(eye, X.mT @ X, alpha=c))
-            Y = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
-            Y = torch.linalg.solve_triangular(L, Y, upper=False, left=False)
-            X = (b / c) * X + (a - b / c) * Y
+        X = qdwh_step(X, a, b, c)
     return X
 
 
@@ -268,6 +278,10 @@ def qdwh(A: Tensor, *, l0: Optional[float] = None) -> Tensor:
     with ``H = UᵀA`` positive semidefinite. (:func:`metalcore.linalg.svd_large.svd_large` completes
     those directions to an orthonormal set.) A zero matrix gives zero, NaN
     gives NaN. Wide inputs are iterated on as ``Aᵀ`` (the smaller Gram matrix).
+
+    A batch runs as one: every matrix takes the same schedule (from ``l0``, a Python number, so there
+    is no host synchronisation and no per-matrix loop), each step one batched QR or Cholesky and a few
+    batched GEMMs/triangular solves (:func:`qdwh_step`).
 
     Flops per step for ``n × n``: QR-based ≈ 8.7 n³ (QR of the ``2n × n`` stack, forming its Q,
     ``Q₁Q₂ᵀ``), Cholesky-based ≈ 4.3 n³ (``XᵀX``, ``potrf``, two ``trsm``).

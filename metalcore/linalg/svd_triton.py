@@ -51,7 +51,7 @@ from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import REGISTER_MAX_N, jacobi_registers
-from metalcore.linalg.svd_large import large_supported, svd_large
+from metalcore.linalg.svd_large import large_supported, path_supported, svd_large
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -227,8 +227,14 @@ def _small(A: Tensor) -> bool:
         side >= CUDA_MIN_N and not (A.dtype == torch.float64 and max(A.shape[-2:]) > CUDA_FP64_MAX_N)))
 
 
-def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
+def _automatic(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
     return _small(A) or large_supported(A)
+
+
+def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
+    # The kernel takes the sides between too (its own routing sends them to cuSOLVER), so that the
+    # "qdwh" path below can be timed and chosen there: a path runs only where its kernel is chosen.
+    return _automatic(A, full_matrices, compute_uv) or path_supported(A)
 
 
 # The register-tile Jacobi, QR-preconditioned, as an alternative path taken only where the measured
@@ -245,15 +251,26 @@ def _svd_registers_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True)
 
 
+# QR + QDWH + eigh (svd_large) for sides from 129 (path_supported), any batch, as an alternative path
+# taken only where the measured table names it. Everything in it is a batched call (batched QR, the
+# eigh op's batched cuSOLVER syev), where gesvd loops over the batch: predicted 64×256² fp32 ~20 ms
+# against torch's 434 (bench/linalg.md, 2026-12-06). At sides from LARGE_MIN_N it is also what the
+# kernel's own routing runs; the table needs it timed there too, so that a call between 256 and 1024
+# finds the same path measured faster on both sides.
+register_path("svd", "triton", "qdwh", supports=path_supported)(svd_large)
+
+
 # Chosen automatically wherever it serves: the Jacobi kernel measured faster than torch.linalg.svd
 # on the H100 at every size it takes (fp32; bench/linalg_triton.md v4: 500×16 1.4×, 1000×32 1.6×,
 # 100×64 92×, 64×128 20×), and matrices with both sides from svd_large.LARGE_MIN_N (1024, the
 # smallest size measured) take its
 # QR + QDWH + eigh path: on the H100, 4096² fp32 221.8 ms vs 1104.9 ms for torch.linalg.svd
 # (4.98×), 11008×4096 3.80×, a batch of 8 1024² 2.19× (bench/results/svd-large-h100-20261125.log).
-# Sides from 129 to 1023 stay on cuSOLVER (not timed).
-@svd_op.implement("triton", supports=_supported)
+# Sides from 129 to 1023 stay on cuSOLVER unless the measured table names the "qdwh" path there.
+@svd_op.implement("triton", supports=_supported, automatic=_automatic)
 def _svd_triton(A, full_matrices, compute_uv):
     if _small(A):
         return svd_launch(A, full_matrices, compute_uv)
-    return svd_large(A, full_matrices, compute_uv)
+    if large_supported(A):
+        return svd_large(A, full_matrices, compute_uv)
+    return svd_op.reference(A, full_matrices, compute_uv)

@@ -183,3 +183,115 @@ def test_large_route_thresholds(monkeypatch):
     assert svd_op.backend_for(torch.ones(1024, 1024), False, True) == expected_backend("metal", torch.ones(1024, 1024), False, True)
     assert svd_op.backend_for(torch.ones(1024, 1023), False, True) == "reference"
     assert svd_op.backend_for(torch.ones(1024, 1024, dtype=torch.float64), False, True) == "reference"
+
+
+# --- The svd op's "qdwh" alternative path: batches of sides from 129 ----------------------------------
+# The path function is svd_large itself, registered on the triton backend (metalcore/linalg/svd_triton.py)
+# for min(m, n) >= PATH_MIN_N. Called here as the selection table would call it, on CPU tensors: its QRs
+# and its eigh go through metalcore's ops, which run the reference here (as they do on CUDA where their
+# own routing or table says so), so these tests judge the algorithm and its batching at the sizes the
+# path starts from.
+
+PATH_SHAPES = [(129, 129), (130, 130), (200, 140), (140, 200)]
+PATH_BATCHES = [(3,), (2, 2)]
+
+
+@pytest.fixture
+def qdwh_path():
+    """The registered path function (importing the triton backend registers it)."""
+    from backends import unavailable
+    from metalcore._backend import triton_importable
+    if not triton_importable():
+        unavailable("triton is not importable: the svd paths of the triton backend are not registered")
+    import metalcore.linalg.svd_triton  # noqa: F401  (registers the path)
+    from metalcore import _selection
+    return _selection.paths("svd", "triton")["qdwh"].fn
+
+
+def _values_ratio64(S, A64, scale):
+    """max |σ − σ₆₄| / (σ₁ max(m, n) ε) against float64 torch: singular values to ε‖A‖ absolutely (a zero
+    matrix's exact zeros count as error 0, not 0/0)."""
+    S64 = torch.linalg.svdvals(A64 / scale)
+    top = S64[..., 0].clamp_min(torch.finfo(torch.float64).tiny)
+    return ((S.double() / scale - S64).abs().amax(-1) / (top * max(A64.shape[-2:]) * eps(S.dtype))).max().item()
+
+
+def _check_path(fn, A, full_matrices, what, scale=1.0):
+    dtype = A.dtype
+    U, S, Vh = fn(A, full_matrices, True)
+    check_svd(A / scale, U, S / scale, Vh, dtype, what, full_matrices)
+    A64 = A.double()
+    assert_lapack_ratio(_values_ratio64(S, A64, scale), what + " values")
+    U0, S0, Vh0 = fn(A, full_matrices, False)
+    assert U0.shape == Vh0.shape == (0,) and S0.shape == S.shape
+    assert_lapack_ratio(_values_ratio64(S0, A64, scale), what + " svdvals")
+
+
+@pytest.mark.parametrize("full_matrices", [False, True], ids=["reduced", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", PATH_BATCHES, ids=lambda b: "B" + "x".join(map(str, b)))
+@pytest.mark.parametrize("m,n", PATH_SHAPES, ids=lambda s: str(s))
+def test_qdwh_path_batched_shapes(qdwh_path, m, n, batch, dtype, full_matrices):
+    """Square at the path's first sides (129, 130), tall enough for the QR-first step (200×140) and
+    wide (140×200), over 1-D and 2-D batches, non-contiguous input."""
+    A = torch.randn(*batch, m, n, dtype=dtype)
+    _check_path(qdwh_path, noncontiguous(A), full_matrices, f"qdwh path {shape_id(batch, m, n)} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_qdwh_path_hard_families(qdwh_path, kind, dtype):
+    """Every family of tests/linalg_matrices.py in a batch of 3 — ill-conditioned (κ 1e6 fp32 / 1e12
+    fp64), rank-deficient (U's columns completed), clustered, graded, tiny/huge-scaled — each family
+    on one of the path's shapes in turn."""
+    i = KINDS.index(kind) + DTYPES.index(dtype)
+    m, n = PATH_SHAPES[i % len(PATH_SHAPES)]
+    A = general(kind, (3,), m, n, dtype)
+    for full_matrices in (False, True):
+        _check_path(qdwh_path, A, full_matrices, f"qdwh path {kind} {m}x{n} {dtype}", scale_of(kind, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qdwh_path_mixed_batch(qdwh_path, dtype):
+    """One rank-deficient and one zero matrix among full-rank ones: the completing QR then runs for the
+    whole batch, and must leave the full-rank matrices' factors as accurate as the rest."""
+    A = torch.stack([general("random", (), 140, 130, dtype), general("rank", (), 140, 130, dtype),
+                     torch.zeros(140, 130, dtype=dtype), general("ill", (), 140, 130, dtype)])
+    for full_matrices in (False, True):
+        _check_path(qdwh_path, A, full_matrices, f"qdwh path mixed batch {dtype}")
+
+
+def test_qdwh_path_support_and_routing(monkeypatch):
+    """The path takes float32/float64 from min(m, n) = 129, any batch; automatic selection never runs it
+    without a measured table; forced, the op runs svd_large through it."""
+    from backends import unavailable
+    from metalcore._backend import triton_importable
+    if not triton_importable():
+        unavailable("triton is not importable: the svd paths of the triton backend are not registered")
+    import metalcore.linalg.svd_triton  # noqa: F401  (registers the path)
+    from metalcore import _selection
+    path = _selection.paths("svd", "triton")["qdwh"]
+    assert path.fn is svd_large
+    for shape, dtype, takes in [((129, 129), torch.float32, True), ((128, 4000), torch.float32, False),
+                                ((1, 4000, 129), torch.float64, True), ((5, 2, 300, 200), torch.float32, True),
+                                ((300, 300), torch.bfloat16, False)]:
+        assert path.supports(torch.empty(shape, dtype=dtype), False, True) is takes, (shape, dtype)
+    kernel = svd_op.kernels["triton"]
+    mid = torch.empty(16, 256, 256)
+    assert kernel.supports(mid, False, True) and not kernel.automatic(mid, False, True)
+    assert kernel.automatic(torch.empty(LARGE_MIN_N, LARGE_MIN_N), False, True)
+    # Forced through the op on the triton backend (the interpreter's; one matrix, whose QRs then take
+    # torch's geqrf panels and GEMMs): the path runs, the kernel's own routing at this side is torch's.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    A = torch.randn(130, 129, dtype=torch.float64)
+    spy = lambda *args: calls.append(args) or svd_large(*args)  # noqa: E731
+    monkeypatch.setitem(_selection._PATHS[("svd", "triton")], "qdwh", _selection.AlternativePath(
+        "svd", "triton", "qdwh", spy, path.supports))
+    with metalcore.use_backend("triton"), _selection.use_path("svd", "qdwh"):
+        U, S, Vh = metalcore.linalg.svd(A, full_matrices=False)
+    assert len(calls) == 1
+    check_svd(A, U, S, Vh, torch.float64, "qdwh path through the op")
+    with metalcore.use_backend("triton"), _selection.use_path("svd", "kernel"):
+        metalcore.linalg.svd(A, full_matrices=False)
+    assert len(calls) == 1, "the kernel's own routing does not take the path at side 129"
