@@ -52,10 +52,11 @@ LARGE_MIN_N = 1024
 # Above this aspect ratio, a QR first shrinks the QDWH iteration to the n × n factor R; nearer to square
 # the extra QR (and the product Q U) costs more than iterating on the m × n matrix saves.
 TALL_QR_RATIO = 1.15
-# Smallest min(m, n) of the svd op's "qdwh" alternative path (metalcore/linalg/svd_triton.py): the
-# sides above the Jacobi kernels' 128, where cuSOLVER's gesvd runs a batch one matrix at a time
-# (64×256² fp32: 434 ms on the H100). Where it beats torch is the measured table's to say.
-PATH_MIN_N = 129
+# Smallest min(m, n) of the svd op's "qdwh" alternative path (metalcore/linalg/svd_triton.py): above
+# n = 32 cuSOLVER's gesvd runs a batch one matrix at a time (64×256² fp32: 434 ms on the H100; fp64
+# 65×4096, where the Jacobi kernel does not serve fp64 above 64: 9.1 s). Where it beats torch and the
+# Jacobi kernel is the measured table's to say.
+PATH_MIN_N = 33
 
 
 def large_supported(A: Tensor) -> bool:

@@ -251,7 +251,7 @@ def _svd_registers_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True)
 
 
-# QR + QDWH + eigh (svd_large) for sides from 129 (path_supported), any batch, as an alternative path
+# QR + QDWH + eigh (svd_large) for sides from 33 (path_supported), any batch, as an alternative path
 # taken only where the measured table names it. Everything in it is a batched call (batched QR, the
 # eigh op's batched cuSOLVER syev), where gesvd loops over the batch: predicted 64×256² fp32 ~20 ms
 # against torch's 434 (bench/linalg.md, 2026-12-06). At sides from LARGE_MIN_N it is also what the
@@ -266,7 +266,8 @@ register_path("svd", "triton", "qdwh", supports=path_supported)(svd_large)
 # smallest size measured) take its
 # QR + QDWH + eigh path: on the H100, 4096² fp32 221.8 ms vs 1104.9 ms for torch.linalg.svd
 # (4.98×), 11008×4096 3.80×, a batch of 8 1024² 2.19× (bench/results/svd-large-h100-20261125.log).
-# Sides from 129 to 1023 stay on cuSOLVER unless the measured table names the "qdwh" path there.
+# Sides from 33 to 1023 that the Jacobi kernel does not take (fp64 above 64, every dtype above 128) stay
+# on cuSOLVER unless the measured table names the "qdwh" path there.
 @svd_op.implement("triton", supports=_supported, automatic=_automatic)
 def _svd_triton(A, full_matrices, compute_uv):
     if _small(A):

@@ -185,14 +185,14 @@ def test_large_route_thresholds(monkeypatch):
     assert svd_op.backend_for(torch.ones(1024, 1024, dtype=torch.float64), False, True) == "reference"
 
 
-# --- The svd op's "qdwh" alternative path: batches of sides from 129 ----------------------------------
+# --- The svd op's "qdwh" alternative path: batches of sides from 33 ----------------------------------
 # The path function is svd_large itself, registered on the triton backend (metalcore/linalg/svd_triton.py)
 # for min(m, n) >= PATH_MIN_N. Called here as the selection table would call it, on CPU tensors: its QRs
 # and its eigh go through metalcore's ops, which run the reference here (as they do on CUDA where their
 # own routing or table says so), so these tests judge the algorithm and its batching at the sizes the
 # path starts from.
 
-PATH_SHAPES = [(129, 129), (130, 130), (200, 140), (140, 200)]
+PATH_SHAPES = [(33, 33), (65, 40), (129, 129), (130, 130), (200, 140), (140, 200)]
 PATH_BATCHES = [(3,), (2, 2)]
 
 
@@ -232,7 +232,7 @@ def _check_path(fn, A, full_matrices, what, scale=1.0):
 @pytest.mark.parametrize("batch", PATH_BATCHES, ids=lambda b: "B" + "x".join(map(str, b)))
 @pytest.mark.parametrize("m,n", PATH_SHAPES, ids=lambda s: str(s))
 def test_qdwh_path_batched_shapes(qdwh_path, m, n, batch, dtype, full_matrices):
-    """Square at the path's first sides (129, 130), tall enough for the QR-first step (200×140) and
+    """Square at the path's first side (33) and above the Jacobi kernels' 128 (129, 130), tall enough for the QR-first step (200×140) and
     wide (140×200), over 1-D and 2-D batches, non-contiguous input."""
     A = torch.randn(*batch, m, n, dtype=dtype)
     _check_path(qdwh_path, noncontiguous(A), full_matrices, f"qdwh path {shape_id(batch, m, n)} {dtype}")
@@ -262,7 +262,7 @@ def test_qdwh_path_mixed_batch(qdwh_path, dtype):
 
 
 def test_qdwh_path_support_and_routing(monkeypatch):
-    """The path takes float32/float64 from min(m, n) = 129, any batch; automatic selection never runs it
+    """The path takes float32/float64 from min(m, n) = 33, any batch; automatic selection never runs it
     without a measured table; forced, the op runs svd_large through it."""
     from backends import unavailable
     from metalcore._backend import triton_importable
@@ -272,7 +272,7 @@ def test_qdwh_path_support_and_routing(monkeypatch):
     from metalcore import _selection
     path = _selection.paths("svd", "triton")["qdwh"]
     assert path.fn is svd_large
-    for shape, dtype, takes in [((129, 129), torch.float32, True), ((128, 4000), torch.float32, False),
+    for shape, dtype, takes in [((33, 33), torch.float32, True), ((32, 4000), torch.float32, False),
                                 ((1, 4000, 129), torch.float64, True), ((5, 2, 300, 200), torch.float32, True),
                                 ((300, 300), torch.bfloat16, False)]:
         assert path.supports(torch.empty(shape, dtype=dtype), False, True) is takes, (shape, dtype)
