@@ -170,8 +170,9 @@ class MetalcoreOp:
         self.name = name
         self.reference = reference
         self._plans: dict[tuple[Any, ...], _Plan] = {}
-        # The torch-route decisions of the public functions that call this op (:meth:`torch_route`).
-        self._routes: list[dict[tuple[Any, ...], bool]] = []
+        # The torch-route decisions of the public functions that call this op (:meth:`torch_route`)
+        # and other caches dropped with the plans (:meth:`dropped_with_plans`).
+        self._routes: list[dict[Any, Any]] = []
         self.kernels: dict[str, _Kernel] = _Kernels(self.clear_plans)
         self._check = check
         self._mutated = tuple(mutates_args)
@@ -445,9 +446,14 @@ class MetalcoreOp:
         """
         if not self._cached:
             raise TypeError(f"metalcore op {self.name}: ops over lists or mutating their arguments have no torch route")
-        decisions: dict[tuple[Any, ...], bool] = {}
+        return _route.torch_route(twin, self.dropped_with_plans({}))
+
+    def dropped_with_plans(self, decisions: dict[Any, Any]) -> dict[Any, Any]:
+        """``decisions``, a cache of what depends on this op's kernels and selection (not on the
+        arguments' data), registered to be emptied whenever the op's plans are (a kernel plugged
+        in, a path registered, a selection table reloaded, :meth:`clear_plans`)."""
         self._routes.append(decisions)
-        return _route.torch_route(twin, decisions)
+        return decisions
 
     def clear_plans(self) -> None:
         """Forget this op's cached decisions: its plans and its public functions' torch routes."""

@@ -652,6 +652,44 @@ def test_a_changed_signature_misses_the_torch_route_and_is_checked_again(checks,
     assert len(checks) == 2
 
 
+def test_the_route_key_tells_apart_a_change_of_any_argument():
+    """The key is one flat tuple (built without a loop for one or two positional tensors): calls that
+    differ in any tensor's metadata, any other argument's type or value, or where an argument sits
+    (position, keyword, which name) never share it; the same call again does."""
+    from metalcore._route import _key
+
+    A, B = torch.randn(2, 3, 3), torch.randn(2, 3, 2)
+    calls = {
+        "base": ((A, B), {}),
+        "first's requires_grad": ((A.clone().requires_grad_(), B), {}),
+        "second's shape": ((A, torch.randn(2, 3, 4)), {}),
+        "second's stride": ((A, B.mT.contiguous().mT), {}),
+        "second's dtype": ((A, B.double()), {}),
+        "second's device": ((A, B.to("meta")), {}),
+        "second's requires_grad": ((A, B.clone().requires_grad_()), {}),
+        "swapped": ((B, A), {}),
+        "a keyword": ((A, B), {"upper": False}),
+        "its value": ((A, B), {"upper": True}),
+        "its type": ((A, B), {"upper": 0}),
+        "another name": ((A, B), {"left": False}),
+        "a positional flag": ((A, B, False), {}),
+        "the tensor by keyword": ((A,), {"B": B}),
+        "a tensor keyword of another name": ((A,), {"X": B}),
+        "one tensor": ((A,), {}),
+        "one flag": ((A, False), {}),
+        "a tuple": ((A, (2, 3, 2)), {}),
+        "a tuple keyword": ((A,), {"B": (2, 3, 2)}),
+        "no tensor": ((False,), {}),
+        "nothing": ((), {}),
+    }
+    keys = {name: _key(args, kwargs) for name, (args, kwargs) in calls.items()}
+    assert len(set(keys.values())) == len(keys)
+    assert _key((A.clone(), B.clone()), {}) == keys["base"]
+    assert _key((A, B), {"upper": False}) == keys["a keyword"]
+    with torch.no_grad():
+        assert _key((A, B), {}) != keys["base"] and _key((A,), {}) != keys["one tensor"]
+
+
 def test_bad_input_after_a_routed_call_still_raises_metalcores_error():
     A = _spd(2, 3)
     _repeat(lambda: metalcore.linalg.cholesky(A))

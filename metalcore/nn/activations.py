@@ -113,8 +113,11 @@ silu_fwd.register_autograd(_silu_backward, setup_context=_silu_setup)
 
 
 def _gelu_torch(input: Tensor, approximate: str = "none") -> Tensor:
-    """:func:`metal_gelu` on the torch route: ``F.gelu``, contiguous as documented."""
-    return F.gelu(input.contiguous(), approximate=approximate)
+    """:func:`metal_gelu` on the torch route: ``F.gelu``, contiguous as documented. Its default
+    ``approximate`` is not passed: parsing the keyword's string costs torch ~0.14 µs a call
+    (development CPU; the route's whole cost is ~1 µs)."""
+    x = input.contiguous()
+    return F.gelu(x) if approximate == "none" else F.gelu(x, approximate=approximate)
 
 
 def _silu_torch(input: Tensor) -> Tensor:

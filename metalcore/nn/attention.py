@@ -26,7 +26,6 @@ torch's SDPA, or under the ``"reference"`` backend a composite of plain differen
 the same float32/float64 arithmetic.
 """
 
-import functools
 import math
 from typing import Optional
 
@@ -36,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.torch_version import TorchVersion
 
-from metalcore._backend import automatic_backend, requested_backend, use_backend
+from metalcore._backend import automatic_backend, automatic_selection, requested_backend, use_backend
 from metalcore._op import metalcore_op
 from metalcore._validation import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from metalcore.nn.rms_norm import _acc
@@ -168,14 +167,20 @@ def _to_ops_layout(x: Tensor, batch: tuple[int, ...], heads: int) -> Tensor:
     return x.expand(*batch, heads, *x.shape[-2:]).reshape(math.prod(batch), heads, *x.shape[-2:])
 
 
-@functools.cache
-def _torch_serves(device_type: str) -> bool:
-    """Whether torch's fused SDPA serves automatic calls on this device type: metalcore's attention
-    kernel is not the automatic choice there (CUDA, where the Triton kernel measured 0.46-0.86x of
-    torch's flash SDPA on the H100, bench/training_triton.md; the CPU, where the reference materialises
-    the scores and ran 0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4). Cached
-    (~0.1 µs): kernels register at import, and this check runs on every automatic call."""
-    return not sdpa_fwd.automatic_kernel(automatic_backend(torch.device(device_type)))
+class _TorchServes(dict):
+    """Device type -> whether torch's fused SDPA serves automatic calls there: metalcore's attention
+    kernel is not the automatic choice (CUDA, where the Triton kernel measured 0.46-0.86x of torch's
+    flash SDPA on the H100, bench/training_triton.md; the CPU, where the reference materialises the
+    scores and ran 0.10-0.35x of torch's CPU flash kernel forward, bench/training.md v4). Filled on
+    first use, emptied with the op's plans (a kernel plugged in, a selection table reloaded); a hit
+    is one dict lookup (~0.03 µs, against ~0.05 for a cached function call)."""
+
+    def __missing__(self, device_type: str) -> bool:
+        served = self[device_type] = not sdpa_fwd.automatic_kernel(automatic_backend(torch.device(device_type)))
+        return served
+
+
+_torch_serves = sdpa_fwd.dropped_with_plans(_TorchServes())
 
 
 def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -209,26 +214,29 @@ def metal_scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor
 
     >>> out = metalcore.metal_scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     """
-    # torch's route first, and nothing on it that a call does not need: a decode call takes ~23 µs on
-    # the H100, so 0.95x of torch leaves ~1.2 µs of Python. No per-signature cache of the checks: its
-    # key (shapes, strides, dtypes of three tensors) would cost more than the checks it saves (the op
-    # core's key: ~1.4 µs on the development CPU; this whole route: ~1.0 µs, bench/training.md v6).
+    # torch's route first, and nothing on it that a call does not need: a decode call takes ~18 µs on
+    # the H100, so 0.95x of torch leaves ~0.95 µs of Python there (~0.55 µs on the development CPU).
+    # No per-signature cache of the checks: its key (shapes, strides, dtypes of three tensors) would
+    # cost more than the checks it saves (the op core's key: ~1.4 µs on the development CPU).
+    # CUDA first, in its own branch: no device-type string, no CPU NaN guard test (bench/training.md v7).
+    if isinstance(query, Tensor):
+        if query.is_cuda:
+            if _torch_serves["cuda"] and automatic_selection():
+                # The hot path (no mask, no dropout: causal, GQA, decode) is _torch_sdpa's first case,
+                # inlined, without the arguments it does not need (torch parses a positional None mask
+                # and dropout_p=0.0 in ~0.14 µs). The S check stays: one of torch's CUDA kernels reads
+                # past the end of a shorter value (bench/training.md v6); two shape reads, ~0.3 µs.
+                if attn_mask is None and not dropout_p and value.shape[-2] == key.shape[-2]:
+                    try:
+                        return F.scaled_dot_product_attention(query, key, value, is_causal=is_causal,
+                                                              scale=scale, enable_gqa=enable_gqa)
+                    except _TORCH_ERRORS:
+                        _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+                        raise
+                return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        elif _torch_serves["cpu" if query.is_cpu else query.device.type] and automatic_selection():
+            return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     requested = requested_backend()
-    # is_cuda/is_cpu: ~0.08 µs each; query.device.type builds a torch.device, ~0.7 µs.
-    if isinstance(query, Tensor) and requested == "auto" and _torch_serves(
-            "cuda" if query.is_cuda else "cpu" if query.is_cpu else query.device.type):
-        # The hot path (no mask, no dropout: causal, GQA, decode) is _torch_sdpa's first case, inlined
-        # (~0.1 µs), and leaves out the arguments it does not need: torch parses a positional None
-        # mask and dropout_p=0.0 in ~0.14 µs (development CPU, measured).
-        try:
-            if attn_mask is None and not dropout_p and value.shape[-2] == key.shape[-2]:
-                out = F.scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
-                                                     enable_gqa=enable_gqa)
-                return _nan_guard(out, query, value) if query.is_cpu else out
-        except _TORCH_ERRORS:
-            _layout(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-            raise
-        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     # What the ops do not do (dropout, a mask that requires a gradient) runs torch's SDPA under an
     # explicit kernel backend too; "reference" runs the materialising composite (the oracle).
     if requested != "reference" and (dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)):
