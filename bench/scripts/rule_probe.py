@@ -40,6 +40,30 @@ def _cases(device: torch.device):
                                       "twin": lambda x=x: _silu_torch(x)}
 
 
+def _decode_attention(device: torch.device):
+    """Issue 16's decode shape (q 1×32×1×128, kv 1×8×512×128 GQA, bf16): torch's SDPA, the public
+    function, and torch's fused kernels called directly (skipping SDPA's backend choice), where they
+    take the call (a GQA call some of them refuse; those are left out)."""
+    if device.type != "cuda":
+        return
+    q = torch.randn(1, 32, 1, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 512, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+           "public": lambda: metalcore.metal_scaled_dot_product_attention(q, k, v, enable_gqa=True),
+           "cudnn": lambda: torch._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0],
+           "flash": lambda: torch._scaled_dot_product_flash_attention(q, k, v)[0],
+           "efficient": lambda: torch._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]}
+    expected = fns["torch"]().float()
+    for name in list(fns):
+        try:
+            err = (fns[name]().float() - expected).abs().max().item()
+            print(f"decode attention {name}: max |diff| from torch's SDPA {err:.2e}", flush=True)
+        except Exception as e:  # noqa: BLE001 — a fused kernel that refuses the call is left out
+            print(f"decode attention {name}: refused ({type(e).__name__}: {str(e)[:100]})", flush=True)
+            del fns[name]
+    yield "decode attention bf16 GQA", fns
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -53,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     results = {}
-    for name, fns in _cases(device):
+    for name, fns in (*_decode_attention(device), *_cases(device)):
         for f in fns.values():  # first calls: route decisions, allocator
             f(), f()
         for order in (list(fns), list(fns)[::-1]):
