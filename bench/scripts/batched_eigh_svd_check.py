@@ -9,7 +9,7 @@ of every variant, the peers in their own processes (metalcore/bench/peers.py).
 
 ``--syevj`` times only eigh at the points where cuSOLVER's batched Jacobi is the routine to beat
 (500×16², 1000×32², 4096×8², 10000×3², 65536×32² fp32 and 1000×32² fp64): the ``syevj`` path
-(cusolver_syevj: with vectors, values only, and with a looser tolerance n·ε), the same path through
+(cusolver_syevj: with vectors, values only, and with cuSOLVER's default tolerance ε instead of n·ε), the same path through
 the op (``metalcore.linalg.eigh`` forced onto it: the dispatch layers included), the automatic
 path, ``cusolver_batched``, the Jacobi kernels, torch (eigh and eigvalsh) and the peers JAX and CuPy
 (eigh and eigvalsh). Values-only rows are judged against LAPACK in float64 on the CPU. Its probe
@@ -220,10 +220,10 @@ def syevj_variants(n, dtype, device):
     """Every way to get eigh at one ``--syevj`` point; the cuSOLVER ones only where the probe passed."""
     out = []
     if SYEVJ:
-        loose = n * torch.finfo(dtype).eps
+        tight = torch.finfo(dtype).eps
         out += [("syevj", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True)),
                 ("syevj values", lambda A, sw: cusolver_syevj.syevj_batched(A, False, False)),
-                ("syevj tol=n*eps", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True, tol=loose)),
+                ("syevj tol=eps", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True, tol=tight)),
                 ("op forced syevj", forced("syevj"))]
     out.append(("op automatic", lambda A, sw: metalcore.linalg.eigh(A)))
     if CUSOLVER:
