@@ -66,6 +66,8 @@ _REGISTRY: dict[str, MetalcoreOp] = {}
 # Plans kept per op before the cache is emptied and refilled: a training loop sees a handful of
 # signatures per op; a sweep over shapes must not grow memory without bound.
 MAX_PLANS = 1024
+# The paths ``_selection.use_path`` forces now, by op: part of each plan's key.
+_forced_paths = _selection.forced_paths()
 # Called with (op name, backend) each time an op runs (:func:`observe_backends`).
 _observers: list[Callable[[str, str], None]] = []
 
@@ -237,9 +239,10 @@ class MetalcoreOp:
 
     def _plan(self, args: tuple[Any, ...]) -> _Plan:
         """The cached plan for this call signature, decided on a miss. The key holds everything a
-        decision reads: the requested backend, whether Triton interprets, and each argument's type,
+        decision reads: the requested backend, whether Triton interprets, the path ``use_path`` forces
+        for this op, and each argument's type,
         device, dtype, shape, strides and ``requires_grad`` (non-tensor arguments by value)."""
-        key = [requested_backend(), triton_interpreting()]
+        key = [requested_backend(), triton_interpreting(), _forced_paths.get(self.name)]
         for a in args:   # a loop, not a generator: ~0.35 µs less a call (of ~1.4)
             if isinstance(a, torch.Tensor):
                 key.append((a.__class__, a.device, a.dtype, a.shape, a.stride(), a.requires_grad))

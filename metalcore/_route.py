@@ -18,7 +18,8 @@ argument metadata only, so its outcome is kept per call signature:
 On a hit the call is ``twin(*args, **kwargs)``: torch's function with the public function's own
 signature, the same one its full path calls with the same arguments (so both give the same result
 and raise the same errors). A miss, a key recorded as running metalcore's op, an ``out=`` tensor,
-``torch.compile`` tracing, a dispatch mode (FakeTensorMode, FlopCounterMode, export) or an explicitly
+``torch.compile`` tracing, a dispatch mode (FakeTensorMode, FlopCounterMode, export), a path forced by
+``_selection.use_path`` or an explicitly
 requested backend run the full path, which decides as before. Data is never cached: a mutated
 tensor is read by torch's op like any other. The decisions are dropped with the op's plans
 (``clear_plans``, a kernel plugged in, a selection table reloaded) and capped like them.
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 
 from metalcore._backend import automatic_selection
+from metalcore._selection import forced_paths
 
 # Decisions kept per public function before they are emptied and refilled (as plans are: a sweep
 # over shapes must not grow memory without bound).
@@ -50,6 +52,9 @@ MAX_DECISIONS = 1024
 # Bound once: each attribute lookup on the torch module costs ~0.03 µs a call. ``is_compiling`` is
 # the public function (dynamo folds it to True while tracing, where the full path keeps the op).
 _is_compiling = torch.compiler.is_compiling
+# Non-empty while ``use_path`` forces a path of some op: the full path decides then (its plan key
+# holds the forced path; the route's decisions do not).
+_forced_paths = forced_paths()
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
 _Tensor = torch.Tensor
@@ -128,7 +133,7 @@ def torch_route(twin: Callable[..., Any], decisions: dict[tuple[Any, ...], bool]
     def decorate(public: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(public)
         def call(*args: Any, **kwargs: Any) -> Any:
-            if _is_compiling() or _dispatch_modes() or not automatic_selection() or (
+            if _is_compiling() or _dispatch_modes() or not automatic_selection() or _forced_paths or (
                     kwargs and kwargs.get("out") is not None):
                 return public(*args, **kwargs)
             key = _key(args, kwargs)

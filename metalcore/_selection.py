@@ -78,8 +78,13 @@ class AlternativePath:
 
 _PATHS: dict[tuple[str, str], dict[str, AlternativePath]] = {}
 # op → the path forced by use_path. Process-wide like use_backend, for the same reason (autograd's
-# device threads).
+# device threads). Read by the op core's plan key and the torch route.
 _forced: dict[str, str] = {}
+
+
+def forced_paths() -> dict[str, str]:
+    """The paths :func:`use_path` forces now, by op (the live dict: read it, do not change it)."""
+    return _forced
 
 
 def _clear_plans() -> None:
@@ -124,7 +129,10 @@ def use_path(op: str, name: str) -> Iterator[None]:
         raise ValueError(f"metalcore.{op} has no path {name!r}; it has: {', '.join(known)}")
     previous = _forced.get(op)
     _forced[op] = name
-    _clear_plans()   # the path is part of each plan
+    # The forced path is part of each plan's key (metalcore/_op.py), so plans need not be dropped:
+    # the selection sweep enters this block on every timed call, and re-planning each call cost
+    # ~80 µs on the H100 host (the syevj check: 500×16² forced through the op 0.352 ms, the path
+    # called directly 0.273), which hid paths' wins at latency-bound sizes.
     try:
         yield
     finally:
@@ -132,7 +140,6 @@ def use_path(op: str, name: str) -> Iterator[None]:
             del _forced[op]
         else:
             _forced[op] = previous
-        _clear_plans()
 
 
 def route(op: str, backend: str, args: tuple[Any, ...]) -> AlternativePath | None:

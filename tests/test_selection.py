@@ -327,3 +327,49 @@ def test_sweep_checks_paths_where_torch_cannot_answer_the_full_batch(monkeypatch
     assert point["torch_s"] is None
     assert point["agree"] is True and point["paths"]["registers"]["agree"] is False
     assert point["winner"] == "kernel"
+
+
+def test_a_forced_path_is_part_of_the_plan_not_a_reason_to_drop_plans(triton_backend, launches):
+    """The sweep forces a path on every timed call: entering and leaving ``use_path`` keeps every
+    plan, a call inside the block runs the forced path and the same call outside the kernel's own
+    routing, alternating as often as the sweep alternates them."""
+    from metalcore.linalg import eigh_triton
+    from metalcore.linalg.eigh import eigh_op
+    import metalcore.linalg
+
+    A = torch.randn(2, 5, 5, dtype=torch.float64)
+    A = A + A.mT
+    registers = launches(eigh_triton, "eigh_registers")
+    scratch = launches(eigh_triton, "eigh_launch")
+    for _ in range(3):
+        with _selection.use_path("eigh", "registers"):
+            metalcore.linalg.eigh(A)
+        plans = dict(eigh_op._plans)
+        with _selection.use_path("eigh", "kernel"):
+            metalcore.linalg.eigh(A)
+        assert all(eigh_op._plans.get(key) is plan for key, plan in plans.items()), "use_path dropped plans"
+    assert len(registers) == 3 and len(scratch) == 3
+
+
+def test_the_torch_route_steps_aside_while_a_path_is_forced():
+    """A signature the torch route decided is decided again by the full path inside ``use_path``
+    (whose plan key holds the forced path), and takes the route again after the block."""
+    from metalcore.linalg.cholesky import cholesky_ex_op
+    import metalcore.linalg
+
+    A = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).contiguous()
+    metalcore.linalg.cholesky(A)
+    metalcore.linalg.cholesky(A)                   # a route hit: no plan asked for
+    asked = []
+    original = cholesky_ex_op.plan
+    cholesky_ex_op.plan = lambda *args: asked.append(args) or original(*args)
+    try:
+        metalcore.linalg.cholesky(A)
+        assert not asked
+        with _selection.use_path("cholesky_ex", "kernel"):
+            metalcore.linalg.cholesky(A)
+        assert len(asked) == 1
+        metalcore.linalg.cholesky(A)
+        assert len(asked) == 1
+    finally:
+        del cholesky_ex_op.plan
