@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import metalcore
+from metalcore.bench.selection import wall_times
 from metalcore.nn.activations import _silu_torch
 from metalcore.nn.rms_norm import _rms_norm_torch
 
@@ -64,10 +63,6 @@ def _decode_attention(device: torch.device):
     yield "decode attention bf16 GQA", fns
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,15 +76,9 @@ def main() -> None:
         for f in fns.values():  # first calls: route decisions, allocator
             f(), f()
         for order in (list(fns), list(fns)[::-1]):
-            times = {k: [] for k in order}
-            for _ in range(args.reps):
-                for k in order:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    fns[k]()
-                    _sync(device)
-                    times[k].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+            # Interleaved round by round in this order, every callable args.reps times.
+            timed = wall_times({k: fns[k] for k in order}, device, 0.0, args.reps, args.reps)
+            med = {k: t * 1e6 for k, t in timed.items()}
             key = f"{name} [{order[0]} first]"
             results[key] = med
             print(f"{key:42s} " + "  ".join(f"{k} {med[k]:8.1f}µs" for k in fns)
