@@ -174,7 +174,7 @@ class MetalcoreOp:
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         # The torch-route decisions of the public functions that call this op (:meth:`torch_route`)
         # and other caches dropped with the plans (:meth:`dropped_with_plans`).
-        self._routes: list[dict[Any, Any]] = []
+        self._plan_caches: list[dict[Any, Any]] = []
         self.kernels: dict[str, _Kernel] = _Kernels(self.clear_plans)
         self._check = check
         self._mutated = tuple(mutates_args)
@@ -455,13 +455,14 @@ class MetalcoreOp:
         """``decisions``, a cache of what depends on this op's kernels and selection (not on the
         arguments' data), registered to be emptied whenever the op's plans are (a kernel plugged
         in, a path registered, a selection table reloaded, :meth:`clear_plans`)."""
-        self._routes.append(decisions)
+        self._plan_caches.append(decisions)
         return decisions
 
     def clear_plans(self) -> None:
-        """Forget this op's cached decisions: its plans and its public functions' torch routes."""
+        """Forget this op's cached decisions: its plans, its public functions' torch routes and every
+        cache registered with :meth:`dropped_with_plans`."""
         self._plans.clear()
-        for decisions in self._routes:
+        for decisions in self._plan_caches:
             decisions.clear()
 
     def backend_for(self, *args: Any, **kwargs: Any) -> str:
