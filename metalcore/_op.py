@@ -168,7 +168,7 @@ class MetalcoreOp:
 
     def __init__(self, name: str, reference: Callable[..., Any], mutates_args: tuple[str, ...],
                  check: Callable[..., None] | None, batched: tuple[str, ...],
-                 max_batch: dict[str, int] | None):
+                 max_batch: dict[str, int | Callable[..., int | None]] | None):
         self.name = name
         self.reference = reference
         self._plans: dict[tuple[Any, ...], _Plan] = {}
@@ -297,6 +297,8 @@ class MetalcoreOp:
                 path = _selection.route(self.name, backend, args)
                 fn = kernel.fn if path is None else path.fn
             limit = self.max_batch.get(device.type) if kernel is None else kernel.max_batch
+            if callable(limit):
+                limit = limit(*args)
         if limit is not None and self._batched:
             batches = {args[i].shape[:-2] for i in self._batched}
             if len(batches) == 1 and _batch_size(next(iter(batches))) > limit:
@@ -473,7 +475,7 @@ class MetalcoreOp:
 
 def metalcore_op(
     name: str, *, mutates_args: tuple[str, ...] = (), check: Callable[..., None] | None = None,
-    batched: tuple[str, ...] = (), max_batch: dict[str, int] | None = None,
+    batched: tuple[str, ...] = (), max_batch: dict[str, int | Callable[..., int | None]] | None = None,
 ) -> Callable[[Callable[..., Any]], MetalcoreOp]:
     """Declare a metalcore op from its (annotated) reference implementation.
 
@@ -483,7 +485,8 @@ def metalcore_op(
 
     ``batched`` names the arguments that are stacks of matrices ``(*, m, n)`` with common batch dims,
     which the op core may split; ``max_batch`` (per device type) is the most matrices the reference
-    takes in one call there, e.g. ``{"cuda": 32768}`` where a cuSOLVER call fails on larger batches.
+    takes in one call there, e.g. ``{"cuda": 32768}`` where a cuSOLVER call fails on larger batches,
+    or a function of the op's arguments giving that number (None: no limit for these inputs).
     """
 
     def declare(reference: Callable[..., Any]) -> MetalcoreOp:

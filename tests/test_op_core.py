@@ -424,6 +424,30 @@ def test_calls_are_split_into_chunks_of_the_limit(monkeypatch):
     assert sizes == [4]
 
 
+def test_a_limit_may_depend_on_the_inputs(monkeypatch):
+    sizes = []
+    reference = eigh_op.reference
+
+    def recording(A, UPLO, compute_v):
+        sizes.append(A.shape[0])
+        return reference(A, UPLO, compute_v)
+
+    monkeypatch.setattr(eigh_op, "reference", recording)
+    monkeypatch.setitem(eigh_op.max_batch, "cpu", lambda A, UPLO, compute_v: 4 if A.shape[-1] == 3 else None)
+    metalcore._op.clear_plans()
+    metalcore.linalg.eigh(_spd(10, 3))
+    assert sizes == [4, 4, 2]
+    sizes.clear()
+    metalcore.linalg.eigh(_spd(10, 2))
+    assert sizes == []  # no limit for these inputs: torch.linalg.eigh takes the whole batch
+
+
+def test_eighs_cuda_limit_covers_only_the_sides_cusolver_fails_on():
+    # syevjBatched (2 <= n <= 32) fails at 65536 matrices; n = 1 and n > 32 take the whole batch.
+    limit = eigh_op.max_batch["cuda"]
+    assert [limit(torch.empty(0, n, n), "L", True) for n in (1, 2, 32, 33, 128)] == [None, 32768, 32768, None, None]
+
+
 def test_a_kernels_batch_limit_splits_its_launches(monkeypatch):
     if not triton_importable():
         pytest.skip("triton is not importable")

@@ -1,12 +1,19 @@
 """Where a point of the selection check fails on the torch route, time its pieces apart.
 
     python bench/scripts/rule_probe.py [--reps 400] [--out probe.json]
+    python bench/scripts/rule_probe.py --points "svd:vectors,float64,16,256;solve_triangular,float32,2,65536"
 
 For each probed point (op, shape, dtype): torch's own call, metalcore's public function (the torch
 route after its first call), and the route's twin called directly (the same torch call behind
 metalcore's thin wrapper, without the route's key and lookup), as wall time per synchronised call,
 medians over ``--reps`` interleaved rounds, in both orders (torch first, then metalcore first), so
 that an order effect shows as a difference between the two rows.
+
+With ``--points`` (selection-check points: ``op[:variant],dtype,n,batch``, ``;``-separated), each
+point's inputs as the check builds them, and beside torch and the public function: the plan's
+function called directly (the public function's layers removed), and the public function with
+each path of the op forced (``kernel`` and the alternatives that take the input). Each callable
+runs once first; one that raises prints its error.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import metalcore
+from metalcore import _selection, use_backend
+from metalcore.bench import selection
 from metalcore.bench.selection import wall_times
 from metalcore.nn.activations import _silu_torch
 from metalcore.nn.rms_norm import _rms_norm_torch
@@ -63,16 +72,50 @@ def _decode_attention(device: torch.device):
     yield "decode attention bf16 GQA", fns
 
 
+def _points(spec: str, device: torch.device):
+    """The selection check's points named in ``spec``, each with its callables."""
+    by_name = {s.name: s for s in selection.sweeps()}
+    backend = {"cuda": "triton"}.get(device.type, "reference")
+    for item in filter(None, (x.strip() for x in spec.split(";"))):
+        name, dtype, n, batch = item.split(",")
+        s = by_name[name]
+        inputs = selection._build(s, device, getattr(torch, dtype), int(n), int(batch))
+        args = s.op_args(*inputs)
+        op = selection._registered(s)
+        plan = op._plan(args)
+        with use_backend(backend):
+            served = op.backend_for(*args)
+        fn_name = getattr(getattr(plan.fn, "func", plan.fn), "__qualname__", repr(plan.fn))
+        print(f"{item}: automatic plan {plan.backend} {fn_name}"
+              + (" (chunked)" if hasattr(plan.fn, "func") else "") + f"; {backend} serves: {served}; "
+              f"table path: {_selection.measured_path(s.key, backend, device, args)}", flush=True)
+        fns = {"torch": lambda s=s, i=inputs: s.torch(*i), "public": lambda s=s, i=inputs: s.metalcore(*i),
+               "plan": lambda p=plan, a=args: p.fn(*a)}
+        if served == backend:
+            for path in [_selection.KERNEL, *(k for k, p in _selection.paths(s.key, backend).items()
+                                              if p.supports(*args))]:
+                fns[path] = selection._forced_call(s, backend, path, inputs, True)
+        for key in list(fns):
+            try:
+                fns[key]()
+                selection._sync(device)
+            except Exception as e:  # noqa: BLE001 — printed: finding these is the point
+                print(f"  {key} raises {type(e).__name__}: {str(e)[:400]}", flush=True)
+                del fns[key]
+        yield item, fns
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--out")
+    ap.add_argument("--points", help="selection-check points, op[:variant],dtype,n,batch;...")
     args = ap.parse_args()
     device = torch.device(args.device)
     results = {}
-    for name, fns in (*_decode_attention(device), *_cases(device)):
+    probed = _points(args.points, device) if args.points else (*_decode_attention(device), *_cases(device))
+    for name, fns in probed:
         for f in fns.values():  # first calls: route decisions, allocator
             f(), f()
         for order in (list(fns), list(fns)[::-1]):
@@ -81,8 +124,9 @@ def main() -> None:
             med = {k: t * 1e6 for k, t in timed.items()}
             key = f"{name} [{order[0]} first]"
             results[key] = med
-            print(f"{key:42s} " + "  ".join(f"{k} {med[k]:8.1f}µs" for k in fns)
-                  + f"  public/torch {med['torch'] / med['public']:.3f}x", flush=True)
+            print(f"{key:42s} " + "  ".join(f"{k} {med[k]:8.1f}µs" for k in fns if med[k] is not None)
+                  + (f"  public/torch {med['torch'] / med['public']:.3f}x" if med.get("public") else ""),
+                  flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

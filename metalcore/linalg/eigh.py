@@ -13,11 +13,17 @@ from metalcore._validation import check_choice, check_matrix
 from metalcore.linalg._common import write_out
 
 
-# torch.linalg.eigh on CUDA raises CUSOLVER_STATUS_INTERNAL_ERROR at a batch of 65536 matrices of side
-# n <= 32 (H100, torch 2.11; 4096 works), where cuSOLVER's batched Jacobi (syevjBatched) takes the
-# whole batch at once: the op core hands it at most 32768 at a time, half the failing size. Each
-# chunk is still one library call of thousands of matrices, so the split costs one extra launch.
-@metalcore_op("eigh", batched=("A",), max_batch={"cuda": 32768})
+def _cuda_batch_limit(A: Tensor, UPLO: str, compute_v: bool) -> int | None:
+    """torch.linalg.eigh on CUDA raises CUSOLVER_STATUS_INTERNAL_ERROR at a batch of 65536 matrices of
+    side 2 <= n <= 32 (H100, torch 2.11; 4096 works), where cuSOLVER's batched Jacobi (syevjBatched)
+    takes the whole batch at once: the op core hands it at most 32768 at a time, half the failing
+    size. Each chunk is still one library call of thousands of matrices. Outside those sides torch
+    takes the whole batch (65536×1×1 in 95 µs, where two chunks each sorted cost 414 µs; n > 32 is a
+    loop of syevd calls), so nothing is split there."""
+    return 32768 if 2 <= A.shape[-1] <= 32 else None
+
+
+@metalcore_op("eigh", batched=("A",), max_batch={"cuda": _cuda_batch_limit})
 def eigh_op(A: Tensor, UPLO: str, compute_v: bool) -> tuple[Tensor, Tensor]:
     """Reference: LAPACK ``syevd`` (cuSOLVER on CUDA) through ``torch.linalg.eigh``.
 
