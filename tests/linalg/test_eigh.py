@@ -507,10 +507,10 @@ def test_syevj_rejects_what_it_cannot_take_and_handles_empty_input(fake_syevj):
 # replaced: under the Triton interpreter on the CPU, compiled on CUDA ("gpu").
 
 FUSE_SIZES = (1, 2, 3, 16, 31, 32)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-# One program for the whole batch (the interpreter's default shape), and 2 matrices a program: batch 5
-# is then 3 programs, the last one half empty.
-PROGRAM_SHAPES = [None, 2]
+# (device, matrices a program): the default launch shape (on the CPU one program for the whole batch,
+# on CUDA _small_triton.group's), and on the CPU 2 matrices a program, so that batch 5 is 3 programs,
+# the last one half empty (CUDA's default already splits batches 5-7 at n = 16-32).
+LAUNCHES = [("cpu", None), ("cpu", 2), pytest.param("cuda", None, marks=pytest.mark.gpu)]
 
 
 def _prepare_oracle(A3, upper):
@@ -521,8 +521,7 @@ def _prepare_oracle(A3, upper):
     return work / scale[:, None, None], scale
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("G", PROGRAM_SHAPES, ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("UPLO", ["L", "U"])
 @pytest.mark.parametrize("n", FUSE_SIZES)
@@ -530,12 +529,15 @@ def test_syevj_prepare_is_the_scaled_triangle(n, UPLO, dtype, G, device, triton_
     from metalcore.linalg import cusolver_syevj
     upper = UPLO == "U"
     X = torch.randn(12, n, n, dtype=dtype, device=device)
-    A3 = X.mT[::2]                        # 6 matrices, strides (2n², 1, n): neither contiguous nor transposed-contiguous
+    A3 = X.mT[::2]                        # 6 matrices, strides (2n², 1, n): not contiguous, not transposed-contiguous
     A3 *= torch.tensor([1e-25, 1e25, 0.0, 1.0, 3.0, 1e-30], dtype=dtype, device=device)[:, None, None]
     if n > 1:
-        A3[3, 0, n - 1] = A3[3, n - 1, 0] = 0.0
-        A3[3, *((0, n - 1) if upper else (n - 1, 0))] = float("nan") if upper else float("inf")
-        A3[3, *((n - 1, 0) if upper else (0, n - 1))] = float("nan")       # unread: ignored, as before
+        # Matrix 3: a NaN (upper) or an infinity (lower) in the read triangle, a NaN in the other; matrix 4
+        # an infinity in the unread triangle only (ignored: a finite matrix).
+        (i, j), (k, l) = ((0, n - 1), (n - 1, 0)) if upper else ((n - 1, 0), (0, n - 1))
+        A3[3, i, j] = float("nan") if upper else float("inf")
+        A3[3, k, l] = float("nan")
+        A3[4, k, l] = float("inf")
     for batch in (A3[:1], A3[:5], A3):
         expected_work, expected_scale = _prepare_oracle(batch, upper)
         work, scale = cusolver_syevj.prepare(batch, upper, matrices_per_program=G)
@@ -561,8 +563,7 @@ def _finish_oracle(W, info, scale, vectors):
     return L, torch.where(ok[:, None, None], rows, float("nan"))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("G", PROGRAM_SHAPES, ids=lambda g: f"G{g}")
+@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2", "cuda"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", FUSE_SIZES)
 def test_syevj_finish_sorts_scales_and_masks(n, dtype, G, device, triton_backend):
