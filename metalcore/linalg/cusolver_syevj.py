@@ -251,10 +251,10 @@ def finish(W: Tensor, info: Tensor, scale: Tensor, vectors: Tensor | None, *,
     return L, rows
 
 
-def syevj_batched(A: Tensor, upper: bool, compute_v: bool, *, tol: float | None = None) -> tuple[Tensor, Tensor]:
+def syevj_batched(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor]:
     """``(L, Q)`` of the symmetric CUDA matrices ``A`` ``(*, n, n)``, n ≤ :data:`MAX_N`, float32 or
     float64, read from the ``upper`` or lower triangle; ``Q`` is empty without ``compute_v``.
-    ``tol`` overrides :func:`tolerance` (for the device benchmark). Requires :func:`available`."""
+    Requires :func:`available`."""
     lib = library()
     if lib is None or not has(lib.lib, *SYEVJ_SYMBOLS):
         raise RuntimeError("metalcore: cusolverDn{S,D}syevjBatched is not available (no libcusolver loaded)")
@@ -269,7 +269,7 @@ def syevj_batched(A: Tensor, upper: bool, compute_v: bool, *, tol: float | None 
         return A.new_empty(A.shape[:-1]), (A.new_empty(A.shape) if compute_v else A.new_empty(0))
     c = _bound(lib)
     handle, _ = lib.handle(A.device)
-    params = _params(c, A.device, A.dtype, tolerance(A.dtype, n) if tol is None else tol)
+    params = _params(c, A.device, A.dtype, tolerance(A.dtype, n))
     jobz = VECTOR if compute_v else NOVECTOR
     # cuSOLVER reads column-major: the row-major lower triangle is its upper one.
     fill = FILL_LOWER if upper else FILL_UPPER
