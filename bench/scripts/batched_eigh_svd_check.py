@@ -3,16 +3,19 @@ fp64): LAPACK ratios on random and κ = 1e6 input, NaN count, sweeps, and the me
 of every variant, the peers in their own processes (metalcore/bench/peers.py).
 
     python bench/scripts/batched_eigh_svd_check.py --out DIR                     # H100: ~3-4 minutes
-    python bench/scripts/batched_eigh_svd_check.py --syevj --out DIR             # H100: ~2 minutes
+    python bench/scripts/batched_eigh_svd_check.py --syevj --out DIR             # H100: ~1-1.5 minutes
     TRITON_INTERPRET=1 python bench/scripts/batched_eigh_svd_check.py --device cpu --tiny --out /tmp/x
     TRITON_INTERPRET=1 python bench/scripts/batched_eigh_svd_check.py --syevj --device cpu --tiny --out /tmp/x
 
 ``--syevj`` times only eigh at the points where cuSOLVER's batched Jacobi is the routine to beat
 (500×16², 1000×32², 4096×8², 10000×3², 65536×32² fp32 and 1000×32² fp64): the ``syevj`` path
-(cusolver_syevj: with vectors, values only, and with cuSOLVER's default tolerance ε instead of n·ε), the same path through
-the op (``metalcore.linalg.eigh`` forced onto it: the dispatch layers included), the automatic
-path, ``cusolver_batched``, the Jacobi kernels, torch (eigh and eigvalsh) and the peers JAX and CuPy
-(eigh and eigvalsh). Values-only rows are judged against LAPACK in float64 on the CPU. Its probe
+(cusolver_syevj: with vectors, values only, and as ``syevj v7``: the same calls with its Triton
+kernels ``prepare`` and ``finish`` swapped for the torch ops they replaced, bench/linalg_triton.md
+v8's before and after in one run), the same path through the op (``metalcore.linalg.eigh`` forced
+onto it: the dispatch layers included), the automatic path, ``cusolver_batched``, the Jacobi
+kernels, torch (eigh and eigvalsh) and the peers JAX and CuPy (eigh and eigvalsh); on CUDA each row
+also gives the GPU time with the host hidden and the host time of issuing one call (``gpu``,
+``host``). Values-only rows are judged against LAPACK in float64 on the CPU. Its probe
 also calls syevjBatched unsplit on 65535 and 65536 matrices of side 2, in the probe's subprocess,
 to see where the library's batch limit lies (the split is at 32768).
 
@@ -41,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jacobi_check import inputs, ratios_eigh, ratios_svd  # noqa: E402  (same-folder script)
 
 from metalcore.bench import peers  # noqa: E402
-from metalcore.bench.timing import call_ms  # noqa: E402
+from metalcore.bench.timing import QUICK_BUDGET, Timer, call_ms  # noqa: E402
 import metalcore  # noqa: E402
 from metalcore import _selection  # noqa: E402
 from metalcore.linalg import cusolver_batched, cusolver_syevj  # noqa: E402
@@ -211,6 +214,39 @@ def forced(path):
     return call
 
 
+def prepare_v7(A3, upper):
+    """cusolver_syevj.prepare as torch ops (v7 of the path, 4 launches): NaN or inf scale where the
+    triangle is not finite, the division carried into the work buffer."""
+    work = (A3.triu() if upper else A3.tril()).contiguous()
+    scale = torch.linalg.vector_norm(work, ord=float("inf"), dim=(-2, -1)).clamp_min(torch.finfo(A3.dtype).tiny)
+    work.div_(scale[:, None, None])
+    return work, scale
+
+
+def finish_v7(W, info, scale, vectors):
+    """cusolver_syevj.finish as torch ops (v7, 8 launches with vectors, 6 without)."""
+    ok = (info == 0) & (scale < float("inf"))
+    L, order = W.sort(dim=-1)
+    L = torch.where(ok[:, None], L * scale[:, None], float("nan"))
+    if vectors is None:
+        return L, None
+    rows = vectors.gather(-2, order[:, :, None].expand_as(vectors))
+    return L, torch.where(ok[:, None, None], rows, float("nan"))
+
+
+def with_torch_ops(fn):
+    """``fn`` with cusolver_syevj's two kernels swapped for the torch ops of v7 (module globals that
+    syevj_batched looks up per call)."""
+    def call(A, sw):
+        kernels = cusolver_syevj.prepare, cusolver_syevj.finish
+        cusolver_syevj.prepare, cusolver_syevj.finish = prepare_v7, finish_v7
+        try:
+            return fn(A, sw)
+        finally:
+            cusolver_syevj.prepare, cusolver_syevj.finish = kernels
+    return call
+
+
 def values_only(fn):
     """``(L, empty)`` from a function returning eigenvalues only."""
     return lambda A, sw: (fn(A), A.new_empty(0))
@@ -220,10 +256,10 @@ def syevj_variants(n, dtype, device):
     """Every way to get eigh at one ``--syevj`` point; the cuSOLVER ones only where the probe passed."""
     out = []
     if SYEVJ:
-        tight = torch.finfo(dtype).eps
         out += [("syevj", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True)),
                 ("syevj values", lambda A, sw: cusolver_syevj.syevj_batched(A, False, False)),
-                ("syevj tol=eps", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True, tol=tight)),
+                ("syevj v7", with_torch_ops(lambda A, sw: cusolver_syevj.syevj_batched(A, False, True))),
+                ("syevj v7 values", with_torch_ops(lambda A, sw: cusolver_syevj.syevj_batched(A, False, False))),
                 ("op forced syevj", forced("syevj"))]
     out.append(("op automatic", lambda A, sw: metalcore.linalg.eigh(A)))
     if CUSOLVER:
@@ -251,6 +287,9 @@ def cpu_values(Sym):
 
 def run_syevj(args, device, start, emit):
     points = TINY_SYEVJ if args.tiny else SYEVJ_POINTS
+    # GPU time with the host hidden and host time per call, beside the wall time (the kernels of v8
+    # save host time above all).
+    timer = Timer(device, QUICK_BUDGET) if device.type == "cuda" else None
     for b, n, dtype in points:
         if time.time() - start > args.max_seconds:
             print(f"eigh {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
@@ -263,7 +302,7 @@ def run_syevj(args, device, start, emit):
             data = {"random": (X.to(dtype), (X + X.mT).to(dtype))}
         expected = {k: cpu_values(Sym) for k, (_, Sym) in data.items()}
         for name, fn in syevj_variants(n, dtype, device):
-            measure("eigh", name, fn, data, b, n, dtype, device, emit, expected)
+            measure("eigh", name, fn, data, b, n, dtype, device, emit, expected, timer)
         del data
     if not args.no_peers:
         cases = [peers.case(op, b, n, dtype=str(dtype).replace("torch.", ""))
@@ -283,9 +322,10 @@ def svd_variants(n, device):
     return out
 
 
-def measure(op, name, fn, data, b, n, dtype, device, emit, expected=None):
+def measure(op, name, fn, data, b, n, dtype, device, emit, expected=None, timer=None):
     """One row: ratios per input family, NaN count, sweeps, median ms. ``expected``: float64
-    eigenvalues per family, for variants that return no eigenvectors (values ratio, LAPACK units)."""
+    eigenvalues per family, for variants that return no eigenvectors (values ratio, LAPACK units).
+    ``timer`` (CUDA): also the GPU time with the host hidden and the host time of issuing a call."""
     row = {"section": op, "variant": name, "batch": b, "n": n, "dtype": str(dtype).replace("torch.", "")}
     try:
         for kind, (G, Sym) in data.items():
@@ -306,6 +346,9 @@ def measure(op, name, fn, data, b, n, dtype, device, emit, expected=None):
         cuda = device.type == "cuda"
         row["ms"] = round(call_ms(lambda: fn(arg, sw), device, reps=3 if cuda else 1,
                                   budget_s=BUDGET_S if cuda else None), 4)
+        if timer is not None:
+            t = timer.time(lambda: fn(arg, sw))
+            row["gpu_ms"], row["host_ms"] = round(t.median_s * 1e3, 4), round(t.host_s * 1e3, 4)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e}"[:300]
     worst = max((max(v for k, v in row[kind].items() if k not in ("nan", "sweeps")) for kind in data if kind in row),
@@ -313,7 +356,8 @@ def measure(op, name, fn, data, b, n, dtype, device, emit, expected=None):
     nan = sum(row[kind]["nan"] for kind in data if kind in row)
     text = (f"ERROR {row['error']}" if "error" in row else
             f"{row['ms']:9.3f} ms  worst ratio {worst:6.1f}  nan {nan}  sweeps "
-            f"{max((row[k]['sweeps'] for k in data if k in row), default=0)}")
+            f"{max((row[k]['sweeps'] for k in data if k in row), default=0)}"
+            + (f"  gpu {row['gpu_ms']:.3f} host {row['host_ms']:.3f}" if "gpu_ms" in row else ""))
     emit(row, f"{op:5} {b:>6}x{n:<4} {row['dtype']:8} {name:18} {text}")
 
 

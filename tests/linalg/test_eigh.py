@@ -424,9 +424,9 @@ class FakeSyevj:
 
 
 @pytest.fixture
-def fake_syevj(monkeypatch):
+def fake_syevj(monkeypatch, triton_backend):
     """The syevj module on CPU tensors against :class:`FakeSyevj` (the CUDA stream and device calls
-    stubbed), with empty caches."""
+    stubbed, its two kernels under the Triton interpreter), with empty caches."""
     from metalcore.linalg import cusolver_batched, cusolver_syevj
     fake = FakeSyevj()
     lib = cusolver_batched.Library(fake)
@@ -501,3 +501,94 @@ def test_syevj_rejects_what_it_cannot_take_and_handles_empty_input(fake_syevj):
         cusolver_syevj.syevj_batched(torch.zeros(2, 3, 3, dtype=torch.float16), False, True)
     L, Q = cusolver_syevj.syevj_batched(torch.zeros(0, 4, 4), False, True)
     assert L.shape == (0, 4) and Q.shape == (0, 4, 4) and not fake_syevj.calls
+
+
+# --- cusolver_syevj's kernels around the library call (prepare, finish), against the torch ops they
+# replaced: under the Triton interpreter on the CPU, compiled on CUDA ("gpu").
+
+FUSE_SIZES = (1, 2, 3, 16, 31, 32)
+# (device, matrices a program): the default launch shape (on the CPU one program for the whole batch,
+# on CUDA _small_triton.group's), and on the CPU 2 matrices a program, so that batch 5 is 3 programs,
+# the last one half empty (CUDA's default already splits batches 5-7 at n = 16-32).
+LAUNCHES = [("cpu", None), ("cpu", 2), pytest.param("cuda", None, marks=pytest.mark.gpu)]
+
+
+def _prepare_oracle(A3, upper):
+    """What syevj_batched computed with torch ops before the prepare kernel."""
+    work = (A3.triu() if upper else A3.tril()).contiguous()
+    amax = torch.linalg.vector_norm(work, ord=float("inf"), dim=(-2, -1))
+    scale = amax.clamp_min(torch.finfo(A3.dtype).tiny)
+    return work / scale[:, None, None], scale
+
+
+@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("UPLO", ["L", "U"])
+@pytest.mark.parametrize("n", FUSE_SIZES)
+def test_syevj_prepare_is_the_scaled_triangle(n, UPLO, dtype, G, device, triton_backend):
+    from metalcore.linalg import cusolver_syevj
+    upper = UPLO == "U"
+    X = torch.randn(12, n, n, dtype=dtype, device=device)
+    A3 = X.mT[::2]                        # 6 matrices, strides (2n², 1, n): not contiguous, not transposed-contiguous
+    A3 *= torch.tensor([1e-25, 1e25, 0.0, 1.0, 3.0, 1e-30], dtype=dtype, device=device)[:, None, None]
+    if n > 1:
+        # Matrix 3: a NaN (upper) or an infinity (lower) in the read triangle, a NaN in the other; matrix 4
+        # an infinity in the unread triangle only (ignored: a finite matrix).
+        (i, j), (k, l) = ((0, n - 1), (n - 1, 0)) if upper else ((n - 1, 0), (0, n - 1))
+        A3[3, i, j] = float("nan") if upper else float("inf")
+        A3[3, k, l] = float("nan")
+        A3[4, k, l] = float("inf")
+    for batch in (A3[:1], A3[:5], A3):
+        expected_work, expected_scale = _prepare_oracle(batch, upper)
+        work, scale = cusolver_syevj.prepare(batch, upper, matrices_per_program=G)
+        assert work.is_contiguous() and work.shape == batch.shape and scale.shape == batch.shape[:1]
+        what = f"prepare n={n} {UPLO} {dtype} batch {batch.shape[0]}"
+        finite = expected_scale.isfinite()
+        # Bit for bit where the triangle is finite; the zero matrix's scale is finfo.tiny.
+        assert torch.equal(work[finite], expected_work[finite]), what + ": work"
+        assert torch.equal(scale[finite], expected_scale[finite]), what + ": scale"
+        # A NaN or infinity in the triangle: scale NaN (finish turns that matrix NaN), zeros to cuSOLVER.
+        assert scale[~finite].isnan().all() and (work[~finite] == 0).all(), what + ": non-finite matrix"
+        assert int((~finite).sum()) == (1 if batch.shape[0] > 3 and n > 1 else 0), what + ": which matrices"
+    assert scale[2] == torch.finfo(dtype).tiny and (work[2] == 0).all()           # the zero matrix
+
+
+def _finish_oracle(W, info, scale, vectors):
+    """What syevj_batched computed with torch ops before the finish kernel (stable sort: tied
+    eigenvalues keep their order)."""
+    ok = (info == 0) & ~scale.isnan()
+    L, order = W.sort(dim=-1, stable=True)
+    L = torch.where(ok[:, None], L * scale[:, None], float("nan"))
+    rows = vectors.gather(-2, order[:, :, None].expand_as(vectors))
+    return L, torch.where(ok[:, None, None], rows, float("nan"))
+
+
+@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", FUSE_SIZES)
+def test_syevj_finish_sorts_scales_and_masks(n, dtype, G, device, triton_backend):
+    from metalcore.linalg import cusolver_syevj
+    nb = 7
+    W = torch.randn(nb, n, dtype=dtype, device=device)
+    W[1] = torch.randint(-2, 3, (n,), dtype=dtype, device=device)          # many ties
+    W[2] = 0.5                                                             # all tied
+    W[3, ::2] = -0.0                                                       # ±0 are ties too
+    W[3, 1::2] = 0.0
+    W[5] = float("nan")                                                    # garbage in a failed matrix
+    info = torch.zeros(nb, dtype=torch.int32, device=device)
+    info[5] = n + 1                                                        # not converged
+    info[6] = -3
+    scale = torch.rand(nb, dtype=dtype, device=device) * 10.0 ** torch.arange(-3, nb - 3, device=device)
+    scale[4] = float("nan")                                                # non-finite input
+    vectors = torch.randn(nb, n, n, dtype=dtype, device=device)
+    for count in (1, 6, nb):                                               # 6: a non-multiple of 2 and 4
+        expected_L, expected_rows = _finish_oracle(W[:count], info[:count], scale[:count], vectors[:count])
+        L, rows = cusolver_syevj.finish(W[:count], info[:count], scale[:count], vectors[:count],
+                                        matrices_per_program=G)
+        what = f"finish n={n} {dtype} batch {count}"
+        torch.testing.assert_close(L, expected_L, rtol=0, atol=0, equal_nan=True, msg=what + ": values")
+        torch.testing.assert_close(rows, expected_rows, rtol=0, atol=0, equal_nan=True, msg=what + ": vectors")
+        values, none = cusolver_syevj.finish(W[:count], info[:count], scale[:count], None, matrices_per_program=G)
+        assert none is None
+        torch.testing.assert_close(values, expected_L, rtol=0, atol=0, equal_nan=True, msg=what + ": values only")
+    assert L[:4].isfinite().all() and L[4:].isnan().all() and rows[4:].isnan().all()
