@@ -150,6 +150,18 @@ def test_check_confirms_a_violation_on_more_calls(monkeypatch):
         assert p["auto_s"] == second["auto"] and p["violation"] is violates and len(violations) == int(violates)
 
 
+def test_check_reports_what_a_failing_automatic_call_raised(monkeypatch):
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: {"torch": 1e-4, "auto": None})
+
+    def failing(*args):
+        raise RuntimeError("CUSOLVER_STATUS_INTERNAL_ERROR")
+
+    s = dataclasses.replace(s, metalcore=failing)
+    points, violations = selection.check(torch.device("cpu"), [s], lambda m: None, [torch.float64], [2], [1])
+    assert violations == points and points[0]["auto_error"] == "RuntimeError: CUSOLVER_STATUS_INTERNAL_ERROR"
+
+
 def test_check_extrapolates_the_automatic_path_where_it_is_torchs_long_call(monkeypatch):
     """Where the automatic path gives the inputs to torch and torch's call is extrapolated, the
     automatic one is too, with torch's time, whatever it took at the previous batch."""

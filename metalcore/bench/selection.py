@@ -541,6 +541,8 @@ def check(device: torch.device, selected: Sequence[Sweep], log: Callable[[str], 
                             p[f"{name}_s"] = t
                             if t is not None:
                                 last[name] = (batch, t)
+                        if p["auto_s"] is None and "auto" in fns:
+                            p["auto_error"] = _error_of(fns["auto"], device)
                         if _violates(p) and len(fns) == 2 and p["auto_s"] is not None:
                             # Confirm on more calls; the first timing stays in the point.
                             p["first"] = {"torch_s": p["torch_s"], "auto_s": p["auto_s"]}
@@ -573,6 +575,16 @@ def _us(x):
 
 def _r(x):
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _error_of(fn: Callable[[], Any], device: torch.device) -> str | None:
+    """What a call that failed in :func:`wall_times` raises, for the check's report."""
+    try:
+        fn()
+        _sync(device)
+    except Exception as e:  # noqa: BLE001 — reported, not handled
+        return f"{type(e).__name__}: {e}"[:300]
+    return None
 
 
 def _violates(p: dict[str, Any]) -> bool:
@@ -698,7 +710,8 @@ def main(args: Any) -> int:
             check_file.write_text(json.dumps({"meta": meta, "partial": True, "points": points}, indent=1))
         for v in violations:
             print(f"VIOLATION {v['op']} {v['dtype']} size={v['size']} batch={v['batch']}: "
-                  f"torch {_us(v['torch_s'])}, metalcore {_us(v['auto_s'])} ({_r(v['ratio'])})")
+                  f"torch {_us(v['torch_s'])}, metalcore {_us(v['auto_s'])} ({_r(v['ratio'])})"
+                  + (f" raised {v['auto_error']}" if v.get("auto_error") else ""))
         line = summary_line(points, violations, meta.get("device", {}).get("name", device.type))
         print(line)
         result = {"meta": meta, "summary": line, "check_s": round(time.time() - t0, 1), "points": points}

@@ -504,13 +504,16 @@ def test_syevj_rejects_what_it_cannot_take_and_handles_empty_input(fake_syevj):
 
 
 # --- cusolver_syevj's kernels around the library call (prepare, finish), against the torch ops they
-# replaced: under the Triton interpreter on the CPU, compiled on CUDA ("gpu").
+# replaced, under the Triton interpreter on the CPU. Compiled, they run inside the syevj tests above
+# (H100: matrix families, NaN, 65536×32², all passing). A compiled twin of these two tests failed on
+# the H100 when it compiled a new variant of the prepare kernel after interpreted launches in the same
+# process: the compiler met `tl.tensor.to` still patched by Triton 3.6's interpreter ("'ir.value'
+# object has no attribute 'dtype'"), a test-process hazard, not the kernel's.
 
 FUSE_SIZES = (1, 2, 3, 16, 31, 32)
-# (device, matrices a program): the default launch shape (on the CPU one program for the whole batch,
-# on CUDA _small_triton.group's), and on the CPU 2 matrices a program, so that batch 5 is 3 programs,
-# the last one half empty (CUDA's default already splits batches 5-7 at n = 16-32).
-LAUNCHES = [("cpu", None), ("cpu", 2), pytest.param("cuda", None, marks=pytest.mark.gpu)]
+# (device, matrices a program): the default launch shape (one program for the whole batch on the CPU)
+# and 2 matrices a program, so that batch 5 is 3 programs, the last one half empty.
+LAUNCHES = [("cpu", None), ("cpu", 2)]
 
 
 def _prepare_oracle(A3, upper):
@@ -521,7 +524,7 @@ def _prepare_oracle(A3, upper):
     return work / scale[:, None, None], scale
 
 
-@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2", "cuda"])
+@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("UPLO", ["L", "U"])
 @pytest.mark.parametrize("n", FUSE_SIZES)
@@ -563,7 +566,7 @@ def _finish_oracle(W, info, scale, vectors):
     return L, torch.where(ok[:, None, None], rows, float("nan"))
 
 
-@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2", "cuda"])
+@pytest.mark.parametrize("device,G", LAUNCHES, ids=["cpu", "cpu-G2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", FUSE_SIZES)
 def test_syevj_finish_sorts_scales_and_masks(n, dtype, G, device, triton_backend):
