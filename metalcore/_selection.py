@@ -202,8 +202,9 @@ WIN_MARGIN = 1.10
 
 def faster_paths(point: dict[str, Any]) -> dict[str, float]:
     """The paths measured faster than torch by :data:`WIN_MARGIN` at one table point (and agreeing
-    with it), each with its time relative to the fastest of them (1.0). A point given only by its
-    ``winner`` (hand-made tables) stands for that path alone."""
+    with it), each with its time relative to the fastest of them (1.0), less those the rule check
+    ``refuted`` there (``bench.selection.refute``). A point given only by its ``winner`` (hand-made
+    tables) stands for that path alone."""
     if "kernel_s" not in point and "paths" not in point:
         return {} if point["winner"] == TORCH else {point["winner"]: 1.0}
     times: dict[str, float] = {}
@@ -212,6 +213,8 @@ def faster_paths(point: dict[str, Any]) -> dict[str, float]:
     for name, measured in point.get("paths", {}).items():
         if measured.get("s") is not None and measured.get("agree"):
             times[name] = measured["s"]
+    for name in point.get("refuted", ()):
+        times.pop(name, None)
     torch_s = point.get("torch_s")
     if torch_s is not None:  # None: torch failed there (cuSOLVER's batch limit) and any path that works wins
         times = {name: t for name, t in times.items() if t * WIN_MARGIN < torch_s}

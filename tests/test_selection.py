@@ -162,6 +162,22 @@ def test_check_reports_what_a_failing_automatic_call_raised(monkeypatch):
     assert violations == points and points[0]["auto_error"] == "RuntimeError: CUSOLVER_STATUS_INTERNAL_ERROR"
 
 
+def test_a_violation_refutes_the_points_paths(tmp_path):
+    # At the violating point every path that had beaten torch is refuted: torch serves it; the
+    # neighbouring point keeps its choice; a violation where torch already serves changes nothing.
+    points = [_timed("vectors", "float64", 3, 16, 256e-6, 224e-6, {"registers": (213e-6, True)}),
+              _timed("vectors", "float64", 3, 256, 258e-6, 217e-6, {"registers": (214e-6, True)}),
+              _timed("vectors", "float64", 4, 16, 100e-6, 99e-6, {"registers": (98e-6, True)})]
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({"ops": {"eigh": points}}))
+    bad = [dict(op="eigh:vectors", dtype="float64", size=3, batch=16), dict(op="eigh:vectors", dtype="float64", size=4, batch=16)]
+    assert selection.refute(path, bad) == ["eigh:vectors float64 size=3 batch=16: registers -> torch"]
+    table = json.loads(path.read_text())["ops"]["eigh"]
+    assert table[0]["refuted"] == ["kernel", "registers"] and table[0]["winner"] == "torch"
+    assert _selection.faster_paths(table[0]) == {} and _selection.winner(table[1]) == "registers"
+    assert "refuted" not in table[2]
+
+
 def test_check_extrapolates_the_automatic_path_where_it_is_torchs_long_call(monkeypatch):
     """Where the automatic path gives the inputs to torch and torch's call is extrapolated, the
     automatic one is too, with torch's time, whatever it took at the previous batch."""

@@ -517,8 +517,10 @@ def run_metadata(device: torch.device, info: dict[str, Any]) -> dict[str, Any]:
     commit = _run_text("git", "rev-parse", "HEAD", cwd=root)
     # Dirty: uncommitted changes, untracked files included, where the code that runs lives.
     dirty = _run_text("git", "status", "--porcelain", "--", "metalcore", "shaders", cwd=root)
-    if commit is None:  # a copy of the tree without .git (a CI artifact, a remote GPU machine)
-        commit, dirty = os.environ.get("METALCORE_BENCH_COMMIT"), None
+    # Set by whoever copied the tree: a copy without .git (a CI artifact), or one whose .git is older
+    # than the files (the GPU machine's copy reported its first commit, "dirty", at later runs).
+    if os.environ.get("METALCORE_BENCH_COMMIT"):
+        commit, dirty = os.environ["METALCORE_BENCH_COMMIT"], None
     return {
         "schema": 1,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
