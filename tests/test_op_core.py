@@ -403,7 +403,9 @@ def test_the_reference_splits_batches_above_its_limit(monkeypatch):
     torch.testing.assert_close(gX, torch.eye(5, dtype=torch.float64).expand_as(A))
 
 
-def test_calls_are_split_into_chunks_of_the_limit(monkeypatch):
+@pytest.fixture
+def eigh_chunks(monkeypatch):
+    """The batch sizes of the calls that reach eigh's reference."""
     sizes = []
     reference = eigh_op.reference
 
@@ -412,6 +414,11 @@ def test_calls_are_split_into_chunks_of_the_limit(monkeypatch):
         return reference(A, UPLO, compute_v)
 
     monkeypatch.setattr(eigh_op, "reference", recording)
+    return sizes
+
+
+def test_calls_are_split_into_chunks_of_the_limit(monkeypatch, eigh_chunks):
+    sizes = eigh_chunks
     monkeypatch.setitem(eigh_op.max_batch, "cpu", 4)
     metalcore._op.clear_plans()
     metalcore.linalg.eigh(_spd(10, 3))
@@ -424,15 +431,8 @@ def test_calls_are_split_into_chunks_of_the_limit(monkeypatch):
     assert sizes == [4]
 
 
-def test_a_limit_may_depend_on_the_inputs(monkeypatch):
-    sizes = []
-    reference = eigh_op.reference
-
-    def recording(A, UPLO, compute_v):
-        sizes.append(A.shape[0])
-        return reference(A, UPLO, compute_v)
-
-    monkeypatch.setattr(eigh_op, "reference", recording)
+def test_a_limit_may_depend_on_the_inputs(monkeypatch, eigh_chunks):
+    sizes = eigh_chunks
     monkeypatch.setitem(eigh_op.max_batch, "cpu", lambda A, UPLO, compute_v: 4 if A.shape[-1] == 3 else None)
     metalcore._op.clear_plans()
     metalcore.linalg.eigh(_spd(10, 3))
