@@ -178,6 +178,26 @@ def test_a_violation_refutes_the_points_paths(tmp_path):
     assert "refuted" not in table[2]
 
 
+def test_a_sweep_and_its_check_in_one_run_refute_a_choice_the_check_finds_slower(monkeypatch, tmp_path):
+    """`--selection --check`: the sweep times the kernel faster than torch, the check times the
+    automatic call slower; the run ends with the point refuted in the table it wrote."""
+    pytest.importorskip("triton")
+    from metalcore.bench import harness
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_selection, "TABLE_DIR", tmp_path)
+    times = {"torch": 1e-3, "kernel": 1e-4, "auto": 3e-3}
+    monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: {n: times[n] for n in fns})
+    load_kernels()
+    code = harness.main(["--selection", "--check", "--device", "cpu", "--ops", "cholesky_ex", "--dtypes", "float64",
+                         "--sizes", "2", "--batches", "1", "--out-dir", str(tmp_path / "out")])
+    assert code == 1                                           # the check's violation
+    (table,) = tmp_path.glob("*.json")
+    (point,) = json.loads(table.read_text())["ops"]["cholesky_ex"]
+    assert point["refuted"] == ["kernel"] and point["winner"] == "torch"
+    _selection.reload()
+
+
 def test_check_extrapolates_the_automatic_path_where_it_is_torchs_long_call(monkeypatch):
     """Where the automatic path gives the inputs to torch and torch's call is extrapolated, the
     automatic one is too, with torch's time, whatever it took at the previous batch."""
