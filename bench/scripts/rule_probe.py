@@ -82,7 +82,7 @@ def _points(spec: str, device: torch.device):
         inputs = selection._build(s, device, getattr(torch, dtype), int(n), int(batch))
         args = s.op_args(*inputs)
         op = selection._registered(s)
-        plan = op._plan(args)
+        plan = op.plan(*args)
         with use_backend(backend):
             served = op.backend_for(*args)
         fn_name = getattr(getattr(plan.fn, "func", plan.fn), "__qualname__", repr(plan.fn))
