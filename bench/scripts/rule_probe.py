@@ -9,6 +9,12 @@ metalcore's thin wrapper, without the route's key and lookup), as wall time per 
 medians over ``--reps`` interleaved rounds, in both orders (torch first, then metalcore first), so
 that an order effect shows as a difference between the two rows.
 
+With ``--launches`` (with ``--points``), each point's Triton launches are captured from one call of
+the plan's function and their layers timed alone, host time per call (no synchronisation between
+calls): metalcore's launch (``LazyKernel._launch``), Triton's ``JITFunction.run``, Triton's argument
+binder, the compiled launcher alone, ``torch.cuda.current_device()``; then a cProfile of the kernel
+forced (else the plan's function; the top functions by own time).
+
 With ``--points`` (selection-check points: ``op[:variant],dtype,n,batch``, ``;``-separated), each
 point's inputs as the check builds them, and beside torch and the public function: the plan's
 function called directly (the public function's layers removed), and the public function with
@@ -19,7 +25,12 @@ runs once first; one that raises prints its error.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
+import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,12 +116,82 @@ def _points(spec: str, device: torch.device):
         yield item, fns
 
 
+def _host_us(fn: Any, device: torch.device, reps: int) -> float:
+    """Host µs per call of ``fn`` called ``reps`` times back to back (best of 5 blocks)."""
+    best = float("inf")
+    for _ in range(5):
+        selection._sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    selection._sync(device)
+    return best * 1e6
+
+
+def _launch_layers(item: str, fns: dict[str, Any], device: torch.device, reps: int) -> dict[str, Any]:
+    """Capture the Triton launches of one call of the kernel forced (else the plan's function) and
+    time each layer alone."""
+    from metalcore import _triton
+
+    captured = []
+    original = _triton.LazyKernel._launch
+
+    def record(self, grid, *args, **options):
+        captured.append((self, grid, args, options))
+        return original(self, grid, *args, **options)
+
+    target = "kernel" if "kernel" in fns else "plan"   # the plan may be torch's: capture the kernel
+    _triton.LazyKernel._launch = record
+    try:
+        fns[target]()
+        selection._sync(device)
+    finally:
+        _triton.LazyKernel._launch = original
+    out: dict[str, Any] = {"launches": len(captured)}
+    out.update({f"{k} host": _host_us(fns[k], device, reps) for k in ("torch", "public", "plan", "kernel") if k in fns})
+    out["torch.empty host"] = _host_us(lambda: torch.empty(16, 8, 8, device=device), device, reps)
+    if device.type == "cuda":
+        out["current_device host"] = _host_us(torch.cuda.current_device, device, reps)
+    for i, (kernel, grid, args, options) in enumerate(captured[:4]):
+        jit = kernel.compiled
+        dev = torch.cuda.current_device()
+        binder = jit.device_caches[dev][4]
+        bound, spec, _ = binder(*args, **options)
+        entry = kernel._launchers.get((dev, tuple(spec), tuple(options.items())))
+        layers = {"launch": lambda: original(kernel, grid, *args, **options),
+                  "jit.run": lambda: jit.run(*args, grid=grid, warmup=False, **options),
+                  "binder": lambda: binder(*args, **options)}
+        if entry is not None:
+            launcher, function, metadata = entry
+            values = tuple(bound.values())
+            g = (*grid, 1, 1)[:3]
+            stream = torch._C._cuda_getCurrentRawStream(dev)
+            layers["launcher"] = lambda: launcher(g[0], g[1], g[2], stream, function, metadata, None, None, None, *values)
+        for name, f in layers.items():
+            out[f"{kernel.__name__}#{i} {name}"] = _host_us(f, device, reps)
+        out[f"{kernel.__name__}#{i} args"] = len(args)
+    print(f"{item} launch layers (host µs per call): " + "; ".join(
+        f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(reps):
+        fns[target]()
+    profile.disable()
+    selection._sync(device)
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(22)
+    print(f"{item} cProfile of {reps} calls of {target}:\n" + "\n".join(text.getvalue().splitlines()[4:]), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--out")
     ap.add_argument("--points", help="selection-check points, op[:variant],dtype,n,batch;...")
+    ap.add_argument("--launches", action="store_true", help="with --points: time each launch layer alone")
     args = ap.parse_args()
     device = torch.device(args.device)
     results = {}
@@ -118,6 +199,8 @@ def main() -> None:
     for name, fns in probed:
         for f in fns.values():  # first calls: route decisions, allocator
             f(), f()
+        if args.launches:
+            results[f"{name} launch layers"] = _launch_layers(name, fns, device, args.reps)
         for order in (list(fns), list(fns)[::-1]):
             # Interleaved round by round in this order, every callable args.reps times.
             timed = wall_times({k: fns[k] for k in order}, device, 0.0, args.reps, args.reps)
