@@ -86,6 +86,10 @@ class _Kernel:
     # Most matrices one launch takes (a grid limit), for ops that declare their batched arguments;
     # larger batches are split by the op core. None: no limit.
     max_batch: int | None = None
+    # ``specialize(*args)``: ``fn`` for this call signature, with everything that does not depend on
+    # tensor data worked out once (output shapes, strides, launch grid, kernel constants) and kept
+    # in the call's plan; None where it cannot (``fn`` serves). Same arguments and result as ``fn``.
+    specialize: Callable[..., Callable[..., Any] | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ class _Kernels(dict):
     def __delitem__(self, key: str) -> None:
         super().__delitem__(key)
         self._on_change()
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _tensors(args: tuple[Any, ...]) -> list[torch.Tensor]:
@@ -286,7 +293,7 @@ class MetalcoreOp:
         if any(t.numel() == 0 for t in tensors):
             # Empty inputs: torch's answer, whatever backend was asked for (no kernel launches on
             # nothing, and the kernels' reshapes need not handle zero-size dims).
-            backend, fn, limit = "reference", self.reference, None
+            backend, fn, limit, kernel = "reference", self.reference, None, None
         else:
             backend, kernel = self._choose(args, device)
             if kernel is None:
@@ -303,6 +310,9 @@ class MetalcoreOp:
             batches = {args[i].shape[:-2] for i in self._batched}
             if len(batches) == 1 and _batch_size(next(iter(batches))) > limit:
                 fn = functools.partial(_run_chunked, fn, self._batched, limit)
+        if (kernel is not None and fn is kernel.fn and kernel.specialize is not None
+                and all(type(t) in _PLAIN for t in tensors)):
+            fn = kernel.specialize(*args) or fn
         return _Plan(backend, fn,
                      autograd=self._function is not None and any(t.requires_grad for t in tensors),
                      library=False,
@@ -392,6 +402,7 @@ class MetalcoreOp:
     def implement(
         self, backend: str, *, supports: Callable[..., bool] | None = None,
         automatic: bool | Callable[..., bool] = True, max_batch: int | None = None,
+        specialize: Callable[..., Callable[..., Any] | None] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator that plugs a backend's kernel into this op.
 
@@ -400,13 +411,15 @@ class MetalcoreOp:
         and ``automatic=predicate`` (same arguments as ``supports``) does so for some inputs only.
         Both must depend on the arguments' metadata (shapes, dtypes, strides, devices), never their
         values: the decision is cached per call signature. ``max_batch`` caps the matrices of one
-        launch for ops declared with ``batched=`` (larger batches are split).
+        launch for ops declared with ``batched=`` (larger batches are split). ``specialize(*args)``
+        returns ``fn`` specialized to the call signature (same arguments, same result), or None: the
+        plan keeps it, so a call repeats only what depends on data (allocations and the launch).
         """
         if backend not in BACKENDS or backend == "reference":
             raise ValueError(f"backend must be 'triton' or 'metal'; got {backend!r}")
 
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.kernels[backend] = _Kernel(fn, supports, automatic, max_batch)
+            self.kernels[backend] = _Kernel(fn, supports, automatic, max_batch, specialize)
             return fn
 
         return register

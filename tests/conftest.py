@@ -108,6 +108,16 @@ def metal_outputs_poisoned(monkeypatch):
 
 
 @pytest.fixture
+def executions():
+    """``(op name, backend)`` of every op execution during the test, forward and backward passes
+    alike (the op core's observers): proves which backend served each call, whatever function the
+    plan keeps (a kernel's launcher, or one specialized to the call signature)."""
+    seen = []
+    with metalcore._op.observing(lambda op, backend: seen.append((op, backend))):
+        yield seen
+
+
+@pytest.fixture
 def launches(monkeypatch):
     """Count the launches of a kernel module's launcher: ``launches(module, "name")`` wraps it and
     returns a list that grows by one per call (proves backward passes reach the kernels too)."""

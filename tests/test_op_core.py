@@ -61,6 +61,41 @@ def test_a_changed_stride_misses_the_cache(recording_kernel):
     torch.testing.assert_close(y, rms_norm_fwd.reference(view.contiguous(), None, 1e-6, 0.0)[0])
 
 
+def test_a_specialized_kernel_is_worked_out_once_per_signature(recording_kernel, monkeypatch):
+    """``specialize`` runs when a plan is decided, not per call; its function serves the calls of
+    that signature, and another stride, dtype or ``requires_grad`` decides (and specializes) anew."""
+    specialized = []
+
+    def specialize(x, weight, eps, offset):
+        specialized.append((tuple(x.shape), x.stride(), x.dtype, x.requires_grad))
+        return lambda x, weight, eps, offset: (rms_norm_fwd.reference(x, weight, eps, offset)[0] * 2, None)
+
+    kernel = rms_norm_fwd.kernels["triton"]
+    supports = lambda x, weight, eps, offset: x.shape[-1] <= 8   # noqa: E731 — strides of any kind
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton", _Kernel(kernel.fn, supports, specialize=specialize))
+    x = torch.randn(8, 4)
+    with metalcore.use_backend("triton"):
+        y, _ = _repeat(lambda: rms_norm_fwd(x, None, 1e-6, 0.0))
+        assert specialized == [((8, 4), (4, 1), torch.float32, False)] and recording_kernel == []
+        torch.testing.assert_close(y, 2 * rms_norm_fwd.reference(x, None, 1e-6, 0.0)[0])
+        x.mul_(3)                                            # data is read per call, never cached
+        torch.testing.assert_close(rms_norm_fwd(x, None, 1e-6, 0.0)[0], 2 * rms_norm_fwd.reference(x, None, 1e-6, 0.0)[0])
+        _repeat(lambda: rms_norm_fwd(torch.randn(4, 8).mT, None, 1e-6, 0.0))
+        _repeat(lambda: rms_norm_fwd(x.double(), None, 1e-6, 0.0))
+        _repeat(lambda: rms_norm_fwd(x.clone().requires_grad_(), None, 1e-6, 0.0))
+    assert specialized[1:] == [((8, 4), (1, 8), torch.float32, False), ((8, 4), (4, 1), torch.float64, False),
+                               ((8, 4), (4, 1), torch.float32, True)]
+
+
+def test_a_kernel_that_declines_to_specialize_serves_as_itself(recording_kernel, monkeypatch):
+    kernel = rms_norm_fwd.kernels["triton"]
+    monkeypatch.setitem(rms_norm_fwd.kernels, "triton",
+                        _Kernel(kernel.fn, kernel.supports, specialize=lambda *args: None))
+    with metalcore.use_backend("triton"):
+        _repeat(lambda: rms_norm_fwd(torch.randn(2, 4), None, 1e-6, 0.0))
+    assert recording_kernel == [((2, 4), torch.float32, True)] * 3
+
+
 def test_a_changed_dtype_misses_the_cache(recording_kernel):
     with metalcore.use_backend("triton"):
         _repeat(lambda: rms_norm_fwd(torch.randn(2, 4), None, 1e-6, 0.0))
@@ -458,8 +493,10 @@ def test_a_kernels_batch_limit_splits_its_launches(monkeypatch):
         sizes.append(A.shape[0])
         return kernel.fn(A, upper, check_errors)
 
+    # A split batch runs the kernel's own function per chunk, never one specialized to the whole batch.
     monkeypatch.setitem(cholesky_ex_op.kernels, "triton",
-                        _Kernel(recording, kernel.supports, kernel.automatic, max_batch=2))
+                        _Kernel(recording, kernel.supports, kernel.automatic, max_batch=2,
+                                specialize=kernel.specialize))
     monkeypatch.setattr(cholesky_ex_op, "_batched", (0,))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     A = _spd(5, 4)

@@ -39,6 +39,16 @@ def batched(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
+def stack_strides(x: Tensor) -> tuple[list[int], bool]:
+    """Strides of ``x`` ``(*, m, n)`` read as a ``(batch, m, n)`` stack, and whether that stack is a
+    copy (batch dims that do not collapse into one stride): what a launcher specialized to ``x``'s
+    shape and strides needs, so that a call passes ``x`` itself (``batched(x)`` where it copies)."""
+    try:
+        return list(x.view(-1, x.shape[-2], x.shape[-1]).stride()), False
+    except RuntimeError:
+        return [x.shape[-2] * x.shape[-1], x.shape[-1], 1], True
+
+
 def block(n: int, minimum: int = 2) -> int:
     """Padded side of the register tile: a power of two (``tl.arange``), at least ``minimum``."""
     return max(next_power_of_2(max(n, 1)), minimum)

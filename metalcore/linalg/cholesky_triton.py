@@ -23,11 +23,14 @@ time. Bytes: ``A`` read once, ``L`` written once, ``8 n²`` bytes per matrix in 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
+from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group, stack_strides
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore._triton import cdiv, jit
 
@@ -91,25 +94,39 @@ def launch_shape(n: int, batch: int, device: torch.device) -> dict:
     return {"group_size": G, "num_warps": min(16, max(1, G * BN * BN // ELEMENTS_PER_WARP))}
 
 
+def cholesky_launcher(A: Tensor, upper: bool, *, num_warps: int | None = None,
+                      group_size: int | None = None) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``run(A) -> (L, info)`` for tensors of ``A``'s shape, strides, dtype and device: the launch of
+    :func:`cholesky_launch` with strides, launch shape and grid worked out here, once per call
+    signature (the op's plan keeps ``run``), so that a call only allocates and launches."""
+    shape, dtype, device = A.shape, A.dtype, A.device
+    n, nb = shape[-1], math.prod(shape[:-2])
+    if nb == 0 or n == 0:
+        return lambda A, *_: (torch.empty(shape, dtype=dtype, device=device),
+                              torch.zeros(shape[:-2], dtype=torch.int32, device=device))
+    strides, copy = stack_strides(A)
+    default = launch_shape(n, nb, device)
+    G = group_size or default["group_size"]
+    launch = _cholesky_kernel[(cdiv(nb, G),)]
+    scalars = (nb, n, *strides)
+    constants = {"G": G, "BN": block(n), "UPPER": upper, "num_warps": num_warps or default["num_warps"]}
+
+    def run(A: Tensor, *_: object) -> tuple[Tensor, Tensor]:
+        L = torch.empty(shape, dtype=dtype, device=device)
+        info = torch.empty(shape[:-2], dtype=torch.int32, device=device)   # every element is stored
+        launch(batched(A) if copy else A, L, info, *scalars, **constants)
+        return L, info
+
+    return run
+
+
 def cholesky_launch(A: Tensor, upper: bool, *, num_warps: int | None = None,
                     group_size: int | None = None) -> tuple[Tensor, Tensor]:
     """``(L, info)`` for ``A`` ``(*, n, n)`` float32/float64, ``n ≤ MAX_N``; ``L`` contiguous.
 
     The keywords override :func:`launch_shape` (for sweeps): warps per program and matrices per
     program (a power of two)."""
-    n = A.shape[-1]
-    L = torch.empty(A.shape, dtype=A.dtype, device=A.device)
-    A3 = batched(A)
-    nb = A3.shape[0]
-    if nb == 0 or n == 0:
-        return L, torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
-    info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)   # every element is stored
-    shape = launch_shape(n, nb, A.device)
-    G = group_size or shape["group_size"]
-    _cholesky_kernel[(cdiv(nb, G),)](
-        A3, L, info, nb, n, A3.stride(0), A3.stride(1), A3.stride(2),
-        G=G, BN=block(n), UPPER=upper, num_warps=num_warps or shape["num_warps"])
-    return L, info
+    return cholesky_launcher(A, upper, num_warps=num_warps, group_size=group_size)(A)
 
 
 # Chosen automatically up to n = 64, where its GPU time beat torch.linalg.cholesky_ex on the H100
@@ -126,6 +143,6 @@ def _automatic(A, upper, check_errors):
 
 
 @cholesky_ex_op.implement("triton", supports=lambda A, upper, check_errors: fits(A, max_n=MAX_N),
-                          automatic=_automatic)
+                          automatic=_automatic, specialize=lambda A, upper, check_errors: cholesky_launcher(A, upper))
 def _cholesky_ex_triton(A, upper, check_errors):
     return cholesky_launch(A, upper)

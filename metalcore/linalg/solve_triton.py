@@ -24,11 +24,14 @@ two row reads for ``A`` and two for ``B`` per step); bytes ``4 (n² + 2 n k)`` i
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import MAX_N, block, fits, group
+from metalcore.linalg._small_triton import MAX_N, batched, block, fits, group, stack_strides
 from metalcore.linalg.solve import solve_ex_op
 from metalcore._triton import cdiv, jit
 
@@ -153,6 +156,61 @@ def _lu_solve_kernel(A, B, X, INFO, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s
     tl.store(INFO + g, info, mask=tl.where(tl.program_id(1) == 0, g < batch, False))
 
 
+def solve_launcher(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = None,
+                   group_size: int | None = None, block_k: int | None = None,
+                   implicit_pivoting: bool | None = None) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``run(A, B) -> (X, info)`` for tensors of ``A``'s and ``B``'s shapes, strides, dtype and
+    device: the launch of :func:`solve_launch` with the broadcast, strides, launch shape and grid
+    worked out here, once per call signature (the op's plan keeps ``run``), so that a call only
+    allocates and launches (and, where ``B`` broadcasts ``A``, reduces ``info`` to ``A``'s batch)."""
+    n, dtype, device = A.shape[-1], B.dtype, B.device
+    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+    x_shape, info_shape = (*batch, *B.shape[-2:]), A.shape[:-2]
+    nb = math.prod(batch)
+    k = B.shape[-1] if left else B.shape[-2]
+    if nb == 0 or n == 0 or k == 0:
+        def empty(A: Tensor, B: Tensor, *_: object) -> tuple[Tensor, Tensor]:
+            X = torch.empty(x_shape, dtype=dtype, device=device)
+            if nb == 0 or n == 0:
+                return X, torch.zeros(info_shape, dtype=torch.int32, device=device)
+            # No right-hand side: the LU still runs for info (a one-column system of zeros).
+            return X, solve_launch(A, A.new_zeros(*A.shape[:-1], 1), True)[1]
+        return empty
+    a_batch = None if A.shape[:-2] == batch else (*batch, n, n)
+    b_batch = None if B.shape[:-2] == batch else (*batch, *B.shape[-2:])
+    sa, copy_a = stack_strides(A if a_batch is None else A.expand(a_batch))
+    sb, copy_b = stack_strides(B if b_batch is None else B.expand(b_batch))
+    sx = [x_shape[-2] * x_shape[-1], x_shape[-1], 1]
+    if not left:
+        for s in (sa, sb, sx):   # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ
+            s[1], s[2] = s[2], s[1]
+    default = launch_shape(n, k, nb, A.dtype, device)
+    G = group_size or default["group_size"]
+    BK = block_k or default["block_k"]
+    launch = _lu_solve_kernel[(cdiv(nb, G), cdiv(k, BK))]
+    scalars = (nb, n, k, *sa, *sb, *sx)
+    constants = {"G": G, "BN": block(n), "BK": BK,
+                 "IMPLICIT": default["implicit_pivoting"] if implicit_pivoting is None else implicit_pivoting,
+                 "num_warps": num_warps or default["num_warps"]}
+    # info over the full batch, reduced to A's where B's batch dims broadcast A's.
+    lead = len(batch) - len(info_shape)
+    dims = [i for i in range(len(batch)) if i < lead or info_shape[i - lead] == 1 and batch[i] != 1]
+
+    def operand(x: Tensor, full: tuple[int, ...] | None, copy: bool) -> Tensor:
+        x = x if full is None else x.expand(full)
+        return batched(x) if copy else x
+
+    def run(A: Tensor, B: Tensor, *_: object) -> tuple[Tensor, Tensor]:
+        X = torch.empty(x_shape, dtype=dtype, device=device)
+        info = torch.empty(batch, dtype=torch.int32, device=device)   # the kernel stores all
+        launch(A if a_batch is None and not copy_a else operand(A, a_batch, copy_a),
+               B if b_batch is None and not copy_b else operand(B, b_batch, copy_b),
+               X, info, *scalars, **constants)
+        return X, (info.amax(dim=dims).reshape(info_shape) if dims else info)
+
+    return run
+
+
 def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = None,
                  group_size: int | None = None, block_k: int | None = None,
                  implicit_pivoting: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -162,48 +220,10 @@ def solve_launch(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = No
     The keywords override :func:`launch_shape` (for sweeps): warps per program, matrices per
     program and right-hand-side columns per program (powers of two), and whether rows are swapped
     (LAPACK's getf2) or pivoting is tracked by a row order (fewer reductions a step)."""
-    n = A.shape[-1]
-    batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
-    X = torch.empty(*batch, *B.shape[-2:], dtype=B.dtype, device=B.device)
-    A3 = A.expand(*batch, n, n).reshape(-1, n, n)
-    B3 = B.expand(*batch, *B.shape[-2:]).reshape(-1, *B.shape[-2:])
-    X3 = X.view(-1, *B.shape[-2:])
-    nb = A3.shape[0]
-    k = B.shape[-1] if left else B.shape[-2]
-    if nb and n and k:
-        info_full = torch.empty(batch, dtype=torch.int32, device=A.device)  # the kernel stores all
-        sa, sb, sx = list(A3.stride()), list(B3.stride()), list(X3.stride())
-        if not left:
-            for s in (sa, sb, sx):   # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ
-                s[1], s[2] = s[2], s[1]
-        shape = launch_shape(n, k, nb, A.dtype, A.device)
-        G = group_size or shape["group_size"]
-        BK = block_k or shape["block_k"]
-        implicit = shape["implicit_pivoting"] if implicit_pivoting is None else implicit_pivoting
-        _lu_solve_kernel[(cdiv(nb, G), cdiv(k, BK))](
-            A3, B3, X3, info_full, nb, n, k, *sa, *sb, *sx, G=G, BN=block(n), BK=BK, IMPLICIT=implicit,
-            num_warps=num_warps or shape["num_warps"])
-    elif nb and n:
-        # No right-hand sides: info still reports singular matrices (as torch does); one column of
-        # zeros is enough to run the factorization.
-        _, info_full = solve_launch(A.expand(*batch, n, n), A.new_zeros(*batch, n, 1), True)
-    else:
-        info_full = torch.zeros(batch, dtype=torch.int32, device=A.device)
-    # info belongs to A's batch shape: every broadcast copy of a matrix has the same info.
-    lead = len(batch) - (A.dim() - 2)
-    dims = [i for i in range(len(batch)) if i < lead or A.shape[i - lead] == 1 and batch[i] != 1]
-    if info_full.numel() == 0:
-        return X, torch.zeros(A.shape[:-2], dtype=torch.int32, device=A.device)
-    info = info_full.amax(dim=dims) if dims else info_full
-    return X, info.reshape(A.shape[:-2])
+    return solve_launcher(A, B, left, num_warps=num_warps, group_size=group_size, block_k=block_k,
+                          implicit_pivoting=implicit_pivoting)(A, B)
 
 
-# Chosen automatically at every size the kernel takes (n ≤ 128): its GPU time beat
-# torch.linalg.solve_ex's on the H100 everywhere (fp32, one right-hand side, bench/linalg_triton.md
-# v3): 10000×3 4.5 vs 30.4 µs, 4096×8 9.7 vs 33.5, 500×16 10.8 vs 45.3, 1000×32 42.3 vs 120.5, 100×64
-# 106 vs 437, 64×128 608 vs 964. What remains for tiny batches is host time: ~80-100 µs to issue a
-# call (the info reduction included) against torch's ~55-90, so from an idle GPU a single small solve
-# is ~0.6-0.9x torch's. fp64 (not timed) follows the same rule.
 AUTO_MAX_N = MAX_N
 
 
@@ -212,6 +232,7 @@ def _automatic(A, B, left, check_errors):
 
 
 @solve_ex_op.implement("triton", supports=lambda A, B, left, check_errors:
-                       fits(A) and B.dtype == A.dtype and B.dim() >= 2, automatic=_automatic)
+                       fits(A) and B.dtype == A.dtype and B.dim() >= 2, automatic=_automatic,
+                       specialize=lambda A, B, left, check_errors: solve_launcher(A, B, left))
 def _solve_ex_triton(A, B, left, check_errors):
     return solve_launch(A, B, left)

@@ -25,11 +25,14 @@ vs 23 µs; bench/linalg_triton.md v3), so it was removed. Work per program: ``n`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group
+from metalcore.linalg._small_triton import GROUP_ELEMENTS, MAX_N, batched, block, fits, group, stack_strides
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.triangular import solve_triangular_op
 from metalcore._triton import cdiv, helper, jit
@@ -122,17 +125,47 @@ def _trsm_kernel(A, B, X, batch, n, k, s_ab, s_ar, s_ac, s_bb, s_br, s_bc, s_xb,
     tl.store(X + g64[:, None, None] * s_xb + r3 * s_xr + q3 * s_xc, b, mask=in_b)
 
 
-def _launch(A3: Tensor, B3: Tensor, X3: Tensor, k: int, sa: list, sb: list, sx: list, lower: bool,
-            unit: bool, chol: bool, num_warps: int | None, group_size: int | None, block_k: int | None) -> None:
-    n = A3.shape[-1]
-    nb = A3.shape[0]
-    shape = launch_shape(n, k, nb, A3.device, chol)
-    G = group_size or shape["group_size"]
-    BK = block_k or shape["block_k"]
-    grid = (cdiv(nb, G), cdiv(k, BK))
-    _trsm_kernel[grid](A3, B3, X3, nb, n, k, *sa, *sb, *sx,
-                       G=G, BN=block(n), BK=BK, LOWER=lower, UNIT=unit, CHOL=chol,
-                       num_warps=num_warps or shape["num_warps"])
+def trsm_launcher(A: Tensor, B: Tensor, upper: bool, left: bool, unitriangular: bool, *,
+                  cholesky_solve: bool = False, num_warps: int | None = None, group_size: int | None = None,
+                  block_k: int | None = None) -> Callable[..., Tensor]:
+    """``run(A, B) -> X`` for tensors of ``A``'s and ``B``'s shapes, strides, dtype and device:
+    :func:`solve_triangular_launch` (with ``cholesky_solve``: :func:`cholesky_solve_launch`, ``A``
+    the factor) with the strides, launch shape and grid worked out here, once per call signature
+    (the op's plan keeps ``run``), so that a call only allocates ``X`` and launches."""
+    shape, dtype, device = B.shape, B.dtype, B.device
+    n, nb = A.shape[-1], math.prod(shape[:-2])
+    if B.numel() == 0:
+        return lambda A, B, *_: torch.empty(shape, dtype=dtype, device=device)
+    sa, copy_a = stack_strides(A)
+    sb, copy_b = stack_strides(B)
+    sx = [shape[-2] * shape[-1], shape[-1], 1]
+    lower = not upper
+    if cholesky_solve:
+        k = shape[-1]
+        if upper:
+            sa[1], sa[2] = sa[2], sa[1]   # the first pass solves with Uᵀ, a lower triangle
+        lower = True
+    else:
+        k = shape[-1] if left else shape[-2]
+        if not left:
+            # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ: transpose every operand through its strides; Aᵀ flips the triangle.
+            for s in (sa, sb, sx):
+                s[1], s[2] = s[2], s[1]
+            lower = not lower
+    default = launch_shape(n, k, nb, device, cholesky_solve)
+    G = group_size or default["group_size"]
+    BK = block_k or default["block_k"]
+    launch = _trsm_kernel[(cdiv(nb, G), cdiv(k, BK))]
+    scalars = (nb, n, k, *sa, *sb, *sx)
+    constants = {"G": G, "BN": block(n), "BK": BK, "LOWER": lower, "UNIT": unitriangular,
+                 "CHOL": cholesky_solve, "num_warps": num_warps or default["num_warps"]}
+
+    def run(A: Tensor, B: Tensor, *_: object) -> Tensor:
+        X = torch.empty(shape, dtype=dtype, device=device)
+        launch(batched(A) if copy_a else A, batched(B) if copy_b else B, X, *scalars, **constants)
+        return X
+
+    return run
 
 
 def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitriangular: bool, *,
@@ -143,20 +176,8 @@ def solve_triangular_launch(A: Tensor, B: Tensor, upper: bool, left: bool, unitr
 
     The keywords override :func:`launch_shape` (for sweeps): warps per program, matrices per program
     and right-hand-side columns per program (powers of two)."""
-    X = torch.empty(B.shape, dtype=B.dtype, device=B.device)
-    A3, B3, X3 = batched(A), batched(B), X.view(-1, *B.shape[-2:])
-    if A3.shape[0] == 0 or B.numel() == 0:
-        return X
-    sa, sb, sx = list(A3.stride()), list(B3.stride()), list(X3.stride())
-    lower = not upper
-    if not left:
-        # X A = B  ⇔  Aᵀ Xᵀ = Bᵀ: transpose every operand through its strides; Aᵀ flips the triangle.
-        for s in (sa, sb, sx):
-            s[1], s[2] = s[2], s[1]
-        lower = not lower
-    k = B.shape[-1] if left else B.shape[-2]
-    _launch(A3, B3, X3, k, sa, sb, sx, lower, unitriangular, False, num_warps, group_size, block_k)
-    return X
+    return trsm_launcher(A, B, upper, left, unitriangular, num_warps=num_warps, group_size=group_size,
+                         block_k=block_k)(A, B)
 
 
 def cholesky_solve_launch(B: Tensor, L: Tensor, upper: bool, *, num_warps: int | None = None,
@@ -164,16 +185,8 @@ def cholesky_solve_launch(B: Tensor, L: Tensor, upper: bool, *, num_warps: int |
     """``X`` with ``L Lᵀ X = B`` (``Uᵀ U X = B`` when ``upper``); ``L`` ``(*, n, n)``, ``B``
     ``(*, n, k)`` with the same batch shape, float32/float64, ``n ≤ MAX_N``; ``X`` contiguous.
     Keywords as in :func:`solve_triangular_launch`."""
-    X = torch.empty(B.shape, dtype=B.dtype, device=B.device)
-    L3, B3, X3 = batched(L), batched(B), X.view(-1, *B.shape[-2:])
-    if L3.shape[0] == 0 or B.numel() == 0:
-        return X
-    sa = list(L3.stride())
-    if upper:
-        sa[1], sa[2] = sa[2], sa[1]   # the first pass solves with Uᵀ, a lower triangle
-    _launch(L3, B3, X3, B.shape[-1], sa, list(B3.stride()), list(X3.stride()), True, False, True,
-            num_warps, group_size, block_k)
-    return X
+    return trsm_launcher(L, B, upper, True, False, cholesky_solve=True, num_warps=num_warps,
+                         group_size=group_size, block_k=block_k)(L, B)
 
 
 # Chosen automatically where the GPU time beat torch's on the H100 (fp32, bench/linalg_triton.md v3).
@@ -197,12 +210,18 @@ def _cholesky_solve_automatic(B, L, upper):
 
 
 @solve_triangular_op.implement("triton", supports=lambda A, B, upper, left, unitriangular:
-                               fits(A) and B.dtype == A.dtype, automatic=_trsm_automatic)
+                               fits(A) and B.dtype == A.dtype, automatic=_trsm_automatic,
+                               specialize=trsm_launcher)
 def _solve_triangular_triton(A, B, upper, left, unitriangular):
     return solve_triangular_launch(A, B, upper, left, unitriangular)
 
 
+def _cholesky_solve_specialized(B: Tensor, L: Tensor, upper: bool) -> Callable[..., Tensor]:
+    run = trsm_launcher(L, B, upper, True, False, cholesky_solve=True)
+    return lambda B, L, upper: run(L, B)
+
+
 @cholesky_solve_op.implement("triton", supports=lambda B, L, upper: fits(L) and B.dtype == L.dtype,
-                             automatic=_cholesky_solve_automatic)
+                             automatic=_cholesky_solve_automatic, specialize=_cholesky_solve_specialized)
 def _cholesky_solve_triton(B, L, upper):
     return cholesky_solve_launch(B, L, upper)

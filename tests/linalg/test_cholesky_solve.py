@@ -147,16 +147,26 @@ def test_nan_stays_in_its_batch_element(device):
 
 @pytest.mark.usefixtures("triton_backend")
 @pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
-def test_cholesky_solve_gradients_run_the_kernel(upper, device, launches):
+def test_cholesky_solve_gradients_run_the_kernel(upper, device, executions):
     A = spd_triton("random", (2,), 5, torch.float64).to(device)
     L = torch.linalg.cholesky(A, upper=upper).requires_grad_()
     B = torch.randn(2, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
-    calls = launches(trsm_module(), "cholesky_solve_launch")
     X = metalcore.linalg.cholesky_solve(B, L, upper)
     g = torch.randn_like(X)
     ours = torch.autograd.grad(X, (B, L), g)
     assert_like_torch(ours, vjp(lambda B, L: torch.cholesky_solve(B, L, upper=upper)), B, L, g)
-    assert len(calls) == 2
+    assert [e for e in executions if e[0] == "cholesky_solve"] == [("cholesky_solve", "triton")] * 2
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_cholesky_solve_batch_dims_that_do_not_collapse_and_new_data(upper, device):
+    A = spd_triton("random", (4, 3), 6, torch.float64).to(device)
+    L = torch.linalg.cholesky(A, upper=upper).transpose(0, 1)   # (3, 4, 6, 6), batch dims do not collapse
+    B = torch.randn(3, 4, 6, 2, dtype=torch.float64, device=device)
+    for _ in range(2):
+        assert_like_torch(metalcore.linalg.cholesky_solve(B, L, upper), torch.cholesky_solve, B, L, upper=upper)
+        B.mul_(-2.0)
 
 
 @pytest.mark.usefixtures("triton_backend")
