@@ -563,6 +563,7 @@ def fake_compiled(monkeypatch):
     kernel = _triton.LazyKernel(lambda: None)
     kernel.compiled = Jit()
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_triton, "_current_device", lambda: 0)
     monkeypatch.setattr(_triton, "_raw_stream", lambda device: 1234)
     monkeypatch.setattr(_triton, "triton_interpreting", lambda: False)
     return kernel, direct
@@ -577,6 +578,46 @@ def test_a_compiled_variant_is_launched_directly_after_its_first_run(fake_compil
     kernel[(3,)](16, 7, num_warps=4)                      # another specialization: run() again
     kernel[(3,)](5, 7, num_warps=8)                       # other options: run() again
     assert len(kernel.compiled.runs) == 3 and len(direct) == 1
+
+
+class _Pointer:
+    """A stand-in tensor argument: what a bound launch reads of a tensor is its data pointer."""
+
+    def __init__(self, address):
+        self.address = address
+
+    def data_ptr(self):
+        return self.address
+
+    def __mod__(self, m):   # the fake binder specializes every argument on divisibility by 16
+        return self.address % m
+
+
+def test_a_bound_launch_passes_data_pointers_to_the_launcher_after_its_first_run(fake_compiled):
+    kernel, direct = fake_compiled
+    launch = kernel.bind((3,), None, 7, None, num_warps=4)
+    launch(_Pointer(4096), _Pointer(8192))                 # compiles (run), then binds
+    assert len(kernel.compiled.runs) == 1 and direct == []
+    launch(_Pointer(1024), _Pointer(2048))
+    assert direct == [(3, 1, 1, 1234, "function", "metadata", None, None, None, 1024, 7, 2048)]
+    launch(_Pointer(1032), _Pointer(2048))                 # another alignment: the unbound launch
+    assert len(kernel.compiled.runs) == 2 and len(direct) == 1
+    launch(_Pointer(512), _Pointer(64))
+    assert direct[-1][-3:] == (512, 7, 64) and len(kernel.compiled.runs) == 2
+
+
+def test_a_bound_launch_on_another_device_launches_unbound(fake_compiled, monkeypatch):
+    from metalcore import _triton
+
+    kernel, direct = fake_compiled
+    launch = kernel.bind((1,), None, 5)
+    launch(_Pointer(256)), launch(_Pointer(256))
+    assert len(direct) == 1
+    monkeypatch.setattr(_triton, "_current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    kernel.compiled.device_caches[1] = kernel.compiled.device_caches[0]
+    launch(_Pointer(256))
+    assert len(direct) == 1 and len(kernel.compiled.runs) == 2
 
 
 def test_registered_launch_hooks_keep_the_full_launch(fake_compiled):

@@ -12,7 +12,9 @@ that an order effect shows as a difference between the two rows.
 With ``--launches`` (with ``--points``), each point's Triton launches are captured from one call of
 the plan's function and their layers timed alone, host time per call (no synchronisation between
 calls): metalcore's launch (``LazyKernel._launch``), Triton's ``JITFunction.run``, Triton's argument
-binder, the compiled launcher alone, ``torch.cuda.current_device()``; then a cProfile of the kernel
+binder, the compiled launcher alone, ``torch.cuda.current_device()``; a bound launch
+(:class:`metalcore._triton.BoundLaunch`, what the specialized launchers keep) against the same
+launch unbound; then a cProfile of the kernel
 forced (else the plan's function; the top functions by own time).
 
 With ``--points`` (selection-check points: ``op[:variant],dtype,n,batch``, ``;``-separated), each
@@ -129,6 +131,14 @@ def _host_us(fn: Any, device: torch.device, reps: int) -> float:
     return best * 1e6
 
 
+def _fill(bound: Any, tensors: tuple[Any, ...]) -> list[Any]:
+    """A bound launch's arguments with ``tensors`` in its open slots."""
+    args = list(bound.args)
+    for i, t in zip(bound.slots, tensors):
+        args[i] = t
+    return args
+
+
 def _launch_layers(item: str, fns: dict[str, Any], device: torch.device, reps: int) -> dict[str, Any]:
     """Capture the Triton launches of one call of the kernel forced (else the plan's function) and
     time each layer alone."""
@@ -141,13 +151,22 @@ def _launch_layers(item: str, fns: dict[str, Any], device: torch.device, reps: i
         captured.append((self, grid, args, options))
         return original(self, grid, *args, **options)
 
+    bound_calls = []
+    bound_original = _triton.BoundLaunch.__call__
+
+    def record_bound(self, *tensors):
+        bound_calls.append((self, tensors))
+        return bound_original(self, *tensors)
+
     target = "kernel" if "kernel" in fns else "plan"   # the plan may be torch's: capture the kernel
     _triton.LazyKernel._launch = record
+    _triton.BoundLaunch.__call__ = record_bound
     try:
         fns[target]()
         selection._sync(device)
     finally:
         _triton.LazyKernel._launch = original
+        _triton.BoundLaunch.__call__ = bound_original
     out: dict[str, Any] = {"launches": len(captured)}
     out.update({f"{k} host": _host_us(fns[k], device, reps) for k in ("torch", "public", "plan", "kernel") if k in fns})
     out["torch.empty host"] = _host_us(lambda: torch.empty(16, 8, 8, device=device), device, reps)
@@ -171,6 +190,12 @@ def _launch_layers(item: str, fns: dict[str, Any], device: torch.device, reps: i
         for name, f in layers.items():
             out[f"{kernel.__name__}#{i} {name}"] = _host_us(f, device, reps)
         out[f"{kernel.__name__}#{i} args"] = len(args)
+    for i, (bound, tensors) in enumerate(bound_calls[:4]):
+        out[f"{bound.kernel.__name__}#b{i} bound launch"] = _host_us(lambda: bound(*tensors), device, reps)
+        out[f"{bound.kernel.__name__}#b{i} bound direct"] = bound.direct is not None
+        filled = _fill(bound, tensors)
+        out[f"{bound.kernel.__name__}#b{i} unbound launch"] = _host_us(
+            lambda: original(bound.kernel, bound.grid, *filled, **bound.options), device, reps)
     print(f"{item} launch layers (host µs per call): " + "; ".join(
         f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
     profile = cProfile.Profile()

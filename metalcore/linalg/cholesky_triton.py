@@ -107,14 +107,13 @@ def cholesky_launcher(A: Tensor, upper: bool, *, num_warps: int | None = None,
     strides, copy = stack_strides(A)
     default = launch_shape(n, nb, device)
     G = group_size or default["group_size"]
-    launch = _cholesky_kernel[(cdiv(nb, G),)]
-    scalars = (nb, n, *strides)
-    constants = {"G": G, "BN": block(n), "UPPER": upper, "num_warps": num_warps or default["num_warps"]}
+    launch = _cholesky_kernel.bind((cdiv(nb, G),), None, None, None, nb, n, *strides,
+                                   G=G, BN=block(n), UPPER=upper, num_warps=num_warps or default["num_warps"])
 
     def run(A: Tensor, *_: object) -> tuple[Tensor, Tensor]:
         L = torch.empty(shape, dtype=dtype, device=device)
         info = torch.empty(shape[:-2], dtype=torch.int32, device=device)   # every element is stored
-        launch(batched(A) if copy else A, L, info, *scalars, **constants)
+        launch(batched(A) if copy else A, L, info)
         return L, info
 
     return run

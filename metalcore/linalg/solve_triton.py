@@ -187,11 +187,10 @@ def solve_launcher(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = 
     default = launch_shape(n, k, nb, A.dtype, device)
     G = group_size or default["group_size"]
     BK = block_k or default["block_k"]
-    launch = _lu_solve_kernel[(cdiv(nb, G), cdiv(k, BK))]
-    scalars = (nb, n, k, *sa, *sb, *sx)
-    constants = {"G": G, "BN": block(n), "BK": BK,
-                 "IMPLICIT": default["implicit_pivoting"] if implicit_pivoting is None else implicit_pivoting,
-                 "num_warps": num_warps or default["num_warps"]}
+    launch = _lu_solve_kernel.bind(
+        (cdiv(nb, G), cdiv(k, BK)), None, None, None, None, nb, n, k, *sa, *sb, *sx, G=G, BN=block(n), BK=BK,
+        IMPLICIT=default["implicit_pivoting"] if implicit_pivoting is None else implicit_pivoting,
+        num_warps=num_warps or default["num_warps"])
     # info over the full batch, reduced to A's where B's batch dims broadcast A's.
     lead = len(batch) - len(info_shape)
     dims = [i for i in range(len(batch)) if i < lead or info_shape[i - lead] == 1 and batch[i] != 1]
@@ -205,7 +204,7 @@ def solve_launcher(A: Tensor, B: Tensor, left: bool, *, num_warps: int | None = 
         info = torch.empty(batch, dtype=torch.int32, device=device)   # the kernel stores all
         launch(A if a_batch is None and not copy_a else operand(A, a_batch, copy_a),
                B if b_batch is None and not copy_b else operand(B, b_batch, copy_b),
-               X, info, *scalars, **constants)
+               X, info)
         return X, (info.amax(dim=dims).reshape(info_shape) if dims else info)
 
     return run

@@ -155,14 +155,13 @@ def trsm_launcher(A: Tensor, B: Tensor, upper: bool, left: bool, unitriangular: 
     default = launch_shape(n, k, nb, device, cholesky_solve)
     G = group_size or default["group_size"]
     BK = block_k or default["block_k"]
-    launch = _trsm_kernel[(cdiv(nb, G), cdiv(k, BK))]
-    scalars = (nb, n, k, *sa, *sb, *sx)
-    constants = {"G": G, "BN": block(n), "BK": BK, "LOWER": lower, "UNIT": unitriangular,
-                 "CHOL": cholesky_solve, "num_warps": num_warps or default["num_warps"]}
+    launch = _trsm_kernel.bind((cdiv(nb, G), cdiv(k, BK)), None, None, None, nb, n, k, *sa, *sb, *sx,
+                               G=G, BN=block(n), BK=BK, LOWER=lower, UNIT=unitriangular, CHOL=cholesky_solve,
+                               num_warps=num_warps or default["num_warps"])
 
     def run(A: Tensor, B: Tensor, *_: object) -> Tensor:
         X = torch.empty(shape, dtype=dtype, device=device)
-        launch(batched(A) if copy_a else A, batched(B) if copy_b else B, X, *scalars, **constants)
+        launch(batched(A) if copy_a else A, batched(B) if copy_b else B, X)
         return X
 
     return run
