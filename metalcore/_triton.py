@@ -203,7 +203,7 @@ class BoundLaunch:
 
     def __call__(self, *tensors: Any) -> None:
         direct = self.direct
-        if direct is not None:
+        if direct is not None and FAST_LAUNCH:
             launcher, function, metadata, values, aligned, device = direct
             pointers = [t.data_ptr() for t in tensors]
             if [p & 15 == 0 for p in pointers] == aligned and _current_device() == device \
