@@ -29,13 +29,14 @@ otherwise cuSOLVER (the reference) keeps them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg import qr_blocked
-from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, warps
+from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, stack_strides, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr import qr_op
@@ -132,6 +133,58 @@ def _householder_kernel(A, TAU_IN, QR, TAU, R, Q, batch, m, n, k, nq, kr,
         tl.store(Q + g3 * m * nq + r3 * nq + cq3, q, mask=live & (r3 < m) & (cq3 < nq))
 
 
+def householder_launcher(A: Tensor, *, tau: Tensor | None = None, store_qr: bool = False, kr: int = 0,
+                         nq: int = 0) -> Callable[..., tuple[Tensor | None, ...]]:
+    """``run(A, tau=None) -> (QR, tau, R, Q)`` for tensors of ``A``'s (and ``tau``'s) shape, strides,
+    dtype and device: :func:`householder_launch` with strides, outputs' shapes, launch shape and grid
+    worked out here, once per call signature (the op's plan keeps ``run``)."""
+    *batch_shape, m, n = A.shape
+    k = min(m, n) if tau is None else tau.shape[-1]
+    dev, dt = A.device, A.dtype
+    nb = math.prod(batch_shape)
+    shapes = {"QR": A.shape if store_qr else None, "TAU": (*batch_shape, k) if store_qr else None,
+              "R": (*batch_shape, kr, n) if kr else None, "Q": (*batch_shape, m, nq) if nq else None}
+
+    def outputs() -> list[Tensor | None]:
+        return [None if s is None else torch.empty(s, dtype=dt, device=dev) for s in shapes.values()]
+
+    if nb == 0 or A.numel() == 0:
+        def empty(A: Tensor, tau: Tensor | None = None) -> tuple[Tensor | None, ...]:
+            QR, TAU, R, Q = outputs()
+            if Q is not None:
+                Q.copy_(torch.eye(m, nq, dtype=dt, device=dev))
+            if R is not None:
+                R.zero_()
+            return QR, TAU, R, Q
+        return empty
+    sa, copy = stack_strides(A)
+    st = [0, 0]
+    if tau is not None:
+        try:
+            st = list(tau.view(nb, k).stride())
+            copy_tau = False
+        except RuntimeError:
+            st, copy_tau = [k, 1], True
+    BM, BN = block(m), block(n)
+    BQ = block(nq) if nq else 2
+    G = group(nb, BM * max(BN, BQ), dev)
+    launch = _householder_kernel.bind(
+        (cdiv(nb, G),), None, None, None, None, None, None, nb, m, n, k, nq, kr, *sa, *st,
+        G=G, BM=BM, BN=BN, BQ=BQ, FACTOR=tau is None, STORE_QR=store_qr, STORE_R=kr > 0, WANT_Q=nq > 0,
+        num_warps=warps(G * BM * max(BN, BQ)))
+
+    def run(A: Tensor, tau: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        QR, TAU, R, Q = outputs()
+        A3 = as3(A) if copy else A   # also what the kernel reads for the arguments it does not use
+        if tau is not None and copy_tau:
+            tau = tau.reshape(nb, k)
+        launch(A3, A3 if tau is None else tau, A3 if QR is None else QR, A3 if TAU is None else TAU,
+               A3 if R is None else R, A3 if Q is None else Q)
+        return QR, TAU, R, Q
+
+    return run
+
+
 def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool = False, kr: int = 0,
                        nq: int = 0) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Run the kernel on ``A`` ``(*, m, n)``; returns ``(QR, tau, R, Q)``, each None unless asked.
@@ -139,34 +192,7 @@ def householder_launch(A: Tensor, *, tau: Tensor | None = None, store_qr: bool =
     With ``tau`` given, ``A`` holds reflectors (``householder_product``) and only ``Q`` is formed.
     ``kr`` > 0 asks for ``R`` with ``kr`` rows; ``nq`` > 0 for ``Q`` with ``nq`` columns.
     """
-    *batch_shape, m, n = A.shape
-    k = min(m, n) if tau is None else tau.shape[-1]
-    dev, dt = A.device, A.dtype
-    QR = torch.empty(A.shape, dtype=dt, device=dev) if store_qr else None
-    TAU = torch.empty(*batch_shape, k, dtype=dt, device=dev) if store_qr else None
-    R = torch.empty(*batch_shape, kr, n, dtype=dt, device=dev) if kr else None
-    Q = torch.empty(*batch_shape, m, nq, dtype=dt, device=dev) if nq else None
-    A3 = as3(A)
-    nb = A3.shape[0]
-    if nb == 0 or A.numel() == 0:
-        if Q is not None:
-            Q.copy_(torch.eye(m, nq, dtype=dt, device=dev))
-        if R is not None:
-            R.zero_()
-        return QR, TAU, R, Q
-    tau2 = tau.reshape(A3.shape[0], k) if tau is not None else A3
-    BM, BN = block(m), block(n)
-    BQ = block(nq) if nq else 2
-    G = group(nb, BM * max(BN, BQ), A.device)
-    dummy = A3
-    _householder_kernel[(cdiv(nb, G),)](
-        A3, tau2, QR if QR is not None else dummy, TAU if TAU is not None else dummy,
-        R if R is not None else dummy, Q if Q is not None else dummy,
-        nb, m, n, k, nq, kr, A3.stride(0), A3.stride(1), A3.stride(2),
-        tau2.stride(0) if tau is not None else 0, tau2.stride(1) if tau is not None else 0,
-        G=G, BM=BM, BN=BN, BQ=BQ, FACTOR=tau is None, STORE_QR=store_qr, STORE_R=kr > 0, WANT_Q=nq > 0,
-        num_warps=warps(G * BM * max(BN, BQ)))
-    return QR, TAU, R, Q
+    return householder_launcher(A, tau=tau, store_qr=store_qr, kr=kr, nq=nq)(A, tau)
 
 
 def _small(A: Tensor) -> bool:
@@ -199,7 +225,26 @@ def _block_nb(A: Tensor) -> int:
     return BATCHED_NB_SMALL if min(A.shape[-2:]) <= BATCHED_NB_SPLIT else BATCHED_NB_LARGE
 
 
-@qr_op.implement("triton", supports=_supports, automatic=_automatic)
+def _qr_specialized(A: Tensor, mode: str) -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """The register-tile QR for this call signature (the blocked path keeps its own function)."""
+    m, n = A.shape[-2:]
+    k = min(m, n)
+    if not _small(A) or k == 0:
+        return None
+    if mode == "r":
+        run = householder_launcher(A, kr=k)
+        return lambda A, mode: (A.new_empty(0), run(A)[2])
+    complete = mode == "complete"
+    run = householder_launcher(A, kr=m if complete else k, nq=m if complete else k)
+
+    def qr(A: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+        _, _, R, Q = run(A)
+        return Q, R
+
+    return qr
+
+
+@qr_op.implement("triton", supports=_supports, automatic=_automatic, specialize=_qr_specialized)
 def _qr_triton(A, mode):
     m, n = A.shape[-2:]
     k = min(m, n)
