@@ -122,9 +122,17 @@ def check(status: int, what: str) -> None:
 MAX_BATCH = 32768
 
 
-def chunks(batch: int, n: int) -> list[tuple[int, int]]:
-    """``(start, count)`` of each library call for ``batch`` matrices of side ``n``."""
-    size = max(1, min(MAX_BATCH, (2 ** 31 - 1) // max(n * n, 1)))
+# Device workspace one XsyevBatched call may ask for. For 32768 fp64 matrices of side 33 it asked for
+# 23 GiB (~700 KB a matrix), which failed with CUDA out of memory inside the whole-grid selection
+# check (bench/selection.md v6); a call is then split until its workspace fits this cap (4 GiB:
+# ~5000 such matrices a call, still many waves of the card).
+MAX_WORKSPACE_BYTES = 4 << 30
+
+
+def chunks(batch: int, n: int, size: int | None = None) -> list[tuple[int, int]]:
+    """``(start, count)`` of each library call for ``batch`` matrices of side ``n`` (at most ``size``
+    a call when given)."""
+    size = max(1, min(MAX_BATCH, (2 ** 31 - 1) // max(n * n, 1), size or MAX_BATCH))
     return [(start, min(size, batch - start)) for start in range(0, batch, size)]
 
 
@@ -189,11 +197,19 @@ def syev_batched(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tenso
     fill = FILL_LOWER if upper else FILL_UPPER
     with torch.cuda.device(A.device):
         check(lib.lib.cusolverDnSetStream(handle, torch.cuda.current_stream().cuda_stream), "cusolverDnSetStream")
-        for start, count in chunks(nb, n):
+        def workspace(count: int) -> tuple[ctypes.c_size_t, ctypes.c_size_t]:
             dev_bytes, host_bytes = _size(), _size()
             check(lib.lib.cusolverDnXsyevBatched_bufferSize(
-                handle, params, jobz, fill, n, dtype, work[start].data_ptr(), n, dtype, L[start].data_ptr(), dtype,
+                handle, params, jobz, fill, n, dtype, work.data_ptr(), n, dtype, L.data_ptr(), dtype,
                 ctypes.byref(dev_bytes), ctypes.byref(host_bytes), count), "cusolverDnXsyevBatched_bufferSize")
+            return dev_bytes, host_bytes
+
+        size = chunks(nb, n)[0][1]
+        dev_bytes, _ = workspace(size)
+        if dev_bytes.value > MAX_WORKSPACE_BYTES:
+            size = max(1, size * MAX_WORKSPACE_BYTES // dev_bytes.value)
+        for start, count in chunks(nb, n, size):
+            dev_bytes, host_bytes = workspace(count)
             device_ws = torch.empty(max(dev_bytes.value, 1), dtype=torch.uint8, device=A.device)
             host_ws = ctypes.create_string_buffer(max(host_bytes.value, 1))
             check(lib.lib.cusolverDnXsyevBatched(

@@ -213,6 +213,35 @@ def test_cusolver_batched_matches_the_contract(n, dtype):
         assert_within_torch_error(L2[good], torch.linalg.eigvalsh(A[good].to(dtype)), torch.linalg.eigvalsh(A[good]))
 
 
+def test_cusolver_batched_calls_are_split_by_size():
+    from metalcore.linalg import cusolver_batched
+    assert cusolver_batched.chunks(65536, 33) == [(0, 32768), (32768, 32768)]
+    assert cusolver_batched.chunks(10, 33, 4) == [(0, 4), (4, 4), (8, 2)]
+    assert cusolver_batched.chunks(3, 33, 0) == [(0, 3)]                  # no size given
+    assert cusolver_batched.chunks(2, 50000)[0] == (0, 1)                 # n·lda·batch <= 2^31 - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compute_v", [True, False], ids=["vectors", "values"])
+def test_cusolver_batched_splits_a_call_whose_workspace_is_over_the_cap(compute_v, monkeypatch):
+    # 32768 fp64 matrices of side 33 asked for a 23 GiB workspace; a cap small enough to split 300
+    # such matrices into several calls must give the same answer as one call.
+    from metalcore.linalg import cusolver_batched
+    if not cusolver_batched.available():
+        pytest.skip("this libcusolver has no XsyevBatched (CUDA < 12.6.2)")
+    A = symmetric((300,), 33, torch.float64).cuda()
+    whole = cusolver_batched.syev_batched(A, False, compute_v)
+    monkeypatch.setattr(cusolver_batched, "MAX_WORKSPACE_BYTES", 64 << 10)
+    calls = []
+    original = cusolver_batched.chunks
+    monkeypatch.setattr(cusolver_batched, "chunks", lambda *a: calls.append(original(*a)) or calls[-1])
+    split = cusolver_batched.syev_batched(A, False, compute_v)
+    assert len(calls[-1]) > 1
+    torch.testing.assert_close(split[0], whole[0])
+    if compute_v:
+        assert_lapack_ratio(residual_ratio(A, split[1] @ torch.diag_embed(split[0]) @ split[1].mT, torch.float64), "residual")
+
+
 def test_cusolver_batched_is_chosen_only_for_measured_batches(monkeypatch):
     from metalcore.linalg import cusolver_batched, eigh_triton
     monkeypatch.setattr(cusolver_batched, "available", lambda: True)
