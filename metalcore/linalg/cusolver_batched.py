@@ -197,17 +197,20 @@ def syev_batched(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tenso
     fill = FILL_LOWER if upper else FILL_UPPER
     with torch.cuda.device(A.device):
         check(lib.lib.cusolverDnSetStream(handle, torch.cuda.current_stream().cuda_stream), "cusolverDnSetStream")
+        sizes: dict[int, tuple[ctypes.c_size_t, ctypes.c_size_t]] = {}
+
         def workspace(count: int) -> tuple[ctypes.c_size_t, ctypes.c_size_t]:
-            dev_bytes, host_bytes = _size(), _size()
-            check(lib.lib.cusolverDnXsyevBatched_bufferSize(
-                handle, params, jobz, fill, n, dtype, work.data_ptr(), n, dtype, L.data_ptr(), dtype,
-                ctypes.byref(dev_bytes), ctypes.byref(host_bytes), count), "cusolverDnXsyevBatched_bufferSize")
-            return dev_bytes, host_bytes
+            if count not in sizes:
+                dev_bytes, host_bytes = _size(), _size()
+                check(lib.lib.cusolverDnXsyevBatched_bufferSize(
+                    handle, params, jobz, fill, n, dtype, work.data_ptr(), n, dtype, L.data_ptr(), dtype,
+                    ctypes.byref(dev_bytes), ctypes.byref(host_bytes), count), "cusolverDnXsyevBatched_bufferSize")
+                sizes[count] = dev_bytes, host_bytes
+            return sizes[count]
 
         size = chunks(nb, n)[0][1]
-        dev_bytes, _ = workspace(size)
-        if dev_bytes.value > MAX_WORKSPACE_BYTES:
-            size = max(1, size * MAX_WORKSPACE_BYTES // dev_bytes.value)
+        if workspace(size)[0].value > MAX_WORKSPACE_BYTES:
+            size = max(1, size * MAX_WORKSPACE_BYTES // workspace(size)[0].value)
         for start, count in chunks(nb, n, size):
             dev_bytes, host_bytes = workspace(count)
             device_ws = torch.empty(max(dev_bytes.value, 1), dtype=torch.uint8, device=A.device)

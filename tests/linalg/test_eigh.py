@@ -508,6 +508,55 @@ def test_syevj_nan_and_unconverged_matrices_stay_in_their_matrix(fake_syevj):
     assert values[[1, 2]].isnan().all() and not values[good].isnan().any()
 
 
+class FakeSyev(FakeSyevj):
+    """:class:`FakeSyevj` with cusolverDnXsyevBatched as documented, on host memory: column-major,
+    the ``uplo`` triangle read, eigenvalues ascending, a device workspace of ``per_matrix`` bytes a
+    matrix (so that a test can put a call over ``MAX_WORKSPACE_BYTES``)."""
+
+    per_matrix = 1000
+
+    def __init__(self):
+        super().__init__()
+        self.cusolverDnXsyevBatched_bufferSize = self._function(self._syev_size)
+        self.cusolverDnXsyevBatched = self._function(self._syev)
+
+    def _syev_size(self, handle, params, jobz, uplo, n, type_a, A, lda, type_w, W, compute, dev, host, batch):
+        self.size_queries += 1
+        self._out(host, 0)
+        return self._out(dev, self.per_matrix * batch)
+
+    def _syev(self, handle, params, jobz, uplo, n, type_a, A, lda, type_w, W, compute, ws, ws_bytes, host_ws,
+              host_bytes, info, batch):
+        assert lda == n and ws_bytes >= self.per_matrix * batch
+        dtype = (torch.float32, torch.float64)[type_a]
+        a = self._memory(A, batch * n * n, dtype).view(batch, n, n)          # a[k, j, i] = A_k(i, j)
+        L, V = torch.linalg.eigh(a.mT.double(), UPLO="L" if uplo == 0 else "U")
+        self._memory(W, batch * n, dtype).view(batch, n).copy_(L)
+        if jobz == 1:
+            a.copy_(V.mT)                                                        # column j = vector j
+        self._memory(info, batch, torch.int32).zero_()
+        self.calls.append(batch)
+        return 0
+
+
+@pytest.mark.parametrize("compute_v", [True, False], ids=["vectors", "values"])
+def test_cusolver_batched_splits_calls_to_fit_the_workspace_cap(compute_v, fake_syevj, monkeypatch):
+    from metalcore.linalg import cusolver_batched
+    fake = FakeSyev()
+    monkeypatch.setattr(cusolver_batched, "_load", lambda: cusolver_batched.Library(fake))
+    A = symmetric((10,), 5, torch.float64)
+    L, Q = cusolver_batched.syev_batched(A, False, compute_v)
+    assert fake.calls == [10]
+    monkeypatch.setattr(cusolver_batched, "MAX_WORKSPACE_BYTES", 3500)    # 3 matrices' workspace
+    L3, Q3 = cusolver_batched.syev_batched(A, False, compute_v)
+    assert fake.calls[1:] == [3, 3, 3, 1]
+    assert fake.size_queries == 1 + 3, "one query per distinct call size (10; then 10, 3, 1)"
+    torch.testing.assert_close(L3, torch.linalg.eigvalsh(A))
+    torch.testing.assert_close(L3, L)
+    if compute_v:
+        torch.testing.assert_close(Q3 @ torch.diag_embed(L3) @ Q3.mT, A)
+
+
 def test_syevj_splits_large_batches_and_caches_its_setup(fake_syevj, monkeypatch):
     from metalcore.linalg import cusolver_batched, cusolver_syevj
     monkeypatch.setattr(cusolver_batched, "MAX_BATCH", 4)
