@@ -158,11 +158,10 @@ def householder_launcher(A: Tensor, *, tau: Tensor | None = None, store_qr: bool
             return QR, TAU, R, Q
         return empty
     sa, copy = stack_strides(A)
-    st = [0, 0]
+    st, copy_tau = [0, 0], False   # tau read as (batch, k): its strides, or a copy per call
     if tau is not None:
         try:
             st = list(tau.view(nb, k).stride())
-            copy_tau = False
         except RuntimeError:
             st, copy_tau = [k, 1], True
     BM, BN = block(m), block(n)
@@ -176,7 +175,7 @@ def householder_launcher(A: Tensor, *, tau: Tensor | None = None, store_qr: bool
     def run(A: Tensor, tau: Tensor | None = None) -> tuple[Tensor | None, ...]:
         QR, TAU, R, Q = outputs()
         A3 = as3(A) if copy else A   # also what the kernel reads for the arguments it does not use
-        if tau is not None and copy_tau:
+        if copy_tau:
             tau = tau.reshape(nb, k)
         launch(A3, A3 if tau is None else tau, A3 if QR is None else QR, A3 if TAU is None else TAU,
                A3 if R is None else R, A3 if Q is None else Q)
