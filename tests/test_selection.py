@@ -150,6 +150,36 @@ def test_check_confirms_a_violation_on_more_calls(monkeypatch):
         assert p["auto_s"] == second["auto"] and p["violation"] is violates and len(violations) == int(violates)
 
 
+def test_sweep_confirms_a_narrow_win_against_torch_alone(monkeypatch):
+    """A kernel that beat torch by less than CONFIRM_BELOW is timed again against torch alone on more
+    calls, and that decides (fp64 solve n = 32 on the H100: torch 241 µs in the sweep, 178 in the
+    check); a clear win is not re-timed."""
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    monkeypatch.setattr(selection, "_agrees", lambda *a: True)
+    monkeypatch.setattr(selection, "_reference", lambda *a: (None, None))
+    for first, second, winner, confirmed in (({"torch": 241e-6, "kernel": 214e-6}, {"torch": 178e-6, "kernel": 193e-6}, "torch", True),
+                                             ({"torch": 241e-6, "kernel": 160e-6}, {"torch": 230e-6, "kernel": 161e-6}, "kernel", True),
+                                             ({"torch": 500e-6, "kernel": 200e-6}, None, "kernel", False)):
+        calls = []
+
+        def timed(fns, device, budget_s=selection.BUDGET_S, max_reps=selection.MAX_REPS, min_reps=selection.MIN_REPS,
+                  first=first, second=second):
+            calls.append((sorted(fns), max_reps))
+            return {n: (first if len(calls) == 1 else second)[n] for n in fns}
+
+        monkeypatch.setattr(selection, "wall_times", timed)
+        monkeypatch.setattr(selection, "_build", lambda *a: (torch.eye(2, dtype=torch.float64),))
+        monkeypatch.setattr(selection._registered(s), "backend_for", lambda *a: "triton")
+        (p,) = selection.measure_row(s, torch.device("cpu"), "triton", torch.float64, 2, [1], lambda m: None)
+        assert p["winner"] == winner
+        if confirmed:
+            assert calls[1] == (["kernel", "torch"], selection.CONFIRM_REPS)
+            assert p["first"] == {"torch_s": first["torch"], "kernel": first["kernel"]}
+            assert (p["torch_s"], p["kernel_s"]) == (second["torch"], second["kernel"])
+        else:
+            assert len(calls) == 1 and "first" not in p
+
+
 def test_check_reports_what_a_failing_automatic_call_raised(monkeypatch):
     s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
     monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: {"torch": 1e-4, "auto": None})
