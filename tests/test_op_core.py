@@ -924,6 +924,79 @@ def test_every_routed_function_gives_the_full_paths_result_without_its_plan(name
         assert torch.equal(a, b)
 
 
+def _kernel_calls():
+    """Public functions whose op arguments are their own tensors, each as (inputs, call)."""
+    A = _spd(3, 5)
+    L, B = torch.linalg.cholesky(A), torch.randn(3, 5, 2, dtype=torch.float64)
+    M = torch.randn(3, 6, 4, dtype=torch.float64)
+    return {
+        "cholesky": ((A,), lambda A: metalcore.linalg.cholesky(A, upper=True)),
+        "cholesky_ex": ((A,), lambda A: metalcore.linalg.cholesky_ex(A)),
+        "solve": ((A, B), lambda A, B: metalcore.linalg.solve(A, B, left=True)),
+        "solve_ex": ((A, B), lambda A, B: metalcore.linalg.solve_ex(A, B)),
+        "solve_triangular": ((L, B), lambda L, B: metalcore.linalg.solve_triangular(L, B, upper=False)),
+        "cholesky_solve": ((B, L), lambda B, L: metalcore.linalg.cholesky_solve(B, L, False)),
+        "qr": ((M,), lambda M: metalcore.linalg.qr(M, "reduced")),
+    }
+
+
+@pytest.mark.skipif(not triton_importable(), reason="triton is not importable")
+@pytest.mark.parametrize("name", sorted(_kernel_calls()))
+def test_a_repeated_kernel_call_skips_the_checks_and_plan(name, monkeypatch):
+    """Where automatic selection runs metalcore's kernel, the first call of a signature takes the
+    full path and later ones call the op with the plan it decided (no checks, no plan lookup), with
+    the same results, reading new data; another stride pattern with the same key takes the full path
+    again. Automatic selection is made to pick Triton on CPU tensors (the interpreter)."""
+    from metalcore._op import MetalcoreOp
+
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: "triton")
+    monkeypatch.setattr("metalcore._selection.measured_choice", lambda *args: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    inputs, call = _kernel_calls()[name]
+    plans = []
+    plan = MetalcoreOp.plan
+    monkeypatch.setattr(MetalcoreOp, "plan", lambda op, *args: plans.append(op.name) or plan(op, *args))
+    reference = _routed_reference(call)
+
+    def planned(*args):
+        before = len(plans)
+        result = call(*args)
+        return result, len(plans) - before
+
+    with observe_backends() as served:
+        first, looked_up = planned(*inputs)
+    assert set(served.values()) == {"triton"} and looked_up == 1
+    _assert_same(first, reference(*inputs))
+    for x in inputs:
+        x.mul_(1.5)                                             # new data, same tensors
+    again, looked_up = planned(*inputs)
+    assert looked_up == 0, "the repeated call took the recorded kernel call"
+    _assert_same(again, reference(*inputs))
+    # Two non-contiguous layouts of the same shapes: one key for the route, other strides, so each
+    # takes the full path once and its own recorded call after.
+    column_major = [torch.empty_strided(x.shape, (x.shape[-1] * x.shape[-2], 1, x.shape[-2]), dtype=x.dtype).copy_(x)
+                    for x in inputs]
+    batch_inner = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in inputs]
+    for layout in (column_major, batch_inner):
+        assert planned(*layout)[1] == 1
+        result, looked_up = planned(*layout)
+        assert looked_up == 0
+        _assert_same(result, reference(*layout))
+
+
+def _routed_reference(call):
+    """The same call through the reference backend (the oracle)."""
+    def reference(*args):
+        with metalcore.use_backend("reference"):
+            return call(*args)
+    return reference
+
+
+def _assert_same(got, want):
+    for g, w in zip(*(r if isinstance(r, tuple) else (r,) for r in (got, want))):
+        torch.testing.assert_close(g, w)
+
+
 def test_the_kernel_path_looks_its_plan_up_once(recording_kernel, monkeypatch):
     from metalcore._op import MetalcoreOp
 

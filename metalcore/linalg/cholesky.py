@@ -72,6 +72,8 @@ def cholesky_ex(A: Tensor, *, upper: bool = False, check_errors: bool = False, o
     plan = cholesky_ex_op.plan(A, upper, check_errors)
     if plan.prefers_torch:
         return write_out(fn, cholesky_ex.by_torch(A, upper=upper, check_errors=check_errors), out)
+    cholesky_ex.remember(lambda A, **_: torch.return_types.linalg_cholesky_ex(
+        cholesky_ex_op.call_planned(plan, A, upper, check_errors)))
     result = cholesky_ex_op.call_planned(plan, A, upper, check_errors)
     return write_out(fn, torch.return_types.linalg_cholesky_ex(result), out)
 
@@ -91,5 +93,6 @@ def cholesky(A: Tensor, *, upper: bool = False, out=None) -> Tensor:
     plan = cholesky_ex_op.plan(A, upper, True)
     if plan.prefers_torch:
         return write_out(fn, cholesky.by_torch(A, upper=upper), out)
+    cholesky.remember(lambda A, **_: cholesky_ex_op.call_planned(plan, A, upper, True)[0])
     L, _ = cholesky_ex_op.call_planned(plan, A, upper, True)
     return write_out(fn, L, out)

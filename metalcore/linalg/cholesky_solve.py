@@ -74,4 +74,7 @@ def cholesky_solve(B: Tensor, L: Tensor, upper: bool = False, *, out=None) -> Te
     plan = cholesky_solve_op.plan(Bb, Lb, bool(upper))
     if plan.prefers_torch:
         return write_out(_FN, cholesky_solve.by_torch(B, L, upper), out, cast=True)
+    if Bb is B and Lb is L:
+        flag = bool(upper)
+        cholesky_solve.remember(lambda B, L, *_, **__: cholesky_solve_op.call_planned(plan, B, L, flag))
     return write_out(_FN, cholesky_solve_op.call_planned(plan, Bb, Lb, bool(upper)), out, cast=True)

@@ -102,6 +102,7 @@ def qr(A: Tensor, mode: str = "reduced", *, out=None):
     plan = qr_op.plan(A, mode)
     if plan.prefers_torch:
         return write_out(fn, qr.by_torch(A, mode), out)
+    qr.remember(lambda A, *_, **__: torch.return_types.linalg_qr(qr_op.call_planned(plan, A, mode)))
     return torch.return_types.linalg_qr(write_out(fn, qr_op.call_planned(plan, A, mode), out))
 
 

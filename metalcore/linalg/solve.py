@@ -98,6 +98,10 @@ def solve_ex(A: Tensor, B: Tensor, *, left: bool = True, check_errors: bool = Fa
     plan = solve_ex_op.plan(*args)
     if plan.prefers_torch:
         return write_out(fn, solve_ex.by_torch(A, B, left=left, check_errors=check_errors), out)
+    if not vector and Am is A and Bm is B:
+        flags = args[2:]
+        solve_ex.remember(lambda A, B, **_: torch.return_types.linalg_solve_ex(
+            solve_ex_op.call_planned(plan, A, B, *flags)))
     X, info = solve_ex_op.call_planned(plan, *args)
     return torch.return_types.linalg_solve_ex(write_out(fn, ((X.squeeze(-1) if vector else X), info), out))
 
@@ -119,5 +123,8 @@ def solve(A: Tensor, B: Tensor, *, left: bool = True, out=None) -> Tensor:
     plan = solve_ex_op.plan(*args)
     if plan.prefers_torch:
         return write_out(fn, solve.by_torch(A, B, left=left), out)
+    if not vector and Am is A and Bm is B:
+        flags = args[2:]
+        solve.remember(lambda A, B, **_: solve_ex_op.call_planned(plan, A, B, *flags)[0])
     X, _ = solve_ex_op.call_planned(plan, *args)
     return write_out(fn, X.squeeze(-1) if vector else X, out)
