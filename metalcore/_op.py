@@ -121,9 +121,6 @@ class _Kernels(dict):
         self._on_change()
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _tensors(args: tuple[Any, ...]) -> list[torch.Tensor]:
     return [a for a in args if isinstance(a, torch.Tensor)]
 
@@ -311,7 +308,7 @@ class MetalcoreOp:
             if len(batches) == 1 and _batch_size(next(iter(batches))) > limit:
                 fn = functools.partial(_run_chunked, fn, self._batched, limit)
         if (kernel is not None and fn is kernel.fn and kernel.specialize is not None
-                and all(type(t) in _PLAIN for t in tensors)):
+                and all(map(_eager_plain, tensors))):
             fn = kernel.specialize(*args) or fn
         return _Plan(backend, fn,
                      autograd=self._function is not None and any(t.requires_grad for t in tensors),

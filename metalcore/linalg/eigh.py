@@ -11,6 +11,7 @@ from torch import Tensor
 from metalcore._op import metalcore_op
 from metalcore._validation import check_choice, check_matrix
 from metalcore.linalg._common import write_out
+from metalcore.linalg.cusolver_batched import MAX_BATCH
 
 
 def _cuda_batch_limit(A: Tensor, UPLO: str, compute_v: bool) -> int | None:
@@ -20,7 +21,7 @@ def _cuda_batch_limit(A: Tensor, UPLO: str, compute_v: bool) -> int | None:
     size. Each chunk is still one library call of thousands of matrices. Outside those sides torch
     takes the whole batch (65536×1×1 in 95 µs, where two chunks each sorted cost 414 µs; n > 32 is a
     loop of syevd calls), so nothing is split there."""
-    return 32768 if 2 <= A.shape[-1] <= 32 else None
+    return MAX_BATCH if 2 <= A.shape[-1] <= 32 else None
 
 
 @metalcore_op("eigh", batched=("A",), max_batch={"cuda": _cuda_batch_limit})
