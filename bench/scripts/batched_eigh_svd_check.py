@@ -62,6 +62,9 @@ BUDGET_S = 0.1
 SYEVJ_POINTS = [(500, 16, torch.float32), (1000, 32, torch.float32), (4096, 8, torch.float32),
                 (10000, 3, torch.float32), (65536, 32, torch.float32), (1000, 32, torch.float64)]
 TINY_SYEVJ = [(5, 3, torch.float32), (3, 8, torch.float64)]
+SVD_SMALL_POINTS = [(500, 16, torch.float32), (1000, 32, torch.float32), (4096, 8, torch.float32),
+                    (10000, 3, torch.float32), (65536, 32, torch.float32), (1000, 32, torch.float64)]
+TINY_SVD_SMALL = [(5, 3, torch.float32), (3, 8, torch.float64)]
 CUSOLVER = False            # set in main() by cusolver_usable()
 SYEVJ = False               # likewise, for cusolver_syevj
 
@@ -310,6 +313,46 @@ def run_syevj(args, device, start, emit):
         run_peers(cases, device, emit)
 
 
+def svd_small_variants(device):
+    """The svd paths for n ≤ 32 (bench/linalg_triton.md v9): the fused launch, the chain it replaced,
+    the register Jacobi without the QR step, the automatic path (through the op) and torch."""
+    def values(fn):
+        return lambda A, sw: (A.new_empty(0), fn(A, sw), A.new_empty(0))
+    return [
+        ("fused", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True)),
+        ("fused values", lambda A, sw: svd_launch(A, False, False, sweeps=sw, registers=True)),
+        ("chain (v6)", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True, fused=False)),
+        ("registers no-QR", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True,
+                                                     precondition=False)),
+        ("automatic", lambda A, sw: metalcore.linalg.svd(A, full_matrices=False)),
+        ("torch", lambda A, sw: torch.linalg.svd(A, full_matrices=False)),
+        ("torch values", values(lambda A, sw: torch.linalg.svdvals(A))),
+    ]
+
+
+def run_svd_small(args, device, start, emit):
+    points = TINY_SVD_SMALL if args.tiny else SVD_SMALL_POINTS
+    timer = Timer(device, QUICK_BUDGET) if device.type == "cuda" else None
+    for b, n, dtype in points:
+        if time.time() - start > args.max_seconds:
+            print(f"svd {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            continue
+        try:
+            data = {k: (G.to(dtype), S.to(dtype)) for k, (G, S) in inputs(b, n, device).items()}
+        except RuntimeError as e:
+            print(f"svd {b}x{n}: ill-conditioned input not built ({str(e)[:120]}); random only", flush=True)
+            X = torch.randn(b, n, n, device=device, dtype=torch.float64)
+            data = {"random": (X.to(dtype), (X + X.mT).to(dtype))}
+        expected = {k: torch.linalg.svdvals(G.double().cpu()) for k, (G, _) in data.items()}
+        for name, fn in svd_small_variants(device):
+            measure("svd", name, fn, data, b, n, dtype, device, emit, expected, timer)
+        del data
+    if not args.no_peers:
+        cases = [peers.case(op, b, n, dtype=str(dtype).replace("torch.", ""))
+                 for b, n, dtype in points for op in ("svd", "svdvals")]
+        run_peers(cases, device, emit)
+
+
 def svd_variants(n, device):
     out = []
     if not (device.type == "cuda" and n <= 8):
@@ -336,7 +379,7 @@ def measure(op, name, fn, data, b, n, dtype, device, emit, expected=None, timer=
                 nan = int(L.isnan().any(-1).sum().item())
             else:
                 U, S, Vh = fn(G, sw)
-                r = ratios_svd(G, U, S, Vh)
+                r = ratios_svd(G, U, S, Vh) if U.numel() else {"values": values_ratio(S, expected[kind], dtype)}
                 nan = int(S.isnan().any(-1).sum().item())
             row[kind] = {**{k: round(v, 2) for k, v in r.items()}, "nan": nan, "sweeps": int(sw.max().item())}
         G, Sym = data["random"]
@@ -371,6 +414,8 @@ def main():
     ap.add_argument("--no-hang", action="store_true", help="skip the svd hang regression subprocesses")
     ap.add_argument("--syevj", action="store_true",
                     help="only eigh at the batched-Jacobi points, every path and the peers (module docstring)")
+    ap.add_argument("--svd-small", action="store_true",
+                    help="only svd at the n <= 32 target points: the fused launch against the chain, torch and the peers")
     ap.add_argument("--max-seconds", type=float, default=210.0,
                     help="skip the remaining device shapes past this (the peers still run, ~1 min)")
     args = ap.parse_args()
@@ -390,8 +435,8 @@ def main():
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
     global CUSOLVER, SYEVJ
     CUSOLVER, SYEVJ = doc["cusolver_usable"], doc["syevj_usable"] = cusolver_usable(device, limit=args.syevj)
-    if args.syevj:
-        run_syevj(args, device, start, emit)
+    if args.syevj or args.svd_small:
+        (run_syevj if args.syevj else run_svd_small)(args, device, start, emit)
         finish(doc, start, path)
         return
     if not args.no_hang:

@@ -51,6 +51,7 @@ from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import REGISTER_MAX_N, jacobi_registers
+from metalcore.linalg.svd_fused_triton import MAX_N as FUSED_MAX_N, svd_fused
 from metalcore.linalg.svd_large import large_supported, path_supported, svd_large
 
 MAX_SWEEPS = jac.MAX_SWEEPS
@@ -158,11 +159,14 @@ def _orthonormal(W: Tensor, k: int, cols: int) -> Tensor:
 
 def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: int | None = None,
                sweeps: Tensor | None = None, precondition: bool = True,
-               registers: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+               registers: bool = False, fused: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, S, Vᴴ)`` of ``A``. ``num_warps`` overrides the Jacobi kernel's launch width; ``sweeps``,
     an int32 tensor of the batch's size, receives each matrix's sweep count (for the device
     benchmark). ``registers``: the register-tile Jacobi kernel (:mod:`svd_batched_triton`, both
-    sides at most its ``REGISTER_MAX_N``) instead of the scratch one.
+    sides at most its ``REGISTER_MAX_N``) instead of the scratch one; preconditioned, the whole
+    chain below in one launch (:mod:`svd_fused_triton`) wherever no complete basis of a
+    rectangular matrix is asked for (``fused=False``: the chain of launches instead, for the device
+    check's before-and-after).
 
     ``precondition`` (Drmač & Veselić's QR preconditioning): ``A P = QR`` with the Householder kernel,
     ``P`` sorting the columns by scale (:func:`metalcore.linalg.svd.sort_columns`: unsorted, graded
@@ -173,10 +177,12 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     sweeps against 20 / 33 — the latter beyond ``MAX_SWEEPS``, which is how the earlier kernel's
     NaN at 64×128 on the H100 arose), and works on ``n × n`` instead of ``m × n``."""
     *batch, m, n = A.shape
+    if registers and precondition and fused and max(m, n) <= FUSED_MAX_N and (m == n or not full_matrices):
+        return svd_fused(A, full_matrices, compute_uv, num_warps=num_warps, sweeps=sweeps)
     if m < n:
         # A = U S Vᴴ  ⇔  Aᵀ = V S Uᵀ: the tall case on the transpose, roles of U and V swapped.
         Ut, S, Vht = svd_launch(A.mT, full_matrices, compute_uv, num_warps=num_warps, sweeps=sweeps,
-                                precondition=precondition, registers=registers)
+                                precondition=precondition, registers=registers, fused=fused)
         if not compute_uv:
             return Ut, S, Vht
         return Vht.mT.contiguous(), S, Ut.mT.contiguous()

@@ -1,0 +1,259 @@
+"""The whole QR-preconditioned one-sided Jacobi SVD of small matrices in one launch, in registers.
+
+Layers: ``_fused_svd_kernel`` → :func:`svd_fused` → ``svd_triton.svd_launch(..., registers=True)``
+(the ``registers`` path of ``metalcore::svd``) for sides up to :data:`MAX_N`.
+
+Why one launch: the chain it replaces (``svd_triton.svd_launch`` with the register Jacobi) made ~12
+kernel launches and ~20 other aten calls a call — column sort, Householder QR with ``Q``, Jacobi,
+``Q V``, a second Householder QR, signs, unsort — and on the H100 it took 0.54 ms at 500×16² against
+0.19 ms for the Jacobi launch alone without the QR step (bench/linalg_triton.md v9).
+
+Per program, ``G`` matrices ``X`` (``M × N``, ``M ≥ N``; a wide ``A`` arrives as ``Aᵀ`` through its
+strides) as a ``[G, BN, BM]`` tile whose row ``j`` is column ``j`` of ``X`` (the register Jacobi's
+layout, :mod:`metalcore.linalg.svd_batched_triton`):
+
+1. ``X`` divided by ``max|x|``; columns ordered by descending ``max|x_ij|`` (``svd.sort_columns``'s
+   cheap stand-in for column pivoting, Drmač & Veselić): ``X P``.
+2. Householder QR ``X P = Q R`` (LAPACK ``geqr2``'s reflectors, norms as ``s·‖x/s‖``); the
+   reflectors stay in a second tile, and row ``j`` of ``R`` is collected as it is finished, so
+   ``Rᵀ`` needs no transpose.
+3. One-sided Jacobi on ``Rᵀ`` (``N × N``; the register kernel's rounds, thresholds and sweep bound):
+   ``Rᵀ V_x = W``; columns then sorted by descending ``‖w_j‖``.
+4. ``U = Q [V_x; 0]``: the reflectors applied backwards to ``V_x`` (no explicit ``Q``).
+5. ``V = P Q_W`` with ``Q_W`` the Householder ``Q`` of ``W`` signed by ``diag R_W``: ``W``'s columns
+   are orthogonal to the Jacobi tolerance, so that is ``W`` with normalized columns, and it stays
+   orthonormal where a singular value is zero (rank-deficient input). ``P`` is applied by the
+   store's addresses.
+
+Work per matrix: ``N`` QR steps over ``[BN, BM]``, the Jacobi rounds over ``[BN, BN]`` (6-10 sweeps
+of ``N − 1``), ``N`` steps to widen ``V_x``, ``N`` reflections of ``[BN, BM]`` and ``2N`` steps of the
+second QR and its ``Q``: about ``4N`` steps, each a few row reductions like a Jacobi round.
+Non-convergence and NaN/Inf input give NaN in every output of that matrix (a program's
+non-convergence marks its ``G`` matrices, as in the register Jacobi kernel). Launched without FMA
+contraction (``_jacobi_triton.FP_FUSION``: the rotation decisions must agree between lanes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from metalcore._triton import cdiv, helper, jit
+from metalcore.linalg import _jacobi_triton as jac
+from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
+from metalcore.linalg._small_triton import block, group, warps
+
+# The five tiles of a 32×32 matrix (X, reflectors, Rᵀ, Vᵀ, U) are 5120 values: 40 a thread at 4 warps.
+MAX_N = 32
+
+
+@helper
+def reflector(x, j, r):
+    """LAPACK ``dlarfg`` for column ``x`` ``[G, B]`` (entries along ``r``) at pivot row ``j``: ``v``
+    (``v_j = 1``, zero above ``j``), ``τ`` and ``β`` with ``(I − τ v vᵀ) x = β e_j`` on rows ``≥ j``.
+    Norms as ``s·‖x/s‖``, so tiny and huge columns neither underflow nor overflow their squares;
+    a zero column below ``j`` gives ``τ = 0``, ``β = α`` (``H = I``)."""
+    on = r[None, :] == j
+    below = tl.where(r[None, :] > j, x, 0.0)
+    alpha = tl.sum(tl.where(on, x, 0.0), axis=1)
+    s = tl.max(tl.abs(below), axis=1)
+    s1 = tl.where(s > 0.0, s, 1.0)
+    xnorm = s * tl.sqrt(tl.sum((below / s1[:, None]) * (below / s1[:, None]), axis=1))
+    big = tl.maximum(tl.abs(alpha), xnorm)
+    small = tl.minimum(tl.abs(alpha), xnorm)
+    ratio = small / tl.where(big > 0.0, big, 1.0)
+    norm = big * tl.sqrt(1.0 + ratio * ratio)
+    reflect = xnorm > 0.0
+    beta = tl.where(reflect, tl.where(alpha >= 0.0, -norm, norm), alpha)
+    tau = tl.where(reflect, (beta - alpha) / tl.where(reflect, beta, 1.0), 0.0)
+    denom = tl.where(reflect, alpha - beta, 1.0)
+    v = tl.where(on, 1.0, below / denom[:, None])
+    return v, tau, beta
+
+
+@helper
+def householder(a, n, rj, r, COLLECT_R: tl.constexpr):
+    """QR of the ``[G, BN, B]`` tile ``a`` (row ``j`` = column ``j``, ``n`` columns): returns the
+    reflectors as rows of a tile, ``τ`` and ``diag R`` ``[G, BN]``, and, with ``COLLECT_R``, ``Rᵀ``
+    as a ``[G, BN, BN]`` tile in the same layout (its row ``j`` = column ``j`` of ``Rᵀ`` = row ``j``
+    of ``R``)."""
+    j3 = rj[None, :, None]
+    r3 = r[None, None, :]
+    hv = tl.zeros(a.shape, dtype=a.dtype)
+    taus = tl.zeros([a.shape[0], a.shape[1]], dtype=a.dtype)
+    diag = tl.zeros([a.shape[0], a.shape[1]], dtype=a.dtype)
+    rt = tl.zeros([a.shape[0], a.shape[1], a.shape[1]], dtype=a.dtype)
+    for j in range(n):
+        x = tl.sum(tl.where(j3 == j, a, 0.0), axis=1)                     # [G, B]: column j
+        v, tau, beta = reflector(x, j, r)
+        w = tl.sum(a * v[:, None, :], axis=2)                              # [G, BN]: vᵀ a_k
+        a = tl.where(j3 > j, a - (tau[:, None] * w)[:, :, None] * v[:, None, :], a)
+        a = tl.where((j3 == j) & (r3 >= j), tl.where(r3 == j, beta[:, None, None], 0.0), a)
+        hv = tl.where(j3 == j, v[:, None, :], hv)
+        taus = tl.where(rj[None, :] == j, tau[:, None], taus)
+        diag = tl.where(rj[None, :] == j, beta[:, None], diag)
+        if COLLECT_R:
+            # Row j of R is final now (later reflectors are zero on rows ≤ j): R[j, k] = a[k, j].
+            row = tl.sum(tl.where(r3 == j, a, 0.0), axis=2)                # [G, BN]
+            rt = tl.where(j3 == j, tl.where(rj[None, None, :] >= j, row[:, None, :], 0.0), rt)
+    return hv, taus, diag, rt
+
+
+@helper
+def reflect_back(q, hv, taus, n, rj):
+    """``H_0 ⋯ H_{n−1}`` applied to the columns held as rows of ``q`` ``[G, C, B]``: reflector ``j``
+    is row ``j`` of ``hv`` ``[G, BN, B]``, ``τ_j`` entry ``j`` of ``taus``."""
+    j3 = rj[None, :, None]
+    for t in range(n):
+        j = n - 1 - t
+        v = tl.sum(tl.where(j3 == j, hv, 0.0), axis=1)                     # [G, B]
+        tau = tl.sum(tl.where(rj[None, :] == j, taus, 0.0), axis=1)        # [G]
+        w = tl.sum(q * v[:, None, :], axis=2)                              # [G, C]
+        q = q - (tau[:, None] * w)[:, :, None] * v[:, None, :]
+    return q
+
+
+@helper
+def permute_rows(t, src):
+    """Rows of ``t`` ``[G, R, C]`` reordered: row ``r`` of the result is row ``src[:, r]``."""
+    return tl.gather(t, src[:, :, None] + tl.zeros(t.shape, dtype=tl.int32), axis=1)
+
+
+@helper
+def descending_order(key, rj):
+    """``src`` ``[G, BN]`` with ``key[src[:, r]]`` descending in ``r`` (ties by index), and the rank
+    of each entry; ``key`` must be free of NaN."""
+    ki = key[:, :, None]
+    kk = key[:, None, :]
+    k3 = rj[None, None, :]
+    j3 = rj[None, :, None]
+    before = (kk > ki) | ((kk == ki) & (k3 < j3))
+    rank = tl.sum(before.to(tl.int32), axis=2)                             # [G, BN]
+    src = tl.sum(tl.where(rank[:, None, :] == j3, k3, 0), axis=2)          # src[rank[j]] = j
+    return src
+
+
+@jit
+def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s_uc, s_vb, s_vr, s_vc,
+                      tol, tiny, max_sweeps, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      WANT_UV: tl.constexpr, WANT_SWEEPS: tl.constexpr, IEEE32: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    live = g < nb
+    rj = tl.arange(0, BN)
+    ri = tl.arange(0, BM)
+    g3 = g[:, None, None]
+    j3 = rj[None, :, None]                      # column of X (tile row)
+    i3 = ri[None, None, :]                      # row of X (tile column)
+    l3 = rj[None, None, :]                      # row index in the N × N tiles
+    j2 = rj[None, :]
+    inside = live[:, None, None] & (j3 < n) & (i3 < m)
+    a = tl.load(X + g3 * s_xb + i3 * s_xr + j3 * s_xc, mask=inside, other=0.0)
+    bad_input = tl.max(tl.max(((a != a) | (tl.abs(a) == float("inf"))).to(tl.int32), axis=2), axis=1) > 0
+    amax = tl.max(tl.max(tl.abs(a), axis=2), axis=1)
+    scale = tl.where((amax > 0.0) & (bad_input == 0), amax, 1.0)
+    a = tl.where(bad_input[:, None, None], 0.0, a / scale[:, None, None])
+
+    # 1-2. X P = Q R, the columns by descending max-norm; Jacobi's tile is Rᵀ.
+    order = descending_order(tl.where(j2 < n, tl.max(tl.abs(a), axis=2), -1.0), rj)
+    a = permute_rows(a, order)
+    hv, taus, diag, x = householder(a, n, rj, ri, True)
+
+    # 3. One-sided Jacobi on the columns of Rᵀ (N × N), Vᵀ accumulated; svd_batched_triton's rounds.
+    vt = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V_x
+    N = n + n % 2
+    zero = tl.zeros([G, BN, BN], dtype=tl.int32)
+    sweep = 0
+    rotated = 1
+    while (sweep < max_sweeps) & (rotated > 0):
+        busy = tl.zeros([G], dtype=tl.int32)
+        for t in range(N - 1):
+            part = round_partner(rj, t, N)
+            first = rj < part
+            y = tl.gather(x, part[None, :, None] + zero, axis=1)
+            alpha = tl.sum(x * x, axis=2)
+            gamma = tl.sum(x * y, axis=2)
+            beta = tl.gather(alpha, part[None, :] + tl.zeros([G, BN], dtype=tl.int32), axis=1)
+            app = tl.where(first[None, :], alpha, beta)
+            aqq = tl.where(first[None, :], beta, alpha)
+            mag = tl.abs(gamma)
+            act = (live[:, None] & (j2 < n) & (part[None, :] < n) & (part[None, :] != j2)
+                   & (mag > tol * tl.sqrt(app) * tl.sqrt(aqq)) & (mag > tiny))
+            c, s, tt = schur_rotation(app, aqq, gamma, act, IEEE32)
+            ss = tl.where(first[None, :], -s, s)
+            busy += tl.sum(act.to(tl.int32), axis=1)
+            x = c[:, :, None] * x + ss[:, :, None] * y
+            if WANT_UV:
+                vt = c[:, :, None] * vt + ss[:, :, None] * tl.gather(vt, part[None, :, None] + zero, axis=1)
+        rotated = tl.sum(busy, axis=0)
+        sweep += 1
+
+    colmax = tl.max(tl.abs(x), axis=2)
+    cm = tl.where(colmax > 0.0, colmax, 1.0)
+    sv = colmax * tl.sqrt(tl.sum((x / cm[:, :, None]) * (x / cm[:, :, None]), axis=2))   # ‖w_j‖
+    bad = (rotated > 0) | bad_input | (tl.max((sv != sv).to(tl.int32), axis=1) > 0)
+    rank_src = descending_order(tl.where((j2 < n) & (sv == sv), sv, -1.0), rj)
+    sv = tl.gather(sv, rank_src, axis=1)
+    tl.store(S + g[:, None] * n + j2, tl.where(bad[:, None], float("nan"), sv * scale[:, None]),
+             mask=live[:, None] & (j2 < n))
+    if WANT_UV:
+        x = permute_rows(x, rank_src)
+        vt = permute_rows(vt, rank_src)
+        # 4. U = Q [V_x; 0]: V_x's columns widened to the [G, BN, BM] tile, the reflectors applied.
+        u = tl.zeros([G, BN, BM], dtype=a.dtype)
+        for l in range(n):
+            col = tl.sum(tl.where(l3 == l, vt, 0.0), axis=2)              # [G, BN]: row l of V_x
+            u = tl.where(i3 == l, col[:, :, None], u)
+        u = reflect_back(u, hv, taus, n, rj)
+        tl.store(U + g3 * s_ub + i3 * s_ur + j3 * s_uc, tl.where(bad[:, None, None], float("nan"), u),
+                 mask=inside)
+        # 5. V = P Q_W diag(sign R_W): row k of Q_W goes to row order[k] of V.
+        hw, tw, dw, unused = householder(x, n, rj, rj, False)
+        q = reflect_back(tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype), hw, tw, n, rj)
+        q = q * tl.where(dw < 0.0, -1.0, 1.0)[:, :, None]                   # q[c, k] = V_P[k, c]
+        tl.store(VT + g3 * s_vb + order[:, None, :] * s_vr + j3 * s_vc,
+                 tl.where(bad[:, None, None], float("nan"), q), mask=live[:, None, None] & (j3 < n) & (l3 < n))
+    if WANT_SWEEPS:
+        tl.store(SW + g, sweep + tl.zeros([G], dtype=tl.int32), mask=live)
+
+
+def svd_fused(A: Tensor, full_matrices: bool, compute_uv: bool, *, matrices_per_program: int | None = None,
+              num_warps: int | None = None, sweeps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, Vᴴ)`` of ``A`` ``(*, m, n)``, both sides at most :data:`MAX_N`, float32/float64, in one
+    launch; ``full_matrices`` only where it changes nothing (``m == n``) or is false — the caller
+    keeps the Householder chain for complete bases of rectangular input. ``sweeps`` (int32, one entry
+    per matrix) receives each program's sweep count."""
+    *batch, m, n = A.shape
+    k = min(m, n)
+    if full_matrices and m != n:
+        raise ValueError(f"svd_fused: full_matrices needs a square input, got {m}x{n}")
+    dev, dt = A.device, A.dtype
+    S = torch.empty(*batch, k, dtype=dt, device=dev)
+    U = torch.empty(*batch, m, k, dtype=dt, device=dev) if compute_uv else S
+    Vh = torch.empty(*batch, k, n, dtype=dt, device=dev) if compute_uv else S
+    A3 = A.reshape(-1, m, n)
+    nb = A3.shape[0]
+    if nb == 0 or k == 0:
+        return (U if compute_uv else A.new_empty(0)), S, (Vh if compute_uv else A.new_empty(0))
+    # The kernel factors X = A (tall) or X = Aᵀ (wide; A = V' S U'ᵀ from Aᵀ = U' S V'ᵀ): its U' and
+    # V' are stored through strides into U and Vᴴ, or into Vᴴ and U.
+    sx = A3.stride()
+    if m >= n:
+        M, sx = m, (sx[0], sx[1], sx[2])
+        su, sv = (m * k, k, 1), (k * n, 1, n)
+    else:
+        M, sx = n, (sx[0], sx[2], sx[1])
+        su, sv = (k * n, 1, n), (m * k, k, 1)
+    Ut, Vt = (U, Vh) if m >= n else (Vh, U)
+    finfo = torch.finfo(dt)
+    BM, BN = block(M), block(k)
+    elements = 3 * BN * BM + 2 * BN * BN
+    G = matrices_per_program or group(nb, elements, dev)
+    _fused_svd_kernel[(cdiv(nb, G),)](
+        A3, Ut, S, Vt, S if sweeps is None else sweeps, nb, M, k, *sx, *su, *sv,
+        k * finfo.eps, finfo.tiny / finfo.eps, jac.MAX_SWEEPS, G=G, BM=BM, BN=BN, WANT_UV=compute_uv,
+        WANT_SWEEPS=sweeps is not None, IEEE32=dt == torch.float32, num_warps=num_warps or warps(G * elements),
+        enable_fp_fusion=jac.FP_FUSION)
+    if not compute_uv:
+        return A.new_empty(0), S, A.new_empty(0)
+    return U, S, Vh
