@@ -282,3 +282,54 @@ def test_register_svd_converges_on_the_batches_that_hung_the_scratch_kernel(n, t
     for precondition in (False, True):
         U, S, Vh = _register_svd(A, precondition)
         _assert_svd(A, U, S, Vh, torch.float32, f"register svd 200x{n} pre={precondition}")
+
+
+# --- The preconditioned register path in one launch (svd_fused_triton) --------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n", [(16, 16), (32, 32), (32, 7), (7, 32), (2, 1), (1, 3)], ids=str)
+def test_fused_svd_shapes_and_values_only(m, n, dtype, triton_backend):
+    from metalcore.linalg.svd_fused_triton import svd_fused
+    A = torch.randn(3, m, n, dtype=dtype)
+    sweeps = torch.zeros(3, dtype=torch.int32)
+    U, S, Vh = svd_fused(A, m == n, True, sweeps=sweeps)
+    k = min(m, n)
+    assert (U.shape, S.shape, Vh.shape) == ((3, m, k), (3, k), (3, k, n))
+    _assert_svd(A, U, S, Vh, dtype, f"fused svd {m}x{n}")
+    assert bool((sweeps >= 1).all()) and bool((sweeps < 30).all())
+    # Values only run the same Jacobi on the same Rᵀ: the same bits.
+    _, S_only, _ = svd_fused(A, False, False)
+    assert torch.equal(S_only, S)
+
+
+def test_fused_svd_is_what_the_register_path_runs_and_matches_the_chain(triton_backend):
+    from metalcore.linalg.svd_triton import svd_launch
+    A = torch.randn(4, 12, 9, dtype=torch.float64)
+    U, S, Vh = svd_launch(A, False, True, registers=True)
+    Uc, Sc, Vhc = svd_launch(A, False, True, registers=True, fused=False)
+    # Same algorithm, different rounding: singular values to the LAPACK bound, vectors up to sign.
+    assert_lapack_ratio(((S - Sc).abs().amax(-1) / (S[..., 0] * 12 * eps(torch.float64))).max().item(), "S vs chain")
+    assert_lapack_ratio(((U * Uc).sum(-2).abs() - 1).abs().amax().item() / (12 * eps(torch.float64)), "U vs chain")
+    assert_lapack_ratio(((Vh * Vhc).sum(-1).abs() - 1).abs().amax().item() / (12 * eps(torch.float64)), "V vs chain")
+
+
+def test_fused_svd_full_matrices_of_a_rectangular_matrix_keeps_the_chain(triton_backend):
+    from metalcore.linalg.svd_fused_triton import svd_fused
+    from metalcore.linalg.svd_triton import svd_launch
+    A = torch.randn(2, 9, 5)
+    with pytest.raises(ValueError, match="full_matrices"):
+        svd_fused(A, True, True)
+    U, S, Vh = svd_launch(A, True, True, registers=True)
+    assert U.shape == (2, 9, 9) and Vh.shape == (2, 5, 5)
+    assert_lapack_ratio(orthogonality_ratio(U, torch.float32), "complete U")
+
+
+def test_fused_svd_nan_stays_in_its_matrix(triton_backend):
+    from metalcore.linalg.svd_fused_triton import svd_fused
+    A = torch.randn(5, 6, 4)
+    A[2, 3, 1] = float("nan")
+    A[4, 0, 0] = float("-inf")
+    U, S, Vh = svd_fused(A, False, True)
+    for out in (U, S, Vh):
+        assert out[[2, 4]].isnan().all() and not out[[0, 1, 3]].isnan().any()
