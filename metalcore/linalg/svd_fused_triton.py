@@ -42,7 +42,7 @@ from torch import Tensor
 from metalcore._triton import cdiv, helper, jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
-from metalcore.linalg._small_triton import block, group, warps
+from metalcore.linalg._small_triton import block, group
 
 # The five tiles of a 32×32 matrix (X, reflectors, Rᵀ, Vᵀ, U) are 5120 values: 40 a thread at 4 warps.
 MAX_N = 32
@@ -217,6 +217,21 @@ def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s
         tl.store(SW + g, sweep + tl.zeros([G], dtype=tl.int32), mask=live)
 
 
+def launch_warps(BN: int, nb: int, dtype: torch.dtype, compute_uv: bool) -> int:
+    """Warps per program, from the H100 (bench/results/svd-fused-warps-h100-20261206.log, ms per call
+    at 1 / 2 / 4 / 8 warps): one wherever the chain of rounds binds — 500×16² 0.108 / 0.134 / 0.150 /
+    0.209, 4096×8² 0.095 / 0.160 / 0.245 / 0.452, 1000×32² 0.516 / 0.643 / 0.662 / 0.956 — and for
+    values only at every point measured. With vectors at ``BN = 32`` the five tiles (5120 values)
+    spill from one warp's registers, which costs once the card is full: 65536×32² 79.6 / 36.3 / 32.2
+    / 52.9, fp64 1000×32² 3.16 / 1.84 / 1.94 / 2.48. Batches between 1000 and 65536 were not timed;
+    the selection table times the path as this gives it."""
+    if not compute_uv or BN < 32:
+        return 1
+    if dtype == torch.float64:
+        return 2
+    return 1 if nb <= 1024 else 4
+
+
 def svd_fused(A: Tensor, full_matrices: bool, compute_uv: bool, *, matrices_per_program: int | None = None,
               num_warps: int | None = None, sweeps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, S, Vᴴ)`` of ``A`` ``(*, m, n)``, both sides at most :data:`MAX_N`, float32/float64, in one
@@ -252,7 +267,7 @@ def svd_fused(A: Tensor, full_matrices: bool, compute_uv: bool, *, matrices_per_
     _fused_svd_kernel[(cdiv(nb, G),)](
         A3, Ut, S, Vt, S if sweeps is None else sweeps, nb, M, k, *sx, *su, *sv,
         k * finfo.eps, finfo.tiny / finfo.eps, jac.MAX_SWEEPS, G=G, BM=BM, BN=BN, WANT_UV=compute_uv,
-        WANT_SWEEPS=sweeps is not None, IEEE32=dt == torch.float32, num_warps=num_warps or warps(G * elements),
+        WANT_SWEEPS=sweeps is not None, IEEE32=dt == torch.float32, num_warps=num_warps or launch_warps(BN, nb, dt, compute_uv),
         enable_fp_fusion=jac.FP_FUSION)
     if not compute_uv:
         return A.new_empty(0), S, A.new_empty(0)
