@@ -26,8 +26,9 @@ layout, :mod:`metalcore.linalg.svd_batched_triton`):
    store's addresses.
 
 Work per matrix: ``N`` QR steps over ``[BN, BM]``, the Jacobi rounds over ``[BN, BN]`` (6-10 sweeps
-of ``N − 1``), ``N`` steps to widen ``V_x``, ``N`` reflections of ``[BN, BM]`` and ``2N`` steps of the
-second QR and its ``Q``: about ``4N`` steps, each a few row reductions like a Jacobi round.
+of ``N − 1``), then ``N`` steps that each reflect ``U`` back once and take one step of ``W``'s QR (two
+independent chains, so their latencies overlap), and ``N`` steps forming ``Q_W``: about ``3N``
+dependent steps besides the rounds, each a few row reductions like a Jacobi round.
 Non-convergence and NaN/Inf input give NaN in every output of that matrix (a program's
 non-convergence marks its ``G`` matrices, as in the register Jacobi kernel). Launched without FMA
 contraction (``_jacobi_triton.FP_FUSION``: the rotation decisions must agree between lanes).
@@ -73,45 +74,32 @@ def reflector(x, j, r):
 
 
 @helper
-def householder(a, n, rj, r, COLLECT_R: tl.constexpr):
-    """QR of the ``[G, BN, B]`` tile ``a`` (row ``j`` = column ``j``, ``n`` columns): returns the
-    reflectors as rows of a tile, ``τ`` and ``diag R`` ``[G, BN]``, and, with ``COLLECT_R``, ``Rᵀ``
-    as a ``[G, BN, BN]`` tile in the same layout (its row ``j`` = column ``j`` of ``Rᵀ`` = row ``j``
-    of ``R``)."""
+def qr_step(a, hv, taus, diag, j, rj, r):
+    """Step ``j`` of the Householder QR of the ``[G, BN, B]`` tile ``a`` (row ``k`` = column ``k``):
+    column ``j`` becomes ``β e_j`` below its first ``j`` entries and the reflector is applied to
+    the columns after it; the reflector is stored as row ``j`` of ``hv``, ``τ`` and ``β`` (``diag R``)
+    as entry ``j`` of ``taus`` and ``diag``. Rows ``≤ j`` of ``a`` are final after it."""
     j3 = rj[None, :, None]
     r3 = r[None, None, :]
-    hv = tl.zeros(a.shape, dtype=a.dtype)
-    taus = tl.zeros([a.shape[0], a.shape[1]], dtype=a.dtype)
-    diag = tl.zeros([a.shape[0], a.shape[1]], dtype=a.dtype)
-    rt = tl.zeros([a.shape[0], a.shape[1], a.shape[1]], dtype=a.dtype)
-    for j in range(n):
-        x = tl.sum(tl.where(j3 == j, a, 0.0), axis=1)                     # [G, B]: column j
-        v, tau, beta = reflector(x, j, r)
-        w = tl.sum(a * v[:, None, :], axis=2)                              # [G, BN]: vᵀ a_k
-        a = tl.where(j3 > j, a - (tau[:, None] * w)[:, :, None] * v[:, None, :], a)
-        a = tl.where((j3 == j) & (r3 >= j), tl.where(r3 == j, beta[:, None, None], 0.0), a)
-        hv = tl.where(j3 == j, v[:, None, :], hv)
-        taus = tl.where(rj[None, :] == j, tau[:, None], taus)
-        diag = tl.where(rj[None, :] == j, beta[:, None], diag)
-        if COLLECT_R:
-            # Row j of R is final now (later reflectors are zero on rows ≤ j): R[j, k] = a[k, j].
-            row = tl.sum(tl.where(r3 == j, a, 0.0), axis=2)                # [G, BN]
-            rt = tl.where(j3 == j, tl.where(rj[None, None, :] >= j, row[:, None, :], 0.0), rt)
-    return hv, taus, diag, rt
+    x = tl.sum(tl.where(j3 == j, a, 0.0), axis=1)                         # [G, B]: column j
+    v, tau, beta = reflector(x, j, r)
+    w = tl.sum(a * v[:, None, :], axis=2)                                  # [G, BN]: vᵀ a_k
+    a = tl.where(j3 > j, a - (tau[:, None] * w)[:, :, None] * v[:, None, :], a)
+    a = tl.where((j3 == j) & (r3 >= j), tl.where(r3 == j, beta[:, None, None], 0.0), a)
+    hv = tl.where(j3 == j, v[:, None, :], hv)
+    taus = tl.where(rj[None, :] == j, tau[:, None], taus)
+    diag = tl.where(rj[None, :] == j, beta[:, None], diag)
+    return a, hv, taus, diag
 
 
 @helper
-def reflect_back(q, hv, taus, n, rj):
-    """``H_0 ⋯ H_{n−1}`` applied to the columns held as rows of ``q`` ``[G, C, B]``: reflector ``j``
-    is row ``j`` of ``hv`` ``[G, BN, B]``, ``τ_j`` entry ``j`` of ``taus``."""
-    j3 = rj[None, :, None]
-    for t in range(n):
-        j = n - 1 - t
-        v = tl.sum(tl.where(j3 == j, hv, 0.0), axis=1)                     # [G, B]
-        tau = tl.sum(tl.where(rj[None, :] == j, taus, 0.0), axis=1)        # [G]
-        w = tl.sum(q * v[:, None, :], axis=2)                              # [G, C]
-        q = q - (tau[:, None] * w)[:, :, None] * v[:, None, :]
-    return q
+def reflect_step(q, hv, taus, j, rj):
+    """``H_j q`` for the columns held as rows of ``q`` ``[G, C, B]``: reflector ``j`` is row ``j`` of
+    ``hv`` ``[G, BN, B]``, ``τ_j`` entry ``j`` of ``taus``."""
+    v = tl.sum(tl.where(rj[None, :, None] == j, hv, 0.0), axis=1)          # [G, B]
+    tau = tl.sum(tl.where(rj[None, :] == j, taus, 0.0), axis=1)            # [G]
+    w = tl.sum(q * v[:, None, :], axis=2)                                  # [G, C]
+    return q - (tau[:, None] * w)[:, :, None] * v[:, None, :]
 
 
 @helper
@@ -157,7 +145,15 @@ def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s
     # 1-2. X P = Q R, the columns by descending max-norm; Jacobi's tile is Rᵀ.
     order = descending_order(tl.where(j2 < n, tl.max(tl.abs(a), axis=2), -1.0), rj)
     a = permute_rows(a, order)
-    hv, taus, diag, x = householder(a, n, rj, ri, True)
+    hv = tl.zeros([G, BN, BM], dtype=a.dtype)
+    taus = tl.zeros([G, BN], dtype=a.dtype)
+    dr = tl.zeros([G, BN], dtype=a.dtype)                            # diag R: not needed here
+    x = tl.zeros([G, BN, BN], dtype=a.dtype)
+    for j in range(n):
+        a, hv, taus, dr = qr_step(a, hv, taus, dr, j, rj, ri)
+        # Row j of R is final: R[j, k] = a[k, j], which is row j of the tile of Rᵀ.
+        row = tl.sum(tl.where(i3 == j, a, 0.0), axis=2)                    # [G, BN]
+        x = tl.where(j3 == j, tl.where(l3 >= j, row[:, None, :], 0.0), x)
 
     # 3. One-sided Jacobi on the columns of Rᵀ (N × N), Vᵀ accumulated; svd_batched_triton's rounds.
     vt = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V_x
@@ -199,17 +195,28 @@ def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s
     if WANT_UV:
         x = permute_rows(x, rank_src)
         vt = permute_rows(vt, rank_src)
-        # 4. U = Q [V_x; 0]: V_x's columns widened to the [G, BN, BM] tile, the reflectors applied.
-        u = tl.zeros([G, BN, BM], dtype=a.dtype)
-        for l in range(n):
-            col = tl.sum(tl.where(l3 == l, vt, 0.0), axis=2)              # [G, BN]: row l of V_x
-            u = tl.where(i3 == l, col[:, :, None], u)
-        u = reflect_back(u, hv, taus, n, rj)
+        # 4-5, as two independent chains in one loop (their latencies overlap): U = Q [V_x; 0], the
+        # reflectors applied backwards to V_x's columns (its row j filled just before H_j, the first
+        # reflector that reads it), and the Householder QR of W.
+        if BM == BN:
+            u = vt
+        else:
+            u = tl.zeros([G, BN, BM], dtype=a.dtype)
+        hw = tl.zeros([G, BN, BN], dtype=a.dtype)
+        tw = tl.zeros([G, BN], dtype=a.dtype)
+        dw = tl.zeros([G, BN], dtype=a.dtype)
+        for t in range(n):
+            j = n - 1 - t
+            if BM != BN:
+                u = tl.where(i3 == j, tl.sum(tl.where(l3 == j, vt, 0.0), axis=2)[:, :, None], u)
+            u = reflect_step(u, hv, taus, j, rj)
+            x, hw, tw, dw = qr_step(x, hw, tw, dw, t, rj, rj)
         tl.store(U + g3 * s_ub + i3 * s_ur + j3 * s_uc, tl.where(bad[:, None, None], float("nan"), u),
                  mask=inside)
         # 5. V = P Q_W diag(sign R_W): row k of Q_W goes to row order[k] of V.
-        hw, tw, dw, unused = householder(x, n, rj, rj, False)
-        q = reflect_back(tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype), hw, tw, n, rj)
+        q = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)
+        for t in range(n):
+            q = reflect_step(q, hw, tw, n - 1 - t, rj)
         q = q * tl.where(dw < 0.0, -1.0, 1.0)[:, :, None]                   # q[c, k] = V_P[k, c]
         tl.store(VT + g3 * s_vb + order[:, None, :] * s_vr + j3 * s_vc,
                  tl.where(bad[:, None, None], float("nan"), q), mask=live[:, None, None] & (j3 < n) & (l3 < n))
