@@ -346,7 +346,7 @@ def test_an_unknown_path_is_refused(card_table, triton_backend, launches):
     card_table([_timed("vectors", "float64", 5, 2, 1e-3, 2e-3, {"warp_speed": (1e-5, True)})])
     A = torch.randn(2, 5, 5, dtype=torch.float64)
     args = (A, "L", True)
-    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers, syevj"
+    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers, shifted, syevj"
     with pytest.warns(RuntimeWarning, match=refusal):
         assert _selection.measured_path("eigh", "triton", A.device, args) == "torch"
     assert _selection.measured_choice("eigh", "triton", A.device, args) is False

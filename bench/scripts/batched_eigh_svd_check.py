@@ -9,15 +9,17 @@ of every variant, the peers in their own processes (metalcore/bench/peers.py).
 
 ``--syevj`` times only eigh at the points where cuSOLVER's batched Jacobi is the routine to beat
 (500×16², 1000×32², 4096×8², 10000×3², 65536×32² fp32 and 1000×32² fp64): the ``syevj`` path
-(cusolver_syevj: with vectors, values only, and as ``syevj v7``: the same calls with its Triton
-kernels ``prepare`` and ``finish`` swapped for the torch ops they replaced, bench/linalg_triton.md
-v8's before and after in one run), the same path through the op (``metalcore.linalg.eigh`` forced
-onto it: the dispatch layers included), the automatic path, ``cusolver_batched``, the Jacobi
-kernels, torch (eigh and eigvalsh) and the peers JAX and CuPy (eigh and eigvalsh); on CUDA each row
-also gives the GPU time with the host hidden and the host time of issuing one call (``gpu``,
-``host``). Values-only rows are judged against LAPACK in float64 on the CPU. Its probe
+(cusolver_syevj, with vectors and values only), the ``shifted`` path (eigh_shifted_triton: one-sided
+Jacobi on ``A + cI``; with vectors, values only, and at 4 warps), the automatic path through the op,
+the Jacobi kernels, torch (eigh and eigvalsh) and the peers JAX and CuPy (eigh and eigvalsh); on
+CUDA each row also gives the GPU time with the host hidden and the host time of issuing one call
+(``gpu``, ``host``). Values-only rows are judged against LAPACK in float64 on the CPU. Its probe
 also calls syevjBatched unsplit on 65535 and 65536 matrices of side 2, in the probe's subprocess,
 to see where the library's batch limit lies (the split is at 32768).
+
+``--svd-small`` times svd at the n ≤ 32 target points (the same shapes, fp32, and fp64 1000×32²):
+the fused launch (svd_fused_triton; vectors and values), the chain it replaced, the register Jacobi
+without the QR step, the automatic path, torch and the peers.
 
 Variants: eigh ``scratch`` (eigh_triton, one program per matrix), ``registers`` (eigh_batched_triton,
 n ≤ 32, default and alternative matrices per program), ``cusolver_batched`` (XsyevBatched through
@@ -46,10 +48,10 @@ from jacobi_check import inputs, ratios_eigh, ratios_svd  # noqa: E402  (same-fo
 from metalcore.bench import peers  # noqa: E402
 from metalcore.bench.timing import QUICK_BUDGET, Timer, call_ms  # noqa: E402
 import metalcore  # noqa: E402
-from metalcore import _selection  # noqa: E402
 from metalcore.linalg import cusolver_batched, cusolver_syevj  # noqa: E402
 from metalcore.linalg._small_triton import block, group  # noqa: E402
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers  # noqa: E402
+from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted  # noqa: E402
 from metalcore.linalg.eigh_triton import eigh_launch  # noqa: E402
 from metalcore.linalg.svd_triton import svd_launch  # noqa: E402
 
@@ -209,47 +211,6 @@ def eigh_variants(n, device, dtype):
     return out
 
 
-def forced(path):
-    """``metalcore.linalg.eigh`` on the Triton backend, forced onto ``path``: the op's layers included."""
-    def call(A, sw):
-        with metalcore.use_backend("triton"), _selection.use_path("eigh", path):
-            return metalcore.linalg.eigh(A)
-    return call
-
-
-def prepare_v7(A3, upper):
-    """cusolver_syevj.prepare as torch ops (v7 of the path, 4 launches): NaN or inf scale where the
-    triangle is not finite, the division carried into the work buffer."""
-    work = (A3.triu() if upper else A3.tril()).contiguous()
-    scale = torch.linalg.vector_norm(work, ord=float("inf"), dim=(-2, -1)).clamp_min(torch.finfo(A3.dtype).tiny)
-    work.div_(scale[:, None, None])
-    return work, scale
-
-
-def finish_v7(W, info, scale, vectors):
-    """cusolver_syevj.finish as torch ops (v7, 8 launches with vectors, 6 without)."""
-    ok = (info == 0) & (scale < float("inf"))
-    L, order = W.sort(dim=-1)
-    L = torch.where(ok[:, None], L * scale[:, None], float("nan"))
-    if vectors is None:
-        return L, None
-    rows = vectors.gather(-2, order[:, :, None].expand_as(vectors))
-    return L, torch.where(ok[:, None, None], rows, float("nan"))
-
-
-def with_torch_ops(fn):
-    """``fn`` with cusolver_syevj's two kernels swapped for the torch ops of v7 (module globals that
-    syevj_batched looks up per call)."""
-    def call(A, sw):
-        kernels = cusolver_syevj.prepare, cusolver_syevj.finish
-        cusolver_syevj.prepare, cusolver_syevj.finish = prepare_v7, finish_v7
-        try:
-            return fn(A, sw)
-        finally:
-            cusolver_syevj.prepare, cusolver_syevj.finish = kernels
-    return call
-
-
 def values_only(fn):
     """``(L, empty)`` from a function returning eigenvalues only."""
     return lambda A, sw: (fn(A), A.new_empty(0))
@@ -260,13 +221,12 @@ def syevj_variants(n, dtype, device):
     out = []
     if SYEVJ:
         out += [("syevj", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True)),
-                ("syevj values", lambda A, sw: cusolver_syevj.syevj_batched(A, False, False)),
-                ("syevj v7", with_torch_ops(lambda A, sw: cusolver_syevj.syevj_batched(A, False, True))),
-                ("syevj v7 values", with_torch_ops(lambda A, sw: cusolver_syevj.syevj_batched(A, False, False))),
-                ("op forced syevj", forced("syevj"))]
+                ("syevj values", lambda A, sw: cusolver_syevj.syevj_batched(A, False, False))]
+    if n <= SHIFTED_MAX_N:
+        out += [("shifted", lambda A, sw: eigh_shifted(A, False, True, sweeps=sw)),
+                ("shifted values", lambda A, sw: eigh_shifted(A, False, False, sweeps=sw)),
+                ("shifted 4 warps", lambda A, sw: eigh_shifted(A, False, True, sweeps=sw, num_warps=4))]
     out.append(("op automatic", lambda A, sw: metalcore.linalg.eigh(A)))
-    if CUSOLVER:
-        out.append(("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)))
     out.append(("scratch", lambda A, sw: eigh_launch(A, False, True, sweeps=sw)))
     if n <= REGISTER_MAX_N:
         out.append(("registers", lambda A, sw: eigh_registers(A, False, True, sweeps=sw)))

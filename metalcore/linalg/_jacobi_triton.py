@@ -115,6 +115,26 @@ def rotate_rows(base, p, q, valid, c, s, stride, length, BL: tl.constexpr, SPLIT
 
 
 @helper
+def permute_rows(t, src):
+    """Rows of ``t`` ``[G, R, C]`` reordered: row ``r`` of the result is row ``src[:, r]``."""
+    return tl.gather(t, src[:, :, None] + tl.zeros(t.shape, dtype=tl.int32), axis=1)
+
+
+@helper
+def descending_order(key, rj):
+    """``src`` ``[G, BN]`` with ``key[src[:, r]]`` descending in ``r`` (ties by index), and the rank
+    of each entry; ``key`` must be free of NaN."""
+    ki = key[:, :, None]
+    kk = key[:, None, :]
+    k3 = rj[None, None, :]
+    j3 = rj[None, :, None]
+    before = (kk > ki) | ((kk == ki) & (k3 < j3))
+    rank = tl.sum(before.to(tl.int32), axis=2)                             # [G, BN]
+    src = tl.sum(tl.where(rank[:, None, :] == j3, k3, 0), axis=2)          # src[rank[j]] = j
+    return src
+
+
+@helper
 def nonfinite(a):
     """Whether the tile holds a NaN or an infinity (``tl.max`` skips NaN, so scaling alone would
     not carry it to the outputs)."""

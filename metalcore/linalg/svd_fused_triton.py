@@ -42,7 +42,7 @@ from torch import Tensor
 
 from metalcore._triton import cdiv, helper, jit
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
+from metalcore.linalg._jacobi_triton import descending_order, permute_rows, round_partner, schur_rotation
 from metalcore.linalg._small_triton import block, group
 
 # The five tiles of a 32×32 matrix (X, reflectors, Rᵀ, Vᵀ, U) are 5120 values: 40 a thread at 4 warps.
@@ -100,26 +100,6 @@ def reflect_step(q, hv, taus, j, rj):
     tau = tl.sum(tl.where(rj[None, :] == j, taus, 0.0), axis=1)            # [G]
     w = tl.sum(q * v[:, None, :], axis=2)                                  # [G, C]
     return q - (tau[:, None] * w)[:, :, None] * v[:, None, :]
-
-
-@helper
-def permute_rows(t, src):
-    """Rows of ``t`` ``[G, R, C]`` reordered: row ``r`` of the result is row ``src[:, r]``."""
-    return tl.gather(t, src[:, :, None] + tl.zeros(t.shape, dtype=tl.int32), axis=1)
-
-
-@helper
-def descending_order(key, rj):
-    """``src`` ``[G, BN]`` with ``key[src[:, r]]`` descending in ``r`` (ties by index), and the rank
-    of each entry; ``key`` must be free of NaN."""
-    ki = key[:, :, None]
-    kk = key[:, None, :]
-    k3 = rj[None, None, :]
-    j3 = rj[None, :, None]
-    before = (kk > ki) | ((kk == ki) & (k3 < j3))
-    rank = tl.sum(before.to(tl.int32), axis=2)                             # [G, BN]
-    src = tl.sum(tl.where(rank[:, None, :] == j3, k3, 0), axis=2)          # src[rank[j]] = j
-    return src
 
 
 @jit

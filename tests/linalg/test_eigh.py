@@ -673,3 +673,61 @@ def test_syevj_finish_sorts_scales_and_masks(n, dtype, G, device, triton_backend
         assert none is None
         torch.testing.assert_close(values, expected_L, rtol=0, atol=0, equal_nan=True, msg=what + ": values only")
     assert L[:4].isfinite().all() and L[4:].isnan().all() and rows[4:].isnan().all()
+
+
+# --- One-sided Jacobi on the shifted matrix (eigh_shifted_triton) ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_shifted_eigh_matrix_families(kind, dtype, triton_backend):
+    from metalcore.linalg.eigh_shifted_triton import eigh_shifted
+    A = family(kind, (3,), 13, dtype)
+    for UPLO in ("L", "U"):
+        L, Q = eigh_shifted(with_garbage(A, UPLO), UPLO == "U", True)
+        scale = scale_of(kind, dtype)
+        what = f"shifted eigh {kind} {dtype} {UPLO}"
+        assert not L.isnan().any(), what + ": NaN"
+        assert_lapack_ratio(residual_ratio(A.double() / scale, (Q.double() * (L.double() / scale).unsqueeze(-2))
+                                           @ Q.double().mT, dtype), what + " residual")
+        assert_lapack_ratio(orthogonality_ratio(Q, dtype), what + " Q")
+        assert_lapack_ratio(values_ratio(L.double(), torch.linalg.eigvalsh(A.double()), dtype), what + " values")
+        assert bool((L[..., :-1] <= L[..., 1:]).all()), "eigenvalues must be ascending"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 32])
+def test_shifted_eigh_sizes_groups_and_values_only(n, triton_backend):
+    from metalcore.linalg.eigh_shifted_triton import eigh_shifted
+    A = symmetric((5,), n)
+    for G in (1, 2, 8):                        # 5 matrices: a partial last program for G = 2 and 8
+        sweeps = torch.zeros(5, dtype=torch.int32)
+        L, Q = eigh_shifted(A, False, True, matrices_per_program=G, sweeps=sweeps)
+        assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), f"n={n} G={G}")
+        assert_lapack_ratio(orthogonality_ratio(Q, torch.float64), f"n={n} G={G} Q")
+        assert bool((sweeps >= 1).all()) and bool((sweeps < 30).all())
+        L2, _ = eigh_shifted(A, False, False, matrices_per_program=G)
+        assert torch.equal(L, L2), "eigenvalues without vectors: the same rotations, bit for bit"
+
+
+def test_shifted_eigh_sign_of_opposite_eigenvalues(triton_backend):
+    """λ and −λ have the same singular value: only the shift keeps their vectors apart."""
+    from metalcore.linalg.eigh_shifted_triton import eigh_shifted
+    Qr, _ = torch.linalg.qr(torch.randn(2, 6, 6, dtype=torch.float64))
+    d = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0, 2.0], dtype=torch.float64)
+    A = (Qr * d) @ Qr.mT
+    L, Q = eigh_shifted(A, False, True)
+    assert_lapack_ratio(values_ratio(L, d.expand(2, 6), torch.float64), "±λ values")
+    assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), "±λ residual")
+
+
+def test_shifted_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
+    from metalcore import _selection
+    A = symmetric((4,), 6, torch.float32)
+    A[2, 3, 1] = float("inf")
+    with _selection.use_path("eigh", "shifted"):
+        L, Q = metalcore.linalg.eigh(A)
+    assert L[2].isnan().all() and Q[2].isnan().all()
+    good = [0, 1, 3]
+    assert not L[good].isnan().any() and not Q[good].isnan().any()
+    assert_lapack_ratio(residual_ratio(A[good], Q[good] @ torch.diag_embed(L[good]) @ Q[good].mT, torch.float32),
+                        "the other matrices")
