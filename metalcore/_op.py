@@ -287,6 +287,7 @@ class MetalcoreOp:
         if eager and not _eager_plain(first):
             return self._library_plan
         device = first.device if first is not None else torch.device("cpu")
+        specialize = None
         if any(t.numel() == 0 for t in tensors):
             # Empty inputs: torch's answer, whatever backend was asked for (no kernel launches on
             # nothing, and the kernels' reshapes need not handle zero-size dims).
@@ -300,6 +301,7 @@ class MetalcoreOp:
                 # forced or the measured table chose it.
                 path = _selection.route(self.name, backend, args)
                 fn = kernel.fn if path is None else path.fn
+                specialize = kernel.specialize if path is None else path.specialize
             limit = self.max_batch.get(device.type) if kernel is None else kernel.max_batch
             if callable(limit):
                 limit = limit(*args)
@@ -307,9 +309,9 @@ class MetalcoreOp:
             batches = {args[i].shape[:-2] for i in self._batched}
             if len(batches) == 1 and _batch_size(next(iter(batches))) > limit:
                 fn = functools.partial(_run_chunked, fn, self._batched, limit)
-        if (kernel is not None and fn is kernel.fn and kernel.specialize is not None
-                and all(map(_eager_plain, tensors))):
-            fn = kernel.specialize(*args) or fn
+                specialize = None                   # a split batch: each chunk has its own signature
+        if specialize is not None and all(map(_eager_plain, tensors)):
+            fn = specialize(*args) or fn
         return _Plan(backend, fn,
                      autograd=self._function is not None and any(t.requires_grad for t in tensors),
                      library=False,

@@ -67,13 +67,16 @@ _ROWS_OPS = {"rms_norm_fwd", "rms_norm_bwd", "fused_add_rms_norm_fwd", "gelu_fwd
 @dataclasses.dataclass(frozen=True)
 class AlternativePath:
     """One alternative implementation of an op on one backend: ``fn`` takes the op's arguments and
-    returns its outputs; ``supports`` (same arguments, metadata only) bounds the inputs it takes."""
+    returns its outputs; ``supports`` (same arguments, metadata only) bounds the inputs it takes;
+    ``specialize`` (optional, as the kernel's in ``MetalcoreOp.implement``) returns ``fn`` specialized
+    to a call signature, or None."""
 
     op: str
     backend: str
     name: str
     fn: Callable[..., Any]
     supports: Callable[..., bool]
+    specialize: Callable[..., Callable[..., Any] | None] | None = None
 
 
 _PATHS: dict[tuple[str, str], dict[str, AlternativePath]] = {}
@@ -93,15 +96,17 @@ def _clear_plans() -> None:
     clear_plans()
 
 
-def register_path(op: str, backend: str, name: str, *, supports: Callable[..., bool]
+def register_path(op: str, backend: str, name: str, *, supports: Callable[..., bool],
+                  specialize: Callable[..., Callable[..., Any] | None] | None = None
                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``fn`` becomes the alternative path ``name`` of ``op`` on ``backend``. It runs only
-    where a measured table names it (or :func:`use_path` forces it), never by default."""
+    where a measured table names it (or :func:`use_path` forces it), never by default. ``specialize``:
+    as ``MetalcoreOp.implement``'s, kept in the op's plan for plain tensors."""
     if name in (KERNEL, TORCH) or not name.isidentifier():
         raise ValueError(f"path name must be an identifier other than {KERNEL!r} and {TORCH!r}; got {name!r}")
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _PATHS.setdefault((op, backend), {})[name] = AlternativePath(op, backend, name, fn, supports)
+        _PATHS.setdefault((op, backend), {})[name] = AlternativePath(op, backend, name, fn, supports, specialize)
         _known.cache_clear()
         _clear_plans()
         return fn

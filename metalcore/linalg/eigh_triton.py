@@ -47,7 +47,7 @@ from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows,
 from metalcore.linalg._small_triton import fits
 from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers
-from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted
+from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted, eigh_shifted_launcher
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -220,7 +220,13 @@ def _eigh_syevj_path(A, UPLO, compute_v):
 
 # One-sided Jacobi on the shifted A + cI in registers (eigh_shifted_triton, n <= 32): the svd kernels'
 # one-gather rounds instead of the two-sided kernels' three; measured by the sweep like every path.
-@register_path("eigh", "triton", "shifted", supports=lambda A, UPLO, compute_v: fits(A, max_n=SHIFTED_MAX_N))
+def _eigh_shifted_specialized(A, UPLO, compute_v):
+    run = eigh_shifted_launcher(A, UPLO == "U", compute_v)
+    return lambda A, UPLO, compute_v: run(A)
+
+
+@register_path("eigh", "triton", "shifted", supports=lambda A, UPLO, compute_v: fits(A, max_n=SHIFTED_MAX_N),
+               specialize=_eigh_shifted_specialized)
 def _eigh_shifted_path(A, UPLO, compute_v):
     return eigh_shifted(A, UPLO == "U", compute_v)
 

@@ -36,6 +36,9 @@ contraction (``_jacobi_triton.FP_FUSION``: the rotation decisions must agree bet
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import triton.language as tl
 from torch import Tensor
@@ -43,7 +46,8 @@ from torch import Tensor
 from metalcore._triton import cdiv, helper, jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import descending_order, permute_rows, round_partner, schur_rotation
-from metalcore.linalg._small_triton import block, group
+from metalcore.linalg._small_triton import block, group, stack_strides
+from metalcore.linalg.householder_gemm import as3
 
 # The five tiles of a 32×32 matrix (X, reflectors, Rᵀ, Vᵀ, U) are 5120 values: 40 a thread at 4 warps.
 MAX_N = 32
@@ -219,43 +223,58 @@ def launch_warps(BN: int, nb: int, dtype: torch.dtype, compute_uv: bool) -> int:
     return 1 if nb <= 1024 else 4
 
 
+def svd_fused_launcher(A: Tensor, full_matrices: bool, compute_uv: bool, *, matrices_per_program: int | None = None,
+                       num_warps: int | None = None, want_sweeps: bool = False
+                       ) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """``run(A, sweeps=None) -> (U, S, Vᴴ)`` for tensors of ``A``'s shape, strides, dtype and device:
+    :func:`svd_fused` with its launch bound once per call signature (the op's plan keeps ``run``)."""
+    *batch, m, n = A.shape
+    k = min(m, n)
+    if full_matrices and m != n:
+        raise ValueError(f"svd_fused: full_matrices needs a square input, got {m}x{n}")
+    dev, dt = A.device, A.dtype
+    nb = math.prod(batch)
+    shapes = (batch + [k], batch + [m, k], batch + [k, n])
+
+    def outputs(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        S = torch.empty(shapes[0], dtype=dt, device=dev)
+        if not compute_uv:
+            return A.new_empty(0), S, A.new_empty(0)
+        return torch.empty(shapes[1], dtype=dt, device=dev), S, torch.empty(shapes[2], dtype=dt, device=dev)
+
+    if nb == 0 or k == 0:
+        return lambda A, sweeps=None: outputs(A)
+    # The kernel factors X = A (tall) or X = Aᵀ (wide; A = V' S U'ᵀ from Aᵀ = U' S V'ᵀ): its U' and
+    # V' are stored through strides into U and Vᴴ, or into Vᴴ and U.
+    sx, copy = stack_strides(A)
+    if m >= n:
+        M, su, sv = m, (m * k, k, 1), (k * n, 1, n)
+    else:
+        M, sx, su, sv = n, [sx[0], sx[2], sx[1]], (k * n, 1, n), (m * k, k, 1)
+    finfo = torch.finfo(dt)
+    BM, BN = block(M), block(k)
+    G = matrices_per_program or group(nb, 3 * BN * BM + 2 * BN * BN, dev)
+    launch = _fused_svd_kernel.bind(
+        (cdiv(nb, G),), None, None, None, None, None, nb, M, k, *sx, *su, *sv,
+        k * finfo.eps, finfo.tiny / finfo.eps, jac.MAX_SWEEPS, G=G, BM=BM, BN=BN, WANT_UV=compute_uv,
+        WANT_SWEEPS=want_sweeps, IEEE32=dt == torch.float32,
+        num_warps=num_warps or launch_warps(BN, nb, dt, compute_uv), enable_fp_fusion=jac.FP_FUSION)
+
+    def run(A: Tensor, sweeps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        U, S, Vh = outputs(A)
+        Ut, Vt = (U, Vh) if m >= n else (Vh, U)
+        launch(as3(A) if copy else A, Ut if compute_uv else S, S, Vt if compute_uv else S,
+               S if sweeps is None else sweeps)
+        return U, S, Vh
+
+    return run
+
+
 def svd_fused(A: Tensor, full_matrices: bool, compute_uv: bool, *, matrices_per_program: int | None = None,
               num_warps: int | None = None, sweeps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, S, Vᴴ)`` of ``A`` ``(*, m, n)``, both sides at most :data:`MAX_N`, float32/float64, in one
     launch; ``full_matrices`` only where it changes nothing (``m == n``) or is false — the caller
     keeps the Householder chain for complete bases of rectangular input. ``sweeps`` (int32, one entry
     per matrix) receives each program's sweep count."""
-    *batch, m, n = A.shape
-    k = min(m, n)
-    if full_matrices and m != n:
-        raise ValueError(f"svd_fused: full_matrices needs a square input, got {m}x{n}")
-    dev, dt = A.device, A.dtype
-    S = torch.empty(*batch, k, dtype=dt, device=dev)
-    U = torch.empty(*batch, m, k, dtype=dt, device=dev) if compute_uv else S
-    Vh = torch.empty(*batch, k, n, dtype=dt, device=dev) if compute_uv else S
-    A3 = A.reshape(-1, m, n)
-    nb = A3.shape[0]
-    if nb == 0 or k == 0:
-        return (U if compute_uv else A.new_empty(0)), S, (Vh if compute_uv else A.new_empty(0))
-    # The kernel factors X = A (tall) or X = Aᵀ (wide; A = V' S U'ᵀ from Aᵀ = U' S V'ᵀ): its U' and
-    # V' are stored through strides into U and Vᴴ, or into Vᴴ and U.
-    sx = A3.stride()
-    if m >= n:
-        M, sx = m, (sx[0], sx[1], sx[2])
-        su, sv = (m * k, k, 1), (k * n, 1, n)
-    else:
-        M, sx = n, (sx[0], sx[2], sx[1])
-        su, sv = (k * n, 1, n), (m * k, k, 1)
-    Ut, Vt = (U, Vh) if m >= n else (Vh, U)
-    finfo = torch.finfo(dt)
-    BM, BN = block(M), block(k)
-    elements = 3 * BN * BM + 2 * BN * BN
-    G = matrices_per_program or group(nb, elements, dev)
-    _fused_svd_kernel[(cdiv(nb, G),)](
-        A3, Ut, S, Vt, S if sweeps is None else sweeps, nb, M, k, *sx, *su, *sv,
-        k * finfo.eps, finfo.tiny / finfo.eps, jac.MAX_SWEEPS, G=G, BM=BM, BN=BN, WANT_UV=compute_uv,
-        WANT_SWEEPS=sweeps is not None, IEEE32=dt == torch.float32, num_warps=num_warps or launch_warps(BN, nb, dt, compute_uv),
-        enable_fp_fusion=jac.FP_FUSION)
-    if not compute_uv:
-        return A.new_empty(0), S, A.new_empty(0)
-    return U, S, Vh
+    return svd_fused_launcher(A, full_matrices, compute_uv, matrices_per_program=matrices_per_program,
+                              num_warps=num_warps, want_sweeps=sweeps is not None)(A, sweeps)

@@ -51,7 +51,7 @@ from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import REGISTER_MAX_N, jacobi_registers
-from metalcore.linalg.svd_fused_triton import MAX_N as FUSED_MAX_N, svd_fused
+from metalcore.linalg.svd_fused_triton import MAX_N as FUSED_MAX_N, svd_fused, svd_fused_launcher
 from metalcore.linalg.svd_large import large_supported, path_supported, svd_large
 
 MAX_SWEEPS = jac.MAX_SWEEPS
@@ -177,7 +177,7 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     sweeps against 20 / 33 — the latter beyond ``MAX_SWEEPS``, which is how the earlier kernel's
     NaN at 64×128 on the H100 arose), and works on ``n × n`` instead of ``m × n``."""
     *batch, m, n = A.shape
-    if registers and precondition and fused and max(m, n) <= FUSED_MAX_N and (m == n or not full_matrices):
+    if registers and precondition and fused and _fused(A, full_matrices):
         return svd_fused(A, full_matrices, compute_uv, num_warps=num_warps, sweeps=sweeps)
     if m < n:
         # A = U S Vᴴ  ⇔  Aᵀ = V S Uᵀ: the tall case on the transpose, roles of U and V swapped.
@@ -251,8 +251,22 @@ def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
 # 0.273, 500×16 0.187) but is not offered: on the interpreter, fp32 matrices whose column scales
 # spread over 30 decades missed the 30-sweep bound (NaN) from n = 3 (bench/linalg_triton.md), while
 # the preconditioned kernel took 3-7 sweeps on them up to n = 32.
+def _fused(A: Tensor, full_matrices: bool) -> bool:
+    """Whether ``svd_launch(..., registers=True)`` runs ``A`` in the one launch of svd_fused_triton."""
+    m, n = A.shape[-2:]
+    return max(m, n) <= FUSED_MAX_N and (m == n or not full_matrices)
+
+
+def _svd_registers_specialized(A, full_matrices, compute_uv):
+    if not _fused(A, full_matrices):
+        return None
+    run = svd_fused_launcher(A, full_matrices, compute_uv)
+    return lambda A, full_matrices, compute_uv: run(A)
+
+
 @register_path("svd", "triton", "registers",
-               supports=lambda A, full_matrices, compute_uv: _small(A) and max(A.shape[-2:]) <= REGISTER_MAX_N)
+               supports=lambda A, full_matrices, compute_uv: _small(A) and max(A.shape[-2:]) <= REGISTER_MAX_N,
+               specialize=_svd_registers_specialized)
 def _svd_registers_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True)
 

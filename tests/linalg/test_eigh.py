@@ -731,3 +731,23 @@ def test_shifted_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(trit
     assert not L[good].isnan().any() and not Q[good].isnan().any()
     assert_lapack_ratio(residual_ratio(A[good], Q[good] @ torch.diag_embed(L[good]) @ Q[good].mT, torch.float32),
                         "the other matrices")
+
+
+def test_shifted_eigh_path_is_specialized_once_per_signature(triton_backend, monkeypatch):
+    """An alternative path's ``specialize`` is kept in the op's plan like the kernel's: the launch is
+    bound once per call signature, and other strides make another."""
+    from metalcore import _selection
+    from metalcore.linalg import eigh_triton
+    built = []
+    original = eigh_triton.eigh_shifted_launcher
+    monkeypatch.setattr(eigh_triton, "eigh_shifted_launcher",
+                        lambda A, *a, **k: built.append(A.stride()) or original(A, *a, **k))
+    _selection._clear_plans()
+    A = symmetric((3,), 5)
+    with _selection.use_path("eigh", "shifted"):
+        for _ in range(3):
+            L, Q = metalcore.linalg.eigh(A)
+        L2, _ = metalcore.linalg.eigh(A.mT.contiguous().mT)          # column-major: another signature
+    assert built == [A.stride(), A.mT.contiguous().mT.stride()]
+    assert torch.equal(L, L2)
+    assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), "specialized path")

@@ -333,3 +333,14 @@ def test_fused_svd_nan_stays_in_its_matrix(triton_backend):
     U, S, Vh = svd_fused(A, False, True)
     for out in (U, S, Vh):
         assert out[[2, 4]].isnan().all() and not out[[0, 1, 3]].isnan().any()
+
+
+def test_registers_path_runs_the_fused_launch_through_the_op(triton_backend):
+    from metalcore import _selection
+    A = torch.randn(4, 9, 6)
+    with _selection.use_path("svd", "registers"):
+        for full in (False, True):                 # 9×6 complete: the chain; reduced: the fused launch
+            U, S, Vh = metalcore.linalg.svd(A, full_matrices=full)
+            U, S, Vh = metalcore.linalg.svd(A, full_matrices=full)
+            k = 6
+            _assert_svd(A, U[..., :k], S, Vh[..., :k, :], torch.float32, f"registers path full={full}")
