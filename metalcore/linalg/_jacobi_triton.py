@@ -115,6 +115,52 @@ def rotate_rows(base, p, q, valid, c, s, stride, length, BL: tl.constexpr, SPLIT
 
 
 @helper
+def one_sided_sweeps(x, vt, n, live, tol, tiny, max_sweeps, WANT_V: tl.constexpr, IEEE32: tl.constexpr):
+    """One-sided Jacobi on the columns held as the rows of ``x`` ``[G, BN, B]`` (``n`` of them; every
+    entry at most ~``n`` in size, so that no square overflows), the rotations applied to the rows of
+    ``vt`` ``[G, BN, BN]`` too with ``WANT_V``: rounds of the tournament until a sweep rotates nothing
+    or ``max_sweeps``. Every pair of a round at once: the partner row comes from ``tl.gather`` along
+    the row axis, ``α_j = ‖x_j‖²`` and ``γ_j = x_jᵀ x_π(j)`` are row reductions (the same products summed
+    in the same order for both members of a pair), ``β = α_π(j)`` a gather, and ``x_j ← c x_j + σ_j s
+    x_π(j)`` (``σ = −1`` on the pair's smaller index). A pair rotates while ``|γ| > tol·√α·√β`` and
+    ``|γ| > tiny``. Returns ``(x, vt, sweeps, rotated)``: ``rotated > 0`` means no convergence (counted
+    over the program's ``G`` matrices)."""
+    G: tl.constexpr = x.shape[0]
+    BN: tl.constexpr = x.shape[1]
+    rj = tl.arange(0, BN)
+    j2 = rj[None, :]
+    N = n + n % 2
+    zero_x = tl.zeros(x.shape, dtype=tl.int32)
+    zero_v = tl.zeros(vt.shape, dtype=tl.int32)
+    zero_r = tl.zeros([G, BN], dtype=tl.int32)
+    sweep = 0
+    rotated = 1
+    while (sweep < max_sweeps) & (rotated > 0):
+        busy = tl.zeros([G], dtype=tl.int32)
+        for t in range(N - 1):
+            part = round_partner(rj, t, N)
+            first = rj < part
+            y = tl.gather(x, part[None, :, None] + zero_x, axis=1)
+            alpha = tl.sum(x * x, axis=2)
+            gamma = tl.sum(x * y, axis=2)
+            beta = tl.gather(alpha, part[None, :] + zero_r, axis=1)
+            app = tl.where(first[None, :], alpha, beta)
+            aqq = tl.where(first[None, :], beta, alpha)
+            mag = tl.abs(gamma)
+            act = (live[:, None] & (j2 < n) & (part[None, :] < n) & (part[None, :] != j2)
+                   & (mag > tol * tl.sqrt(app) * tl.sqrt(aqq)) & (mag > tiny))
+            c, s, tt = schur_rotation(app, aqq, gamma, act, IEEE32)
+            ss = tl.where(first[None, :], -s, s)
+            busy += tl.sum(act.to(tl.int32), axis=1)
+            x = c[:, :, None] * x + ss[:, :, None] * y
+            if WANT_V:
+                vt = c[:, :, None] * vt + ss[:, :, None] * tl.gather(vt, part[None, :, None] + zero_v, axis=1)
+        rotated = tl.sum(busy, axis=0)
+        sweep += 1
+    return x, vt, sweep, rotated
+
+
+@helper
 def permute_rows(t, src):
     """Rows of ``t`` ``[G, R, C]`` reordered: row ``r`` of the result is row ``src[:, r]``."""
     return tl.gather(t, src[:, :, None] + tl.zeros(t.shape, dtype=tl.int32), axis=1)

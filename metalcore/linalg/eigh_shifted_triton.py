@@ -43,7 +43,7 @@ from torch import Tensor
 
 from metalcore._triton import cdiv, jit
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import descending_order, round_partner, schur_rotation
+from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows
 from metalcore.linalg._small_triton import block, group, stack_strides
 from metalcore.linalg.householder_gemm import as3
 
@@ -79,34 +79,7 @@ def _shifted_eigh_kernel(A, L, Q, SW, nb, n, s_ab, s_ar, s_ac, tol, tiny, max_sw
     shift = tl.minimum(gershgorin, frobenius)                              # [G]
     x = tl.where((j3 == i3) & (j3 < n), a + shift[:, None, None], a)
     vt = tl.where((j3 == i3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V
-    N = n + n % 2
-    zero = tl.zeros([G, BN, BN], dtype=tl.int32)
-
-    sweep = 0
-    rotated = 1
-    while (sweep < max_sweeps) & (rotated > 0):
-        busy = tl.zeros([G], dtype=tl.int32)
-        for t in range(N - 1):
-            part = round_partner(rj, t, N)
-            first = rj < part
-            y = tl.gather(x, part[None, :, None] + zero, axis=1)
-            # Entries are at most n + 1 after scaling and shifting: α, β ≤ n(n + 1)², no overflow.
-            alpha = tl.sum(x * x, axis=2)
-            gamma = tl.sum(x * y, axis=2)
-            beta = tl.gather(alpha, part[None, :] + tl.zeros([G, BN], dtype=tl.int32), axis=1)
-            app = tl.where(first[None, :], alpha, beta)
-            aqq = tl.where(first[None, :], beta, alpha)
-            mag = tl.abs(gamma)
-            act = (live[:, None] & (j2 < n) & (part[None, :] < n) & (part[None, :] != j2)
-                   & (mag > tol * tl.sqrt(app) * tl.sqrt(aqq)) & (mag > tiny))
-            cs, sn, tt = schur_rotation(app, aqq, gamma, act, IEEE32)
-            ss = tl.where(first[None, :], -sn, sn)
-            busy += tl.sum(act.to(tl.int32), axis=1)
-            x = cs[:, :, None] * x + ss[:, :, None] * y
-            if WANT_V:
-                vt = cs[:, :, None] * vt + ss[:, :, None] * tl.gather(vt, part[None, :, None] + zero, axis=1)
-        rotated = tl.sum(busy, axis=0)
-        sweep += 1
+    x, vt, sweep, rotated = one_sided_sweeps(x, vt, n, live, tol, tiny, max_sweeps, WANT_V, IEEE32)
 
     colmax = tl.max(tl.abs(x), axis=2)
     cm = tl.where(colmax > 0.0, colmax, 1.0)
@@ -118,7 +91,7 @@ def _shifted_eigh_kernel(A, L, Q, SW, nb, n, s_ab, s_ar, s_ac, tol, tiny, max_sw
     lam = (tl.gather(sv, src, axis=1) - shift[:, None]) * scale[:, None]
     tl.store(L + g[:, None] * n + pos, tl.where(bad[:, None], float("nan"), lam), mask=live[:, None] & (j2 < n))
     if WANT_V:
-        v = tl.gather(vt, src[:, :, None] + zero, axis=1)                  # row r: the vector of rank r
+        v = permute_rows(vt, src)                                          # row r: the vector of rank r
         tl.store(Q + g3 * n * n + i3 * n + (n - 1 - j3), tl.where(bad[:, None, None], float("nan"), v),
                  mask=inside)
     if WANT_SWEEPS:

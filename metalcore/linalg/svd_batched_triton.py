@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
+from metalcore.linalg._jacobi_triton import one_sided_sweeps
 from metalcore.linalg._small_triton import block, group, warps
 from metalcore._triton import jit
 
@@ -51,35 +51,8 @@ def _register_svd_kernel(A, W, S, V, SW, nb, m, n, s_ab, s_ar, s_ac, tol, tiny, 
     scale = tl.where((amax > 0.0) & (bad_input == 0), amax, 1.0)
     a = tl.where(bad_input[:, None, None], 0.0, a / scale[:, None, None])
     vt = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V
-    N = n + n % 2
-    zero_a = tl.zeros([G, BN, BM], dtype=tl.int32)
-    zero_v = tl.zeros([G, BN, BN], dtype=tl.int32)
-
-    sweep = 0
-    rotated = 1
-    while (sweep < max_sweeps) & (rotated > 0):
-        busy = tl.zeros([G], dtype=tl.int32)
-        for t in range(N - 1):
-            part = round_partner(rj, t, N)                           # [BN]
-            first = rj < part
-            y = tl.gather(a, part[None, :, None] + zero_a, axis=1)   # y[g, j] = a_π(j)
-            # Entries are at most 1 after scaling, so α, β ≤ m: no overflow.
-            alpha = tl.sum(a * a, axis=2)
-            gamma = tl.sum(a * y, axis=2)
-            beta = tl.gather(alpha, part[None, :] + tl.zeros([G, BN], dtype=tl.int32), axis=1)
-            app = tl.where(first[None, :], alpha, beta)
-            aqq = tl.where(first[None, :], beta, alpha)
-            mag = tl.abs(gamma)
-            act = (live[:, None] & (j2 < n) & (part[None, :] < n) & (part[None, :] != j2)
-                   & (mag > tol * tl.sqrt(app) * tl.sqrt(aqq)) & (mag > tiny))
-            c, s, tt = schur_rotation(app, aqq, gamma, act, IEEE32)
-            ss = tl.where(first[None, :], -s, s)
-            busy += tl.sum(act.to(tl.int32), axis=1)
-            a = c[:, :, None] * a + ss[:, :, None] * y
-            if WANT_V:
-                vt = c[:, :, None] * vt + ss[:, :, None] * tl.gather(vt, part[None, :, None] + zero_v, axis=1)
-        rotated = tl.sum(busy, axis=0)
-        sweep += 1
+    # Entries are at most 1 after scaling, so α, β ≤ m: no overflow.
+    a, vt, sweep, rotated = one_sided_sweeps(a, vt, n, live, tol, tiny, max_sweeps, WANT_V, IEEE32)
 
     colmax = tl.max(tl.abs(a), axis=2)                                                     # [G, BN]
     cm = tl.where(colmax > 0.0, colmax, 1.0)

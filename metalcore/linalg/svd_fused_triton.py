@@ -45,7 +45,7 @@ from torch import Tensor
 
 from metalcore._triton import cdiv, helper, jit
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import descending_order, permute_rows, round_partner, schur_rotation
+from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows
 from metalcore.linalg._small_triton import block, group, stack_strides
 from metalcore.linalg.householder_gemm import as3
 
@@ -141,32 +141,7 @@ def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s
 
     # 3. One-sided Jacobi on the columns of Rᵀ (N × N), Vᵀ accumulated; svd_batched_triton's rounds.
     vt = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V_x
-    N = n + n % 2
-    zero = tl.zeros([G, BN, BN], dtype=tl.int32)
-    sweep = 0
-    rotated = 1
-    while (sweep < max_sweeps) & (rotated > 0):
-        busy = tl.zeros([G], dtype=tl.int32)
-        for t in range(N - 1):
-            part = round_partner(rj, t, N)
-            first = rj < part
-            y = tl.gather(x, part[None, :, None] + zero, axis=1)
-            alpha = tl.sum(x * x, axis=2)
-            gamma = tl.sum(x * y, axis=2)
-            beta = tl.gather(alpha, part[None, :] + tl.zeros([G, BN], dtype=tl.int32), axis=1)
-            app = tl.where(first[None, :], alpha, beta)
-            aqq = tl.where(first[None, :], beta, alpha)
-            mag = tl.abs(gamma)
-            act = (live[:, None] & (j2 < n) & (part[None, :] < n) & (part[None, :] != j2)
-                   & (mag > tol * tl.sqrt(app) * tl.sqrt(aqq)) & (mag > tiny))
-            c, s, tt = schur_rotation(app, aqq, gamma, act, IEEE32)
-            ss = tl.where(first[None, :], -s, s)
-            busy += tl.sum(act.to(tl.int32), axis=1)
-            x = c[:, :, None] * x + ss[:, :, None] * y
-            if WANT_UV:
-                vt = c[:, :, None] * vt + ss[:, :, None] * tl.gather(vt, part[None, :, None] + zero, axis=1)
-        rotated = tl.sum(busy, axis=0)
-        sweep += 1
+    x, vt, sweep, rotated = one_sided_sweeps(x, vt, n, live, tol, tiny, max_sweeps, WANT_UV, IEEE32)
 
     colmax = tl.max(tl.abs(x), axis=2)
     cm = tl.where(colmax > 0.0, colmax, 1.0)
