@@ -32,7 +32,8 @@ into torch's return type at most, offers the op call with the plan it just decid
 checks, no plan lookup. A call with other strides under the same key takes the full path once and
 is recorded beside it. On the development CPU, with the Triton launch itself stubbed out:
 ``solve_triangular`` 16×8×8 12.0 → 5.9 µs a call, ``cholesky_solve`` 11.0 → 5.1, ``solve_ex``
-14.2 → 7.5, ``cholesky_ex`` 9.6 → 7.5, ``qr`` 8.4 → 6.2.
+14.2 → 7.5, ``cholesky_ex`` 9.6 → 7.5, ``qr`` 8.4 → 6.2. ``eigh``, ``eigvalsh``, ``svd`` and
+``svdvals`` record theirs too (their kernels and paths now win most small calls).
 
 Two things the plan key holds are left out of the first level. Strides, beyond contiguity: a torch
 decision is a choice between two correct paths, and no ``supports``/``automatic`` rule of a routed

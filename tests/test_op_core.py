@@ -937,7 +937,22 @@ def _kernel_calls():
         "solve_triangular": ((L, B), lambda L, B: metalcore.linalg.solve_triangular(L, B, upper=False)),
         "cholesky_solve": ((B, L), lambda B, L: metalcore.linalg.cholesky_solve(B, L, False)),
         "qr": ((M,), lambda M: metalcore.linalg.qr(M, "reduced")),
+        # Vectors up to sign: compared through what they reconstruct.
+        "eigh": ((A,), lambda A: _eigh_invariants(metalcore.linalg.eigh(A, "U"))),
+        "eigvalsh": ((A,), lambda A: metalcore.linalg.eigvalsh(A)),
+        "svd": ((M,), lambda M: _svd_invariants(metalcore.linalg.svd(M, False))),
+        "svdvals": ((M,), lambda M: metalcore.linalg.svdvals(M)),
     }
+
+
+def _eigh_invariants(LQ):
+    L, Q = LQ
+    return L, Q @ torch.diag_embed(L) @ Q.mT
+
+
+def _svd_invariants(USVh):
+    U, S, Vh = USVh
+    return S, U @ torch.diag_embed(S) @ Vh
 
 
 @pytest.mark.skipif(not triton_importable(), reason="triton is not importable")

@@ -113,6 +113,7 @@ def eigh(A: Tensor, UPLO: str = "L", *, out=None):
     plan = eigh_op.plan(A, uplo, True)
     if plan.prefers_torch:
         return write_out(fn, eigh.by_torch(A, UPLO), out)
+    eigh.remember(lambda A, *_, **__: torch.return_types.linalg_eigh(eigh_op.call_planned(plan, A, uplo, True)))
     return torch.return_types.linalg_eigh(write_out(fn, eigh_op.call_planned(plan, A, uplo, True), out))
 
 
@@ -130,5 +131,6 @@ def eigvalsh(A: Tensor, UPLO: str = "L", *, out=None) -> Tensor:
     plan = eigh_op.plan(A, uplo, compute_v)
     if plan.prefers_torch:
         return write_out(fn, eigvalsh.by_torch(A, UPLO), out)
+    eigvalsh.remember(lambda A, *_, **__: eigh_op.call_planned(plan, A, uplo, compute_v)[0])
     L, _ = eigh_op.call_planned(plan, A, uplo, compute_v)
     return write_out(fn, L, out)

@@ -162,6 +162,7 @@ def svd(A: Tensor, full_matrices: bool = True, *, driver=None, out=None):
     plan = svd_op.plan(*args)
     if plan.prefers_torch:
         return write_out(fn, svd.by_torch(A, full_matrices, driver=driver), out)
+    svd.remember(lambda A, *_, **__: torch.return_types.linalg_svd(svd_op.call_planned(plan, A, *args[1:])))
     return torch.return_types.linalg_svd(write_out(fn, svd_op.call_planned(plan, *args), out))
 
 
@@ -179,6 +180,7 @@ def svdvals(A: Tensor, *, driver=None, out=None) -> Tensor:
     plan = svd_op.plan(A, False, compute_uv)
     if plan.prefers_torch:
         return write_out(fn, svdvals.by_torch(A, driver=driver), out)
+    svdvals.remember(lambda A, *_, **__: svd_op.call_planned(plan, A, False, compute_uv)[1])
     _, S, _ = svd_op.call_planned(plan, A, False, compute_uv)
     return write_out(fn, S, out)
 
