@@ -248,29 +248,40 @@ def cpu_values(Sym):
     return torch.linalg.eigvalsh(Sym.cpu().double())
 
 
-def run_syevj(args, device, start, emit):
-    points = TINY_SYEVJ if args.tiny else SYEVJ_POINTS
-    # GPU time with the host hidden and host time per call, beside the wall time (the kernels of v8
-    # save host time above all).
+def run_points(args, device, start, emit, op, points, variants, oracle, peer_ops):
+    """Every variant of ``op`` at each ``(batch, n, dtype)`` point (random and κ = 1e6 input; values-only
+    rows judged against ``oracle(G, Sym)``, LAPACK in float64), with the GPU time with the host hidden
+    and the host time per call beside the wall time on CUDA; then the peers' ``peer_ops``."""
     timer = Timer(device, QUICK_BUDGET) if device.type == "cuda" else None
     for b, n, dtype in points:
         if time.time() - start > args.max_seconds:
-            print(f"eigh {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
+            print(f"{op} {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
             continue
         try:
             data = {k: (G.to(dtype), S.to(dtype)) for k, (G, S) in inputs(b, n, device).items()}
         except RuntimeError as e:                     # the κ = 1e6 family needs a batched QR of b matrices
-            print(f"eigh {b}x{n}: ill-conditioned input not built ({str(e)[:120]}); random only", flush=True)
+            print(f"{op} {b}x{n}: ill-conditioned input not built ({str(e)[:120]}); random only", flush=True)
             X = torch.randn(b, n, n, device=device, dtype=torch.float64)
             data = {"random": (X.to(dtype), (X + X.mT).to(dtype))}
-        expected = {k: cpu_values(Sym) for k, (_, Sym) in data.items()}
-        for name, fn in syevj_variants(n, dtype, device):
-            measure("eigh", name, fn, data, b, n, dtype, device, emit, expected, timer)
+        expected = {k: oracle(G, Sym) for k, (G, Sym) in data.items()}
+        for name, fn in variants(n, dtype, device):
+            measure(op, name, fn, data, b, n, dtype, device, emit, expected, timer)
         del data
     if not args.no_peers:
-        cases = [peers.case(op, b, n, dtype=str(dtype).replace("torch.", ""))
-                 for b, n, dtype in points for op in ("eigh", "eigvalsh")]
+        cases = [peers.case(o, b, n, dtype=str(dtype).replace("torch.", ""))
+                 for b, n, dtype in points for o in peer_ops]
         run_peers(cases, device, emit)
+
+
+def run_syevj(args, device, start, emit):
+    run_points(args, device, start, emit, "eigh", TINY_SYEVJ if args.tiny else SYEVJ_POINTS, syevj_variants,
+               lambda G, Sym: cpu_values(Sym), ("eigh", "eigvalsh"))
+
+
+def run_svd_small(args, device, start, emit):
+    run_points(args, device, start, emit, "svd", TINY_SVD_SMALL if args.tiny else SVD_SMALL_POINTS,
+               lambda n, dtype, device: svd_small_variants(device),
+               lambda G, Sym: torch.linalg.svdvals(G.double().cpu()), ("svd", "svdvals"))
 
 
 def svd_small_variants(device):
@@ -288,29 +299,6 @@ def svd_small_variants(device):
         ("torch", lambda A, sw: torch.linalg.svd(A, full_matrices=False)),
         ("torch values", values(lambda A, sw: torch.linalg.svdvals(A))),
     ]
-
-
-def run_svd_small(args, device, start, emit):
-    points = TINY_SVD_SMALL if args.tiny else SVD_SMALL_POINTS
-    timer = Timer(device, QUICK_BUDGET) if device.type == "cuda" else None
-    for b, n, dtype in points:
-        if time.time() - start > args.max_seconds:
-            print(f"svd {b}x{n} {dtype}: SKIPPED (past --max-seconds {args.max_seconds:.0f})", flush=True)
-            continue
-        try:
-            data = {k: (G.to(dtype), S.to(dtype)) for k, (G, S) in inputs(b, n, device).items()}
-        except RuntimeError as e:
-            print(f"svd {b}x{n}: ill-conditioned input not built ({str(e)[:120]}); random only", flush=True)
-            X = torch.randn(b, n, n, device=device, dtype=torch.float64)
-            data = {"random": (X.to(dtype), (X + X.mT).to(dtype))}
-        expected = {k: torch.linalg.svdvals(G.double().cpu()) for k, (G, _) in data.items()}
-        for name, fn in svd_small_variants(device):
-            measure("svd", name, fn, data, b, n, dtype, device, emit, expected, timer)
-        del data
-    if not args.no_peers:
-        cases = [peers.case(op, b, n, dtype=str(dtype).replace("torch.", ""))
-                 for b, n, dtype in points for op in ("svd", "svdvals")]
-        run_peers(cases, device, emit)
 
 
 def svd_variants(n, device):

@@ -40,7 +40,7 @@ from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, st
 from metalcore.linalg.householder import geqr2_op, householder_product_op
 from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr import qr_op
-from metalcore._triton import cdiv, jit
+from metalcore._triton import cdiv, helper, jit
 
 # Largest side the one-program kernel takes; larger matrices go to the blocked QR. A parameter so
 # that CI can force the blocked path at small sizes.
@@ -71,6 +71,31 @@ BATCHED_AUTO_MIN_BATCH: int | None = 8
 BATCHED_NB_SMALL, BATCHED_NB_LARGE, BATCHED_NB_SPLIT = 64, 32, 512
 
 
+@helper
+def reflector(x, j, r):
+    """LAPACK ``dlarfg`` for the column ``x`` ``[G, B]`` (entries along ``r``) at pivot row ``j``: ``v``
+    (``v_j = 1``, zero above ``j``), ``τ`` and ``β`` with ``(I − τ v vᵀ) x = β e_j`` on rows ``≥ j``.
+    Norms as ``s·‖x/s‖`` and ``dlapy2(α, ‖x‖)`` without squaring the larger one, so tiny and huge
+    columns neither underflow nor overflow; a zero column below ``j`` gives ``τ = 0``, ``β = α``
+    (``H = I``), and NaN in ``x`` makes ``reflect`` false, so the NaN flows on through ``α``."""
+    on = r[None, :] == j
+    below = tl.where(r[None, :] > j, x, 0.0)
+    alpha = tl.sum(tl.where(on, x, 0.0), axis=1)
+    s = tl.max(tl.abs(below), axis=1)
+    s1 = tl.where(s > 0.0, s, 1.0)
+    xnorm = s * tl.sqrt(tl.sum((below / s1[:, None]) * (below / s1[:, None]), axis=1))
+    big = tl.maximum(tl.abs(alpha), xnorm)
+    small = tl.minimum(tl.abs(alpha), xnorm)
+    ratio = small / tl.where(big > 0.0, big, 1.0)
+    norm = big * tl.sqrt(1.0 + ratio * ratio)
+    reflect = xnorm > 0.0
+    beta = tl.where(reflect, tl.where(alpha >= 0.0, -norm, norm), alpha)
+    tau = tl.where(reflect, (beta - alpha) / tl.where(reflect, beta, 1.0), 0.0)
+    denom = tl.where(reflect, alpha - beta, 1.0)
+    v = tl.where(on, 1.0, below / denom[:, None])
+    return v, tau, beta
+
+
 @jit
 def _householder_kernel(A, TAU_IN, QR, TAU, R, Q, batch, m, n, k, nq, kr,
                         s_ab, s_ar, s_ac, s_tb, s_tk,
@@ -92,22 +117,7 @@ def _householder_kernel(A, TAU_IN, QR, TAU, R, Q, batch, m, n, k, nq, kr,
         taus = tl.zeros([G, BN], dtype=a.dtype)
         for j in range(k):
             x = tl.sum(tl.where(c3 == j, a, 0.0), axis=2)                 # [G, BM]: A[:, j]
-            alpha = tl.sum(tl.where(r2 == j, x, 0.0), axis=1)             # [G]
-            below = tl.where(r2 > j, x, 0.0)
-            s = tl.max(tl.abs(below), axis=1)
-            s1 = tl.where(s > 0.0, s, 1.0)
-            xnorm = s * tl.sqrt(tl.sum((below / s1[:, None]) * (below / s1[:, None]), axis=1))
-            # dlapy2(α, ‖x‖) without squaring the larger one.
-            big = tl.maximum(tl.abs(alpha), xnorm)
-            small = tl.minimum(tl.abs(alpha), xnorm)
-            ratio = small / tl.where(big > 0.0, big, 1.0)
-            norm = big * tl.sqrt(1.0 + ratio * ratio)
-            reflect = xnorm > 0.0   # NaN in x: False, and the NaN flows on through α/R
-            beta = tl.where(alpha >= 0.0, -norm, norm)
-            beta = tl.where(reflect, beta, alpha)
-            tau = tl.where(reflect, (beta - alpha) / tl.where(reflect, beta, 1.0), 0.0)
-            denom = tl.where(reflect, alpha - beta, 1.0)
-            v = tl.where(r2 == j, 1.0, below / denom[:, None])              # [G, BM], v_j = 1
+            v, tau, beta = reflector(x, j, r)                               # [G, BM], v_j = 1
             w = tl.sum(v[:, :, None] * a, axis=1)                           # [G, BN]: vᵀ A
             a = tl.where(c3 > j, a - (tau[:, None] * v)[:, :, None] * w[:, None, :], a)
             a = tl.where((c3 == j) & (r3 >= j), tl.where(r3 == j, beta[:, None, None], v[:, :, None]), a)

@@ -48,33 +48,10 @@ from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows
 from metalcore.linalg._small_triton import block, group, stack_strides
 from metalcore.linalg.householder_gemm import as3
+from metalcore.linalg.qr_triton import reflector
 
 # The five tiles of a 32×32 matrix (X, reflectors, Rᵀ, Vᵀ, U) are 5120 values: 40 a thread at 4 warps.
 MAX_N = 32
-
-
-@helper
-def reflector(x, j, r):
-    """LAPACK ``dlarfg`` for column ``x`` ``[G, B]`` (entries along ``r``) at pivot row ``j``: ``v``
-    (``v_j = 1``, zero above ``j``), ``τ`` and ``β`` with ``(I − τ v vᵀ) x = β e_j`` on rows ``≥ j``.
-    Norms as ``s·‖x/s‖``, so tiny and huge columns neither underflow nor overflow their squares;
-    a zero column below ``j`` gives ``τ = 0``, ``β = α`` (``H = I``)."""
-    on = r[None, :] == j
-    below = tl.where(r[None, :] > j, x, 0.0)
-    alpha = tl.sum(tl.where(on, x, 0.0), axis=1)
-    s = tl.max(tl.abs(below), axis=1)
-    s1 = tl.where(s > 0.0, s, 1.0)
-    xnorm = s * tl.sqrt(tl.sum((below / s1[:, None]) * (below / s1[:, None]), axis=1))
-    big = tl.maximum(tl.abs(alpha), xnorm)
-    small = tl.minimum(tl.abs(alpha), xnorm)
-    ratio = small / tl.where(big > 0.0, big, 1.0)
-    norm = big * tl.sqrt(1.0 + ratio * ratio)
-    reflect = xnorm > 0.0
-    beta = tl.where(reflect, tl.where(alpha >= 0.0, -norm, norm), alpha)
-    tau = tl.where(reflect, (beta - alpha) / tl.where(reflect, beta, 1.0), 0.0)
-    denom = tl.where(reflect, alpha - beta, 1.0)
-    v = tl.where(on, 1.0, below / denom[:, None])
-    return v, tau, beta
 
 
 @helper
