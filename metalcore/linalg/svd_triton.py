@@ -165,8 +165,8 @@ def svd_launch(A: Tensor, full_matrices: bool, compute_uv: bool, *, num_warps: i
     benchmark). ``registers``: the register-tile Jacobi kernel (:mod:`svd_batched_triton`, both
     sides at most its ``REGISTER_MAX_N``) instead of the scratch one; preconditioned, the whole
     chain below in one launch (:mod:`svd_fused_triton`) wherever no complete basis of a
-    rectangular matrix is asked for (``fused=False``: the chain of launches instead, for the device
-    check's before-and-after).
+    rectangular matrix is asked for (``fused=False``: the chain of launches instead, the ``chain``
+    path).
 
     ``precondition`` (Drmač & Veselić's QR preconditioning): ``A P = QR`` with the Householder kernel,
     ``P`` sorting the columns by scale (:func:`metalcore.linalg.svd.sort_columns`: unsorted, graded
@@ -269,6 +269,17 @@ def _svd_registers_specialized(A, full_matrices, compute_uv):
                specialize=_svd_registers_specialized)
 def _svd_registers_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True)
+
+
+# The same preconditioned register Jacobi as a chain of launches (sort, Householder QR, Jacobi, bmm,
+# Householder QR of W): slower than the one launch wherever the round chain binds (500×16² 0.441
+# against 0.108 ms on the H100), but faster where the card is full and the launch's five tiles spill:
+# 65536×32² 23.7 against 32.2 ms, fp64 1000×32² 1.60 against 1.92 (bench/linalg_triton.md v9). An
+# alternative path, so that the table can name it there.
+@register_path("svd", "triton", "chain",
+               supports=lambda A, full_matrices, compute_uv: _small(A) and max(A.shape[-2:]) <= REGISTER_MAX_N)
+def _svd_chain_path(A, full_matrices, compute_uv):
+    return svd_launch(A, full_matrices, compute_uv, registers=True, fused=False)
 
 
 # QR + QDWH + eigh (svd_large) for sides from 33 (path_supported), any batch, as an alternative path

@@ -344,3 +344,13 @@ def test_registers_path_runs_the_fused_launch_through_the_op(triton_backend):
             U, S, Vh = metalcore.linalg.svd(A, full_matrices=full)
             k = 6
             _assert_svd(A, U[..., :k], S, Vh[..., :k, :], torch.float32, f"registers path full={full}")
+
+
+def test_chain_path_serves_the_op_when_routed(triton_backend, monkeypatch):
+    from metalcore import _selection
+    from metalcore.linalg import svd_fused_triton
+    monkeypatch.setattr(svd_fused_triton, "_fused_svd_kernel", None)    # the chain must not use it
+    A = torch.randn(3, 7, 7)
+    with _selection.use_path("svd", "chain"):
+        U, S, Vh = metalcore.linalg.svd(A)
+    _assert_svd(A, U, S, Vh, torch.float32, "chain path")
