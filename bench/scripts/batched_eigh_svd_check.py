@@ -280,11 +280,11 @@ def run_syevj(args, device, start, emit):
 
 def run_svd_small(args, device, start, emit):
     run_points(args, device, start, emit, "svd", TINY_SVD_SMALL if args.tiny else SVD_SMALL_POINTS,
-               lambda n, dtype, device: svd_small_variants(device),
+               lambda n, dtype, device: svd_small_variants(),
                lambda G, Sym: torch.linalg.svdvals(G.double().cpu()), ("svd", "svdvals"))
 
 
-def svd_small_variants(device):
+def svd_small_variants():
     """The svd paths for n ≤ 32 (bench/linalg_triton.md v9): the fused launch, the chain it replaced,
     the register Jacobi without the QR step, the automatic path (through the op) and torch."""
     def values(fn):

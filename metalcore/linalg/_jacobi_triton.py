@@ -115,6 +115,37 @@ def rotate_rows(base, p, q, valid, c, s, stride, length, BL: tl.constexpr, SPLIT
 
 
 @helper
+def scaled(a):
+    """The matrices of ``a`` ``[G, R, C]`` divided by their largest magnitude: ``(a / s, s, bad)``
+    with ``s`` 1 for a zero matrix, and ``bad`` ``[G]`` marking a matrix that holds a NaN or an
+    infinity (zeroed, so the sweeps run on finite numbers; ``tl.max`` skips NaN)."""
+    bad = tl.max(tl.max(((a != a) | (tl.abs(a) == float("inf"))).to(tl.int32), axis=2), axis=1) > 0
+    amax = tl.max(tl.max(tl.abs(a), axis=2), axis=1)
+    scale = tl.where((amax > 0.0) & (bad == 0), amax, 1.0)
+    return tl.where(bad[:, None, None], 0.0, a / scale[:, None, None]), scale, bad
+
+
+@helper
+def symmetric_tile(A, g3, i3, j3, s_ab, s_ar, s_ac, mask, UPPER: tl.constexpr):
+    """Entry ``(i, j)`` of each symmetric matrix, read from its stored triangle only: ``(max, min)``
+    for the lower one, ``(min, max)`` for the upper."""
+    hi = tl.maximum(i3, j3)
+    lo = tl.minimum(i3, j3)
+    if UPPER:
+        return tl.load(A + g3 * s_ab + lo * s_ar + hi * s_ac, mask=mask, other=0.0)
+    return tl.load(A + g3 * s_ab + hi * s_ar + lo * s_ac, mask=mask, other=0.0)
+
+
+@helper
+def row_norms(x):
+    """``‖x_j‖`` for the rows of ``x`` ``[G, R, C]``, as ``m·‖x_j/m‖`` with ``m = max|x_j|``: no square
+    underflows or overflows."""
+    m = tl.max(tl.abs(x), axis=2)
+    u = x / tl.where(m > 0.0, m, 1.0)[:, :, None]
+    return m * tl.sqrt(tl.sum(u * u, axis=2))
+
+
+@helper
 def one_sided_sweeps(x, vt, n, live, tol, tiny, max_sweeps, WANT_V: tl.constexpr, IEEE32: tl.constexpr):
     """One-sided Jacobi on the columns held as the rows of ``x`` ``[G, BN, B]`` (``n`` of them; every
     entry at most ~``n`` in size, so that no square overflows), the rotations applied to the rows of
@@ -167,17 +198,20 @@ def permute_rows(t, src):
 
 
 @helper
+def descending_rank(key, rj):
+    """The position ``[G, BN]`` of each entry of ``key`` in descending order (ties by index): a
+    permutation, as long as ``key`` is free of NaN."""
+    before = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None])
+                                                    & (rj[None, None, :] < rj[None, :, None]))
+    return tl.sum(before.to(tl.int32), axis=2)
+
+
+@helper
 def descending_order(key, rj):
-    """``src`` ``[G, BN]`` with ``key[src[:, r]]`` descending in ``r`` (ties by index), and the rank
-    of each entry; ``key`` must be free of NaN."""
-    ki = key[:, :, None]
-    kk = key[:, None, :]
-    k3 = rj[None, None, :]
-    j3 = rj[None, :, None]
-    before = (kk > ki) | ((kk == ki) & (k3 < j3))
-    rank = tl.sum(before.to(tl.int32), axis=2)                             # [G, BN]
-    src = tl.sum(tl.where(rank[:, None, :] == j3, k3, 0), axis=2)          # src[rank[j]] = j
-    return src
+    """``src`` ``[G, BN]`` with ``key[src[:, r]]`` descending in ``r`` (ties by index); ``key`` must be
+    free of NaN."""
+    rank = descending_rank(key, rj)
+    return tl.sum(tl.where(rank[:, None, :] == rj[None, :, None], rj[None, None, :], 0), axis=2)
 
 
 @helper

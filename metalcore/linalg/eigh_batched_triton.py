@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import round_partner, schur_rotation
+from metalcore.linalg._jacobi_triton import round_partner, scaled, schur_rotation, symmetric_tile
 from metalcore.linalg._small_triton import block, group, warps
 from metalcore._triton import jit
 
@@ -53,16 +53,7 @@ def _register_eigh_kernel(A, W, V, SW, nb, n, s_ab, s_ar, s_ac, tol, floor, max_
     c3 = r[None, None, :]                       # column index
     r2 = r[None, :]
     inside = live[:, None, None] & (r3 < n) & (c3 < n)
-    hi = tl.maximum(r3, c3)
-    lo = tl.minimum(r3, c3)
-    if UPPER:
-        a = tl.load(A + g3 * s_ab + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
-    else:
-        a = tl.load(A + g3 * s_ab + hi * s_ar + lo * s_ac, mask=inside, other=0.0)
-    bad_input = tl.max(tl.max(((a != a) | (tl.abs(a) == float("inf"))).to(tl.int32), axis=2), axis=1) > 0
-    amax = tl.max(tl.max(tl.abs(a), axis=2), axis=1)
-    scale = tl.where((amax > 0.0) & (bad_input == 0), amax, 1.0)
-    a = tl.where(bad_input[:, None, None], 0.0, a / scale[:, None, None])
+    a, scale, bad_input = scaled(symmetric_tile(A, g3, r3, c3, s_ab, s_ar, s_ac, inside, UPPER))
     diag3 = r3 == c3
     vt = tl.where(diag3 & (g3 >= 0), 1.0, 0.0).to(a.dtype)          # row i = column i of V
     N = n + n % 2

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from metalcore._triton import cdiv, jit
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows
+from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows, row_norms, scaled, symmetric_tile
 from metalcore.linalg._small_triton import block, group, stack_strides
 from metalcore.linalg.householder_gemm import as3
 
@@ -63,16 +63,7 @@ def _shifted_eigh_kernel(A, L, Q, SW, nb, n, s_ab, s_ar, s_ac, tol, tiny, max_sw
     i3 = rj[None, None, :]                      # row of B (tile column)
     j2 = rj[None, :]
     inside = live[:, None, None] & (j3 < n) & (i3 < n)
-    # Entry (i, j) from the read triangle: (max, min) for the lower one, (min, max) for the upper.
-    if UPPER:
-        r, c = tl.minimum(i3, j3), tl.maximum(i3, j3)
-    else:
-        r, c = tl.maximum(i3, j3), tl.minimum(i3, j3)
-    a = tl.load(A + g3 * s_ab + r * s_ar + c * s_ac, mask=inside, other=0.0)
-    bad_input = tl.max(tl.max(((a != a) | (tl.abs(a) == float("inf"))).to(tl.int32), axis=2), axis=1) > 0
-    amax = tl.max(tl.max(tl.abs(a), axis=2), axis=1)
-    scale = tl.where((amax > 0.0) & (bad_input == 0), amax, 1.0)
-    a = tl.where(bad_input[:, None, None], 0.0, a / scale[:, None, None])
+    a, scale, bad_input = scaled(symmetric_tile(A, g3, i3, j3, s_ab, s_ar, s_ac, inside, UPPER))
     # c ≥ ‖A‖₂ by both bounds (entries ≤ 1 after scaling: no overflow); the smaller one.
     gershgorin = tl.max(tl.sum(tl.abs(a), axis=1), axis=1)
     frobenius = tl.sqrt(tl.sum(tl.sum(a * a, axis=2), axis=1))
@@ -81,9 +72,7 @@ def _shifted_eigh_kernel(A, L, Q, SW, nb, n, s_ab, s_ar, s_ac, tol, tiny, max_sw
     vt = tl.where((j3 == i3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V
     x, vt, sweep, rotated = one_sided_sweeps(x, vt, n, live, tol, tiny, max_sweeps, WANT_V, IEEE32)
 
-    colmax = tl.max(tl.abs(x), axis=2)
-    cm = tl.where(colmax > 0.0, colmax, 1.0)
-    sv = colmax * tl.sqrt(tl.sum((x / cm[:, :, None]) * (x / cm[:, :, None]), axis=2))   # λ_j + c
+    sv = row_norms(x)                                                      # λ_j + c
     bad = (rotated > 0) | bad_input | (tl.max((sv != sv).to(tl.int32), axis=1) > 0)
     # Ascending λ = descending ‖w‖ read backwards: entry r of src is the column of rank r.
     src = descending_order(tl.where((j2 < n) & (sv == sv), sv, -1.0), rj)

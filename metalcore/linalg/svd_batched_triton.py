@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import one_sided_sweeps
+from metalcore.linalg._jacobi_triton import descending_rank, one_sided_sweeps, row_norms, scaled
 from metalcore.linalg._small_triton import block, group, warps
 from metalcore._triton import jit
 
@@ -46,29 +46,19 @@ def _register_svd_kernel(A, W, S, V, SW, nb, m, n, s_ab, s_ar, s_ac, tol, tiny, 
     j2 = rj[None, :]
     inside = live[:, None, None] & (j3 < n) & (i3 < m)
     a = tl.load(A + g3 * s_ab + i3 * s_ar + j3 * s_ac, mask=inside, other=0.0)
-    bad_input = tl.max(tl.max(((a != a) | (tl.abs(a) == float("inf"))).to(tl.int32), axis=2), axis=1) > 0
-    amax = tl.max(tl.max(tl.abs(a), axis=2), axis=1)
-    scale = tl.where((amax > 0.0) & (bad_input == 0), amax, 1.0)
-    a = tl.where(bad_input[:, None, None], 0.0, a / scale[:, None, None])
+    a, scale, bad_input = scaled(a)
     vt = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V
     # Entries are at most 1 after scaling, so α, β ≤ m: no overflow.
     a, vt, sweep, rotated = one_sided_sweeps(a, vt, n, live, tol, tiny, max_sweeps, WANT_V, IEEE32)
 
-    colmax = tl.max(tl.abs(a), axis=2)                                                     # [G, BN]
-    cm = tl.where(colmax > 0.0, colmax, 1.0)
-    u = a / cm[:, :, None]
-    sv = colmax * tl.sqrt(tl.sum(u * u, axis=2))                                     # ‖a_j‖, no underflow
+    sv = row_norms(a)                                                                      # ‖a_j‖
     # Non-convergence is known per program, not per matrix: a per-matrix count carried out of the loop
     # crashed Triton's TritonGPURemoveLayoutConversions pass on sm_90 (H100 run 2026-12-06). So a matrix
     # that misses the sweep bound turns the G − 1 others of its program NaN too (NaN input stays
     # per matrix: bad_input is known before the loop).
     bad = (rotated > 0) | bad_input | (tl.max((sv != sv).to(tl.int32), axis=1) > 0)
-    key = tl.where((j2 < n) & (sv == sv), sv, -1.0)        # NaN-free keys: ranks stay a permutation
-    key_i = key[:, :, None]
-    key_k = key[:, None, :]
-    k3 = rj[None, None, :]
-    before = (key_k > key_i) | ((key_k == key_i) & (k3 < j3))
-    rank = tl.sum(before.to(tl.int32), axis=2)                                             # [G, BN]
+    # NaN-free keys: ranks stay a permutation.
+    rank = descending_rank(tl.where((j2 < n) & (sv == sv), sv, -1.0), rj)                 # [G, BN]
     tl.store(S + g[:, None] * n + rank, tl.where(bad[:, None], float("nan"), sv * scale[:, None]),
              mask=live[:, None] & (j2 < n))
     if WANT_V:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from metalcore._triton import cdiv, helper, jit
 from metalcore.linalg import _jacobi_triton as jac
-from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows
+from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, permute_rows, row_norms, scaled
 from metalcore.linalg._small_triton import block, group, stack_strides
 from metalcore.linalg.householder_gemm import as3
 from metalcore.linalg.qr_triton import reflector
@@ -98,10 +98,7 @@ def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s
     j2 = rj[None, :]
     inside = live[:, None, None] & (j3 < n) & (i3 < m)
     a = tl.load(X + g3 * s_xb + i3 * s_xr + j3 * s_xc, mask=inside, other=0.0)
-    bad_input = tl.max(tl.max(((a != a) | (tl.abs(a) == float("inf"))).to(tl.int32), axis=2), axis=1) > 0
-    amax = tl.max(tl.max(tl.abs(a), axis=2), axis=1)
-    scale = tl.where((amax > 0.0) & (bad_input == 0), amax, 1.0)
-    a = tl.where(bad_input[:, None, None], 0.0, a / scale[:, None, None])
+    a, scale, bad_input = scaled(a)
 
     # 1-2. X P = Q R, the columns by descending max-norm; Jacobi's tile is Rᵀ.
     order = descending_order(tl.where(j2 < n, tl.max(tl.abs(a), axis=2), -1.0), rj)
@@ -120,9 +117,7 @@ def _fused_svd_kernel(X, U, S, VT, SW, nb, m, n, s_xb, s_xr, s_xc, s_ub, s_ur, s
     vt = tl.where((j3 == l3) & (g3 >= 0), 1.0, 0.0).to(a.dtype)      # row j = column j of V_x
     x, vt, sweep, rotated = one_sided_sweeps(x, vt, n, live, tol, tiny, max_sweeps, WANT_UV, IEEE32)
 
-    colmax = tl.max(tl.abs(x), axis=2)
-    cm = tl.where(colmax > 0.0, colmax, 1.0)
-    sv = colmax * tl.sqrt(tl.sum((x / cm[:, :, None]) * (x / cm[:, :, None]), axis=2))   # ‖w_j‖
+    sv = row_norms(x)                                                      # ‖w_j‖
     bad = (rotated > 0) | bad_input | (tl.max((sv != sv).to(tl.int32), axis=1) > 0)
     rank_src = descending_order(tl.where((j2 < n) & (sv == sv), sv, -1.0), rj)
     sv = tl.gather(sv, rank_src, axis=1)

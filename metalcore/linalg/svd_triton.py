@@ -243,14 +243,6 @@ def _supported(A: Tensor, full_matrices: bool, compute_uv: bool) -> bool:
     return _automatic(A, full_matrices, compute_uv) or path_supported(A)
 
 
-# The register-tile Jacobi, QR-preconditioned, as an alternative path taken only where the measured
-# table names it (metalcore._selection). On the H100 (batched-eigh-svd-check-h100-20261206-run2.log,
-# fp32, ms per call) it beat the scratch kernel at 1000×32 (0.666 against 0.875) and fp64 1000×32 (1.57
-# against 2.83), tied at 500×16 (0.535 against 0.552; torch 0.426) and lost at 4096×8 (0.664 against
-# the selection sweep's 0.426). Without the QR step it was about twice as fast (4096×8 0.296, 10000×3
-# 0.273, 500×16 0.187) but is not offered: on the interpreter, fp32 matrices whose column scales
-# spread over 30 decades missed the 30-sweep bound (NaN) from n = 3 (bench/linalg_triton.md), while
-# the preconditioned kernel took 3-7 sweeps on them up to n = 32.
 def _fused(A: Tensor, full_matrices: bool) -> bool:
     """Whether ``svd_launch(..., registers=True)`` runs ``A`` in the one launch of svd_fused_triton."""
     m, n = A.shape[-2:]
@@ -264,6 +256,13 @@ def _svd_registers_specialized(A, full_matrices, compute_uv):
     return lambda A, full_matrices, compute_uv: run(A)
 
 
+# The register-tile Jacobi, QR-preconditioned, as an alternative path taken only where the measured
+# table names it (metalcore._selection); in one launch where _fused says so. On the H100 (fp32, ms
+# per call, bench/linalg_triton.md v9) the launch ran 500×16 in 0.108 (the chain of launches before
+# it 0.441, torch 0.422), 1000×32 0.516 (0.649; 1.144) and 4096×8 0.095 (0.425; 1.609). Without the
+# QR step the Jacobi alone took 0.19-0.49 but is not offered: on the interpreter, fp32 matrices whose column scales
+# spread over 30 decades missed the 30-sweep bound (NaN) from n = 3 (bench/linalg_triton.md), while
+# the preconditioned kernel took 3-7 sweeps on them up to n = 32.
 @register_path("svd", "triton", "registers",
                supports=lambda A, full_matrices, compute_uv: _small(A) and max(A.shape[-2:]) <= REGISTER_MAX_N,
                specialize=_svd_registers_specialized)
