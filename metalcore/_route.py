@@ -18,11 +18,17 @@ argument metadata only, so its outcome is kept per call signature:
 On a hit the call is ``twin(*args, **kwargs)``: torch's function with the public function's own
 signature, the same one its full path calls with the same arguments (so both give the same result
 and raise the same errors). A miss, a key recorded as running metalcore's op, an ``out=`` tensor,
-``torch.compile`` tracing, a dispatch mode (FakeTensorMode, FlopCounterMode, export), a path forced by
-``_selection.use_path`` or an explicitly
-requested backend run the full path, which decides as before. Data is never cached: a mutated
-tensor is read by torch's op like any other. The decisions are dropped with the op's plans
-(``clear_plans``, a kernel plugged in, a selection table reloaded) and capped like them.
+``torch.compile`` tracing and a dispatch mode (FakeTensorMode, FlopCounterMode, export) run the full
+path, which decides as before. Data is never cached: a mutated tensor is read by torch's op like any
+other. The decisions are dropped with the op's plans (``clear_plans``, a kernel plugged in, a
+selection table reloaded) and capped like them.
+
+An explicitly requested backend or a path forced by ``_selection.use_path`` is part of the key (with
+``TRITON_INTERPRET``, which decides what an explicit ``triton`` request does on CPU tensors), so a
+forced call is recorded and repeated like an automatic one. The selection sweep times every path
+that way: forced calls that skipped the route paid the full path's checks and plan lookup (10-20 µs
+a call on the H100 host, bench/host.md v5) that the same kernel chosen automatically does not, and
+lost tiny grid points to torch on that cost alone (bench/host.md v7).
 
 The same record serves calls that run metalcore's kernel. A public function whose op arguments are
 its own tensors (no broadcast copy, no vector made a matrix) and whose result is the op's, reshaped
@@ -39,8 +45,8 @@ Two things the plan key holds are left out of the first level. Strides, beyond c
 decision is a choice between two correct paths, and no ``supports``/``automatic`` rule of a routed
 op reads more than contiguity (a stride tuple costs ~0.1 µs a tensor to build and hash); only a
 recorded kernel call, whose plan holds a launch specialized to the strides, is looked up by them.
-``TRITON_INTERPRET``: it only matters to an explicit ``triton`` request on CPU tensors, and explicit
-requests never take the route.
+``TRITON_INTERPRET``: it only matters to an explicit ``triton`` request on CPU tensors, whose key
+holds it.
 
 Cost of a hit, per layer, on the development CPU: docs/op_core.md.
 """
@@ -54,7 +60,7 @@ from typing import Any
 
 import torch
 
-from metalcore._backend import automatic_selection
+from metalcore._backend import automatic_selection, requested_backend, triton_interpreting
 from metalcore._selection import forced_paths
 
 # Decisions kept per public function before they are emptied and refilled (as plans are: a sweep
@@ -64,8 +70,8 @@ MAX_DECISIONS = 1024
 # Bound once: each attribute lookup on the torch module costs ~0.03 µs a call. ``is_compiling`` is
 # the public function (dynamo folds it to True while tracing, where the full path keeps the op).
 _is_compiling = torch.compiler.is_compiling
-# Non-empty while ``use_path`` forces a path of some op: the full path decides then (its plan key
-# holds the forced path; the route's decisions do not).
+# Non-empty while ``use_path`` forces a path of some op (the plan key holds the forced path, and so
+# does the route's key then: :func:`_forced`).
 _forced_paths = forced_paths()
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _grad_enabled = torch.is_grad_enabled
@@ -129,6 +135,13 @@ def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     return key
 
 
+def _forced() -> tuple[Any, ...]:
+    """What an explicit request decides beyond the arguments: the backend, the forced paths and the
+    interpreter flag, as one tuple that starts a forced call's key (an automatic key starts with the
+    grad mode, a bool, so the two never meet)."""
+    return (requested_backend(), tuple(sorted(_forced_paths.items())), triton_interpreting())
+
+
 def _strides(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """The strides of the positional tensor arguments, in order (the second half of a kernel call's
     key: its plan, and a launch specialized to it, depend on them)."""
@@ -153,10 +166,11 @@ def torch_route(twin: Callable[..., Any], decisions: dict[tuple[Any, ...], bool]
     def decorate(public: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(public)
         def call(*args: Any, **kwargs: Any) -> Any:
-            if _is_compiling() or _dispatch_modes() or not automatic_selection() or _forced_paths or (
-                    kwargs and kwargs.get("out") is not None):
+            if _is_compiling() or _dispatch_modes() or (kwargs and kwargs.get("out") is not None):
                 return public(*args, **kwargs)
             key = _key(args, kwargs)
+            if _forced_paths or not automatic_selection():
+                key = (_forced(), *key)
             try:
                 decided = decisions.get(key)
             except TypeError:   # an unhashable argument (a list): decide without the cache

@@ -107,7 +107,7 @@ def _points(spec: str, device: torch.device):
         if served == backend:
             for path in [_selection.KERNEL, *(k for k, p in _selection.paths(s.key, backend).items()
                                               if p.supports(*args))]:
-                fns[path] = selection._forced_call(s, backend, path, inputs, True)
+                fns[path] = selection._Forced(s, backend, path, inputs, True)
         for key in list(fns):
             try:
                 fns[key]()

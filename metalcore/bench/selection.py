@@ -7,7 +7,8 @@ time of one eager call, synchronised (what a user's loop feels, host work includ
 * ``kernel``: metalcore's public function with the device's backend forced (``use_backend``),
 * each alternative path of the op that takes the input (``_selection.register_path``: e.g. eigh's
   register-tile Jacobi), forced likewise (``_selection.use_path``; ``kernel`` is then forced to the
-  kernel's own routing), and
+  kernel's own routing) — the forcing entered outside the timed call, which takes the route's record
+  of its signature as an automatic call does (:class:`_Forced`), and
 * ``torch``: torch's own function for the same call (``torch.linalg.X``, ``F.rms_norm``, ...),
 
 interleaved round by round so that drift slows all alike, and writes
@@ -30,6 +31,7 @@ the batch there: one matrix after another, or more programs than the device has 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -285,11 +287,15 @@ def wall_times(fns: dict[str, Callable[[], Any]], device: torch.device, budget_s
 
     def one_round(names):
         for name in names:
-            _sync(device)
-            t0 = time.perf_counter()
-            live[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
+            fn = live[name]
+            forced = isinstance(fn, _Forced)
+            with fn.forcing() if forced else contextlib.nullcontext():
+                call = fn.bare if forced else fn
+                _sync(device)
+                t0 = time.perf_counter()
+                call()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
 
     one_round(list(live))
     reps = {name: max(min_reps, min(max_reps, int(budget_s / max(t[0], 1e-7)))) for name, t in times.items()}
@@ -360,7 +366,7 @@ def measure_row(s: Sweep, device: torch.device, backend: str, dtype: torch.dtype
                 fns["torch"] = functools.partial(s.torch, *inputs)
             if served_by == backend:
                 runnable = [_selection.KERNEL, *(name for name, p in alternatives.items() if p.supports(*args))]
-                fns.update({name: _forced_call(s, backend, name, inputs, bool(alternatives))
+                fns.update({name: _Forced(s, backend, name, inputs, bool(alternatives))
                             for name in runnable if name not in long})
             times = wall_times(fns, device)
             if any(name != "torch" for name in times):
@@ -409,19 +415,32 @@ def _confirm_wins(point: dict[str, Any], fns: dict[str, Callable[[], Any]], devi
         confirmed.add(winner)
 
 
-def _forced_call(s: Sweep, backend: str, name: str, inputs: tuple[Any, ...], choose: bool) -> Callable[[], Any]:
+class _Forced:
     """The public function with ``backend`` forced and, for an op with alternatives (``choose``),
-    the path ``name`` (``kernel``: the kernel's own routing, whatever the table says)."""
-    if not choose:
-        def kernel():
-            with use_backend(backend):
-                return s.metalcore(*inputs)
-        return kernel
+    the path ``name`` (``kernel``: the kernel's own routing, whatever the table says). Calling it
+    enters the forcing around the call; :func:`wall_times` enters it outside the timed region
+    (``forcing``) and times ``bare``, so a path is timed as the public function runs it when the
+    table chooses it: the forced call takes the route's record like an automatic one
+    (metalcore/_route.py), and the two context managers' ~1-2 µs stay out of its time."""
 
-    def path():
-        with use_backend(backend), _selection.use_path(s.key, name):
-            return s.metalcore(*inputs)
-    return path
+    def __init__(self, s: Sweep, backend: str, name: str, inputs: tuple[Any, ...], choose: bool):
+        self.s, self.backend, self.name, self.inputs, self.choose = s, backend, name, inputs, choose
+
+    @contextlib.contextmanager
+    def forcing(self):
+        with use_backend(self.backend):
+            if not self.choose:
+                yield
+                return
+            with _selection.use_path(self.s.key, self.name):
+                yield
+
+    def bare(self) -> Any:
+        return self.s.metalcore(*self.inputs)
+
+    def __call__(self) -> Any:
+        with self.forcing():
+            return self.bare()
 
 
 def _record(point: dict[str, Any], name: str, seconds: float | None, agree: bool | None) -> None:
@@ -823,7 +842,7 @@ def _warm_worker(device_name: str, jobs: Sequence[str]) -> None:
                 continue
             for path in [_selection.KERNEL, *(n for n, p in alternatives.items() if p.supports(*args))]:
                 try:
-                    _forced_call(s, backend, path, inputs, bool(alternatives))()
+                    _Forced(s, backend, path, inputs, bool(alternatives))()
                     _sync(device)
                 except Exception:  # noqa: BLE001
                     pass
