@@ -847,6 +847,27 @@ def test_an_explicit_backend_and_dispatch_modes_keep_the_op_on_a_routed_signatur
         assert served == {"cholesky_ex": "reference"}
 
 
+def test_a_forced_call_is_recorded_under_its_forcing(checks):
+    """An explicit backend (and a forced path) is part of the route's key: a repeated forced call
+    skips the checks as an automatic one does, runs the backend it asked for, and another forcing of
+    the same signature is decided on the full path again."""
+    from metalcore import _selection
+
+    A = _spd(2, 4)
+    with metalcore.use_backend("reference"):
+        first = metalcore.linalg.cholesky(A)
+        with observe_backends() as served:
+            again = _repeat(lambda: metalcore.linalg.cholesky(A))
+        assert served == {"cholesky_ex": "reference"} and len(checks) == 1
+        with _selection.use_path("cholesky_ex", "kernel"):
+            metalcore.linalg.cholesky(A)
+        assert len(checks) == 2                                 # another forcing: decided again
+    assert torch.equal(again, first)
+    metalcore.linalg.cholesky(A)
+    assert len(checks) == 3                                     # automatic: its own key
+    torch.testing.assert_close(first, torch.linalg.cholesky(A))
+
+
 def test_a_tensor_subclass_never_takes_the_torch_route():
     class Tagged(torch.Tensor):
         pass
