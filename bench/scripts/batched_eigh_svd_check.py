@@ -17,6 +17,10 @@ CUDA each row also gives the GPU time with the host hidden and the host time of 
 also calls syevjBatched unsplit on 65535 and 65536 matrices of side 2, in the probe's subprocess,
 to see where the library's batch limit lies (the split is at 32768).
 
+``--shifted-wide`` times the ``shifted`` kernel beyond its n ≤ 32 bound (n = 33-128, one matrix per
+program, 2-16 warps; with vectors and values only) against cuSOLVER's batched ``XsyevBatched`` (the
+``cusolver`` path the table takes there), at batches 100-4096 (bench/linalg_triton.md v11).
+
 ``--svd-small`` times svd at the n ≤ 32 target points (the same shapes, fp32, and fp64 1000×32²):
 the fused launch (svd_fused_triton; vectors and values), the chain it replaced, the register Jacobi
 without the QR step, the automatic path, torch and the peers.
@@ -67,6 +71,11 @@ TINY_SYEVJ = [(5, 3, torch.float32), (3, 8, torch.float64)]
 SVD_SMALL_POINTS = [(500, 16, torch.float32), (1000, 32, torch.float32), (4096, 8, torch.float32),
                     (10000, 3, torch.float32), (65536, 32, torch.float32), (1000, 32, torch.float64)]
 TINY_SVD_SMALL = [(5, 3, torch.float32), (3, 8, torch.float64)]
+SHIFTED_WIDE_POINTS = [(100, 48, torch.float32), (100, 64, torch.float32), (1024, 64, torch.float32),
+                       (4096, 64, torch.float32), (256, 33, torch.float32), (4096, 33, torch.float32),
+                       (64, 128, torch.float32), (1024, 128, torch.float32),
+                       (100, 64, torch.float64), (1024, 64, torch.float64)]
+TINY_SHIFTED_WIDE = [(2, 40, torch.float32), (2, 33, torch.float64)]
 CUSOLVER = False            # set in main() by cusolver_usable()
 SYEVJ = False               # likewise, for cusolver_syevj
 
@@ -235,6 +244,22 @@ def syevj_variants(n, dtype, device):
     return out
 
 
+def shifted_wide_variants(n, dtype, device):
+    """The shifted kernel past its bound at several warp counts, against the batched cuSOLVER call."""
+    warps = (2, 4, 8) if n <= 64 else (4, 8, 16)
+    out = [(f"shifted w={w}", lambda A, sw, w=w: eigh_shifted(A, False, True, sweeps=sw, matrices_per_program=1,
+                                                             num_warps=w)) for w in warps]
+    out.append((f"shifted values w={warps[1]}", lambda A, sw: eigh_shifted(A, False, False, sweeps=sw,
+                                                                           matrices_per_program=1,
+                                                                           num_warps=warps[1])))
+    if CUSOLVER:
+        out += [("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)),
+                ("cusolver values", lambda A, sw: (cusolver_batched.syev_batched(A, False, False)[0],
+                                                   A.new_empty(0)))]
+    out.append(("op automatic", lambda A, sw: metalcore.linalg.eigh(A)))
+    return out
+
+
 def values_ratio(L, expected64, dtype):
     """``max|λ − λ64| / (n·ε·max|λ64|)``, worst over the batch (NaN rows are counted apart)."""
     n = max(expected64.shape[-1], 1)
@@ -276,6 +301,11 @@ def run_points(args, device, start, emit, op, points, variants, oracle, peer_ops
 def run_syevj(args, device, start, emit):
     run_points(args, device, start, emit, "eigh", TINY_SYEVJ if args.tiny else SYEVJ_POINTS, syevj_variants,
                lambda G, Sym: cpu_values(Sym), ("eigh", "eigvalsh"))
+
+
+def run_shifted_wide(args, device, start, emit):
+    run_points(args, device, start, emit, "eigh", TINY_SHIFTED_WIDE if args.tiny else SHIFTED_WIDE_POINTS,
+               shifted_wide_variants, lambda G, Sym: cpu_values(Sym), ("eigh",))
 
 
 def run_svd_small(args, device, start, emit):
@@ -362,6 +392,8 @@ def main():
     ap.add_argument("--no-hang", action="store_true", help="skip the svd hang regression subprocesses")
     ap.add_argument("--syevj", action="store_true",
                     help="only eigh at the batched-Jacobi points, every path and the peers (module docstring)")
+    ap.add_argument("--shifted-wide", action="store_true",
+                    help="only eigh at n = 33-128: the shifted kernel past its bound against batched cuSOLVER")
     ap.add_argument("--svd-small", action="store_true",
                     help="only svd at the n <= 32 target points: the fused launch against the chain, torch and the peers")
     ap.add_argument("--max-seconds", type=float, default=210.0,
@@ -383,8 +415,8 @@ def main():
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
     global CUSOLVER, SYEVJ
     CUSOLVER, SYEVJ = doc["cusolver_usable"], doc["syevj_usable"] = cusolver_usable(device, limit=args.syevj)
-    if args.syevj or args.svd_small:
-        (run_syevj if args.syevj else run_svd_small)(args, device, start, emit)
+    if args.syevj or args.svd_small or args.shifted_wide:
+        (run_syevj if args.syevj else run_shifted_wide if args.shifted_wide else run_svd_small)(args, device, start, emit)
         finish(doc, start, path)
         return
     if not args.no_hang:
