@@ -47,8 +47,14 @@ from metalcore.linalg._jacobi_triton import descending_order, one_sided_sweeps, 
 from metalcore.linalg._small_triton import block, group, stack_strides
 from metalcore.linalg.householder_gemm import as3
 
-# B and Vᵀ in registers: 32×32 twice is 2048 values (the svd register kernel's bound).
-MAX_N = 32
+# B and Vᵀ in registers: 64×64 twice is 8192 values, 64 a thread at four warps (32×32 at one warp is
+# the same 64). Beyond 64 the shift costs accuracy: λ = ‖w‖ − c carries O(ε c) with c up to
+# ‖A‖_F ≈ √n/2·‖A‖₂ for random input, and the residual ratio grew 5.5, 10.5, 16.4, 20.4 at n = 33,
+# 64, 100, 128 (fp32, interpreter), too close to the bar of 30 for the harder families.
+MAX_N = 64
+# Warps per program by tile side: one for BN ≤ 32 (four lost at every point measured, bench/
+# linalg_triton.md v10: 1000×32² 0.397 against 0.284 ms), four for BN = 64 (the same 64 values a thread).
+WARPS = {64: 4}
 
 
 @jit
@@ -100,12 +106,10 @@ def eigh_shifted_launcher(A: Tensor, upper: bool, compute_v: bool, *, matrices_p
     finfo = torch.finfo(dt)
     BN = block(n)
     G = matrices_per_program or group(nb, BN * BN * (2 if compute_v else 1), dev)
-    # One warp: the one-sided rounds are chains of row reductions; four lost at every point measured
-    # (bench/linalg_triton.md v10: 1000×32² 0.397 against 0.284 ms, 65536×32² 16.8 against 9.35).
     launch = _shifted_eigh_kernel.bind(
         (cdiv(nb, G),), None, None, None, None, nb, n, *sa, n * finfo.eps, finfo.tiny / finfo.eps, jac.MAX_SWEEPS,
         G=G, BN=BN, UPPER=upper, WANT_V=compute_v, WANT_SWEEPS=want_sweeps, IEEE32=dt == torch.float32,
-        num_warps=num_warps or 1, enable_fp_fusion=jac.FP_FUSION)
+        num_warps=num_warps or WARPS.get(BN, 1), enable_fp_fusion=jac.FP_FUSION)
 
     def run(A: Tensor, sweeps: Tensor | None = None) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)

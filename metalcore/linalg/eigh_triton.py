@@ -218,7 +218,7 @@ def _eigh_syevj_path(A, UPLO, compute_v):
     return cusolver_syevj.syevj_batched(A, UPLO == "U", compute_v)
 
 
-# One-sided Jacobi on the shifted A + cI in registers (eigh_shifted_triton, n <= 32): the svd kernels'
+# One-sided Jacobi on the shifted A + cI in registers (eigh_shifted_triton, n <= 64): the svd kernels'
 # one-gather rounds instead of the two-sided kernels' three; measured by the sweep like every path.
 def _eigh_shifted_specialized(A, UPLO, compute_v):
     run = eigh_shifted_launcher(A, UPLO == "U", compute_v)

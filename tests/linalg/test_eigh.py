@@ -695,7 +695,24 @@ def test_shifted_eigh_matrix_families(kind, dtype, triton_backend):
         assert bool((L[..., :-1] <= L[..., 1:]).all()), "eigenvalues must be ascending"
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 8, 32])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["random", "cluster", "graded"])
+def test_shifted_eigh_at_its_largest_side(kind, dtype, triton_backend):
+    """n = 64, the kernel's bound (MAX_N): the shift's O(ε‖A‖_F) error grows with n, and the clustered
+    family's fp64 orthogonality ratio was the highest there on the interpreter (20.6)."""
+    from metalcore.linalg.eigh_shifted_triton import MAX_N, eigh_shifted
+    A = family(kind, (2,), MAX_N, dtype)
+    L, Q = eigh_shifted(A, False, True)
+    scale = scale_of(kind, dtype)
+    what = f"shifted eigh n={MAX_N} {kind} {dtype}"
+    assert_lapack_ratio(residual_ratio(A.double() / scale, (Q.double() * (L.double() / scale).unsqueeze(-2))
+                                       @ Q.double().mT, dtype), what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(Q, dtype), what + " Q")
+    assert_lapack_ratio(values_ratio(L.double(), torch.linalg.eigvalsh(A.double()), dtype), what + " values")
+    assert bool((L[..., :-1] <= L[..., 1:]).all()), "eigenvalues must be ascending"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 32, 33])
 def test_shifted_eigh_sizes_groups_and_values_only(n, triton_backend):
     from metalcore.linalg.eigh_shifted_triton import eigh_shifted
     A = symmetric((5,), n)
