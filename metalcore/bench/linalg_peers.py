@@ -36,12 +36,12 @@ from typing import Any
 import torch
 
 from metalcore.bench import peers as peer_runners
-from metalcore.bench.selection import AGREE_TOL, parse_dtypes, wall_times
+from metalcore.bench.selection import AGREE_TOL, LINALG_BATCH, parse_dtypes, wall_times
 from metalcore.bench.timing import fmt_time
 
 OPS = ("eigh", "eigvalsh", "svd", "svdvals")
 GRID_N = (2, 3, 4, 8, 16, 32, 33, 64, 65, 128)
-GRID_BATCH = (1, 16, 256, 4096, 65536)
+GRID_BATCH = LINALG_BATCH   # the selection grid's batches
 HEADLINE = ((10000, 3), (4096, 8), (500, 16), (1000, 32), (100, 64), (64, 128))   # (batch, n)
 DTYPES = (torch.float32, torch.float64)
 PEERS = ("jax", "cupy")

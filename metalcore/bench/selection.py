@@ -544,7 +544,8 @@ def merge_into(path: Path, new_ops: dict[str, list[dict[str, Any]]], meta: dict[
                 if (p["variant"], p["dtype"], p["size"], p["batch"]) not in fresh]
         table["ops"][key] = kept + points
     table["meta"] = meta
-    table["grids"] = {"linalg": {"size": list(LINALG_N + LARGE_N), "batch": list(LINALG_BATCH)},
+    table["grids"] = {"linalg": {"size": list(LINALG_N), "batch": list(LINALG_BATCH)},
+                      "large": {"size": list(LARGE_N), "batch": list(LARGE_BATCH)},
                       "rows": {"size": sorted(set(WIDTHS) | {64, 128}), "batch": list(ROWS)}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=None, separators=(",", ":")) + "\n")
