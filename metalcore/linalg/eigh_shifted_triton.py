@@ -13,8 +13,9 @@ runs on ``B = A + c I`` with ``c`` the smaller of two upper bounds on ``‖A‖�
 eigenvalues, and the columns of ``B`` orthogonalized by rotations ``V`` give ``B V = W`` with
 ``‖w_j‖ = λ_j + c`` and ``V``'s columns the eigenvectors. The rotations are those two-sided Jacobi
 would apply to ``B²``, whose eigenvector problem is ``A``'s (a shift moves no eigenvector), so
-the sweeps are two-sided Jacobi's on ``A``: 5-7 at n ≤ 32 and 7-9 at 33-64 on the interpreter. ``B`` may be singular
-(``c = ‖A‖₂``); that costs one-sided Jacobi nothing: a zero column is a zero singular value.
+the sweeps are two-sided Jacobi's on ``A``: 5-7 at n ≤ 32 and 7-9 at 33-64 on the interpreter.
+``B`` may be singular (``c = ‖A‖₂``); that costs one-sided Jacobi nothing: a zero column is a zero
+singular value.
 
 Accuracy: ``λ_j = ‖w_j‖ − c`` has absolute error ``O(ε c) = O(ε‖A‖)`` — the backward-stable bound of
 LAPACK's ``syev``, which is what the LAPACK residual ratio ``‖A − QΛQᵀ‖ / (n ε ‖A‖)`` measures; tiny
