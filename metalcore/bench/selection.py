@@ -428,12 +428,9 @@ class _Forced:
 
     @contextlib.contextmanager
     def forcing(self):
-        with use_backend(self.backend):
-            if not self.choose:
-                yield
-                return
-            with _selection.use_path(self.s.key, self.name):
-                yield
+        path = _selection.use_path(self.s.key, self.name) if self.choose else contextlib.nullcontext()
+        with use_backend(self.backend), path:
+            yield
 
     def bare(self) -> Any:
         return self.s.metalcore(*self.inputs)
