@@ -128,7 +128,9 @@ def path_names(op: str) -> list[str]:
 def use_path(op: str, name: str) -> Iterator[None]:
     """Inside the block, ``op``'s kernel runs the path ``name`` (``kernel``: its own routing, ignoring
     the table) whatever the table says; a path that does not take an input raises
-    :class:`BackendUnavailableError` there. Combine with ``metalcore.use_backend`` to force the backend."""
+    :class:`BackendUnavailableError` there. With automatic backend selection, ``op`` takes the
+    device's backend's kernel over torch, and every other op chooses as usual; combine with
+    ``metalcore.use_backend`` to force a backend (for every op inside the block)."""
     known = path_names(op)
     if name not in known:
         raise ValueError(f"metalcore.{op} has no path {name!r}; it has: {', '.join(known)}")
@@ -365,7 +367,11 @@ def _warn_unknown(kind: str, op: str, known: frozenset[str]) -> None:
 
 def measured_choice(op: str, backend: str, device: torch.device, args: tuple[Any, ...]) -> bool | None:
     """Whether the measured table for ``device`` prefers ``backend``'s kernel (any of its paths) for
-    ``op`` on these arguments; None where no table or no grid point covers the call."""
+    ``op`` on these arguments; None where no table or no grid point covers the call. A path forced
+    by :func:`use_path` takes the kernel whatever the table says: that is how the selection sweep
+    times a path with only the swept op forced, every op the path calls choosing as it would."""
+    if op in _forced:
+        return True
     chosen = measured_path(op, backend, device, args)
     if chosen in (None, TORCH, KERNEL):
         return None if chosen is None else chosen == KERNEL

@@ -373,6 +373,37 @@ def test_a_forced_path_that_does_not_take_the_input_raises(triton_backend):
         metalcore.linalg.eigh(A[:, :4, :4])      # cuSOLVER: CUDA only
 
 
+@pytest.mark.parametrize("automatic", ["triton", "reference"])
+def test_the_sweep_forces_only_the_swept_op_on_the_devices_own_backend(automatic, card_table, executions, monkeypatch):
+    """A path is timed as automatic selection runs it: on the device's own backend only the swept op
+    is forced, and an op the path calls chooses by its table (here cholesky_ex: torch). Forcing
+    another backend forces it for every op, as ``use_backend`` does."""
+    pytest.importorskip("triton")
+    import metalcore.linalg
+    from metalcore._backend import requested_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("metalcore._op.automatic_backend", lambda device: automatic)
+    monkeypatch.setattr(selection, "automatic_backend", lambda device: automatic)
+    _write(_selection.TABLE_DIR, "nvidia-test-card",
+           {"eigh": [_timed("vectors", "float64", 5, 2, 1e-4, 1e-3, {"registers": (2e-4, True)})],
+            "cholesky_ex": [_timed("", "float64", 5, 2, 1e-4, 1e-3)]})
+    _selection.reload()
+    s = next(s for s in selection.sweeps() if s.key == "eigh" and s.variant == "vectors")
+    inputs = selection._build(s, torch.device("cpu"), torch.float64, 5, 2)
+    forced = selection._Forced(s, "triton", "registers", inputs, choose=True)
+    spd = torch.eye(5, dtype=torch.float64).expand(2, 5, 5)
+    with forced.forcing():
+        assert requested_backend() == ("auto" if automatic == "triton" else "triton")
+        L, _ = forced.bare()
+        C, _ = metalcore.linalg.cholesky_ex(spd)
+    torch.testing.assert_close(L, torch.linalg.eigvalsh(inputs[0]))
+    torch.testing.assert_close(C, spd)
+    assert ("eigh", "triton") in executions
+    # The torch route calls torch directly (no op execution to observe); the kernel would be seen.
+    assert (("cholesky_ex", "triton") in executions) is (automatic != "triton")
+
+
 def test_sweep_times_every_alternative_path_on_the_interpreter(monkeypatch):
     """eigh n = 3 through the real sweep: the kernel, the register tile and the shifted one-sided
     kernel all timed (the cuSOLVER paths do not take CPU tensors), each checked against torch, the fastest of all recorded."""

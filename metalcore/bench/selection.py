@@ -6,9 +6,10 @@ time of one eager call, synchronised (what a user's loop feels, host work includ
 
 * ``kernel``: metalcore's public function with the device's backend forced (``use_backend``),
 * each alternative path of the op that takes the input (``_selection.register_path``: e.g. eigh's
-  register-tile Jacobi), forced likewise (``_selection.use_path``; ``kernel`` is then forced to the
-  kernel's own routing) — the forcing entered outside the timed call, which takes the route's record
-  of its signature as an automatic call does (:class:`_Forced`), and
+  register-tile Jacobi), forced by ``_selection.use_path`` alone (``kernel``: the kernel's own
+  routing), so that the ops a path calls choose as they do when automatic selection picks it — the
+  forcing entered outside the timed call, which takes the route's record of its signature as an
+  automatic call does (:class:`_Forced`), and
 * ``torch``: torch's own function for the same call (``torch.linalg.X``, ``F.rms_norm``, ...),
 
 interleaved round by round so that drift slows all alike, and writes
@@ -49,15 +50,15 @@ import torch
 import torch.nn.functional as F
 
 from metalcore import _selection
-from metalcore._backend import use_backend
+from metalcore._backend import automatic_backend, use_backend
 
 # Grids. Linear algebra: the matrix size n (square matrices; the lookup uses the larger side) and
 # the batch. Training ops: rows (tokens) and the row width (hidden size).
 LINALG_N = (1, 2, 3, 4, 8, 16, 31, 32, 33, 64, 65, 128)
-LINALG_BATCH = (1, 16, 256, 4096, 65536)
+LINALG_BATCH = (1, 16, 256, 1024, 4096, 65536)
 # The large-matrix paths (blocked QR, QR + QDWH + eigh SVD) at the sizes where they start.
-LARGE_N = (256, 1024)
-LARGE_BATCH = (1, 16)
+LARGE_N = (256, 512, 1024)
+LARGE_BATCH = (1, 8, 16)
 ROWS = (1, 16, 256, 4096, 32768)
 WIDTHS = (128, 1024, 4096, 8192)
 
@@ -428,8 +429,18 @@ class _Forced:
 
     @contextlib.contextmanager
     def forcing(self):
-        path = _selection.use_path(self.s.key, self.name) if self.choose else contextlib.nullcontext()
-        with use_backend(self.backend), path:
+        if not self.choose:
+            with use_backend(self.backend):
+                yield
+            return
+        # On the device's own backend only the swept op is forced: a path that calls other ops (the
+        # qdwh svd: qr, eigh) then runs them as their tables choose, as it does when automatic
+        # selection picks it. Forcing the backend for every op timed another composition: fp64
+        # 64×256² qdwh 5.6 ms in the v9 sweep, its automatic call 27 ms in the check (the stacked
+        # 128×64 QR went to the kernel forced, to torch by the table's square 128² point).
+        device = next(t.device for t in self.inputs if isinstance(t, torch.Tensor))
+        backend = contextlib.nullcontext() if self.backend == automatic_backend(device) else use_backend(self.backend)
+        with backend, _selection.use_path(self.s.key, self.name):
             yield
 
     def bare(self) -> Any:
