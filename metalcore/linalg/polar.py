@@ -236,6 +236,9 @@ def qdwh_step(X: Tensor, a: float, b: float, c: float) -> Tensor:
     eye = torch.eye(n, dtype=X.dtype, device=X.device)
     if c > QDWH_CHOLESKY_MAX_C:
         # [√c X; I] = [Q₁; Q₂] R  ⇒  X ← (b/c) X + (a − b/c)/√c · Q₁ Q₂ᵀ  (eq. 3.13 of the 2010 paper).
+        # The qr op routes this (m + n) × n matrix by its larger side: at fp64 n = 33-64 the square
+        # 66-128 points send it to torch's per-matrix loop, and the qdwh svd of 256 such matrices
+        # takes ~5× its time with the kernel's QR (bench/linalg_triton.md v12).
         Q, _ = qr_op(torch.cat([c ** 0.5 * X, eye.expand(*X.shape[:-2], n, n)], dim=-2), "reduced")
         return (b / c) * X + ((a - b / c) / c ** 0.5) * (Q[..., :m, :] @ Q[..., m:, :].mT)
     # The same step as X Z⁻¹ with Z = I + c XᵀX = L Lᵀ: a Gram product, a Cholesky factorisation and
