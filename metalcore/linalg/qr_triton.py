@@ -35,6 +35,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from metalcore._selection import register_path
 from metalcore.linalg import qr_blocked
 from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, stack_strides, warps
 from metalcore.linalg.householder import geqr2_op, householder_product_op
@@ -267,6 +268,31 @@ def _qr_triton(A, mode):
     complete = mode == "complete"
     _, _, R, Q = householder_launch(A, kr=m if complete else k, nq=m if complete else k)
     return Q, R
+
+
+# Panel width of the "blocked" path for matrices that fit the register tile: 32-column panels, each
+# factored in registers (a 128×32 fp64 tile is 32 KB), the rest GEMMs.
+PATH_NB = 32
+# Smallest larger side the "blocked" path is offered at: up to 32 the register tile holds a matrix in
+# one program without spilling, and the path would only add launches.
+PATH_MIN_SIDE = 33
+
+
+def _blocked_path_supported(A: Tensor, mode: str) -> bool:
+    return _supports(A) and max(A.shape[-2:]) >= PATH_MIN_SIDE
+
+
+# The blocked QR as an alternative path where the register tile would take the matrix (sides 33-128):
+# the tile holds a whole 128×128 fp64 matrix at 16 warps and runs no faster than cuSOLVER's
+# per-matrix loop there (256×128² fp64: 21.2 ms, torch 21.7; 256×65² fp64 12.1 ms, while 256×64²
+# takes 0.70: H100 table v10), and qdwh's stacked 2n × n QR at fp64 n = 33-127 goes to torch because
+# of it (bench/linalg_triton.md v12). Beyond the tile the kernel's own routing is this same blocked
+# QR; the path is offered there too, so that a call between 128 and 256 finds it measured on both
+# sides. It runs only where the measured table names it.
+@register_path("qr", "triton", "blocked", supports=_blocked_path_supported)
+def _qr_blocked_path(A, mode):
+    nb = PATH_NB if _small(A) else _block_nb(A)
+    return qr_blocked.qr_blocked(A, mode, nb, BLOCK_PANEL)
 
 
 @geqr2_op.implement("triton", supports=_supports, automatic=_automatic)

@@ -312,6 +312,33 @@ def test_geqr2_and_householder_product(device):
 
 
 @pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,m,n,mode", [(3, 40, 40, "reduced"), (2, 66, 33, "reduced"), (2, 70, 35, "complete"),
+                                            (1, 35, 70, "r"), (2, 40, 40, "complete")], ids=str)
+def test_qr_blocked_path(batch, m, n, mode, dtype, device, launches):
+    """The "blocked" alternative path (panels of PATH_NB columns where the register tile would take
+    the whole matrix), forced as the selection sweep forces it: LAPACK's ratios in every mode, on
+    square, tall (qdwh's stacked 2n × n) and wide matrices."""
+    from metalcore import _selection
+    from metalcore.linalg import qr_blocked
+
+    blocked = launches(qr_blocked, "qr_blocked")
+    A = general("random", (batch,), m, n, dtype).to(device)
+    with _selection.use_path("qr", "blocked"):
+        check_qr_triton(A, mode, f"qr blocked {case_id((batch,), m, n)} {mode}")
+    assert blocked
+
+
+@pytest.mark.usefixtures("triton_backend")
+def test_qr_blocked_path_takes_sides_from_33(device):
+    from metalcore import BackendUnavailableError, _selection
+
+    with _selection.use_path("qr", "blocked"), pytest.raises(BackendUnavailableError, match="'blocked' does not"):
+        metalcore.linalg.qr(torch.randn(2, 32, 20, device=device))
+    assert not qr_module()._blocked_path_supported(torch.randn(2, 40, 40, dtype=torch.float16), "reduced")
+
+
+@pytest.mark.usefixtures("triton_backend")
 def test_qr_nan_stays_in_its_batch_element(device):
     A = torch.randn(5, 6, 6, device=device)
     A[3, 4, 1] = float("nan")
