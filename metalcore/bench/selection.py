@@ -417,8 +417,9 @@ def _confirm_wins(point: dict[str, Any], fns: dict[str, Callable[[], Any]], devi
 
 
 class _Forced:
-    """The public function with ``backend`` forced and, for an op with alternatives (``choose``),
-    the path ``name`` (``kernel``: the kernel's own routing, whatever the table says). Calling it
+    """The public function with ``backend``'s kernel forced: for an op with alternatives (``choose``),
+    the path ``name`` (``kernel``: the kernel's own routing, whatever the table says), for the swept
+    op alone where ``backend`` is the device's own; otherwise ``backend`` for every op. Calling it
     enters the forcing around the call; :func:`wall_times` enters it outside the timed region
     (``forcing``) and times ``bare``, so a path is timed as the public function runs it when the
     table chooses it: the forced call takes the route's record like an automatic one
