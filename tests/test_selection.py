@@ -180,6 +180,19 @@ def test_sweep_confirms_a_narrow_win_against_torch_alone(monkeypatch):
             assert len(calls) == 1 and "first" not in p
 
 
+def test_check_says_which_points_torch_serves(monkeypatch):
+    """A point below the rule where the table gives the call to torch is marked so (the route's host
+    cost in front of torch's call, not a wrong choice), in the point and in the summary line."""
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: {"torch": 200e-6, "auto": 230e-6})
+    for served_by, served in (("reference", "torch"), ("triton", "metalcore")):
+        monkeypatch.setattr(selection._registered(s), "backend_for", lambda *a, b=served_by: b)
+        points, violations = selection.check(torch.device("cpu"), [s], lambda m: None, [torch.float64], [2], [1])
+        assert violations == points and points[0]["served"] == served
+        line = selection.summary_line(points, violations, "cpu")
+        assert ("1 of the points below the rule served by torch's own call" in line) is (served == "torch")
+
+
 def test_check_reports_what_a_failing_automatic_call_raised(monkeypatch):
     s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
     monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: {"torch": 1e-4, "auto": None})
