@@ -252,6 +252,30 @@ def test_check_extrapolates_the_automatic_path_where_it_is_torchs_long_call(monk
     assert sorted(points[1]["extrapolated"]) == ["auto", "torch"]
 
 
+def test_a_row_swept_from_a_later_batch_extrapolates_torch_from_the_table(monkeypatch):
+    """``--batches 16``: torch's time at batch 1 in the table already written predicts batch 16
+    past LONG_CALL_S, so torch is extrapolated, not run, in the sweep and in the check; without a
+    table it runs."""
+    s = next(s for s in selection.sweeps() if s.key == "cholesky_ex")
+    monkeypatch.setattr(selection, "LONG_CALL_S", 0.5)
+    ran = []
+    monkeypatch.setattr(selection, "wall_times", lambda fns, *a, **k: ran.append(sorted(fns)) or {n: 1e-3 for n in fns})
+    table = {"ops": {"cholesky_ex": [dict(variant="", dtype="float64", size=2, batch=b, torch_s=t)
+                                     for b, t in ((1, 0.1), (256, None))]}}
+    assert selection.torch_seed(table, s, torch.float64, 2, 16) == {"torch": (1, 0.1)}
+    assert selection.torch_seed(table, s, torch.float64, 2, 1) == {} and selection.torch_seed(None, s, torch.float64, 2, 16) == {}
+    for previous, extrapolated in ((table, True), (None, False)):
+        ran.clear()
+        with torch.no_grad():
+            ops = selection.sweep(torch.device("cpu"), "reference", [s], lambda m: None, [torch.float64], [2], [16], previous)
+        (p,) = ops["cholesky_ex"]
+        assert ("torch" in p["extrapolated"]) is extrapolated and all(("torch" in r) is not extrapolated for r in ran)
+        if extrapolated:
+            assert p["torch_s"] == pytest.approx(1.6)
+        points, _ = selection.check(torch.device("cpu"), [s], lambda m: None, [torch.float64], [2], [16], previous)
+        assert ("torch" in points[0]["extrapolated"]) is extrapolated
+
+
 def test_extrapolates_calls_past_the_long_call_limit(monkeypatch):
     """A point predicted longer than LONG_CALL_S from the previous batch is not run but scaled."""
     monkeypatch.setattr(selection, "LONG_CALL_S", 0.0)

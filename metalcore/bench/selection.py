@@ -322,16 +322,17 @@ def _registered(s: Sweep):
 
 
 def measure_row(s: Sweep, device: torch.device, backend: str, dtype: torch.dtype, size: int,
-                batches: Sequence[int], log: Callable[[str], None]) -> list[dict[str, Any]]:
+                batches: Sequence[int], log: Callable[[str], None],
+                seed: dict[str, tuple[int, float]] | None = None) -> list[dict[str, Any]]:
     """Every batch of one (op, variant, dtype, size) row, in increasing batch order: torch, the
     kernel as it routes itself, and each alternative path of the op that takes the input
     (:func:`metalcore._selection.register_path`). A path whose call would take longer than
-    ``LONG_CALL_S`` (predicted from its previous batch) is extrapolated instead of run, the others
-    are still measured."""
+    ``LONG_CALL_S`` (predicted from its previous batch, or from ``seed`` before the row's first) is
+    extrapolated instead of run, the others are still measured."""
     op = _registered(s)
     alternatives = _selection.paths(s.key, backend)
     points: list[dict[str, Any]] = []
-    last: dict[str, tuple[int, float]] = {}  # callable → (batch, seconds) of its last measurement
+    last: dict[str, tuple[int, float]] = dict(seed or {})  # callable → (batch, seconds) of its last measurement
     agreed: dict[str, bool | None] = {}       # path → whether its output agreed with torch's last time
     served_by = None
     for batch in batches:
@@ -519,17 +520,36 @@ def _rows_of(s: Sweep, sizes: Sequence[int] | None = None, batches: Sequence[int
     return rows
 
 
+def torch_seed(table: dict[str, Any] | None, s: Sweep, dtype: torch.dtype, size: int, first_batch: int
+               ) -> dict[str, tuple[int, float]]:
+    """Torch's time at the largest batch below ``first_batch`` of this row in ``table`` (a table as
+    written before, on the same card), as ``{"torch": (batch, seconds)}``; empty where there is none.
+    A row swept from a later batch (``--batches 1024``) then extrapolates torch's per-matrix loop as a
+    whole row does, instead of running it: svd at batch 1024 took 218 s on the H100 for want of it
+    (torch 0.9-3.7 s a call at n = 33-128, bench/selection.md v7)."""
+    name = str(dtype).removeprefix("torch.")
+    below = [p for p in (table or {}).get("ops", {}).get(s.key, [])
+             if (p["variant"], p["dtype"], p["size"]) == (s.variant, name, size)
+             and p["batch"] < first_batch and p.get("torch_s")]
+    if not below:
+        return {}
+    p = max(below, key=lambda p: p["batch"])
+    return {"torch": (p["batch"], p["torch_s"])}
+
+
 def sweep(device: torch.device, backend: str, selected: Sequence[Sweep], log: Callable[[str], None],
           dtypes: Sequence[torch.dtype] | None = None, sizes: Sequence[int] | None = None,
-          batches: Sequence[int] | None = None) -> dict[str, Any]:
-    """Run the sweep; returns the table (see :mod:`metalcore._selection` for its layout)."""
+          batches: Sequence[int] | None = None, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the sweep; returns the table (see :mod:`metalcore._selection` for its layout).
+    ``previous``: the card's table so far, whose torch times seed rows swept from a later batch."""
     ops: dict[str, list[dict[str, Any]]] = {}
     for s in selected:
         for dtype in s.dtypes:
             if dtypes and dtype not in dtypes:
                 continue
             for size, row in _rows_of(s, sizes, batches).items():
-                ops.setdefault(s.key, []).extend(measure_row(s, device, backend, dtype, size, row, log))
+                seed = torch_seed(previous, s, dtype, size, row[0])
+                ops.setdefault(s.key, []).extend(measure_row(s, device, backend, dtype, size, row, log, seed))
     return ops
 
 
@@ -590,16 +610,17 @@ def refute(path: Path, violations: Sequence[dict[str, Any]]) -> list[str]:
 
 def check(device: torch.device, selected: Sequence[Sweep], log: Callable[[str], None],
           dtypes: Sequence[torch.dtype] | None = None, sizes: Sequence[int] | None = None,
-          batches: Sequence[int] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+          batches: Sequence[int] | None = None, previous: dict[str, Any] | None = None
+          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Time the public function (automatic) against torch at every grid point; returns all points
-    and the violations of the rule."""
+    and the violations of the rule. ``previous``: as :func:`sweep`'s."""
     points, violations = [], []
     for s in selected:
         for dtype in s.dtypes:
             if dtypes and dtype not in dtypes:
                 continue
             for size, row in _rows_of(s, sizes, batches).items():
-                last: dict[str, tuple[int, float]] = {}
+                last = torch_seed(previous, s, dtype, size, row[0])
                 for batch in row:
                     p: dict[str, Any] = dict(op=s.name, dtype=str(dtype).removeprefix("torch."), size=size,
                                              batch=batch, extrapolated=[], torch_s=None, auto_s=None)
@@ -782,7 +803,8 @@ def main(args: Any) -> int:
         table_file = table_path(device)
         count = 0
         for s in selected:  # the table is rewritten after each op: a run cut short keeps what it measured
-            ops = sweep(device, backend, [s], log, dtypes, sizes, batches)
+            previous = json.loads(table_file.read_text()) if table_file.exists() else None
+            ops = sweep(device, backend, [s], log, dtypes, sizes, batches, previous)
             meta["sweep_s"] = round(time.time() - t0, 1)
             merge_into(table_file, ops, meta)
             count += sum(len(v) for v in ops.values())
@@ -792,8 +814,10 @@ def main(args: Any) -> int:
         t0 = time.time()
         points, violations = [], []
         check_file = out_dir / f"selection-check-{kind}-{stamp}.json"
+        table_file = table_path(device)
+        previous = json.loads(table_file.read_text()) if table_file.exists() else None
         for s in selected:  # written after each op: a run cut short keeps what it checked
-            p, v = check(device, [s], log, dtypes, sizes, batches)
+            p, v = check(device, [s], log, dtypes, sizes, batches, previous)
             points += p
             violations += v
             check_file.write_text(json.dumps({"meta": meta, "partial": True, "points": points}, indent=1))
