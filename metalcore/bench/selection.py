@@ -4,7 +4,8 @@ write the table automatic selection reads, and check the "never slower" rule.
 ``python -m metalcore.bench --selection`` times, at every grid point of every swept op, the wall
 time of one eager call, synchronised (what a user's loop feels, host work included), of
 
-* ``kernel``: metalcore's public function with the device's backend forced (``use_backend``),
+* ``kernel``: metalcore's public function with the device's backend forced (``use_backend``; for an
+  op with alternative paths, ``use_path(op, "kernel")`` as below),
 * each alternative path of the op that takes the input (``_selection.register_path``: e.g. eigh's
   register-tile Jacobi), forced by ``_selection.use_path`` alone (``kernel``: the kernel's own
   routing), so that the ops a path calls choose as they do when automatic selection picks it — the
