@@ -330,6 +330,22 @@ def test_qr_blocked_path(batch, m, n, mode, dtype, device, launches):
 
 
 @pytest.mark.usefixtures("triton_backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,m,n", [((256,), 128, 128), ((256,), 65, 65), ((256,), 130, 65), ((1,), 100, 100),
+                                       ((16,), 40, 128)], ids=str)
+def test_gpu_qr_blocked_path_full_size(batch, m, n, dtype, device):
+    """The "blocked" path compiled, at the sizes the sweep times it (the register tile's 65-128 and
+    qdwh's stacked 2n × n), on every matrix family."""
+    from metalcore import _selection
+
+    with _selection.use_path("qr", "blocked"):
+        for kind in KINDS:
+            check_qr_triton(general(kind, batch, m, n, dtype).to(device), "reduced", f"qr blocked {kind} {case_id(batch, m, n)}")
+        check_qr_triton(general("random", batch, m, n, dtype).to(device), "complete", "qr blocked complete")
+
+
+@pytest.mark.usefixtures("triton_backend")
 def test_qr_blocked_path_takes_sides_from_33(device):
     from metalcore import BackendUnavailableError, _selection
 
