@@ -383,7 +383,7 @@ def test_an_unknown_path_is_refused(card_table, triton_backend, launches):
     card_table([_timed("vectors", "float64", 5, 2, 1e-3, 2e-3, {"warp_speed": (1e-5, True)})])
     A = torch.randn(2, 5, 5, dtype=torch.float64)
     args = (A, "L", True)
-    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers, shifted, syevj"
+    refusal = r"names path\(s\) warp_speed for eigh.*it has: cusolver, kernel, registers, shifted, syevj, tridiag"
     with pytest.warns(RuntimeWarning, match=refusal):
         assert _selection.measured_path("eigh", "triton", A.device, args) == "torch"
     assert _selection.measured_choice("eigh", "triton", A.device, args) is False
@@ -391,7 +391,7 @@ def test_an_unknown_path_is_refused(card_table, triton_backend, launches):
     scratch = launches(eigh_triton, "eigh_launch")
     metalcore.linalg.eigh(A + A.mT)                # forced triton: the kernel's own routing
     assert scratch
-    unknown = "metalcore.eigh has no path 'warp_speed'; it has: kernel, cusolver, registers, shifted, syevj"
+    unknown = "metalcore.eigh has no path 'warp_speed'; it has: kernel, cusolver, registers, shifted, syevj, tridiag"
     with pytest.raises(ValueError, match=unknown):
         with _selection.use_path("eigh", "warp_speed"):
             pass
@@ -442,16 +442,17 @@ def test_the_sweep_forces_only_the_swept_op_on_the_devices_own_backend(automatic
 
 
 def test_sweep_times_every_alternative_path_on_the_interpreter(monkeypatch):
-    """eigh n = 3 through the real sweep: the kernel, the register tile and the shifted one-sided
-    kernel all timed (the cuSOLVER paths do not take CPU tensors), each checked against torch, the fastest of all recorded."""
+    """eigvalsh n = 3 through the real sweep: the kernel, the register tile, the shifted one-sided
+    kernel and the tridiagonal bisection all timed (the cuSOLVER paths do not take CPU tensors), each
+    checked against torch, the fastest of all recorded."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     load_kernels()
     s = next(s for s in selection.sweeps() if s.name == "eigh:values")
     point, = selection.measure_row(s, torch.device("cpu"), "triton", torch.float64, 3, [2], lambda msg: None)
     assert point["kernel_s"] > 0 and point["agree"] is True
-    assert set(point["paths"]) == {"registers", "shifted"}
-    for path in ("registers", "shifted"):
+    assert set(point["paths"]) == {"registers", "shifted", "tridiag"}
+    for path in ("registers", "shifted", "tridiag"):
         assert point["paths"][path]["s"] > 0 and point["paths"][path]["agree"] is True
     assert point["winner"] == _selection.winner(point)
     assert point["winner"] == "torch"            # the interpreter is far slower than LAPACK

@@ -768,3 +768,69 @@ def test_shifted_eigh_path_is_specialized_once_per_signature(triton_backend, mon
     assert built == [A.stride(), A.mT.contiguous().mT.stride()]
     assert torch.equal(L, L2)
     assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), "specialized path")
+
+
+# --- Eigenvalues by tridiagonalisation and bisection (eigh_tridiag_triton) ---------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_tridiag_eigvalsh_matrix_families(kind, dtype, triton_backend):
+    from metalcore.linalg.eigh_tridiag_triton import eigvalsh_tridiag
+    A = family(kind, (3,), 13, dtype)
+    for UPLO in ("L", "U"):
+        L = eigvalsh_tridiag(with_garbage(A, UPLO), UPLO == "U")
+        what = f"tridiag eigvalsh {kind} {dtype} {UPLO}"
+        assert not L.isnan().any(), what + ": NaN"
+        assert_lapack_ratio(values_ratio(L.double(), torch.linalg.eigvalsh(A.double()), dtype), what)
+        assert bool((L[..., :-1] <= L[..., 1:]).all()), "eigenvalues must be ascending"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["random", "cluster", "graded"])
+def test_tridiag_eigvalsh_at_its_largest_side(kind, dtype, triton_backend):
+    """n = 128 (MAX_N): the whole matrix in one register tile, 126 reflectors, 128 lanes bisecting."""
+    from metalcore.linalg.eigh_tridiag_triton import MAX_N, eigvalsh_tridiag
+    A = family(kind, (1,), MAX_N, dtype)
+    L = eigvalsh_tridiag(A, False)
+    assert_lapack_ratio(values_ratio(L.double(), torch.linalg.eigvalsh(A.double()), dtype), f"n={MAX_N} {kind} {dtype}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 33])
+def test_tridiag_eigvalsh_sizes_and_batch_shapes(n, triton_backend):
+    from metalcore.linalg.eigh_tridiag_triton import eigvalsh_tridiag
+    A = symmetric((2, 1), n)
+    L = eigvalsh_tridiag(A, False)
+    assert L.shape == (2, 1, n)
+    assert_lapack_ratio(values_ratio(L, torch.linalg.eigvalsh(A), torch.float64), f"n={n}")
+    T = A.mT.contiguous().mT                                                       # column-major strides
+    torch.testing.assert_close(eigvalsh_tridiag(T, False), L, rtol=0, atol=0)
+
+
+def test_tridiag_eigvalsh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
+    from metalcore import BackendUnavailableError, _selection
+    A = symmetric((4,), 40, torch.float32)
+    A[2, 3, 1] = float("nan")
+    with _selection.use_path("eigh", "tridiag"):
+        L = metalcore.linalg.eigvalsh(A)
+        with pytest.raises(BackendUnavailableError, match="'tridiag' does not"):
+            metalcore.linalg.eigh(A)                                               # vectors: not this path
+    assert L[2].isnan().all()
+    good = [0, 1, 3]
+    assert_lapack_ratio(values_ratio(L[good].double(), torch.linalg.eigvalsh(A[good].double()), torch.float32),
+                        "the other matrices")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,n", [(100, 64), (64, 128), (1024, 33), (16, 100)], ids=str)
+def test_gpu_tridiag_eigvalsh_full_size(batch, n, dtype, triton_backend, device):
+    """The compiled path at the sizes the sweep times it, on every matrix family."""
+    from metalcore import _selection
+    for kind in KINDS:
+        A = family(kind, (batch,), n, dtype).to(device)
+        with _selection.use_path("eigh", "tridiag"):
+            L = metalcore.linalg.eigvalsh(A)
+        what = f"tridiag eigvalsh {kind} {batch}×{n} {dtype}"
+        assert_lapack_ratio(values_ratio(L.double().cpu(), torch.linalg.eigvalsh(A.double().cpu()), dtype), what)
+        assert bool((L[..., :-1] <= L[..., 1:]).all()), what + ": ascending"
