@@ -834,3 +834,21 @@ def test_gpu_tridiag_eigvalsh_full_size(batch, n, dtype, triton_backend, device)
         what = f"tridiag eigvalsh {kind} {batch}×{n} {dtype}"
         assert_lapack_ratio(values_ratio(L.double().cpu(), torch.linalg.eigvalsh(A.double().cpu()), dtype), what)
         assert bool((L[..., :-1] <= L[..., 1:]).all()), what + ": ascending"
+
+
+def test_tridiag_eigvalsh_path_is_specialized_once_per_signature(triton_backend, monkeypatch):
+    from metalcore import _selection
+    from metalcore.linalg import eigh_triton
+    built = []
+    original = eigh_triton.eigvalsh_tridiag_launcher
+    monkeypatch.setattr(eigh_triton, "eigvalsh_tridiag_launcher",
+                        lambda A, *a, **k: built.append(A.stride()) or original(A, *a, **k))
+    _selection._clear_plans()
+    A = symmetric((3,), 5)
+    with _selection.use_path("eigh", "tridiag"):
+        for _ in range(3):
+            L = metalcore.linalg.eigvalsh(A)
+        L2 = metalcore.linalg.eigvalsh(A.mT.contiguous().mT)                       # column-major: another signature
+    assert built == [A.stride(), A.mT.contiguous().mT.stride()]
+    assert torch.equal(L, L2)
+    assert_lapack_ratio(values_ratio(L, torch.linalg.eigvalsh(A), torch.float64), "specialized path")
