@@ -750,24 +750,26 @@ def test_shifted_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(trit
                         "the other matrices")
 
 
-def test_shifted_eigh_path_is_specialized_once_per_signature(triton_backend, monkeypatch):
+@pytest.mark.parametrize("path,launcher,values_only", [("shifted", "eigh_shifted_launcher", False),
+                                                       ("tridiag", "eigvalsh_tridiag_launcher", True)])
+def test_eigh_path_is_specialized_once_per_signature(path, launcher, values_only, triton_backend, monkeypatch):
     """An alternative path's ``specialize`` is kept in the op's plan like the kernel's: the launch is
     bound once per call signature, and other strides make another."""
     from metalcore import _selection
     from metalcore.linalg import eigh_triton
     built = []
-    original = eigh_triton.eigh_shifted_launcher
-    monkeypatch.setattr(eigh_triton, "eigh_shifted_launcher",
-                        lambda A, *a, **k: built.append(A.stride()) or original(A, *a, **k))
+    original = getattr(eigh_triton, launcher)
+    monkeypatch.setattr(eigh_triton, launcher, lambda A, *a, **k: built.append(A.stride()) or original(A, *a, **k))
     _selection._clear_plans()
     A = symmetric((3,), 5)
-    with _selection.use_path("eigh", "shifted"):
+    call = metalcore.linalg.eigvalsh if values_only else (lambda A: metalcore.linalg.eigh(A)[0])
+    with _selection.use_path("eigh", path):
         for _ in range(3):
-            L, Q = metalcore.linalg.eigh(A)
-        L2, _ = metalcore.linalg.eigh(A.mT.contiguous().mT)          # column-major: another signature
+            L = call(A)
+        L2 = call(A.mT.contiguous().mT)                                   # column-major: another signature
     assert built == [A.stride(), A.mT.contiguous().mT.stride()]
     assert torch.equal(L, L2)
-    assert_lapack_ratio(residual_ratio(A, Q @ torch.diag_embed(L) @ Q.mT, torch.float64), "specialized path")
+    assert_lapack_ratio(values_ratio(L, torch.linalg.eigvalsh(A), torch.float64), f"specialized {path} path")
 
 
 # --- Eigenvalues by tridiagonalisation and bisection (eigh_tridiag_triton) ---------------------------
@@ -834,21 +836,3 @@ def test_gpu_tridiag_eigvalsh_full_size(batch, n, dtype, triton_backend, device)
         what = f"tridiag eigvalsh {kind} {batch}×{n} {dtype}"
         assert_lapack_ratio(values_ratio(L.double().cpu(), torch.linalg.eigvalsh(A.double().cpu()), dtype), what)
         assert bool((L[..., :-1] <= L[..., 1:]).all()), what + ": ascending"
-
-
-def test_tridiag_eigvalsh_path_is_specialized_once_per_signature(triton_backend, monkeypatch):
-    from metalcore import _selection
-    from metalcore.linalg import eigh_triton
-    built = []
-    original = eigh_triton.eigvalsh_tridiag_launcher
-    monkeypatch.setattr(eigh_triton, "eigvalsh_tridiag_launcher",
-                        lambda A, *a, **k: built.append(A.stride()) or original(A, *a, **k))
-    _selection._clear_plans()
-    A = symmetric((3,), 5)
-    with _selection.use_path("eigh", "tridiag"):
-        for _ in range(3):
-            L = metalcore.linalg.eigvalsh(A)
-        L2 = metalcore.linalg.eigvalsh(A.mT.contiguous().mT)                       # column-major: another signature
-    assert built == [A.stride(), A.mT.contiguous().mT.stride()]
-    assert torch.equal(L, L2)
-    assert_lapack_ratio(values_ratio(L, torch.linalg.eigvalsh(A), torch.float64), "specialized path")
