@@ -429,6 +429,8 @@ class _Forced:
 
     def __init__(self, s: Sweep, backend: str, name: str, inputs: tuple[Any, ...], choose: bool):
         self.s, self.backend, self.name, self.inputs, self.choose = s, backend, name, inputs, choose
+        device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+        self.own_backend = backend == automatic_backend(device)
 
     @contextlib.contextmanager
     def forcing(self):
@@ -441,8 +443,7 @@ class _Forced:
         # selection picks it. Forcing the backend for every op timed another composition: fp64
         # 64×256² qdwh 5.6 ms in the v9 sweep, its automatic call 27 ms in the check (the stacked
         # 128×64 QR went to the kernel forced, to torch by the table's square 128² point).
-        device = next(t.device for t in self.inputs if isinstance(t, torch.Tensor))
-        backend = contextlib.nullcontext() if self.backend == automatic_backend(device) else use_backend(self.backend)
+        backend = contextlib.nullcontext() if self.own_backend else use_backend(self.backend)
         with backend, _selection.use_path(self.s.key, self.name):
             yield
 
@@ -564,10 +565,15 @@ def table_path(device: torch.device, root: Path | None = None) -> Path:
     return (root or _selection.TABLE_DIR) / f"{_selection.device_kind(device)}.json"
 
 
+def read_table(path: Path) -> dict[str, Any] | None:
+    """The table written at ``path``, or None where there is none yet."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def merge_into(path: Path, new_ops: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) -> dict[str, Any]:
     """Replace the swept points of ``path``'s table (same op, variant, dtype, size and batch) by the
     new measurements, keeping the rest: a sweep of some ops or sizes refreshes those points only."""
-    table = json.loads(path.read_text()) if path.exists() else {"ops": {}}
+    table = read_table(path) or {"ops": {}}
     for key, points in new_ops.items():
         fresh = {(p["variant"], p["dtype"], p["size"], p["batch"]) for p in points}
         kept = [p for p in table["ops"].get(key, [])
@@ -799,13 +805,12 @@ def main(args: Any) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
     kind = _selection.device_kind(device)
     code = 0
+    table_file = table_path(device)
     if not args.check_only:
         t0 = time.time()
-        table_file = table_path(device)
         count = 0
         for s in selected:  # the table is rewritten after each op: a run cut short keeps what it measured
-            previous = json.loads(table_file.read_text()) if table_file.exists() else None
-            ops = sweep(device, backend, [s], log, dtypes, sizes, batches, previous)
+            ops = sweep(device, backend, [s], log, dtypes, sizes, batches, read_table(table_file))
             meta["sweep_s"] = round(time.time() - t0, 1)
             merge_into(table_file, ops, meta)
             count += sum(len(v) for v in ops.values())
@@ -815,8 +820,7 @@ def main(args: Any) -> int:
         t0 = time.time()
         points, violations = [], []
         check_file = out_dir / f"selection-check-{kind}-{stamp}.json"
-        table_file = table_path(device)
-        previous = json.loads(table_file.read_text()) if table_file.exists() else None
+        previous = read_table(table_file)
         for s in selected:  # written after each op: a run cut short keeps what it checked
             p, v = check(device, [s], log, dtypes, sizes, batches, previous)
             points += p

@@ -3,7 +3,7 @@ per matrix, in registers.
 
 Layers: ``_tridiag_eigvalsh_kernel`` → :func:`eigvalsh_tridiag` → the ``tridiag`` path of
 ``metalcore::eigh`` without vectors on the Triton backend (:mod:`metalcore.linalg.eigh_triton`),
-sides up to :data:`MAX_N`.
+sides up to the register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128).
 
 Why: above n = 32 the Jacobi kernels run hundreds of dependent rounds (the ``shifted`` kernel: ~504
 at n = 64, 0.86 ms for 16×64² on the H100) and the table gives eigh to cuSOLVER's batched syev
@@ -39,19 +39,12 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore._triton import jit
-from metalcore.linalg._small_triton import block, stack_strides
+from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
 from metalcore.linalg.householder_gemm import as3
 
-# The register tile's largest side: a 128×128 fp32 tile is 64 KB, 32 values a thread at 16 warps.
-MAX_N = 128
 # Bisection steps by dtype: Gershgorin's width after scaling is at most 3 (|d| ≤ 1, |e| ≤ 1 on both
 # sides), and 3·2⁻²⁷ < ε(fp32) = 1.2e-7, 3·2⁻⁵⁴ < ε(fp64) = 2.2e-16; one more step of margin each.
 ITERATIONS = {torch.float32: 28, torch.float64: 55}
-
-
-def warps(BN: int) -> int:
-    """About 32 tile values a thread: 1 warp for 32×32, 4 for 64×64, 16 for 128×128."""
-    return max(1, min(16, BN * BN // 1024))
 
 
 @jit
@@ -143,7 +136,7 @@ def eigvalsh_tridiag_launcher(A: Tensor, upper: bool) -> Callable[[Tensor], Tens
     BN = block(n)
     finfo = torch.finfo(dt)
     launch = _tridiag_eigvalsh_kernel.bind((nb,), None, None, None, None, n, *sa, finfo.eps, finfo.tiny,
-                                           ITERATIONS[dt], BN=BN, UPPER=upper, num_warps=warps(BN))
+                                           ITERATIONS[dt], BN=BN, UPPER=upper, num_warps=warps(BN * BN))
 
     def run(A: Tensor) -> Tensor:
         L = torch.empty(batch + [n], dtype=dt, device=dev)
