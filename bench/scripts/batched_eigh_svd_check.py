@@ -21,6 +21,10 @@ to see where the library's batch limit lies (the split is at 32768).
 program, 2-16 warps; with vectors and values only) against cuSOLVER's batched ``XsyevBatched`` (the
 ``cusolver`` path the table takes there), at batches 100-4096 (bench/linalg_triton.md v11).
 
+``--tridiag`` times the tridiagonal path (eigh_tridiag_triton, n <= 128; with vectors and values only)
+against the batched cuSOLVER calls, syevj at n <= 32, the automatic path, torch and the peers at issue
+17's 64² and 128² rows and the batches around them (bench/linalg_triton.md v15).
+
 ``--svd-small`` times svd at the n ≤ 32 target points (the same shapes, fp32, and fp64 1000×32²):
 the fused launch (svd_fused_triton; vectors and values), the chain it replaced, the register Jacobi
 without the QR step, the automatic path, torch and the peers.
@@ -56,6 +60,7 @@ from metalcore.linalg import cusolver_batched, cusolver_syevj  # noqa: E402
 from metalcore.linalg._small_triton import block, group  # noqa: E402
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers  # noqa: E402
 from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted  # noqa: E402
+from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag  # noqa: E402
 from metalcore.linalg.eigh_triton import eigh_launch  # noqa: E402
 from metalcore.linalg.svd_triton import svd_launch  # noqa: E402
 
@@ -76,6 +81,13 @@ SHIFTED_WIDE_POINTS = [(100, 48, torch.float32), (100, 64, torch.float32), (1024
                        (64, 128, torch.float32), (1024, 128, torch.float32),
                        (100, 64, torch.float64), (1024, 64, torch.float64)]
 TINY_SHIFTED_WIDE = [(2, 40, torch.float32), (2, 33, torch.float64)]
+# The tridiagonal path's points (bench/linalg_triton.md v15): issue 17's 64² and 128² rows, the batches
+# around them, 1000×32² (where the Jacobi kernels and syevj hold the table), fp64 at the targets.
+TRIDIAG_POINTS = [(100, 64, torch.float32), (64, 128, torch.float32), (1000, 32, torch.float32),
+                  (16, 64, torch.float32), (16, 128, torch.float32), (1024, 64, torch.float32),
+                  (4096, 64, torch.float32), (1024, 128, torch.float32),
+                  (100, 64, torch.float64), (64, 128, torch.float64)]
+TINY_TRIDIAG = [(2, 40, torch.float32), (2, 33, torch.float64)]
 CUSOLVER = False            # set in main() by cusolver_usable()
 SYEVJ = False               # likewise, for cusolver_syevj
 
@@ -260,6 +272,22 @@ def shifted_wide_variants(n, dtype, device):
     return out
 
 
+def tridiag_variants(n, dtype, device):
+    """The tridiagonal path (eigh_tridiag_triton; vectors and values only) against the batched cuSOLVER
+    calls the table takes at 33-128, syevj at n <= 32, the automatic path and torch."""
+    out = [("tridiag", lambda A, sw: eigh_tridiag(A, False, True)),
+           ("tridiag values", lambda A, sw: eigh_tridiag(A, False, False))]
+    if CUSOLVER:
+        out += [("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)),
+                ("cusolver values", lambda A, sw: (cusolver_batched.syev_batched(A, False, False)[0],
+                                                   A.new_empty(0)))]
+    if SYEVJ and n <= cusolver_syevj.MAX_N:
+        out.append(("syevj", lambda A, sw: cusolver_syevj.syevj_batched(A, False, True)))
+    out += [("op automatic", lambda A, sw: metalcore.linalg.eigh(A)),
+            ("torch", lambda A, sw: torch.linalg.eigh(A))]
+    return out
+
+
 def values_ratio(L, expected64, dtype):
     """``max|λ − λ64| / (n·ε·max|λ64|)``, worst over the batch (NaN rows are counted apart)."""
     n = max(expected64.shape[-1], 1)
@@ -306,6 +334,11 @@ def run_syevj(args, device, start, emit):
 def run_shifted_wide(args, device, start, emit):
     run_points(args, device, start, emit, "eigh", TINY_SHIFTED_WIDE if args.tiny else SHIFTED_WIDE_POINTS,
                shifted_wide_variants, lambda G, Sym: cpu_values(Sym), ("eigh",))
+
+
+def run_tridiag(args, device, start, emit):
+    run_points(args, device, start, emit, "eigh", TINY_TRIDIAG if args.tiny else TRIDIAG_POINTS,
+               tridiag_variants, lambda G, Sym: cpu_values(Sym), ("eigh", "eigvalsh"))
 
 
 def run_svd_small(args, device, start, emit):
@@ -394,6 +427,8 @@ def main():
                     help="only eigh at the batched-Jacobi points, every path and the peers (module docstring)")
     ap.add_argument("--shifted-wide", action="store_true",
                     help="only eigh at n = 33-128: the shifted kernel past its bound against batched cuSOLVER")
+    ap.add_argument("--tridiag", action="store_true",
+                    help="only eigh at n = 32-128: the tridiagonal path against batched cuSOLVER, torch and the peers")
     ap.add_argument("--svd-small", action="store_true",
                     help="only svd at the n <= 32 target points: the fused launch against the chain, torch and the peers")
     ap.add_argument("--max-seconds", type=float, default=210.0,
@@ -415,8 +450,10 @@ def main():
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
     global CUSOLVER, SYEVJ
     CUSOLVER, SYEVJ = doc["cusolver_usable"], doc["syevj_usable"] = cusolver_usable(device, limit=args.syevj)
-    if args.syevj or args.svd_small or args.shifted_wide:
-        (run_syevj if args.syevj else run_shifted_wide if args.shifted_wide else run_svd_small)(args, device, start, emit)
+    focused = {"syevj": run_syevj, "shifted_wide": run_shifted_wide, "tridiag": run_tridiag, "svd_small": run_svd_small}
+    chosen = [run for flag, run in focused.items() if getattr(args, flag)]
+    if chosen:
+        chosen[0](args, device, start, emit)
         finish(doc, start, path)
         return
     if not args.no_hang:

@@ -38,116 +38,230 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore._triton import jit
+from metalcore._triton import helper, jit, program_slots
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
 from metalcore.linalg.householder_gemm import as3
 
 # Bisection steps by dtype: Gershgorin's width after scaling is at most 3 (|d| ≤ 1, |e| ≤ 1 on both
 # sides), and 3·2⁻²⁷ < ε(fp32) = 1.2e-7, 3·2⁻⁵⁴ < ε(fp64) = 2.2e-16; one more step of margin each.
 ITERATIONS = {torch.float32: 28, torch.float64: 55}
+# Inverse iteration (the vectors). One solve with T − λ_j I leaves in lane j's vector a component
+# ~ε‖T‖/gap along each neighbour's eigenvector, whatever the rounds: rounding in the solve. Eigenvalues
+# closer than ORTOL_N / n (T scaled to entries at most 1) therefore form a cluster whose vectors are
+# orthogonalised against each other, which keeps every other pair's ε/gap below n·ε/4: LAPACK's
+# orthogonality ratio ≲ 4 where stein's fixed 1e-3 of the norm measured 47 on one 13² fp32 matrix.
+# Each of the ROUNDS rounds is one solve from the last round's vectors, the first from SEED's
+# pseudo-random ones; the second pulls a cluster's orthogonalised vectors back into its subspace.
+ORTOL_N = 0.25
+ROUNDS = 2
+SEED = tl.constexpr(20261207)
+
+
+@helper
+def _unit_columns(z):
+    """Each column of ``z`` scaled to unit 2-norm (by its largest entry first, so that no square
+    overflows)."""
+    m = tl.max(tl.abs(z), axis=0)
+    z = z / tl.where(m > 0.0, m, 1.0)[None, :]
+    return z / tl.sqrt(tl.maximum(tl.sum(z * z, axis=0), 1.0))[None, :]
+
+
+@helper
+def _tridiag_eigenvectors(lam_rows, D, E, ZS, YS, QS, n, rows, cols, at, eps, ortol, rounds, BN: tl.constexpr):
+    """Eigenvectors of the scaled ``T`` (``d`` at ``D``, ``e`` at ``E``) as the columns of a
+    ``[BN, BN]`` tile, lane ``j`` for the eigenvalue ``lam_rows[j]`` (stein's inverse iteration)."""
+    # Lane j's eigenvalue, and which lanes share its cluster (neighbours closer than ortol).
+    diagonal = rows[:, None] == cols[None, :]
+    lam = tl.sum(tl.where(diagonal, lam_rows[:, None], 0.0), axis=0)
+    before = tl.sum(tl.where(rows[:, None] == cols[None, :] - 1, lam_rows[:, None], 0.0), axis=0)
+    starts = (cols == 0) | (lam - before > ortol)
+    cluster = tl.cumsum(starts.to(tl.int32), axis=0)
+    clustered = tl.sum(tl.where((cols < n) & (cols > 0) & (lam - before <= ortol), 1, 0), axis=0) > 0
+
+    # 4a. Pivots of T − λ_j I = L D Lᵀ (the Sturm recurrence), lane j; a pivot below ε becomes ±ε,
+    # which bounds the solve's growth (T is scaled to entries at most 1).
+    q = tl.load(D) - lam
+    q = tl.where(tl.abs(q) < eps, tl.where(q < 0.0, -eps, eps), q)
+    tl.store(QS + cols, q)
+    for i in range(1, n):
+        e_i = tl.load(E + i - 1)
+        q = (tl.load(D + i) - lam) - e_i * (e_i / q)
+        q = tl.where(tl.abs(q) < eps, tl.where(q < 0.0, -eps, eps), q)
+        tl.store(QS + i * BN + cols, q)
+
+    # 4b. Inverse iteration from pseudo-random vectors: each round solves (T − λ_j I) x_j = z_j, then
+    # orthogonalises within clusters (classical Gram-Schmidt, twice).
+    z = tl.where(rows[:, None] < n, tl.rand(SEED, at) - 0.5, 0.0)
+    for _ in range(0, rounds):
+        tl.debug_barrier()                                # every lane's reads of the last round are done
+        tl.store(ZS + at, z)
+        tl.debug_barrier()
+        q = tl.load(QS + cols)
+        y = tl.load(ZS + cols)
+        tl.store(YS + cols, y / q)
+        for i in range(1, n):                             # L y = z, then D⁻¹ y
+            l_i = tl.load(E + i - 1) / q
+            y = tl.load(ZS + i * BN + cols) - l_i * y
+            q = tl.load(QS + i * BN + cols)
+            tl.store(YS + i * BN + cols, y / q)
+        tl.debug_barrier()
+        x = tl.load(YS + (n - 1) * BN + cols)
+        tl.store(ZS + (n - 1) * BN + cols, x)
+        for t in range(0, n - 1):                         # Lᵀ x = D⁻¹ y, bottom up
+            i = n - 2 - t
+            x = tl.load(YS + i * BN + cols) - (tl.load(E + i) / tl.load(QS + i * BN + cols)) * x
+            tl.store(ZS + i * BN + cols, x)
+        tl.debug_barrier()
+        z = _unit_columns(tl.load(ZS + at, mask=rows[:, None] < n, other=0.0))
+        if clustered:
+            for j in range(1, n):
+                j_cluster = tl.sum(tl.where(cols == j, cluster, 0), axis=0)
+                mates = (cols < j) & (cluster == j_cluster)
+                if tl.max(tl.where(mates, 1, 0), axis=0) > 0:
+                    column = cols[None, :] == j
+                    zj = tl.sum(tl.where(column, z, 0.0), axis=1)
+                    for _ in tl.static_range(2):
+                        c = tl.where(mates, tl.sum(z * zj[:, None], axis=0), 0.0)
+                        zj = zj - tl.sum(z * c[None, :], axis=1)
+                    zj = zj / tl.sqrt(tl.sum(zj * zj, axis=0))
+                    z = tl.where(column, zj[:, None], z)
+    return tl.where(cols[None, :] < n, z, 0.0)
 
 
 @jit
-def _tridiag_eigvalsh_kernel(A, L, DS, E2S, n, s_ab, s_ar, s_ac, eps, pivmin, iterations,
-                             BN: tl.constexpr, UPPER: tl.constexpr):
+def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol, rounds,
+                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr):
     pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     rows = tl.arange(0, BN)
     cols = tl.arange(0, BN)
     inside = (rows[:, None] < n) & (cols[None, :] < n)
-    base = A + pid.to(tl.int64) * s_ab
     hi = tl.maximum(rows[:, None], cols[None, :])
     lo = tl.minimum(rows[:, None], cols[None, :])
-    if UPPER:
-        a = tl.load(base + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
-    else:
-        a = tl.load(base + hi * s_ar + lo * s_ac, mask=inside, other=0.0)
-    finite = tl.sum(tl.sum(tl.where(tl.abs(a) < float("inf"), 0, 1), axis=1), axis=0) == 0
+    scratch = pid.to(tl.int64) * BN                       # this program's d and e
+    tile = pid.to(tl.int64) * BN * BN                     # this program's Z and pivots
+    at = rows[:, None] * BN + cols[None, :]
+    for mat in range(pid, nb, programs):
+        mat = tl.full([], 0, tl.int64) + mat              # 64-bit offsets (65536 × 128² > 2³¹ bytes)
+        base = A + mat * s_ab
+        vout = V + mat * n * n
+        if UPPER:
+            a = tl.load(base + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
+        else:
+            a = tl.load(base + hi * s_ar + lo * s_ac, mask=inside, other=0.0)
+        finite = tl.sum(tl.sum(tl.where(tl.abs(a) < float("inf"), 0, 1), axis=1), axis=0) == 0
 
-    # 1. Householder tridiagonalisation, lower (sytd2).
-    for k in range(0, n - 2):
-        x = tl.sum(tl.where(cols[None, :] == k, a, 0.0), axis=1)
-        x = tl.where(rows > k, x, 0.0)
-        alpha = tl.sum(tl.where(rows == k + 1, x, 0.0), axis=0)
-        m = tl.max(tl.abs(x), axis=0)
-        m = tl.where(m > 0.0, m, 1.0)
-        xs = x / m
-        sigma = tl.sum(tl.where(rows > k + 1, xs * xs, 0.0), axis=0)
-        norm = m * tl.sqrt((alpha / m) * (alpha / m) + sigma)
-        beta = tl.where(alpha >= 0.0, -norm, norm)
-        trivial = sigma == 0.0
-        tau = tl.where(trivial, 0.0, (beta - alpha) / tl.where(trivial, 1.0, beta))
-        v = tl.where(rows == k + 1, 1.0, tl.where(rows > k + 1, x / tl.where(trivial, 1.0, alpha - beta), 0.0))
-        p = tau * tl.sum(a * v[None, :], axis=1)
-        w = p - (0.5 * tau * tl.sum(p * v, axis=0)) * v
-        a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
+        # 1. Householder tridiagonalisation, lower (sytd2): A = Q T Qᵀ, Q = H_0 … H_{n−3}.
+        for k in range(0, n - 2):
+            x = tl.sum(tl.where(cols[None, :] == k, a, 0.0), axis=1)
+            x = tl.where(rows > k, x, 0.0)
+            alpha = tl.sum(tl.where(rows == k + 1, x, 0.0), axis=0)
+            m = tl.max(tl.abs(x), axis=0)
+            m = tl.where(m > 0.0, m, 1.0)
+            xs = x / m
+            sigma = tl.sum(tl.where(rows > k + 1, xs * xs, 0.0), axis=0)
+            norm = m * tl.sqrt((alpha / m) * (alpha / m) + sigma)
+            beta = tl.where(alpha >= 0.0, -norm, norm)
+            trivial = sigma == 0.0
+            tau = tl.where(trivial, 0.0, (beta - alpha) / tl.where(trivial, 1.0, beta))
+            v = tl.where(rows == k + 1, 1.0, tl.where(rows > k + 1, x / tl.where(trivial, 1.0, alpha - beta), 0.0))
+            if WANT_V:
+                # H_k = I − w wᵀ with w = √τ v (τ ∈ {0} ∪ [1, 2]), kept in row k of V until step 5.
+                tl.store(vout + k * n + rows, tl.sqrt(tau) * v, mask=rows < n)
+            p = tau * tl.sum(a * v[None, :], axis=1)
+            w = p - (0.5 * tau * tl.sum(p * v, axis=0)) * v
+            a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
 
-    # 2. T's diagonal and super-diagonal, scaled to at most 1, into scratch for the Sturm recurrence.
-    d = tl.sum(tl.where(cols[None, :] == rows[:, None], a, 0.0), axis=1)
-    e = tl.sum(tl.where(cols[None, :] == rows[:, None] + 1, a, 0.0), axis=1)   # e_i = T[i, i+1]
-    d = tl.where(rows < n, d, 0.0)
-    e = tl.where(rows < n - 1, e, 0.0)
-    s = tl.maximum(tl.max(tl.abs(d), axis=0), tl.max(tl.abs(e), axis=0))
-    s = tl.where(s > 0.0, s, 1.0)
-    d = d / s
-    e = e / s
-    e_before = tl.sum(tl.where(cols[None, :] == rows[:, None] - 1, a, 0.0), axis=1) / s   # T[i, i-1]
-    e_before = tl.where((rows >= 1) & (rows < n), e_before, 0.0)
-    radius = tl.abs(e) + tl.abs(e_before)
-    low = tl.min(tl.where(rows < n, d - radius, float("inf")), axis=0)
-    high = tl.max(tl.where(rows < n, d + radius, -float("inf")), axis=0)
-    # Gershgorin's interval holds every eigenvalue of T; the margin covers its own rounding.
-    pad = 4.0 * eps * tl.maximum(tl.abs(low), tl.abs(high)) + 2.0 * pivmin
-    low = low - pad
-    high = high + pad
-    scratch = pid.to(tl.int64) * BN
-    tl.store(DS + scratch + rows, d)
-    tl.store(E2S + scratch + rows, e * e)
-    tl.debug_barrier()
+        # 2. T's diagonal and super-diagonal, scaled to at most 1, into scratch for the recurrences.
+        d = tl.sum(tl.where(cols[None, :] == rows[:, None], a, 0.0), axis=1)
+        e = tl.sum(tl.where(cols[None, :] == rows[:, None] + 1, a, 0.0), axis=1)   # e_i = T[i, i+1]
+        d = tl.where(rows < n, d, 0.0)
+        e = tl.where(rows < n - 1, e, 0.0)
+        s = tl.maximum(tl.max(tl.abs(d), axis=0), tl.max(tl.abs(e), axis=0))
+        s = tl.where(s > 0.0, s, 1.0)
+        d = d / s
+        e = e / s
+        e_before = tl.sum(tl.where(cols[None, :] == rows[:, None] - 1, a, 0.0), axis=1) / s   # T[i, i-1]
+        e_before = tl.where((rows >= 1) & (rows < n), e_before, 0.0)
+        radius = tl.abs(e) + tl.abs(e_before)
+        low = tl.min(tl.where(rows < n, d - radius, float("inf")), axis=0)
+        high = tl.max(tl.where(rows < n, d + radius, -float("inf")), axis=0)
+        # Gershgorin's interval holds every eigenvalue of T; the margin covers its own rounding.
+        pad = 4.0 * eps * tl.maximum(tl.abs(low), tl.abs(high)) + 2.0 * pivmin
+        low = low - pad
+        high = high + pad
+        tl.debug_barrier()                                # the previous matrix's readers are done
+        tl.store(DS + scratch + rows, d)
+        tl.store(ES + scratch + rows, e)
+        tl.debug_barrier()
 
-    # 3. Bisection, lane j for the j-th smallest eigenvalue.
-    left = tl.zeros_like(d) + low
-    right = tl.zeros_like(d) + high
-    for _ in range(0, iterations):
-        mid = 0.5 * (left + right)
-        q = tl.load(DS + scratch) - mid
-        q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
-        count = tl.where(q < 0.0, 1, 0)
-        for i in range(1, n):
-            q = (tl.load(DS + scratch + i) - mid) - tl.load(E2S + scratch + i - 1) / q
+        # 3. Bisection, lane j for the j-th smallest eigenvalue.
+        left = tl.zeros_like(d) + low
+        right = tl.zeros_like(d) + high
+        for _ in range(0, iterations):
+            mid = 0.5 * (left + right)
+            q = tl.load(DS + scratch) - mid
             q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
-            count += tl.where(q < 0.0, 1, 0)
-        below = count > rows
-        right = tl.where(below, mid, right)
-        left = tl.where(below, left, mid)
-    lam = 0.5 * (left + right) * s
-    lam = tl.where(finite, lam, float("nan"))
-    tl.store(L + pid.to(tl.int64) * n + rows, lam, mask=rows < n)
+            count = tl.where(q < 0.0, 1, 0)
+            for i in range(1, n):
+                e_i = tl.load(ES + scratch + i - 1)
+                q = (tl.load(DS + scratch + i) - mid) - e_i * e_i / q
+                q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
+                count += tl.where(q < 0.0, 1, 0)
+            below = count > rows
+            right = tl.where(below, mid, right)
+            left = tl.where(below, left, mid)
+        lam = 0.5 * (left + right)
+        tl.store(L + mat * n + rows, tl.where(finite, lam * s, float("nan")), mask=rows < n)
+
+        if WANT_V:
+            z = _tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, rows, cols,
+                                      at, eps, ortol, rounds, BN)
+            # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
+            tl.debug_barrier()
+            for t in range(0, n - 2):
+                w = tl.load(vout + (n - 3 - t) * n + rows, mask=rows < n, other=0.0)
+                z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
+            z = tl.where(finite, z, float("nan"))
+            tl.debug_barrier()
+            tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
 
 
-def eigvalsh_tridiag_launcher(A: Tensor, upper: bool) -> Callable[[Tensor], Tensor]:
-    """``run(A) -> L`` for tensors of ``A``'s shape, strides, dtype and device: the launch bound once
-    per call signature (the op's plan keeps ``run``)."""
+def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
+    unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
+    no_vectors = torch.empty(0, dtype=dt, device=dev)
     if nb == 0 or n == 0:
-        return lambda A: torch.empty(batch + [n], dtype=dt, device=dev)
+        return lambda A: (torch.empty(batch + [n], dtype=dt, device=dev),
+                          torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors)
     sa, copy = stack_strides(A)
     BN = block(n)
+    num_warps = warps(BN * BN)
+    # Persistent programs: as many as the SMs hold by warps (64 a Hopper SM), each looping over
+    # matrices, so that the vectors' scratch (3 BN² a program) does not grow with the batch.
+    programs = min(nb, program_slots(dev) * max(1, 64 // num_warps))
     finfo = torch.finfo(dt)
-    launch = _tridiag_eigvalsh_kernel.bind((nb,), None, None, None, None, n, *sa, finfo.eps, finfo.tiny,
-                                           ITERATIONS[dt], BN=BN, UPPER=upper, num_warps=warps(BN * BN))
+    launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
+                                       finfo.eps, finfo.tiny, ITERATIONS[dt], ORTOL_N / n, ROUNDS,
+                                       BN=BN, UPPER=upper, WANT_V=compute_v, num_warps=num_warps)
 
-    def run(A: Tensor) -> Tensor:
+    def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)
-        scratch = torch.empty(2, nb, BN, dtype=dt, device=dev)
-        launch(as3(A) if copy else A, L, scratch[0], scratch[1])
-        return L
+        Q = torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors
+        vectors = torch.empty(3, programs, BN * BN, dtype=dt, device=dev) if compute_v else None
+        lines = torch.empty(2, programs, BN, dtype=dt, device=dev)
+        Z, Y, P = vectors if compute_v else (lines[0],) * 3
+        launch(as3(A) if copy else A, L, Q, lines[0], lines[1], Z, Y, P)
+        return L, Q
 
     return run
 
 
-def eigvalsh_tridiag(A: Tensor, upper: bool) -> Tensor:
+def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (``n ≤ MAX_N``,
-    float32/float64) from the triangle ``upper`` names."""
-    return eigvalsh_tridiag_launcher(A, upper)(A)
+    float32/float64) from the triangle ``upper`` names, and with ``compute_v`` their orthonormal
+    eigenvectors as ``Q``'s columns (else ``Q`` is empty)."""
+    return eigh_tridiag_launcher(A, upper, compute_v)(A)

@@ -48,7 +48,7 @@ from metalcore.linalg._small_triton import fits
 from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers
 from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted, eigh_shifted_launcher
-from metalcore.linalg.eigh_tridiag_triton import MAX_N as TRIDIAG_MAX_N, eigvalsh_tridiag, eigvalsh_tridiag_launcher
+from metalcore.linalg.eigh_tridiag_triton import MAX_N as TRIDIAG_MAX_N, eigh_tridiag, eigh_tridiag_launcher
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -236,15 +236,15 @@ def _eigh_shifted_path(A, UPLO, compute_v):
 # n <= 128), n − 2 dependent steps where Jacobi runs hundreds of rounds; measured by the sweep like
 # every path.
 def _eigh_tridiag_specialized(A, UPLO, compute_v):
-    run = eigvalsh_tridiag_launcher(A, UPLO == "U")
-    return lambda A, UPLO, compute_v: (run(A), A.new_empty(0))
+    run = eigh_tridiag_launcher(A, UPLO == "U", compute_v)
+    return lambda A, UPLO, compute_v: run(A)
 
 
 @register_path("eigh", "triton", "tridiag",
-               supports=lambda A, UPLO, compute_v: not compute_v and fits(A, max_n=TRIDIAG_MAX_N),
+               supports=lambda A, UPLO, compute_v: fits(A, max_n=TRIDIAG_MAX_N),
                specialize=_eigh_tridiag_specialized)
 def _eigh_tridiag_path(A, UPLO, compute_v):
-    return eigvalsh_tridiag(A, UPLO == "U"), A.new_empty(0)
+    return eigh_tridiag(A, UPLO == "U", compute_v)
 
 
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),

@@ -751,7 +751,7 @@ def test_shifted_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(trit
 
 
 @pytest.mark.parametrize("path,launcher,values_only", [("shifted", "eigh_shifted_launcher", False),
-                                                       ("tridiag", "eigvalsh_tridiag_launcher", True)])
+                                                       ("tridiag", "eigh_tridiag_launcher", True)])
 def test_eigh_path_is_specialized_once_per_signature(path, launcher, values_only, triton_backend, monkeypatch):
     """An alternative path's ``specialize`` is kept in the op's plan like the kernel's: the launch is
     bound once per call signature, and other strides make another."""
@@ -772,67 +772,112 @@ def test_eigh_path_is_specialized_once_per_signature(path, launcher, values_only
     assert_lapack_ratio(values_ratio(L, torch.linalg.eigvalsh(A), torch.float64), f"specialized {path} path")
 
 
-# --- Eigenvalues by tridiagonalisation and bisection (eigh_tridiag_triton) ---------------------------
+# --- Tridiagonalisation, bisection and inverse iteration (eigh_tridiag_triton) ----------------------
+
+
+def assert_tridiag_eigh(A, L, Q, dtype, what):
+    """LAPACK's residual, orthogonality and eigenvalue ratios of ``(L, Q)`` for ``A``, no NaN,
+    eigenvalues ascending."""
+    assert not L.isnan().any() and not Q.isnan().any(), what + ": NaN"
+    A64, L64, Q64 = A.double().cpu(), L.double().cpu(), Q.double().cpu()
+    scale = A64.abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    assert_lapack_ratio(residual_ratio(A64 / scale, (Q64 * (L64 / scale[..., 0]).unsqueeze(-2)) @ Q64.mT, dtype),
+                        what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(Q64, dtype), what + " Q")
+    assert_lapack_ratio(values_ratio(L64, torch.linalg.eigvalsh(A64), dtype), what + " eigenvalues")
+    assert bool((L[..., :-1] <= L[..., 1:]).all()), what + ": ascending"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_tridiag_eigvalsh_matrix_families(kind, dtype, triton_backend):
-    from metalcore.linalg.eigh_tridiag_triton import eigvalsh_tridiag
+def test_tridiag_eigh_matrix_families(kind, dtype, triton_backend):
+    """n = 13, 3 matrices, garbage in the other triangle; the eigenvalues without vectors are the same
+    bit for bit (the same reduction and bisection)."""
+    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
     A = family(kind, (3,), 13, dtype)
     for UPLO in ("L", "U"):
-        L = eigvalsh_tridiag(with_garbage(A, UPLO), UPLO == "U")
-        what = f"tridiag eigvalsh {kind} {dtype} {UPLO}"
-        assert not L.isnan().any(), what + ": NaN"
-        assert_lapack_ratio(values_ratio(L.double(), torch.linalg.eigvalsh(A.double()), dtype), what)
-        assert bool((L[..., :-1] <= L[..., 1:]).all()), "eigenvalues must be ascending"
+        G = with_garbage(A, UPLO)
+        L, Q = eigh_tridiag(G, UPLO == "U", True)
+        assert_tridiag_eigh(A, L, Q, dtype, f"tridiag eigh {kind} {dtype} {UPLO}")
+        values, none = eigh_tridiag(G, UPLO == "U", False)
+        assert torch.equal(values, L) and none.numel() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", ["random", "cluster", "graded"])
-def test_tridiag_eigvalsh_at_its_largest_side(kind, dtype, triton_backend):
-    """n = 128 (MAX_N): the whole matrix in one register tile, 126 reflectors, 128 lanes bisecting."""
-    from metalcore.linalg.eigh_tridiag_triton import MAX_N, eigvalsh_tridiag
+@pytest.mark.parametrize("kind", ["cluster", "graded"])
+def test_tridiag_eigh_at_its_largest_side(kind, dtype, triton_backend):
+    """n = 128 (MAX_N): the whole matrix in one register tile, 126 reflectors, 128 lanes bisecting and
+    solving."""
+    from metalcore.linalg.eigh_tridiag_triton import MAX_N, eigh_tridiag
     A = family(kind, (1,), MAX_N, dtype)
-    L = eigvalsh_tridiag(A, False)
-    assert_lapack_ratio(values_ratio(L.double(), torch.linalg.eigvalsh(A.double()), dtype), f"n={MAX_N} {kind} {dtype}")
+    assert_tridiag_eigh(A, *eigh_tridiag(A, False, True), dtype, f"n={MAX_N} {kind} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tridiag_eigh_repeated_and_decoupled_eigenvalues(dtype, triton_backend):
+    """Clusters: eigenvalues of multiplicity 20, 10 and 3 at n = 33 (one cluster's vectors are any
+    orthonormal basis of its subspace), the identity, zero, a diagonal matrix with repeats (T decouples:
+    e = 0), and Wilkinson's W21+ (pairs equal to ~1e-14)."""
+    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
+    Q0, _ = torch.linalg.qr(torch.randn(1, 33, 33, dtype=torch.float64))
+    L0 = torch.tensor([1.0] * 20 + [2.0] * 10 + [5.0] * 3, dtype=torch.float64)
+    wilkinson = (torch.diag(torch.arange(21, dtype=torch.float64).sub(10).abs())
+                 + torch.diag(torch.ones(20, dtype=torch.float64), 1) + torch.diag(torch.ones(20, dtype=torch.float64), -1))
+    cases = {"repeated": Q0 @ torch.diag_embed(L0) @ Q0.mT, "identity": torch.eye(5, dtype=torch.float64)[None],
+             "diagonal": torch.diag(torch.tensor([3.0, 1, 1, 2, 3], dtype=torch.float64))[None],
+             "wilkinson": wilkinson[None]}
+    for name, A in cases.items():
+        assert_tridiag_eigh(A, *eigh_tridiag(A.to(dtype), False, True), dtype, f"{name} {dtype}")
+    L, Q = eigh_tridiag(torch.zeros(1, 4, 4, dtype=dtype), False, True)
+    assert L.abs().max() <= torch.finfo(dtype).tiny * 4
+    assert_lapack_ratio(orthogonality_ratio(Q, dtype), f"zero {dtype} Q")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 33])
-def test_tridiag_eigvalsh_sizes_and_batch_shapes(n, triton_backend):
-    from metalcore.linalg.eigh_tridiag_triton import eigvalsh_tridiag
+def test_tridiag_eigh_sizes_and_batch_shapes(n, triton_backend):
+    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
     A = symmetric((2, 1), n)
-    L = eigvalsh_tridiag(A, False)
-    assert L.shape == (2, 1, n)
-    assert_lapack_ratio(values_ratio(L, torch.linalg.eigvalsh(A), torch.float64), f"n={n}")
+    L, Q = eigh_tridiag(A, False, True)
+    assert L.shape == (2, 1, n) and Q.shape == (2, 1, n, n)
+    assert_tridiag_eigh(A, L, Q, torch.float64, f"n={n}")
     T = A.mT.contiguous().mT                                                       # column-major strides
-    torch.testing.assert_close(eigvalsh_tridiag(T, False), L, rtol=0, atol=0)
+    L2, Q2 = eigh_tridiag(T, False, True)
+    assert torch.equal(L2, L) and torch.equal(Q2, Q)
 
 
-def test_tridiag_eigvalsh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
-    from metalcore import BackendUnavailableError, _selection
+def test_tridiag_eigh_persistent_programs_loop_over_the_batch(triton_backend, monkeypatch):
+    """More matrices than programs: each program takes every ``programs``-th matrix, its scratch reused."""
+    from metalcore.linalg import eigh_tridiag_triton
+    monkeypatch.setattr(eigh_tridiag_triton, "program_slots", lambda device: 1)   # 64 // 2 warps = 32
+    A = symmetric((40,), 9)
+    L, Q = eigh_tridiag_triton.eigh_tridiag(A, False, True)
+    assert_tridiag_eigh(A, L, Q, torch.float64, "40 matrices on 32 programs")
+
+
+def test_tridiag_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
+    from metalcore import _selection
     A = symmetric((4,), 40, torch.float32)
     A[2, 3, 1] = float("nan")
     with _selection.use_path("eigh", "tridiag"):
-        L = metalcore.linalg.eigvalsh(A)
-        with pytest.raises(BackendUnavailableError, match="'tridiag' does not"):
-            metalcore.linalg.eigh(A)                                               # vectors: not this path
-    assert L[2].isnan().all()
+        L, Q = metalcore.linalg.eigh(A)
+        assert torch.equal(metalcore.linalg.eigvalsh(A).nan_to_num(), L.nan_to_num())
+    assert L[2].isnan().all() and Q[2].isnan().all()
     good = [0, 1, 3]
-    assert_lapack_ratio(values_ratio(L[good].double(), torch.linalg.eigvalsh(A[good].double()), torch.float32),
-                        "the other matrices")
+    assert_tridiag_eigh(A[good], L[good], Q[good], torch.float32, "the other matrices")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("batch,n", [(100, 64), (64, 128), (1024, 33), (16, 100)], ids=str)
-def test_gpu_tridiag_eigvalsh_full_size(batch, n, dtype, triton_backend, device):
-    """The compiled path at the sizes the sweep times it, on every matrix family."""
+@pytest.mark.parametrize("batch,n", [(100, 64), (64, 128), (1024, 33), (16, 100), (5000, 64)], ids=str)
+def test_gpu_tridiag_eigh_full_size(batch, n, dtype, triton_backend, device):
+    """The compiled path at the sizes the sweep times it, on every matrix family, with and without
+    vectors; 5000 matrices of 64² run on fewer persistent programs than matrices."""
     from metalcore import _selection
     for kind in KINDS:
         A = family(kind, (batch,), n, dtype).to(device)
         with _selection.use_path("eigh", "tridiag"):
-            L = metalcore.linalg.eigvalsh(A)
-        what = f"tridiag eigvalsh {kind} {batch}×{n} {dtype}"
-        assert_lapack_ratio(values_ratio(L.double().cpu(), torch.linalg.eigvalsh(A.double().cpu()), dtype), what)
-        assert bool((L[..., :-1] <= L[..., 1:]).all()), what + ": ascending"
+            L, Q = metalcore.linalg.eigh(A)
+            values = metalcore.linalg.eigvalsh(A)
+        what = f"tridiag eigh {kind} {batch}×{n} {dtype}"
+        assert_tridiag_eigh(A, L, Q, dtype, what)
+        assert torch.equal(values, L), what + ": the same eigenvalues without vectors"
