@@ -91,7 +91,7 @@ def _tridiag_eigenvectors(lam_rows, D, E, ZS, YS, QS, n, rows, cols, at, eps, or
 
     # 4b. Inverse iteration from pseudo-random vectors: each round solves (T − λ_j I) x_j = z_j, then
     # orthogonalises within clusters (classical Gram-Schmidt, twice).
-    z = tl.where(rows[:, None] < n, tl.rand(SEED, at) - 0.5, 0.0)
+    z = tl.where(rows[:, None] < n, tl.rand(SEED, at) - 0.5, 0.0).to(lam.dtype)
     for _ in range(0, rounds):
         tl.debug_barrier()                                # every lane's reads of the last round are done
         tl.store(ZS + at, z)
@@ -120,7 +120,7 @@ def _tridiag_eigenvectors(lam_rows, D, E, ZS, YS, QS, n, rows, cols, at, eps, or
                 if tl.max(tl.where(mates, 1, 0), axis=0) > 0:
                     column = cols[None, :] == j
                     zj = tl.sum(tl.where(column, z, 0.0), axis=1)
-                    for _ in tl.static_range(2):
+                    for _pass in tl.static_range(2):
                         c = tl.where(mates, tl.sum(z * zj[:, None], axis=0), 0.0)
                         zj = zj - tl.sum(z * c[None, :], axis=1)
                     zj = zj / tl.sqrt(tl.sum(zj * zj, axis=0))
