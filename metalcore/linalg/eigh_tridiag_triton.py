@@ -229,12 +229,12 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
             tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
 
 
-def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool,
-                          programs: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
+                          num_warps: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
-    many as the SMs hold)."""
+    many as the SMs hold); ``num_warps``: warps a program (default ``_small_triton.warps``)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
@@ -244,7 +244,7 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool,
                           torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors)
     sa, copy = stack_strides(A)
     BN = block(n)
-    num_warps = warps(BN * BN)
+    num_warps = num_warps or warps(BN * BN)
     # Persistent programs: as many as the SMs hold by warps (64 a Hopper SM), each looping over
     # matrices, so that the vectors' scratch (3 BN² a program) does not grow with the batch.
     programs = min(nb, programs or program_slots(dev) * max(1, 64 // num_warps))
@@ -265,8 +265,9 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool,
     return run
 
 
-def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None) -> tuple[Tensor, Tensor]:
+def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (``n ≤ MAX_N``,
     float32/float64) from the triangle ``upper`` names, and with ``compute_v`` their orthonormal
     eigenvectors as ``Q``'s columns (else ``Q`` is empty)."""
-    return eigh_tridiag_launcher(A, upper, compute_v, programs)(A)
+    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps)(A)
