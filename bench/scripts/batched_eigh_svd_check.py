@@ -277,8 +277,12 @@ def tridiag_variants(n, dtype, device):
     calls the table takes at 33-128, syevj at n <= 32, the automatic path and torch."""
     out = [("tridiag", lambda A, sw: eigh_tridiag(A, False, True)),
            ("tridiag values", lambda A, sw: eigh_tridiag(A, False, False))]
-    # Other warp counts than _small_triton.warps' (16 at 128², 4 at 64²): fp64 128² spills at 16.
-    for w in ((8, 32) if n > 64 else (2, 8) if n > 32 else ()):
+    # Both Sturm schedules (the launcher picks by batch): bisection and 8-point multisection.
+    for k in (1, 8):
+        out += [(f"tridiag s={k}", lambda A, sw, k=k: eigh_tridiag(A, False, True, sections=k)),
+                (f"values s={k}", lambda A, sw, k=k: eigh_tridiag(A, False, False, sections=k))]
+    # Other warp counts than _small_triton.warps' 16 at 128²: fp64 128² spills at 16.
+    for w in ((8, 32) if n > 64 else ()):
         out.append((f"tridiag w={w}", lambda A, sw, w=w: eigh_tridiag(A, False, True, num_warps=w)))
     if CUSOLVER:
         out += [("cusolver_batched", lambda A, sw: cusolver_batched.syev_batched(A, False, True)),

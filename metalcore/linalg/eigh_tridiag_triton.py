@@ -19,7 +19,8 @@ eigenvalue (bench/linalg_triton.md, "Plan, not built", latency model: ≈ 0.15-0
    eigenvalue inside Gershgorin's interval; ``count(x)``, the number of eigenvalues below ``x``, is
    the number of negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``,
    a pivot smaller than ``pivmin`` replaced by ``−pivmin``). Each step halves every lane's bracket;
-   :data:`ITERATIONS` steps take Gershgorin's width (≤ 3 after scaling) below ``ε``.
+   :data:`BITS` halvings take Gershgorin's width (≤ 3 after scaling) below ``ε``; with several
+   points a lane (multisection, :data:`SECTIONS`) each pass of the recurrence does several.
 
 Accuracy: the reduction is backward stable (``‖A − Q T Qᵀ‖ = O(n ε ‖A‖)``) and bisection finds each
 eigenvalue of ``T`` to ``O(ε ‖T‖)``, so the eigenvalues carry ``syev``'s absolute error bound,
@@ -44,7 +45,19 @@ from metalcore.linalg.householder_gemm import as3
 
 # Bisection steps by dtype: Gershgorin's width after scaling is at most 3 (|d| ≤ 1, |e| ≤ 1 on both
 # sides), and 3·2⁻²⁷ < ε(fp32) = 1.2e-7, 3·2⁻⁵⁴ < ε(fp64) = 2.2e-16; one more step of margin each.
-ITERATIONS = {torch.float32: 28, torch.float64: 55}
+BITS = {torch.float32: 28, torch.float64: 55}
+# Multisection: with a program or fewer an SM, the Sturm recurrence's n dependent steps a pass are
+# the latency, and 8 points a lane (9 parts a pass, 3.17 bits) take 9 passes instead of 28 in fp32
+# for 8 times the divisions, which idle lanes absorb. With many programs an SM the divisions are the
+# throughput, and bisection's 28 × 1 is cheapest.
+SECTIONS = 8
+
+
+def passes(dtype: torch.dtype, sections: int) -> int:
+    """Passes of the Sturm recurrence that narrow every bracket by 2^BITS[dtype]."""
+    return math.ceil(BITS[dtype] / math.log2(sections + 1))
+
+
 # Inverse iteration (the vectors). One solve with T − λ_j I leaves in lane j's vector a component
 # ~ε‖T‖/gap along each neighbour's eigenvector, whatever the rounds: rounding in the solve. Eigenvalues
 # closer than ORTOL_N / n (T scaled to entries at most 1) therefore form a cluster whose vectors are
@@ -132,7 +145,7 @@ def _tridiag_eigenvectors(lam_rows, D, E, ZS, YS, QS, n, rows, cols, at, eps, or
 
 @jit
 def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol, rounds,
-                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr):
+                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BN)
@@ -197,22 +210,24 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         tl.store(ES + scratch + rows, e)
         tl.debug_barrier()
 
-        # 3. Bisection, lane j for the j-th smallest eigenvalue.
+        # 3. Multisection, lane j for the j-th smallest eigenvalue: SECTIONS points split its bracket
+        # into SECTIONS + 1 parts a step (bisection for 1).
         left = tl.zeros_like(d) + low
         right = tl.zeros_like(d) + high
+        parts = (tl.arange(0, SECTIONS) + 1).to(d.dtype) / (SECTIONS + 1)
         for _ in range(0, iterations):
-            mid = 0.5 * (left + right)
-            q = tl.load(DS + scratch) - mid
+            x = left[:, None] + (right - left)[:, None] * parts[None, :]
+            q = tl.load(DS + scratch) - x
             q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
             count = tl.where(q < 0.0, 1, 0)
             for i in range(1, n):
                 e_i = tl.load(ES + scratch + i - 1)
-                q = (tl.load(DS + scratch + i) - mid) - e_i * e_i / q
+                q = (tl.load(DS + scratch + i) - x) - e_i * e_i / q
                 q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
                 count += tl.where(q < 0.0, 1, 0)
-            below = count > rows
-            right = tl.where(below, mid, right)
-            left = tl.where(below, left, mid)
+            above = count > rows[:, None]                 # λ_j < x
+            right = tl.minimum(right, tl.min(tl.where(above, x, right[:, None]), axis=1))
+            left = tl.maximum(left, tl.max(tl.where(above, left[:, None], x), axis=1))
         lam = 0.5 * (left + right)
         tl.store(L + mat * n + rows, tl.where(finite, lam * s, float("nan")), mask=rows < n)
 
@@ -230,11 +245,14 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
 
 
 def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                          num_warps: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+                          num_warps: int | None = None,
+                          sections: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
-    many as the SMs hold); ``num_warps``: warps a program (default ``_small_triton.warps``)."""
+    many as the SMs hold); ``num_warps``: warps a program (default ``_small_triton.warps``);
+    ``sections``: points a lane in each pass of the Sturm recurrence, a power of two (default
+    :data:`SECTIONS` up to one matrix an SM, else 1)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
@@ -248,10 +266,13 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
     # Persistent programs: as many as the SMs hold by warps (64 a Hopper SM), each looping over
     # matrices, so that the vectors' scratch (3 BN² a program) does not grow with the batch.
     programs = min(nb, programs or program_slots(dev) * max(1, 64 // num_warps))
+    if sections is None:
+        sections = SECTIONS if nb <= program_slots(dev) else 1
     finfo = torch.finfo(dt)
     launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
-                                       finfo.eps, finfo.tiny, ITERATIONS[dt], ORTOL_N / n, ROUNDS,
-                                       BN=BN, UPPER=upper, WANT_V=compute_v, num_warps=num_warps)
+                                       finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,
+                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections,
+                                       num_warps=num_warps)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)
@@ -266,8 +287,8 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
 
 
 def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                 num_warps: int | None = None, sections: int | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (``n ≤ MAX_N``,
     float32/float64) from the triangle ``upper`` names, and with ``compute_v`` their orthonormal
     eigenvectors as ``Q``'s columns (else ``Q`` is empty)."""
-    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps)(A)
+    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections)(A)

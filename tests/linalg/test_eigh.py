@@ -845,6 +845,20 @@ def test_tridiag_eigh_sizes_and_batch_shapes(n, triton_backend):
     assert torch.equal(L2, L) and torch.equal(Q2, Q)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tridiag_bisection_and_multisection_find_the_same_eigenvalues(dtype, triton_backend):
+    """One point a lane (28 or 55 passes) or eight (9 or 18 passes): both to within LAPACK's bound,
+    and to a few ε of each other."""
+    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
+    A = symmetric((3,), 20, dtype)
+    expected = torch.linalg.eigvalsh(A.double())
+    found = [eigh_tridiag(A, False, False, sections=k)[0] for k in (1, 8)]
+    for k, L in zip((1, 8), found):
+        assert_lapack_ratio(values_ratio(L.double(), expected, dtype), f"{k} sections {dtype}")
+    scale = expected.abs().amax(-1, keepdim=True)
+    assert ((found[0] - found[1]).abs() <= 8 * torch.finfo(dtype).eps * scale.to(dtype)).all()
+
+
 def test_tridiag_eigh_persistent_programs_loop_over_the_batch(triton_backend):
     """More matrices than programs: each program takes every ``programs``-th matrix, its scratch reused."""
     from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
