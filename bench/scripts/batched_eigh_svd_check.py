@@ -275,9 +275,8 @@ def shifted_wide_variants(n, dtype, device):
 def tridiag_variants(n, dtype, device):
     """The tridiagonal path (eigh_tridiag_triton; vectors and values only) against the batched cuSOLVER
     calls the table takes at 33-128, syevj at n <= 32, the automatic path and torch."""
-    out = [("tridiag", lambda A, sw: eigh_tridiag(A, False, True)),
-           ("tridiag values", lambda A, sw: eigh_tridiag(A, False, False))]
-    # Both Sturm schedules (the launcher picks by batch): bisection and 8-point multisection.
+    out = []
+    # Both Sturm schedules (the launcher picks one by batch): bisection and 8-point multisection.
     for k in (1, 8):
         out += [(f"tridiag s={k}", lambda A, sw, k=k: eigh_tridiag(A, False, True, sections=k)),
                 (f"values s={k}", lambda A, sw, k=k: eigh_tridiag(A, False, False, sections=k))]
