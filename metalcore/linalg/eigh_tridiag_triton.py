@@ -73,6 +73,52 @@ SEED = tl.constexpr(20261207)
 
 
 @helper
+def reflector(x, rows, k):
+    """Householder reflector of ``x``'s entries from ``k`` on (LAPACK ``dlarfg``; the norm scaled by
+    the largest entry): ``(v, τ, β)`` with ``v_k = 1`` and zero before ``k``, such that
+    ``(I − τ v vᵀ) x`` has ``β`` at ``k`` and zeros after it. ``τ = 0`` where nothing is below ``k``."""
+    x = tl.where(rows >= k, x, 0.0)
+    alpha = tl.sum(tl.where(rows == k, x, 0.0), axis=0)
+    m = tl.max(tl.abs(x), axis=0)
+    m = tl.where(m > 0.0, m, 1.0)
+    xs = x / m
+    sigma = tl.sum(tl.where(rows > k, xs * xs, 0.0), axis=0)
+    norm = m * tl.sqrt((alpha / m) * (alpha / m) + sigma)
+    beta = tl.where(alpha >= 0.0, -norm, norm)
+    trivial = sigma == 0.0
+    tau = tl.where(trivial, 0.0, (beta - alpha) / tl.where(trivial, 1.0, beta))
+    v = tl.where(rows == k, 1.0, tl.where(rows > k, x / tl.where(trivial, 1.0, alpha - beta), 0.0))
+    return v, tau, tl.where(trivial, alpha, beta)
+
+
+@helper
+def sturm_multisection(D, E, length, low, high, index, passes, pivmin, SECTIONS: tl.constexpr):
+    """Lane j: the ``index[j]``-th smallest (0-based) eigenvalue of the symmetric tridiagonal matrix
+    with diagonal ``D[0:length]`` and off-diagonal ``E[0:length − 1]`` (scratch), inside
+    ``[low, high]``. Each pass counts the eigenvalues below ``SECTIONS`` points of every bracket —
+    the negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``, a pivot
+    smaller than ``pivmin`` replaced by ``−pivmin``; LAPACK ``dstebz``) — and keeps the part that
+    holds the eigenvalue."""
+    left = low + tl.zeros_like(index).to(low.dtype)
+    right = high + tl.zeros_like(index).to(low.dtype)
+    parts = (tl.arange(0, SECTIONS) + 1).to(low.dtype) / (SECTIONS + 1)
+    for _ in range(0, passes):
+        x = left[:, None] + (right - left)[:, None] * parts[None, :]
+        q = tl.load(D) - x
+        q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
+        count = tl.where(q < 0.0, 1, 0)
+        for i in range(1, length):
+            e_i = tl.load(E + i - 1)
+            q = (tl.load(D + i) - x) - e_i * e_i / q
+            q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
+            count += tl.where(q < 0.0, 1, 0)
+        above = count > index[:, None]                    # the eigenvalue is below x
+        right = tl.minimum(right, tl.min(tl.where(above, x, right[:, None]), axis=1))
+        left = tl.maximum(left, tl.max(tl.where(above, left[:, None], x), axis=1))
+    return 0.5 * (left + right)
+
+
+@helper
 def _unit_columns(z):
     """Each column of ``z`` scaled to unit 2-norm (by its largest entry first, so that no square
     overflows)."""
@@ -169,17 +215,7 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         # 1. Householder tridiagonalisation, lower (sytd2): A = Q T Qᵀ, Q = H_0 … H_{n−3}.
         for k in range(0, n - 2):
             x = tl.sum(tl.where(cols[None, :] == k, a, 0.0), axis=1)
-            x = tl.where(rows > k, x, 0.0)
-            alpha = tl.sum(tl.where(rows == k + 1, x, 0.0), axis=0)
-            m = tl.max(tl.abs(x), axis=0)
-            m = tl.where(m > 0.0, m, 1.0)
-            xs = x / m
-            sigma = tl.sum(tl.where(rows > k + 1, xs * xs, 0.0), axis=0)
-            norm = m * tl.sqrt((alpha / m) * (alpha / m) + sigma)
-            beta = tl.where(alpha >= 0.0, -norm, norm)
-            trivial = sigma == 0.0
-            tau = tl.where(trivial, 0.0, (beta - alpha) / tl.where(trivial, 1.0, beta))
-            v = tl.where(rows == k + 1, 1.0, tl.where(rows > k + 1, x / tl.where(trivial, 1.0, alpha - beta), 0.0))
+            v, tau, beta = reflector(x, rows, k + 1)
             if WANT_V:
                 # H_k = I − w wᵀ with w = √τ v (τ ∈ {0} ∪ [1, 2]), kept in row k of V until step 5.
                 tl.store(vout + k * n + rows, tl.sqrt(tau) * v, mask=rows < n)
@@ -210,25 +246,8 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         tl.store(ES + scratch + rows, e)
         tl.debug_barrier()
 
-        # 3. Multisection, lane j for the j-th smallest eigenvalue: SECTIONS points split its bracket
-        # into SECTIONS + 1 parts a step (bisection for 1).
-        left = tl.zeros_like(d) + low
-        right = tl.zeros_like(d) + high
-        parts = (tl.arange(0, SECTIONS) + 1).to(d.dtype) / (SECTIONS + 1)
-        for _ in range(0, iterations):
-            x = left[:, None] + (right - left)[:, None] * parts[None, :]
-            q = tl.load(DS + scratch) - x
-            q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
-            count = tl.where(q < 0.0, 1, 0)
-            for i in range(1, n):
-                e_i = tl.load(ES + scratch + i - 1)
-                q = (tl.load(DS + scratch + i) - x) - e_i * e_i / q
-                q = tl.where(tl.abs(q) < pivmin, -pivmin, q)
-                count += tl.where(q < 0.0, 1, 0)
-            above = count > rows[:, None]                 # λ_j < x
-            right = tl.minimum(right, tl.min(tl.where(above, x, right[:, None]), axis=1))
-            left = tl.maximum(left, tl.max(tl.where(above, left[:, None], x), axis=1))
-        lam = 0.5 * (left + right)
+        # 3. Multisection, lane j for the j-th smallest eigenvalue.
+        lam = sturm_multisection(DS + scratch, ES + scratch, n, low, high, rows, iterations, pivmin, SECTIONS)
         tl.store(L + mat * n + rows, tl.where(finite, lam * s, float("nan")), mask=rows < n)
 
         if WANT_V:
