@@ -51,6 +51,7 @@ from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import REGISTER_MAX_N, jacobi_registers
+from metalcore.linalg.svd_bidiag_triton import svdvals_bidiag
 from metalcore.linalg.svd_fused_triton import MAX_N as FUSED_MAX_N, svd_fused, svd_fused_launcher
 from metalcore.linalg.svd_large import large_supported, path_supported, svd_large
 
@@ -279,6 +280,15 @@ def _svd_registers_path(A, full_matrices, compute_uv):
                supports=lambda A, full_matrices, compute_uv: _small(A) and max(A.shape[-2:]) <= REGISTER_MAX_N)
 def _svd_chain_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True, fused=False)
+
+
+# Singular values only: Golub-Kahan bidiagonalisation and bisection in registers (svd_bidiag_triton,
+# both sides <= 128), the eigenvalue path's two stages where Jacobi runs hundreds of rounds; measured by
+# the sweep like every path.
+@register_path("svd", "triton", "bidiag",
+               supports=lambda A, full_matrices, compute_uv: not compute_uv and fits(A))
+def _svd_bidiag_path(A, full_matrices, compute_uv):
+    return A.new_empty(0), svdvals_bidiag(A), A.new_empty(0)
 
 
 # QR + QDWH + eigh (svd_large) for sides from 33 (path_supported), any batch, as an alternative path
