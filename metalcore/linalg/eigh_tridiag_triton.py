@@ -1,33 +1,41 @@
-"""Eigenvalues of symmetric matrices by Householder tridiagonalisation and bisection, one program
-per matrix, in registers.
+"""Eigenvalues and eigenvectors of symmetric matrices by Householder tridiagonalisation, Sturm
+multisection and inverse iteration, one persistent program per matrix, in registers.
 
-Layers: ``_tridiag_eigvalsh_kernel`` → :func:`eigvalsh_tridiag` → the ``tridiag`` path of
-``metalcore::eigh`` without vectors on the Triton backend (:mod:`metalcore.linalg.eigh_triton`),
-sides up to the register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128).
+Layers: ``_tridiag_eigh_kernel`` → :func:`eigh_tridiag` → the ``tridiag`` path of
+``metalcore::eigh`` on the Triton backend (:mod:`metalcore.linalg.eigh_triton`), sides up to the
+register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128). :func:`reflector` and
+:func:`sturm_multisection` also serve the singular values of :mod:`metalcore.linalg.svd_bidiag_triton`.
 
 Why: above n = 32 the Jacobi kernels run hundreds of dependent rounds (the ``shifted`` kernel: ~504
 at n = 64, 0.86 ms for 16×64² on the H100) and the table gives eigh to cuSOLVER's batched syev
 (16×64² values 0.38 ms, 256×64² 0.63). A tridiagonal reduction has n − 2 dependent steps, and the
 eigenvalues of the tridiagonal ``T`` by bisection are independent of each other: one lane per
-eigenvalue (bench/linalg_triton.md, "Plan, not built", latency model: ≈ 0.15-0.2 ms for 100×64²).
+eigenvalue (bench/linalg_triton.md v14: 100×64² values in 0.16 ms of GPU time on the H100, against
+cuSOLVER's 0.38).
 
 1. **Tridiagonalisation** (LAPACK ``sytd2``, lower): the whole matrix as a ``[BN, BN]`` tile; for
    ``k < n − 2`` the reflector of column ``k`` below the diagonal (``dlarfg``, norm scaled by its
    largest entry), ``p = τ A v``, ``w = p − ½ τ (pᵀv) v``, ``A ← A − v wᵀ − w vᵀ``. ``T``'s diagonal
    and first super-diagonal are then read from the tile and scaled by their largest magnitude.
-2. **Bisection** (LAPACK ``dstebz``'s Sturm counts): lane ``j`` brackets the ``j``-th smallest
+2-3. **Bisection** (LAPACK ``dstebz``'s Sturm counts): lane ``j`` brackets the ``j``-th smallest
    eigenvalue inside Gershgorin's interval; ``count(x)``, the number of eigenvalues below ``x``, is
    the number of negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``,
    a pivot smaller than ``pivmin`` replaced by ``−pivmin``). Each step halves every lane's bracket;
    :data:`BITS` halvings take Gershgorin's width (≤ 3 after scaling) below ``ε``; with several
    points a lane (multisection, :data:`SECTIONS`) each pass of the recurrence does several.
+4. **Inverse iteration** (LAPACK ``stein``): lane j solves ``(T − λ_j I) x = z`` through the
+   ``L D Lᵀ`` factors of the Sturm recurrence, twice (:data:`ROUNDS`), from pseudo-random vectors,
+   with Gram-Schmidt within clusters (:data:`ORTOL_N`) after each solve.
+5. **Back-transformation** ``Q Z``: the reflectors of step 1, kept as ``√τ v`` in the rows of the
+   output until then, applied to the tile in reverse order.
 
 Accuracy: the reduction is backward stable (``‖A − Q T Qᵀ‖ = O(n ε ‖A‖)``) and bisection finds each
 eigenvalue of ``T`` to ``O(ε ‖T‖)``, so the eigenvalues carry ``syev``'s absolute error bound,
 ``O(n ε ‖A‖)``: what LAPACK's ratio for eigenvalues measures. They come out ascending. NaN or Inf in a
-matrix gives NaN eigenvalues for that matrix only. The ``d`` and ``e²`` vectors of each matrix go
-through global scratch (the Sturm recurrence reads them one entry at a time; registers cannot be
-indexed by a loop counter).
+matrix gives NaN eigenvalues (and vectors) for that matrix only. The vectors' residual and
+orthogonality are within LAPACK's ratios on every test family (bench/linalg_triton.md v15). ``d``,
+``e`` and the solves' tiles go through per-program global scratch (the recurrences read them one
+entry at a time; registers cannot be indexed by a loop counter).
 """
 
 from __future__ import annotations

@@ -232,9 +232,9 @@ def _eigh_shifted_path(A, UPLO, compute_v):
     return eigh_shifted(A, UPLO == "U", compute_v)
 
 
-# Eigenvalues only: Householder tridiagonalisation and bisection in registers (eigh_tridiag_triton,
-# n <= 128), n − 2 dependent steps where Jacobi runs hundreds of rounds; measured by the sweep like
-# every path.
+# Householder tridiagonalisation, Sturm multisection and inverse iteration in registers
+# (eigh_tridiag_triton, n <= 128), n − 2 dependent reduction steps where Jacobi runs hundreds of
+# rounds; measured by the sweep like every path.
 def _eigh_tridiag_specialized(A, UPLO, compute_v):
     run = eigh_tridiag_launcher(A, UPLO == "U", compute_v)
     return lambda A, UPLO, compute_v: run(A)

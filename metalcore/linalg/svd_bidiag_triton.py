@@ -46,7 +46,6 @@ def _bidiag_svdvals_kernel(A, S, DS, ES, nb, m, n, s_ab, s_ar, s_ac, eps, pivmin
     programs = tl.num_programs(0)
     rows = tl.arange(0, BM)
     cols = tl.arange(0, BN)
-    lanes = tl.arange(0, BN)
     inside = (rows[:, None] < m) & (cols[None, :] < n)
     scratch = pid.to(tl.int64) * 2 * BN                   # this program's T_GK, order 2n
     for mat in range(pid, nb, programs):
@@ -81,10 +80,10 @@ def _bidiag_svdvals_kernel(A, S, DS, ES, nb, m, n, s_ab, s_ar, s_ac, eps, pivmin
         tl.debug_barrier()
 
         # 3. Lane j: the (n + j)-th smallest eigenvalue of T_GK, the j-th smallest singular value.
-        sigma = sturm_multisection(DS + scratch, ES + scratch, 2 * n, -pad, high + pad, n + lanes, passes,
+        sigma = sturm_multisection(DS + scratch, ES + scratch, 2 * n, -pad, high + pad, n + cols, passes,
                                    pivmin, SECTIONS)
         sigma = tl.where(finite, tl.maximum(sigma, 0.0) * s, float("nan"))
-        tl.store(S + mat * n + (n - 1 - lanes), sigma, mask=lanes < n)
+        tl.store(S + mat * n + (n - 1 - cols), sigma, mask=cols < n)
 
 
 def svdvals_bidiag(A: Tensor, programs: int | None = None, sections: int | None = None) -> Tensor:
