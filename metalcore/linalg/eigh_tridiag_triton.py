@@ -66,6 +66,17 @@ def passes(dtype: torch.dtype, sections: int) -> int:
     return math.ceil(BITS[dtype] / math.log2(sections + 1))
 
 
+def schedule(nb: int, device: torch.device, num_warps: int, programs: int | None,
+             sections: int | None) -> tuple[int, int]:
+    """``(programs, sections)`` of a launch over ``nb`` matrices, each given value kept: persistent
+    programs as many as the SMs hold by warps (64 a Hopper SM), so that per-program scratch does not
+    grow with the batch; :data:`SECTIONS` Sturm points a lane up to one matrix an SM, else 1."""
+    programs = min(nb, programs or program_slots(device) * max(1, 64 // num_warps))
+    if sections is None:
+        sections = SECTIONS if nb <= program_slots(device) else 1
+    return programs, sections
+
+
 # Inverse iteration (the vectors). One solve with T − λ_j I leaves in lane j's vector a component
 # ~ε‖T‖/gap along each neighbour's eigenvector, whatever the rounds: rounding in the solve. Eigenvalues
 # closer than ORTOL_N / n (T scaled to entries at most 1) therefore form a cluster whose vectors are
@@ -290,11 +301,7 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
     sa, copy = stack_strides(A)
     BN = block(n)
     num_warps = num_warps or warps(BN * BN)
-    # Persistent programs: as many as the SMs hold by warps (64 a Hopper SM), each looping over
-    # matrices, so that the vectors' scratch (3 BN² a program) does not grow with the batch.
-    programs = min(nb, programs or program_slots(dev) * max(1, 64 // num_warps))
-    if sections is None:
-        sections = SECTIONS if nb <= program_slots(dev) else 1
+    programs, sections = schedule(nb, dev, num_warps, programs, sections)   # scratch: 3 BN² a program
     finfo = torch.finfo(dt)
     launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
                                        finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,

@@ -28,14 +28,15 @@ graded matrices. NaN or Inf in a matrix gives NaN singular values for that matri
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton.language as tl
 from torch import Tensor
 
-from metalcore._triton import jit, program_slots
+from metalcore._triton import jit
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
-from metalcore.linalg.eigh_tridiag_triton import SECTIONS, passes, reflector, sturm_multisection
+from metalcore.linalg.eigh_tridiag_triton import passes, reflector, schedule, sturm_multisection
 from metalcore.linalg.householder_gemm import as3
 
 
@@ -86,30 +87,40 @@ def _bidiag_svdvals_kernel(A, S, DS, ES, nb, m, n, s_ab, s_ar, s_ac, eps, pivmin
         tl.store(S + mat * n + (n - 1 - cols), sigma, mask=cols < n)
 
 
+def svdvals_bidiag_launcher(A: Tensor, programs: int | None = None,
+                           sections: int | None = None) -> Callable[[Tensor], Tensor]:
+    """``run(A) -> S`` for tensors of ``A``'s shape, strides, dtype and device: the launch bound once
+    per call signature (the op's plan keeps ``run``). ``programs``, ``sections``: as
+    :func:`~metalcore.linalg.eigh_tridiag_triton.schedule` (defaults: its rule)."""
+    *batch, m, n = A.shape
+    k = min(m, n)
+    dt, dev = A.dtype, A.device
+    nb = math.prod(batch)
+    if nb == 0 or k == 0:
+        return lambda A: torch.empty(batch + [k], dtype=dt, device=dev)
+    sa, copy = stack_strides(A)
+    if m < n:                                             # the transpose, through strides
+        m, n, sa = n, m, [sa[0], sa[2], sa[1]]
+    BM, BN = block(m), block(n)
+    num_warps = warps(BM * BN)
+    programs, sections = schedule(nb, dev, num_warps, programs, sections)
+    finfo = torch.finfo(dt)
+    launch = _bidiag_svdvals_kernel.bind((programs,), None, None, None, None, nb, m, n, *sa, finfo.eps,
+                                         finfo.tiny, passes(dt, sections), BM=BM, BN=BN, SECTIONS=sections,
+                                         num_warps=num_warps)
+
+    def run(A: Tensor) -> Tensor:
+        S = torch.empty(batch + [k], dtype=dt, device=dev)
+        lines = torch.empty(2, programs, 2 * BN, dtype=dt, device=dev)
+        launch(as3(A) if copy else A, S, lines[0], lines[1])
+        return S
+
+    return run
+
+
 def svdvals_bidiag(A: Tensor, programs: int | None = None, sections: int | None = None) -> Tensor:
     """Singular values, descending, of ``A`` ``(*, m, n)`` (both sides ``≤ MAX_N``, float32/float64).
     ``programs``: persistent programs (default: as many as the SMs hold); ``sections``: Sturm points a
     lane and pass (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` up to one matrix
     an SM, else 1)."""
-    *batch, m, n = A.shape
-    k = min(m, n)
-    S = torch.empty(batch + [k], dtype=A.dtype, device=A.device)
-    nb = math.prod(batch)
-    if nb == 0 or k == 0:
-        return S
-    sa, copy = stack_strides(A)
-    if copy:
-        A = as3(A)
-    if m < n:                                             # the transpose, through strides
-        m, n, sa = n, m, [sa[0], sa[2], sa[1]]
-    BM, BN = block(m), block(n)
-    num_warps = warps(BM * BN)
-    programs = min(nb, programs or program_slots(A.device) * max(1, 64 // num_warps))
-    if sections is None:
-        sections = SECTIONS if nb <= program_slots(A.device) else 1
-    finfo = torch.finfo(A.dtype)
-    lines = torch.empty(2, programs, 2 * BN, dtype=A.dtype, device=A.device)
-    _bidiag_svdvals_kernel[(programs,)](A, S, lines[0], lines[1], nb, m, n, *sa, finfo.eps, finfo.tiny,
-                                        passes(A.dtype, sections), BM=BM, BN=BN, SECTIONS=sections,
-                                        num_warps=num_warps)
-    return S
+    return svdvals_bidiag_launcher(A, programs, sections)(A)
