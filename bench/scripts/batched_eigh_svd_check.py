@@ -25,6 +25,11 @@ program, 2-16 warps; with vectors and values only) against cuSOLVER's batched ``
 against the batched cuSOLVER calls, syevj at n <= 32, the automatic path, torch and the peers at issue
 17's 64² and 128² rows and the batches around them (bench/linalg_triton.md v15).
 
+``--bidiag`` times the bidiagonal svd path (svd_bidiag_triton, both sides <= 128; with vectors and
+values only, bisection and 8-point multisection) against the register Jacobi, the QR + QDWH + eigh
+path, the automatic path, torch and the peers at issue 17's svd rows from 16 to 128
+(bench/linalg_triton.md v17).
+
 ``--svd-small`` times svd at the n ≤ 32 target points (the same shapes, fp32, and fp64 1000×32²):
 the fused launch (svd_fused_triton; vectors and values), the chain it replaced, the register Jacobi
 without the QR step, the automatic path, torch and the peers.
@@ -62,6 +67,8 @@ from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers 
 from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted  # noqa: E402
 from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag  # noqa: E402
 from metalcore.linalg.eigh_triton import eigh_launch  # noqa: E402
+from metalcore.linalg.svd_bidiag_triton import svd_bidiag  # noqa: E402
+from metalcore.linalg.svd_large import PATH_MIN_N, svd_large  # noqa: E402
 from metalcore.linalg.svd_triton import svd_launch  # noqa: E402
 
 SHAPES = [(4096, 8), (10000, 3), (500, 16), (1000, 32), (100, 64), (64, 128)]
@@ -88,6 +95,12 @@ TRIDIAG_POINTS = [(100, 64, torch.float32), (64, 128, torch.float32), (1000, 32,
                   (4096, 64, torch.float32), (1024, 128, torch.float32),
                   (100, 64, torch.float64), (64, 128, torch.float64)]
 TINY_TRIDIAG = [(2, 40, torch.float32), (2, 33, torch.float64)]
+# The bidiagonal svd path's points (bench/linalg_triton.md v17): issue 17's svd rows at 16-128, the
+# batches around them, fp64 at the targets.
+BIDIAG_POINTS = [(100, 64, torch.float32), (64, 128, torch.float32), (1000, 32, torch.float32),
+                 (500, 16, torch.float32), (16, 128, torch.float32), (1024, 64, torch.float32),
+                 (100, 64, torch.float64), (64, 128, torch.float64)]
+TINY_BIDIAG = [(2, 40, torch.float32), (2, 33, torch.float64)]
 CUSOLVER = False            # set in main() by cusolver_usable()
 SYEVJ = False               # likewise, for cusolver_syevj
 
@@ -294,6 +307,25 @@ def tridiag_variants(n, dtype, device):
     return out
 
 
+def bidiag_variants(n, dtype, device):
+    """The bidiagonal svd path (svd_bidiag_triton; vectors and values only, both Sturm schedules)
+    against the register Jacobi, the QR + QDWH + eigh path from side 33, the automatic path and torch."""
+    def values(fn):
+        return lambda A, sw: (A.new_empty(0), fn(A), A.new_empty(0))
+    out = []
+    for k in (1, 8):
+        out += [(f"bidiag s={k}", lambda A, sw, k=k: svd_bidiag(A, True, sections=k)),
+                (f"values s={k}", lambda A, sw, k=k: svd_bidiag(A, False, sections=k))]
+    if n <= REGISTER_MAX_N or n == 64:
+        out.append(("registers", lambda A, sw: svd_launch(A, False, True, sweeps=sw, registers=True)))
+    if n >= PATH_MIN_N:
+        out.append(("qdwh", lambda A, sw: svd_large(A, False, True)))
+    out += [("op automatic", lambda A, sw: metalcore.linalg.svd(A, full_matrices=False)),
+            ("torch", lambda A, sw: torch.linalg.svd(A, full_matrices=False)),
+            ("torch values", values(torch.linalg.svdvals))]
+    return out
+
+
 def values_ratio(L, expected64, dtype):
     """``max|λ − λ64| / (n·ε·max|λ64|)``, worst over the batch (NaN rows are counted apart)."""
     n = max(expected64.shape[-1], 1)
@@ -345,6 +377,11 @@ def run_shifted_wide(args, device, start, emit):
 def run_tridiag(args, device, start, emit):
     run_points(args, device, start, emit, "eigh", TINY_TRIDIAG if args.tiny else TRIDIAG_POINTS,
                tridiag_variants, lambda G, Sym: cpu_values(Sym), ("eigh", "eigvalsh"))
+
+
+def run_bidiag(args, device, start, emit):
+    run_points(args, device, start, emit, "svd", TINY_BIDIAG if args.tiny else BIDIAG_POINTS, bidiag_variants,
+               lambda G, Sym: torch.linalg.svdvals(G.double().cpu()), ("svd", "svdvals"))
 
 
 def run_svd_small(args, device, start, emit):
@@ -435,6 +472,8 @@ def main():
                     help="only eigh at n = 33-128: the shifted kernel past its bound against batched cuSOLVER")
     ap.add_argument("--tridiag", action="store_true",
                     help="only eigh at n = 32-128: the tridiagonal path against batched cuSOLVER, torch and the peers")
+    ap.add_argument("--bidiag", action="store_true",
+                    help="only svd at n = 16-128: the bidiagonal path against Jacobi, QDWH, torch and the peers")
     ap.add_argument("--svd-small", action="store_true",
                     help="only svd at the n <= 32 target points: the fused launch against the chain, torch and the peers")
     ap.add_argument("--max-seconds", type=float, default=210.0,
@@ -456,7 +495,8 @@ def main():
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
     global CUSOLVER, SYEVJ
     CUSOLVER, SYEVJ = doc["cusolver_usable"], doc["syevj_usable"] = cusolver_usable(device, limit=args.syevj)
-    focused = {"syevj": run_syevj, "shifted_wide": run_shifted_wide, "tridiag": run_tridiag, "svd_small": run_svd_small}
+    focused = {"syevj": run_syevj, "shifted_wide": run_shifted_wide, "tridiag": run_tridiag, "bidiag": run_bidiag,
+               "svd_small": run_svd_small}
     chosen = [run for flag, run in focused.items() if getattr(args, flag)]
     if chosen:
         chosen[0](args, device, start, emit)

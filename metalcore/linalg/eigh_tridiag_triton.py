@@ -138,7 +138,7 @@ def sturm_multisection(D, E, length, low, high, index, passes, pivmin, SECTIONS:
 
 
 @helper
-def _unit_columns(z):
+def unit_columns(z):
     """Each column of ``z`` scaled to unit 2-norm (by its largest entry first, so that no square
     overflows)."""
     m = tl.max(tl.abs(z), axis=0)
@@ -147,31 +147,58 @@ def _unit_columns(z):
 
 
 @helper
-def _tridiag_eigenvectors(lam_rows, D, E, ZS, YS, QS, n, rows, cols, at, eps, ortol, rounds, BN: tl.constexpr):
-    """Eigenvectors of the scaled ``T`` (``d`` at ``D``, ``e`` at ``E``) as the columns of a
-    ``[BN, BN]`` tile, lane ``j`` for the eigenvalue ``lam_rows[j]`` (stein's inverse iteration)."""
-    # Lane j's eigenvalue, and which lanes share its cluster (neighbours closer than ortol).
-    diagonal = rows[:, None] == cols[None, :]
-    lam = tl.sum(tl.where(diagonal, lam_rows[:, None], 0.0), axis=0)
-    before = tl.sum(tl.where(rows[:, None] == cols[None, :] - 1, lam_rows[:, None], 0.0), axis=0)
+def clusters(lam, cols, lanes, ortol):
+    """``(cluster, clustered)`` of the ascending eigenvalues ``lam`` (lane j for ``lam[j]``, ``lanes``
+    of them): lane j's cluster number, which neighbours closer than ``ortol`` share, and whether any
+    lane has a cluster mate."""
+    before = tl.sum(tl.where(cols[:, None] == cols[None, :] - 1, lam[:, None], 0.0), axis=0)   # lam[j − 1]
     starts = (cols == 0) | (lam - before > ortol)
     cluster = tl.cumsum(starts.to(tl.int32), axis=0)
-    clustered = tl.sum(tl.where((cols < n) & (cols > 0) & (lam - before <= ortol), 1, 0), axis=0) > 0
+    clustered = tl.sum(tl.where((cols < lanes) & (cols > 0) & (lam - before <= ortol), 1, 0), axis=0) > 0
+    return cluster, clustered
+
+
+@helper
+def orthonormalise_clusters(z, cols, lanes, cluster):
+    """The columns of ``z`` (unit 2-norm) orthonormalised within each cluster in lane order:
+    classical Gram-Schmidt, twice, against the earlier lanes of the same cluster."""
+    for j in range(1, lanes):
+        j_cluster = tl.sum(tl.where(cols == j, cluster, 0), axis=0)
+        mates = (cols < j) & (cluster == j_cluster)
+        if tl.max(tl.where(mates, 1, 0), axis=0) > 0:
+            column = cols[None, :] == j
+            zj = tl.sum(tl.where(column, z, 0.0), axis=1)
+            for _pass in tl.static_range(2):
+                c = tl.where(mates, tl.sum(z * zj[:, None], axis=0), 0.0)
+                zj = zj - tl.sum(z * c[None, :], axis=1)
+            zj = zj / tl.sqrt(tl.sum(zj * zj, axis=0))
+            z = tl.where(column, zj[:, None], z)
+    return z
+
+
+@helper
+def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, ortol, rounds, BC: tl.constexpr):
+    """Eigenvectors of the scaled symmetric tridiagonal ``T`` of order ``order`` (diagonal at ``D``,
+    off-diagonal at ``E``) as the columns of a ``[len(rows), BC]`` tile, lane ``j < lanes`` for the
+    eigenvalue ``lam[j]`` (ascending; stein's inverse iteration). ``ZS``, ``YS``, ``QS``: scratch
+    tiles of ``len(rows) × BC``, row stride ``BC``."""
+    cluster, clustered = clusters(lam, cols, lanes, ortol)
+    at = rows[:, None] * BC + cols[None, :]
 
     # 4a. Pivots of T − λ_j I = L D Lᵀ (the Sturm recurrence), lane j; a pivot below ε becomes ±ε,
     # which bounds the solve's growth (T is scaled to entries at most 1).
     q = tl.load(D) - lam
     q = tl.where(tl.abs(q) < eps, tl.where(q < 0.0, -eps, eps), q)
     tl.store(QS + cols, q)
-    for i in range(1, n):
+    for i in range(1, order):
         e_i = tl.load(E + i - 1)
         q = (tl.load(D + i) - lam) - e_i * (e_i / q)
         q = tl.where(tl.abs(q) < eps, tl.where(q < 0.0, -eps, eps), q)
-        tl.store(QS + i * BN + cols, q)
+        tl.store(QS + i * BC + cols, q)
 
     # 4b. Inverse iteration from pseudo-random vectors: each round solves (T − λ_j I) x_j = z_j, then
-    # orthogonalises within clusters (classical Gram-Schmidt, twice).
-    z = tl.where(rows[:, None] < n, tl.rand(SEED, at) - 0.5, 0.0).to(lam.dtype)
+    # orthogonalises within clusters.
+    z = tl.where(rows[:, None] < order, tl.rand(SEED, at) - 0.5, 0.0).to(lam.dtype)
     for _ in range(0, rounds):
         tl.debug_barrier()                                # every lane's reads of the last round are done
         tl.store(ZS + at, z)
@@ -179,33 +206,23 @@ def _tridiag_eigenvectors(lam_rows, D, E, ZS, YS, QS, n, rows, cols, at, eps, or
         q = tl.load(QS + cols)
         y = tl.load(ZS + cols)
         tl.store(YS + cols, y / q)
-        for i in range(1, n):                             # L y = z, then D⁻¹ y
+        for i in range(1, order):                         # L y = z, then D⁻¹ y
             l_i = tl.load(E + i - 1) / q
-            y = tl.load(ZS + i * BN + cols) - l_i * y
-            q = tl.load(QS + i * BN + cols)
-            tl.store(YS + i * BN + cols, y / q)
+            y = tl.load(ZS + i * BC + cols) - l_i * y
+            q = tl.load(QS + i * BC + cols)
+            tl.store(YS + i * BC + cols, y / q)
         tl.debug_barrier()
-        x = tl.load(YS + (n - 1) * BN + cols)
-        tl.store(ZS + (n - 1) * BN + cols, x)
-        for t in range(0, n - 1):                         # Lᵀ x = D⁻¹ y, bottom up
-            i = n - 2 - t
-            x = tl.load(YS + i * BN + cols) - (tl.load(E + i) / tl.load(QS + i * BN + cols)) * x
-            tl.store(ZS + i * BN + cols, x)
+        x = tl.load(YS + (order - 1) * BC + cols)
+        tl.store(ZS + (order - 1) * BC + cols, x)
+        for t in range(0, order - 1):                     # Lᵀ x = D⁻¹ y, bottom up
+            i = order - 2 - t
+            x = tl.load(YS + i * BC + cols) - (tl.load(E + i) / tl.load(QS + i * BC + cols)) * x
+            tl.store(ZS + i * BC + cols, x)
         tl.debug_barrier()
-        z = _unit_columns(tl.load(ZS + at, mask=rows[:, None] < n, other=0.0))
+        z = unit_columns(tl.load(ZS + at, mask=rows[:, None] < order, other=0.0))
         if clustered:
-            for j in range(1, n):
-                j_cluster = tl.sum(tl.where(cols == j, cluster, 0), axis=0)
-                mates = (cols < j) & (cluster == j_cluster)
-                if tl.max(tl.where(mates, 1, 0), axis=0) > 0:
-                    column = cols[None, :] == j
-                    zj = tl.sum(tl.where(column, z, 0.0), axis=1)
-                    for _pass in tl.static_range(2):
-                        c = tl.where(mates, tl.sum(z * zj[:, None], axis=0), 0.0)
-                        zj = zj - tl.sum(z * c[None, :], axis=1)
-                    zj = zj / tl.sqrt(tl.sum(zj * zj, axis=0))
-                    z = tl.where(column, zj[:, None], z)
-    return tl.where(cols[None, :] < n, z, 0.0)
+            z = orthonormalise_clusters(z, cols, lanes, cluster)
+    return tl.where(cols[None, :] < lanes, z, 0.0)
 
 
 @jit
@@ -220,7 +237,6 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
     lo = tl.minimum(rows[:, None], cols[None, :])
     scratch = pid.to(tl.int64) * BN                       # this program's d and e
     tile = pid.to(tl.int64) * BN * BN                     # this program's Z and pivots
-    at = rows[:, None] * BN + cols[None, :]
     for mat in range(pid, nb, programs):
         mat = tl.full([], 0, tl.int64) + mat              # 64-bit offsets (65536 × 128² > 2³¹ bytes)
         base = A + mat * s_ab
@@ -270,8 +286,8 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         tl.store(L + mat * n + rows, tl.where(finite, lam * s, float("nan")), mask=rows < n)
 
         if WANT_V:
-            z = _tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, rows, cols,
-                                      at, eps, ortol, rounds, BN)
+            z = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
+                                     eps, ortol, rounds, BN)
             # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
             tl.debug_barrier()
             for t in range(0, n - 2):

@@ -36,30 +36,40 @@ from torch import Tensor
 
 from metalcore._triton import jit
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
-from metalcore.linalg.eigh_tridiag_triton import passes, reflector, schedule, sturm_multisection
+from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, clusters, orthonormalise_clusters, passes, reflector,
+                                                  schedule, sturm_multisection, tridiag_eigenvectors, unit_columns)
 from metalcore.linalg.householder_gemm import as3
 
 
 @jit
-def _bidiag_svdvals_kernel(A, S, DS, ES, nb, m, n, s_ab, s_ar, s_ac, eps, pivmin, passes,
-                           BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr):
+def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_ac, s_ur, s_uc, s_vr, s_vc, eps,
+                       pivmin, passes, ortol, rounds,
+                       BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr, WANT_UV: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BM)
     cols = tl.arange(0, BN)
     inside = (rows[:, None] < m) & (cols[None, :] < n)
     scratch = pid.to(tl.int64) * 2 * BN                   # this program's T_GK, order 2n
+    tile = pid.to(tl.int64) * 2 * BN * BN                 # this program's T_GK eigenvectors and pivots
     for mat in range(pid, nb, programs):
         mat = tl.full([], 0, tl.int64) + mat
         a = tl.load(A + mat * s_ab + rows[:, None] * s_ar + cols[None, :] * s_ac, mask=inside, other=0.0)
         finite = tl.sum(tl.sum(tl.where(tl.abs(a) < float("inf"), 0, 1), axis=1), axis=0) == 0
+        uout = U + mat * m * n
+        vout = V + mat * n * n
 
         # 1. Golub-Kahan bidiagonalisation: left reflector of column k, right reflector of row k.
         for k in range(0, n):
             v, tau, _ = reflector(tl.sum(tl.where(cols[None, :] == k, a, 0.0), axis=1), rows, k)
             a = a - v[:, None] * (tau * tl.sum(a * v[:, None], axis=0))[None, :]
+            if WANT_UV:
+                # H_k = I − w wᵀ with w = √τ v, kept in U's storage (m·n entries) until step 5.
+                tl.store(uout + k * m + rows, tl.sqrt(tau) * v, mask=rows < m)
             u, tau, _ = reflector(tl.sum(tl.where(rows[:, None] == k, a, 0.0), axis=0), cols, k + 1)
             a = a - (tau * tl.sum(a * u[None, :], axis=1))[:, None] * u[None, :]
+            if WANT_UV:
+                tl.store(vout + k * n + cols, tl.sqrt(tau) * u, mask=cols < n)
 
         # 2. B's diagonal and super-diagonal, scaled to at most 1, interleaved as T_GK's off-diagonal.
         d = tl.sum(tl.where(rows[:, None] == cols[None, :], a, 0.0), axis=0)             # d_j = B[j, j]
@@ -83,44 +93,101 @@ def _bidiag_svdvals_kernel(A, S, DS, ES, nb, m, n, s_ab, s_ar, s_ac, eps, pivmin
         # 3. Lane j: the (n + j)-th smallest eigenvalue of T_GK, the j-th smallest singular value.
         sigma = sturm_multisection(DS + scratch, ES + scratch, 2 * n, -pad, high + pad, n + cols, passes,
                                    pivmin, SECTIONS)
-        sigma = tl.where(finite, tl.maximum(sigma, 0.0) * s, float("nan"))
-        tl.store(S + mat * n + (n - 1 - cols), sigma, mask=cols < n)
+        sigma = tl.maximum(sigma, 0.0)
+        tl.store(S + mat * n + (n - 1 - cols), tl.where(finite, sigma * s, float("nan")), mask=cols < n)
+
+        if WANT_UV:
+            # 4. T_GK's eigenvector of σ_j interleaves v_j (even rows) and u_j (odd rows): B v = σ u.
+            z = tridiag_eigenvectors(sigma, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, 2 * n, n,
+                                     tl.arange(0, 2 * BN), cols, eps, ortol, rounds, BN)
+            tl.debug_barrier()
+            tl.store(ZS + tile + tl.arange(0, 2 * BN)[:, None] * BN + cols[None, :], z)
+            tl.debug_barrier()
+            # Each half normalised and orthonormalised within clusters on its own: the other sign's
+            # eigenvector -σ_k of T_GK has the same halves up to sign, so its share in lane j's vector,
+            # ~ε/(σ_j + σ_k), only rescales the halves where k = j and stays within the cluster
+            # otherwise (σ_j + σ_k < ortol puts both in the cluster of σ ≈ 0).
+            cluster, clustered = clusters(sigma, cols, n, ortol)
+            inner = (cols[:, None] < n) & (cols[None, :] < n)
+            zv = unit_columns(tl.load(ZS + tile + (2 * cols)[:, None] * BN + cols[None, :], mask=inner, other=0.0))
+            zu = unit_columns(tl.load(ZS + tile + (2 * rows + 1)[:, None] * BN + cols[None, :],
+                                      mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0))
+            if clustered:
+                zv = orthonormalise_clusters(zv, cols, n, cluster)
+                zu = orthonormalise_clusters(zu, cols, n, cluster)
+            # 5. Back-transformation: V = G_0 (… (G_{n−1} V_B)), U = H_0 (… (H_{n−1} [U_B; 0])).
+            for t in range(0, n):
+                k = n - 1 - t
+                w = tl.load(vout + k * n + cols, mask=cols < n, other=0.0)
+                zv = zv - w[:, None] * tl.sum(w[:, None] * zv, axis=0)[None, :]
+                w = tl.load(uout + k * m + rows, mask=rows < m, other=0.0)
+                zu = zu - w[:, None] * tl.sum(w[:, None] * zu, axis=0)[None, :]
+            zu = tl.where(finite, zu, float("nan"))
+            zv = tl.where(finite, zv, float("nan"))
+            tl.debug_barrier()                            # every reflector is read
+            descending = n - 1 - cols[None, :]
+            tl.store(uout + rows[:, None] * s_ur + descending * s_uc, zu, mask=inside)
+            tl.store(vout + cols[:, None] * s_vr + descending * s_vc, zv, mask=inner)
 
 
-def svdvals_bidiag_launcher(A: Tensor, programs: int | None = None,
-                           sections: int | None = None) -> Callable[[Tensor], Tensor]:
-    """``run(A) -> S`` for tensors of ``A``'s shape, strides, dtype and device: the launch bound once
-    per call signature (the op's plan keeps ``run``). ``programs``, ``sections``: as
+def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None,
+                        sections: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """``run(A) -> (U, S, Vh)``, reduced (``U`` and ``Vh`` empty unless ``compute_uv``), for tensors of
+    ``A``'s shape, strides, dtype and device: the launch bound once per call signature (the op's plan
+    keeps ``run``). ``programs``, ``sections``: as
     :func:`~metalcore.linalg.eigh_tridiag_triton.schedule` (defaults: its rule)."""
     *batch, m, n = A.shape
     k = min(m, n)
     dt, dev = A.dtype, A.device
     nb = math.prod(batch)
+    no_vectors = torch.empty(0, dtype=dt, device=dev)
+    u_shape, vh_shape = batch + [m, k], batch + [k, n]
+
+    def outputs():
+        if not compute_uv:
+            return no_vectors, no_vectors
+        return torch.empty(u_shape, dtype=dt, device=dev), torch.empty(vh_shape, dtype=dt, device=dev)
+
     if nb == 0 or k == 0:
-        return lambda A: torch.empty(batch + [k], dtype=dt, device=dev)
+        return lambda A: (outputs()[0], torch.empty(batch + [k], dtype=dt, device=dev), outputs()[1])
     sa, copy = stack_strides(A)
-    if m < n:                                             # the transpose, through strides
+    wide = m < n
+    if wide:                                              # the transpose, through strides
         m, n, sa = n, m, [sa[0], sa[2], sa[1]]
+    # The kernel's left factor (m × n, tall) and right factor (n × n) as stored: for a wide A they are
+    # Vh's transpose and U.
+    su, sv = ((1, m), (n, 1)) if wide else ((n, 1), (1, n))
     BM, BN = block(m), block(n)
     num_warps = warps(BM * BN)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)
     finfo = torch.finfo(dt)
-    launch = _bidiag_svdvals_kernel.bind((programs,), None, None, None, None, nb, m, n, *sa, finfo.eps,
-                                         finfo.tiny, passes(dt, sections), BM=BM, BN=BN, SECTIONS=sections,
-                                         num_warps=num_warps)
+    launch = _bidiag_svd_kernel.bind((programs,), None, None, None, None, None, None, None, None, None, nb, m, n, *sa,
+                                     *su, *sv, finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / (2 * n),
+                                     ROUNDS, BM=BM, BN=BN, SECTIONS=sections, WANT_UV=compute_uv,
+                                     num_warps=num_warps)
 
-    def run(A: Tensor) -> Tensor:
+    def run(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        U, Vh = outputs()
         S = torch.empty(batch + [k], dtype=dt, device=dev)
         lines = torch.empty(2, programs, 2 * BN, dtype=dt, device=dev)
-        launch(as3(A) if copy else A, S, lines[0], lines[1])
-        return S
+        vectors = torch.empty(3, programs, 2 * BN * BN, dtype=dt, device=dev) if compute_uv else None
+        Z, Y, P = vectors if compute_uv else (lines[0],) * 3
+        left, right = (Vh, U) if wide else (U, Vh)
+        launch(as3(A) if copy else A, S, left, right, lines[0], lines[1], Z, Y, P)
+        return U, S, Vh
 
     return run
 
 
+def svd_bidiag(A: Tensor, compute_uv: bool = True, programs: int | None = None,
+               sections: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD ``(U, S, Vh)`` of ``A`` ``(*, m, n)`` (both sides ``≤ MAX_N``, float32/float64),
+    singular values descending; without ``compute_uv`` ``U`` and ``Vh`` are empty. ``programs``:
+    persistent programs (default: as many as the SMs hold); ``sections``: Sturm points a lane and pass
+    (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` up to one matrix an SM, else 1)."""
+    return svd_bidiag_launcher(A, compute_uv, programs, sections)(A)
+
+
 def svdvals_bidiag(A: Tensor, programs: int | None = None, sections: int | None = None) -> Tensor:
-    """Singular values, descending, of ``A`` ``(*, m, n)`` (both sides ``≤ MAX_N``, float32/float64).
-    ``programs``: persistent programs (default: as many as the SMs hold); ``sections``: Sturm points a
-    lane and pass (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` up to one matrix
-    an SM, else 1)."""
-    return svdvals_bidiag_launcher(A, programs, sections)(A)
+    """Singular values, descending, of ``A`` ``(*, m, n)``: :func:`svd_bidiag` without vectors."""
+    return svd_bidiag_launcher(A, False, programs, sections)(A)[1]

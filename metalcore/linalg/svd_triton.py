@@ -51,7 +51,7 @@ from metalcore.linalg._small_triton import fits
 from metalcore.linalg.qr_triton import householder_launch
 from metalcore.linalg.svd import sort_columns, svd_op, unsort_columns
 from metalcore.linalg.svd_batched_triton import REGISTER_MAX_N, jacobi_registers
-from metalcore.linalg.svd_bidiag_triton import svdvals_bidiag, svdvals_bidiag_launcher
+from metalcore.linalg.svd_bidiag_triton import svd_bidiag, svd_bidiag_launcher
 from metalcore.linalg.svd_fused_triton import MAX_N as FUSED_MAX_N, svd_fused, svd_fused_launcher
 from metalcore.linalg.svd_large import large_supported, path_supported, svd_large
 
@@ -282,19 +282,21 @@ def _svd_chain_path(A, full_matrices, compute_uv):
     return svd_launch(A, full_matrices, compute_uv, registers=True, fused=False)
 
 
-# Singular values only: Golub-Kahan bidiagonalisation and bisection in registers (svd_bidiag_triton,
-# both sides <= 128), the eigenvalue path's two stages where Jacobi runs hundreds of rounds; measured by
-# the sweep like every path.
+# Golub-Kahan bidiagonalisation, bisection and inverse iteration in registers (svd_bidiag_triton, both
+# sides <= 128): the eigenvalue path's stages where Jacobi runs hundreds of rounds; measured by the
+# sweep like every path. Reduced factors only, so full_matrices only where it is the same (square).
+def _bidiag_supported(A, full_matrices, compute_uv):
+    return fits(A) and not (compute_uv and full_matrices and A.shape[-1] != A.shape[-2])
+
+
 def _svd_bidiag_specialized(A, full_matrices, compute_uv):
-    run = svdvals_bidiag_launcher(A)
-    return lambda A, full_matrices, compute_uv: (A.new_empty(0), run(A), A.new_empty(0))
+    run = svd_bidiag_launcher(A, compute_uv)
+    return lambda A, full_matrices, compute_uv: run(A)
 
 
-@register_path("svd", "triton", "bidiag",
-               supports=lambda A, full_matrices, compute_uv: not compute_uv and fits(A),
-               specialize=_svd_bidiag_specialized)
+@register_path("svd", "triton", "bidiag", supports=_bidiag_supported, specialize=_svd_bidiag_specialized)
 def _svd_bidiag_path(A, full_matrices, compute_uv):
-    return A.new_empty(0), svdvals_bidiag(A), A.new_empty(0)
+    return svd_bidiag(A, compute_uv)
 
 
 # QR + QDWH + eigh (svd_large) for sides from 33 (path_supported), any batch, as an alternative path

@@ -356,76 +356,93 @@ def test_chain_path_serves_the_op_when_routed(triton_backend, monkeypatch):
     _assert_svd(A, U, S, Vh, torch.float32, "chain path")
 
 
-# --- Singular values by bidiagonalisation and bisection (svd_bidiag_triton) ---------------------------
+# --- Bidiagonalisation, bisection and inverse iteration (svd_bidiag_triton) -----------------------------
 
 from oracle import values_ratio  # noqa: E402
 
 
+def _bidiag(A, compute_uv=True, **kw):
+    from metalcore.linalg.svd_bidiag_triton import svd_bidiag
+    return svd_bidiag(A, compute_uv, **kw)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_bidiag_svdvals_matrix_families(kind, dtype, triton_backend):
-    """A tall 13×9 and its wide transpose (read through strides), 2 matrices each: LAPACK's ratio
-    against float64, descending, the same values both ways."""
-    from metalcore.linalg.svd_bidiag_triton import svdvals_bidiag
-    A = general(kind, (2,), 13, 9, dtype)
-    S = svdvals_bidiag(A)
-    what = f"bidiag svdvals {kind} {dtype}"
-    assert not S.isnan().any(), what + ": NaN"
-    assert_lapack_ratio(values_ratio(S.double(), torch.linalg.svdvals(A.double()), dtype), what)
-    assert bool((S[..., :-1] >= S[..., 1:]).all()), what + ": descending"
-    assert_lapack_ratio(values_ratio(svdvals_bidiag(A.mT).double(), torch.linalg.svdvals(A.double()), dtype),
-                        what + " (wide)")
+def test_bidiag_svd_matrix_families(kind, dtype, triton_backend):
+    """A tall 13×9 and its wide transpose (read through strides), 2 matrices each: LAPACK's ratios
+    against float64, the values alone equal to the values with vectors."""
+    for A in (general(kind, (2,), 13, 9, dtype), general(kind, (2,), 9, 13, dtype)):
+        U, S, Vh = _bidiag(A)
+        what = f"bidiag svd {kind} {tuple(A.shape)} {dtype}"
+        _assert_svd(A, U, S, Vh, dtype, what, scale_of(kind, dtype))
+        assert_lapack_ratio(values_ratio(S.double(), torch.linalg.svdvals(A.double()), dtype), what + " values")
+        assert torch.equal(_bidiag(A, False)[1], S), what + ": values alone"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bidiag_svdvals_at_its_largest_side_and_rank_deficient(dtype, triton_backend):
-    """128² (MAX_N), and a rank-3 40×20 whose 17 zero singular values are T_GK's 34 zero eigenvalues."""
-    from metalcore.linalg.svd_bidiag_triton import MAX_N, svdvals_bidiag
-    for A in (general("ill", (1,), MAX_N, MAX_N, dtype),
-              (torch.randn(1, 40, 3, dtype=torch.float64) @ torch.randn(1, 3, 20, dtype=torch.float64)).to(dtype)):
-        S = svdvals_bidiag(A)
+def test_bidiag_svd_at_its_largest_side_and_rank_deficient(dtype, triton_backend):
+    """128² (MAX_N, κ = 1/ε), a rank-3 40×20 whose 17 zero singular values are T_GK's 34 zero
+    eigenvalues (and its transpose), the zero matrix, the identity, and repeated values next to zeros."""
+    from metalcore.linalg.svd_bidiag_triton import MAX_N
+    torch.manual_seed(1)
+    rank3 = torch.randn(1, 40, 3, dtype=torch.float64) @ torch.randn(1, 3, 20, dtype=torch.float64)
+    Q1, Q2 = (torch.linalg.qr(torch.randn(1, 30, 30, dtype=torch.float64))[0] for _ in range(2))
+    repeated = (Q1 * torch.tensor([1.0] * 10 + [1e-3] * 10 + [0.0] * 10, dtype=torch.float64)) @ Q2
+    for A in (general("ill", (1,), MAX_N, MAX_N, dtype), rank3.to(dtype), rank3.mT.to(dtype),
+              torch.zeros(1, 24, 24, dtype=dtype), torch.eye(17, dtype=dtype)[None], repeated.to(dtype)):
+        U, S, Vh = _bidiag(A)
         what = f"{tuple(A.shape)} {dtype}"
-        assert_lapack_ratio(values_ratio(S.double(), torch.linalg.svdvals(A.double()), dtype), what)
+        _assert_svd(A, U, S, Vh, dtype, what)
+        assert_lapack_ratio(values_ratio(S.double(), torch.linalg.svdvals(A.double()), dtype), what + " values")
         assert (S >= 0).all(), what + ": non-negative"
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (2, 2), (1, 5), (5, 1), (3, 8), (17, 17)], ids=str)
-def test_bidiag_svdvals_sizes_batch_shapes_and_schedules(m, n, triton_backend):
+def test_bidiag_svd_sizes_batch_shapes_and_schedules(m, n, triton_backend):
     """Every shape class, batch dims (2, 1), column-major strides, bisection and 8-point multisection,
     and more matrices than persistent programs."""
-    from metalcore.linalg.svd_bidiag_triton import svdvals_bidiag
     A = torch.randn(2, 1, m, n, dtype=torch.float64)
     expected = torch.linalg.svdvals(A)
-    for S in (svdvals_bidiag(A, sections=1), svdvals_bidiag(A, sections=8),
-              svdvals_bidiag(A.mT.contiguous().mT, programs=1)):
-        assert S.shape == (2, 1, min(m, n))
-        assert_lapack_ratio(values_ratio(S, expected, torch.float64), f"{m}x{n}")
+    for U, S, Vh in (_bidiag(A, sections=1), _bidiag(A, sections=8), _bidiag(A.mT.contiguous().mT, programs=1)):
+        k = min(m, n)
+        assert (U.shape, S.shape, Vh.shape) == ((2, 1, m, k), (2, 1, k), (2, 1, k, n))
+        _assert_svd(A, U, S, Vh, torch.float64, f"{m}x{n}")
+        assert_lapack_ratio(values_ratio(S, expected, torch.float64), f"{m}x{n} values")
+    assert _bidiag(A, False)[0].numel() == 0
 
 
-def test_bidiag_svdvals_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
+def test_bidiag_svd_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
     from metalcore import BackendUnavailableError, _selection
     A = torch.randn(3, 10, 6)
     A[1, 2, 3] = float("inf")
     with _selection.use_path("svd", "bidiag"):
         S = metalcore.linalg.svdvals(A)
+        U, S2, Vh = metalcore.linalg.svd(A, full_matrices=False)
+        square = torch.randn(2, 6, 6)
+        Us, Ss, Vhs = metalcore.linalg.svd(square)                                # full = reduced
         with pytest.raises(BackendUnavailableError, match="'bidiag' does not"):
-            metalcore.linalg.svd(A)                                                # vectors: not this path
-    assert S[1].isnan().all() and not S[[0, 2]].isnan().any()
-    assert_lapack_ratio(values_ratio(S[[0, 2]].double(), torch.linalg.svdvals(A[[0, 2]].double()), torch.float32),
-                        "the other matrices")
+            metalcore.linalg.svd(A)                                                # complete U: not this path
+    assert torch.equal(S.nan_to_num(-1.0), S2.nan_to_num(-1.0)), "the values alone"
+    assert S[1].isnan().all() and U[1].isnan().all() and Vh[1].isnan().all()
+    assert not (S[[0, 2]].isnan().any() or U[[0, 2]].isnan().any() or Vh[[0, 2]].isnan().any())
+    _assert_svd(A[[0, 2]], U[[0, 2]], S[[0, 2]], Vh[[0, 2]], torch.float32, "the other matrices")
+    _assert_svd(square, Us, Ss, Vhs, torch.float32, "square through the op")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,m,n", [(100, 64, 64), (64, 128, 128), (1000, 32, 32), (16, 100, 40), (300, 40, 100)],
                          ids=str)
-def test_gpu_bidiag_svdvals_full_size(batch, m, n, dtype, triton_backend, device):
-    """The compiled path at the sizes the sweep times it, on every matrix family."""
+def test_gpu_bidiag_svd_full_size(batch, m, n, dtype, triton_backend, device):
+    """The compiled path at the sizes the sweep times it, on every matrix family, with and without
+    vectors."""
     from metalcore import _selection
     for kind in KINDS:
         A = general(kind, (batch,), m, n, dtype).to(device)
         with _selection.use_path("svd", "bidiag"):
             S = metalcore.linalg.svdvals(A)
-        what = f"bidiag svdvals {kind} {batch}×{m}×{n} {dtype}"
+            U, S2, Vh = metalcore.linalg.svd(A, full_matrices=False)
+        what = f"bidiag svd {kind} {batch}×{m}×{n} {dtype}"
         assert_lapack_ratio(values_ratio(S.double().cpu(), torch.linalg.svdvals(A.double().cpu()), dtype), what)
         assert bool((S[..., :-1] >= S[..., 1:]).all()), what + ": descending"
+        _assert_svd(A.cpu(), U.cpu(), S2.cpu(), Vh.cpu(), dtype, what, scale_of(kind, dtype))
