@@ -3,8 +3,9 @@ multisection and inverse iteration, one persistent program per matrix, in regist
 
 Layers: ``_tridiag_eigh_kernel`` → :func:`eigh_tridiag` → the ``tridiag`` path of
 ``metalcore::eigh`` on the Triton backend (:mod:`metalcore.linalg.eigh_triton`), sides up to the
-register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128). :func:`reflector` and
-:func:`sturm_multisection` also serve the singular values of :mod:`metalcore.linalg.svd_bidiag_triton`.
+register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128). :func:`reflector`,
+:func:`sturm_multisection` and :func:`tridiag_eigenvectors` also serve the singular values and vectors
+of :mod:`metalcore.linalg.svd_bidiag_triton`.
 
 Why: above n = 32 the Jacobi kernels run hundreds of dependent rounds (the ``shifted`` kernel: ~504
 at n = 64, 0.86 ms for 16×64² on the H100) and the table gives eigh to cuSOLVER's batched syev

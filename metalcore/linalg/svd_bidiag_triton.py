@@ -1,28 +1,36 @@
-"""Singular values by Golub-Kahan bidiagonalisation and bisection, one program per matrix, in
-registers.
+"""Singular values and vectors by Golub-Kahan bidiagonalisation, bisection and inverse iteration,
+one persistent program per matrix, in registers.
 
-Layers: ``_bidiag_svdvals_kernel`` → :func:`svdvals_bidiag` → the ``bidiag`` path of
-``metalcore::svd`` without vectors on the Triton backend (:mod:`metalcore.linalg.svd_triton`), both
-sides up to the register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128).
+Layers: ``_bidiag_svd_kernel`` → :func:`svd_bidiag` / :func:`svdvals_bidiag` → the ``bidiag`` path of
+``metalcore::svd`` on the Triton backend (:mod:`metalcore.linalg.svd_triton`), both sides up to the
+register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128), reduced factors.
 
-Why: the Jacobi kernels' values cost as many sweeps as their vectors (hundreds of dependent rounds
-at 64-128), while the eigenvalues of the tridiagonal path (:mod:`metalcore.linalg.eigh_tridiag_triton`,
-the same two stages) took 0.16 ms of GPU time for 100×64² on the H100 (bench/linalg_triton.md v14).
+Why: the Jacobi kernels cost hundreds of dependent rounds at 64-128 (64×128² with vectors: 7.9 ms on
+the H100), while the tridiagonal eigenvalue path (:mod:`metalcore.linalg.eigh_tridiag_triton`, the
+same stages) took 0.16 ms of GPU time for 100×64² values (bench/linalg_triton.md v14).
 
 1. **Bidiagonalisation** (LAPACK ``gebd2``, ``m ≥ n``; a wide matrix is read as its transpose
    through strides): for ``k < n`` a left reflector zeroes column ``k`` below the diagonal
    (``A ← (I − τ v vᵀ) A``), then a right reflector zeroes row ``k`` right of the super-diagonal
-   (``A ← A (I − τ u uᵀ)``). ``B``'s diagonal ``d`` and super-diagonal ``e`` are read from the tile
-   and scaled by their largest magnitude.
-2. **Bisection on the Golub-Kahan matrix** ``T_GK`` (order ``2n``, zero diagonal, off-diagonal
+   (``A ← A (I − τ u uᵀ)``); with vectors both are kept as ``√τ v`` in the output buffers until
+   step 5. ``B``'s diagonal ``d`` and super-diagonal ``e`` are read from the tile and scaled by their
+   largest magnitude.
+2-3. **Bisection on the Golub-Kahan matrix** ``T_GK`` (order ``2n``, zero diagonal, off-diagonal
    ``d₀, e₀, d₁, e₁, …, d_{n−1}``), whose eigenvalues are ``±σ_i``: lane ``j`` finds the ``(n + j)``-th
    smallest, ``σ`` in ascending order (LAPACK ``dbdsvdx``'s route), by the eigenvalue path's Sturm
    multisection; ``S`` is stored descending.
+4. **Inverse iteration on** ``T_GK`` (the eigenvalue path's): the eigenvector of ``σ_j`` interleaves
+   ``v_j`` (even rows) and ``u_j`` (odd rows), ``B v = σ u``. Each half is normalised and
+   orthonormalised within clusters on its own, which removes the other sign's share (module
+   comments).
+5. **Back-transformation** of both halves by the reflectors of step 1, in reverse order.
 
 Accuracy: the bidiagonalisation is backward stable and bisection finds each eigenvalue of ``T_GK`` to
 ``O(ε ‖B‖)``, so the singular values carry ``gesvd``'s absolute bound ``O(n ε ‖A‖)`` (what LAPACK's
 ratio for singular values measures), not the Jacobi kernels' relative accuracy for tiny ``σ`` of
-graded matrices. NaN or Inf in a matrix gives NaN singular values for that matrix only.
+graded matrices. The vectors' residual and orthogonality ratios stay within LAPACK's on every test
+family, rank-deficient and repeated included (bench/linalg_triton.md v17). NaN or Inf in a matrix
+gives NaN values and vectors for that matrix only.
 """
 
 from __future__ import annotations
