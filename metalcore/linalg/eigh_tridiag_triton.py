@@ -160,20 +160,31 @@ def clusters(lam, cols, lanes, ortol):
 
 
 @helper
-def orthonormalise_clusters(z, cols, lanes, cluster):
-    """The columns of ``z`` (unit 2-norm) orthonormalised within each cluster in lane order:
-    classical Gram-Schmidt, twice, against the earlier lanes of the same cluster."""
-    for j in range(1, lanes):
+def _orthonormalise_lane(z, cols, j, mates):
+    """Column ``j`` of ``z`` orthogonalised against the columns ``mates`` (orthonormal; classical
+    Gram-Schmidt, twice) and scaled to unit 2-norm."""
+    column = cols[None, :] == j
+    zj = tl.sum(tl.where(column, z, 0.0), axis=1)
+    for _pass in tl.static_range(2):
+        c = tl.where(mates, tl.sum(z * zj[:, None], axis=0), 0.0)
+        zj = zj - tl.sum(z * c[None, :], axis=1)
+    zj = zj / tl.sqrt(tl.sum(zj * zj, axis=0))
+    return tl.where(column, zj[:, None], z)
+
+
+@helper
+def orthonormalise_clusters(z, cols, lanes, cluster, whole):
+    """The columns of ``z`` (unit 2-norm) orthonormalised within each cluster in lane order, and the
+    first ``whole`` lanes (a cluster, or 0) last, against every other lane: their columns may carry
+    the other lanes' directions at more than rounding level (the singular vectors' halves of
+    σ ≈ 0, :mod:`metalcore.linalg.svd_bidiag_triton`)."""
+    for j in range(tl.maximum(whole, 1), lanes):
         j_cluster = tl.sum(tl.where(cols == j, cluster, 0), axis=0)
         mates = (cols < j) & (cluster == j_cluster)
         if tl.max(tl.where(mates, 1, 0), axis=0) > 0:
-            column = cols[None, :] == j
-            zj = tl.sum(tl.where(column, z, 0.0), axis=1)
-            for _pass in tl.static_range(2):
-                c = tl.where(mates, tl.sum(z * zj[:, None], axis=0), 0.0)
-                zj = zj - tl.sum(z * c[None, :], axis=1)
-            zj = zj / tl.sqrt(tl.sum(zj * zj, axis=0))
-            z = tl.where(column, zj[:, None], z)
+            z = _orthonormalise_lane(z, cols, j, mates)
+    for j in range(0, whole):
+        z = _orthonormalise_lane(z, cols, j, (cols < lanes) & ((cols >= whole) | (cols < j)))
     return z
 
 
@@ -222,7 +233,7 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
         tl.debug_barrier()
         z = unit_columns(tl.load(ZS + at, mask=rows[:, None] < order, other=0.0))
         if clustered:
-            z = orthonormalise_clusters(z, cols, lanes, cluster)
+            z = orthonormalise_clusters(z, cols, lanes, cluster, 0)
     return tl.where(cols[None, :] < lanes, z, 0.0)
 
 

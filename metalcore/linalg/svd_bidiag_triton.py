@@ -114,15 +114,20 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
             # Each half normalised and orthonormalised within clusters on its own: the other sign's
             # eigenvector -σ_k of T_GK has the same halves up to sign, so its share in lane j's vector,
             # ~ε/(σ_j + σ_k), only rescales the halves where k = j and stays within the cluster
-            # otherwise (σ_j + σ_k < ortol puts both in the cluster of σ ≈ 0).
+            # otherwise (σ_j + σ_k < ortol puts both in the cluster of σ ≈ 0). In that cluster a half
+            # can be short (its vector mostly the other half), and normalising it magnifies its
+            # rounding-level share of the other lanes' directions (measured: 8e-5 in fp32 on a rank-4
+            # 12×8), so its lanes are also orthogonalised against every other lane.
             cluster, clustered = clusters(sigma, cols, n, ortol)
+            smallest = tl.sum(tl.where(cols == 0, sigma, 0.0), axis=0)
+            zero = tl.where(smallest <= ortol, tl.sum(tl.where((cluster == 1) & (cols < n), 1, 0), axis=0), 0)
             inner = (cols[:, None] < n) & (cols[None, :] < n)
             zv = unit_columns(tl.load(ZS + tile + (2 * cols)[:, None] * BN + cols[None, :], mask=inner, other=0.0))
             zu = unit_columns(tl.load(ZS + tile + (2 * rows + 1)[:, None] * BN + cols[None, :],
                                       mask=(rows[:, None] < n) & (cols[None, :] < n), other=0.0))
-            if clustered:
-                zv = orthonormalise_clusters(zv, cols, n, cluster)
-                zu = orthonormalise_clusters(zu, cols, n, cluster)
+            if clustered or zero > 0:
+                zv = orthonormalise_clusters(zv, cols, n, cluster, zero)
+                zu = orthonormalise_clusters(zu, cols, n, cluster, zero)
             # 5. Back-transformation: V = G_0 (… (G_{n−1} V_B)), U = H_0 (… (H_{n−1} [U_B; 0])).
             for t in range(0, n):
                 k = n - 1 - t
