@@ -397,6 +397,19 @@ def test_bidiag_svd_at_its_largest_side_and_rank_deficient(dtype, triton_backend
         assert (S >= 0).all(), what + ": non-negative"
 
 
+def test_bidiag_svd_short_halves_of_zero_singular_values(triton_backend):
+    """Rank-4 12×8 matrices in fp32 with bisection: in one of them (index 7) the u-halves of the zero
+    singular values were short, and normalising them magnified their rounding-level share of the
+    other lanes' directions to an orthogonality ratio of 164 until those lanes were orthogonalised
+    against every other lane."""
+    torch.manual_seed(5)
+    for r in (0, 2, 4):                                    # the draws of the batch that measured 164
+        A = torch.randn(24, 12, r, dtype=torch.float64) @ torch.randn(24, r, 8, dtype=torch.float64)
+    A = A.float()
+    U, S, Vh = _bidiag(A, sections=1)
+    _assert_svd(A, U, S, Vh, torch.float32, "rank 4, 12×8")
+
+
 @pytest.mark.parametrize("m,n", [(1, 1), (2, 2), (1, 5), (5, 1), (3, 8), (17, 17)], ids=str)
 def test_bidiag_svd_sizes_batch_shapes_and_schedules(m, n, triton_backend):
     """Every shape class, batch dims (2, 1), column-major strides, bisection and 8-point multisection,
