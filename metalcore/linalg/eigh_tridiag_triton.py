@@ -154,7 +154,12 @@ def clusters(lam, cols, lanes, ortol):
     lane has a cluster mate."""
     before = tl.sum(tl.where(cols[:, None] == cols[None, :] - 1, lam[:, None], 0.0), axis=0)   # lam[j − 1]
     starts = (cols == 0) | (lam - before > ortol)
-    cluster = tl.cumsum(starts.to(tl.int32), axis=0)
+    # cluster[j] = starts at lanes ≤ j, as a masked reduction rather than tl.cumsum. The vectors failed
+    # orthogonality on the H100 only where a [BN] vector is held by more threads than it has entries
+    # (4 warps at BN = 64, 16 at 128; fine at 1-2 warps and in the interpreter), and the suspect is the
+    # scan over such a replicated vector, the one cross-lane operation here that is not a reduction
+    # (bench/linalg_triton.md, v15 and v17 outcome). Not yet confirmed on the GPU.
+    cluster = tl.sum(tl.where(cols[:, None] <= cols[None, :], starts.to(tl.int32)[:, None], 0), axis=0)
     clustered = tl.sum(tl.where((cols < lanes) & (cols > 0) & (lam - before <= ortol), 1, 0), axis=0) > 0
     return cluster, clustered
 
