@@ -34,7 +34,9 @@ Accuracy: the reduction is backward stable (``‖A − Q T Qᵀ‖ = O(n ε ‖A
 eigenvalue of ``T`` to ``O(ε ‖T‖)``, so the eigenvalues carry ``syev``'s absolute error bound,
 ``O(n ε ‖A‖)``: what LAPACK's ratio for eigenvalues measures. They come out ascending. NaN or Inf in a
 matrix gives NaN eigenvalues (and vectors) for that matrix only. The vectors' residual and
-orthogonality are within LAPACK's ratios on every test family (bench/linalg_triton.md v15). ``d``,
+orthogonality are within LAPACK's ratios on every test family in the interpreter; on the H100 they
+failed on a few clustered spectra at 4 warps a program (bench/linalg_triton.md, v15 and v17 outcome),
+so the table does not take them. ``d``,
 ``e`` and the solves' tiles go through per-program global scratch (the recurrences read them one
 entry at a time; registers cannot be indexed by a loop counter).
 """
@@ -198,7 +200,7 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
     """Eigenvectors of the scaled symmetric tridiagonal ``T`` of order ``order`` (diagonal at ``D``,
     off-diagonal at ``E``) as the columns of a ``[len(rows), BC]`` tile, lane ``j < lanes`` for the
     eigenvalue ``lam[j]`` (ascending; stein's inverse iteration). ``ZS``, ``YS``, ``QS``: scratch
-    tiles of ``len(rows) × BC``, row stride ``BC``."""
+    tiles of ``len(rows) × BC``, row stride ``BC``. Also returns :func:`clusters` of ``lam``."""
     cluster, clustered = clusters(lam, cols, lanes, ortol)
     at = rows[:, None] * BC + cols[None, :]
 
@@ -239,7 +241,7 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
         z = unit_columns(tl.load(ZS + at, mask=rows[:, None] < order, other=0.0))
         if clustered:
             z = orthonormalise_clusters(z, cols, lanes, cluster, 0)
-    return tl.where(cols[None, :] < lanes, z, 0.0)
+    return tl.where(cols[None, :] < lanes, z, 0.0), cluster, clustered
 
 
 @jit
@@ -303,7 +305,7 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         tl.store(L + mat * n + rows, tl.where(finite, lam * s, float("nan")), mask=rows < n)
 
         if WANT_V:
-            z = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
+            z, _, _ = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
                                      eps, ortol, rounds, BN)
             # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
             tl.debug_barrier()

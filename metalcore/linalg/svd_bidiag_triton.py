@@ -1,7 +1,7 @@
 """Singular values and vectors by Golub-Kahan bidiagonalisation, bisection and inverse iteration,
 one persistent program per matrix, in registers.
 
-Layers: ``_bidiag_svd_kernel`` → :func:`svd_bidiag` / :func:`svdvals_bidiag` → the ``bidiag`` path of
+Layers: ``_bidiag_svd_kernel`` → :func:`svd_bidiag` → the ``bidiag`` path of
 ``metalcore::svd`` on the Triton backend (:mod:`metalcore.linalg.svd_triton`), both sides up to the
 register tile's :data:`~metalcore.linalg._small_triton.MAX_N` (128), reduced factors.
 
@@ -29,7 +29,9 @@ Accuracy: the bidiagonalisation is backward stable and bisection finds each eige
 ``O(ε ‖B‖)``, so the singular values carry ``gesvd``'s absolute bound ``O(n ε ‖A‖)`` (what LAPACK's
 ratio for singular values measures), not the Jacobi kernels' relative accuracy for tiny ``σ`` of
 graded matrices. The vectors' residual and orthogonality ratios stay within LAPACK's on every test
-family, rank-deficient and repeated included (bench/linalg_triton.md v17). NaN or Inf in a matrix
+family, rank-deficient and repeated included, in the interpreter; on the H100 they failed on a few
+clustered spectra at 4 warps a program (bench/linalg_triton.md, v15 and v17 outcome), so the table
+does not take them. NaN or Inf in a matrix
 gives NaN values and vectors for that matrix only.
 """
 
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from metalcore._triton import jit
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
-from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, clusters, orthonormalise_clusters, passes, reflector,
+from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, orthonormalise_clusters, passes, reflector,
                                                   schedule, sturm_multisection, tridiag_eigenvectors, unit_columns)
 from metalcore.linalg.householder_gemm import as3
 
@@ -106,7 +108,7 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
 
         if WANT_UV:
             # 4. T_GK's eigenvector of σ_j interleaves v_j (even rows) and u_j (odd rows): B v = σ u.
-            z = tridiag_eigenvectors(sigma, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, 2 * n, n,
+            z, cluster, clustered = tridiag_eigenvectors(sigma, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, 2 * n, n,
                                      tl.arange(0, 2 * BN), cols, eps, ortol, rounds, BN)
             tl.debug_barrier()
             tl.store(ZS + tile + tl.arange(0, 2 * BN)[:, None] * BN + cols[None, :], z)
@@ -118,7 +120,6 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
             # can be short (its vector mostly the other half), and normalising it magnifies its
             # rounding-level share of the other lanes' directions (measured: 8e-5 in fp32 on a rank-4
             # 12×8), so its lanes are also orthogonalised against every other lane.
-            cluster, clustered = clusters(sigma, cols, n, ortol)
             smallest = tl.sum(tl.where(cols == 0, sigma, 0.0), axis=0)
             zero = tl.where(smallest <= ortol, tl.sum(tl.where((cluster == 1) & (cols < n), 1, 0), axis=0), 0)
             inner = (cols[:, None] < n) & (cols[None, :] < n)
@@ -161,8 +162,12 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
             return no_vectors, no_vectors
         return torch.empty(u_shape, dtype=dt, device=dev), torch.empty(vh_shape, dtype=dt, device=dev)
 
+    def empty(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        U, Vh = outputs()
+        return U, torch.empty(batch + [k], dtype=dt, device=dev), Vh
+
     if nb == 0 or k == 0:
-        return lambda A: (outputs()[0], torch.empty(batch + [k], dtype=dt, device=dev), outputs()[1])
+        return empty
     sa, copy = stack_strides(A)
     wide = m < n
     if wide:                                              # the transpose, through strides
@@ -200,7 +205,3 @@ def svd_bidiag(A: Tensor, compute_uv: bool = True, programs: int | None = None,
     (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` up to one matrix an SM, else 1)."""
     return svd_bidiag_launcher(A, compute_uv, programs, sections)(A)
 
-
-def svdvals_bidiag(A: Tensor, programs: int | None = None, sections: int | None = None) -> Tensor:
-    """Singular values, descending, of ``A`` ``(*, m, n)``: :func:`svd_bidiag` without vectors."""
-    return svd_bidiag_launcher(A, False, programs, sections)(A)[1]
