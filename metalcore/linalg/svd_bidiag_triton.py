@@ -109,7 +109,7 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
         if WANT_UV:
             # 4. T_GK's eigenvector of σ_j interleaves v_j (even rows) and u_j (odd rows): B v = σ u.
             z, cluster, clustered = tridiag_eigenvectors(sigma, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, 2 * n, n,
-                                     tl.arange(0, 2 * BN), cols, eps, ortol, rounds, BN)
+                                     tl.arange(0, 2 * BN), cols, eps, ortol, rounds, BN, True)
             tl.debug_barrier()
             tl.store(ZS + tile + tl.arange(0, 2 * BN)[:, None] * BN + cols[None, :], z)
             tl.debug_barrier()
