@@ -26,7 +26,8 @@ cuSOLVER's 0.38).
    points a lane (multisection, :data:`SECTIONS`) each pass of the recurrence does several.
 4. **Inverse iteration** (LAPACK ``stein``): lane j solves ``(T − λ_j I) x = z`` through the
    ``L D Lᵀ`` factors of the Sturm recurrence, twice (:data:`ROUNDS`), from pseudo-random vectors,
-   with Gram-Schmidt within clusters (:data:`ORTOL_N`) after each solve.
+   with Gram-Schmidt within clusters (:data:`ORTOL_N`) after each solve; eigenvalues closer than
+   bisection's error share one shift (:func:`shifts`).
 5. **Back-transformation** ``Q Z``: the reflectors of step 1, kept as ``√τ v`` in the rows of the
    output until then, applied to the tile in reverse order.
 
@@ -34,10 +35,9 @@ Accuracy: the reduction is backward stable (``‖A − Q T Qᵀ‖ = O(n ε ‖A
 eigenvalue of ``T`` to ``O(ε ‖T‖)``, so the eigenvalues carry ``syev``'s absolute error bound,
 ``O(n ε ‖A‖)``: what LAPACK's ratio for eigenvalues measures. They come out ascending. NaN or Inf in a
 matrix gives NaN eigenvalues (and vectors) for that matrix only. The vectors' residual and
-orthogonality are within LAPACK's ratios on every test family in the interpreter; on the H100 they
-failed on a few clustered spectra at 4 warps a program (bench/linalg_triton.md, v15 and v17 outcome),
-so the table does not take them. ``d``,
-``e`` and the solves' tiles go through per-program global scratch (the recurrences read them one
+orthogonality are within LAPACK's ratios on every test family, in the interpreter and on the H100
+(bench/linalg_triton.md, v18: a group of eigenvalues within bisection's error shares one shift,
+:data:`TIGHT`). ``d``, ``e`` and the solves' tiles go through per-program global scratch (the recurrences read them one
 entry at a time; registers cannot be indexed by a loop counter).
 """
 
@@ -91,19 +91,20 @@ def schedule(nb: int, device: torch.device, num_warps: int, programs: int | None
 # two rounds gave ≤ 3.4.
 ORTOL_N = 0.25
 ROUNDS = 2
-# Shifts. Eigenvalues closer than bisection's error (a multiple eigenvalue, rounded to a spread of a few
-# ε) are matched to their lanes at random: a lane's λ_j may sit 1e-3 of the cluster's width from one
-# eigenvalue and 1e-1 from another, so its solve amplifies the first 100 times more. After Gram-Schmidt
-# the last lanes of such a cluster keep a short remainder whose rounding (ε of the solve's norm) and
-# outside share (width/gap) normalisation magnifies: orthogonality ratios up to 2400 and residuals up
-# to 340 on ~1% of the rank and cluster families' 64² matrices (H100, fp32 and fp64; a torch replica of
-# this kernel reproduced them on the CPU). So each group of eigenvalues whose neighbours are within
-# TIGHT·ε shares one shift, max(width, 8ε) beside the group on its side of larger gap: every vector of
-# the group is then amplified within a factor 2 of the others. Its share of the nearest eigenvalue
-# outside, (width + offset)/distance a solve, must reach ~ε in ROUNDS solves, so a group whose
-# neighbours are closer than that (RHO·√ε) keeps its own eigenvalues. In the replica over 6,500
-# matrices of 5 families, n = 13-128, fp32 and fp64: 0 ratios above 30 (16 and 7 before), with the
-# same outcome at TIGHT = 1024.
+# Shifts. Eigenvalues closer than bisection's error (a multiple eigenvalue, rounded to a spread of a
+# few ε) are matched to their lanes at random: a lane's λ_j may sit 1e-3 of the cluster's width from
+# one eigenvalue and 1e-1 from another, so its solve amplifies the first 100 times more. After
+# Gram-Schmidt the last lanes of such a cluster keep a short remainder whose rounding (ε of the
+# solve's norm) and outside share (width/gap) normalisation magnifies: orthogonality ratios up to
+# 2400 and residuals up to 340 on ~1% of the rank and cluster families' 64² matrices (H100, fp32 and
+# fp64; bench/scripts/tridiag_vectors_replica.py shows them on the CPU). So each group of eigenvalues
+# whose neighbours are within TIGHT·ε shares one shift, max(width, 8ε) beside the group on its side
+# of larger gap: every vector of the group is then amplified within a factor 2 of the others. Its
+# share of the nearest eigenvalue outside, (width + offset)/distance a solve, must reach ~ε in ROUNDS
+# solves, so a group whose neighbours are closer than that (RHO·√ε) keeps its own eigenvalues. In
+# the replica over 6,500 matrices of 5 families, n = 13-128: 0 ratios above 30 in fp32 and fp64 (13
+# and 9 before), the same at TIGHT = 1024; on the H100 0 of 54 family × size cells
+# (bench/linalg_triton.md, v18).
 TIGHT = tl.constexpr(16.0)
 RHO = tl.constexpr(8.0)
 SEED = tl.constexpr(20261207)
@@ -171,11 +172,7 @@ def clusters(lam, cols, lanes, ortol):
     lane has a cluster mate."""
     before = tl.sum(tl.where(cols[:, None] == cols[None, :] - 1, lam[:, None], 0.0), axis=0)   # lam[j − 1]
     starts = (cols == 0) | (lam - before > ortol)
-    # cluster[j] = starts at lanes ≤ j, as a masked reduction rather than tl.cumsum. The vectors failed
-    # orthogonality on the H100 only where a [BN] vector is held by more threads than it has entries
-    # (4 warps at BN = 64, 16 at 128; fine at 1-2 warps and in the interpreter), and the suspect is the
-    # scan over such a replicated vector, the one cross-lane operation here that is not a reduction
-    # (bench/linalg_triton.md, v15 and v17 outcome). Not yet confirmed on the GPU.
+    # cluster[j] = starts at lanes ≤ j, as a masked [BN, BN] reduction (once a matrix).
     cluster = tl.sum(tl.where(cols[:, None] <= cols[None, :], starts.to(tl.int32)[:, None], 0), axis=0)
     clustered = tl.sum(tl.where((cols < lanes) & (cols > 0) & (lam - before <= ortol), 1, 0), axis=0) > 0
     return cluster, clustered

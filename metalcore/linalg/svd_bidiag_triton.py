@@ -29,10 +29,8 @@ Accuracy: the bidiagonalisation is backward stable and bisection finds each eige
 ``O(ε ‖B‖)``, so the singular values carry ``gesvd``'s absolute bound ``O(n ε ‖A‖)`` (what LAPACK's
 ratio for singular values measures), not the Jacobi kernels' relative accuracy for tiny ``σ`` of
 graded matrices. The vectors' residual and orthogonality ratios stay within LAPACK's on every test
-family, rank-deficient and repeated included, in the interpreter; on the H100 they failed on a few
-clustered spectra at 4 warps a program (bench/linalg_triton.md, v15 and v17 outcome), so the table
-does not take them. NaN or Inf in a matrix
-gives NaN values and vectors for that matrix only.
+family, rank-deficient and repeated included, in the interpreter and on the H100 (bench/linalg_triton.md,
+v18). NaN or Inf in a matrix gives NaN values and vectors for that matrix only.
 """
 
 from __future__ import annotations

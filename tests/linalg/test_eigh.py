@@ -833,6 +833,20 @@ def test_tridiag_eigh_repeated_and_decoupled_eigenvalues(dtype, triton_backend):
     assert_lapack_ratio(orthogonality_ratio(Q, dtype), f"zero {dtype} Q")
 
 
+def test_tridiag_eigh_multiple_eigenvalues_share_one_shift(triton_backend):
+    """Lanes whose eigenvalues lie within bisection's error share one shift (``shifts()``). On this
+    batch of the cluster family (n = 33, about 8 eigenvalues at each of ±1 and ±2) one shift a lane
+    measured an orthogonality ratio of 10.6 in the interpreter, and such matrices reached 30-2400 on
+    ~1% of the family on the H100; the shared shift measures 1.0. The bound is 3, not LAPACK's 30, so
+    that the test tells the two apart."""
+    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
+    torch.manual_seed(1)
+    A = family("cluster", (2,), 33, torch.float32)
+    L, Q = eigh_tridiag(A, False, True)
+    assert_tridiag_eigh(A, L, Q, torch.float32, "cluster 2×33²")
+    assert orthogonality_ratio(Q.double(), torch.float32) <= 3.0
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 33])
 def test_tridiag_eigh_sizes_and_batch_shapes(n, triton_backend):
     from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
@@ -880,14 +894,7 @@ def test_tridiag_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(trit
     assert_tridiag_eigh(A[good], L[good], Q[good], torch.float32, "the other matrices")
 
 
-# Known failure on the H100 (2026-12-07): the vectors' orthogonality ratio reaches 34-719 on a few
-# matrices of the cluster and rank families at the default 4 warps, 0.5-1.3 at 1-2 warps and in the
-# interpreter (bench/linalg_triton.md, v15 and v17 outcome); the table does not take the vectors.
-GPU_VECTORS_XFAIL = pytest.mark.xfail(reason="tridiag/bidiag vectors on the GPU: clustered spectra at 4 warps")
-
-
 @pytest.mark.gpu
-@GPU_VECTORS_XFAIL
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,n", [(100, 64), (64, 128), (1024, 33), (16, 100), (5000, 64)], ids=str)
 def test_gpu_tridiag_eigh_full_size(batch, n, dtype, triton_backend, device):

@@ -443,7 +443,6 @@ def test_bidiag_svd_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(reason="tridiag/bidiag vectors on the GPU: clustered spectra at 4 warps (test_eigh.py)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,m,n", [(100, 64, 64), (64, 128, 128), (1000, 32, 32), (16, 100, 40), (300, 40, 100)],
                          ids=str)
