@@ -442,6 +442,28 @@ def test_bidiag_svd_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton
     _assert_svd(square, Us, Ss, Vhs, torch.float32, "square through the op")
 
 
+@pytest.mark.parametrize("path,launcher", [("registers", "svd_fused_launcher"), ("bidiag", "svd_bidiag_launcher")])
+def test_svd_path_is_specialized_once_per_signature(path, launcher, triton_backend, monkeypatch):
+    """An alternative path's ``specialize`` is kept in the op's plan like the kernel's: the launch is
+    bound once per call signature (values and vectors are two), and other strides make another."""
+    from metalcore import _selection
+    from metalcore.linalg import svd_triton
+    built = []
+    original = getattr(svd_triton, launcher)
+    monkeypatch.setattr(svd_triton, launcher, lambda A, *a, **k: built.append(A.stride()) or original(A, *a, **k))
+    _selection._clear_plans()
+    A = torch.randn(3, 7, 5)
+    column_major = A.mT.contiguous().mT
+    with _selection.use_path("svd", path):
+        for _ in range(3):
+            S = metalcore.linalg.svdvals(A)
+            U, S2, Vh = metalcore.linalg.svd(A, full_matrices=False)
+        S3 = metalcore.linalg.svdvals(column_major)                              # another signature
+    assert built == [A.stride(), A.stride(), column_major.stride()]
+    assert torch.equal(S, S2) and torch.equal(S, S3)
+    _assert_svd(A, U, S, Vh, torch.float32, f"specialized {path} path")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,m,n", [(100, 64, 64), (64, 128, 128), (1000, 32, 32), (16, 100, 40), (300, 40, 100)],
