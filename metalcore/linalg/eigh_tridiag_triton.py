@@ -37,8 +37,8 @@ eigenvalue of ``T`` to ``O(ε ‖T‖)``, so the eigenvalues carry ``syev``'s ab
 matrix gives NaN eigenvalues (and vectors) for that matrix only. The vectors' residual and
 orthogonality are within LAPACK's ratios on every test family, in the interpreter and on the H100
 (bench/linalg_triton.md, v18: a group of eigenvalues within bisection's error shares one shift,
-:data:`TIGHT`). ``d``, ``e`` and the solves' tiles go through per-program global scratch (the recurrences read them one
-entry at a time; registers cannot be indexed by a loop counter).
+:data:`TIGHT`). ``d``, ``e`` and the solves' tiles go through per-program global scratch (the
+recurrences read them one entry at a time; registers cannot be indexed by a loop counter).
 """
 
 from __future__ import annotations
