@@ -172,8 +172,7 @@ def clusters(lam, cols, lanes, ortol):
     lane has a cluster mate."""
     before = tl.sum(tl.where(cols[:, None] == cols[None, :] - 1, lam[:, None], 0.0), axis=0)   # lam[j − 1]
     starts = (cols == 0) | (lam - before > ortol)
-    # cluster[j] = starts at lanes ≤ j, as a masked [BN, BN] reduction (once a matrix).
-    cluster = tl.sum(tl.where(cols[:, None] <= cols[None, :], starts.to(tl.int32)[:, None], 0), axis=0)
+    cluster = tl.cumsum(starts.to(tl.int32), axis=0)
     clustered = tl.sum(tl.where((cols < lanes) & (cols > 0) & (lam - before <= ortol), 1, 0), axis=0) > 0
     return cluster, clustered
 
