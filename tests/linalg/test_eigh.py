@@ -809,8 +809,8 @@ def test_tridiag_eigh_matrix_families(kind, dtype, triton_backend):
 def test_tridiag_eigh_blocked_back_transformation(n, back_block, kind, dtype, triton_backend):
     """The back-transformation by blocks of reflectors (compact WY with tl.dot; ``back_block``) meets
     LAPACK's bounds, with the eigenvalues of the values-only call bit for bit (the same reduction and
-    bisection). Blocks of 16 at n = 17 leave a last block of one reflector and 15 empty columns; 64
-    at n = 70 makes two blocks of a 128 tile."""
+    bisection). The n − 2 reflectors fill the blocks unevenly: 15 in one block of 16 at n = 17; 38 in
+    blocks of 32 at n = 40, the last holding 6; 68 in blocks of 64 at n = 70, the last holding 4."""
     from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag_launcher
     A = family(kind, (2,), n, dtype)
     L, Q = eigh_tridiag_launcher(A, False, True, back_block=back_block)(A)
