@@ -23,6 +23,9 @@ import tempfile
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jacobi_check import ratios_eigh, ratios_svd  # noqa: E402  (same-folder script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCES = os.path.join(ROOT, "metalcore", "linalg")
 NO_BACK = {"eigh_tridiag_triton.py": ("for t in range(0, n - 2):\n", "for t in range(0, 0):\n"),
@@ -65,20 +68,12 @@ def gpu_ms(fn, launches: int = 20) -> float:
 
 
 def ratios(op: str, A: torch.Tensor, out) -> str:
-    """LAPACK's residual and orthogonality ratios (worst matrix), in float64."""
-    n, eps = A.shape[-1], torch.finfo(A.dtype).eps
-    Ad, I = A.double(), torch.eye(A.shape[-1], dtype=torch.float64, device=A.device)
-    norm = Ad.flatten(1).norm(dim=1)
+    """LAPACK's residual and orthogonality ratios (worst matrix), as the Jacobi check computes them."""
     if op == "eigh":
-        L, Q = (t.double() for t in out[:2])
-        residual = (Ad @ Q - Q * L[:, None, :]).flatten(1).norm(dim=1) / (norm * n * eps)
-        orth = (Q.mT @ Q - I).flatten(1).norm(dim=1) / (n * eps)
-        return f"residual {residual.max():.2f} orthogonality {orth.max():.2f}"
-    U, S, Vh = (t.double() for t in out[:3])
-    residual = ((U * S[:, None, :]) @ Vh - Ad).flatten(1).norm(dim=1) / (norm * n * eps)
-    ou = (U.mT @ U - I).flatten(1).norm(dim=1) / (n * eps)
-    ov = (Vh @ Vh.mT - I).flatten(1).norm(dim=1) / (n * eps)
-    return f"residual {residual.max():.2f} orthogonality U {ou.max():.2f} V {ov.max():.2f}"
+        r = ratios_eigh(A, *out[:2])
+        return f"residual {r['res']:.2f} orthogonality {r['orth_q']:.2f}"
+    r = ratios_svd(A, *out[:3])
+    return f"residual {r['res']:.2f} orthogonality U {r['orth_u']:.2f} V {r['orth_v']:.2f}"
 
 
 def main() -> None:

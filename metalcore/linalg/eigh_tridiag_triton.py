@@ -322,15 +322,15 @@ def reflect_blocked(z, W, stride, count, length, rows, BK: tl.constexpr, LOG2_BK
         k = (blocks - 1 - b) * BK + ks
         Wb = tl.load(W + k[None, :] * stride + rows[:, None], mask=(rows[:, None] < length) & (k[None, :] < count),
                      other=0.0)
-        S = tl.where(upper, tl.dot(tl.trans(Wb), Wb, input_precision="ieee"), 0.0).to(z.dtype)
+        S = tl.where(upper, tl.dot(tl.trans(Wb), Wb, input_precision="ieee"), 0.0)
         M = eye
         for level in tl.static_range(LOG2_BK):
             pair = (ks[:, None] >> (level + 1)) == (ks[None, :] >> (level + 1))
             halves = (ks[:, None] >> level) != (ks[None, :] >> level)
-            SM = tl.dot(tl.where(upper & pair & halves, S, 0.0).to(z.dtype), M, input_precision="ieee")
-            M = M - tl.dot(M, SM.to(z.dtype), input_precision="ieee").to(z.dtype)
-        Y = tl.dot(tl.trans(Wb), z, input_precision="ieee").to(z.dtype)
-        z = z - tl.dot(Wb, tl.dot(M, Y, input_precision="ieee").to(z.dtype), input_precision="ieee").to(z.dtype)
+            SM = tl.dot(tl.where(upper & pair & halves, S, 0.0), M, input_precision="ieee")
+            M = M - tl.dot(M, SM, input_precision="ieee")
+        Y = tl.dot(tl.trans(Wb), z, input_precision="ieee")
+        z = z - tl.dot(Wb, tl.dot(M, Y, input_precision="ieee"), input_precision="ieee")
     return z
 
 
