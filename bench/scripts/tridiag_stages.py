@@ -7,8 +7,8 @@ and orthogonality ratios of the vectors (bench/linalg_triton.md v19).
 
 Variants: ``vectors`` and ``values`` as committed; ``no-back-transformation`` (the reflections of the
 vectors skipped: a copy of the modules with that loop emptied); ``rounds1`` (one round of inverse
-iteration); ``no-clusters`` (no Gram-Schmidt); ``8-warps``; eigh's back-transformation in blocks of 16
-or 32 reflectors (``blocked-16``, ``blocked-32``, also at 8 warps). ``--against NAME=DIR`` adds the
+iteration); ``no-clusters`` (no Gram-Schmidt); ``4-warps`` (the default is
+``chain_warps``'s). ``--against NAME=DIR`` adds the
 ``vectors`` time of another ``eigh_tridiag_triton.py``/``svd_bidiag_triton.py`` pair, e.g. a previous
 commit's (``git show REV:metalcore/linalg/eigh_tridiag_triton.py > DIR/...``). The times of a cut
 variant are not results; their differences from ``vectors`` are the stage costs.
@@ -100,10 +100,7 @@ def main() -> None:
             if name == "committed":
                 variants += [("values", False, {}), ("rounds1", True, {"ROUNDS": 1}),
                              ("no-clusters", True, {"ORTOL_N": 1e-30})]
-                if op == "eigh":                           # the svd launcher keeps its own width
-                    variants += [("8-warps", True, {"num_warps": 8}), ("blocked-16", True, {"back_block": 16}),
-                                 ("blocked-32", True, {"back_block": 32}),
-                                 ("blocked-32-8w", True, {"back_block": 32, "num_warps": 8})]
+                variants += [("4-warps", True, {"num_warps": 4})]
             for variant, vectors, knobs in variants:
                 saved = {k: (getattr(eigh_module, k), getattr(svd_module, k)) for k in ("ROUNDS", "ORTOL_N") if k in knobs}
                 try:
@@ -111,9 +108,8 @@ def main() -> None:
                         setattr(eigh_module, k, knobs[k])
                         setattr(svd_module, k, knobs[k])
                     warps = knobs.get("num_warps")
-                    blocks = {"back_block": knobs["back_block"]} if "back_block" in knobs else {}
-                    run = (eigh_module.eigh_tridiag_launcher(A, False, vectors, num_warps=warps, **blocks) if op == "eigh"
-                           else svd_module.svd_bidiag_launcher(A, vectors))
+                    run = (eigh_module.eigh_tridiag_launcher(A, False, vectors, num_warps=warps) if op == "eigh"
+                           else svd_module.svd_bidiag_launcher(A, vectors, num_warps=warps))
                     ms = gpu_ms(lambda: run(A))
                     accuracy = ratios(op, A, run(A)) if vectors else ""
                     print(f"{op} {batch}x{n}^2 {args.dtype} {name:24s} {variant:12s} {ms:8.3f} ms  {accuracy}", flush=True)

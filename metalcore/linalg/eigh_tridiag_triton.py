@@ -69,6 +69,27 @@ def passes(dtype: torch.dtype, sections: int) -> int:
     return math.ceil(BITS[dtype] / math.log2(sections + 1))
 
 
+def chain_warps(elements: int, nb: int, device: torch.device) -> int:
+    """Warps a program of this module's kernels and the bidiag svd's, for a tile of ``elements`` and
+    ``nb`` matrices. Each matrix is one program's chain of dependent reductions, so the width pays
+    only where it shortens that chain and costs programs in flight where matrices queue; measured on
+    the H100 (132 SMs) from 24² to 128² (bench/linalg_triton.md v20):
+    - 16 warps on a 128² tile were slower than 8 at every batch: eigh 64×128² 0.91 → 0.86 ms, svd
+      2.39 → 1.98; 8 warps are the cap.
+    - Up to one matrix an SM, twice :func:`~metalcore.linalg._small_triton.warps` shortens the chain:
+      eigh 64×64² 0.24 → 0.20 ms, 64×24² 0.069 → 0.051, fp64 64×33² 0.40 → 0.29.
+    - From ~8 matrices an SM on 32² tiles, half of it puts more matrices in flight: eigh 1024×24²
+      0.156 → 0.092 ms, svd 4096×24² 1.19 → 0.85; at 64² tiles 8 → 4 warps held the default's
+      4 (1024×64² 1.08 vs 1.91 ms), and fewer were not measured."""
+    width = min(8, warps(elements))
+    slots = program_slots(device)
+    if elements >= 1024 and nb <= slots:
+        return min(8, 2 * width)
+    if elements == 1024 and nb >= 7 * slots:
+        return width // 2
+    return width
+
+
 def schedule(nb: int, device: torch.device, num_warps: int, programs: int | None,
              sections: int | None) -> tuple[int, int]:
     """``(programs, sections)`` of a launch over ``nb`` matrices, each given value kept: persistent
@@ -305,39 +326,9 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
     return tl.where(cols[None, :] < lanes, z, 0.0), cluster, clustered
 
 
-@helper
-def reflect_blocked(z, W, stride, count, length, rows, BK: tl.constexpr, LOG2_BK: tl.constexpr):
-    """``H_0 (H_1 (… (H_{count−1} z)))`` with ``H_k = I − w_k w_kᵀ`` and ``w_k`` at ``W + k·stride``
-    (entries ``rows < length``): blocks of ``BK`` reflectors, the last block first, each applied as
-    ``I − Wb T⁻¹ Wbᵀ`` (compact WY: ``T = I + striu(Wbᵀ Wb)`` for reflectors of this form) by three
-    ``tl.dot``. ``T⁻¹`` is built by doubling: at level ℓ, ``M`` holds the inverses of ``T``'s diagonal
-    blocks of side 2^ℓ, and merging two of them sets the upper-right block to ``−A⁻¹ B D⁻¹``, i.e.
-    ``M ← M − M S M`` with ``S`` masked to those blocks: ``LOG2_BK`` levels of two small dots, where
-    the column recurrence would be ``BK`` dependent steps (bench/linalg_triton.md v19b)."""
-    ks = tl.arange(0, BK)
-    upper = ks[:, None] < ks[None, :]
-    eye = tl.where(ks[:, None] == ks[None, :], 1.0, 0.0).to(z.dtype)
-    blocks = tl.cdiv(count, BK)
-    for b in range(0, blocks):
-        k = (blocks - 1 - b) * BK + ks
-        Wb = tl.load(W + k[None, :] * stride + rows[:, None], mask=(rows[:, None] < length) & (k[None, :] < count),
-                     other=0.0)
-        S = tl.where(upper, tl.dot(tl.trans(Wb), Wb, input_precision="ieee"), 0.0)
-        M = eye
-        for level in tl.static_range(LOG2_BK):
-            pair = (ks[:, None] >> (level + 1)) == (ks[None, :] >> (level + 1))
-            halves = (ks[:, None] >> level) != (ks[None, :] >> level)
-            SM = tl.dot(tl.where(upper & pair & halves, S, 0.0), M, input_precision="ieee")
-            M = M - tl.dot(M, SM, input_precision="ieee")
-        Y = tl.dot(tl.trans(Wb), z, input_precision="ieee")
-        z = z - tl.dot(Wb, tl.dot(M, Y, input_precision="ieee"), input_precision="ieee")
-    return z
-
-
 @jit
 def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol, rounds,
-                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
-                         BK: tl.constexpr, LOG2_BK: tl.constexpr):
+                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BN)
@@ -400,33 +391,25 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
                                      eps, ortol, rounds, BN, False)
             # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
             tl.debug_barrier()
-            if BK > 0:
-                z = reflect_blocked(z, vout, n, n - 2, n, rows, BK, LOG2_BK)
-            else:
-                # The next reflector is loaded a step ahead, off the chain of reductions.
-                w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
-                for t in range(0, n - 2):
-                    w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
-                    z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
-                    w = w_next
+            # The next reflector is loaded a step ahead, off the chain of reductions.
+            w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
+            for t in range(0, n - 2):
+                w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
+                z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
+                w = w_next
             z = tl.where(finite, z, float("nan"))
             tl.debug_barrier()
             tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
 
 
 def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                          num_warps: int | None = None, sections: int | None = None,
-                          back_block: int = 0) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+                          num_warps: int | None = None, sections: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
-    many as the SMs hold); ``num_warps``: warps a program (default ``_small_triton.warps``);
+    many as the SMs hold); ``num_warps``: warps a program (default :func:`chain_warps`);
     ``sections``: points a lane in each pass of the Sturm recurrence, a power of two (default
-    :data:`SECTIONS` up to one matrix an SM, else 1); ``back_block``: reflectors a block in the
-    back-transformation (:func:`reflect_blocked`; a power of two from 16, at most the tile), or 0 for
-    one rank-1 update a reflector (the default until the blocked form is timed on a GPU)."""
-    if back_block and (back_block < 16 or back_block & (back_block - 1)):
-        raise ValueError(f"back_block must be 0 or a power of two from 16; got {back_block}")
+    :data:`SECTIONS` up to one matrix an SM, else 1)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
@@ -436,14 +419,12 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
                           torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors)
     sa, copy = stack_strides(A)
     BN = block(n)
-    BK = min(back_block, BN) if compute_v and BN >= 16 else 0   # tl.dot needs 16 or more a side
-    num_warps = num_warps or warps(BN * BN)
+    num_warps = num_warps or chain_warps(BN * BN, nb, dev)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)   # scratch: 3 BN² a program
     finfo = torch.finfo(dt)
     launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
                                        finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,
-                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections,
-                                       BK=BK, LOG2_BK=max(BK, 1).bit_length() - 1, num_warps=num_warps)
+                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections, num_warps=num_warps)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)

@@ -43,9 +43,10 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore._triton import jit
-from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
-from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, orthonormalise_clusters, passes, reflector,
-                                                  schedule, sturm_multisection, tridiag_eigenvectors, unit_columns)
+from metalcore.linalg._small_triton import MAX_N, block, stack_strides
+from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, chain_warps, orthonormalise_clusters, passes,
+                                                  reflector, schedule, sturm_multisection, tridiag_eigenvectors,
+                                                  unit_columns)
 from metalcore.linalg.householder_gemm import as3
 
 
@@ -143,11 +144,13 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
 
 
 def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None,
-                        sections: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+                        sections: int | None = None, num_warps: int | None = None
+                        ) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``run(A) -> (U, S, Vh)``, reduced (``U`` and ``Vh`` empty unless ``compute_uv``), for tensors of
     ``A``'s shape, strides, dtype and device: the launch bound once per call signature (the op's plan
     keeps ``run``). ``programs``, ``sections``: as
-    :func:`~metalcore.linalg.eigh_tridiag_triton.schedule` (defaults: its rule)."""
+    :func:`~metalcore.linalg.eigh_tridiag_triton.schedule` (defaults: its rule); ``num_warps``:
+    warps a program (default :func:`~metalcore.linalg.eigh_tridiag_triton.chain_warps`)."""
     *batch, m, n = A.shape
     k = min(m, n)
     dt, dev = A.dtype, A.device
@@ -174,7 +177,7 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
     # Vh's transpose and U.
     su, sv = ((1, m), (n, 1)) if wide else ((n, 1), (1, n))
     BM, BN = block(m), block(n)
-    num_warps = warps(BM * BN)
+    num_warps = num_warps or chain_warps(BM * BN, nb, dev)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)
     finfo = torch.finfo(dt)
     launch = _bidiag_svd_kernel.bind((programs,), None, None, None, None, None, None, None, None, None, nb, m, n, *sa,

@@ -803,29 +803,6 @@ def test_tridiag_eigh_matrix_families(kind, dtype, triton_backend):
     assert torch.equal(values, L) and none.numel() == 0
 
 
-@pytest.mark.parametrize("n, back_block, kind, dtype", [
-    (17, 16, "cluster", torch.float32), (17, 16, "rank", torch.float64), (40, 32, "cluster", torch.float32),
-    (40, 32, "random", torch.float64), (70, 64, "random", torch.float32)], ids=str)
-def test_tridiag_eigh_blocked_back_transformation(n, back_block, kind, dtype, triton_backend):
-    """The back-transformation by blocks of reflectors (compact WY with tl.dot; ``back_block``) meets
-    LAPACK's bounds, with the eigenvalues of the values-only call bit for bit (the same reduction and
-    bisection). The n − 2 reflectors fill the blocks unevenly: 15 in one block of 16 at n = 17; 38 in
-    blocks of 32 at n = 40, the last holding 6; 68 in blocks of 64 at n = 70, the last holding 4."""
-    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag_launcher
-    A = family(kind, (2,), n, dtype)
-    L, Q = eigh_tridiag_launcher(A, False, True, back_block=back_block)(A)
-    assert_tridiag_eigh(A, L, Q, dtype, f"tridiag eigh blocks of {back_block}, n={n} {kind} {dtype}")
-    assert torch.equal(L, eigh_tridiag_launcher(A, False, False)(A)[0])
-
-
-def test_tridiag_eigh_back_block_is_checked():
-    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag_launcher
-    A = torch.eye(4).expand(1, 4, 4)
-    for bad in (8, 24):
-        with pytest.raises(ValueError, match="power of two from 16"):
-            eigh_tridiag_launcher(A, False, True, back_block=bad)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["cluster", "graded"])
 def test_tridiag_eigh_at_its_largest_side(kind, dtype, triton_backend):
