@@ -7,8 +7,8 @@ and orthogonality ratios of the vectors (bench/linalg_triton.md v19).
 
 Variants: ``vectors`` and ``values`` as committed; ``no-back-transformation`` (the reflections of the
 vectors skipped: a copy of the modules with that loop emptied); ``rounds1`` (one round of inverse
-iteration); ``no-clusters`` (no Gram-Schmidt); ``4-warps`` (the default is
-``chain_warps``'s). ``--against NAME=DIR`` adds the
+iteration); ``no-clusters`` (no Gram-Schmidt); ``tile-warps`` (``_small_triton.warps`` of the tile,
+the width before ``chain_warps``). ``--against NAME=DIR`` adds the
 ``vectors`` time of another ``eigh_tridiag_triton.py``/``svd_bidiag_triton.py`` pair, e.g. a previous
 commit's (``git show REV:metalcore/linalg/eigh_tridiag_triton.py > DIR/...``). The times of a cut
 variant are not results; their differences from ``vectors`` are the stage costs.
@@ -84,6 +84,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if ROOT not in sys.path:                      # the copies import metalcore from this checkout
         sys.path.insert(0, ROOT)
+    from metalcore.linalg._small_triton import block, warps
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     workdir = tempfile.mkdtemp(prefix="tridiag-stages-")
     modules = {"committed": copy_modules("stages_committed", SOURCES, workdir),
@@ -99,8 +100,8 @@ def main() -> None:
             variants = [("vectors", True, {})]
             if name == "committed":
                 variants += [("values", False, {}), ("rounds1", True, {"ROUNDS": 1}),
-                             ("no-clusters", True, {"ORTOL_N": 1e-30})]
-                variants += [("4-warps", True, {"num_warps": 4})]
+                             ("no-clusters", True, {"ORTOL_N": 1e-30}),
+                             ("tile-warps", True, {"num_warps": warps(block(n) ** 2)})]
             for variant, vectors, knobs in variants:
                 saved = {k: (getattr(eigh_module, k), getattr(svd_module, k)) for k in ("ROUNDS", "ORTOL_N") if k in knobs}
                 try:

@@ -69,25 +69,25 @@ def passes(dtype: torch.dtype, sections: int) -> int:
     return math.ceil(BITS[dtype] / math.log2(sections + 1))
 
 
-def chain_warps(elements: int, nb: int, device: torch.device) -> int:
-    """Warps a program of this module's kernels and the bidiag svd's, for a tile of ``elements`` and
-    ``nb`` matrices. Each matrix is one program's chain of dependent reductions, so the width pays
-    only where it shortens that chain and costs programs in flight where matrices queue; measured on
-    the H100 (132 SMs) from 24² to 128² (bench/linalg_triton.md v20):
-    - 16 warps on a 128² tile were slower than 8 at every batch: eigh 64×128² 0.91 → 0.86 ms, svd
-      2.39 → 1.98; 8 warps are the cap.
-    - Up to one matrix an SM, twice :func:`~metalcore.linalg._small_triton.warps` shortens the chain:
-      eigh 64×64² 0.24 → 0.20 ms, 64×24² 0.069 → 0.051, fp64 64×33² 0.40 → 0.29.
-    - From ~8 matrices an SM on 32² tiles, half of it puts more matrices in flight: eigh 1024×24²
-      0.156 → 0.092 ms, svd 4096×24² 1.19 → 0.85; at 64² tiles 8 → 4 warps held the default's
-      4 (1024×64² 1.08 vs 1.91 ms), and fewer were not measured."""
-    width = min(8, warps(elements))
+def chain_warps(rows: int, cols: int, nb: int, device: torch.device, dtype: torch.dtype, vectors: bool) -> int:
+    """Warps a program of this module's kernels and the bidiag svd's, for a ``rows × cols`` tile and
+    ``nb`` matrices. Each matrix is one program's chain of dependent reductions. More warps shorten
+    the chain while a matrix has an SM to itself; fewer put more matrices in flight once they queue.
+    Measured on the H100 (132 SMs) from 24² to 128², with vectors (bench/linalg_triton.md v20):
+    - fp32 128² tiles: 8 warps beat 16 at every batch (eigh 64×128² 0.91 → 0.86 ms, svd 2.39 → 1.98).
+      fp64 lost (svd 64×128² 9.5 → 12.2 ms), and so did eigh's values alone (0.36 → 0.40).
+    - 32² tiles, 2 warps by default: 4 up to one matrix an SM (eigh 64×24² 0.069 → 0.051 ms), 1 from
+      7 an SM (eigh 1000×32² 0.186 → 0.118, svd 0.421 → 0.277; fp64 likewise).
+    - 64² tiles stay at 4 warps. 8 were faster up to one matrix an SM (eigh 100×64² 0.239 → 0.202),
+      but gave one LAPACK ratio of 32 among 4096 random fp32 matrices, where 4 gave at most 6.6.
+    Everything else keeps :func:`~metalcore.linalg._small_triton.warps`."""
+    width = warps(rows * cols)
+    if not vectors:
+        return width
     slots = program_slots(device)
-    if elements >= 1024 and nb <= slots:
-        return min(8, 2 * width)
-    if elements == 1024 and nb >= 7 * slots:
-        return width // 2
-    return width
+    if rows == cols == 32:
+        return 4 if nb <= slots else 1 if nb >= 7 * slots else width
+    return min(8, width) if dtype == torch.float32 else width
 
 
 def schedule(nb: int, device: torch.device, num_warps: int, programs: int | None,
@@ -364,8 +364,8 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         e = tl.sum(tl.where(cols[None, :] == rows[:, None] + 1, a, 0.0), axis=1)   # e_i = T[i, i+1]
         d = tl.where(rows < n, d, 0.0)
         e = tl.where(rows < n - 1, e, 0.0)
-        s = tl.maximum(tl.max(tl.abs(d), axis=0), tl.max(tl.abs(e), axis=0))
-        s = tl.where(s > 0.0, s, 1.0)
+        scale = tl.maximum(tl.max(tl.abs(d), axis=0), tl.max(tl.abs(e), axis=0))
+        s = tl.where(scale > 0.0, scale, 1.0)
         d = d / s
         e = e / s
         e_before = tl.sum(tl.where(cols[None, :] == rows[:, None] - 1, a, 0.0), axis=1) / s   # T[i, i-1]
@@ -384,7 +384,8 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
 
         # 3. Multisection, lane j for the j-th smallest eigenvalue.
         lam = sturm_multisection(DS + scratch, ES + scratch, n, low, high, rows, iterations, pivmin, SECTIONS)
-        tl.store(L + mat * n + rows, tl.where(finite, lam * s, float("nan")), mask=rows < n)
+        # × scale, not s: the zero matrix's eigenvalues are exactly 0, not bisection's ±pivmin.
+        tl.store(L + mat * n + rows, tl.where(finite, lam * scale, float("nan")), mask=rows < n)
 
         if WANT_V:
             z, _, _ = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
@@ -419,7 +420,7 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
                           torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors)
     sa, copy = stack_strides(A)
     BN = block(n)
-    num_warps = num_warps or chain_warps(BN * BN, nb, dev)
+    num_warps = num_warps or chain_warps(BN, BN, nb, dev, dt, compute_v)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)   # scratch: 3 BN² a program
     finfo = torch.finfo(dt)
     launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,

@@ -85,8 +85,8 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
         e = tl.sum(tl.where(rows[:, None] == cols[None, :] - 1, a, 0.0), axis=0)         # e_{j-1} = B[j-1, j]
         d = tl.where(cols < n, d, 0.0)
         e = tl.where((cols >= 1) & (cols < n), e, 0.0)                                    # at j: e_{j-1}
-        s = tl.maximum(tl.max(tl.abs(d), axis=0), tl.max(tl.abs(e), axis=0))
-        s = tl.where(s > 0.0, s, 1.0)
+        scale = tl.maximum(tl.max(tl.abs(d), axis=0), tl.max(tl.abs(e), axis=0))
+        s = tl.where(scale > 0.0, scale, 1.0)
         d = d / s
         e = e / s
         # Gershgorin: row 2j of T_GK holds e_{j-1} and d_j, row 2j+1 holds d_j and e_j.
@@ -103,7 +103,7 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
         sigma = sturm_multisection(DS + scratch, ES + scratch, 2 * n, -pad, high + pad, n + cols, passes,
                                    pivmin, SECTIONS)
         sigma = tl.maximum(sigma, 0.0)
-        tl.store(S + mat * n + (n - 1 - cols), tl.where(finite, sigma * s, float("nan")), mask=cols < n)
+        tl.store(S + mat * n + (n - 1 - cols), tl.where(finite, sigma * scale, float("nan")), mask=cols < n)
 
         if WANT_UV:
             # 4. T_GK's eigenvector of σ_j interleaves v_j (even rows) and u_j (odd rows): B v = σ u.
@@ -177,7 +177,7 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
     # Vh's transpose and U.
     su, sv = ((1, m), (n, 1)) if wide else ((n, 1), (1, n))
     BM, BN = block(m), block(n)
-    num_warps = num_warps or chain_warps(BM * BN, nb, dev)
+    num_warps = num_warps or chain_warps(BM, BN, nb, dev, dt, compute_uv)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)
     finfo = torch.finfo(dt)
     launch = _bidiag_svd_kernel.bind((programs,), None, None, None, None, None, None, None, None, None, nb, m, n, *sa,

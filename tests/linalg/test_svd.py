@@ -395,6 +395,8 @@ def test_bidiag_svd_at_its_largest_side_and_rank_deficient(dtype, triton_backend
         _assert_svd(A, U, S, Vh, dtype, what)
         assert_lapack_ratio(values_ratio(S.double(), torch.linalg.svdvals(A.double()), dtype), what + " values")
         assert (S >= 0).all(), what + ": non-negative"
+        if not A.any():
+            assert torch.equal(S, torch.zeros_like(S)), what + ": the zero matrix's values are exactly 0"
 
 
 def test_bidiag_svd_short_halves_of_zero_singular_values(triton_backend):
