@@ -108,9 +108,9 @@ def main() -> None:
                     for k in saved:
                         setattr(eigh_module, k, knobs[k])
                         setattr(svd_module, k, knobs[k])
-                    warps = knobs.get("num_warps")
-                    run = (eigh_module.eigh_tridiag_launcher(A, False, vectors, num_warps=warps) if op == "eigh"
-                           else svd_module.svd_bidiag_launcher(A, vectors, num_warps=warps))
+                    width = knobs.get("num_warps")
+                    run = (eigh_module.eigh_tridiag_launcher(A, False, vectors, num_warps=width) if op == "eigh"
+                           else svd_module.svd_bidiag_launcher(A, vectors, num_warps=width))
                     ms = gpu_ms(lambda: run(A))
                     accuracy = ratios(op, A, run(A)) if vectors else ""
                     print(f"{op} {batch}x{n}^2 {args.dtype} {name:24s} {variant:12s} {ms:8.3f} ms  {accuracy}", flush=True)

@@ -404,7 +404,8 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
 
 
 def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                          num_warps: int | None = None, sections: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+                          num_warps: int | None = None, sections: int | None = None
+                          ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
