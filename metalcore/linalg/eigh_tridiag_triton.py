@@ -52,7 +52,7 @@ from torch import Tensor
 
 from metalcore._triton import helper, jit, program_slots
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
-from metalcore.linalg.householder_gemm import as3
+from metalcore.linalg.householder_gemm import as3, reflect_rows
 
 # Bisection steps by dtype: Gershgorin's width after scaling is at most 3 (|d| ≤ 1, |e| ≤ 1 on both
 # sides), and 3·2⁻²⁷ < ε(fp32) = 1.2e-7, 3·2⁻⁵⁴ < ε(fp64) = 2.2e-16; one more step of margin each.
@@ -328,7 +328,8 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
 
 @jit
 def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol, rounds,
-                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr):
+                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
+                         BACK_GEMM: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BN)
@@ -341,7 +342,8 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
     for mat in range(pid, nb, programs):
         mat = tl.full([], 0, tl.int64) + mat              # 64-bit offsets (65536 × 128² > 2³¹ bytes)
         base = A + mat * s_ab
-        vout = V + mat * n * n
+        # With BACK_GEMM, V holds (2n, n) a matrix: the reflectors' rows, then Zᵀ (back_transform).
+        vout = V + mat * n * n * (2 if BACK_GEMM else 1)
         if UPPER:
             a = tl.load(base + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
         else:
@@ -390,28 +392,41 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         if WANT_V:
             z, _, _ = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
                                      eps, ortol, rounds, BN, False)
-            # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
-            tl.debug_barrier()
-            # The next reflector is loaded a step ahead, off the chain of reductions.
-            w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
-            for t in range(0, n - 2):
-                w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
-                z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
-                w = w_next
-            z = tl.where(finite, z, float("nan"))
-            tl.debug_barrier()
-            tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
+            if BACK_GEMM:
+                # 5 is left to batched GEMMs: rows n − 2 and n − 1 (no reflector) are zero, Zᵀ follows.
+                last = (rows[:, None] >= n - 2) & inside
+                tl.store(vout + rows[:, None] * n + cols[None, :], tl.zeros([BN, BN], dtype=z.dtype), mask=last)
+                z = tl.where(finite, z, float("nan"))
+                tl.store(vout + (n + cols[None, :]) * n + rows[:, None], z, mask=inside)
+            else:
+                # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
+                tl.debug_barrier()
+                # The next reflector is loaded a step ahead, off the chain of reductions.
+                w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
+                for t in range(0, n - 2):
+                    w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
+                    z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
+                    w = w_next
+                z = tl.where(finite, z, float("nan"))
+                tl.debug_barrier()
+                tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
+
+
+# The back-transformation by batched GEMMs (householder_gemm.reflect_rows) from this tile side on;
+# below it the kernel's loop of rank-1 updates (bench/linalg_triton.md v21).
+BACK_GEMM_MIN_BN = 64
 
 
 def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                          num_warps: int | None = None, sections: int | None = None
+                          num_warps: int | None = None, sections: int | None = None, back_gemm: bool | None = None
                           ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
     many as the SMs hold); ``num_warps``: warps a program (default :func:`chain_warps`);
     ``sections``: points a lane in each pass of the Sturm recurrence, a power of two (default
-    :data:`SECTIONS` up to one matrix an SM, else 1)."""
+    :data:`SECTIONS` up to one matrix an SM, else 1); ``back_gemm``: the back-transformation by
+    batched GEMMs after the kernel instead of in it (default from :data:`BACK_GEMM_MIN_BN`)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
@@ -423,26 +438,32 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
     BN = block(n)
     num_warps = num_warps or chain_warps(BN, BN, nb, dev, dt, compute_v)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)   # scratch: 3 BN² a program
+    back_gemm = compute_v and (BN >= BACK_GEMM_MIN_BN if back_gemm is None else back_gemm)
     finfo = torch.finfo(dt)
     launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
                                        finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,
-                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections, num_warps=num_warps)
+                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections, BACK_GEMM=back_gemm,
+                                       num_warps=num_warps)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)
-        Q = torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors
+        if back_gemm:
+            Q = torch.empty(nb, 2 * n, n, dtype=dt, device=dev)       # reflectors, then Zᵀ
+        else:
+            Q = torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors
         vectors = torch.empty(3, programs, BN * BN, dtype=dt, device=dev) if compute_v else None
         lines = torch.empty(2, programs, BN, dtype=dt, device=dev)
         Z, Y, P = vectors if compute_v else (lines[0],) * 3
         launch(as3(A) if copy else A, L, Q, lines[0], lines[1], Z, Y, P)
-        return L, Q
+        return L, (reflect_rows(Q, n).reshape(batch + [n, n]) if back_gemm else Q)
 
     return run
 
 
 def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                 num_warps: int | None = None, sections: int | None = None) -> tuple[Tensor, Tensor]:
+                 num_warps: int | None = None, sections: int | None = None, back_gemm: bool | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (``n ≤ MAX_N``,
     float32/float64) from the triangle ``upper`` names, and with ``compute_v`` their orthonormal
     eigenvectors as ``Q``'s columns (else ``Q`` is empty)."""
-    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections)(A)
+    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections, back_gemm)(A)
