@@ -8,7 +8,6 @@ back-to-back launches), wall ms per synchronised call, and LAPACK's residual and
 
 import json
 import os
-import statistics
 import sys
 import time
 
