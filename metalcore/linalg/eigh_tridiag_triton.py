@@ -14,10 +14,11 @@ eigenvalues of the tridiagonal ``T`` by bisection are independent of each other:
 eigenvalue (bench/linalg_triton.md v14: 100×64² values in 0.16 ms of GPU time on the H100, against
 cuSOLVER's 0.38).
 
-1. **Tridiagonalisation** (LAPACK ``sytd2``, lower): the whole matrix as a ``[BN, BN]`` tile; for
-   ``k < n − 2`` the reflector of column ``k`` below the diagonal (``dlarfg``, norm scaled by its
-   largest entry), ``p = τ A v``, ``w = p − ½ τ (pᵀv) v``, ``A ← A − v wᵀ − w vᵀ``. ``T``'s diagonal
-   and first super-diagonal are then read from the tile and scaled by their largest magnitude.
+1. **Tridiagonalisation** (LAPACK ``sytd2``, lower): the whole matrix as a ``[BN, BN]`` tile, scaled
+   to a largest entry of 1; for ``k < n − 2`` the reflector of column ``k`` below the diagonal
+   (``dlarfg``; :func:`reflector`), ``p = τ A v``, ``w = p − ½ τ (pᵀv) v``, ``A ← A − v wᵀ − w vᵀ``.
+   ``T``'s diagonal and first super-diagonal are then read from the tile and scaled by their largest
+   magnitude.
 2-3. **Bisection** (LAPACK ``dstebz``'s Sturm counts): lane ``j`` brackets the ``j``-th smallest
    eigenvalue inside Gershgorin's interval; ``count(x)``, the number of eigenvalues below ``x``, is
    the number of negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``,
@@ -52,7 +53,7 @@ from torch import Tensor
 
 from metalcore._triton import helper, jit, program_slots
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
-from metalcore.linalg.householder_gemm import as3, reflect_rows
+from metalcore.linalg.householder_gemm import as3
 
 # Bisection steps by dtype: Gershgorin's width after scaling is at most 3 (|d| ≤ 1, |e| ≤ 1 on both
 # sides), and 3·2⁻²⁷ < ε(fp32) = 1.2e-7, 3·2⁻⁵⁴ < ε(fp64) = 2.2e-16; one more step of margin each.
@@ -132,22 +133,37 @@ SEED = tl.constexpr(20261207)
 
 
 @helper
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@helper
 def reflector(x, rows, k):
-    """Householder reflector of ``x``'s entries from ``k`` on (LAPACK ``dlarfg``; the norm scaled by
-    the largest entry): ``(v, τ, β)`` with ``v_k = 1`` and zero before ``k``, such that
-    ``(I − τ v vᵀ) x`` has ``β`` at ``k`` and zeros after it. ``τ = 0`` where nothing is below ``k``."""
+    """Householder reflector of ``x``'s entries from ``k`` on (LAPACK ``dlarfg``): ``(v, τ, β)`` with
+    ``v_k = 1`` and zero before ``k``, such that ``(I − τ v vᵀ) x`` has ``β`` at ``k`` and zeros after
+    it. ``τ = 0`` where nothing is below ``k``.
+
+    For the kernels' tiles scaled to a largest entry of 1 (:func:`unit_tile`), whose reduced entries
+    stay below ~n: the squares cannot overflow, and a square that underflows is an entry below √tiny
+    of the tile's largest (1e-19 in fp32), far under ε of it. So the norm needs no scaling by the
+    largest entry, and ``x_k`` and the sum of squares below it come from one reduction: one dependent
+    cross-warp step where dlarfg's scaled norm took three (bench/linalg_triton.md v22)."""
     x = tl.where(rows >= k, x, 0.0)
-    alpha = tl.sum(tl.where(rows == k, x, 0.0), axis=0)
-    m = tl.max(tl.abs(x), axis=0)
-    m = tl.where(m > 0.0, m, 1.0)
-    xs = x / m
-    sigma = tl.sum(tl.where(rows > k, xs * xs, 0.0), axis=0)
-    norm = m * tl.sqrt((alpha / m) * (alpha / m) + sigma)
+    alpha, sigma = tl.reduce((tl.where(rows == k, x, 0.0), tl.where(rows > k, x * x, 0.0)), 0, _add_pairs)
+    norm = tl.sqrt(alpha * alpha + sigma)
     beta = tl.where(alpha >= 0.0, -norm, norm)
     trivial = sigma == 0.0
     tau = tl.where(trivial, 0.0, (beta - alpha) / tl.where(trivial, 1.0, beta))
     v = tl.where(rows == k, 1.0, tl.where(rows > k, x / tl.where(trivial, 1.0, alpha - beta), 0.0))
     return v, tau, tl.where(trivial, alpha, beta)
+
+
+@helper
+def unit_tile(a):
+    """``(a / s, s)``: the tile scaled by its largest magnitude ``s`` (1 where that is 0 or not finite)."""
+    s = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+    s = tl.where((s > 0.0) & (s < float("inf")), s, 1.0)
+    return a / s, s
 
 
 @helper
@@ -328,8 +344,7 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
 
 @jit
 def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol, rounds,
-                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
-                         BACK_GEMM: tl.constexpr):
+                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BN)
@@ -342,18 +357,18 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
     for mat in range(pid, nb, programs):
         mat = tl.full([], 0, tl.int64) + mat              # 64-bit offsets (65536 × 128² > 2³¹ bytes)
         base = A + mat * s_ab
-        # With BACK_GEMM, V holds (2n, n) a matrix: the reflectors' rows, then Zᵀ (back_transform).
-        vout = V + mat * n * n * (2 if BACK_GEMM else 1)
+        vout = V + mat * n * n
         if UPPER:
             a = tl.load(base + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
         else:
             a = tl.load(base + hi * s_ar + lo * s_ac, mask=inside, other=0.0)
         finite = tl.sum(tl.sum(tl.where(tl.abs(a) < float("inf"), 0, 1), axis=1), axis=0) == 0
+        a, unit = unit_tile(a)
 
         # 1. Householder tridiagonalisation, lower (sytd2): A = Q T Qᵀ, Q = H_0 … H_{n−3}.
         for k in range(0, n - 2):
             x = tl.sum(tl.where(cols[None, :] == k, a, 0.0), axis=1)
-            v, tau, beta = reflector(x, rows, k + 1)
+            v, tau, _ = reflector(x, rows, k + 1)
             if WANT_V:
                 # H_k = I − w wᵀ with w = √τ v (τ ∈ {0} ∪ [1, 2]), kept in row k of V until step 5.
                 tl.store(vout + k * n + rows, tl.sqrt(tau) * v, mask=rows < n)
@@ -387,46 +402,33 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         # 3. Multisection, lane j for the j-th smallest eigenvalue.
         lam = sturm_multisection(DS + scratch, ES + scratch, n, low, high, rows, iterations, pivmin, SECTIONS)
         # × scale, not s: the zero matrix's eigenvalues are exactly 0, not bisection's ±pivmin.
-        tl.store(L + mat * n + rows, tl.where(finite, lam * scale, float("nan")), mask=rows < n)
+        tl.store(L + mat * n + rows, tl.where(finite, lam * (scale * unit), float("nan")), mask=rows < n)
 
         if WANT_V:
             z, _, _ = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
                                      eps, ortol, rounds, BN, False)
-            if BACK_GEMM:
-                # 5 is left to batched GEMMs: rows n − 2 and n − 1 (no reflector) are zero, Zᵀ follows.
-                last = (rows[:, None] >= n - 2) & inside
-                tl.store(vout + rows[:, None] * n + cols[None, :], tl.zeros([BN, BN], dtype=z.dtype), mask=last)
-                z = tl.where(finite, z, float("nan"))
-                tl.store(vout + (n + cols[None, :]) * n + rows[:, None], z, mask=inside)
-            else:
-                # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
-                tl.debug_barrier()
-                # The next reflector is loaded a step ahead, off the chain of reductions.
-                w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
-                for t in range(0, n - 2):
-                    w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
-                    z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
-                    w = w_next
-                z = tl.where(finite, z, float("nan"))
-                tl.debug_barrier()
-                tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
-
-
-# The back-transformation by batched GEMMs (householder_gemm.reflect_rows) from this tile side on;
-# below it the kernel's loop of rank-1 updates (bench/linalg_triton.md v21).
-BACK_GEMM_MIN_BN = 64
+            # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
+            tl.debug_barrier()
+            # The next reflector is loaded a step ahead, off the chain of reductions.
+            w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
+            for t in range(0, n - 2):
+                w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
+                z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
+                w = w_next
+            z = tl.where(finite, z, float("nan"))
+            tl.debug_barrier()
+            tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
 
 
 def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                          num_warps: int | None = None, sections: int | None = None, back_gemm: bool | None = None
+                          num_warps: int | None = None, sections: int | None = None
                           ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
     many as the SMs hold); ``num_warps``: warps a program (default :func:`chain_warps`);
     ``sections``: points a lane in each pass of the Sturm recurrence, a power of two (default
-    :data:`SECTIONS` up to one matrix an SM, else 1); ``back_gemm``: the back-transformation by
-    batched GEMMs after the kernel instead of in it (default from :data:`BACK_GEMM_MIN_BN`)."""
+    :data:`SECTIONS` up to one matrix an SM, else 1)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
@@ -438,32 +440,26 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
     BN = block(n)
     num_warps = num_warps or chain_warps(BN, BN, nb, dev, dt, compute_v)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)   # scratch: 3 BN² a program
-    back_gemm = compute_v and (BN >= BACK_GEMM_MIN_BN if back_gemm is None else back_gemm)
     finfo = torch.finfo(dt)
     launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
                                        finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,
-                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections, BACK_GEMM=back_gemm,
-                                       num_warps=num_warps)
+                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections, num_warps=num_warps)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)
-        if back_gemm:
-            Q = torch.empty(nb, 2 * n, n, dtype=dt, device=dev)       # reflectors, then Zᵀ
-        else:
-            Q = torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors
+        Q = torch.empty(batch + [n, n], dtype=dt, device=dev) if compute_v else no_vectors
         vectors = torch.empty(3, programs, BN * BN, dtype=dt, device=dev) if compute_v else None
         lines = torch.empty(2, programs, BN, dtype=dt, device=dev)
         Z, Y, P = vectors if compute_v else (lines[0],) * 3
         launch(as3(A) if copy else A, L, Q, lines[0], lines[1], Z, Y, P)
-        return L, (reflect_rows(Q, n).reshape(batch + [n, n]) if back_gemm else Q)
+        return L, Q
 
     return run
 
 
 def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                 num_warps: int | None = None, sections: int | None = None, back_gemm: bool | None = None
-                 ) -> tuple[Tensor, Tensor]:
+                 num_warps: int | None = None, sections: int | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (``n ≤ MAX_N``,
     float32/float64) from the triangle ``upper`` names, and with ``compute_v`` their orthonormal
     eigenvectors as ``Q``'s columns (else ``Q`` is empty)."""
-    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections, back_gemm)(A)
+    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections)(A)

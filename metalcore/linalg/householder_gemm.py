@@ -66,26 +66,3 @@ def larfb_gemm(Vu: Tensor, T: Tensor, C: Tensor, left: bool, transpose: bool, *,
         return C.baddbmm_(Vu, W, alpha=-1) if inplace else torch.baddbmm(C, Vu, W, alpha=-1)
     W = torch.bmm(C, Vu) @ Tt
     return C.baddbmm_(W, Vu.mT, alpha=-1) if inplace else torch.baddbmm(C, W, Vu.mT, alpha=-1)
-
-
-def reflect_rows(C: Tensor, k: int, transpose: bool = False) -> Tensor:
-    """``H_0 H_1 … H_{k−1} Z`` ``(B, m, p)`` (its transpose with ``transpose``), contiguous, from ``C``
-    ``(B, k + p, m)``: rows ``[0, k)``
-    the reflectors ``w_i`` of ``H_i = I − 2 w_i w_iᵀ / ‖w_i‖²`` (a zero row: ``H_i = I``), rows
-    ``[k, k + p)`` the columns of ``Z``. The back-transformation of the one-program eigh and svd
-    kernels, which leave their reflectors and vectors in that layout.
-
-    The UT transform (Joffrain, Low, Quintana-Ortí, van de Geijn, Schmidt 2006): the product is
-    ``I − W S⁻¹ Wᵀ`` with ``W`` the reflectors as columns and ``S = ½ diag(WᵀW) + striu(WᵀW)``, so
-    ``Q Z = Z − W S⁻¹ (Wᵀ Z)``: one GEMM gives ``WᵀW`` and ``WᵀZ`` together, a triangular solve and
-    a second GEMM the rest — where the kernels' loop of ``k`` rank-1 updates is ``k`` dependent
-    reductions of the whole tile (bench/linalg_triton.md v21)."""
-    W = C[:, :k]
-    G = torch.bmm(W, C.mT)                          # (B, k, k + p): [WᵀW | WᵀZ] with W's columns as rows
-    S = G[..., :k].triu(1)
-    d = G[..., :k].diagonal(dim1=-2, dim2=-1)
-    S.diagonal(dim1=-2, dim2=-1).copy_(torch.where(d > 0, 0.5 * d, 1.0))
-    Y = torch.linalg.solve_triangular(S, G[..., k:], upper=True)
-    if transpose:
-        return torch.baddbmm(C[:, k:], Y.mT, W, alpha=-1)
-    return torch.baddbmm(C[:, k:].mT, W.mT, Y, alpha=-1)

@@ -44,17 +44,16 @@ from torch import Tensor
 
 from metalcore._triton import jit
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides
-from metalcore.linalg.eigh_tridiag_triton import (BACK_GEMM_MIN_BN, ORTOL_N, ROUNDS, chain_warps, orthonormalise_clusters, passes,
+from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, chain_warps, orthonormalise_clusters, passes,
                                                   reflector, schedule, sturm_multisection, tridiag_eigenvectors,
-                                                  unit_columns)
-from metalcore.linalg.householder_gemm import as3, reflect_rows
+                                                  unit_columns, unit_tile)
+from metalcore.linalg.householder_gemm import as3
 
 
 @jit
 def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_ac, s_ur, s_uc, s_vr, s_vc, eps,
                        pivmin, passes, ortol, rounds,
-                       BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr, WANT_UV: tl.constexpr,
-                       BACK_GEMM: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr, WANT_UV: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BM)
@@ -66,10 +65,9 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
         mat = tl.full([], 0, tl.int64) + mat
         a = tl.load(A + mat * s_ab + rows[:, None] * s_ar + cols[None, :] * s_ac, mask=inside, other=0.0)
         finite = tl.sum(tl.sum(tl.where(tl.abs(a) < float("inf"), 0, 1), axis=1), axis=0) == 0
-        # With BACK_GEMM, U holds (2n, m) a matrix and V (2n, n): the reflectors' rows, then the
-        # vectors as rows, descending (householder_gemm.reflect_rows).
-        uout = U + mat * m * n * (2 if BACK_GEMM else 1)
-        vout = V + mat * n * n * (2 if BACK_GEMM else 1)
+        a, unit = unit_tile(a)
+        uout = U + mat * m * n
+        vout = V + mat * n * n
 
         # 1. Golub-Kahan bidiagonalisation: left reflector of column k, right reflector of row k.
         for k in range(0, n):
@@ -106,7 +104,7 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
         sigma = sturm_multisection(DS + scratch, ES + scratch, 2 * n, -pad, high + pad, n + cols, passes,
                                    pivmin, SECTIONS)
         sigma = tl.maximum(sigma, 0.0)
-        tl.store(S + mat * n + (n - 1 - cols), tl.where(finite, sigma * scale, float("nan")), mask=cols < n)
+        tl.store(S + mat * n + (n - 1 - cols), tl.where(finite, sigma * (scale * unit), float("nan")), mask=cols < n)
 
         if WANT_UV:
             # 4. T_GK's eigenvector of σ_j interleaves v_j (even rows) and u_j (odd rows): B v = σ u.
@@ -131,37 +129,29 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
             if clustered or zero > 0:
                 zv = orthonormalise_clusters(zv, cols, n, cluster, zero)
                 zu = orthonormalise_clusters(zu, cols, n, cluster, zero)
+            # 5. Back-transformation: V = G_0 (… (G_{n−1} V_B)), U = H_0 (… (H_{n−1} [U_B; 0])).
+            for t in range(0, n):
+                k = n - 1 - t
+                w = tl.load(vout + k * n + cols, mask=cols < n, other=0.0)
+                zv = zv - w[:, None] * tl.sum(w[:, None] * zv, axis=0)[None, :]
+                w = tl.load(uout + k * m + rows, mask=rows < m, other=0.0)
+                zu = zu - w[:, None] * tl.sum(w[:, None] * zu, axis=0)[None, :]
+            zu = tl.where(finite, zu, float("nan"))
+            zv = tl.where(finite, zv, float("nan"))
+            tl.debug_barrier()                            # every reflector is read
             descending = n - 1 - cols[None, :]
-            if BACK_GEMM:                                 # 5 is left to batched GEMMs
-                zu = tl.where(finite, zu, float("nan"))
-                zv = tl.where(finite, zv, float("nan"))
-                tl.store(uout + (n + descending) * m + rows[:, None], zu, mask=inside)
-                tl.store(vout + (n + descending) * n + cols[:, None], zv, mask=inner)
-            else:
-                # 5. Back-transformation: V = G_0 (… (G_{n−1} V_B)), U = H_0 (… (H_{n−1} [U_B; 0])).
-                for t in range(0, n):
-                    k = n - 1 - t
-                    w = tl.load(vout + k * n + cols, mask=cols < n, other=0.0)
-                    zv = zv - w[:, None] * tl.sum(w[:, None] * zv, axis=0)[None, :]
-                    w = tl.load(uout + k * m + rows, mask=rows < m, other=0.0)
-                    zu = zu - w[:, None] * tl.sum(w[:, None] * zu, axis=0)[None, :]
-                zu = tl.where(finite, zu, float("nan"))
-                zv = tl.where(finite, zv, float("nan"))
-                tl.debug_barrier()                        # every reflector is read
-                tl.store(uout + rows[:, None] * s_ur + descending * s_uc, zu, mask=inside)
-                tl.store(vout + cols[:, None] * s_vr + descending * s_vc, zv, mask=inner)
+            tl.store(uout + rows[:, None] * s_ur + descending * s_uc, zu, mask=inside)
+            tl.store(vout + cols[:, None] * s_vr + descending * s_vc, zv, mask=inner)
 
 
 def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None,
-                        sections: int | None = None, num_warps: int | None = None, back_gemm: bool | None = None
+                        sections: int | None = None, num_warps: int | None = None
                         ) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``run(A) -> (U, S, Vh)``, reduced (``U`` and ``Vh`` empty unless ``compute_uv``), for tensors of
     ``A``'s shape, strides, dtype and device: the launch bound once per call signature (the op's plan
     keeps ``run``). ``programs``, ``sections``: as
     :func:`~metalcore.linalg.eigh_tridiag_triton.schedule` (defaults: its rule); ``num_warps``:
-    warps a program (default :func:`~metalcore.linalg.eigh_tridiag_triton.chain_warps`); ``back_gemm``:
-    the back-transformations by batched GEMMs after the kernel (default from the eigh path's
-    :data:`~metalcore.linalg.eigh_tridiag_triton.BACK_GEMM_MIN_BN`, by the larger tile side)."""
+    warps a program (default :func:`~metalcore.linalg.eigh_tridiag_triton.chain_warps`)."""
     *batch, m, n = A.shape
     k = min(m, n)
     dt, dev = A.dtype, A.device
@@ -190,27 +180,18 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
     BM, BN = block(m), block(n)
     num_warps = num_warps or chain_warps(BM, BN, nb, dev, dt, compute_uv)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)
-    back_gemm = compute_uv and (BM >= BACK_GEMM_MIN_BN if back_gemm is None else back_gemm)
     finfo = torch.finfo(dt)
     launch = _bidiag_svd_kernel.bind((programs,), None, None, None, None, None, None, None, None, None, nb, m, n, *sa,
                                      *su, *sv, finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / (2 * n),
                                      ROUNDS, BM=BM, BN=BN, SECTIONS=sections, WANT_UV=compute_uv,
-                                     BACK_GEMM=back_gemm, num_warps=num_warps)
+                                     num_warps=num_warps)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        U, Vh = outputs()
         S = torch.empty(batch + [k], dtype=dt, device=dev)
         lines = torch.empty(2, programs, 2 * BN, dtype=dt, device=dev)
         vectors = torch.empty(3, programs, 2 * BN * BN, dtype=dt, device=dev) if compute_uv else None
         Z, Y, P = vectors if compute_uv else (lines[0],) * 3
-        if back_gemm:
-            left = torch.empty(nb, 2 * n, m, dtype=dt, device=dev)
-            right = torch.empty(nb, 2 * n, n, dtype=dt, device=dev)
-            launch(as3(A) if copy else A, S, left, right, lines[0], lines[1], Z, Y, P)
-            # The kernel's left factor is U (Vh's transpose for a wide A), its right one V (U).
-            left, right = reflect_rows(left, n, transpose=wide), reflect_rows(right, n, transpose=not wide)
-            U, Vh = (right, left) if wide else (left, right)
-            return U.reshape(u_shape), S, Vh.reshape(vh_shape)
-        U, Vh = outputs()
         left, right = (Vh, U) if wide else (U, Vh)
         launch(as3(A) if copy else A, S, left, right, lines[0], lines[1], Z, Y, P)
         return U, S, Vh
@@ -219,10 +200,10 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
 
 
 def svd_bidiag(A: Tensor, compute_uv: bool = True, programs: int | None = None,
-               sections: int | None = None, back_gemm: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               sections: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``(U, S, Vh)`` of ``A`` ``(*, m, n)`` (both sides ``≤ MAX_N``, float32/float64),
     singular values descending; without ``compute_uv`` ``U`` and ``Vh`` are empty. ``programs``:
     persistent programs (default: as many as the SMs hold); ``sections``: Sturm points a lane and pass
     (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` up to one matrix an SM, else 1)."""
-    return svd_bidiag_launcher(A, compute_uv, programs, sections, back_gemm=back_gemm)(A)
+    return svd_bidiag_launcher(A, compute_uv, programs, sections)(A)
 

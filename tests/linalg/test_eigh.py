@@ -882,25 +882,6 @@ def test_tridiag_eigh_persistent_programs_loop_over_the_batch(triton_backend):
     assert torch.equal(eigh_tridiag(A, False, True)[1], Q)
 
 
-def test_tridiag_eigh_back_transformation_by_gemm_or_in_the_kernel(triton_backend):
-    """The reflectors applied by batched GEMMs after the kernel (``reflect_rows``, the default from
-    64² tiles) or by the kernel's rank-1 loop: the same eigenvalues bit for bit, both within LAPACK's
-    ratios on rank-deficient and clustered input, vectors equal to rounding, and a NaN matrix NaN in
-    its own slot only."""
-    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
-    torch.manual_seed(3)
-    for kind, n in (("rank", 40), ("cluster", 7)):
-        A = family(kind, (3,), n, torch.float32)
-        A[1, 5 % n, 2] = float("nan")
-        (L1, Q1), (L2, Q2) = (eigh_tridiag(A, False, True, back_gemm=g) for g in (True, False))
-        assert torch.equal(L1.nan_to_num(), L2.nan_to_num()), kind
-        assert L1[1].isnan().all() and Q1[1].isnan().all() and not Q1[[0, 2]].isnan().any(), kind
-        good = [0, 2]
-        for Q in (Q1, Q2):
-            assert_tridiag_eigh(A[good], L1[good], Q[good], torch.float32, f"{kind} {n}²")
-        assert (Q1[good] - Q2[good]).abs().max() <= 4 * n * torch.finfo(torch.float32).eps, kind
-
-
 def test_tridiag_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
     from metalcore import _selection
     A = symmetric((4,), 20, torch.float32)

@@ -426,26 +426,6 @@ def test_bidiag_svd_sizes_batch_shapes_and_schedules(m, n, triton_backend):
     assert _bidiag(A, False)[0].numel() == 0
 
 
-def test_bidiag_svd_back_transformation_by_gemm_or_in_the_kernel(triton_backend):
-    """Both factors' reflectors applied by batched GEMMs after the kernel (``reflect_rows``, the
-    default from 64-row tiles) or by the kernel's loop, tall and wide (the transposes through the
-    GEMMs' operands): the same values bit for bit, LAPACK's ratios, vectors equal to rounding, a NaN
-    matrix NaN in its own slot only."""
-    torch.manual_seed(4)
-    for A in (general("rank", (3,), 40, 20, torch.float64), general("random", (3,), 6, 9, torch.float64)):
-        A[1, 2, 3] = float("nan")
-        (U1, S1, V1), (U2, S2, V2) = (_bidiag(A, back_gemm=g) for g in (True, False))
-        what = f"{tuple(A.shape)}"
-        assert torch.equal(S1.nan_to_num(), S2.nan_to_num()), what
-        assert U1[1].isnan().all() and V1[1].isnan().all() and not U1[[0, 2]].isnan().any(), what
-        assert U1.is_contiguous() and V1.is_contiguous() and U1.shape == U2.shape and V1.shape == V2.shape
-        good = [0, 2]
-        for U, Vh in ((U1, V1), (U2, V2)):
-            _assert_svd(A[good], U[good], S1[good], Vh[good], torch.float64, what)
-        bound = 4 * max(A.shape[-2:]) * torch.finfo(torch.float64).eps
-        assert (U1[good] - U2[good]).abs().max() <= bound and (V1[good] - V2[good]).abs().max() <= bound, what
-
-
 def test_bidiag_svd_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
     from metalcore import BackendUnavailableError, _selection
     A = torch.randn(3, 10, 6)
