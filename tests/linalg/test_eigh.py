@@ -899,7 +899,10 @@ def test_tridiag_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(trit
 @pytest.mark.parametrize("batch,n", [(100, 64), (64, 128), (1024, 33), (16, 100), (5000, 64)], ids=str)
 def test_gpu_tridiag_eigh_full_size(batch, n, dtype, triton_backend, device):
     """The compiled path at the sizes the sweep times it, on every matrix family, with and without
-    vectors; 5000 matrices of 64² run on fewer persistent programs than matrices."""
+    vectors; 5000 matrices of 64² run on fewer persistent programs than matrices. The values alone
+    agree with the values beside the vectors to LAPACK's bound, not bit for bit: at fp32 128² tiles
+    the two run at different widths (``chain_warps``: 8 warps with vectors, 16 without), which
+    reorders the reductions."""
     from metalcore import _selection
     for kind in KINDS:
         A = family(kind, (batch,), n, dtype).to(device)
@@ -908,4 +911,4 @@ def test_gpu_tridiag_eigh_full_size(batch, n, dtype, triton_backend, device):
             values = metalcore.linalg.eigvalsh(A)
         what = f"tridiag eigh {kind} {batch}×{n} {dtype}"
         assert_tridiag_eigh(A, L, Q, dtype, what)
-        assert torch.equal(values, L), what + ": the same eigenvalues without vectors"
+        assert_lapack_ratio(values_ratio(values.double().cpu(), L.double().cpu(), dtype), what + ": values alone")
