@@ -1,4 +1,5 @@
-"""GPU and wall ms of a back-transformation ``Q Z`` by the UT transform with batched GEMMs (issue 17):
+"""GPU and wall ms of a back-transformation ``Q Z`` by the UT transform with batched GEMMs (issue 17;
+bench/linalg_triton.md v21: slower than the kernels' own loop at these sizes, not used):
 ``Q = H_0 … H_{m−1} = I − W S⁻¹ Wᵀ``, ``S = ½ diag(WᵀW) + striu(WᵀW)``, so ``Q Z = Z − W S⁻¹ (Wᵀ Z)``.
 Times each torch op of it at the tridiag/bidiag paths' shapes, against the accuracy of the rank-1
 loop in float64. Usage: python bench/scripts/back_gemm_probe.py [seconds]"""
@@ -10,23 +11,11 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tridiag_stages import gpu_ms  # noqa: E402  (same-folder script)
+
 import metalcore
 from metalcore.linalg.householder_gemm import larfb_gemm, larft_gemm
-
-
-def gpu_ms(fn, launches=20):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(3):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(launches):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / launches)
-    return statistics.median(times)
 
 
 def wall_ms(fn, calls=30):
