@@ -342,9 +342,38 @@ def tridiag_eigenvectors(lam, D, E, ZS, YS, QS, order, lanes, rows, cols, eps, o
     return tl.where(cols[None, :] < lanes, z, 0.0), cluster, clustered
 
 
+@helper
+def reflect_columns(z, W, rows, length, count):
+    """``H_0 (H_1 (… (H_{count−1} z)))`` for the columns of the tile ``z``, with ``H_k = I − w_k w_kᵀ``
+    and ``w_k`` the ``length`` entries at ``W + k · length``. The next reflector is loaded a step
+    ahead, off the chain of reductions."""
+    w = tl.load(W + (count - 1) * length + rows, mask=(rows < length) & (count >= 1), other=0.0)
+    for t in range(0, count):
+        w_next = tl.load(W + (count - 2 - t) * length + rows, mask=(rows < length) & (t < count - 1), other=0.0)
+        z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
+        w = w_next
+    return z
+
+
 @jit
-def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol, rounds,
-                         BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr):
+def _reflect_kernel(R, Q, n, BN: tl.constexpr, BC: tl.constexpr):
+    """The back-transformation of :func:`_tridiag_eigh_kernel`'s ``SPLIT_BACK`` mode: program
+    ``(matrix, block)`` applies the matrix's ``n − 2`` reflectors (rows of ``R``) to ``BC`` columns
+    of its ``Z`` (in ``Q``), in place. A ``[BN, BC]`` tile of one warp reduces by shuffles alone, where
+    the eigh kernel's ``[BN, BN]`` tile crosses warps through shared memory at every reflector."""
+    mat = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BN)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    at = mat * n * n + rows[:, None] * n + cols[None, :]
+    inside = (rows[:, None] < n) & (cols[None, :] < n)
+    z = tl.load(Q + at, mask=inside, other=0.0)
+    tl.store(Q + at, reflect_columns(z, R + mat * n * n, rows, n, n - 2), mask=inside)
+
+
+@jit
+def _tridiag_eigh_kernel(A, L, V, R, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol,
+                         rounds, BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
+                         SPLIT_BACK: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BN)
@@ -358,6 +387,7 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         mat = tl.full([], 0, tl.int64) + mat              # 64-bit offsets (65536 × 128² > 2³¹ bytes)
         base = A + mat * s_ab
         vout = V + mat * n * n
+        rout = (R if SPLIT_BACK else V) + mat * n * n     # the reflectors' rows
         if UPPER:
             a = tl.load(base + lo * s_ar + hi * s_ac, mask=inside, other=0.0)
         else:
@@ -371,7 +401,7 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
             v, tau, _ = reflector(x, rows, k + 1)
             if WANT_V:
                 # H_k = I − w wᵀ with w = √τ v (τ ∈ {0} ∪ [1, 2]), kept in row k of V until step 5.
-                tl.store(vout + k * n + rows, tl.sqrt(tau) * v, mask=rows < n)
+                tl.store(rout + k * n + rows, tl.sqrt(tau) * v, mask=rows < n)
             p = tau * tl.sum(a * v[None, :], axis=1)
             w = p - (0.5 * tau * tl.sum(p * v, axis=0)) * v
             a = a - v[:, None] * w[None, :] - w[:, None] * v[None, :]
@@ -407,28 +437,31 @@ def _tridiag_eigh_kernel(A, L, V, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, e
         if WANT_V:
             z, _, _ = tridiag_eigenvectors(lam, DS + scratch, ES + scratch, ZS + tile, YS + tile, QS + tile, n, n, rows, cols,
                                      eps, ortol, rounds, BN, False)
-            # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))).
-            tl.debug_barrier()
-            # The next reflector is loaded a step ahead, off the chain of reductions.
-            w = tl.load(vout + (n - 3) * n + rows, mask=(rows < n) & (n >= 3), other=0.0)
-            for t in range(0, n - 2):
-                w_next = tl.load(vout + (n - 4 - t) * n + rows, mask=(rows < n) & (t < n - 3), other=0.0)
-                z = z - w[:, None] * tl.sum(w[:, None] * z, axis=0)[None, :]
-                w = w_next
+            # 5. Back-transformation, Q Z = H_0 (H_1 (… (H_{n−3} Z))), here or by _reflect_kernel.
+            if not SPLIT_BACK:
+                tl.debug_barrier()
+                z = reflect_columns(z, rout, rows, n, n - 2)
             z = tl.where(finite, z, float("nan"))
             tl.debug_barrier()
             tl.store(vout + rows[:, None] * n + cols[None, :], z, mask=inside)
 
 
+# Columns a program of _reflect_kernel, one warp each; 0 keeps the back-transformation in the eigh
+# kernel (the default until an H100 run times the split: bench/linalg_triton.md v23).
+SPLIT_BACK_COLUMNS = 0
+
+
 def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                          num_warps: int | None = None, sections: int | None = None
-                          ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+                          num_warps: int | None = None, sections: int | None = None,
+                          split_back: int | None = None) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """``run(A) -> (L, Q)`` for tensors of ``A``'s shape, strides, dtype and device (``Q`` empty
     unless ``compute_v``): the launch bound once per call signature (the op's plan keeps ``run``).
     ``programs``: persistent programs, each looping over every ``programs``-th matrix (default: as
     many as the SMs hold); ``num_warps``: warps a program (default :func:`chain_warps`);
     ``sections``: points a lane in each pass of the Sturm recurrence, a power of two (default
-    :data:`SECTIONS` up to one matrix an SM, else 1)."""
+    :data:`SECTIONS` up to one matrix an SM, else 1); ``split_back``: columns a program of the
+    separate back-transformation kernel (``_reflect_kernel``), 0 for the eigh kernel's own loop
+    (default :data:`SPLIT_BACK_COLUMNS`)."""
     *batch, n, _ = A.shape
     nb = math.prod(batch)
     dt, dev = A.dtype, A.device
@@ -440,10 +473,14 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
     BN = block(n)
     num_warps = num_warps or chain_warps(BN, BN, nb, dev, dt, compute_v)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)   # scratch: 3 BN² a program
+    split = (SPLIT_BACK_COLUMNS if split_back is None else split_back) if compute_v else 0
     finfo = torch.finfo(dt)
-    launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, nb, n, *sa,
-                                       finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,
-                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections, num_warps=num_warps)
+    launch = _tridiag_eigh_kernel.bind((programs,), None, None, None, None, None, None, None, None, None, nb, n,
+                                       *sa, finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / n, ROUNDS,
+                                       BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections,
+                                       SPLIT_BACK=split > 0, num_warps=num_warps)
+    if split:
+        reflect = _reflect_kernel.bind((nb, math.ceil(n / split)), None, None, n, BN=BN, BC=split, num_warps=1)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)
@@ -451,15 +488,19 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
         vectors = torch.empty(3, programs, BN * BN, dtype=dt, device=dev) if compute_v else None
         lines = torch.empty(2, programs, BN, dtype=dt, device=dev)
         Z, Y, P = vectors if compute_v else (lines[0],) * 3
-        launch(as3(A) if copy else A, L, Q, lines[0], lines[1], Z, Y, P)
+        R = torch.empty(nb, n, n, dtype=dt, device=dev) if split else Q
+        launch(as3(A) if copy else A, L, Q, R, lines[0], lines[1], Z, Y, P)
+        if split:
+            reflect(R, Q)
         return L, Q
 
     return run
 
 
 def eigh_tridiag(A: Tensor, upper: bool, compute_v: bool, programs: int | None = None,
-                 num_warps: int | None = None, sections: int | None = None) -> tuple[Tensor, Tensor]:
+                 num_warps: int | None = None, sections: int | None = None, split_back: int | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (``n ≤ MAX_N``,
     float32/float64) from the triangle ``upper`` names, and with ``compute_v`` their orthonormal
     eigenvectors as ``Q``'s columns (else ``Q`` is empty)."""
-    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections)(A)
+    return eigh_tridiag_launcher(A, upper, compute_v, programs, num_warps, sections, split_back)(A)

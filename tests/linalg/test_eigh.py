@@ -882,6 +882,24 @@ def test_tridiag_eigh_persistent_programs_loop_over_the_batch(triton_backend):
     assert torch.equal(eigh_tridiag(A, False, True)[1], Q)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tridiag_eigh_back_transformation_in_a_separate_kernel(dtype, triton_backend):
+    """``split_back``: the reflectors applied by ``_reflect_kernel``, a program per (matrix, block of
+    16 or 32 columns), instead of the eigh kernel's own loop. The same arithmetic column by column:
+    equal results in the interpreter (on a GPU the reductions' order differs), LAPACK's ratios on
+    clustered input with n not a multiple of the block, NaN confined to its matrix."""
+    from metalcore.linalg.eigh_tridiag_triton import eigh_tridiag
+    torch.manual_seed(6)
+    A = family("cluster", (3,), 37, dtype)
+    A[1, 30, 2] = float("nan")
+    L0, Q0 = eigh_tridiag(A, False, True)
+    for columns in (16, 32):
+        L, Q = eigh_tridiag(A, False, True, split_back=columns)
+        assert torch.equal(L.nan_to_num(), L0.nan_to_num()) and torch.equal(Q.nan_to_num(), Q0.nan_to_num())
+        assert L[1].isnan().all() and Q[1].isnan().all()
+        assert_tridiag_eigh(A[[0, 2]], L[[0, 2]], Q[[0, 2]], dtype, f"split back {columns} {dtype}")
+
+
 def test_tridiag_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
     from metalcore import _selection
     A = symmetric((4,), 20, torch.float32)
