@@ -8,7 +8,7 @@ and orthogonality ratios of the vectors (bench/linalg_triton.md v19).
 Variants: ``vectors`` and ``values`` as committed; ``no-back-transformation`` (the reflections of the
 vectors skipped: a copy of the modules with that loop emptied); ``rounds1`` (one round of inverse
 iteration); ``no-clusters`` (no Gram-Schmidt); ``tile-warps`` (``_small_triton.warps`` of the tile,
-the width before ``chain_warps``); ``split-16``/``split-32`` (eigh: the back-transformation in
+the width before ``chain_warps``); ``split-16``/``split-32`` (the back-transformation in
 ``_reflect_kernel``, 16 or 32 columns a program, v23). ``--against NAME=DIR`` adds the
 ``vectors`` time of another ``eigh_tridiag_triton.py``/``svd_bidiag_triton.py`` pair, e.g. a previous
 commit's (``git show REV:metalcore/linalg/eigh_tridiag_triton.py > DIR/...``). The times of a cut
@@ -103,8 +103,7 @@ def main() -> None:
                 variants += [("values", False, {}), ("rounds1", True, {"ROUNDS": 1}),
                              ("no-clusters", True, {"ORTOL_N": 1e-30}),
                              ("tile-warps", True, {"num_warps": warps(block(n) ** 2)})]
-                if op == "eigh":
-                    variants += [("split-16", True, {"split_back": 16}), ("split-32", True, {"split_back": 32})]
+                variants += [("split-16", True, {"split_back": 16}), ("split-32", True, {"split_back": 32})]
             for variant, vectors, knobs in variants:
                 saved = {k: (getattr(eigh_module, k), getattr(svd_module, k)) for k in ("ROUNDS", "ORTOL_N") if k in knobs}
                 try:
@@ -114,7 +113,7 @@ def main() -> None:
                     width = knobs.get("num_warps")
                     split = {"split_back": knobs["split_back"]} if "split_back" in knobs else {}
                     run = (eigh_module.eigh_tridiag_launcher(A, False, vectors, num_warps=width, **split) if op == "eigh"
-                           else svd_module.svd_bidiag_launcher(A, vectors, num_warps=width))
+                           else svd_module.svd_bidiag_launcher(A, vectors, num_warps=width, **split))
                     ms = gpu_ms(lambda: run(A))
                     accuracy = ratios(op, A, run(A)) if vectors else ""
                     print(f"{op} {batch}x{n}^2 {args.dtype} {name:24s} {variant:12s} {ms:8.3f} ms  {accuracy}", flush=True)

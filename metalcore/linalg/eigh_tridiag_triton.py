@@ -356,18 +356,20 @@ def reflect_columns(z, W, rows, length, count):
 
 
 @jit
-def _reflect_kernel(R, Q, n, BN: tl.constexpr, BC: tl.constexpr):
-    """The back-transformation of :func:`_tridiag_eigh_kernel`'s ``SPLIT_BACK`` mode: program
-    ``(matrix, block)`` applies the matrix's ``n − 2`` reflectors (rows of ``R``) to ``BC`` columns
-    of its ``Z`` (in ``Q``), in place. A ``[BN, BC]`` tile of one warp reduces by shuffles alone, where
-    the eigh kernel's ``[BN, BN]`` tile crosses warps through shared memory at every reflector."""
+def _reflect_kernel(R, Q, length, count, ncols, s_rb, s_qb, s_qr, s_qc, BN: tl.constexpr, BC: tl.constexpr):
+    """The back-transformation of the eigh and svd kernels' ``SPLIT_BACK`` mode: program
+    ``(matrix, block)`` applies the matrix's ``count`` reflectors (rows of ``length`` entries at ``R``,
+    matrix stride ``s_rb``) to ``BC`` of the ``ncols`` columns of its ``Z`` (at ``Q``, strides
+    ``s_qb``, ``s_qr``, ``s_qc``), in place. A ``[BN, BC]`` tile of one warp reduces by shuffles
+    alone, where the eigh kernel's ``[BN, BN]`` tile crosses warps through shared memory at every
+    reflector."""
     mat = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BN)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    at = mat * n * n + rows[:, None] * n + cols[None, :]
-    inside = (rows[:, None] < n) & (cols[None, :] < n)
+    at = mat * s_qb + rows[:, None] * s_qr + cols[None, :] * s_qc
+    inside = (rows[:, None] < length) & (cols[None, :] < ncols)
     z = tl.load(Q + at, mask=inside, other=0.0)
-    tl.store(Q + at, reflect_columns(z, R + mat * n * n, rows, n, n - 2), mask=inside)
+    tl.store(Q + at, reflect_columns(z, R + mat * s_rb, rows, length, count), mask=inside)
 
 
 @jit
@@ -480,7 +482,8 @@ def eigh_tridiag_launcher(A: Tensor, upper: bool, compute_v: bool, programs: int
                                        BN=BN, UPPER=upper, WANT_V=compute_v, SECTIONS=sections,
                                        SPLIT_BACK=split > 0, num_warps=num_warps)
     if split:
-        reflect = _reflect_kernel.bind((nb, math.ceil(n / split)), None, None, n, BN=BN, BC=split, num_warps=1)
+        reflect = _reflect_kernel.bind((nb, math.ceil(n / split)), None, None, n, n - 2, n, n * n, n * n, n, 1,
+                                       BN=BN, BC=split, num_warps=1)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor]:
         L = torch.empty(batch + [n], dtype=dt, device=dev)

@@ -44,16 +44,16 @@ from torch import Tensor
 
 from metalcore._triton import jit
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides
-from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, chain_warps, orthonormalise_clusters, passes,
-                                                  reflector, schedule, sturm_multisection, tridiag_eigenvectors,
-                                                  unit_columns, unit_tile)
+from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, ROUNDS, SPLIT_BACK_COLUMNS, _reflect_kernel, chain_warps,
+                                                  orthonormalise_clusters, passes, reflector, schedule,
+                                                  sturm_multisection, tridiag_eigenvectors, unit_columns, unit_tile)
 from metalcore.linalg.householder_gemm import as3
 
 
 @jit
-def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_ac, s_ur, s_uc, s_vr, s_vc, eps,
-                       pivmin, passes, ortol, rounds,
-                       BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr, WANT_UV: tl.constexpr):
+def _bidiag_svd_kernel(A, S, U, V, RU, RV, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_ac, s_ur, s_uc, s_vr, s_vc,
+                       eps, pivmin, passes, ortol, rounds, BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr,
+                       WANT_UV: tl.constexpr, SPLIT_BACK: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BM)
@@ -68,6 +68,8 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
         a, unit = unit_tile(a)
         uout = U + mat * m * n
         vout = V + mat * n * n
+        ruout = (RU if SPLIT_BACK else U) + mat * m * n       # the reflectors' rows
+        rvout = (RV if SPLIT_BACK else V) + mat * n * n
 
         # 1. Golub-Kahan bidiagonalisation: left reflector of column k, right reflector of row k.
         for k in range(0, n):
@@ -75,11 +77,11 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
             a = a - v[:, None] * (tau * tl.sum(a * v[:, None], axis=0))[None, :]
             if WANT_UV:
                 # H_k = I − w wᵀ with w = √τ v, kept in U's storage (m·n entries) until step 5.
-                tl.store(uout + k * m + rows, tl.sqrt(tau) * v, mask=rows < m)
+                tl.store(ruout + k * m + rows, tl.sqrt(tau) * v, mask=rows < m)
             u, tau, _ = reflector(tl.sum(tl.where(rows[:, None] == k, a, 0.0), axis=0), cols, k + 1)
             a = a - (tau * tl.sum(a * u[None, :], axis=1))[:, None] * u[None, :]
             if WANT_UV:
-                tl.store(vout + k * n + cols, tl.sqrt(tau) * u, mask=cols < n)
+                tl.store(rvout + k * n + cols, tl.sqrt(tau) * u, mask=cols < n)
 
         # 2. B's diagonal and super-diagonal, scaled to at most 1, interleaved as T_GK's off-diagonal.
         d = tl.sum(tl.where(rows[:, None] == cols[None, :], a, 0.0), axis=0)             # d_j = B[j, j]
@@ -129,13 +131,15 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
             if clustered or zero > 0:
                 zv = orthonormalise_clusters(zv, cols, n, cluster, zero)
                 zu = orthonormalise_clusters(zu, cols, n, cluster, zero)
-            # 5. Back-transformation: V = G_0 (… (G_{n−1} V_B)), U = H_0 (… (H_{n−1} [U_B; 0])).
-            for t in range(0, n):
-                k = n - 1 - t
-                w = tl.load(vout + k * n + cols, mask=cols < n, other=0.0)
-                zv = zv - w[:, None] * tl.sum(w[:, None] * zv, axis=0)[None, :]
-                w = tl.load(uout + k * m + rows, mask=rows < m, other=0.0)
-                zu = zu - w[:, None] * tl.sum(w[:, None] * zu, axis=0)[None, :]
+            # 5. Back-transformation: V = G_0 (… (G_{n−1} V_B)), U = H_0 (… (H_{n−1} [U_B; 0])), here or
+            # by _reflect_kernel.
+            if not SPLIT_BACK:
+                for t in range(0, n):
+                    k = n - 1 - t
+                    w = tl.load(rvout + k * n + cols, mask=cols < n, other=0.0)
+                    zv = zv - w[:, None] * tl.sum(w[:, None] * zv, axis=0)[None, :]
+                    w = tl.load(ruout + k * m + rows, mask=rows < m, other=0.0)
+                    zu = zu - w[:, None] * tl.sum(w[:, None] * zu, axis=0)[None, :]
             zu = tl.where(finite, zu, float("nan"))
             zv = tl.where(finite, zv, float("nan"))
             tl.debug_barrier()                            # every reflector is read
@@ -145,13 +149,15 @@ def _bidiag_svd_kernel(A, S, U, V, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_a
 
 
 def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None,
-                        sections: int | None = None, num_warps: int | None = None
+                        sections: int | None = None, num_warps: int | None = None, split_back: int | None = None
                         ) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``run(A) -> (U, S, Vh)``, reduced (``U`` and ``Vh`` empty unless ``compute_uv``), for tensors of
     ``A``'s shape, strides, dtype and device: the launch bound once per call signature (the op's plan
     keeps ``run``). ``programs``, ``sections``: as
     :func:`~metalcore.linalg.eigh_tridiag_triton.schedule` (defaults: its rule); ``num_warps``:
-    warps a program (default :func:`~metalcore.linalg.eigh_tridiag_triton.chain_warps`)."""
+    warps a program (default :func:`~metalcore.linalg.eigh_tridiag_triton.chain_warps`); ``split_back``:
+    columns a program of the separate back-transformation kernel, 0 for the kernel's own loop (default
+    :data:`~metalcore.linalg.eigh_tridiag_triton.SPLIT_BACK_COLUMNS`)."""
     *batch, m, n = A.shape
     k = min(m, n)
     dt, dev = A.dtype, A.device
@@ -180,11 +186,17 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
     BM, BN = block(m), block(n)
     num_warps = num_warps or chain_warps(BM, BN, nb, dev, dt, compute_uv)
     programs, sections = schedule(nb, dev, num_warps, programs, sections)
+    split = (SPLIT_BACK_COLUMNS if split_back is None else split_back) if compute_uv else 0
     finfo = torch.finfo(dt)
-    launch = _bidiag_svd_kernel.bind((programs,), None, None, None, None, None, None, None, None, None, nb, m, n, *sa,
-                                     *su, *sv, finfo.eps, finfo.tiny, passes(dt, sections), ORTOL_N / (2 * n),
-                                     ROUNDS, BM=BM, BN=BN, SECTIONS=sections, WANT_UV=compute_uv,
-                                     num_warps=num_warps)
+    launch = _bidiag_svd_kernel.bind((programs,), *[None] * 11, nb, m, n, *sa, *su, *sv, finfo.eps, finfo.tiny,
+                                     passes(dt, sections), ORTOL_N / (2 * n), ROUNDS, BM=BM, BN=BN, SECTIONS=sections,
+                                     WANT_UV=compute_uv, SPLIT_BACK=split > 0, num_warps=num_warps)
+    if split:
+        # The left factor's n reflectors have m entries, the right one's n.
+        reflect_left = _reflect_kernel.bind((nb, math.ceil(n / split)), None, None, m, n, n, m * n, m * n, *su,
+                                            BN=BM, BC=split, num_warps=1)
+        reflect_right = _reflect_kernel.bind((nb, math.ceil(n / split)), None, None, n, n, n, n * n, n * n, *sv,
+                                             BN=BN, BC=split, num_warps=1)
 
     def run(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         U, Vh = outputs()
@@ -193,17 +205,22 @@ def svd_bidiag_launcher(A: Tensor, compute_uv: bool, programs: int | None = None
         vectors = torch.empty(3, programs, 2 * BN * BN, dtype=dt, device=dev) if compute_uv else None
         Z, Y, P = vectors if compute_uv else (lines[0],) * 3
         left, right = (Vh, U) if wide else (U, Vh)
-        launch(as3(A) if copy else A, S, left, right, lines[0], lines[1], Z, Y, P)
+        RU, RV = (torch.empty(nb, n, m, dtype=dt, device=dev), torch.empty(nb, n, n, dtype=dt, device=dev)) if split \
+            else (left, right)
+        launch(as3(A) if copy else A, S, left, right, RU, RV, lines[0], lines[1], Z, Y, P)
+        if split:
+            reflect_left(RU, left)
+            reflect_right(RV, right)
         return U, S, Vh
 
     return run
 
 
 def svd_bidiag(A: Tensor, compute_uv: bool = True, programs: int | None = None,
-               sections: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               sections: int | None = None, split_back: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD ``(U, S, Vh)`` of ``A`` ``(*, m, n)`` (both sides ``≤ MAX_N``, float32/float64),
     singular values descending; without ``compute_uv`` ``U`` and ``Vh`` are empty. ``programs``:
     persistent programs (default: as many as the SMs hold); ``sections``: Sturm points a lane and pass
     (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` up to one matrix an SM, else 1)."""
-    return svd_bidiag_launcher(A, compute_uv, programs, sections)(A)
+    return svd_bidiag_launcher(A, compute_uv, programs, sections, split_back=split_back)(A)
 

@@ -426,6 +426,24 @@ def test_bidiag_svd_sizes_batch_shapes_and_schedules(m, n, triton_backend):
     assert _bidiag(A, False)[0].numel() == 0
 
 
+def test_bidiag_svd_back_transformation_in_a_separate_kernel(triton_backend):
+    """``split_back``: both factors' reflectors applied by ``_reflect_kernel`` (a program per matrix
+    and block of columns, through the outputs' strides: ``U`` and ``Vh``, transposed for a wide
+    matrix) instead of the kernel's loop: equal results in the interpreter, LAPACK's ratios, NaN
+    confined to its matrix."""
+    torch.manual_seed(7)
+    for A in (general("rank", (3,), 40, 19, torch.float64), general("random", (3,), 6, 37, torch.float32)):
+        A[1, 2, 3] = float("nan")
+        U0, S0, V0 = _bidiag(A)
+        for columns in (16, 32):
+            U, S, Vh = _bidiag(A, split_back=columns)
+            what = f"{tuple(A.shape)} {A.dtype} split {columns}"
+            for got, expected in ((U, U0), (S, S0), (Vh, V0)):
+                assert torch.equal(got.nan_to_num(), expected.nan_to_num()), what
+            assert U[1].isnan().all() and Vh[1].isnan().all(), what
+            _assert_svd(A[[0, 2]], U[[0, 2]], S[[0, 2]], Vh[[0, 2]], A.dtype, what)
+
+
 def test_bidiag_svd_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend):
     from metalcore import BackendUnavailableError, _selection
     A = torch.randn(3, 10, 6)
