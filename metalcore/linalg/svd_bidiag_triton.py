@@ -76,7 +76,7 @@ def _bidiag_svd_kernel(A, S, U, V, RU, RV, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s
             v, tau, _ = reflector(tl.sum(tl.where(cols[None, :] == k, a, 0.0), axis=1), rows, k)
             a = a - v[:, None] * (tau * tl.sum(a * v[:, None], axis=0))[None, :]
             if WANT_UV:
-                # H_k = I − w wᵀ with w = √τ v, kept in U's storage (m·n entries) until step 5.
+                # H_k = I − w wᵀ with w = √τ v, kept in RU's rows (U's storage but in SPLIT_BACK) until step 5.
                 tl.store(ruout + k * m + rows, tl.sqrt(tau) * v, mask=rows < m)
             u, tau, _ = reflector(tl.sum(tl.where(rows[:, None] == k, a, 0.0), axis=0), cols, k + 1)
             a = a - (tau * tl.sum(a * u[None, :], axis=1))[:, None] * u[None, :]
