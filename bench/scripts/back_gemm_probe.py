@@ -5,7 +5,6 @@ Times each torch op of it at the tridiag/bidiag paths' shapes, against the accur
 loop in float64. Usage: python bench/scripts/back_gemm_probe.py [seconds]"""
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -15,19 +14,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tridiag_stages import gpu_ms  # noqa: E402  (same-folder script)
 
 import metalcore
+from metalcore.bench.timing import call_ms
 from metalcore.linalg.householder_gemm import larfb_gemm, larft_gemm
 
 
-def wall_ms(fn, calls=30):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def wall_ms(fn):
+    """Median ms of a synchronised call, host issue included (the project's per-call timer)."""
+    return call_ms(fn, torch.device("cuda"), reps=30)
 
 
 def reflectors(batch, n, dtype, device):
