@@ -49,6 +49,7 @@ from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers
 from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted, eigh_shifted_launcher
 from metalcore.linalg.eigh_tridiag_triton import MAX_N as TRIDIAG_MAX_N, eigh_tridiag, eigh_tridiag_launcher
+from metalcore.linalg.eigh_twostage import eigh_twostage
 
 MAX_SWEEPS = jac.MAX_SWEEPS
 
@@ -245,6 +246,21 @@ def _eigh_tridiag_specialized(A, UPLO, compute_v):
                specialize=_eigh_tridiag_specialized)
 def _eigh_tridiag_path(A, UPLO, compute_v):
     return eigh_tridiag(A, UPLO == "U", compute_v)
+
+
+# Dense → band by GEMMs, bulge chasing, and the batched tridiagonal solver (eigh_twostage), above the
+# register tile; measured by the sweep like every path (no H100 time yet: bench/linalg.md). Read at
+# call time, so that tests can send small matrices to it.
+TWOSTAGE_MIN_N = TRIDIAG_MAX_N + 1
+
+
+def _twostage_supported(A: Tensor) -> bool:
+    return A.dtype in (torch.float32, torch.float64) and A.shape[-1] >= TWOSTAGE_MIN_N
+
+
+@register_path("eigh", "triton", "twostage", supports=lambda A, UPLO, compute_v: _twostage_supported(A))
+def _eigh_twostage_path(A, UPLO, compute_v):
+    return eigh_twostage(A, UPLO == "U", compute_v)
 
 
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),

@@ -912,21 +912,320 @@ def test_tridiag_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(trit
     assert_tridiag_eigh(A[good], L[good], Q[good], torch.float32, "the other matrices")
 
 
+GPU_PATH_CASES = [("tridiag", b, n) for b, n in [(100, 64), (64, 128), (1024, 33), (16, 100), (5000, 64)]] + [
+    ("twostage", b, n) for b, n in [(64, 256), (4, 1024), (2, 300)]]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("batch,n", [(100, 64), (64, 128), (1024, 33), (16, 100), (5000, 64)], ids=str)
-def test_gpu_tridiag_eigh_full_size(batch, n, dtype, triton_backend, device):
-    """The compiled path at the sizes the sweep times it, on every matrix family, with and without
-    vectors; 5000 matrices of 64² run on fewer persistent programs than matrices. The values alone
-    agree with the values beside the vectors to LAPACK's bound, not bit for bit: at fp32 128² tiles
-    the two run at different widths (``chain_warps``: 8 warps with vectors, 16 without), which
-    reorders the reductions."""
+@pytest.mark.parametrize("path,batch,n", GPU_PATH_CASES, ids=str)
+def test_gpu_eigh_path_full_size(path, batch, n, dtype, triton_backend, device):
+    """The compiled paths at the sizes the sweep times them (issue 18's for ``twostage``), on every
+    matrix family, with and without vectors; 5000 matrices of 64² run on fewer persistent programs
+    than matrices. The values alone agree with the values beside the vectors to LAPACK's bound, not
+    bit for bit: at fp32 128² tiles the two run at different widths (``chain_warps``: 8 warps with
+    vectors, 16 without), which reorders the reductions."""
     from metalcore import _selection
     for kind in KINDS:
         A = family(kind, (batch,), n, dtype).to(device)
-        with _selection.use_path("eigh", "tridiag"):
+        with _selection.use_path("eigh", path):
             L, Q = metalcore.linalg.eigh(A)
             values = metalcore.linalg.eigvalsh(A)
-        what = f"tridiag eigh {kind} {batch}×{n} {dtype}"
+        what = f"{path} eigh {kind} {batch}×{n} {dtype}"
         assert_tridiag_eigh(A, L, Q, dtype, what)
         assert_lapack_ratio(values_ratio(values.double().cpu(), L.double().cpu(), dtype), what + ": values alone")
+
+
+# --- Two-stage reduction above the register tile (eigh_twostage, eigh_band_triton) --------------------
+
+
+def band_of(batch, n, b, dtype):
+    """Random symmetric matrices with ``b`` nonzero diagonals on each side of the main one."""
+    A = symmetric(batch, n)
+    i = torch.arange(n)
+    return torch.where((i[:, None] - i[None, :]).abs() <= b, A, 0.0).to(dtype)
+
+
+def lower_band(S, b):
+    """The symmetric matrix the lower band of ``S`` (width ``b``) stands for, and whether every entry
+    below that band is exactly zero."""
+    n = S.shape[-1]
+    i = torch.arange(n, device=S.device)
+    low = S.tril()
+    return low + low.tril(-1).mT, bool((S[..., (i[:, None] - i[None, :]) > b] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,b", [(30, 4), (21, 8), (11, 16), (17, 1)], ids=str)
+def test_symmetric_band_is_an_orthogonal_similarity(n, b, dtype, triton_backend):
+    """Stage 1: ``Q₁ᵀ A Q₁`` is the lower band of width ``b`` (zeros below it, exactly), ``Q₁`` from the
+    kept panels is orthogonal; a last panel shorter than ``b`` (21 = 8 + 8 + 5) and a matrix already
+    inside the band (11 ≤ 16 + 1) are included."""
+    from metalcore.linalg.eigh_twostage import symmetric_band
+    from metalcore.linalg.householder_gemm import larfb_gemm
+    A = symmetric((3,), n, dtype)
+    S = A.clone()
+    blocks = symmetric_band(S, b, True)
+    B, zeros = lower_band(S, b)
+    assert zeros, f"entries below the band of width {b}"
+    Q = torch.eye(n, dtype=dtype).expand(3, n, n).contiguous()
+    for row, V, T in reversed(blocks):
+        larfb_gemm(V, T, Q[:, row:, :], True, False, inplace=True)
+    assert_lapack_ratio(residual_ratio(A.double(), Q.double() @ B.double() @ Q.double().mT, dtype), "A = Q₁ B Q₁ᵀ")
+    assert_lapack_ratio(orthogonality_ratio(Q, dtype), "Q₁")
+    S2 = A.clone()
+    assert symmetric_band(S2, b, False) == [] and torch.equal(S2.tril(), S.tril())
+
+
+# One dtype a case where the interpreter's time is seconds (~1 s a 10 steps of the wave).
+BAND_CASES = [(14, 3, "wave", torch.float32), (14, 3, "wave", torch.float64), (14, 3, "sweeps", torch.float64),
+              (9, 16, "wave", torch.float32), (9, 16, "sweeps", torch.float64), (12, 1, "wave", torch.float32),
+              (2, 2, "wave", torch.float64), (3, 2, "sweeps", torch.float32)]
+
+
+@pytest.mark.parametrize("n,b,schedule,dtype", BAND_CASES, ids=str)
+def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, triton_backend):
+    """Stage 2: bulge chasing turns the lower band (the upper triangle holds garbage, never read) into
+    ``T`` with ``T = Q₂ᵀ B Q₂``; ``Q₂`` (the kept reflectors applied to ``I``) is orthogonal. Both
+    schedules: the sweeps one after another, and every sweep in flight at once (14: 4 steps in the
+    first sweep, 2 slots). Width 1 is already tridiagonal (no reflector changes anything), and a band
+    wider than the matrix is a dense matrix."""
+    from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
+    B = band_of((2,), n, b, dtype)
+    S = B.tril() + torch.full_like(B, 7.0).triu(1)
+    d, e, W = band_to_tridiag(S, b, True, schedule)
+    assert d.shape == e.shape == (2, n) and bool((e[:, -1] == 0).all())
+    T = torch.diag_embed(d) + torch.diag_embed(e[:, :-1], 1) + torch.diag_embed(e[:, :-1], -1)
+    Q = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, schedule)
+    assert_lapack_ratio(residual_ratio(B.double(), Q.double() @ T.double() @ Q.double().mT, dtype), "B = Q₂ T Q₂ᵀ")
+    assert_lapack_ratio(orthogonality_ratio(Q, dtype), "Q₂")
+    d2, e2, none = band_to_tridiag(B.tril() + torch.full_like(B, 7.0).triu(1), b, False, schedule)
+    assert none is None and torch.equal(d2, d) and torch.equal(e2, e)
+    if b == 1:
+        assert torch.equal(d, B.diagonal(dim1=-2, dim2=-1)) and torch.equal(e[:, :-1], B.diagonal(-1, -2, -1))
+
+
+# --- Tridiagonal eigensolver of any order (tridiag_eig_triton, stage 3 of the two-stage eigh) ------
+# Against float64 LAPACK (torch.linalg.eigh of the dense T): LAPACK's residual, orthogonality and
+# eigenvalue ratios, ascending order. Lanes of 8 or 16 give several programs a matrix, so that
+# clusters and multiple eigenvalues cross the blocks' edges.
+
+# 64 Sturm points a lane: 5 passes in fp32 and 10 in fp64 where bisection takes 28 and 55 — the same
+# arithmetic in a fifth of the interpreter's dependent steps (each is ~3 ms of numpy calls).
+FAST = 64
+
+
+def dense(d, e):
+    """The symmetric tridiagonal matrices of ``d`` ``(nb, n)`` and ``e`` (``e[:, i] = T[i, i+1]``), float64."""
+    d, e = d.double(), e[:, :-1].double()
+    return torch.diag_embed(d) + torch.diag_embed(e, 1) + torch.diag_embed(e, -1)
+
+
+def assert_tridiag_eig(d, e, lam, Z, dtype, what):
+    """LAPACK's ratios of ``(lam, Z)`` for ``T(d, e)``, no NaN, eigenvalues ascending."""
+    nb, n = d.shape
+    assert lam.shape == (nb, n) and Z.shape == (nb, n, n) and lam.dtype == Z.dtype == dtype, what + ": shapes"
+    assert not lam.isnan().any() and not Z.isnan().any(), what + ": NaN"
+    T = dense(d, e)
+    L64, Z64 = lam.double(), Z.double()
+    scale = T.abs().amax((-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    assert_lapack_ratio(residual_ratio(T / scale, (Z64 * (L64 / scale[..., 0]).unsqueeze(-2)) @ Z64.mT, dtype),
+                        what + " residual")
+    assert_lapack_ratio(orthogonality_ratio(Z64, dtype), what + " Z")
+    assert_lapack_ratio(values_ratio(L64, torch.linalg.eigvalsh(T), dtype), what + " eigenvalues")
+    assert bool((lam[:, :-1] <= lam[:, 1:]).all()), what + ": ascending"
+
+
+def glued_wilkinson(copies, glue):
+    """``copies`` of Wilkinson's W21+ (diagonal |10 − i|, off-diagonal 1; its eigenvalues come in
+    pairs equal to ~1e-14) joined by off-diagonals ``glue``: clusters of ``2 · copies`` eigenvalues
+    within ~``glue``."""
+    d = torch.arange(21, dtype=torch.float64).sub(10).abs().repeat(copies)
+    e = torch.ones(21 * copies, dtype=torch.float64)
+    e[20::21] = glue
+    return d[None], e[None]
+
+
+@pytest.mark.parametrize("n,lanes,dtype", [(1, 8, torch.float32), (2, 8, torch.float64), (5, 8, torch.float32),
+                                           (37, 8, torch.float64), (40, 16, torch.float32)], ids=str)
+def test_tridiag_eig_random(n, lanes, dtype, triton_backend):
+    """Random T, 2 matrices (1 from n = 37: the interpreter's time), given as non-contiguous views."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    nb = 1 if n > 30 else 2
+    d, e = torch.randn(2, n, nb, dtype=torch.float64).mT
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=lanes, sections=FAST)
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"random {nb}×{n} lanes={lanes} {dtype}")
+
+
+def test_tridiag_eig_values_alone_are_the_values_beside_the_vectors(triton_backend):
+    """The same launch of the values kernel either way (default sections: bisection, 28 passes)."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    d, e = torch.randn(2, 1, 19)
+    lam, Z = tridiag_eig(d, e, True, lanes=8)
+    values, none = tridiag_eig(d, e, False, lanes=8)
+    assert torch.equal(values, lam) and none.numel() == 0
+    assert_tridiag_eig(d, e, lam, Z, torch.float32, "default sections")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_tridiag_eig_multiple_eigenvalues_across_blocks(dtype, triton_backend):
+    """Multiplicities above ``lanes`` = 8: a diagonal T (e = 0) with eigenvalues of multiplicity 20, 10
+    and 3 in shuffled order. Lanes seeded by their place in the block alone would repeat one start
+    vector (and one shift) across blocks; a multiple eigenvalue's vectors may be any orthonormal basis
+    of its subspace."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    L0 = torch.tensor([1.0] * 20 + [2.0] * 10 + [5.0] * 3, dtype=torch.float64)
+    d = L0[torch.randperm(33)][None]
+    e = torch.zeros_like(d)
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"diagonal 1×20, 2×10, 5×3 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64], ids=str)
+def test_tridiag_eig_identical_blocks(dtype, triton_backend):
+    """5 identical random blocks of 7 (e = 0 at the seams): every eigenvalue 5 times, lanes = 8, so most
+    groups of 5 cross an edge."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    d, e = torch.randn(2, 1, 7, dtype=torch.float64).repeat(1, 1, 5)
+    e[:, 6::7] = 0.0
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"5 identical blocks of 7 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_tridiag_eig_wilkinson(dtype, triton_backend):
+    """W21+: pairs of eigenvalues equal to ~1e-14, lanes = 8."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    d, e = glued_wilkinson(1, 0.0)
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"W21+ {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64], ids=str)
+def test_tridiag_eig_glued_wilkinson(dtype, triton_backend):
+    """Two W21+ glued by 1e-9: clusters of 4 within ~1e-9, some across an edge of lanes = 16 (42
+    eigenvalues in 3 blocks)."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    d, e = glued_wilkinson(2, 1e-9)
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=16, sections=FAST)
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"glued W21+ ×2 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tridiag_eig_cluster_straddles_a_block_edge(dtype, triton_backend):
+    """Eigenvalues 5 to 10 of 16 within ~1e-4 of each other (closer than ORTOL_N / n = 0.016, far apart
+    for the shifts), lanes = 8: the cluster's lanes sit in both blocks, and Gram-Schmidt must cross."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    from metalcore.linalg.eigh_tridiag_triton import ORTOL_N
+    d = torch.cat([torch.linspace(-1, -0.2, 5), 0.3 + 1e-4 * torch.arange(6), torch.linspace(0.6, 1, 5)])
+    d = d.double()[None]
+    e = 1e-5 * torch.randn_like(d)
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    gaps = lam.double().diff()[0]
+    assert bool((gaps[5:10] < ORTOL_N / 16).all()) and bool((gaps[[4, 10]] > ORTOL_N / 16).all()), "one cluster, 5..10"
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"cluster across lanes 7|8 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_tridiag_eig_zero_and_extreme_scales(dtype, triton_backend):
+    """The zero matrix: eigenvalues exactly 0 (not bisection's ±pivmin), orthonormal vectors (one cluster
+    of 20 across 3 blocks). T scaled by 1e30 and 1e-30 (its squares over- and underflow fp32)."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    zero = torch.zeros(1, 20, dtype=dtype)
+    lam, Z = tridiag_eig(zero, zero, True, lanes=8, sections=FAST)
+    assert torch.equal(lam, zero), f"zero matrix: {lam}"
+    assert_lapack_ratio(orthogonality_ratio(Z, dtype), f"zero {dtype} Z")
+    d, e = torch.randn(2, 2, 13, dtype=torch.float64)
+    for scale in (1e30, 1e-30):
+        lam, Z = tridiag_eig((d * scale).to(dtype), (e * scale).to(dtype), True, lanes=8, sections=FAST)
+        assert_tridiag_eig(d * scale, e * scale, lam, Z, dtype, f"scale {scale:g} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64], ids=str)
+def test_tridiag_eig_nan_stays_in_its_matrix(dtype, triton_backend):
+    """NaN in one matrix's d and Inf in another's e give NaN eigenvalues and vectors there only; the
+    last column of e is not read (Inf there changes nothing)."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    d, e = torch.randn(2, 4, 11, dtype=torch.float64)
+    d[1, 3] = float("nan")
+    e[2, 0] = float("inf")
+    e[0, -1] = float("inf")
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    assert bool(lam[1:3].isnan().all()) and bool(Z[1:3].isnan().all())
+    assert_tridiag_eig(d[[0, 3]], e[[0, 3]], lam[[0, 3]], Z[[0, 3]], dtype, f"finite matrices beside NaN {dtype}")
+
+
+def test_tridiag_eig_rejects_bad_arguments(triton_backend):
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    d = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="lanes"):
+        tridiag_eig(d, d, True, lanes=12)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        tridiag_eig(d, d.double(), True)
+    with pytest.raises(ValueError, match=r"\(nb, n\)"):
+        tridiag_eig(d[0], d[0], True)
+    lam, Z = tridiag_eig(d[:, :0], d[:, :0], True)
+    assert lam.shape == (2, 0) and Z.shape == (2, 0, 0)
+
+
+# --- The two-stage path end to end (eigh_twostage) -----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,kinds", [(torch.float32, KINDS[:4]), (torch.float64, KINDS[3:])], ids=str)
+def test_twostage_eigh_matrix_families(dtype, kinds, triton_backend):
+    """The matrix families in two batches (n = 12, band 3: 3 panels, bulges; lanes of 32), the upper
+    triangle read in fp64 with garbage in the lower; without vectors the same eigenvalues bit for bit
+    (the same reduction and bisection)."""
+    from metalcore.linalg.eigh_twostage import eigh_twostage
+    torch.manual_seed(4)
+    A = torch.cat([family(kind, (1,), 12, dtype) for kind in kinds])
+    UPLO = "L" if dtype == torch.float32 else "U"
+    G = with_garbage(A, UPLO)
+    L, Q = eigh_twostage(G, UPLO == "U", True, band=3, sections=FAST)
+    for i, kind in enumerate(kinds):
+        assert_tridiag_eigh(A[i:i + 1], L[i:i + 1], Q[i:i + 1], dtype, f"two-stage {kind} {dtype}")
+    values, none = eigh_twostage(G, UPLO == "U", False, band=3, sections=FAST)
+    assert torch.equal(values, L) and none.numel() == 0
+
+
+def test_twostage_eigh_repeated_eigenvalues_and_the_sequential_schedule(triton_backend):
+    """Multiplicities 8, 4 and 3 at n = 15 (band 3): each cluster's vectors span its subspace; with
+    the sweeps one after another, the same to LAPACK's bounds."""
+    from metalcore.linalg.eigh_twostage import eigh_twostage
+    torch.manual_seed(5)
+    Q0, _ = torch.linalg.qr(torch.randn(1, 15, 15, dtype=torch.float64))
+    A = Q0 @ torch.diag_embed(torch.tensor([1.0] * 8 + [2.0] * 4 + [5.0] * 3, dtype=torch.float64)) @ Q0.mT
+    L, Q = eigh_twostage(A.float(), False, True, band=3, sections=FAST)
+    assert_tridiag_eigh(A, L, Q, torch.float32, "repeated, wave")
+    L2, Q2 = eigh_twostage(A.float(), False, True, band=3, schedule="sweeps", sections=FAST)
+    assert_tridiag_eigh(A, L2, Q2, torch.float32, "repeated, sweeps")
+
+
+def test_twostage_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend, monkeypatch):
+    """Through ``metalcore.linalg.eigh`` with the path forced and its lower bound moved to n = 1 (the
+    default band of 16 > 9: stage 1 has nothing to do, stage 2 chases a dense 9²); batch shape (3, 1);
+    ``eigvalsh`` agrees; an empty batch and n = 1."""
+    from metalcore import _selection
+    from metalcore.linalg import eigh_triton
+    monkeypatch.setattr(eigh_triton, "TWOSTAGE_MIN_N", 1)
+    A = symmetric((3, 1), 9, torch.float32)
+    A[1, 0, 5, 2] = float("nan")
+    with _selection.use_path("eigh", "twostage"):
+        L, Q = metalcore.linalg.eigh(A)
+        assert torch.equal(metalcore.linalg.eigvalsh(A).nan_to_num(), L.nan_to_num())
+        assert metalcore.linalg.eigh(torch.zeros(0, 3, 3))[1].shape == (0, 3, 3)
+        one = torch.tensor([[[-2.5]]])
+        L1, Q1 = metalcore.linalg.eigh(one)
+        assert torch.equal(L1, one[..., 0]) and torch.equal(Q1, torch.ones_like(one))
+    assert L.shape == (3, 1, 9) and Q.shape == (3, 1, 9, 9)
+    assert L[1, 0].isnan().all() and Q[1, 0].isnan().all()
+    assert_tridiag_eigh(A[[0, 2]], L[[0, 2]], Q[[0, 2]], torch.float32, "the other matrices")
+
+
+def test_twostage_path_is_offered_above_the_register_tile(triton_backend):
+    from metalcore import _selection
+    from metalcore.linalg import eigh_triton
+    supported = _selection.paths("eigh", "triton")["twostage"].supports
+    assert supported(torch.zeros(1, 129, 129), "L", True) and not supported(torch.zeros(1, 128, 128), "L", True)
+    assert not supported(torch.zeros(1, 200, 200, dtype=torch.float16), "L", True)
+    assert eigh_triton.TWOSTAGE_MIN_N == 129

@@ -1,0 +1,98 @@
+"""Symmetric eigendecomposition above the register tile (n > 128) by a two-stage reduction:
+dense → band → tridiagonal, a batched tridiagonal eigensolver, and two back-transformations.
+
+Layers: :func:`eigh_twostage` → the ``twostage`` path of ``metalcore::eigh`` on the Triton backend
+(:mod:`metalcore.linalg.eigh_triton`). Stage 1 and its back-transformation are GEMMs in torch (any
+device); stages 2, 3 and 2's back-transformation are Triton kernels.
+
+Why: above n = 128 every path was cuSOLVER's: ``syevd`` one matrix at a time through torch, or the
+batched ``XsyevBatched`` (64×256² 4.0 ms, 8×1024² 56 ms on the H100, where JAX is the same call).
+Both are chains of small dependent launches. The arithmetic is 15-30× under those times
+(bench/linalg.md, "two-stage eigh above 128": 0.13 ms at 64×256², 0.95 ms at 8×1024²), so the
+reduction is split where the work is GEMMs and where it is a dependent chain:
+
+1. **dense → band** (LAPACK ``sytrd_sy2sb``), panels of ``b`` columns, ``j = 0, b, 2b, …``: the QR
+   of the panel below the band, ``A[j+b:, j:j+b] = H R`` (the blocked QR's panel factorisation,
+   :func:`metalcore.linalg.qr_blocked.factor_block`, batched), then the two-sided update of the
+   trailing matrix ``A₂₂ ← Hᵀ A₂₂ H`` with ``H = I − V T Vᵀ``: ``Y = A₂₂ V T``,
+   ``Z = Y − ½ V (Tᵀ Vᵀ Y)``, ``A₂₂ ← A₂₂ − V Zᵀ − Z Vᵀ``. ``4/3 n³`` flops a matrix, all but the
+   panels in batched GEMMs.
+2. **band → tridiagonal** by bulge chasing, one program a matrix
+   (:mod:`metalcore.linalg.eigh_band_triton`): ``≈ n²/(2b)`` dependent steps of a ``2b × b`` window.
+3. **tridiagonal eigenpairs**, Sturm multisection and inverse iteration, many programs a matrix
+   (:mod:`metalcore.linalg.tridiag_eig_triton`).
+4. **back-transformations** ``Q₁ (Q₂ Z)``: stage 2's reflectors by the band kernel's companion,
+   stage 1's block reflectors by ``larfb`` GEMMs, last panel first.
+
+The input is scaled to a largest entry of 1 (the reflector helpers assume it, and it keeps huge
+and tiny inputs inside the float range), and the eigenvalues scaled back. NaN or Inf in a matrix
+gives NaN eigenvalues and vectors for that matrix only; nothing reads the data on the host.
+Accuracy: each stage is backward stable (orthogonal transformations), so the eigenvalues carry
+``syev``'s ``O(n ε ‖A‖)`` bound and the vectors the tridiagonal solver's ratios.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
+from metalcore.linalg.householder_gemm import as3, larfb_gemm
+from metalcore.linalg.qr_blocked import factor_block
+from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+
+# Width of the band between stages 1 and 2. Stage 2's chain has n²/(2b) steps of a 2b × b window,
+# stage 1's panels are b columns wide (rank-b GEMMs). 16 keeps stage 2's window in one warp;
+# predicted, not yet timed on a GPU (bench/linalg.md).
+BAND = 16
+
+
+def symmetric_band(S: Tensor, b: int, keep: bool) -> list[tuple[int, Tensor, Tensor]]:
+    """Stage 1: the full symmetric matrices ``S`` ``(B, n, n)`` reduced in place to lower band form
+    of width ``b`` (entries below the band set to zero; the upper triangle is left stale). Returns,
+    with ``keep``, each panel's ``(row, V, T)``: ``Q₁ = Π (I − V T Vᵀ)`` acting on rows ``row:``."""
+    n = S.shape[-1]
+    blocks = []
+    for j in range(0, n - b - 1, b):
+        h = n - j - b
+        w = min(b, h - 1)                     # the last column of a short panel has nothing below
+        P = S[:, j + b:, j:j + b]
+        _, V, T = factor_block(P[..., :w])
+        if w < b:
+            larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
+        P[..., :w] = P[..., :w].triu()       # R stays; the reflectors live on in V
+        A22 = S[:, j + b:, j + b:]
+        Y = torch.bmm(torch.bmm(A22, V), T)
+        Z = torch.baddbmm(Y, V, T.mT @ torch.bmm(V.mT, Y), alpha=-0.5)
+        A22.baddbmm_(V, Z.mT, alpha=-1).baddbmm_(Z, V.mT, alpha=-1)
+        if keep:
+            blocks.append((j + b, V, T))
+    return blocks
+
+
+def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, schedule: str | None = None,
+                  sections: int | None = None) -> tuple[Tensor, Tensor]:
+    """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (float32/float64; the
+    triangle ``upper`` names is read), and with ``compute_v`` their orthonormal eigenvectors as
+    ``Q``'s columns (else ``Q`` is empty). ``band``: the width between stages 1 and 2; ``schedule``:
+    stage 2's (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`); ``sections``: Sturm points a
+    lane in stage 3 (:func:`~metalcore.linalg.tridiag_eig_triton.tridiag_eig`)."""
+    if band < 1:
+        raise ValueError(f"metalcore eigh_twostage: band must be positive; got {band}")
+    *batch, n, _ = A.shape
+    A3 = as3(A)
+    S = (A3.triu() + A3.triu(1).mT) if upper else (A3.tril() + A3.tril(-1).mT)
+    scale = S.abs().amax((-2, -1))
+    finite = scale.isfinite()
+    scale = torch.where(finite & (scale > 0), scale, 1.0)
+    S = S / scale[:, None, None]
+    blocks = symmetric_band(S, band, compute_v)
+    d, e, W = band_to_tridiag(S, band, compute_v, schedule)
+    lam, Z = tridiag_eig(d, e, compute_v, sections=sections)
+    L = torch.where(finite[:, None], lam * scale[:, None], float("nan")).reshape(*batch, n)
+    if not compute_v:
+        return L, A.new_empty(0)
+    apply_band_reflectors(W, Z, band, schedule=schedule)
+    for row, V, T in reversed(blocks):
+        larfb_gemm(V, T, Z[:, row:, :], True, False, inplace=True)
+    return L, torch.where(finite[:, None, None], Z, float("nan")).reshape(*batch, n, n)

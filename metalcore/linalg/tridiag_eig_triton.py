@@ -1,0 +1,353 @@
+"""Eigenvalues and eigenvectors of batched symmetric tridiagonal matrices of any order (stage 3 of
+the two-stage eigensolver for n > 128, issue 18): Sturm multisection for the values, inverse
+iteration for the vectors, many programs a matrix.
+
+Layers: ``_values_kernel``, ``_inverse_iteration_kernel`` and ``_cluster_kernel`` →
+:func:`tridiag_eig`. :mod:`metalcore.linalg.eigh_tridiag_triton` does the same inside one program a
+matrix with ``T`` in registers (n ≤ 128); this module reuses its bisection
+(:func:`~metalcore.linalg.eigh_tridiag_triton.sturm_multisection`) and its accuracy design
+(:data:`~metalcore.linalg.eigh_tridiag_triton.ORTOL_N`, ``ROUNDS``, ``TIGHT``, ``RHO``, ``SEED``; read
+that module's comments for the measurements behind them), but keeps every ``n``-long column in
+global memory, so that nothing in registers grows with ``n``: a ``[4096, 32]`` register tile, as the
+small kernel's ``tridiag_eigenvectors`` would need at n = 4096, is 512 KiB, twice an SM's registers.
+
+Each matrix is scaled by torch (on the device, no host sync) to ``max(|d|, |e|) = 1``; ``T`` below is
+the scaled matrix, whose spectrum lies in ``[−3, 3]``.
+
+1. **Values** (``_values_kernel``, grid ``(nb, ⌈n / lanes⌉)``): program ``(matrix, block)`` brackets
+   the eigenvalues ``block · lanes + [0, lanes)`` inside Gershgorin's interval (computed by torch) by
+   Sturm counts of the whole ``T``, ``sections`` points a lane and pass. The scaled eigenvalues go to
+   global memory: step 2 reads every one of them.
+2. **Shifts and clusters** (torch, :func:`shifts_and_clusters`): the whole-spectrum twin of the small
+   kernel's ``shifts()`` and ``clusters()``, which see only their program's lanes. A group of
+   eigenvalues within ``TIGHT · ε`` of each other (a multiple eigenvalue) shares one shift beside the
+   group; a group that crosses a block edge seen by each block alone would get two shifts, each
+   placed by the block's part of the group only — possibly inside the other part, and blind to the
+   other block's nearest outside eigenvalue, which ``RHO``'s rule needs. Both are segmented scans over
+   the ascending eigenvalues (``cummax``), O(n) a matrix, where ``shifts()`` compares all lane pairs.
+3. **Inverse iteration** (``_inverse_iteration_kernel``, grid ``(nb, ⌈n / lanes⌉)``, once a round):
+   lane ``j`` solves ``(T − σ_j I) x = z_j`` through the ``L D Lᵀ`` pivots of the Sturm recurrence (a
+   pivot below ε raised to ±ε), one entry of each lane's column a step, from pseudo-random vectors
+   seeded by the entry's place in ``Z`` (every column of every block its own start: a seed by lane
+   within the block would give lane c of every block the same vector, and two lanes of one multiple
+   eigenvalue in two blocks the same solution); columns then scaled to unit norm.
+4. **Gram-Schmidt** (``_cluster_kernel``, one program a matrix, after every round): eigenvalues
+   closer than ``ORTOL_N / n`` form clusters; each lane with an earlier mate, in ascending order, is
+   orthogonalised against all its earlier mates (classical Gram-Schmidt, twice) and renormalised,
+   reading the columns from ``Z``. One pass for all clusters — within a block or across blocks —
+   rather than per-block Gram-Schmidt plus a cross-block fix-up: a lane of a cluster that crosses an
+   edge must be orthogonal to its mates on both sides, so the per-block work would be done twice.
+   After every round, as in the small kernel, not only after the last: the next round's solve then
+   restores the eigenvector quality a Gram-Schmidt step loses when two start vectors were nearly
+   parallel.
+
+Work a matrix (flops, n eigenvalues): values ``≈ 5 · sections · passes · n²`` (a step is a
+division, three flops and a compare, for each of the ``sections`` points of each lane; fp32:
+8 · 9 · 5 n² = 360 n², or 1 · 28 · 5 = 140 n² by bisection); vectors ``≈ 5 n²`` of pivots once and
+``7 n²`` a round (two multiply-adds a step of the solves, three flops an entry to normalise), 19 n²
+in all; Gram-Schmidt ``8 m n`` a round for a lane with ``m`` earlier mates (``4 m² n`` a cluster
+of ``m``). Bytes: the vectors stream their columns (pivots ``1/q``, ``y``, ``z``: three ``n × n``
+arrays, the third the output): ``n²`` stores of pivots, then a round reads ``z``, pivots and writes
+``y``, reads ``y``, pivots and writes ``z``, reads ``z`` twice and writes it to normalise: ≈ 19 n²
+elements in all, 1.3 GB at n = 4096 in fp32.
+
+What bounds it: dependent steps a program — ``passes · n`` recurrence steps for the values
+(9 · 4096 = 37k at n = 4096, fp32, 8 sections), ``n`` for the pivots and ``2 n`` a round for the
+vectors (``ROUNDS · 2n + n`` = 20k at n = 4096); every program of a step runs in parallel. The
+Gram-Schmidt program walks a matrix's clustered lanes one after another: cheap for the ~5% of a
+random spectrum's lanes, O(m² n) in one program for a cluster of ``m`` (the identity at n = 4096:
+~3e11 flops). LAPACK avoids that case by splitting ``T`` where ``e_k = 0`` (``dstebz``'s blocks,
+vectors supported on their block); not done here.
+
+Accuracy: bisection finds each eigenvalue of ``T`` to ``O(ε ‖T‖)``; the vectors follow the small
+kernel's design (residual and orthogonality within LAPACK's ratios), with the shifts and clusters of
+the whole spectrum. NaN or Inf in a matrix's ``d`` or ``e`` gives NaN eigenvalues and vectors for that
+matrix only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from metalcore._triton import cdiv, helper, jit, program_slots
+from metalcore.linalg._small_triton import warps
+from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, RHO, ROUNDS, SECTIONS, SEED, TIGHT, passes,
+                                                  sturm_multisection)
+
+# Values a thread of the tiles in which a program sweeps its columns (normalisation, Gram-Schmidt):
+# what the loops keep in registers does not grow with n. At 16 (a [64, 32] tile at 4 warps, [16, 32]
+# at 1) the sm_90 builds (fp32, 32 lanes) take 72 registers for the inverse iteration and 96 for the
+# Gram-Schmidt, no spills; at 64 values a thread the inverse iteration took 254.
+CHUNK_PER_THREAD = 16
+ROWS_CHUNK = CHUNK_PER_THREAD * 128 // 32                 # the Gram-Schmidt kernel's 4 warps, 32 mates
+# Earlier cluster mates a chunk of Gram-Schmidt: 32 columns of one row are one 128-byte line in fp32.
+MATES_CHUNK = 32
+
+
+@jit
+def _values_kernel(D, E, LOW, HIGH, LS, n, passes, pivmin, LANES: tl.constexpr, SECTIONS: tl.constexpr):
+    """Program ``(matrix, block)``: the eigenvalues ``block · LANES + [0, LANES)`` of the scaled ``T``
+    (diagonal at ``D``, off-diagonal at ``E``, rows of ``n``) inside ``[LOW, HIGH]`` into ``LS``."""
+    mat = tl.program_id(0).to(tl.int64)
+    index = tl.program_id(1) * LANES + tl.arange(0, LANES)
+    lam = sturm_multisection(D + mat * n, E + mat * n, n, tl.load(LOW + mat), tl.load(HIGH + mat),
+                             tl.minimum(index, n - 1), passes, pivmin, SECTIONS)
+    tl.store(LS + mat * n + index, lam, mask=index < n)
+
+
+@helper
+def _unit_columns(Z, cols, valid, top, n, BC: tl.constexpr, CH: tl.constexpr):
+    """The columns ``cols`` of the row-major ``n × n`` array at ``Z`` scaled to unit 2-norm, by their
+    largest magnitude ``top`` first (so that no square overflows), a chunk of ``CH`` rows at a time."""
+    m = tl.where(top > 0.0, top, 1.0)
+    squares = tl.zeros([CH, BC], dtype=top.dtype)
+    for r0 in range(0, n, CH):
+        rows = r0 + tl.arange(0, CH)
+        inside = (rows[:, None] < n) & valid[None, :]
+        t = tl.load(Z + rows[:, None] * n + cols[None, :], mask=inside, other=0.0) / m[None, :]
+        squares += t * t
+    s = m * tl.sqrt(tl.maximum(tl.sum(squares, axis=0), 1.0))
+    for r0 in range(0, n, CH):
+        rows = r0 + tl.arange(0, CH)
+        inside = (rows[:, None] < n) & valid[None, :]
+        at = Z + rows[:, None] * n + cols[None, :]
+        tl.store(at, tl.load(at, mask=inside, other=0.0) / s[None, :], mask=inside)
+
+
+@jit
+def _inverse_iteration_kernel(D, E, SH, Z, YS, QS, n, eps, BC: tl.constexpr, CH: tl.constexpr,
+                              START: tl.constexpr):
+    """Program ``(matrix, block)``: one round of inverse iteration for the columns
+    ``block · BC + [0, BC)`` of ``Z`` (``n × n`` a matrix, row-major): ``Z ← (T − σ I)⁻¹ Z`` with the
+    shifts ``SH``, columns scaled to unit norm. ``START``: first compute the pivots into ``QS`` and
+    the pseudo-random start vectors into ``Z``. ``YS``: scratch of ``Z``'s shape."""
+    mat = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    valid = cols < n
+    d = D + mat * n
+    e = E + mat * n
+    z = Z + mat * n * n + cols                            # lane j's entry i at z + i · n
+    y = YS + mat * n * n + cols
+    r = QS + mat * n * n + cols
+    if START:
+        # Pivots of T − σ_j I = L D Lᵀ (the Sturm recurrence); a pivot below ε becomes ±ε, which
+        # bounds the solve's growth (T is scaled to entries at most 1). Stored as 1/q, so that a solve
+        # step is one multiply-add.
+        shift = tl.load(SH + mat * n + cols, mask=valid, other=0.0)
+        q = tl.load(d) - shift
+        q = tl.where(tl.abs(q) < eps, tl.where(q < 0.0, -eps, eps), q)
+        tl.store(r, 1.0 / q, mask=valid)
+        for i in range(1, n):
+            e_i = tl.load(e + i - 1)
+            q = (tl.load(d + i) - shift) - e_i * (e_i / q)
+            q = tl.where(tl.abs(q) < eps, tl.where(q < 0.0, -eps, eps), q)
+            tl.store(r + i * n, 1.0 / q, mask=valid)
+        # Seeded by the entry's place in Z: a start of its own for every column of the matrix.
+        for r0 in range(0, n, CH):
+            rows = r0 + tl.arange(0, CH)
+            at = rows[:, None] * n + cols[None, :]
+            tl.store(Z + mat * n * n + at, (tl.rand(SEED, at) - 0.5).to(shift.dtype),
+                     mask=(rows[:, None] < n) & valid[None, :])
+    tl.debug_barrier()                                    # the start vectors, or the last round's Gram-Schmidt
+
+    # L y = z, then D⁻¹ y. Each step's loads are issued a step ahead: only the multiply-add is on the
+    # dependent chain.
+    q_inv = tl.load(r, mask=valid, other=1.0)
+    yy = tl.load(z, mask=valid, other=0.0)
+    tl.store(y, yy * q_inv, mask=valid)
+    e_n = tl.load(e)
+    z_n = tl.load(z + n, mask=valid & (n > 1), other=0.0)
+    r_n = tl.load(r + n, mask=valid & (n > 1), other=1.0)
+    for i in range(1, n):
+        l_i = e_n * q_inv
+        z_i = z_n
+        q_inv = r_n
+        nxt = tl.minimum(i + 1, n - 1)
+        e_n = tl.load(e + nxt - 1)
+        z_n = tl.load(z + nxt * n, mask=valid, other=0.0)
+        r_n = tl.load(r + nxt * n, mask=valid, other=1.0)
+        yy = z_i - l_i * yy
+        tl.store(y + i * n, yy * q_inv, mask=valid)
+    tl.debug_barrier()
+
+    # Lᵀ x = D⁻¹ y, bottom up, keeping each lane's largest |x| for the normalisation.
+    x = tl.load(y + (n - 1) * n, mask=valid, other=0.0)
+    tl.store(z + (n - 1) * n, x, mask=valid)
+    top = tl.abs(x)
+    i0 = tl.maximum(n - 2, 0)
+    y_n = tl.load(y + i0 * n, mask=valid, other=0.0)
+    c_n = tl.load(e + i0) * tl.load(r + i0 * n, mask=valid, other=1.0)
+    for t in range(0, n - 1):
+        i = n - 2 - t
+        y_i = y_n
+        c_i = c_n
+        nxt = tl.maximum(i - 1, 0)
+        y_n = tl.load(y + nxt * n, mask=valid, other=0.0)
+        c_n = tl.load(e + nxt) * tl.load(r + nxt * n, mask=valid, other=1.0)
+        x = y_i - c_i * x
+        top = tl.maximum(top, tl.abs(x))
+        tl.store(z + i * n, x, mask=valid)
+    tl.debug_barrier()
+    _unit_columns(Z + mat * n * n, cols, valid, top, n, BC, CH)
+
+
+@jit
+def _cluster_kernel(Z, FIRST, TODO, COUNT, CS, n, CH: tl.constexpr, KC: tl.constexpr):
+    """Program ``matrix``: the ``COUNT`` lanes listed in ``TODO`` (ascending), lane ``j`` orthogonalised
+    against the columns ``FIRST[j] … j − 1`` of ``Z`` (its earlier cluster mates, orthonormal by then;
+    classical Gram-Schmidt, twice) and scaled to unit norm. ``CS``: ``n`` coefficients of scratch a
+    matrix."""
+    mat = tl.program_id(0).to(tl.int64)
+    z = Z + mat * n * n
+    c = CS + mat * n
+    count = tl.load(COUNT + mat)
+    for t in range(0, count):
+        j = tl.load(TODO + mat * n + t)
+        f = tl.load(FIRST + mat * n + j)
+        for _pass in tl.static_range(2):
+            # c_k = z_kᵀ z_j for the mates k, a chunk of KC mates at a time.
+            for k0 in range(f, j, KC):
+                ks = k0 + tl.arange(0, KC)
+                mates = ks < j
+                dots = tl.zeros([CH, KC], dtype=Z.dtype.element_ty)
+                for r0 in range(0, n, CH):
+                    rows = r0 + tl.arange(0, CH)
+                    inside = rows < n
+                    zj = tl.load(z + rows * n + j, mask=inside, other=0.0)
+                    zk = tl.load(z + rows[:, None] * n + ks[None, :], mask=inside[:, None] & mates[None, :], other=0.0)
+                    dots += zk * zj[:, None]
+                tl.store(c + ks, tl.sum(dots, axis=0), mask=mates)
+            tl.debug_barrier()
+            # z_j ← z_j − Σ_k c_k z_k
+            for r0 in range(0, n, CH):
+                rows = r0 + tl.arange(0, CH)
+                inside = rows < n
+                zj = tl.load(z + rows * n + j, mask=inside, other=0.0)
+                for k0 in range(f, j, KC):
+                    ks = k0 + tl.arange(0, KC)
+                    mates = ks < j
+                    ck = tl.load(c + ks, mask=mates, other=0.0)
+                    zk = tl.load(z + rows[:, None] * n + ks[None, :], mask=inside[:, None] & mates[None, :], other=0.0)
+                    zj -= tl.sum(zk * ck[None, :], axis=1)
+                tl.store(z + rows * n + j, zj, mask=inside)
+            tl.debug_barrier()
+        # After Gram-Schmidt z_j is at most of unit norm and at least ~ε: no square over- or underflows.
+        squares = tl.zeros([CH], dtype=Z.dtype.element_ty)
+        for r0 in range(0, n, CH):
+            rows = r0 + tl.arange(0, CH)
+            zj = tl.load(z + rows * n + j, mask=rows < n, other=0.0)
+            squares += zj * zj
+        norm = tl.sqrt(tl.sum(squares, axis=0))
+        for r0 in range(0, n, CH):
+            rows = r0 + tl.arange(0, CH)
+            zj = tl.load(z + rows * n + j, mask=rows < n, other=0.0)
+            tl.store(z + rows * n + j, zj / norm, mask=rows < n)
+        tl.debug_barrier()                                # the next lane reads z_j as a mate
+
+
+def shifts_and_clusters(lam: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(shift, first)`` of the scaled ascending eigenvalues ``lam`` ``(nb, n)``: lane j's shift for
+    inverse iteration, and the first lane of its cluster (eigenvalues closer than ``ORTOL_N / n``).
+
+    The whole-spectrum twin of :func:`~metalcore.linalg.eigh_tridiag_triton.shifts` and
+    :func:`~metalcore.linalg.eigh_tridiag_triton.clusters`, same rule: a group of eigenvalues each
+    within ``TIGHT · ε`` of the next shares the shift ``max(width, 8ε)`` beside it on its side of
+    larger gap, unless its nearest outside eigenvalue is too close (``RHO``)."""
+    nb, n = lam.shape
+    index = torch.arange(n, device=lam.device).expand(nb, n)
+    gap = lam[:, 1:] - lam[:, :-1]
+    true = torch.ones(nb, 1, dtype=torch.bool, device=lam.device)
+    split = gap > TIGHT.value * eps
+    first = torch.where(torch.cat([true, split], 1), index, 0).cummax(1).values
+    last = torch.where(torch.cat([split, true], 1), index, n - 1).flip(1).cummin(1).values.flip(1)
+    lo, hi = lam.gather(1, first), lam.gather(1, last)
+    # Distances from the group to its nearest eigenvalue below and above (8: the spectrum is in [−3, 3]).
+    below = torch.where(first > 0, lo - lam.gather(1, (first - 1).clamp_min(0)), 8.0)
+    above = torch.where(last < n - 1, lam.gather(1, (last + 1).clamp_max(n - 1)) - hi, 8.0)
+    width = hi - lo
+    offset = width.clamp_min(8.0 * eps)
+    shared = torch.where(below >= above, lo - offset, hi + offset)
+    distance = torch.minimum(torch.maximum(below, above) - offset, torch.minimum(below, above) + width + offset)
+    use = (last > first) & (width + offset <= RHO.value * math.sqrt(eps) * distance)
+    cluster_starts = torch.cat([true, gap > ORTOL_N / n], 1)
+    return torch.where(use, shared, lam), torch.where(cluster_starts, index, 0).cummax(1).values
+
+
+def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, sections: int | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """Eigenvalues, ascending, of the symmetric tridiagonal matrices with diagonals ``d`` ``(nb, n)``
+    and off-diagonals ``e`` ``(nb, n)`` (``e[:, i] = T[i, i+1]``; the last column is ignored), float32
+    or float64 on one device; with ``compute_v`` also their orthonormal eigenvectors as the columns of
+    ``Z`` ``(nb, n, n)`` (column j for ``lam[:, j]``), else ``d.new_empty(0)``.
+
+    ``lanes``: eigenvalues a program (a power of two); ``sections``: Sturm points a lane and pass, a
+    power of two (default :data:`~metalcore.linalg.eigh_tridiag_triton.SECTIONS` while the programs
+    fit one an SM, else bisection's 1). Example::
+
+        d, e = torch.randn(4, 300, device="cuda"), torch.randn(4, 300, device="cuda")
+        lam, Z = tridiag_eig(d, e, True)      # (4, 300), (4, 300, 300)
+    """
+    if d.dim() != 2 or e.shape != d.shape:
+        raise ValueError(f"d and e must both be (nb, n), got {tuple(d.shape)} and {tuple(e.shape)}")
+    if d.dtype not in (torch.float32, torch.float64) or e.dtype != d.dtype or e.device != d.device:
+        raise ValueError(f"d and e must be float32 or float64 of one dtype and device, got {d.dtype} on "
+                         f"{d.device} and {e.dtype} on {e.device}")
+    if lanes < 1 or lanes & (lanes - 1):
+        raise ValueError(f"lanes must be a power of two, got {lanes}")
+    if sections is not None and (sections < 1 or sections & (sections - 1)):
+        raise ValueError(f"sections must be a power of two, got {sections}")
+    nb, n = d.shape
+    dt, dev = d.dtype, d.device
+    if nb == 0 or n == 0:
+        return d.new_empty(nb, n), d.new_empty(nb, n, n) if compute_v else d.new_empty(0)
+    finfo = torch.finfo(dt)
+    blocks = cdiv(n, lanes)
+    if sections is None:
+        sections = SECTIONS if nb * blocks <= program_slots(dev) else 1
+
+    # Scaled to max(|d|, |e|) = 1; a matrix with NaN or Inf runs as zeros and is made NaN at the end.
+    # Contiguous first: elementwise ops keep a permuted input's strides, and the kernels read rows.
+    d, e = d.contiguous(), e.contiguous()
+    off = e[:, : n - 1]
+    finite = d.isfinite().all(1) & off.isfinite().all(1)
+    scale = torch.maximum(d.abs().amax(1), off.abs().amax(1) if n > 1 else torch.zeros_like(d[:, 0]))
+    scale = torch.where(finite, scale, 0.0)
+    s = torch.where(scale > 0.0, scale, 1.0)[:, None]
+    D = torch.where(finite[:, None], d / s, 0.0)
+    E = torch.zeros_like(D)
+    E[:, : n - 1] = torch.where(finite[:, None], off / s, 0.0)
+
+    # Gershgorin's interval holds every eigenvalue of T; the margin covers its own rounding.
+    radius = E.abs()
+    radius[:, 1:] += E[:, :-1].abs()
+    low, high = (D - radius).amin(1), (D + radius).amax(1)
+    pad = 4.0 * finfo.eps * torch.maximum(low.abs(), high.abs()) + 2.0 * finfo.tiny
+    LS = torch.empty_like(D)
+    _values_kernel[(nb, blocks)](D, E, low - pad, high + pad, LS, n, passes(dt, sections), finfo.tiny,
+                                 LANES=lanes, SECTIONS=sections, num_warps=warps(lanes * sections))
+    # × scale, not s: the zero matrix's eigenvalues are exactly 0, not bisection's ±pivmin.
+    lam = (LS * scale[:, None]).masked_fill_(~finite[:, None], float("nan"))
+    if not compute_v:
+        return lam, d.new_empty(0)
+
+    shift, first = shifts_and_clusters(LS, finfo.eps)
+    index = torch.arange(n, device=dev)
+    clustered = first < index
+    todo = torch.where(clustered, index, n).sort(1).values.to(torch.int32)   # lanes with an earlier mate first
+    count = clustered.sum(1, dtype=torch.int32)
+    Z = torch.empty(nb, n, n, dtype=dt, device=dev)
+    Y, P = torch.empty_like(Z), torch.empty_like(Z)
+    C = torch.empty_like(D)
+    first = first.to(torch.int32)
+    # One warp a 32 lanes: every lane's solve is a chain of its own, one thread each.
+    solve_warps = max(1, lanes // 32)
+    for round_ in range(ROUNDS):
+        _inverse_iteration_kernel[(nb, blocks)](D, E, shift, Z, Y, P, n, finfo.eps, BC=lanes,
+                                                CH=CHUNK_PER_THREAD * 32 * solve_warps // lanes,
+                                                START=round_ == 0, num_warps=solve_warps)
+        _cluster_kernel[(nb,)](Z, first, todo, count, C, n, CH=ROWS_CHUNK, KC=MATES_CHUNK, num_warps=4)
+    return lam, Z.masked_fill_(~finite[:, None, None], float("nan"))
