@@ -1005,6 +1005,20 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
         assert torch.equal(d, B.diagonal(dim1=-2, dim2=-1)) and torch.equal(e[:, :-1], B.diagonal(-1, -2, -1))
 
 
+def test_band_wave_takes_its_windows_in_chunks(triton_backend, monkeypatch):
+    """More sweeps in flight than one window tile holds (n = 1024 at band 16 on a GPU: 32 slots, tiles
+    of 16): with ``WAVE_TILE`` cut to one window the slots go one a chunk, and since the windows of a
+    time step are independent the result is the same to the bit, reduction and back-transformation."""
+    from metalcore.linalg import eigh_band_triton as band
+    B = band_of((1,), 14, 3, torch.float64)
+    d, e, W = band.band_to_tridiag(B.clone(), 3, True, "wave")
+    Q = band.apply_band_reflectors(W, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "wave")
+    monkeypatch.setattr(band, "WAVE_TILE", 16)
+    d1, e1, W1 = band.band_to_tridiag(B.clone(), 3, True, "wave")
+    Q1 = band.apply_band_reflectors(W1, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "wave")
+    assert torch.equal(d1, d) and torch.equal(e1, e) and torch.equal(Q1, Q)
+
+
 # --- Tridiagonal eigensolver of any order (tridiag_eig_triton, stage 3 of the two-stage eigh) ------
 # Against float64 LAPACK (torch.linalg.eigh of the dense T): LAPACK's residual, orthogonality and
 # eigenvalue ratios, ascending order. Lanes of 8 or 16 give several programs a matrix, so that
