@@ -37,7 +37,9 @@ the scaled matrix, whose spectrum lies in ``[−3, 3]``.
    reading the columns from ``Z``. One pass for all clusters — within a block or across blocks —
    rather than per-block Gram-Schmidt plus a cross-block fix-up: a lane of a cluster that crosses an
    edge must be orthogonal to its mates on both sides, so the per-block work would be done twice.
-   After every round, as in the small kernel, not only after the last: the next round's solve then
+   A large cluster (a multiple eigenvalue: the zeros of a rank-deficient Gram matrix) goes in blocks
+   of :data:`CLUSTER_BLOCK` lanes, each projected off the cluster's earlier lanes by ``tl.dot``
+   before its lanes are orthogonalised among themselves one at a time. After every round, as in the small kernel, not only after the last: the next round's solve then
    restores the eigenvector quality a Gram-Schmidt step loses when two start vectors were nearly
    parallel.
 
@@ -55,9 +57,10 @@ What bounds it: dependent steps a program — ``passes · n`` recurrence steps f
 (9 · 4096 = 37k at n = 4096, fp32, 8 sections), ``n`` for the pivots and ``2 n`` a round for the
 vectors (``ROUNDS · 2n + n`` = 20k at n = 4096); every program of a step runs in parallel. The
 Gram-Schmidt program walks a matrix's clustered lanes one after another: cheap for the ~5% of a
-random spectrum's lanes, O(m² n) in one program for a cluster of ``m`` (the identity at n = 4096:
-~3e11 flops). LAPACK avoids that case by splitting ``T`` where ``e_k = 0`` (``dstebz``'s blocks,
-vectors supported on their block); not done here.
+random spectrum's lanes, ``4 m² n`` flops a round in one program for a cluster of ``m``, mostly in
+``tl.dot`` blocks (the identity at n = 4096: ~3e11, seconds on one SM). LAPACK avoids that case by
+splitting ``T`` where ``e_k = 0`` (``dstebz``'s blocks, vectors supported on their block); not done
+here.
 
 Accuracy: bisection finds each eigenvalue of ``T`` to ``O(ε ‖T‖)``; the vectors follow the small
 kernel's design (residual and orthogonality within LAPACK's ratios), with the shifts and clusters of
@@ -86,6 +89,11 @@ CHUNK_PER_THREAD = 16
 ROWS_CHUNK = CHUNK_PER_THREAD * 128 // 32                 # the Gram-Schmidt kernel's 4 warps, 32 mates
 # Earlier cluster mates a chunk of Gram-Schmidt: 32 columns of one row are one 128-byte line in fp32.
 MATES_CHUNK = 32
+# Lanes of a cluster projected together off the cluster's earlier lanes, by tl.dot (16: its smallest
+# tile side). A cluster of m lanes then costs m/16 blocked projections plus 15 mates a lane one at a
+# time, instead of m(m−1)/2 one-column steps: at m = 768, n = 1024 (rank n/4 Gram input), ~2.5
+# GFLOP of dots a round in one program where the column steps were ~300k dependent tile passes.
+CLUSTER_BLOCK = 16
 
 
 @jit
@@ -195,19 +203,61 @@ def _inverse_iteration_kernel(D, E, SH, Z, YS, QS, n, eps, BC: tl.constexpr, CH:
     _unit_columns(Z + mat * n * n, cols, valid, top, n, BC, CH)
 
 
+@helper
+def _project_block(z, cb, FIRST, f, start, n, CH: tl.constexpr, KC: tl.constexpr, KB: tl.constexpr):
+    """The cluster's lanes ``start … start + KB − 1`` (those whose cluster begins at ``f``) of the
+    row-major ``n × n`` array ``z`` minus their components along the columns ``f … start − 1``
+    (orthonormal), classical Gram-Schmidt twice, by ``tl.dot``: ``C = Z_mᵀ Z_b``, ``Z_b −= Z_m C``.
+    ``cb``: ``n × KB`` coefficients of scratch."""
+    lanes = start + tl.arange(0, KB)
+    mine = (lanes < n) & (tl.load(FIRST + lanes, mask=lanes < n, other=-1) == f)
+    for _pass in tl.static_range(2):
+        for k0 in range(f, start, KC):
+            ks = k0 + tl.arange(0, KC)
+            mates = ks < start
+            acc = tl.zeros([KC, KB], dtype=z.dtype.element_ty)
+            for r0 in range(0, n, CH):
+                rows = r0 + tl.arange(0, CH)
+                inside = rows < n
+                zk = tl.load(z + rows[:, None] * n + ks[None, :], mask=inside[:, None] & mates[None, :], other=0.0)
+                zb = tl.load(z + rows[:, None] * n + lanes[None, :], mask=inside[:, None] & mine[None, :], other=0.0)
+                acc = tl.dot(tl.trans(zk), zb, acc, input_precision="ieee", out_dtype=z.dtype.element_ty)
+            tl.store(cb + ks[:, None] * KB + tl.arange(0, KB)[None, :], acc, mask=mates[:, None])
+        tl.debug_barrier()
+        for r0 in range(0, n, CH):
+            rows = r0 + tl.arange(0, CH)
+            inside = rows < n
+            at = z + rows[:, None] * n + lanes[None, :]
+            acc = tl.zeros([CH, KB], dtype=z.dtype.element_ty)
+            for k0 in range(f, start, KC):
+                ks = k0 + tl.arange(0, KC)
+                mates = ks < start
+                zk = tl.load(z + rows[:, None] * n + ks[None, :], mask=inside[:, None] & mates[None, :], other=0.0)
+                cc = tl.load(cb + ks[:, None] * KB + tl.arange(0, KB)[None, :], mask=mates[:, None], other=0.0)
+                acc = tl.dot(zk, cc, acc, input_precision="ieee", out_dtype=z.dtype.element_ty)
+            keep = inside[:, None] & mine[None, :]
+            tl.store(at, tl.load(at, mask=keep, other=0.0) - acc, mask=keep)
+        tl.debug_barrier()
+
+
 @jit
-def _cluster_kernel(Z, FIRST, TODO, COUNT, CS, n, CH: tl.constexpr, KC: tl.constexpr):
+def _cluster_kernel(Z, FIRST, TODO, COUNT, CS, CB, n, CH: tl.constexpr, KC: tl.constexpr, KB: tl.constexpr):
     """Program ``matrix``: the ``COUNT`` lanes listed in ``TODO`` (ascending), lane ``j`` orthogonalised
     against the columns ``FIRST[j] … j − 1`` of ``Z`` (its earlier cluster mates, orthonormal by then;
-    classical Gram-Schmidt, twice) and scaled to unit norm. ``CS``: ``n`` coefficients of scratch a
-    matrix."""
+    classical Gram-Schmidt, twice) and scaled to unit norm. A cluster's lanes go in blocks of ``KB``:
+    at a block's first lane the whole block is projected off the earlier blocks by ``tl.dot``
+    (:func:`_project_block`), then each lane off its block's earlier lanes, one at a time. ``CS``:
+    ``n`` coefficients of scratch a matrix, ``CB``: ``n × KB``."""
     mat = tl.program_id(0).to(tl.int64)
     z = Z + mat * n * n
     c = CS + mat * n
     count = tl.load(COUNT + mat)
     for t in range(0, count):
         j = tl.load(TODO + mat * n + t)
-        f = tl.load(FIRST + mat * n + j)
+        cluster = tl.load(FIRST + mat * n + j)
+        f = cluster + (j - cluster) // KB * KB            # the first lane of j's block in its cluster
+        if (j == f) & (f > cluster):
+            _project_block(z, CB + mat * n * KB, FIRST + mat * n, cluster, f, n, CH, KC, KB)
         for _pass in tl.static_range(2):
             # c_k = z_kᵀ z_j for the mates k, a chunk of KC mates at a time.
             for k0 in range(f, j, KC):
@@ -342,6 +392,7 @@ def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, secti
     Z = torch.empty(nb, n, n, dtype=dt, device=dev)
     Y, P = torch.empty_like(Z), torch.empty_like(Z)
     C = torch.empty_like(D)
+    CB = torch.empty(nb, n, CLUSTER_BLOCK, dtype=dt, device=dev)
     first = first.to(torch.int32)
     # One warp a 32 lanes: every lane's solve is a chain of its own, one thread each.
     solve_warps = max(1, lanes // 32)
@@ -349,5 +400,6 @@ def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, secti
         _inverse_iteration_kernel[(nb, blocks)](D, E, shift, Z, Y, P, n, finfo.eps, BC=lanes,
                                                 CH=CHUNK_PER_THREAD * 32 * solve_warps // lanes,
                                                 START=round_ == 0, num_warps=solve_warps)
-        _cluster_kernel[(nb,)](Z, first, todo, count, C, n, CH=ROWS_CHUNK, KC=MATES_CHUNK, num_warps=4)
+        _cluster_kernel[(nb,)](Z, first, todo, count, C, CB, n, CH=ROWS_CHUNK, KC=MATES_CHUNK, KB=CLUSTER_BLOCK,
+                               num_warps=4)
     return lam, Z.masked_fill_(~finite[:, None, None], float("nan"))

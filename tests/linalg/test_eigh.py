@@ -1143,9 +1143,10 @@ def test_tridiag_eig_cluster_straddles_a_block_edge(dtype, triton_backend):
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
 def test_tridiag_eig_zero_and_extreme_scales(dtype, triton_backend):
     """The zero matrix: eigenvalues exactly 0 (not bisection's ±pivmin), orthonormal vectors (one cluster
-    of 20 across 3 blocks). T scaled by 1e30 and 1e-30 (its squares over- and underflow fp32)."""
+    of 36 across 5 blocks of lanes, Gram-Schmidt in 3 blocks of 16: two projections by tl.dot). T
+    scaled by 1e30 and 1e-30 (its squares over- and underflow fp32)."""
     from metalcore.linalg.tridiag_eig_triton import tridiag_eig
-    zero = torch.zeros(1, 20, dtype=dtype)
+    zero = torch.zeros(1, 36, dtype=dtype)
     lam, Z = tridiag_eig(zero, zero, True, lanes=8, sections=FAST)
     assert torch.equal(lam, zero), f"zero matrix: {lam}"
     assert_lapack_ratio(orthogonality_ratio(Z, dtype), f"zero {dtype} Z")
