@@ -15,7 +15,9 @@ reduction is split where the work is GEMMs and where it is a dependent chain:
    of the panel below the band, ``A[j+b:, j:j+b] = H R`` (the blocked QR's panel factorisation,
    :func:`metalcore.linalg.qr_blocked.factor_block`, batched), then the two-sided update of the
    trailing matrix ``A₂₂ ← Hᵀ A₂₂ H`` with ``H = I − V T Vᵀ``: ``Y = A₂₂ V T``,
-   ``Z = Y − ½ V (Tᵀ Vᵀ Y)``, ``A₂₂ ← A₂₂ − V Zᵀ − Z Vᵀ``. ``4/3 n³`` flops a matrix, all but the
+   ``Z = Y − ½ V (Tᵀ Vᵀ Y)``, ``A₂₂ ← A₂₂ − V Zᵀ − Z Vᵀ`` (``Y`` is the product the two-sided update
+   needs: ``Hᵀ A H = A − V Yᵀ − Y Vᵀ + V (Tᵀ Vᵀ Y) Vᵀ``, the last term split evenly between ``Z``'s two
+   products because ``Tᵀ Vᵀ A V T`` is symmetric). ``4/3 n³`` flops a matrix, all but the
    panels in batched GEMMs.
 2. **band → tridiagonal** by bulge chasing, one program a matrix
    (:mod:`metalcore.linalg.eigh_band_triton`): ``≈ n²/(2b)`` dependent steps of a ``2b × b`` window.
@@ -60,10 +62,12 @@ def symmetric_band(S: Tensor, b: int, keep: bool) -> list[tuple[int, Tensor, Ten
         _, V, T = factor_block(P[..., :w])
         if w < b:
             larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
-        P[..., :w] = P[..., :w].triu()       # R stays; the reflectors live on in V
+        P[..., :w].triu_()                    # R stays; the reflectors live on in V
+        # Y = A₂₂ V T and Tᵀ Vᵀ Y = (V T)ᵀ Y: six launches a panel, the host's share at n = 256.
+        VT = torch.bmm(V, T)
         A22 = S[:, j + b:, j + b:]
-        Y = torch.bmm(torch.bmm(A22, V), T)
-        Z = torch.baddbmm(Y, V, T.mT @ torch.bmm(V.mT, Y), alpha=-0.5)
+        Y = torch.bmm(A22, VT)
+        Z = torch.baddbmm(Y, V, torch.bmm(VT.mT, Y), alpha=-0.5)
         A22.baddbmm_(V, Z.mT, alpha=-1).baddbmm_(Z, V.mT, alpha=-1)
         if keep:
             blocks.append((j + b, V, T))
