@@ -1237,6 +1237,24 @@ def test_twostage_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(tri
     assert_tridiag_eigh(A[[0, 2]], L[[0, 2]], Q[[0, 2]], torch.float32, "the other matrices")
 
 
+def test_twostage_eigh_gradient_matches_the_reference(triton_backend, monkeypatch):
+    """Autograd through the forced path: torch's formulas on its outputs, so the gradient of a
+    sign-invariant function of ``(L, Q)`` equals the reference backend's."""
+    from metalcore import _selection
+    from metalcore.linalg import eigh_triton
+    monkeypatch.setattr(eigh_triton, "TWOSTAGE_MIN_N", 1)
+    A = symmetric((1,), 9).requires_grad_()
+
+    def loss(L, Q):
+        return ((Q * torch.exp(L / 4).unsqueeze(-2)) @ Q.mT).sum() + (L ** 2).sum()
+
+    with _selection.use_path("eigh", "twostage"):
+        grad, = torch.autograd.grad(loss(*metalcore.linalg.eigh(A)), A)
+    with metalcore.use_backend("reference"):
+        expected, = torch.autograd.grad(loss(*metalcore.linalg.eigh(A)), A)
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_twostage_path_is_offered_above_the_register_tile(triton_backend):
     from metalcore import _selection
     from metalcore.linalg import eigh_triton
