@@ -486,12 +486,7 @@ def main():
     doc = {"card": card, "torch": torch.__version__, "cusolver_batched": cusolver_batched.available(), "rows": []}
     start = time.time()
 
-    def emit(row, line):
-        doc["rows"].append(row)
-        print(line, flush=True)
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
-
+    emit = emitter(doc, path)
     print(f"card {card}  torch {torch.__version__}  cusolver_batched {doc['cusolver_batched']}", flush=True)
     global CUSOLVER, SYEVJ
     CUSOLVER, SYEVJ = doc["cusolver_usable"], doc["syevj_usable"] = cusolver_usable(device, limit=args.syevj)
@@ -550,6 +545,18 @@ def run_peers(cases, device, emit):
             emit({"section": "peer", "peer": runner, "available": False, "reason": res["reason"]},
                  f"peer {runner}: not available ({res['reason'][:200]})")
         print(f"peer {runner}: {time.time() - t:.1f} s", flush=True)
+
+
+def emitter(doc, path):
+    """``emit(row, line)``: ``row`` appended to ``doc["rows"]``, ``line`` printed, the JSON rewritten
+    (a run cut short keeps what it measured)."""
+    def emit(row, line):
+        doc["rows"].append(row)
+        print(line, flush=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+
+    return emit
 
 
 def finish(doc, start, path):

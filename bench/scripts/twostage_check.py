@@ -16,7 +16,6 @@ eigh above 128".
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batched_eigh_svd_check import finish, run_peers  # noqa: E402  (same-folder scripts)
+from batched_eigh_svd_check import emitter, finish, run_peers  # noqa: E402  (same-folder scripts)
 from jacobi_check import inputs, ratios_eigh  # noqa: E402
 from tridiag_stages import gpu_ms  # noqa: E402
 
@@ -90,12 +89,7 @@ def main():
     doc = {"card": card, "torch": torch.__version__, "rows": []}
     start = time.time()
 
-    def emit(row, line):
-        doc["rows"].append(row)
-        print(line, flush=True)
-        with open(path, "w") as f:
-            json.dump(doc, f, indent=1)
-
+    emit = emitter(doc, path)
     print(f"card {card}  torch {torch.__version__}", flush=True)
     cases = TINY if args.tiny else CASES
     cuda = device.type == "cuda"
