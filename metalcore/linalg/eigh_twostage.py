@@ -20,7 +20,8 @@ reduction is split where the work is GEMMs and where it is a dependent chain:
    products because ``Tᵀ Vᵀ A V T`` is symmetric). ``4/3 n³`` flops a matrix, all but the
    panels in batched GEMMs.
 2. **band → tridiagonal** by bulge chasing, one program a matrix
-   (:mod:`metalcore.linalg.eigh_band_triton`): ``≈ n²/(2b)`` dependent steps of a ``2b × b`` window.
+   (:mod:`metalcore.linalg.eigh_band_triton`): ``≈ n²/(2b)`` steps of a ``2b × b`` window, run as
+   ``≈ 2n`` time steps with every sweep in flight (its ``'wave'`` schedule).
 3. **tridiagonal eigenpairs**, Sturm multisection and inverse iteration, many programs a matrix
    (:mod:`metalcore.linalg.tridiag_eig_triton`).
 4. **back-transformations** ``Q₁ (Q₂ Z)``: stage 2's reflectors by the band kernel's companion,
@@ -43,9 +44,9 @@ from metalcore.linalg.householder_gemm import as3, larfb_gemm
 from metalcore.linalg.qr_blocked import factor_block
 from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 
-# Width of the band between stages 1 and 2. Stage 2's chain has n²/(2b) steps of a 2b × b window,
-# stage 1's panels are b columns wide (rank-b GEMMs). 16 keeps stage 2's window in one warp;
-# predicted, not yet timed on a GPU (bench/linalg.md).
+# Width of the band between stages 1 and 2. Stage 2 runs n²/(2b) steps of a 2b × b window (16
+# windows of 16² a register tile in its wave), stage 1 n/b panels of b columns (rank-b GEMMs, ~6
+# launches each: 32 would halve them). 16 is predicted, not yet timed on a GPU (bench/linalg.md).
 BAND = 16
 
 
