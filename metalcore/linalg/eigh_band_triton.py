@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalcore._triton import helper, jit
-from metalcore.linalg.eigh_tridiag_triton import _add_pairs, reflector
+from metalcore.linalg.eigh_tridiag_triton import reflector
 
 
 @jit
@@ -105,17 +105,11 @@ def _band_to_tridiag_kernel(A, D, E, W, n, b, steps, s_ab, s_ar, s_ac, BB: tl.co
 
 
 @helper
-def _slot_reflectors(x, c):
-    """Row ``k`` of the ``[slots, BB]`` tile ``x`` (``c``: the column indices, ``[1, BB]``): its reflector
-    (``dlarfg``, as :func:`~metalcore.linalg.eigh_tridiag_triton.reflector`) as ``w = √τ v``
-    (``H = I − w wᵀ``), and ``β``, the entry it leaves in column 0."""
-    alpha, sigma = tl.reduce((tl.where(c == 0, x, 0.0), tl.where(c > 0, x * x, 0.0)), 1, _add_pairs)
-    norm = tl.sqrt(alpha * alpha + sigma)
-    beta = tl.where(alpha >= 0.0, -norm, norm)
-    trivial = sigma == 0.0
-    tau = tl.where(trivial, 0.0, (beta - alpha) / tl.where(trivial, 1.0, beta))
-    v = tl.where(c == 0, 1.0, x / tl.where(trivial, 1.0, alpha - beta)[:, None])
-    return tl.sqrt(tau)[:, None] * v, tl.where(trivial, alpha, beta)
+def _slot_reflectors(x, r):
+    """Row ``k`` of the ``[slots, BB]`` tile ``x``: its reflector (:func:`reflector` on the transposed
+    tile, one a column) as ``w = √τ v`` (``H = I − w wᵀ``), and ``β``, the entry it leaves in column 0."""
+    v, tau, beta = reflector(tl.trans(x), r[:, None], 0)
+    return tl.trans(tl.sqrt(tau)[None, :] * v), beta
 
 
 @jit
@@ -145,7 +139,7 @@ def _band_wave_kernel(A, D, E, W, C, n, b, steps, slots, s_ab, s_ar, s_ac, BB: t
             # A sweep's first reflector, from column st below the diagonal.
             col = base + (j0[:, None] + c2) * s_ar + st[:, None] * s_ac
             head = first[:, None] & (c2 < ell[:, None])
-            w0, beta0 = _slot_reflectors(tl.load(col, mask=head, other=0.0), c2)
+            w0, beta0 = _slot_reflectors(tl.load(col, mask=head, other=0.0), r)
             tl.store(col, tl.where(c2 == 0, beta0[:, None], 0.0), mask=head)
             w = tl.load(carry + k[:, None] * BB + c2, mask=(act & (s > 0))[:, None], other=0.0)
             w = tl.where(first[:, None], w0, w)
@@ -166,7 +160,7 @@ def _band_wave_kernel(A, D, E, W, C, n, b, steps, slots, s_ab, s_ar, s_ac, BB: t
             below = act[:, None, None] & (r3 < tl.minimum(b, n - k3)) & (c3 < l3)
             z = tl.load(base + (k3 + r3) * s_ar + (j3 + c3) * s_ac, mask=below, other=0.0)
             z = z - tl.sum(z * w[:, None, :], axis=2)[:, :, None] * w[:, None, :]
-            w2, beta2 = _slot_reflectors(tl.sum(tl.where(c3 == 0, z, 0.0), axis=2), c2)
+            w2, beta2 = _slot_reflectors(tl.sum(tl.where(c3 == 0, z, 0.0), axis=2), r)
             z = z - w2[:, :, None] * tl.sum(w2[:, :, None] * z, axis=1)[:, None, :]
             z = tl.where(c3 == 0, tl.where(r3 == 0, beta2[:, None, None], 0.0), z)
             tl.store(base + (k3 + r3) * s_ar + (j3 + c3) * s_ac, z, mask=below)

@@ -141,7 +141,8 @@ def _add_pairs(a0, a1, b0, b1):
 def reflector(x, rows, k):
     """Householder reflector of ``x``'s entries from ``k`` on (LAPACK ``dlarfg``): ``(v, τ, β)`` with
     ``v_k = 1`` and zero before ``k``, such that ``(I − τ v vᵀ) x`` has ``β`` at ``k`` and zeros after
-    it. ``τ = 0`` where nothing is below ``k``.
+    it. ``τ = 0`` where nothing is below ``k``. ``x`` may also be a tile with ``rows`` of shape
+    ``[len, 1]``: one reflector a column (the band reduction's windows, :mod:`eigh_band_triton`).
 
     For the kernels' tiles scaled to a largest entry of 1 (:func:`unit_tile`), whose reduced entries
     stay below ~n: the squares cannot overflow, and a square that underflows is an entry below √tiny

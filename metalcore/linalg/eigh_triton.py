@@ -44,7 +44,7 @@ from metalcore._triton import jit
 from metalcore.linalg import _jacobi_triton as jac
 from metalcore.linalg import cusolver_batched, cusolver_syevj
 from metalcore.linalg._jacobi_triton import nonfinite, round_pairs, rotate_rows, schur_rotation
-from metalcore.linalg._small_triton import fits
+from metalcore.linalg._small_triton import DTYPES, fits
 from metalcore.linalg.eigh import eigh_op
 from metalcore.linalg.eigh_batched_triton import REGISTER_MAX_N, eigh_registers
 from metalcore.linalg.eigh_shifted_triton import MAX_N as SHIFTED_MAX_N, eigh_shifted, eigh_shifted_launcher
@@ -255,7 +255,7 @@ TWOSTAGE_MIN_N = TRIDIAG_MAX_N + 1
 
 
 def _twostage_supported(A: Tensor) -> bool:
-    return A.dtype in (torch.float32, torch.float64) and A.shape[-1] >= TWOSTAGE_MIN_N
+    return A.dtype in DTYPES and A.shape[-1] >= TWOSTAGE_MIN_N
 
 
 @register_path("eigh", "triton", "twostage", supports=lambda A, UPLO, compute_v: _twostage_supported(A))
