@@ -6,8 +6,10 @@ automatic path and the peers JAX and CuPy (own processes), and the GPU ms of eac
     TRITON_INTERPRET=1 python bench/scripts/twostage_check.py --device cpu --tiny --bands 4 --out /tmp/x
 
 Rows: ``twostage b=B`` with vectors and ``values`` without, per band width ``B`` (``--bands``);
-``cusolver`` (XsyevBatched through ctypes), ``torch`` (its syevd loop), ``auto`` (metalcore.linalg.eigh
-as the table routes it). Stage rows (CUDA events over back-to-back calls, GPU ms; each stage on
+``path`` and ``path values`` (the op forced to its ``twostage`` path: the CUDA graph's replay from the
+second call on, default band); ``cusolver`` (XsyevBatched through ctypes), ``torch`` (its syevd loop),
+``auto`` (metalcore.linalg.eigh as the table routes it). ``--profile``: host ms of one un-synchronised
+call, its kernel count and its top kernels (torch.profiler) a band. Stage rows (CUDA events over back-to-back calls, GPU ms; each stage on
 inputs prepared by the stages before it, its own copy included): ``1 dense→band``, ``2
 band→tridiagonal`` (the wave schedule, reflectors kept) and ``2 sweeps`` (one step at a time),
 ``3 values``, ``3 vectors``, ``4a band reflectors`` (wave) and ``4a sweeps``, ``4b panel
@@ -28,6 +30,7 @@ from jacobi_check import inputs, ratios_eigh  # noqa: E402
 from tridiag_stages import gpu_ms  # noqa: E402
 
 import metalcore  # noqa: E402
+from metalcore import _selection  # noqa: E402
 from metalcore.bench import peers  # noqa: E402
 from metalcore.bench.timing import call_ms  # noqa: E402
 from metalcore.linalg import cusolver_batched  # noqa: E402
@@ -72,6 +75,31 @@ def stages(S: torch.Tensor, b: int, device) -> dict:
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def path_call(fn, A):
+    with _selection.use_path("eigh", "twostage"):
+        return fn(A)
+
+
+def host_and_kernels(fn, top: int = 12) -> tuple[float, int, str]:
+    """Host ms of one un-synchronised call of ``fn`` (median of 5: what the Python side costs, the
+    wall time when it exceeds the GPU's), its number of CUDA kernels, and the ``top`` kernels by GPU
+    time (torch.profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+    return sorted(host)[2], len(kernels), table
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -79,7 +107,10 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="one small shape (CPU interpreter smoke test)")
     ap.add_argument("--bands", default="16,32")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--skip", default="", help="variants not to run, comma-separated (e.g. torch)")
     ap.add_argument("--max-seconds", type=float, default=300.0)
+    ap.add_argument("--cases", help="batch x n : dtype, comma-separated (e.g. 64x256:float32)")
+    ap.add_argument("--profile", action="store_true", help="host ms, kernel count and top kernels a band (CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
     bands = [int(b) for b in args.bands.split(",")]
@@ -92,6 +123,9 @@ def main():
     emit = emitter(doc, path)
     print(f"card {card}  torch {torch.__version__}", flush=True)
     cases = TINY if args.tiny else CASES
+    if args.cases:
+        cases = [(int(c.split("x")[0]), int(c.split("x")[1].split(":")[0]), getattr(torch, c.split(":")[1]))
+                 for c in args.cases.split(",")]
     cuda = device.type == "cuda"
     for batch, n, dtype in cases:
         if time.time() - start > args.max_seconds:
@@ -106,10 +140,14 @@ def main():
         for b in bands:
             variants += [(f"twostage b={b}", lambda A, b=b: eigh_twostage(A, False, True, band=b)),
                          (f"values b={b}", lambda A, b=b: eigh_twostage(A, False, False, band=b))]
+        # The op's path as users get it: replayed as a CUDA graph from the second call on (_graphs).
+        variants += [("path", lambda A: path_call(metalcore.linalg.eigh, A)),
+                     ("path values", lambda A: (path_call(metalcore.linalg.eigvalsh, A), A.new_empty(0)))]
         if cuda and cusolver_batched.available():
             variants.append(("cusolver", lambda A: cusolver_batched.syev_batched(A, False, True)))
         variants += [("torch", lambda A: torch.linalg.eigh(A)), ("auto", lambda A: metalcore.linalg.eigh(A))]
         dt = str(dtype).replace("torch.", "")
+        variants = [(name, fn) for name, fn in variants if name not in args.skip.split(",")]
         for name, fn in variants:
             row = {"section": "eigh", "variant": name, "batch": batch, "n": n, "dtype": dt}
             try:
@@ -131,6 +169,14 @@ def main():
             text = (f"ERROR {row['error']}" if "error" in row else
                     f"{row['ms']:9.3f} ms (rank n/4: {row['lowrank_ms']:.3f})  worst ratio {worst:6.2f}")
             emit(row, f"eigh {batch:>4}x{n:<5} {dt:8} {name:14} {text}")
+        for b in bands if args.profile and cuda else ():
+            A = data["random"]
+            for compute_v in (True, False):
+                host, count, table = host_and_kernels(lambda: eigh_twostage(A, False, compute_v, band=b))
+                emit({"section": "profile", "band": b, "batch": batch, "n": n, "dtype": dt, "vectors": compute_v,
+                      "host_ms": round(host, 3), "kernels": count},
+                     f"profile {batch:>4}x{n:<5} {dt:8} b={b:<3} vectors={compute_v}: host {host:.3f} ms, "
+                     f"{count} kernels\n{table}")
         for b in bands:
             row = {"section": "stages", "band": b, "batch": batch, "n": n, "dtype": dt}
             try:

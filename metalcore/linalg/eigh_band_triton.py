@@ -182,9 +182,15 @@ def reflector_steps(n: int, b: int) -> int:
 # Stage 2's schedule. 'wave': one launch runs every sweep in flight at once, a step of each a time
 # step (``_band_wave_kernel``): ≈ 2n time steps of up to ⌈steps/2⌉ windows, against ≈ n²/(2b) steps
 # one after another ('sweeps', ``_band_to_tridiag_kernel``): 507 against 2,048 at n = 256, b = 16,
-# 2,043 against 32,768 at n = 1024. Predicted to win from n = 256 (bench/linalg.md), not yet timed.
+# 2,043 against 32,768 at n = 1024. H100, b = 16, GPU ms, 'wave' against 'sweeps': 1.24 / 2.05 at
+# 64×256², 3.75 / 7.98 at 16×512², 15.1 / 33.7 at 8×1024² (bench/linalg.md).
 SCHEDULES = ("wave", "sweeps")
 SCHEDULE = "wave"
+# The back-transformation's default schedule by order: both read the same reflectors (a sweep's
+# steps keep their order in either), so it is chosen apart from stage 2's. H100, b = 16, GPU ms,
+# 'wave' against 'sweeps': 1.75 / 1.15 at 64×256² (the wave's window tiles cost more than its 2n
+# time steps save there), 1.72 / 4.10 at 16×512², 7.8 / 16.8 at 8×1024².
+WAVE_BACK_MIN_N = 512
 # Entries of one [slots, BB, BB] window tile of the wave kernel: 16 windows of 16 × 16 (4,096, 32 a
 # lane at 4 warps); more slots than that are taken in chunks. Not yet timed.
 WAVE_TILE = 4096
@@ -286,9 +292,11 @@ def apply_band_reflectors(W: Tensor, Z: Tensor, b: int, columns: int | None = No
                           schedule: str | None = None) -> Tensor:
     """``Z ← Q₂ Z`` in place for ``Z`` ``(B, n, k)``, with ``Q₂`` the product of the reflectors
     :func:`band_to_tridiag` kept in ``W``: ``Q₂ᵀ S Q₂`` is the tridiagonal matrix it returned.
-    ``columns``: of ``Z`` a program; ``schedule``: as :func:`band_to_tridiag`'s (the reflectors of one
-    time step of the wave touch disjoint rows, so they are applied together)."""
-    schedule = SCHEDULE if schedule is None else schedule
+    ``columns``: of ``Z`` a program; ``schedule``: one of :data:`SCHEDULES`, whichever stage 2 ran
+    (the reflectors of one time step of the wave touch disjoint rows, so they are applied together);
+    by default ``'wave'`` from :data:`WAVE_BACK_MIN_N` rows on, else ``'sweeps'``."""
+    if schedule is None:
+        schedule = "wave" if Z.shape[1] >= WAVE_BACK_MIN_N else "sweeps"
     if schedule not in SCHEDULES:
         raise ValueError(f"metalcore apply_band_reflectors: schedule must be one of {SCHEDULES}; got {schedule!r}")
     B, n, k = Z.shape

@@ -45,8 +45,10 @@ from metalcore.linalg.qr_blocked import factor_block
 from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 
 # Width of the band between stages 1 and 2. Stage 2 runs n²/(2b) steps of a 2b × b window (16
-# windows of 16² a register tile in its wave), stage 1 n/b panels of b columns (rank-b GEMMs, ~6
-# launches each: 32 would halve them). 16 is predicted, not yet timed on a GPU (bench/linalg.md).
+# windows of 16² a register tile in its wave), stage 1 n/b panels of b columns. H100, fp32, GPU ms
+# of a whole call with vectors, b = 16 against 32: 5.3 / 5.5 at 64×256², 10.2 / 15.5 at 16×512²,
+# 36.7 / 57.9 at 8×1024² (32's stage 2 is 2-2.4× slower; its halved launch count no longer matters
+# under the CUDA graph; bench/linalg.md).
 BAND = 16
 
 
@@ -60,7 +62,10 @@ def symmetric_band(S: Tensor, b: int, keep: bool) -> list[tuple[int, Tensor, Ten
         h = n - j - b
         w = min(b, h - 1)                     # the last column of a short panel has nothing below
         P = S[:, j + b:, j:j + b]
-        _, V, T = factor_block(P[..., :w])
+        # The tall-panel kernel at every height: it forms V and T in its one launch, where the
+        # register-tile kernel that 'auto' picks for panels of ≤ 128 rows needs ~25 more for larft
+        # (host-bound: stage 1 of 64×256² took 14.7 ms with 'auto' on the H100, bench/linalg.md).
+        _, V, T = factor_block(P[..., :w], "tall")
         if w < b:
             larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
         P[..., :w].triu_()                    # R stays; the reflectors live on in V
@@ -80,7 +85,8 @@ def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, sch
     """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (float32/float64; the
     triangle ``upper`` names is read), and with ``compute_v`` their orthonormal eigenvectors as
     ``Q``'s columns (else ``Q`` is empty). ``band``: the width between stages 1 and 2; ``schedule``:
-    stage 2's (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`); ``sections``: Sturm points a
+    stage 2's and its back-transformation's (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`;
+    default: each its own, measured); ``sections``: Sturm points a
     lane in stage 3 (:func:`~metalcore.linalg.tridiag_eig_triton.tridiag_eig`)."""
     if band < 1:
         raise ValueError(f"metalcore eigh_twostage: band must be positive; got {band}")

@@ -999,6 +999,11 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
     Q = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, schedule)
     assert_lapack_ratio(residual_ratio(B.double(), Q.double() @ T.double() @ Q.double().mT, dtype), "B = Q₂ T Q₂ᵀ")
     assert_lapack_ratio(orthogonality_ratio(Q, dtype), "Q₂")
+    # The back-transformation's schedule is chosen apart from stage 2's: the other one reads the same
+    # reflectors and applies them in another order of disjoint steps, to rounding.
+    other = "sweeps" if schedule == "wave" else "wave"
+    Q_other = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, other)
+    assert (Q_other - Q).abs().max() <= 8 * torch.finfo(dtype).eps
     d2, e2, none = band_to_tridiag(B.tril() + torch.full_like(B, 7.0).triu(1), b, False, schedule)
     assert none is None and torch.equal(d2, d) and torch.equal(e2, e)
     if b == 1:

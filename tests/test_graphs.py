@@ -1,0 +1,57 @@
+"""CUDA-graph replay of launch-bound paths (metalcore/_graphs.py): eager off CUDA; on CUDA, replays
+that equal the eager call on new data, from another stream, and at most MAX_GRAPHS graphs kept."""
+
+import pytest
+import torch
+
+from metalcore import _graphs
+
+
+def test_replay_runs_eagerly_off_cuda():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return (x * 2,)
+
+    x = torch.arange(4.0)
+    (y,) = _graphs.replay("cpu-case", fn, x)
+    assert torch.equal(y, x * 2) and len(calls) == 1 and calls[0] is x
+    assert not _graphs._graphs
+
+
+@pytest.fixture
+def fresh_graphs(monkeypatch):
+    _graphs.clear()
+    yield
+    _graphs.clear()
+
+
+@pytest.mark.gpu
+def test_gpu_replay_equals_the_eager_call_on_new_data(fresh_graphs, device):
+    """Captured on the first call, replayed on the next ones: each replay sees its own inputs (copied
+    into the static buffers) and returns outputs the next replay does not overwrite."""
+    def fn(A, b):
+        return (torch.linalg.solve(A @ A.mT + torch.eye(8, device=A.device), b), A.sum(-1))
+
+    inputs = [(torch.randn(4, 8, 8, device=device), torch.randn(4, 8, 1, device=device)) for _ in range(3)]
+    outs = [_graphs.replay("solve-case", fn, *xs) for xs in inputs]
+    assert len(_graphs._graphs) == 1
+    for xs, out in zip(inputs, outs):
+        for got, want in zip(out, fn(*xs)):
+            torch.testing.assert_close(got, want)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        from_side = _graphs.replay("solve-case", fn, *inputs[0])
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(from_side[0], outs[0][0])
+
+
+@pytest.mark.gpu
+def test_gpu_replay_keeps_at_most_max_graphs(fresh_graphs, device, monkeypatch):
+    monkeypatch.setattr(_graphs, "MAX_GRAPHS", 2)
+    for n in (3, 4, 5):
+        (y,) = _graphs.replay("cap-case", lambda x: (x + 1,), torch.zeros(n, device=device))
+        assert torch.equal(y.cpu(), torch.ones(n))
+    assert [key[1][0] for key in _graphs._graphs] == [torch.Size([4]), torch.Size([5])]
