@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--skip", default="", help="variants not to run, comma-separated (e.g. torch)")
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--cases", help="batch x n : dtype, comma-separated (e.g. 64x256:float32)")
+    ap.add_argument("--no-stages", action="store_true", help="no per-stage GPU times")
     ap.add_argument("--profile", action="store_true", help="host ms, kernel count and top kernels a band (CUDA)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -177,7 +178,7 @@ def main():
                       "host_ms": round(host, 3), "kernels": count},
                      f"profile {batch:>4}x{n:<5} {dt:8} b={b:<3} vectors={compute_v}: host {host:.3f} ms, "
                      f"{count} kernels\n{table}")
-        for b in bands:
+        for b in () if args.no_stages else bands:
             row = {"section": "stages", "band": b, "batch": batch, "n": n, "dtype": dt}
             try:
                 row.update(stages(data["random"], b, device))
