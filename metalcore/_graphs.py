@@ -25,14 +25,16 @@ intermediates of one call), so at most :data:`MAX_GRAPHS` are kept, least recent
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
 
-# Replay on CUDA (False: every call eager, e.g. to time the host side).
-ENABLED = True
+# Replay on CUDA; ``METALCORE_CUDA_GRAPHS=0`` (read at import) or False here: every call eager (to
+# time the host side, or to keep the graphs' memory pools free).
+ENABLED = os.environ.get("METALCORE_CUDA_GRAPHS", "1") != "0"
 # Graphs kept, each with its pool: ~10 inputs' worth for eigh_twostage (340 MB at 8×1024² fp32).
 MAX_GRAPHS = 8
 

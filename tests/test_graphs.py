@@ -21,7 +21,7 @@ def test_replay_runs_eagerly_off_cuda():
 
 
 @pytest.fixture
-def fresh_graphs(monkeypatch):
+def fresh_graphs():
     _graphs.clear()
     yield
     _graphs.clear()
