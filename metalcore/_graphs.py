@@ -15,7 +15,9 @@ another stream wait until the previous replay's outputs are copied out.
 
 Contract of ``fn``: tensors in, a tuple of tensors out; no host synchronisation and no host-side
 control flow that depends on tensor values (a capture would record one branch). A capture that
-fails falls back to the eager call for that key from then on.
+fails falls back to the eager call for that key from then on. The cache has no lock: host threads
+that call the same path on the same shapes at once can interleave their copies into the one set of
+static buffers, so such programs set ``METALCORE_CUDA_GRAPHS=0``.
 
 Cost: the first call runs ``fn`` twice (a warm-up outside capture that compiles kernels and sets up
 cuBLAS's workspaces, then the capture) and replays once. Each graph keeps its own memory pool (the

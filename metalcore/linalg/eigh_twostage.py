@@ -47,8 +47,8 @@ from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 # Width of the band between stages 1 and 2. Stage 2 runs n²/(2b) steps of a 2b × b window (16
 # windows of 16² a register tile in its wave), stage 1 n/b panels of b columns. H100, fp32, GPU ms
 # of a whole call with vectors, b = 16 against 32: 5.3 / 5.5 at 64×256², 10.2 / 15.5 at 16×512²,
-# 36.7 / 57.9 at 8×1024² (32's stage 2 is 2-2.4× slower; its halved launch count no longer matters
-# under the CUDA graph; bench/linalg.md).
+# 36.7 / 57.9 at 8×1024² (32's stage 2 is 2-2.4× slower; halving the panels' launches helps only
+# the eager call's host time, which the op's CUDA graph removes; bench/linalg.md).
 BAND = 16
 
 
