@@ -39,6 +39,10 @@ from torch import Tensor
 ENABLED = os.environ.get("METALCORE_CUDA_GRAPHS", "1") != "0"
 # Graphs kept, each with its pool: ~10 inputs' worth for eigh_twostage (340 MB at 8×1024² fp32).
 MAX_GRAPHS = 8
+# Larger inputs (elements, all inputs together) run eagerly: their GPU time outgrows the host's
+# (8×1024² eigh, 8.4M elements: 36.7 ms of GPU against 39 ms of host; 64×1024² would be ~4× the GPU
+# time for the same launches), and a pool of ~10 inputs' worth would hold gigabytes.
+MAX_ELEMENTS = 1 << 24
 
 _graphs: OrderedDict[Hashable, tuple] = OrderedDict()
 _failed: set[Hashable] = set()
@@ -59,9 +63,10 @@ def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...]) 
 
 def replay(key: Hashable, fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
     """``fn(*inputs)``, through a CUDA graph captured for ``key`` and the inputs' shapes and dtypes when
-    they are on a CUDA device (eagerly elsewhere, while :data:`ENABLED` is False, or inside another
-    capture)."""
-    if not ENABLED or inputs[0].device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    they are on a CUDA device (eagerly elsewhere, above :data:`MAX_ELEMENTS`, while :data:`ENABLED` is
+    False, or inside another capture)."""
+    if (not ENABLED or inputs[0].device.type != "cuda" or sum(t.numel() for t in inputs) > MAX_ELEMENTS
+            or torch.cuda.is_current_stream_capturing()):
         return fn(*inputs)
     full = (key, *((t.shape, t.dtype, t.device) for t in inputs))
     if full in _failed:

@@ -50,8 +50,10 @@ def test_gpu_replay_equals_the_eager_call_on_new_data(fresh_graphs, device):
 
 @pytest.mark.gpu
 def test_gpu_replay_keeps_at_most_max_graphs(fresh_graphs, device, monkeypatch):
+    """The least recently used graph goes first; inputs above MAX_ELEMENTS are never captured."""
     monkeypatch.setattr(_graphs, "MAX_GRAPHS", 2)
-    for n in (3, 4, 5):
+    monkeypatch.setattr(_graphs, "MAX_ELEMENTS", 5)
+    for n in (3, 4, 5, 6):
         (y,) = _graphs.replay("cap-case", lambda x: (x + 1,), torch.zeros(n, device=device))
         assert torch.equal(y.cpu(), torch.ones(n))
     assert [key[1][0] for key in _graphs._graphs] == [torch.Size([4]), torch.Size([5])]
