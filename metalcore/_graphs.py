@@ -7,14 +7,16 @@ Why: the two-stage eigh (:mod:`metalcore.linalg.eigh_twostage`) issues 323 kerne
 host-bound (bench/linalg.md, "two-stage eigh above 128: first H100 run"). Replaying a captured graph
 costs one launch and the copies in and out.
 
-:func:`replay` captures ``fn`` once per key and input shapes, dtypes and device, on a static copy of
-the inputs, and replays it on later calls: inputs copied into the static buffers, one
+:func:`replay` captures ``fn`` once per function, options, and input shapes, dtypes and device, on a
+static copy of the inputs, and replays it on later calls: inputs copied into the static buffers, one
 ``graph.replay()``, outputs cloned (the graph writes them again on its next replay). Everything is
 ordered on the caller's current stream; an event recorded after the output clones makes a call from
 another stream wait until the previous replay's outputs are copied out.
 
-Contract of ``fn``: tensors in, a tuple of tensors out; no host synchronisation and no host-side
-control flow that depends on tensor values (a capture would record one branch). A capture that
+Contract of ``fn``: tensors in, plus hashable options by keyword; a tuple of tensors out; no host
+synchronisation and no host-side control flow that depends on tensor values (a capture would record
+one branch). ``fn`` and the options are part of the key, so callers pass a module-level function,
+not a closure made per call. A capture that
 fails falls back to the eager call for that key from then on. The cache has no lock: host threads
 that call the same path on the same shapes at once can interleave their copies into the one set of
 static buffers, so such programs set ``METALCORE_CUDA_GRAPHS=0``.
@@ -48,37 +50,37 @@ _graphs: OrderedDict[Hashable, tuple] = OrderedDict()
 _failed: set[Hashable] = set()
 
 
-def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...]) -> tuple:
+def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...], options: dict) -> tuple:
     static = tuple(t.clone(memory_format=torch.contiguous_format) for t in inputs)
     side = torch.cuda.Stream(device=static[0].device)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn(*static)
+        fn(*static, **options)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn(*static)
+        out = fn(*static, **options)
     return graph, static, out, torch.cuda.Event()
 
 
-def replay(key: Hashable, fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Tensor, ...]:
-    """``fn(*inputs)``, through a CUDA graph captured for ``key`` and the inputs' shapes and dtypes when
-    they are on a CUDA device (eagerly elsewhere, above :data:`MAX_ELEMENTS`, while :data:`ENABLED` is
-    False, or inside another capture)."""
+def replay(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor, **options: Hashable) -> tuple[Tensor, ...]:
+    """``fn(*inputs, **options)``, through a CUDA graph captured for ``fn``, ``options`` and the inputs'
+    shapes and dtypes when they are on a CUDA device (eagerly elsewhere, above :data:`MAX_ELEMENTS`,
+    while :data:`ENABLED` is False, or inside another capture)."""
     if (not ENABLED or inputs[0].device.type != "cuda" or sum(t.numel() for t in inputs) > MAX_ELEMENTS
             or torch.cuda.is_current_stream_capturing()):
-        return fn(*inputs)
-    full = (key, *((t.shape, t.dtype, t.device) for t in inputs))
+        return fn(*inputs, **options)
+    full = ((fn, tuple(sorted(options.items()))), *((t.shape, t.dtype, t.device) for t in inputs))
     if full in _failed:
-        return fn(*inputs)
+        return fn(*inputs, **options)
     entry = _graphs.get(full)
     if entry is None:
         try:
             with torch.cuda.device(inputs[0].device):
-                entry = _capture(fn, inputs)
+                entry = _capture(fn, inputs, options)
         except RuntimeError:
             _failed.add(full)
-            return fn(*inputs)
+            return fn(*inputs, **options)
         _graphs[full] = entry
         while len(_graphs) > MAX_GRAPHS:
             _graphs.popitem(last=False)

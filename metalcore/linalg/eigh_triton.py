@@ -263,8 +263,7 @@ def _twostage_supported(A: Tensor) -> bool:
 def _eigh_twostage_path(A, UPLO, compute_v):
     # Replayed as a CUDA graph from the second call on: ~200-900 launches a call made it host-bound
     # (64×256² fp32: 10.9 ms of host time against 5.3 ms of GPU time, H100; bench/linalg.md).
-    upper = UPLO == "U"
-    return replay(("eigh_twostage", upper, compute_v), lambda A: eigh_twostage(A, upper, compute_v), A)
+    return replay(eigh_twostage, A, upper=UPLO == "U", compute_v=compute_v)
 
 
 @eigh_op.implement("triton", supports=lambda A, UPLO, compute_v: _jacobi_supported(A) or _cusolver_supported(A),
