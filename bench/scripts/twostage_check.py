@@ -133,8 +133,8 @@ def main():
             print(f"{batch}x{n} {dtype}: SKIPPED (past --max-seconds)", flush=True)
             continue
         data = {k: S.to(dtype) for k, (_, S) in inputs(batch, n, device).items()}
-        # A Shampoo-like Gram matrix of rank n/4: an eigenvalue 0 of multiplicity 3n/4, one cluster
-        # that stage 3's Gram-Schmidt walks lane by lane (O(m² n) in one program a matrix).
+        # A Shampoo-like Gram matrix of rank n/4: an eigenvalue 0 of multiplicity 3n/4, which stage 3
+        # serves from the blocks of the split T (one cluster of 3n/4 lanes for Gram-Schmidt before).
         G = torch.randn(batch, n, n // 4, dtype=torch.float64, device=device)
         data["lowrank"] = (G @ G.mT).to(dtype)
         variants = []

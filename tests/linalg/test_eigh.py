@@ -1146,10 +1146,50 @@ def test_tridiag_eig_cluster_straddles_a_block_edge(dtype, triton_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
+def test_tridiag_eig_one_cluster_of_36_unsplit(dtype, triton_backend):
+    """36 eigenvalues within ~2e-4 of 0.3 (closer than ORTOL_N / n = 0.007) and off-diagonals 1e-5 to
+    2e-5, above the split tolerance: one cluster across 5 blocks of lanes, Gram-Schmidt in 3 blocks of
+    16 (two projections by tl.dot)."""
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    torch.manual_seed(6)
+    d = (0.3 + 1e-5 * torch.randn(1, 36)).double()
+    e = 1e-5 * (1.0 + torch.rand(1, 36, dtype=torch.float64))
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    assert float(lam[0, -1] - lam[0, 0]) < 0.25 / 36, "one cluster"
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"one cluster of 36 {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tridiag_eig_splits_at_rounding_level_off_diagonals(dtype, triton_backend):
+    """The tridiagonal form of a rank-deficient matrix: an eigenvalue 0 of multiplicity 24 whose rows
+    are coupled by off-diagonals of a few ε (what the reduction leaves), beside a random block of 16,
+    in shuffled order. T splits there (split_blocks), so each zero's vector lies on its own block's
+    rows, without a cluster of 24 to orthogonalise; the eigenvalues are T's to LAPACK's ratios."""
+    from metalcore.linalg.tridiag_eig_triton import segments, split_blocks, tridiag_eig
+    torch.manual_seed(7)
+    n, eps = 40, torch.finfo(dtype).eps
+    d = torch.zeros(1, n, dtype=torch.float64)
+    e = 3 * eps * torch.randn(1, n, dtype=torch.float64)
+    rows = torch.randperm(n - 15)[:2].sort().values     # two random blocks of 8 among the zeros
+    for r in rows + torch.tensor([0, 8]):
+        d[0, r:r + 8] = torch.randn(8, dtype=torch.float64)
+        e[0, r:r + 7] = torch.rand(7, dtype=torch.float64) + 0.5
+    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    assert_tridiag_eig(d, e, lam, Z, dtype, f"zeros split by {e[0, 0]:.1e}-size off-diagonals {dtype}")
+    scaled = (e / torch.maximum(d.abs().amax(), e[:, :-1].abs().amax())).to(dtype)
+    first, last = segments(split_blocks(scaled, eps))
+    assert int((first == last).sum()) >= 24, "every zero row its own block"
+    support = Z[0].abs() > 0
+    rows_of = torch.arange(n)[:, None].expand(n, n)
+    lo = torch.where(support, rows_of, n).amin(0)
+    hi = torch.where(support, rows_of, -1).amax(0)
+    assert torch.equal(first[0, lo], first[0, hi]), "each vector on one block's rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
 def test_tridiag_eig_zero_and_extreme_scales(dtype, triton_backend):
-    """The zero matrix: eigenvalues exactly 0 (not bisection's ±pivmin), orthonormal vectors (one cluster
-    of 36 across 5 blocks of lanes, Gram-Schmidt in 3 blocks of 16: two projections by tl.dot). T
-    scaled by 1e30 and 1e-30 (its squares over- and underflow fp32)."""
+    """The zero matrix: eigenvalues exactly 0 (not bisection's ±pivmin), the unit vectors (T splits
+    at every row). T scaled by 1e30 and 1e-30 (its squares over- and underflow fp32)."""
     from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     zero = torch.zeros(1, 36, dtype=dtype)
     lam, Z = tridiag_eig(zero, zero, True, lanes=8, sections=FAST)
