@@ -105,7 +105,8 @@ CLUSTER_BLOCK = 16
 # Off-diagonals at most SPLIT · √n · ε (T scaled to entries at most 1) split T into blocks
 # (split_blocks). The tolerance trades LAPACK's residual ratio (+SPLIT/√n) for splits of off-diagonals
 # that rounding left nonzero; the largest of those on rank-n/4 Gram input through the two-stage
-# reduction (fp32, interpreter): 9.5 ε at n = 256, 8.2 ε at 512, then a gap to 1.4e6 ε or more.
+# reduction (fp32, interpreter): 9.5 ε at n = 256, 8.2 ε at 512, 8.7 ε at 1024, then a gap to 1.4e6 ε
+# or more.
 SPLIT = 2.0
 
 
