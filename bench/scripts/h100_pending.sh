@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The device calls queued for the next session with a GPU, in order (each ~5-9 minutes on an H100,
+# inside the device tool's 10-minute limit). Run from the repository root with $OUT set:
+#
+#     bash bench/scripts/h100_pending.sh 1      # issue 18: CUDA-graph replay, two-stage eigh, eigh sweep
+#     bash bench/scripts/h100_pending.sh 2      # issue 17 v23: the split back-transformation
+#
+# What each call settles is written in bench/linalg.md ("two-stage eigh above 128: first H100 runs",
+# "stage 3 splits T") and bench/linalg_triton.md (v23). Logs and JSON land in $OUT.
+set -uo pipefail
+: "${OUT:?set OUT to the folder that receives the logs}"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+case "${1:-}" in
+1)
+    # GPU tests of the graph replay and of the two-stage path at full size (random, rank n/4, κ 1e6).
+    timeout 200 python -m pytest -q -x tests/test_graphs.py tests/linalg/test_eigh.py \
+        -k "graphs or (gpu_eigh_path_full_size and twostage)" 2>&1 | tail -15 | tee "$OUT/tests.log"
+    # Wall (eager and replayed) and GPU ms, host ms and kernel counts, rank-n/4 input beside random.
+    timeout 240 python bench/scripts/twostage_check.py --bands 16 --no-stages --profile \
+        --skip torch --cases 64x256:float32,16x512:float32,8x1024:float32,64x256:float64 \
+        --out "$OUT" 2>&1 | tee "$OUT/twostage.log" | tail -40
+    # The selection sweep above 128, so that automatic selection can take the path where it wins.
+    timeout 120 python -m metalcore.bench --device cuda --selection --ops eigh --dtypes float32,float64 \
+        --sizes 256,512,1024 2>&1 | grep -E "size=|wrote|Error" | tee "$OUT/selection-eigh.log" | tail -30
+    cp metalcore/_tables/*.json "$OUT/"
+    ;;
+2)
+    # v23: split-16 / split-32 beside the in-kernel back-transformation; then the GPU tests.
+    timeout 240 python bench/scripts/tridiag_stages.py 2>&1 | tee "$OUT/tridiag-stages.log" | tail -40
+    timeout 150 python -m pytest -q -x tests/linalg/test_eigh.py tests/linalg/test_svd.py \
+        -k "gpu and (tridiag or bidiag)" 2>&1 | tail -10 | tee "$OUT/tests.log"
+    timeout 180 python bench/scripts/batched_eigh_svd_check.py --tridiag --no-hang --out "$OUT" 2>&1 \
+        | tee "$OUT/tridiag.log" | tail -30
+    ;;
+*)
+    echo "usage: bash bench/scripts/h100_pending.sh 1|2" >&2
+    exit 2
+    ;;
+esac
