@@ -174,7 +174,9 @@ def sturm_multisection(D, E, length, low, high, index, passes, pivmin, SECTIONS:
     ``[low, high]``. Each pass counts the eigenvalues below ``SECTIONS`` points of every bracket —
     the negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``, a pivot
     smaller than ``pivmin`` replaced by ``−pivmin``; LAPACK ``dstebz``) — and keeps the part that
-    holds the eigenvalue."""
+    holds the eigenvalue. ``pivmin``: a ``tl.constexpr`` from the kernel (the dtype's smallest
+    normal): Triton passes a Python float argument as fp32, which makes float64's 2.2e-308 zero, and a
+    zero pivot followed by ``e = 0`` (a split ``T``) turns the rest of the recurrence into NaN."""
     left = low + tl.zeros_like(index).to(low.dtype)
     right = high + tl.zeros_like(index).to(low.dtype)
     parts = (tl.arange(0, SECTIONS) + 1).to(low.dtype) / (SECTIONS + 1)
@@ -374,8 +376,8 @@ def _reflect_kernel(R, Q, length, count, ncols, s_rb, s_qb, s_qr, s_qc, BN: tl.c
 
 
 @jit
-def _tridiag_eigh_kernel(A, L, V, R, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, pivmin, iterations, ortol,
-                         rounds, BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
+def _tridiag_eigh_kernel(A, L, V, R, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, PIVMIN: tl.constexpr,
+                         iterations, ortol, rounds, BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
                          SPLIT_BACK: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -424,7 +426,7 @@ def _tridiag_eigh_kernel(A, L, V, R, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac
         low = tl.min(tl.where(rows < n, d - radius, float("inf")), axis=0)
         high = tl.max(tl.where(rows < n, d + radius, -float("inf")), axis=0)
         # Gershgorin's interval holds every eigenvalue of T; the margin covers its own rounding.
-        pad = 4.0 * eps * tl.maximum(tl.abs(low), tl.abs(high)) + 2.0 * pivmin
+        pad = 4.0 * eps * tl.maximum(tl.abs(low), tl.abs(high)) + 2.0 * PIVMIN
         low = low - pad
         high = high + pad
         tl.debug_barrier()                                # the previous matrix's readers are done
@@ -433,7 +435,7 @@ def _tridiag_eigh_kernel(A, L, V, R, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac
         tl.debug_barrier()
 
         # 3. Multisection, lane j for the j-th smallest eigenvalue.
-        lam = sturm_multisection(DS + scratch, ES + scratch, n, low, high, rows, iterations, pivmin, SECTIONS)
+        lam = sturm_multisection(DS + scratch, ES + scratch, n, low, high, rows, iterations, PIVMIN, SECTIONS)
         # × scale, not s: the zero matrix's eigenvalues are exactly 0, not bisection's ±pivmin.
         tl.store(L + mat * n + rows, tl.where(finite, lam * (scale * unit), float("nan")), mask=rows < n)
 

@@ -52,7 +52,7 @@ from metalcore.linalg.householder_gemm import as3
 
 @jit
 def _bidiag_svd_kernel(A, S, U, V, RU, RV, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_ac, s_ur, s_uc, s_vr, s_vc,
-                       eps, pivmin, passes, ortol, rounds, BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr,
+                       eps, PIVMIN: tl.constexpr, passes, ortol, rounds, BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr,
                        WANT_UV: tl.constexpr, SPLIT_BACK: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -95,7 +95,7 @@ def _bidiag_svd_kernel(A, S, U, V, RU, RV, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s
         # Gershgorin: row 2j of T_GK holds e_{j-1} and d_j, row 2j+1 holds d_j and e_j.
         e_after = tl.sum(tl.where(cols[:, None] == cols[None, :] - 1, e[None, :], 0.0), axis=1)
         high = tl.max(tl.abs(d) + tl.maximum(tl.abs(e), tl.abs(e_after)), axis=0)
-        pad = 4.0 * eps * high + 2.0 * pivmin
+        pad = 4.0 * eps * high + 2.0 * PIVMIN
         tl.debug_barrier()                                # the previous matrix's readers are done
         tl.store(DS + scratch + tl.arange(0, 2 * BN), tl.zeros([2 * BN], dtype=d.dtype))
         tl.store(ES + scratch + 2 * cols, d)
@@ -104,7 +104,7 @@ def _bidiag_svd_kernel(A, S, U, V, RU, RV, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s
 
         # 3. Lane j: the (n + j)-th smallest eigenvalue of T_GK, the j-th smallest singular value.
         sigma = sturm_multisection(DS + scratch, ES + scratch, 2 * n, -pad, high + pad, n + cols, passes,
-                                   pivmin, SECTIONS)
+                                   PIVMIN, SECTIONS)
         sigma = tl.maximum(sigma, 0.0)
         tl.store(S + mat * n + (n - 1 - cols), tl.where(finite, sigma * (scale * unit), float("nan")), mask=cols < n)
 

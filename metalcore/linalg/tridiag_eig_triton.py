@@ -140,20 +140,20 @@ def _block_multisection(D, E, first, last, low, high, index, passes, pivmin, SEC
 
 
 @jit
-def _values_kernel(D, E, FIRST_ROW, LAST_ROW, LOW, HIGH, PIVMIN, LS, n, passes, LANES: tl.constexpr,
-                   SECTIONS: tl.constexpr):
+def _values_kernel(D, E, FIRST_ROW, LAST_ROW, LOW, HIGH, LS, n, passes, PIVMIN: tl.constexpr,
+                   LANES: tl.constexpr, SECTIONS: tl.constexpr):
     """Program ``(matrix, block)``: for the lanes ``j = block · LANES + [0, LANES)``, the
     ``(j − FIRST_ROW[j])``-th eigenvalue of the diagonal block of rows ``FIRST_ROW[j] … LAST_ROW[j]``
     of the scaled, split ``T`` (diagonal at ``D``, off-diagonal at ``E``, rows of ``n``) inside
     ``[LOW, HIGH]`` into ``LS``: each block's eigenvalues, ascending, at its own rows. ``PIVMIN``: the
-    smallest pivot, a tensor so that it keeps its float64 value (a Python float argument is fp32)."""
+    smallest pivot (see :func:`~metalcore.linalg.eigh_tridiag_triton.sturm_multisection`)."""
     mat = tl.program_id(0).to(tl.int64)
     index = tl.program_id(1) * LANES + tl.arange(0, LANES)
     lane = tl.minimum(index, n - 1)
     first = tl.load(FIRST_ROW + mat * n + lane)
     last = tl.load(LAST_ROW + mat * n + lane)
     lam = _block_multisection(D + mat * n, E + mat * n, first, last, tl.load(LOW + mat), tl.load(HIGH + mat),
-                              lane - first, passes, tl.load(PIVMIN), SECTIONS)
+                              lane - first, passes, PIVMIN, SECTIONS)
     tl.store(LS + mat * n + index, lam, mask=index < n)
 
 
@@ -472,11 +472,9 @@ def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, secti
     radius[:, 1:] += E[:, :-1].abs()
     low, high = (D - radius).amin(1), (D + radius).amax(1)
     pad = 4.0 * finfo.eps * torch.maximum(low.abs(), high.abs()) + 2.0 * finfo.tiny
-    pivmin = torch.full((1,), finfo.tiny, dtype=dt, device=dev)
     LS = torch.empty_like(D)
-    _values_kernel[(nb, blocks)](D, E, first_row, last_row, low - pad, high + pad, pivmin, LS, n,
-                                 passes(dt, sections), LANES=lanes, SECTIONS=sections,
-                                 num_warps=warps(lanes * sections))
+    _values_kernel[(nb, blocks)](D, E, first_row, last_row, low - pad, high + pad, LS, n, passes(dt, sections),
+                                 PIVMIN=finfo.tiny, LANES=lanes, SECTIONS=sections, num_warps=warps(lanes * sections))
     # LS holds each block's eigenvalues at its rows: ascending within a block, not across blocks.
     ascending, order = LS.sort(1)
     # × scale, not s: the zero matrix's eigenvalues are exactly 0, not bisection's ±pivmin.

@@ -1215,6 +1215,23 @@ def test_tridiag_eig_nan_stays_in_its_matrix(dtype, triton_backend):
     assert_tridiag_eig(d[[0, 3]], e[[0, 3]], lam[[0, 3]], Z[[0, 3]], dtype, f"finite matrices beside NaN {dtype}")
 
 
+def test_sturm_kernels_take_the_smallest_pivot_as_a_constexpr(triton_backend):
+    """A Python float argument reaches a compiled Triton kernel as fp32, where float64's smallest
+    normal (2.2e-308) is 0: a zero pivot then stays zero, and with ``e = 0`` after it (a split T) the
+    rest of the Sturm recurrence is NaN. As a constexpr it is compiled in as a float64 constant
+    (checked in the sm_90 PTX, bench/linalg_triton.md). The interpreter keeps Python floats as
+    float64, so only the signature can be checked here."""
+    import inspect
+
+    import triton.language as tl
+
+    from metalcore.linalg import eigh_tridiag_triton, svd_bidiag_triton, tridiag_eig_triton
+    for kernel in (eigh_tridiag_triton._tridiag_eigh_kernel, svd_bidiag_triton._bidiag_svd_kernel,
+                   tridiag_eig_triton._values_kernel):
+        parameters = inspect.signature(kernel.fn).parameters
+        assert parameters["PIVMIN"].annotation in (tl.constexpr, "tl.constexpr"), kernel.fn.__name__
+
+
 def test_tridiag_eig_rejects_bad_arguments(triton_backend):
     from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     d = torch.randn(2, 5)
