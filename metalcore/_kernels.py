@@ -42,6 +42,7 @@ METAL_MODULES: tuple[str, ...] = (
     "metalcore.linalg.qr_metal",
     "metalcore.linalg.householder_metal",
     "metalcore.linalg.eigh_metal",
+    "metalcore.linalg.eigh_twostage_metal",
     "metalcore.linalg.svd_metal",
     "metalcore.linalg.syrk_metal",
 )

@@ -515,12 +515,13 @@ def test_a_kernels_batch_limit_splits_its_launches(monkeypatch):
 # --- the kernel module list ------------------------------------------------------------------------
 
 def test_the_kernel_module_list_matches_the_files():
-    """Every ``<op>_triton.py`` / ``<op>_metal.py`` that plugs a kernel in (``.implement(``) is
-    loaded, and every listed module exists; private helpers (``_small_triton.py``) are not listed."""
+    """Every ``<op>_triton.py`` / ``<op>_metal.py`` that plugs a kernel or an alternative path in
+    (``.implement(``, ``@register_path(``) is loaded, and every listed module exists; private
+    helpers (``_small_triton.py``) are not listed."""
     for suffix, listed in (("triton", _kernels.TRITON_MODULES), ("metal", _kernels.METAL_MODULES)):
         found = set()
         for path in ROOT.rglob(f"*_{suffix}.py"):
-            if path.name.startswith("_") or not re.search(r"\.implement\(", path.read_text()):
+            if path.name.startswith("_") or not re.search(r"\.implement\(|@register_path\(", path.read_text()):
                 continue
             found.add("metalcore." + ".".join(path.relative_to(ROOT).with_suffix("").parts))
         assert found == set(listed), f"{suffix}: missing {sorted(found - set(listed))}, " \

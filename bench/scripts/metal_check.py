@@ -1,6 +1,6 @@
 """One Mac call for the Metal shaders of RoPE, gram_poly (syrk), the Householder primitives,
-cholesky_solve, the blocked QR with tall-panel shaders (its panel width ``NB`` swept) and the svd
-route to svd_large: each
+cholesky_solve, the blocked QR with tall-panel shaders (its panel width ``NB`` swept), the svd
+route to svd_large and the two-stage eigh path: each
 op's accuracy at full size against float64 on the CPU, and its time against the reference backend
 (plain torch on MPS; where torch lacks the op on MPS, torch on the CPU, marked ``peer@cpu``) in the
 same process, medians with warm-up (metalcore.bench.timing: ``torch.mps.synchronize`` around each
@@ -257,8 +257,37 @@ def check_svd_large(state, timer, dev, tiny):
         yield row
 
 
+def check_eigh_twostage(state, timer, dev, tiny):
+    """The two-stage eigh path (forced: it is not automatic on Metal) against the reference, random
+    symmetric float32 input; the time decides whether a measured table should pick it."""
+    from metalcore import _selection
+    from metalcore.linalg.eigh import eigh_op
+    shapes = [(2, 70)] if tiny else [(64, 128), (64, 256), (16, 512), (8, 1024)]
+    for b, n in shapes:
+        X = torch.randn(b, n, n, device=dev)
+        A = X + X.mT
+        where = peer_device(dev, lambda: eigh_op(A, "L", True))
+        Ap = A if where == dev.type else A.cpu()
+
+        def ours():
+            with _selection.use_path("eigh", "twostage"):
+                return eigh_op(A, "L", True)
+
+        L, Q = _in_backend("metal", ours)
+        A64, L64, Q64 = A.double().cpu(), L.double().cpu(), Q.double().cpu()
+        scale = fro(A64)
+        eye = torch.eye(n, dtype=torch.float64)
+        ratios = {"residual": (fro(A64 @ Q64 - Q64 * L64.unsqueeze(-2)) / (scale * n * EPS)).max().item(),
+                  "orthogonality": (fro(Q64.mT @ Q64 - eye) / (n * EPS)).max().item(),
+                  "values": ((L64 - torch.linalg.eigvalsh(A64)).abs().amax(-1) / (scale * n * EPS)).max().item()}
+        row = {"case": f"eigh twostage {b}x{n}x{n}", "lapack_ratios": ratios, "ok": max(ratios.values()) <= 30}
+        row.update(timed(timer, ours, lambda: eigh_op(Ap, "L", True), where))
+        yield row
+
+
 SECTIONS = {"rope": check_rope, "gram_poly": check_gram, "householder": check_householder,
-            "cholesky_solve": check_cholesky_solve, "qr_large": check_qr_large, "svd_large": check_svd_large}
+            "cholesky_solve": check_cholesky_solve, "qr_large": check_qr_large, "svd_large": check_svd_large,
+            "eigh_twostage": check_eigh_twostage}
 
 
 def main():

@@ -42,8 +42,6 @@ time steps backwards, each time step's reflectors (disjoint rows) together.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +49,7 @@ from torch import Tensor
 
 from metalcore._triton import helper, jit
 from metalcore.linalg.eigh_tridiag_triton import reflector
+from metalcore.linalg.eigh_twostage import reflector_steps
 
 
 @jit
@@ -172,11 +171,6 @@ def _band_wave_kernel(A, D, E, W, C, n, b, steps, slots, s_ab, s_ar, s_ac, BB: t
     e = tl.load(base + (i + 1) * s_ar + i * s_ac, mask=i < n - 1, other=0.0)
     tl.store(D + mat * n + i, d, mask=i < n)
     tl.store(E + mat * n + i, e, mask=i < n)
-
-
-def reflector_steps(n: int, b: int) -> int:
-    """Steps of the longest sweep, the first: ``⌈(n − 2)/b⌉`` reflectors of length ≥ 2."""
-    return max(1, math.ceil((n - 2) / b))
 
 
 # Stage 2's schedule. 'wave': one launch runs every sweep in flight at once, a step of each a time

@@ -23,7 +23,7 @@ cuSOLVER's 0.38).
    eigenvalue inside Gershgorin's interval; ``count(x)``, the number of eigenvalues below ``x``, is
    the number of negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``,
    a pivot smaller than ``pivmin`` replaced by ``−pivmin``). Each step halves every lane's bracket;
-   :data:`BITS` halvings take Gershgorin's width (≤ 3 after scaling) below ``ε``; with several
+   :data:`~metalcore.linalg.tridiag_host.BITS` halvings take Gershgorin's width (≤ 3 after scaling) below ``ε``; with several
    points a lane (multisection, :data:`SECTIONS`) each pass of the recurrence does several.
 4. **Inverse iteration** (LAPACK ``stein``): lane j solves ``(T − λ_j I) x = z`` through the
    ``L D Lᵀ`` factors of the Sturm recurrence, twice (:data:`ROUNDS`), from pseudo-random vectors,
@@ -53,21 +53,15 @@ from torch import Tensor
 
 from metalcore._triton import helper, jit, program_slots
 from metalcore.linalg._small_triton import MAX_N, block, stack_strides, warps
+from metalcore.linalg import tridiag_host
 from metalcore.linalg.householder_gemm import as3
+from metalcore.linalg.tridiag_host import ORTOL_N, ROUNDS, passes
 
-# Bisection steps by dtype: Gershgorin's width after scaling is at most 3 (|d| ≤ 1, |e| ≤ 1 on both
-# sides), and 3·2⁻²⁷ < ε(fp32) = 1.2e-7, 3·2⁻⁵⁴ < ε(fp64) = 2.2e-16; one more step of margin each.
-BITS = {torch.float32: 28, torch.float64: 55}
 # Multisection: with a program or fewer an SM, the Sturm recurrence's n dependent steps a pass are
 # the latency, and 8 points a lane (9 parts a pass, 3.17 bits) take 9 passes instead of 28 in fp32
 # for 8 times the divisions, which idle lanes absorb. With many programs an SM the divisions are the
 # throughput, and bisection's 28 × 1 is cheapest.
 SECTIONS = 8
-
-
-def passes(dtype: torch.dtype, sections: int) -> int:
-    """Passes of the Sturm recurrence that narrow every bracket by 2^BITS[dtype]."""
-    return math.ceil(BITS[dtype] / math.log2(sections + 1))
 
 
 def chain_warps(rows: int, cols: int, nb: int, device: torch.device, dtype: torch.dtype, vectors: bool) -> int:
@@ -102,34 +96,11 @@ def schedule(nb: int, device: torch.device, num_warps: int, programs: int | None
     return programs, sections
 
 
-# Inverse iteration (the vectors). One solve with T − λ_j I leaves in lane j's vector a component
-# ~ε‖T‖/gap along each neighbour's eigenvector, whatever the rounds: rounding in the solve. Eigenvalues
-# closer than ORTOL_N / n (T scaled to entries at most 1) therefore form a cluster whose vectors are
-# orthogonalised against each other, which keeps every other pair's ε/gap below 4·n·ε: LAPACK's
-# orthogonality ratio ≲ 4 where stein's fixed 1e-3 of the norm measured 47 on one 13² fp32 matrix.
-# Each of the ROUNDS rounds is one solve from the last round's vectors, the first from SEED's
-# pseudo-random ones. One round is not enough even without clusters: a pivot floored at ε caps the
-# gain at ~1/ε, and one round left LAPACK's ratios at 28-600 on 24 matrices of 13² and 40² (interpreter);
-# two rounds gave ≤ 3.4.
-ORTOL_N = 0.25
-ROUNDS = 2
-# Shifts. Eigenvalues closer than bisection's error (a multiple eigenvalue, rounded to a spread of a
-# few ε) are matched to their lanes at random: a lane's λ_j may sit 1e-3 of the cluster's width from
-# one eigenvalue and 1e-1 from another, so its solve amplifies the first 100 times more. After
-# Gram-Schmidt the last lanes of such a cluster keep a short remainder whose rounding (ε of the
-# solve's norm) and outside share (width/gap) normalisation magnifies: orthogonality ratios up to
-# 2400 and residuals up to 340 on ~1% of the rank and cluster families' 64² matrices (H100, fp32 and
-# fp64; bench/scripts/tridiag_vectors_replica.py shows them on the CPU). So each group of eigenvalues
-# whose neighbours are within TIGHT·ε shares one shift, max(width, 8ε) beside the group on its side
-# of larger gap: every vector of the group is then amplified within a factor 2 of the others. Its
-# share of the nearest eigenvalue outside, (width + offset)/distance a solve, must reach ~ε in ROUNDS
-# solves, so a group whose neighbours are closer than that (RHO·√ε) keeps its own eigenvalues. In
-# the replica over 6,500 matrices of 5 families, n = 13-128: 0 ratios above 30 in fp32 and fp64 (13
-# and 9 before), the same at TIGHT = 1024; on the H100 0 of 54 family × size cells
-# (bench/linalg_triton.md, v18).
-TIGHT = tl.constexpr(16.0)
-RHO = tl.constexpr(8.0)
-SEED = tl.constexpr(20261207)
+# The vectors' accuracy design and its measurements: metalcore/linalg/tridiag_host.py (shared with the
+# Metal shaders). Kernels read these three as constexprs.
+TIGHT = tl.constexpr(tridiag_host.TIGHT)
+RHO = tl.constexpr(tridiag_host.RHO)
+SEED = tl.constexpr(tridiag_host.SEED)
 
 
 @helper

@@ -1,9 +1,12 @@
 """Symmetric eigendecomposition above the register tile (n > 128) by a two-stage reduction:
 dense → band → tridiagonal, a batched tridiagonal eigensolver, and two back-transformations.
 
-Layers: :func:`eigh_twostage` → the ``twostage`` path of ``metalcore::eigh`` on the Triton backend
-(:mod:`metalcore.linalg.eigh_triton`). Stage 1 and its back-transformation are GEMMs in torch (any
-device); stages 2, 3 and 2's back-transformation are Triton kernels.
+Layers: :func:`two_stage`, the algorithm, with a backend's :class:`Stages` → :func:`eigh_twostage`
+(Triton kernels) → the ``twostage`` path of ``metalcore::eigh`` on the Triton backend
+(:mod:`metalcore.linalg.eigh_triton`); the Metal backend's twin is
+:mod:`metalcore.linalg.eigh_twostage_metal`. Stage 1 and its back-transformation are GEMMs in torch
+(any device); the panels, stages 2, 3 and 2's back-transformation are the backend's kernels. Nothing
+here imports Triton (the Metal backend runs without it).
 
 Why: above n = 128 every path was cuSOLVER's: ``syevd`` one matrix at a time through torch, or the
 batched ``XsyevBatched`` (64×256² 4.0 ms, 8×1024² 56 ms on the H100, where JAX is the same call).
@@ -36,13 +39,16 @@ Accuracy: each stage is backward stable (orthogonal transformations), so the eig
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
 from metalcore.linalg.householder_gemm import as3, larfb_gemm
 from metalcore.linalg.qr_blocked import factor_block
-from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 
 # Width of the band between stages 1 and 2. Stage 2 runs n²/(2b) steps of a 2b × b window (16
 # windows of 16² a register tile in its wave), stage 1 n/b panels of b columns. H100, fp32, GPU ms
@@ -52,20 +58,49 @@ from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 BAND = 16
 
 
-def symmetric_band(S: Tensor, b: int, keep: bool) -> list[tuple[int, Tensor, Tensor]]:
+@dataclass(frozen=True)
+class Stages:
+    """A backend's kernels for the steps of :func:`two_stage` that are not GEMMs.
+
+    * ``panel(P) -> (V, T)``: the QR of the panel ``P`` ``(B, h, w)`` in place (``R`` on top) and its
+      block reflector ``I − V T Vᵀ``, ``V`` explicit unit lower trapezoidal;
+    * ``band_to_tridiag(S, b, compute_v) -> (d, e, W)``: stage 2 (``e[:, i] = T[i + 1, i]``, ``W`` the
+      reflectors, or None);
+    * ``tridiag_eig(d, e, compute_v) -> (lam, Z)``: stage 3, eigenvalues ascending;
+    * ``apply_band_reflectors(W, Z, b)``: ``Z ← Q₂ Z`` in place."""
+
+    panel: Callable[[Tensor], tuple[Tensor, Tensor]]
+    band_to_tridiag: Callable[[Tensor, int, bool], tuple[Tensor, Tensor, Tensor | None]]
+    tridiag_eig: Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]
+    apply_band_reflectors: Callable[[Tensor, Tensor, int], Tensor]
+
+
+def reflector_steps(n: int, b: int) -> int:
+    """Steps of stage 2's longest sweep, the first: ``⌈(n − 2)/b⌉`` reflectors of length ≥ 2."""
+    return max(1, math.ceil((n - 2) / b))
+
+
+def _tall_panel(P: Tensor) -> tuple[Tensor, Tensor]:
+    # The tall-panel kernel at every height: it forms V and T in its one launch, where the
+    # register-tile kernel that 'auto' picks for panels of ≤ 128 rows needs ~25 more for larft
+    # (host-bound: stage 1 of 64×256² took 14.7 ms with 'auto' on the H100, bench/linalg.md).
+    _, V, T = factor_block(P, "tall")
+    return V, T
+
+
+def symmetric_band(S: Tensor, b: int, keep: bool, panel: Callable[[Tensor], tuple[Tensor, Tensor]] = _tall_panel
+                   ) -> list[tuple[int, Tensor, Tensor]]:
     """Stage 1: the full symmetric matrices ``S`` ``(B, n, n)`` reduced in place to lower band form
-    of width ``b`` (entries below the band set to zero; the upper triangle is left stale). Returns,
-    with ``keep``, each panel's ``(row, V, T)``: ``Q₁ = Π (I − V T Vᵀ)`` acting on rows ``row:``."""
+    of width ``b`` (entries below the band set to zero; the upper triangle is left stale), the panels
+    factored by ``panel`` (:class:`Stages`; default the Triton tall-panel kernel). Returns, with
+    ``keep``, each panel's ``(row, V, T)``: ``Q₁ = Π (I − V T Vᵀ)`` acting on rows ``row:``."""
     n = S.shape[-1]
     blocks = []
     for j in range(0, n - b - 1, b):
         h = n - j - b
         w = min(b, h - 1)                     # the last column of a short panel has nothing below
         P = S[:, j + b:, j:j + b]
-        # The tall-panel kernel at every height: it forms V and T in its one launch, where the
-        # register-tile kernel that 'auto' picks for panels of ≤ 128 rows needs ~25 more for larft
-        # (host-bound: stage 1 of 64×256² took 14.7 ms with 'auto' on the H100, bench/linalg.md).
-        _, V, T = factor_block(P[..., :w], "tall")
+        V, T = panel(P[..., :w])
         if w < b:
             larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
         P[..., :w].triu_()                    # R stays; the reflectors live on in V
@@ -80,14 +115,10 @@ def symmetric_band(S: Tensor, b: int, keep: bool) -> list[tuple[int, Tensor, Ten
     return blocks
 
 
-def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, schedule: str | None = None,
-                  sections: int | None = None) -> tuple[Tensor, Tensor]:
-    """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (float32/float64; the
-    triangle ``upper`` names is read), and with ``compute_v`` their orthonormal eigenvectors as
-    ``Q``'s columns (else ``Q`` is empty). ``band``: the width between stages 1 and 2; ``schedule``:
-    stage 2's and its back-transformation's (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`;
-    default: each its own, measured); ``sections``: Sturm points a
-    lane in stage 3 (:func:`~metalcore.linalg.tridiag_eig_triton.tridiag_eig`)."""
+def two_stage(A: Tensor, upper: bool, compute_v: bool, band: int, stages: Stages) -> tuple[Tensor, Tensor]:
+    """Eigenvalues, ascending, of the symmetric matrices ``A`` ``(*, n, n)`` (the triangle ``upper``
+    names is read), and with ``compute_v`` their orthonormal eigenvectors as ``Q``'s columns (else
+    ``Q`` is empty), by the module's four stages with ``stages``' kernels and a band of width ``band``."""
     if band < 1:
         raise ValueError(f"metalcore eigh_twostage: band must be positive; got {band}")
     *batch, n, _ = A.shape
@@ -97,13 +128,29 @@ def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, sch
     finite = scale.isfinite()
     scale = torch.where(finite & (scale > 0), scale, 1.0)
     S = S / scale[:, None, None]
-    blocks = symmetric_band(S, band, compute_v)
-    d, e, W = band_to_tridiag(S, band, compute_v, schedule)
-    lam, Z = tridiag_eig(d, e, compute_v, sections=sections)
+    blocks = symmetric_band(S, band, compute_v, stages.panel)
+    d, e, W = stages.band_to_tridiag(S, band, compute_v)
+    lam, Z = stages.tridiag_eig(d, e, compute_v)
     L = torch.where(finite[:, None], lam * scale[:, None], float("nan")).reshape(*batch, n)
     if not compute_v:
         return L, A.new_empty(0)
-    apply_band_reflectors(W, Z, band, schedule=schedule)
+    stages.apply_band_reflectors(W, Z, band)
     for row, V, T in reversed(blocks):
         larfb_gemm(V, T, Z[:, row:, :], True, False, inplace=True)
     return L, torch.where(finite[:, None, None], Z, float("nan")).reshape(*batch, n, n)
+
+
+def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, schedule: str | None = None,
+                  sections: int | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`two_stage` with the Triton kernels. ``A``: float32/float64; ``band``: the width between
+    stages 1 and 2; ``schedule``: stage 2's and its back-transformation's
+    (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`; default: each its own, measured);
+    ``sections``: Sturm points a lane in stage 3
+    (:func:`~metalcore.linalg.tridiag_eig_triton.tridiag_eig`)."""
+    from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+
+    stages = Stages(panel=_tall_panel, band_to_tridiag=functools.partial(band_to_tridiag, schedule=schedule),
+                    tridiag_eig=functools.partial(tridiag_eig, sections=sections),
+                    apply_band_reflectors=functools.partial(apply_band_reflectors, schedule=schedule))
+    return two_stage(A, upper, compute_v, band, stages)

@@ -4,17 +4,16 @@ iteration for the vectors, many programs a matrix.
 
 Layers: ``_values_kernel``, ``_inverse_iteration_kernel`` and ``_cluster_kernel`` →
 :func:`tridiag_eig`. :mod:`metalcore.linalg.eigh_tridiag_triton` does the same inside one program a
-matrix with ``T`` in registers (n ≤ 128); this module reuses its bisection
-(:func:`~metalcore.linalg.eigh_tridiag_triton.sturm_multisection`) and its accuracy design
-(:data:`~metalcore.linalg.eigh_tridiag_triton.ORTOL_N`, ``ROUNDS``, ``TIGHT``, ``RHO``, ``SEED``; read
-that module's comments for the measurements behind them), but keeps every ``n``-long column in
+matrix with ``T`` in registers (n ≤ 128); this module shares its accuracy design and the torch steps
+around the kernels with :mod:`metalcore.linalg.tridiag_host` (:data:`~metalcore.linalg.tridiag_host.ORTOL_N`,
+``ROUNDS``, ``TIGHT``, ``RHO``, ``SEED``, ``SPLIT``, with the measurements behind them), but keeps every ``n``-long column in
 global memory, so that nothing in registers grows with ``n``: a ``[4096, 32]`` register tile, as the
 small kernel's ``tridiag_eigenvectors`` would need at n = 4096, is 512 KiB, twice an SM's registers.
 
 Each matrix is scaled by torch (on the device, no host sync) to ``max(|d|, |e|) = 1``; ``T`` below is
 the scaled matrix, whose spectrum lies in ``[−3, 3]``.
 
-0. **Blocks** (torch, :func:`split_blocks`): ``T`` splits wherever an off-diagonal is at rounding
+0. **Blocks** (torch, :func:`~metalcore.linalg.tridiag_host.split_blocks`): ``T`` splits wherever an off-diagonal is at rounding
    level (``≤ SPLIT · √n · ε``), set to zero, as LAPACK's ``dstebz`` splits it; lane ``j`` then serves
    the ``(j − f)``-th eigenvalue of the diagonal block of rows ``f … l`` that holds row ``j``, and its
    vector lives on those rows. A multiple eigenvalue (the ``3n/4`` zeros of a rank-``n/4`` Gram
@@ -24,7 +23,7 @@ the scaled matrix, whose spectrum lies in ``[−3, 3]``.
    its lanes' eigenvalues inside Gershgorin's interval (computed by torch) by Sturm counts over the
    rows of their blocks, ``sections`` points a lane and pass. The scaled eigenvalues go to global
    memory: step 2 reads every one of them.
-2. **Shifts and clusters** (torch, :func:`shifts_and_clusters`): the whole-spectrum twin of the small
+2. **Shifts and clusters** (torch, :func:`~metalcore.linalg.tridiag_host.shifts_and_clusters`): the whole-spectrum twin of the small
    kernel's ``shifts()`` and ``clusters()``, which see only their program's lanes. A group of
    eigenvalues within ``TIGHT · ε`` of each other (a multiple eigenvalue) shares one shift beside the
    group; a group that crosses the edge between two programs' lanes, seen by each program alone,
@@ -78,16 +77,15 @@ matrix only.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton.language as tl
 from torch import Tensor
 
 from metalcore._triton import cdiv, helper, jit, program_slots
 from metalcore.linalg._small_triton import warps
-from metalcore.linalg.eigh_tridiag_triton import (ORTOL_N, RHO, ROUNDS, SECTIONS, SEED, TIGHT, passes,
-                                                  sturm_multisection)
+from metalcore.linalg.eigh_tridiag_triton import SECTIONS, SEED
+from metalcore.linalg.tridiag_host import (ROUNDS, cluster_lanes, gershgorin, passes, scaled, segments,
+                                           shifts_and_clusters, split_blocks)
 
 # Values a thread of the tiles in which a program sweeps its columns (normalisation, Gram-Schmidt):
 # what the loops keep in registers does not grow with n. At 16 (a [64, 32] tile at 4 warps, [16, 32]
@@ -102,12 +100,6 @@ MATES_CHUNK = 32
 # time, instead of m(m−1)/2 one-column steps: for a cluster of m = 768 at n = 1024, ~2.5
 # GFLOP of dots a round in one program where the column steps were ~300k dependent tile passes.
 CLUSTER_BLOCK = 16
-# Off-diagonals at most SPLIT · √n · ε (T scaled to entries at most 1) split T into blocks
-# (split_blocks). The tolerance trades LAPACK's residual ratio (+SPLIT/√n) for splits of off-diagonals
-# that rounding left nonzero; the largest of those on rank-n/4 Gram input through the two-stage
-# reduction (fp32, interpreter): 9.5 ε at n = 256, 8.2 ε at 512, 8.7 ε at 1024, then a gap to 1.4e6 ε
-# or more.
-SPLIT = 2.0
 
 
 @helper
@@ -354,72 +346,6 @@ def _cluster_kernel(Z, FIRST, TODO, COUNT, CS, CB, n, CH: tl.constexpr, KC: tl.c
         tl.debug_barrier()                                # the next lane reads z_j as a mate
 
 
-def segments(starts: Tensor) -> tuple[Tensor, Tensor]:
-    """``(first, last)``: for each position of ``starts`` ``(nb, n)`` (bool, True where a segment
-    begins; position 0 always does), the first and last positions of its segment."""
-    nb, n = starts.shape
-    index = torch.arange(n, device=starts.device).expand(nb, n)
-    ends = torch.cat([starts[:, 1:], torch.ones_like(starts[:, :1])], 1)
-    first = torch.where(starts, index, 0).cummax(1).values
-    last = torch.where(ends, index, n - 1).flip(1).cummin(1).values.flip(1)
-    return first, last
-
-
-def shifts_and_clusters(lam: Tensor, eps: float, block_starts: Tensor) -> tuple[Tensor, Tensor]:
-    """``(shift, first)`` of the scaled eigenvalues ``lam`` ``(nb, n)``, ascending within each block of
-    ``T`` (``block_starts``: True at a block's first lane, as :func:`split_blocks` gives it): lane j's
-    shift for inverse iteration, and the first lane of its cluster (eigenvalues of one block closer
-    than ``ORTOL_N / n``). Eigenvalues of two blocks never share a group or a cluster: their vectors
-    live on disjoint rows, orthogonal by construction.
-
-    The whole-spectrum twin of :func:`~metalcore.linalg.eigh_tridiag_triton.shifts` and
-    :func:`~metalcore.linalg.eigh_tridiag_triton.clusters`, same rule: a group of eigenvalues each
-    within ``TIGHT · ε`` of the next shares the shift ``max(width, 8ε)`` beside it on its side of
-    larger gap, unless its nearest outside eigenvalue in the block is too close (``RHO``)."""
-    gap = lam[:, 1:] - lam[:, :-1]
-    starts = block_starts.clone()
-    starts[:, 1:] |= gap > TIGHT.value * eps
-    first, last = segments(starts)
-    lo, hi = lam.gather(1, first), lam.gather(1, last)
-    # Distances from the group to its block's nearest eigenvalue below and above (8: the spectrum is
-    # in [−3, 3]).
-    n = lam.shape[1]
-    ends = torch.cat([block_starts[:, 1:], torch.ones_like(block_starts[:, :1])], 1)
-    below = torch.where(block_starts.gather(1, first), 8.0, lo - lam.gather(1, (first - 1).clamp_min(0)))
-    above = torch.where(ends.gather(1, last), 8.0, lam.gather(1, (last + 1).clamp_max(n - 1)) - hi)
-    width = hi - lo
-    offset = width.clamp_min(8.0 * eps)
-    shared = torch.where(below >= above, lo - offset, hi + offset)
-    distance = torch.minimum(torch.maximum(below, above) - offset, torch.minimum(below, above) + width + offset)
-    use = (last > first) & (width + offset <= RHO.value * math.sqrt(eps) * distance)
-    cluster_starts = block_starts.clone()
-    cluster_starts[:, 1:] |= gap > ORTOL_N / n
-    return torch.where(use, shared, lam), segments(cluster_starts)[0]
-
-
-def split_blocks(E: Tensor, eps: float) -> Tensor:
-    """Where the scaled off-diagonals ``E`` ``(nb, n)`` (``E[:, i] = T[i, i+1]``, ``‖T‖_max = 1``) split
-    ``T``: True at row ``i + 1`` wherever ``|E[:, i]| ≤ SPLIT · √n · ε``, and at row 0. ``E`` is set to
-    zero there, in place.
-
-    Why: an eigenvalue of multiplicity ``m`` (the ``3n/4`` zeros of a rank-``n/4`` Gram matrix, as
-    Shampoo's first statistics are) needs ``T`` to be split ``m − 1`` times (an unreduced tridiagonal
-    has distinct eigenvalues), and the reduction leaves those off-diagonals at rounding level, not 0.
-    Unsplit, the ``m`` lanes form one cluster that Gram-Schmidt walks in one program (``4 m² n`` flops
-    a round: 16.7 ms at 64×256² on the H100, against 3.4 for cuSOLVER); split, each lane's vector
-    lives on its own block's rows, orthogonal to the other blocks' by construction (LAPACK ``dstebz``
-    and ``dstein`` work block by block for the same reason). Zeroing ``|e| ≤ τ`` moves the
-    eigenvalues by at most ``τ`` (absolute: the contract's ``O(n ε ‖A‖)``); ``τ = SPLIT · √n · ε``
-    adds ``SPLIT / √n`` to LAPACK's residual ratio (``‖·‖ / (n ε ‖A‖)``). The measured gap: on
-    rank-n/4 Gram input through the two-stage reduction (fp32, interpreter), the split-worthy
-    off-diagonals reached 9.5 ε at n = 256 and the next one was 1.8e6 ε (bench/linalg.md)."""
-    n = E.shape[1]
-    small = E.abs() <= SPLIT * math.sqrt(n) * eps
-    small[:, n - 1:] = False                              # E's last column lies outside T
-    E.masked_fill_(small, 0.0)
-    return torch.cat([torch.ones_like(small[:, :1]), small[:, : n - 1]], 1)
-
-
 def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, sections: int | None = None
                 ) -> tuple[Tensor, Tensor]:
     """Eigenvalues, ascending, of the symmetric tridiagonal matrices with diagonals ``d`` ``(nb, n)``
@@ -453,40 +379,21 @@ def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, secti
         sections = SECTIONS if nb * blocks <= program_slots(dev) else 1
 
     # Scaled to max(|d|, |e|) = 1; a matrix with NaN or Inf runs as zeros and is made NaN at the end.
-    # Contiguous first: elementwise ops keep a permuted input's strides, and the kernels read rows.
-    d, e = d.contiguous(), e.contiguous()
-    off = e[:, : n - 1]
-    finite = d.isfinite().all(1) & off.isfinite().all(1)
-    scale = torch.maximum(d.abs().amax(1), off.abs().amax(1) if n > 1 else torch.zeros_like(d[:, 0]))
-    scale = torch.where(finite, scale, 0.0)
-    s = torch.where(scale > 0.0, scale, 1.0)[:, None]
-    D = torch.where(finite[:, None], d / s, 0.0)
-    E = torch.zeros_like(D)
-    E[:, : n - 1] = torch.where(finite[:, None], off / s, 0.0)
-
+    D, E, scale, finite = scaled(d, e)
     block_starts = split_blocks(E, finfo.eps)
     first_row, last_row = (x.to(torch.int32) for x in segments(block_starts))
-
-    # Gershgorin's interval holds every eigenvalue of T; the margin covers its own rounding.
-    radius = E.abs()
-    radius[:, 1:] += E[:, :-1].abs()
-    low, high = (D - radius).amin(1), (D + radius).amax(1)
-    pad = 4.0 * finfo.eps * torch.maximum(low.abs(), high.abs()) + 2.0 * finfo.tiny
+    low, high = gershgorin(D, E)
     LS = torch.empty_like(D)
-    _values_kernel[(nb, blocks)](D, E, first_row, last_row, low - pad, high + pad, LS, n, passes(dt, sections),
+    _values_kernel[(nb, blocks)](D, E, first_row, last_row, low, high, LS, n, passes(dt, sections),
                                  PIVMIN=finfo.tiny, LANES=lanes, SECTIONS=sections, num_warps=warps(lanes * sections))
     # LS holds each block's eigenvalues at its rows: ascending within a block, not across blocks.
     ascending, order = LS.sort(1)
-    # × scale, not s: the zero matrix's eigenvalues are exactly 0, not bisection's ±pivmin.
     lam = (ascending * scale[:, None]).masked_fill_(~finite[:, None], float("nan"))
     if not compute_v:
         return lam, d.new_empty(0)
 
     shift, first = shifts_and_clusters(LS, finfo.eps, block_starts)
-    index = torch.arange(n, device=dev)
-    clustered = first < index
-    todo = torch.where(clustered, index, n).sort(1).values.to(torch.int32)   # lanes with an earlier mate first
-    count = clustered.sum(1, dtype=torch.int32)
+    todo, count = cluster_lanes(first)
     Z = torch.empty(nb, n, n, dtype=dt, device=dev)
     Y, P = torch.empty_like(Z), torch.empty_like(Z)
     C = torch.empty_like(D)

@@ -1065,107 +1065,115 @@ def glued_wilkinson(copies, glue):
     return d[None], e[None]
 
 
+@pytest.fixture(params=["triton", "metal"])
+def tridiag_solver(request):
+    """The any-order tridiagonal eigensolver of each backend, called as the Triton one is
+    (``solver(d, e, compute_v, lanes=..., sections=...)``; the Metal one takes neither option: one
+    thread a lane, bisection). Metal has no float64: those cases are the Triton solver's alone."""
+    if request.param == "metal":
+        if request.node.callspec.params.get("dtype") == torch.float64:
+            pytest.skip("Metal has no float64")
+        request.getfixturevalue("metal_backend")
+        from metalcore.linalg.tridiag_eig_metal import tridiag_eig_metal
+        return lambda d, e, compute_v, lanes=None, sections=None: tridiag_eig_metal(d, e, compute_v)
+    request.getfixturevalue("triton_backend")
+    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
+    return tridiag_eig
+
+
 @pytest.mark.parametrize("n,lanes,dtype", [(1, 8, torch.float32), (2, 8, torch.float64), (5, 8, torch.float32),
                                            (37, 8, torch.float64), (40, 16, torch.float32)], ids=str)
-def test_tridiag_eig_random(n, lanes, dtype, triton_backend):
+def test_tridiag_eig_random(n, lanes, dtype, tridiag_solver):
     """Random T, 2 matrices (1 from n = 37: the interpreter's time), given as non-contiguous views."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     nb = 1 if n > 30 else 2
     d, e = torch.randn(2, n, nb, dtype=torch.float64).mT
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=lanes, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=lanes, sections=FAST)
     assert_tridiag_eig(d, e, lam, Z, dtype, f"random {nb}×{n} lanes={lanes} {dtype}")
 
 
-def test_tridiag_eig_values_alone_are_the_values_beside_the_vectors(triton_backend):
+def test_tridiag_eig_values_alone_are_the_values_beside_the_vectors(tridiag_solver):
     """The same launch of the values kernel either way (default sections: bisection, 28 passes)."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     d, e = torch.randn(2, 1, 19)
-    lam, Z = tridiag_eig(d, e, True, lanes=8)
-    values, none = tridiag_eig(d, e, False, lanes=8)
+    lam, Z = tridiag_solver(d, e, True, lanes=8)
+    values, none = tridiag_solver(d, e, False, lanes=8)
     assert torch.equal(values, lam) and none.numel() == 0
     assert_tridiag_eig(d, e, lam, Z, torch.float32, "default sections")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
-def test_tridiag_eig_multiple_eigenvalues_across_blocks(dtype, triton_backend):
+def test_tridiag_eig_multiple_eigenvalues_across_blocks(dtype, tridiag_solver):
     """Multiplicities above ``lanes`` = 8: a diagonal T (e = 0) with eigenvalues of multiplicity 20, 10
     and 3 in shuffled order. Lanes seeded by their place in the block alone would repeat one start
     vector (and one shift) across blocks; a multiple eigenvalue's vectors may be any orthonormal basis
     of its subspace."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     L0 = torch.tensor([1.0] * 20 + [2.0] * 10 + [5.0] * 3, dtype=torch.float64)
     d = L0[torch.randperm(33)][None]
     e = torch.zeros_like(d)
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     assert_tridiag_eig(d, e, lam, Z, dtype, f"diagonal 1×20, 2×10, 5×3 {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64], ids=str)
-def test_tridiag_eig_identical_blocks(dtype, triton_backend):
+def test_tridiag_eig_identical_blocks(dtype, tridiag_solver):
     """5 identical random blocks of 7 (e = 0 at the seams): every eigenvalue 5 times, lanes = 8, so most
     groups of 5 cross an edge."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     d, e = torch.randn(2, 1, 7, dtype=torch.float64).repeat(1, 1, 5)
     e[:, 6::7] = 0.0
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     assert_tridiag_eig(d, e, lam, Z, dtype, f"5 identical blocks of 7 {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
-def test_tridiag_eig_wilkinson(dtype, triton_backend):
+def test_tridiag_eig_wilkinson(dtype, tridiag_solver):
     """W21+: pairs of eigenvalues equal to ~1e-14, lanes = 8."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     d, e = glued_wilkinson(1, 0.0)
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     assert_tridiag_eig(d, e, lam, Z, dtype, f"W21+ {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64], ids=str)
-def test_tridiag_eig_glued_wilkinson(dtype, triton_backend):
+def test_tridiag_eig_glued_wilkinson(dtype, tridiag_solver):
     """Two W21+ glued by 1e-9: clusters of 4 within ~1e-9, some across an edge of lanes = 16 (42
     eigenvalues in 3 blocks)."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     d, e = glued_wilkinson(2, 1e-9)
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=16, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=16, sections=FAST)
     assert_tridiag_eig(d, e, lam, Z, dtype, f"glued W21+ ×2 {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tridiag_eig_cluster_straddles_a_block_edge(dtype, triton_backend):
+def test_tridiag_eig_cluster_straddles_a_block_edge(dtype, tridiag_solver):
     """Eigenvalues 5 to 10 of 16 within ~1e-4 of each other (closer than ORTOL_N / n = 0.016, far apart
     for the shifts), lanes = 8: the cluster's lanes sit in both blocks, and Gram-Schmidt must cross."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     from metalcore.linalg.eigh_tridiag_triton import ORTOL_N
     d = torch.cat([torch.linspace(-1, -0.2, 5), 0.3 + 1e-4 * torch.arange(6), torch.linspace(0.6, 1, 5)])
     d = d.double()[None]
     e = 1e-5 * torch.randn_like(d)
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     gaps = lam.double().diff()[0]
     assert bool((gaps[5:10] < ORTOL_N / 16).all()) and bool((gaps[[4, 10]] > ORTOL_N / 16).all()), "one cluster, 5..10"
     assert_tridiag_eig(d, e, lam, Z, dtype, f"cluster across lanes 7|8 {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
-def test_tridiag_eig_one_cluster_of_36_unsplit(dtype, triton_backend):
+def test_tridiag_eig_one_cluster_of_36_unsplit(dtype, tridiag_solver):
     """36 eigenvalues within ~2e-4 of 0.3 (closer than ORTOL_N / n = 0.007) and off-diagonals 1e-5 to
     2e-5, above the split tolerance: one cluster across 5 blocks of lanes, Gram-Schmidt in 3 blocks of
     16 (two projections by tl.dot)."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     torch.manual_seed(6)
     d = (0.3 + 1e-5 * torch.randn(1, 36)).double()
     e = 1e-5 * (1.0 + torch.rand(1, 36, dtype=torch.float64))
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     assert float(lam[0, -1] - lam[0, 0]) < 0.25 / 36, "one cluster"
     assert_tridiag_eig(d, e, lam, Z, dtype, f"one cluster of 36 {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tridiag_eig_splits_at_rounding_level_off_diagonals(dtype, triton_backend):
+def test_tridiag_eig_splits_at_rounding_level_off_diagonals(dtype, tridiag_solver):
     """The tridiagonal form of a rank-deficient matrix: an eigenvalue 0 of multiplicity 24 whose rows
     are coupled by off-diagonals of a few ε (what the reduction leaves), beside a random block of 16,
     in shuffled order. T splits there (split_blocks), so each zero's vector lies on its own block's
     rows, without a cluster of 24 to orthogonalise; the eigenvalues are T's to LAPACK's ratios."""
-    from metalcore.linalg.tridiag_eig_triton import segments, split_blocks, tridiag_eig
+    from metalcore.linalg.tridiag_host import segments, split_blocks
     torch.manual_seed(7)
     n, eps = 40, torch.finfo(dtype).eps
     d = torch.zeros(1, n, dtype=torch.float64)
@@ -1174,7 +1182,7 @@ def test_tridiag_eig_splits_at_rounding_level_off_diagonals(dtype, triton_backen
     for r in rows + torch.tensor([0, 8]):
         d[0, r:r + 8] = torch.randn(8, dtype=torch.float64)
         e[0, r:r + 7] = torch.rand(7, dtype=torch.float64) + 0.5
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     assert_tridiag_eig(d, e, lam, Z, dtype, f"zeros split by {e[0, 0]:.1e}-size off-diagonals {dtype}")
     scaled = (e / torch.maximum(d.abs().amax(), e[:, :-1].abs().amax())).to(dtype)
     first, last = segments(split_blocks(scaled, eps))
@@ -1187,30 +1195,28 @@ def test_tridiag_eig_splits_at_rounding_level_off_diagonals(dtype, triton_backen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32], ids=str)
-def test_tridiag_eig_zero_and_extreme_scales(dtype, triton_backend):
+def test_tridiag_eig_zero_and_extreme_scales(dtype, tridiag_solver):
     """The zero matrix: eigenvalues exactly 0 (not bisection's ±pivmin), the unit vectors (T splits
     at every row). T scaled by 1e30 and 1e-30 (its squares over- and underflow fp32)."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     zero = torch.zeros(1, 36, dtype=dtype)
-    lam, Z = tridiag_eig(zero, zero, True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(zero, zero, True, lanes=8, sections=FAST)
     assert torch.equal(lam, zero), f"zero matrix: {lam}"
     assert_lapack_ratio(orthogonality_ratio(Z, dtype), f"zero {dtype} Z")
     d, e = torch.randn(2, 2, 13, dtype=torch.float64)
     for scale in (1e30, 1e-30):
-        lam, Z = tridiag_eig((d * scale).to(dtype), (e * scale).to(dtype), True, lanes=8, sections=FAST)
+        lam, Z = tridiag_solver((d * scale).to(dtype), (e * scale).to(dtype), True, lanes=8, sections=FAST)
         assert_tridiag_eig(d * scale, e * scale, lam, Z, dtype, f"scale {scale:g} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64], ids=str)
-def test_tridiag_eig_nan_stays_in_its_matrix(dtype, triton_backend):
+def test_tridiag_eig_nan_stays_in_its_matrix(dtype, tridiag_solver):
     """NaN in one matrix's d and Inf in another's e give NaN eigenvalues and vectors there only; the
     last column of e is not read (Inf there changes nothing)."""
-    from metalcore.linalg.tridiag_eig_triton import tridiag_eig
     d, e = torch.randn(2, 4, 11, dtype=torch.float64)
     d[1, 3] = float("nan")
     e[2, 0] = float("inf")
     e[0, -1] = float("inf")
-    lam, Z = tridiag_eig(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
+    lam, Z = tridiag_solver(d.to(dtype), e.to(dtype), True, lanes=8, sections=FAST)
     assert bool(lam[1:3].isnan().all()) and bool(Z[1:3].isnan().all())
     assert_tridiag_eig(d[[0, 3]], e[[0, 3]], lam[[0, 3]], Z[[0, 3]], dtype, f"finite matrices beside NaN {dtype}")
 
@@ -1324,3 +1330,57 @@ def test_twostage_path_is_offered_above_the_register_tile(triton_backend):
     assert supported(torch.zeros(1, 129, 129), "L", True) and not supported(torch.zeros(1, 128, 128), "L", True)
     assert not supported(torch.zeros(1, 200, 200, dtype=torch.float16), "L", True)
     assert eigh_triton.TWOSTAGE_MIN_N == 129
+
+
+# --- The two-stage path on Metal (eigh_twostage_metal: the shaders through the executor) -----------
+
+
+def test_twostage_eigh_metal_matrix_families(metal_backend, poison):
+    """Every matrix family in float32 through the Metal stages at n = 12 (band 3: 3 panels of the panel
+    shader, bulges) and n = 70 (above the Jacobi shader's tile of 64; the default band 16), the upper
+    triangle read with garbage in the lower; without vectors the same eigenvalues bit for bit.
+    ``poison``: every entry a shader reads was written."""
+    from metalcore.linalg.eigh_twostage_metal import eigh_twostage_metal
+    torch.manual_seed(8)
+    for n, band, kinds in ((12, 3, KINDS), (70, 16, ("random", "rank", "cluster"))):
+        A = torch.cat([family(kind, (1,), n, torch.float32) for kind in kinds])
+        G = with_garbage(A, "U")
+        L, Q = eigh_twostage_metal(G, True, True, band=band)
+        for i, kind in enumerate(kinds):
+            assert_tridiag_eigh(A[i:i + 1], L[i:i + 1], Q[i:i + 1], torch.float32, f"Metal two-stage {kind} n={n}")
+        values, none = eigh_twostage_metal(G, True, False, band=band)
+        assert torch.equal(values, L) and none.numel() == 0
+
+
+def test_twostage_eigh_metal_serves_the_op_when_routed(metal_backend):
+    """Through ``metalcore.linalg.eigh`` on the Metal backend with the path forced: batch shape (3, 1)
+    at n = 70 with NaN in one matrix (that matrix only is NaN), ``eigvalsh`` agrees, the gradient
+    equals the reference backend's (torch's formulas on the path's outputs), n = 1 and an empty
+    batch; a band past the shader's window is refused."""
+    from metalcore import _selection
+    from metalcore.linalg.eigh_twostage_metal import band_to_tridiag_metal
+    A = symmetric((3, 1), 70, torch.float32)
+    A[1, 0, 5, 2] = float("nan")
+    with _selection.use_path("eigh", "twostage"):
+        L, Q = metalcore.linalg.eigh(A)
+        assert torch.equal(metalcore.linalg.eigvalsh(A).nan_to_num(), L.nan_to_num())
+        assert metalcore.linalg.eigh(torch.zeros(0, 3, 3))[1].shape == (0, 3, 3)
+        one = torch.tensor([[[-2.5]]])
+        L1, Q1 = metalcore.linalg.eigh(one)
+        assert torch.equal(L1, one[..., 0]) and torch.equal(Q1, torch.ones_like(one))
+    assert L.shape == (3, 1, 70) and Q.shape == (3, 1, 70, 70)
+    assert L[1, 0].isnan().all() and Q[1, 0].isnan().all()
+    assert_tridiag_eigh(A[[0, 2]].double(), L[[0, 2]], Q[[0, 2]], torch.float32, "the other matrices")
+
+    B = symmetric((1,), 9, torch.float32).requires_grad_()
+
+    def loss(L, Q):
+        return ((Q * torch.exp(L / 4).unsqueeze(-2)) @ Q.mT).sum() + (L ** 2).sum()
+
+    with _selection.use_path("eigh", "twostage"):
+        grad, = torch.autograd.grad(loss(*metalcore.linalg.eigh(B)), B)
+    with metalcore.use_backend("reference"):
+        expected, = torch.autograd.grad(loss(*metalcore.linalg.eigh(B)), B)
+    torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"band must be in \[1, 32\]; got 33"):
+        band_to_tridiag_metal(torch.zeros(1, 40, 40), 33, True)

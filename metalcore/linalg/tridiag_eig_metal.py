@@ -1,0 +1,75 @@
+"""Eigenvalues and eigenvectors of batched symmetric tridiagonal matrices of any order on Metal (stage 3
+of the two-stage eigensolver): the host side of ``tridiag_values_float``, ``tridiag_vectors_float`` and
+``tridiag_clusters_float`` in ``shaders/twostage.metal``.
+
+Layers: the shaders → :func:`tridiag_eig_metal` → the Metal :class:`~metalcore.linalg.eigh_twostage.Stages`
+of :mod:`metalcore.linalg.eigh_twostage_metal`.
+
+The algorithm and the torch steps around the kernels are the Triton solver's
+(:mod:`metalcore.linalg.tridiag_eig_triton`, whose docstring derives them; the shared host code is
+:mod:`metalcore.linalg.tridiag_host`): ``T`` scaled and split into blocks, each lane's eigenvalue of its
+block by bisection (one Sturm point a lane and pass: one thread a lane), shifts and clusters of the
+whole spectrum, :data:`~metalcore.linalg.tridiag_host.ROUNDS` rounds of inverse iteration (one thread
+a column) each followed by Gram-Schmidt within clusters (one threadgroup a matrix), the columns sorted
+with the eigenvalues at the end. float32 only (Apple GPUs have no float64).
+
+Not timed: no Apple hardware here; CI runs the shaders through the CPU executor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metalcore import _metal
+from metalcore.linalg.tridiag_host import (ROUNDS, SEED, cluster_lanes, gershgorin, passes, scaled, segments,
+                                           shifts_and_clusters, split_blocks)
+
+SHADER = "twostage"
+# Threads of a threadgroup of the one-thread-a-lane kernels, and of the clusters' threadgroup.
+GROUP = 64
+CLUSTER_THREADS = 256
+
+
+def tridiag_eig_metal(d: Tensor, e: Tensor, compute_v: bool) -> tuple[Tensor, Tensor]:
+    """:func:`~metalcore.linalg.tridiag_eig_triton.tridiag_eig`'s contract on Metal: eigenvalues,
+    ascending, of the symmetric tridiagonal matrices with diagonals ``d`` ``(nb, n)`` and off-diagonals
+    ``e`` ``(nb, n)`` (``e[:, i] = T[i, i+1]``; the last column is ignored), float32; with
+    ``compute_v`` also their orthonormal eigenvectors as the columns of ``Z`` ``(nb, n, n)``, else
+    ``d.new_empty(0)``. NaN or Inf in a matrix gives NaN eigenvalues and vectors for that matrix only."""
+    if d.dim() != 2 or e.shape != d.shape:
+        raise ValueError(f"d and e must both be (nb, n), got {tuple(d.shape)} and {tuple(e.shape)}")
+    if d.dtype != torch.float32 or e.dtype != d.dtype or e.device != d.device:
+        raise ValueError(f"d and e must be float32 on one device, got {d.dtype} on {d.device} and {e.dtype} "
+                         f"on {e.device}")
+    nb, n = d.shape
+    if nb == 0 or n == 0:
+        return d.new_empty(nb, n), d.new_empty(nb, n, n) if compute_v else d.new_empty(0)
+    finfo = torch.finfo(d.dtype)
+    lib = _metal.library(SHADER, d.device)
+    lanes = nb * n
+    D, E, scale, finite = scaled(d, e)
+    block_starts = split_blocks(E, finfo.eps)
+    first_row, last_row = (x.to(torch.int32).contiguous() for x in segments(block_starts))
+    low, high = gershgorin(D, E)
+    LS = torch.empty_like(D)
+    _metal.launch(lib, "tridiag_values_float", D, E, first_row, last_row, low.contiguous(), high.contiguous(), LS,
+                  n, nb, passes(d.dtype, 1), finfo.tiny, threads=lanes, group_size=GROUP)
+    ascending, order = LS.sort(1)
+    lam = (ascending * scale[:, None]).masked_fill_(~finite[:, None], float("nan"))
+    if not compute_v:
+        return lam, d.new_empty(0)
+
+    shift, first = shifts_and_clusters(LS, finfo.eps, block_starts)
+    todo, count = cluster_lanes(first)
+    first = first.to(torch.int32).contiguous()
+    Z = torch.empty(nb, n, n, dtype=d.dtype, device=d.device)
+    Y, P = torch.empty_like(Z), torch.empty_like(Z)
+    C = torch.empty_like(D)
+    for round_ in range(ROUNDS):
+        _metal.launch(lib, "tridiag_vectors_float", D, E, shift.contiguous(), first_row, last_row, Z, Y, P, n, nb,
+                      finfo.eps, int(round_ == 0), SEED, threads=lanes, group_size=GROUP)
+        _metal.launch(lib, "tridiag_clusters_float", Z, first, todo, count, C, n,
+                      threads=nb * CLUSTER_THREADS, group_size=CLUSTER_THREADS)
+    Z = torch.gather(Z, 2, order[:, None, :].expand(nb, n, n), out=Y)
+    return lam, Z.masked_fill_(~finite[:, None, None], float("nan"))
