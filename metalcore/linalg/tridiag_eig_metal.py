@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.linalg.tridiag_host import (ROUNDS, SEED, cluster_lanes, gershgorin, passes, scaled, segments,
-                                           shifts_and_clusters, split_blocks)
+from metalcore.linalg.tridiag_host import ROUNDS, SEED, eigenvalues, in_order, passes, prepare, vector_plan
 
 SHADER = "twostage"
 # Threads of a threadgroup of the one-thread-a-lane kernels, and of the clusters' threadgroup.
@@ -48,28 +47,21 @@ def tridiag_eig_metal(d: Tensor, e: Tensor, compute_v: bool) -> tuple[Tensor, Te
     finfo = torch.finfo(d.dtype)
     lib = _metal.library(SHADER, d.device)
     lanes = nb * n
-    D, E, scale, finite = scaled(d, e)
-    block_starts = split_blocks(E, finfo.eps)
-    first_row, last_row = (x.to(torch.int32).contiguous() for x in segments(block_starts))
-    low, high = gershgorin(D, E)
-    LS = torch.empty_like(D)
-    _metal.launch(lib, "tridiag_values_float", D, E, first_row, last_row, low.contiguous(), high.contiguous(), LS,
-                  n, nb, passes(d.dtype, 1), finfo.tiny, threads=lanes, group_size=GROUP)
-    ascending, order = LS.sort(1)
-    lam = (ascending * scale[:, None]).masked_fill_(~finite[:, None], float("nan"))
+    prob = prepare(d, e)
+    LS = torch.empty_like(prob.D)
+    _metal.launch(lib, "tridiag_values_float", prob.D, prob.E, prob.first_row, prob.last_row, prob.low, prob.high,
+                  LS, n, nb, passes(d.dtype, 1), finfo.tiny, threads=lanes, group_size=GROUP)
+    lam, order = eigenvalues(prob, LS)
     if not compute_v:
         return lam, d.new_empty(0)
 
-    shift, first = shifts_and_clusters(LS, finfo.eps, block_starts)
-    todo, count = cluster_lanes(first)
-    first = first.to(torch.int32).contiguous()
+    shift, first, todo, count = vector_plan(prob, LS)
     Z = torch.empty(nb, n, n, dtype=d.dtype, device=d.device)
     Y, P = torch.empty_like(Z), torch.empty_like(Z)
-    C = torch.empty_like(D)
+    C = torch.empty_like(prob.D)
     for round_ in range(ROUNDS):
-        _metal.launch(lib, "tridiag_vectors_float", D, E, shift.contiguous(), first_row, last_row, Z, Y, P, n, nb,
-                      finfo.eps, int(round_ == 0), SEED, threads=lanes, group_size=GROUP)
+        _metal.launch(lib, "tridiag_vectors_float", prob.D, prob.E, shift, prob.first_row, prob.last_row, Z, Y, P,
+                      n, nb, finfo.eps, int(round_ == 0), SEED, threads=lanes, group_size=GROUP)
         _metal.launch(lib, "tridiag_clusters_float", Z, first, todo, count, C, n,
                       threads=nb * CLUSTER_THREADS, group_size=CLUSTER_THREADS)
-    Z = torch.gather(Z, 2, order[:, None, :].expand(nb, n, n), out=Y)
-    return lam, Z.masked_fill_(~finite[:, None, None], float("nan"))
+    return lam, in_order(Z, order, Y, prob.finite)

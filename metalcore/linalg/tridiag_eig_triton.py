@@ -4,33 +4,34 @@ iteration for the vectors, many programs a matrix.
 
 Layers: ``_values_kernel``, ``_inverse_iteration_kernel`` and ``_cluster_kernel`` →
 :func:`tridiag_eig`. :mod:`metalcore.linalg.eigh_tridiag_triton` does the same inside one program a
-matrix with ``T`` in registers (n ≤ 128); this module shares its accuracy design and the torch steps
-around the kernels with :mod:`metalcore.linalg.tridiag_host` (:data:`~metalcore.linalg.tridiag_host.ORTOL_N`,
-``ROUNDS``, ``TIGHT``, ``RHO``, ``SEED``, ``SPLIT``, with the measurements behind them), but keeps every ``n``-long column in
-global memory, so that nothing in registers grows with ``n``: a ``[4096, 32]`` register tile, as the
-small kernel's ``tridiag_eigenvectors`` would need at n = 4096, is 512 KiB, twice an SM's registers.
+matrix with ``T`` in registers (n ≤ 128); this module shares its accuracy design and the torch
+steps around the kernels with :mod:`metalcore.linalg.tridiag_host` (``ORTOL_N``, ``ROUNDS``,
+``TIGHT``, ``RHO``, ``SEED``, ``SPLIT``, with the measurements behind them), but keeps every
+``n``-long column in global memory, so that nothing in registers grows with ``n``: a ``[4096, 32]``
+register tile, as the small kernel's ``tridiag_eigenvectors`` would need at n = 4096, is 512 KiB,
+twice an SM's registers.
 
 Each matrix is scaled by torch (on the device, no host sync) to ``max(|d|, |e|) = 1``; ``T`` below is
 the scaled matrix, whose spectrum lies in ``[−3, 3]``.
 
-0. **Blocks** (torch, :func:`~metalcore.linalg.tridiag_host.split_blocks`): ``T`` splits wherever an off-diagonal is at rounding
-   level (``≤ SPLIT · √n · ε``), set to zero, as LAPACK's ``dstebz`` splits it; lane ``j`` then serves
-   the ``(j − f)``-th eigenvalue of the diagonal block of rows ``f … l`` that holds row ``j``, and its
-   vector lives on those rows. A multiple eigenvalue (the ``3n/4`` zeros of a rank-``n/4`` Gram
-   matrix) can only come from a split ``T``, and its lanes in different blocks need no
+0. **Blocks** (torch, :func:`~metalcore.linalg.tridiag_host.split_blocks`): ``T`` splits wherever an
+   off-diagonal is at rounding level (``≤ SPLIT · √n · ε``), set to zero, as LAPACK's ``dstebz`` splits
+   it; lane ``j`` then serves the ``(j − f)``-th eigenvalue of the diagonal block of rows ``f … l`` that
+   holds row ``j``, and its vector lives on those rows. A multiple eigenvalue (the ``3n/4`` zeros of a
+   rank-``n/4`` Gram matrix) can only come from a split ``T``, and its lanes in different blocks need no
    orthogonalisation. At the end the eigenvalues are sorted and ``Z``'s columns follow them.
 1. **Values** (``_values_kernel``, grid ``(nb, ⌈n / lanes⌉)``): program ``(matrix, block)`` brackets
    its lanes' eigenvalues inside Gershgorin's interval (computed by torch) by Sturm counts over the
    rows of their blocks, ``sections`` points a lane and pass. The scaled eigenvalues go to global
    memory: step 2 reads every one of them.
-2. **Shifts and clusters** (torch, :func:`~metalcore.linalg.tridiag_host.shifts_and_clusters`): the whole-spectrum twin of the small
-   kernel's ``shifts()`` and ``clusters()``, which see only their program's lanes. A group of
-   eigenvalues within ``TIGHT · ε`` of each other (a multiple eigenvalue) shares one shift beside the
-   group; a group that crosses the edge between two programs' lanes, seen by each program alone,
-   would get two shifts, each placed by that program's part of the group only — possibly inside the
-   other part, and blind to the other program's nearest outside eigenvalue, which ``RHO``'s rule
-   needs. Both are segmented scans over each block's ascending eigenvalues (``cummax``), O(n) a
-   matrix, where ``shifts()`` compares all lane pairs; groups and clusters end at a block's edge.
+2. **Shifts and clusters** (torch, :func:`~metalcore.linalg.tridiag_host.shifts_and_clusters`): the
+   whole-spectrum twin of the small kernel's ``shifts()`` and ``clusters()``, which see only their
+   program's lanes. A group of eigenvalues within ``TIGHT · ε`` of each other (a multiple eigenvalue)
+   shares one shift beside the group; a group that crosses the edge between two programs' lanes, seen by
+   each program alone, would get two shifts, each placed by that program's part of the group only —
+   possibly inside the other part, and blind to the other program's nearest outside eigenvalue, which
+   ``RHO``'s rule needs. Both are segmented scans over each block's ascending eigenvalues (``cummax``),
+   O(n) a matrix, where ``shifts()`` compares all lane pairs; groups and clusters end at a block's edge.
 3. **Inverse iteration** (``_inverse_iteration_kernel``, grid ``(nb, ⌈n / lanes⌉)``, once a round):
    lane ``j`` solves ``(T − σ_j I) x = z_j`` through the ``L D Lᵀ`` pivots of the Sturm recurrence (a
    pivot below ε raised to ±ε), one entry of each lane's column a step, from pseudo-random vectors
@@ -38,16 +39,17 @@ the scaled matrix, whose spectrum lies in ``[−3, 3]``.
    entry's place in ``Z`` (every column its own start: a seed by lane within the program would give
    lane c of every program the same vector, and two lanes of one multiple eigenvalue in two programs
    the same solution); columns then scaled to unit norm.
-4. **Gram-Schmidt** (``_cluster_kernel``, one program a matrix, after every round): eigenvalues
-   closer than ``ORTOL_N / n`` form clusters; each lane with an earlier mate, in ascending order, is
+4. **Gram-Schmidt** (``_cluster_kernel``, one program a matrix, after every round): eigenvalues closer
+   than ``ORTOL_N / n`` form clusters; each lane with an earlier mate, in ascending order, is
    orthogonalised against all its earlier mates (classical Gram-Schmidt, twice) and renormalised,
    reading the columns from ``Z``. One pass for all clusters — within a program's lanes or across
-   programs — rather than per-program Gram-Schmidt plus a cross-program fix-up: a lane of a cluster
-   that crosses an edge must be orthogonal to its mates on both sides, so the per-program work would
-   be done twice. A large cluster (many close eigenvalues in one block of ``T``) goes in blocks of
-   :data:`CLUSTER_BLOCK` lanes, each projected off the cluster's earlier lanes by ``tl.dot`` before its lanes are orthogonalised among themselves one at a time. After every round, as in the small kernel, not only after the last: the next round's solve then
-   restores the eigenvector quality a Gram-Schmidt step loses when two start vectors were nearly
-   parallel.
+   programs — rather than per-program Gram-Schmidt plus a cross-program fix-up: a lane of a cluster that
+   crosses an edge must be orthogonal to its mates on both sides, so the per-program work would be done
+   twice. A large cluster (many close eigenvalues in one block of ``T``) goes in blocks of
+   :data:`CLUSTER_BLOCK` lanes, each projected off the cluster's earlier lanes by ``tl.dot`` before its
+   lanes are orthogonalised among themselves one at a time. After every round, as in the small kernel,
+   not only after the last: the next round's solve then restores the eigenvector quality a Gram-Schmidt
+   step loses when two start vectors were nearly parallel.
 
 Work a matrix (flops, n eigenvalues): values ``≈ 5 · sections · passes · n²`` (a step is a
 division, three flops and a compare, for each of the ``sections`` points of each lane; fp32:
@@ -84,8 +86,7 @@ from torch import Tensor
 from metalcore._triton import cdiv, helper, jit, program_slots
 from metalcore.linalg._small_triton import warps
 from metalcore.linalg.eigh_tridiag_triton import SECTIONS, SEED
-from metalcore.linalg.tridiag_host import (ROUNDS, cluster_lanes, gershgorin, passes, scaled, segments,
-                                           shifts_and_clusters, split_blocks)
+from metalcore.linalg.tridiag_host import ROUNDS, eigenvalues, in_order, passes, prepare, vector_plan
 
 # Values a thread of the tiles in which a program sweeps its columns (normalisation, Gram-Schmidt):
 # what the loops keep in registers does not grow with n. At 16 (a [64, 32] tile at 4 warps, [16, 32]
@@ -378,35 +379,27 @@ def tridiag_eig(d: Tensor, e: Tensor, compute_v: bool, *, lanes: int = 32, secti
     if sections is None:
         sections = SECTIONS if nb * blocks <= program_slots(dev) else 1
 
-    # Scaled to max(|d|, |e|) = 1; a matrix with NaN or Inf runs as zeros and is made NaN at the end.
-    D, E, scale, finite = scaled(d, e)
-    block_starts = split_blocks(E, finfo.eps)
-    first_row, last_row = (x.to(torch.int32) for x in segments(block_starts))
-    low, high = gershgorin(D, E)
-    LS = torch.empty_like(D)
-    _values_kernel[(nb, blocks)](D, E, first_row, last_row, low, high, LS, n, passes(dt, sections),
-                                 PIVMIN=finfo.tiny, LANES=lanes, SECTIONS=sections, num_warps=warps(lanes * sections))
-    # LS holds each block's eigenvalues at its rows: ascending within a block, not across blocks.
-    ascending, order = LS.sort(1)
-    lam = (ascending * scale[:, None]).masked_fill_(~finite[:, None], float("nan"))
+    # Scaled to max(|d|, |e|) = 1 and split; a matrix with NaN or Inf runs as zeros, made NaN at the end.
+    prob = prepare(d, e)
+    LS = torch.empty_like(prob.D)
+    _values_kernel[(nb, blocks)](prob.D, prob.E, prob.first_row, prob.last_row, prob.low, prob.high, LS, n,
+                                 passes(dt, sections), PIVMIN=finfo.tiny, LANES=lanes, SECTIONS=sections,
+                                 num_warps=warps(lanes * sections))
+    lam, order = eigenvalues(prob, LS)
     if not compute_v:
         return lam, d.new_empty(0)
 
-    shift, first = shifts_and_clusters(LS, finfo.eps, block_starts)
-    todo, count = cluster_lanes(first)
+    shift, first, todo, count = vector_plan(prob, LS)
     Z = torch.empty(nb, n, n, dtype=dt, device=dev)
     Y, P = torch.empty_like(Z), torch.empty_like(Z)
-    C = torch.empty_like(D)
+    C = torch.empty_like(prob.D)
     CB = torch.empty(nb, n, CLUSTER_BLOCK, dtype=dt, device=dev)
-    first = first.to(torch.int32)
     # One warp a 32 lanes: every lane's solve is a chain of its own, one thread each.
     solve_warps = max(1, lanes // 32)
     for round_ in range(ROUNDS):
-        _inverse_iteration_kernel[(nb, blocks)](D, E, shift, first_row, last_row, Z, Y, P, n, finfo.eps, BC=lanes,
-                                                CH=CHUNK_PER_THREAD * 32 * solve_warps // lanes,
+        _inverse_iteration_kernel[(nb, blocks)](prob.D, prob.E, shift, prob.first_row, prob.last_row, Z, Y, P, n,
+                                                finfo.eps, BC=lanes, CH=CHUNK_PER_THREAD * 32 * solve_warps // lanes,
                                                 START=round_ == 0, num_warps=solve_warps)
         _cluster_kernel[(nb,)](Z, first, todo, count, C, CB, n, CH=ROWS_CHUNK, KC=MATES_CHUNK, KB=CLUSTER_BLOCK,
                                num_warps=4)
-    # Columns into the eigenvalues' ascending order: one pass over Z (Y's storage, now free).
-    Z = torch.gather(Z, 2, order[:, None, :].expand(nb, n, n), out=Y)
-    return lam, Z.masked_fill_(~finite[:, None, None], float("nan"))
+    return lam, in_order(Z, order, Y, prob.finite)

@@ -11,6 +11,7 @@ Metal backend runs where Triton is not installed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -164,3 +165,56 @@ def cluster_lanes(first: Tensor) -> tuple[Tensor, Tensor]:
     clustered = first < index
     todo = torch.where(clustered, index, n).sort(1).values.to(torch.int32)
     return todo, clustered.sum(1, dtype=torch.int32)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call's scaled, split ``T`` as the kernels read it (:func:`prepare`): ``D``, ``E`` ``(nb, n)``
+    (``E = 0`` where ``T`` splits), ``scale`` and ``finite`` ``(nb,)`` (:func:`scaled`), ``starts``
+    (True at a block's first row), each row's block ``first_row`` … ``last_row`` (int32), Gershgorin's
+    ``low``, ``high`` ``(nb,)``."""
+
+    D: Tensor
+    E: Tensor
+    scale: Tensor
+    finite: Tensor
+    starts: Tensor
+    first_row: Tensor
+    last_row: Tensor
+    low: Tensor
+    high: Tensor
+
+
+def prepare(d: Tensor, e: Tensor) -> Problem:
+    """The torch steps before the values kernel: :func:`scaled`, :func:`split_blocks`, the blocks' rows,
+    :func:`gershgorin`."""
+    D, E, scale, finite = scaled(d, e)
+    starts = split_blocks(E, torch.finfo(d.dtype).eps)
+    first_row, last_row = (x.to(torch.int32).contiguous() for x in segments(starts))
+    low, high = gershgorin(D, E)
+    return Problem(D, E, scale, finite, starts, first_row, last_row, low.contiguous(), high.contiguous())
+
+
+def eigenvalues(problem: Problem, LS: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lam, order)``: the values kernel's ``LS`` (each block's eigenvalues at its rows, ascending
+    within a block, not across blocks) sorted, scaled back, NaN for a matrix with NaN or Inf; ``order``
+    the permutation that sorted them, for :func:`in_order`. × scale, not its floor of 1: the zero
+    matrix's eigenvalues are exactly 0, not bisection's ±pivmin."""
+    ascending, order = LS.sort(1)
+    return (ascending * problem.scale[:, None]).masked_fill_(~problem.finite[:, None], float("nan")), order
+
+
+def vector_plan(problem: Problem, LS: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(shift, first, todo, count)`` for the vectors' kernels: :func:`shifts_and_clusters` (``first``
+    as int32) and :func:`cluster_lanes`."""
+    shift, first = shifts_and_clusters(LS, torch.finfo(LS.dtype).eps, problem.starts)
+    todo, count = cluster_lanes(first)
+    return shift.contiguous(), first.to(torch.int32).contiguous(), todo, count
+
+
+def in_order(Z: Tensor, order: Tensor, out: Tensor, finite: Tensor) -> Tensor:
+    """``Z``'s columns in the eigenvalues' ascending order (``order`` from :func:`eigenvalues`), into
+    ``out`` (``Z``'s shape, free storage), NaN for a matrix with NaN or Inf: one pass over ``Z``."""
+    nb, n, _ = Z.shape
+    out = torch.gather(Z, 2, order[:, None, :].expand(nb, n, n), out=out)
+    return out.masked_fill_(~finite[:, None, None], float("nan"))

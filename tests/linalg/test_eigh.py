@@ -1284,14 +1284,27 @@ def test_twostage_eigh_repeated_eigenvalues_and_the_sequential_schedule(triton_b
     assert_tridiag_eigh(A, L2, Q2, torch.float32, "repeated, sweeps")
 
 
-def test_twostage_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(triton_backend, monkeypatch):
-    """Through ``metalcore.linalg.eigh`` with the path forced and its lower bound moved to n = 1 (the
-    default band of 16 > 9: stage 1 has nothing to do, stage 2 chases a dense 9²); batch shape (3, 1);
-    ``eigvalsh`` agrees; an empty batch and n = 1."""
+@pytest.fixture(params=["triton", "metal"])
+def twostage_route(request, monkeypatch):
+    """``(backend, n)``: the backend whose ``twostage`` path the routing tests force, entered, and the
+    order they use: 9 on Triton (the interpreter's time; the path's lower bound moved to n = 1, and the
+    default band of 16 > 9: stage 1 has nothing to do, stage 2 chases a dense 9²), 70 on Metal (above
+    the Jacobi shader's tile, where the path is the kernel's only when forced)."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_backend")
+        from metalcore.linalg import eigh_triton
+        monkeypatch.setattr(eigh_triton, "TWOSTAGE_MIN_N", 1)
+        return "triton", 9
+    request.getfixturevalue("metal_backend")
+    return "metal", 70
+
+
+def test_twostage_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(twostage_route):
+    """Through ``metalcore.linalg.eigh`` with the path forced: batch shape (3, 1), NaN in one matrix
+    (that matrix only is NaN); ``eigvalsh`` agrees; an empty batch and n = 1."""
     from metalcore import _selection
-    from metalcore.linalg import eigh_triton
-    monkeypatch.setattr(eigh_triton, "TWOSTAGE_MIN_N", 1)
-    A = symmetric((3, 1), 9, torch.float32)
+    _, n = twostage_route
+    A = symmetric((3, 1), n, torch.float32)
     A[1, 0, 5, 2] = float("nan")
     with _selection.use_path("eigh", "twostage"):
         L, Q = metalcore.linalg.eigh(A)
@@ -1300,18 +1313,19 @@ def test_twostage_eigh_nan_stays_in_its_matrix_and_serves_the_op_when_routed(tri
         one = torch.tensor([[[-2.5]]])
         L1, Q1 = metalcore.linalg.eigh(one)
         assert torch.equal(L1, one[..., 0]) and torch.equal(Q1, torch.ones_like(one))
-    assert L.shape == (3, 1, 9) and Q.shape == (3, 1, 9, 9)
+    assert L.shape == (3, 1, n) and Q.shape == (3, 1, n, n)
     assert L[1, 0].isnan().all() and Q[1, 0].isnan().all()
     assert_tridiag_eigh(A[[0, 2]], L[[0, 2]], Q[[0, 2]], torch.float32, "the other matrices")
 
 
-def test_twostage_eigh_gradient_matches_the_reference(triton_backend, monkeypatch):
+def test_twostage_eigh_gradient_matches_the_reference(twostage_route):
     """Autograd through the forced path: torch's formulas on its outputs, so the gradient of a
-    sign-invariant function of ``(L, Q)`` equals the reference backend's."""
+    sign-invariant function of ``(L, Q)`` equals the reference backend's (float64 on Triton; Metal has
+    only float32)."""
     from metalcore import _selection
-    from metalcore.linalg import eigh_triton
-    monkeypatch.setattr(eigh_triton, "TWOSTAGE_MIN_N", 1)
-    A = symmetric((1,), 9).requires_grad_()
+    backend, _ = twostage_route
+    dtype, tol = (torch.float64, 1e-9) if backend == "triton" else (torch.float32, 1e-3)
+    A = symmetric((1,), 9, dtype).requires_grad_()
 
     def loss(L, Q):
         return ((Q * torch.exp(L / 4).unsqueeze(-2)) @ Q.mT).sum() + (L ** 2).sum()
@@ -1320,7 +1334,7 @@ def test_twostage_eigh_gradient_matches_the_reference(triton_backend, monkeypatc
         grad, = torch.autograd.grad(loss(*metalcore.linalg.eigh(A)), A)
     with metalcore.use_backend("reference"):
         expected, = torch.autograd.grad(loss(*metalcore.linalg.eigh(A)), A)
-    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grad, expected, rtol=tol, atol=tol)
 
 
 def test_twostage_path_is_offered_above_the_register_tile(triton_backend):
@@ -1338,8 +1352,8 @@ def test_twostage_path_is_offered_above_the_register_tile(triton_backend):
 def test_twostage_eigh_metal_matrix_families(metal_backend, poison):
     """Every matrix family in float32 through the Metal stages at n = 12 (band 3: 3 panels of the panel
     shader, bulges) and n = 70 (above the Jacobi shader's tile of 64; the default band 16), the upper
-    triangle read with garbage in the lower; without vectors the same eigenvalues bit for bit.
-    ``poison``: every entry a shader reads was written."""
+    triangle read with garbage in the lower; without vectors the same eigenvalues bit for bit; a band
+    wider than the shader's window is refused. ``poison``: every entry a shader reads was written."""
     from metalcore.linalg.eigh_twostage_metal import eigh_twostage_metal
     torch.manual_seed(8)
     for n, band, kinds in ((12, 3, KINDS), (70, 16, ("random", "rank", "cluster"))):
@@ -1350,37 +1364,5 @@ def test_twostage_eigh_metal_matrix_families(metal_backend, poison):
             assert_tridiag_eigh(A[i:i + 1], L[i:i + 1], Q[i:i + 1], torch.float32, f"Metal two-stage {kind} n={n}")
         values, none = eigh_twostage_metal(G, True, False, band=band)
         assert torch.equal(values, L) and none.numel() == 0
-
-
-def test_twostage_eigh_metal_serves_the_op_when_routed(metal_backend):
-    """Through ``metalcore.linalg.eigh`` on the Metal backend with the path forced: batch shape (3, 1)
-    at n = 70 with NaN in one matrix (that matrix only is NaN), ``eigvalsh`` agrees, the gradient
-    equals the reference backend's (torch's formulas on the path's outputs), n = 1 and an empty
-    batch; a band past the shader's window is refused."""
-    from metalcore import _selection
-    from metalcore.linalg.eigh_twostage_metal import band_to_tridiag_metal
-    A = symmetric((3, 1), 70, torch.float32)
-    A[1, 0, 5, 2] = float("nan")
-    with _selection.use_path("eigh", "twostage"):
-        L, Q = metalcore.linalg.eigh(A)
-        assert torch.equal(metalcore.linalg.eigvalsh(A).nan_to_num(), L.nan_to_num())
-        assert metalcore.linalg.eigh(torch.zeros(0, 3, 3))[1].shape == (0, 3, 3)
-        one = torch.tensor([[[-2.5]]])
-        L1, Q1 = metalcore.linalg.eigh(one)
-        assert torch.equal(L1, one[..., 0]) and torch.equal(Q1, torch.ones_like(one))
-    assert L.shape == (3, 1, 70) and Q.shape == (3, 1, 70, 70)
-    assert L[1, 0].isnan().all() and Q[1, 0].isnan().all()
-    assert_tridiag_eigh(A[[0, 2]].double(), L[[0, 2]], Q[[0, 2]], torch.float32, "the other matrices")
-
-    B = symmetric((1,), 9, torch.float32).requires_grad_()
-
-    def loss(L, Q):
-        return ((Q * torch.exp(L / 4).unsqueeze(-2)) @ Q.mT).sum() + (L ** 2).sum()
-
-    with _selection.use_path("eigh", "twostage"):
-        grad, = torch.autograd.grad(loss(*metalcore.linalg.eigh(B)), B)
-    with metalcore.use_backend("reference"):
-        expected, = torch.autograd.grad(loss(*metalcore.linalg.eigh(B)), B)
-    torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match=r"band must be in \[1, 32\]; got 33"):
-        band_to_tridiag_metal(torch.zeros(1, 40, 40), 33, True)
+        eigh_twostage_metal(torch.zeros(1, 40, 40), False, True, band=33)
