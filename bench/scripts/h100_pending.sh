@@ -3,7 +3,7 @@
 # inside the device tool's 10-minute limit). Run from the repository root with $OUT set:
 #
 #     bash bench/scripts/h100_pending.sh 1      # issue 18: CUDA-graph replay, two-stage eigh, eigh sweep
-#     bash bench/scripts/h100_pending.sh 2      # issue 17 v23: the split back-transformation
+#     bash bench/scripts/h100_pending.sh 2      # issue 17 v23 (split back-transformation); issue 18 stage times
 #
 # What each call settles is written in bench/linalg.md ("two-stage eigh above 128: first H100 runs",
 # "stage 3 splits T") and bench/linalg_triton.md (v23). Logs and JSON land in $OUT.
@@ -31,6 +31,11 @@ case "${1:-}" in
         -k "gpu and (tridiag or bidiag)" 2>&1 | tail -10 | tee "$OUT/tests.log"
     timeout 180 python bench/scripts/batched_eigh_svd_check.py --tridiag --no-hang --out "$OUT" 2>&1 \
         | tee "$OUT/tridiag.log" | tail -30
+    # Issue 18: the two-stage eigh's stage times, with the 'sweep-tiles' back-transformation beside
+    # 'wave' and 'sweeps' (bench/linalg.md, "a sweep's reflectors together"); no whole-call variants.
+    timeout 150 python bench/scripts/twostage_check.py --bands 16 --no-peers \
+        --skip "twostage b=16,values b=16,path,path values,cusolver,torch,auto" \
+        --cases 64x256:float32,16x512:float32,8x1024:float32 --out "$OUT" 2>&1 | tee "$OUT/twostage-stages.log" | tail -8
     ;;
 *)
     echo "usage: bash bench/scripts/h100_pending.sh 1|2" >&2

@@ -12,7 +12,8 @@ second call on, default band); ``cusolver`` (XsyevBatched through ctypes), ``tor
 call, its kernel count and its top kernels (torch.profiler) a band. Stage rows (CUDA events over back-to-back calls, GPU ms; each stage on
 inputs prepared by the stages before it, its own copy included): ``1 dense→band``, ``2
 band→tridiagonal`` (the wave schedule, reflectors kept) and ``2 sweeps`` (one step at a time),
-``3 values``, ``3 vectors``, ``4a band reflectors`` (wave) and ``4a sweeps``, ``4b panel
+``3 values``, ``3 vectors``, ``4a band reflectors`` (wave), ``4a sweeps`` and ``4a sweep-tiles``
+(a sweep's reflectors together), ``4b panel
 reflectors``, ``copy`` (one clone, to subtract). The predictions these are judged against are in bench/linalg.md, "two-stage
 eigh above 128".
 """
@@ -63,7 +64,8 @@ def stages(S: torch.Tensor, b: int, device) -> dict:
            "3 values": timed(lambda: tridiag_eig(d, e, False)),
            "3 vectors": timed(lambda: tridiag_eig(d, e, True)),
            "4a band reflectors": timed(lambda: apply_band_reflectors(W, Z.clone(), b, schedule="wave")),
-           "4a sweeps": timed(lambda: apply_band_reflectors(W, Z.clone(), b, schedule="sweeps"))}
+           "4a sweeps": timed(lambda: apply_band_reflectors(W, Z.clone(), b, schedule="sweeps")),
+           "4a sweep-tiles": timed(lambda: apply_band_reflectors(W, Z.clone(), b, schedule="sweep-tiles"))}
 
     def panels():
         X = Z.clone()

@@ -2,7 +2,8 @@
 matrix reduced to tridiagonal form by bulge chasing, and the back-transformation of its reflectors.
 
 Layers: ``_band_wave_kernel`` / ``_band_to_tridiag_kernel`` → :func:`band_to_tridiag`,
-``_band_back_wave_kernel`` / ``_band_back_kernel`` → :func:`apply_band_reflectors`; both called by :func:`metalcore.linalg.eigh_twostage.eigh_twostage`.
+``_band_back_wave_kernel`` / ``_band_back_kernel`` / ``_band_back_sweep_tiles_kernel`` →
+:func:`apply_band_reflectors`; both called by :func:`metalcore.linalg.eigh_twostage.eigh_twostage`.
 
 **Bulge chasing** (Schwarz's one-column scheme, as LAPACK's ``dsytrd_sb2st`` kernels run it), one
 program a matrix, the lower band of width ``b`` held in the matrix's own dense storage (only the
@@ -37,7 +38,8 @@ This is the pipelined schedule of PLASMA's and MAGMA's bulge chasing, run in one
 ``[sweep, step]`` and applied to the tridiagonal eigenvectors ``Z`` in reverse order, by programs of
 ``BC`` columns each (the columns are independent), ``4 b`` flops per column of ``Z`` and reflector:
 ``≈ 2n³`` per matrix. ``'sweeps'`` takes the ``n²/(2b)`` reflectors one at a time; ``'wave'`` walks the
-time steps backwards, each time step's reflectors (disjoint rows) together.
+time steps backwards, each time step's reflectors (disjoint rows) together; ``'sweep-tiles'``
+walks the sweeps backwards, each sweep's reflectors (disjoint rows too) together.
 """
 
 from __future__ import annotations
@@ -185,6 +187,13 @@ SCHEDULE = "wave"
 # 'wave' against 'sweeps': 1.75 / 1.15 at 64×256² (the wave's window tiles cost more than its 2n
 # time steps save there), 1.72 / 4.10 at 16×512², 7.8 / 16.8 at 8×1024².
 WAVE_BACK_MIN_N = 512
+# The back-transformation's schedules: stage 2's two, and 'sweep-tiles' (``_band_back_sweep_tiles_kernel``):
+# the sweeps backwards, each sweep's reflectors (disjoint rows) applied together as one
+# ``[steps, b, columns]`` tile — n − 2 dependent steps, where 'sweeps' takes ≈ n²/(2b) and 'wave'
+# 2n − 5 of the same tile size (254 / 2,048 / 507 at n = 256, b = 16; 1,022 / 32,768 / 2,043 at
+# 1024). Not yet timed: predicted ~0.9 ms at 64×256² and ~4 ms at 8×1024² (half the wave's steps
+# at its cost a step; bench/linalg.md), so not a default until measured.
+BACK_SCHEDULES = (*SCHEDULES, "sweep-tiles")
 # Entries of one [slots, BB, BB] window tile of the wave kernel: 16 windows of 16 × 16 (4,096, 32 a
 # lane at 4 warps); more slots than that are taken in chunks. Not yet timed.
 WAVE_TILE = 4096
@@ -276,6 +285,35 @@ def _band_back_wave_kernel(W, Z, n, ncols, b, steps, slots, s_zb, s_zr, s_zc, BB
         tl.debug_barrier()
 
 
+@jit
+def _band_back_sweep_tiles_kernel(W, Z, n, ncols, b, steps, s_zb, s_zr, s_zc, BB: tl.constexpr, BC: tl.constexpr,
+                                  KC: tl.constexpr):
+    mat = tl.program_id(0).to(tl.int64)
+    refl = W + mat * (n - 2) * steps * BB
+    r = tl.arange(0, BB)
+    c2 = r[None, :]
+    r3 = r[None, :, None]
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    at = Z + mat * s_zb + cols[None, None, :] * s_zc
+    kk = tl.arange(0, KC)
+    # The sweeps backwards; a sweep's reflectors act on disjoint rows, so they go together.
+    for u in range(0, n - 2):
+        st = n - 3 - u
+        count = (n - 3 - st) // b + 1
+        for c0 in range(0, count, KC):
+            s = c0 + kk
+            act = s < count
+            j0 = st + 1 + s * b
+            ell = tl.minimum(b, n - j0)
+            w = tl.load(refl + (st * steps + s)[:, None] * BB + c2, mask=act[:, None], other=0.0)
+            rows = j0[:, None, None] + r3
+            inside = act[:, None, None] & (r3 < ell[:, None, None]) & (cols[None, None, :] < ncols)
+            z = tl.load(at + rows * s_zr, mask=inside, other=0.0)
+            z = z - w[:, :, None] * tl.sum(w[:, :, None] * z, axis=1)[:, None, :]
+            tl.store(at + rows * s_zr, z, mask=inside)
+        tl.debug_barrier()
+
+
 # Columns of Z a program of the back-transformation: 32 columns of a 16-row window are 512 entries,
 # two warps at 8 a lane ('sweeps'); 16 columns of up to 16 windows ('wave'). Not yet timed.
 BACK_COLUMNS = 32
@@ -286,13 +324,14 @@ def apply_band_reflectors(W: Tensor, Z: Tensor, b: int, columns: int | None = No
                           schedule: str | None = None) -> Tensor:
     """``Z ← Q₂ Z`` in place for ``Z`` ``(B, n, k)``, with ``Q₂`` the product of the reflectors
     :func:`band_to_tridiag` kept in ``W``: ``Q₂ᵀ S Q₂`` is the tridiagonal matrix it returned.
-    ``columns``: of ``Z`` a program; ``schedule``: one of :data:`SCHEDULES`, whichever stage 2 ran
-    (the reflectors of one time step of the wave touch disjoint rows, so they are applied together);
-    by default ``'wave'`` from :data:`WAVE_BACK_MIN_N` rows on, else ``'sweeps'``."""
+    ``columns``: of ``Z`` a program; ``schedule``: one of :data:`BACK_SCHEDULES`, whichever stage 2
+    ran (the reflectors of one time step of the wave, or of one sweep, touch disjoint rows, so they are
+    applied together); by default ``'wave'`` from :data:`WAVE_BACK_MIN_N` rows on, else ``'sweeps'``."""
     if schedule is None:
         schedule = "wave" if Z.shape[1] >= WAVE_BACK_MIN_N else "sweeps"
-    if schedule not in SCHEDULES:
-        raise ValueError(f"metalcore apply_band_reflectors: schedule must be one of {SCHEDULES}; got {schedule!r}")
+    if schedule not in BACK_SCHEDULES:
+        raise ValueError(f"metalcore apply_band_reflectors: schedule must be one of {BACK_SCHEDULES}; "
+                         f"got {schedule!r}")
     B, n, k = Z.shape
     if B == 0 or n < 3 or k == 0 or b < 2:          # a band of width 1 is tridiagonal: no reflectors
         return Z
@@ -305,6 +344,12 @@ def apply_band_reflectors(W: Tensor, Z: Tensor, b: int, columns: int | None = No
         KC = min(triton.next_power_of_2(slots), max(1, WAVE_TILE // (BB * columns)))
         _band_back_wave_kernel[(B, triton.cdiv(k, columns))](W, Z, n, k, b, steps, slots, *strides, BB=BB,
                                                             BC=columns, KC=KC, num_warps=4)
+        return Z
+    if schedule == "sweep-tiles":
+        columns = columns or WAVE_BACK_COLUMNS
+        KC = min(triton.next_power_of_2(steps), max(1, WAVE_TILE // (BB * columns)))
+        _band_back_sweep_tiles_kernel[(B, triton.cdiv(k, columns))](W, Z, n, k, b, steps, *strides, BB=BB,
+                                                                    BC=columns, KC=KC, num_warps=4)
         return Z
     columns = columns or BACK_COLUMNS
     _band_back_kernel[(B, triton.cdiv(k, columns))](W, Z, n, k, b, steps, *strides, BB=BB, BC=columns,

@@ -990,7 +990,7 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
     schedules: the sweeps one after another, and every sweep in flight at once (14: 4 steps in the
     first sweep, 2 slots). Width 1 is already tridiagonal (no reflector changes anything), and a band
     wider than the matrix is a dense matrix."""
-    from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
+    from metalcore.linalg.eigh_band_triton import BACK_SCHEDULES, apply_band_reflectors, band_to_tridiag
     B = band_of((2,), n, b, dtype)
     S = B.tril() + torch.full_like(B, 7.0).triu(1)
     d, e, W = band_to_tridiag(S, b, True, schedule)
@@ -999,11 +999,11 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
     Q = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, schedule)
     assert_lapack_ratio(residual_ratio(B.double(), Q.double() @ T.double() @ Q.double().mT, dtype), "B = Q₂ T Q₂ᵀ")
     assert_lapack_ratio(orthogonality_ratio(Q, dtype), "Q₂")
-    # The back-transformation's schedule is chosen apart from stage 2's: the other one reads the same
-    # reflectors and applies them in another order of disjoint steps, to rounding.
-    other = "sweeps" if schedule == "wave" else "wave"
-    Q_other = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, other)
-    assert (Q_other - Q).abs().max() <= 8 * torch.finfo(dtype).eps
+    # The back-transformation's schedule is chosen apart from stage 2's: the others read the same
+    # reflectors and apply them in another order of disjoint steps, to rounding.
+    for other in BACK_SCHEDULES:
+        Q_other = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, other)
+        assert (Q_other - Q).abs().max() <= 8 * torch.finfo(dtype).eps, other
     d2, e2, none = band_to_tridiag(B.tril() + torch.full_like(B, 7.0).triu(1), b, False, schedule)
     assert none is None and torch.equal(d2, d) and torch.equal(e2, e)
     if b == 1:
@@ -1013,15 +1013,21 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
 def test_band_wave_takes_its_windows_in_chunks(triton_backend, monkeypatch):
     """More sweeps in flight than one window tile holds (n = 1024 at band 16 on a GPU: 32 slots, tiles
     of 16): with ``WAVE_TILE`` cut to one window the slots go one a chunk, and since the windows of a
-    time step are independent the result is the same to the bit, reduction and back-transformation."""
+    time step are independent the result is the same to the bit, reduction and back-transformation;
+    the same for a sweep's reflectors in the 'sweep-tiles' back-transformation (4 a sweep at n = 14)."""
     from metalcore.linalg import eigh_band_triton as band
     B = band_of((1,), 14, 3, torch.float64)
     d, e, W = band.band_to_tridiag(B.clone(), 3, True, "wave")
     Q = band.apply_band_reflectors(W, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "wave")
+    Qs = band.apply_band_reflectors(W, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "sweep-tiles")
     monkeypatch.setattr(band, "WAVE_TILE", 16)
     d1, e1, W1 = band.band_to_tridiag(B.clone(), 3, True, "wave")
     Q1 = band.apply_band_reflectors(W1, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "wave")
     assert torch.equal(d1, d) and torch.equal(e1, e) and torch.equal(Q1, Q)
+    Qs1 = band.apply_band_reflectors(W1, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "sweep-tiles")
+    assert torch.equal(Qs1, Qs)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        band.apply_band_reflectors(W1, torch.eye(14, dtype=torch.float64)[None].clone(), 3, 8, "diagonal")
 
 
 # --- Tridiagonal eigensolver of any order (tridiag_eig_triton, stage 3 of the two-stage eigh) ------
