@@ -18,9 +18,9 @@ without), and this kernel does not need it: its 2×2 block updates in a packed s
 converged in 10-14 sweeps on 16 matrices each of every hard family at n = 63 and 64.
 One threadgroup per matrix holds the read triangle packed (8.1 KiB at n = 64) and the eigenvectors
 (16 KiB) in threadgroup memory: float32 with ``n`` up to ``METALCORE_LINALG_MAX_N`` (64); float64
-(no such type on Apple GPUs) stays on the reference through ``supports``, and larger float32 matrices
-through the kernel's routing, unless the two-stage path is forced or measured
-(:mod:`metalcore.linalg.eigh_twostage_metal`).
+(no such type on Apple GPUs) and larger matrices stay on the reference through ``supports``, unless
+an alternative path takes them (the two-stage solver, :mod:`metalcore.linalg.eigh_twostage_metal`,
+when forced by ``use_path`` or chosen by a measured table).
 """
 
 import math
@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from metalcore import _metal
+from metalcore import _metal, _selection
 from metalcore.linalg._small_metal import fits, threads_for
 from metalcore.linalg.eigh import eigh_op
 
@@ -60,15 +60,12 @@ def eigh_launch(A: Tensor, upper: bool, compute_v: bool) -> tuple[Tensor, Tensor
     return L, Q
 
 
-def _supported(A: Tensor) -> bool:
-    # Above the tile, float32 matrices are the kernel's too, so that a forced or measured alternative
-    # path (the two-stage solver, metalcore/linalg/eigh_twostage_metal.py) can take them; its own
-    # routing sends them to the reference.
-    return fits(A) or (A.dtype == torch.float32 and A.dim() >= 2)
+def _supported(A: Tensor, UPLO: str, compute_v: bool) -> bool:
+    # Above the tile only where an alternative path takes the input (forced, or a measured table's:
+    # the two-stage solver, metalcore/linalg/eigh_twostage_metal.py); else the reference, as before.
+    return fits(A) or _selection.route("eigh", "metal", (A, UPLO, compute_v)) is not None
 
 
-@eigh_op.implement("metal", supports=lambda A, UPLO, compute_v: _supported(A))
+@eigh_op.implement("metal", supports=_supported)
 def _eigh_metal(A: Tensor, UPLO: str, compute_v: bool) -> tuple[Tensor, Tensor]:
-    if not fits(A):
-        return eigh_op.reference(A, UPLO, compute_v)
     return eigh_launch(A, UPLO == "U", compute_v)

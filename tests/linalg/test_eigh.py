@@ -1372,3 +1372,18 @@ def test_twostage_eigh_metal_matrix_families(metal_backend, poison):
         assert torch.equal(values, L) and none.numel() == 0
     with pytest.raises(ValueError, match=r"band must be in \[1, 32\]; got 33"):
         eigh_twostage_metal(torch.zeros(1, 40, 40), False, True, band=33)
+
+
+def test_twostage_eigh_metal_is_taken_only_when_forced(metal_backend):
+    """Not timed on Apple hardware, so not automatic: above the Jacobi tile the Metal backend leaves
+    eigh to the reference unless ``use_path`` forces the two-stage path (or a measured table names it);
+    forced, a float64 input (no such type on Apple GPUs) is refused, not silently sent elsewhere."""
+    from metalcore import _selection
+    from metalcore._backend import BackendUnavailableError
+    from metalcore.linalg.eigh import eigh_op
+    A = symmetric((2,), 70, torch.float32)
+    assert eigh_op.backend_for(A, "L", True) == "reference"
+    with _selection.use_path("eigh", "twostage"):
+        assert eigh_op.backend_for(A, "L", True) == "metal"
+        with pytest.raises(BackendUnavailableError, match="does not take this input"):
+            metalcore.linalg.eigh(A.double())
