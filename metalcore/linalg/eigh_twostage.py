@@ -104,12 +104,14 @@ def symmetric_band(S: Tensor, b: int, keep: bool, panel: Callable[[Tensor], tupl
         if w < b:
             larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
         P[..., :w].triu_()                    # R stays; the reflectors live on in V
-        # Y = A₂₂ V T and Tᵀ Vᵀ Y = (V T)ᵀ Y: six launches a panel, the host's share at n = 256.
+        # Y = A₂₂ V T and Tᵀ Vᵀ Y = (V T)ᵀ Y; then A₂₂ −= V Zᵀ + Z Vᵀ as one rank-2b product
+        # [V Z] [Z V]ᵀ: three passes over A₂₂ (the traffic), where two rank-b updates made five, for
+        # one more launch a panel (seven). Not yet timed: bench/linalg.md, "one rank-2b update".
         VT = torch.bmm(V, T)
         A22 = S[:, j + b:, j + b:]
         Y = torch.bmm(A22, VT)
         Z = torch.baddbmm(Y, V, torch.bmm(VT.mT, Y), alpha=-0.5)
-        A22.baddbmm_(V, Z.mT, alpha=-1).baddbmm_(Z, V.mT, alpha=-1)
+        A22.baddbmm_(torch.cat([V, Z], -1), torch.cat([Z, V], -1).mT, alpha=-1)
         if keep:
             blocks.append((j + b, V, T))
     return blocks
