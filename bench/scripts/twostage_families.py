@@ -45,13 +45,14 @@ def main():
             norm = torch.linalg.matrix_norm(A64, 2)
             eye = torch.eye(args.n, dtype=torch.float64)
             ratios = {
-                "residual": torch.linalg.matrix_norm(A64 - (Q64 * L64.unsqueeze(-2)) @ Q64.mT, 1) / (args.n * eps * norm),
+                "residual": torch.linalg.matrix_norm(A64 - (Q64 * L64.unsqueeze(-2)) @ Q64.mT, 1)
+                / (args.n * eps * norm),
                 "orthogonality": torch.linalg.matrix_norm(Q64.mT @ Q64 - eye, 1) / (args.n * eps),
                 "values": (L64 - torch.linalg.eigvalsh(A64)).abs().amax(-1) / (args.n * eps * norm)}
             ratios = {k: float(v.max()) for k, v in ratios.items()}
             worst = max(worst, *ratios.values())
-            print(f"{args.backend} n={args.n} {str(dtype)[6:]:8} {kind:8} "
-                  + "  ".join(f"{k} {v:6.3f}" for k, v in ratios.items()) + f"  {time.time() - start:6.1f} s", flush=True)
+            text = "  ".join(f"{k} {v:6.3f}" for k, v in ratios.items())
+            print(f"{args.backend} n={args.n} {str(dtype)[6:]:8} {kind:8} {text}  {time.time() - start:6.1f} s", flush=True)
     print(f"worst ratio {worst:.3f}: {'ok' if worst <= 30 else 'FAIL'}")
     sys.exit(0 if worst <= 30 else 1)
 

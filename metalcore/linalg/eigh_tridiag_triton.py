@@ -23,8 +23,8 @@ cuSOLVER's 0.38).
    eigenvalue inside Gershgorin's interval; ``count(x)``, the number of eigenvalues below ``x``, is
    the number of negative pivots of ``T − x I`` (``q₀ = d₀ − x``, ``q_i = d_i − x − e²_{i−1}/q_{i−1}``,
    a pivot smaller than ``pivmin`` replaced by ``−pivmin``). Each step halves every lane's bracket;
-   :data:`~metalcore.linalg.tridiag_host.BITS` halvings take Gershgorin's width (≤ 3 after scaling) below ``ε``; with several
-   points a lane (multisection, :data:`SECTIONS`) each pass of the recurrence does several.
+   :data:`~metalcore.linalg.tridiag_host.BITS` halvings take Gershgorin's width (≤ 3 after scaling)
+   below ``ε``; with several points a lane (multisection, :data:`SECTIONS`) each pass of the recurrence does several.
 4. **Inverse iteration** (LAPACK ``stein``): lane j solves ``(T − λ_j I) x = z`` through the
    ``L D Lᵀ`` factors of the Sturm recurrence, twice (:data:`ROUNDS`), from pseudo-random vectors,
    with Gram-Schmidt within clusters (:data:`ORTOL_N`) after each solve; eigenvalues closer than
@@ -348,8 +348,8 @@ def _reflect_kernel(R, Q, length, count, ncols, s_rb, s_qb, s_qr, s_qc, BN: tl.c
 
 @jit
 def _tridiag_eigh_kernel(A, L, V, R, DS, ES, ZS, YS, QS, nb, n, s_ab, s_ar, s_ac, eps, PIVMIN: tl.constexpr,
-                         iterations, ortol, rounds, BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr, SECTIONS: tl.constexpr,
-                         SPLIT_BACK: tl.constexpr):
+                         iterations, ortol, rounds, BN: tl.constexpr, UPPER: tl.constexpr, WANT_V: tl.constexpr,
+                         SECTIONS: tl.constexpr, SPLIT_BACK: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BN)

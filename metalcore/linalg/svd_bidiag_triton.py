@@ -52,8 +52,8 @@ from metalcore.linalg.householder_gemm import as3
 
 @jit
 def _bidiag_svd_kernel(A, S, U, V, RU, RV, DS, ES, ZS, YS, QS, nb, m, n, s_ab, s_ar, s_ac, s_ur, s_uc, s_vr, s_vc,
-                       eps, PIVMIN: tl.constexpr, passes, ortol, rounds, BM: tl.constexpr, BN: tl.constexpr, SECTIONS: tl.constexpr,
-                       WANT_UV: tl.constexpr, SPLIT_BACK: tl.constexpr):
+                       eps, PIVMIN: tl.constexpr, passes, ortol, rounds, BM: tl.constexpr, BN: tl.constexpr,
+                       SECTIONS: tl.constexpr, WANT_UV: tl.constexpr, SPLIT_BACK: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     rows = tl.arange(0, BM)

@@ -13,7 +13,7 @@ import torch
 from backends import expected_backend
 
 import metalcore
-from metalcore import _metal
+from metalcore import _metal, _selection
 from metalcore.linalg.cholesky import cholesky_ex_op
 from metalcore.linalg.cholesky_solve import cholesky_solve_op
 from metalcore.linalg.eigh import eigh_op
@@ -30,7 +30,7 @@ from metalcore.nn.rms_norm import fused_add_rms_norm_fwd, rms_norm_bwd, rms_norm
 from metalcore.nn.rope import rope_bwd, rope_fwd
 from metalcore.nn.swiglu import swiglu_bwd, swiglu_fwd
 from metalcore.optim.adamw import adamw_step_
-from oracle import assert_within_torch_error, float64
+from oracle import assert_lapack_ratio, assert_within_torch_error, float64, orthogonality_ratio, residual_ratio
 from tolerances import TOL
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,6 +100,17 @@ def _linalg(dtype):
     _check(qr_op, torch.randn(_metal.constants()["METALCORE_LINALG_MAX_N"] + 6, 5), "reduced")
     # Values only: eigen- and singular vectors are defined up to sign, so they are not compared here.
     _check(eigh_op, X @ X.mT, "L", False)
+    # Above the tile, the two-stage path (forced: it is not automatic on Metal): the values by the rule,
+    # and with vectors (every stage's shader runs) LAPACK's residual and orthogonality ratios.
+    G = torch.randn(2, 70, 70)
+    G = G @ G.mT
+    with _selection.use_path("eigh", "twostage"):
+        _check(eigh_op, G, "L", False)
+        with metalcore.use_backend("metal"):
+            L, Q = eigh_op(G, "L", True)
+    assert_lapack_ratio(residual_ratio(G.double(), (Q.double() * L.double().unsqueeze(-2)) @ Q.double().mT,
+                                       torch.float32), "two-stage eigh residual")
+    assert_lapack_ratio(orthogonality_ratio(Q, torch.float32), "two-stage eigh Q")
     _check(svd_op, X[..., :4], False, False)
     QR, tau = torch.geqrf(X[..., :4])
     T = larft_op.reference(QR, tau)
