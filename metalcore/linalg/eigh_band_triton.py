@@ -254,14 +254,28 @@ def _band_back_kernel(W, Z, n, ncols, b, steps, s_zb, s_zr, s_zc, BB: tl.constex
             tl.debug_barrier()
 
 
+@helper
+def _reflect_windows(refl, at, st, s, act, n, b, steps, s_zr, cols, ncols, BB: tl.constexpr):
+    """``Z ← H Z`` for each active reflector of a ``[k]`` tile: reflector ``s`` of sweep ``st`` (``w = √τ v``
+    at ``refl + (st · steps + s) · BB``) on its rows ``j₀ = st + 1 + s·b …`` of the columns ``cols`` of
+    ``Z`` at ``at``; the windows of one tile must touch disjoint rows."""
+    r = tl.arange(0, BB)
+    r3 = r[None, :, None]
+    j0 = st + 1 + s * b
+    ell = tl.minimum(b, n - j0)
+    w = tl.load(refl + (st * steps + s)[:, None] * BB + r[None, :], mask=act[:, None], other=0.0)
+    rows = j0[:, None, None] + r3
+    inside = act[:, None, None] & (r3 < ell[:, None, None]) & (cols[None, None, :] < ncols)
+    z = tl.load(at + rows * s_zr, mask=inside, other=0.0)
+    z = z - w[:, :, None] * tl.sum(w[:, :, None] * z, axis=1)[:, None, :]
+    tl.store(at + rows * s_zr, z, mask=inside)
+
+
 @jit
 def _band_back_wave_kernel(W, Z, n, ncols, b, steps, slots, s_zb, s_zr, s_zc, BB: tl.constexpr, BC: tl.constexpr,
                            KC: tl.constexpr):
     mat = tl.program_id(0).to(tl.int64)
     refl = W + mat * (n - 2) * steps * BB
-    r = tl.arange(0, BB)
-    c2 = r[None, :]
-    r3 = r[None, :, None]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     at = Z + mat * s_zb + cols[None, None, :] * s_zc
     kk = tl.arange(0, KC)
@@ -274,14 +288,7 @@ def _band_back_wave_kernel(W, Z, n, ncols, b, steps, slots, s_zb, s_zr, s_zc, BB
             st = h - (h - k + slots) % slots
             s = t - 2 * st
             act = (k < slots) & (st >= 0) & (s <= (n - 3 - st) // b)
-            j0 = st + 1 + s * b
-            ell = tl.minimum(b, n - j0)
-            w = tl.load(refl + (st * steps + s)[:, None] * BB + c2, mask=act[:, None], other=0.0)
-            rows = j0[:, None, None] + r3
-            inside = act[:, None, None] & (r3 < ell[:, None, None]) & (cols[None, None, :] < ncols)
-            z = tl.load(at + rows * s_zr, mask=inside, other=0.0)
-            z = z - w[:, :, None] * tl.sum(w[:, :, None] * z, axis=1)[:, None, :]
-            tl.store(at + rows * s_zr, z, mask=inside)
+            _reflect_windows(refl, at, st, s, act, n, b, steps, s_zr, cols, ncols, BB)
         tl.debug_barrier()
 
 
@@ -290,9 +297,6 @@ def _band_back_sweep_tiles_kernel(W, Z, n, ncols, b, steps, s_zb, s_zr, s_zc, BB
                                   KC: tl.constexpr):
     mat = tl.program_id(0).to(tl.int64)
     refl = W + mat * (n - 2) * steps * BB
-    r = tl.arange(0, BB)
-    c2 = r[None, :]
-    r3 = r[None, :, None]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     at = Z + mat * s_zb + cols[None, None, :] * s_zc
     kk = tl.arange(0, KC)
@@ -302,15 +306,7 @@ def _band_back_sweep_tiles_kernel(W, Z, n, ncols, b, steps, s_zb, s_zr, s_zc, BB
         count = (n - 3 - st) // b + 1
         for c0 in range(0, count, KC):
             s = c0 + kk
-            act = s < count
-            j0 = st + 1 + s * b
-            ell = tl.minimum(b, n - j0)
-            w = tl.load(refl + (st * steps + s)[:, None] * BB + c2, mask=act[:, None], other=0.0)
-            rows = j0[:, None, None] + r3
-            inside = act[:, None, None] & (r3 < ell[:, None, None]) & (cols[None, None, :] < ncols)
-            z = tl.load(at + rows * s_zr, mask=inside, other=0.0)
-            z = z - w[:, :, None] * tl.sum(w[:, :, None] * z, axis=1)[:, None, :]
-            tl.store(at + rows * s_zr, z, mask=inside)
+            _reflect_windows(refl, at, st, s, s < count, n, b, steps, s_zr, cols, ncols, BB)
         tl.debug_barrier()
 
 
