@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from metalcore.linalg.householder_gemm import as3, larfb_gemm
-from metalcore.linalg.qr_blocked import factor_block
+from metalcore.linalg.qr_blocked import Panel, factor_block
 
 # Width of the band between stages 1 and 2. Stage 2 runs n²/(2b) steps of a 2b × b window (16
 # windows of 16² a register tile in its wave), stage 1 n/b panels of b columns. H100, fp32, GPU ms
@@ -62,14 +62,15 @@ BAND = 16
 class Stages:
     """A backend's kernels for the steps of :func:`two_stage` that are not GEMMs.
 
-    * ``panel(P) -> (V, T)``: the QR of the panel ``P`` ``(B, h, w)`` in place (``R`` on top) and its
-      block reflector ``I − V T Vᵀ``, ``V`` explicit unit lower trapezoidal;
+    * ``panel``: how stage 1 factors its panels, a :data:`~metalcore.linalg.qr_blocked.Panel` for
+      :func:`~metalcore.linalg.qr_blocked.factor_block` (a variant's name, or a function that factors
+      the panel in place and returns ``tau``);
     * ``band_to_tridiag(S, b, compute_v) -> (d, e, W)``: stage 2 (``e[:, i] = T[i + 1, i]``, ``W`` the
       reflectors, or None);
     * ``tridiag_eig(d, e, compute_v) -> (lam, Z)``: stage 3, eigenvalues ascending;
     * ``apply_band_reflectors(W, Z, b)``: ``Z ← Q₂ Z`` in place."""
 
-    panel: Callable[[Tensor], tuple[Tensor, Tensor]]
+    panel: Panel
     band_to_tridiag: Callable[[Tensor, int, bool], tuple[Tensor, Tensor, Tensor | None]]
     tridiag_eig: Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]
     apply_band_reflectors: Callable[[Tensor, Tensor, int], Tensor]
@@ -80,19 +81,17 @@ def reflector_steps(n: int, b: int) -> int:
     return max(1, math.ceil((n - 2) / b))
 
 
-def _tall_panel(P: Tensor) -> tuple[Tensor, Tensor]:
-    # The tall-panel kernel at every height: it forms V and T in its one launch, where the
-    # register-tile kernel that 'auto' picks for panels of ≤ 128 rows needs ~25 more for larft
-    # (host-bound: stage 1 of 64×256² took 14.7 ms with 'auto' on the H100, bench/linalg.md).
-    _, V, T = factor_block(P, "tall")
-    return V, T
+# Stage 1's panels on the Triton backend: the tall-panel kernel at every height. It forms V and T in
+# its one launch, where the register-tile kernel that 'auto' picks for panels of ≤ 128 rows needs ~25
+# more for larft (host-bound: stage 1 of 64×256² took 14.7 ms with 'auto' on the H100, bench/linalg.md).
+TRITON_PANEL = "tall"
 
 
-def symmetric_band(S: Tensor, b: int, keep: bool, panel: Callable[[Tensor], tuple[Tensor, Tensor]] = _tall_panel
-                   ) -> list[tuple[int, Tensor, Tensor]]:
+def symmetric_band(S: Tensor, b: int, keep: bool, panel: Panel = TRITON_PANEL) -> list[tuple[int, Tensor, Tensor]]:
     """Stage 1: the full symmetric matrices ``S`` ``(B, n, n)`` reduced in place to lower band form
     of width ``b`` (entries below the band set to zero; the upper triangle is left stale), the panels
-    factored by ``panel`` (:class:`Stages`; default the Triton tall-panel kernel). Returns, with
+    factored by :func:`~metalcore.linalg.qr_blocked.factor_block` with ``panel`` (:class:`Stages`).
+    Returns, with
     ``keep``, each panel's ``(row, V, T)``: ``Q₁ = Π (I − V T Vᵀ)`` acting on rows ``row:``."""
     n = S.shape[-1]
     blocks = []
@@ -100,7 +99,7 @@ def symmetric_band(S: Tensor, b: int, keep: bool, panel: Callable[[Tensor], tupl
         h = n - j - b
         w = min(b, h - 1)                     # the last column of a short panel has nothing below
         P = S[:, j + b:, j:j + b]
-        V, T = panel(P[..., :w])
+        _, V, T = factor_block(P[..., :w], panel)
         if w < b:
             larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
         P[..., :w].triu_()                    # R stays; the reflectors live on in V
@@ -152,7 +151,7 @@ def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, sch
     from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
     from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 
-    stages = Stages(panel=_tall_panel, band_to_tridiag=functools.partial(band_to_tridiag, schedule=schedule),
+    stages = Stages(panel=TRITON_PANEL, band_to_tridiag=functools.partial(band_to_tridiag, schedule=schedule),
                     tridiag_eig=functools.partial(tridiag_eig, sections=sections),
                     apply_band_reflectors=functools.partial(apply_band_reflectors, schedule=schedule))
     return two_stage(A, upper, compute_v, band, stages)

@@ -3,7 +3,8 @@
 
 Layers: ``band_to_tridiag_float`` / ``band_back_float`` (``shaders/twostage.metal``) →
 :func:`band_to_tridiag_metal` / :func:`apply_band_reflectors_metal`, with the panel shader of the
-blocked QR (:func:`~metalcore.linalg.qr_blocked_metal.geqr2_panel_launch`) and stage 3 on Metal
+blocked QR (:func:`~metalcore.linalg.qr_blocked_metal.geqr2_panel_launch`, ``larft`` as GEMMs
+through :func:`~metalcore.linalg.qr_blocked.factor_block`) and stage 3 on Metal
 (:func:`~metalcore.linalg.tridiag_eig_metal.tridiag_eig_metal`) → :data:`STAGES` →
 :func:`~metalcore.linalg.eigh_twostage.two_stage`, the algorithm both backends share.
 
@@ -25,8 +26,6 @@ from torch import Tensor
 from metalcore import _metal
 from metalcore._selection import register_path
 from metalcore.linalg.eigh_twostage import BAND, Stages, reflector_steps, two_stage
-from metalcore.linalg.householder import _unit_lower
-from metalcore.linalg.householder_gemm import larft_gemm
 from metalcore.linalg.qr_blocked_metal import geqr2_panel_launch
 from metalcore.linalg.tridiag_eig_metal import tridiag_eig_metal
 
@@ -34,12 +33,6 @@ SHADER = "twostage"
 # Threads of stage 2's threadgroup (one a window entry at b = 16) and of the back-transformation's.
 BAND_THREADS = 256
 BACK_GROUP = 64
-
-
-def _panel(P: Tensor) -> tuple[Tensor, Tensor]:
-    tau = geqr2_panel_launch(P)
-    V = _unit_lower(P)
-    return V, larft_gemm(V, tau)
 
 
 def band_to_tridiag_metal(S: Tensor, b: int, compute_v: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -78,7 +71,7 @@ def apply_band_reflectors_metal(W: Tensor, Z: Tensor, b: int) -> Tensor:
     return Z
 
 
-STAGES = Stages(panel=_panel, band_to_tridiag=band_to_tridiag_metal, tridiag_eig=tridiag_eig_metal,
+STAGES = Stages(panel=geqr2_panel_launch, band_to_tridiag=band_to_tridiag_metal, tridiag_eig=tridiag_eig_metal,
                 apply_band_reflectors=apply_band_reflectors_metal)
 
 
