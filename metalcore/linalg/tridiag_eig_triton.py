@@ -4,27 +4,29 @@ iteration for the vectors, many programs a matrix.
 
 Layers: ``_values_kernel``, ``_inverse_iteration_kernel`` and ``_cluster_kernel`` →
 :func:`tridiag_eig`. :mod:`metalcore.linalg.eigh_tridiag_triton` does the same inside one program a
-matrix with ``T`` in registers (n ≤ 128); this module shares its accuracy design and the torch
-steps around the kernels with :mod:`metalcore.linalg.tridiag_host` (``ORTOL_N``, ``ROUNDS``,
-``TIGHT``, ``RHO``, ``SEED``, ``SPLIT``, with the measurements behind them), but keeps every
+matrix with ``T`` in registers (n ≤ 128); this module shares its accuracy design with
+:mod:`metalcore.linalg.tridiag_host` (``ORTOL_N``, ``ROUNDS``, ``TIGHT``, ``RHO``, ``SEED``, ``SPLIT``,
+with the measurements behind them), whose torch steps around the kernels run here fused into two
+launches (:mod:`metalcore.linalg.tridiag_plan_triton`: scaling and splitting ``T``, shifts and
+clusters), and keeps every
 ``n``-long column in global memory, so that nothing in registers grows with ``n``: a ``[4096, 32]``
 register tile, as the small kernel's ``tridiag_eigenvectors`` would need at n = 4096, is 512 KiB,
 twice an SM's registers.
 
-Each matrix is scaled by torch (on the device, no host sync) to ``max(|d|, |e|) = 1``; ``T`` below is
+Each matrix is scaled (on the device, no host sync) to ``max(|d|, |e|) = 1``; ``T`` below is
 the scaled matrix, whose spectrum lies in ``[−3, 3]``.
 
-0. **Blocks** (torch, :func:`~metalcore.linalg.tridiag_host.split_blocks`): ``T`` splits wherever an
+0. **Blocks** (:func:`~metalcore.linalg.tridiag_host.split_blocks`' rule): ``T`` splits wherever an
    off-diagonal is at rounding level (``≤ SPLIT · √n · ε``), set to zero, as LAPACK's ``dstebz`` splits
    it; lane ``j`` then serves the ``(j − f)``-th eigenvalue of the diagonal block of rows ``f … l`` that
    holds row ``j``, and its vector lives on those rows. A multiple eigenvalue (the ``3n/4`` zeros of a
    rank-``n/4`` Gram matrix) can only come from a split ``T``, and its lanes in different blocks need no
    orthogonalisation. At the end the eigenvalues are sorted and ``Z``'s columns follow them.
 1. **Values** (``_values_kernel``, grid ``(nb, ⌈n / lanes⌉)``): program ``(matrix, block)`` brackets
-   its lanes' eigenvalues inside Gershgorin's interval (computed by torch) by Sturm counts over the
+   its lanes' eigenvalues inside Gershgorin's interval (computed with the split) by Sturm counts over the
    rows of their blocks, ``sections`` points a lane and pass. The scaled eigenvalues go to global
    memory: step 2 reads every one of them.
-2. **Shifts and clusters** (torch, :func:`~metalcore.linalg.tridiag_host.shifts_and_clusters`): the
+2. **Shifts and clusters** (:func:`~metalcore.linalg.tridiag_host.shifts_and_clusters`' rule): the
    whole-spectrum twin of the small kernel's ``shifts()`` and ``clusters()``, which see only their
    program's lanes. A group of eigenvalues within ``TIGHT · ε`` of each other (a multiple eigenvalue)
    shares one shift beside the group; a group that crosses the edge between two programs' lanes, seen by
@@ -86,7 +88,8 @@ from torch import Tensor
 from metalcore._triton import cdiv, helper, jit, program_slots
 from metalcore.linalg._small_triton import warps
 from metalcore.linalg.eigh_tridiag_triton import SECTIONS, SEED
-from metalcore.linalg.tridiag_host import ROUNDS, eigenvalues, in_order, passes, prepare, vector_plan
+from metalcore.linalg.tridiag_host import ROUNDS, eigenvalues, in_order, passes
+from metalcore.linalg.tridiag_plan_triton import prepare, vector_plan
 
 # Values a thread of the tiles in which a program sweeps its columns (normalisation, Gram-Schmidt):
 # what the loops keep in registers does not grow with n. At 16 (a [64, 32] tile at 4 warps, [16, 32]

@@ -170,15 +170,13 @@ def cluster_lanes(first: Tensor) -> tuple[Tensor, Tensor]:
 @dataclass(frozen=True)
 class Problem:
     """One call's scaled, split ``T`` as the kernels read it (:func:`prepare`): ``D``, ``E`` ``(nb, n)``
-    (``E = 0`` where ``T`` splits), ``scale`` and ``finite`` ``(nb,)`` (:func:`scaled`), ``starts``
-    (True at a block's first row), each row's block ``first_row`` … ``last_row`` (int32), Gershgorin's
-    ``low``, ``high`` ``(nb,)``."""
+    (``E = 0`` where ``T`` splits), ``scale`` and ``finite`` ``(nb,)`` (:func:`scaled`), each row's
+    block ``first_row`` … ``last_row`` (int32), Gershgorin's ``low``, ``high`` ``(nb,)``."""
 
     D: Tensor
     E: Tensor
     scale: Tensor
     finite: Tensor
-    starts: Tensor
     first_row: Tensor
     last_row: Tensor
     low: Tensor
@@ -192,7 +190,7 @@ def prepare(d: Tensor, e: Tensor) -> Problem:
     starts = split_blocks(E, torch.finfo(d.dtype).eps)
     first_row, last_row = (x.to(torch.int32).contiguous() for x in segments(starts))
     low, high = gershgorin(D, E)
-    return Problem(D, E, scale, finite, starts, first_row, last_row, low.contiguous(), high.contiguous())
+    return Problem(D, E, scale, finite, first_row, last_row, low.contiguous(), high.contiguous())
 
 
 def eigenvalues(problem: Problem, LS: Tensor) -> tuple[Tensor, Tensor]:
@@ -207,7 +205,8 @@ def eigenvalues(problem: Problem, LS: Tensor) -> tuple[Tensor, Tensor]:
 def vector_plan(problem: Problem, LS: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(shift, first, todo, count)`` for the vectors' kernels: :func:`shifts_and_clusters` (``first``
     as int32) and :func:`cluster_lanes`."""
-    shift, first = shifts_and_clusters(LS, torch.finfo(LS.dtype).eps, problem.starts)
+    starts = problem.first_row == torch.arange(LS.shape[1], device=LS.device)
+    shift, first = shifts_and_clusters(LS, torch.finfo(LS.dtype).eps, starts)
     todo, count = cluster_lanes(first)
     return shift.contiguous(), first.to(torch.int32).contiguous(), todo, count
 

@@ -1227,6 +1227,36 @@ def test_tridiag_eig_nan_stays_in_its_matrix(dtype, tridiag_solver):
     assert_tridiag_eig(d[[0, 3]], e[[0, 3]], lam[[0, 3]], Z[[0, 3]], dtype, f"finite matrices beside NaN {dtype}")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n,block", [(1, None), (2, None), (7, None), (70, 16), (129, 32), (300, None)], ids=str)
+def test_tridiag_plan_kernels_are_the_torch_steps(n, block, dtype, triton_backend):
+    """The Triton solver's two fused launches (tridiag_plan_triton) give exactly what the torch steps of
+    tridiag_host give (the Metal solver's, tested end to end there): every output equal, over tiles
+    smaller than n (the scans' carries), splits at rounding level, groups of eigenvalues within a few ε
+    and clusters, a zero matrix, NaN and Inf in d and e, NaN in e's unread last column."""
+    from metalcore.linalg import tridiag_host, tridiag_plan_triton
+    torch.manual_seed(n)
+    nb, eps = 5, torch.finfo(dtype).eps
+    d, e = torch.randn(2, nb, n, dtype=dtype)
+    e[:, ::5] = eps * torch.rand(nb, len(range(0, n, 5)), dtype=dtype)    # splits
+    d[1], e[1] = 0.0, 0.0
+    d[2, min(3, n - 1)] = float("nan")
+    e[3, 0] = float("inf")
+    e[0, n - 1] = float("nan")
+    torch_steps, fused = tridiag_host.prepare(d, e), tridiag_plan_triton.prepare(d, e, block=block)
+    for field in ("D", "E", "scale", "finite", "first_row", "last_row", "low", "high"):
+        expected, got = getattr(torch_steps, field), getattr(fused, field)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), f"{field}: {got} != {expected}"
+    if n > 1:
+        assert int((fused.first_row[4] == torch.arange(n)).sum()) > 1, "T splits"
+    LS = torch.randn(nb, n, dtype=dtype).sort(1).values
+    LS[:, 1::3] = LS[:, 0::3][:, : LS[:, 1::3].shape[1]] + 2 * eps     # groups within TIGHT · ε
+    for got, expected, name in zip(tridiag_plan_triton.vector_plan(fused, LS, block=block),
+                                   tridiag_host.vector_plan(torch_steps, LS), ("shift", "first", "todo", "count")):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), f"{name}: {got} != {expected}"
+
+
 def test_sturm_kernels_take_the_smallest_pivot_as_a_constexpr(triton_backend):
     """A Python float argument reaches a compiled Triton kernel as fp32, where float64's smallest
     normal (2.2e-308) is 0: a zero pivot then stays zero, and with ``e = 0`` after it (a split T) the
@@ -1237,11 +1267,12 @@ def test_sturm_kernels_take_the_smallest_pivot_as_a_constexpr(triton_backend):
 
     import triton.language as tl
 
-    from metalcore.linalg import eigh_tridiag_triton, svd_bidiag_triton, tridiag_eig_triton
-    for kernel in (eigh_tridiag_triton._tridiag_eigh_kernel, svd_bidiag_triton._bidiag_svd_kernel,
-                   tridiag_eig_triton._values_kernel):
+    from metalcore.linalg import eigh_tridiag_triton, svd_bidiag_triton, tridiag_eig_triton, tridiag_plan_triton
+    for kernel, name in ((eigh_tridiag_triton._tridiag_eigh_kernel, "PIVMIN"),
+                         (svd_bidiag_triton._bidiag_svd_kernel, "PIVMIN"), (tridiag_eig_triton._values_kernel, "PIVMIN"),
+                         (tridiag_plan_triton._prepare_kernel, "TINY")):
         parameters = inspect.signature(kernel.fn).parameters
-        assert parameters["PIVMIN"].annotation in (tl.constexpr, "tl.constexpr"), kernel.fn.__name__
+        assert parameters[name].annotation in (tl.constexpr, "tl.constexpr"), kernel.fn.__name__
 
 
 def test_tridiag_eig_rejects_bad_arguments(triton_backend):
