@@ -70,8 +70,8 @@ def _prepare_kernel(d, e, D, E, FIRST_ROW, LAST_ROW, LOW, HIGH, SCALE, FINITE, n
     s = tl.where(scale > 0.0, scale, 1.0)
     # Forward: D and the split E, each row's block's first row, Gershgorin's interval.
     first_carry = 0
-    low = float("inf")
-    high = -float("inf")
+    low = tl.full([BLOCK], float("inf"), dt)
+    high = tl.full([BLOCK], -float("inf"), dt)
     for i0 in range(0, n, BLOCK):
         i = i0 + lanes
         inside = i < n
@@ -89,8 +89,9 @@ def _prepare_kernel(d, e, D, E, FIRST_ROW, LAST_ROW, LOW, HIGH, SCALE, FINITE, n
         tl.store(FIRST_ROW + mat * n + i, first, mask=inside)
         first_carry = tl.max(tl.where(inside, first, 0), axis=0)
         radius = tl.abs(y) + tl.abs(before)
-        low = tl.minimum(low, tl.min(tl.where(inside, x - radius, float("inf")), axis=0))
-        high = tl.maximum(high, tl.max(tl.where(inside, x + radius, -float("inf")), axis=0))
+        low = tl.minimum(low, tl.where(inside, x - radius, float("inf")))
+        high = tl.maximum(high, tl.where(inside, x + radius, -float("inf")))
+    low, high = tl.min(low, axis=0), tl.max(high, axis=0)
     pad = 4.0 * EPS * tl.maximum(tl.abs(low), tl.abs(high)) + 2.0 * TINY
     tl.store(LOW + mat, low - pad)
     tl.store(HIGH + mat, high + pad)
