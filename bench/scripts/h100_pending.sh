@@ -9,6 +9,7 @@
 # "stage 3 splits T") and bench/linalg_triton.md (v23). Logs and JSON land in $OUT.
 set -uo pipefail
 : "${OUT:?set OUT to the folder that receives the logs}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"     # the scripts under bench/ import metalcore
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 case "${1:-}" in
 1)

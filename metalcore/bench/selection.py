@@ -63,8 +63,11 @@ LARGE_BATCH = (1, 8, 16)
 ROWS = (1, 16, 256, 4096, 32768)
 WIDTHS = (128, 1024, 4096, 8192)
 
-# A call predicted longer than this is extrapolated, not run (see the module docstring).
-LONG_CALL_S = 0.3
+# A call predicted longer than this is extrapolated, not run (see the module docstring). 1 s, not
+# less: a batched path's time is nearly flat in the batch (the two-stage eigh: 45.7 ms at 1×1024²,
+# ~50 at 8×1024², H100), which the linear prediction puts at 0.37 s, and at 0.3 s the sweep took
+# the extrapolation for a measurement and missed the path's win there.
+LONG_CALL_S = 1.0
 # Nor is one whose inputs would exceed this many bytes (65536×128² fp64 is 8.6 GB).
 MAX_INPUT_BYTES = 2 << 30
 # Timing per callable and point: about this much wall time, within [MIN_REPS, MAX_REPS] calls.
