@@ -11,7 +11,8 @@ second call on, default band); ``cusolver`` (XsyevBatched through ctypes), ``tor
 ``auto`` (metalcore.linalg.eigh as the table routes it). ``--profile``: host ms of one un-synchronised
 call, its kernel count and its top kernels (torch.profiler) a band. Stage rows (CUDA events over back-to-back calls, GPU ms; each stage on
 inputs prepared by the stages before it, its own copy included): ``1 dense→band``, ``2
-band→tridiagonal`` (the wave schedule, reflectors kept) and ``2 sweeps`` (one step at a time),
+band→tridiagonal`` (the wave schedule, reflectors kept), ``2 sweeps`` (one step at a time) and ``2
+wave-launches`` (a launch a time step),
 ``3 values``, ``3 vectors``, ``4a band reflectors`` (wave), ``4a sweeps`` and ``4a sweep-tiles``
 (a sweep's reflectors together), ``4b panel
 reflectors``, ``copy`` (one clone, to subtract). The predictions these are judged against are in bench/linalg.md, "two-stage
@@ -61,6 +62,7 @@ def stages(S: torch.Tensor, b: int, device) -> dict:
     out = {"1 dense→band": timed(lambda: symmetric_band(S.clone(), b, True)),
            "2 band→tridiagonal": timed(lambda: band_to_tridiag(band.clone(), b, True, "wave")),
            "2 sweeps": timed(lambda: band_to_tridiag(band.clone(), b, True, "sweeps")),
+           "2 wave-launches": timed(lambda: band_to_tridiag(band.clone(), b, True, "wave-launches")),
            "3 values": timed(lambda: tridiag_eig(d, e, False)),
            "3 vectors": timed(lambda: tridiag_eig(d, e, True)),
            "4a band reflectors": timed(lambda: apply_band_reflectors(W, Z.clone(), b, schedule="wave")),

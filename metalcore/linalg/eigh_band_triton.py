@@ -113,6 +113,51 @@ def _slot_reflectors(x, r):
     return tl.trans(tl.sqrt(tau)[None, :] * v), beta
 
 
+@helper
+def _wave_windows(base, refl, carry, t, k, n, b, steps, slots, s_ar, s_ac, r, BB: tl.constexpr, WANT_V: tl.constexpr):
+    """The windows of the slots ``k`` at time step ``t`` of the wave (the module docstring): each
+    slot's step of its sweep in flight, as one ``[slots, BB, BB]`` tile."""
+    c2 = r[None, :]
+    r3 = r[None, :, None]
+    c3 = r[None, None, :]
+    h = t // 2
+    st = h - (h - k + slots) % slots                      # the latest sweep of slot k begun by time t
+    s = t - 2 * st
+    act = (k < slots) & (st >= 0) & (s <= (n - 3 - st) // b)
+    first = act & (s == 0)
+    j0 = st + 1 + s * b
+    ell = tl.minimum(b, n - j0)
+    # A sweep's first reflector, from column st below the diagonal.
+    col = base + (j0[:, None] + c2) * s_ar + st[:, None] * s_ac
+    head = first[:, None] & (c2 < ell[:, None])
+    w0, beta0 = _slot_reflectors(tl.load(col, mask=head, other=0.0), r)
+    tl.store(col, tl.where(c2 == 0, beta0[:, None], 0.0), mask=head)
+    w = tl.load(carry + k[:, None] * BB + c2, mask=(act & (s > 0))[:, None], other=0.0)
+    w = tl.where(first[:, None], w0, w)
+    if WANT_V:
+        tl.store(refl + (st * steps + s)[:, None] * BB + c2, w, mask=act[:, None])
+    # A[J, J] ← H A[J, J] H on the mirrored lower triangle, every slot at once.
+    j3 = j0[:, None, None]
+    l3 = ell[:, None, None]
+    inside = act[:, None, None] & (r3 < l3) & (c3 < l3)
+    y = tl.load(base + (j3 + tl.maximum(r3, c3)) * s_ar + (j3 + tl.minimum(r3, c3)) * s_ac, mask=inside,
+                other=0.0)
+    p = tl.sum(y * w[:, None, :], axis=2)
+    q = p - (0.5 * tl.sum(p * w, axis=1))[:, None] * w
+    y = y - w[:, :, None] * q[:, None, :] - q[:, :, None] * w[:, None, :]
+    tl.store(base + (j3 + r3) * s_ar + (j3 + c3) * s_ac, y, mask=inside & (r3 >= c3))
+    # The bulge A[K, J] ← H_K (A[K, J] H) and the slot's next reflector H_K.
+    k3 = j3 + l3
+    below = act[:, None, None] & (r3 < tl.minimum(b, n - k3)) & (c3 < l3)
+    z = tl.load(base + (k3 + r3) * s_ar + (j3 + c3) * s_ac, mask=below, other=0.0)
+    z = z - tl.sum(z * w[:, None, :], axis=2)[:, :, None] * w[:, None, :]
+    w2, beta2 = _slot_reflectors(tl.sum(tl.where(c3 == 0, z, 0.0), axis=2), r)
+    z = z - w2[:, :, None] * tl.sum(w2[:, :, None] * z, axis=1)[:, None, :]
+    z = tl.where(c3 == 0, tl.where(r3 == 0, beta2[:, None, None], 0.0), z)
+    tl.store(base + (k3 + r3) * s_ar + (j3 + c3) * s_ac, z, mask=below)
+    tl.store(carry + k[:, None] * BB + c2, w2, mask=act[:, None])
+
+
 @jit
 def _band_wave_kernel(A, D, E, W, C, n, b, steps, slots, s_ab, s_ar, s_ac, BB: tl.constexpr, BN: tl.constexpr,
                       KC: tl.constexpr, WANT_V: tl.constexpr):
@@ -121,51 +166,12 @@ def _band_wave_kernel(A, D, E, W, C, n, b, steps, slots, s_ab, s_ar, s_ac, BB: t
     refl = W + mat * (n - 2) * steps * BB
     carry = C + mat * slots * BB                          # each slot's next reflector, w = √τ v
     r = tl.arange(0, BB)
-    c2 = r[None, :]
-    r3 = r[None, :, None]
-    c3 = r[None, None, :]
     kk = tl.arange(0, KC)
     # Sweep st takes step s at time 2·st + s: two steps in flight then never share an entry
     # (module docstring), and the last sweep, n − 3, has its one step at time 2n − 6.
     for t in range(0, 2 * n - 5):
-        h = t // 2
         for c0 in range(0, slots, KC):
-            k = c0 + kk
-            st = h - (h - k + slots) % slots               # the latest sweep of slot k begun by time t
-            s = t - 2 * st
-            act = (k < slots) & (st >= 0) & (s <= (n - 3 - st) // b)
-            first = act & (s == 0)
-            j0 = st + 1 + s * b
-            ell = tl.minimum(b, n - j0)
-            # A sweep's first reflector, from column st below the diagonal.
-            col = base + (j0[:, None] + c2) * s_ar + st[:, None] * s_ac
-            head = first[:, None] & (c2 < ell[:, None])
-            w0, beta0 = _slot_reflectors(tl.load(col, mask=head, other=0.0), r)
-            tl.store(col, tl.where(c2 == 0, beta0[:, None], 0.0), mask=head)
-            w = tl.load(carry + k[:, None] * BB + c2, mask=(act & (s > 0))[:, None], other=0.0)
-            w = tl.where(first[:, None], w0, w)
-            if WANT_V:
-                tl.store(refl + (st * steps + s)[:, None] * BB + c2, w, mask=act[:, None])
-            # A[J, J] ← H A[J, J] H on the mirrored lower triangle, every slot at once.
-            j3 = j0[:, None, None]
-            l3 = ell[:, None, None]
-            inside = act[:, None, None] & (r3 < l3) & (c3 < l3)
-            y = tl.load(base + (j3 + tl.maximum(r3, c3)) * s_ar + (j3 + tl.minimum(r3, c3)) * s_ac, mask=inside,
-                        other=0.0)
-            p = tl.sum(y * w[:, None, :], axis=2)
-            q = p - (0.5 * tl.sum(p * w, axis=1))[:, None] * w
-            y = y - w[:, :, None] * q[:, None, :] - q[:, :, None] * w[:, None, :]
-            tl.store(base + (j3 + r3) * s_ar + (j3 + c3) * s_ac, y, mask=inside & (r3 >= c3))
-            # The bulge A[K, J] ← H_K (A[K, J] H) and the slot's next reflector H_K.
-            k3 = j3 + l3
-            below = act[:, None, None] & (r3 < tl.minimum(b, n - k3)) & (c3 < l3)
-            z = tl.load(base + (k3 + r3) * s_ar + (j3 + c3) * s_ac, mask=below, other=0.0)
-            z = z - tl.sum(z * w[:, None, :], axis=2)[:, :, None] * w[:, None, :]
-            w2, beta2 = _slot_reflectors(tl.sum(tl.where(c3 == 0, z, 0.0), axis=2), r)
-            z = z - w2[:, :, None] * tl.sum(w2[:, :, None] * z, axis=1)[:, None, :]
-            z = tl.where(c3 == 0, tl.where(r3 == 0, beta2[:, None, None], 0.0), z)
-            tl.store(base + (k3 + r3) * s_ar + (j3 + c3) * s_ac, z, mask=below)
-            tl.store(carry + k[:, None] * BB + c2, w2, mask=act[:, None])
+            _wave_windows(base, refl, carry, t, c0 + kk, n, b, steps, slots, s_ar, s_ac, r, BB, WANT_V)
         tl.debug_barrier()
 
     i = tl.arange(0, BN)
@@ -175,13 +181,30 @@ def _band_wave_kernel(A, D, E, W, C, n, b, steps, slots, s_ab, s_ar, s_ac, BB: t
     tl.store(E + mat * n + i, e, mask=i < n)
 
 
+@jit
+def _band_wave_step_kernel(A, W, C, t, n, b, steps, slots, s_ab, s_ar, s_ac, BB: tl.constexpr, KC: tl.constexpr,
+                           WANT_V: tl.constexpr):
+    """Program ``(matrix, chunk)``: the windows of the slots ``chunk · KC + [0, KC)`` at time step ``t``
+    of the wave; one launch a time step (``'wave-launches'``)."""
+    mat = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * KC + tl.arange(0, KC)
+    _wave_windows(A + mat * s_ab, W + mat * (n - 2) * steps * BB, C + mat * slots * BB, t, k, n, b, steps, slots,
+                  s_ar, s_ac, tl.arange(0, BB), BB, WANT_V)
+
+
 # Stage 2's schedule. 'wave': one launch runs every sweep in flight at once, a step of each a time
 # step (``_band_wave_kernel``): ≈ 2n time steps of up to ⌈steps/2⌉ windows, against ≈ n²/(2b) steps
 # one after another ('sweeps', ``_band_to_tridiag_kernel``): 507 against 2,048 at n = 256, b = 16,
 # 2,043 against 32,768 at n = 1024. H100, b = 16, GPU ms, 'wave' against 'sweeps': 1.24 / 2.05 at
 # 64×256², 3.75 / 7.98 at 16×512², 15.1 / 33.7 at 8×1024² (bench/linalg.md).
-SCHEDULES = ("wave", "sweeps")
+# 'wave-launches': the wave's time steps as launches, one program a few windows (WAVE_LAUNCH_SLOTS),
+# so that a matrix's windows of a time step run on several SMs where the wave kernel takes them in
+# chunks of 16 in one program: ~2n launches, dependent nodes of a few µs each in the op's CUDA graph,
+# against the wave's 7.4 µs a time step at 8×1024² (15.1 ms / 2,043); ~20 µs of host time a launch
+# eager. Not yet timed (bench/linalg.md, "the wave's time steps as launches").
+SCHEDULES = ("wave", "sweeps", "wave-launches")
 SCHEDULE = "wave"
+WAVE_LAUNCH_SLOTS = 2
 # The back-transformation's default schedule by order: both read the same reflectors (a sweep's
 # steps keep their order in either), so it is chosen apart from stage 2's. H100, b = 16, GPU ms,
 # 'wave' against 'sweeps': 1.75 / 1.15 at 64×256² (the wave's window tiles cost more than its 2n
@@ -193,7 +216,7 @@ WAVE_BACK_MIN_N = 512
 # 2n − 5 of the same tile size (254 / 2,048 / 507 at n = 256, b = 16; 1,022 / 32,768 / 2,043 at
 # 1024). Not yet timed: predicted ~0.9 ms at 64×256² and ~4 ms at 8×1024² (half the wave's steps
 # at its cost a step; bench/linalg.md), so not a default until measured.
-BACK_SCHEDULES = (*SCHEDULES, "sweep-tiles")
+BACK_SCHEDULES = ("wave", "sweeps", "sweep-tiles")
 # Entries of one [slots, BB, BB] window tile of the wave kernel: 16 windows of 16 × 16 (4,096, 32 a
 # lane at 4 warps); more slots than that are taken in chunks. Not yet timed.
 WAVE_TILE = 4096
@@ -219,7 +242,17 @@ def band_to_tridiag(S: Tensor, b: int, compute_v: bool, schedule: str | None = N
     steps = reflector_steps(n, b)
     W = torch.empty(B, max(n - 2, 0) * steps * BB, dtype=S.dtype, device=S.device) if compute_v else d
     strides = (S.stride(0), S.stride(1), S.stride(2))
-    if schedule == "wave" and b >= 2 and n >= 3:      # width 1: already tridiagonal, nothing in flight
+    if schedule == "wave-launches" and b >= 2 and n >= 3:
+        slots = triton.cdiv(steps, 2)
+        carry = torch.empty(B, slots * BB, dtype=S.dtype, device=S.device)
+        KC = min(triton.next_power_of_2(slots), WAVE_LAUNCH_SLOTS)
+        for t in range(2 * n - 5):
+            _band_wave_step_kernel[(B, triton.cdiv(slots, KC))](S, W, carry, t, n, b, steps, slots, *strides, BB=BB,
+                                                                KC=KC, WANT_V=compute_v, num_warps=1)
+        d.copy_(S.diagonal(0, 1, 2))
+        e[:, : n - 1] = S.diagonal(-1, 1, 2)
+        e[:, n - 1] = 0.0
+    elif schedule == "wave" and b >= 2 and n >= 3:    # width 1: already tridiagonal, nothing in flight
         slots = triton.cdiv(steps, 2)
         carry = torch.empty(B, slots * BB, dtype=S.dtype, device=S.device)
         _band_wave_kernel[(B,)](S, d, e, W, carry, n, b, steps, slots, *strides, BB=BB, BN=BN,

@@ -142,16 +142,16 @@ def two_stage(A: Tensor, upper: bool, compute_v: bool, band: int, stages: Stages
 
 
 def eigh_twostage(A: Tensor, upper: bool, compute_v: bool, band: int = BAND, schedule: str | None = None,
-                  sections: int | None = None) -> tuple[Tensor, Tensor]:
+                  back_schedule: str | None = None, sections: int | None = None) -> tuple[Tensor, Tensor]:
     """:func:`two_stage` with the Triton kernels. ``A``: float32/float64; ``band``: the width between
-    stages 1 and 2; ``schedule``: stage 2's and its back-transformation's
-    (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`; default: each its own, measured);
-    ``sections``: Sturm points a lane in stage 3
+    stages 1 and 2; ``schedule``, ``back_schedule``: stage 2's and its back-transformation's
+    (:data:`~metalcore.linalg.eigh_band_triton.SCHEDULES`, ``BACK_SCHEDULES``; default: each its own,
+    measured); ``sections``: Sturm points a lane in stage 3
     (:func:`~metalcore.linalg.tridiag_eig_triton.tridiag_eig`)."""
     from metalcore.linalg.eigh_band_triton import apply_band_reflectors, band_to_tridiag
     from metalcore.linalg.tridiag_eig_triton import tridiag_eig
 
     stages = Stages(panel=TRITON_PANEL, band_to_tridiag=functools.partial(band_to_tridiag, schedule=schedule),
                     tridiag_eig=functools.partial(tridiag_eig, sections=sections),
-                    apply_band_reflectors=functools.partial(apply_band_reflectors, schedule=schedule))
+                    apply_band_reflectors=functools.partial(apply_band_reflectors, schedule=back_schedule))
     return two_stage(A, upper, compute_v, band, stages)

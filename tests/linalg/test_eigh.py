@@ -980,15 +980,16 @@ def test_symmetric_band_is_an_orthogonal_similarity(n, b, dtype, triton_backend)
 # One dtype a case where the interpreter's time is seconds (~1 s a 10 steps of the wave).
 BAND_CASES = [(14, 3, "wave", torch.float32), (14, 3, "wave", torch.float64), (14, 3, "sweeps", torch.float64),
               (9, 16, "wave", torch.float32), (9, 16, "sweeps", torch.float64), (12, 1, "wave", torch.float32),
-              (2, 2, "wave", torch.float64), (3, 2, "sweeps", torch.float32)]
+              (2, 2, "wave", torch.float64), (3, 2, "sweeps", torch.float32), (14, 3, "wave-launches", torch.float64),
+              (21, 4, "wave-launches", torch.float32), (12, 1, "wave-launches", torch.float32)]
 
 
 @pytest.mark.parametrize("n,b,schedule,dtype", BAND_CASES, ids=str)
 def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, triton_backend):
     """Stage 2: bulge chasing turns the lower band (the upper triangle holds garbage, never read) into
-    ``T`` with ``T = Q₂ᵀ B Q₂``; ``Q₂`` (the kept reflectors applied to ``I``) is orthogonal. Both
-    schedules: the sweeps one after another, and every sweep in flight at once (14: 4 steps in the
-    first sweep, 2 slots). Width 1 is already tridiagonal (no reflector changes anything), and a band
+    ``T`` with ``T = Q₂ᵀ B Q₂``; ``Q₂`` (the kept reflectors applied to ``I``) is orthogonal. Every
+    schedule: the sweeps one after another, and every sweep in flight at once (14: 4 steps in the
+    first sweep, 2 slots), in one launch or a launch a time step (21: 3 slots, 2 programs). Width 1 is already tridiagonal (no reflector changes anything), and a band
     wider than the matrix is a dense matrix."""
     from metalcore.linalg.eigh_band_triton import BACK_SCHEDULES, apply_band_reflectors, band_to_tridiag
     B = band_of((2,), n, b, dtype)
@@ -996,7 +997,8 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
     d, e, W = band_to_tridiag(S, b, True, schedule)
     assert d.shape == e.shape == (2, n) and bool((e[:, -1] == 0).all())
     T = torch.diag_embed(d) + torch.diag_embed(e[:, :-1], 1) + torch.diag_embed(e[:, :-1], -1)
-    Q = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, schedule)
+    back = schedule if schedule in BACK_SCHEDULES else "wave"
+    Q = apply_band_reflectors(W, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, back)
     assert_lapack_ratio(residual_ratio(B.double(), Q.double() @ T.double() @ Q.double().mT, dtype), "B = Q₂ T Q₂ᵀ")
     assert_lapack_ratio(orthogonality_ratio(Q, dtype), "Q₂")
     # The back-transformation's schedule is chosen apart from stage 2's: the others read the same
@@ -1006,6 +1008,10 @@ def test_band_to_tridiag_is_an_orthogonal_similarity(n, b, schedule, dtype, trit
         assert (Q_other - Q).abs().max() <= 8 * torch.finfo(dtype).eps, other
     d2, e2, none = band_to_tridiag(B.tril() + torch.full_like(B, 7.0).triu(1), b, False, schedule)
     assert none is None and torch.equal(d2, d) and torch.equal(e2, e)
+    if schedule == "wave-launches":   # the wave's windows, the same arithmetic: the same bits
+        d3, e3, W3 = band_to_tridiag(B.tril() + torch.full_like(B, 7.0).triu(1), b, True, "wave")
+        Q3 = apply_band_reflectors(W3, torch.eye(n, dtype=dtype).expand(2, n, n).contiguous(), b, 8, back)
+        assert torch.equal(d3, d) and torch.equal(e3, e) and torch.equal(Q3, Q)
     if b == 1:
         assert torch.equal(d, B.diagonal(dim1=-2, dim2=-1)) and torch.equal(e[:, :-1], B.diagonal(-1, -2, -1))
 
@@ -1317,7 +1323,8 @@ def test_twostage_eigh_repeated_eigenvalues_and_the_sequential_schedule(triton_b
     A = Q0 @ torch.diag_embed(torch.tensor([1.0] * 8 + [2.0] * 4 + [5.0] * 3, dtype=torch.float64)) @ Q0.mT
     L, Q = eigh_twostage(A.float(), False, True, band=3, sections=FAST)
     assert_tridiag_eigh(A, L, Q, torch.float32, "repeated, wave")
-    L2, Q2 = eigh_twostage(A.float(), False, True, band=3, schedule="sweeps", sections=FAST)
+    L2, Q2 = eigh_twostage(A.float(), False, True, band=3, schedule="sweeps", back_schedule="sweeps",
+                          sections=FAST)
     assert_tridiag_eigh(A, L2, Q2, torch.float32, "repeated, sweeps")
 
 
