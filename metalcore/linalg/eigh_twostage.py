@@ -102,7 +102,6 @@ def symmetric_band(S: Tensor, b: int, keep: bool, panel: Panel = TRITON_PANEL) -
         _, V, T = factor_block(P[..., :w], panel)
         if w < b:
             larfb_gemm(V, T, P[..., w:], True, True, inplace=True)
-        P[..., :w].triu_()                    # R stays; the reflectors live on in V
         # Y = A₂₂ V T and Tᵀ Vᵀ Y = (V T)ᵀ Y; then A₂₂ −= V Zᵀ + Z Vᵀ as one rank-2b product
         # [V Z] [Z V]ᵀ: three passes over A₂₂ (the traffic), where two rank-b updates made five, for
         # one more launch a panel (seven). Not yet timed: bench/linalg.md, "one rank-2b update".
@@ -113,6 +112,10 @@ def symmetric_band(S: Tensor, b: int, keep: bool, panel: Panel = TRITON_PANEL) -
         A22.baddbmm_(torch.cat([V, Z], -1), torch.cat([Z, V], -1).mT, alpha=-1)
         if keep:
             blocks.append((j + b, V, T))
+    if n > b + 1:
+        # Each panel's R stays, its reflectors (below R, never read again) live on in V: one pass
+        # zeroes them all, where a triu_ a panel was 15 launches at n = 256.
+        S.triu_(-b)
     return blocks
 
 
