@@ -4,6 +4,7 @@
 #
 #     bash bench/scripts/h100_pending.sh 1      # issue 18: CUDA-graph replay, eigh sweep, two-stage eigh and its stages
 #     bash bench/scripts/h100_pending.sh 2      # issue 17 v23 (split back-transformation), tridiagonal GPU tests
+#     bash bench/scripts/h100_pending.sh 3      # issue 18: the blocked QR with TSQR panels
 #
 # What each call settles is written in bench/linalg.md ("two-stage eigh above 128: first H100 runs",
 # "stage 3 splits T") and bench/linalg_triton.md (v23). Logs and JSON land in $OUT.
@@ -34,8 +35,14 @@ case "${1:-}" in
     timeout 180 python bench/scripts/batched_eigh_svd_check.py --tridiag --no-hang --out "$OUT" 2>&1 \
         | tee "$OUT/tridiag.log" | tail -30
     ;;
+3)
+    # Issue 18 item 3: the blocked QR with TSQR panels ('tsqr' path) at 4096², 11008×4096 and a batch,
+    # then the batched set, where its rows sit beside geqrf, tall panels and torch.
+    timeout 200 python -m pytest -q -x tests/linalg/test_qr.py -k "gpu and tsqr" 2>&1 | tail -10 | tee "$OUT/tests.log"
+    timeout 330 python bench/scripts/qr_large_check.py --batched --out "$OUT" 2>&1 | tee "$OUT/qr-batched.log" | tail -60
+    ;;
 *)
-    echo "usage: bash bench/scripts/h100_pending.sh 1|2" >&2
+    echo "usage: bash bench/scripts/h100_pending.sh 1|2|3" >&2
     exit 2
     ;;
 esac

@@ -26,7 +26,8 @@ blocked QR's panels go to the tall-panel kernel (metalcore/linalg/qr_panel_trito
 (64×256² and 8×1024² in fp64 too). Per shape, interleaved in one Timer run (wall time per synchronised
 call and GPU time with host issue hidden, medians): ``torch.linalg.qr``; the blocked QR with 'auto'
 panels at nb = 32 and 64 (tall panels for a batch, geqrf for one matrix; for 4096² also tall panels
-forced, and geqrf at nb = 128, today's single-matrix path); ``metalcore.linalg.qr`` as routed
+forced, and geqrf at nb = 128, today's single-matrix path); TSQR panels at nb = 32 eager and as the
+``tsqr`` path (CUDA graph); ``metalcore.linalg.qr`` as routed
 (automatic selection: on a card with a measured table, the table decides). LAPACK ratios of each on
 the random matrix, and of the routed call on a cond-1e6 one. Where the time goes: the blocked QR's R
 alone and its panels alone (call_ms). A tile sweep of the tall kernel (elements × warps) at 64×256²
@@ -134,6 +135,13 @@ def _on_triton(fn, *args):
         return fn(*args)
 
 
+def _tsqr_path(A):
+    from metalcore import _selection
+
+    with _selection.use_path("qr", "tsqr"):
+        return _on_triton(metalcore.linalg.qr, A)
+
+
 def batched_main(args, device, card, stem, say):
     """The --batched set (module docstring)."""
     from metalcore.linalg import qr_panel_triton
@@ -159,6 +167,9 @@ def batched_main(args, device, card, stem, say):
                 fns[f"tall nb={nb}"] = lambda nb=nb: qr_blocked.qr_blocked(A, "reduced", nb, "tall")
         if A3.shape[0] == 1:
             fns["geqrf nb=128"] = lambda: qr_blocked.qr_blocked(A, "reduced", 8 if args.tiny else 128, "geqrf")
+        # TSQR panels (qr_tsqr_triton): eager, and the 'tsqr' path (its CUDA graph replayed).
+        fns["tsqr nb=32"] = lambda: qr_blocked.qr_blocked(A, "reduced", 8 if args.tiny else 32, "tsqr")
+        fns["tsqr path"] = lambda: _tsqr_path(A)
         row = {"shape": label, "flops": qr_flops(batch, n, n),
                "routed_backend": qr_op.backend_for(A, "reduced"), "variants": {}}
         for name, fn in fns.items():

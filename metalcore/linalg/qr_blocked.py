@@ -20,6 +20,9 @@ Panel variants (``panel=``), because the tall, narrow panel is the one step that
 * ``'tall'``: the tall-panel kernel of :mod:`metalcore.linalg.qr_panel_triton`, one program per
   panel streaming it through register tiles: any height, a whole batch at once;
 * ``'geqrf'``: ``torch.geqrf`` on the panel (cuSOLVER on CUDA, one matrix after another);
+* ``'tsqr'``: TSQR over many programs a panel and Householder reconstruction
+  (:mod:`metalcore.linalg.qr_tsqr_triton`), for one or a few matrices whose panels are too tall for
+  one program (``V`` and ``T`` formed with it); panels up to 64 columns;
 * ``'recursive'``: the panel split in column halves down to ``base`` columns (Elmroth & Gustavson
   2000): the left half factored, applied to the right half with ``larfb``, the right half's lower
   part factored. It turns most of the panel's level-2 work into GEMMs; the leaves are factored as
@@ -46,7 +49,7 @@ from torch import Tensor
 from metalcore.linalg.householder import _unit_lower
 from metalcore.linalg.householder_gemm import as3, larfb_gemm, larft_gemm
 
-PANELS = ("auto", "kernel", "tall", "geqrf", "recursive")
+PANELS = ("auto", "kernel", "tall", "geqrf", "recursive", "tsqr")
 DEFAULT_NB = 64
 # Smallest batch whose panels 'auto' gives to the tall-panel kernel (fewer go to torch.geqrf).
 # Predicted, not yet measured (bench/linalg.md, "batched blocked QR"): one program per panel moves
@@ -93,6 +96,12 @@ def _tall_block(P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return tall_block_launch(P)
 
 
+def _tsqr_block(P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from metalcore.linalg.qr_tsqr_triton import tsqr_block
+
+    return tsqr_block(P)
+
+
 def _geqrf(P: Tensor) -> Tensor:
     QR, tau = torch.geqrf(P)
     P.copy_(QR)
@@ -135,16 +144,21 @@ def factor_panel(P: Tensor, panel: Panel = "auto") -> Tensor:
         return _tall(P)
     if panel == "geqrf":
         return _geqrf(P)
+    if panel == "tsqr":
+        return _tsqr_block(P)[0]
     raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS} or a function; got {panel!r}")
 
 
 def factor_block(P: Tensor, panel: Panel = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """The panel ``P`` ``(B, h, w)``, ``h ≥ w``, factored in place as by :func:`factor_panel`, and its
     block reflector: ``(tau, Vu, T)``, ``Vu`` explicit unit lower trapezoidal, ``H = I − Vu T Vuᵀ``.
-    The tall-panel kernel forms ``Vu`` and ``T`` in its own launch; other variants use
+    The tall-panel kernel forms ``Vu`` and ``T`` in its own launch, TSQR with its reconstruction; other
+    variants use
     :func:`~metalcore.linalg.householder_gemm.larft_gemm`."""
     if isinstance(panel, str) and (panel == "tall" or (panel == "auto" and _auto(P) == "tall")):
         return _tall_block(P)
+    if panel == "tsqr":
+        return _tsqr_block(P)
     tau = factor_panel(P, panel)
     Vu = _unit_lower(P)
     return tau, Vu, larft_gemm(Vu, tau)

@@ -35,6 +35,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from metalcore._graphs import replay
 from metalcore._selection import register_path
 from metalcore.linalg import qr_blocked
 from metalcore.linalg._small_triton import DTYPES, MAX_N, block, fits, group, stack_strides, warps
@@ -55,7 +56,8 @@ BLOCK_PANEL = "auto"
 # the H100 it only draws level: 0.98x cuSOLVER geqrf + orgqr at 4096² (29.8 vs 29.1 ms), 1.02x at
 # 11008×4096, 0.78x at 2048² (1.15x only for the batch 8×1024²). Its 32 cuSOLVER geqrf panels take
 # 19.5 of the 29.8 ms against a whole-QR floor of ~4 ms (183 GFLOP at 51 TFLOP/s fp32): a faster
-# tall-panel factorization (TSQR with Householder reconstruction) is what would move it.
+# tall-panel factorization is what would move it — the "tsqr" path below (TSQR with Householder
+# reconstruction), not yet timed.
 BLOCKED_AUTO_MIN_SIDE: int | None = None
 # Batches of matrices beyond the tile: the blocked QR is chosen automatically from this many matrices
 # (None: never), with panels of batched_nb() columns that the tall-panel kernel factors one program per
@@ -293,6 +295,24 @@ def _blocked_path_supported(A: Tensor, mode: str) -> bool:
 def _qr_blocked_path(A, mode):
     nb = PATH_NB if _small(A) else _block_nb(A)
     return qr_blocked.qr_blocked(A, mode, nb, BLOCK_PANEL)
+
+
+# Panel width of the "tsqr" path: 32 columns, so that TSQR's stack shrinks 4× a level (4096
+# rows: 3 levels) and a panel's reconstruction is a 32² LU; 128 panels of ~15 launches at 4096². Not
+# yet timed (bench/linalg.md, "a TSQR panel").
+TSQR_NB = 32
+
+
+def _tsqr_path_supported(A: Tensor, mode: str) -> bool:
+    return _supports(A) and not _small(A)
+
+
+# The blocked QR with TSQR panels (qr_tsqr_triton) for matrices beyond the tile, one or a few, where
+# a panel needs more of the card than one program: replayed as a CUDA graph from the second call on
+# (~1,900 launches at 4096², host-bound eager). Runs only where the measured table names it.
+@register_path("qr", "triton", "tsqr", supports=_tsqr_path_supported)
+def _qr_tsqr_path(A, mode):
+    return replay(qr_blocked.qr_blocked, A, mode=mode, nb=TSQR_NB, panel="tsqr")
 
 
 @geqr2_op.implement("triton", supports=_supports, automatic=_automatic)

@@ -447,6 +447,47 @@ def test_large_qr_goes_blocked(small_tile, launches, batch, m, n, mode, dtype, d
 
 
 @pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("dtype", DTYPES_triton, ids=str)
+@pytest.mark.parametrize("batch,m,n,mode", [((), 40, 24, "reduced"), ((2,), 24, 40, "complete"), ((), 45, 45, "r"),
+                                            ((3,), 70, 20, "reduced")], ids=str)
+def test_qr_tsqr_path(small_tile, monkeypatch, batch, m, n, mode, dtype, device):
+    """The "tsqr" path (blocked QR with TSQR panels), forced as the sweep forces it, beyond the tile only:
+    leaves of 16 rows and 8-column panels, so that a 70-row panel goes through two levels of stacked
+    R's; every mode, tall, wide and square, LAPACK's ratios."""
+    from metalcore import BackendUnavailableError, _selection
+    monkeypatch.setattr(importlib.import_module("metalcore.linalg.qr_tsqr_triton"), "LEAF_ROWS", 16)
+    monkeypatch.setattr(qr_module(), "TSQR_NB", 8)
+    A = general("random", batch, m, n, dtype).to(device)
+    with _selection.use_path("qr", "tsqr"):
+        check_qr_triton(A, mode, f"qr tsqr {case_id(batch, m, n)} {mode}")
+        with pytest.raises(BackendUnavailableError, match="'tsqr' does not"):
+            metalcore.linalg.qr(torch.randn(2, 16, 12, dtype=dtype, device=device))
+
+
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,m,n", [((), 4096, 4096), ((), 11008, 4096), ((2,), 1024, 1024)], ids=str)
+def test_gpu_qr_tsqr_path_full_size(batch, m, n, device):
+    """The "tsqr" path compiled (its CUDA graph replayed on the second call), at the sizes it exists for,
+    on random, cond-1e6 and rank-deficient input."""
+    from metalcore import _selection
+    g = torch.Generator(device=device).manual_seed(0)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(*batch, m, k, device=device, generator=g, dtype=torch.float64))[0]
+    W = torch.linalg.qr(torch.randn(*batch, n, k, device=device, generator=g, dtype=torch.float64))[0]
+    i = torch.arange(k, device=device, dtype=torch.float64)
+    with _selection.use_path("qr", "tsqr"):
+        for kind, s in (("random", None), ("ill", 1e6 ** (-i / (k - 1))), ("rank", (i < k // 2).double())):
+            A = (torch.randn(*batch, m, n, device=device, generator=g) if s is None else ((U * s) @ W.mT).float())
+            for _ in range(2):
+                Q, R = metalcore.linalg.qr(A)
+                assert Q.shape == (*batch, m, k) and R.shape == (*batch, k, n) and torch.equal(R, R.triu())
+                assert_lapack_ratio(orthogonality_ratio(Q, torch.float32), f"tsqr qr {kind} {case_id(batch, m, n)} QᵀQ")
+                assert_lapack_ratio(residual_ratio(A, Q.double() @ R.double(), torch.float32),
+                                    f"tsqr qr {kind} {case_id(batch, m, n)} A−QR")
+
+
+@pytest.mark.usefixtures("triton_backend")
 def test_large_geqr2_and_householder_product_go_blocked(small_tile):
     A = torch.randn(2, 37, 21, dtype=torch.float64)
     QR, tau = geqr2(A)

@@ -20,14 +20,16 @@ from oracle import (assert_lapack_ratio, assert_like_torch, assert_within_torch_
                     residual_ratio)
 
 
-PANELS = ("kernel", "geqrf", "recursive")
+PANELS = ("kernel", "geqrf", "recursive", "tsqr")
 
 
 @pytest.fixture
 def blocked(triton_backend, monkeypatch):
     module = importlib.import_module("metalcore.linalg.qr_blocked")
-    # Leaves of 4 columns, so that the recursive panel really recurses inside 8- and 16-wide panels.
+    # Leaves of 4 columns, so that the recursive panel really recurses inside 8- and 16-wide panels;
+    # TSQR leaves of 32 rows, so that a panel of 33-45 rows is two leaves and their stacked R's.
     monkeypatch.setattr(module, "RECURSIVE_BASE", 4)
+    monkeypatch.setattr(importlib.import_module("metalcore.linalg.qr_tsqr_triton"), "LEAF_ROWS", 32)
     return module
 
 
@@ -65,7 +67,7 @@ def test_blocked_qr_lapack_ratios(blocked, batch, m, n, nb, panel, mode, dtype):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("kind", ("ill", "rank", "graded", "tiny", "huge"))
 def test_blocked_qr_hard_matrices(blocked, kind, dtype):
-    for (m, n), panel in zip(((40, 24), (24, 40), (36, 36)), PANELS):
+    for (m, n), panel in zip(((40, 24), (24, 40), (36, 36), (45, 30)), PANELS):
         A = general(kind, (2,), m, n, dtype)
         Q, R = blocked.qr_blocked(A, "reduced", nb=8, panel=panel)
         check(Q, R, A, "reduced", f"blocked qr {kind} {m}x{n} {panel}")
@@ -108,10 +110,42 @@ def test_blocked_qr_nan_stays_in_its_batch_element(blocked):
     assert_like_torch((Q[good], R[good]), torch.linalg.qr, A[good])
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_tsqr_panel_is_geqrf_over_many_levels(blocked, monkeypatch, dtype):
+    """TSQR with leaves of 8 rows: a 300 × 4 panel goes through 4 levels of stacked R's (300 → 152 →
+    76 → 40 → 20 → 12 → 8 rows), a 29 × 4 one through a zero-padded last leaf. The reconstructed
+    reflectors of a full-rank panel are LAPACK's (compact form and tau equal torch.geqrf's); with a
+    zero column, another valid factorization (Q's column there is any unit vector orthogonal to the
+    others): H [R; 0] = A to LAPACK's ratio. T is larft's of the reflectors either way, and a NaN
+    matrix keeps its NaN to itself."""
+    from metalcore.linalg import householder_gemm, qr_tsqr_triton
+    monkeypatch.setattr(qr_tsqr_triton, "LEAF_ROWS", 8)
+    for h in (300, 29):
+        A = torch.randn(3, h, 4, dtype=dtype)
+        P = A.clone()
+        tau, Vu, T = qr_tsqr_triton.tsqr_block(P)
+        assert_like_torch((P, tau), torch.geqrf, A)
+        torch.testing.assert_close(T, householder_gemm.larft_gemm(Vu, tau))
+        A[1, :, 2] = 0.0
+        P = A.clone()
+        tau, Vu, T = qr_tsqr_triton.tsqr_block(P)
+        H = torch.eye(h, dtype=dtype) - Vu @ T @ Vu.mT
+        assert_lapack_ratio(residual_ratio(A.double(), H[..., :4].double() @ P[:, :4].triu().double(), dtype),
+                            f"tsqr {h}x4 zero column H R")
+        assert_lapack_ratio(orthogonality_ratio(H, dtype), f"tsqr {h}x4 zero column H")
+        torch.testing.assert_close(T, householder_gemm.larft_gemm(Vu, tau))
+    A[2, 5, 1] = float("nan")
+    P = A.clone()
+    tau, Vu, T = qr_tsqr_triton.tsqr_block(P)
+    assert P[2].isnan().any() and not P[:2].isnan().any() and not T[:2].isnan().any()
+    with pytest.raises(ValueError, match="at most 4 columns"):
+        qr_tsqr_triton.tsqr_block(torch.randn(40, 5, dtype=dtype)[None])
+
+
 def test_blocked_qr_rejects_bad_parameters(blocked):
     A = torch.randn(10, 6)
     with pytest.raises(ValueError, match="panel must be one of"):
-        blocked.qr_blocked(A, "reduced", nb=4, panel="tsqr")
+        blocked.qr_blocked(A, "reduced", nb=4, panel="lu")
     with pytest.raises(ValueError, match="panel='kernel' holds panels of at most 128"):
         blocked.qr_blocked(torch.randn(130, 6), "reduced", nb=4, panel="kernel")
     with pytest.raises(ValueError, match="nb must be positive"):
