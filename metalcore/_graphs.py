@@ -17,7 +17,8 @@ Contract of ``fn``: tensors in, plus hashable options by keyword; a tuple of ten
 synchronisation and no host-side control flow that depends on tensor values (a capture would record
 one branch). ``fn`` and the options are part of the key, so callers pass a module-level function,
 not a closure made per call. A capture that
-fails falls back to the eager call for that key from then on. The cache has no lock: host threads
+fails falls back to the eager call for that key from then on, with one ``RuntimeWarning`` that says
+why. The cache has no lock: host threads
 that call the same path on the same shapes at once can interleave their copies into the one set of
 static buffers, so such programs set ``METALCORE_CUDA_GRAPHS=0``.
 
@@ -30,6 +31,7 @@ intermediates of one call), so at most :data:`MAX_GRAPHS` are kept, least recent
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -78,7 +80,11 @@ def replay(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor, **options: Ha
         try:
             with torch.cuda.device(inputs[0].device):
                 entry = _capture(fn, inputs, options)
-        except RuntimeError:
+        except RuntimeError as error:
+            # Once a key: the user learns why the call stays eager (e.g. a host synchronisation in fn).
+            warnings.warn(f"metalcore: CUDA graph capture of {getattr(fn, '__name__', fn)} failed, so calls with "
+                          f"these shapes run eagerly: {str(error).splitlines()[0][:200]}", RuntimeWarning,
+                          stacklevel=2)
             _failed.add(full)
             return fn(*inputs, **options)
         _graphs[full] = entry

@@ -1,6 +1,8 @@
 """CUDA-graph replay of launch-bound paths (metalcore/_graphs.py): eager off CUDA; on CUDA, replays
 that equal the eager call on new data, from another stream, and at most MAX_GRAPHS graphs kept."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -62,3 +64,19 @@ def test_gpu_replay_keeps_at_most_max_graphs(fresh_graphs, device, monkeypatch):
         (y,) = _graphs.replay(_plus_one, torch.zeros(n, device=device))
         assert torch.equal(y.cpu(), torch.ones(n))
     assert [key[1][0] for key in _graphs._graphs] == [torch.Size([4]), torch.Size([5])]
+
+
+def _synchronising(x):
+    return (x * float(x.sum()),)     # float() reads the device: a capture refuses it
+
+
+@pytest.mark.gpu
+def test_gpu_failed_capture_warns_once_and_stays_eager(fresh_graphs, device):
+    x = torch.ones(3, device=device)
+    with pytest.warns(RuntimeWarning, match="capture of _synchronising failed"):
+        (y,) = _graphs.replay(_synchronising, x)
+    assert torch.equal(y.cpu(), torch.full((3,), 3.0)) and not _graphs._graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (y,) = _graphs.replay(_synchronising, 2 * x)
+    assert torch.equal(y.cpu(), torch.full((3,), 12.0))
