@@ -1,7 +1,8 @@
 """Stage 2 of the two-stage symmetric eigensolver (:mod:`metalcore.linalg.eigh_twostage`): a band
 matrix reduced to tridiagonal form by bulge chasing, and the back-transformation of its reflectors.
 
-Layers: ``_band_wave_kernel`` / ``_band_to_tridiag_kernel`` → :func:`band_to_tridiag`,
+Layers: ``_band_wave_kernel`` / ``_band_wave_step_kernel`` / ``_band_to_tridiag_kernel`` →
+:func:`band_to_tridiag`,
 ``_band_back_wave_kernel`` / ``_band_back_kernel`` / ``_band_back_sweep_tiles_kernel`` →
 :func:`apply_band_reflectors`; both called by :func:`metalcore.linalg.eigh_twostage.eigh_twostage`.
 
@@ -33,6 +34,9 @@ steps then differ by ``2δ + s' − s > 0``, so every overlapping pair runs in t
 two steps of one time step never share an entry. ``≈ 2n`` time steps instead of ``n²/(2b)`` steps;
 at most ``⌈steps/2⌉`` sweeps in flight (a slot each, its next reflector carried in global memory).
 This is the pipelined schedule of PLASMA's and MAGMA's bulge chasing, run in one program.
+``'wave-launches'`` (``_band_wave_step_kernel``) runs the same time steps as launches, a few slots a
+program, so that a time step's windows spread over several SMs (the launch boundary orders the time
+steps).
 
 **Back-transformation** ``Q₂ Z``: the reflectors are kept as ``√τ v`` (``H = I − w wᵀ``) at
 ``[sweep, step]`` and applied to the tridiagonal eigenvectors ``Z`` in reverse order, by programs of
