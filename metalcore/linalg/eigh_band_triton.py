@@ -2,9 +2,9 @@
 matrix reduced to tridiagonal form by bulge chasing, and the back-transformation of its reflectors.
 
 Layers: ``_band_wave_kernel`` / ``_band_wave_step_kernel`` / ``_band_to_tridiag_kernel`` →
-:func:`band_to_tridiag`,
-``_band_back_wave_kernel`` / ``_band_back_kernel`` / ``_band_back_sweep_tiles_kernel`` →
-:func:`apply_band_reflectors`; both called by :func:`metalcore.linalg.eigh_twostage.eigh_twostage`.
+:func:`band_to_tridiag`, ``_band_back_wave_kernel`` / ``_band_back_kernel`` /
+``_band_back_sweep_tiles_kernel`` → :func:`apply_band_reflectors`; both called by
+:func:`metalcore.linalg.eigh_twostage.eigh_twostage`.
 
 **Bulge chasing** (Schwarz's one-column scheme, as LAPACK's ``dsytrd_sb2st`` kernels run it), one
 program a matrix, the lower band of width ``b`` held in the matrix's own dense storage (only the
