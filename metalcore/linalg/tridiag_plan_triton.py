@@ -195,6 +195,8 @@ def prepare(d: Tensor, e: Tensor, *, block: int | None = None) -> Problem:
     first_row, last_row = (torch.empty(nb, n, dtype=torch.int32, device=dev) for _ in range(2))
     low, high, scale = (torch.empty(nb, dtype=dt, device=dev) for _ in range(3))
     finite = torch.empty(nb, dtype=torch.bool, device=dev)
+    # The split threshold reaches compiled code as fp32: for float64 it is rounded by ≤ 6e-8 of itself,
+    # so an off-diagonal within that of the threshold may split where the torch steps would not.
     _prepare_kernel[(nb,)](d.contiguous(), e.contiguous(), D, E, first_row, last_row, low, high, scale, finite, n,
                            SPLIT * math.sqrt(n) * finfo.eps, EPS=finfo.eps, TINY=finfo.tiny,
                            BLOCK=_block(n, block), num_warps=4)
