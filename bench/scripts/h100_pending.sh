@@ -15,15 +15,15 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/car
 case "${1:-}" in
 1)
     # GPU tests of the graph replay and of the two-stage path at full size (random, rank n/4, κ 1e6).
-    timeout 200 python -m pytest -q -x tests/test_graphs.py tests/linalg/test_eigh.py \
+    timeout 150 python -m pytest -q -x tests/test_graphs.py tests/linalg/test_eigh.py \
         -k "graphs or (gpu_eigh_path_full_size and twostage)" 2>&1 | tail -15 | tee "$OUT/tests.log"
     # The selection sweep above 128, so that automatic selection can take the path where it wins.
-    timeout 120 python -m metalcore.bench --device cuda --selection --ops eigh --dtypes float32,float64 \
+    timeout 180 python -m metalcore.bench --device cuda --selection --ops eigh --dtypes float32,float64 \
         --sizes 256,512,1024 2>&1 | grep -E "size=|wrote|Error" | tee "$OUT/selection-eigh.log" | tail -30
     cp metalcore/_tables/*.json "$OUT/"
     # Wall (eager and replayed) and GPU ms, host ms and kernel counts, rank-n/4 input beside random;
     # the stage rows, with stage 2's 'wave-launches' and stage 4a's 'sweep-tiles' beside the defaults.
-    timeout 330 python bench/scripts/twostage_check.py --bands 16 --profile --skip torch \
+    timeout 260 python bench/scripts/twostage_check.py --bands 16 --profile --skip torch \
         --cases 64x256:float32,16x512:float32,8x1024:float32,64x256:float64 \
         --out "$OUT" 2>&1 | tee "$OUT/twostage.log" | tail -60
     ;;
