@@ -105,6 +105,8 @@ def tsqr_block(P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if w > LEAF_ROWS // 2 or h < w:
         raise ValueError(f"metalcore tsqr_block: panels of h ≥ w rows and at most {LEAF_ROWS // 2} columns; "
                          f"got {tuple(P.shape)}")
+    if B == 0 or w == 0:                                  # no launch (a grid of 0 programs is an error)
+        return P.new_zeros(B, w), P.new_zeros(B, h, w), P.new_zeros(B, w, w)
     Q, R = tsqr(P)
     LU = torch.empty(B, w, w, dtype=P.dtype, device=P.device)
     S = torch.empty(B, w, dtype=P.dtype, device=P.device)

@@ -140,6 +140,8 @@ def test_tsqr_panel_is_geqrf_over_many_levels(blocked, monkeypatch, dtype):
     assert P[2].isnan().any() and not P[:2].isnan().any() and not T[:2].isnan().any()
     with pytest.raises(ValueError, match="at most 4 columns"):
         qr_tsqr_triton.tsqr_block(torch.randn(40, 5, dtype=dtype)[None])
+    tau, Vu, T = qr_tsqr_triton.tsqr_block(torch.randn(0, 40, 4, dtype=dtype))
+    assert tau.shape == (0, 4) and Vu.shape == (0, 40, 4) and T.shape == (0, 4, 4)
 
 
 def test_blocked_qr_rejects_bad_parameters(blocked):
