@@ -369,3 +369,126 @@ kernel void tridiag_clusters_float(device float* Z [[buffer(0)]], device const i
         TWOSTAGE_BARRIER();
     }
 }
+
+// --- Stage 3's plan: tridiag_host.prepare and vector_plan, one thread a matrix ---------------------
+// The torch steps around the stage-3 kernels (metalcore/linalg/tridiag_host.py), as the Triton backend
+// fuses them (metalcore/linalg/tridiag_plan_triton.py): the same arithmetic in the same order, so the
+// outputs equal the torch steps' (tested through the executor). One thread walks its matrix's n
+// entries: O(n) work, where the torch steps were 86 dispatches (values) and 188 (vectors).
+
+// d, e: (nb, n), e[i] = T[i, i+1], its last column not read. Out: D, E scaled to max(|d|, |e|) = 1
+// (zeros for a matrix with NaN or Inf, finite 0), E = 0 where |E| <= tau (T splits there) and in its
+// last column; each row's block first_row .. last_row; Gershgorin's low, high widened by their
+// rounding (eps, tiny: float32's); scale (0 for a non-finite or zero matrix).
+kernel void tridiag_prepare_float(device const float* d [[buffer(0)]], device const float* e [[buffer(1)]],
+                                  device float* D [[buffer(2)]], device float* E [[buffer(3)]],
+                                  device int* first_row [[buffer(4)]], device int* last_row [[buffer(5)]],
+                                  device float* low [[buffer(6)]], device float* high [[buffer(7)]],
+                                  device float* scale_out [[buffer(8)]], device uchar* finite_out [[buffer(9)]],
+                                  constant uint& n [[buffer(10)]], constant uint& nb [[buffer(11)]],
+                                  constant float& tau [[buffer(12)]], constant float& eps [[buffer(13)]],
+                                  constant float& tiny [[buffer(14)]], uint mat [[thread_position_in_grid]]) {
+    if (mat >= nb) {
+        return;
+    }
+    const ulong o = ulong(mat) * n;
+    bool finite = true;
+    float big = 0.0f;
+    for (uint i = 0; i < n; ++i) {
+        const float x = fabs(d[o + i]), y = i + 1 < n ? fabs(e[o + i]) : 0.0f;
+        finite = finite && x < INFINITY && y < INFINITY;
+        big = max(big, max(x, y));
+    }
+    const float scale = finite ? big : 0.0f;
+    const float s = scale > 0.0f ? scale : 1.0f;
+    float lo = INFINITY, hi = -INFINITY, before = 0.0f;
+    bool cut_before = false;                              // T splits above row i
+    int first = 0;
+    for (uint i = 0; i < n; ++i) {
+        const float x = finite ? d[o + i] / s : 0.0f;
+        float y = finite && i + 1 < n ? e[o + i] / s : 0.0f;
+        const bool cut = i + 1 < n && fabs(y) <= tau;     // ... below row i
+        y = cut ? 0.0f : y;
+        D[o + i] = x;
+        E[o + i] = y;
+        first = cut_before ? int(i) : first;
+        first_row[o + i] = first;
+        const float radius = fabs(y) + fabs(before);
+        lo = min(lo, x - radius);
+        hi = max(hi, x + radius);
+        before = y;
+        cut_before = cut;
+    }
+    const float pad = 4.0f * eps * max(fabs(lo), fabs(hi)) + 2.0f * tiny;
+    low[mat] = lo - pad;
+    high[mat] = hi + pad;
+    scale_out[mat] = scale;
+    finite_out[mat] = finite ? 1 : 0;
+    int last = int(n) - 1;
+    for (uint t = 0; t < n; ++t) {
+        const uint i = n - 1 - t;
+        last = first_row[o + min(i + 1, n - 1)] == int(i) + 1 ? int(i) : last;   // a block starts below i
+        last_row[o + i] = last;
+    }
+}
+
+// LS: (nb, n), each block's scaled eigenvalues ascending (blocks of first_row). Out, as
+// tridiag_host.vector_plan gives them: each lane's shift (its group's, eigenvalues within tight of the
+// next, shared beside the group when rho allows, with floor its least offset; else its own), its
+// cluster's first lane (eigenvalues within ortol), the clustered lanes ascending padded with n (todo),
+// and their count. Groups and clusters start with a block.
+kernel void tridiag_vector_plan_float(device const float* LS [[buffer(0)]], device const int* first_row [[buffer(1)]],
+                                      device float* shift [[buffer(2)]], device int* cluster [[buffer(3)]],
+                                      device int* todo [[buffer(4)]], device int* count_out [[buffer(5)]],
+                                      constant uint& n [[buffer(6)]], constant uint& nb [[buffer(7)]],
+                                      constant float& tight [[buffer(8)]], constant float& ortol [[buffer(9)]],
+                                      constant float& rho [[buffer(10)]], constant float& floor_ [[buffer(11)]],
+                                      uint mat [[thread_position_in_grid]]) {
+    if (mat >= nb) {
+        return;
+    }
+    const ulong o = ulong(mat) * n;
+    device const float* lam = LS + o;
+    device const int* fr = first_row + o;
+    // Forward: each lane's group's first lane (in todo for now) and cluster's first lane.
+    int group = 0, clus = 0;
+    for (uint i = 0; i < n; ++i) {
+        const bool block = fr[i] == int(i);
+        const float gap = i > 0 ? lam[i] - lam[i - 1] : 0.0f;
+        group = block || gap > tight ? int(i) : group;
+        clus = block || gap > ortol ? int(i) : clus;
+        todo[o + i] = group;
+        cluster[o + i] = clus;
+    }
+    // Backward: each lane's group's last lane, and the shift.
+    int last = int(n) - 1;
+    for (uint t = 0; t < n; ++t) {
+        const uint i = n - 1 - t;
+        const bool ends = i + 1 >= n || fr[i + 1] == int(i) + 1 || lam[i + 1] - lam[i] > tight;
+        last = ends ? int(i) : last;
+        const int first = todo[o + i];
+        const float lo = lam[first], hi = lam[last];
+        // Distances to the block's nearest eigenvalue below and above (8: the spectrum is in [-3, 3]).
+        const float below = fr[first] == first ? 8.0f : lo - lam[max(first - 1, 0)];
+        const int after = min(last + 1, int(n) - 1);
+        const float above = last == int(n) - 1 || fr[after] == last + 1 ? 8.0f : lam[after] - hi;
+        const float width = hi - lo;
+        const float offset = max(width, floor_);
+        const float shared = below >= above ? lo - offset : hi + offset;
+        const float distance = min(max(below, above) - offset, min(below, above) + width + offset);
+        const bool use = last > first && width + offset <= rho * distance;
+        shift[o + i] = use ? shared : lam[i];
+    }
+    // The clustered lanes (an earlier cluster mate), ascending, then the padding.
+    int count = 0;
+    for (uint i = 0; i < n; ++i) {
+        if (cluster[o + i] < int(i)) {
+            todo[o + count] = int(i);
+            ++count;
+        }
+    }
+    for (uint i = uint(count); i < n; ++i) {
+        todo[o + i] = int(n);
+    }
+    count_out[mat] = count;
+}

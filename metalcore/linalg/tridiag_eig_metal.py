@@ -1,13 +1,16 @@
 """Eigenvalues and eigenvectors of batched symmetric tridiagonal matrices of any order on Metal (stage 3
-of the two-stage eigensolver): the host side of ``tridiag_values_float``, ``tridiag_vectors_float`` and
-``tridiag_clusters_float`` in ``shaders/twostage.metal``.
+of the two-stage eigensolver): the host side of ``tridiag_prepare_float``, ``tridiag_values_float``,
+``tridiag_vector_plan_float``, ``tridiag_vectors_float`` and ``tridiag_clusters_float`` in
+``shaders/twostage.metal``.
 
 Layers: the shaders → :func:`tridiag_eig_metal` → the Metal :class:`~metalcore.linalg.eigh_twostage.Stages`
 of :mod:`metalcore.linalg.eigh_twostage_metal`.
 
-The algorithm and the torch steps around the kernels are the Triton solver's
-(:mod:`metalcore.linalg.tridiag_eig_triton`, whose docstring derives them; the shared host code is
-:mod:`metalcore.linalg.tridiag_host`): ``T`` scaled and split into blocks, each lane's eigenvalue of its
+The algorithm is the Triton solver's (:mod:`metalcore.linalg.tridiag_eig_triton`, whose docstring
+derives it), and the steps around the kernels are :mod:`metalcore.linalg.tridiag_host`'s, run as two
+one-thread-a-matrix shaders (``prepare``, ``vector_plan``: the same outputs as the torch steps, where
+those were 86 and 188 dispatches a call) as the Triton backend runs them as two launches: ``T`` scaled
+and split into blocks, each lane's eigenvalue of its
 block by bisection (one Sturm point a lane and pass: one thread a lane), shifts and clusters of the
 whole spectrum, :data:`~metalcore.linalg.tridiag_host.ROUNDS` rounds of inverse iteration (one thread
 a column) each followed by Gram-Schmidt within clusters (one threadgroup a matrix), the columns sorted
@@ -18,16 +21,47 @@ Not timed: no Apple hardware here; CI runs the shaders through the CPU executor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from metalcore import _metal
-from metalcore.linalg.tridiag_host import ROUNDS, SEED, eigenvalues, in_order, passes, prepare, vector_plan
+from metalcore.linalg.tridiag_host import (ORTOL_N, RHO, ROUNDS, SEED, SPLIT, TIGHT, Problem, eigenvalues, in_order,
+                                           passes)
 
 SHADER = "twostage"
 # Threads of a threadgroup of the one-thread-a-lane kernels, and of the clusters' threadgroup.
 GROUP = 64
 CLUSTER_THREADS = 256
+
+
+def prepare_metal(lib, d: Tensor, e: Tensor) -> Problem:
+    """:func:`~metalcore.linalg.tridiag_host.prepare` in one launch (``tridiag_prepare_float``, one
+    thread a matrix): the same outputs, the same arithmetic."""
+    nb, n = d.shape
+    finfo = torch.finfo(d.dtype)
+    D, E = (_metal.empty((nb, n), dtype=d.dtype, device=d.device) for _ in range(2))
+    first_row, last_row = (_metal.empty((nb, n), dtype=torch.int32, device=d.device) for _ in range(2))
+    low, high, scale = (_metal.empty((nb,), dtype=d.dtype, device=d.device) for _ in range(3))
+    finite = _metal.empty((nb,), dtype=torch.uint8, device=d.device)
+    _metal.launch(lib, "tridiag_prepare_float", d.contiguous(), e.contiguous(), D, E, first_row, last_row, low, high,
+                  scale, finite, n, nb, SPLIT * math.sqrt(n) * finfo.eps, finfo.eps, finfo.tiny, threads=nb,
+                  group_size=GROUP)
+    return Problem(D, E, scale, finite.view(torch.bool), first_row, last_row, low, high)
+
+
+def vector_plan_metal(lib, problem: Problem, LS: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`~metalcore.linalg.tridiag_host.vector_plan` in one launch (``tridiag_vector_plan_float``,
+    one thread a matrix)."""
+    nb, n = LS.shape
+    eps = torch.finfo(LS.dtype).eps
+    shift = _metal.empty((nb, n), dtype=LS.dtype, device=LS.device)
+    first, todo = (_metal.empty((nb, n), dtype=torch.int32, device=LS.device) for _ in range(2))
+    count = _metal.empty((nb,), dtype=torch.int32, device=LS.device)
+    _metal.launch(lib, "tridiag_vector_plan_float", LS, problem.first_row, shift, first, todo, count, n, nb,
+                  TIGHT * eps, ORTOL_N / n, RHO * math.sqrt(eps), 8.0 * eps, threads=nb, group_size=GROUP)
+    return shift, first, todo, count
 
 
 def tridiag_eig_metal(d: Tensor, e: Tensor, compute_v: bool) -> tuple[Tensor, Tensor]:
@@ -47,7 +81,7 @@ def tridiag_eig_metal(d: Tensor, e: Tensor, compute_v: bool) -> tuple[Tensor, Te
     finfo = torch.finfo(d.dtype)
     lib = _metal.library(SHADER, d.device)
     lanes = nb * n
-    prob = prepare(d, e)
+    prob = prepare_metal(lib, d, e)
     LS = torch.empty_like(prob.D)
     _metal.launch(lib, "tridiag_values_float", prob.D, prob.E, prob.first_row, prob.last_row, prob.low, prob.high,
                   LS, n, nb, passes(d.dtype, 1), finfo.tiny, threads=lanes, group_size=GROUP)
@@ -55,7 +89,7 @@ def tridiag_eig_metal(d: Tensor, e: Tensor, compute_v: bool) -> tuple[Tensor, Te
     if not compute_v:
         return lam, d.new_empty(0)
 
-    shift, first, todo, count = vector_plan(prob, LS)
+    shift, first, todo, count = vector_plan_metal(lib, prob, LS)
     Z = torch.empty(nb, n, n, dtype=d.dtype, device=d.device)
     Y, P = torch.empty_like(Z), torch.empty_like(Z)
     C = torch.empty_like(prob.D)

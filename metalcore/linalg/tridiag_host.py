@@ -3,9 +3,11 @@
 :mod:`metalcore.linalg.tridiag_eig_triton` for any order) and the Metal shaders
 (:mod:`metalcore.linalg.tridiag_eig_metal`): the accuracy design of the vectors (:data:`ORTOL_N`,
 :data:`ROUNDS`, :data:`TIGHT`, :data:`RHO`, :data:`SEED`) with the measurements behind it, bisection's
-pass count, and the torch steps around the kernels of the any-order solver — scaling, splitting ``T``
-into blocks, the shifts and clusters of the whole spectrum, the final order. No Triton here: the
-Metal backend runs where Triton is not installed.
+pass count, and the steps around the kernels of the any-order solver — scaling, splitting ``T`` into
+blocks, the shifts and clusters of the whole spectrum, the final order. The first two are written here
+in torch (:func:`prepare`, :func:`vector_plan`) as the rule's reference: each backend runs them fused
+(two launches, :mod:`metalcore.linalg.tridiag_plan_triton` and the Metal shaders), tested equal to
+these. No Triton here: the Metal backend runs where Triton is not installed.
 """
 
 from __future__ import annotations

@@ -1234,14 +1234,35 @@ def test_tridiag_eig_nan_stays_in_its_matrix(dtype, tridiag_solver):
 
 
 
+@pytest.fixture(params=["triton", "metal"])
+def tridiag_plan(request):
+    """``(prepare(d, e, block), vector_plan(problem, LS, block))`` of each backend: the Triton launches
+    (``block``: entries a tile) and the Metal shaders (one thread a matrix; float32 only)."""
+    if request.param == "metal":
+        if request.node.callspec.params.get("dtype") == torch.float64:
+            pytest.skip("Metal has no float64")
+        request.getfixturevalue("metal_backend")
+        from metalcore import _metal
+        from metalcore.linalg import tridiag_eig_metal as m
+        lib = lambda x: _metal.library(m.SHADER, x.device)           # noqa: E731
+        return (lambda d, e, block: m.prepare_metal(lib(d), d, e),
+                lambda problem, LS, block: m.vector_plan_metal(lib(LS), problem, LS))
+    request.getfixturevalue("triton_backend")
+    from metalcore.linalg import tridiag_plan_triton as t
+    return (lambda d, e, block: t.prepare(d, e, block=block),
+            lambda problem, LS, block: t.vector_plan(problem, LS, block=block))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("n,block", [(1, None), (2, None), (7, None), (70, 16), (129, 32), (300, None)], ids=str)
-def test_tridiag_plan_kernels_are_the_torch_steps(n, block, dtype, triton_backend):
-    """The Triton solver's two fused launches (tridiag_plan_triton) give exactly what the torch steps of
-    tridiag_host give (the Metal solver's, tested end to end there): every output equal, over tiles
-    smaller than n (the scans' carries), splits at rounding level, groups of eigenvalues within a few ε
-    and clusters, a zero matrix, NaN and Inf in d and e, NaN in e's unread last column."""
-    from metalcore.linalg import tridiag_host, tridiag_plan_triton
+def test_tridiag_plan_kernels_are_the_torch_steps(n, block, dtype, tridiag_plan):
+    """Each backend's fused steps around the stage-3 kernels (Triton: tridiag_plan_triton's two launches;
+    Metal: two one-thread-a-matrix shaders) give exactly what tridiag_host's torch steps give: every
+    output equal, over tiles smaller than n (the Triton scans' carries), splits at rounding level,
+    groups of eigenvalues within a few ε and clusters, a zero matrix, NaN and Inf in d and e, NaN in e's
+    unread last column."""
+    from metalcore.linalg import tridiag_host
+    prepare, vector_plan = tridiag_plan
     torch.manual_seed(n)
     nb, eps = 5, torch.finfo(dtype).eps
     d, e = torch.randn(2, nb, n, dtype=dtype)
@@ -1250,7 +1271,7 @@ def test_tridiag_plan_kernels_are_the_torch_steps(n, block, dtype, triton_backen
     d[2, min(3, n - 1)] = float("nan")
     e[3, 0] = float("inf")
     e[0, n - 1] = float("nan")
-    torch_steps, fused = tridiag_host.prepare(d, e), tridiag_plan_triton.prepare(d, e, block=block)
+    torch_steps, fused = tridiag_host.prepare(d, e), prepare(d, e, block)
     for field in ("D", "E", "scale", "finite", "first_row", "last_row", "low", "high"):
         expected, got = getattr(torch_steps, field), getattr(fused, field)
         assert got.dtype == expected.dtype and torch.equal(got, expected), f"{field}: {got} != {expected}"
@@ -1258,7 +1279,7 @@ def test_tridiag_plan_kernels_are_the_torch_steps(n, block, dtype, triton_backen
         assert int((fused.first_row[4] == torch.arange(n)).sum()) > 1, "T splits"
     LS = torch.randn(nb, n, dtype=dtype).sort(1).values
     LS[:, 1::3] = LS[:, 0::3][:, : LS[:, 1::3].shape[1]] + 2 * eps     # groups within TIGHT · ε
-    for got, expected, name in zip(tridiag_plan_triton.vector_plan(fused, LS, block=block),
+    for got, expected, name in zip(vector_plan(fused, LS, block),
                                    tridiag_host.vector_plan(torch_steps, LS), ("shift", "first", "todo", "count")):
         assert got.dtype == expected.dtype and torch.equal(got, expected), f"{name}: {got} != {expected}"
 
