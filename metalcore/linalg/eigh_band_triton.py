@@ -246,9 +246,14 @@ def band_to_tridiag(S: Tensor, b: int, compute_v: bool, schedule: str | None = N
     steps = reflector_steps(n, b)
     W = torch.empty(B, max(n - 2, 0) * steps * BB, dtype=S.dtype, device=S.device) if compute_v else d
     strides = (S.stride(0), S.stride(1), S.stride(2))
-    if schedule == "wave-launches" and b >= 2 and n >= 3:
-        slots = triton.cdiv(steps, 2)
-        carry = torch.empty(B, slots * BB, dtype=S.dtype, device=S.device)
+    if schedule == "sweeps" or b < 2 or n < 3:           # width 1: already tridiagonal, nothing in flight
+        # One warp holds a 16 × 16 window in registers (8 entries a lane); two a 32 × 32. Not yet timed.
+        _band_to_tridiag_kernel[(B,)](S, d, e, W, n, b, steps, *strides, BB=BB, BN=BN, WANT_V=compute_v,
+                                      num_warps=1 if BB <= 16 else 2)
+        return d, e, (W if compute_v else None)
+    slots = triton.cdiv(steps, 2)
+    carry = torch.empty(B, slots * BB, dtype=S.dtype, device=S.device)   # each slot's next reflector
+    if schedule == "wave-launches":
         KC = min(triton.next_power_of_2(slots), WAVE_LAUNCH_SLOTS)
         for t in range(2 * n - 5):
             _band_wave_step_kernel[(B, triton.cdiv(slots, KC))](S, W, carry, t, n, b, steps, slots, *strides, BB=BB,
@@ -256,16 +261,10 @@ def band_to_tridiag(S: Tensor, b: int, compute_v: bool, schedule: str | None = N
         d.copy_(S.diagonal(0, 1, 2))
         e[:, : n - 1] = S.diagonal(-1, 1, 2)
         e[:, n - 1] = 0.0
-    elif schedule == "wave" and b >= 2 and n >= 3:    # width 1: already tridiagonal, nothing in flight
-        slots = triton.cdiv(steps, 2)
-        carry = torch.empty(B, slots * BB, dtype=S.dtype, device=S.device)
+    else:
         _band_wave_kernel[(B,)](S, d, e, W, carry, n, b, steps, slots, *strides, BB=BB, BN=BN,
                                 KC=min(triton.next_power_of_2(slots), max(1, WAVE_TILE // (BB * BB))),
                                 WANT_V=compute_v, num_warps=4)
-    else:
-        # One warp holds a 16 × 16 window in registers (8 entries a lane); two a 32 × 32. Not yet timed.
-        _band_to_tridiag_kernel[(B,)](S, d, e, W, n, b, steps, *strides, BB=BB, BN=BN, WANT_V=compute_v,
-                                      num_warps=1 if BB <= 16 else 2)
     return d, e, (W if compute_v else None)
 
 

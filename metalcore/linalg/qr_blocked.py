@@ -149,16 +149,20 @@ def factor_panel(P: Tensor, panel: Panel = "auto") -> Tensor:
     raise ValueError(f"metalcore qr_blocked: panel must be one of {PANELS} or a function; got {panel!r}")
 
 
+def _block_panel(name: Panel) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None:
+    """The variants that form their block reflector with the panel: the tall-panel kernel in its own
+    launch, TSQR with its reconstruction (None for the others, whose comes from larft_gemm)."""
+    return {"tall": _tall_block, "tsqr": _tsqr_block}.get(name) if isinstance(name, str) else None
+
+
 def factor_block(P: Tensor, panel: Panel = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """The panel ``P`` ``(B, h, w)``, ``h ≥ w``, factored in place as by :func:`factor_panel`, and its
-    block reflector: ``(tau, Vu, T)``, ``Vu`` explicit unit lower trapezoidal, ``H = I − Vu T Vuᵀ``.
-    The tall-panel kernel forms ``Vu`` and ``T`` in its own launch, TSQR with its reconstruction; other
-    variants use
-    :func:`~metalcore.linalg.householder_gemm.larft_gemm`."""
-    if isinstance(panel, str) and (panel == "tall" or (panel == "auto" and _auto(P) == "tall")):
-        return _tall_block(P)
-    if panel == "tsqr":
-        return _tsqr_block(P)
+    block reflector: ``(tau, Vu, T)``, ``Vu`` explicit unit lower trapezoidal, ``H = I − Vu T Vuᵀ``
+    (:func:`_block_panel`'s variants form it with the panel; the others by
+    :func:`~metalcore.linalg.householder_gemm.larft_gemm`)."""
+    block = _block_panel(_auto(P) if panel == "auto" else panel)
+    if block is not None:
+        return block(P)
     tau = factor_panel(P, panel)
     Vu = _unit_lower(P)
     return tau, Vu, larft_gemm(Vu, tau)

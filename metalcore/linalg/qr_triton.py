@@ -298,7 +298,7 @@ def _qr_blocked_path(A, mode):
 
 
 # Panel width of the "tsqr" path: 32 columns, so that TSQR's stack shrinks 4× a level (4096
-# rows: 3 levels) and a panel's reconstruction is a 32² LU; 128 panels of ~15 launches at 4096². Not
+# rows: 3 levels) and a panel's reconstruction is a 32² LU; 128 panels of ~10 launches at 4096². Not
 # yet timed (bench/linalg.md, "a TSQR panel").
 TSQR_NB = 32
 
@@ -309,7 +309,7 @@ def _tsqr_path_supported(A: Tensor, mode: str) -> bool:
 
 # The blocked QR with TSQR panels (qr_tsqr_triton) for matrices beyond the tile, one or a few, where
 # a panel needs more of the card than one program: replayed as a CUDA graph from the second call on
-# (~1,900 launches at 4096², host-bound eager). Runs only where the measured table names it.
+# (~1,300 launches at 4096², host-bound eager). Runs only where the measured table names it.
 @register_path("qr", "triton", "tsqr", supports=_tsqr_path_supported)
 def _qr_tsqr_path(A, mode):
     return replay(qr_blocked.qr_blocked, A, mode=mode, nb=TSQR_NB, panel="tsqr")
